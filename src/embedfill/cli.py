@@ -1,0 +1,366 @@
+"""The command line: each command is a few lines over one library call."""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import psycopg
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from . import keys as keymod
+from .config import Config, load_config
+from .db.connect import Database, connect, resolve_database
+from .db.schema import ensure_schema
+from .db.store import Store
+from .engine import BackfillOptions, abackfill, astatus
+from .errors import EmbedfillError, UsageError
+from .models import Report
+from .render import report_table, status_tables
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    help="Find and fill missing pgvector embeddings in PostgreSQL.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+keys_app = typer.Typer(
+    help="Bring-your-own-key: per-tenant API keys, encrypted at rest.", no_args_is_help=True
+)
+app.add_typer(keys_app, name="keys")
+
+# Piped output gets a wide fixed width so tables are never cut to 80 columns.
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+@dataclass
+class State:
+    config_path: Path | None
+    debug: bool
+
+    def config(self) -> Config:
+        return load_config(self.config_path)
+
+    def database(self, *, force_embedded: bool = False) -> Database:
+        return resolve_database(
+            notice=lambda m: err.print(m, style="yellow"), force_embedded=force_embedded
+        )
+
+
+def _state(ctx: typer.Context) -> State:
+    assert isinstance(ctx.obj, State)
+    return ctx.obj
+
+
+@contextmanager
+def _errors(state: State) -> Iterator[None]:
+    """One line per error, with its exit code; the cause too with --debug."""
+    try:
+        yield
+    except EmbedfillError as exc:
+        err.print(f"embedfill: {exc}", style="red", markup=False)
+        if state.debug and exc.__cause__:
+            err.print(f"cause: {exc.__cause__!r}", markup=False)
+        raise typer.Exit(exc.exit_code) from None
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        err.print(f"embedfill: database error: {first}", style="red", markup=False)
+        raise typer.Exit(1) from None
+
+
+def _actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"cli:{user}"
+
+
+def _run_cancellable(make: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine; SIGINT/SIGTERM ask it to stop after the batches in flight."""
+
+    async def runner() -> T:
+        cancel = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, cancel.set)
+        return await make(cancel)
+
+    return asyncio.run(runner())
+
+
+@app.callback()
+def main_callback(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            envvar="EMBEDFILL_CONFIG",
+            help="TOML config file; without one, the built-in demo target.",
+        ),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show causes and debug logs.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    ctx.obj = State(config_path=config, debug=debug)
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    target: Annotated[str | None, typer.Option(help="Only this target.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Rows and missing embeddings per target and tenant."""
+    state = _state(ctx)
+    with _errors(state):
+        config = state.config()
+        statuses = asyncio.run(astatus(config, state.database(), target))
+    if as_json:
+        print(json.dumps({"targets": [s.to_dict() for s in statuses]}))
+    else:
+        status_tables(out, statuses)
+
+
+@app.command()
+def backfill(
+    ctx: typer.Context,
+    target: Annotated[str | None, typer.Option(help="Target name (default: the first).")] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Plan only: counts, requests, tokens, cost; writes nothing."
+        ),
+    ] = False,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Inputs per embedding request (1-2048).")
+    ] = None,
+    tenant: Annotated[
+        list[str] | None, typer.Option(help="Only these tenants (repeatable).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Embed the rows whose embedding is NULL. Exit 3 when some rows failed."""
+    state = _state(ctx)
+    opts = BackfillOptions(
+        target=target,
+        dry_run=dry_run,
+        batch_size=batch_size,
+        tenants=tuple(tenant or ()),
+        limit=limit,
+        actor=_actor(),
+    )
+    with _errors(state):
+        config = state.config()
+        report = _backfill_with_progress(
+            config, state.database(), opts, show=not as_json and err.is_terminal
+        )
+    if as_json:
+        print(json.dumps(report.to_dict(), default=str))
+    else:
+        report_table(out, report)
+    if report.status == "cancelled":
+        err.print("embedfill: cancelled after the batches in flight; run again to resume.")
+        raise typer.Exit(1)
+    if report.failed:
+        raise typer.Exit(3)
+
+
+def _backfill_with_progress(
+    config: Config, db: Database, opts: BackfillOptions, *, show: bool
+) -> Report:
+    if not show:
+        return _run_cancellable(lambda cancel: abackfill(config, db, opts, cancel=cancel))
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("planning" if opts.dry_run else "embedding", total=None)
+
+        def on_progress(r: Report) -> None:
+            done = r.embedded + r.skipped + r.failed
+            bar.update(task, total=r.missing_before, completed=done)
+
+        return _run_cancellable(
+            lambda cancel: abackfill(config, db, opts, cancel=cancel, on_progress=on_progress)
+        )
+
+
+@app.command()
+def seed(
+    ctx: typer.Context,
+    rows: Annotated[int, typer.Option(help="Rows of workflow_insights.")] = 10_000,
+    missing: Annotated[int, typer.Option(help="Rows left with a NULL embedding.")] = 382,
+    tenants: Annotated[int, typer.Option(help="Tenants the rows are spread over.")] = 5,
+    dims: Annotated[int, typer.Option(help="Vector dimensions of the embedding column.")] = 384,
+) -> None:
+    """Create the demo tables (tenants, workflow_insights) with realistic texts."""
+    from .seed import seed as do_seed
+
+    state = _state(ctx)
+    with _errors(state):
+        db = state.database()
+        with psycopg.connect(db.url, autocommit=True) as conn:
+            result = do_seed(conn, rows=rows, missing=missing, tenants=tenants, dims=dims)
+    out.print(
+        f"seeded public.workflow_insights: {result.rows:,} rows, {result.missing:,} "
+        f"with a NULL embedding, over {result.tenants} tenants, vector({result.dimensions})"
+    )
+
+
+@app.command()
+def demo(ctx: typer.Context) -> None:
+    """Seed 10,000 rows (382 missing), show status, a dry run, backfill offline, status."""
+    from .seed import seed as do_seed
+
+    state = _state(ctx)
+    with _errors(state):
+        config = load_config(None)
+        db = state.database(force_embedded=True)
+        out.rule("1. seed: the empty-dev-database lesson")
+        with psycopg.connect(db.url, autocommit=True) as conn:
+            r = do_seed(conn)
+        out.print(
+            f"seeded {r.rows:,} workflow insights over {r.tenants} tenants; "
+            f"{r.missing} have a NULL embedding"
+        )
+        out.rule("2. status")
+        status_tables(out, asyncio.run(astatus(config, db)))
+        out.rule("3. backfill --dry-run")
+        plan = _backfill_with_progress(
+            config, db, BackfillOptions(dry_run=True, actor=_actor()), show=err.is_terminal
+        )
+        report_table(out, plan)
+        out.rule("4. backfill (all-MiniLM-L6-v2 on this CPU, offline)")
+        done = _backfill_with_progress(
+            config, db, BackfillOptions(actor=_actor()), show=err.is_terminal
+        )
+        report_table(out, done)
+        out.rule("5. status")
+        status_tables(out, asyncio.run(astatus(config, db)))
+    if done.failed:
+        raise typer.Exit(3)
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+def _with_store(state: State, fn: Callable[[Store], Any]) -> Any:
+    async def go() -> Any:
+        conn = await connect(state.database())
+        try:
+            await ensure_schema(conn)
+            return await fn(Store(conn))
+        finally:
+            await conn.close()
+
+    return asyncio.run(go())
+
+
+@keys_app.command("set")
+def keys_set(
+    ctx: typer.Context,
+    tenant: Annotated[str, typer.Option(help="Tenant id, as in the tenant column.")],
+) -> None:
+    """Store a tenant's API key, read from stdin (never from the command line)."""
+    state = _state(ctx)
+    with _errors(state):
+        if sys.stdin.isatty():
+            key = getpass.getpass(f"API key for tenant {tenant}: ")
+        else:
+            key = sys.stdin.read()
+        key = key.strip()
+        if not key:
+            raise UsageError(
+                "No key was given on stdin; pipe it in, e.g. "
+                "`printenv TENANT_KEY | embedfill keys set --tenant T`."
+            )
+        token = keymod.encrypt(key, os.environ)
+        hint = keymod.key_hint(key)
+        _with_store(state, lambda store: store.put_key(tenant, token, hint))
+    out.print(f"stored the key for tenant {tenant} ({hint})")
+
+
+@keys_app.command("list")
+def keys_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Tenants with a stored key, masked to its last 4 characters."""
+    state = _state(ctx)
+    with _errors(state):
+        infos = _with_store(state, lambda store: store.list_keys())
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "keys": [
+                        {
+                            "tenant": k.tenant,
+                            "key": k.key_hint,
+                            "updated_at": k.updated_at.isoformat(),
+                        }
+                        for k in infos
+                    ]
+                }
+            )
+        )
+        return
+    if not infos:
+        out.print("no tenant keys stored")
+    for k in infos:
+        out.print(f"{k.tenant}\t{k.key_hint}\t{k.updated_at:%Y-%m-%d %H:%M}")
+
+
+@keys_app.command("delete")
+def keys_delete(
+    ctx: typer.Context,
+    tenant: Annotated[str, typer.Option(help="Tenant id.")],
+) -> None:
+    """Forget a tenant's stored key."""
+    state = _state(ctx)
+    with _errors(state):
+        deleted = _with_store(state, lambda store: store.delete_key(tenant))
+        if not deleted:
+            raise UsageError(f"No key is stored for tenant {tenant!r}; see `embedfill keys list`.")
+    out.print(f"deleted the key of tenant {tenant}")
+
+
+@keys_app.command("new-master-key")
+def keys_new_master_key() -> None:
+    """Print a fresh EMBEDFILL_MASTER_KEY (store it in your secret manager)."""
+    print(keymod.new_master_key())
+
+
+def main() -> None:
+    try:
+        from dotenv import load_dotenv
+
+        load_dotenv(Path.cwd() / ".env", override=False)
+    except OSError:
+        pass
+    app()

@@ -1,0 +1,423 @@
+"""TOML (or the built-in demo default) -> frozen Config, Provider and Target objects.
+
+Only the edges (CLI, HTTP app factory) call ``load_config``; everything below takes the
+objects. Checks that need the database (columns exist, the column is a vector of the
+provider's dimension) live in ``db.catalog`` and run before any API call or write.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, TargetNotFound
+
+PROVIDER_KINDS = ("openai", "local", "hash")
+
+# Known models: (dimensions, max input tokens, USD per 1M input tokens).
+KNOWN_MODELS: dict[str, tuple[int, int, float]] = {
+    "text-embedding-3-small": (1536, 8191, 0.02),
+    "text-embedding-3-large": (3072, 8191, 0.13),
+    "text-embedding-ada-002": (1536, 8191, 0.10),
+    "all-MiniLM-L6-v2": (384, 256, 0.0),
+}
+
+DEFAULT_LOCAL_MODEL = "all-MiniLM-L6-v2"
+
+
+@dataclass(frozen=True)
+class TableName:
+    schema: str | None
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}" if self.schema else self.name
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    kind: str
+    model: str
+    dimensions: int | None = None
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    batch_size: int = 50
+    max_concurrency: int = 4
+    rpm: int = 0
+    tpm: int = 0
+    timeout_s: float = 60.0
+    max_attempts: int = 6
+    max_input_tokens: int | None = None
+    max_request_tokens: int = 300_000
+    price_per_1m_tokens: float | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.model}"
+
+    @property
+    def expected_dimensions(self) -> int | None:
+        """The vector size this provider will return, when it can be known without a call."""
+        if self.dimensions is not None:
+            return self.dimensions
+        if self.kind == "local" and self.model == DEFAULT_LOCAL_MODEL:
+            return KNOWN_MODELS[self.model][0]
+        if self.kind == "openai" and self.model in KNOWN_MODELS:
+            return KNOWN_MODELS[self.model][0]
+        return None
+
+    @property
+    def input_token_limit(self) -> int:
+        if self.max_input_tokens is not None:
+            return self.max_input_tokens
+        known = KNOWN_MODELS.get(self.model)
+        if known:
+            return known[1]
+        return 512 if self.kind == "local" else 8191
+
+    @property
+    def price(self) -> float:
+        """USD per 1M input tokens (0 for local models and unknown models)."""
+        if self.price_per_1m_tokens is not None:
+            return self.price_per_1m_tokens
+        if self.kind != "openai":
+            return 0.0
+        known = KNOWN_MODELS.get(self.model)
+        return known[2] if known else 0.0
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    name: str
+    table: TableName
+    id_column: str
+    text: str
+    embedding_column: str
+    provider: str
+    tenant_column: str | None = None
+    tenant_key_sql: str | None = None
+    allow_platform_fallback: bool = True
+    text_columns: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    write_concurrency: int = 2
+    scan_page_size: int = 1000
+    dedup_cache_mb: int = 64
+
+
+@dataclass(frozen=True)
+class Config:
+    providers: Mapping[str, ProviderConfig]
+    targets: tuple[TargetConfig, ...]
+    engine: EngineConfig = EngineConfig()
+    source: str = "built-in demo default"
+
+    def target(self, name: str | None) -> TargetConfig:
+        if name is None:
+            return self.targets[0]
+        for target in self.targets:
+            if target.name == name:
+                return target
+        known = ", ".join(t.name for t in self.targets)
+        raise TargetNotFound(f"No target named {name!r} is configured; known targets: {known}.")
+
+    def provider_for(self, target: TargetConfig) -> ProviderConfig:
+        return self.providers[target.provider]
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_table_name(value: str) -> TableName:
+    """Split ``schema.table`` (either part may be double-quoted, case is kept)."""
+    parts: list[str] = []
+    buf: list[str] = []
+    i, quoted = 0, False
+    while i < len(value):
+        ch = value[i]
+        if quoted:
+            if ch == '"':
+                if i + 1 < len(value) and value[i + 1] == '"':
+                    buf.append('"')
+                    i += 1
+                else:
+                    quoted = False
+            else:
+                buf.append(ch)
+        elif ch == '"':
+            quoted = True
+        elif ch == ".":
+            parts.append("".join(buf))
+            buf = []
+        else:
+            buf.append(ch)
+        i += 1
+    parts.append("".join(buf))
+    if quoted or len(parts) > 2 or any(not p for p in parts):
+        raise ConfigError(
+            f"Table {value!r} is not a valid name; write it as table or schema.table "
+            '(quote a part that contains a dot, e.g. "we.ird".table).'
+        )
+    return TableName(parts[0], parts[1]) if len(parts) == 2 else TableName(None, parts[0])
+
+
+def template_columns(template: str, where: str) -> tuple[str, ...]:
+    """The column names a text template reads, in order of first use."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(
+            f"The text template of {where} is malformed ({exc}); write columns as {{column}} "
+            "and literal braces as {{ and }}."
+        ) from exc
+    columns: list[str] = []
+    for _literal, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name or spec or conversion or re.search(r"[.\[]", name):
+            raise ConfigError(
+                f"The text template of {where} uses {{{name}...}}; only plain column "
+                "names like {subject} are supported."
+            )
+        if name not in columns:
+            columns.append(name)
+    if not columns:
+        raise ConfigError(
+            f'The text template of {where} names no column; write e.g. text = "{{title}}".'
+        )
+    return tuple(columns)
+
+
+def render_text(template: str, values: Mapping[str, object]) -> str:
+    """Fill a template; NULL renders as an empty string."""
+    return template.format_map({k: "" if v is None else v for k, v in values.items()})
+
+
+_PROVIDER_KEYS = {
+    "kind": str,
+    "model": str,
+    "dimensions": int,
+    "base_url": str,
+    "api_key_env": str,
+    "batch_size": int,
+    "max_concurrency": int,
+    "rpm": int,
+    "tpm": int,
+    "timeout_s": (int, float),
+    "max_attempts": int,
+    "max_input_tokens": int,
+    "max_request_tokens": int,
+    "price_per_1m_tokens": (int, float),
+}
+_TARGET_KEYS = {
+    "name": str,
+    "table": str,
+    "id_column": str,
+    "text": str,
+    "embedding_column": str,
+    "tenant_column": str,
+    "provider": str,
+    "tenant_key_sql": str,
+    "allow_platform_fallback": bool,
+}
+_ENGINE_KEYS = {"write_concurrency": int, "scan_page_size": int, "dedup_cache_mb": int}
+_TOP_KEYS = ("providers", "targets", "engine")
+
+
+def _check_keys(data: Mapping[str, Any], allowed: Mapping[str, Any], where: str) -> None:
+    for key, value in data.items():
+        if key not in allowed:
+            known = ", ".join(sorted(allowed))
+            raise ConfigError(f"Unknown key {key!r} in {where}; known keys are: {known}.")
+        expected = allowed[key]
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if isinstance(expected, tuple) and isinstance(value, bool):
+            ok = False
+        if not ok:
+            kind = expected.__name__ if isinstance(expected, type) else "number"
+            raise ConfigError(f"Key {key!r} in {where} must be a {kind}, not {value!r}.")
+
+
+def _positive(value: int, key: str, where: str, *, allow_zero: bool = False) -> int:
+    if value < 0 or (value == 0 and not allow_zero):
+        floor = "0 or more" if allow_zero else "at least 1"
+        raise ConfigError(f"Key {key!r} in {where} must be {floor}, not {value}.")
+    return value
+
+
+def _parse_provider(name: str, data: Mapping[str, Any]) -> ProviderConfig:
+    where = f"[providers.{name}]"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a table of settings.")
+    _check_keys(data, _PROVIDER_KEYS, where)
+    kind = data.get("kind")
+    if kind not in PROVIDER_KINDS:
+        raise ConfigError(
+            f"{where} needs kind = one of {', '.join(map(repr, PROVIDER_KINDS))}, not {kind!r}."
+        )
+    model = data.get("model", DEFAULT_LOCAL_MODEL if kind == "local" else None)
+    if kind == "hash":
+        model = data.get("model", "sha256")
+    if not model:
+        raise ConfigError(f'{where} needs a model, e.g. model = "text-embedding-3-small".')
+    if kind == "hash" and "dimensions" not in data:
+        raise ConfigError(f"{where} of kind 'hash' needs dimensions = N.")
+    batch_size = _positive(data.get("batch_size", 50), "batch_size", where)
+    if batch_size > 2048:
+        raise ConfigError(f"Key 'batch_size' in {where} must be at most 2048, not {batch_size}.")
+    for key in (
+        "dimensions",
+        "max_concurrency",
+        "max_attempts",
+        "max_input_tokens",
+        "max_request_tokens",
+    ):
+        if key in data:
+            _positive(data[key], key, where)
+    for key in ("rpm", "tpm"):
+        _positive(data.get(key, 0), key, where, allow_zero=True)
+    timeout = float(data.get("timeout_s", 60.0))
+    if timeout <= 0:
+        raise ConfigError(f"Key 'timeout_s' in {where} must be more than 0.")
+    price = data.get("price_per_1m_tokens")
+    if price is not None and price < 0:
+        raise ConfigError(f"Key 'price_per_1m_tokens' in {where} must be 0 or more.")
+    return ProviderConfig(
+        name=name,
+        kind=kind,
+        model=model,
+        dimensions=data.get("dimensions"),
+        base_url=data.get("base_url"),
+        api_key_env=data.get("api_key_env", "OPENAI_API_KEY"),
+        batch_size=batch_size,
+        # a local model already uses every core; more calls at once only contend
+        max_concurrency=data.get("max_concurrency", 1 if kind == "local" else 4),
+        rpm=data.get("rpm", 0),
+        tpm=data.get("tpm", 0),
+        timeout_s=timeout,
+        max_attempts=data.get("max_attempts", 6),
+        max_input_tokens=data.get("max_input_tokens"),
+        max_request_tokens=data.get("max_request_tokens", 300_000),
+        price_per_1m_tokens=None if price is None else float(price),
+    )
+
+
+def _parse_target(
+    index: int, data: Mapping[str, Any], providers: Mapping[str, Any]
+) -> TargetConfig:
+    where = f"[[targets]] #{index + 1}"
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a table of settings.")
+    if isinstance(data.get("name"), str):
+        where = f"target {data['name']!r}"
+    _check_keys(data, _TARGET_KEYS, where)
+    for key in ("name", "table", "id_column", "text", "embedding_column", "provider"):
+        if not data.get(key):
+            raise ConfigError(f"The {where} needs {key} = ...; see the README's example config.")
+    if data["provider"] not in providers:
+        known = ", ".join(sorted(providers)) or "none"
+        raise ConfigError(
+            f"The {where} uses provider {data['provider']!r}, which is not defined; "
+            f"defined providers: {known}."
+        )
+    if data.get("tenant_key_sql") and not data.get("tenant_column"):
+        raise ConfigError(f"The {where} sets tenant_key_sql but no tenant_column to group by.")
+    tenant_sql = data.get("tenant_key_sql")
+    if tenant_sql is not None and "%(tenant)s" not in tenant_sql:
+        raise ConfigError(
+            f"The tenant_key_sql of {where} must use the placeholder %(tenant)s for the tenant id."
+        )
+    return TargetConfig(
+        name=data["name"],
+        table=parse_table_name(data["table"]),
+        id_column=data["id_column"],
+        text=data["text"],
+        embedding_column=data["embedding_column"],
+        provider=data["provider"],
+        tenant_column=data.get("tenant_column"),
+        tenant_key_sql=tenant_sql,
+        allow_platform_fallback=data.get("allow_platform_fallback", True),
+        text_columns=template_columns(data["text"], where),
+    )
+
+
+def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:
+    """Build a Config from already-parsed TOML data."""
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise ConfigError(
+                f"Unknown top-level key {key!r} in {source}; known keys are: "
+                f"{', '.join(_TOP_KEYS)}."
+            )
+    raw_providers = data.get("providers", {})
+    if not isinstance(raw_providers, Mapping) or not raw_providers:
+        raise ConfigError(f"{source} defines no [providers.NAME] table.")
+    providers = {name: _parse_provider(name, p) for name, p in raw_providers.items()}
+    raw_targets = data.get("targets", [])
+    if not isinstance(raw_targets, list) or not raw_targets:
+        raise ConfigError(f"{source} defines no [[targets]] table.")
+    targets = tuple(_parse_target(i, t, providers) for i, t in enumerate(raw_targets))
+    names = [t.name for t in targets]
+    duplicate = next((n for n in names if names.count(n) > 1), None)
+    if duplicate:
+        raise ConfigError(f"Two targets in {source} are named {duplicate!r}; names must be unique.")
+    raw_engine = data.get("engine", {})
+    if not isinstance(raw_engine, Mapping):
+        raise ConfigError("[engine] must be a table of settings.")
+    _check_keys(raw_engine, _ENGINE_KEYS, "[engine]")
+    for key, value in raw_engine.items():
+        _positive(value, key, "[engine]")
+    engine = EngineConfig(**raw_engine)
+    return Config(providers=providers, targets=targets, engine=engine, source=source)
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read a TOML config file, or return the built-in demo default when ``path`` is None."""
+    if path is None:
+        return default_config()
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"Config file {p} does not exist; pass an existing --config PATH."
+        ) from exc
+    except OSError as exc:
+        raise ConfigError(f"Config file {p} cannot be read ({exc.strerror}).") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"Config file {p} is not valid TOML: {exc}.") from exc
+    return parse_config(data, source=str(p))
+
+
+DEMO_DIMENSIONS = 384
+
+
+def default_config() -> Config:
+    """The demo target: ``workflow_insights`` embedded by the bundled local model."""
+    return parse_config(
+        {
+            "providers": {"local": {"kind": "local", "model": DEFAULT_LOCAL_MODEL}},
+            "targets": [
+                {
+                    "name": "workflow_insights",
+                    "table": "public.workflow_insights",
+                    "id_column": "id",
+                    "text": "{title}\n\n{content}",
+                    "embedding_column": "embedding",
+                    "tenant_column": "tenant_id",
+                    "provider": "local",
+                }
+            ],
+        },
+        source="built-in demo default",
+    )

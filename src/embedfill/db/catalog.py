@@ -1,0 +1,142 @@
+"""Check a target against the live table before any API call or write, and read status."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from ..config import TargetConfig
+from ..errors import ExtensionMissing, SchemaMismatch
+from ..models import TargetStatus, TenantStatus
+from .target_sql import ColumnTypes, TargetSQL
+
+_COLUMNS = """
+SELECT a.attname, format_type(a.atttypid, NULL), t.typname, a.atttypmod
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+WHERE a.attrelid = %(rel)s AND a.attnum > 0 AND NOT a.attisdropped"""
+
+_VECTOR_INDEX = """
+SELECT ic.relname, am.amname
+FROM pg_index i
+JOIN pg_class ic ON ic.oid = i.indexrelid
+JOIN pg_am am ON am.oid = ic.relam
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+WHERE i.indrelid = %(rel)s AND a.attname = %(column)s AND am.amname IN ('hnsw', 'ivfflat')
+ORDER BY ic.relname LIMIT 1"""
+
+_EXTENSION = """
+SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector'),
+       EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'vector')"""
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    oid: int
+    types: ColumnTypes
+    dimensions: int | None  # the column's declared size, None for a bare `vector`
+    vector_index: str | None
+
+
+async def check_extension(conn: psycopg.AsyncConnection[Any]) -> str:
+    cur = await conn.execute(_EXTENSION)
+    row = await cur.fetchone()
+    assert row is not None
+    version, available = row
+    if version:
+        return str(version)
+    if available:
+        raise ExtensionMissing(
+            "The pgvector extension is not enabled in this database; run "
+            "CREATE EXTENSION vector; as a user allowed to create extensions, then retry."
+        )
+    raise ExtensionMissing(
+        "The pgvector extension is not installed on this PostgreSQL server; install "
+        "pgvector (https://github.com/pgvector/pgvector#installation) and run "
+        "CREATE EXTENSION vector;."
+    )
+
+
+async def inspect_target(
+    conn: psycopg.AsyncConnection[Any],
+    target: TargetConfig,
+    provider_dims: int | None,
+    provider_label: str = "",
+) -> TableInfo:
+    """Raise a one-sentence ConfigError for anything that would make the backfill fail."""
+    await check_extension(conn)
+    name = TargetSQL(target).table.as_string(conn)
+    cur = await conn.execute("SELECT to_regclass(%(name)s)::oid", {"name": name})
+    row = await cur.fetchone()
+    if not row or row[0] is None:
+        raise SchemaMismatch(
+            f"Table {target.table} of target {target.name!r} does not exist in this database; "
+            "check `table` in the config (schema.table, case-sensitive) and DATABASE_URL."
+        )
+    oid = int(row[0])
+    cur = await conn.execute(_COLUMNS, {"rel": oid})
+    columns = {r[0]: (r[1], r[2], r[3]) for r in await cur.fetchall()}
+
+    wanted = [("id_column", target.id_column), ("embedding_column", target.embedding_column)]
+    if target.tenant_column:
+        wanted.append(("tenant_column", target.tenant_column))
+    wanted += [("text template", c) for c in target.text_columns]
+    for role, col in wanted:
+        if col not in columns:
+            known = ", ".join(sorted(columns))
+            raise SchemaMismatch(
+                f"Column {col!r} ({role} of target {target.name!r}) does not exist in "
+                f"{target.table}; its columns are: {known}."
+            )
+    emb_type, emb_typname, typmod = columns[target.embedding_column]
+    if emb_typname != "vector":
+        raise SchemaMismatch(
+            f"Column {target.embedding_column!r} of {target.table} is {emb_type}, not a pgvector "
+            "vector; point embedding_column at a vector(N) column."
+        )
+    dims = typmod if typmod and typmod > 0 else None
+    if dims is not None and provider_dims is not None and dims != provider_dims:
+        raise SchemaMismatch(
+            f"Column {target.embedding_column!r} of {target.table} holds {dims}-dimensional "
+            f"vectors but provider {target.provider!r} ({provider_label}) makes "
+            f"{provider_dims}; use a model of {dims} dimensions or set dimensions = {dims} "
+            "for models that support it."
+        )
+    cur = await conn.execute(_VECTOR_INDEX, {"rel": oid, "column": target.embedding_column})
+    idx = await cur.fetchone()
+    return TableInfo(
+        oid=oid,
+        types=ColumnTypes(id_type=columns[target.id_column][0], vector_type=emb_type),
+        dimensions=dims or provider_dims,
+        vector_index=f"{idx[0]} ({idx[1]})" if idx else None,
+    )
+
+
+async def target_status(
+    conn: psycopg.AsyncConnection[Any], target: TargetConfig, info: TableInfo
+) -> TargetStatus:
+    q = TargetSQL(target, info.types)
+    cur = await conn.execute(q.status_by_tenant())
+    rows = await cur.fetchall()
+    tenants = tuple(TenantStatus(tenant=r[0], rows=int(r[1]), missing=int(r[2])) for r in rows)
+    return TargetStatus(
+        name=target.name,
+        table=str(target.table),
+        dimensions=info.dimensions or 0,
+        rows=sum(t.rows for t in tenants),
+        missing=sum(t.missing for t in tenants),
+        vector_index=info.vector_index,
+        tenants=tenants if target.tenant_column else (),
+    )
+
+
+async def count_missing(
+    conn: psycopg.AsyncConnection[Any], q: TargetSQL, tenants: list[str] | None
+) -> int:
+    cur = await conn.execute(q.count_missing(tenants=bool(tenants)), {"tenants": tenants})
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+__all__ = ["TableInfo", "check_extension", "count_missing", "inspect_target", "target_status"]

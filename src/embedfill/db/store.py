@@ -1,0 +1,154 @@
+"""embedfill's own tables: runs, failures, tenant keys. The only caller of ``queries``."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from ..models import Failure, Report
+from . import queries as q
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    tenant: str
+    key_hint: str
+    updated_at: dt.datetime
+
+
+class Store:
+    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        self.conn = conn
+
+    # ---------------------------------------------------------------- locks
+
+    async def try_lock(self, key: str) -> bool:
+        cur = await self.conn.execute(q.TRY_TARGET_LOCK, {"key": key})
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def unlock(self, key: str) -> None:
+        await self.conn.execute(q.RELEASE_TARGET_LOCK, {"key": key})
+
+    # ---------------------------------------------------------------- runs
+
+    async def create_run(
+        self,
+        *,
+        target: str,
+        actor: str,
+        parameters: dict[str, Any],
+        dry_run: bool,
+        status: str = "running",
+        missing_before: int | None = None,
+    ) -> int:
+        cur = await self.conn.execute(
+            q.INSERT_RUN,
+            {
+                "target": target,
+                "actor": actor,
+                "parameters": Jsonb(parameters),
+                "dry_run": dry_run,
+                "status": status,
+                "missing_before": missing_before,
+            },
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def abandon_other_runs(self, target: str, keep: int) -> list[int]:
+        cur = await self.conn.execute(q.ABANDON_RUNS, {"target": target, "keep": keep})
+        return [int(r[0]) for r in await cur.fetchall()]
+
+    async def active_run(self, target: str) -> dict[str, Any] | None:
+        async with self.conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(q.ACTIVE_RUN, {"target": target})
+            return await cur.fetchone()
+
+    async def get_run(self, run_id: int) -> dict[str, Any] | None:
+        async with self.conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(q.GET_RUN, {"id": run_id})
+            return await cur.fetchone()
+
+    def _counts(self, report: Report) -> dict[str, Any]:
+        return {
+            "id": report.run_id,
+            "status": report.status,
+            "missing_before": report.missing_before,
+            "embedded": report.embedded,
+            "skipped": report.skipped,
+            "failed": report.failed,
+            "requests": report.requests,
+            "tokens": report.tokens,
+        }
+
+    async def save_progress(self, report: Report) -> None:
+        progress = {
+            "done": report.embedded + report.skipped + report.failed,
+            "total": report.missing_before,
+            "tenants": [
+                {
+                    "tenant": t.tenant,
+                    "missing": t.missing,
+                    "done": t.embedded + t.skipped + t.failed,
+                }
+                for t in report.tenants
+            ],
+        }
+        await self.conn.execute(
+            q.UPDATE_RUN_PROGRESS, self._counts(report) | {"progress": Jsonb(progress)}
+        )
+
+    async def finish_run(self, report: Report, error: str | None = None) -> None:
+        await self.conn.execute(
+            q.FINISH_RUN,
+            self._counts(report)
+            | {
+                "estimated_cost_usd": round(report.estimated_cost_usd, 6),
+                "report": Jsonb(report.to_dict()),
+                "error": error,
+            },
+        )
+
+    async def record_failures(self, run_id: int, failures: Iterable[Failure]) -> None:
+        params = [
+            {
+                "run_id": run_id,
+                "row_id": str(f.id),
+                "tenant": f.tenant,
+                "error_class": f.error_class,
+                "message": f.error,
+                "attempts": f.attempts,
+            }
+            for f in failures
+        ]
+        if params:
+            async with self.conn.cursor() as cur:
+                await cur.executemany(q.INSERT_FAILURE, params)
+
+    # ---------------------------------------------------------------- keys
+
+    async def put_key(self, tenant: str, ciphertext: bytes, key_hint: str) -> None:
+        await self.conn.execute(
+            q.UPSERT_KEY, {"tenant": tenant, "ciphertext": ciphertext, "key_hint": key_hint}
+        )
+
+    async def get_key(self, tenant: str) -> bytes | None:
+        cur = await self.conn.execute(q.GET_KEY, {"tenant": tenant})
+        row = await cur.fetchone()
+        return bytes(row[0]) if row else None
+
+    async def list_keys(self) -> list[KeyInfo]:
+        cur = await self.conn.execute(q.LIST_KEYS)
+        return [KeyInfo(r[0], r[1], r[2]) for r in await cur.fetchall()]
+
+    async def delete_key(self, tenant: str) -> bool:
+        cur = await self.conn.execute(q.DELETE_KEY, {"tenant": tenant})
+        return cur.rowcount > 0

@@ -1,0 +1,646 @@
+"""scan -> embed -> write -> audit.
+
+One run of one target is a small pipeline of asyncio tasks:
+
+- the scanner reads NULL rows in id order (keyset pages, no OFFSET), renders and
+  measures their text, drops blanks, de-duplicates identical texts per tenant and cuts
+  per-tenant batches (planning.TenantBatcher);
+- ``max_concurrency`` embedders call the provider under per-key rate limits, retrying
+  what retry.decide says, splitting a batch the provider rejects to isolate the bad row;
+- ``write_concurrency`` writers each own a connection and write one batch per short
+  transaction with one bulk UPDATE guarded by "still NULL and text unchanged".
+
+No transaction is open while a provider call is in flight, and no row or table lock is
+taken. Only one real run per table column at a time: a session advisory lock, which the
+server releases if the process dies, so ``kill -9`` never leaves the target locked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from .config import Config, ProviderConfig, TargetConfig, render_text
+from .db.catalog import TableInfo, count_missing, inspect_target, target_status
+from .db.connect import Database, connect
+from .db.schema import ensure_schema
+from .db.store import Store
+from .db.target_sql import TargetSQL
+from .errors import (
+    AuthFailed,
+    BadInput,
+    DatabaseError,
+    EmbedfillError,
+    NoApiKey,
+    ProviderError,
+    TargetBusy,
+    UsageError,
+)
+from .keys import KeyResolver
+from .models import Batch, Failure, Report, Row, TargetStatus
+from .planning import LRU, TenantBatcher, estimate_cost, prepare_text, split_batch, text_key
+from .providers import Provider, Vector, make_provider
+from .ratelimit import KeyLimiter
+from .retry import RetryPolicy, decide
+from .secrets import Secret
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[Report], None]
+MAX_REPORTED_FAILURES = 1000
+PROGRESS_EVERY_S = 1.0
+
+
+@dataclass(frozen=True)
+class BackfillOptions:
+    target: str | None = None
+    dry_run: bool = False
+    batch_size: int | None = None
+    tenants: Sequence[str] = ()
+    limit: int | None = None
+    actor: str = "library"
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "tenants": list(self.tenants),
+            "limit": self.limit,
+        }
+
+
+@dataclass
+class _Write:
+    rows: list[Row]
+    vectors: list[Vector]
+
+
+@dataclass
+class _Hooks:
+    on_progress: ProgressCallback | None = None
+    on_start: Callable[[int], None] | None = None
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def lock_key(target: TargetConfig) -> str:
+    t = target.table
+    return f"embedfill:{t.schema or ''}.{t.name}.{target.embedding_column}"
+
+
+async def _prepare(
+    conn: psycopg.AsyncConnection[Any],
+    config: Config,
+    opts: BackfillOptions,
+    provider: Provider,
+) -> tuple[TargetConfig, ProviderConfig, TableInfo]:
+    target = config.target(opts.target)
+    pconf = config.provider_for(target)
+    if opts.batch_size is not None and not 1 <= opts.batch_size <= 2048:
+        raise UsageError(f"--batch-size must be between 1 and 2048, not {opts.batch_size}.")
+    if opts.limit is not None and opts.limit < 1:
+        raise UsageError(f"--limit must be at least 1, not {opts.limit}.")
+    if opts.tenants and not target.tenant_column:
+        raise UsageError(
+            f"Target {target.name!r} has no tenant_column, so --tenant cannot select rows."
+        )
+    info = await inspect_target(conn, target, await provider.dimensions(), pconf.label)
+    return target, pconf, info
+
+
+async def abackfill(
+    config: Config,
+    db: Database,
+    opts: BackfillOptions,
+    *,
+    provider: Provider | None = None,
+    on_progress: ProgressCallback | None = None,
+    on_start: Callable[[int], None] | None = None,
+    cancel: asyncio.Event | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Report:
+    """Backfill (or plan, with ``dry_run``) one target; see ``embedfill.backfill``."""
+    own_provider = provider is None
+    conn = await connect(db)
+    try:
+        if provider is None:
+            provider = make_provider(config.provider_for(config.target(opts.target)))
+        target, pconf, info = await _prepare(conn, config, opts, provider)
+        await ensure_schema(conn)
+        run = _Run(
+            db=db,
+            conn=conn,
+            target=target,
+            pconf=pconf,
+            info=info,
+            opts=opts,
+            provider=provider,
+            engine=config.engine,
+            hooks=_Hooks(on_progress, on_start, cancel or asyncio.Event()),
+            env=os.environ if env is None else env,
+        )
+        return await run.execute()
+    except psycopg.Error as exc:
+        raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
+    finally:
+        if own_provider and provider is not None:
+            await provider.aclose()
+        await conn.close()
+
+
+async def astatus(config: Config, db: Database, target: str | None = None) -> list[TargetStatus]:
+    """Rows and missing embeddings per target (and per tenant)."""
+    targets = [config.target(target)] if target else list(config.targets)
+    conn = await connect(db)
+    try:
+        out = []
+        for t in targets:
+            pconf = config.provider_for(t)
+            info = await inspect_target(conn, t, pconf.expected_dimensions, pconf.label)
+            out.append(await target_status(conn, t, info))
+        return out
+    except psycopg.Error as exc:
+        raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
+    finally:
+        await conn.close()
+
+
+class _Run:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        conn: psycopg.AsyncConnection[Any],
+        target: TargetConfig,
+        pconf: ProviderConfig,
+        info: TableInfo,
+        opts: BackfillOptions,
+        provider: Provider,
+        engine: Any,
+        hooks: _Hooks,
+        env: Mapping[str, str],
+    ) -> None:
+        self.db, self.conn, self.target, self.pconf = db, conn, target, pconf
+        self.opts, self.provider, self.engine, self.hooks = opts, provider, engine, hooks
+        self.sql = TargetSQL(target, info.types)
+        self.store = Store(conn)
+        self.keys = KeyResolver(self.store, conn, target, pconf, provider.needs_key, env)
+        self.batch_size = opts.batch_size or pconf.batch_size
+        self.tenants = list(opts.tenants) or None
+        self.report = Report(
+            run_id=None, target=target.name, dry_run=opts.dry_run, provider=provider.name
+        )
+        self.policy = RetryPolicy(max_attempts=pconf.max_attempts)
+        dims = info.dimensions or 1536
+        self.cache: LRU[Vector] = LRU(engine.dedup_cache_mb * 1024 * 1024 // (dims * 4 + 200))
+        self.inflight: dict[bytes, list[Row]] = {}
+        self.dead_tenants: dict[str | None, str] = {}
+        self.limiters: dict[str, KeyLimiter] = {}
+        self.pending_failures: list[Failure] = []
+        self._last_progress = 0.0
+
+    # ------------------------------------------------------------------ top level
+
+    async def execute(self) -> Report:
+        started = time.monotonic()
+        key = lock_key(self.target)
+        locked = False
+        if not self.opts.dry_run:
+            locked = await self.store.try_lock(key)
+            if not locked:
+                raise await self._busy()
+        try:
+            missing = await count_missing(self.conn, self.sql, self.tenants)
+            self.report.missing_before = min(missing, self.opts.limit or missing)
+            run_id = await self.store.create_run(
+                target=self.target.name,
+                actor=self.opts.actor,
+                parameters=self.opts.parameters(),
+                dry_run=self.opts.dry_run,
+                missing_before=self.report.missing_before,
+            )
+            self.report.run_id = run_id
+            if locked:
+                abandoned = await self.store.abandon_other_runs(self.target.name, run_id)
+                if abandoned:
+                    log.warning(
+                        "run %s: earlier runs %s had died; resuming their work", run_id, abandoned
+                    )
+            if self.hooks.on_start:
+                self.hooks.on_start(run_id)
+            log.info(
+                "run %s: %s %s, %d rows missing",
+                run_id,
+                "planning" if self.opts.dry_run else "backfilling",
+                self.target.name,
+                self.report.missing_before,
+            )
+            error: str | None = None
+            try:
+                if self.opts.dry_run:
+                    await self._plan()
+                else:
+                    await self._pipeline()
+            except BaseException as exc:
+                self.report.status = "failed"
+                error = _first_line(exc) if isinstance(exc, Exception) else "interrupted"
+                raise
+            finally:
+                self.report.duration_s = time.monotonic() - started
+                self.report.estimated_cost_usd = estimate_cost(self.report.tokens, self.pconf.price)
+                if self.report.status != "failed":
+                    self.report.status = self._final_status()
+                with contextlib.suppress(psycopg.Error):
+                    await asyncio.shield(self._flush_audit(final=True, error=error))
+            return self.report
+        finally:
+            if locked:
+                with contextlib.suppress(psycopg.Error):
+                    await self.store.unlock(key)
+
+    def _final_status(self) -> str:
+        if self.hooks.cancel.is_set():
+            return "cancelled"
+        if self.report.failed:
+            return "partial"
+        return "succeeded"
+
+    async def _busy(self) -> TargetBusy:
+        active = (
+            await self.store.active_run(self.target.name) if await _has_schema(self.conn) else None
+        )
+        if active:
+            return TargetBusy(
+                f"Target {self.target.name!r} is already being backfilled by run "
+                f"{active['id']} (started {active['started_at']:%Y-%m-%d %H:%M:%S %Z} by "
+                f"{active['actor']}); wait for it to finish or cancel it.",
+                run_id=int(active["id"]),
+            )
+        return TargetBusy(
+            f"Target {self.target.name!r} is already being backfilled by another run; "
+            "wait for it to finish."
+        )
+
+    # ------------------------------------------------------------------ scanning
+
+    async def _pages(self) -> Any:
+        after: Any = None
+        first = True
+        remaining = self.opts.limit
+        page_size = self.engine.scan_page_size
+        while remaining is None or remaining > 0:
+            size = page_size if remaining is None else min(page_size, remaining)
+            cur = await self.conn.execute(
+                self.sql.scan(first_page=first, tenants=bool(self.tenants)),
+                {"after": after, "limit": size, "tenants": self.tenants},
+            )
+            rows = await cur.fetchall()
+            if not rows:
+                return
+            yield rows
+            first, after = False, rows[-1][0]
+            if remaining is not None:
+                remaining -= len(rows)
+            if len(rows) < size:
+                return
+
+    def _row(self, raw: Sequence[Any]) -> Row | None:
+        """A row ready to embed, or None when its text is blank (counted as skipped)."""
+        row_id, tenant, fingerprint, *values = raw
+        tenant_report = self.report.tenant(tenant)
+        tenant_report.missing += 1
+        text = render_text(
+            self.target.text, dict(zip(self.target.text_columns, values, strict=True))
+        )
+        counter = self.provider.counter()
+        prepared = prepare_text(
+            text,
+            count=counter.count,
+            truncate=counter.truncate,
+            max_tokens=self.provider.max_input_tokens,
+        )
+        if prepared is None:
+            tenant_report.skipped += 1
+            self.report.skipped += 1
+            return None
+        sent, tokens, truncated = prepared
+        if truncated:
+            tenant_report.truncated += 1
+            self.report.truncated += 1
+        return Row(
+            id=row_id,
+            tenant=tenant,
+            text=sent,
+            fingerprint=fingerprint,
+            tokens=tokens,
+            truncated=truncated,
+        )
+
+    def _batcher(self) -> TenantBatcher:
+        return TenantBatcher(
+            batch_size=self.batch_size,
+            max_tokens=self.pconf.max_request_tokens,
+            max_buffered=max(self.engine.scan_page_size, self.batch_size * 4),
+        )
+
+    def _count_batch(self, batch: Batch) -> None:
+        self.report.batches += 1
+        self.report.tenant(batch.tenant).batches += 1
+
+    # ------------------------------------------------------------------ dry run
+
+    async def _plan(self) -> None:
+        """Walk the same scan and batching as a real run; send and write nothing."""
+        seen: set[bytes] = set()
+        batcher = self._batcher()
+        async for page in self._pages():
+            for raw in page:
+                row = self._row(raw)
+                if row is None:
+                    continue
+                key = text_key(row.tenant, row.text)
+                if key in seen:
+                    self.report.deduplicated += 1
+                    continue
+                seen.add(key)
+                for batch in batcher.add(row):
+                    self._tally_planned(batch)
+        for batch in batcher.flush():
+            self._tally_planned(batch)
+        for t in self.report.tenants:
+            resolved = await self.keys.resolve(t.tenant)
+            t.key_source = resolved.source
+            t.error = resolved.error
+        self.report.requests = self.report.batches
+
+    def _tally_planned(self, batch: Batch) -> None:
+        self._count_batch(batch)
+        tenant = self.report.tenant(batch.tenant)
+        tenant.requests += 1
+        tenant.tokens += batch.tokens
+        self.report.tokens += batch.tokens
+
+    # ------------------------------------------------------------------ real run
+
+    async def _pipeline(self) -> None:
+        embed_q: asyncio.Queue[Batch | None] = asyncio.Queue(self.pconf.max_concurrency * 2)
+        write_q: asyncio.Queue[_Write | None] = asyncio.Queue(self.engine.write_concurrency * 2)
+        writer_conns = [await connect(self.db) for _ in range(self.engine.write_concurrency)]
+        try:
+            async with asyncio.TaskGroup() as tg:
+                workers = [
+                    tg.create_task(self._embedder(embed_q, write_q))
+                    for _ in range(self.pconf.max_concurrency)
+                ]
+                writers = [tg.create_task(self._writer(c, write_q)) for c in writer_conns]
+                ticker = tg.create_task(self._ticker())
+                await self._produce(embed_q, write_q)
+                for _ in workers:
+                    await embed_q.put(None)
+                await asyncio.wait(workers)
+                for _ in writers:
+                    await write_q.put(None)
+                await asyncio.wait(writers)
+                ticker.cancel()
+        except* EmbedfillError as group:
+            raise group.exceptions[0] from None
+        except* psycopg.Error as group:
+            raise group.exceptions[0] from None
+        finally:
+            for c in writer_conns:
+                await c.close()
+
+    async def _produce(
+        self, embed_q: asyncio.Queue[Batch | None], write_q: asyncio.Queue[_Write | None]
+    ) -> None:
+        batcher = self._batcher()
+        async for page in self._pages():
+            if self.hooks.cancel.is_set():
+                return
+            hits = _Write([], [])
+            for raw in page:
+                row = self._row(raw)
+                if row is None:
+                    continue
+                key = text_key(row.tenant, row.text)
+                cached = self.cache.get(key)
+                if cached is not None:
+                    self.report.deduplicated += 1
+                    hits.rows.append(row)
+                    hits.vectors.append(cached)
+                    continue
+                followers = self.inflight.get(key)
+                if followers is not None:
+                    self.report.deduplicated += 1
+                    followers.append(row)
+                    continue
+                self.inflight[key] = []
+                for batch in batcher.add(row):
+                    self._count_batch(batch)
+                    await embed_q.put(batch)
+            if hits.rows:
+                await write_q.put(hits)
+            self._progress()
+        for batch in batcher.flush():
+            self._count_batch(batch)
+            await embed_q.put(batch)
+
+    async def _embedder(
+        self, embed_q: asyncio.Queue[Batch | None], write_q: asyncio.Queue[_Write | None]
+    ) -> None:
+        while (batch := await embed_q.get()) is not None:
+            if self.hooks.cancel.is_set():
+                self._forget(batch)  # left NULL for the next run
+                continue
+            await self._embed(batch, write_q)
+
+    def _forget(self, batch: Batch) -> None:
+        for row in batch.rows:
+            self.inflight.pop(text_key(row.tenant, row.text), None)
+
+    async def _embed(self, batch: Batch, write_q: asyncio.Queue[_Write | None]) -> None:
+        tenant = self.report.tenant(batch.tenant)
+        resolved = await self.keys.resolve(batch.tenant)
+        tenant.key_source = resolved.source
+        if resolved.error and batch.tenant not in self.dead_tenants:
+            self.dead_tenants[batch.tenant] = resolved.error
+            log.warning(
+                "run %s: tenant %s cannot be embedded: %s",
+                self.report.run_id,
+                batch.tenant,
+                resolved.error,
+            )
+        if batch.tenant in self.dead_tenants:
+            reason = self.dead_tenants[batch.tenant]
+            tenant.error = reason
+            self._fail(batch, NoApiKey(reason) if resolved.error else AuthFailed(reason), 0)
+            return
+        try:
+            vectors, _attempts = await self._call(batch, resolved.key)
+        except BadInput as exc:
+            if len(batch.rows) > 1:
+                for half in split_batch(batch):
+                    await self._embed(half, write_q)
+                return
+            self._fail(batch, exc, exc.attempts)
+            return
+        except AuthFailed as exc:
+            reason = f"{exc} (tenant {batch.tenant!r}, key source {resolved.source})"
+            self.dead_tenants[batch.tenant] = reason
+            tenant.error = reason
+            log.error("run %s: tenant %s: %s", self.report.run_id, batch.tenant, exc)
+            self._fail(batch, exc, exc.attempts)
+            return
+        except ProviderError as exc:
+            log.error(
+                "run %s: tenant %s: batch of %d failed: %s",
+                self.report.run_id,
+                batch.tenant,
+                len(batch.rows),
+                exc,
+            )
+            self._fail(batch, exc, exc.attempts)
+            return
+        write = _Write([], [])
+        for row, vector in zip(batch.rows, vectors, strict=True):
+            key = text_key(row.tenant, row.text)
+            self.cache.put(key, vector)
+            for r in [row, *self.inflight.pop(key, [])]:
+                write.rows.append(r)
+                write.vectors.append(vector)
+        await write_q.put(write)
+
+    def _limiter(self, key: Secret | None) -> KeyLimiter:
+        name = key.fingerprint if key else "-"
+        limiter = self.limiters.get(name)
+        if limiter is None:
+            limiter = KeyLimiter(self.pconf.rpm, self.pconf.tpm, time.monotonic())
+            self.limiters[name] = limiter
+        return limiter
+
+    async def _call(self, batch: Batch, key: Secret | None) -> tuple[list[Vector], int]:
+        tenant = self.report.tenant(batch.tenant)
+        limiter = self._limiter(key)
+        attempts = 0
+        while True:
+            wait = limiter.reserve(batch.tokens, time.monotonic())
+            if wait > 0:
+                await asyncio.sleep(wait)
+            attempts += 1
+            self.report.requests += 1
+            tenant.requests += 1
+            try:
+                vectors = await self.provider.embed(batch.texts, api_key=key)
+            except ProviderError as exc:
+                if exc.retry_after:
+                    limiter.pause(exc.retry_after, time.monotonic())
+                delay = decide(exc, attempts, self.policy)
+                if delay is None or self.hooks.cancel.is_set():
+                    exc.attempts = attempts
+                    raise
+                self.report.retries += 1
+                log.info(
+                    "run %s: tenant %s: %s; retrying in %.1fs",
+                    self.report.run_id,
+                    batch.tenant,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            self.report.tokens += batch.tokens
+            tenant.tokens += batch.tokens
+            return vectors, attempts
+
+    def _fail(self, batch: Batch, exc: EmbedfillError, attempts: int) -> None:
+        rows = list(batch.rows)
+        for row in batch.rows:
+            rows.extend(self.inflight.pop(text_key(row.tenant, row.text), []))
+        tenant = self.report.tenant(batch.tenant)
+        for row in rows:
+            failure = Failure(
+                id=row.id,
+                tenant=row.tenant,
+                error=str(exc),
+                error_class=type(exc).__name__,
+                attempts=attempts,
+            )
+            self.pending_failures.append(failure)
+            if len(self.report.failures) < MAX_REPORTED_FAILURES:
+                self.report.failures.append(failure)
+        tenant.failed += len(rows)
+        self.report.failed += len(rows)
+        self._progress()
+
+    async def _writer(
+        self, conn: psycopg.AsyncConnection[Any], write_q: asyncio.Queue[_Write | None]
+    ) -> None:
+        statement = self.sql.write()
+        while (item := await write_q.get()) is not None:
+            ids = [r.id for r in item.rows]
+            async with conn.transaction():
+                cur = await conn.execute(
+                    statement,
+                    {
+                        "ids": ids,
+                        "fps": [r.fingerprint for r in item.rows],
+                        "vecs": item.vectors,
+                        "lo": min(ids),
+                        "hi": max(ids),
+                    },
+                )
+                written = {r[0] for r in await cur.fetchall()}
+            for row in item.rows:
+                tenant = self.report.tenant(row.tenant)
+                if row.id in written:
+                    tenant.embedded += 1
+                    self.report.embedded += 1
+                else:  # the app changed or filled the row since we read it
+                    tenant.skipped += 1
+                    self.report.skipped += 1
+                    self.report.changed += 1
+            self._progress()
+
+    # ------------------------------------------------------------------ audit
+
+    def _progress(self) -> None:
+        if self.hooks.on_progress is None:
+            return
+        now = time.monotonic()
+        if now - self._last_progress >= 0.1:
+            self._last_progress = now
+            self.hooks.on_progress(self.report)
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            await self._flush_audit(final=False)
+
+    async def _flush_audit(self, *, final: bool, error: str | None = None) -> None:
+        if self.report.run_id is None:
+            return
+        failures, self.pending_failures = self.pending_failures, []
+        await self.store.record_failures(self.report.run_id, failures)
+        if final:
+            await self.store.finish_run(self.report, error)
+            if self.hooks.on_progress:
+                self.hooks.on_progress(self.report)
+        else:
+            await self.store.save_progress(self.report)
+
+
+async def _has_schema(conn: psycopg.AsyncConnection[Any]) -> bool:
+    from .db.schema import current_version
+
+    return await current_version(conn) is not None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -1,0 +1,140 @@
+"""Bring your own key: which API key pays for a tenant's rows.
+
+Order: the encrypted key store (``embedfill keys set``), then the target's
+``tenant_key_sql``, then the provider's platform key (when the target allows it).
+Keys are resolved at the moment of use into ``Secret`` values; only tenant ids and key
+sources are ever logged or reported.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from cryptography.fernet import Fernet, InvalidToken
+
+from .config import ProviderConfig, TargetConfig
+from .db.store import Store
+from .errors import KeyStoreError
+from .models import KeySource
+from .secrets import Secret
+
+MASTER_KEY_ENV = "EMBEDFILL_MASTER_KEY"
+
+
+def new_master_key() -> str:
+    return Fernet.generate_key().decode()
+
+
+def _fernet(env: Mapping[str, str]) -> Fernet:
+    raw = env.get(MASTER_KEY_ENV, "").strip()
+    if not raw:
+        raise KeyStoreError(
+            f"{MASTER_KEY_ENV} is not set; create one with `embedfill keys new-master-key` "
+            "and export it (keep it in your secret manager)."
+        )
+    try:
+        return Fernet(raw.encode())
+    except (ValueError, TypeError):
+        raise KeyStoreError(
+            f"{MASTER_KEY_ENV} is not a valid key; create one with `embedfill keys new-master-key`."
+        ) from None
+
+
+def encrypt(key: str, env: Mapping[str, str]) -> bytes:
+    return _fernet(env).encrypt(key.encode())
+
+
+def decrypt(token: bytes, env: Mapping[str, str]) -> Secret:
+    try:
+        return Secret(_fernet(env).decrypt(token).decode())
+    except InvalidToken:
+        raise KeyStoreError(
+            f"A stored key cannot be decrypted with this {MASTER_KEY_ENV}; use the master "
+            "key the keys were stored with, or store the tenant's key again."
+        ) from None
+
+
+def key_hint(key: str) -> str:
+    return Secret(key).masked
+
+
+@dataclass(frozen=True)
+class ResolvedKey:
+    key: Secret | None
+    source: KeySource
+    error: str | None = None  # why the tenant cannot be embedded
+
+
+class KeyResolver:
+    """Resolves and caches one key per tenant for one run."""
+
+    def __init__(
+        self,
+        store: Store | None,
+        conn: psycopg.AsyncConnection[Any],
+        target: TargetConfig,
+        provider: ProviderConfig,
+        needs_key: bool,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.store = store
+        self.conn = conn
+        self.target = target
+        self.provider = provider
+        self.needs_key = needs_key
+        self.env = os.environ if env is None else env
+        self._cache: dict[str | None, ResolvedKey] = {}
+
+    def platform_key(self) -> Secret | None:
+        value = self.env.get(self.provider.api_key_env, "").strip()
+        return Secret(value) if value else None
+
+    async def resolve(self, tenant: str | None) -> ResolvedKey:
+        if tenant not in self._cache:
+            self._cache[tenant] = await self._resolve(tenant)
+        return self._cache[tenant]
+
+    async def _resolve(self, tenant: str | None) -> ResolvedKey:
+        if not self.needs_key:
+            return ResolvedKey(None, "none")
+        if tenant is not None:
+            if self.store is not None:
+                token = await self.store.get_key(tenant)
+                if token is not None:
+                    try:
+                        return ResolvedKey(decrypt(token, self.env), "tenant")
+                    except KeyStoreError as exc:
+                        return ResolvedKey(None, "none", str(exc))
+            if self.target.tenant_key_sql:
+                try:
+                    cur = await self.conn.execute(
+                        self.target.tenant_key_sql.encode(), {"tenant": tenant}
+                    )
+                    row = await cur.fetchone()
+                except psycopg.Error as exc:
+                    return ResolvedKey(
+                        None,
+                        "none",
+                        f"tenant_key_sql failed ({type(exc).__name__}); check the query "
+                        "in the target's config.",
+                    )
+                if row and row[0] and str(row[0]).strip():
+                    return ResolvedKey(Secret(str(row[0]).strip()), "tenant")
+        platform = self.platform_key()
+        if platform is not None and (tenant is None or self.target.allow_platform_fallback):
+            return ResolvedKey(platform, "platform")
+        if tenant is not None and not self.target.allow_platform_fallback:
+            why = (
+                f"tenant {tenant!r} has no API key of its own and this target does not "
+                "fall back to the platform key; store one with `embedfill keys set`."
+            )
+        else:
+            why = (
+                f"no API key: {self.provider.api_key_env} is not set and no tenant key "
+                "was found; set the variable or store a key with `embedfill keys set`."
+            )
+        return ResolvedKey(None, "none", why)

@@ -1,0 +1,130 @@
+"""Small value types shared by planning, the engine and the renderers."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+KeySource = Literal["tenant", "platform", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One row read from a target table that needs an embedding."""
+
+    id: Any
+    tenant: str | None
+    text: str
+    fingerprint: str  # md5 of the source columns as read; the write is guarded by it
+    tokens: int = 0
+    truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Rows of one tenant that go to the provider in one request."""
+
+    tenant: str | None
+    rows: tuple[Row, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(r.tokens for r in self.rows)
+
+    @property
+    def texts(self) -> list[str]:
+        return [r.text for r in self.rows]
+
+
+@dataclass
+class TenantReport:
+    tenant: str | None
+    missing: int = 0
+    embedded: int = 0
+    skipped: int = 0
+    failed: int = 0
+    key_source: KeySource = "none"
+    batches: int = 0
+    requests: int = 0
+    tokens: int = 0
+    truncated: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    id: Any
+    tenant: str | None
+    error: str
+    error_class: str = "EmbedfillError"
+    attempts: int = 1
+
+
+@dataclass
+class Report:
+    """What a backfill (or its dry run) did, per tenant. The CLI, the library and the
+    HTTP service all return or render this object."""
+
+    run_id: int | None
+    target: str
+    dry_run: bool
+    provider: str = ""
+    status: str = "running"
+    missing_before: int = 0
+    embedded: int = 0
+    skipped: int = 0
+    failed: int = 0
+    truncated: int = 0
+    changed: int = 0  # read, embedded, then not written: the app changed or filled the row
+    deduplicated: int = 0
+    batches: int = 0
+    requests: int = 0
+    retries: int = 0
+    tokens: int = 0
+    estimated_cost_usd: float = 0.0
+    duration_s: float = 0.0
+    tenants: list[TenantReport] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+    def tenant(self, tenant: str | None) -> TenantReport:
+        for t in self.tenants:
+            if t.tenant == tenant:
+                return t
+        t = TenantReport(tenant=tenant)
+        self.tenants.append(t)
+        return t
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["estimated_cost_usd"] = round(self.estimated_cost_usd, 6)
+        data["duration_s"] = round(self.duration_s, 3)
+        for f in data["failures"]:
+            f["id"] = _jsonable(f["id"])
+        return data
+
+
+@dataclass(frozen=True)
+class TenantStatus:
+    tenant: str | None
+    rows: int
+    missing: int
+
+
+@dataclass(frozen=True)
+class TargetStatus:
+    name: str
+    table: str
+    dimensions: int
+    rows: int
+    missing: int
+    vector_index: str | None
+    tenants: tuple[TenantStatus, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"tenants": [asdict(t) for t in self.tenants]}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return str(value)

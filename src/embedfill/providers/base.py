@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from ..config import ProviderConfig
+from ..secrets import Secret
+from ..tokens import TokenCounter
+
+Vector = npt.NDArray[np.float32]
+
+
+class Provider(Protocol):
+    config: ProviderConfig
+    needs_key: bool  # False for local/hash: no key, no bill
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def max_batch(self) -> int: ...
+
+    @property
+    def max_input_tokens(self) -> int: ...
+
+    def counter(self) -> TokenCounter: ...
+
+    async def dimensions(self) -> int | None:
+        """The vector size, when known without an embedding call."""
+        ...
+
+    async def embed(self, texts: Sequence[str], *, api_key: Secret | None) -> list[Vector]: ...
+
+    async def aclose(self) -> None: ...
+
+
+def as_vectors(rows: Any, expected: int | None) -> list[Vector]:
+    """Turn a provider's output into float32 vectors and check their size."""
+    from ..errors import DimensionMismatch
+
+    out = [np.asarray(r, dtype=np.float32) for r in rows]
+    if expected is not None:
+        for v in out:
+            if v.shape != (expected,):
+                raise DimensionMismatch(
+                    f"The provider returned {v.shape[0] if v.ndim else 0}-dimensional vectors "
+                    f"but {expected} were expected; set dimensions in the provider config "
+                    "to match the column."
+                )
+    return out

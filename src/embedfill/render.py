@@ -1,0 +1,74 @@
+"""Human output for the CLI (JSON output is ``Report.to_dict`` / ``TargetStatus.to_dict``)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from .models import Report, TargetStatus
+
+
+def status_tables(console: Console, statuses: list[TargetStatus]) -> None:
+    for s in statuses:
+        index = s.vector_index or "none"
+        console.print(
+            f"[bold]{s.name}[/] ({s.table}, vector({s.dimensions}), index: {index}): "
+            f"{s.rows:,} rows, [{'red' if s.missing else 'green'}]{s.missing:,} missing[/]"
+        )
+        if s.tenants:
+            table = Table("tenant", "rows", "missing", box=None, padding=(0, 2))
+            for t in s.tenants:
+                table.add_row(str(t.tenant), f"{t.rows:,}", f"{t.missing:,}")
+            console.print(table)
+
+
+def report_table(console: Console, r: Report) -> None:
+    verb = "Dry run of" if r.dry_run else "Backfill of"
+    console.print(f"[bold]{verb} {r.target}[/] (run {r.run_id}, {r.provider}): {r.status}")
+    table = Table(
+        "tenant",
+        "missing",
+        "embedded",
+        "skipped",
+        "failed",
+        "requests",
+        "tokens",
+        "key",
+        box=None,
+        padding=(0, 2),
+    )
+    for t in sorted(r.tenants, key=lambda t: str(t.tenant)):
+        table.add_row(
+            str(t.tenant),
+            f"{t.missing:,}",
+            f"{t.embedded:,}",
+            f"{t.skipped:,}",
+            f"{t.failed:,}",
+            f"{t.requests:,}",
+            f"{t.tokens:,}",
+            t.key_source,
+        )
+    console.print(table)
+    console.print(
+        f"missing before: {r.missing_before:,}  embedded: {r.embedded:,}  "
+        f"skipped: {r.skipped:,}  failed: {r.failed:,}  requests: {r.requests:,} "
+        f"(retries {r.retries:,})  tokens: {r.tokens:,}  "
+        f"{'estimated ' if r.dry_run else ''}cost: ${r.estimated_cost_usd:.4f}  "
+        f"time: {r.duration_s:.1f}s"
+    )
+    if r.truncated or r.deduplicated or r.changed:
+        console.print(
+            f"truncated to the model's limit: {r.truncated:,}  identical texts embedded "
+            f"once: {r.deduplicated:,}  changed by the app mid-run (left for the next "
+            f"run): {r.changed:,}"
+        )
+    for t in r.tenants:
+        if t.error:
+            console.print(f"[red]tenant {t.tenant}:[/] {t.error}")
+    for f in r.failures[:20]:
+        console.print(f"[red]failed[/] row {f.id} (tenant {f.tenant}): {f.error}")
+    if len(r.failures) > 20 or r.failed > len(r.failures):
+        console.print(
+            f"... {r.failed - min(20, len(r.failures)):,} more failures in "
+            f"embedfill.failures (run_id = {r.run_id})"
+        )
