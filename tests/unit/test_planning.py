@@ -1,0 +1,97 @@
+from __future__ import annotations
+
+import pytest
+
+from embedfill.models import Row
+from embedfill.planning import LRU, TenantBatcher, prepare_text, split_batch, text_key
+from embedfill.ratelimit import Bucket, KeyLimiter
+
+
+def row(i: int, tenant: str | None, tokens: int = 1) -> Row:
+    return Row(id=i, tenant=tenant, text=f"t{i}", fingerprint="", tokens=tokens)
+
+
+def test_batches_never_mix_tenants_and_respect_size() -> None:
+    b = TenantBatcher(batch_size=3, max_tokens=1000, max_buffered=100)
+    out = []
+    for i in range(20):
+        out += b.add(row(i, "ab"[i % 2]))
+    out += b.flush()
+    assert all(len({r.tenant for r in batch.rows}) == 1 for batch in out)
+    assert all(len(batch.rows) <= 3 for batch in out)
+    assert sorted(r.id for batch in out for r in batch.rows) == list(range(20))
+    # full batches are released as soon as they fill: a tenant's rows keep scan order
+    assert [r.id for r in out[0].rows] == [0, 2, 4]
+
+
+def test_batches_are_cut_by_tokens() -> None:
+    b = TenantBatcher(batch_size=100, max_tokens=10, max_buffered=100)
+    out = []
+    for i in range(5):
+        out += b.add(row(i, "a", tokens=4))
+    out += b.flush()
+    assert [len(x.rows) for x in out] == [2, 2, 1]
+    assert all(x.tokens <= 10 for x in out)
+
+
+def test_many_small_tenants_keep_the_buffer_bounded() -> None:
+    b = TenantBatcher(batch_size=50, max_tokens=10**6, max_buffered=10)
+    for i in range(1000):
+        b.add(row(i, f"tenant-{i % 400}"))
+        assert b.buffered <= 10
+
+
+def test_split_halves_a_batch() -> None:
+    from embedfill.models import Batch
+
+    left, right = split_batch(Batch("a", tuple(row(i, "a") for i in range(5))))
+    assert [r.id for r in left.rows] == [0, 1] and [r.id for r in right.rows] == [2, 3, 4]
+
+
+def test_prepare_text() -> None:
+    def count(s: str) -> int:
+        return len(s.split())
+
+    def truncate(s: str, n: int) -> str:
+        return " ".join(s.split()[:n])
+
+    assert prepare_text("  \n ", count=count, truncate=truncate, max_tokens=3) is None
+    assert prepare_text("a b", count=count, truncate=truncate, max_tokens=3) == ("a b", 2, False)
+    assert prepare_text("a b c d e", count=count, truncate=truncate, max_tokens=3) == (
+        "a b c",
+        3,
+        True,
+    )
+
+
+def test_text_key_separates_tenants() -> None:
+    assert text_key("a", "x") != text_key("b", "x")
+    assert text_key(None, "x") != text_key("", "x")
+    assert text_key("a", "x") == text_key("a", "x")
+
+
+def test_lru_is_bounded() -> None:
+    lru: LRU[int] = LRU(2)
+    lru.put(b"a", 1)
+    lru.put(b"b", 2)
+    assert lru.get(b"a") == 1
+    lru.put(b"c", 3)
+    assert lru.get(b"b") is None and lru.get(b"a") == 1 and len(lru) == 2
+
+
+def test_bucket_refills_at_its_rate() -> None:
+    bucket = Bucket.full(60, now=0.0)  # 1 per second, burst 60
+    assert bucket.reserve(60, now=0.0) == 0.0
+    assert bucket.reserve(1, now=0.0) == pytest.approx(1.0)
+    assert bucket.reserve(1, now=0.0) == pytest.approx(2.0)  # queued behind the first
+    assert bucket.reserve(1, now=10.0) == 0.0
+
+
+def test_key_limiter_takes_the_stricter_limit_and_pauses() -> None:
+    limiter = KeyLimiter(rpm=600, tpm=60, now=0.0)
+    assert limiter.reserve(60, now=0.0) == 0.0
+    assert limiter.reserve(30, now=0.0) == pytest.approx(30.0)  # tpm binds
+    unlimited = KeyLimiter(rpm=0, tpm=0, now=0.0)
+    assert unlimited.reserve(10**9, now=0.0) == 0.0
+    unlimited.pause(5.0, now=1.0)
+    assert unlimited.reserve(1, now=2.0) == pytest.approx(4.0)
