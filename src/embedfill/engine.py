@@ -82,11 +82,26 @@ class _Write:
     vectors: list[Vector]
 
 
+class Observer:
+    """Receives what a run does as it happens; the HTTP service turns it into metrics.
+    The default does nothing."""
+
+    def request(self, target: str, outcome: str, seconds: float) -> None:
+        """One provider call: outcome is the HTTP status ("200", "429", ...) or "error"."""
+
+    def rows(self, target: str, outcome: str, count: int) -> None:
+        """Rows embedded, skipped or failed."""
+
+    def tokens(self, target: str, count: int) -> None:
+        """Tokens sent in successful requests."""
+
+
 @dataclass
 class _Hooks:
     on_progress: ProgressCallback | None = None
     on_start: Callable[[int], None] | None = None
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    observer: Observer = field(default_factory=Observer)
 
 
 def lock_key(target: TargetConfig) -> str:
@@ -124,6 +139,7 @@ async def abackfill(
     on_start: Callable[[int], None] | None = None,
     cancel: asyncio.Event | None = None,
     env: Mapping[str, str] | None = None,
+    observer: Observer | None = None,
 ) -> Report:
     """Backfill (or plan, with ``dry_run``) one target; see ``embedfill.backfill``."""
     own_provider = provider is None
@@ -142,7 +158,7 @@ async def abackfill(
             opts=opts,
             provider=provider,
             engine=config.engine,
-            hooks=_Hooks(on_progress, on_start, cancel or asyncio.Event()),
+            hooks=_Hooks(on_progress, on_start, cancel or asyncio.Event(), observer or Observer()),
             env=os.environ if env is None else env,
         )
         return await run.execute()
@@ -328,6 +344,8 @@ class _Run:
         if prepared is None:
             tenant_report.skipped += 1
             self.report.skipped += 1
+            if not self.opts.dry_run:
+                self.hooks.observer.rows(self.target.name, "skipped", 1)
             return None
         sent, tokens, truncated = prepared
         if truncated:
@@ -535,9 +553,13 @@ class _Run:
             attempts += 1
             self.report.requests += 1
             tenant.requests += 1
+            started = time.monotonic()
             try:
                 vectors = await self.provider.embed(batch.texts, api_key=key)
             except ProviderError as exc:
+                self.hooks.observer.request(
+                    self.target.name, str(exc.status or "error"), time.monotonic() - started
+                )
                 if exc.retry_after:
                     limiter.pause(exc.retry_after, time.monotonic())
                 delay = decide(exc, attempts, self.policy)
@@ -554,6 +576,8 @@ class _Run:
                 )
                 await asyncio.sleep(delay)
                 continue
+            self.hooks.observer.request(self.target.name, "200", time.monotonic() - started)
+            self.hooks.observer.tokens(self.target.name, batch.tokens)
             self.report.tokens += batch.tokens
             tenant.tokens += batch.tokens
             return vectors, attempts
@@ -576,6 +600,7 @@ class _Run:
                 self.report.failures.append(failure)
         tenant.failed += len(rows)
         self.report.failed += len(rows)
+        self.hooks.observer.rows(self.target.name, "failed", len(rows))
         self._progress()
 
     async def _writer(
@@ -596,6 +621,8 @@ class _Run:
                     },
                 )
                 written = {r[0] for r in await cur.fetchall()}
+            self.hooks.observer.rows(self.target.name, "embedded", len(written))
+            self.hooks.observer.rows(self.target.name, "skipped", len(item.rows) - len(written))
             for row in item.rows:
                 tenant = self.report.tenant(row.tenant)
                 if row.id in written:
@@ -631,8 +658,13 @@ class _Run:
             await self.store.finish_run(self.report, error)
             if self.hooks.on_progress:
                 self.hooks.on_progress(self.report)
-        else:
-            await self.store.save_progress(self.report)
+        elif await self.store.save_progress(self.report):
+            if not self.hooks.cancel.is_set():
+                log.warning(
+                    "run %s: cancel requested; stopping after the batches in flight",
+                    self.report.run_id,
+                )
+            self.hooks.cancel.set()
 
 
 async def _has_schema(conn: psycopg.AsyncConnection[Any]) -> bool:

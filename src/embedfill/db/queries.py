@@ -24,7 +24,8 @@ UPDATE embedfill.runs
 SET status = %(status)s, missing_before = %(missing_before)s, embedded = %(embedded)s,
     skipped = %(skipped)s, failed = %(failed)s, requests = %(requests)s, tokens = %(tokens)s,
     progress = %(progress)s, heartbeat_at = now()
-WHERE id = %(id)s"""
+WHERE id = %(id)s
+RETURNING cancel_requested"""
 
 FINISH_RUN = """
 UPDATE embedfill.runs
@@ -46,10 +47,18 @@ SELECT id, actor, started_at FROM embedfill.runs
 WHERE target = %(target)s AND status = 'running' AND NOT dry_run
 ORDER BY started_at DESC LIMIT 1"""
 
+REQUEST_CANCEL = """
+UPDATE embedfill.runs SET cancel_requested = true
+WHERE id = %(id)s AND status IN ('queued', 'running') RETURNING id"""
+
+LIST_RUNS = """
+SELECT id, target, status, dry_run, started_at, finished_at FROM embedfill.runs
+WHERE status IN ('queued', 'running') AND NOT dry_run"""
+
 GET_RUN = """
 SELECT id, target, actor, parameters, dry_run, status, missing_before, embedded, skipped,
        failed, requests, tokens, estimated_cost_usd, progress, report, error, started_at,
-       heartbeat_at, finished_at
+       heartbeat_at, finished_at, cancel_requested, now() - heartbeat_at AS silent_for
 FROM embedfill.runs WHERE id = %(id)s"""
 
 INSERT_FAILURE = """

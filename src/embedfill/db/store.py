@@ -89,7 +89,8 @@ class Store:
             "tokens": report.tokens,
         }
 
-    async def save_progress(self, report: Report) -> None:
+    async def save_progress(self, report: Report) -> bool:
+        """Record progress; True when someone asked this run to stop."""
         progress = {
             "done": report.embedded + report.skipped + report.failed,
             "total": report.missing_before,
@@ -102,9 +103,20 @@ class Store:
                 for t in report.tenants
             ],
         }
-        await self.conn.execute(
+        cur = await self.conn.execute(
             q.UPDATE_RUN_PROGRESS, self._counts(report) | {"progress": Jsonb(progress)}
         )
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def request_cancel(self, run_id: int) -> bool:
+        cur = await self.conn.execute(q.REQUEST_CANCEL, {"id": run_id})
+        return await cur.fetchone() is not None
+
+    async def running_runs(self) -> list[dict[str, Any]]:
+        async with self.conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(q.LIST_RUNS)
+            return await cur.fetchall()
 
     async def finish_run(self, report: Report, error: str | None = None) -> None:
         await self.conn.execute(
