@@ -266,6 +266,25 @@ def demo(ctx: typer.Context) -> None:
         raise typer.Exit(3)
 
 
+@app.command()
+def serve(
+    ctx: typer.Context,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Run the admin HTTP service (needs ADMIN_SECRET or AUTH_SECRET to accept requests)."""
+    import uvicorn
+
+    from .http import create_app
+    from .http.logs import configure
+
+    state = _state(ctx)
+    configure(logging.DEBUG if state.debug else logging.INFO)
+    with _errors(state):
+        application = create_app(state.config(), database=state.database())
+    uvicorn.run(application, host=host, port=port, log_config=None)
+
+
 # ---------------------------------------------------------------------------- keys
 
 

@@ -94,6 +94,21 @@ class Report:
         self.tenants.append(t)
         return t
 
+    def progress(self) -> dict[str, Any]:
+        """Rows done of the total, overall and per tenant (the admin API's live view)."""
+        return {
+            "done": self.embedded + self.skipped + self.failed,
+            "total": self.missing_before,
+            "tenants": [
+                {
+                    "tenant": t.tenant,
+                    "missing": t.missing,
+                    "done": t.embedded + t.skipped + t.failed,
+                }
+                for t in self.tenants
+            ],
+        }
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["estimated_cost_usd"] = round(self.estimated_cost_usd, 6)

@@ -32,6 +32,7 @@ UPDATE embedfill.runs
 SET status = %(status)s, missing_before = %(missing_before)s, embedded = %(embedded)s,
     skipped = %(skipped)s, failed = %(failed)s, requests = %(requests)s, tokens = %(tokens)s,
     estimated_cost_usd = %(estimated_cost_usd)s, report = %(report)s, error = %(error)s,
+    progress = %(progress)s,
     heartbeat_at = now(), finished_at = now()
 WHERE id = %(id)s"""
 

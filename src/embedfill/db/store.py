@@ -91,20 +91,8 @@ class Store:
 
     async def save_progress(self, report: Report) -> bool:
         """Record progress; True when someone asked this run to stop."""
-        progress = {
-            "done": report.embedded + report.skipped + report.failed,
-            "total": report.missing_before,
-            "tenants": [
-                {
-                    "tenant": t.tenant,
-                    "missing": t.missing,
-                    "done": t.embedded + t.skipped + t.failed,
-                }
-                for t in report.tenants
-            ],
-        }
         cur = await self.conn.execute(
-            q.UPDATE_RUN_PROGRESS, self._counts(report) | {"progress": Jsonb(progress)}
+            q.UPDATE_RUN_PROGRESS, self._counts(report) | {"progress": Jsonb(report.progress())}
         )
         row = await cur.fetchone()
         return bool(row and row[0])
@@ -126,6 +114,7 @@ class Store:
                 "estimated_cost_usd": round(report.estimated_cost_usd, 6),
                 "report": Jsonb(report.to_dict()),
                 "error": error,
+                "progress": Jsonb(report.progress()),
             },
         )
 

@@ -1,0 +1,378 @@
+"""The admin HTTP API: the origin story's endpoint, done as a reusable service.
+
+``create_app(config)`` builds a FastAPI app; ``admin_router(service)`` gives the same
+routes as an APIRouter to mount inside an existing app. Routes are thin: each calls
+one AdminService method, which calls the same library functions as the CLI.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..config import Config, load_config
+from ..db.connect import Database, resolve_database
+from ..engine import BackfillOptions
+from ..errors import (
+    ConfigError,
+    DatabaseError,
+    EmbedfillError,
+    TargetBusy,
+    TargetNotFound,
+    UsageError,
+)
+from ..secrets import Secret
+from .service import AdminService, JobConflict, JobNotFound
+
+PREFIX = "/api/v1/admin"
+WAIT_LIMIT_S = 30.0
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="One sentence: what is wrong and how to fix it.")
+    job_id: int | None = Field(None, description="The active job, on 409.")
+
+
+class JobAccepted(BaseModel):
+    job_id: int
+    status: str = Field(
+        description="queued, running, succeeded, partial, failed, cancelled or abandoned"
+    )
+    status_url: str
+
+
+class TenantReportBody(BaseModel):
+    tenant: str | None
+    missing: int
+    embedded: int
+    skipped: int
+    failed: int
+    key_source: str
+    batches: int
+    requests: int
+    tokens: int
+    truncated: int
+    error: str | None
+
+
+class FailureBody(BaseModel):
+    id: Any
+    tenant: str | None
+    error: str
+    error_class: str
+    attempts: int
+
+
+class ReportBody(BaseModel):
+    run_id: int | None
+    target: str
+    dry_run: bool
+    provider: str
+    status: str
+    missing_before: int
+    embedded: int
+    skipped: int
+    failed: int
+    truncated: int
+    changed: int
+    deduplicated: int
+    batches: int
+    requests: int
+    retries: int
+    tokens: int
+    estimated_cost_usd: float
+    duration_s: float
+    tenants: list[TenantReportBody]
+    failures: list[FailureBody]
+
+
+class ProgressBody(BaseModel):
+    done: int
+    total: int | None
+    tenants: list[dict[str, Any]]
+
+
+class JobBody(BaseModel):
+    job_id: int
+    target: str
+    status: str
+    actor: str
+    parameters: dict[str, Any]
+    progress: ProgressBody
+    cancel_requested: bool
+    started_at: Any
+    finished_at: Any
+    heartbeat_at: Any
+    report: ReportBody | None
+    error: str | None
+
+
+class StatusBody(BaseModel):
+    targets: list[dict[str, Any]]
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "x-admin-secret missing or wrong"},
+    503: {
+        "model": ErrorBody,
+        "description": "admin API disabled (no secret configured) or database unavailable",
+    },
+}
+
+
+def admin_secret(env: Mapping[str, str]) -> Secret | None:
+    """ADMIN_SECRET, else AUTH_SECRET, else None (the admin API then answers 503)."""
+    for name in ("ADMIN_SECRET", "AUTH_SECRET"):
+        value = env.get(name, "").strip()
+        if value:
+            return Secret(value)
+    return None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, job_id: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.job_id = job_id
+
+
+def admin_router(service: AdminService) -> APIRouter:
+    """The admin routes over one service, for ``app.include_router`` in your own app.
+    The secret is read from the service's environment (``admin_secret``)."""
+    secret = admin_secret(service.env)
+
+    def require_admin(
+        x_admin_secret: Annotated[
+            str | None,
+            Header(alias="x-admin-secret", description="Equals ADMIN_SECRET (or AUTH_SECRET)."),
+        ] = None,
+    ) -> None:
+        if secret is None:
+            raise ApiError(
+                503,
+                "The admin API is disabled until ADMIN_SECRET (or AUTH_SECRET) "
+                "is set in the service's environment.",
+            )
+        given = (x_admin_secret or "").encode()
+        if not hmac.compare_digest(given, secret.reveal().encode()):
+            raise ApiError(401, "Missing or wrong x-admin-secret header.")
+
+    router = APIRouter(
+        prefix=PREFIX, dependencies=[Depends(require_admin)], responses=ERRORS, tags=["admin"]
+    )
+
+    @router.post(
+        "/backfill-embeddings",
+        summary="Backfill missing embeddings (or plan it with dryRun)",
+        status_code=202,
+        response_model=JobAccepted,
+        responses={
+            200: {"model": ReportBody, "description": "dry run, or wait=true and finished"},
+            202: {"model": JobAccepted, "description": "job started (Location: status URL)"},
+            404: {"model": ErrorBody, "description": "unknown target"},
+            409: {"model": ErrorBody, "description": "a job for this target is running"},
+            422: {"model": ErrorBody, "description": "bad parameter"},
+        },
+    )
+    async def backfill(
+        request: Request,
+        response: Response,
+        dry_run: Annotated[
+            bool,
+            Query(
+                alias="dryRun",
+                description=(
+                    "Plan only: missing rows, requests, tokens, cost, key source per tenant."
+                ),
+            ),
+        ] = False,
+        batch_size: Annotated[
+            int | None,
+            Query(alias="batchSize", ge=1, le=2048, description=("Inputs per embedding request.")),
+        ] = None,
+        target: Annotated[
+            str | None,
+            Query(
+                max_length=200, description=("Target name; default: the first configured target.")
+            ),
+        ] = None,
+        tenant_id: Annotated[
+            list[str] | None,
+            Query(alias="tenantId", description=("Only these tenants (repeatable).")),
+        ] = None,
+        limit: Annotated[
+            int | None, Query(ge=1, le=2**31 - 1, description=("At most this many rows."))
+        ] = None,
+        wait: Annotated[
+            bool,
+            Query(
+                description=(
+                    f"Answer when done (up to {WAIT_LIMIT_S:.0f} s), else 202 with the job."
+                )
+            ),
+        ] = False,
+    ) -> Any:
+        opts = BackfillOptions(
+            target=target,
+            dry_run=dry_run,
+            batch_size=batch_size,
+            tenants=tuple(tenant_id or ()),
+            limit=limit,
+            actor="http",
+        )
+        if dry_run:
+            report = await service.dry_run(opts)
+            return JSONResponse(jsonable_encoder(report.to_dict()), status_code=200)
+        job = await service.start(opts)
+        assert job.job_id is not None
+        url = str(request.url_for("job_status", job_id=job.job_id).path)
+        if wait:
+            final = await service.wait(job, WAIT_LIMIT_S)
+            if final is not None:
+                return JSONResponse(jsonable_encoder(final.to_dict()), status_code=200)
+        response.headers["Location"] = url
+        record = await service.job_record(job.job_id)
+        return JobAccepted(job_id=job.job_id, status=record["status"], status_url=url)
+
+    @router.get(
+        "/backfill-embeddings/{job_id}",
+        name="job_status",
+        response_model=JobBody,
+        summary="A job's status, live progress and final report",
+        responses={404: {"model": ErrorBody, "description": "no such job"}},
+    )
+    async def job_status(job_id: Annotated[int, Path(ge=1, le=2**63 - 1)]) -> Any:
+        return jsonable_encoder(await service.job_record(job_id))
+
+    @router.post(
+        "/backfill-embeddings/{job_id}/cancel",
+        response_model=JobBody,
+        status_code=202,
+        summary="Stop a job after the batches in flight",
+        responses={
+            404: {"model": ErrorBody, "description": "no such job"},
+            409: {"model": ErrorBody, "description": "job already finished"},
+        },
+    )
+    async def cancel(job_id: Annotated[int, Path(ge=1, le=2**63 - 1)]) -> Any:
+        return jsonable_encoder(await service.cancel(job_id))
+
+    @router.get(
+        "/embeddings/status",
+        response_model=StatusBody,
+        summary="Rows and missing embeddings per target (as `status --json`)",
+        responses={404: {"model": ErrorBody, "description": "unknown target"}},
+    )
+    async def embeddings_status(
+        target: Annotated[str | None, Query(max_length=200)] = None,
+    ) -> Any:
+        return {"targets": [s.to_dict() for s in await service.status(target)]}
+
+    return router
+
+
+def _error_status(exc: EmbedfillError) -> int:
+    if isinstance(exc, (TargetNotFound, JobNotFound)):
+        return 404
+    if isinstance(exc, (JobConflict, TargetBusy)):
+        return 409
+    if isinstance(exc, UsageError):
+        return 422
+    if isinstance(exc, (ConfigError, DatabaseError)):
+        return 503  # the service's own configuration or database, not the request
+    return 500
+
+
+def create_app(
+    config: Config | None = None,
+    *,
+    database: Database | None = None,
+    env: Mapping[str, str] | None = None,
+) -> FastAPI:
+    """The admin service. Reads ADMIN_SECRET/AUTH_SECRET and, without ``database``,
+    DATABASE_URL (else the embedded server) from ``env`` (default: the environment)."""
+    env = dict(os.environ if env is None else env)
+    config = config or load_config(env.get("EMBEDFILL_CONFIG") or None)
+    db = database or resolve_database(env)
+    service = AdminService(config, db, env)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.startup()
+        yield
+        await service.shutdown()
+
+    app = FastAPI(
+        title="embedfill admin API",
+        version="0.1.0",
+        description="Find and fill missing pgvector embeddings. Admin routes need the "
+        "`x-admin-secret` header.",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.include_router(admin_router(service))
+
+    @app.get("/healthz", tags=["health"], summary="The process is alive (no database check)")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Database reachable, pgvector present, schema at the expected version",
+        responses={503: {"model": ErrorBody}},
+    )
+    async def readyz() -> Any:
+        ok, message = await service.readiness()
+        if ok:
+            return {"status": "ok", "detail": message}
+        return JSONResponse({"error": message}, status_code=503)
+
+    @app.get(
+        "/metrics", tags=["health"], response_class=PlainTextResponse, summary="Prometheus metrics"
+    )
+    async def metrics() -> Response:
+        await service.refresh_missing()
+        return Response(
+            service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse({"error": str(exc), "job_id": exc.job_id}, status_code=exc.status)
+
+    @app.exception_handler(EmbedfillError)
+    async def embedfill_error(request: Request, exc: EmbedfillError) -> JSONResponse:
+        return JSONResponse(
+            {"error": str(exc), "job_id": getattr(exc, "job_id", None)},
+            status_code=_error_status(exc),
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = first.get("loc", ())
+        name = where[-1] if where else "request"
+        return JSONResponse(
+            {"error": f"Parameter {name!s}: {first.get('msg', 'is invalid')}."}, status_code=422
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"error": str(exc.detail)},
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    return app
