@@ -109,6 +109,7 @@ class TargetConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     write_concurrency: int = 2
+    write_batch_rows: int = 1000
     scan_page_size: int = 1000
     dedup_cache_mb: int = 64
 
@@ -228,7 +229,12 @@ _TARGET_KEYS = {
     "tenant_key_sql": str,
     "allow_platform_fallback": bool,
 }
-_ENGINE_KEYS = {"write_concurrency": int, "scan_page_size": int, "dedup_cache_mb": int}
+_ENGINE_KEYS = {
+    "write_concurrency": int,
+    "write_batch_rows": int,
+    "scan_page_size": int,
+    "dedup_cache_mb": int,
+}
 _TOP_KEYS = ("providers", "targets", "engine")
 
 

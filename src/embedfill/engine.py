@@ -408,7 +408,11 @@ class _Run:
 
     async def _pipeline(self) -> None:
         embed_q: asyncio.Queue[Batch | None] = asyncio.Queue(self.pconf.max_concurrency * 2)
-        write_q: asyncio.Queue[_Write | None] = asyncio.Queue(self.engine.write_concurrency * 2)
+        # room for enough embedded batches that a writer can coalesce a full write
+        per_write = -(-self.engine.write_batch_rows // self.batch_size)
+        write_q: asyncio.Queue[_Write | None] = asyncio.Queue(
+            self.engine.write_concurrency * max(2, per_write)
+        )
         writer_conns = [await connect(self.db) for _ in range(self.engine.write_concurrency)]
         try:
             async with asyncio.TaskGroup() as tg:
@@ -607,7 +611,19 @@ class _Run:
         self, conn: psycopg.AsyncConnection[Any], write_q: asyncio.Queue[_Write | None]
     ) -> None:
         statement = self.sql.write()
-        while (item := await write_q.get()) is not None:
+        done = False
+        while not done:
+            item = await write_q.get()
+            if item is None:
+                return
+            # coalesce what is already waiting: fewer, larger statements
+            while len(item.rows) < self.engine.write_batch_rows and not write_q.empty():
+                more = write_q.get_nowait()
+                if more is None:
+                    done = True
+                    break
+                item.rows.extend(more.rows)
+                item.vectors.extend(more.vectors)
             ids = [r.id for r in item.rows]
             async with conn.transaction():
                 cur = await conn.execute(

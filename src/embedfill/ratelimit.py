@@ -1,29 +1,35 @@
 """Client-side rate limits per API key: requests and tokens per minute.
 
-The buckets are plain arithmetic over a clock value the caller passes in, so tests can
-drive them without sleeping. ``reserve`` may take the level below zero: later callers
-then wait their turn, which keeps concurrent workers fair.
+Providers enforce per-minute limits over shorter windows too, so the client paces
+itself smoothly: a bucket that refills at the per-minute rate and holds only
+``burst_s`` seconds' worth. The buckets are plain arithmetic over a clock value the
+caller passes in, so tests drive them without sleeping. ``reserve`` may take the level
+below zero: later callers then wait their turn, which keeps concurrent workers fair.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+BURST_S = 1.0
+
 
 @dataclass
 class Bucket:
     per_minute: float
+    capacity: float
     level: float
     updated: float
 
     @classmethod
-    def full(cls, per_minute: float, now: float) -> Bucket:
-        return cls(per_minute=per_minute, level=per_minute, updated=now)
+    def full(cls, per_minute: float, now: float, burst_s: float = BURST_S) -> Bucket:
+        capacity = per_minute / 60.0 * burst_s
+        return cls(per_minute=per_minute, capacity=capacity, level=capacity, updated=now)
 
     def reserve(self, amount: float, now: float) -> float:
         """Take ``amount``; return how many seconds the caller must wait first."""
         rate = self.per_minute / 60.0
-        self.level = min(self.per_minute, self.level + (now - self.updated) * rate)
+        self.level = min(self.capacity, self.level + (now - self.updated) * rate)
         self.updated = now
         self.level -= amount
         return 0.0 if self.level >= 0 else -self.level / rate

@@ -275,3 +275,15 @@ def test_rerun_is_idempotent(tickets: str, fake_openai: FakeOpenAI) -> None:
     assert len(fake_openai.requests) == sent
     with psycopg.connect(tickets) as conn:
         assert snapshot(conn) == first
+
+
+def test_client_side_rate_limits_keep_the_provider_from_answering_429(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    # the provider allows 600 requests/min (10/s) with a 1 s burst; so does the config
+    fake_openai.rpm, fake_openai.burst_s = 600, 1.0
+    config = tickets_config(fake_openai.base_url, provider_overrides={"rpm": 600})
+    report = run(tickets, config)
+    assert report.embedded == 45
+    assert [r.status for r in fake_openai.requests].count(429) == 0
+    assert report.requests == report.batches == 9

@@ -4,7 +4,9 @@ Vectors are ``hash_vector(text, dims)`` so a test can compute what every row mus
 It records every request (key, inputs) for per-key accounting and injects faults: a
 queue of one-shot faults (429 with Retry-After, 500, slow answers past the client
 timeout, dropped connections), keys that answer 401, and a marker that makes any batch
-containing it answer 400, as OpenAI does for an invalid input.
+containing it answer 400, as OpenAI does for an invalid input. With ``rpm``/``tpm`` it
+enforces per-key limits as a provider does: a bucket that refills continuously, holding
+``burst_s`` seconds' worth, and 429 with Retry-After when a request does not fit.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class Request:
     key: str
     inputs: list[str]
     status: int
+    tokens: int = 0
 
 
 @dataclass
@@ -45,7 +48,12 @@ class FakeOpenAI:
     latency: float = 0.0
     faults: list[Fault] = field(default_factory=list)
     on_inputs: Callable[[list[str]], None] | None = None
+    rpm: int = 0
+    tpm: int = 0
+    burst_s: float = 5.0
+    count_tokens: Callable[[str], int] | None = None
     requests: list[Request] = field(default_factory=list)
+    _buckets: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
 
@@ -105,6 +113,11 @@ class FakeOpenAI:
                 if any(fake.bad_marker in t or not t for t in inputs):
                     fake._record(key, inputs, 400)
                     return self._error(400, "'$.input' is invalid.")
+                tokens = sum(map(fake.count_tokens, inputs)) if fake.count_tokens else 0
+                wait = fake._admit(key, tokens)
+                if wait > 0:
+                    fake._record(key, inputs, 429, tokens)
+                    return self._error(429, "Rate limit reached.", {"retry-after": f"{wait:.3f}"})
                 if fake.on_inputs:
                     fake.on_inputs(inputs)
                 dims = body.get("dimensions") or fake.dims
@@ -114,7 +127,7 @@ class FakeOpenAI:
                     v = hash_vector(text, dims)
                     emb: Any = base64.b64encode(v.tobytes()).decode() if b64 else v.tolist()
                     data.append({"object": "embedding", "index": i, "embedding": emb})
-                fake._record(key, inputs, 200)
+                fake._record(key, inputs, 200, tokens)
                 self._send(
                     200,
                     {
@@ -148,9 +161,29 @@ class FakeOpenAI:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
-    def _record(self, key: str, inputs: list[str], status: int) -> None:
+    def _record(self, key: str, inputs: list[str], status: int, tokens: int = 0) -> None:
         with self._lock:
-            self.requests.append(Request(key, inputs, status))
+            self.requests.append(Request(key, inputs, status, tokens))
+
+    def _admit(self, key: str, tokens: int) -> float:
+        """0 when the request fits the key's rpm and tpm, else seconds until it would."""
+        now = time.monotonic()
+        with self._lock:
+            needs = []
+            for kind, per_minute, amount in (("rpm", self.rpm, 1), ("tpm", self.tpm, tokens)):
+                if per_minute <= 0:
+                    continue
+                rate, capacity = per_minute / 60, max(per_minute / 60 * self.burst_s, amount)
+                level, updated = self._buckets.get((key, kind), [capacity, now])
+                level = min(capacity, level + (now - updated) * rate)
+                self._buckets[(key, kind)] = [level, now]
+                needs.append((kind, level, amount, rate))
+            waits = [(amount - level) / rate for _, level, amount, rate in needs if level < amount]
+            if waits:
+                return max(waits)
+            for kind, level, amount, _ in needs:
+                self._buckets[(key, kind)][0] = level - amount
+            return 0.0
 
     def stop(self) -> None:
         if self._server is not None:

@@ -79,17 +79,18 @@ def test_lru_is_bounded() -> None:
     assert lru.get(b"b") is None and lru.get(b"a") == 1 and len(lru) == 2
 
 
-def test_bucket_refills_at_its_rate() -> None:
-    bucket = Bucket.full(60, now=0.0)  # 1 per second, burst 60
-    assert bucket.reserve(60, now=0.0) == 0.0
+def test_bucket_paces_smoothly_at_its_rate() -> None:
+    bucket = Bucket.full(60, now=0.0, burst_s=5.0)  # 1 per second, 5 at once
+    assert bucket.reserve(5, now=0.0) == 0.0
     assert bucket.reserve(1, now=0.0) == pytest.approx(1.0)
     assert bucket.reserve(1, now=0.0) == pytest.approx(2.0)  # queued behind the first
     assert bucket.reserve(1, now=10.0) == 0.0
+    assert bucket.level <= 5.0  # idle time never banks more than the burst
 
 
 def test_key_limiter_takes_the_stricter_limit_and_pauses() -> None:
-    limiter = KeyLimiter(rpm=600, tpm=60, now=0.0)
-    assert limiter.reserve(60, now=0.0) == 0.0
+    limiter = KeyLimiter(rpm=600, tpm=60, now=0.0)  # 10 requests/s, 1 token/s, 1 s burst
+    assert limiter.reserve(1, now=0.0) == 0.0
     assert limiter.reserve(30, now=0.0) == pytest.approx(30.0)  # tpm binds
     unlimited = KeyLimiter(rpm=0, tpm=0, now=0.0)
     assert unlimited.reserve(10**9, now=0.0) == 0.0

@@ -10,15 +10,16 @@ import numpy as np
 
 from ..config import ProviderConfig
 from ..secrets import Secret
-from ..tokens import TokenCounter, openai_counter
+from ..tokens import ApproxCounter, TokenCounter
 from .base import Vector
 
 
 def hash_vector(text: str, dimensions: int) -> Vector:
-    seed = int.from_bytes(hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:8])
-    v = np.random.default_rng(seed).standard_normal(dimensions).astype(np.float32)
-    v /= np.linalg.norm(v)
-    return v
+    """A unit vector that depends only on the text (SHAKE-128 output as int16 components)."""
+    raw = hashlib.shake_128(text.encode("utf-8", "surrogatepass")).digest(2 * dimensions)
+    v = np.frombuffer(raw, dtype="<i2").astype(np.float32)
+    norm = float(np.linalg.norm(v))
+    return v / norm if norm else np.full(dimensions, dimensions**-0.5, dtype=np.float32)
 
 
 class HashProvider:
@@ -43,7 +44,7 @@ class HashProvider:
         return self.config.input_token_limit
 
     def counter(self) -> TokenCounter:
-        return openai_counter()
+        return ApproxCounter()  # zero-cost provider, zero-cost counting
 
     async def dimensions(self) -> int | None:
         return self._dims
