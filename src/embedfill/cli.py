@@ -25,7 +25,7 @@ from .config import Config, load_config
 from .db.connect import Database, connect, resolve_database
 from .db.schema import ensure_schema
 from .db.store import Store
-from .engine import BackfillOptions, abackfill, astatus
+from .engine import BackfillOptions, abackfill, adefer_index_plan, astatus
 from .errors import EmbedfillError, UsageError
 from .models import Report
 from .render import report_table, status_tables
@@ -158,6 +158,17 @@ def backfill(
         list[str] | None, typer.Option(help="Only these tenants (repeatable).")
     ] = None,
     limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None,
+    defer_index: Annotated[
+        bool,
+        typer.Option(
+            "--defer-index",
+            help="Index-aware mode for large backlogs: drop the column's vector indexes, fill, "
+            "rebuild them CONCURRENTLY. Asks first.",
+        ),
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="Confirm --defer-index without asking.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Embed the rows whose embedding is NULL. Exit 3 when some rows failed."""
@@ -169,12 +180,14 @@ def backfill(
         tenants=tuple(tenant or ()),
         limit=limit,
         actor=_actor(),
+        defer_index=defer_index,
     )
     with _errors(state):
         config = state.config()
-        report = _backfill_with_progress(
-            config, state.database(), opts, show=not as_json and err.is_terminal
-        )
+        db = state.database()
+        if defer_index and not dry_run:
+            _confirm_defer_index(config, db, opts, yes=yes)
+        report = _backfill_with_progress(config, db, opts, show=not as_json and err.is_terminal)
     if as_json:
         print(json.dumps(report.to_dict(), default=str))
     else:
@@ -182,8 +195,22 @@ def backfill(
     if report.status == "cancelled":
         err.print("embedfill: cancelled after the batches in flight; run again to resume.")
         raise typer.Exit(1)
-    if report.failed:
+    if report.failed or report.status == "partial":
         raise typer.Exit(3)
+
+
+def _confirm_defer_index(config: Config, db: Database, opts: BackfillOptions, *, yes: bool) -> None:
+    plan = asyncio.run(adefer_index_plan(config, db, opts))
+    if plan is None:
+        err.print("embedfill: no vector index on the column; --defer-index changes nothing.")
+        return
+    err.print(plan, markup=False)
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise UsageError("--defer-index drops and rebuilds vector indexes; confirm with --yes.")
+    if not typer.confirm("Continue?", default=False, err=True):
+        raise UsageError("Not confirmed; nothing was changed.")
 
 
 def _backfill_with_progress(

@@ -29,6 +29,7 @@ from typing import Any
 import psycopg
 
 from .config import Config, ProviderConfig, TargetConfig, render_text
+from .db import indexes
 from .db.catalog import TableInfo, count_missing, inspect_target, target_status
 from .db.connect import Database, connect
 from .db.schema import ensure_schema
@@ -67,12 +68,14 @@ class BackfillOptions:
     tenants: Sequence[str] = ()
     limit: int | None = None
     actor: str = "library"
+    defer_index: bool = False  # index-aware mode: see db/indexes.py
 
     def parameters(self) -> dict[str, Any]:
         return {
             "batch_size": self.batch_size,
             "tenants": list(self.tenants),
             "limit": self.limit,
+            "defer_index": self.defer_index,
         }
 
 
@@ -170,6 +173,22 @@ async def abackfill(
         await conn.close()
 
 
+async def adefer_index_plan(config: Config, db: Database, opts: BackfillOptions) -> str | None:
+    """What index-aware mode would do to the target, in plain words (None: no vector index)."""
+    conn = await connect(db)
+    try:
+        target = config.target(opts.target)
+        pconf = config.provider_for(target)
+        info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
+        found = await indexes.vector_indexes(conn, info.oid, target.embedding_column)
+        if not found:
+            return None
+        missing = await count_missing(conn, TargetSQL(target, info.types), list(opts.tenants))
+        return indexes.plan_message(found, str(target.table), min(missing, opts.limit or missing))
+    finally:
+        await conn.close()
+
+
 async def astatus(config: Config, db: Database, target: str | None = None) -> list[TargetStatus]:
     """Rows and missing embeddings per target (and per tenant)."""
     targets = [config.target(target)] if target else list(config.targets)
@@ -204,6 +223,7 @@ class _Run:
     ) -> None:
         self.db, self.conn, self.target, self.pconf = db, conn, target, pconf
         self.opts, self.provider, self.engine, self.hooks = opts, provider, engine, hooks
+        self.info = info
         self.sql = TargetSQL(target, info.types)
         self.store = Store(conn)
         self.keys = KeyResolver(self.store, conn, target, pconf, provider.needs_key, env)
@@ -232,22 +252,27 @@ class _Run:
             if not locked:
                 raise await self._busy()
         try:
+            if locked:  # any run still shown running lost its process
+                await self._take_over(await self.store.abandon_runs(self.target.name))
+            deferred: list[indexes.VectorIndex] = []
+            if self.opts.defer_index:
+                deferred = await indexes.vector_indexes(
+                    self.conn, self.info.oid, self.target.embedding_column
+                )
             missing = await count_missing(self.conn, self.sql, self.tenants)
             self.report.missing_before = min(missing, self.opts.limit or missing)
             run_id = await self.store.create_run(
                 target=self.target.name,
                 actor=self.opts.actor,
-                parameters=self.opts.parameters(),
+                parameters=self.opts.parameters()
+                | {"deferred_indexes": [i.to_dict() for i in deferred]},
                 dry_run=self.opts.dry_run,
                 missing_before=self.report.missing_before,
             )
             self.report.run_id = run_id
-            if locked:
-                abandoned = await self.store.abandon_other_runs(self.target.name, run_id)
-                if abandoned:
-                    log.warning(
-                        "run %s: earlier runs %s had died; resuming their work", run_id, abandoned
-                    )
+            self.report.deferred_indexes = [
+                {"name": i.name, "method": i.method, "rebuilt": False} for i in deferred
+            ]
             if self.hooks.on_start:
                 self.hooks.on_start(run_id)
             log.info(
@@ -262,7 +287,15 @@ class _Run:
                 if self.opts.dry_run:
                     await self._plan()
                 else:
-                    await self._pipeline()
+                    for index in deferred:
+                        log.warning(
+                            "run %s: dropping vector index %s for the backfill", run_id, index.name
+                        )
+                        await indexes.drop(self.conn, index)
+                    try:
+                        await self._pipeline()
+                    finally:
+                        await asyncio.shield(self._rebuild(deferred))
             except BaseException as exc:
                 self.report.status = "failed"
                 error = _first_line(exc) if isinstance(exc, Exception) else "interrupted"
@@ -283,9 +316,37 @@ class _Run:
     def _final_status(self) -> str:
         if self.hooks.cancel.is_set():
             return "cancelled"
-        if self.report.failed:
+        if self.report.failed or any(not i["rebuilt"] for i in self.report.deferred_indexes):
             return "partial"
         return "succeeded"
+
+    async def _rebuild(self, deferred: list[indexes.VectorIndex]) -> None:
+        """Rebuild the indexes set aside; a failure is reported, with the SQL to run."""
+        for index, entry in zip(deferred, self.report.deferred_indexes, strict=True):
+            log.warning("run %s: rebuilding vector index %s", self.report.run_id, index.name)
+            try:
+                entry["seconds"] = round(await indexes.rebuild(self.conn, index), 3)
+                entry["rebuilt"] = True
+            except psycopg.Error as exc:
+                entry["error"] = (
+                    f"Index {index.name} was NOT rebuilt ({_first_line(exc)}); vector searches "
+                    f"scan the whole table until you run: {index.concurrent_definition()};"
+                )
+                log.error("run %s: %s", self.report.run_id, entry["error"])
+
+    async def _take_over(self, abandoned: list[tuple[int, dict[str, Any]]]) -> None:
+        """Resume after runs that died: rebuild vector indexes one of them left dropped."""
+        if not abandoned:
+            return
+        log.warning("earlier runs %s had died; resuming their work", [i for i, _ in abandoned])
+        for run_id, parameters in abandoned:
+            for data in parameters.get("deferred_indexes") or []:
+                index = indexes.VectorIndex(**data)
+                if not await indexes.exists(self.conn, index):
+                    log.warning(
+                        "rebuilding vector index %s, left dropped by run %s", index.name, run_id
+                    )
+                    await indexes.rebuild(self.conn, index)
 
     async def _busy(self) -> TargetBusy:
         active = (

@@ -83,6 +83,7 @@ class Report:
     tokens: int = 0
     estimated_cost_usd: float = 0.0
     duration_s: float = 0.0
+    deferred_indexes: list[dict[str, Any]] = field(default_factory=list)
     tenants: list[TenantReport] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
 

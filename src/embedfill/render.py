@@ -62,6 +62,17 @@ def report_table(console: Console, r: Report) -> None:
             f"once: {r.deduplicated:,}  changed by the app mid-run (left for the next "
             f"run): {r.changed:,}"
         )
+    for i in r.deferred_indexes:
+        if r.dry_run:
+            console.print(
+                f"would set aside vector index {i['name']} ({i['method']}) and rebuild it"
+            )
+        elif i.get("rebuilt"):
+            console.print(f"vector index {i['name']} rebuilt in {i.get('seconds', 0):.1f}s")
+        else:
+            console.print(
+                f"[red]{i.get('error') or 'vector index ' + i['name'] + ' not rebuilt'}[/]"
+            )
     for t in r.tenants:
         if t.error:
             console.print(f"[red]tenant {t.tenant}:[/] {t.error}")

@@ -40,8 +40,8 @@ WHERE id = %(id)s"""
 # running for the target lost its process (the lock dies with the connection).
 ABANDON_RUNS = """
 UPDATE embedfill.runs SET status = 'abandoned', finished_at = now()
-WHERE target = %(target)s AND status IN ('queued', 'running') AND NOT dry_run AND id <> %(keep)s
-RETURNING id"""
+WHERE target = %(target)s AND status IN ('queued', 'running') AND NOT dry_run
+RETURNING id, parameters"""
 
 ACTIVE_RUN = """
 SELECT id, actor, started_at FROM embedfill.runs

@@ -63,9 +63,11 @@ class Store:
         assert row is not None
         return int(row[0])
 
-    async def abandon_other_runs(self, target: str, keep: int) -> list[int]:
-        cur = await self.conn.execute(q.ABANDON_RUNS, {"target": target, "keep": keep})
-        return [int(r[0]) for r in await cur.fetchall()]
+    async def abandon_runs(self, target: str) -> list[tuple[int, dict[str, Any]]]:
+        """Mark runs still shown running as abandoned (call while holding the target's lock:
+        their processes are gone). Returns their ids and parameters."""
+        cur = await self.conn.execute(q.ABANDON_RUNS, {"target": target})
+        return [(int(r[0]), r[1]) for r in await cur.fetchall()]
 
     async def active_run(self, target: str) -> dict[str, Any] | None:
         async with self.conn.cursor(row_factory=dict_row) as cur:

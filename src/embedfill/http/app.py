@@ -92,6 +92,7 @@ class ReportBody(BaseModel):
     tokens: int
     estimated_cost_usd: float
     duration_s: float
+    deferred_indexes: list[dict[str, Any]] = []
     tenants: list[TenantReportBody]
     failures: list[FailureBody]
 

@@ -1,0 +1,99 @@
+"""Index-aware mode: vector indexes set aside during the backfill and rebuilt after."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from embedfill import BackfillOptions, Database, abackfill
+from tests.support.cli import cli_env, embedfill, write_config
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.tables import make_tickets, tickets_config
+
+INDEX = "tickets_emb_hnsw"
+
+
+def with_index(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        make_tickets(conn)
+        conn.execute(
+            f'CREATE INDEX {INDEX} ON app."SupportTickets" '
+            "USING hnsw (emb vector_cosine_ops) WITH (m = 8)"
+        )
+
+
+def index_def(db_url: str) -> str | None:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = %s", (INDEX,)
+        ).fetchone()
+    return row[0] if row else None
+
+
+def test_indexes_are_dropped_during_the_fill_and_rebuilt(
+    db_url: str, fake_openai: FakeOpenAI
+) -> None:
+    with_index(db_url)
+    before = index_def(db_url)
+    seen_during: list[str | None] = []
+    fake_openai.on_inputs = lambda inputs: seen_during.append(index_def(db_url))
+    report = asyncio.run(
+        abackfill(
+            tickets_config(fake_openai.base_url),
+            Database(db_url),
+            BackfillOptions(defer_index=True),
+            env={"TEST_PLATFORM_KEY": "sk-x-123456789"},
+        )
+    )
+    assert report.status == "succeeded" and report.embedded == 45
+    assert seen_during and set(seen_during) == {None}
+    assert index_def(db_url) == before  # same definition, WITH (m = 8) included
+    (entry,) = report.deferred_indexes
+    assert entry["name"] == INDEX and entry["rebuilt"] is True and entry["method"] == "hnsw"
+    with psycopg.connect(db_url) as conn:
+        valid = conn.execute(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (f"app.{INDEX}",)
+        ).fetchone()
+    assert valid == (True,)
+
+
+def test_a_run_killed_with_the_index_dropped_is_repaired_by_the_next(
+    db_url: str, fake_openai: FakeOpenAI
+) -> None:
+    with_index(db_url)
+    config = tickets_config(fake_openai.base_url)
+    env = {"TEST_PLATFORM_KEY": "sk-x-123456789"}
+    asyncio.run(abackfill(config, Database(db_url), BackfillOptions(dry_run=True), env=env))
+    definition = index_def(db_url)
+    # what a kill -9 in the middle of an index-aware run leaves behind
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"DROP INDEX app.{INDEX}")
+        deferred = [{"schema": "app", "name": INDEX, "method": "hnsw", "definition": definition}]
+        conn.execute(
+            "INSERT INTO embedfill.runs (target, actor, parameters, dry_run, status) "
+            "VALUES ('tickets', 'test', %s, false, 'running')",
+            (Jsonb({"deferred_indexes": deferred}),),
+        )
+    report = asyncio.run(abackfill(config, Database(db_url), BackfillOptions(), env=env))
+    assert report.embedded == 45
+    assert index_def(db_url) == definition
+
+
+def test_cli_asks_before_dropping_and_refuses_without_confirmation(
+    db_url: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    with_index(db_url)
+    cfg = write_config(tmp_path, fake_openai.base_url)
+    env = cli_env(db_url, TEST_PLATFORM_KEY="sk-x-123456789")
+    refused = embedfill("--config", str(cfg), "backfill", "--defer-index", env=env)
+    assert refused.returncode == 2
+    assert f"will DROP the vector index {INDEX} (hnsw)" in refused.stderr
+    assert "fill 45 rows" in refused.stderr and "confirm with --yes" in refused.stderr
+    assert index_def(db_url) is not None and fake_openai.requests == []
+    done = embedfill("--config", str(cfg), "backfill", "--defer-index", "--yes", env=env)
+    assert done.returncode == 0, done.stderr
+    assert f"vector index {INDEX} rebuilt" in done.stdout
+    assert index_def(db_url) is not None
