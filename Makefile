@@ -33,6 +33,11 @@ fmt: $(VENV)/.installed-dev
 	$(BIN)/ruff format src tests
 	$(BIN)/ruff check --fix src tests
 
+# Benchmarks (never part of `make test`): writes docs/benchmarks.md and bench/results.json.
+# QUICK=1 runs smaller sizes.
+bench: $(VENV)/.installed-dev
+	$(BIN)/python -m bench.run $(if $(QUICK),--quick)
+
 # Re-pin after changing dependencies in pyproject.toml (review the diff before committing).
 lock: $(VENV)/.installed-dev
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^embedfill' > requirements.lock

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import string
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,14 @@ def template_columns(template: str, where: str) -> tuple[str, ...]:
 def render_text(template: str, values: Mapping[str, object]) -> str:
     """Fill a template; NULL renders as an empty string."""
     return template.format_map({k: "" if v is None else v for k, v in values.items()})
+
+
+def text_renderer(template: str, columns: tuple[str, ...]) -> Callable[[Sequence[object]], str]:
+    """A function from column values (in ``columns`` order) to the text; a template that
+    is a single column is just that column's value."""
+    if len(columns) == 1 and template == "{" + columns[0] + "}":
+        return lambda values: "" if values[0] is None else str(values[0])
+    return lambda values: render_text(template, dict(zip(columns, values, strict=True)))
 
 
 _PROVIDER_KEYS = {

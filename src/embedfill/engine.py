@@ -22,14 +22,15 @@ import contextlib
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
-from .config import Config, ProviderConfig, TargetConfig, render_text
-from .db import indexes
+from .config import Config, ProviderConfig, TargetConfig, text_renderer
+from .db import indexes, wire
 from .db.catalog import TableInfo, count_missing, inspect_target, target_status
 from .db.connect import Database, connect
 from .db.schema import ensure_schema
@@ -46,18 +47,20 @@ from .errors import (
     UsageError,
 )
 from .keys import KeyResolver
-from .models import Batch, Failure, Report, Row, TargetStatus
+from .models import Batch, Failure, Report, Row, TargetStatus, TenantReport
 from .planning import LRU, TenantBatcher, estimate_cost, prepare_text, split_batch, text_key
 from .providers import Provider, Vector, make_provider
 from .ratelimit import KeyLimiter
 from .retry import RetryPolicy, decide
 from .secrets import Secret
+from .tokens import TokenCounter
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[Report], None]
 MAX_REPORTED_FAILURES = 1000
 PROGRESS_EVERY_S = 1.0
+YIELD_EVERY_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -234,12 +237,18 @@ class _Run:
         )
         self.policy = RetryPolicy(max_attempts=pconf.max_attempts)
         dims = info.dimensions or 1536
-        self.cache: LRU[Vector] = LRU(engine.dedup_cache_mb * 1024 * 1024 // (dims * 4 + 200))
+        cache_rows = engine.dedup_cache_mb * 1024 * 1024 // (dims * 4 + 200)
+        self.cache: LRU[Vector] = LRU(cache_rows)
         self.inflight: dict[bytes, list[Row]] = {}
         self.dead_tenants: dict[str | None, str] = {}
         self.limiters: dict[str, KeyLimiter] = {}
         self.pending_failures: list[Failure] = []
         self._last_progress = 0.0
+        self._tenants: dict[str | None, TenantReport] = {}
+        self.render = text_renderer(target.text, target.text_columns)
+        self._counter: TokenCounter | None = None
+        self._max_tokens = 0
+        self.vector_oid = 0
 
     # ------------------------------------------------------------------ top level
 
@@ -390,17 +399,16 @@ class _Run:
     def _row(self, raw: Sequence[Any]) -> Row | None:
         """A row ready to embed, or None when its text is blank (counted as skipped)."""
         row_id, tenant, fingerprint, *values = raw
-        tenant_report = self.report.tenant(tenant)
+        tenant_report = self._tenant(tenant)
         tenant_report.missing += 1
-        text = render_text(
-            self.target.text, dict(zip(self.target.text_columns, values, strict=True))
-        )
-        counter = self.provider.counter()
+        if self._counter is None:  # a local model's tokenizer loads on first use
+            self._counter = self.provider.counter()
+            self._max_tokens = self.provider.max_input_tokens
         prepared = prepare_text(
-            text,
-            count=counter.count,
-            truncate=counter.truncate,
-            max_tokens=self.provider.max_input_tokens,
+            self.render(values),
+            count=self._counter.count,
+            truncate=self._counter.truncate,
+            max_tokens=self._max_tokens,
         )
         if prepared is None:
             tenant_report.skipped += 1
@@ -419,6 +427,7 @@ class _Run:
             fingerprint=fingerprint,
             tokens=tokens,
             truncated=truncated,
+            key=text_key(tenant, sent),
         )
 
     def _batcher(self) -> TenantBatcher:
@@ -430,7 +439,7 @@ class _Run:
 
     def _count_batch(self, batch: Batch) -> None:
         self.report.batches += 1
-        self.report.tenant(batch.tenant).batches += 1
+        self._tenant(batch.tenant).batches += 1
 
     # ------------------------------------------------------------------ dry run
 
@@ -443,7 +452,7 @@ class _Run:
                 row = self._row(raw)
                 if row is None:
                     continue
-                key = text_key(row.tenant, row.text)
+                key = row.key
                 if key in seen:
                     self.report.deduplicated += 1
                     continue
@@ -460,7 +469,7 @@ class _Run:
 
     def _tally_planned(self, batch: Batch) -> None:
         self._count_batch(batch)
-        tenant = self.report.tenant(batch.tenant)
+        tenant = self._tenant(batch.tenant)
         tenant.requests += 1
         tenant.tokens += batch.tokens
         self.report.tokens += batch.tokens
@@ -469,12 +478,13 @@ class _Run:
 
     async def _pipeline(self) -> None:
         embed_q: asyncio.Queue[Batch | None] = asyncio.Queue(self.pconf.max_concurrency * 2)
-        # room for enough embedded batches that a writer can coalesce a full write
+        # room for about one full write of embedded batches: enough to coalesce, and a
+        # bound on what a kill -9 can lose after it was paid for
         per_write = -(-self.engine.write_batch_rows // self.batch_size)
-        write_q: asyncio.Queue[_Write | None] = asyncio.Queue(
-            self.engine.write_concurrency * max(2, per_write)
-        )
+        write_q: asyncio.Queue[_Write | None] = asyncio.Queue(max(2, per_write))
         writer_conns = [await connect(self.db) for _ in range(self.engine.write_concurrency)]
+        for conn in writer_conns:
+            self.vector_oid = await wire.register(conn, self.info.types.vector_type)
         try:
             async with asyncio.TaskGroup() as tg:
                 workers = [
@@ -507,11 +517,15 @@ class _Run:
             if self.hooks.cancel.is_set():
                 return
             hits = _Write([], [])
-            for raw in page:
+            for n, raw in enumerate(page, 1):
+                if n % YIELD_EVERY_ROWS == 0:
+                    # rendering and counting tokens is CPU work: let responses that have
+                    # arrived be handled (and the next requests sent) in between
+                    await asyncio.sleep(0)
                 row = self._row(raw)
                 if row is None:
                     continue
-                key = text_key(row.tenant, row.text)
+                key = row.key
                 cached = self.cache.get(key)
                 if cached is not None:
                     self.report.deduplicated += 1
@@ -545,10 +559,10 @@ class _Run:
 
     def _forget(self, batch: Batch) -> None:
         for row in batch.rows:
-            self.inflight.pop(text_key(row.tenant, row.text), None)
+            self.inflight.pop(row.key, None)
 
     async def _embed(self, batch: Batch, write_q: asyncio.Queue[_Write | None]) -> None:
-        tenant = self.report.tenant(batch.tenant)
+        tenant = self._tenant(batch.tenant)
         resolved = await self.keys.resolve(batch.tenant)
         tenant.key_source = resolved.source
         if resolved.error and batch.tenant not in self.dead_tenants:
@@ -565,7 +579,7 @@ class _Run:
             self._fail(batch, NoApiKey(reason) if resolved.error else AuthFailed(reason), 0)
             return
         try:
-            vectors, _attempts = await self._call(batch, resolved.key)
+            raw, _attempts = await self._call(batch, resolved.key)
         except BadInput as exc:
             if len(batch.rows) > 1:
                 for half in split_batch(batch):
@@ -591,10 +605,9 @@ class _Run:
             self._fail(batch, exc, exc.attempts)
             return
         write = _Write([], [])
-        for row, vector in zip(batch.rows, vectors, strict=True):
-            key = text_key(row.tenant, row.text)
-            self.cache.put(key, vector)
-            for r in [row, *self.inflight.pop(key, [])]:
+        for row, vector in zip(batch.rows, raw, strict=True):
+            self.cache.put(row.key, vector)
+            for r in [row, *self.inflight.pop(row.key, [])]:
                 write.rows.append(r)
                 write.vectors.append(vector)
         await write_q.put(write)
@@ -608,7 +621,7 @@ class _Run:
         return limiter
 
     async def _call(self, batch: Batch, key: Secret | None) -> tuple[list[Vector], int]:
-        tenant = self.report.tenant(batch.tenant)
+        tenant = self._tenant(batch.tenant)
         limiter = self._limiter(key)
         attempts = 0
         while True:
@@ -650,8 +663,8 @@ class _Run:
     def _fail(self, batch: Batch, exc: EmbedfillError, attempts: int) -> None:
         rows = list(batch.rows)
         for row in batch.rows:
-            rows.extend(self.inflight.pop(text_key(row.tenant, row.text), []))
-        tenant = self.report.tenant(batch.tenant)
+            rows.extend(self.inflight.pop(row.key, []))
+        tenant = self._tenant(batch.tenant)
         for row in rows:
             failure = Failure(
                 id=row.id,
@@ -686,30 +699,39 @@ class _Run:
                 item.rows.extend(more.rows)
                 item.vectors.extend(more.vectors)
             ids = [r.id for r in item.rows]
+            params = {
+                "ids": wire.int8_array(ids) or ids,
+                "fps": wire.fixed_text_array([r.fingerprint for r in item.rows], 32),
+                "vecs": wire.vector_array(item.vectors, self.vector_oid),
+                "lo": min(ids),
+                "hi": max(ids),
+            }
             async with conn.transaction():
-                cur = await conn.execute(
-                    statement,
-                    {
-                        "ids": ids,
-                        "fps": [r.fingerprint for r in item.rows],
-                        "vecs": item.vectors,
-                        "lo": min(ids),
-                        "hi": max(ids),
-                    },
-                )
+                cur = await conn.execute(statement, params)
                 written = {r[0] for r in await cur.fetchall()}
-            self.hooks.observer.rows(self.target.name, "embedded", len(written))
-            self.hooks.observer.rows(self.target.name, "skipped", len(item.rows) - len(written))
-            for row in item.rows:
-                tenant = self.report.tenant(row.tenant)
-                if row.id in written:
-                    tenant.embedded += 1
-                    self.report.embedded += 1
-                else:  # the app changed or filled the row since we read it
-                    tenant.skipped += 1
-                    self.report.skipped += 1
-                    self.report.changed += 1
-            self._progress()
+            self._count_written(item.rows, written)
+
+    def _count_written(self, rows: list[Row], written: set[Any]) -> None:
+        self.hooks.observer.rows(self.target.name, "embedded", len(written))
+        self.hooks.observer.rows(self.target.name, "skipped", len(rows) - len(written))
+        embedded = Counter(r.tenant for r in rows if r.id in written)
+        for tenant, count in embedded.items():
+            self._tenant(tenant).embedded += count
+        self.report.embedded += len(written)
+        if len(written) < len(rows):  # the app changed or filled these since we read them
+            changed = Counter(r.tenant for r in rows if r.id not in written)
+            for tenant, count in changed.items():
+                self._tenant(tenant).skipped += count
+            self.report.skipped += len(rows) - len(written)
+            self.report.changed += len(rows) - len(written)
+        self._progress()
+
+    def _tenant(self, tenant: str | None) -> TenantReport:
+        """The tenant's report, from an index (Report.tenant scans a list)."""
+        found = self._tenants.get(tenant)
+        if found is None:
+            found = self._tenants[tenant] = self.report.tenant(tenant)
+        return found
 
     # ------------------------------------------------------------------ audit
 

@@ -18,6 +18,7 @@ class Row:
     fingerprint: str  # md5 of the source columns as read; the write is guarded by it
     tokens: int = 0
     truncated: bool = False
+    key: bytes = b""  # identity of (tenant, text) for de-duplication, see planning.text_key
 
 
 @dataclass(frozen=True, slots=True)

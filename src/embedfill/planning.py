@@ -33,12 +33,11 @@ def prepare_text(
 
 
 def text_key(tenant: str | None, text: str) -> bytes:
-    """Identity of a text within one run and tenant (dedup never crosses tenants)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(b"\x00" if tenant is None else b"\x01" + tenant.encode("utf-8", "surrogatepass"))
-    h.update(b"\x00")
-    h.update(text.encode("utf-8", "surrogatepass"))
-    return h.digest()
+    """Identity of a text within one run and tenant (dedup never crosses tenants): a
+    128-bit digest, so memory per remembered text stays small."""
+    scope = "\x00" if tenant is None else f"\x01{len(tenant)}:{tenant}"
+    data = f"{scope}\x00{text}".encode("utf-8", "surrogatepass")
+    return hashlib.md5(data, usedforsecurity=False).digest()
 
 
 class TenantBatcher:

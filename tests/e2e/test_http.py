@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -236,8 +237,13 @@ def test_job_survives_a_restart_as_abandoned_and_a_new_post_resumes(
     proc = serve_subprocess(["--config", str(cfg)], env, port)
     try:
         job = httpx.post(f"{base}{PATH}", headers=headers).json()
-        while len(fake_openai.ok_requests()) < 3:
-            pass
+        with psycopg.connect(tickets, autocommit=True) as conn:
+            # kill once the run has recorded some progress (its heartbeat, every second)
+            while not conn.execute(
+                "SELECT (progress->>'done')::int > 0 FROM embedfill.runs WHERE id = %s",
+                (job["job_id"],),
+            ).fetchone()[0]:
+                time.sleep(0.05)
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         _, first_logs = proc.communicate()

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from embedfill.providers.hashing import hash_vector
+from embedfill.providers.hashing import hash_vectors
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Request:
     inputs: list[str]
     status: int
     tokens: int = 0
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class FakeOpenAI:
                 pass
 
             def do_POST(self) -> None:
+                self.arrived = time.monotonic()
                 length = int(self.headers.get("content-length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 key = self.headers.get("authorization", "").removeprefix("Bearer ")
@@ -89,8 +91,6 @@ class FakeOpenAI:
                 inputs = [inputs] if isinstance(inputs, str) else list(inputs)
                 with fake._lock:
                     fault = fake.faults.pop(0) if fake.faults else None
-                if fake.latency:
-                    time.sleep(fake.latency)
                 if fault is not None:
                     if fault.delay:
                         time.sleep(fault.delay)
@@ -123,8 +123,7 @@ class FakeOpenAI:
                 dims = body.get("dimensions") or fake.dims
                 b64 = body.get("encoding_format") == "base64"
                 data = []
-                for i, text in enumerate(inputs):
-                    v = hash_vector(text, dims)
+                for i, v in enumerate(hash_vectors(inputs, dims)):
                     emb: Any = base64.b64encode(v.tobytes()).decode() if b64 else v.tolist()
                     data.append({"object": "embedding", "index": i, "embedding": emb})
                 fake._record(key, inputs, 200, tokens)
@@ -147,6 +146,8 @@ class FakeOpenAI:
                 self, status: int, payload: Any, headers: dict[str, str] | None = None
             ) -> None:
                 raw = json.dumps(payload).encode()
+                # answer `latency` seconds after the request arrived, work included
+                time.sleep(max(0.0, fake.latency - (time.monotonic() - self.arrived)))
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(raw)))

@@ -42,9 +42,9 @@ def test_odd_identifiers_are_quoted(conn: psycopg.Connection) -> None:  # type: 
     assert 'md5(ROW("Body Text")::text)' in scan
     write = q.write().as_string(conn)
     assert 'UPDATE "we.ird"."Mixed Case" AS t SET "Emb" = u.v' in write
-    assert '"t"."id" BETWEEN %(lo)s AND %(hi)s' in write
+    assert '"t"."id" BETWEEN %(lo)b AND %(hi)b' in write
     assert 'md5(ROW("t"."Body Text")::text) = u.fp' in write
-    assert "%(vecs)b::vector[]" in write
+    assert "%(ids)b::bigint[], %(fps)b::text[], %(vecs)b::vector[]" in write
     assert '"Org""Id"::text AS tenant' in q.status_by_tenant().as_string(conn)
 
 

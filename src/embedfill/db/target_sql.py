@@ -71,9 +71,9 @@ class TargetSQL:
         the source text is unchanged since it was read."""
         return sql.SQL(
             "UPDATE {table} AS t SET {emb} = u.v"
-            " FROM unnest(%(ids)s::{id_type}[], %(fps)s::text[], %(vecs)b::{vec_type}[])"
+            " FROM unnest(%(ids)b::{id_type}[], %(fps)b::text[], %(vecs)b::{vec_type}[])"
             " AS u(id, fp, v)"
-            " WHERE {t_id} = u.id AND {t_id} BETWEEN %(lo)s AND %(hi)s"
+            " WHERE {t_id} = u.id AND {t_id} BETWEEN %(lo)b AND %(hi)b"
             " AND {t_emb} IS NULL AND {fp} = u.fp"
             " RETURNING {t_id}"
         ).format(

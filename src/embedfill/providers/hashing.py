@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 from ..config import ProviderConfig
 from ..secrets import Secret
@@ -14,12 +15,22 @@ from ..tokens import ApproxCounter, TokenCounter
 from .base import Vector
 
 
+def hash_vectors(texts: Sequence[str], dimensions: int) -> npt.NDArray[np.float32]:
+    """Unit vectors that depend only on each text (SHAKE-128 output as int16 components),
+    computed as one matrix."""
+    raw = b"".join(
+        hashlib.shake_128(t.encode("utf-8", "surrogatepass")).digest(2 * dimensions) for t in texts
+    )
+    m = np.frombuffer(raw, dtype="<i2").astype(np.float32).reshape(len(texts), dimensions)
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    out: npt.NDArray[np.float32] = m / norms
+    return out
+
+
 def hash_vector(text: str, dimensions: int) -> Vector:
-    """A unit vector that depends only on the text (SHAKE-128 output as int16 components)."""
-    raw = hashlib.shake_128(text.encode("utf-8", "surrogatepass")).digest(2 * dimensions)
-    v = np.frombuffer(raw, dtype="<i2").astype(np.float32)
-    norm = float(np.linalg.norm(v))
-    return v / norm if norm else np.full(dimensions, dimensions**-0.5, dtype=np.float32)
+    out: Vector = hash_vectors([text], dimensions)[0]
+    return out
 
 
 class HashProvider:
@@ -51,7 +62,7 @@ class HashProvider:
 
     async def embed(self, texts: Sequence[str], *, api_key: Secret | None) -> list[Vector]:
         self.calls += 1
-        return [hash_vector(t, self._dims) for t in texts]
+        return list(hash_vectors(texts, self._dims))
 
     async def aclose(self) -> None:
         return None

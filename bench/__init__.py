@@ -1,0 +1,1 @@
+"""`make bench`: embedfill measured against the machine's limits and the obvious alternative."""

