@@ -42,7 +42,10 @@ def embedfill_run(a: dict[str, Any]) -> dict[str, Any]:
         if a.get("warm"):  # load the local model before the clock starts
             await provider.embed(["warm up the model"], api_key=None)
         opts = BackfillOptions(
-            dry_run=a.get("dry_run", False), defer_index=a.get("defer_index", False), actor="bench"
+            dry_run=a.get("dry_run", False),
+            defer_index=a.get("defer_index", False),
+            limit=a.get("limit"),
+            actor="bench",
         )
         return await abackfill(config, Database(a["url"]), opts, provider=provider, env=env)
 
@@ -58,8 +61,9 @@ def embedfill_run(a: dict[str, Any]) -> dict[str, Any]:
 
 def raw_sql(a: dict[str, Any]) -> dict[str, Any]:
     """The database's limit: keyset read of (id, text) + one bulk binary UPDATE per batch of
-    1000 with precomputed vectors, one connection, no embedfill code."""
-    vecs = unit_vectors(1000, a["dims"])
+    1000 with precomputed vectors, one connection, no embedfill code. With ``distinct``,
+    every row gets its own vector (an HNSW index inserts repeats faster)."""
+    pool = unit_vectors(a.get("distinct") or 1000, a["dims"])
     done = 0
     with psycopg.connect(a["url"], autocommit=True) as conn, timed() as t:
         register_vector(conn)
@@ -77,7 +81,7 @@ def raw_sql(a: dict[str, Any]) -> dict[str, Any]:
                 conn.execute(
                     "UPDATE docs SET embedding = u.v FROM unnest(%s::bigint[], %b::vector[])"
                     " AS u(id, v) WHERE docs.id = u.id AND docs.id BETWEEN %s AND %s",
-                    (ids, vecs[: len(ids)], ids[0], ids[-1]),
+                    (ids, pool[done % len(pool) :][: len(ids)], ids[0], ids[-1]),
                 )
             done += len(ids)
             after = ids[-1]
@@ -102,7 +106,12 @@ def raw_encode(a: dict[str, Any]) -> dict[str, Any]:
     from embedfill.providers.local import model_location
 
     with psycopg.connect(a["url"]) as conn:
-        texts = [r[0] for r in conn.execute("SELECT body FROM docs ORDER BY id")]
+        texts = [
+            r[0]
+            for r in conn.execute(
+                "SELECT body FROM docs WHERE embedding IS NULL ORDER BY id LIMIT %s", (a["limit"],)
+            )
+        ]
     from sentence_transformers import SentenceTransformer
 
     model = SentenceTransformer(model_location("all-MiniLM-L6-v2"), device="cpu")

@@ -43,6 +43,7 @@ from .errors import (
     EmbedfillError,
     NoApiKey,
     ProviderError,
+    SchemaMismatch,
     TargetBusy,
     UsageError,
 )
@@ -127,11 +128,16 @@ async def _prepare(
         raise UsageError(f"--batch-size must be between 1 and 2048, not {opts.batch_size}.")
     if opts.limit is not None and opts.limit < 1:
         raise UsageError(f"--limit must be at least 1, not {opts.limit}.")
+    if any("\x00" in t for t in opts.tenants):
+        raise UsageError("A tenant id cannot contain a NUL character; PostgreSQL text cannot.")
     if opts.tenants and not target.tenant_column:
         raise UsageError(
             f"Target {target.name!r} has no tenant_column, so --tenant cannot select rows."
         )
     info = await inspect_target(conn, target, await provider.dimensions(), pconf.label)
+    # load the token counter (a local model's tokenizer) now: a failure is a config error
+    # before anything is read or written, and the run itself starts ready
+    await asyncio.to_thread(provider.counter)
     return target, pconf, info
 
 
@@ -246,8 +252,8 @@ class _Run:
         self._last_progress = 0.0
         self._tenants: dict[str | None, TenantReport] = {}
         self.render = text_renderer(target.text, target.text_columns)
-        self._counter: TokenCounter | None = None
-        self._max_tokens = 0
+        self._counter: TokenCounter = provider.counter()  # loaded by _prepare
+        self._max_tokens = provider.max_input_tokens
         self.vector_oid = 0
 
     # ------------------------------------------------------------------ top level
@@ -325,7 +331,10 @@ class _Run:
     def _final_status(self) -> str:
         if self.hooks.cancel.is_set():
             return "cancelled"
-        if self.report.failed or any(not i["rebuilt"] for i in self.report.deferred_indexes):
+        unbuilt = not self.opts.dry_run and any(
+            not i["rebuilt"] for i in self.report.deferred_indexes
+        )
+        if self.report.failed or unbuilt:
             return "partial"
         return "succeeded"
 
@@ -401,9 +410,6 @@ class _Run:
         row_id, tenant, fingerprint, *values = raw
         tenant_report = self._tenant(tenant)
         tenant_report.missing += 1
-        if self._counter is None:  # a local model's tokenizer loads on first use
-            self._counter = self.provider.counter()
-            self._max_tokens = self.provider.max_input_tokens
         prepared = prepare_text(
             self.render(values),
             count=self._counter.count,
@@ -482,10 +488,11 @@ class _Run:
         # bound on what a kill -9 can lose after it was paid for
         per_write = -(-self.engine.write_batch_rows // self.batch_size)
         write_q: asyncio.Queue[_Write | None] = asyncio.Queue(max(2, per_write))
-        writer_conns = [await connect(self.db) for _ in range(self.engine.write_concurrency)]
-        for conn in writer_conns:
-            self.vector_oid = await wire.register(conn, self.info.types.vector_type)
+        writer_conns: list[psycopg.AsyncConnection[Any]] = []
         try:
+            for _ in range(self.engine.write_concurrency):
+                writer_conns.append(await connect(self.db))
+                self.vector_oid = await wire.register(writer_conns[-1], self.info.types.vector_type)
             async with asyncio.TaskGroup() as tg:
                 workers = [
                     tg.create_task(self._embedder(embed_q, write_q))
@@ -655,10 +662,24 @@ class _Run:
                 await asyncio.sleep(delay)
                 continue
             self.hooks.observer.request(self.target.name, "200", time.monotonic() - started)
+            self._check_dimensions(vectors)
             self.hooks.observer.tokens(self.target.name, batch.tokens)
             self.report.tokens += batch.tokens
             tenant.tokens += batch.tokens
             return vectors, attempts
+
+    def _check_dimensions(self, vectors: list[Vector]) -> None:
+        """A model whose size was unknown up front must still match the column: stop the
+        run (nothing of this batch is written) rather than fail every batch."""
+        want = self.info.dimensions
+        got = vectors[0].shape[0] if vectors else want
+        if want is not None and got != want:
+            raise SchemaMismatch(
+                f"The provider returned {got}-dimensional vectors but column "
+                f"{self.target.embedding_column!r} of {self.target.table} holds {want}; "
+                f"set dimensions = {want} for provider {self.target.provider!r} if the model "
+                "supports it, or use a model of that size."
+            )
 
     def _fail(self, batch: Batch, exc: EmbedfillError, attempts: int) -> None:
         rows = list(batch.rows)

@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import re
+
+# things that look like API keys: OpenAI's sk-..., bearer tokens, long random strings
+_KEYLIKE = re.compile(r"\b(sk-[A-Za-z0-9_\-*.]{6,}|Bearer\s+\S+|[A-Za-z0-9_\-]{32,})")
+
+
+def scrub(text: str, *secrets: Secret | None) -> str:
+    """Remove the given secrets, and anything shaped like a key, from a message that came
+    from elsewhere (a provider's error body can echo the key it rejected)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret.reveal(), "***")
+    return _KEYLIKE.sub("***", text)
 
 
 class Secret:

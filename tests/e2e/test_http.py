@@ -171,6 +171,8 @@ def test_bad_parameters_unknown_target_and_unknown_job(api: httpx.Client) -> Non
     ):
         r = api.post(PATH, params=params)
         assert r.status_code == 422 and f"Parameter {name}" in r.json()["error"], r.text
+    r = api.post(PATH, params={"dryRun": "true", "tenantId": "a\x00b"})
+    assert r.status_code == 422 and "NUL character" in r.json()["error"]
     r = api.post(PATH, params={"target": "nope"})
     assert r.status_code == 404 and "No target named 'nope'" in r.json()["error"]
     assert api.get(f"{PATH}/999").status_code == 404

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -287,3 +288,20 @@ def test_client_side_rate_limits_keep_the_provider_from_answering_429(
     assert report.embedded == 45
     assert [r.status for r in fake_openai.requests].count(429) == 0
     assert report.requests == report.batches == 9
+
+
+def test_a_model_of_unknown_size_that_answers_the_wrong_size_stops_the_run(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.dims = 12  # the column holds 8; the config does not say the model's size
+    config = tickets_config(fake_openai.base_url)
+    config = replace(
+        config, providers={"openai": replace(config.providers["openai"], dimensions=None)}
+    )
+    with psycopg.connect(tickets) as conn:
+        before = snapshot(conn)
+    with pytest.raises(SchemaMismatch, match="returned 12-dimensional vectors but column 'emb'"):
+        run(tickets, config)
+    with psycopg.connect(tickets) as conn:
+        assert snapshot(conn) == before
+        assert conn.execute("SELECT status FROM embedfill.runs").fetchone() == ("failed",)

@@ -109,7 +109,8 @@ class FakeOpenAI:
                     return self._error(404, "not found")
                 if key in fake.bad_keys or not key:
                     fake._record(key, inputs, 401)
-                    return self._error(401, "Incorrect API key provided.")
+                    # as some providers and proxies do, echo the key that was rejected
+                    return self._error(401, f"Incorrect API key provided: {key}.")
                 if any(fake.bad_marker in t or not t for t in inputs):
                     fake._record(key, inputs, 400)
                     return self._error(400, "'$.input' is invalid.")

@@ -9,6 +9,7 @@ writing while the model works.
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -75,14 +76,16 @@ class LocalProvider:
             return self._model
 
     def _load_tokenizer(self) -> Any:
-        if self._model is not None:
-            return self._model.tokenizer
-        if self.config.model == DEFAULT_LOCAL_MODEL:
-            # the tokenizer alone is quick to load; a dry run needs nothing more
-            from transformers import AutoTokenizer
+        """A tokenizer of our own for counting. Never the model's: a fast tokenizer keeps
+        padding/truncation state in its Rust backend, and counting on the event loop while
+        ``encode`` runs in its thread corrupts the model's batches."""
+        from transformers import AutoTokenizer
 
+        try:
+            # quick to load on its own: a dry run needs nothing more
             return AutoTokenizer.from_pretrained(model_location(self.config.model))
-        return self.load().tokenizer
+        except (OSError, ValueError):
+            return copy.deepcopy(self.load().tokenizer)
 
     def counter(self) -> TokenCounter:
         if self._counter is None:

@@ -36,7 +36,7 @@ from ..errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from ..secrets import Secret
+from ..secrets import Secret, scrub
 from ..tokens import TokenCounter, openai_counter
 from .base import Vector, as_vectors
 
@@ -172,7 +172,9 @@ class OpenAIProvider:
                 "/embeddings", cast_to=_http.Response, body=body
             )
         except openai.OpenAIError as exc:
-            raise translate(exc) from None
+            error = translate(exc)
+            error.args = (scrub(str(error), api_key),)
+            raise error from None
         return as_vectors(decode(resp.content, len(texts)), self.config.expected_dimensions)
 
     async def aclose(self) -> None:
