@@ -20,6 +20,7 @@ import pytest
 from psycopg import conninfo, sql
 
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.tables import make_tickets
 
 TEMPLATE = "embedfill_test_template"
 _counter = itertools.count()
@@ -83,6 +84,14 @@ def bare_db_url(server_url: str) -> Iterator[str]:
     name = _create_db(server_url, "template0")
     yield conninfo.make_conninfo(server_url, dbname=name)
     _drop_db(server_url, name)
+
+
+@pytest.fixture
+def tickets(db_url: str) -> str:
+    """A fresh database holding app."SupportTickets" (see tests/support/tables.py)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        make_tickets(conn)
+    return db_url
 
 
 @pytest.fixture

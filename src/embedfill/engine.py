@@ -49,7 +49,7 @@ from .errors import (
 )
 from .keys import KeyResolver
 from .models import Batch, Failure, Report, Row, TargetStatus, TenantReport
-from .planning import LRU, TenantBatcher, estimate_cost, prepare_text, split_batch, text_key
+from .planning import BoundedCache, TenantBatcher, estimate_cost, prepare_text, split_batch
 from .providers import Provider, Vector, make_provider
 from .ratelimit import KeyLimiter
 from .retry import RetryPolicy, decide
@@ -244,8 +244,8 @@ class _Run:
         self.policy = RetryPolicy(max_attempts=pconf.max_attempts)
         dims = info.dimensions or 1536
         cache_rows = engine.dedup_cache_mb * 1024 * 1024 // (dims * 4 + 200)
-        self.cache: LRU[Vector] = LRU(cache_rows)
-        self.inflight: dict[bytes, list[Row]] = {}
+        self.cache: BoundedCache[Vector] = BoundedCache(cache_rows)
+        self.inflight: dict[str, list[Row]] = {}
         self.dead_tenants: dict[str | None, str] = {}
         self.limiters: dict[str, KeyLimiter] = {}
         self.pending_failures: list[Failure] = []
@@ -433,7 +433,6 @@ class _Run:
             fingerprint=fingerprint,
             tokens=tokens,
             truncated=truncated,
-            key=text_key(tenant, sent),
         )
 
     def _batcher(self) -> TenantBatcher:
@@ -451,18 +450,19 @@ class _Run:
 
     async def _plan(self) -> None:
         """Walk the same scan and batching as a real run; send and write nothing."""
-        seen: set[bytes] = set()
+        # the same bounded memory of texts as a real run, so the estimate matches it
+        seen: BoundedCache[bool] = BoundedCache(self.cache.capacity)
         batcher = self._batcher()
         async for page in self._pages():
             for raw in page:
                 row = self._row(raw)
                 if row is None:
                     continue
-                key = row.key
-                if key in seen:
+                key = row.fingerprint
+                if seen.get(key):
                     self.report.deduplicated += 1
                     continue
-                seen.add(key)
+                seen.put(key, True)
                 for batch in batcher.add(row):
                     self._tally_planned(batch)
         for batch in batcher.flush():
@@ -532,7 +532,7 @@ class _Run:
                 row = self._row(raw)
                 if row is None:
                     continue
-                key = row.key
+                key = row.fingerprint
                 cached = self.cache.get(key)
                 if cached is not None:
                     self.report.deduplicated += 1
@@ -566,7 +566,7 @@ class _Run:
 
     def _forget(self, batch: Batch) -> None:
         for row in batch.rows:
-            self.inflight.pop(row.key, None)
+            self.inflight.pop(row.fingerprint, None)
 
     async def _embed(self, batch: Batch, write_q: asyncio.Queue[_Write | None]) -> None:
         tenant = self._tenant(batch.tenant)
@@ -613,8 +613,8 @@ class _Run:
             return
         write = _Write([], [])
         for row, vector in zip(batch.rows, raw, strict=True):
-            self.cache.put(row.key, vector)
-            for r in [row, *self.inflight.pop(row.key, [])]:
+            self.cache.put(row.fingerprint, vector)
+            for r in [row, *self.inflight.pop(row.fingerprint, [])]:
                 write.rows.append(r)
                 write.vectors.append(vector)
         await write_q.put(write)
@@ -684,7 +684,7 @@ class _Run:
     def _fail(self, batch: Batch, exc: EmbedfillError, attempts: int) -> None:
         rows = list(batch.rows)
         for row in batch.rows:
-            rows.extend(self.inflight.pop(row.key, []))
+            rows.extend(self.inflight.pop(row.fingerprint, []))
         tenant = self._tenant(batch.tenant)
         for row in rows:
             failure = Failure(

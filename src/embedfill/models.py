@@ -15,10 +15,10 @@ class Row:
     id: Any
     tenant: str | None
     text: str
-    fingerprint: str  # md5 of the source columns as read; the write is guarded by it
+    fingerprint: str  # md5 of tenant and source columns as read: guards the write, and
+    # identifies the text for de-duplication (see db.target_sql)
     tokens: int = 0
     truncated: bool = False
-    key: bytes = b""  # identity of (tenant, text) for de-duplication, see planning.text_key
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,9 +5,8 @@ Nothing here does I/O. The engine feeds rows in scan order and sends out what co
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from .models import Batch, Row
@@ -30,14 +29,6 @@ def prepare_text(
         return text, tokens, False
     cut = truncate(text, max_tokens)
     return cut, min(count(cut), max_tokens), True
-
-
-def text_key(tenant: str | None, text: str) -> bytes:
-    """Identity of a text within one run and tenant (dedup never crosses tenants): a
-    128-bit digest, so memory per remembered text stays small."""
-    scope = "\x00" if tenant is None else f"\x01{len(tenant)}:{tenant}"
-    data = f"{scope}\x00{text}".encode("utf-8", "surrogatepass")
-    return hashlib.md5(data, usedforsecurity=False).digest()
 
 
 class TenantBatcher:
@@ -95,25 +86,23 @@ def split_batch(batch: Batch) -> tuple[Batch, Batch]:
     return Batch(batch.tenant, batch.rows[:mid]), Batch(batch.tenant, batch.rows[mid:])
 
 
-class LRU(Generic[V]):
-    """A small bounded mapping; the oldest entry goes first."""
+class BoundedCache(Generic[V]):
+    """A mapping that forgets its oldest entries beyond ``capacity`` (first in, first
+    out: cheaper than LRU bookkeeping, and as good for spotting repeated texts)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = max(0, capacity)
-        self._data: OrderedDict[bytes, V] = OrderedDict()
+        # OrderedDict: popping a plain dict's oldest key rescans its deleted slots
+        self._data: OrderedDict[str, V] = OrderedDict()
 
-    def get(self, key: bytes) -> V | None:
-        value = self._data.get(key)
-        if value is not None:
-            self._data.move_to_end(key)
-        return value
+    def get(self, key: str) -> V | None:
+        return self._data.get(key)
 
-    def put(self, key: bytes, value: V) -> None:
+    def put(self, key: str, value: V) -> None:
         if self.capacity == 0:
             return
         self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.capacity:
+        if len(self._data) > self.capacity:
             self._data.popitem(last=False)
 
     def __len__(self) -> int:
@@ -122,14 +111,3 @@ class LRU(Generic[V]):
 
 def estimate_cost(tokens: int, price_per_1m: float) -> float:
     return tokens * price_per_1m / 1_000_000
-
-
-def chunked(items: Iterable[V], size: int) -> Iterable[list[V]]:
-    chunk: list[V] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -13,17 +14,17 @@ import pytest
 
 from tests.support.cli import cli_env, embedfill, popen, write_config
 from tests.support.fake_openai import FakeOpenAI
-from tests.support.tables import make_tickets, snapshot
+from tests.support.tables import snapshot
 
 PLATFORM = "sk-platform-zyxwvutsrq987654"
 TENANT_B = "sk-tenant-b-secret-kkkkkkkk"
 
 
-@pytest.fixture
-def tickets(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        make_tickets(conn)
-    return db_url
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.02)
 
 
 def test_backfill_json_contract_and_exit_codes(
@@ -173,9 +174,7 @@ def test_kill_9_mid_run_then_resume(tickets: str, fake_openai: FakeOpenAI, tmp_p
     cfg = write_config(tmp_path, fake_openai.base_url, batch_size=2, concurrency=2)
     env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM)
     proc = popen("--config", str(cfg), "backfill", "--json", env=env)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and len(fake_openai.ok_requests()) < 6:
-        time.sleep(0.02)
+    wait_until(lambda: len(fake_openai.ok_requests()) >= 6)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
     with psycopg.connect(tickets) as conn:
@@ -212,9 +211,7 @@ def test_a_second_concurrent_run_is_refused_with_exit_4(
     cfg = write_config(tmp_path, fake_openai.base_url, batch_size=2, concurrency=1)
     env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM)
     first = popen("--config", str(cfg), "backfill", "--json", env=env)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not fake_openai.requests:
-        time.sleep(0.02)
+    wait_until(lambda: bool(fake_openai.requests))
     second = embedfill("--config", str(cfg), "backfill", env=env)
     assert second.returncode == 4
     assert "already being backfilled by run 1" in second.stderr
@@ -232,9 +229,7 @@ def test_sigterm_finishes_the_batch_in_flight(
     cfg = write_config(tmp_path, fake_openai.base_url, batch_size=3, concurrency=1)
     env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM)
     proc = popen("--config", str(cfg), "backfill", "--json", env=env)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not fake_openai.requests:
-        time.sleep(0.02)
+    wait_until(lambda: bool(fake_openai.requests))
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1 and "cancelled" in err

@@ -20,18 +20,11 @@ from embedfill.http import create_app
 from tests.support.cli import cli_env, write_config
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.http import ServerThread, free_port, serve_subprocess, wait_for
-from tests.support.tables import make_tickets, snapshot, tickets_config
+from tests.support.tables import snapshot, tickets_config
 
 ADMIN = "admin-secret-for-tests-3f9a"
 PLATFORM = "sk-platform-http-7777777777"
 PATH = "/api/v1/admin/backfill-embeddings"
-
-
-@pytest.fixture
-def tickets(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        make_tickets(conn)
-    return db_url
 
 
 def app_for(db_url: str, fake: FakeOpenAI, **env: str) -> Any:

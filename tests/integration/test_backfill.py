@@ -15,7 +15,7 @@ from embedfill.config import render_text
 from embedfill.errors import SchemaMismatch
 from embedfill.providers.hashing import hash_vector
 from tests.support.fake_openai import FakeOpenAI, Fault
-from tests.support.tables import TENANTS, make_tickets, snapshot, stored_vectors, tickets_config
+from tests.support.tables import TENANTS, snapshot, stored_vectors, tickets_config
 
 PLATFORM = "sk-platform-0123456789abcdef"
 
@@ -23,13 +23,6 @@ PLATFORM = "sk-platform-0123456789abcdef"
 def run(db_url: str, config: Any, env: dict[str, str] | None = None, **opts: Any) -> Any:
     env = {"TEST_PLATFORM_KEY": PLATFORM} if env is None else env
     return asyncio.run(abackfill(config, Database(db_url), BackfillOptions(**opts), env=env))
-
-
-@pytest.fixture
-def tickets(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        make_tickets(conn)
-    return db_url
 
 
 def expected_text(i: int) -> str:

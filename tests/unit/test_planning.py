@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from embedfill.models import Row
-from embedfill.planning import LRU, TenantBatcher, prepare_text, split_batch, text_key
+from embedfill.planning import BoundedCache, TenantBatcher, prepare_text, split_batch
 from embedfill.ratelimit import Bucket, KeyLimiter
 
 
@@ -64,19 +64,16 @@ def test_prepare_text() -> None:
     )
 
 
-def test_text_key_separates_tenants() -> None:
-    assert text_key("a", "x") != text_key("b", "x")
-    assert text_key(None, "x") != text_key("", "x")
-    assert text_key("a", "x") == text_key("a", "x")
-
-
-def test_lru_is_bounded() -> None:
-    lru: LRU[int] = LRU(2)
-    lru.put(b"a", 1)
-    lru.put(b"b", 2)
-    assert lru.get(b"a") == 1
-    lru.put(b"c", 3)
-    assert lru.get(b"b") is None and lru.get(b"a") == 1 and len(lru) == 2
+def test_bounded_cache_forgets_the_oldest() -> None:
+    cache: BoundedCache[int] = BoundedCache(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1
+    cache.put("c", 3)
+    assert cache.get("a") is None and cache.get("b") == 2 and len(cache) == 2
+    nothing: BoundedCache[int] = BoundedCache(0)
+    nothing.put("a", 1)
+    assert nothing.get("a") is None
 
 
 def test_bucket_paces_smoothly_at_its_rate() -> None:

@@ -39,11 +39,11 @@ def test_odd_identifiers_are_quoted(conn: psycopg.Connection) -> None:  # type: 
     scan = q.scan(first_page=False, tenants=True).as_string(conn)
     assert 'FROM "we.ird"."Mixed Case"' in scan
     assert '"Emb" IS NULL' in scan and '"Org""Id"::text = ANY(%(tenants)s::text[])' in scan
-    assert 'md5(ROW("Body Text")::text)' in scan
+    assert 'md5(ROW("Org""Id"::text, "Body Text")::text)' in scan
     write = q.write().as_string(conn)
     assert 'UPDATE "we.ird"."Mixed Case" AS t SET "Emb" = u.v' in write
     assert '"t"."id" BETWEEN %(lo)b AND %(hi)b' in write
-    assert 'md5(ROW("t"."Body Text")::text) = u.fp' in write
+    assert 'md5(ROW("t"."Org""Id"::text, "t"."Body Text")::text) = u.fp' in write
     assert "%(ids)b::bigint[], %(fps)b::text[], %(vecs)b::vector[]" in write
     assert '"Org""Id"::text AS tenant' in q.status_by_tenant().as_string(conn)
 

@@ -10,21 +10,13 @@ import psycopg
 from ..config import TargetConfig
 from ..errors import ExtensionMissing, SchemaMismatch
 from ..models import TargetStatus, TenantStatus
+from .indexes import vector_indexes
 from .target_sql import ColumnTypes, TargetSQL
 
 _COLUMNS = """
 SELECT a.attname, format_type(a.atttypid, NULL), t.typname, a.atttypmod
 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
 WHERE a.attrelid = %(rel)s AND a.attnum > 0 AND NOT a.attisdropped"""
-
-_VECTOR_INDEX = """
-SELECT ic.relname, am.amname
-FROM pg_index i
-JOIN pg_class ic ON ic.oid = i.indexrelid
-JOIN pg_am am ON am.oid = ic.relam
-JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
-WHERE i.indrelid = %(rel)s AND a.attname = %(column)s AND am.amname IN ('hnsw', 'ivfflat')
-ORDER BY ic.relname LIMIT 1"""
 
 _EXTENSION = """
 SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector'),
@@ -103,13 +95,12 @@ async def inspect_target(
             f"{provider_dims}; use a model of {dims} dimensions or set dimensions = {dims} "
             "for models that support it."
         )
-    cur = await conn.execute(_VECTOR_INDEX, {"rel": oid, "column": target.embedding_column})
-    idx = await cur.fetchone()
+    found = await vector_indexes(conn, oid, target.embedding_column)
     return TableInfo(
         oid=oid,
         types=ColumnTypes(id_type=columns[target.id_column][0], vector_type=emb_type),
         dimensions=dims or provider_dims,
-        vector_index=f"{idx[0]} ({idx[1]})" if idx else None,
+        vector_index=f"{found[0].name} ({found[0].method})" if found else None,
     )
 
 

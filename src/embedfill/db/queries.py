@@ -52,10 +52,6 @@ REQUEST_CANCEL = """
 UPDATE embedfill.runs SET cancel_requested = true
 WHERE id = %(id)s AND status IN ('queued', 'running') RETURNING id"""
 
-LIST_RUNS = """
-SELECT id, target, status, dry_run, started_at, finished_at FROM embedfill.runs
-WHERE status IN ('queued', 'running') AND NOT dry_run"""
-
 GET_RUN = """
 SELECT id, target, actor, parameters, dry_run, status, missing_before, embedded, skipped,
        failed, requests, tokens, estimated_cost_usd, progress, report, error, started_at,

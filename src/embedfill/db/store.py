@@ -103,11 +103,6 @@ class Store:
         cur = await self.conn.execute(q.REQUEST_CANCEL, {"id": run_id})
         return await cur.fetchone() is not None
 
-    async def running_runs(self) -> list[dict[str, Any]]:
-        async with self.conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(q.LIST_RUNS)
-            return await cur.fetchall()
-
     async def finish_run(self, report: Report, error: str | None = None) -> None:
         await self.conn.execute(
             q.FINISH_RUN,

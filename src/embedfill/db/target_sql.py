@@ -38,11 +38,16 @@ class TargetSQL:
         return sql.SQL("{}::text").format(col)
 
     def _fingerprint(self, alias: str | None = None) -> sql.Composable:
+        """md5 of the tenant and the text columns, computed by the server. It guards the
+        write (the row still holds what was read, tenant included) and is the
+        de-duplication key (same tenant, same source: same text)."""
         cols = [
             sql.Identifier(alias, c) if alias else sql.Identifier(c)
             for c in self.target.text_columns
         ]
-        return sql.SQL("md5(ROW({})::text)").format(sql.SQL(", ").join(cols))
+        return sql.SQL("md5(ROW({}, {})::text)").format(
+            self._tenant_text(alias), sql.SQL(", ").join(cols)
+        )
 
     def _tenant_filter(self, tenants: bool) -> sql.Composable:
         if not tenants:
