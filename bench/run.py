@@ -484,6 +484,16 @@ def markdown(bench: Bench, info: dict[str, Any], seconds: float) -> str:
         "",
         "Every figure is measured side by side with its reference in the same run; the "
         "ratio is what to compare across machines. Raw numbers: `bench/results.json`.",
+        *(
+            [
+                "",
+                "**QUICK run**: sizes this small are dominated by each run's fixed start-up "
+                "(connecting, checking the table, the first page); it checks the harness, and "
+                "the targets are judged on a full `make bench`.",
+            ]
+            if bench.quick
+            else []
+        ),
         "",
         "| scenario | measure | embedfill | reference | ref value | ratio | target | result |",
         "| --- | --- | ---: | --- | ---: | ---: | --- | --- |",
