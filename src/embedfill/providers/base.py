@@ -37,6 +37,27 @@ class Provider(Protocol):
     async def aclose(self) -> None: ...
 
 
+class ConfiguredProvider:
+    """What every provider reads straight from its config."""
+
+    needs_key = False
+
+    def __init__(self, config: ProviderConfig) -> None:
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.label
+
+    @property
+    def max_batch(self) -> int:
+        return self.config.batch_size
+
+    @property
+    def max_input_tokens(self) -> int:
+        return self.config.input_token_limit
+
+
 def as_vectors(rows: Any, expected: int | None) -> list[Vector]:
     """Turn a provider's output into float32 vectors and check their size."""
     from ..errors import DimensionMismatch

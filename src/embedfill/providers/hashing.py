@@ -13,7 +13,7 @@ import numpy.typing as npt
 from ..config import ProviderConfig
 from ..secrets import Secret
 from ..tokens import ApproxCounter, TokenCounter
-from .base import Vector
+from .base import ConfiguredProvider, Vector
 
 
 @lru_cache(maxsize=8)
@@ -45,26 +45,11 @@ def hash_vector(text: str, dimensions: int) -> Vector:
     return out
 
 
-class HashProvider:
-    needs_key = False
-
+class HashProvider(ConfiguredProvider):
     def __init__(self, config: ProviderConfig) -> None:
         assert config.dimensions is not None
-        self.config = config
+        super().__init__(config)
         self._dims = config.dimensions
-        self.calls = 0
-
-    @property
-    def name(self) -> str:
-        return self.config.label
-
-    @property
-    def max_batch(self) -> int:
-        return self.config.batch_size
-
-    @property
-    def max_input_tokens(self) -> int:
-        return self.config.input_token_limit
 
     def counter(self) -> TokenCounter:
         return ApproxCounter()  # zero-cost provider, zero-cost counting
@@ -73,7 +58,6 @@ class HashProvider:
         return self._dims
 
     async def embed(self, texts: Sequence[str], *, api_key: Secret | None) -> list[Vector]:
-        self.calls += 1
         return list(hash_vectors(texts, self._dims))
 
     async def aclose(self) -> None:

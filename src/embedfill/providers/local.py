@@ -21,7 +21,7 @@ from ..config import DEFAULT_LOCAL_MODEL, ProviderConfig
 from ..errors import ConfigError
 from ..secrets import Secret
 from ..tokens import HFTokenizerCounter, TokenCounter
-from .base import Vector, as_vectors
+from .base import ConfiguredProvider, Vector, as_vectors
 
 
 def model_location(model: str) -> str:
@@ -32,24 +32,13 @@ def model_location(model: str) -> str:
     return model
 
 
-class LocalProvider:
-    needs_key = False
-
+class LocalProvider(ConfiguredProvider):
     def __init__(self, config: ProviderConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self._model: Any = None
-        self._tokenizer: Any = None
         self._lock = threading.Lock()
         self._counter: TokenCounter | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedfill-model")
-
-    @property
-    def name(self) -> str:
-        return self.config.label
-
-    @property
-    def max_batch(self) -> int:
-        return self.config.batch_size
 
     @property
     def max_input_tokens(self) -> int:

@@ -38,7 +38,7 @@ from ..errors import (
 )
 from ..secrets import Secret, scrub
 from ..tokens import TokenCounter, openai_counter
-from .base import Vector, as_vectors
+from .base import ConfiguredProvider, Vector, as_vectors
 
 
 def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
@@ -120,24 +120,12 @@ def decode(content: bytes, count: int) -> list[Any]:
     return out
 
 
-class OpenAIProvider:
+class OpenAIProvider(ConfiguredProvider):
     needs_key = True
 
     def __init__(self, config: ProviderConfig) -> None:
-        self.config = config
+        super().__init__(config)
         self._clients: dict[str, openai.AsyncOpenAI] = {}
-
-    @property
-    def name(self) -> str:
-        return self.config.label
-
-    @property
-    def max_batch(self) -> int:
-        return self.config.batch_size
-
-    @property
-    def max_input_tokens(self) -> int:
-        return self.config.input_token_limit
 
     def counter(self) -> TokenCounter:
         return openai_counter()
