@@ -206,12 +206,7 @@ class Bench:
         for latency in (0.1, 0.0):
             fake = FakeOpenAI(dims=1536, latency=latency).start()
             try:
-                provider = {
-                    "kind": "openai",
-                    "model": "text-embedding-3-small",
-                    "base_url": fake.base_url,
-                    "api_key_env": "BENCH_KEY",
-                }
+                provider = openai_provider(fake)
                 ours = self.measure("embedfill", {"url": self.fresh(tpl), "provider": provider})
                 slow = self.measure(
                     "naive",
@@ -274,14 +269,7 @@ class Bench:
             tpl = self.template(rows, 256)
             fake = FakeOpenAI(dims=256, count_tokens=counter.count, **{kind: cap}).start()
             try:
-                provider = {
-                    "kind": "openai",
-                    "model": "text-embedding-3-small",
-                    "dimensions": 256,
-                    "base_url": fake.base_url,
-                    "api_key_env": "BENCH_KEY",
-                    kind: cap,
-                }
+                provider = openai_provider(fake, dimensions=256, **{kind: cap})
                 ours = self.measure("embedfill", {"url": self.fresh(tpl), "provider": provider})
                 statuses = [r.status for r in fake.requests]
                 sent_tokens = sum(r.tokens for r in fake.requests if r.status == 200)
@@ -381,13 +369,7 @@ class Bench:
         distinct_tokens = sum(counter.count(text) for _, text in distinct)
         fake = FakeOpenAI(dims=256, count_tokens=counter.count).start()
         try:
-            provider = {
-                "kind": "openai",
-                "model": "text-embedding-3-small",
-                "dimensions": 256,
-                "base_url": fake.base_url,
-                "api_key_env": "BENCH_KEY",
-            }
+            provider = openai_provider(fake, dimensions=256)
             url = self.fresh(tpl)
             plan = self.measure("embedfill", {"url": url, "provider": provider, "dry_run": True})
             ours = self.measure("embedfill", {"url": url, "provider": provider})
@@ -429,6 +411,17 @@ class Bench:
                 abs(ratio - 1) <= 0.05,
             )
         )
+
+
+def openai_provider(fake: FakeOpenAI, **settings: Any) -> dict[str, Any]:
+    """Provider settings for embedfill against the local OpenAI-compatible server."""
+    return {
+        "kind": "openai",
+        "model": "text-embedding-3-small",
+        "base_url": fake.base_url,
+        "api_key_env": "BENCH_KEY",
+        **settings,
+    }
 
 
 def combined(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -255,6 +255,7 @@ class _Run:
         self._counter: TokenCounter = provider.counter()  # loaded by _prepare
         self._max_tokens = provider.max_input_tokens
         self.vector_oid = 0
+        self.dims = info.dimensions  # learnt from the first answer when neither side says
 
     # ------------------------------------------------------------------ top level
 
@@ -586,7 +587,7 @@ class _Run:
             self._fail(batch, NoApiKey(reason) if resolved.error else AuthFailed(reason), 0)
             return
         try:
-            raw, _attempts = await self._call(batch, resolved.key)
+            raw = await self._call(batch, resolved.key)
         except BadInput as exc:
             if len(batch.rows) > 1:
                 for half in split_batch(batch):
@@ -627,7 +628,7 @@ class _Run:
             self.limiters[name] = limiter
         return limiter
 
-    async def _call(self, batch: Batch, key: Secret | None) -> tuple[list[Vector], int]:
+    async def _call(self, batch: Batch, key: Secret | None) -> list[Vector]:
         tenant = self._tenant(batch.tenant)
         limiter = self._limiter(key)
         attempts = 0
@@ -666,14 +667,18 @@ class _Run:
             self.hooks.observer.tokens(self.target.name, batch.tokens)
             self.report.tokens += batch.tokens
             tenant.tokens += batch.tokens
-            return vectors, attempts
+            return vectors
 
     def _check_dimensions(self, vectors: list[Vector]) -> None:
-        """A model whose size was unknown up front must still match the column: stop the
-        run (nothing of this batch is written) rather than fail every batch."""
-        want = self.info.dimensions
-        got = vectors[0].shape[0] if vectors else want
-        if want is not None and got != want:
+        """The one check that vectors fit the column (the column's declared size, else the
+        provider's, else the first answer's). A mismatch stops the run, nothing of this
+        batch written, rather than failing every batch."""
+        if self.dims is None and vectors:
+            self.dims = vectors[0].shape[0] if vectors[0].ndim else 0
+        want = self.dims
+        bad = next((v for v in vectors if v.shape != (want,)), None)
+        if bad is not None:
+            got = bad.shape[0] if bad.ndim else 0
             raise SchemaMismatch(
                 f"The provider returned {got}-dimensional vectors but column "
                 f"{self.target.embedding_column!r} of {self.target.table} holds {want}; "

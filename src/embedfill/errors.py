@@ -99,7 +99,3 @@ class BadInput(ProviderError):
 
 class NoApiKey(ProviderError):
     """No API key is available for this tenant."""
-
-
-class DimensionMismatch(ProviderError):
-    """The provider returned vectors of an unexpected dimension."""

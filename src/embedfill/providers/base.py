@@ -58,17 +58,7 @@ class ConfiguredProvider:
         return self.config.input_token_limit
 
 
-def as_vectors(rows: Any, expected: int | None) -> list[Vector]:
-    """Turn a provider's output into float32 vectors and check their size."""
-    from ..errors import DimensionMismatch
-
-    out = [np.asarray(r, dtype=np.float32) for r in rows]
-    if expected is not None:
-        for v in out:
-            if v.shape != (expected,):
-                raise DimensionMismatch(
-                    f"The provider returned {v.shape[0] if v.ndim else 0}-dimensional vectors "
-                    f"but {expected} were expected; set dimensions in the provider config "
-                    "to match the column."
-                )
-    return out
+def as_vectors(rows: Any) -> list[Vector]:
+    """Turn a provider's output into float32 vectors (the engine checks their size
+    against the column)."""
+    return [np.asarray(r, dtype=np.float32) for r in rows]

@@ -105,7 +105,7 @@ class LocalProvider(ConfiguredProvider):
         matrix = await asyncio.get_running_loop().run_in_executor(
             self._thread, self._encode, list(texts)
         )
-        return as_vectors(list(matrix), self.config.expected_dimensions)
+        return as_vectors(list(matrix))
 
     async def aclose(self) -> None:
         self._thread.shutdown(wait=False)

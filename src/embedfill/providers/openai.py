@@ -163,7 +163,7 @@ class OpenAIProvider(ConfiguredProvider):
             error = translate(exc)
             error.args = (scrub(str(error), api_key),)
             raise error from None
-        return as_vectors(decode(resp.content, len(texts)), self.config.expected_dimensions)
+        return as_vectors(decode(resp.content, len(texts)))
 
     async def aclose(self) -> None:
         for client in self._clients.values():
