@@ -112,6 +112,9 @@ class EngineConfig:
     write_batch_rows: int = 1000
     scan_page_size: int = 1000
     dedup_cache_mb: int = 64
+    lock_timeout_ms: int = 2000  # a write waits at most this long for a table lock
+    statement_timeout_s: int = 120  # and runs at most this long
+    locked_rows_wait_s: int = 30  # rows the app holds locked are retried this long at the end
 
 
 @dataclass(frozen=True)
@@ -242,6 +245,9 @@ _ENGINE_KEYS = {
     "write_batch_rows": int,
     "scan_page_size": int,
     "dedup_cache_mb": int,
+    "lock_timeout_ms": int,
+    "statement_timeout_s": int,
+    "locked_rows_wait_s": int,
 }
 _TOP_KEYS = ("providers", "targets", "engine")
 
@@ -388,7 +394,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:
         raise ConfigError("[engine] must be a table of settings.")
     _check_keys(raw_engine, _ENGINE_KEYS, "[engine]")
     for key, value in raw_engine.items():
-        _positive(value, key, "[engine]")
+        _positive(value, key, "[engine]", allow_zero=key == "locked_rows_wait_s")
     engine = EngineConfig(**raw_engine)
     return Config(providers=providers, targets=targets, engine=engine, source=source)
 

@@ -61,6 +61,14 @@ log = logging.getLogger(__name__)
 ProgressCallback = Callable[[Report], None]
 MAX_REPORTED_FAILURES = 1000
 PROGRESS_EVERY_S = 1.0
+WRITE_ATTEMPTS = 6
+LOCKED_RETRY_S = 0.5  # a row found locked by the app is tried again after this, then later
+_TRANSIENT_WRITE_ERRORS = (
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.QueryCanceled,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+)
 YIELD_EVERY_ROWS = 32
 
 
@@ -111,9 +119,10 @@ class _Hooks:
     observer: Observer = field(default_factory=Observer)
 
 
-def lock_key(target: TargetConfig) -> str:
-    t = target.table
-    return f"embedfill:{t.schema or ''}.{t.name}.{target.embedding_column}"
+def lock_key(table_oid: int, column: str) -> str:
+    """One run per physical column: keyed by the table's oid, so `docs`, `public.docs` and
+    two target names for one table are the same target."""
+    return f"embedfill:{table_oid}:{column}"
 
 
 async def _prepare(
@@ -249,6 +258,7 @@ class _Run:
         self.dead_tenants: dict[str | None, str] = {}
         self.limiters: dict[str, KeyLimiter] = {}
         self.pending_failures: list[Failure] = []
+        self.locked: list[tuple[float, _Write]] = []  # (retry at, rows) the app held locked
         self._last_progress = 0.0
         self._tenants: dict[str | None, TenantReport] = {}
         self.render = text_renderer(target.text, target.text_columns)
@@ -261,34 +271,25 @@ class _Run:
 
     async def execute(self) -> Report:
         started = time.monotonic()
-        key = lock_key(self.target)
+        key = lock_key(self.info.oid, self.target.embedding_column)
         locked = False
         if not self.opts.dry_run:
             locked = await self.store.try_lock(key)
             if not locked:
                 raise await self._busy()
         try:
-            if locked:  # any run still shown running lost its process
-                await self._take_over(await self.store.abandon_runs(self.target.name))
-            deferred: list[indexes.VectorIndex] = []
-            if self.opts.defer_index:
-                deferred = await indexes.vector_indexes(
-                    self.conn, self.info.oid, self.target.embedding_column
-                )
             missing = await count_missing(self.conn, self.sql, self.tenants)
             self.report.missing_before = min(missing, self.opts.limit or missing)
             run_id = await self.store.create_run(
                 target=self.target.name,
                 actor=self.opts.actor,
-                parameters=self.opts.parameters()
-                | {"deferred_indexes": [i.to_dict() for i in deferred]},
+                parameters=self.opts.parameters(),
                 dry_run=self.opts.dry_run,
                 missing_before=self.report.missing_before,
+                table_oid=self.info.oid,
+                column=self.target.embedding_column,
             )
             self.report.run_id = run_id
-            self.report.deferred_indexes = [
-                {"name": i.name, "method": i.method, "rebuilt": False} for i in deferred
-            ]
             if self.hooks.on_start:
                 self.hooks.on_start(run_id)
             log.info(
@@ -299,24 +300,23 @@ class _Run:
                 self.report.missing_before,
             )
             error: str | None = None
+            # the heartbeat (its own connection) covers every phase: take-over, index
+            # drop, fill and rebuild, so a live run never looks abandoned
+            heartbeat = None if self.opts.dry_run else asyncio.create_task(self._heartbeat())
             try:
                 if self.opts.dry_run:
                     await self._plan()
                 else:
-                    for index in deferred:
-                        log.warning(
-                            "run %s: dropping vector index %s for the backfill", run_id, index.name
-                        )
-                        await indexes.drop(self.conn, index)
-                    try:
-                        await self._pipeline()
-                    finally:
-                        await asyncio.shield(self._rebuild(deferred))
+                    await self._take_over()  # runs still shown running lost their process
+                    await self._fill()
             except BaseException as exc:
                 self.report.status = "failed"
                 error = _first_line(exc) if isinstance(exc, Exception) else "interrupted"
                 raise
             finally:
+                if heartbeat is not None:
+                    heartbeat.cancel()
+                    await asyncio.gather(heartbeat, return_exceptions=True)
                 self.report.duration_s = time.monotonic() - started
                 self.report.estimated_cost_usd = estimate_cost(self.report.tokens, self.pconf.price)
                 if self.report.status != "failed":
@@ -328,6 +328,32 @@ class _Run:
             if locked:
                 with contextlib.suppress(psycopg.Error):
                     await self.store.unlock(key)
+
+    async def _fill(self) -> None:
+        """The real run: set vector indexes aside (index-aware mode), fill, rebuild."""
+        deferred: list[indexes.VectorIndex] = []
+        if self.opts.defer_index:
+            deferred = await indexes.vector_indexes(
+                self.conn, self.info.oid, self.target.embedding_column
+            )
+        self.report.deferred_indexes = [
+            {"name": i.name, "method": i.method, "rebuilt": False} for i in deferred
+        ]
+        if deferred:  # recorded before anything is dropped: a crash leaves the way back
+            assert self.report.run_id is not None
+            await self.store.set_parameters(
+                self.report.run_id,
+                self.opts.parameters() | {"deferred_indexes": [i.to_dict() for i in deferred]},
+            )
+        for index in deferred:
+            log.warning(
+                "run %s: dropping vector index %s for the backfill", self.report.run_id, index.name
+            )
+            await indexes.drop(self.conn, index)
+        try:
+            await self._pipeline()
+        finally:
+            await asyncio.shield(self._rebuild(deferred))
 
     def _final_status(self) -> str:
         if self.hooks.cancel.is_set():
@@ -353,34 +379,43 @@ class _Run:
                 )
                 log.error("run %s: %s", self.report.run_id, entry["error"])
 
-    async def _take_over(self, abandoned: list[tuple[int, dict[str, Any]]]) -> None:
-        """Resume after runs that died: rebuild vector indexes one of them left dropped."""
-        if not abandoned:
+    async def _take_over(self) -> None:
+        """Resume after runs of this column that died: repair what they left (a vector
+        index dropped, or left INVALID by a rebuild cut short), then mark them abandoned.
+        A repair that fails fails this run and leaves them for the next one."""
+        assert self.report.run_id is not None
+        dead = await self.store.dead_runs(
+            self.info.oid, self.target.embedding_column, self.report.run_id
+        )
+        if not dead:
             return
-        log.warning("earlier runs %s had died; resuming their work", [i for i, _ in abandoned])
-        for run_id, parameters in abandoned:
+        log.warning("earlier runs %s had died; resuming their work", [i for i, _ in dead])
+        for run_id, parameters in dead:
             for data in parameters.get("deferred_indexes") or []:
                 index = indexes.VectorIndex(**data)
-                if not await indexes.exists(self.conn, index):
+                state = await indexes.state(self.conn, index)
+                if state != "valid":
                     log.warning(
-                        "rebuilding vector index %s, left dropped by run %s", index.name, run_id
+                        "rebuilding vector index %s, left %s by run %s", index.name, state, run_id
                     )
                     await indexes.rebuild(self.conn, index)
+            await self.store.abandon_run(run_id)
 
     async def _busy(self) -> TargetBusy:
-        active = (
-            await self.store.active_run(self.target.name) if await _has_schema(self.conn) else None
-        )
+        active = await self.store.active_run(self.info.oid, self.target.embedding_column)
+        where = f"column {self.target.embedding_column!r} of {self.target.table}"
         if active:
+            other = active["target"]
+            other = "" if other == self.target.name else f" of target {other!r}"
             return TargetBusy(
-                f"Target {self.target.name!r} is already being backfilled by run "
-                f"{active['id']} (started {active['started_at']:%Y-%m-%d %H:%M:%S %Z} by "
+                f"Target {self.target.name!r} ({where}) is already being backfilled by run "
+                f"{active['id']}{other} (started {active['started_at']:%Y-%m-%d %H:%M:%S %Z} by "
                 f"{active['actor']}); wait for it to finish or cancel it.",
                 run_id=int(active["id"]),
             )
         return TargetBusy(
-            f"Target {self.target.name!r} is already being backfilled by another run; "
-            "wait for it to finish."
+            f"Target {self.target.name!r} ({where}) is already being backfilled by another "
+            "run; wait for it to finish."
         )
 
     # ------------------------------------------------------------------ scanning
@@ -492,15 +527,13 @@ class _Run:
         writer_conns: list[psycopg.AsyncConnection[Any]] = []
         try:
             for _ in range(self.engine.write_concurrency):
-                writer_conns.append(await connect(self.db))
-                self.vector_oid = await wire.register(writer_conns[-1], self.info.types.vector_type)
+                writer_conns.append(await self._writer_connection())
             async with asyncio.TaskGroup() as tg:
                 workers = [
                     tg.create_task(self._embedder(embed_q, write_q))
                     for _ in range(self.pconf.max_concurrency)
                 ]
                 writers = [tg.create_task(self._writer(c, write_q)) for c in writer_conns]
-                ticker = tg.create_task(self._ticker())
                 await self._produce(embed_q, write_q)
                 for _ in workers:
                     await embed_q.put(None)
@@ -508,7 +541,7 @@ class _Run:
                 for _ in writers:
                     await write_q.put(None)
                 await asyncio.wait(writers)
-                ticker.cancel()
+                await self._settle_locked(writer_conns[0])
         except* EmbedfillError as group:
             raise group.exceptions[0] from None
         except* psycopg.Error as group:
@@ -690,7 +723,9 @@ class _Run:
         rows = list(batch.rows)
         for row in batch.rows:
             rows.extend(self.inflight.pop(row.fingerprint, []))
-        tenant = self._tenant(batch.tenant)
+        self._fail_rows(rows, exc, attempts)
+
+    def _fail_rows(self, rows: Sequence[Row], exc: EmbedfillError, attempts: int) -> None:
         for row in rows:
             failure = Failure(
                 id=row.id,
@@ -702,15 +737,31 @@ class _Run:
             self.pending_failures.append(failure)
             if len(self.report.failures) < MAX_REPORTED_FAILURES:
                 self.report.failures.append(failure)
-        tenant.failed += len(rows)
+            self._tenant(row.tenant).failed += 1
         self.report.failed += len(rows)
         self.hooks.observer.rows(self.target.name, "failed", len(rows))
         self._progress()
 
+    # ------------------------------------------------------------------ writing
+
+    async def _writer_connection(self) -> psycopg.AsyncConnection[Any]:
+        """A writer's connection: short lock and statement timeouts, so a write never
+        queues long behind the application (a timeout is retried, not fatal)."""
+        conn = await connect(self.db)
+        await conn.execute(
+            "SELECT set_config('lock_timeout', %(lock)s, false),"
+            " set_config('statement_timeout', %(statement)s, false)",
+            {
+                "lock": f"{self.engine.lock_timeout_ms}ms",
+                "statement": f"{self.engine.statement_timeout_s}s",
+            },
+        )
+        self.vector_oid = await wire.register(conn, self.info.types.vector_type)
+        return conn
+
     async def _writer(
         self, conn: psycopg.AsyncConnection[Any], write_q: asyncio.Queue[_Write | None]
     ) -> None:
-        statement = self.sql.write()
         done = False
         while not done:
             item = await write_q.get()
@@ -724,18 +775,112 @@ class _Run:
                     break
                 item.rows.extend(more.rows)
                 item.vectors.extend(more.vectors)
-            ids = [r.id for r in item.rows]
-            params = {
-                "ids": wire.int8_array(ids) or ids,
-                "fps": wire.fixed_text_array([r.fingerprint for r in item.rows], 32),
-                "vecs": wire.vector_array(item.vectors, self.vector_oid),
-                "lo": min(ids),
-                "hi": max(ids),
-            }
-            async with conn.transaction():
-                cur = await conn.execute(statement, params)
-                written = {r[0] for r in await cur.fetchall()}
-            self._count_written(item.rows, written)
+            self._take_due_locked(item)
+            await self._write(conn, item)
+
+    async def _write(self, conn: psycopg.AsyncConnection[Any], item: _Write) -> None:
+        """One guarded bulk write in its own short transaction. Rows the app holds locked
+        are set aside and tried again later in the run; a lock or statement timeout, a
+        deadlock or a serialization failure retries the write with backoff."""
+        ids = [r.id for r in item.rows]
+        params: dict[str, Any] = {
+            "ids": wire.int8_array(ids) or ids,
+            "fps": wire.fixed_text_array([r.fingerprint for r in item.rows], 32),
+            "vecs": wire.vector_array(item.vectors, self.vector_oid),
+        }
+        if self.sql.integer_ids:
+            params |= {"lo": min(ids), "hi": max(ids)}
+        statement = self.sql.write()
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                async with conn.transaction():
+                    cur = await conn.execute(statement, params)
+                    result = await cur.fetchall()
+                break
+            except _TRANSIENT_WRITE_ERRORS as exc:
+                if attempt == WRITE_ATTEMPTS or self.hooks.cancel.is_set():
+                    self._fail_rows(
+                        item.rows,
+                        DatabaseError(
+                            f"The database kept refusing the write ({_first_line(exc)}); "
+                            "run again to retry these rows."
+                        ),
+                        attempt,
+                    )
+                    return
+                delay = min(8.0, 0.25 * 2**attempt)
+                log.warning(
+                    "run %s: write of %d rows failed (%s); retrying in %.1fs",
+                    self.report.run_id,
+                    len(ids),
+                    _first_line(exc),
+                    delay,
+                )
+                await self._pause(delay)
+        written = {r[0] for r in result if r[1]}
+        busy = {r[0] for r in result if not r[1]}
+        if busy:
+            due = time.monotonic() + LOCKED_RETRY_S
+            waiting = _Write([], [])
+            for row, vector in zip(item.rows, item.vectors, strict=True):
+                if row.id in busy:
+                    waiting.rows.append(row)
+                    waiting.vectors.append(vector)
+            self.locked.append((due, waiting))
+            log.info(
+                "run %s: %d rows are locked by another transaction; trying them again later",
+                self.report.run_id,
+                len(busy),
+            )
+        self._count_written([r for r in item.rows if r.id not in busy], written)
+
+    def _take_due_locked(self, item: _Write) -> None:
+        """Add the rows set aside as locked whose time to retry has come."""
+        now = time.monotonic()
+        due = [w for t, w in self.locked if t <= now]
+        if not due:
+            return
+        self.locked = [(t, w) for t, w in self.locked if t > now]
+        for w in due:
+            item.rows.extend(w.rows)
+            item.vectors.extend(w.vectors)
+
+    async def _settle_locked(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """At the end of the run, retry rows the app held locked, with growing waits, for
+        at most ``locked_rows_wait_s``; rows still locked then are left NULL for the next
+        run and counted in ``locked`` (and ``skipped``)."""
+        deadline = time.monotonic() + self.engine.locked_rows_wait_s
+        wait = LOCKED_RETRY_S
+        while self.locked and not self.hooks.cancel.is_set():
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            await self._pause(min(wait, max(0.0, deadline - now)))
+            wait = min(wait * 2, 4.0)
+            item = _Write([], [])
+            for _, w in self.locked:
+                item.rows.extend(w.rows)
+                item.vectors.extend(w.vectors)
+            self.locked = []
+            await self._write(conn, item)
+        left = [r for _, w in self.locked for r in w.rows]
+        self.locked = []
+        if left:
+            log.warning(
+                "run %s: %d rows stayed locked by the application; left NULL for the next run",
+                self.report.run_id,
+                len(left),
+            )
+            for tenant, count in Counter(r.tenant for r in left).items():
+                self._tenant(tenant).skipped += count
+            self.report.skipped += len(left)
+            self.report.locked += len(left)
+            self.hooks.observer.rows(self.target.name, "skipped", len(left))
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when the run is cancelled."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.hooks.cancel.wait(), seconds)
 
     def _count_written(self, rows: list[Row], written: set[Any]) -> None:
         self.hooks.observer.rows(self.target.name, "embedded", len(written))
@@ -744,7 +889,7 @@ class _Run:
         for tenant, count in embedded.items():
             self._tenant(tenant).embedded += count
         self.report.embedded += len(written)
-        if len(written) < len(rows):  # the app changed or filled these since we read them
+        if len(written) < len(rows):  # the app changed, filled or deleted these since
             changed = Counter(r.tenant for r in rows if r.id not in written)
             for tenant, count in changed.items():
                 self._tenant(tenant).skipped += count
@@ -769,33 +914,50 @@ class _Run:
             self._last_progress = now
             self.hooks.on_progress(self.report)
 
-    async def _ticker(self) -> None:
-        while True:
-            await asyncio.sleep(PROGRESS_EVERY_S)
-            await self._flush_audit(final=False)
+    async def _heartbeat(self) -> None:
+        """Every PROGRESS_EVERY_S: progress, failures and a heartbeat into the run's row,
+        and pick up a cancel asked for from elsewhere. Its own connection, so a long
+        statement on the run's connection (an index rebuild) never silences it."""
+        conn: psycopg.AsyncConnection[Any] | None = None
+        try:
+            while True:
+                await asyncio.sleep(PROGRESS_EVERY_S)
+                try:
+                    if conn is None or conn.closed:
+                        conn = await connect(self.db)
+                    await self._flush_audit(final=False, store=Store(conn))
+                except (psycopg.Error, DatabaseError) as exc:
+                    log.warning("run %s: heartbeat failed: %s", self.report.run_id, exc)
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                await conn.close()
 
-    async def _flush_audit(self, *, final: bool, error: str | None = None) -> None:
+    async def _flush_audit(
+        self, *, final: bool, error: str | None = None, store: Store | None = None
+    ) -> None:
         if self.report.run_id is None:
             return
+        store = store or self.store
         failures, self.pending_failures = self.pending_failures, []
-        await self.store.record_failures(self.report.run_id, failures)
+        try:
+            await store.record_failures(self.report.run_id, failures)
+        except BaseException:
+            self.pending_failures[:0] = failures  # not lost: the next flush writes them
+            raise
         if final:
-            await self.store.finish_run(self.report, error)
+            await store.finish_run(self.report, error)
             if self.hooks.on_progress:
                 self.hooks.on_progress(self.report)
-        elif await self.store.save_progress(self.report):
+        elif await store.save_progress(self.report):
             if not self.hooks.cancel.is_set():
                 log.warning(
                     "run %s: cancel requested; stopping after the batches in flight",
                     self.report.run_id,
                 )
             self.hooks.cancel.set()
-
-
-async def _has_schema(conn: psycopg.AsyncConnection[Any]) -> bool:
-    from .db.schema import current_version
-
-    return await current_version(conn) is not None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -77,6 +77,7 @@ class Report:
     failed: int = 0
     truncated: int = 0
     changed: int = 0  # read, embedded, then not written: the app changed or filled the row
+    locked: int = 0  # left NULL: the app held the row's lock for the whole retry window
     deduplicated: int = 0
     batches: int = 0
     requests: int = 0

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import psycopg
+import pytest
 from psycopg.types.json import Jsonb
 
-from embedfill import BackfillOptions, Database, abackfill
+from embedfill import BackfillOptions, Database, DatabaseError, abackfill
 from tests.support.cli import cli_env, embedfill, write_config
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.tables import make_tickets, tickets_config
@@ -60,26 +65,105 @@ def test_indexes_are_dropped_during_the_fill_and_rebuilt(
     assert valid == (True,)
 
 
-def test_a_run_killed_with_the_index_dropped_is_repaired_by_the_next(
-    db_url: str, fake_openai: FakeOpenAI
+def leave_invalid_index(db_url: str, definition: str) -> None:
+    """What a crash during a CREATE INDEX CONCURRENTLY leaves: the index in the catalog,
+    ``indisvalid = false``. A writer's open transaction holds the build in its first
+    wait; the building backend is then killed."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"DROP INDEX app.{INDEX}")
+    writer = psycopg.connect(db_url)
+    writer.execute('UPDATE app."SupportTickets" SET subject = subject WHERE ticket_no = 1')
+    builder = psycopg.connect(db_url, autocommit=True)
+    pid = builder.info.backend_pid
+    concurrent = definition.replace("CREATE INDEX", "CREATE INDEX CONCURRENTLY", 1)
+    thread = threading.Thread(target=_quietly, args=(builder, concurrent))
+    thread.start()
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for _ in range(200):
+            row = conn.execute(
+                "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+                (f"app.{INDEX}",),
+            ).fetchone()
+            if row is not None:
+                break
+            time.sleep(0.05)
+        assert row == (False,)
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    thread.join(10)
+    writer.rollback()
+    writer.close()
+
+
+def _quietly(conn: psycopg.Connection[Any], statement: str) -> None:
+    with contextlib.suppress(psycopg.Error):
+        conn.execute(statement.encode())
+
+
+@pytest.mark.parametrize("left", ["dropped", "invalid"])
+def test_a_run_killed_mid_index_work_is_repaired_by_the_next(
+    db_url: str, fake_openai: FakeOpenAI, left: str
 ) -> None:
     with_index(db_url)
     config = tickets_config(fake_openai.base_url)
     env = {"TEST_PLATFORM_KEY": "sk-x-123456789"}
     asyncio.run(abackfill(config, Database(db_url), BackfillOptions(dry_run=True), env=env))
     definition = index_def(db_url)
+    assert definition is not None
     # what a kill -9 in the middle of an index-aware run leaves behind
+    if left == "dropped":
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(f"DROP INDEX app.{INDEX}")
+    else:
+        leave_invalid_index(db_url, definition)
+    deferred = [{"schema": "app", "name": INDEX, "method": "hnsw", "definition": definition}]
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(f"DROP INDEX app.{INDEX}")
-        deferred = [{"schema": "app", "name": INDEX, "method": "hnsw", "definition": definition}]
-        conn.execute(
-            "INSERT INTO embedfill.runs (target, actor, parameters, dry_run, status) "
-            "VALUES ('tickets', 'test', %s, false, 'running')",
+        dead = conn.execute(
+            "INSERT INTO embedfill.runs (target, actor, parameters, dry_run, status,"
+            " table_oid, column_name) VALUES ('tickets', 'test', %s, false, 'running',"
+            " 'app.\"SupportTickets\"'::regclass, 'emb') RETURNING id",
             (Jsonb({"deferred_indexes": deferred}),),
-        )
+        ).fetchone()
     report = asyncio.run(abackfill(config, Database(db_url), BackfillOptions(), env=env))
     assert report.embedded == 45
     assert index_def(db_url) == definition
+    with psycopg.connect(db_url) as conn:
+        valid = conn.execute(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (f"app.{INDEX}",)
+        ).fetchone()
+        status = conn.execute("SELECT status FROM embedfill.runs WHERE id = %s", dead).fetchone()
+    assert valid == (True,)
+    assert status == ("abandoned",)
+
+
+def test_a_dead_run_whose_repair_fails_is_not_marked_abandoned(
+    db_url: str, fake_openai: FakeOpenAI
+) -> None:
+    with_index(db_url)
+    config = tickets_config(fake_openai.base_url)
+    env = {"TEST_PLATFORM_KEY": "sk-x-123456789"}
+    asyncio.run(abackfill(config, Database(db_url), BackfillOptions(dry_run=True), env=env))
+    broken = {
+        "schema": "app",
+        "name": "gone_idx",
+        "method": "hnsw",
+        "definition": 'CREATE INDEX gone_idx ON app."SupportTickets" USING hnsw (no_such_column)',
+    }
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        dead = conn.execute(
+            "INSERT INTO embedfill.runs (target, actor, parameters, dry_run, status,"
+            " table_oid, column_name) VALUES ('tickets', 'test', %s, false, 'running',"
+            " 'app.\"SupportTickets\"'::regclass, 'emb') RETURNING id",
+            (Jsonb({"deferred_indexes": [broken]}),),
+        ).fetchone()
+    with pytest.raises(DatabaseError):
+        asyncio.run(abackfill(config, Database(db_url), BackfillOptions(), env=env))
+    with psycopg.connect(db_url) as conn:
+        status = conn.execute("SELECT status FROM embedfill.runs WHERE id = %s", dead).fetchone()
+        filled = conn.execute(
+            'SELECT count(*) FROM app."SupportTickets" WHERE emb IS NULL'
+        ).fetchone()
+    assert status == ("running",)  # still owed its repair; the next run tries again
+    assert filled == (45,)
 
 
 def test_cli_asks_before_dropping_and_refuses_without_confirmation(

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from ..config import TargetConfig
 from ..errors import ExtensionMissing, SchemaMismatch
@@ -17,6 +18,18 @@ _COLUMNS = """
 SELECT a.attname, format_type(a.atttypid, NULL), t.typname, a.atttypmod
 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
 WHERE a.attrelid = %(rel)s AND a.attnum > 0 AND NOT a.attisdropped"""
+
+# a unique, valid, non-partial index on exactly the id column (a primary key is one)
+_UNIQUE_ID = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_index i
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+    WHERE i.indrelid = %(rel)s AND i.indisunique AND i.indisvalid AND i.indnkeyatts = 1
+      AND i.indpred IS NULL AND i.indexprs IS NULL AND a.attname = %(column)s)"""
+
+# id types whose values compare and sort the same in PostgreSQL and Python, and that
+# the keyset scan can page through
+ID_TYPES = ("int2", "int4", "int8", "numeric", "text", "varchar", "bpchar", "uuid", "citext")
 
 _EXTENSION = """
 SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector'),
@@ -81,6 +94,7 @@ async def inspect_target(
                 f"Column {col!r} ({role} of target {target.name!r}) does not exist in "
                 f"{target.table}; its columns are: {known}."
             )
+    await _check_id(conn, target, oid, columns[target.id_column])
     emb_type, emb_typname, typmod = columns[target.embedding_column]
     if emb_typname != "vector":
         raise SchemaMismatch(
@@ -102,6 +116,43 @@ async def inspect_target(
         dimensions=dims or provider_dims,
         vector_index=f"{found[0].name} ({found[0].method})" if found else None,
     )
+
+
+async def _check_id(
+    conn: psycopg.AsyncConnection[Any],
+    target: TargetConfig,
+    oid: int,
+    column: tuple[str, str, int],
+) -> None:
+    """The id column must identify one row, and its values must compare and sort."""
+    id_type, typname, _ = column
+    where = f"Column {target.id_column!r} (id_column of target {target.name!r})"
+    if typname not in ID_TYPES:
+        raise SchemaMismatch(
+            f"{where} is of type {id_type}, which embedfill cannot page through safely; "
+            "point id_column at an integer, numeric, text or uuid column (the primary key)."
+        )
+    cur = await conn.execute(_UNIQUE_ID, {"rel": oid, "column": target.id_column})
+    row = await cur.fetchone()
+    if not row or not row[0]:
+        raise SchemaMismatch(
+            f"{where} is neither the primary key of {target.table} nor covered by a unique "
+            "index, so an id may name several rows; point id_column at the primary key, or "
+            f"add a unique index on {target.id_column!r}."
+        )
+    if typname == "numeric":
+        q = TargetSQL(target)
+        cur = await conn.execute(
+            sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {} = 'NaN'::numeric)").format(
+                q.table, q.id
+            )
+        )
+        row = await cur.fetchone()
+        if row and row[0]:
+            raise SchemaMismatch(
+                f"{where} holds NaN, which does not compare to other ids; give those rows "
+                "real ids or point id_column at another unique column."
+            )
 
 
 async def target_status(

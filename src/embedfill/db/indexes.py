@@ -28,7 +28,8 @@ JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
 WHERE i.indrelid = %(rel)s AND a.attname = %(column)s AND am.amname IN ('hnsw', 'ivfflat')
 ORDER BY ic.relname"""
 
-_EXISTS = "SELECT to_regclass(%(name)s) IS NOT NULL"
+_STATE = """
+SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(%(name)s)"""
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,16 @@ async def drop(conn: psycopg.AsyncConnection[Any], index: VectorIndex) -> None:
     await conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(index.identifier))
 
 
-async def exists(conn: psycopg.AsyncConnection[Any], index: VectorIndex) -> bool:
+async def state(conn: psycopg.AsyncConnection[Any], index: VectorIndex) -> str:
+    """ "valid", "invalid" (a CONCURRENTLY build that died half-way leaves the index there
+    but unusable: ``indisvalid = false``, never used by queries, still written to) or
+    "missing"."""
     name = index.identifier.as_string(conn)
-    cur = await conn.execute(_EXISTS, {"name": name})
+    cur = await conn.execute(_STATE, {"name": name})
     row = await cur.fetchone()
-    return bool(row and row[0])
+    if row is None:
+        return "missing"
+    return "valid" if row[0] else "invalid"
 
 
 async def rebuild(conn: psycopg.AsyncConnection[Any], index: VectorIndex) -> float:

@@ -15,9 +15,14 @@ TRY_TARGET_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%(key)s, 0))"
 RELEASE_TARGET_LOCK = "SELECT pg_advisory_unlock(hashtextextended(%(key)s, 0))"
 
 INSERT_RUN = """
-INSERT INTO embedfill.runs (target, actor, parameters, dry_run, status, missing_before)
-VALUES (%(target)s, %(actor)s, %(parameters)s, %(dry_run)s, %(status)s, %(missing_before)s)
+INSERT INTO embedfill.runs
+    (target, actor, parameters, dry_run, status, missing_before, table_oid, column_name)
+VALUES (%(target)s, %(actor)s, %(parameters)s, %(dry_run)s, %(status)s, %(missing_before)s,
+        %(table_oid)s, %(column)s)
 RETURNING id"""
+
+HEARTBEAT = "UPDATE embedfill.runs SET heartbeat_at = now() WHERE id = %(id)s"
+SET_RUN_PARAMETERS = "UPDATE embedfill.runs SET parameters = %(parameters)s WHERE id = %(id)s"
 
 UPDATE_RUN_PROGRESS = """
 UPDATE embedfill.runs
@@ -36,16 +41,23 @@ SET status = %(status)s, missing_before = %(missing_before)s, embedded = %(embed
     heartbeat_at = now(), finished_at = now()
 WHERE id = %(id)s"""
 
-# Only called while holding the target's advisory lock: any other run still marked
-# running for the target lost its process (the lock dies with the connection).
-ABANDON_RUNS = """
+# Only called while holding the column's advisory lock: any other run still marked
+# running for the same table and column lost its process (the lock dies with the
+# connection). Runs are keyed by the table's oid, never by the config's spelling.
+DEAD_RUNS = """
+SELECT id, parameters FROM embedfill.runs
+WHERE table_oid = %(table_oid)s AND column_name = %(column)s AND id <> %(own)s
+  AND status IN ('queued', 'running') AND NOT dry_run
+ORDER BY id"""
+
+ABANDON_RUN = """
 UPDATE embedfill.runs SET status = 'abandoned', finished_at = now()
-WHERE target = %(target)s AND status IN ('queued', 'running') AND NOT dry_run
-RETURNING id, parameters"""
+WHERE id = %(id)s AND status IN ('queued', 'running')"""
 
 ACTIVE_RUN = """
-SELECT id, actor, started_at FROM embedfill.runs
-WHERE target = %(target)s AND status = 'running' AND NOT dry_run
+SELECT id, actor, started_at, target FROM embedfill.runs
+WHERE table_oid = %(table_oid)s AND column_name = %(column)s AND status = 'running'
+  AND NOT dry_run
 ORDER BY started_at DESC LIMIT 1"""
 
 REQUEST_CANCEL = """

@@ -47,6 +47,8 @@ class Store:
         dry_run: bool,
         status: str = "running",
         missing_before: int | None = None,
+        table_oid: int | None = None,
+        column: str | None = None,
     ) -> int:
         cur = await self.conn.execute(
             q.INSERT_RUN,
@@ -57,21 +59,38 @@ class Store:
                 "dry_run": dry_run,
                 "status": status,
                 "missing_before": missing_before,
+                "table_oid": table_oid,
+                "column": column,
             },
         )
         row = await cur.fetchone()
         assert row is not None
         return int(row[0])
 
-    async def abandon_runs(self, target: str) -> list[tuple[int, dict[str, Any]]]:
-        """Mark runs still shown running as abandoned (call while holding the target's lock:
-        their processes are gone). Returns their ids and parameters."""
-        cur = await self.conn.execute(q.ABANDON_RUNS, {"target": target})
+    async def set_parameters(self, run_id: int, parameters: dict[str, Any]) -> None:
+        await self.conn.execute(
+            q.SET_RUN_PARAMETERS, {"id": run_id, "parameters": Jsonb(parameters)}
+        )
+
+    async def heartbeat(self, run_id: int) -> None:
+        await self.conn.execute(q.HEARTBEAT, {"id": run_id})
+
+    async def dead_runs(
+        self, table_oid: int, column: str, own: int
+    ) -> list[tuple[int, dict[str, Any]]]:
+        """Runs of this table column still shown running, other than ``own`` (call while
+        holding the column's lock: their processes are gone). Ids and parameters."""
+        cur = await self.conn.execute(
+            q.DEAD_RUNS, {"table_oid": table_oid, "column": column, "own": own}
+        )
         return [(int(r[0]), r[1]) for r in await cur.fetchall()]
 
-    async def active_run(self, target: str) -> dict[str, Any] | None:
+    async def abandon_run(self, run_id: int) -> None:
+        await self.conn.execute(q.ABANDON_RUN, {"id": run_id})
+
+    async def active_run(self, table_oid: int, column: str) -> dict[str, Any] | None:
         async with self.conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(q.ACTIVE_RUN, {"target": target})
+            await cur.execute(q.ACTIVE_RUN, {"table_oid": table_oid, "column": column})
             return await cur.fetchone()
 
     async def get_run(self, run_id: int) -> dict[str, Any] | None:

@@ -13,6 +13,8 @@ from psycopg import sql
 
 from ..config import TargetConfig
 
+INTEGER_TYPES = ("smallint", "integer", "bigint")
+
 
 @dataclass(frozen=True)
 class ColumnTypes:
@@ -71,22 +73,50 @@ class TargetSQL:
             tenants=self._tenant_filter(tenants),
         )
 
+    @property
+    def integer_ids(self) -> bool:
+        return self.types.id_type in INTEGER_TYPES
+
     def write(self) -> sql.Composed:
         """One bulk UPDATE per batch, written only where the embedding is still NULL and
-        the source text is unchanged since it was read."""
+        the source text is unchanged since it was read.
+
+        Rows are locked first with ``SKIP LOCKED``: a row the application holds locked is
+        never waited for (so the backfill never queues behind the app, holds its batch's
+        rows meanwhile, or joins a deadlock); it comes back as ``(id, false)`` for a later
+        try. Written rows come back as ``(id, true)``; a row in neither was changed, filled
+        or deleted by the app since it was read.
+
+        Ids are matched with ``= ANY(ids)`` (an index scan of the batch's keys); integer
+        ids also get ``BETWEEN lo AND hi``. Other id types get no range: Python's order of
+        strings is not the column collation's, and a wrong range silently skips rows.
+        """
+        ids = sql.SQL("%(ids)b::{}[]").format(sql.SQL(self.types.id_type))
+        t_id = sql.Identifier("t", self.target.id_column)
+        keys = sql.SQL("{t_id} = ANY({ids})").format(t_id=t_id, ids=ids)
+        if self.integer_ids:
+            keys = sql.SQL("{keys} AND {t_id} BETWEEN %(lo)b AND %(hi)b").format(
+                keys=keys, t_id=t_id
+            )
         return sql.SQL(
+            "WITH locked AS ("
+            "SELECT {t_id} AS id FROM {table} AS t WHERE {keys} FOR UPDATE OF t SKIP LOCKED"
+            "), written AS ("
             "UPDATE {table} AS t SET {emb} = u.v"
-            " FROM unnest(%(ids)b::{id_type}[], %(fps)b::text[], %(vecs)b::{vec_type}[])"
-            " AS u(id, fp, v)"
-            " WHERE {t_id} = u.id AND {t_id} BETWEEN %(lo)b AND %(hi)b"
+            " FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[]) AS u(id, fp, v)"
+            " WHERE {t_id} = u.id AND {keys} AND {t_id} IN (SELECT id FROM locked)"
             " AND {t_emb} IS NULL AND {fp} = u.fp"
-            " RETURNING {t_id}"
+            " RETURNING {t_id} AS id"
+            ") SELECT id, true FROM written"
+            " UNION ALL SELECT {t_id}, false FROM {table} AS t"
+            " WHERE {keys} AND {t_id} NOT IN (SELECT id FROM locked)"
         ).format(
             table=self.table,
             emb=self.emb,
-            id_type=sql.SQL(self.types.id_type),
+            ids=ids,
             vec_type=sql.SQL(self.types.vector_type),
-            t_id=sql.Identifier("t", self.target.id_column),
+            t_id=t_id,
+            keys=keys,
             t_emb=sql.Identifier("t", self.target.embedding_column),
             fp=self._fingerprint("t"),
         )

@@ -1,0 +1,385 @@
+"""The application keeps working while a backfill runs: its row locks are never waited
+for, its table locks only briefly, and one target is one physical column whatever the
+config calls it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from embedfill import BackfillOptions, Database, Report, TargetBusy, abackfill
+from embedfill.config import Config, EngineConfig, parse_config
+from embedfill.providers.hashing import hash_vector
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.tables import stored_vectors, tickets_config
+
+from .test_backfill import expected_text
+
+ENV = {"TEST_PLATFORM_KEY": "sk-platform-0123456789abcdef"}
+
+
+def with_engine(config: Config, **engine: Any) -> Config:
+    return dataclasses.replace(config, engine=EngineConfig(**engine))
+
+
+class Background:
+    """A backfill in a thread, so the test can play the application meanwhile."""
+
+    def __init__(self, db_url: str, config: Config, **opts: Any) -> None:
+        self.report: Report | None = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.report = asyncio.run(
+                    abackfill(config, Database(db_url), BackfillOptions(**opts), env=ENV)
+                )
+            except BaseException as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+
+    def join(self, timeout: float = 60) -> Report:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the backfill hung"
+        if self.error is not None:
+            raise self.error
+        assert self.report is not None
+        return self.report
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+def filled(db_url: str) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute('SELECT count(*) FROM app."SupportTickets" WHERE emb IS NOT NULL')
+        return int(row.fetchone()[0])  # type: ignore[index]
+
+
+def assert_right_vectors(db_url: str, ids: set[int]) -> None:
+    with psycopg.connect(db_url) as conn:
+        vectors = stored_vectors(conn)
+    for i in ids:
+        np.testing.assert_array_equal(vectors[i], hash_vector(expected_text(i), 8))
+
+
+# ---------------------------------------------------------------------------- row locks
+
+
+def test_a_row_the_app_keeps_locked_is_skipped_not_waited_for(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    config = with_engine(tickets_config(fake_openai.base_url), locked_rows_wait_s=1)
+    with psycopg.connect(tickets) as app:
+        app.execute('SELECT * FROM app."SupportTickets" WHERE ticket_no = 2 FOR UPDATE')
+        report = Background(tickets, config).join(timeout=30)  # the app still holds row 2
+        app.rollback()
+
+    assert report.locked == 1 and report.embedded == 44 and report.failed == 0
+    assert report.status == "succeeded"
+    with psycopg.connect(tickets) as conn:
+        vectors = stored_vectors(conn)
+    assert vectors[2] is None  # left for the next run
+    assert_right_vectors(tickets, {i for i in range(1, 61) if i % 4 and i != 2})
+    again = Background(tickets, config).join()
+    assert again.embedded == 1
+    assert_right_vectors(tickets, {2})
+
+
+def test_a_row_locked_for_a_while_is_written_later_in_the_same_run(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    config = with_engine(tickets_config(fake_openai.base_url), locked_rows_wait_s=30)
+    with psycopg.connect(tickets) as app:
+        app.execute('SELECT * FROM app."SupportTickets" WHERE ticket_no = 2 FOR UPDATE')
+        run = Background(tickets, config)
+        wait_until(lambda: filled(tickets) >= 15 + 40)  # all but row 2
+        time.sleep(0.3)
+        app.rollback()  # the app lets go while the run is still retrying
+        report = run.join()
+
+    assert report.locked == 0 and report.embedded == 45 and report.changed == 0
+    assert_right_vectors(tickets, {i for i in range(1, 61) if i % 4})
+
+
+def test_the_app_never_waits_on_the_backfill_nor_deadlocks(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """The origin of this test: the app held one row FOR UPDATE, the backfill's bulk
+    UPDATE queued behind it holding the rest of its batch, the app then touched one of
+    those and one of the two transactions died of a deadlock."""
+    fake_openai.latency = 0.05
+    config = with_engine(tickets_config(fake_openai.base_url), locked_rows_wait_s=5)
+    waits: list[float] = []
+    with psycopg.connect(tickets) as app:
+        app.execute("SET lock_timeout = '10s'")
+        app.execute('SELECT * FROM app."SupportTickets" WHERE ticket_no = 2 FOR UPDATE')
+        run = Background(tickets, config)
+        wait_until(lambda: filled(tickets) > 15)
+        for i in (3, 5, 6, 7, 9, 10, 11, 13, 14, 15, 17, 18, 19, 21, 22, 23):
+            started = time.monotonic()
+            app.execute(
+                'UPDATE app."SupportTickets" SET body = body || %s WHERE ticket_no = %s',
+                (" (edited)", i),
+            )
+            waits.append(time.monotonic() - started)
+        app.commit()  # no deadlock, no lock timeout
+        report = run.join()
+
+    assert max(waits) < 5, waits
+    assert report.failed == 0
+    with psycopg.connect(tickets) as conn:
+        vectors = stored_vectors(conn)
+        texts = dict(
+            conn.execute(
+                "SELECT ticket_no, subject || E'\\n\\n' || body FROM app.\"SupportTickets\""
+            ).fetchall()
+        )
+    # every stored vector is the vector of the text the row held when it was written:
+    # rows edited after being written are stale (a later refresh's job), never mixed up
+    for i, vector in vectors.items():
+        if vector is None or i % 4 == 0:
+            continue
+        candidates = [hash_vector(texts[i], 8), hash_vector(expected_text(i), 8)]
+        assert any(np.array_equal(vector, c) for c in candidates), i
+
+
+def test_a_table_lock_held_by_the_app_times_out_the_write_which_is_retried(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    config = with_engine(
+        tickets_config(fake_openai.base_url), lock_timeout_ms=100, write_batch_rows=1000
+    )
+    held = threading.Event()
+    released = threading.Event()
+
+    def lock_the_table() -> None:
+        with psycopg.connect(tickets) as app:
+            app.execute('LOCK TABLE app."SupportTickets" IN ACCESS EXCLUSIVE MODE')
+            held.set()
+            time.sleep(1.5)
+            app.rollback()
+            released.set()
+
+    def on_inputs(inputs: list[str]) -> None:
+        if not held.is_set() and not released.is_set():
+            threading.Thread(target=lock_the_table, daemon=True).start()
+            held.wait(5)
+
+    fake_openai.on_inputs = on_inputs
+    report = Background(tickets, config).join()
+
+    assert released.is_set()
+    assert report.embedded == 45 and report.failed == 0
+    assert_right_vectors(tickets, {i for i in range(1, 61) if i % 4})
+
+
+# ---------------------------------------------------------------------------- ids
+
+
+def make_docs(db_url: str, id_type: str, ids: list[Any], *, key: str = "PRIMARY KEY") -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE docs (id {id_type} {key}, body text, emb vector(8))")
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO docs (id, body) VALUES (%s, %s)", [(i, f"doc {i}") for i in ids]
+            )
+
+
+def docs_config(base_url: str, **target: Any) -> Config:
+    return parse_config(
+        {
+            "providers": {
+                "openai": {
+                    "kind": "openai",
+                    "model": "test-embed",
+                    "dimensions": 8,
+                    "base_url": base_url,
+                    "api_key_env": "TEST_PLATFORM_KEY",
+                    "batch_size": 7,
+                    "timeout_s": 5,
+                }
+            },
+            "targets": [
+                {
+                    "name": "docs",
+                    "table": "docs",
+                    "id_column": "id",
+                    "text": "{body}",
+                    "embedding_column": "emb",
+                    "provider": "openai",
+                }
+                | target
+            ],
+        }
+    )
+
+
+def run_docs(db_url: str, config: Config, **opts: Any) -> Report:
+    return asyncio.run(abackfill(config, Database(db_url), BackfillOptions(**opts), env=ENV))
+
+
+def docs_vectors(db_url: str) -> dict[Any, np.ndarray | None]:
+    from pgvector.psycopg import register_vector
+
+    with psycopg.connect(db_url) as conn:
+        register_vector(conn)
+        rows = conn.execute("SELECT id, body, emb FROM docs").fetchall()
+    return {r[0]: (r[1], None if r[2] is None else r[2].to_numpy()) for r in rows}
+
+
+@pytest.fixture(scope="session")
+def en_us_locale() -> str:
+    """A libc collation that orders text unlike Python (case and punctuation folded)."""
+    import subprocess
+
+    have = subprocess.run(["locale", "-a"], capture_output=True, text=True).stdout.lower()
+    if "en_us.utf8" not in have:
+        made = subprocess.run(
+            ["localedef", "-i", "en_US", "-f", "UTF-8", "en_US.UTF-8"], capture_output=True
+        )
+        if made.returncode != 0:
+            pytest.skip(f"cannot create the en_US.UTF-8 locale here: {made.stderr!r}")
+    return "en_US.utf8"
+
+
+def test_text_ids_under_a_collation_unlike_pythons_are_all_written(
+    db_url: str, fake_openai: FakeOpenAI, en_us_locale: str
+) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"CREATE COLLATION en_us (provider = libc, locale = '{en_us_locale}')")
+    words = ["apple", "Banana", "cherry", "Date", "_under", "a-b", "ab", "Zed", "zoo", "Émile"]
+    ids = [f"{w}{n}" for w in words for n in range(12)]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        server_order = [
+            r[0]
+            for r in conn.execute(
+                "SELECT x FROM unnest(%s::text[]) x ORDER BY x COLLATE en_us", (ids,)
+            ).fetchall()
+        ]
+    assert server_order != sorted(ids)  # the premise: Python sorts these differently
+    make_docs(db_url, "text COLLATE en_us", ids)
+
+    report = run_docs(db_url, docs_config(fake_openai.base_url))
+
+    assert report.embedded == len(ids) and report.changed == 0 and report.status == "succeeded"
+    for body, vector in docs_vectors(db_url).values():
+        np.testing.assert_array_equal(vector, hash_vector(body, 8))
+
+
+@pytest.mark.parametrize(
+    ("id_type", "ids"),
+    [
+        ("uuid", ["00000000-0000-0000-0000-00000000000a", "ffffffff-0000-0000-0000-000000000001"]),
+        ("numeric", ["1.5", "-2", "10000000000000000000000"]),
+        ("varchar(20)", ["b", "A", "a"]),
+        ("int4", [3, -1, 7]),
+    ],
+)
+def test_id_types_that_are_supported(
+    db_url: str, fake_openai: FakeOpenAI, id_type: str, ids: list[Any]
+) -> None:
+    make_docs(db_url, id_type, ids)
+    report = run_docs(db_url, docs_config(fake_openai.base_url))
+    assert report.embedded == len(ids)
+    for body, vector in docs_vectors(db_url).values():
+        np.testing.assert_array_equal(vector, hash_vector(body, 8))
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("CREATE TABLE docs (id int, body text, emb vector(8))", "neither the primary key"),
+        (
+            "CREATE TABLE docs (id int, body text, emb vector(8));"
+            " CREATE UNIQUE INDEX ON docs (id) WHERE id > 0",
+            "neither the primary key",
+        ),
+        (
+            "CREATE TYPE mood AS ENUM ('sad', 'ok');"
+            " CREATE TABLE docs (id mood PRIMARY KEY DEFAULT 'ok', body text, emb vector(8))",
+            "of type mood",
+        ),
+        (
+            "CREATE TABLE docs (id float8 PRIMARY KEY DEFAULT 1, body text, emb vector(8))",
+            "of type double precision",
+        ),
+        (
+            "CREATE TABLE docs (id numeric PRIMARY KEY DEFAULT 'NaN', body text, emb vector(8));"
+            " INSERT INTO docs VALUES (1, 'one')",
+            "holds NaN",
+        ),
+    ],
+)
+def test_an_id_column_that_cannot_identify_rows_is_refused_before_any_request(
+    db_url: str, fake_openai: FakeOpenAI, setup: str, message: str
+) -> None:
+    from embedfill import SchemaMismatch
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(setup.encode())
+        conn.execute("INSERT INTO docs (body) VALUES ('a text to embed')")
+    with pytest.raises(SchemaMismatch, match=message) as raised:
+        run_docs(db_url, docs_config(fake_openai.base_url))
+    assert raised.value.exit_code == 2
+    assert fake_openai.requests == []
+    assert str(raised.value).count(".") >= 1 and "\n" not in str(raised.value)
+
+
+def test_a_unique_index_that_is_not_the_primary_key_is_enough(
+    db_url: str, fake_openai: FakeOpenAI
+) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE docs (pk serial PRIMARY KEY, id text NOT NULL, body text, emb vector(8))"
+        )
+        conn.execute("CREATE UNIQUE INDEX docs_id ON docs (id)")
+        conn.execute("INSERT INTO docs (id, body) VALUES ('x', 'doc x'), ('y', 'doc y')")
+    report = run_docs(db_url, docs_config(fake_openai.base_url))
+    assert report.embedded == 2
+
+
+# ---------------------------------------------------------------------------- exclusivity
+
+
+def test_two_spellings_of_one_table_are_one_target(db_url: str, fake_openai: FakeOpenAI) -> None:
+    make_docs(db_url, "int", list(range(1, 41)))
+    fake_openai.latency = 0.2
+    first = Background(db_url, docs_config(fake_openai.base_url, table="docs"))
+    wait_until(lambda: bool(fake_openai.requests))
+    second = docs_config(fake_openai.base_url, table="public.docs", name="docs-again")
+    with pytest.raises(TargetBusy, match="target 'docs'") as busy:
+        run_docs(db_url, second)
+    assert busy.value.exit_code == 4 and busy.value.run_id is not None
+    assert first.join().embedded == 40
+
+
+def test_a_run_of_another_table_never_marks_a_live_run_abandoned(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    make_docs(tickets, "int", list(range(1, 11)))
+    fake_openai.latency = 0.2
+    slow = Background(tickets, tickets_config(fake_openai.base_url))
+    wait_until(lambda: bool(fake_openai.requests))
+    # same target name, another table: its run completes on its own
+    other = run_docs(tickets, docs_config(fake_openai.base_url, name="tickets"))
+    assert other.embedded == 10
+    with psycopg.connect(tickets) as conn:
+        statuses = dict(conn.execute("SELECT id, status FROM embedfill.runs").fetchall())
+    report = slow.join()
+    assert statuses[report.run_id] == "running"
+    assert report.status == "succeeded" and report.embedded == 45
