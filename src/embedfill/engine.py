@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from .config import Config, ProviderConfig, TargetConfig, text_renderer
 from .db import indexes, wire
@@ -43,6 +44,7 @@ from .errors import (
     EmbedfillError,
     NoApiKey,
     ProviderError,
+    RunAborted,
     SchemaMismatch,
     TargetBusy,
     UsageError,
@@ -312,6 +314,12 @@ class _Run:
             except BaseException as exc:
                 self.report.status = "failed"
                 error = _first_line(exc) if isinstance(exc, Exception) else "interrupted"
+                if isinstance(exc, EmbedfillError) and self.report.embedded and exc.exit_code == 2:
+                    # exit 2 promises that nothing was written; this run did write
+                    raise RunAborted(
+                        f"{exc} The run stopped after writing {self.report.embedded} rows; "
+                        "they hold correct vectors."
+                    ) from exc
                 raise
             finally:
                 if heartbeat is not None:
@@ -792,11 +800,16 @@ class _Run:
             params |= {"lo": min(ids), "hi": max(ids)}
         statement = self.sql.write()
         for attempt in range(1, WRITE_ATTEMPTS + 1):
+            # a run stopped by an error elsewhere cancels its writers: the write in flight
+            # still finishes and is counted, so the audit trail equals what was committed
+            commit = asyncio.ensure_future(self._commit(conn, statement, params))
             try:
-                async with conn.transaction():
-                    cur = await conn.execute(statement, params)
-                    result = await cur.fetchall()
+                result = await asyncio.shield(commit)
                 break
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    self._tally_write(item, await commit)
+                raise
             except _TRANSIENT_WRITE_ERRORS as exc:
                 if attempt == WRITE_ATTEMPTS or self.hooks.cancel.is_set():
                     self._fail_rows(
@@ -817,6 +830,17 @@ class _Run:
                     delay,
                 )
                 await self._pause(delay)
+        self._tally_write(item, result)
+
+    @staticmethod
+    async def _commit(
+        conn: psycopg.AsyncConnection[Any], statement: sql.Composed, params: dict[str, Any]
+    ) -> list[Any]:
+        async with conn.transaction():
+            cur = await conn.execute(statement, params)
+            return await cur.fetchall()
+
+    def _tally_write(self, item: _Write, result: list[Any]) -> None:
         written = {r[0] for r in result if r[1]}
         busy = {r[0] for r in result if not r[1]}
         if busy:

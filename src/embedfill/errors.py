@@ -45,6 +45,12 @@ class KeyStoreError(ConfigError):
     """The key store cannot be used as configured."""
 
 
+class RunAborted(EmbedfillError):
+    """The run stopped part-way; the rows it wrote are kept."""
+
+    exit_code = 3
+
+
 class DatabaseError(EmbedfillError):
     """The database could not be reached or refused a statement."""
 

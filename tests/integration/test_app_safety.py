@@ -383,3 +383,75 @@ def test_a_run_of_another_table_never_marks_a_live_run_abandoned(
     report = slow.join()
     assert statuses[report.run_id] == "running"
     assert report.status == "succeeded" and report.embedded == 45
+
+
+# ---------------------------------------------------------------------------- audit truth
+
+
+def committed(db_url: str) -> int:
+    """Rows the run filled: NULL before (every 4th row was filled beforehand)."""
+    return filled(db_url) - 15
+
+
+def audit(db_url: str, run_id: int) -> tuple[str, int, int]:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(
+            "SELECT status, embedded, failed FROM embedfill.runs WHERE id = %s", (run_id,)
+        ).fetchone()
+    assert row is not None
+    return row[0], row[1], row[2]
+
+
+def test_a_size_change_mid_run_after_writes_is_exit_3_and_the_audit_counts_what_was_written(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    from embedfill import RunAborted
+
+    config = tickets_config(fake_openai.base_url)
+    provider = dataclasses.replace(config.providers["openai"], dimensions=None)
+    config = dataclasses.replace(config, providers={"openai": provider})
+    fake_openai.dims = 8
+    seen = []
+
+    def on_inputs(inputs: list[str]) -> None:
+        seen.append(inputs)
+        if len(seen) == 4:  # the model behind the endpoint changed
+            fake_openai.dims = 16
+
+    fake_openai.on_inputs = on_inputs
+    with pytest.raises(RunAborted) as raised:
+        run_docs(tickets, config)
+    assert raised.value.exit_code == 3
+    assert "16-dimensional" in str(raised.value) and "after writing" in str(raised.value)
+    with psycopg.connect(tickets) as conn:
+        (run_id,) = conn.execute("SELECT max(id) FROM embedfill.runs").fetchone()  # type: ignore[misc]
+    status, embedded, failed = audit(tickets, run_id)
+    assert status == "failed" and failed == 0
+    assert embedded == committed(tickets) > 0
+
+
+def test_a_cancelled_run_records_exactly_what_it_committed_and_no_failures(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.latency = 0.1
+    cancel = asyncio.Event()
+    config = tickets_config(fake_openai.base_url)
+
+    async def go() -> Report:
+        def on_progress(report: Report) -> None:
+            if report.embedded >= 10:
+                cancel.set()
+
+        return await abackfill(
+            config,
+            Database(tickets),
+            BackfillOptions(),
+            env=ENV,
+            cancel=cancel,
+            on_progress=on_progress,
+        )
+
+    report = asyncio.run(go())
+    assert report.status == "cancelled" and report.failed == 0
+    assert 10 <= report.embedded < 45
+    assert audit(tickets, report.run_id) == ("cancelled", committed(tickets), 0)  # type: ignore[arg-type]
