@@ -491,8 +491,9 @@ class _Run:
         write_q: asyncio.Queue[_Write | None] = asyncio.Queue(max(2, per_write))
         writer_conns: list[psycopg.AsyncConnection[Any]] = []
         try:
-            for _ in range(self.engine.write_concurrency):
-                writer_conns.append(await connect(self.db))
+            n_writers = self.db.writers(self.engine.write_concurrency)
+            for k in range(1, n_writers + 1):
+                writer_conns.append(await connect(self.db, writer=(k, n_writers)))
                 self.vector_oid = await wire.register(writer_conns[-1], self.info.types.vector_type)
             async with asyncio.TaskGroup() as tg:
                 workers = [
