@@ -295,8 +295,7 @@ def demo(ctx: typer.Context) -> None:
 
 @app.command()
 def migrate(ctx: typer.Context) -> None:
-    """Create or upgrade embedfill's own schema (audit trail, key store) to this build's
-    version. Run it once as the schema owner; backfills then need only DML privileges."""
+    """Create or upgrade embedfill's own schema; run once as its owner (then DML is enough)."""
     state = _state(ctx)
     with _errors(state):
         before, after = asyncio.run(amigrate(state.database()))

