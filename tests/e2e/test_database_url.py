@@ -68,6 +68,23 @@ def test_status_with_urls_as_apps_write_them(
         assert "advisory lock" in result.stderr
 
 
+def test_a_backfill_through_a_sqlalchemy_url_with_pgbouncer_and_schema(
+    tickets: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    cfg = unqualified_config(tmp_path, fake_openai.base_url)
+    url = url_for(
+        tickets,
+        password="any-pass",
+        scheme="postgresql+psycopg",
+        query="schema=app&pgbouncer=true&connection_limit=2",
+    )
+    env = cli_env(url, TEST_PLATFORM_KEY=PLATFORM)
+    result = embedfill("--config", str(cfg), "backfill", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["embedded"] == 45
+    assert "advisory lock" in result.stderr
+
+
 def test_an_unknown_url_parameter_is_one_sentence(tickets: str, tmp_path: Path) -> None:
     url = url_for(tickets, password="Qv7secret", query="currentSchema=app")
     result = embedfill("status", env=cli_env(url))
