@@ -278,10 +278,11 @@ class AdminService:
         finally:
             await conn.close()
         if version is None or version < EXPECTED_VERSION:
+            state = "missing" if version is None else f"at version {version}"
             return self._not_ready(
                 NOT_READY_SCHEMA_BEHIND,
-                f"embedfill's schema is at version {version or 'none'}, this build needs "
-                f"{EXPECTED_VERSION}; run `embedfill migrate` as the schema owner",
+                f"embedfill's schema is {state}, this build needs {EXPECTED_VERSION}; "
+                "run `embedfill migrate` as the schema owner",
             )
         if version > EXPECTED_VERSION:
             return self._not_ready(
