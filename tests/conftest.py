@@ -20,6 +20,7 @@ import pytest
 from psycopg import conninfo, sql
 
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.roles import Roles
 from tests.support.tables import make_tickets
 
 TEMPLATE = "embedfill_test_template"
@@ -99,3 +100,11 @@ def fake_openai() -> Iterator[FakeOpenAI]:
     fake = FakeOpenAI().start()
     yield fake
     fake.stop()
+
+
+@pytest.fixture
+def roles(db_url: str) -> Iterator[Roles]:
+    """Create LOGIN roles on the test server (dropped after the test)."""
+    made = Roles(db_url)
+    yield made
+    made.drop_all()

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import keys as keymod
 from .config import Config, load_config
 from .db.connect import Database, connect, resolve_database
-from .db.schema import ensure_schema
+from .db.schema import amigrate, ensure_schema
 from .db.store import Store
 from .engine import BackfillOptions, abackfill, adefer_index_plan, astatus
 from .errors import EmbedfillError, UsageError
@@ -291,6 +291,19 @@ def demo(ctx: typer.Context) -> None:
         status_tables(out, asyncio.run(astatus(config, db)))
     if done.failed:
         raise typer.Exit(3)
+
+
+@app.command()
+def migrate(ctx: typer.Context) -> None:
+    """Create or upgrade embedfill's own schema; run once as its owner (then DML is enough)."""
+    state = _state(ctx)
+    with _errors(state):
+        before, after = asyncio.run(amigrate(state.database()))
+    if before == after:
+        out.print(f"embedfill schema: version {after} (already current)")
+    else:
+        was = "missing" if before is None else f"version {before}"
+        out.print(f"embedfill schema: version {after} (was {was})")
 
 
 @app.command()

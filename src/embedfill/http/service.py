@@ -26,9 +26,9 @@ from ..db.schema import EXPECTED_VERSION, current_version, ensure_schema
 from ..db.store import Store
 from ..db.target_sql import TargetSQL
 from ..engine import BackfillOptions, abackfill, astatus
-from ..errors import DatabaseError, EmbedfillError
+from ..errors import DatabaseError, EmbedfillError, ExtensionMissing
 from ..models import Report, TargetStatus
-from ..providers import Provider, make_provider
+from ..providers import Provider, check_available, make_provider
 from .logs import job_id_var
 from .metrics import Metrics
 
@@ -73,8 +73,17 @@ def _pair(job: Job) -> list[asyncio.Future[Any]]:
     return [job.started, job.task]
 
 
+#: what /readyz says (it needs no secret, so it never says more; the log has the details)
+NOT_READY_DATABASE = "database unavailable"
+NOT_READY_PGVECTOR = "pgvector missing"
+NOT_READY_SCHEMA_BEHIND = "schema behind, run embedfill migrate"
+NOT_READY_SCHEMA_AHEAD = "schema newer than this build, upgrade embedfill"
+
+
 class AdminService:
     def __init__(self, config: Config, db: Database, env: Mapping[str, str]) -> None:
+        for pconf in config.providers.values():
+            check_available(pconf)  # e.g. kind = "local" without its extra: fail at start
         self.config = config
         self.db = db
         self.env = env
@@ -82,11 +91,13 @@ class AdminService:
         self.jobs: dict[str, Job] = {}  # active, by target name
         self._providers: dict[str, Provider] = {}
         self._missing_at = 0.0
+        self._unready: str | None = None  # the last reason logged, to log each change once
 
     # ------------------------------------------------------------------ lifecycle
 
     async def startup(self) -> None:
-        """Migrate embedfill's schema if the database is there; readyz reports otherwise."""
+        """Bring embedfill's schema to this build's version if it is behind and this role
+        may; otherwise log why (readyz reports it, and the log names the command)."""
         try:
             conn = await connect(self.db)
         except EmbedfillError as exc:
@@ -94,8 +105,10 @@ class AdminService:
             return
         try:
             await ensure_schema(conn)
+        except EmbedfillError as exc:
+            log.warning("%s", exc)
         except psycopg.Error as exc:
-            log.warning("could not migrate the embedfill schema: %s", exc)
+            log.warning("could not migrate the embedfill schema: %s", _first_line(exc))
         finally:
             await conn.close()
 
@@ -247,28 +260,44 @@ class AdminService:
         return await astatus(self.config, self.db, target)
 
     async def readiness(self) -> tuple[bool, str]:
+        """(ready, reason) for /readyz. Reads only: never migrates, never runs DDL. The
+        reason is one of a few generic phrases; the details (scrubbed) go to the log."""
         try:
             conn = await connect(self.db)
         except EmbedfillError as exc:
-            return False, str(exc)
+            return self._not_ready(NOT_READY_DATABASE, str(exc))
         try:
             await check_extension(conn)
             version = await current_version(conn)
-            if version is None or version < EXPECTED_VERSION:
-                await ensure_schema(conn)
-                version = await current_version(conn)
-            if version != EXPECTED_VERSION:
-                return False, (
-                    f"The embedfill schema is at version {version}, this build "
-                    f"expects {EXPECTED_VERSION}; upgrade embedfill."
-                )
-            return True, f"ok: database reachable, pgvector present, schema v{version}"
-        except EmbedfillError as exc:
-            return False, str(exc)
-        except psycopg.Error as exc:
-            return False, f"The database refused a check: {type(exc).__name__}."
+        except ExtensionMissing as exc:
+            return self._not_ready(NOT_READY_PGVECTOR, str(exc))
+        except (EmbedfillError, psycopg.Error) as exc:
+            return self._not_ready(
+                NOT_READY_DATABASE, f"the database refused a check: {_first_line(exc)}"
+            )
         finally:
             await conn.close()
+        if version is None or version < EXPECTED_VERSION:
+            state = "missing" if version is None else f"at version {version}"
+            return self._not_ready(
+                NOT_READY_SCHEMA_BEHIND,
+                f"embedfill's schema is {state}, this build needs {EXPECTED_VERSION}; "
+                "run `embedfill migrate` as the schema owner",
+            )
+        if version > EXPECTED_VERSION:
+            return self._not_ready(
+                NOT_READY_SCHEMA_AHEAD,
+                f"embedfill's schema is at version {version}, this build expects "
+                f"{EXPECTED_VERSION}; upgrade embedfill",
+            )
+        self._unready = None
+        return True, f"ok: database reachable, pgvector present, schema v{version}"
+
+    def _not_ready(self, reason: str, detail: str) -> tuple[bool, str]:
+        if detail != self._unready:
+            log.warning("not ready (%s): %s", reason, detail)
+            self._unready = detail
+        return False, reason
 
     async def refresh_missing(self) -> None:
         """Update the missing-rows gauge, at most every MISSING_REFRESH_S seconds."""
@@ -301,7 +330,11 @@ class AdminService:
             await ensure_schema(conn)
             yield Store(conn)
         except psycopg.Error as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise DatabaseError(f"The database refused a statement: {first}") from exc
+            raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
         finally:
             await conn.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -10,6 +10,14 @@ from ..config import ProviderConfig
 from .base import Provider, Vector
 
 
+def check_available(config: ProviderConfig) -> None:
+    """Raise a one-sentence ConfigError when this provider's packages are not installed."""
+    if config.kind == "local":
+        from .local import require_local_extra
+
+        require_local_extra()
+
+
 def make_provider(config: ProviderConfig) -> Provider:
     """Create the provider for a config. Clients and models load lazily, once."""
     if config.kind == "openai":
@@ -25,4 +33,4 @@ def make_provider(config: ProviderConfig) -> Provider:
     return HashProvider(config)
 
 
-__all__ = ["Provider", "Vector", "make_provider"]
+__all__ = ["Provider", "Vector", "check_available", "make_provider"]

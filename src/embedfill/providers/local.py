@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import importlib.util
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,15 @@ from ..errors import ConfigError
 from ..secrets import Secret
 from ..tokens import HFTokenizerCounter, TokenCounter
 from .base import ConfiguredProvider, Vector, as_vectors
+
+LOCAL_EXTRA = "kind = 'local' needs the local extra: pip install 'embedfill[local]'"
+
+
+def require_local_extra() -> None:
+    """sentence-transformers (and torch) come with ``embedfill[local]``, not the base
+    install, so an OpenAI-only install pulls no torch. Cheap: finds, does not import."""
+    if importlib.util.find_spec("sentence_transformers") is None:
+        raise ConfigError(LOCAL_EXTRA)
 
 
 def model_location(model: str) -> str:
@@ -34,6 +44,7 @@ def model_location(model: str) -> str:
 
 class LocalProvider(ConfiguredProvider):
     def __init__(self, config: ProviderConfig) -> None:
+        require_local_extra()
         super().__init__(config)
         self._model: Any = None
         self._lock = threading.Lock()

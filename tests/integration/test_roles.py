@@ -1,0 +1,164 @@
+"""Real roles with real privileges: a DML-only role runs backfills, migrating embedfill's
+schema is explicit, and a server without free connections gets a clear message."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from typing import Any
+
+import psycopg
+import pytest
+
+from embedfill import BackfillOptions, Database, abackfill
+from embedfill.db.schema import EXPECTED_VERSION, amigrate
+from embedfill.errors import ConfigError, DatabaseError
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.roles import EMBEDFILL_GRANTS, TICKETS_GRANTS, Roles
+from tests.support.tables import snapshot, tickets_config
+
+PLATFORM = "sk-platform-roles-0123456789"
+
+
+def run(url: str, config: Any, **opts: Any) -> Any:
+    return asyncio.run(
+        abackfill(
+            config, Database(url), BackfillOptions(**opts), env={"TEST_PLATFORM_KEY": PLATFORM}
+        )
+    )
+
+
+def schema_state(db_url: str) -> tuple[bool, int | None]:
+    with psycopg.connect(db_url) as conn:
+        exists = conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'embedfill')"
+        ).fetchone()
+        version = None
+        if conn.execute("SELECT to_regclass('embedfill.schema_version')").fetchone()[0]:
+            version = conn.execute("SELECT max(version) FROM embedfill.schema_version").fetchone()[
+                0
+            ]
+    assert exists is not None
+    return bool(exists[0]), version
+
+
+def set_back_to_version_1(db_url: str) -> None:
+    """As if this database had been migrated by the previous release."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM embedfill.schema_version WHERE version >= 2")
+        conn.execute("DROP INDEX embedfill.runs_physical_active")
+        conn.execute(
+            "ALTER TABLE embedfill.runs DROP COLUMN cancel_requested,"
+            " DROP COLUMN table_oid, DROP COLUMN column_name"
+        )
+
+
+def test_a_dml_only_role_runs_a_backfill_once_the_schema_exists(
+    tickets: str, roles: Roles, fake_openai: FakeOpenAI
+) -> None:
+    assert asyncio.run(amigrate(Database(tickets))) == (None, EXPECTED_VERSION)
+    app_rw = roles.create()
+    roles.grant(app_rw, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
+
+    report = run(roles.url(app_rw), tickets_config(fake_openai.base_url))
+
+    assert report.status == "succeeded" and report.embedded == 45 and report.failed == 0
+    with psycopg.connect(tickets) as conn:
+        assert all(v is not None for v in snapshot(conn).values())
+        actor = conn.execute("SELECT status FROM embedfill.runs").fetchall()
+    assert actor == [("succeeded",)]
+
+
+def test_a_dml_only_role_without_the_schema_is_told_what_to_run(
+    tickets: str, roles: Roles, fake_openai: FakeOpenAI
+) -> None:
+    app_rw = roles.create()
+    roles.grant(app_rw, *TICKETS_GRANTS)
+    with psycopg.connect(tickets) as conn:
+        before = snapshot(conn)
+
+    with pytest.raises(ConfigError) as info:
+        run(roles.url(app_rw), tickets_config(fake_openai.base_url))
+
+    msg = str(info.value)
+    assert "embedfill's schema is missing" in msg
+    assert f"role {app_rw} may not create it" in msg
+    assert "CREATE on database" in msg and "`embedfill migrate`" in msg
+    assert info.value.exit_code == 2
+    assert schema_state(tickets) == (False, None)
+    with psycopg.connect(tickets) as conn:
+        assert snapshot(conn) == before
+    assert fake_openai.requests == []
+
+
+def test_a_dml_only_role_on_an_old_schema_is_told_to_migrate(
+    tickets: str, roles: Roles, fake_openai: FakeOpenAI
+) -> None:
+    asyncio.run(amigrate(Database(tickets)))
+    set_back_to_version_1(tickets)
+    app_rw = roles.create()
+    roles.grant(app_rw, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
+
+    with pytest.raises(ConfigError) as info:
+        run(roles.url(app_rw), tickets_config(fake_openai.base_url))
+
+    msg = str(info.value)
+    assert f"at version 1, this build needs {EXPECTED_VERSION}" in msg
+    assert f"role {app_rw} may not migrate it" in msg and "`embedfill migrate`" in msg
+    assert schema_state(tickets) == (True, 1)
+
+    # the owner migrates once; then the same role runs
+    assert asyncio.run(amigrate(Database(tickets))) == (1, EXPECTED_VERSION)
+    assert run(roles.url(app_rw), tickets_config(fake_openai.base_url)).embedded == 45
+
+
+def test_a_role_that_may_create_the_schema_still_gets_it_on_first_use(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    assert run(tickets, tickets_config(fake_openai.base_url)).embedded == 45
+    assert schema_state(tickets) == (True, EXPECTED_VERSION)
+
+
+def test_migrate_as_a_role_that_may_not_names_the_privilege(tickets: str, roles: Roles) -> None:
+    app_rw = roles.create()
+    with pytest.raises(ConfigError) as info:
+        asyncio.run(amigrate(Database(roles.url(app_rw))))
+    msg = str(info.value)
+    assert f"role {app_rw} may not create it" in msg and "CREATE on database" in msg
+    assert schema_state(tickets) == (False, None)
+
+
+def test_more_writers_than_free_connections_is_a_clear_message(
+    tickets: str, roles: Roles, fake_openai: FakeOpenAI
+) -> None:
+    asyncio.run(amigrate(Database(tickets)))
+    app_rw = roles.create(connection_limit=2)  # the run's own connection and one writer
+    roles.grant(app_rw, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
+    config = tickets_config(fake_openai.base_url)
+    config = replace(config, engine=replace(config.engine, write_concurrency=4))
+    with psycopg.connect(tickets) as conn:
+        before = snapshot(conn)
+
+    with pytest.raises(DatabaseError) as info:
+        run(roles.url(app_rw), config)
+
+    msg = str(info.value)
+    assert "no free connection for writer 2 of 4" in msg
+    assert "write_concurrency" in msg and "max_connections" in msg
+    assert "check DATABASE_URL" not in msg
+    with psycopg.connect(tickets) as conn:
+        assert snapshot(conn) == before
+
+
+def test_connection_limit_in_the_url_keeps_a_run_within_it(
+    tickets: str, roles: Roles, fake_openai: FakeOpenAI
+) -> None:
+    asyncio.run(amigrate(Database(tickets)))
+    app_rw = roles.create(connection_limit=2)
+    roles.grant(app_rw, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
+    config = tickets_config(fake_openai.base_url)
+    config = replace(config, engine=replace(config.engine, write_concurrency=4))
+
+    report = run(roles.url(app_rw, query="connection_limit=2"), config)
+
+    assert report.status == "succeeded" and report.embedded == 45
