@@ -45,8 +45,18 @@ class KeyStoreError(ConfigError):
     """The key store cannot be used as configured."""
 
 
+class ProviderMisconfigured(ConfigError):
+    """The provider rejects every request; check its model and dimensions."""
+
+
 class DatabaseError(EmbedfillError):
     """The database could not be reached or refused a statement."""
+
+
+class RunAborted(EmbedfillError):
+    """The run stopped early; the rows written before are kept, the rest stay NULL."""
+
+    exit_code = 3
 
 
 class TargetBusy(EmbedfillError):
@@ -99,3 +109,13 @@ class BadInput(ProviderError):
 
 class NoApiKey(ProviderError):
     """No API key is available for this tenant."""
+
+
+class BadAnswer(ProviderError):
+    """The provider's answer was malformed."""
+
+    transient = True  # a proxy or provider glitch: asking again usually gets a good one
+
+
+class NonFiniteVector(ProviderError):
+    """The provider returned a vector with NaN or infinite values for this row."""
