@@ -1,5 +1,6 @@
-"""The CLI as a subprocess when the provider misbehaves: exit codes, one clear line, no
-traceback, and signals honoured even while a provider makes it wait."""
+"""The CLI as a subprocess (and the admin service on a real port) when the provider
+misbehaves: exit codes, one clear line, no traceback, and signals honoured even while a
+provider makes it wait."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import signal
 import time
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 
+from embedfill import Database
+from embedfill.http import create_app
 from tests.support.cli import cli_env, embedfill, popen, write_config
-from tests.support.fake_openai import FakeOpenAI, Fault, string_indices
-from tests.support.tables import snapshot
+from tests.support.fake_openai import FakeOpenAI, Fault, missing_embedding, string_indices
+from tests.support.http import ServerThread
+from tests.support.tables import snapshot, tickets_config
 
 PLATFORM = "sk-platform-zyxwvutsrq987654"
+ADMIN = "admin-secret-for-tests-5c1e"
 
 
 def wait_until_requests(fake: FakeOpenAI, count: int, timeout: float = 30) -> None:
@@ -106,3 +112,26 @@ def test_a_size_change_mid_run_exits_3_with_the_reason(
     assert result.returncode == 3, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "15 rows" in line and "12-dimensional" in line
+
+
+def test_the_admin_service_answers_malformed_answers_with_a_report(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.mangle = missing_embedding
+    app = create_app(
+        tickets_config(fake_openai.base_url, provider_overrides={"max_attempts": 1}),
+        database=Database(tickets),
+        env={"TEST_PLATFORM_KEY": PLATFORM, "ADMIN_SECRET": ADMIN},
+    )
+    with ServerThread(app) as base:
+        answer = httpx.post(
+            f"{base}/api/v1/admin/backfill-embeddings?wait=true",
+            headers={"x-admin-secret": ADMIN},
+            timeout=60,
+        )
+    assert answer.status_code == 200, answer.text
+    report = answer.json()
+    assert report["status"] == "partial" and report["failed"] == 45
+    assert {f["error"] for f in report["failures"]} == {
+        "The provider's answer was malformed: embedding 0 is missing."
+    }
