@@ -80,6 +80,7 @@ OK = b64(1, 2)
         (answer({"x": 1}), 1, "embedding 0 is an object, not a list of numbers or base64"),
         (answer(OK, "not*base64!"), 2, "embedding 1 is not valid base64"),
         (answer("AAA"), 1, "embedding 0 is not valid base64"),
+        (answer("AAA\u00e9"), 1, "embedding 0 is not valid base64"),
         (
             answer(base64.b64encode(bytes(30)).decode()),
             1,

@@ -13,7 +13,6 @@ one, and the engine fails those rows alone.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import json
 from collections.abc import Sequence
@@ -91,7 +90,7 @@ def decode_embeddings(content: bytes, count: int) -> list[Vector]:
 def _vector(embedding: Any, index: int) -> Vector:
     if isinstance(embedding, str):
         try:
-            raw = base64.b64decode(embedding, validate=True)
+            raw = binascii.a2b_base64(embedding, strict_mode=True)  # no junk skipped
         except (binascii.Error, ValueError):
             raise malformed(f"embedding {index} is not valid base64") from None
         if len(raw) % _FLOAT_BYTES:
@@ -99,7 +98,7 @@ def _vector(embedding: Any, index: int) -> Vector:
                 f"embedding {index} is base64 of {len(raw)} bytes, "
                 "not a whole number of 4-byte floats"
             )
-        return np.frombuffer(raw, dtype="<f4").astype(np.float32)
+        return np.frombuffer(raw, dtype="<f4").astype(np.float32, copy=False)
     if isinstance(embedding, list):
         for value in embedding:
             if type(value) is not float and type(value) is not int:  # not bool, not "0.5"
