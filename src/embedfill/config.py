@@ -53,6 +53,7 @@ class ProviderConfig:
     tpm: int = 0
     timeout_s: float = 60.0
     max_attempts: int = 6
+    max_retry_wait_s: float = 120.0
     max_input_tokens: int | None = None
     max_request_tokens: int = 300_000
     price_per_1m_tokens: float | None = None
@@ -225,6 +226,7 @@ _PROVIDER_KEYS = {
     "tpm": int,
     "timeout_s": (int, float),
     "max_attempts": int,
+    "max_retry_wait_s": (int, float),
     "max_input_tokens": int,
     "max_request_tokens": int,
     "price_per_1m_tokens": (int, float),
@@ -307,6 +309,9 @@ def _parse_provider(name: str, data: Mapping[str, Any]) -> ProviderConfig:
     timeout = float(data.get("timeout_s", 60.0))
     if timeout <= 0:
         raise ConfigError(f"Key 'timeout_s' in {where} must be more than 0.")
+    max_wait = float(data.get("max_retry_wait_s", 120.0))
+    if max_wait <= 0:
+        raise ConfigError(f"Key 'max_retry_wait_s' in {where} must be more than 0.")
     price = data.get("price_per_1m_tokens")
     if price is not None and price < 0:
         raise ConfigError(f"Key 'price_per_1m_tokens' in {where} must be 0 or more.")
@@ -324,6 +329,7 @@ def _parse_provider(name: str, data: Mapping[str, Any]) -> ProviderConfig:
         tpm=data.get("tpm", 0),
         timeout_s=timeout,
         max_attempts=data.get("max_attempts", 6),
+        max_retry_wait_s=max_wait,
         max_input_tokens=data.get("max_input_tokens"),
         max_request_tokens=data.get("max_request_tokens", 300_000),
         price_per_1m_tokens=None if price is None else float(price),

@@ -6,9 +6,17 @@ One run of one target is a small pipeline of asyncio tasks:
   measures their text, drops blanks, de-duplicates identical texts per tenant and cuts
   per-tenant batches (planning.TenantBatcher);
 - ``max_concurrency`` embedders call the provider under per-key rate limits, retrying
-  what retry.decide says, splitting a batch the provider rejects to isolate the bad row;
+  what retry.decide says, splitting a batch the provider rejects to isolate the bad row,
+  and checking every answer (providers/answers.py): a malformed one is retried, a
+  vector with NaN or infinity fails its row alone;
 - ``write_concurrency`` writers each own a connection and write one batch per short
   transaction with one bulk UPDATE guarded by "still NULL and text unchanged".
+
+Every wait (rate limits, Retry-After, backoff) wakes at once when the run is cancelled;
+the batches not yet sent stay NULL for the next run. A problem that would fail every
+batch (the provider answers another size than the column's, or rejects even a one-word
+request) halts the run: nothing more is sent, what was answered is still written, and
+the run ends with the reason (exit 2 if nothing was written, else RunAborted, exit 3).
 
 No transaction is open while a provider call is in flight, and no row or table lock is
 taken. Only one real run per table column at a time: a session advisory lock, which the
@@ -43,7 +51,9 @@ from .errors import (
     DatabaseError,
     EmbedfillError,
     NoApiKey,
+    NonFiniteVector,
     ProviderError,
+    ProviderMisconfigured,
     RunAborted,
     SchemaMismatch,
     TargetBusy,
@@ -53,8 +63,9 @@ from .keys import KeyResolver
 from .models import Batch, Failure, Report, Row, TargetStatus, TenantReport
 from .planning import BoundedCache, TenantBatcher, estimate_cost, prepare_text, split_batch
 from .providers import Provider, Vector, make_provider
+from .providers.answers import check_vectors, non_finite
 from .ratelimit import KeyLimiter
-from .retry import RetryPolicy, decide
+from .retry import RetryPolicy, decide, server_wait
 from .secrets import Secret
 from .tokens import TokenCounter
 
@@ -72,6 +83,7 @@ _TRANSIENT_WRITE_ERRORS = (
     psycopg.errors.SerializationFailure,
 )
 YIELD_EVERY_ROWS = 32
+PROBE_TEXT = "test"  # what any embedding model accepts: see _rejects_everything
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,11 @@ class BackfillOptions:
 class _Write:
     rows: list[Row]
     vectors: list[Vector]
+
+
+class _Stopped(Exception):
+    """The run is stopping (cancelled or halted): this batch is not sent, its rows stay
+    NULL for the next run and are not failures."""
 
 
 class Observer:
@@ -252,7 +269,7 @@ class _Run:
         self.report = Report(
             run_id=None, target=target.name, dry_run=opts.dry_run, provider=provider.name
         )
-        self.policy = RetryPolicy(max_attempts=pconf.max_attempts)
+        self.policy = RetryPolicy.for_provider(pconf)
         dims = info.dimensions or 1536
         cache_rows = engine.dedup_cache_mb * 1024 * 1024 // (dims * 4 + 200)
         self.cache: BoundedCache[Vector] = BoundedCache(cache_rows)
@@ -268,6 +285,10 @@ class _Run:
         self._max_tokens = provider.max_input_tokens
         self.vector_oid = 0
         self.dims = info.dimensions  # learnt from the first answer when neither side says
+        self._stop = asyncio.Event()  # set on cancel or halt: every wait wakes up
+        self.halted: EmbedfillError | None = None  # why the run stops early, if it does
+        self.proven = False  # a request of this run succeeded: model and dimensions work
+        self._probe: asyncio.Task[BadInput | None] | None = None
 
     # ------------------------------------------------------------------ top level
 
@@ -543,6 +564,7 @@ class _Run:
                     for _ in range(self.pconf.max_concurrency)
                 ]
                 writers = [tg.create_task(self._writer(c, write_q)) for c in writer_conns]
+                watcher = tg.create_task(self._watch_cancel())
                 await self._produce(embed_q, write_q)
                 for _ in workers:
                     await embed_q.put(None)
@@ -551,6 +573,7 @@ class _Run:
                     await write_q.put(None)
                 await asyncio.wait(writers)
                 await self._settle_locked(writer_conns[0])
+                watcher.cancel()
         except* EmbedfillError as group:
             raise group.exceptions[0] from None
         except* psycopg.Error as group:
@@ -558,13 +581,51 @@ class _Run:
         finally:
             for c in writer_conns:
                 await c.close()
+        if self.halted is not None:
+            raise self._halt_error()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set() or self.hooks.cancel.is_set()
+
+    async def _watch_cancel(self) -> None:
+        await self.hooks.cancel.wait()
+        self._stop.set()
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait, waking at once when the run is cancelled or halted; True when it was."""
+        if seconds > 0 and not self.stopping:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._stop.wait()
+        return self.stopping
+
+    def _halt(self, reason: EmbedfillError) -> None:
+        """Stop for a reason that would fail every batch: nothing more is sent, what was
+        answered is still written, and the pipeline then raises the reason."""
+        if self.halted is None:
+            self.halted = reason
+            log.info("run %s: stopping: %s", self.report.run_id, reason)
+        self._stop.set()
+
+    def _halt_error(self) -> EmbedfillError:
+        """The halt's reason as is (a config error, exit 2) when nothing was written;
+        else RunAborted (exit 3): some rows were filled, so "nothing written" is false."""
+        assert self.halted is not None
+        if not self.report.embedded:
+            return self.halted
+        error = RunAborted(
+            f"The run stopped after writing {self.report.embedded} rows: {self.halted}"
+        )
+        error.__cause__ = self.halted
+        return error
 
     async def _produce(
         self, embed_q: asyncio.Queue[Batch | None], write_q: asyncio.Queue[_Write | None]
     ) -> None:
         batcher = self._batcher()
         async for page in self._pages():
-            if self.hooks.cancel.is_set():
+            if self.stopping:
                 return
             hits = _Write([], [])
             for n, raw in enumerate(page, 1):
@@ -602,7 +663,7 @@ class _Run:
         self, embed_q: asyncio.Queue[Batch | None], write_q: asyncio.Queue[_Write | None]
     ) -> None:
         while (batch := await embed_q.get()) is not None:
-            if self.hooks.cancel.is_set():
+            if self.stopping:
                 self._forget(batch)  # left NULL for the next run
                 continue
             await self._embed(batch, write_q)
@@ -629,8 +690,14 @@ class _Run:
             self._fail(batch, NoApiKey(reason) if resolved.error else AuthFailed(reason), 0)
             return
         try:
-            raw = await self._call(batch, resolved.key)
+            vectors, attempts = await self._call(batch, resolved.key)
+        except _Stopped:
+            self._forget(batch)  # left NULL for the next run
+            return
         except BadInput as exc:
+            if not self.proven and await self._rejects_everything(resolved.key):
+                self._forget(batch)
+                return
             if len(batch.rows) > 1:
                 for half in split_batch(batch):
                     await self._embed(half, write_q)
@@ -655,12 +722,64 @@ class _Run:
             self._fail(batch, exc, exc.attempts)
             return
         write = _Write([], [])
-        for row, vector in zip(batch.rows, raw, strict=True):
+        unusable = set(non_finite(vectors))
+        for i, (row, vector) in enumerate(zip(batch.rows, vectors, strict=True)):
+            if i in unusable:  # pgvector refuses NaN and infinity: this row alone fails
+                self._fail(Batch(batch.tenant, (row,)), _non_finite(), attempts)
+                continue
             self.cache.put(row.fingerprint, vector)
             for r in [row, *self.inflight.pop(row.fingerprint, [])]:
                 write.rows.append(r)
                 write.vectors.append(vector)
-        await write_q.put(write)
+        if write.rows:
+            await write_q.put(write)
+
+    async def _rejects_everything(self, key: Secret | None) -> bool:
+        """Whether a 400 before any success is about the request (model, dimensions)
+        rather than its inputs. Bisecting cannot tell: a wrong model rejects every half,
+        and so do two bad inputs that land in different halves. So one probe, shared by
+        all workers, asks for the embedding of a one-word text with the same key, model
+        and dimensions: rejected too, the request is wrong, and the run halts with the
+        provider's words; accepted, the inputs are, and bisection goes on."""
+        if self._probe is None:
+            self._probe = asyncio.create_task(self._send_probe(key))
+        rejected = await self._probe
+        if rejected is None or self.proven:
+            return False
+        check = f"model = {self.pconf.model!r}"
+        if self.pconf.dimensions is not None:
+            check += f" and dimensions = {self.pconf.dimensions}"
+        self._halt(
+            ProviderMisconfigured(
+                "Every request was rejected, even one whose only input is the word "
+                f'"{PROBE_TEXT}", so the request itself is wrong, not the rows: "{rejected}" '
+                f"Check {check} of provider {self.target.provider!r}."
+            )
+        )
+        return True
+
+    async def _send_probe(self, key: Secret | None) -> BadInput | None:
+        """The 400 the probe got, or None (accepted, or no verdict: a later 400 probes
+        again)."""
+        tokens = self._counter.count(PROBE_TEXT)
+        if await self._sleep(self._limiter(key).reserve(tokens, time.monotonic())):
+            return None
+        self.report.requests += 1
+        started = time.monotonic()
+        try:
+            await self.provider.embed([PROBE_TEXT], api_key=key)
+        except ProviderError as exc:
+            self.hooks.observer.request(
+                self.target.name, str(exc.status or "error"), time.monotonic() - started
+            )
+            if isinstance(exc, BadInput):
+                return exc
+            self._probe = None
+            return None
+        self.hooks.observer.request(self.target.name, "200", time.monotonic() - started)
+        self.report.tokens += tokens
+        self.proven = True
+        return None
 
     def _limiter(self, key: Secret | None) -> KeyLimiter:
         name = key.fingerprint if key else "-"
@@ -670,31 +789,32 @@ class _Run:
             self.limiters[name] = limiter
         return limiter
 
-    async def _call(self, batch: Batch, key: Secret | None) -> list[Vector]:
+    async def _call(self, batch: Batch, key: Secret | None) -> tuple[list[Vector], int]:
+        """The batch's vectors, checked, and the attempts it took; raises the provider's
+        error when retrying gives up, ``_Stopped`` when the run stops first."""
         tenant = self._tenant(batch.tenant)
         limiter = self._limiter(key)
         attempts = 0
         while True:
-            wait = limiter.reserve(batch.tokens, time.monotonic())
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if await self._sleep(limiter.reserve(batch.tokens, time.monotonic())):
+                raise _Stopped
             attempts += 1
             self.report.requests += 1
             tenant.requests += 1
             started = time.monotonic()
             try:
-                vectors = await self.provider.embed(batch.texts, api_key=key)
+                answer = await self.provider.embed(batch.texts, api_key=key)
+                vectors = check_vectors(answer, len(batch.rows))
             except ProviderError as exc:
                 self.hooks.observer.request(
                     self.target.name, str(exc.status or "error"), time.monotonic() - started
                 )
                 if exc.retry_after:
-                    limiter.pause(exc.retry_after, time.monotonic())
+                    limiter.pause(server_wait(exc.retry_after, self.policy), time.monotonic())
                 delay = decide(exc, attempts, self.policy)
-                if delay is None or self.hooks.cancel.is_set():
+                if delay is None:
                     exc.attempts = attempts
                     raise
-                self.report.retries += 1
                 log.info(
                     "run %s: tenant %s: %s; retrying in %.1fs",
                     self.report.run_id,
@@ -702,31 +822,37 @@ class _Run:
                     exc,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                if await self._sleep(delay):
+                    raise _Stopped from None
+                self.report.retries += 1
                 continue
             self.hooks.observer.request(self.target.name, "200", time.monotonic() - started)
+            self.proven = True
             self._check_dimensions(vectors)
             self.hooks.observer.tokens(self.target.name, batch.tokens)
             self.report.tokens += batch.tokens
             tenant.tokens += batch.tokens
-            return vectors
+            return vectors, attempts
 
     def _check_dimensions(self, vectors: list[Vector]) -> None:
         """The one check that vectors fit the column (the column's declared size, else the
-        provider's, else the first answer's). A mismatch stops the run, nothing of this
-        batch written, rather than failing every batch."""
-        if self.dims is None and vectors:
-            self.dims = vectors[0].shape[0] if vectors[0].ndim else 0
-        want = self.dims
-        bad = next((v for v in vectors if v.shape != (want,)), None)
-        if bad is not None:
-            got = bad.shape[0] if bad.ndim else 0
-            raise SchemaMismatch(
-                f"The provider returned {got}-dimensional vectors but column "
-                f"{self.target.embedding_column!r} of {self.target.table} holds {want}; "
-                f"set dimensions = {want} for provider {self.target.provider!r} if the model "
-                "supports it, or use a model of that size."
+        provider's, else the first answer's). Vectors of one answer are all of one size
+        (check_vectors); another size than the column's would fail every batch, so it
+        halts the run, nothing of this batch written."""
+        if self.dims is None:
+            self.dims = vectors[0].shape[0]
+        got = vectors[0].shape[0]
+        if got != self.dims:
+            self._halt(
+                SchemaMismatch(
+                    f"The provider returned {got}-dimensional vectors but column "
+                    f"{self.target.embedding_column!r} of {self.target.table} holds "
+                    f"{self.dims}; set dimensions = {self.dims} for provider "
+                    f"{self.target.provider!r} if the model supports it, or use a model of "
+                    "that size."
+                )
             )
+            raise _Stopped
 
     def _fail(self, batch: Batch, exc: EmbedfillError, attempts: int) -> None:
         rows = list(batch.rows)
@@ -812,7 +938,9 @@ class _Run:
                     self._tally_write(item, await commit)
                 raise
             except _TRANSIENT_WRITE_ERRORS as exc:
-                if attempt == WRITE_ATTEMPTS or self.hooks.cancel.is_set():
+                if self.stopping:  # cancelled or halted: left NULL for the next run
+                    return
+                if attempt == WRITE_ATTEMPTS:
                     self._fail_rows(
                         item.rows,
                         DatabaseError(
@@ -830,7 +958,7 @@ class _Run:
                     _first_line(exc),
                     delay,
                 )
-                await self._pause(delay)
+                await self._sleep(delay)
         self._tally_write(item, result)
 
     @staticmethod
@@ -876,11 +1004,12 @@ class _Run:
         run and counted in ``locked`` (and ``skipped``)."""
         deadline = time.monotonic() + self.engine.locked_rows_wait_s
         wait = LOCKED_RETRY_S
-        while self.locked and not self.hooks.cancel.is_set():
+        while self.locked and not self.stopping:
             now = time.monotonic()
             if now >= deadline:
                 break
-            await self._pause(min(wait, max(0.0, deadline - now)))
+            if await self._sleep(min(wait, max(0.0, deadline - now))):
+                break
             wait = min(wait * 2, 4.0)
             item = _Write([], [])
             for _, w in self.locked:
@@ -901,11 +1030,6 @@ class _Run:
             self.report.skipped += len(left)
             self.report.locked += len(left)
             self.hooks.observer.rows(self.target.name, "skipped", len(left))
-
-    async def _pause(self, seconds: float) -> None:
-        """Sleep, but wake at once when the run is cancelled."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.hooks.cancel.wait(), seconds)
 
     def _count_written(self, rows: list[Row], written: set[Any]) -> None:
         self.hooks.observer.rows(self.target.name, "embedded", len(written))
@@ -983,6 +1107,13 @@ class _Run:
                     self.report.run_id,
                 )
             self.hooks.cancel.set()
+
+
+def _non_finite() -> NonFiniteVector:
+    return NonFiniteVector(
+        "The provider returned a vector holding NaN or infinite values for this row's text; "
+        "pgvector cannot store it, so the row was not written."
+    )
 
 
 def _first_line(exc: BaseException) -> str:

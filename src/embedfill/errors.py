@@ -49,10 +49,8 @@ class SchemaNotReady(ConfigError):
     """embedfill's own schema is missing or behind this build; run `embedfill migrate`."""
 
 
-class RunAborted(EmbedfillError):
-    """The run stopped part-way; the rows it wrote are kept."""
-
-    exit_code = 3
+class ProviderMisconfigured(ConfigError):
+    """The provider rejects every request; check its model and dimensions."""
 
 
 class DatabaseError(EmbedfillError):
@@ -61,6 +59,12 @@ class DatabaseError(EmbedfillError):
 
 class NoFreeConnection(DatabaseError):
     """The database server has no free connection; raise max_connections or use fewer."""
+
+
+class RunAborted(EmbedfillError):
+    """The run stopped early; the rows written before are kept, the rest stay NULL."""
+
+    exit_code = 3
 
 
 class TargetBusy(EmbedfillError):
@@ -113,3 +117,13 @@ class BadInput(ProviderError):
 
 class NoApiKey(ProviderError):
     """No API key is available for this tenant."""
+
+
+class BadAnswer(ProviderError):
+    """The provider's answer was malformed."""
+
+    transient = True  # a proxy or provider glitch: asking again usually gets a good one
+
+
+class NonFiniteVector(ProviderError):
+    """The provider returned a vector with NaN or infinite values for this row."""

@@ -7,6 +7,15 @@ timeout, dropped connections), keys that answer 401, and a marker that makes any
 containing it answer 400, as OpenAI does for an invalid input. With ``rpm``/``tpm`` it
 enforces per-key limits as a provider does: a bucket that refills continuously, holding
 ``burst_s`` seconds' worth, and 429 with Retry-After when a request does not fit.
+
+Answers can be wrong in the ways real providers and proxies get them wrong: a
+``mangle`` (one-shot in a Fault, or on every answer) rewrites the JSON payload (see the
+functions at the end: string indices, a duplicated index, a missing or null embedding,
+bad base64, ...); an input containing ``NAN_MARKER``/``INF_MARKER`` gets a vector with a
+NaN/infinite value; ``dims_override`` answers another size; a ``trickle`` fault sends
+the headers at once and then the body a few bytes at a time. ``reject_models`` and
+``supported_dimensions`` make every request for that model (or an unsupported
+``dimensions``) answer 400, as a provider does for a configuration mistake.
 """
 
 from __future__ import annotations
@@ -21,7 +30,13 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import numpy as np
+
 from embedfill.providers.hashing import hash_vectors
+
+NAN_MARKER = "\u2622NaN"
+INF_MARKER = "\u2622Inf"
+Mangle = Callable[[dict[str, Any]], None]
 
 
 @dataclass
@@ -30,6 +45,8 @@ class Fault:
     retry_after: float | None = None
     delay: float = 0.0  # sleep before answering (a timeout when > the client's timeout)
     drop: bool = False  # close the connection without an answer
+    mangle: Mangle | None = None  # a 200 answer, rewritten by this function
+    trickle: float = 0.0  # a 200 answer whose body comes 4 bytes every `trickle` seconds
 
 
 @dataclass
@@ -53,6 +70,10 @@ class FakeOpenAI:
     tpm: int = 0
     burst_s: float = 5.0
     count_tokens: Callable[[str], int] | None = None
+    mangle: Mangle | None = None  # applied to every 200 answer
+    dims_override: int | None = None  # answer this size whatever was asked
+    reject_models: set[str] = field(default_factory=set)
+    supported_dimensions: set[int] | None = None  # None: any `dimensions` is fine
     requests: list[Request] = field(default_factory=list)
     _buckets: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -91,7 +112,8 @@ class FakeOpenAI:
                 inputs = [inputs] if isinstance(inputs, str) else list(inputs)
                 with fake._lock:
                     fault = fake.faults.pop(0) if fake.faults else None
-                if fault is not None:
+                answer_fault = fault if fault and (fault.mangle or fault.trickle) else None
+                if fault is not None and answer_fault is None:
                     if fault.delay:
                         time.sleep(fault.delay)
                     if fault.drop:
@@ -111,6 +133,17 @@ class FakeOpenAI:
                     fake._record(key, inputs, 401)
                     # as some providers and proxies do, echo the key that was rejected
                     return self._error(401, f"Incorrect API key provided: {key}.")
+                model = body.get("model")
+                if model in fake.reject_models:
+                    fake._record(key, inputs, 400)
+                    return self._error(
+                        400, f"The model `{model}` does not exist or you do not have access to it."
+                    )
+                asked = body.get("dimensions")
+                supported = fake.supported_dimensions
+                if asked is not None and supported is not None and asked not in supported:
+                    fake._record(key, inputs, 400)
+                    return self._error(400, f"This model does not support dimensions={asked}.")
                 if any(fake.bad_marker in t or not t for t in inputs):
                     fake._record(key, inputs, 400)
                     return self._error(400, "'$.input' is invalid.")
@@ -121,22 +154,27 @@ class FakeOpenAI:
                     return self._error(429, "Rate limit reached.", {"retry-after": f"{wait:.3f}"})
                 if fake.on_inputs:
                     fake.on_inputs(inputs)
-                dims = body.get("dimensions") or fake.dims
+                dims = fake.dims_override or body.get("dimensions") or fake.dims
                 b64 = body.get("encoding_format") == "base64"
                 data = []
-                for i, v in enumerate(hash_vectors(inputs, dims)):
+                for i, (text, v) in enumerate(zip(inputs, hash_vectors(inputs, dims), strict=True)):
+                    if NAN_MARKER in text:
+                        v[0] = np.nan
+                    if INF_MARKER in text:
+                        v[-1] = -np.inf
                     emb: Any = base64.b64encode(v.tobytes()).decode() if b64 else v.tolist()
                     data.append({"object": "embedding", "index": i, "embedding": emb})
+                payload = {
+                    "object": "list",
+                    "data": data,
+                    "model": model,
+                    "usage": {"prompt_tokens": 0, "total_tokens": 0},
+                }
+                mangle = answer_fault.mangle if answer_fault else fake.mangle
+                if mangle is not None:
+                    mangle(payload)
                 fake._record(key, inputs, 200, tokens)
-                self._send(
-                    200,
-                    {
-                        "object": "list",
-                        "data": data,
-                        "model": body.get("model"),
-                        "usage": {"prompt_tokens": 0, "total_tokens": 0},
-                    },
-                )
+                self._send(200, payload, trickle=answer_fault.trickle if answer_fault else 0.0)
 
             def _error(
                 self, status: int, message: str, headers: dict[str, str] | None = None
@@ -144,7 +182,11 @@ class FakeOpenAI:
                 self._send(status, {"error": {"message": message, "type": "test"}}, headers)
 
             def _send(
-                self, status: int, payload: Any, headers: dict[str, str] | None = None
+                self,
+                status: int,
+                payload: Any,
+                headers: dict[str, str] | None = None,
+                trickle: float = 0.0,
             ) -> None:
                 raw = json.dumps(payload).encode()
                 # answer `latency` seconds after the request arrived, work included
@@ -156,7 +198,14 @@ class FakeOpenAI:
                     self.send_header(k, v)
                 self.end_headers()
                 with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                    self.wfile.write(raw)
+                    if not trickle:
+                        self.wfile.write(raw)
+                        return
+                    self.wfile.flush()
+                    for at in range(0, len(raw), 4):
+                        time.sleep(trickle)
+                        self.wfile.write(raw[at : at + 4])
+                        self.wfile.flush()
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
@@ -191,3 +240,51 @@ class FakeOpenAI:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+# ---------------------------------------------------------------- malformed answers
+# Each rewrites a 200 answer's payload the way a broken provider or proxy might.
+
+
+def string_indices(payload: dict[str, Any]) -> None:
+    for item in payload["data"]:
+        item["index"] = str(item["index"])
+
+
+def duplicated_index(payload: dict[str, Any]) -> None:
+    payload["data"][-1]["index"] = 0
+
+
+def missing_embedding(payload: dict[str, Any]) -> None:
+    del payload["data"][0]["embedding"]
+
+
+def null_embedding(payload: dict[str, Any]) -> None:
+    payload["data"][0]["embedding"] = None
+
+
+def bad_base64(payload: dict[str, Any]) -> None:
+    payload["data"][0]["embedding"] = "not*base64!"
+
+
+def odd_byte_count(payload: dict[str, Any]) -> None:
+    """Base64 of 30 bytes: not a whole number of float32 values."""
+    payload["data"][0]["embedding"] = base64.b64encode(bytes(30)).decode()
+
+
+def strings_in_vector(payload: dict[str, Any]) -> None:
+    payload["data"][0]["embedding"] = ["0.5"] * 8
+
+
+def short_vector(payload: dict[str, Any]) -> None:
+    """One vector a value short of the others."""
+    raw = base64.b64decode(payload["data"][0]["embedding"])
+    payload["data"][0]["embedding"] = base64.b64encode(raw[:-4]).decode()
+
+
+def data_not_a_list(payload: dict[str, Any]) -> None:
+    payload["data"] = {"0": payload["data"][0]}
+
+
+def one_vector_missing(payload: dict[str, Any]) -> None:
+    payload["data"].pop()
