@@ -418,7 +418,7 @@ class _Run:
                 f"Tenant {tenant!r} matches no row of {self.target.table} "
                 f"(column {self.target.tenant_column}); check the tenant id."
             )
-            log.warning("run %s: %s", self.report.run_id, warning)
+            log.info("run %s: %s", self.report.run_id, warning)  # the CLI prints warnings
             self.report.warnings.append(warning)
 
     def _row(self, raw: Sequence[Any]) -> Row | None:
