@@ -147,10 +147,23 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """Providers, targets and engine settings. ``parse_config`` builds one from the
+    TOML's shape as a dict; building it directly from the dataclasses works too (each
+    target must name one of ``providers``)."""
+
     providers: Mapping[str, ProviderConfig]
     targets: tuple[TargetConfig, ...]
     engine: EngineConfig = EngineConfig()
     source: str = "built-in demo default"
+
+    def __post_init__(self) -> None:
+        for target in self.targets:
+            if target.provider not in self.providers:
+                known = ", ".join(sorted(self.providers)) or "none"
+                raise ConfigError(
+                    f"The target {target.name!r} uses provider {target.provider!r}, which "
+                    f"is not defined; defined providers: {known}."
+                )
 
     def target(self, name: str | None) -> TargetConfig:
         if name is None:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Config, load_config
-from ..db.connect import Database, resolve_database
+from ..db.connect import Database
 from ..engine import BackfillOptions
 from ..errors import (
     ConfigError,
@@ -383,10 +383,17 @@ def create_app(
     env: Mapping[str, str] | None = None,
 ) -> FastAPI:
     """The admin service. Reads ADMIN_SECRET/AUTH_SECRET and, without ``database``,
-    DATABASE_URL (else the embedded server) from ``env`` (default: the environment)."""
+    DATABASE_URL from ``env`` (default: the environment); with neither, ConfigError
+    (``embedfill.database(embedded=True)`` gives the bundled server explicitly)."""
     env = dict(os.environ if env is None else env)
     config = config or load_config(env.get("EMBEDFILL_CONFIG") or None)
-    db = database or resolve_database(env)
+    url = env.get("DATABASE_URL", "").strip()
+    if database is None and not url:
+        raise ConfigError(
+            "No database: pass database=... or set DATABASE_URL "
+            "(embedfill.database(embedded=True) uses the bundled server)."
+        )
+    db = database or Database(url=url)
     service = AdminService(config, db, env)
 
     @asynccontextmanager
