@@ -3,6 +3,9 @@ silent fall-back to the embedded database."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -140,13 +143,21 @@ def test_database_url_from_the_environment(
     assert explicit.url == "postgresql://elsewhere/db"
 
 
-def test_the_embedded_server_is_an_explicit_choice(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.delenv("DATABASE_URL", raising=False)
-    monkeypatch.setenv("EMBEDFILL_DATA_DIR", str(tmp_path / "pgdata"))
-    db = embedfill.database(embedded=True)
-    assert db.embedded and (tmp_path / "pgdata" / "PG_VERSION").exists()
-    assert "embedded PostgreSQL" in capsys.readouterr().err
-    with psycopg.connect(db.url) as conn:
-        assert conn.execute("SELECT extname FROM pg_extension WHERE extname = 'vector'").fetchone()
+def test_the_embedded_server_is_an_explicit_choice(tmp_path: Path) -> None:
+    # in a child process, whose exit stops the server it started
+    program = (
+        "import embedfill, psycopg\n"
+        "db = embedfill.database(embedded=True)\n"
+        "with psycopg.connect(db.url) as conn:\n"
+        "    conn.execute('SELECT 1')\n"
+        "print(db.embedded)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["EMBEDFILL_DATA_DIR"] = str(tmp_path / "pgdata")
+    done = subprocess.run(
+        [sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+    assert "using the embedded PostgreSQL" in done.stderr
+    assert (tmp_path / "pgdata" / "PG_VERSION").exists()

@@ -36,7 +36,7 @@ LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A'"""
 # Type categories whose text form is text to embed: strings, numbers, dates and times,
 # intervals, booleans, enums, network addresses, bit strings; plus these named types.
 _TEXT_CATEGORIES = frozenset("SNDTBEIV")
-_TEXT_TYPES = frozenset({"json", "jsonb", "uuid", "xml"})
+_TEXT_TYPES = frozenset({"json", "jsonb", "uuid", "xml", "char"})
 
 _EXTENSION = """
 SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector'),
