@@ -3,25 +3,30 @@
 The library is the CLI's twin::
 
     import embedfill
-    report = embedfill.backfill("embedfill.toml", target="tickets", dry_run=True)
+    report = embedfill.backfill("embedfill.toml", target="tickets", dry_run=True,
+                                database_url="postgresql://app@db/app")
     print(report.missing_before, report.tokens, report.estimated_cost_usd)
 
 Each function takes an explicit config (a ``Config``, a path, or None for the built-in
-demo target) and an optional ``database_url``; without one it uses ``DATABASE_URL``, else
-the embedded PostgreSQL. Async twins (``abackfill``, ``astatus``) serve callers that
-already run an event loop.
+demo target) and a database: ``database_url=``, or ``database=`` (a ``Database``), else
+``DATABASE_URL``; without any, a ``ConfigError`` (the embedded server is an explicit
+choice: ``database=embedfill.database(embedded=True)``). A ``Config`` can be built in
+code with ``embedfill.parse_config({...})`` (the TOML's shape as a dict) or from the
+dataclasses ``Config``, ``ProviderConfig`` and ``TargetConfig``. Async twins
+(``abackfill``, ``astatus``) serve callers that already run an event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .config import Config, ProviderConfig, TargetConfig, load_config
-from .db.connect import Database, resolve_database
-from .engine import BackfillOptions, abackfill, astatus
+from .config import Config, ProviderConfig, TargetConfig, load_config, parse_config
+from .db.connect import Database, default_data_dir, start_embedded
+from .engine import BackfillOptions, ProgressCallback, abackfill, astatus
 from .errors import (
     ConfigError,
     DatabaseError,
@@ -43,12 +48,32 @@ def _config(config: Config | str | Path | None) -> Config:
     return config if isinstance(config, Config) else load_config(config)
 
 
-def database(database_url: str | None = None) -> Database:
-    """The database to use: ``database_url``, else DATABASE_URL, else the embedded server
-    (announced on stderr)."""
+NO_DATABASE = (
+    "No database: pass database_url=... or set DATABASE_URL "
+    "(embedfill.database(embedded=True) uses the bundled server)."
+)
+
+
+def database(database_url: str | None = None, *, embedded: bool = False) -> Database:
+    """The database for library calls: ``database_url``, else ``DATABASE_URL``, else,
+    only when asked with ``embedded=True``, the bundled embedded PostgreSQL (data in
+    ``EMBEDFILL_DATA_DIR`` or the per-user directory; announced on stderr). Without any
+    of them, ``ConfigError``: a library call never falls back to an empty local
+    database by surprise."""
     if database_url:
         return Database(url=database_url)
-    return resolve_database(notice=lambda m: print(m, file=sys.stderr))
+    url = os.environ.get("DATABASE_URL", "").strip()
+    if url:
+        return Database(url=url)
+    if not embedded:
+        raise ConfigError(NO_DATABASE)
+    data_dir = default_data_dir(os.environ)
+    print(f"embedfill: using the embedded PostgreSQL (data in {data_dir}).", file=sys.stderr)
+    return start_embedded(data_dir, lambda m: print(m, file=sys.stderr))
+
+
+def _database(db: Database | None, database_url: str | None) -> Database:
+    return db if db is not None else database(database_url)
 
 
 def backfill(
@@ -60,10 +85,20 @@ def backfill(
     tenants: Sequence[str] = (),
     limit: int | None = None,
     database_url: str | None = None,
+    database: Database | None = None,
     actor: str = "library",
+    on_progress: ProgressCallback | None = None,
 ) -> Report:
     """Embed the rows of ``target`` whose embedding is NULL (or, with ``dry_run``, report
-    what that would send and cost). Returns the same Report the CLI prints."""
+    what that would send and cost, which rows would fail, and two sample texts). Returns
+    the same Report the CLI prints.
+
+    ``on_progress(report)`` is called with the live ``Report`` as the run goes (at most
+    every 0.1 s, from the thread running the backfill) and once at the end. Progress is
+    ``report.embedded + report.skipped + report.failed`` of ``report.missing_before``.
+    The object keeps changing after the call returns: copy what you keep. The callback
+    runs on the backfill's event loop, between batches: keep it quick.
+    """
     opts = BackfillOptions(
         target=target,
         dry_run=dry_run,
@@ -72,7 +107,8 @@ def backfill(
         limit=limit,
         actor=actor,
     )
-    return asyncio.run(abackfill(_config(config), database(database_url), opts))
+    db = _database(database, database_url)
+    return asyncio.run(abackfill(_config(config), db, opts, on_progress=on_progress))
 
 
 def status(
@@ -80,9 +116,10 @@ def status(
     *,
     target: str | None = None,
     database_url: str | None = None,
+    database: Database | None = None,
 ) -> list[TargetStatus]:
     """Rows, missing embeddings and vector index per target (and per tenant)."""
-    return asyncio.run(astatus(_config(config), database(database_url), target))
+    return asyncio.run(astatus(_config(config), _database(database, database_url), target))
 
 
 __all__ = [
@@ -109,5 +146,6 @@ __all__ = [
     "backfill",
     "database",
     "load_config",
+    "parse_config",
     "status",
 ]

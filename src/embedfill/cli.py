@@ -171,7 +171,8 @@ def backfill(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
-    """Embed the rows whose embedding is NULL. Exit 3 when some rows failed."""
+    """Embed the rows whose embedding is NULL. Exit 3 when some rows failed (or, with
+    --dry-run, would fail for want of a usable key)."""
     state = _state(ctx)
     opts = BackfillOptions(
         target=target,
@@ -188,15 +189,23 @@ def backfill(
         if defer_index and not dry_run:
             _confirm_defer_index(config, db, opts, yes=yes)
         report = _backfill_with_progress(config, db, opts, show=not as_json and err.is_terminal)
+    for warning in report.warnings:
+        err.print(f"embedfill: warning: {warning}", style="yellow", markup=False)
     if as_json:
         print(json.dumps(report.to_dict(), default=str))
     else:
         report_table(out, report)
+    raise typer.Exit(backfill_exit_code(report))
+
+
+def backfill_exit_code(report: Report) -> int:
+    """0 all done; 3 some rows failed, or would fail (dry run); 1 cancelled."""
     if report.status == "cancelled":
         err.print("embedfill: cancelled after the batches in flight; run again to resume.")
-        raise typer.Exit(1)
-    if report.failed or report.status == "partial":
-        raise typer.Exit(3)
+        return 1
+    if report.failed or report.would_fail or report.status == "partial":
+        return 3
+    return 0
 
 
 def _confirm_defer_index(config: Config, db: Database, opts: BackfillOptions, *, yes: bool) -> None:

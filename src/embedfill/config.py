@@ -95,16 +95,47 @@ class ProviderConfig:
 
 @dataclass(frozen=True)
 class TargetConfig:
+    """One table column to fill. Build it with ``parse_config`` (the TOML's shape as a
+    dict) or directly; exactly one of ``text`` and ``text_sql`` says what to embed:
+
+    - ``text``: a template over columns, e.g. ``"{title}\\n\\n{body}"``. Each column is
+      rendered by the server in its PostgreSQL text form (``::text``): text as is,
+      numbers, dates, uuids and booleans as PostgreSQL writes them (``true``), json and
+      jsonb as JSON, arrays as array literals; NULL renders as ``""``. Columns with no
+      text (bytea, vector, ...) are refused at start-up.
+    - ``text_sql``: an SQL expression over the row's columns, evaluated by the server,
+      e.g. ``"title || E'\\n\\n' || coalesce(body, '')"``. Trusted configuration, like
+      ``tenant_key_sql``; it must give the same text each time it reads the same row.
+    """
+
     name: str
     table: TableName
     id_column: str
-    text: str
+    text: str | None
     embedding_column: str
     provider: str
     tenant_column: str | None = None
     tenant_key_sql: str | None = None
     allow_platform_fallback: bool = True
-    text_columns: tuple[str, ...] = field(default=())
+    text_sql: str | None = None
+    #: the columns ``text`` reads, in order of first use (computed; empty with text_sql)
+    text_columns: tuple[str, ...] = field(init=False, default=())
+
+    def __post_init__(self) -> None:
+        where = f"target {self.name!r}"
+        has_text, has_sql = bool(self.text), bool(self.text_sql and self.text_sql.strip())
+        if has_text and has_sql:
+            raise ConfigError(
+                f"The {where} sets both text and text_sql; keep one (text is a template "
+                "over columns, text_sql an SQL expression over the row)."
+            )
+        if not has_text and not has_sql:
+            raise ConfigError(
+                f'The {where} needs text = "{{column}} ..." (a template over columns) or '
+                'text_sql = "..." (an SQL expression over the row); see the README.'
+            )
+        columns = template_columns(self.text, where) if self.text else ()
+        object.__setattr__(self, "text_columns", columns)
 
 
 @dataclass(frozen=True)
@@ -120,10 +151,23 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """Providers, targets and engine settings. ``parse_config`` builds one from the
+    TOML's shape as a dict; building it directly from the dataclasses works too (each
+    target must name one of ``providers``)."""
+
     providers: Mapping[str, ProviderConfig]
     targets: tuple[TargetConfig, ...]
     engine: EngineConfig = EngineConfig()
     source: str = "built-in demo default"
+
+    def __post_init__(self) -> None:
+        for target in self.targets:
+            if target.provider not in self.providers:
+                known = ", ".join(sorted(self.providers)) or "none"
+                raise ConfigError(
+                    f"The target {target.name!r} uses provider {target.provider!r}, which "
+                    f"is not defined; defined providers: {known}."
+                )
 
     def target(self, name: str | None) -> TargetConfig:
         if name is None:
@@ -206,10 +250,13 @@ def render_text(template: str, values: Mapping[str, object]) -> str:
     return template.format_map({k: "" if v is None else v for k, v in values.items()})
 
 
-def text_renderer(template: str, columns: tuple[str, ...]) -> Callable[[Sequence[object]], str]:
-    """A function from column values (in ``columns`` order) to the text; a template that
-    is a single column is just that column's value."""
-    if len(columns) == 1 and template == "{" + columns[0] + "}":
+def text_renderer(
+    template: str | None, columns: tuple[str, ...]
+) -> Callable[[Sequence[object]], str]:
+    """A function from the values the scan selects (``columns``' text forms, in order)
+    to the text; a template that is a single column, or no template (``text_sql``: the
+    server's one value), is just that value."""
+    if template is None or (len(columns) == 1 and template == "{" + columns[0] + "}"):
         return lambda values: "" if values[0] is None else str(values[0])
     return lambda values: render_text(template, dict(zip(columns, values, strict=True)))
 
@@ -236,6 +283,7 @@ _TARGET_KEYS = {
     "table": str,
     "id_column": str,
     "text": str,
+    "text_sql": str,
     "embedding_column": str,
     "tenant_column": str,
     "provider": str,
@@ -345,7 +393,7 @@ def _parse_target(
     if isinstance(data.get("name"), str):
         where = f"target {data['name']!r}"
     _check_keys(data, _TARGET_KEYS, where)
-    for key in ("name", "table", "id_column", "text", "embedding_column", "provider"):
+    for key in ("name", "table", "id_column", "embedding_column", "provider"):
         if not data.get(key):
             raise ConfigError(f"The {where} needs {key} = ...; see the README's example config.")
     if data["provider"] not in providers:
@@ -365,13 +413,13 @@ def _parse_target(
         name=data["name"],
         table=parse_table_name(data["table"]),
         id_column=data["id_column"],
-        text=data["text"],
+        text=data.get("text"),
         embedding_column=data["embedding_column"],
         provider=data["provider"],
         tenant_column=data.get("tenant_column"),
         tenant_key_sql=tenant_sql,
         allow_platform_fallback=data.get("allow_platform_fallback", True),
-        text_columns=template_columns(data["text"], where),
+        text_sql=data.get("text_sql"),
     )
 
 

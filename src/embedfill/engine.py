@@ -450,6 +450,7 @@ class _Run:
     # ------------------------------------------------------------------ scanning
 
     async def _pages(self) -> Any:
+        await self._check_tenants()
         after: Any = None
         first = True
         remaining = self.opts.limit
@@ -469,6 +470,20 @@ class _Run:
                 remaining -= len(rows)
             if len(rows) < size:
                 return
+
+    async def _check_tenants(self) -> None:
+        """A requested tenant with no row at all is a warning (a typo, most likely), not
+        a silent success."""
+        if not self.tenants:
+            return
+        cur = await self.conn.execute(self.sql.absent_tenants(), {"tenants": self.tenants})
+        for (tenant,) in await cur.fetchall():
+            warning = (
+                f"Tenant {tenant!r} matches no row of {self.target.table} "
+                f"(column {self.target.tenant_column}); check the tenant id."
+            )
+            log.info("run %s: %s", self.report.run_id, warning)  # the CLI prints warnings
+            self.report.warnings.append(warning)
 
     def _row(self, raw: Sequence[Any]) -> Row | None:
         """A row ready to embed, or None when its text is blank (counted as skipped)."""
@@ -491,6 +506,8 @@ class _Run:
         if truncated:
             tenant_report.truncated += 1
             self.report.truncated += 1
+        if self.opts.dry_run:
+            self.report.add_sample(row_id, tenant, sent)
         return Row(
             id=row_id,
             tenant=tenant,
@@ -536,6 +553,9 @@ class _Run:
             resolved = await self.keys.resolve(t.tenant)
             t.key_source = resolved.source
             t.error = resolved.error
+            if resolved.error:  # every row it would send fails, as in a real run
+                t.would_fail = t.missing - t.skipped
+                self.report.would_fail += t.would_fail
         self.report.requests = self.report.batches
 
     def _tally_planned(self, batch: Batch) -> None:

@@ -99,16 +99,22 @@ class KeyResolver:
         return self._cache[tenant]
 
     async def _resolve(self, tenant: str | None) -> ResolvedKey:
+        """An empty (or blank) key from any source is no key: the next source is tried,
+        and the reason, when there is none at all, says which source was empty."""
         if not self.needs_key:
             return ResolvedKey(None, "none")
+        notes: list[str] = []
         if tenant is not None:
             if self.store is not None:
                 token = await self.store.get_key(tenant)
                 if token is not None:
                     try:
-                        return ResolvedKey(decrypt(token, self.env), "tenant")
+                        stored = decrypt(token, self.env)
                     except KeyStoreError as exc:
                         return ResolvedKey(None, "none", str(exc))
+                    if stored.reveal().strip():
+                        return ResolvedKey(Secret(stored.reveal().strip()), "tenant")
+                    notes.append("its stored key is empty")
             if self.target.tenant_key_sql:
                 try:
                     cur = await self.conn.execute(
@@ -122,19 +128,28 @@ class KeyResolver:
                         f"tenant_key_sql failed ({type(exc).__name__}); check the query "
                         "in the target's config.",
                     )
-                if row and row[0] and str(row[0]).strip():
-                    return ResolvedKey(Secret(str(row[0]).strip()), "tenant")
+                value = "" if not row or row[0] is None else str(row[0]).strip()
+                if value:
+                    return ResolvedKey(Secret(value), "tenant")
+                notes.append(
+                    "tenant_key_sql gave an empty key"
+                    if row and row[0] is not None
+                    else "tenant_key_sql gave no key"
+                )
         platform = self.platform_key()
         if platform is not None and (tenant is None or self.target.allow_platform_fallback):
             return ResolvedKey(platform, "platform")
+        detail = f" ({'; '.join(notes)})" if notes else ""
         if tenant is not None and not self.target.allow_platform_fallback:
             why = (
-                f"tenant {tenant!r} has no API key of its own and this target does not "
-                "fall back to the platform key; store one with `embedfill keys set`."
+                f"tenant {tenant!r} has no API key of its own{detail} and this target does "
+                "not fall back to the platform key; store one with `embedfill keys set`."
             )
         else:
+            env_name = self.provider.api_key_env
+            state = "is empty" if env_name in self.env else "is not set"
             why = (
-                f"no API key: {self.provider.api_key_env} is not set and no tenant key "
-                "was found; set the variable or store a key with `embedfill keys set`."
+                f"no API key: {env_name} {state} and no tenant key was found{detail}; "
+                "set the variable or store a key with `embedfill keys set`."
             )
         return ResolvedKey(None, "none", why)

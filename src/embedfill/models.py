@@ -50,6 +50,19 @@ class TenantReport:
     tokens: int = 0
     truncated: int = 0
     error: str | None = None
+    would_fail: int = 0  # dry run: rows that would fail for want of a usable key
+
+
+@dataclass(frozen=True)
+class Sample:
+    """A text as it would be sent (cut to ``SAMPLE_CHARS`` characters for display)."""
+
+    id: Any
+    tenant: str | None
+    text: str
+
+
+SAMPLE_CHARS = 300
 
 
 @dataclass(frozen=True)
@@ -85,9 +98,12 @@ class Report:
     tokens: int = 0
     estimated_cost_usd: float = 0.0
     duration_s: float = 0.0
+    would_fail: int = 0  # dry run: rows of tenants without a usable key
     deferred_indexes: list[dict[str, Any]] = field(default_factory=list)
     tenants: list[TenantReport] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)  # dry run: the first two texts
+    warnings: list[str] = field(default_factory=list)  # sentences, e.g. an unknown tenant
 
     def tenant(self, tenant: str | None) -> TenantReport:
         for t in self.tenants:
@@ -96,6 +112,12 @@ class Report:
         t = TenantReport(tenant=tenant)
         self.tenants.append(t)
         return t
+
+    def add_sample(self, id: Any, tenant: str | None, text: str, *, keep: int = 2) -> None:
+        """Keep the first ``keep`` texts of the scan, as sent, cut for display."""
+        if len(self.samples) < keep:
+            cut = text if len(text) <= SAMPLE_CHARS else text[:SAMPLE_CHARS] + "…"
+            self.samples.append(Sample(id=id, tenant=tenant, text=cut))
 
     def progress(self) -> dict[str, Any]:
         """Rows done of the total, overall and per tenant (the admin API's live view)."""
@@ -116,7 +138,7 @@ class Report:
         data = asdict(self)
         data["estimated_cost_usd"] = round(self.estimated_cost_usd, 6)
         data["duration_s"] = round(self.duration_s, 3)
-        for f in data["failures"]:
+        for f in [*data["failures"], *data["samples"]]:
             f["id"] = _jsonable(f["id"])
         return data
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .models import Report, TargetStatus
+from .models import SAMPLE_CHARS, Report, TargetStatus
 
 
 def status_tables(console: Console, statuses: list[TargetStatus]) -> None:
@@ -25,12 +28,13 @@ def status_tables(console: Console, statuses: list[TargetStatus]) -> None:
 def report_table(console: Console, r: Report) -> None:
     verb = "Dry run of" if r.dry_run else "Backfill of"
     console.print(f"[bold]{verb} {r.target}[/] (run {r.run_id}, {r.provider}): {r.status}")
+    outcome = "would fail" if r.dry_run else "failed"
     table = Table(
         "tenant",
         "missing",
         "embedded",
         "skipped",
-        "failed",
+        outcome,
         "requests",
         "tokens",
         "key",
@@ -43,15 +47,16 @@ def report_table(console: Console, r: Report) -> None:
             f"{t.missing:,}",
             f"{t.embedded:,}",
             f"{t.skipped:,}",
-            f"{t.failed:,}",
+            f"{t.would_fail if r.dry_run else t.failed:,}",
             f"{t.requests:,}",
             f"{t.tokens:,}",
             t.key_source,
         )
     console.print(table)
+    failed = f"would fail: {r.would_fail:,}" if r.dry_run else f"failed: {r.failed:,}"
     console.print(
         f"missing before: {r.missing_before:,}  embedded: {r.embedded:,}  "
-        f"skipped: {r.skipped:,}  failed: {r.failed:,}  requests: {r.requests:,} "
+        f"skipped: {r.skipped:,}  {failed}  requests: {r.requests:,} "
         f"(retries {r.retries:,})  tokens: {r.tokens:,}  "
         f"{'estimated ' if r.dry_run else ''}cost: ${r.estimated_cost_usd:.4f}  "
         f"time: {r.duration_s:.1f}s"
@@ -75,11 +80,18 @@ def report_table(console: Console, r: Report) -> None:
             )
     for t in r.tenants:
         if t.error:
-            console.print(f"[red]tenant {t.tenant}:[/] {t.error}")
+            console.print(f"[red]tenant {t.tenant}:[/] {escape(t.error)}")
     for f in r.failures[:20]:
-        console.print(f"[red]failed[/] row {f.id} (tenant {f.tenant}): {f.error}")
+        console.print(f"[red]failed[/] row {f.id} (tenant {f.tenant}): {escape(f.error)}")
     if len(r.failures) > 20 or r.failed > len(r.failures):
         console.print(
             f"... {r.failed - min(20, len(r.failures)):,} more failures in "
             f"embedfill.failures (run_id = {r.run_id})"
         )
+    if r.samples:
+        # the operator's own data: shown whole (up to the cut), as one JSON string each so
+        # newlines and spaces are visible and nothing in it is read as markup
+        console.print(f"sample texts, as they would be sent (first {SAMPLE_CHARS} characters):")
+        for s in r.samples:
+            text = json.dumps(s.text, ensure_ascii=False)
+            console.print(f"  row {s.id} (tenant {s.tenant}): {text}", markup=False)

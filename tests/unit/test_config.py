@@ -81,6 +81,23 @@ def test_default_config_is_the_demo_target() -> None:
         (lambda d: d["targets"][0].update(text="{a.b}"), "only plain column names"),
         (lambda d: d["targets"][0].update(text="no columns"), "names no column"),
         (lambda d: d["targets"][0].update(tenant_key_sql="select 1"), "%(tenant)s"),
+        (
+            lambda d: d["targets"][0].update(text_sql="subject || body"),
+            "The target 'tickets' sets both text and text_sql; keep one",
+        ),
+        (
+            lambda d: d["targets"][0].pop("text"),
+            "The target 'tickets' needs text = \"{column} ...\" (a template over columns) "
+            'or text_sql = "..."',
+        ),
+        (
+            lambda d: d["targets"][0].update(text="", text_sql="  "),
+            "needs text = ",
+        ),
+        (
+            lambda d: d["targets"][0].update(text_sql=5),
+            "Key 'text_sql' in target 'tickets' must be a str",
+        ),
         (lambda d: d.update(extra=1), "Unknown top-level key 'extra'"),
         (lambda d: d["targets"].append(dict(d["targets"][0])), "Two targets"),
     ],
@@ -132,3 +149,34 @@ def test_bad_table_names(raw: str) -> None:
 def test_templates() -> None:
     assert template_columns("{a} and {b} and {a} {{literal}}", "t") == ("a", "b")
     assert render_text("{a}|{b}", {"a": None, "b": 3}) == "|3"
+
+
+def test_text_sql_instead_of_a_template() -> None:
+    import tomllib
+
+    data = tomllib.loads(EXAMPLE)
+    del data["targets"][0]["text"]
+    data["targets"][0]["text_sql"] = "subject || E'\\n\\n' || body"
+    target = parse_config(data).target("tickets")
+    assert target.text is None and target.text_columns == ()
+    assert target.text_sql == "subject || E'\\n\\n' || body"
+
+
+def test_a_target_built_in_code_derives_its_columns() -> None:
+    from dataclasses import replace
+
+    from embedfill.config import TargetConfig
+
+    target = TargetConfig(
+        name="t",
+        table=parse_table_name("app.docs"),
+        id_column="id",
+        text="{title}: {body}",
+        embedding_column="emb",
+        provider="p",
+    )
+    assert target.text_columns == ("title", "body")
+    switched = replace(target, text=None, text_sql="title")
+    assert switched.text_columns == ()
+    with pytest.raises(ConfigError, match="sets both text and text_sql"):
+        replace(target, text_sql="title")

@@ -9,7 +9,8 @@ from embedfill.config import parse_config
 from embedfill.db.target_sql import ColumnTypes, TargetSQL
 
 
-def target(table: str, **cols: str):  # type: ignore[no-untyped-def]
+def target(table: str, text_sql: str | None = None, **cols: str):  # type: ignore[no-untyped-def]
+    text = {"text_sql": text_sql} if text_sql else {"text": cols.get("text", "{Body Text}")}
     return parse_config(
         {
             "providers": {"p": {"kind": "hash", "dimensions": 3}},
@@ -18,7 +19,7 @@ def target(table: str, **cols: str):  # type: ignore[no-untyped-def]
                     "name": "t",
                     "table": table,
                     "id_column": cols.get("id", "id"),
-                    "text": cols.get("text", "{Body Text}"),
+                    **text,
                     "embedding_column": cols.get("emb", "Emb"),
                     "tenant_column": cols.get("tenant", 'Org"Id'),
                     "provider": "p",
@@ -41,11 +42,25 @@ def test_odd_identifiers_are_quoted(conn: psycopg.Connection) -> None:  # type: 
     assert '"Emb" IS NULL' in scan and '"Org""Id"::text = ANY(%(tenants)s::text[])' in scan
     assert 'md5(ROW("Org""Id"::text, "Body Text")::text)' in scan
     write = q.write().as_string(conn)
-    assert 'UPDATE "we.ird"."Mixed Case" AS t SET "Emb" = u.v' in write
+    assert 'UPDATE "we.ird"."Mixed Case" AS t SET "Emb" = u.embedfill_vec' in write
     assert '"t"."id" BETWEEN %(lo)b AND %(hi)b' in write
-    assert 'md5(ROW("t"."Org""Id"::text, "t"."Body Text")::text) = u.fp' in write
+    assert 'md5(ROW("t"."Org""Id"::text, "t"."Body Text")::text) = u.embedfill_fp' in write
     assert "%(ids)b::bigint[], %(fps)b::text[], %(vecs)b::vector[]" in write
     assert '"Org""Id"::text AS tenant' in q.status_by_tenant().as_string(conn)
+    assert 'FROM "we.ird"."Mixed Case" AS t WHERE' in scan
+    assert '"Body Text"::text FROM' in scan  # the server renders each column as text
+    absent = q.absent_tenants().as_string(conn)
+    assert 'SELECT 1 FROM "we.ird"."Mixed Case" AS t WHERE "Org""Id"::text = w.tenant' in absent
+
+
+def test_text_sql_is_composed_verbatim_with_percent_escaped(conn: psycopg.Connection) -> None:  # type: ignore[type-arg]
+    q = TargetSQL(target('"Mixed Case"', text_sql="title || ' 100%' -- note"))
+    expr = "(\ntitle || ' 100%%' -- note\n)"
+    scan = q.scan(first_page=True, tenants=False).as_string(conn)
+    assert f'md5(ROW("Org""Id"::text, {expr}::text)::text), {expr}::text FROM' in scan
+    write = q.write().as_string(conn)
+    assert f'md5(ROW("t"."Org""Id"::text, {expr}::text)::text) = u.embedfill_fp' in write
+    assert q.check_text_sql().as_string(conn) == (f'SELECT {expr} FROM "Mixed Case" AS t LIMIT 0')
 
 
 def test_injection_in_names_stays_inside_quotes(conn: psycopg.Connection) -> None:  # type: ignore[type-arg]

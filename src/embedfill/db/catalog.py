@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,13 +10,14 @@ import psycopg
 from psycopg import sql
 
 from ..config import TargetConfig
-from ..errors import ExtensionMissing, SchemaMismatch
+from ..errors import ConfigError, ExtensionMissing, SchemaMismatch
 from ..models import TargetStatus, TenantStatus
 from .indexes import vector_indexes
 from .target_sql import ColumnTypes, TargetSQL
 
 _COLUMNS = """
-SELECT a.attname, format_type(a.atttypid, NULL), t.typname, a.atttypmod
+SELECT a.attname, format_type(a.atttypid, NULL), t.typname, a.atttypmod,
+       format_type(a.atttypid, a.atttypmod), a.atttypid
 FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
 WHERE a.attrelid = %(rel)s AND a.attnum > 0 AND NOT a.attisdropped"""
 
@@ -30,6 +32,25 @@ SELECT EXISTS (
 # id types whose values compare and sort the same in PostgreSQL and Python, and that
 # the keyset scan can page through
 ID_TYPES = ("int2", "int4", "int8", "numeric", "text", "varchar", "bpchar", "uuid", "citext")
+
+
+# A type's base (through domains) and, for arrays, its element's base: name and category.
+_TYPE = """
+WITH RECURSIVE base(oid, depth) AS (
+    SELECT %(oid)s::oid, 0
+    UNION ALL
+    SELECT t.typbasetype, b.depth + 1 FROM base b JOIN pg_type t ON t.oid = b.oid
+    WHERE t.typtype = 'd' AND b.depth < 10
+), root AS (SELECT oid FROM base ORDER BY depth DESC LIMIT 1)
+SELECT format_type(%(oid)s::oid, NULL), t.typname, t.typcategory::text, e.typname,
+       e.typcategory::text
+FROM root JOIN pg_type t ON t.oid = root.oid
+LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A'"""
+
+# Type categories whose text form is text to embed: strings, numbers, dates and times,
+# intervals, booleans, enums, network addresses, bit strings; plus these named types.
+_TEXT_CATEGORIES = frozenset("SNDTBEIV")
+_TEXT_TYPES = frozenset({"json", "jsonb", "uuid", "xml", "char"})
 
 _EXTENSION = """
 SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector'),
@@ -81,7 +102,9 @@ async def inspect_target(
         )
     oid = int(row[0])
     cur = await conn.execute(_COLUMNS, {"rel": oid})
-    columns = {r[0]: (r[1], r[2], r[3]) for r in await cur.fetchall()}
+    rows = await cur.fetchall()
+    columns = {r[0]: (r[1], r[2], r[3]) for r in rows}
+    shown = {r[0]: (str(r[4]), int(r[5])) for r in rows}
 
     wanted = [("id_column", target.id_column), ("embedding_column", target.embedding_column)]
     if target.tenant_column:
@@ -95,6 +118,18 @@ async def inspect_target(
                 f"{target.table}; its columns are: {known}."
             )
     await _check_id(conn, target, oid, columns[target.id_column])
+    for col in target.text_columns:
+        type_shown, type_oid = shown[col]
+        if not (await _type_text(conn, type_oid))[1]:
+            name = _sql_name(col)
+            hint = f"encode({name}, 'escape')" if type_shown == "bytea" else f"{name}::text"
+            raise SchemaMismatch(
+                f"Column {col!r} of {target.table} is {type_shown}, which has no text to "
+                "embed; use text_sql to say how to turn it into text "
+                f"(e.g. {hint})."
+            )
+    if target.text_sql is not None:
+        await _check_text_sql(conn, target)
     emb_type, emb_typname, typmod = columns[target.embedding_column]
     if emb_typname != "vector":
         raise SchemaMismatch(
@@ -153,6 +188,50 @@ async def _check_id(
                 f"{where} holds NaN, which does not compare to other ids; give those rows "
                 "real ids or point id_column at another unique column."
             )
+
+
+async def _type_text(conn: psycopg.AsyncConnection[Any], type_oid: int) -> tuple[str, bool]:
+    """A type's name, and whether its PostgreSQL text form is text worth embedding."""
+    cur = await conn.execute(_TYPE, {"oid": type_oid})
+    row = await cur.fetchone()
+    if row is None:
+        return str(type_oid), False
+    shown, name, category, elem_name, elem_category = row
+    if category == "A" and elem_name is not None:
+        name, category = elem_name, elem_category
+    return str(shown), category in _TEXT_CATEGORIES or name in _TEXT_TYPES
+
+
+def _sql_name(column: str) -> str:
+    """A column as it would be written in SQL, for hints."""
+    if re.fullmatch(r"[a-z_][a-z0-9_$]*", column):
+        return column
+    return '"' + column.replace('"', '""') + '"'
+
+
+async def _check_text_sql(conn: psycopg.AsyncConnection[Any], target: TargetConfig) -> None:
+    """Plan the expression on the live table (reads no row): a typo is a config error
+    naming the option, and so is an expression whose value has no text."""
+    where = f"The text_sql of target {target.name!r}"
+    try:
+        cur = await conn.execute(TargetSQL(target).check_text_sql(), {})
+    except psycopg.Error as exc:
+        raise ConfigError(
+            f"{where} does not work on {target.table} ({_first_line(exc)}); fix the "
+            "expression: SQL over the table's columns, e.g. title || ' ' || body."
+        ) from exc
+    assert cur.description is not None
+    shown, has_text = await _type_text(conn, cur.description[0].type_code)
+    if not has_text:
+        raise ConfigError(
+            f"{where} gives {shown}, which has no text to embed; make it give text "
+            "(e.g. encode(col, 'escape') for bytea, col::text for others)."
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 async def target_status(

@@ -39,16 +39,38 @@ class TargetSQL:
         col = sql.Identifier(alias, self.target.tenant_column) if alias else self.tenant
         return sql.SQL("{}::text").format(col)
 
-    def _fingerprint(self, alias: str | None = None) -> sql.Composable:
-        """md5 of the tenant and the text columns, computed by the server. It guards the
-        write (the row still holds what was read, tenant included) and is the
-        de-duplication key (same tenant, same source: same text)."""
-        cols = [
-            sql.Identifier(alias, c) if alias else sql.Identifier(c)
+    def _text_sql(self) -> sql.Composable:
+        """The target's text_sql, verbatim (trusted configuration, like tenant_key_sql),
+        parenthesised and on lines of its own so a trailing comment cannot swallow what
+        follows. ``%`` is doubled: every builder query runs with parameters."""
+        assert self.target.text_sql is not None
+        return sql.SQL("(\n{}\n)").format(sql.SQL(self.target.text_sql.replace("%", "%%")))
+
+    def _values(self, alias: str | None = None) -> list[sql.Composable]:
+        """What the text is made of, as the server's text: each template column cast
+        ``::text`` (so jsonb is JSON, booleans ``true``, dates ISO, arrays ``{a,b}``), or
+        the one value of the text_sql expression."""
+        if self.target.text_sql is not None:
+            return [sql.SQL("{}::text").format(self._text_sql())]
+        return [
+            sql.SQL("{}::text").format(sql.Identifier(alias, c) if alias else sql.Identifier(c))
             for c in self.target.text_columns
         ]
+
+    def _fingerprint(self, alias: str | None = None) -> sql.Composable:
+        """md5 of the tenant and the text's sources, computed by the server: the template's
+        columns, or the text_sql expression's value (so the guard covers whatever the
+        expression reads). It guards the write (the row still holds what was read, tenant
+        included) and is the de-duplication key (same tenant, same source: same text)."""
+        if self.target.text_sql is not None:
+            sources: list[sql.Composable] = self._values()
+        else:
+            sources = [
+                sql.Identifier(alias, c) if alias else sql.Identifier(c)
+                for c in self.target.text_columns
+            ]
         return sql.SQL("md5(ROW({}, {})::text)").format(
-            self._tenant_text(alias), sql.SQL(", ").join(cols)
+            self._tenant_text(alias), sql.SQL(", ").join(sources)
         )
 
     def _tenant_filter(self, tenants: bool) -> sql.Composable:
@@ -57,21 +79,36 @@ class TargetSQL:
         return sql.SQL(" AND {} = ANY(%(tenants)s::text[])").format(self._tenant_text())
 
     def scan(self, *, first_page: bool, tenants: bool) -> sql.Composed:
-        """Keyset page of rows whose embedding is NULL, in id order (walks the PK index)."""
+        """Keyset page of rows whose embedding is NULL, in id order (walks the PK index).
+        The table is aliased ``t`` here, in the write and in ``check_text_sql``, so a
+        text_sql expression sees the same names in all three."""
         after = sql.SQL("") if first_page else sql.SQL(" AND {} > %(after)s").format(self.id)
         return sql.SQL(
-            "SELECT {id}, {tenant}, {fp}, {cols} FROM {table}"
+            "SELECT {id}, {tenant}, {fp}, {values} FROM {table} AS t"
             " WHERE {emb} IS NULL{after}{tenants} ORDER BY {id} LIMIT %(limit)s"
         ).format(
             id=self.id,
             tenant=self._tenant_text(),
             fp=self._fingerprint(),
-            cols=sql.SQL(", ").join(sql.Identifier(c) for c in self.target.text_columns),
+            values=sql.SQL(", ").join(self._values()),
             table=self.table,
             emb=self.emb,
             after=after,
             tenants=self._tenant_filter(tenants),
         )
+
+    def check_text_sql(self) -> sql.Composed:
+        """Plan the text_sql expression without reading a row: a typo fails here, and the
+        cursor's description tells the expression's type."""
+        return sql.SQL("SELECT {} FROM {} AS t LIMIT 0").format(self._text_sql(), self.table)
+
+    def absent_tenants(self) -> sql.Composed:
+        """Which of %(tenants)s have no row at all (each stops at its first row)."""
+        return sql.SQL(
+            "SELECT w.tenant FROM unnest(%(tenants)s::text[]) AS w(tenant)"
+            " WHERE NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {tenant} = w.tenant)"
+            " ORDER BY 1"
+        ).format(table=self.table, tenant=self._tenant_text())
 
     @property
     def integer_ids(self) -> bool:
@@ -90,6 +127,8 @@ class TargetSQL:
         Ids are matched with ``= ANY(ids)`` (an index scan of the batch's keys); integer
         ids also get ``BETWEEN lo AND hi``. Other id types get no range: Python's order of
         strings is not the column collation's, and a wrong range silently skips rows.
+        The batch's columns have names a table is unlikely to use, so an unqualified name
+        in text_sql means the table's.
         """
         ids = sql.SQL("%(ids)b::{}[]").format(sql.SQL(self.types.id_type))
         t_id = sql.Identifier("t", self.target.id_column)
@@ -99,17 +138,19 @@ class TargetSQL:
                 keys=keys, t_id=t_id
             )
         return sql.SQL(
-            "WITH locked AS ("
+            "WITH embedfill_locked AS ("
             "SELECT {t_id} AS id FROM {table} AS t WHERE {keys} FOR UPDATE OF t SKIP LOCKED"
-            "), written AS ("
-            "UPDATE {table} AS t SET {emb} = u.v"
-            " FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[]) AS u(id, fp, v)"
-            " WHERE {t_id} = u.id AND {keys} AND {t_id} IN (SELECT id FROM locked)"
-            " AND {t_emb} IS NULL AND {fp} = u.fp"
+            "), embedfill_written AS ("
+            "UPDATE {table} AS t SET {emb} = u.embedfill_vec"
+            " FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[])"
+            " AS u(embedfill_id, embedfill_fp, embedfill_vec)"
+            " WHERE {t_id} = u.embedfill_id AND {keys}"
+            " AND {t_id} IN (SELECT id FROM embedfill_locked)"
+            " AND {t_emb} IS NULL AND {fp} = u.embedfill_fp"
             " RETURNING {t_id} AS id"
-            ") SELECT id, true FROM written"
+            ") SELECT id, true FROM embedfill_written"
             " UNION ALL SELECT {t_id}, false FROM {table} AS t"
-            " WHERE {keys} AND {t_id} NOT IN (SELECT id FROM locked)"
+            " WHERE {keys} AND {t_id} NOT IN (SELECT id FROM embedfill_locked)"
         ).format(
             table=self.table,
             emb=self.emb,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -17,11 +17,12 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, R
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import Config, load_config
-from ..db.connect import Database, resolve_database
+from ..db.connect import Database
 from ..engine import BackfillOptions
 from ..errors import (
     ConfigError,
@@ -39,8 +40,11 @@ WAIT_LIMIT_S = 30.0
 
 
 class ErrorBody(BaseModel):
+    """Every non-2xx answer: ``{"error": "..."}``, plus ``job_id`` only when a job is
+    concerned (409: the running job, or the finished one that cannot be cancelled)."""
+
     error: str = Field(description="One sentence: what is wrong and how to fix it.")
-    job_id: int | None = Field(None, description="The active job, on 409.")
+    job_id: int | None = Field(None, description="The job concerned; present only on 409.")
 
 
 class JobAccepted(BaseModel):
@@ -63,6 +67,13 @@ class TenantReportBody(BaseModel):
     tokens: int
     truncated: int
     error: str | None
+    would_fail: int = Field(0, description="dry run: rows that would fail (no usable key)")
+
+
+class SampleBody(BaseModel):
+    id: Any
+    tenant: str | None
+    text: str = Field(description="The text as it would be sent, cut to 300 characters.")
 
 
 class FailureBody(BaseModel):
@@ -74,6 +85,9 @@ class FailureBody(BaseModel):
 
 
 class ReportBody(BaseModel):
+    job_id: int | None = Field(
+        None, description="The job (= run_id) of a real run; null for a dry run, not a job."
+    )
     run_id: int | None
     target: str
     dry_run: bool
@@ -92,9 +106,12 @@ class ReportBody(BaseModel):
     tokens: int
     estimated_cost_usd: float
     duration_s: float
+    would_fail: int = Field(0, description="dry run: rows of tenants without a usable key")
     deferred_indexes: list[dict[str, Any]] = []
     tenants: list[TenantReportBody]
     failures: list[FailureBody]
+    samples: list[SampleBody] = Field([], description="dry run: the first two texts")
+    warnings: list[str] = Field([], description="e.g. a tenantId that matches no row")
 
 
 class ProgressBody(BaseModel):
@@ -147,6 +164,58 @@ class ApiError(Exception):
         self.job_id = job_id
 
 
+def error_response(
+    status: int,
+    message: str,
+    job_id: int | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """The one error body: ``{"error": ...}``, with ``job_id`` only when there is one."""
+    body: dict[str, Any] = {"error": message}
+    if job_id is not None:
+        body["job_id"] = job_id
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}))
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    first = exc.errors()[0] if exc.errors() else {}
+    where = first.get("loc", ())
+    name = where[-1] if where else "request"
+    detail = str(first.get("msg", "is invalid")).rstrip(".")
+    return f"Parameter {name!s}: {detail}."
+
+
+def _known_error(exc: Exception) -> JSONResponse | None:
+    """The error body for what the admin routes raise on purpose; None for anything else."""
+    if isinstance(exc, ApiError):
+        return error_response(exc.status, str(exc), exc.job_id)
+    if isinstance(exc, EmbedfillError):
+        return error_response(_error_status(exc), str(exc), getattr(exc, "job_id", None))
+    if isinstance(exc, RequestValidationError):
+        return error_response(422, _validation_message(exc))
+    return None
+
+
+class _AdminRoute(APIRoute):
+    """Answers the routes' own errors (auth, validation, embedfill errors) with the error
+    body inside the route, so the router keeps its contract in any app that includes it,
+    not only in ``create_app``'s."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                response = _known_error(exc)
+                if response is None:
+                    raise
+                return response
+
+        return answer
+
+
 def admin_router(service: AdminService) -> APIRouter:
     """The admin routes over one service, for ``app.include_router`` in your own app.
     The secret is read from the service's environment (``admin_secret``)."""
@@ -169,7 +238,11 @@ def admin_router(service: AdminService) -> APIRouter:
             raise ApiError(401, "Missing or wrong x-admin-secret header.")
 
     router = APIRouter(
-        prefix=PREFIX, dependencies=[Depends(require_admin)], responses=ERRORS, tags=["admin"]
+        prefix=PREFIX,
+        dependencies=[Depends(require_admin)],
+        responses=ERRORS,
+        tags=["admin"],
+        route_class=_AdminRoute,
     )
 
     @router.post(
@@ -233,14 +306,14 @@ def admin_router(service: AdminService) -> APIRouter:
         )
         if dry_run:
             report = await service.dry_run(opts)
-            return JSONResponse(jsonable_encoder(report.to_dict()), status_code=200)
+            return JSONResponse(_report_body(report.to_dict(), None), status_code=200)
         job = await service.start(opts)
         assert job.job_id is not None
         url = str(request.url_for("job_status", job_id=job.job_id).path)
         if wait:
             final = await service.wait(job, WAIT_LIMIT_S)
             if final is not None:
-                return JSONResponse(jsonable_encoder(final.to_dict()), status_code=200)
+                return JSONResponse(_report_body(final.to_dict(), job.job_id), status_code=200)
         response.headers["Location"] = url
         record = await service.job_record(job.job_id)
         return JobAccepted(job_id=job.job_id, status=record["status"], status_url=url)
@@ -253,7 +326,10 @@ def admin_router(service: AdminService) -> APIRouter:
         responses={404: {"model": ErrorBody, "description": "no such job"}},
     )
     async def job_status(job_id: Annotated[int, Path(ge=1, le=2**63 - 1)]) -> Any:
-        return jsonable_encoder(await service.job_record(job_id))
+        record = await service.job_record(job_id)
+        if record["report"] is not None:
+            record["report"] = _report_body(record["report"], record["job_id"])
+        return jsonable_encoder(record)
 
     @router.post(
         "/backfill-embeddings/{job_id}/cancel",
@@ -282,6 +358,12 @@ def admin_router(service: AdminService) -> APIRouter:
     return router
 
 
+def _report_body(report: dict[str, Any], job_id: int | None) -> Any:
+    """A report as the API shows it: the library's Report plus the job it belongs to
+    (``job_id``, the same number as ``run_id``; null for a dry run, which is not a job)."""
+    return jsonable_encoder({"job_id": job_id, **report})
+
+
 def _error_status(exc: EmbedfillError) -> int:
     if isinstance(exc, (TargetNotFound, JobNotFound)):
         return 404
@@ -301,10 +383,17 @@ def create_app(
     env: Mapping[str, str] | None = None,
 ) -> FastAPI:
     """The admin service. Reads ADMIN_SECRET/AUTH_SECRET and, without ``database``,
-    DATABASE_URL (else the embedded server) from ``env`` (default: the environment)."""
+    DATABASE_URL from ``env`` (default: the environment); with neither, ConfigError
+    (``embedfill.database(embedded=True)`` gives the bundled server explicitly)."""
     env = dict(os.environ if env is None else env)
     config = config or load_config(env.get("EMBEDFILL_CONFIG") or None)
-    db = database or resolve_database(env)
+    url = env.get("DATABASE_URL", "").strip()
+    if database is None and not url:
+        raise ConfigError(
+            "No database: pass database=... or set DATABASE_URL "
+            "(embedfill.database(embedded=True) uses the bundled server)."
+        )
+    db = database or Database(url=url)
     service = AdminService(config, db, env)
 
     @asynccontextmanager
@@ -352,31 +441,27 @@ def create_app(
         )
 
     @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse({"error": str(exc), "job_id": exc.job_id}, status_code=exc.status)
-
     @app.exception_handler(EmbedfillError)
-    async def embedfill_error(request: Request, exc: EmbedfillError) -> JSONResponse:
-        return JSONResponse(
-            {"error": str(exc), "job_id": getattr(exc, "job_id", None)},
-            status_code=_error_status(exc),
-        )
-
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = first.get("loc", ())
-        name = where[-1] if where else "request"
-        return JSONResponse(
-            {"error": f"Parameter {name!s}: {first.get('msg', 'is invalid')}."}, status_code=422
-        )
+    async def known_error(request: Request, exc: Exception) -> JSONResponse:
+        response = _known_error(exc)
+        assert response is not None
+        return response
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(
-            {"error": str(exc.detail)},
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
+        method, path = request.method, request.url.path
+        if exc.status_code == 404:
+            message = f"No route {method} {path}; see /docs for the routes."
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"{method} is not allowed on {path}; use {allowed or 'another method'}."
+        else:
+            message = str(exc.detail).rstrip(".") + "."
+        return error_response(exc.status_code, message, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(500, "Internal error; see the service's logs.")
 
     return app
