@@ -147,7 +147,7 @@ def test_an_unreachable_database_is_generic_on_readyz_and_scrubbed_in_logs(
         proc.terminate()
         out, err = proc.communicate(timeout=30)
     assert ready.status_code == 503
-    assert ready.json() == {"error": "database unavailable"}
+    assert ready.json() == {"error": "The database is unavailable; the service log says why."}
     assert status.status_code == 503
     assert "Cannot connect to the database" in err  # the detail is logged server-side
     assert_no_secret(ready.text, status.text, out, err)
@@ -223,7 +223,9 @@ def test_readyz_reports_a_schema_behind_and_never_migrates(
         behind = httpx.get(f"{base}/readyz")
         time.sleep(0.2)
     assert behind.status_code == 503
-    assert behind.json() == {"error": "schema behind, run embedfill migrate"}
+    assert behind.json() == {
+        "error": "embedfill's schema is behind this build; run `embedfill migrate`."
+    }
     assert _version(tickets) == 1
 
 
@@ -243,7 +245,9 @@ def test_readyz_for_a_dml_only_role_on_a_missing_schema(
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert ready.status_code == 503
-    assert ready.json() == {"error": "schema behind, run embedfill migrate"}
+    assert ready.json() == {
+        "error": "embedfill's schema is behind this build; run `embedfill migrate`."
+    }
     assert "embedfill migrate" in err  # start-up said why, server-side
 
 

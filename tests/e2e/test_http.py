@@ -206,7 +206,9 @@ def test_readyz(tickets: str, bare_db_url: str, fake_openai: FakeOpenAI) -> None
     with ServerThread(app_for(bare_db_url, fake_openai, ADMIN_SECRET=ADMIN)) as base:
         bad = httpx.get(f"{base}/readyz")
     assert bad.status_code == 503
-    assert bad.json() == {"error": "pgvector missing"}  # unauthenticated: generic reasons
+    assert bad.json() == {
+        "error": "pgvector is missing in the database; the service log says how to fix it."
+    }  # unauthenticated: generic reasons
     with ServerThread(
         create_app(
             tickets_config(fake_openai.base_url),
@@ -216,7 +218,9 @@ def test_readyz(tickets: str, bare_db_url: str, fake_openai: FakeOpenAI) -> None
     ) as base:
         down = httpx.get(f"{base}/readyz")
         alive = httpx.get(f"{base}/healthz")
-    assert down.status_code == 503 and down.json() == {"error": "database unavailable"}
+    assert down.status_code == 503 and down.json() == {
+        "error": "The database is unavailable; the service log says why."
+    }
     assert alive.status_code == 200
 
 

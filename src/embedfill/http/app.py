@@ -421,8 +421,8 @@ def create_app(
         tags=["health"],
         summary="Database reachable, pgvector present, schema at the expected version",
         description="Reads only (never migrates). Needs no secret, so a 503 says one of: "
-        "`database unavailable`, `pgvector missing`, `schema behind, run embedfill migrate`, "
-        "`schema newer than this build, upgrade embedfill`; the service's log has the details.",
+        "the database is unavailable, pgvector is missing, embedfill's schema is behind "
+        "(run `embedfill migrate`) or newer than this build; the service's log has the details.",
         responses={503: {"model": ErrorBody}},
     )
     async def readyz() -> Any:

@@ -74,10 +74,10 @@ def _pair(job: Job) -> list[asyncio.Future[Any]]:
 
 
 #: what /readyz says (it needs no secret, so it never says more; the log has the details)
-NOT_READY_DATABASE = "database unavailable"
-NOT_READY_PGVECTOR = "pgvector missing"
-NOT_READY_SCHEMA_BEHIND = "schema behind, run embedfill migrate"
-NOT_READY_SCHEMA_AHEAD = "schema newer than this build, upgrade embedfill"
+NOT_READY_DATABASE = "The database is unavailable; the service log says why."
+NOT_READY_PGVECTOR = "pgvector is missing in the database; the service log says how to fix it."
+NOT_READY_SCHEMA_BEHIND = "embedfill's schema is behind this build; run `embedfill migrate`."
+NOT_READY_SCHEMA_AHEAD = "embedfill's schema is newer than this build; upgrade embedfill."
 
 
 class AdminService:
