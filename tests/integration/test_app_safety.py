@@ -19,7 +19,7 @@ from embedfill import BackfillOptions, Database, Report, TargetBusy, abackfill
 from embedfill.config import Config, EngineConfig, parse_config
 from embedfill.providers.hashing import hash_vector
 from tests.support.fake_openai import FakeOpenAI
-from tests.support.tables import stored_vectors, tickets_config
+from tests.support.tables import provider_settings, stored_vectors, tickets_config
 
 from .test_backfill import expected_text
 
@@ -203,17 +203,7 @@ def make_docs(db_url: str, id_type: str, ids: list[Any], *, key: str = "PRIMARY 
 def docs_config(base_url: str, **target: Any) -> Config:
     return parse_config(
         {
-            "providers": {
-                "openai": {
-                    "kind": "openai",
-                    "model": "test-embed",
-                    "dimensions": 8,
-                    "base_url": base_url,
-                    "api_key_env": "TEST_PLATFORM_KEY",
-                    "batch_size": 7,
-                    "timeout_s": 5,
-                }
-            },
+            "providers": {"openai": provider_settings(base_url, batch_size=7, timeout_s=5)},
             "targets": [
                 {
                     "name": "docs",

@@ -16,6 +16,7 @@ from embedfill.config import Config, parse_config
 from embedfill.errors import ConfigError, SchemaMismatch
 from embedfill.providers.hashing import hash_vector
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.tables import provider_settings
 
 PLATFORM = "sk-platform-text-0123456789"
 UUID = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
@@ -59,17 +60,7 @@ def docs(db_url: str) -> str:
 def docs_config(base_url: str, **text: str) -> Config:
     return parse_config(
         {
-            "providers": {
-                "openai": {
-                    "kind": "openai",
-                    "model": "test-embed",
-                    "dimensions": 8,
-                    "base_url": base_url,
-                    "api_key_env": "TEST_PLATFORM_KEY",
-                    "batch_size": 5,
-                    "timeout_s": 2,
-                }
-            },
+            "providers": {"openai": provider_settings(base_url)},
             "targets": [
                 {
                     "name": "docs",

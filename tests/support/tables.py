@@ -59,8 +59,9 @@ def stored_vectors(conn: psycopg.Connection[Any]) -> dict[int, np.ndarray | None
     return {r[0]: None if r[1] is None else r[1].to_numpy() for r in rows}
 
 
-def tickets_config(base_url: str, dims: int = 8, **target: Any) -> Config:
-    provider: dict[str, Any] = {
+def provider_settings(base_url: str, dims: int = 8, **overrides: Any) -> dict[str, Any]:
+    """The provider settings every test config uses: the fake server, a platform key."""
+    return {
         "kind": "openai",
         "model": "test-embed",
         "dimensions": dims,
@@ -70,7 +71,11 @@ def tickets_config(base_url: str, dims: int = 8, **target: Any) -> Config:
         "max_concurrency": 3,
         "timeout_s": 2,
         "max_attempts": 4,
-    }
+    } | overrides
+
+
+def tickets_config(base_url: str, dims: int = 8, **target: Any) -> Config:
+    provider = provider_settings(base_url, dims)
     provider |= target.pop("provider_overrides", {})
     return parse_config(
         {
