@@ -214,7 +214,7 @@ async def _check_text_sql(conn: psycopg.AsyncConnection[Any], target: TargetConf
     naming the option, and so is an expression whose value has no text."""
     where = f"The text_sql of target {target.name!r}"
     try:
-        cur = await conn.execute(TargetSQL(target).check_text_sql(), {})
+        cur = await conn.execute(TargetSQL(target).check_text_sql(), {"zero": 0})
     except psycopg.Error as exc:
         raise ConfigError(
             f"{where} does not work on {target.table} ({_first_line(exc)}); fix the "
