@@ -3,6 +3,8 @@ against a real PostgreSQL."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tests.support.cli import cli_env, embedfill
@@ -34,5 +36,17 @@ def test_a_space_in_the_url_says_where_and_how_to_write_it(url: str, part: str) 
     assert result.stderr.strip().splitlines() == [
         f"embedfill: DATABASE_URL is not a valid PostgreSQL URL (the {part} has a space in "
         "it: a space must be written %20); fix it."
+    ]
+    assert_no_secret(result.stdout, result.stderr)
+
+
+def test_a_dotenv_that_is_not_utf8_is_one_sentence(tmp_path: Path) -> None:
+    # saved as Latin-1 by an editor: the 'ä' of the password is one byte, not UTF-8
+    url = "postgresql://app:Kx9Qv7s\u00e4cret@127.0.0.1:1/app"
+    (tmp_path / ".env").write_bytes(f"DATABASE_URL={url}\n".encode("latin-1"))
+    result = embedfill("--debug", "status", env=cli_env(None), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"embedfill: {tmp_path / '.env'} is not UTF-8 text; save it as UTF-8."
     ]
     assert_no_secret(result.stdout, result.stderr)
