@@ -425,10 +425,18 @@ def keys_new_master_key() -> None:
 
 
 def main() -> None:
-    try:
-        from dotenv import load_dotenv
+    from dotenv import load_dotenv
 
-        load_dotenv(Path.cwd() / ".env", override=False)
+    dotenv = Path.cwd() / ".env"
+    try:
+        load_dotenv(dotenv, override=False)
     except OSError:
         pass
+    except UnicodeDecodeError:  # an editor saved it as Latin-1 or UTF-16
+        err.print(
+            f"embedfill: {dotenv} is not UTF-8 text; save it as UTF-8.",
+            style="red",
+            markup=False,
+        )
+        raise SystemExit(UsageError.exit_code) from None
     app()

@@ -162,7 +162,9 @@ async def _prepare(
         raise UsageError(
             f"Target {target.name!r} has no tenant_column, so --tenant cannot select rows."
         )
-    info = await inspect_target(conn, target, await provider.dimensions(), pconf.label)
+    info = await inspect_target(
+        conn, target, await provider.dimensions(), pconf.label, write=not opts.dry_run
+    )
     # load the token counter (a local model's tokenizer) now: a failure is a config error
     # before anything is read or written, and the run itself starts ready
     await asyncio.to_thread(provider.counter)

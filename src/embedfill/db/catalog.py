@@ -52,6 +52,11 @@ LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A'"""
 _TEXT_CATEGORIES = frozenset("SNDTBEIV")
 _TEXT_TYPES = frozenset({"json", "jsonb", "uuid", "xml", "char"})
 
+# the first of %(columns)s that the session's role may not use with privilege %(priv)s
+_DENIED = """
+SELECT current_user, c.name FROM unnest(%(columns)s::text[]) WITH ORDINALITY AS c(name, n)
+WHERE NOT has_column_privilege(%(rel)s::oid, c.name, %(priv)s) ORDER BY c.n LIMIT 1"""
+
 _EXTENSION = """
 SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector'),
        EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'vector')"""
@@ -89,8 +94,11 @@ async def inspect_target(
     target: TargetConfig,
     provider_dims: int | None,
     provider_label: str = "",
+    *,
+    write: bool = False,
 ) -> TableInfo:
-    """Raise a one-sentence ConfigError for anything that would make the backfill fail."""
+    """Raise a one-sentence ConfigError for anything that would make the backfill fail
+    (``write``: the run will write the embedding column, not only read)."""
     await check_extension(conn)
     name = TargetSQL(target).table.as_string(conn)
     cur = await conn.execute("SELECT to_regclass(%(name)s)::oid", {"name": name})
@@ -117,6 +125,7 @@ async def inspect_target(
                 f"Column {col!r} ({role} of target {target.name!r}) does not exist in "
                 f"{target.table}; its columns are: {known}."
             )
+    await _check_privileges(conn, target, oid, [c for _, c in wanted], write=write)
     await _check_id(conn, target, oid, columns[target.id_column])
     for col in target.text_columns:
         type_shown, type_oid = shown[col]
@@ -151,6 +160,34 @@ async def inspect_target(
         dimensions=dims or provider_dims,
         vector_index=f"{found[0].name} ({found[0].method})" if found else None,
     )
+
+
+async def _check_privileges(
+    conn: psycopg.AsyncConnection[Any],
+    target: TargetConfig,
+    oid: int,
+    columns: list[str],
+    *,
+    write: bool,
+) -> None:
+    """The role must read the columns it uses and, to write, update the embedding column
+    (which also covers FOR UPDATE SKIP LOCKED): checked before anything is sent to the
+    provider, rather than paid for and then refused at the first write."""
+    checks = [(list(dict.fromkeys(columns)), "SELECT")]
+    if write:
+        checks.append(([target.embedding_column], "UPDATE"))
+    for names, priv in checks:
+        cur = await conn.execute(_DENIED, {"columns": names, "priv": priv, "rel": oid})
+        row = await cur.fetchone()
+        if row is not None:
+            role, column = row
+            grant = sql.SQL("GRANT SELECT, UPDATE ON {} TO {}").format(
+                TargetSQL(target).table, sql.Identifier(role)
+            )
+            raise SchemaMismatch(
+                f"Role {role} may not {priv} column {column!r} of {target.table}; grant it as "
+                f"the table's owner: {grant.as_string(conn)}."
+            )
 
 
 async def _check_id(
@@ -214,7 +251,7 @@ async def _check_text_sql(conn: psycopg.AsyncConnection[Any], target: TargetConf
     naming the option, and so is an expression whose value has no text."""
     where = f"The text_sql of target {target.name!r}"
     try:
-        cur = await conn.execute(TargetSQL(target).check_text_sql(), {})
+        cur = await conn.execute(TargetSQL(target).check_text_sql(), {"zero": 0})
     except psycopg.Error as exc:
         raise ConfigError(
             f"{where} does not work on {target.table} ({_first_line(exc)}); fix the "

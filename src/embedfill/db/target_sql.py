@@ -99,8 +99,10 @@ class TargetSQL:
 
     def check_text_sql(self) -> sql.Composed:
         """Plan the text_sql expression without reading a row: a typo fails here, and the
-        cursor's description tells the expression's type."""
-        return sql.SQL("SELECT {} FROM {} AS t LIMIT 0").format(self._text_sql(), self.table)
+        cursor's description tells the expression's type. Run it with ``{"zero": 0}``: a
+        query without parameters goes out in the simple protocol, which runs every
+        statement a ``;`` in the expression smuggles in; a bound one allows exactly one."""
+        return sql.SQL("SELECT {} FROM {} AS t LIMIT %(zero)s").format(self._text_sql(), self.table)
 
     def absent_tenants(self) -> sql.Composed:
         """Which of %(tenants)s have no row at all (each stops at its first row)."""

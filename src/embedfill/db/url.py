@@ -139,6 +139,8 @@ def _check_at_signs(authority: str, tail: str) -> None:
 
 
 def _check_escapes(text: str, part: str) -> None:
+    if any(c.isspace() for c in text):  # libpq refuses them, quoting the part
+        raise _malformed(f"the {part} has a space in it: a space must be written %20")
     i = text.find("%")
     while i >= 0:
         digits = text[i + 1 : i + 3]
