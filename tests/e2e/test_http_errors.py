@@ -187,3 +187,8 @@ def test_the_router_inside_your_own_app_answers_the_same_bodies(
         assert "No target named 'nope'" in error_of(r, 404)
         r = httpx.get(base + f"{PATH}/999", headers=headers)
         assert "No backfill job has id 999" in error_of(r, 404)
+
+
+def test_health_routes_answer_head_as_load_balancers_probe(api: httpx.Client) -> None:
+    assert api.head("/healthz").status_code == 200
+    assert api.head("/readyz").status_code == 200

@@ -412,12 +412,19 @@ def create_app(
     app.state.service = service
     app.include_router(admin_router(service))
 
-    @app.get("/healthz", tags=["health"], summary="The process is alive (no database check)")
+    # GET and HEAD: some load balancers probe health with HEAD
+    @app.api_route(
+        "/healthz",
+        methods=["GET", "HEAD"],
+        tags=["health"],
+        summary="The process is alive (no database check)",
+    )
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get(
+    @app.api_route(
         "/readyz",
+        methods=["GET", "HEAD"],
         tags=["health"],
         summary="Database reachable, pgvector present, schema at the expected version",
         description="Reads only (never migrates). Needs no secret, so a 503 says one of: "
