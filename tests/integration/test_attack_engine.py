@@ -1,0 +1,147 @@
+"""A hostile provider and a busy application against the engine: a real PostgreSQL and
+the real local OpenAI-compatible server answering what real providers and proxies
+sometimes answer."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import random
+from typing import Any
+
+import numpy as np
+import pytest
+
+from embedfill.providers.hashing import hash_vector
+from tests.integration.test_provider_faults import (
+    assert_rows_hold_their_own_vectors,
+    config,
+    expected_text,
+    failures,
+    run,
+)
+from tests.support.fake_openai import FakeOpenAI, Fault
+
+# ------------------------------------------------------------------ hostile answers
+
+
+def _answer(embeddings: list[Any]) -> bytes:
+    data = [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(embeddings)]
+    return json.dumps({"object": "list", "data": data}).encode()
+
+
+HOSTILE_BODIES = {
+    "html": b"<html><body><h1>502 Bad Gateway</h1></body></html>",
+    "empty": b"",
+    "garbage": bytes(range(256)),
+    "gzip_without_header": gzip.compress(_answer([[0.5] * 8] * 5)),
+    "deeply_nested": b"[" * 100_000 + b"]" * 100_000,
+    "index_beyond_any_int": json.dumps(
+        {"data": [{"index": 10**400 + i, "embedding": [0.5] * 8} for i in range(5)]}
+    ).encode(),
+    "empty_embedding": _answer([[]] * 5),
+    "null_data": b'{"data": null}',
+    "a_list": b"[1, 2, 3]",
+}
+
+
+@pytest.mark.parametrize("body", list(HOSTILE_BODIES.values()), ids=list(HOSTILE_BODIES))
+def test_a_hostile_200_is_a_malformed_answer_retried_never_a_crash(
+    tickets: str, fake_openai: FakeOpenAI, body: bytes
+) -> None:
+    fake_openai.faults.append(Fault(status=200, raw=body))
+    report = run(tickets, config(fake_openai.base_url, max_concurrency=1))
+
+    assert report.status == "succeeded" and report.embedded == 45 and report.failed == 0
+    assert report.retries == 1
+    assert assert_rows_hold_their_own_vectors(tickets) == 0
+
+
+def test_a_200_with_a_broken_gzip_body_is_retried(tickets: str, fake_openai: FakeOpenAI) -> None:
+    fake_openai.faults.append(
+        Fault(status=200, raw=b"\x1f\x8b\x08\x00junk", headers={"content-encoding": "gzip"})
+    )
+    report = run(tickets, config(fake_openai.base_url, max_concurrency=1))
+
+    assert report.status == "succeeded" and report.embedded == 45 and report.retries == 1
+    assert assert_rows_hold_their_own_vectors(tickets) == 0
+
+
+def test_a_gzipped_answer_is_decoded(tickets: str, fake_openai: FakeOpenAI) -> None:
+    texts = [expected_text(i) for i in (2, 5, 11, 14, 17)]  # the first batch: org-c's
+    vectors = [base64.b64encode(hash_vector(t, 8).tobytes()).decode() for t in texts]
+    fake_openai.faults.append(
+        Fault(status=200, raw=gzip.compress(_answer(vectors)), headers={"content-encoding": "gzip"})
+    )
+    report = run(tickets, config(fake_openai.base_url, max_concurrency=1))
+
+    assert report.status == "succeeded" and report.embedded == 45 and report.retries == 0
+    assert assert_rows_hold_their_own_vectors(tickets) == 0
+
+
+def shuffled_with_extras(payload: dict[str, Any]) -> None:
+    random.Random(7).shuffle(payload["data"])
+    for item in payload["data"]:
+        item["extra"] = {"nested": [1, 2]}
+        item["object"] = "something else"
+    payload["usage"] = "not an object"
+    payload["data"].reverse()
+
+
+def test_items_in_any_order_with_extra_fields_map_by_index(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    fake_openai.mangle = shuffled_with_extras  # every answer
+    report = run(tickets, config(fake_openai.base_url, batch_size=12))
+
+    assert report.status == "succeeded" and report.embedded == 45 and report.retries == 0
+    assert assert_rows_hold_their_own_vectors(tickets) == 0
+
+
+def test_a_vector_with_one_integer_beyond_float32_fails_its_row_alone(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """10**39 and 10**400 are both infinite as float32, like 1e39: the row fails as
+    NonFiniteVector, the rest of the batch is written."""
+
+    def huge_in_first(payload: dict[str, Any]) -> None:
+        raw = base64.b64decode(payload["data"][0]["embedding"])
+        values = np.frombuffer(raw, dtype="<f4").tolist()
+        payload["data"][0]["embedding"] = [*values[:-1], 10**400]
+
+    fake_openai.faults.append(Fault(status=200, mangle=huge_in_first))
+    report = run(tickets, config(fake_openai.base_url, max_concurrency=1))
+
+    # the first batch is org-c's rows 2, 5, 11, 14, 17
+    assert [(f.id, f.error_class) for f in report.failures] == [(2, "NonFiniteVector")]
+    assert report.embedded == 44 and report.retries == 0
+    assert assert_rows_hold_their_own_vectors(tickets, null={2}) == 1
+    assert [r[:2] for r in failures(tickets)] == [("2", "NonFiniteVector")]
+
+
+RETRY_AFTERS = {
+    "negative": {"retry-after": "-30"},
+    "nan": {"retry-after": "nan"},
+    "inf": {"retry-after": "inf"},
+    "minus_inf": {"retry-after": "-inf"},
+    "date_in_the_past": {"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"},
+    "date_far_ahead": {"retry-after": "Fri, 31 Dec 9999 23:59:59 GMT"},
+    "date_beyond_any_year": {"retry-after": "Sun, 06 Nov 99999999999 08:49:37 GMT"},
+    "garbage": {"retry-after": "soon\u00e9"},
+    "ms_huge": {"retry-after-ms": "1e300"},
+    "ms_nan": {"retry-after-ms": "NaN", "retry-after": "0"},
+}
+
+
+@pytest.mark.parametrize("headers", list(RETRY_AFTERS.values()), ids=list(RETRY_AFTERS))
+@pytest.mark.parametrize("status", [429, 503])
+def test_any_retry_after_is_a_bounded_wait_never_a_crash(
+    tickets: str, fake_openai: FakeOpenAI, headers: dict[str, str], status: int
+) -> None:
+    fake_openai.faults.append(Fault(status, headers=headers))
+    report = run(tickets, config(fake_openai.base_url, max_concurrency=1, max_retry_wait_s=0.5))
+
+    assert report.status == "succeeded" and report.embedded == 45 and report.retries == 1
+    assert report.duration_s < 30
+    assert assert_rows_hold_their_own_vectors(tickets) == 0
