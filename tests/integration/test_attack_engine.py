@@ -8,12 +8,16 @@ import base64
 import gzip
 import json
 import random
+import uuid
 from typing import Any
 
 import numpy as np
+import psycopg
 import pytest
 
+from embedfill.errors import SchemaMismatch
 from embedfill.providers.hashing import hash_vector
+from tests.integration.test_app_safety import docs_config, docs_vectors, run_docs, with_engine
 from tests.integration.test_provider_faults import (
     assert_rows_hold_their_own_vectors,
     config,
@@ -145,3 +149,60 @@ def test_any_retry_after_is_a_bounded_wait_never_a_crash(
     assert report.status == "succeeded" and report.embedded == 45 and report.retries == 1
     assert report.duration_s < 30
     assert assert_rows_hold_their_own_vectors(tickets) == 0
+
+
+# ------------------------------------------------------------------ odd ids and tenants
+
+
+@pytest.mark.parametrize(
+    ("id_type", "ids"),
+    [
+        ("char(6)", ["a", "a b", "b ", " c", "\u00e9", "\u65e5\u672c"]),
+        ("varchar(10)", ["a", "a ", "a  ", " a", "A", "\u00c5", "A\u030a"]),
+        ("text", ["", "'", '"', "\\", "%s", "%(x)s", "\u200b", "\U0001f600", "a\tb\nc"]),
+        ("uuid", [str(uuid.UUID(int=i * 2**100 + i)) for i in range(12)]),
+        ("int2", [-32768, 32767, 0, 1]),
+        ("int8", [-(2**63), 2**63 - 1, 0]),
+        ("numeric(12,2)", ["1.50", "1.5", "-0.01", "9999999999.99"]),
+    ],
+    ids=["char", "varchar_spaces", "text_odd", "uuid", "int2_edges", "int8_edges", "numeric"],
+)
+def test_odd_ids_are_all_written_with_their_own_vectors(
+    db_url: str, fake_openai: FakeOpenAI, id_type: str, ids: list[Any]
+) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE docs (id {id_type} PRIMARY KEY, body text, emb vector(8))")
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO docs (id, body) VALUES (%s, %s) ON CONFLICT DO NOTHING",
+                [(i, f"doc {n}") for n, i in enumerate(ids)],
+            )
+        expected = conn.execute("SELECT count(*) FROM docs").fetchone()[0]  # type: ignore[index]
+    config = with_engine(docs_config(fake_openai.base_url), scan_page_size=2)
+    report = run_docs(db_url, config, batch_size=2)
+
+    assert report.embedded == expected and report.changed == 0 and report.status == "succeeded"
+    for body, vector in docs_vectors(db_url).values():
+        np.testing.assert_array_equal(vector, hash_vector(body, 8))
+
+
+def test_null_ids_under_a_unique_index_are_refused_before_any_request(
+    db_url: str, fake_openai: FakeOpenAI
+) -> None:
+    """A unique index lets many rows hold a NULL id; those rows can be read and embedded
+    but never written back, so each run would pay for them and call them changed."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE docs (pk serial PRIMARY KEY, id text, body text, emb vector(8))")
+        conn.execute("CREATE UNIQUE INDEX docs_id ON docs (id)")
+        conn.execute(
+            "INSERT INTO docs (id, body) SELECT CASE WHEN g % 3 = 0 THEN NULL ELSE 'k' || g END,"
+            " 'doc ' || g FROM generate_series(1, 30) g"
+        )
+    with pytest.raises(SchemaMismatch, match="is NULL in some rows") as raised:
+        run_docs(db_url, docs_config(fake_openai.base_url), batch_size=2)
+    assert raised.value.exit_code == 2
+    assert fake_openai.requests == []
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE docs SET id = 'n' || pk WHERE id IS NULL")
+    report = run_docs(db_url, docs_config(fake_openai.base_url), batch_size=2)
+    assert report.embedded == 30 and report.changed == 0
