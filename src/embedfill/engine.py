@@ -361,7 +361,9 @@ class _Run:
     async def _fill(self) -> None:
         """The real run: set vector indexes aside (index-aware mode), fill, rebuild."""
         deferred: list[indexes.VectorIndex] = []
-        if self.opts.defer_index:
+        # cancelled while starting (during a take-over, say): dropping now would only
+        # buy a rebuild, hours on a large table, for a run that is asked to stop
+        if self.opts.defer_index and not self.stopping:
             deferred = await indexes.vector_indexes(
                 self.conn, self.info.oid, self.target.embedding_column
             )

@@ -4,6 +4,7 @@ sometimes answer."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import json
@@ -15,6 +16,7 @@ import numpy as np
 import psycopg
 import pytest
 
+from embedfill import BackfillOptions, Database, abackfill
 from embedfill.errors import SchemaMismatch
 from embedfill.providers.hashing import hash_vector
 from tests.integration.test_app_safety import docs_config, docs_vectors, run_docs, with_engine
@@ -26,6 +28,7 @@ from tests.integration.test_provider_faults import (
     run,
 )
 from tests.support.fake_openai import FakeOpenAI, Fault
+from tests.support.tables import make_tickets
 
 # ------------------------------------------------------------------ hostile answers
 
@@ -206,3 +209,42 @@ def test_null_ids_under_a_unique_index_are_refused_before_any_request(
         conn.execute("UPDATE docs SET id = 'n' || pk WHERE id IS NULL")
     report = run_docs(db_url, docs_config(fake_openai.base_url), batch_size=2)
     assert report.embedded == 30 and report.changed == 0
+
+
+# ------------------------------------------------------------------ cancels
+
+
+def test_a_cancel_before_the_fill_never_drops_the_vector_index(
+    db_url: str, fake_openai: FakeOpenAI
+) -> None:
+    """A SIGTERM that lands while the run starts (say, during the take-over of a dead
+    run) must not then drop the table's vector index and rebuild it: on a large table
+    that rebuild takes hours, searches scan the whole table meanwhile, and the user
+    asked the run to stop."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        make_tickets(conn)
+        conn.execute(
+            'CREATE INDEX tickets_emb_hnsw ON app."SupportTickets"'
+            " USING hnsw (emb vector_cosine_ops)"
+        )
+    index_oid = "SELECT 'app.tickets_emb_hnsw'::regclass::oid"
+    with psycopg.connect(db_url) as conn:
+        before = conn.execute(index_oid).fetchone()
+    cancel = asyncio.Event()
+
+    async def go() -> Any:
+        return await abackfill(
+            config(fake_openai.base_url),
+            Database(db_url),
+            BackfillOptions(defer_index=True),
+            env={"TEST_PLATFORM_KEY": "sk-platform-0123456789abcdef"},
+            cancel=cancel,
+            on_start=lambda run_id: cancel.set(),
+        )
+
+    report = asyncio.run(asyncio.wait_for(go(), 60))
+    assert report.status == "cancelled" and report.embedded == 0
+    assert fake_openai.requests == []
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute(index_oid).fetchone() == before  # never dropped and rebuilt
+    assert report.deferred_indexes == []
