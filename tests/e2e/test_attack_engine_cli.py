@@ -13,14 +13,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import numpy as np
 import psycopg
 from pgvector.psycopg import register_vector
 
 from embedfill.config import render_text
 from embedfill.providers.hashing import hash_vector
+from tests.e2e.test_http import ADMIN, PATH, app_for
 from tests.support.cli import cli_env, embedfill, popen, write_config
-from tests.support.fake_openai import FakeOpenAI
+from tests.support.fake_openai import FakeOpenAI, Fault
+from tests.support.http import ServerThread
 from tests.support.tables import make_tickets
 
 PLATFORM = "sk-platform-zyxwvutsrq987654"
@@ -155,3 +158,54 @@ def test_kill_9_at_random_points_while_the_app_edits_never_stores_a_wrong_vector
         else:
             text = render_text("{subject}\n\n{body}", {"subject": subject, "body": body})
             np.testing.assert_array_equal(vector, hash_vector(text, 8), f"row {i}: wrong vector")
+
+
+def test_sigterm_while_the_provider_never_answers_exits_within_timeout_s(
+    tickets: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    fake_openai.faults += [Fault(status=200, delay=120)] * 3  # one per worker, never answered
+    cfg = write_config(tmp_path, fake_openai.base_url, batch_size=3, concurrency=3)  # 5 s
+    env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM)
+    proc = popen("--config", str(cfg), "backfill", "--json", env=env)
+    wait_until(lambda: not fake_openai.faults)  # all three requests are at the provider
+    time.sleep(0.3)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert proc.returncode == 1 and "cancelled" in err
+    data = json.loads(out)
+    assert data["status"] == "cancelled" and data["failed"] == 0 and data["embedded"] == 0
+    assert took < 5 + 10  # the requests in flight, bounded by timeout_s, and no retry
+    with psycopg.connect(tickets) as conn:
+        assert conn.execute("SELECT count(*) FROM embedfill.failures").fetchone() == (0,)
+
+
+def test_the_service_refuses_a_job_while_the_cli_runs_and_can_cancel_that_run(
+    tickets: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    fake_openai.latency = 0.2
+    cfg = write_config(tmp_path, fake_openai.base_url, batch_size=2, concurrency=1)
+    env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM)
+    proc = popen("--config", str(cfg), "backfill", "--json", env=env)
+    wait_until(lambda: bool(fake_openai.ok_requests()))
+    with (
+        ServerThread(app_for(tickets, fake_openai, ADMIN_SECRET=ADMIN)) as base,
+        httpx.Client(base_url=base, headers={"x-admin-secret": ADMIN}, timeout=60) as api,
+    ):
+        refused = api.post(PATH)
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["job_id"] == 1
+        assert "already being backfilled by run 1" in refused.json()["error"]
+        status = api.get(f"{PATH}/1")
+        assert status.status_code == 200 and status.json()["status"] == "running"
+        cancelled = api.post(f"{PATH}/1/cancel")
+        assert cancelled.status_code == 202, cancelled.text
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 1 and "cancelled" in err
+        embedded = json.loads(out)["embedded"]
+        assert 0 < embedded < 45
+        fake_openai.latency = 0.0
+        resumed = api.post(PATH, params={"wait": "true"})
+        assert resumed.status_code == 200, resumed.text
+        assert resumed.json()["embedded"] == 45 - embedded

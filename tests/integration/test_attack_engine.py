@@ -9,6 +9,7 @@ import base64
 import gzip
 import json
 import random
+import threading
 import uuid
 from typing import Any
 
@@ -248,3 +249,59 @@ def test_a_cancel_before_the_fill_never_drops_the_vector_index(
     with psycopg.connect(db_url) as conn:
         assert conn.execute(index_oid).fetchone() == before  # never dropped and rebuilt
     assert report.deferred_indexes == []
+
+
+def test_a_cancel_while_the_scan_waits_on_an_app_table_lock_stops_at_once(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """A migration takes ACCESS EXCLUSIVE mid-run and holds it for minutes: the next scan
+    page queues behind it. A SIGTERM then must not wait for the migration."""
+    config_ = with_engine(config(fake_openai.base_url, max_concurrency=1), scan_page_size=5)
+    release = threading.Event()
+    locked = threading.Event()
+
+    def migration() -> None:
+        with psycopg.connect(tickets) as app:
+            app.execute('LOCK TABLE app."SupportTickets" IN ACCESS EXCLUSIVE MODE')
+            locked.set()
+            release.wait(120)
+            app.rollback()
+
+    def scan_waits() -> bool:
+        with psycopg.connect(tickets, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE 'SELECT %%IS NULL%%ORDER BY%%'"
+            ).fetchone()
+        return bool(row and row[0])
+
+    fake_openai.on_inputs = lambda inputs: (
+        None if locked.is_set() else threading.Thread(target=migration, daemon=True).start()
+    )
+    cancel = asyncio.Event()
+
+    async def go() -> Any:
+        task = asyncio.create_task(
+            abackfill(
+                config_,
+                Database(tickets),
+                BackfillOptions(),
+                env={"TEST_PLATFORM_KEY": "sk-platform-0123456789abcdef"},
+                cancel=cancel,
+            )
+        )
+        while not await asyncio.to_thread(scan_waits):
+            assert not task.done(), task
+            await asyncio.sleep(0.05)
+        cancel.set()
+        try:
+            return await asyncio.wait_for(task, 20)  # not the migration's two minutes
+        finally:
+            release.set()
+
+    try:
+        report = asyncio.run(go())
+    finally:
+        release.set()
+    assert report.status == "cancelled" and report.failed == 0
+    assert failures(tickets) == []
