@@ -209,3 +209,38 @@ def test_the_service_refuses_a_job_while_the_cli_runs_and_can_cancel_that_run(
         resumed = api.post(PATH, params={"wait": "true"})
         assert resumed.status_code == 200, resumed.text
         assert resumed.json()["embedded"] == 45 - embedded
+
+
+def test_two_target_names_for_one_column_started_together_exactly_one_runs(
+    tickets: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    fake_openai.latency = 0.05
+    twin = """
+[[targets]]
+name = "tickets-too"
+table = '"app"."SupportTickets"'
+id_column = "ticket_no"
+text = "{subject}\\n\\n{body}"
+embedding_column = "emb"
+tenant_column = "org"
+provider = "openai"
+"""
+    cfg = write_config(tmp_path, fake_openai.base_url, batch_size=3, concurrency=2, extra=twin)
+    env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM)
+    for _ in range(3):
+        with psycopg.connect(tickets, autocommit=True) as conn:
+            conn.execute('UPDATE app."SupportTickets" SET emb = NULL WHERE ticket_no % 4 <> 0')
+        fake_openai.requests.clear()
+        procs = [
+            popen("--config", str(cfg), "backfill", "--target", name, "--json", env=env)
+            for name in ("tickets", "tickets-too")
+        ]
+        results = [(p.wait(60), *p.communicate()) for p in procs]
+        codes = sorted(code for code, _, _ in results)
+        assert codes == [0, 4], results
+        (winner,) = [json.loads(out) for code, out, _ in results if code == 0]
+        (loser,) = [err for code, _, err in results if code == 4]
+        assert winner["embedded"] == 45
+        assert "already being backfilled" in loser
+        sent = [t for r in fake_openai.ok_requests() for t in r.inputs]
+        assert len(sent) == len(set(sent)) == 45

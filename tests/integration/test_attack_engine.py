@@ -305,3 +305,44 @@ def test_a_cancel_while_the_scan_waits_on_an_app_table_lock_stops_at_once(
         release.set()
     assert report.status == "cancelled" and report.failed == 0
     assert failures(tickets) == []
+
+
+@pytest.mark.parametrize(
+    ("tenant_type", "tenants"),
+    [
+        ("text", [None, "", "None", "a'b", 'q"q', "new\nline", "\u00e9t\u00e9", "%(tenant)s"]),
+        ("int", [None, 0, -1, 2**31 - 1]),
+        ("uuid", [None, str(uuid.UUID(int=1)), str(uuid.UUID(int=2))]),
+    ],
+    ids=["text", "int", "uuid"],
+)
+def test_odd_tenants_each_get_their_own_rows_and_key(
+    db_url: str, fake_openai: FakeOpenAI, tenant_type: str, tenants: list[Any]
+) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            f"CREATE TABLE docs (id int PRIMARY KEY, org {tenant_type}, body text, emb vector(8))"
+        )
+        conn.execute(f"CREATE TABLE keys (org {tenant_type}, api_key text)")
+        with conn.cursor() as cur:
+            for n in range(40):
+                # the same text in every tenant: each must embed it with its own key
+                cur.execute(
+                    "INSERT INTO docs VALUES (%s, %s, %s)", (n, tenants[n % len(tenants)], "same")
+                )
+            for k, t in enumerate(tenants):
+                if t is not None:
+                    cur.execute("INSERT INTO keys VALUES (%s, %s)", (t, f"sk-tenant-{k}-xxxxxxxx"))
+    cfg = docs_config(
+        fake_openai.base_url,
+        tenant_column="org",
+        tenant_key_sql="select api_key from keys where org = %(tenant)s",
+    )
+    report = run_docs(db_url, cfg)
+
+    assert report.failed == 0 and report.embedded == 40
+    assert report.deduplicated == 40 - len(tenants)
+    by_key = fake_openai.texts_by_key()
+    named = [t for t in tenants if t is not None]
+    assert len(by_key) == len(named) + 1  # each tenant its own key; NULL the platform's
+    assert all(texts == ["same"] for texts in by_key.values())
