@@ -8,6 +8,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -97,7 +98,7 @@ class App(threading.Thread):
 def test_kill_9_at_random_points_while_the_app_edits_never_stores_a_wrong_vector(
     db_url: str, fake_openai: FakeOpenAI, tmp_path: Path
 ) -> None:
-    rows = 1200
+    rows = 2000
     with psycopg.connect(db_url, autocommit=True) as conn:
         make_tickets(conn, rows=rows)
         register_vector(conn)
@@ -227,11 +228,20 @@ provider = "openai"
 """
     cfg = write_config(tmp_path, fake_openai.base_url, batch_size=3, concurrency=2, extra=twin)
     env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM)
+    procs: list[subprocess.Popen[str]] = []
+
+    def hold_the_first_request(inputs: list[str]) -> None:
+        # the winner's first request waits until the other process has given up, so the
+        # two runs overlap however slowly a loaded machine starts the second
+        if len(fake_openai.requests) == 0:
+            wait_until(lambda: any(p.poll() is not None for p in procs), timeout=60)
+
+    fake_openai.on_inputs = hold_the_first_request
     for _ in range(3):
         with psycopg.connect(tickets, autocommit=True) as conn:
             conn.execute('UPDATE app."SupportTickets" SET emb = NULL WHERE ticket_no % 4 <> 0')
         fake_openai.requests.clear()
-        procs = [
+        procs[:] = [
             popen("--config", str(cfg), "backfill", "--target", name, "--json", env=env)
             for name in ("tickets", "tickets-too")
         ]
