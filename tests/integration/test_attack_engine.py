@@ -346,3 +346,33 @@ def test_odd_tenants_each_get_their_own_rows_and_key(
     named = [t for t in tenants if t is not None]
     assert len(by_key) == len(named) + 1  # each tenant its own key; NULL the platform's
     assert all(texts == ["same"] for texts in by_key.values())
+
+
+# ------------------------------------------------------------------ first runs at once
+
+
+def test_first_runs_started_together_on_a_fresh_database_all_find_the_schema(
+    server_url: str, template_url: str
+) -> None:
+    """Two runs (or a run and the service) start on a database embedfill has never
+    touched: each migrates, one waits for the other. The waiter must then find the
+    schema made, not fail with 'relation "runs" already exists'."""
+    from embedfill.db.connect import connect
+    from embedfill.db.schema import EXPECTED_VERSION, ensure_schema
+    from tests.conftest import _create_db, _drop_db
+
+    async def together(url: str) -> list[int]:
+        conns = [await connect(Database(url)) for _ in range(4)]
+        try:
+            return list(await asyncio.gather(*(ensure_schema(c) for c in conns)))
+        finally:
+            for c in conns:
+                await c.close()
+
+    for _ in range(5):
+        name = _create_db(server_url, "embedfill_test_template")
+        try:
+            url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
+            assert asyncio.run(together(url)) == [EXPECTED_VERSION] * 4
+        finally:
+            _drop_db(server_url, name)
