@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -363,7 +363,9 @@ class _Run:
     async def _fill(self) -> None:
         """The real run: set vector indexes aside (index-aware mode), fill, rebuild."""
         deferred: list[indexes.VectorIndex] = []
-        if self.opts.defer_index:
+        # cancelled while starting (during a take-over, say): dropping now would only
+        # buy a rebuild, hours on a large table, for a run that is asked to stop
+        if self.opts.defer_index and not self.stopping:
             deferred = await indexes.vector_indexes(
                 self.conn, self.info.oid, self.target.embedding_column
             )
@@ -459,12 +461,13 @@ class _Run:
         page_size = self.engine.scan_page_size
         while remaining is None or remaining > 0:
             size = page_size if remaining is None else min(page_size, remaining)
-            cur = await self.conn.execute(
-                self.sql.scan(first_page=first, tenants=bool(self.tenants)),
-                {"after": after, "limit": size, "tenants": self.tenants},
+            rows = await self._unless_stopped(
+                self._fetch(
+                    self.sql.scan(first_page=first, tenants=bool(self.tenants)),
+                    {"after": after, "limit": size, "tenants": self.tenants},
+                )
             )
-            rows = await cur.fetchall()
-            if not rows:
+            if not rows:  # none left, or the run stops
                 return
             yield rows
             first, after = False, rows[-1][0]
@@ -472,6 +475,29 @@ class _Run:
                 remaining -= len(rows)
             if len(rows) < size:
                 return
+
+    async def _fetch(self, statement: sql.Composed, params: dict[str, Any]) -> list[Any]:
+        cur = await self.conn.execute(statement, params)
+        return await cur.fetchall()
+
+    async def _unless_stopped(self, query: Coroutine[Any, Any, list[Any]]) -> list[Any] | None:
+        """A read on the table, or None when the run stops first: the read is cancelled
+        (psycopg cancels it on the server), so a scan queued behind the app's table lock
+        (a migration's ACCESS EXCLUSIVE, held for minutes) never holds up a SIGTERM."""
+        task = asyncio.ensure_future(query)
+        stops = [asyncio.ensure_future(e.wait()) for e in (self._stop, self.hooks.cancel)]
+        stopped = False
+        try:
+            await asyncio.wait([task, *stops], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in stops:
+                waiter.cancel()
+            if not task.done():
+                stopped = True
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, psycopg.errors.QueryCanceled):
+                    await task
+        return None if stopped else task.result()
 
     async def _check_tenants(self) -> None:
         """A requested tenant with no row at all is a warning (a typo, most likely), not

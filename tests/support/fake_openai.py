@@ -13,7 +13,9 @@ Answers can be wrong in the ways real providers and proxies get them wrong: a
 functions at the end: string indices, a duplicated index, a missing or null embedding,
 bad base64, ...); an input containing ``NAN_MARKER``/``INF_MARKER`` gets a vector with a
 NaN/infinite value; ``dims_override`` answers another size; a ``trickle`` fault sends
-the headers at once and then the body a few bytes at a time. ``reject_models`` and
+the headers at once and then the body a few bytes at a time; a ``raw`` fault answers
+a body as is (HTML from a proxy, gzip, junk) and ``headers`` adds any header (a
+Retry-After no server should send). ``reject_models`` and
 ``supported_dimensions`` make every request for that model (or an unsupported
 ``dimensions``) answer 400, as a provider does for a configuration mistake.
 """
@@ -47,6 +49,8 @@ class Fault:
     drop: bool = False  # close the connection without an answer
     mangle: Mangle | None = None  # a 200 answer, rewritten by this function
     trickle: float = 0.0  # a 200 answer whose body comes 4 bytes every `trickle` seconds
+    raw: bytes | None = None  # answer `status` with this body as is (HTML, gzip, junk, ...)
+    headers: dict[str, str] = field(default_factory=dict)  # sent with the answer as is
 
 
 @dataclass
@@ -112,6 +116,9 @@ class FakeOpenAI:
                 inputs = [inputs] if isinstance(inputs, str) else list(inputs)
                 with fake._lock:
                     fault = fake.faults.pop(0) if fake.faults else None
+                if fault is not None and fault.raw is not None:
+                    fake._record(key, inputs, fault.status)
+                    return self._send_raw(fault.status, fault.raw, fault.headers)
                 answer_fault = fault if fault and (fault.mangle or fault.trickle) else None
                 if fault is not None and answer_fault is None:
                     if fault.delay:
@@ -125,6 +132,7 @@ class FakeOpenAI:
                         headers = {}
                         if fault.retry_after is not None:
                             headers["retry-after"] = str(fault.retry_after)
+                        headers |= fault.headers
                         fake._record(key, inputs, fault.status)
                         return self._error(fault.status, "injected fault", headers)
                 if not self.path.endswith("/embeddings"):
@@ -180,6 +188,17 @@ class FakeOpenAI:
                 self, status: int, message: str, headers: dict[str, str] | None = None
             ) -> None:
                 self._send(status, {"error": {"message": message, "type": "test"}}, headers)
+
+            def _send_raw(self, status: int, raw: bytes, headers: dict[str, str]) -> None:
+                self.send_response(status)
+                if "content-type" not in headers:
+                    self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(raw)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    self.wfile.write(raw)
 
             def _send(
                 self,

@@ -156,7 +156,9 @@ async def inspect_target(
     found = await vector_indexes(conn, oid, target.embedding_column)
     return TableInfo(
         oid=oid,
-        types=ColumnTypes(id_type=columns[target.id_column][0], vector_type=emb_type),
+        # the id type with its modifier: bare `character` is char(1), and ids cast to it
+        # lose all but their first character (so `= ANY` matches none of them)
+        types=ColumnTypes(id_type=shown[target.id_column][0], vector_type=emb_type),
         dimensions=dims or provider_dims,
         vector_index=f"{found[0].name} ({found[0].method})" if found else None,
     )
@@ -212,8 +214,19 @@ async def _check_id(
             "index, so an id may name several rows; point id_column at the primary key, or "
             f"add a unique index on {target.id_column!r}."
         )
+    q = TargetSQL(target)
+    # a unique index allows NULLs: such a row can be read but never written back, so it
+    # would be paid for on every run and reported as changed by the app
+    cur = await conn.execute(
+        sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {} IS NULL)").format(q.table, q.id)
+    )
+    row = await cur.fetchone()
+    if row and row[0]:
+        raise SchemaMismatch(
+            f"{where} is NULL in some rows, which no id can name; give those rows ids, "
+            "make the column NOT NULL, or point id_column at the primary key."
+        )
     if typname == "numeric":
-        q = TargetSQL(target)
         cur = await conn.execute(
             sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {} = 'NaN'::numeric)").format(
                 q.table, q.id

@@ -1,7 +1,11 @@
 """Static SQL on embedfill's own tables. ``store.Store`` is the only caller (and
 ``schema`` for the version table)."""
 
-MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended('embedfill:migrate', 0))"
+# a session lock, taken before the migration's transaction begins: a transaction that
+# starts after the other migrator's commit sees its tables (one that began before, then
+# waited, keeps stale catalog caches and would create them again)
+MIGRATION_LOCK = "SELECT pg_advisory_lock(hashtextextended('embedfill:migrate', 0))"
+MIGRATION_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended('embedfill:migrate', 0))"
 CREATE_SCHEMA_VERSION = """
 CREATE TABLE IF NOT EXISTS embedfill.schema_version (
     version    integer     NOT NULL,

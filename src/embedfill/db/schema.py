@@ -9,6 +9,7 @@ schema is missing or behind it migrates, if the role may; if not, it raises
 
 from __future__ import annotations
 
+import contextlib
 from importlib import resources
 from typing import Any
 
@@ -60,9 +61,9 @@ async def migrate(conn: psycopg.AsyncConnection[Any]) -> int:
     """Apply pending migrations in one transaction, under an advisory lock (concurrent
     callers wait, then find the work done). SchemaNotReady when the role may not."""
     found: int | None = None
+    await conn.execute(q.MIGRATION_LOCK)
     try:
         async with conn.transaction():
-            await conn.execute(q.MIGRATION_LOCK)
             found = version = await current_version(conn)
             if version is None:
                 if not await _schema_exists(conn):
@@ -77,6 +78,9 @@ async def migrate(conn: psycopg.AsyncConnection[Any]) -> int:
                     version = number
     except pg_errors.InsufficientPrivilege:
         raise SchemaNotReady(await _denied(conn, found)) from None
+    finally:
+        with contextlib.suppress(psycopg.Error):  # a broken connection drops it anyway
+            await conn.execute(q.MIGRATION_UNLOCK)
     return version
 
 

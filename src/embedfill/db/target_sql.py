@@ -18,7 +18,7 @@ INTEGER_TYPES = ("smallint", "integer", "bigint")
 
 @dataclass(frozen=True)
 class ColumnTypes:
-    id_type: str  # e.g. "bigint", "uuid", "text"
+    id_type: str  # e.g. "bigint", "uuid", "text", "character(6)": with its modifier
     vector_type: str  # e.g. "vector" or "extensions.vector"
 
 

@@ -58,7 +58,7 @@ def decode_embeddings(content: bytes, count: int) -> list[Vector]:
     """The vectors of an embeddings response, in input order, as float32."""
     try:
         payload = json.loads(content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: arrays nested beyond any answer
         raise malformed("the body is not JSON; check base_url") from None
     if not isinstance(payload, dict) or "data" not in payload:
         raise malformed("it has no 'data' list; check base_url")
@@ -77,7 +77,7 @@ def decode_embeddings(content: bytes, count: int) -> list[Vector]:
         if type(index) is not int:  # bool is an int subclass; 1.0 is not an index either
             raise malformed(f"index {_short(index)} is {kind(index)}, not an integer")
         if not 0 <= index < count:
-            raise malformed(f"index {index} is out of range for {count} inputs")
+            raise malformed(f"index {_short(index)} is out of range for {count} inputs")
         if out[index] is not None:
             raise malformed(f"index {index} appears twice")
         if "embedding" not in item:
@@ -104,8 +104,18 @@ def _vector(embedding: Any, index: int) -> Vector:
             if type(value) is not float and type(value) is not int:  # not bool, not "0.5"
                 raise malformed(f"embedding {index} holds {kind(value)}, not only numbers")
         with np.errstate(over="ignore"):  # beyond float32's range: infinite, failed later
-            return np.asarray(embedding, dtype=np.float32)
+            try:
+                return np.asarray(embedding, dtype=np.float32)
+            except OverflowError:  # an integer beyond any float (10**400): infinite too
+                return np.asarray([_clamp(v) for v in embedding], dtype=np.float32)
     raise malformed(f"embedding {index} is {kind(embedding)}, not a list of numbers or base64")
+
+
+def _clamp(value: float) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        return float("inf") if value > 0 else float("-inf")
 
 
 def check_vectors(vectors: Sequence[Any], count: int) -> list[Vector]:

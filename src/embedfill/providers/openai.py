@@ -60,10 +60,10 @@ def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = Non
     except ValueError:
         pass
     try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, OverflowError, OSError):  # not a date any clock can hold
         return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+    return max(0.0, when - (time.time() if now is None else now))
 
 
 def _message(exc: openai.APIStatusError) -> str:
