@@ -46,6 +46,7 @@ def set_back_to_version_1(db_url: str) -> None:
     """As if this database had been migrated by the previous release."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("DELETE FROM embedfill.schema_version WHERE version >= 2")
+        conn.execute("DROP TABLE IF EXISTS embedfill.rate_budgets")
         conn.execute("DROP INDEX embedfill.runs_physical_active")
         conn.execute(
             "ALTER TABLE embedfill.runs DROP COLUMN cancel_requested,"
@@ -162,3 +163,35 @@ def test_connection_limit_in_the_url_keeps_a_run_within_it(
     report = run(roles.url(app_rw, query="connection_limit=2"), config)
 
     assert report.status == "succeeded" and report.embedded == 45
+
+
+def test_first_runs_started_together_migrate_once(db_url: str) -> None:
+    """Each process checks the version, finds none, and queues for the migration lock;
+    the ones that waited must see the schema the first one created."""
+    import threading
+
+    from embedfill.db.connect import connect
+    from embedfill.db.schema import ensure_schema
+
+    errors: list[BaseException] = []
+
+    async def first_use() -> None:
+        conn = await connect(Database(db_url))
+        try:
+            await ensure_schema(conn)
+        finally:
+            await conn.close()
+
+    def go() -> None:
+        try:
+            asyncio.run(first_use())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    assert schema_state(db_url) == (True, EXPECTED_VERSION)
