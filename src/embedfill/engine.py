@@ -64,7 +64,7 @@ from .models import Batch, Failure, Report, Row, TargetStatus, TenantReport
 from .planning import BoundedCache, TenantBatcher, estimate_cost, prepare_text, split_batch
 from .providers import Provider, Vector, make_provider
 from .providers.answers import check_vectors, non_finite
-from .ratelimit import KeyLimiter
+from .ratelimit import Rates, SharedLimits
 from .retry import RetryPolicy, decide, server_wait
 from .secrets import Secret
 from .tokens import TokenCounter
@@ -275,7 +275,12 @@ class _Run:
         self.cache: BoundedCache[Vector] = BoundedCache(cache_rows)
         self.inflight: dict[str, list[Row]] = {}
         self.dead_tenants: dict[str | None, str] = {}
-        self.limiters: dict[str, KeyLimiter] = {}
+        # rpm/tpm and 429 pauses, per key, shared with every run in every process; a
+        # provider without keys or limits (local, hash) has nothing to share
+        self.limits: SharedLimits | None = None
+        if provider.needs_key or pconf.rpm or pconf.tpm:
+            scope = f"{pconf.kind}|{pconf.base_url or ''}|{pconf.model}"
+            self.limits = SharedLimits(self.store, Rates(pconf.rpm, pconf.tpm), scope)
         self.pending_failures: list[Failure] = []
         self.locked: list[tuple[float, _Write]] = []  # (retry at, rows) the app held locked
         self._last_progress = 0.0
@@ -782,7 +787,7 @@ class _Run:
         """The 400 the probe got, or None (accepted, or no verdict: a later 400 probes
         again)."""
         tokens = self._counter.count(PROBE_TEXT)
-        if await self._sleep(self._limiter(key).reserve(tokens, time.monotonic())):
+        if await self._reserve(key, tokens):
             return None
         self.report.requests += 1
         started = time.monotonic()
@@ -801,22 +806,20 @@ class _Run:
         self.proven = True
         return None
 
-    def _limiter(self, key: Secret | None) -> KeyLimiter:
-        name = key.fingerprint if key else "-"
-        limiter = self.limiters.get(name)
-        if limiter is None:
-            limiter = KeyLimiter(self.pconf.rpm, self.pconf.tpm, time.monotonic())
-            self.limiters[name] = limiter
-        return limiter
+    async def _reserve(self, key: Secret | None, tokens: int) -> bool:
+        """Wait for the key's shared budget to allow a request; True when the run stopped
+        meanwhile."""
+        if self.limits is None:
+            return self.stopping
+        return await self._sleep(await self.limits.reserve(key, tokens))
 
     async def _call(self, batch: Batch, key: Secret | None) -> tuple[list[Vector], int]:
         """The batch's vectors, checked, and the attempts it took; raises the provider's
         error when retrying gives up, ``_Stopped`` when the run stops first."""
         tenant = self._tenant(batch.tenant)
-        limiter = self._limiter(key)
         attempts = 0
         while True:
-            if await self._sleep(limiter.reserve(batch.tokens, time.monotonic())):
+            if await self._reserve(key, batch.tokens):
                 raise _Stopped
             attempts += 1
             self.report.requests += 1
@@ -829,8 +832,9 @@ class _Run:
                 self.hooks.observer.request(
                     self.target.name, str(exc.status or "error"), time.monotonic() - started
                 )
-                if exc.retry_after:
-                    limiter.pause(server_wait(exc.retry_after, self.policy), time.monotonic())
+                if exc.retry_after and self.limits is not None:
+                    # every worker of this key, in every process, holds off
+                    await self.limits.pause(key, server_wait(exc.retry_after, self.policy))
                 delay = decide(exc, attempts, self.policy)
                 if delay is None:
                     exc.attempts = attempts
