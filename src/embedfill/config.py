@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .concurrency import AUTO_CEILING
 from .errors import ConfigError, TargetNotFound
 
 PROVIDER_KINDS = ("openai", "local", "hash")
@@ -48,7 +49,8 @@ class ProviderConfig:
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     batch_size: int = 50
-    max_concurrency: int = 4
+    max_concurrency: int = 4  # requests in flight; with auto_concurrency, the most
+    auto_concurrency: bool = False  # max_concurrency = "auto": found by AIMD
     rpm: int = 0
     tpm: int = 0
     timeout_s: float = 60.0
@@ -268,7 +270,7 @@ _PROVIDER_KEYS = {
     "base_url": str,
     "api_key_env": str,
     "batch_size": int,
-    "max_concurrency": int,
+    "max_concurrency": (int, str),
     "rpm": int,
     "tpm": int,
     "timeout_s": (int, float),
@@ -343,15 +345,22 @@ def _parse_provider(name: str, data: Mapping[str, Any]) -> ProviderConfig:
     batch_size = _positive(data.get("batch_size", 50), "batch_size", where)
     if batch_size > 2048:
         raise ConfigError(f"Key 'batch_size' in {where} must be at most 2048, not {batch_size}.")
+    concurrency = data.get("max_concurrency", 1 if kind == "local" else 4)
+    auto = concurrency == "auto"
+    if isinstance(concurrency, str) and not auto:
+        raise ConfigError(
+            f"Key 'max_concurrency' in {where} must be a number or \"auto\", not {concurrency!r}."
+        )
     for key in (
         "dimensions",
-        "max_concurrency",
         "max_attempts",
         "max_input_tokens",
         "max_request_tokens",
     ):
         if key in data:
             _positive(data[key], key, where)
+    if not auto:
+        _positive(concurrency, "max_concurrency", where)
     for key in ("rpm", "tpm"):
         _positive(data.get(key, 0), key, where, allow_zero=True)
     timeout = float(data.get("timeout_s", 60.0))
@@ -372,7 +381,8 @@ def _parse_provider(name: str, data: Mapping[str, Any]) -> ProviderConfig:
         api_key_env=data.get("api_key_env", "OPENAI_API_KEY"),
         batch_size=batch_size,
         # a local model already uses every core; more calls at once only contend
-        max_concurrency=data.get("max_concurrency", 1 if kind == "local" else 4),
+        max_concurrency=AUTO_CEILING if auto else concurrency,
+        auto_concurrency=auto,
         rpm=data.get("rpm", 0),
         tpm=data.get("tpm", 0),
         timeout_s=timeout,

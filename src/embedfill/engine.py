@@ -31,13 +31,14 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from .concurrency import Concurrency
 from .config import Config, ProviderConfig, TargetConfig, text_renderer
 from .db import indexes, wire
 from .db.catalog import TableInfo, count_missing, inspect_target, target_status
@@ -54,6 +55,8 @@ from .errors import (
     NonFiniteVector,
     ProviderError,
     ProviderMisconfigured,
+    ProviderUnavailable,
+    RateLimited,
     RunAborted,
     SchemaMismatch,
     TargetBusy,
@@ -64,7 +67,7 @@ from .models import Batch, Failure, Report, Row, TargetStatus, TenantReport
 from .planning import BoundedCache, TenantBatcher, estimate_cost, prepare_text, split_batch
 from .providers import Provider, Vector, make_provider
 from .providers.answers import check_vectors, non_finite
-from .ratelimit import KeyLimiter
+from .ratelimit import Rates, SharedLimits
 from .retry import RetryPolicy, decide, server_wait
 from .secrets import Secret
 from .tokens import TokenCounter
@@ -277,7 +280,19 @@ class _Run:
         self.cache: BoundedCache[Vector] = BoundedCache(cache_rows)
         self.inflight: dict[str, list[Row]] = {}
         self.dead_tenants: dict[str | None, str] = {}
-        self.limiters: dict[str, KeyLimiter] = {}
+        # rpm/tpm and 429 pauses, per key, shared with every run in every process; a
+        # provider without keys or limits (local, hash) has nothing to share
+        self.concurrency = (
+            Concurrency.auto(pconf.max_concurrency)
+            if pconf.auto_concurrency
+            else Concurrency.fixed(pconf.max_concurrency)
+        )
+        self._in_flight = 0
+        self._slots = asyncio.Condition()
+        self.limits: SharedLimits | None = None
+        if provider.needs_key or pconf.rpm or pconf.tpm:
+            scope = f"{pconf.kind}|{pconf.base_url or ''}|{pconf.model}"
+            self.limits = SharedLimits(self.store, Rates(pconf.rpm, pconf.tpm), scope)
         self.pending_failures: list[Failure] = []
         self.locked: list[tuple[float, _Write]] = []  # (retry at, rows) the app held locked
         self._last_progress = 0.0
@@ -596,7 +611,7 @@ class _Run:
     # ------------------------------------------------------------------ real run
 
     async def _pipeline(self) -> None:
-        embed_q: asyncio.Queue[Batch | None] = asyncio.Queue(self.pconf.max_concurrency * 2)
+        embed_q: asyncio.Queue[Batch | None] = asyncio.Queue(self.concurrency.ceiling * 2)
         # room for about one full write of embedded batches: enough to coalesce, and a
         # bound on what a kill -9 can lose after it was paid for
         per_write = -(-self.engine.write_batch_rows // self.batch_size)
@@ -609,7 +624,7 @@ class _Run:
             async with asyncio.TaskGroup() as tg:
                 workers = [
                     tg.create_task(self._embedder(embed_q, write_q))
-                    for _ in range(self.pconf.max_concurrency)
+                    for _ in range(self.concurrency.ceiling)
                 ]
                 writers = [tg.create_task(self._writer(c, write_q)) for c in writer_conns]
                 watcher = tg.create_task(self._watch_cancel())
@@ -810,7 +825,7 @@ class _Run:
         """The 400 the probe got, or None (accepted, or no verdict: a later 400 probes
         again)."""
         tokens = self._counter.count(PROBE_TEXT)
-        if await self._sleep(self._limiter(key).reserve(tokens, time.monotonic())):
+        if await self._reserve(key, tokens):
             return None
         self.report.requests += 1
         started = time.monotonic()
@@ -829,36 +844,52 @@ class _Run:
         self.proven = True
         return None
 
-    def _limiter(self, key: Secret | None) -> KeyLimiter:
-        name = key.fingerprint if key else "-"
-        limiter = self.limiters.get(name)
-        if limiter is None:
-            limiter = KeyLimiter(self.pconf.rpm, self.pconf.tpm, time.monotonic())
-            self.limiters[name] = limiter
-        return limiter
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the requests in flight that ``self.concurrency`` allows now."""
+        async with self._slots:
+            await self._slots.wait_for(lambda: self._in_flight < self.concurrency.allowed)
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            async with self._slots:
+                self._in_flight -= 1
+                self._slots.notify_all()
+
+    async def _reserve(self, key: Secret | None, tokens: int) -> bool:
+        """Wait for the key's shared budget to allow a request; True when the run stopped
+        meanwhile."""
+        if self.limits is None:
+            return self.stopping
+        return await self._sleep(await self.limits.reserve(key, tokens))
 
     async def _call(self, batch: Batch, key: Secret | None) -> tuple[list[Vector], int]:
         """The batch's vectors, checked, and the attempts it took; raises the provider's
         error when retrying gives up, ``_Stopped`` when the run stops first."""
         tenant = self._tenant(batch.tenant)
-        limiter = self._limiter(key)
         attempts = 0
         while True:
-            if await self._sleep(limiter.reserve(batch.tokens, time.monotonic())):
+            if await self._reserve(key, batch.tokens):
                 raise _Stopped
             attempts += 1
             self.report.requests += 1
             tenant.requests += 1
-            started = time.monotonic()
             try:
-                answer = await self.provider.embed(batch.texts, api_key=key)
-                vectors = check_vectors(answer, len(batch.rows))
+                async with self._slot():
+                    started = time.monotonic()
+                    answer = await self.provider.embed(batch.texts, api_key=key)
+                    vectors = check_vectors(answer, len(batch.rows))
+                    self.concurrency.succeeded(time.monotonic() - started)
             except ProviderError as exc:
                 self.hooks.observer.request(
                     self.target.name, str(exc.status or "error"), time.monotonic() - started
                 )
-                if exc.retry_after:
-                    limiter.pause(server_wait(exc.retry_after, self.policy), time.monotonic())
+                if isinstance(exc, (RateLimited, ProviderUnavailable)):
+                    self.concurrency.overloaded(time.monotonic())
+                if exc.retry_after and self.limits is not None:
+                    # every worker of this key, in every process, holds off
+                    await self.limits.pause(key, server_wait(exc.retry_after, self.policy))
                 delay = decide(exc, attempts, self.policy)
                 if delay is None:
                     exc.attempts = attempts

@@ -1,55 +1,86 @@
-"""Client-side rate limits per API key: requests and tokens per minute.
+"""Rate limits per API key: requests and tokens per minute, one budget for everyone.
 
 Providers enforce per-minute limits over shorter windows too, so the client paces
-itself smoothly: a bucket that refills at the per-minute rate and holds only
-``burst_s`` seconds' worth. The buckets are plain arithmetic over a clock value the
-caller passes in, so tests drive them without sleeping. ``reserve`` may take the level
-below zero: later callers then wait their turn, which keeps concurrent workers fair.
+itself smoothly: a token bucket that refills at the per-minute rate and holds only
+``burst_s`` seconds' worth. Taking from it may drive the level below zero: the caller
+then waits for the deficit to refill, which keeps concurrent callers fair.
+
+The buckets live in PostgreSQL (``embedfill.rate_budgets``), keyed by a one-way hash of
+the provider's URL, the model and the key, so ``rpm``/``tpm`` are totals across every
+run and worker in every process that uses that key, and a 429's ``Retry-After`` pauses
+all of them, not just the one that saw it. The arithmetic that turns levels into a wait
+is a plain function (``wait_for``); the SQL does the refill under a row lock.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
+from .db.store import Store
+from .secrets import Secret
+
 BURST_S = 1.0
+UNLIMITED = 1e18  # the capacity of a bucket that is never short
 
 
-@dataclass
-class Bucket:
-    per_minute: float
-    capacity: float
-    level: float
-    updated: float
+@dataclass(frozen=True)
+class Rates:
+    """Per-minute limits (0 = none) and the burst they allow, as per-second terms."""
 
-    @classmethod
-    def full(cls, per_minute: float, now: float, burst_s: float = BURST_S) -> Bucket:
-        capacity = per_minute / 60.0 * burst_s
-        return cls(per_minute=per_minute, capacity=capacity, level=capacity, updated=now)
+    rpm: int
+    tpm: int
+    burst_s: float = BURST_S
 
-    def reserve(self, amount: float, now: float) -> float:
-        """Take ``amount``; return how many seconds the caller must wait first."""
-        rate = self.per_minute / 60.0
-        self.level = min(self.capacity, self.level + (now - self.updated) * rate)
-        self.updated = now
-        self.level -= amount
-        return 0.0 if self.level >= 0 else -self.level / rate
+    @property
+    def limited(self) -> bool:
+        return self.rpm > 0 or self.tpm > 0
+
+    def terms(self, tokens: int) -> dict[str, float]:
+        """The reservation's parameters: cost, refill rate and capacity per bucket."""
+        req_rate, tok_rate = self.rpm / 60.0, self.tpm / 60.0
+        return {
+            "requests": 1.0 if self.rpm else 0.0,
+            "tokens": float(tokens) if self.tpm else 0.0,
+            "req_rate": req_rate,
+            "req_cap": max(1.0, req_rate * self.burst_s) if self.rpm else UNLIMITED,
+            "tok_rate": tok_rate,
+            "tok_cap": max(float(tokens), tok_rate * self.burst_s) if self.tpm else UNLIMITED,
+        }
 
 
-class KeyLimiter:
-    """rpm and tpm for one key (0 = unlimited), plus a pause a 429 can impose."""
+def wait_for(rates: Rates, req_level: float, tok_level: float, paused_s: float) -> float:
+    """Seconds to wait before sending, given the buckets' levels after this request's
+    cost was taken (negative: a deficit that refills at the rate) and a shared pause."""
+    wait = max(0.0, paused_s)
+    if rates.rpm and req_level < 0:
+        wait = max(wait, -req_level / (rates.rpm / 60.0))
+    if rates.tpm and tok_level < 0:
+        wait = max(wait, -tok_level / (rates.tpm / 60.0))
+    return wait
 
-    def __init__(self, rpm: int, tpm: int, now: float) -> None:
-        self.requests = Bucket.full(rpm, now) if rpm > 0 else None
-        self.tokens = Bucket.full(tpm, now) if tpm > 0 else None
-        self.paused_until = 0.0
 
-    def reserve(self, tokens: int, now: float) -> float:
-        wait = max(0.0, self.paused_until - now)
-        if self.requests is not None:
-            wait = max(wait, self.requests.reserve(1, now))
-        if self.tokens is not None:
-            wait = max(wait, self.tokens.reserve(tokens, now))
-        return wait
+def budget_key(scope: str, key: Secret | None) -> str:
+    """The budget's id: a one-way hash, never the key itself."""
+    secret = key.reveal() if key else ""
+    return hashlib.sha256(f"{scope}\x00{secret}".encode()).hexdigest()[:32]
 
-    def pause(self, seconds: float, now: float) -> None:
-        self.paused_until = max(self.paused_until, now + seconds)
+
+class SharedLimits:
+    """The shared budget of one provider configuration's keys, through ``store``."""
+
+    def __init__(self, store: Store, rates: Rates, scope: str) -> None:
+        self.store = store
+        self.rates = rates
+        self.scope = scope  # base URL and model: providers limit per model
+
+    async def reserve(self, key: Secret | None, tokens: int) -> float:
+        """Take one request of ``tokens`` from the key's budget; seconds to wait first."""
+        levels = await self.store.reserve_budget(
+            budget_key(self.scope, key), **self.rates.terms(tokens)
+        )
+        return wait_for(self.rates, *levels)
+
+    async def pause(self, key: Secret | None, seconds: float) -> None:
+        """Hold every request of this key, in every process, for ``seconds``."""
+        await self.store.pause_budget(budget_key(self.scope, key), seconds)

@@ -46,6 +46,7 @@ def set_back_to_version_1(db_url: str) -> None:
     """As if this database had been migrated by the previous release."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("DELETE FROM embedfill.schema_version WHERE version >= 2")
+        conn.execute("DROP TABLE IF EXISTS embedfill.rate_budgets")
         conn.execute("DROP INDEX embedfill.runs_physical_active")
         conn.execute(
             "ALTER TABLE embedfill.runs DROP COLUMN cancel_requested,"

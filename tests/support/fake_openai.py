@@ -78,6 +78,9 @@ class FakeOpenAI:
     dims_override: int | None = None  # answer this size whatever was asked
     reject_models: set[str] = field(default_factory=set)
     supported_dimensions: set[int] | None = None  # None: any `dimensions` is fine
+    max_in_flight: int = 0  # > 0: a request beyond this many at once gets a 429
+    in_flight: int = 0
+    peak_in_flight: int = 0
     requests: list[Request] = field(default_factory=list)
     _buckets: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -108,6 +111,22 @@ class FakeOpenAI:
                 pass
 
             def do_POST(self) -> None:
+                with fake._lock:
+                    fake.in_flight += 1
+                    fake.peak_in_flight = max(fake.peak_in_flight, fake.in_flight)
+                    over = 0 < fake.max_in_flight < fake.in_flight
+                try:
+                    if over:  # an overloaded provider: too many requests at once
+                        self.arrived = time.monotonic()
+                        self.rfile.read(int(self.headers.get("content-length", 0)))
+                        fake._record("", [], 429)
+                        return self._error(429, "Too many concurrent requests.")
+                    self._handle()
+                finally:
+                    with fake._lock:
+                        fake.in_flight -= 1
+
+            def _handle(self) -> None:
                 self.arrived = time.monotonic()
                 length = int(self.headers.get("content-length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")

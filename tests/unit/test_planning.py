@@ -4,7 +4,8 @@ import pytest
 
 from embedfill.models import Row
 from embedfill.planning import BoundedCache, TenantBatcher, prepare_text, split_batch
-from embedfill.ratelimit import Bucket, KeyLimiter
+from embedfill.ratelimit import UNLIMITED, Rates, budget_key, wait_for
+from embedfill.secrets import Secret
 
 
 def row(i: int, tenant: str | None, tokens: int = 1) -> Row:
@@ -76,20 +77,31 @@ def test_bounded_cache_forgets_the_oldest() -> None:
     assert nothing.get("a") is None
 
 
-def test_bucket_paces_smoothly_at_its_rate() -> None:
-    bucket = Bucket.full(60, now=0.0, burst_s=5.0)  # 1 per second, 5 at once
-    assert bucket.reserve(5, now=0.0) == 0.0
-    assert bucket.reserve(1, now=0.0) == pytest.approx(1.0)
-    assert bucket.reserve(1, now=0.0) == pytest.approx(2.0)  # queued behind the first
-    assert bucket.reserve(1, now=10.0) == 0.0
-    assert bucket.level <= 5.0  # idle time never banks more than the burst
+def test_rates_cost_and_capacity() -> None:
+    rates = Rates(rpm=60, tpm=600, burst_s=5.0)  # 1 request/s, 10 tokens/s
+    terms = rates.terms(30)
+    assert terms["requests"] == 1.0 and terms["req_rate"] == 1.0 and terms["req_cap"] == 5.0
+    assert terms["tokens"] == 30.0 and terms["tok_rate"] == 10.0 and terms["tok_cap"] == 50.0
+    # a request larger than the burst still fits a full bucket (then waits its turn)
+    assert Rates(rpm=0, tpm=60).terms(500)["tok_cap"] == 500.0
+    unlimited = Rates(rpm=0, tpm=0).terms(10**9)
+    assert unlimited["requests"] == unlimited["tokens"] == 0.0
+    assert unlimited["req_cap"] == unlimited["tok_cap"] == UNLIMITED
+    assert not Rates(0, 0).limited and Rates(0, 1).limited
 
 
-def test_key_limiter_takes_the_stricter_limit_and_pauses() -> None:
-    limiter = KeyLimiter(rpm=600, tpm=60, now=0.0)  # 10 requests/s, 1 token/s, 1 s burst
-    assert limiter.reserve(1, now=0.0) == 0.0
-    assert limiter.reserve(30, now=0.0) == pytest.approx(30.0)  # tpm binds
-    unlimited = KeyLimiter(rpm=0, tpm=0, now=0.0)
-    assert unlimited.reserve(10**9, now=0.0) == 0.0
-    unlimited.pause(5.0, now=1.0)
-    assert unlimited.reserve(1, now=2.0) == pytest.approx(4.0)
+def test_wait_is_the_stricter_deficit_or_the_pause() -> None:
+    rates = Rates(rpm=600, tpm=60)  # 10 requests/s, 1 token/s
+    assert wait_for(rates, req_level=0.0, tok_level=5.0, paused_s=0.0) == 0.0
+    assert wait_for(rates, req_level=-1.0, tok_level=5.0, paused_s=0.0) == pytest.approx(0.1)
+    assert wait_for(rates, req_level=-1.0, tok_level=-30.0, paused_s=0.0) == pytest.approx(30.0)
+    assert wait_for(rates, req_level=1.0, tok_level=1.0, paused_s=4.0) == 4.0
+    assert wait_for(Rates(0, 0), req_level=-9.0, tok_level=-9.0, paused_s=0.0) == 0.0
+
+
+def test_budget_key_is_one_way_and_scoped() -> None:
+    a = budget_key("openai||m", Secret("sk-secret-aaaaaaaa"))
+    assert "sk-secret" not in a and len(a) == 32
+    assert a == budget_key("openai||m", Secret("sk-secret-aaaaaaaa"))
+    assert a != budget_key("openai||other-model", Secret("sk-secret-aaaaaaaa"))
+    assert a != budget_key("openai||m", Secret("sk-secret-bbbbbbbb"))

@@ -11,7 +11,13 @@ CREATE TABLE IF NOT EXISTS embedfill.schema_version (
     version    integer     NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 )"""
-SCHEMA_VERSION_EXISTS = "SELECT to_regclass('embedfill.schema_version') IS NOT NULL"
+# pg_class read with the statement's own snapshot, not to_regclass: that answers from the
+# backend's catalog cache, which can still say "missing" after another session created
+# the table while this one waited for the migration lock (advisory locks do not refresh it)
+SCHEMA_VERSION_EXISTS = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'embedfill' AND c.relname = 'schema_version')"""
 SCHEMA_VERSION = "SELECT max(version) FROM embedfill.schema_version"
 RECORD_VERSION = "INSERT INTO embedfill.schema_version (version) VALUES (%(version)s)"
 SCHEMA_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %(schema)s)"
@@ -88,3 +94,24 @@ SET ciphertext = excluded.ciphertext, key_hint = excluded.key_hint, updated_at =
 GET_KEY = "SELECT ciphertext FROM embedfill.tenant_keys WHERE tenant = %(tenant)s"
 LIST_KEYS = "SELECT tenant, key_hint, updated_at FROM embedfill.tenant_keys ORDER BY tenant"
 DELETE_KEY = "DELETE FROM embedfill.tenant_keys WHERE tenant = %(tenant)s"
+
+# Token buckets in the database, so every run of every process draws on one budget per
+# key: refill by the time elapsed at the configured rate (at most the burst capacity),
+# take this request's cost, and answer the levels (negative: the caller waits for the
+# deficit to refill) and any pause a provider's 429 imposed. One row lock per request.
+RESERVE_BUDGET = """
+INSERT INTO embedfill.rate_budgets AS b (key_id, req_level, tok_level)
+VALUES (%(key_id)s, %(req_cap)s - %(requests)s, %(tok_cap)s - %(tokens)s)
+ON CONFLICT (key_id) DO UPDATE SET
+    req_level = least(%(req_cap)s, b.req_level
+        + extract(epoch FROM clock_timestamp() - b.updated_at) * %(req_rate)s) - %(requests)s,
+    tok_level = least(%(tok_cap)s, b.tok_level
+        + extract(epoch FROM clock_timestamp() - b.updated_at) * %(tok_rate)s) - %(tokens)s,
+    updated_at = clock_timestamp()
+RETURNING req_level, tok_level,
+    greatest(0, extract(epoch FROM b.paused_until - clock_timestamp()))::float8"""
+
+PAUSE_BUDGET = """
+INSERT INTO embedfill.rate_budgets AS b (key_id, req_level, tok_level, paused_until)
+VALUES (%(key_id)s, 0, 0, clock_timestamp() + make_interval(secs => %(seconds)s))
+ON CONFLICT (key_id) DO UPDATE SET paused_until = greatest(b.paused_until, excluded.paused_until)"""

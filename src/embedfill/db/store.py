@@ -150,6 +150,40 @@ class Store:
             async with self.conn.cursor() as cur:
                 await cur.executemany(q.INSERT_FAILURE, params)
 
+    # ---------------------------------------------------------------- rate budgets
+
+    async def reserve_budget(
+        self,
+        key_id: str,
+        *,
+        requests: float,
+        tokens: float,
+        req_rate: float,
+        req_cap: float,
+        tok_rate: float,
+        tok_cap: float,
+    ) -> tuple[float, float, float]:
+        """Take one request's cost from the key's shared buckets: (request level, token
+        level, seconds still paused)."""
+        cur = await self.conn.execute(
+            q.RESERVE_BUDGET,
+            {
+                "key_id": key_id,
+                "requests": requests,
+                "tokens": tokens,
+                "req_rate": req_rate,
+                "req_cap": req_cap,
+                "tok_rate": tok_rate,
+                "tok_cap": tok_cap,
+            },
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return float(row[0]), float(row[1]), float(row[2])
+
+    async def pause_budget(self, key_id: str, seconds: float) -> None:
+        await self.conn.execute(q.PAUSE_BUDGET, {"key_id": key_id, "seconds": seconds})
+
     # ---------------------------------------------------------------- keys
 
     async def put_key(self, tenant: str, ciphertext: bytes, key_hint: str) -> None:
