@@ -119,6 +119,26 @@ def test_wait_answers_with_the_final_report(api: httpx.Client, tickets: str) -> 
     assert {t["tenant"] for t in r.json()["tenants"]} <= {"org-a", "org-b"}
 
 
+def test_recent_jobs_are_listed_newest_first(api: httpx.Client) -> None:
+    assert api.get(PATH).json() == {"jobs": []}
+    ids = []
+    for limit in (5, 7, 9):
+        r = api.post(PATH, params={"wait": "true", "limit": limit})
+        assert r.status_code == 200, r.text
+        ids.append(r.json()["job_id"])
+    api.post(PATH, params={"dryRun": "true"})  # a dry run is not a job
+
+    jobs = api.get(PATH).json()["jobs"]
+    assert [j["job_id"] for j in jobs] == ids[::-1]
+    assert [j["progress"]["done"] for j in jobs] == [9, 7, 5]
+    assert {j["status"] for j in jobs} == {"succeeded"} and all(j["report"] is None for j in jobs)
+    assert [j["job_id"] for j in api.get(PATH, params={"limit": 2}).json()["jobs"]] == ids[:0:-1]
+    assert len(api.get(PATH, params={"target": "tickets"}).json()["jobs"]) == 3
+    unknown = api.get(PATH, params={"target": "nope"})
+    assert unknown.status_code == 404 and "nope" in unknown.json()["error"]
+    assert api.get(PATH, params={"limit": 0}).status_code == 422
+
+
 def test_a_second_post_while_one_runs_is_409(api: httpx.Client, fake_openai: FakeOpenAI) -> None:
     fake_openai.latency = 0.2
     first = api.post(PATH, params={"batchSize": 2})

@@ -26,6 +26,7 @@ STATUS = "/api/v1/admin/embeddings/status"
 ADMIN_ROUTES = [
     ("POST", PATH),
     ("POST", f"{PATH}?dryRun=true"),
+    ("GET", PATH),
     ("GET", f"{PATH}/1"),
     ("POST", f"{PATH}/1/cancel"),
     ("GET", STATUS),

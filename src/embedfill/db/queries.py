@@ -82,6 +82,16 @@ SELECT id, target, actor, parameters, dry_run, status, missing_before, embedded,
        heartbeat_at, finished_at, cancel_requested, now() - heartbeat_at AS silent_for
 FROM embedfill.runs WHERE id = %(id)s"""
 
+# recent jobs, newest first: everything but the final report (a job's own route has it)
+LIST_RUNS = """
+SELECT id, target, actor, parameters, dry_run, status, missing_before, embedded, skipped,
+       failed, requests, tokens, estimated_cost_usd, progress, NULL::jsonb AS report, error,
+       started_at, heartbeat_at, finished_at, cancel_requested,
+       now() - heartbeat_at AS silent_for
+FROM embedfill.runs
+WHERE NOT dry_run AND (%(target)s::text IS NULL OR target = %(target)s)
+ORDER BY id DESC LIMIT %(limit)s"""
+
 INSERT_FAILURE = """
 INSERT INTO embedfill.failures (run_id, row_id, tenant, error_class, message, attempts)
 VALUES (%(run_id)s, %(row_id)s, %(tenant)s, %(error_class)s, %(message)s, %(attempts)s)"""

@@ -98,6 +98,11 @@ class Store:
             await cur.execute(q.GET_RUN, {"id": run_id})
             return await cur.fetchone()
 
+    async def list_runs(self, target: str | None, limit: int) -> list[dict[str, Any]]:
+        async with self.conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(q.LIST_RUNS, {"target": target, "limit": limit})
+            return await cur.fetchall()
+
     def _counts(self, report: Report) -> dict[str, Any]:
         return {
             "id": report.run_id,

@@ -135,6 +135,10 @@ class JobBody(BaseModel):
     error: str | None
 
 
+class JobList(BaseModel):
+    jobs: list[JobBody]
+
+
 class StatusBody(BaseModel):
     targets: list[dict[str, Any]]
 
@@ -317,6 +321,20 @@ def admin_router(service: AdminService) -> APIRouter:
         response.headers["Location"] = url
         record = await service.job_record(job.job_id)
         return JobAccepted(job_id=job.job_id, status=record["status"], status_url=url)
+
+    @router.get(
+        "/backfill-embeddings",
+        response_model=JobList,
+        summary="Recent jobs, newest first (each without its final report)",
+        responses={404: {"model": ErrorBody, "description": "unknown target"}},
+    )
+    async def list_jobs(
+        target: Annotated[
+            str | None, Query(max_length=200, description="Only this target's jobs.")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=200, description="At most this many.")] = 20,
+    ) -> Any:
+        return jsonable_encoder({"jobs": await service.list_jobs(target, limit)})
 
     @router.get(
         "/backfill-embeddings/{job_id}",

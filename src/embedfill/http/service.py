@@ -219,6 +219,19 @@ class AdminService:
             row = await store.get_run(job_id)
         if row is None or row["dry_run"]:
             raise JobNotFound(f"No backfill job has id {job_id}.")
+        return self._record(row)
+
+    async def list_jobs(self, target: str | None, limit: int) -> list[dict[str, Any]]:
+        """Recent jobs, newest first (without their final reports)."""
+        if target is not None:
+            self.config.target(target)  # an unknown target is a 404, not an empty list
+        async with self._store() as store:
+            rows = await store.list_runs(target, limit)
+        return [self._record(row) for row in rows]
+
+    def _record(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A stored run as a job, with live progress when it runs in this process."""
+        job_id = row["id"]
         job = self.active_job(job_id)
         status = row["status"]
         if status in ("queued", "running") and job is None:
