@@ -962,6 +962,14 @@ class _Run:
         """Writer k of n's connection: short lock and statement timeouts, so a write never
         queues long behind the application (a timeout is retried, not fatal)."""
         conn = await connect(self.db, writer=(k, n))
+        try:
+            await self._prepare_writer(conn)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _prepare_writer(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute(
             "SELECT set_config('lock_timeout', %(lock)s, false),"
             " set_config('statement_timeout', %(statement)s, false)",
@@ -971,7 +979,6 @@ class _Run:
             },
         )
         self.vector_oid = await wire.register(conn, self.info.types.vector_type)
-        return conn
 
     async def _writer(
         self, conn: psycopg.AsyncConnection[Any], write_q: asyncio.Queue[_Write | None]

@@ -150,7 +150,11 @@ async def connect(
         raise DatabaseError(
             f"Cannot connect to the database at {db.describe()} ({reason}); check DATABASE_URL."
         ) from None
-    await register_vector_types(conn)
+    try:
+        await register_vector_types(conn)
+    except BaseException:  # cancelled, or the server went away: never leak the connection
+        await conn.close()
+        raise
     return conn
 
 

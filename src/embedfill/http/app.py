@@ -430,19 +430,12 @@ def create_app(
     app.state.service = service
     app.include_router(admin_router(service))
 
-    # GET and HEAD: some load balancers probe health with HEAD
-    @app.api_route(
-        "/healthz",
-        methods=["GET", "HEAD"],
-        tags=["health"],
-        summary="The process is alive (no database check)",
-    )
+    @app.get("/healthz", tags=["health"], summary="The process is alive (no database check)")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.api_route(
+    @app.get(
         "/readyz",
-        methods=["GET", "HEAD"],
         tags=["health"],
         summary="Database reachable, pgvector present, schema at the expected version",
         description="Reads only (never migrates). Needs no secret, so a 503 says one of: "
@@ -455,6 +448,10 @@ def create_app(
         if ok:
             return {"status": "ok", "detail": message}
         return JSONResponse({"error": message}, status_code=503)
+
+    # some load balancers probe health with HEAD: the same answers, out of the schema
+    app.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
 
     @app.get(
         "/metrics", tags=["health"], response_class=PlainTextResponse, summary="Prometheus metrics"
