@@ -78,6 +78,9 @@ ProgressCallback = Callable[[Report], None]
 MAX_REPORTED_FAILURES = 1000
 PROGRESS_EVERY_S = 1.0
 WRITE_ATTEMPTS = 6
+# the plain bulk UPDATE gives up this soon on a lock (the app's row, or a table lock),
+# before a deadlock could be detected; the SKIP LOCKED write then takes over
+FAST_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '100ms'"
 LOCKED_RETRY_S = 0.5  # a row found locked by the app is tried again after this, then later
 _TRANSIENT_WRITE_ERRORS = (
     psycopg.errors.LockNotAvailable,
@@ -1011,11 +1014,10 @@ class _Run:
         }
         if self.sql.integer_ids:
             params |= {"lo": min(ids), "hi": max(ids)}
-        statement = self.sql.write()
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             # a run stopped by an error elsewhere cancels its writers: the write in flight
             # still finishes and is counted, so the audit trail equals what was committed
-            commit = asyncio.ensure_future(self._commit(conn, statement, params))
+            commit = asyncio.ensure_future(self._commit(conn, params, len(ids)))
             try:
                 result = await asyncio.shield(commit)
                 break
@@ -1047,17 +1049,31 @@ class _Run:
                 await self._sleep(delay)
         self._tally_write(item, result)
 
-    @staticmethod
     async def _commit(
-        conn: psycopg.AsyncConnection[Any], statement: sql.Composed, params: dict[str, Any]
-    ) -> list[Any]:
-        async with conn.transaction():
-            cur = await conn.execute(statement, params)
-            return await cur.fetchall()
+        self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any], sent: int
+    ) -> tuple[set[Any], set[Any]]:
+        """Write one batch; the ids written, and the ids the app held locked (still NULL
+        and unchanged, so owed a later try). The second look happens only when the write
+        could not lock every row: the common case is one statement."""
+        row: Any = None
+        with contextlib.suppress(psycopg.errors.LockNotAvailable):
+            async with conn.transaction():  # the plain UPDATE, if no row is held
+                await conn.execute(FAST_LOCK_TIMEOUT)
+                cur = await conn.execute(self.sql.write_fast(), params)
+                row = await cur.fetchone()
+        if row is None:  # something is locked: skip what the app holds
+            async with conn.transaction():
+                cur = await conn.execute(self.sql.write(), params)
+                row = await cur.fetchone()
+        assert row is not None
+        locked, written = int(row[0]), set(row[1] or ())
+        if locked == sent:
+            return written, set()
+        cur = await conn.execute(self.sql.still_owed(), params)
+        return written, {r[0] for r in await cur.fetchall()} - written
 
-    def _tally_write(self, item: _Write, result: list[Any]) -> None:
-        written = {r[0] for r in result if r[1]}
-        busy = {r[0] for r in result if not r[1]}
+    def _tally_write(self, item: _Write, result: tuple[set[Any], set[Any]]) -> None:
+        written, busy = result
         if busy:
             due = time.monotonic() + LOCKED_RETRY_S
             waiting = _Write([], [])

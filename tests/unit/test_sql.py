@@ -41,11 +41,19 @@ def test_odd_identifiers_are_quoted(conn: psycopg.Connection) -> None:  # type: 
     assert 'FROM "we.ird"."Mixed Case"' in scan
     assert '"Emb" IS NULL' in scan and '"Org""Id"::text = ANY(%(tenants)s::text[])' in scan
     assert 'md5(ROW("Org""Id"::text, "Body Text")::text)' in scan
-    write = q.write().as_string(conn)
-    assert 'UPDATE "we.ird"."Mixed Case" AS t SET "Emb" = u.embedfill_vec' in write
-    assert '"t"."id" BETWEEN %(lo)b AND %(hi)b' in write
-    assert 'md5(ROW("t"."Org""Id"::text, "t"."Body Text")::text) = u.embedfill_fp' in write
-    assert "%(ids)b::bigint[], %(fps)b::text[], %(vecs)b::vector[]" in write
+    for write in (q.write().as_string(conn), q.write_fast().as_string(conn)):
+        assert 'UPDATE "we.ird"."Mixed Case" AS t SET "Emb" = b.embedfill_vec' in write
+        assert '"t"."id" BETWEEN %(lo)b AND %(hi)b' in write
+        assert 'md5(ROW("t"."Org""Id"::text, "t"."Body Text")::text) = b.embedfill_fp' in write
+        assert "%(ids)b::bigint[], %(fps)b::text[], %(vecs)b::vector[]" in write
+    assert 'FROM "we.ird"."Mixed Case" AS t JOIN embedfill_batch' in q.write().as_string(conn)
+    assert "FOR UPDATE OF t SKIP LOCKED" in q.write().as_string(conn)
+    owed = q.still_owed().as_string(conn)
+    assert '"t"."Emb" IS NULL' in owed and '"t"."id" = ANY(%(ids)b::bigint[])' in owed
+    text_ids = TargetSQL(target('"Mixed Case"'), ColumnTypes("text", "vector"))
+    for write in (text_ids.write().as_string(conn), text_ids.write_fast().as_string(conn)):
+        # a range computed in Python would not follow the column's collation
+        assert "BETWEEN" not in write and '"t"."id" = ANY(%(ids)b::text[])' in write
     assert '"Org""Id"::text AS tenant' in q.status_by_tenant().as_string(conn)
     assert 'FROM "we.ird"."Mixed Case" AS t WHERE' in scan
     assert '"Body Text"::text FROM' in scan  # the server renders each column as text
@@ -59,7 +67,7 @@ def test_text_sql_is_composed_verbatim_with_percent_escaped(conn: psycopg.Connec
     scan = q.scan(first_page=True, tenants=False).as_string(conn)
     assert f'md5(ROW("Org""Id"::text, {expr}::text)::text), {expr}::text FROM' in scan
     write = q.write().as_string(conn)
-    assert f'md5(ROW("t"."Org""Id"::text, {expr}::text)::text) = u.embedfill_fp' in write
+    assert f'md5(ROW("t"."Org""Id"::text, {expr}::text)::text) = b.embedfill_fp' in write
     check = q.check_text_sql().as_string(conn)
     assert check == f'SELECT {expr} FROM "Mixed Case" AS t LIMIT %(zero)s'
 

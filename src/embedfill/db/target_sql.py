@@ -122,37 +122,38 @@ class TargetSQL:
 
         Rows are locked first with ``SKIP LOCKED``: a row the application holds locked is
         never waited for (so the backfill never queues behind the app, holds its batch's
-        rows meanwhile, or joins a deadlock); it comes back as ``(id, false)`` for a later
-        try. Written rows come back as ``(id, true)``; a row in neither was changed, filled
-        or deleted by the app since it was read.
+        rows meanwhile, or joins a deadlock); it is tried again later. The answer is one
+        row: how many rows were locked, and the ids written; when
+        fewer were locked than sent, ``still_owed`` tells the app's rows from rows it
+        changed, filled or deleted.
 
-        Ids are matched with ``= ANY(ids)`` (an index scan of the batch's keys); integer
-        ids also get ``BETWEEN lo AND hi``. Other id types get no range: Python's order of
-        strings is not the column collation's, and a wrong range silently skips rows.
+        Only the batch's own rows are locked (a join with the batch). Integer ids are
+        bounded by ``BETWEEN lo AND hi`` (one range scan of the key index; without it the
+        planner may hash-join each batch against the whole table). Other id types are
+        bounded by ``= ANY(ids)`` instead: Python's order of strings is not the column
+        collation's, and a range computed in Python silently skips rows.
         The batch's columns have names a table is unlikely to use, so an unqualified name
         in text_sql means the table's.
         """
         ids = sql.SQL("%(ids)b::{}[]").format(sql.SQL(self.types.id_type))
         t_id = sql.Identifier("t", self.target.id_column)
-        keys = sql.SQL("{t_id} = ANY({ids})").format(t_id=t_id, ids=ids)
-        if self.integer_ids:
-            keys = sql.SQL("{keys} AND {t_id} BETWEEN %(lo)b AND %(hi)b").format(
-                keys=keys, t_id=t_id
-            )
+        keys = self._batch_keys(t_id, ids)
         return sql.SQL(
-            "WITH embedfill_locked AS ("
-            "SELECT {t_id} AS id FROM {table} AS t WHERE {keys} FOR UPDATE OF t SKIP LOCKED"
-            "), embedfill_written AS ("
-            "UPDATE {table} AS t SET {emb} = u.embedfill_vec"
-            " FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[])"
+            "WITH embedfill_batch AS ("
+            "SELECT * FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[])"
             " AS u(embedfill_id, embedfill_fp, embedfill_vec)"
-            " WHERE {t_id} = u.embedfill_id AND {keys}"
+            "), embedfill_locked AS ("
+            "SELECT {t_id} AS id FROM {table} AS t"
+            " JOIN embedfill_batch AS b ON {t_id} = b.embedfill_id"
+            " WHERE {keys} FOR UPDATE OF t SKIP LOCKED"
+            "), embedfill_written AS ("
+            "UPDATE {table} AS t SET {emb} = b.embedfill_vec FROM embedfill_batch AS b"
+            " WHERE {t_id} = b.embedfill_id AND {keys}"
             " AND {t_id} IN (SELECT id FROM embedfill_locked)"
-            " AND {t_emb} IS NULL AND {fp} = u.embedfill_fp"
+            " AND {t_emb} IS NULL AND {fp} = b.embedfill_fp"
             " RETURNING {t_id} AS id"
-            ") SELECT id, true FROM embedfill_written"
-            " UNION ALL SELECT {t_id}, false FROM {table} AS t"
-            " WHERE {keys} AND {t_id} NOT IN (SELECT id FROM embedfill_locked)"
+            ") SELECT (SELECT count(*) FROM embedfill_locked),"
+            " (SELECT array_agg(id) FROM embedfill_written)"
         ).format(
             table=self.table,
             emb=self.emb,
@@ -160,6 +161,58 @@ class TargetSQL:
             vec_type=sql.SQL(self.types.vector_type),
             t_id=t_id,
             keys=keys,
+            t_emb=sql.Identifier("t", self.target.embedding_column),
+            fp=self._fingerprint("t"),
+        )
+
+    def write_fast(self) -> sql.Composed:
+        """The common case of ``write``, one plain bulk UPDATE that waits for row locks:
+        run under a very short ``lock_timeout``, so that when the app holds one of the
+        rows it gives up (releasing what it took) before anyone waits long, and ``write``
+        takes over. Same answer shape: the batch size as "locked", and the ids written."""
+        ids = sql.SQL("%(ids)b::{}[]").format(sql.SQL(self.types.id_type))
+        t_id = sql.Identifier("t", self.target.id_column)
+        return sql.SQL(
+            "WITH embedfill_written AS ("
+            "UPDATE {table} AS t SET {emb} = b.embedfill_vec"
+            " FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[])"
+            " AS b(embedfill_id, embedfill_fp, embedfill_vec)"
+            " WHERE {t_id} = b.embedfill_id AND {keys}"
+            " AND {t_emb} IS NULL AND {fp} = b.embedfill_fp"
+            " RETURNING {t_id} AS id"
+            ") SELECT cardinality({ids}), (SELECT array_agg(id) FROM embedfill_written)"
+        ).format(
+            table=self.table,
+            emb=self.emb,
+            ids=ids,
+            vec_type=sql.SQL(self.types.vector_type),
+            t_id=t_id,
+            keys=self._batch_keys(t_id, ids),
+            t_emb=sql.Identifier("t", self.target.embedding_column),
+            fp=self._fingerprint("t"),
+        )
+
+    def _batch_keys(self, t_id: sql.Identifier, ids: sql.Composable) -> sql.Composable:
+        """What bounds a batch's rows for an index scan (see ``write``)."""
+        if self.integer_ids:
+            return sql.SQL("{} BETWEEN %(lo)b AND %(hi)b").format(t_id)
+        return sql.SQL("{} = ANY({})").format(t_id, ids)
+
+    def still_owed(self) -> sql.Composed:
+        """Of a batch's rows, those still NULL with the text that was read: after a write
+        that could not lock every row, these are the ones the app held (retry them); the
+        rest were changed, filled or deleted by the app."""
+        ids = sql.SQL("%(ids)b::{}[]").format(sql.SQL(self.types.id_type))
+        t_id = sql.Identifier("t", self.target.id_column)
+        return sql.SQL(
+            "SELECT {t_id} FROM {table} AS t"
+            " JOIN unnest({ids}, %(fps)b::text[]) AS b(embedfill_id, embedfill_fp)"
+            " ON {t_id} = b.embedfill_id"
+            " WHERE {t_id} = ANY({ids}) AND {t_emb} IS NULL AND {fp} = b.embedfill_fp"
+        ).format(
+            table=self.table,
+            ids=ids,
+            t_id=t_id,
             t_emb=sql.Identifier("t", self.target.embedding_column),
             fp=self._fingerprint("t"),
         )
