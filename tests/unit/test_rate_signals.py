@@ -65,8 +65,6 @@ def test_signals_from_openai_headers_any_case() -> None:
         remaining_tokens=999500,
         reset_requests_s=0.02,
         reset_tokens_s=360.0,
-        limit_requests=3000,
-        limit_tokens=1000000,
     )
 
 
@@ -90,20 +88,19 @@ def S(**kw: float) -> RateSignals:
         # plenty left: no pause
         (S(remaining_requests=2999, reset_requests_s=0.02), 100, 1, None),
         (S(remaining_tokens=999_500, reset_tokens_s=360.0), 100, 1, None),
-        # no requests left: wait until the reset (no limit given: the whole reset)
+        # no requests left: wait until the reset, when the bucket is full again
         (S(remaining_requests=0, reset_requests_s=1.5), 100, 1, 1.5),
-        # ... or, with a limit, until one request has refilled: 60 rpm -> 1 s each
-        (S(remaining_requests=0, reset_requests_s=60.0, limit_requests=60), 100, 1, 1.0),
-        # tokens below one more request: until the shortfall has refilled
-        # 1000 tokens refill in 10 s (100/s); 50 left, 300 needed -> 2.5 s
-        (S(remaining_tokens=50, reset_tokens_s=9.5, limit_tokens=1000), 300, 1, 2.5),
-        (S(remaining_tokens=50, reset_tokens_s=9.5), 300, 1, 9.5),  # no limit: the reset
-        (S(remaining_tokens=300, reset_tokens_s=7.0, limit_tokens=1000), 300, 1, None),
-        # what may be in flight counts: 4 requests of 100 tokens, 250 left
-        (S(remaining_tokens=250, reset_tokens_s=7.5, limit_tokens=1000), 100, 4, 1.5),
-        (S(remaining_requests=2, reset_requests_s=8.0, limit_requests=10), 100, 4, 2.0),
-        # a need beyond the whole bucket waits no longer than the reset
-        (S(remaining_tokens=0, reset_tokens_s=5.0, limit_tokens=100), 1000, 1, 5.0),
+        (S(remaining_requests=1, reset_requests_s=1.5), 100, 1, None),
+        # tokens below one more request: until the reset
+        (S(remaining_tokens=50, reset_tokens_s=9.5), 300, 1, 9.5),
+        (S(remaining_tokens=299, reset_tokens_s=7.0), 300, 1, 7.0),
+        (S(remaining_tokens=300, reset_tokens_s=7.0), 300, 1, None),
+        # what may be in flight counts: 4 requests of 100 tokens, 350 left
+        (S(remaining_tokens=350, reset_tokens_s=7.5), 100, 4, 7.5),
+        (S(remaining_tokens=400, reset_tokens_s=7.5), 100, 4, None),
+        (S(remaining_requests=3, reset_requests_s=8.0), 100, 4, 8.0),
+        (S(remaining_requests=4, reset_requests_s=8.0), 100, 4, None),
+        (S(remaining_tokens=0, reset_tokens_s=5.0), 0, 1, None),  # an empty request fits
         # the longer of the two
         (
             S(remaining_requests=0, reset_requests_s=0.5, remaining_tokens=0, reset_tokens_s=6.0),
@@ -111,8 +108,6 @@ def S(**kw: float) -> RateSignals:
             1,
             6.0,
         ),
-        # a limit that contradicts what is left: the whole reset
-        (S(remaining_tokens=10, reset_tokens_s=4.0, limit_tokens=5), 100, 1, 4.0),
         # short, but nothing says how long: no pause (a 429's Retry-After will)
         (S(remaining_requests=0), 100, 1, None),
         (S(remaining_tokens=0, reset_tokens_s=0.0), 100, 1, None),

@@ -8,8 +8,7 @@ OpenAI (and most compatible providers) send on every answer, 200 and 429 alike::
 
 ``reset`` is the time until the bucket is full again, as a Go-style duration. When what
 is left will not cover the requests that may come before a pause takes hold,
-``pause_for`` says how long the key should wait: until enough has refilled (the refill
-rate follows from limit, remaining and reset) or, without a limit, until the reset.
+``pause_for`` says how long the key should wait: until that reset.
 Nothing here is trusted: a header that does not parse is as if it were absent, and the
 caller bounds every pause by ``max_retry_wait_s``.
 """
@@ -57,8 +56,6 @@ class RateSignals:
     remaining_tokens: float | None = None
     reset_requests_s: float | None = None
     reset_tokens_s: float | None = None
-    limit_requests: float | None = None
-    limit_tokens: float | None = None
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str] | None) -> RateSignals | None:
@@ -71,22 +68,14 @@ class RateSignals:
             remaining_tokens=parse_count(h.get("x-ratelimit-remaining-tokens")),
             reset_requests_s=parse_reset(h.get("x-ratelimit-reset-requests")),
             reset_tokens_s=parse_reset(h.get("x-ratelimit-reset-tokens")),
-            limit_requests=parse_count(h.get("x-ratelimit-limit-requests")),
-            limit_tokens=parse_count(h.get("x-ratelimit-limit-tokens")),
         )
         return None if signals == cls() else signals
 
 
-def _refill_wait(
-    remaining: float | None, needed: float, reset_s: float | None, limit: float | None
-) -> float | None:
-    """Seconds until ``needed`` is available again, or None when there is no need to wait
-    (or nothing says how long). The bucket refills linearly to ``limit`` in ``reset_s``;
-    without a limit (or one that contradicts ``remaining``), wait for the whole reset."""
+def _short(remaining: float | None, needed: float, reset_s: float | None) -> float | None:
+    """The reset, when what is left is short of ``needed`` and the reset is known."""
     if remaining is None or reset_s is None or remaining >= needed or reset_s <= 0:
         return None
-    if limit is not None and limit > remaining:
-        return min(reset_s, reset_s * (needed - remaining) / (limit - remaining))
     return reset_s
 
 
@@ -97,22 +86,17 @@ def pause_for(
 
     ``ahead`` requests of ``next_request_tokens`` each may be sent before a pause takes
     hold (one, or as many as may be in flight): when the key has fewer requests or
-    tokens left than they need, it waits until those have refilled, at most until the
-    reset.
+    tokens left than they need, it waits until the matching reset, when the provider's
+    bucket is full again. Not just until what they need has refilled: workers of other
+    runs and processes wait on the same pause and all send when it ends.
     """
     if signals is None:
         return None
     ahead = max(1, ahead)
+    tokens = max(0, next_request_tokens) * ahead
     waits = [
-        _refill_wait(
-            signals.remaining_requests, ahead, signals.reset_requests_s, signals.limit_requests
-        ),
-        _refill_wait(
-            signals.remaining_tokens,
-            max(0, next_request_tokens) * ahead,
-            signals.reset_tokens_s,
-            signals.limit_tokens,
-        ),
+        _short(signals.remaining_requests, ahead, signals.reset_requests_s),
+        _short(signals.remaining_tokens, tokens, signals.reset_tokens_s),
     ]
     found = [w for w in waits if w is not None]
     return max(found) if found else None
