@@ -67,6 +67,8 @@ from .models import Batch, Failure, Report, Row, TargetStatus, TenantReport
 from .planning import BoundedCache, TenantBatcher, estimate_cost, prepare_text, split_batch
 from .providers import Provider, Vector, make_provider
 from .providers.answers import check_vectors, non_finite
+from .providers.base import Embeddings
+from .providers.limits import RateSignals, pause_for
 from .ratelimit import Rates, SharedLimits
 from .retry import RetryPolicy, decide, server_wait
 from .secrets import Secret
@@ -867,6 +869,24 @@ class _Run:
             return self.stopping
         return await self._sleep(await self.limits.reserve(key, tokens))
 
+    async def _heed(
+        self,
+        key: Secret | None,
+        signals: RateSignals | None,
+        tokens: int,
+        retry_after: float | None = None,
+    ) -> None:
+        """Hold off every worker of this key, in every process, as long as the provider's
+        answer asks: its ``Retry-After``, or its rate-limit headers when what the key has
+        left would not cover the requests this run may send meanwhile (as many as it
+        allows in flight, each like this one). Bounded by ``max_retry_wait_s``."""
+        if self.limits is None:
+            return
+        ahead = self.concurrency.allowed
+        waits = [w for w in (retry_after, pause_for(signals, tokens, ahead)) if w]
+        if waits:
+            await self.limits.pause(key, server_wait(max(waits), self.policy))
+
     async def _call(self, batch: Batch, key: Secret | None) -> tuple[list[Vector], int]:
         """The batch's vectors, checked, and the attempts it took; raises the provider's
         error when retrying gives up, ``_Stopped`` when the run stops first."""
@@ -890,9 +910,7 @@ class _Run:
                 )
                 if isinstance(exc, (RateLimited, ProviderUnavailable)):
                     self.concurrency.overloaded(time.monotonic())
-                if exc.retry_after and self.limits is not None:
-                    # every worker of this key, in every process, holds off
-                    await self.limits.pause(key, server_wait(exc.retry_after, self.policy))
+                await self._heed(key, exc.signals, batch.tokens, exc.retry_after)
                 delay = decide(exc, attempts, self.policy)
                 if delay is None:
                     exc.attempts = attempts
@@ -909,6 +927,8 @@ class _Run:
                 self.report.retries += 1
                 continue
             self.hooks.observer.request(self.target.name, "200", time.monotonic() - started)
+            if isinstance(answer, Embeddings):
+                await self._heed(key, answer.signals, batch.tokens)
             self.proven = True
             self._check_dimensions(vectors)
             self.hooks.observer.tokens(self.target.name, batch.tokens)

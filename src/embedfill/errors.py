@@ -7,6 +7,11 @@ carry secrets: they name tenants, targets and columns, never key material.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # a pure value type; providers/limits.py imports nothing of ours
+    from .providers.limits import RateSignals
+
 
 class EmbedfillError(Exception):
     """Something went wrong in embedfill."""
@@ -93,6 +98,7 @@ class ProviderError(EmbedfillError):
         self.status = status
         self.retry_after = retry_after
         self.attempts = 1  # set by the engine when it gives up
+        self.signals: RateSignals | None = None  # what the answer said of the key's limits
 
 
 class RateLimited(ProviderError):

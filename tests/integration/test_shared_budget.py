@@ -56,9 +56,9 @@ def test_two_processes_draw_on_one_budget_and_share_a_pause(db_url: str) -> None
     assert len(ids) == 2 and all(KEY not in i and "sk-" not in i for i in ids)
 
 
-def two_targets(db_url: str) -> None:
+def two_targets(db_url: str, rows: int = 40) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
-        make_tickets(conn, rows=40, filled_every=1000)
+        make_tickets(conn, rows=rows, filled_every=1000)
         conn.execute('CREATE TABLE app."Other" (LIKE app."SupportTickets" INCLUDING ALL)')
         conn.execute(
             "INSERT INTO app.\"Other\" SELECT ticket_no, org, subject || ' (other)', body, emb"
@@ -132,3 +132,54 @@ def test_two_jobs_sharing_a_key_stay_under_its_tpm_together(
     # never more than the cap: over the whole run, tokens sent <= rate x time + one burst
     sent = sum(r.tokens for r in fake_openai.requests if r.status == 200)
     assert sent <= 100 * elapsed + 100 + max(r.tokens for r in fake_openai.requests)
+
+
+def test_the_providers_limit_headers_slow_every_worker_of_the_key(
+    db_url: str, fake_openai: FakeOpenAI
+) -> None:
+    """No client-side rpm/tpm: only the provider's x-ratelimit-* headers (sent on every
+    answer, as OpenAI does) tell the two jobs to hold off before the key runs dry, so
+    few requests meet a 429."""
+    two_targets(db_url, rows=160)
+    from embedfill.tokens import openai_counter
+
+    fake_openai.count_tokens = openai_counter().count
+    # 800 tokens/s and a bucket of 4,000 (~30 requests of ~130 tokens): far more than the
+    # eight the two jobs may have in flight, half the ~8,500 they must send
+    fake_openai.tpm, fake_openai.burst_s = 48_000, 5.0
+    reports: list[Report] = []
+    errors: list[BaseException] = []
+
+    def run(table: str) -> None:
+        config = shared_key_config(fake_openai.base_url, table, tpm=0)
+        try:
+            reports.append(
+                asyncio.run(
+                    abackfill(
+                        config,
+                        Database(db_url),
+                        BackfillOptions(),
+                        env={"TEST_PLATFORM_KEY": KEY},
+                    )
+                )
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in ("SupportTickets", "Other")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+
+    assert errors == []
+    # each drain of the bucket costs a few 429s: requests of the other job already on
+    # their way when one job's answer said "short"; without the headers, over half
+    statuses = [r.status for r in fake_openai.requests]
+    assert statuses.count(429) <= 0.15 * len(statuses), (statuses.count(429), len(statuses))
+    assert [r.embedded for r in reports] == [160, 160]
+    assert [r.failed for r in reports] == [0, 0]
+    with psycopg.connect(db_url) as conn:
+        for table in ("SupportTickets", "Other"):
+            missing = conn.execute(f'SELECT count(*) FROM app."{table}" WHERE emb IS NULL')
+            assert missing.fetchone() == (0,)

@@ -6,7 +6,9 @@ queue of one-shot faults (429 with Retry-After, 500, slow answers past the clien
 timeout, dropped connections), keys that answer 401, and a marker that makes any batch
 containing it answer 400, as OpenAI does for an invalid input. With ``rpm``/``tpm`` it
 enforces per-key limits as a provider does: a bucket that refills continuously, holding
-``burst_s`` seconds' worth, and 429 with Retry-After when a request does not fit.
+``burst_s`` seconds' worth, and 429 with Retry-After when a request does not fit; then
+every answer, 200 and 429, carries OpenAI's ``x-ratelimit-{limit,remaining,reset}-
+{requests,tokens}`` headers (remaining: the bucket's level, reset: time until it is full).
 
 Answers can be wrong in the ways real providers and proxies get them wrong: a
 ``mangle`` (one-shot in a Fault, or on every answer) rewrites the JSON payload (see the
@@ -175,10 +177,11 @@ class FakeOpenAI:
                     fake._record(key, inputs, 400)
                     return self._error(400, "'$.input' is invalid.")
                 tokens = sum(map(fake.count_tokens, inputs)) if fake.count_tokens else 0
-                wait = fake._admit(key, tokens)
+                wait, limit_headers = fake._admit(key, tokens)
                 if wait > 0:
                     fake._record(key, inputs, 429, tokens)
-                    return self._error(429, "Rate limit reached.", {"retry-after": f"{wait:.3f}"})
+                    limit_headers["retry-after"] = f"{wait:.3f}"
+                    return self._error(429, "Rate limit reached.", limit_headers)
                 if fake.on_inputs:
                     fake.on_inputs(inputs)
                 dims = fake.dims_override or body.get("dimensions") or fake.dims
@@ -201,7 +204,8 @@ class FakeOpenAI:
                 if mangle is not None:
                     mangle(payload)
                 fake._record(key, inputs, 200, tokens)
-                self._send(200, payload, trickle=answer_fault.trickle if answer_fault else 0.0)
+                trickle = answer_fault.trickle if answer_fault else 0.0
+                self._send(200, payload, limit_headers, trickle=trickle)
 
             def _error(
                 self, status: int, message: str, headers: dict[str, str] | None = None
@@ -254,8 +258,11 @@ class FakeOpenAI:
         with self._lock:
             self.requests.append(Request(key, inputs, status, tokens))
 
-    def _admit(self, key: str, tokens: int) -> float:
-        """0 when the request fits the key's rpm and tpm, else seconds until it would."""
+    def _admit(self, key: str, tokens: int) -> tuple[float, dict[str, str]]:
+        """(0 when the request fits the key's rpm and tpm, else seconds until it would;
+        the ``x-ratelimit-*`` headers OpenAI sends with the answer). A header's limit is
+        what the bucket holds, remaining its level after this request, reset the time
+        until it is full again."""
         now = time.monotonic()
         with self._lock:
             needs = []
@@ -266,18 +273,34 @@ class FakeOpenAI:
                 level, updated = self._buckets.get((key, kind), [capacity, now])
                 level = min(capacity, level + (now - updated) * rate)
                 self._buckets[(key, kind)] = [level, now]
-                needs.append((kind, level, amount, rate))
-            waits = [(amount - level) / rate for _, level, amount, rate in needs if level < amount]
-            if waits:
-                return max(waits)
-            for kind, level, amount, _ in needs:
-                self._buckets[(key, kind)][0] = level - amount
-            return 0.0
+                needs.append((kind, level, amount, rate, capacity))
+            waits = [(amt - level) / rate for _, level, amt, rate, _ in needs if level < amt]
+            headers: dict[str, str] = {}
+            for kind, level, amount, rate, capacity in needs:
+                if not waits:
+                    level -= amount
+                    self._buckets[(key, kind)][0] = level
+                noun = "requests" if kind == "rpm" else "tokens"
+                headers[f"x-ratelimit-limit-{noun}"] = str(int(capacity))
+                headers[f"x-ratelimit-remaining-{noun}"] = str(max(0, int(level)))
+                headers[f"x-ratelimit-reset-{noun}"] = go_duration((capacity - level) / rate)
+            return (max(waits) if waits else 0.0), headers
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+
+def go_duration(seconds: float) -> str:
+    """A duration as OpenAI writes it: ``20ms`` under a second, else ``6m0s``, ``1h2m3.5s``."""
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    out = f"{int(hours)}h" if hours else ""
+    out += f"{int(minutes)}m" if hours or minutes else ""
+    return out + f"{round(secs, 3):g}s"
 
 
 # ---------------------------------------------------------------- malformed answers

@@ -9,8 +9,26 @@ import numpy.typing as npt
 from ..config import ProviderConfig
 from ..secrets import Secret
 from ..tokens import TokenCounter
+from .limits import RateSignals
 
 Vector = npt.NDArray[np.float32]
+
+
+class Embeddings(list[Vector]):
+    """A provider's vectors, plus what its answer said of the key's rate limits.
+
+    A plain list to everyone else, so the Provider protocol (``embed`` returns a list)
+    and the local/hash providers stay as they are; a provider that hears limit headers
+    returns this, and a ``ProviderError`` carries the same in ``signals``.
+    """
+
+    signals: RateSignals | None = None
+
+    @classmethod
+    def with_signals(cls, vectors: list[Vector], signals: RateSignals | None) -> Embeddings:
+        out = cls(vectors)
+        out.signals = signals
+        return out
 
 
 class Provider(Protocol):

@@ -39,7 +39,8 @@ from ..errors import (
 from ..secrets import Secret, scrub
 from ..tokens import TokenCounter, openai_counter
 from .answers import decode_embeddings
-from .base import ConfiguredProvider, Vector
+from .base import ConfiguredProvider, Embeddings, Vector
+from .limits import RateSignals
 
 
 def parse_retry_after(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
@@ -150,8 +151,16 @@ class OpenAIProvider(ConfiguredProvider):
         except openai.OpenAIError as exc:
             error = translate(exc)
             error.args = (scrub(str(error), api_key),)
+            if isinstance(exc, openai.APIStatusError):
+                error.signals = RateSignals.from_headers(exc.response.headers)
             raise error from None
-        return decode_embeddings(resp.content, len(texts))
+        signals = RateSignals.from_headers(resp.headers)
+        try:
+            vectors = decode_embeddings(resp.content, len(texts))
+        except ProviderError as error:  # a malformed answer still counted against the key
+            error.signals = signals
+            raise
+        return Embeddings.with_signals(vectors, signals)
 
     async def aclose(self) -> None:
         for client in self._clients.values():
