@@ -123,9 +123,8 @@ class TargetSQL:
         Rows are locked first with ``SKIP LOCKED``: a row the application holds locked is
         never waited for (so the backfill never queues behind the app, holds its batch's
         rows meanwhile, or joins a deadlock); it is tried again later. The answer is one
-        row: how many rows were locked, and the ids written; when
-        fewer were locked than sent, ``still_owed`` tells the app's rows from rows it
-        changed, filled or deleted.
+        row: how many rows were locked, and the ids written; when fewer were locked than
+        sent, ``still_owed`` tells the app's rows from rows it changed, filled or deleted.
 
         Only the batch's own rows are locked (a join with the batch). Integer ids are
         bounded by ``BETWEEN lo AND hi`` (one range scan of the key index; without it the
@@ -135,9 +134,6 @@ class TargetSQL:
         The batch's columns have names a table is unlikely to use, so an unqualified name
         in text_sql means the table's.
         """
-        ids = sql.SQL("%(ids)b::{}[]").format(sql.SQL(self.types.id_type))
-        t_id = sql.Identifier("t", self.target.id_column)
-        keys = self._batch_keys(t_id, ids)
         return sql.SQL(
             "WITH embedfill_batch AS ("
             "SELECT * FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[])"
@@ -154,24 +150,13 @@ class TargetSQL:
             " RETURNING {t_id} AS id"
             ") SELECT (SELECT count(*) FROM embedfill_locked),"
             " (SELECT array_agg(id) FROM embedfill_written)"
-        ).format(
-            table=self.table,
-            emb=self.emb,
-            ids=ids,
-            vec_type=sql.SQL(self.types.vector_type),
-            t_id=t_id,
-            keys=keys,
-            t_emb=sql.Identifier("t", self.target.embedding_column),
-            fp=self._fingerprint("t"),
-        )
+        ).format(**self._write_names())
 
     def write_fast(self) -> sql.Composed:
         """The common case of ``write``, one plain bulk UPDATE that waits for row locks:
         run under a very short ``lock_timeout``, so that when the app holds one of the
         rows it gives up (releasing what it took) before anyone waits long, and ``write``
         takes over. Same answer shape: the batch size as "locked", and the ids written."""
-        ids = sql.SQL("%(ids)b::{}[]").format(sql.SQL(self.types.id_type))
-        t_id = sql.Identifier("t", self.target.id_column)
         return sql.SQL(
             "WITH embedfill_written AS ("
             "UPDATE {table} AS t SET {emb} = b.embedfill_vec"
@@ -181,22 +166,27 @@ class TargetSQL:
             " AND {t_emb} IS NULL AND {fp} = b.embedfill_fp"
             " RETURNING {t_id} AS id"
             ") SELECT cardinality({ids}), (SELECT array_agg(id) FROM embedfill_written)"
-        ).format(
-            table=self.table,
-            emb=self.emb,
-            ids=ids,
-            vec_type=sql.SQL(self.types.vector_type),
-            t_id=t_id,
-            keys=self._batch_keys(t_id, ids),
-            t_emb=sql.Identifier("t", self.target.embedding_column),
-            fp=self._fingerprint("t"),
-        )
+        ).format(**self._write_names())
 
-    def _batch_keys(self, t_id: sql.Identifier, ids: sql.Composable) -> sql.Composable:
-        """What bounds a batch's rows for an index scan (see ``write``)."""
+    def _write_names(self) -> dict[str, sql.Composable]:
+        """The pieces both writes are made of. ``keys`` bounds a batch's rows for an index
+        scan (see ``write``)."""
+        ids = sql.SQL("%(ids)b::{}[]").format(sql.SQL(self.types.id_type))
+        t_id = sql.Identifier("t", self.target.id_column)
         if self.integer_ids:
-            return sql.SQL("{} BETWEEN %(lo)b AND %(hi)b").format(t_id)
-        return sql.SQL("{} = ANY({})").format(t_id, ids)
+            keys = sql.SQL("{} BETWEEN %(lo)b AND %(hi)b").format(t_id)
+        else:
+            keys = sql.SQL("{} = ANY({})").format(t_id, ids)
+        return {
+            "table": self.table,
+            "emb": self.emb,
+            "ids": ids,
+            "vec_type": sql.SQL(self.types.vector_type),
+            "t_id": t_id,
+            "keys": keys,
+            "t_emb": sql.Identifier("t", self.target.embedding_column),
+            "fp": self._fingerprint("t"),
+        }
 
     def still_owed(self) -> sql.Composed:
         """Of a batch's rows, those still NULL with the text that was read: after a write
