@@ -90,8 +90,11 @@ def test_503_when_the_database_is_down(fake_openai: FakeOpenAI) -> None:
 def test_404_405_and_422_bodies(api: httpx.Client) -> None:
     assert "No route GET /nope" in error_of(api.get("/nope"), 404)
     assert "No route GET /api/v1/admin/nope" in error_of(api.get("/api/v1/admin/nope"), 404)
-    r = api.get(PATH)
-    assert "GET is not allowed on /api/v1/admin/backfill-embeddings" in error_of(r, 405)
+    r = api.delete(PATH)
+    assert "DELETE is not allowed on /api/v1/admin/backfill-embeddings" in error_of(r, 405)
+    assert "POST" in r.headers["allow"]
+    r = api.get(f"{PATH}/1/cancel")
+    assert "GET is not allowed on /api/v1/admin/backfill-embeddings/1/cancel" in error_of(r, 405)
     assert r.headers["allow"] == "POST"
     assert "DELETE is not allowed on /healthz" in error_of(api.delete("/healthz"), 405)
     for method, path, name in (
