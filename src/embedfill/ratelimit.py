@@ -15,6 +15,7 @@ is a plain function (``wait_for``); the SQL does the refill under a row lock.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 
 from .db.store import Store
@@ -22,6 +23,7 @@ from .secrets import Secret
 
 BURST_S = 1.0
 UNLIMITED = 1e18  # the capacity of a bucket that is never short
+PAUSE_CHECK_S = 0.25  # an unlimited key looks for pauses set elsewhere this often
 
 
 @dataclass(frozen=True)
@@ -67,20 +69,35 @@ def budget_key(scope: str, key: Secret | None) -> str:
 
 
 class SharedLimits:
-    """The shared budget of one provider configuration's keys, through ``store``."""
+    """The shared budget of one provider configuration's keys, through ``store``.
+
+    Without ``rpm``/``tpm`` there is nothing to count, only pauses to honour, so the
+    database is asked at most every PAUSE_CHECK_S per key (a pause another process set
+    reaches this one within that), not once per request."""
 
     def __init__(self, store: Store, rates: Rates, scope: str) -> None:
         self.store = store
         self.rates = rates
         self.scope = scope  # base URL and model: providers limit per model
+        self._paused: dict[str, tuple[float, float]] = {}  # key id: (checked, until)
 
     async def reserve(self, key: Secret | None, tokens: int) -> float:
         """Take one request of ``tokens`` from the key's budget; seconds to wait first."""
-        levels = await self.store.reserve_budget(
-            budget_key(self.scope, key), **self.rates.terms(tokens)
-        )
+        key_id = budget_key(self.scope, key)
+        if not self.rates.limited:
+            now = time.monotonic()
+            checked, until = self._paused.get(key_id, (-PAUSE_CHECK_S, 0.0))
+            if now - checked >= PAUSE_CHECK_S:
+                until = now + await self.store.paused_for(key_id)
+                self._paused[key_id] = (now, until)
+            return max(0.0, until - now)
+        levels = await self.store.reserve_budget(key_id, **self.rates.terms(tokens))
         return wait_for(self.rates, *levels)
 
     async def pause(self, key: Secret | None, seconds: float) -> None:
         """Hold every request of this key, in every process, for ``seconds``."""
-        await self.store.pause_budget(budget_key(self.scope, key), seconds)
+        key_id = budget_key(self.scope, key)
+        await self.store.pause_budget(key_id, seconds)
+        now = time.monotonic()
+        _, until = self._paused.get(key_id, (now, 0.0))
+        self._paused[key_id] = (now, max(until, now + seconds))

@@ -183,3 +183,22 @@ def test_the_providers_limit_headers_slow_every_worker_of_the_key(
         for table in ("SupportTickets", "Other"):
             missing = conn.execute(f'SELECT count(*) FROM app."{table}" WHERE emb IS NULL')
             assert missing.fetchone() == (0,)
+
+
+def test_without_rpm_or_tpm_a_pause_still_reaches_every_process(db_url: str) -> None:
+    from embedfill.ratelimit import PAUSE_CHECK_S
+
+    async def go() -> None:
+        a, b, conns = await limits_pair(db_url, Rates(rpm=0, tpm=0))
+        key = Secret(KEY)
+        try:
+            assert await a.reserve(key, 10**6) == 0.0 and await b.reserve(key, 10**6) == 0.0
+            await a.pause(key, 30.0)  # a saw a 429
+            assert await a.reserve(key, 1) == pytest.approx(30.0, abs=1.0)
+            await asyncio.sleep(PAUSE_CHECK_S)
+            assert await b.reserve(key, 1) == pytest.approx(30.0, abs=1.0)
+        finally:
+            for c in conns:
+                await c.close()
+
+    asyncio.run(go())

@@ -121,6 +121,10 @@ ON CONFLICT (key_id) DO UPDATE SET
 RETURNING req_level, tok_level,
     greatest(0, extract(epoch FROM b.paused_until - clock_timestamp()))::float8"""
 
+PAUSED_FOR = """
+SELECT greatest(0, extract(epoch FROM paused_until - clock_timestamp()))::float8
+FROM embedfill.rate_budgets WHERE key_id = %(key_id)s"""
+
 PAUSE_BUDGET = """
 INSERT INTO embedfill.rate_budgets AS b (key_id, req_level, tok_level, paused_until)
 VALUES (%(key_id)s, 0, 0, clock_timestamp() + make_interval(secs => %(seconds)s))

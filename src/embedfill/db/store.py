@@ -186,6 +186,12 @@ class Store:
         assert row is not None
         return float(row[0]), float(row[1]), float(row[2])
 
+    async def paused_for(self, key_id: str) -> float:
+        """Seconds the key is still paused (0 when it is not, or has no budget yet)."""
+        cur = await self.conn.execute(q.PAUSED_FOR, {"key_id": key_id})
+        row = await cur.fetchone()
+        return float(row[0]) if row else 0.0
+
     async def pause_budget(self, key_id: str, seconds: float) -> None:
         await self.conn.execute(q.PAUSE_BUDGET, {"key_id": key_id, "seconds": seconds})
 
