@@ -146,5 +146,11 @@ def check_vectors(vectors: Sequence[Any], count: int) -> list[Vector]:
 
 
 def non_finite(vectors: Sequence[Vector]) -> list[int]:
-    """Positions of the vectors holding a NaN or an infinite value."""
-    return [i for i, v in enumerate(vectors) if not np.isfinite(v).all()]
+    """Positions of the vectors holding a NaN or an infinite value (vectors of one size,
+    as check_vectors leaves them: one numpy pass over the batch, not one per vector)."""
+    if not vectors:
+        return []
+    finite = np.isfinite(np.stack(vectors)).all(axis=1)
+    if finite.all():
+        return []
+    return [int(i) for i in np.flatnonzero(~finite)]
