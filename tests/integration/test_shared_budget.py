@@ -85,6 +85,33 @@ def shared_key_config(base_url: str, table: str, tpm: int) -> Config:
     )
 
 
+def run_both(
+    db_url: str, base_url: str, *, tpm: int
+) -> tuple[list[Report], list[BaseException], float]:
+    """Backfill both tables at once, one thread each, sharing KEY: their reports, their
+    errors, and the seconds the two took together."""
+    reports: list[Report] = []
+    errors: list[BaseException] = []
+
+    def run(table: str) -> None:
+        config = shared_key_config(base_url, table, tpm=tpm)
+        env = {"TEST_PLATFORM_KEY": KEY}
+        try:
+            reports.append(
+                asyncio.run(abackfill(config, Database(db_url), BackfillOptions(), env=env))
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in ("SupportTickets", "Other")]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return reports, errors, time.monotonic() - started
+
+
 def test_two_jobs_sharing_a_key_stay_under_its_tpm_together(
     db_url: str, fake_openai: FakeOpenAI
 ) -> None:
@@ -98,32 +125,7 @@ def test_two_jobs_sharing_a_key_stay_under_its_tpm_together(
     # 100 tokens/s; like a provider's per-minute window, the server forgives a few seconds
     # of burst, so the two jobs together must pace themselves at the rate
     fake_openai.tpm, fake_openai.burst_s = 6000, 3.0
-    reports: list[Report] = []
-    errors: list[BaseException] = []
-
-    def run(table: str) -> None:
-        config = shared_key_config(fake_openai.base_url, table, tpm=6000)
-        try:
-            reports.append(
-                asyncio.run(
-                    abackfill(
-                        config,
-                        Database(db_url),
-                        BackfillOptions(),
-                        env={"TEST_PLATFORM_KEY": KEY},
-                    )
-                )
-            )
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(t,)) for t in ("SupportTickets", "Other")]
-    started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    elapsed = time.monotonic() - started
+    reports, errors, elapsed = run_both(db_url, fake_openai.base_url, tpm=6000)
 
     assert errors == []
     assert [r.embedded for r in reports] == [40, 40]
@@ -147,30 +149,7 @@ def test_the_providers_limit_headers_slow_every_worker_of_the_key(
     # 800 tokens/s and a bucket of 4,000 (~30 requests of ~130 tokens): far more than the
     # eight the two jobs may have in flight, half the ~8,500 they must send
     fake_openai.tpm, fake_openai.burst_s = 48_000, 5.0
-    reports: list[Report] = []
-    errors: list[BaseException] = []
-
-    def run(table: str) -> None:
-        config = shared_key_config(fake_openai.base_url, table, tpm=0)
-        try:
-            reports.append(
-                asyncio.run(
-                    abackfill(
-                        config,
-                        Database(db_url),
-                        BackfillOptions(),
-                        env={"TEST_PLATFORM_KEY": KEY},
-                    )
-                )
-            )
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run, args=(t,)) for t in ("SupportTickets", "Other")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    reports, errors, _ = run_both(db_url, fake_openai.base_url, tpm=0)
 
     assert errors == []
     # each drain of the bucket costs a few 429s: requests of the other job already on
