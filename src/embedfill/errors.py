@@ -1,8 +1,11 @@
 """One error tree for embedfill.
 
-Each class's docstring is its default message. The CLI prints ``str(error)`` and exits
-with ``exit_code``; the HTTP service maps the same classes to statuses. Messages never
-carry secrets: they name tenants, targets and columns, never key material.
+Each class's docstring is its default message, and each class declares, side by side,
+the CLI's ``exit_code`` and the admin service's ``http_status`` for it: the CLI prints
+``str(error)`` and exits with ``exit_code``; the HTTP service answers ``{"error": ...}``
+with ``http_status``. A subclass declares both itself, even where they equal its
+parent's, so this file reads as the whole table (tests/unit/test_errors.py pins it).
+Messages never carry secrets: they name tenants, targets and columns, never key material.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ class EmbedfillError(Exception):
     """Something went wrong in embedfill."""
 
     exit_code = 1
+    http_status = 500
 
     def __init__(self, message: str | None = None) -> None:
         super().__init__(message or (self.__doc__ or "").strip())
@@ -26,65 +30,113 @@ class ConfigError(EmbedfillError):
     """The configuration is not valid."""
 
     exit_code = 2
+    http_status = 503  # the service's own configuration, not the request
 
 
 class UsageError(EmbedfillError):
     """The command was given arguments it cannot use."""
 
     exit_code = 2
+    http_status = 422
 
 
 class TargetNotFound(ConfigError):
     """No target of that name is configured."""
 
+    exit_code = 2
+    http_status = 404
+
 
 class SchemaMismatch(ConfigError):
     """The table does not match the target's configuration."""
+
+    exit_code = 2
+    http_status = 503
 
 
 class ExtensionMissing(ConfigError):
     """The pgvector extension is not installed in this database."""
 
+    exit_code = 2
+    http_status = 503
+
 
 class KeyStoreError(ConfigError):
     """The key store cannot be used as configured."""
+
+    exit_code = 2
+    http_status = 503
 
 
 class SchemaNotReady(ConfigError):
     """embedfill's own schema is missing or behind this build; run `embedfill migrate`."""
 
+    exit_code = 2
+    http_status = 503
+
 
 class ProviderMisconfigured(ConfigError):
     """The provider rejects every request; check its model and dimensions."""
+
+    exit_code = 2
+    http_status = 503
 
 
 class DatabaseError(EmbedfillError):
     """The database could not be reached or refused a statement."""
 
+    exit_code = 1
+    http_status = 503  # the service's own database, not the request
+
 
 class NoFreeConnection(DatabaseError):
     """The database server has no free connection; raise max_connections or use fewer."""
+
+    exit_code = 1
+    http_status = 503
 
 
 class RunAborted(EmbedfillError):
     """The run stopped early; the rows written before are kept, the rest stay NULL."""
 
     exit_code = 3
+    http_status = 500
 
 
 class TargetBusy(EmbedfillError):
     """Another run is already backfilling this target."""
 
     exit_code = 4
+    http_status = 409
 
     def __init__(self, message: str | None = None, *, run_id: int | None = None) -> None:
         super().__init__(message)
         self.run_id = run_id
 
 
+class JobConflict(EmbedfillError):
+    """A backfill of this target is already running."""
+
+    exit_code = 4
+    http_status = 409
+
+    def __init__(self, message: str, job_id: int | None) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class JobNotFound(EmbedfillError):
+    """No job has that id."""
+
+    exit_code = 1
+    http_status = 404
+
+
 class ProviderError(EmbedfillError):
     """The embedding provider failed."""
 
+    exit_code = 1
+    http_status = 500  # what the service answers; ``self.status`` is what the provider did
     transient = False
 
     def __init__(
@@ -104,32 +156,50 @@ class ProviderError(EmbedfillError):
 class RateLimited(ProviderError):
     """The provider is rate limiting this key (HTTP 429)."""
 
+    exit_code = 1
+    http_status = 500
     transient = True
 
 
 class ProviderUnavailable(ProviderError):
     """The provider did not answer in time or answered with a server error."""
 
+    exit_code = 1
+    http_status = 500
     transient = True
 
 
 class AuthFailed(ProviderError):
     """The provider rejected the API key (HTTP 401/403)."""
 
+    exit_code = 1
+    http_status = 500
+
 
 class BadInput(ProviderError):
     """The provider rejected an input of this batch (HTTP 400)."""
+
+    exit_code = 1
+    http_status = 500
 
 
 class NoApiKey(ProviderError):
     """No API key is available for this tenant."""
 
+    exit_code = 1
+    http_status = 500
+
 
 class BadAnswer(ProviderError):
     """The provider's answer was malformed."""
 
+    exit_code = 1
+    http_status = 500
     transient = True  # a proxy or provider glitch: asking again usually gets a good one
 
 
 class NonFiniteVector(ProviderError):
     """The provider returned a vector with NaN or infinite values for this row."""
+
+    exit_code = 1
+    http_status = 500

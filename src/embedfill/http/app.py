@@ -24,16 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..config import Config, load_config
 from ..db.connect import Database
 from ..engine import BackfillOptions
-from ..errors import (
-    ConfigError,
-    DatabaseError,
-    EmbedfillError,
-    TargetBusy,
-    TargetNotFound,
-    UsageError,
-)
+from ..errors import ConfigError, EmbedfillError
 from ..secrets import Secret
-from .service import AdminService, JobConflict, JobNotFound
+from .service import AdminService
 
 PREFIX = "/api/v1/admin"
 WAIT_LIMIT_S = 30.0
@@ -194,7 +187,7 @@ def _known_error(exc: Exception) -> JSONResponse | None:
     if isinstance(exc, ApiError):
         return error_response(exc.status, str(exc), exc.job_id)
     if isinstance(exc, EmbedfillError):
-        return error_response(_error_status(exc), str(exc), getattr(exc, "job_id", None))
+        return error_response(exc.http_status, str(exc), getattr(exc, "job_id", None))
     if isinstance(exc, RequestValidationError):
         return error_response(422, _validation_message(exc))
     return None
@@ -380,18 +373,6 @@ def _report_body(report: dict[str, Any], job_id: int | None) -> Any:
     """A report as the API shows it: the library's Report plus the job it belongs to
     (``job_id``, the same number as ``run_id``; null for a dry run, which is not a job)."""
     return jsonable_encoder({"job_id": job_id, **report})
-
-
-def _error_status(exc: EmbedfillError) -> int:
-    if isinstance(exc, (TargetNotFound, JobNotFound)):
-        return 404
-    if isinstance(exc, (JobConflict, TargetBusy)):
-        return 409
-    if isinstance(exc, UsageError):
-        return 422
-    if isinstance(exc, (ConfigError, DatabaseError)):
-        return 503  # the service's own configuration or database, not the request
-    return 500
 
 
 def create_app(

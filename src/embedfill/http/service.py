@@ -26,7 +26,7 @@ from ..db.schema import EXPECTED_VERSION, current_version, ensure_schema
 from ..db.store import Store
 from ..db.target_sql import TargetSQL
 from ..engine import BackfillOptions, abackfill, astatus
-from ..errors import DatabaseError, EmbedfillError, ExtensionMissing
+from ..errors import DatabaseError, EmbedfillError, ExtensionMissing, JobConflict, JobNotFound
 from ..models import Report, TargetStatus
 from ..providers import Provider, check_available, make_provider
 from .logs import job_id_var
@@ -37,20 +37,6 @@ log = logging.getLogger(__name__)
 #: a run still marked running whose heartbeat is older than this lost its process
 ABANDONED_AFTER_S = 15.0
 MISSING_REFRESH_S = 30.0
-
-
-class JobConflict(EmbedfillError):
-    """A backfill of this target is already running."""
-
-    exit_code = 4
-
-    def __init__(self, message: str, job_id: int | None) -> None:
-        super().__init__(message)
-        self.job_id = job_id
-
-
-class JobNotFound(EmbedfillError):
-    """No job has that id."""
 
 
 @dataclass
