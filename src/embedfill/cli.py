@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
@@ -81,6 +82,14 @@ def _errors(state: State) -> Iterator[None]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         err.print(f"embedfill: database error: {first}", style="red", markup=False)
         raise typer.Exit(1) from None
+
+
+async def aensure_schema(db: Database) -> None:
+    conn = await connect(db)
+    try:
+        await ensure_schema(conn)
+    finally:
+        await conn.close()
 
 
 def _actor() -> str:
@@ -170,10 +179,30 @@ def backfill(
         bool, typer.Option("--yes", help="Confirm --defer-index without asking.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+    exclusive: Annotated[
+        bool,
+        typer.Option(
+            "--exclusive",
+            help="Refuse (exit 4) when a job of this target runs, instead of joining.",
+        ),
+    ] = False,
+    processes: Annotated[
+        int, typer.Option(help="Worker processes on this machine working on the job (1-64).")
+    ] = 1,
+    enqueue: Annotated[
+        bool,
+        typer.Option(
+            "--enqueue", help="Create the job, print its id and return: `embedfill worker`s do it."
+        ),
+    ] = False,
 ) -> None:
-    """Embed the rows whose embedding is NULL. Exit 3 when some rows failed (or, with
-    --dry-run, would fail for want of a usable key)."""
+    """Embed the rows whose embedding is NULL. The backfill is a job cut into chunks; if a
+    job of the target is already running, this joins it. Exit 3 when some rows failed (or,
+    with --dry-run, would fail for want of a usable key)."""
     state = _state(ctx)
+    if not 1 <= processes <= 64:
+        with _errors(state):
+            raise UsageError(f"--processes must be between 1 and 64, not {processes}.")
     opts = BackfillOptions(
         target=target,
         dry_run=dry_run,
@@ -188,7 +217,24 @@ def backfill(
         db = state.database()
         if defer_index and not dry_run:
             _confirm_defer_index(config, db, opts, yes=yes)
-        report = _backfill_with_progress(config, db, opts, show=not as_json and err.is_terminal)
+        if enqueue and not dry_run:
+            report = asyncio.run(abackfill(config, db, opts, exclusive=exclusive, enqueue=True))
+            _print_enqueued(report, as_json=as_json)
+            return
+        children = _Children(state, processes - 1)
+        try:
+            report = _backfill_with_progress(
+                config,
+                db,
+                opts,
+                show=not as_json and err.is_terminal,
+                exclusive=exclusive,
+                on_start=children.start,
+            )
+        finally:
+            children.wait()
+    if report.joined:
+        err.print(f"embedfill: joined job {report.run_id}, already running for this target.")
     for warning in report.warnings:
         err.print(f"embedfill: warning: {warning}", style="yellow", markup=False)
     if as_json:
@@ -196,6 +242,51 @@ def backfill(
     else:
         report_table(out, report)
     raise typer.Exit(backfill_exit_code(report))
+
+
+def _print_enqueued(report: Report, *, as_json: bool) -> None:
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "job_id": report.run_id,
+                    "target": report.target,
+                    "status": report.status,
+                    "joined": report.joined,
+                }
+            )
+        )
+        return
+    how = "is already running as" if report.joined else "queued as"
+    out.print(f"backfill of {report.target} {how} job {report.run_id}")
+    print(report.run_id)
+
+
+class _Children:
+    """``--processes N``: N-1 ``embedfill worker --job ID`` processes beside this one,
+    started once the job exists. They get the environment (keys, DATABASE_URL), never a
+    secret in argv, and leave when the job is over."""
+
+    def __init__(self, state: State, count: int) -> None:
+        self.state, self.count = state, count
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, run_id: int) -> None:
+        argv = [sys.executable, "-m", "embedfill"]
+        if self.state.config_path is not None:
+            argv += ["--config", str(self.state.config_path)]
+        for _ in range(self.count):
+            self.procs.append(
+                subprocess.Popen([*argv, "worker", "--job", str(run_id)], stdout=subprocess.DEVNULL)
+            )
+
+    def wait(self) -> None:
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                proc.wait()
 
 
 def backfill_exit_code(report: Report) -> int:
@@ -223,10 +314,20 @@ def _confirm_defer_index(config: Config, db: Database, opts: BackfillOptions, *,
 
 
 def _backfill_with_progress(
-    config: Config, db: Database, opts: BackfillOptions, *, show: bool
+    config: Config,
+    db: Database,
+    opts: BackfillOptions,
+    *,
+    show: bool,
+    exclusive: bool = False,
+    on_start: Callable[[int], None] | None = None,
 ) -> Report:
     if not show:
-        return _run_cancellable(lambda cancel: abackfill(config, db, opts, cancel=cancel))
+        return _run_cancellable(
+            lambda cancel: abackfill(
+                config, db, opts, cancel=cancel, exclusive=exclusive, on_start=on_start
+            )
+        )
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -242,7 +343,15 @@ def _backfill_with_progress(
             bar.update(task, total=r.missing_before, completed=done)
 
         return _run_cancellable(
-            lambda cancel: abackfill(config, db, opts, cancel=cancel, on_progress=on_progress)
+            lambda cancel: abackfill(
+                config,
+                db,
+                opts,
+                cancel=cancel,
+                on_progress=on_progress,
+                exclusive=exclusive,
+                on_start=on_start,
+            )
         )
 
 
@@ -316,10 +425,59 @@ def migrate(ctx: typer.Context) -> None:
 
 
 @app.command()
+def worker(
+    ctx: typer.Context,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(help="Only jobs of these targets (repeatable; default: every target)."),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Chunks worked on at once (default: [engine] worker_chunks)."),
+    ] = None,
+    job: Annotated[int | None, typer.Option(hidden=True)] = None,
+) -> None:
+    """Work on backfill jobs created anywhere (backfill, backfill --enqueue, the HTTP API)
+    until SIGTERM: then finish the chunks in flight and exit 0."""
+    from .worker import Worker, work_on_job
+
+    state = _state(ctx)
+    if concurrency is not None and not 1 <= concurrency <= 64:
+        with _errors(state):
+            raise UsageError(f"--concurrency must be between 1 and 64, not {concurrency}.")
+    logging.getLogger("embedfill").setLevel(logging.DEBUG if state.debug else logging.INFO)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        config, db = state.config(), state.database()
+        await aensure_schema(db)
+        w = Worker(config, db, targets=target or None, concurrency=concurrency)
+        if job is not None:  # one of backfill --processes: until the job is over
+            await work_on_job(w, job, stop=stop)
+            return
+        names = ", ".join(target or [t.name for t in config.targets])
+        err.print(f"embedfill: worker {w.name} serving jobs of: {names}")
+        await w.run(stop)
+
+    with _errors(state):
+        asyncio.run(run())
+
+
+@app.command()
 def serve(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    no_worker: Annotated[
+        bool,
+        typer.Option(
+            "--no-worker",
+            help="Only the API: jobs are worked on by `embedfill worker` processes elsewhere.",
+        ),
+    ] = False,
 ) -> None:
     """Run the admin HTTP service (needs ADMIN_SECRET or AUTH_SECRET to accept requests)."""
     import uvicorn
@@ -330,7 +488,7 @@ def serve(
     state = _state(ctx)
     configure(logging.DEBUG if state.debug else logging.INFO)
     with _errors(state):
-        application = create_app(state.config(), database=state.database())
+        application = create_app(state.config(), database=state.database(), worker=not no_worker)
     uvicorn.run(application, host=host, port=port, log_config=None)
 
 

@@ -149,6 +149,15 @@ class EngineConfig:
     lock_timeout_ms: int = 2000  # a write waits at most this long for a table lock
     statement_timeout_s: int = 120  # and runs at most this long
     locked_rows_wait_s: int = 30  # rows the app holds locked are retried this long at the end
+    # jobs (see jobs.py): a job's rows are cut into chunks of about chunk_rows rows; a
+    # worker works on worker_chunks of them at once; a chunk whose worker has been silent
+    # for lease_s seconds (killed, or cut off) goes back to the queue for another worker
+    chunk_rows: int = 2000
+    worker_chunks: int = 2
+    lease_s: int = 30
+
+
+MAX_LEASE_S = 60
 
 
 @dataclass(frozen=True)
@@ -300,6 +309,9 @@ _ENGINE_KEYS = {
     "lock_timeout_ms": int,
     "statement_timeout_s": int,
     "locked_rows_wait_s": int,
+    "chunk_rows": int,
+    "worker_chunks": int,
+    "lease_s": int,
 }
 _TOP_KEYS = ("providers", "targets", "engine")
 
@@ -459,6 +471,11 @@ def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:
     _check_keys(raw_engine, _ENGINE_KEYS, "[engine]")
     for key, value in raw_engine.items():
         _positive(value, key, "[engine]", allow_zero=key == "locked_rows_wait_s")
+    if raw_engine.get("lease_s", 0) > MAX_LEASE_S:
+        raise ConfigError(
+            f"[engine] lease_s is {raw_engine['lease_s']}, more than {MAX_LEASE_S}: a killed "
+            f"worker's chunks would wait that long for another worker; use at most {MAX_LEASE_S}."
+        )
     engine = EngineConfig(**raw_engine)
     return Config(providers=providers, targets=targets, engine=engine, source=source)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -91,6 +92,7 @@ _TRANSIENT_WRITE_ERRORS = (
     psycopg.errors.SerializationFailure,
 )
 YIELD_EVERY_ROWS = 32
+MAX_CHUNK_ATTEMPTS = 3  # a chunk given back this often fails its rows like a lone run
 PROBE_TEXT = "test"  # what any embedding model accepts: see _rejects_everything
 
 
@@ -119,6 +121,34 @@ class _Write:
     vectors: list[Vector]
 
 
+@dataclass(eq=False)
+class Chunk:
+    """One chunk of a job as a worker session works on it: the rows with lo < id <= hi
+    (None: unbounded) still NULL. ``done`` resolves once every row read from it has been
+    written, skipped or failed (or was given back, for a chunk given up)."""
+
+    seq: int
+    lo: Any
+    hi: Any
+    attempt: int = 1
+    pending: int = 0  # rows read, not yet written, failed or dropped
+    scanned: bool = False
+    given_up: bool = False  # handed back to the queue: its rows are dropped, not failed
+    started: float = field(default_factory=time.monotonic)
+    last_ok: float = field(default_factory=time.monotonic)
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def resolve(self, error: BaseException | None = None) -> None:
+        if self.done.done():
+            return
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)
+
+
 class _Stopped(Exception):
     """The run is stopping (cancelled or halted): this batch is not sent, its rows stay
     NULL for the next run and are not failures."""
@@ -144,6 +174,18 @@ class _Hooks:
     on_start: Callable[[int], None] | None = None
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     observer: Observer = field(default_factory=Observer)
+
+
+@dataclass(frozen=True)
+class WorkerSeat:
+    """Where a worker session reports: the job (run) and this worker's row for it."""
+
+    run_id: int
+    name: str  # host:pid:suffix, unique per worker process
+    host: str
+    pid: int
+    lease_s: float
+    chunks_done: Callable[[], int] = lambda: 0
 
 
 def lock_key(table_oid: int, column: str) -> str:
@@ -190,8 +232,15 @@ async def abackfill(
     cancel: asyncio.Event | None = None,
     env: Mapping[str, str] | None = None,
     observer: Observer | None = None,
+    exclusive: bool = False,
+    enqueue: bool = False,
 ) -> Report:
-    """Backfill (or plan, with ``dry_run``) one target; see ``embedfill.backfill``."""
+    """Backfill (or plan, with ``dry_run``) one target; see ``embedfill.backfill``.
+
+    A real backfill is a job (jobs.py): this creates the target's job, or joins the one
+    running (``exclusive``: refuse instead, TargetBusy), and works on it until it is over
+    beside any other worker, returning the job's report; ``enqueue`` only creates it and
+    returns at once (workers elsewhere do the work)."""
     own_provider = provider is None
     conn = await connect(db)
     try:
@@ -199,6 +248,22 @@ async def abackfill(
             provider = make_provider(config.provider_for(config.target(opts.target)))
         target, pconf, info = await _prepare(conn, config, opts, provider)
         await ensure_schema(conn)
+        if not opts.dry_run:
+            return await _job(
+                conn,
+                config,
+                db,
+                opts,
+                target,
+                info,
+                provider,
+                hooks=_Hooks(
+                    on_progress, on_start, cancel or asyncio.Event(), observer or Observer()
+                ),
+                env=os.environ if env is None else env,
+                exclusive=exclusive,
+                enqueue=enqueue,
+            )
         run = _Run(
             db=db,
             conn=conn,
@@ -218,6 +283,66 @@ async def abackfill(
         if own_provider and provider is not None:
             await provider.aclose()
         await conn.close()
+
+
+async def _job(
+    conn: psycopg.AsyncConnection[Any],
+    config: Config,
+    db: Database,
+    opts: BackfillOptions,
+    target: TargetConfig,
+    info: TableInfo,
+    provider: Provider,
+    *,
+    hooks: _Hooks,
+    env: Mapping[str, str],
+    exclusive: bool,
+    enqueue: bool,
+) -> Report:
+    from . import jobs
+    from .worker import Worker, work_on_job
+
+    run_id, joined = await jobs.create_or_join(
+        conn,
+        target=target,
+        info=info,
+        parameters=opts.parameters(),
+        tenants=list(opts.tenants) or None,
+        limit=opts.limit,
+        actor=opts.actor,
+        chunk_rows=config.engine.chunk_rows,
+        exclusive=exclusive,
+    )
+    if joined:
+        log.info("joining job %s of target %s", run_id, target.name)
+    elif opts.defer_index:
+        await jobs.set_aside_indexes(conn, run_id, info, target)
+    if hooks.on_start:
+        hooks.on_start(run_id)
+    store = Store(conn)
+    if enqueue:
+        report = await jobs.merged_report(store, run_id)
+    else:
+        worker = Worker(
+            config,
+            db,
+            targets=[target.name],
+            env=env,
+            observer=hooks.observer,
+            providers={target.provider: provider},
+        )
+        report = await work_on_job(
+            worker, run_id, cancel=hooks.cancel, on_progress=hooks.on_progress
+        )
+    report.joined = joined
+    if TargetSQL(target, info.types).integer_ids:  # the audit table keeps ids as text
+        report.failures = [dataclasses.replace(f, id=int(f.id)) for f in report.failures]
+    state = await store.run_state(run_id)
+    assert state is not None
+    error = jobs.error_of(state)
+    if error is not None:
+        raise error
+    return report
 
 
 async def adefer_index_plan(config: Config, db: Database, opts: BackfillOptions) -> str | None:
@@ -267,7 +392,11 @@ class _Run:
         engine: Any,
         hooks: _Hooks,
         env: Mapping[str, str],
+        seat: WorkerSeat | None = None,
     ) -> None:
+        self.seat = seat  # set: a worker's session of a job, fed chunk by chunk
+        self.chunk_q: asyncio.Queue[Chunk | None] = asyncio.Queue()
+        self.chunks: set[Chunk] = set()  # submitted, not yet resolved
         self.db, self.conn, self.target, self.pconf = db, conn, target, pconf
         self.opts, self.provider, self.engine, self.hooks = opts, provider, engine, hooks
         self.info = info
@@ -277,7 +406,10 @@ class _Run:
         self.batch_size = opts.batch_size or pconf.batch_size
         self.tenants = list(opts.tenants) or None
         self.report = Report(
-            run_id=None, target=target.name, dry_run=opts.dry_run, provider=provider.name
+            run_id=seat.run_id if seat else None,
+            target=target.name,
+            dry_run=opts.dry_run,
+            provider=provider.name,
         )
         self.policy = RetryPolicy.for_provider(pconf)
         dims = info.dimensions or 1536
@@ -300,6 +432,7 @@ class _Run:
             self.limits = SharedLimits(self.store, Rates(pconf.rpm, pconf.tpm), scope)
         self.pending_failures: list[Failure] = []
         self.locked: list[tuple[float, _Write]] = []  # (retry at, rows) the app held locked
+        self._locked_since: dict[Any, float] = {}  # when each such row was first found locked
         self._last_progress = 0.0
         self._tenants: dict[str | None, TenantReport] = {}
         self.render = text_renderer(target.text, target.text_columns)
@@ -311,6 +444,9 @@ class _Run:
         self.halted: EmbedfillError | None = None  # why the run stops early, if it does
         self.proven = False  # a request of this run succeeded: model and dimensions work
         self._probe: asyncio.Task[BadInput | None] | None = None
+        self._flushing = asyncio.Lock()
+        self.closed = False  # a session that ended takes no chunk
+        self.closed_by: Exception | None = None
 
     # ------------------------------------------------------------------ top level
 
@@ -379,6 +515,35 @@ class _Run:
             if locked:
                 with contextlib.suppress(psycopg.Error):
                     await self.store.unlock(key)
+
+    async def serve(self) -> Report:
+        """A worker's session of a job: embed the chunks ``submit`` hands in until
+        ``close``; this worker's report goes to its row of ``embedfill.workers`` every
+        second. A reason that halts the session (the provider answers another size, say)
+        fails every chunk still in it, with that reason."""
+        assert self.seat is not None
+        heartbeat = asyncio.create_task(self._heartbeat())
+        error: BaseException | None = None
+        try:
+            await self._pipeline()
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.closed = True
+            self.closed_by = error if isinstance(error, Exception) else None
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+            with contextlib.suppress(psycopg.Error, DatabaseError):
+                await asyncio.shield(self._flush_audit(final=True))
+            while not self.chunk_q.empty():
+                chunk = self.chunk_q.get_nowait()
+                if chunk is not None:
+                    self.chunks.add(chunk)
+            for chunk in list(self.chunks):
+                chunk.resolve(error if isinstance(error, Exception) else None)
+            self.chunks.clear()
+        return self.report
 
     async def _fill(self) -> None:
         """The real run: set vector indexes aside (index-aware mode), fill, rebuild."""
@@ -473,18 +638,25 @@ class _Run:
 
     # ------------------------------------------------------------------ scanning
 
-    async def _pages(self) -> Any:
-        await self._check_tenants()
+    async def _pages(self, chunk: Chunk | None = None) -> Any:
+        """Keyset pages of the rows to embed: the whole target (a dry run) or a chunk."""
         after: Any = None
         first = True
         remaining = self.opts.limit
+        hi: Any = None
+        if chunk is None:
+            await self._check_tenants()
+        else:  # a chunk's range is the limit
+            remaining, first, after, hi = None, chunk.lo is None, chunk.lo, chunk.hi
         page_size = self.engine.scan_page_size
         while remaining is None or remaining > 0:
             size = page_size if remaining is None else min(page_size, remaining)
             rows = await self._unless_stopped(
                 self._fetch(
-                    self.sql.scan(first_page=first, tenants=bool(self.tenants)),
-                    {"after": after, "limit": size, "tenants": self.tenants},
+                    self.sql.scan(
+                        first_page=first, tenants=bool(self.tenants), upto=hi is not None
+                    ),
+                    {"after": after, "hi": hi, "limit": size, "tenants": self.tenants},
                 )
             )
             if not rows:  # none left, or the run stops
@@ -533,7 +705,7 @@ class _Run:
             log.info("run %s: %s", self.report.run_id, warning)  # the CLI prints warnings
             self.report.warnings.append(warning)
 
-    def _row(self, raw: Sequence[Any]) -> Row | None:
+    def _row(self, raw: Sequence[Any], chunk: Chunk | None = None) -> Row | None:
         """A row ready to embed, or None when its text is blank (counted as skipped)."""
         row_id, tenant, fingerprint, *values = raw
         tenant_report = self._tenant(tenant)
@@ -556,6 +728,8 @@ class _Run:
             self.report.truncated += 1
         if self.opts.dry_run:
             self.report.add_sample(row_id, tenant, sent)
+        if chunk is not None:
+            chunk.pending += 1
         return Row(
             id=row_id,
             tenant=tenant,
@@ -563,6 +737,7 @@ class _Run:
             fingerprint=fingerprint,
             tokens=tokens,
             truncated=truncated,
+            chunk=chunk,
         )
 
     def _batcher(self) -> TenantBatcher:
@@ -633,6 +808,7 @@ class _Run:
                 ]
                 writers = [tg.create_task(self._writer(c, write_q)) for c in writer_conns]
                 watcher = tg.create_task(self._watch_cancel())
+                kicker = tg.create_task(self._kick_locked(write_q)) if self.seat else None
                 await self._produce(embed_q, write_q)
                 for _ in workers:
                     await embed_q.put(None)
@@ -640,6 +816,8 @@ class _Run:
                 for _ in writers:
                     await write_q.put(None)
                 await asyncio.wait(writers)
+                if kicker is not None:
+                    kicker.cancel()
                 await self._settle_locked(writer_conns[0])
                 watcher.cancel()
         except* EmbedfillError as group:
@@ -692,8 +870,36 @@ class _Run:
         self, embed_q: asyncio.Queue[Batch | None], write_q: asyncio.Queue[_Write | None]
     ) -> None:
         batcher = self._batcher()
-        async for page in self._pages():
-            if self.stopping:
+        if self.seat is None:
+            await self._scan(None, batcher, embed_q, write_q)
+            for batch in batcher.flush():
+                self._count_batch(batch)
+                await embed_q.put(batch)
+            return
+        await self._check_tenants()
+        while (chunk := await self._next_chunk()) is not None:
+            if self.stopping or chunk.given_up:
+                chunk.scanned = True
+                self._check_chunk(chunk)
+                continue
+            await self._scan(chunk, batcher, embed_q, write_q)
+            # the chunk's last rows go now, in part batches: a chunk is done only once
+            # every row it read is settled
+            for batch in batcher.flush():
+                self._count_batch(batch)
+                await embed_q.put(batch)
+            chunk.scanned = True
+            self._check_chunk(chunk)
+
+    async def _scan(
+        self,
+        chunk: Chunk | None,
+        batcher: TenantBatcher,
+        embed_q: asyncio.Queue[Batch | None],
+        write_q: asyncio.Queue[_Write | None],
+    ) -> None:
+        async for page in self._pages(chunk):
+            if self.stopping or (chunk is not None and chunk.given_up):
                 return
             hits = _Write([], [])
             for n, raw in enumerate(page, 1):
@@ -701,7 +907,7 @@ class _Run:
                     # rendering and counting tokens is CPU work: let responses that have
                     # arrived be handled (and the next requests sent) in between
                     await asyncio.sleep(0)
-                row = self._row(raw)
+                row = self._row(raw, chunk)
                 if row is None:
                     continue
                 key = row.fingerprint
@@ -723,22 +929,70 @@ class _Run:
             if hits.rows:
                 await write_q.put(hits)
             self._progress()
-        for batch in batcher.flush():
-            self._count_batch(batch)
-            await embed_q.put(batch)
+
+    async def _next_chunk(self) -> Chunk | None:
+        """The next chunk handed in, or None when the session closes or stops."""
+        if self.stopping and self.chunk_q.empty():
+            return None
+        getter = asyncio.ensure_future(self.chunk_q.get())
+        stops = [asyncio.ensure_future(e.wait()) for e in (self._stop, self.hooks.cancel)]
+        try:
+            await asyncio.wait([getter, *stops], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in stops:
+                waiter.cancel()
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        return None
+
+    def _settle(self, rows: Sequence[Row]) -> None:
+        """These rows are done with (written, skipped, failed or dropped): a chunk whose
+        every row is settled is done."""
+        for row in rows:
+            chunk = row.chunk
+            if chunk is not None:
+                chunk.pending -= 1
+                if chunk.pending <= 0:
+                    self._check_chunk(chunk)
+
+    def _check_chunk(self, chunk: Chunk) -> None:
+        if chunk.scanned and chunk.pending <= 0:
+            self.chunks.discard(chunk)
+            chunk.resolve()
+
+    async def flush(self, store: Store) -> None:
+        """Record this session's failures and report now (before a chunk is marked done,
+        so a job's totals always include its done chunks)."""
+        await self._flush_audit(final=False, store=store)
+
+    async def submit(self, chunk: Chunk) -> None:
+        """Work on one chunk of the job (a worker session): returns once it is done."""
+        if self.closed:  # the session ended (stopped) just now: nothing more is read
+            chunk.resolve(self.closed_by)
+        else:
+            self.chunks.add(chunk)
+            self.chunk_q.put_nowait(chunk)
+        await asyncio.shield(chunk.done)
+
+    def close(self) -> None:
+        """No more chunks: the session drains and ends."""
+        self.chunk_q.put_nowait(None)
 
     async def _embedder(
         self, embed_q: asyncio.Queue[Batch | None], write_q: asyncio.Queue[_Write | None]
     ) -> None:
         while (batch := await embed_q.get()) is not None:
-            if self.stopping:
-                self._forget(batch)  # left NULL for the next run
+            if self.stopping or _given_up(batch):
+                self._forget(batch)  # left NULL for the next run (or worker)
                 continue
             await self._embed(batch, write_q)
 
     def _forget(self, batch: Batch) -> None:
+        dropped = list(batch.rows)
         for row in batch.rows:
-            self.inflight.pop(row.fingerprint, None)
+            dropped.extend(self.inflight.pop(row.fingerprint, []))
+        self._settle(dropped)
 
     async def _embed(self, batch: Batch, write_q: asyncio.Queue[_Write | None]) -> None:
         tenant = self._tenant(batch.tenant)
@@ -780,6 +1034,9 @@ class _Run:
             self._fail(batch, exc, exc.attempts)
             return
         except ProviderError as exc:
+            if self._give_back(batch, exc):
+                self._forget(batch)
+                return
             log.error(
                 "run %s: tenant %s: batch of %d failed: %s",
                 self.report.run_id,
@@ -893,13 +1150,15 @@ class _Run:
         tenant = self._tenant(batch.tenant)
         attempts = 0
         while True:
-            if await self._reserve(key, batch.tokens):
-                raise _Stopped
-            attempts += 1
-            self.report.requests += 1
-            tenant.requests += 1
             try:
+                # the budget is taken once a slot is ours: taken before, with "auto"
+                # holding requests back, it would be spent on a request sent much later
                 async with self._slot():
+                    if await self._reserve(key, batch.tokens) or _given_up(batch):
+                        raise _Stopped
+                    attempts += 1
+                    self.report.requests += 1
+                    tenant.requests += 1
                     started = time.monotonic()
                     answer = await self.provider.embed(batch.texts, api_key=key)
                     vectors = check_vectors(answer, len(batch.rows))
@@ -912,7 +1171,7 @@ class _Run:
                     self.concurrency.overloaded(time.monotonic())
                 await self._heed(key, exc.signals, batch.tokens, exc.retry_after)
                 delay = decide(exc, attempts, self.policy)
-                if delay is None:
+                if delay is None or self._give_back(batch, exc, lease=True):
                     exc.attempts = attempts
                     raise
                 log.info(
@@ -930,11 +1189,36 @@ class _Run:
             if isinstance(answer, Embeddings):
                 await self._heed(key, answer.signals, batch.tokens)
             self.proven = True
+            if batch.rows[0].chunk is not None:
+                batch.rows[0].chunk.last_ok = time.monotonic()
             self._check_dimensions(vectors)
             self.hooks.observer.tokens(self.target.name, batch.tokens)
             self.report.tokens += batch.tokens
             tenant.tokens += batch.tokens
             return vectors, attempts
+
+    def _give_back(self, batch: Batch, exc: ProviderError, *, lease: bool = False) -> bool:
+        """Whether to hand this batch's chunk back to the queue instead of failing its
+        rows: this worker cannot reach the provider (a connection error, a timeout, a
+        5xx), so another worker may. Only a job's chunk, only while it has attempts left,
+        and (``lease``, mid-retries) once the chunk has seen no success for a lease."""
+        chunk = batch.rows[0].chunk
+        if chunk is None or not isinstance(exc, ProviderUnavailable):
+            return False
+        if chunk.given_up:
+            return True
+        if chunk.attempt >= MAX_CHUNK_ATTEMPTS:
+            return False
+        if lease and self.seat and time.monotonic() - chunk.last_ok < self.seat.lease_s:
+            return False
+        log.warning(
+            "job %s: chunk %d goes back to the queue for another worker: %s",
+            self.report.run_id,
+            chunk.seq,
+            exc,
+        )
+        chunk.given_up = True
+        return True
 
     def _check_dimensions(self, vectors: list[Vector]) -> None:
         """The one check that vectors fit the column (the column's declared size, else the
@@ -977,6 +1261,7 @@ class _Run:
             self._tenant(row.tenant).failed += 1
         self.report.failed += len(rows)
         self.hooks.observer.rows(self.target.name, "failed", len(rows))
+        self._settle(rows)
         self._progress()
 
     # ------------------------------------------------------------------ writing
@@ -1020,7 +1305,8 @@ class _Run:
                 item.rows.extend(more.rows)
                 item.vectors.extend(more.vectors)
             self._take_due_locked(item)
-            await self._write(conn, item)
+            if item.rows:
+                await self._write(conn, item)
 
     async def _write(self, conn: psycopg.AsyncConnection[Any], item: _Write) -> None:
         """One guarded bulk write in its own short transaction. Rows the app holds locked
@@ -1047,6 +1333,7 @@ class _Run:
                 raise
             except _TRANSIENT_WRITE_ERRORS as exc:
                 if self.stopping:  # cancelled or halted: left NULL for the next run
+                    self._settle(item.rows)
                     return
                 if attempt == WRITE_ATTEMPTS:
                     self._fail_rows(
@@ -1102,12 +1389,37 @@ class _Run:
                     waiting.rows.append(row)
                     waiting.vectors.append(vector)
             self.locked.append((due, waiting))
+            for r in waiting.rows:
+                self._locked_since.setdefault(r.id, time.monotonic())
             log.info(
                 "run %s: %d rows are locked by another transaction; trying them again later",
                 self.report.run_id,
                 len(busy),
             )
         self._count_written([r for r in item.rows if r.id not in busy], written)
+
+    async def _kick_locked(self, write_q: asyncio.Queue[_Write | None]) -> None:
+        """A session never ends between chunks, so rows the app holds locked are retried
+        on a timer (an empty write picks up the due ones) and given up after
+        ``locked_rows_wait_s``: their chunk cannot finish before."""
+        while True:
+            await asyncio.sleep(LOCKED_RETRY_S)
+            if not self.locked:
+                continue
+            now = time.monotonic()
+            expired = [
+                w
+                for _, w in self.locked
+                if all(
+                    self._locked_since.get(r.id, now) + self.engine.locked_rows_wait_s <= now
+                    for r in w.rows
+                )
+            ]
+            if expired:
+                self.locked = [(t, w) for t, w in self.locked if w not in expired]
+                self._give_up_locked([r for w in expired for r in w.rows])
+            if self.locked:
+                await write_q.put(_Write([], []))
 
     def _take_due_locked(self, item: _Write) -> None:
         """Add the rows set aside as locked whose time to retry has come."""
@@ -1141,6 +1453,11 @@ class _Run:
             await self._write(conn, item)
         left = [r for _, w in self.locked for r in w.rows]
         self.locked = []
+        self._give_up_locked(left)
+
+    def _give_up_locked(self, left: list[Row]) -> None:
+        for r in left:
+            self._locked_since.pop(r.id, None)
         if left:
             log.warning(
                 "run %s: %d rows stayed locked by the application; left NULL for the next run",
@@ -1152,6 +1469,7 @@ class _Run:
             self.report.skipped += len(left)
             self.report.locked += len(left)
             self.hooks.observer.rows(self.target.name, "skipped", len(left))
+            self._settle(left)
 
     def _count_written(self, rows: list[Row], written: set[Any]) -> None:
         self.hooks.observer.rows(self.target.name, "embedded", len(written))
@@ -1166,6 +1484,7 @@ class _Run:
                 self._tenant(tenant).skipped += count
             self.report.skipped += len(rows) - len(written)
             self.report.changed += len(rows) - len(written)
+        self._settle(rows)
         self._progress()
 
     def _tenant(self, tenant: str | None) -> TenantReport:
@@ -1218,6 +1537,22 @@ class _Run:
         except BaseException:
             self.pending_failures[:0] = failures  # not lost: the next flush writes them
             raise
+        if self.seat is not None:  # a worker's session: its own row, the job's totals
+            seat = self.seat
+            self.report.estimated_cost_usd = estimate_cost(self.report.tokens, self.pconf.price)
+            mine = self.report.to_dict() | {"failures": []}  # they are in failures
+            async with self._flushing:  # one at a time: never an older report last
+                state = await store.save_worker(
+                    seat.run_id, seat.name, seat.host, seat.pid, seat.chunks_done(), mine
+                )
+            if state != "running" and not self.hooks.cancel.is_set():
+                if state == "cancelling":
+                    log.warning(
+                        "job %s: cancel requested; stopping after the batches in flight",
+                        seat.run_id,
+                    )
+                self.hooks.cancel.set()
+            return
         if final:
             await store.finish_run(self.report, error)
             if self.hooks.on_progress:
@@ -1229,6 +1564,11 @@ class _Run:
                     self.report.run_id,
                 )
             self.hooks.cancel.set()
+
+
+def _given_up(batch: Batch) -> bool:
+    chunk = batch.rows[0].chunk if batch.rows else None
+    return chunk is not None and bool(chunk.given_up)
 
 
 def _non_finite() -> NonFiniteVector:

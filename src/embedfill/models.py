@@ -19,6 +19,7 @@ class Row:
     # identifies the text for de-duplication (see db.target_sql)
     tokens: int = 0
     truncated: bool = False
+    chunk: Any = field(default=None, compare=False, repr=False)  # the job chunk it came from
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,10 @@ class Report:
     failures: list[Failure] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)  # dry run: the first two texts
     warnings: list[str] = field(default_factory=list)  # sentences, e.g. an unknown tenant
+    joined: bool = False  # this process joined a job another one started
+    error_class: str | None = None  # a failed job: the error's class (its exit code)
+    workers: list[dict[str, Any]] = field(default_factory=list)  # a job: each worker's part
+    chunks: dict[str, int] = field(default_factory=dict)  # a job: its chunks by state
 
     def tenant(self, tenant: str | None) -> TenantReport:
         for t in self.tenants:

@@ -42,9 +42,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def serve_subprocess(args: list[str], env: dict[str, str], port: int) -> subprocess.Popen[str]:
+def serve_subprocess(
+    args: list[str], env: dict[str, str], port: int, serve_args: tuple[str, ...] = ()
+) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "embedfill", *args, "serve", "--port", str(port)],
+        [sys.executable, "-m", "embedfill", *args, "serve", "--port", str(port), *serve_args],
         env=env,
         text=True,
         stdout=subprocess.PIPE,

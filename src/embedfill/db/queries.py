@@ -129,3 +129,133 @@ PAUSE_BUDGET = """
 INSERT INTO embedfill.rate_budgets AS b (key_id, req_level, tok_level, paused_until)
 VALUES (%(key_id)s, 0, 0, clock_timestamp() + make_interval(secs => %(seconds)s))
 ON CONFLICT (key_id) DO UPDATE SET paused_until = greatest(b.paused_until, excluded.paused_until)"""
+
+# ------------------------------------------------------------------------ jobs (jobs.py)
+
+# held for the transaction that looks for a running job of the column and creates one,
+# so two starts at once make one job (the second joins it)
+JOB_CREATE_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0))"
+
+ACTIVE_JOB = """
+SELECT id, actor, started_at, target, parameters FROM embedfill.runs
+WHERE table_oid = %(table_oid)s AND column_name = %(column)s AND status = 'running'
+  AND NOT dry_run
+ORDER BY id DESC LIMIT 1"""
+
+INSERT_CHUNKS = """
+INSERT INTO embedfill.chunks (run_id, seq, lo, hi)
+SELECT %(run_id)s, u.seq, u.lo, u.hi
+FROM unnest(%(seqs)s::int[], %(los)s::jsonb[], %(his)s::jsonb[]) AS u(seq, lo, hi)"""
+
+# one procrastinate job per chunk, through procrastinate's own function, in the same
+# transaction as the chunks: a job is never half enqueued
+DEFER_CHUNKS = """
+SELECT embedfill.procrastinate_defer_jobs_v1(array_agg(
+    ROW(%(queue)s, %(task)s, 0, NULL, NULL,
+        jsonb_build_object('run_id', %(run_id)s::bigint, 'seq', s), NULL
+    )::embedfill.procrastinate_job_to_defer_v1 ORDER BY s))
+FROM generate_series(1, %(chunks)s) AS s"""
+
+# a worker takes a chunk: todo, or doing for a worker that is gone (its procrastinate
+# job was handed out again); the attempt number fences out the old worker
+CLAIM_CHUNK = """
+UPDATE embedfill.chunks
+SET state = 'doing', attempts = attempts + 1, worker = %(worker)s, started_at = now()
+WHERE run_id = %(run_id)s AND seq = %(seq)s AND state IN ('todo', 'doing')
+RETURNING lo, hi, attempts"""
+
+FINISH_CHUNK = """
+UPDATE embedfill.chunks SET state = %(state)s, finished_at = now()
+WHERE run_id = %(run_id)s AND seq = %(seq)s AND state = 'doing'
+  AND worker = %(worker)s AND attempts = %(attempt)s
+RETURNING seq"""
+
+RELEASE_CHUNK = """
+UPDATE embedfill.chunks SET state = 'todo', worker = NULL
+WHERE run_id = %(run_id)s AND seq = %(seq)s AND state = 'doing'
+  AND worker = %(worker)s AND attempts = %(attempt)s"""
+
+OPEN_CHUNKS = """
+SELECT count(*) FILTER (WHERE state = 'todo'), count(*) FILTER (WHERE state = 'doing')
+FROM embedfill.chunks WHERE run_id = %(run_id)s AND state IN ('todo', 'doing')"""
+
+CANCEL_CHUNKS = """
+UPDATE embedfill.chunks SET state = 'cancelled', finished_at = now()
+WHERE run_id = %(run_id)s AND state = 'todo'"""
+
+# procrastinate's jobs of a run's chunks not started yet: cancelled with the run
+CANCEL_QUEUED = """
+UPDATE embedfill.procrastinate_jobs SET status = 'cancelled'
+WHERE status = 'todo' AND task_name = %(task)s AND (args->>'run_id')::bigint = %(run_id)s"""
+
+RUN_STATE = """
+SELECT id, status, cancel_requested, parameters, target, table_oid, column_name, actor,
+       missing_before, started_at, error, report, extract(epoch FROM now() - started_at) AS age_s
+FROM embedfill.runs WHERE id = %(id)s"""
+
+# a worker's own report for a job, then the job's totals as the sum over its workers
+SAVE_WORKER = """
+INSERT INTO embedfill.workers AS w (run_id, worker, host, pid, chunks, report)
+VALUES (%(run_id)s, %(worker)s, %(host)s, %(pid)s, %(chunks)s, %(report)s)
+ON CONFLICT (run_id, worker) DO UPDATE
+SET chunks = excluded.chunks, report = excluded.report, heartbeat_at = now()"""
+
+SUM_WORKERS = """
+UPDATE embedfill.runs AS r
+SET embedded = s.embedded, skipped = s.skipped, failed = s.failed, requests = s.requests,
+    tokens = s.tokens, heartbeat_at = now(),
+    progress = jsonb_build_object('done', s.embedded + s.skipped + s.failed,
+                                  'total', r.missing_before, 'tenants', '[]'::jsonb)
+FROM (SELECT coalesce(sum((report->>'embedded')::bigint), 0) AS embedded,
+             coalesce(sum((report->>'skipped')::bigint), 0) AS skipped,
+             coalesce(sum((report->>'failed')::bigint), 0) AS failed,
+             coalesce(sum((report->>'requests')::bigint), 0) AS requests,
+             coalesce(sum((report->>'tokens')::bigint), 0) AS tokens
+      FROM embedfill.workers WHERE run_id = %(run_id)s) AS s
+WHERE r.id = %(run_id)s AND r.status = 'running'
+RETURNING r.cancel_requested"""
+
+CHUNKS_OF_RUN = "SELECT count(*) FROM embedfill.chunks WHERE run_id = %(run_id)s"
+
+JOB_WORKERS = """
+SELECT worker, host, pid, chunks, report, started_at, heartbeat_at
+FROM embedfill.workers WHERE run_id = %(run_id)s ORDER BY started_at, worker"""
+
+JOB_CHUNKS = """
+SELECT count(*) AS total,
+       count(*) FILTER (WHERE state = 'todo') AS todo,
+       count(*) FILTER (WHERE state = 'doing') AS doing,
+       count(*) FILTER (WHERE state = 'done') AS done,
+       count(*) FILTER (WHERE state = 'cancelled') AS cancelled
+FROM embedfill.chunks WHERE run_id = %(run_id)s"""
+
+FIRST_FAILURES = """
+SELECT row_id, tenant, error_class, message, attempts FROM embedfill.failures
+WHERE run_id = %(run_id)s ORDER BY id LIMIT %(limit)s"""
+
+# finish a job once: only while it is still running
+FINISH_JOB = """
+UPDATE embedfill.runs
+SET status = %(status)s, missing_before = %(missing_before)s, embedded = %(embedded)s,
+    skipped = %(skipped)s, failed = %(failed)s, requests = %(requests)s, tokens = %(tokens)s,
+    estimated_cost_usd = %(estimated_cost_usd)s, report = %(report)s, error = %(error)s,
+    progress = %(progress)s, heartbeat_at = now(), finished_at = now()
+WHERE id = %(id)s AND status = 'running'
+RETURNING id"""
+
+# a worker process holds this session lock while it lives (worker.py): a chunk shown
+# doing for a worker whose lock is free lost its process, and is handed out again now,
+# without waiting for the lease
+WORKER_LOCK = "SELECT pg_advisory_lock(hashtextextended(%(key)s, 0))"
+ORPHAN_CHUNKS = """
+SELECT c.run_id, c.seq, j.id AS job_id FROM embedfill.chunks c
+JOIN embedfill.procrastinate_jobs j
+  ON j.task_name = %(task)s AND j.status = 'doing'
+ AND (j.args->>'run_id')::bigint = c.run_id AND (j.args->>'seq')::int = c.seq
+WHERE c.state = 'doing' AND c.worker IS NOT NULL AND NOT EXISTS (
+    SELECT 1 FROM pg_locks l
+    CROSS JOIN LATERAL (SELECT hashtextextended('embedfill:worker:' || c.worker, 0) AS k) h
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND l.classid = ((h.k >> 32) & 4294967295)::oid
+      AND l.objid = (h.k & 4294967295)::oid)"""

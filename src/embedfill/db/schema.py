@@ -22,6 +22,7 @@ from . import queries as q
 from .connect import Database, connect
 
 SCHEMA = "embedfill"
+JOBS_MIGRATION = 5  # installs procrastinate's queue in embedfill's schema first
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -73,6 +74,8 @@ async def migrate(conn: psycopg.AsyncConnection[Any]) -> int:
             _refuse_newer(version)
             for number, body in migrations():
                 if number > version:
+                    if number == JOBS_MIGRATION:
+                        await _install_queue(conn)
                     await conn.execute(body.encode())
                     await conn.execute(q.RECORD_VERSION, {"version": number})
                     version = number
@@ -82,6 +85,20 @@ async def migrate(conn: psycopg.AsyncConnection[Any]) -> int:
         with contextlib.suppress(psycopg.Error):  # a broken connection drops it anyway
             await conn.execute(q.MIGRATION_UNLOCK)
     return version
+
+
+async def _install_queue(conn: psycopg.AsyncConnection[Any]) -> None:
+    """procrastinate's schema (the version pinned in requirements.lock), created in
+    embedfill's schema rather than ``public``: its SQL names nothing qualified."""
+    from procrastinate.schema import SchemaManager
+
+    body = SchemaManager.get_schema()
+    cur = await conn.execute("SELECT current_setting('search_path')")
+    row = await cur.fetchone()
+    assert row is not None
+    await conn.execute("SELECT set_config('search_path', 'embedfill', true)")
+    await conn.execute(body.encode())
+    await conn.execute("SELECT set_config('search_path', %(path)s, true)", {"path": row[0]})
 
 
 async def amigrate(db: Database) -> tuple[int | None, int]:

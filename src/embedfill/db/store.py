@@ -155,6 +155,141 @@ class Store:
             async with self.conn.cursor() as cur:
                 await cur.executemany(q.INSERT_FAILURE, params)
 
+    # ---------------------------------------------------------------- jobs
+
+    async def lock_for_create(self, key: str) -> None:
+        """Inside a transaction: one job creation per table column at a time."""
+        await self.conn.execute(q.JOB_CREATE_LOCK, {"key": key})
+
+    async def active_job(self, table_oid: int, column: str) -> dict[str, Any] | None:
+        async with self.conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(q.ACTIVE_JOB, {"table_oid": table_oid, "column": column})
+            return await cur.fetchone()
+
+    async def add_chunks(
+        self, run_id: int, bounds: list[tuple[Any, Any]], *, queue: str, task: str
+    ) -> None:
+        """The job's chunks, and one queued procrastinate job for each."""
+        await self.conn.execute(
+            q.INSERT_CHUNKS,
+            {
+                "run_id": run_id,
+                "seqs": list(range(1, len(bounds) + 1)),
+                "los": [Jsonb(lo) for lo, _ in bounds],
+                "his": [Jsonb(hi) for _, hi in bounds],
+            },
+        )
+        await self.conn.execute(
+            q.DEFER_CHUNKS,
+            {"run_id": run_id, "chunks": len(bounds), "queue": queue, "task": task},
+        )
+
+    async def claim_chunk(self, run_id: int, seq: int, worker: str) -> tuple[Any, Any, int] | None:
+        cur = await self.conn.execute(
+            q.CLAIM_CHUNK, {"run_id": run_id, "seq": seq, "worker": worker}
+        )
+        row = await cur.fetchone()
+        return None if row is None else (row[0], row[1], int(row[2]))
+
+    async def finish_chunk(
+        self, run_id: int, seq: int, worker: str, attempt: int, state: str = "done"
+    ) -> bool:
+        """False when the chunk was handed to another worker meanwhile."""
+        cur = await self.conn.execute(
+            q.FINISH_CHUNK,
+            {"run_id": run_id, "seq": seq, "worker": worker, "attempt": attempt, "state": state},
+        )
+        return await cur.fetchone() is not None
+
+    async def release_chunk(self, run_id: int, seq: int, worker: str, attempt: int) -> None:
+        await self.conn.execute(
+            q.RELEASE_CHUNK, {"run_id": run_id, "seq": seq, "worker": worker, "attempt": attempt}
+        )
+
+    async def open_chunks(self, run_id: int) -> tuple[int, int]:
+        """(todo, doing) chunks of the job."""
+        cur = await self.conn.execute(q.OPEN_CHUNKS, {"run_id": run_id})
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    async def cancel_chunks(self, run_id: int, task: str) -> None:
+        await self.conn.execute(q.CANCEL_CHUNKS, {"run_id": run_id})
+        await self.conn.execute(q.CANCEL_QUEUED, {"run_id": run_id, "task": task})
+
+    async def run_state(self, run_id: int) -> dict[str, Any] | None:
+        async with self.conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(q.RUN_STATE, {"id": run_id})
+            return await cur.fetchone()
+
+    async def save_worker(
+        self, run_id: int, worker: str, host: str, pid: int, chunks: int, report: dict[str, Any]
+    ) -> str:
+        """This worker's report for the job, and the job's totals: "running",
+        "cancelling" (someone asked the job to stop) or "over"."""
+        await self.conn.execute(
+            q.SAVE_WORKER,
+            {
+                "run_id": run_id,
+                "worker": worker,
+                "host": host,
+                "pid": pid,
+                "chunks": chunks,
+                "report": Jsonb(report),
+            },
+        )
+        cur = await self.conn.execute(q.SUM_WORKERS, {"run_id": run_id})
+        row = await cur.fetchone()
+        if row is None:
+            return "over"
+        return "cancelling" if row[0] else "running"
+
+    async def has_chunks(self, run_id: int) -> bool:
+        cur = await self.conn.execute(q.CHUNKS_OF_RUN, {"run_id": run_id})
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def job_workers(self, run_id: int) -> list[dict[str, Any]]:
+        async with self.conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(q.JOB_WORKERS, {"run_id": run_id})
+            return await cur.fetchall()
+
+    async def job_chunks(self, run_id: int) -> dict[str, Any]:
+        async with self.conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(q.JOB_CHUNKS, {"run_id": run_id})
+            row = await cur.fetchone()
+            assert row is not None
+            return row
+
+    async def first_failures(self, run_id: int, limit: int) -> list[Failure]:
+        cur = await self.conn.execute(q.FIRST_FAILURES, {"run_id": run_id, "limit": limit})
+        return [
+            Failure(id=r[0], tenant=r[1], error_class=r[2], error=r[3], attempts=r[4])
+            for r in await cur.fetchall()
+        ]
+
+    async def finish_job(self, report: Report, error: str | None) -> bool:
+        """Record the job's end; False when another worker already did."""
+        cur = await self.conn.execute(
+            q.FINISH_JOB,
+            self._counts(report)
+            | {
+                "estimated_cost_usd": round(report.estimated_cost_usd, 6),
+                "report": Jsonb(report.to_dict()),
+                "error": error,
+                "progress": Jsonb(report.progress()),
+            },
+        )
+        return await cur.fetchone() is not None
+
+    async def hold_worker_lock(self, worker: str) -> None:
+        await self.conn.execute(q.WORKER_LOCK, {"key": f"embedfill:worker:{worker}"})
+
+    async def orphan_chunks(self, task: str) -> list[tuple[int, int, int]]:
+        """(run, chunk, procrastinate job) of chunks whose worker process is gone."""
+        cur = await self.conn.execute(q.ORPHAN_CHUNKS, {"task": task})
+        return [(int(r[0]), int(r[1]), int(r[2])) for r in await cur.fetchall()]
+
     # ---------------------------------------------------------------- rate budgets
 
     async def reserve_budget(

@@ -78,11 +78,15 @@ class TargetSQL:
             return sql.SQL("")
         return sql.SQL(" AND {} = ANY(%(tenants)s::text[])").format(self._tenant_text())
 
-    def scan(self, *, first_page: bool, tenants: bool) -> sql.Composed:
-        """Keyset page of rows whose embedding is NULL, in id order (walks the PK index).
+    def scan(self, *, first_page: bool, tenants: bool, upto: bool = False) -> sql.Composed:
+        """Keyset page of rows whose embedding is NULL, in id order (walks the PK index),
+        after %(after)s (unless ``first_page``) and up to %(hi)s (with ``upto``: a job's
+        chunk). Bounds are compared by the server, in the column's type and collation.
         The table is aliased ``t`` here, in the write and in ``check_text_sql``, so a
         text_sql expression sees the same names in all three."""
         after = sql.SQL("") if first_page else sql.SQL(" AND {} > %(after)s").format(self.id)
+        if upto:
+            after += sql.SQL(" AND {} <= %(hi)s").format(self.id)
         return sql.SQL(
             "SELECT {id}, {tenant}, {fp}, {values} FROM {table} AS t"
             " WHERE {emb} IS NULL{after}{tenants} ORDER BY {id} LIMIT %(limit)s"
@@ -91,6 +95,22 @@ class TargetSQL:
             tenant=self._tenant_text(),
             fp=self._fingerprint(),
             values=sql.SQL(", ").join(self._values()),
+            table=self.table,
+            emb=self.emb,
+            after=after,
+            tenants=self._tenant_filter(tenants),
+        )
+
+    def chunk_end(self, *, first: bool, tenants: bool) -> sql.Composed:
+        """The id that ends a chunk of %(step)s + 1 rows needing an embedding after
+        %(after)s (unless ``first``): no row when fewer are left. Ids only, from the key
+        index: planning a job reads no text."""
+        after = sql.SQL("") if first else sql.SQL(" AND {} > %(after)s").format(self.id)
+        return sql.SQL(
+            "SELECT {id} FROM {table} AS t WHERE {emb} IS NULL{after}{tenants}"
+            " ORDER BY {id} OFFSET %(step)s LIMIT 1"
+        ).format(
+            id=self.id,
             table=self.table,
             emb=self.emb,
             after=after,

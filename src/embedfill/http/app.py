@@ -113,6 +113,21 @@ class ProgressBody(BaseModel):
     tenants: list[dict[str, Any]]
 
 
+class WorkerBody(BaseModel):
+    """One worker process's part of a job."""
+
+    worker: str
+    host: str
+    pid: int
+    chunks: int
+    embedded: int
+    skipped: int
+    failed: int
+    requests: int
+    started_at: str | None
+    last_heartbeat: str | None
+
+
 class JobBody(BaseModel):
     job_id: int
     target: str
@@ -126,6 +141,8 @@ class JobBody(BaseModel):
     heartbeat_at: Any
     report: ReportBody | None
     error: str | None
+    workers: list[WorkerBody] = []  # the job's own route: each worker's part
+    chunks: dict[str, int] = {}  # the job's own route: chunks by state
 
 
 class JobList(BaseModel):
@@ -304,16 +321,15 @@ def admin_router(service: AdminService) -> APIRouter:
         if dry_run:
             report = await service.dry_run(opts)
             return JSONResponse(_report_body(report.to_dict(), None), status_code=200)
-        job = await service.start(opts)
-        assert job.job_id is not None
-        url = str(request.url_for("job_status", job_id=job.job_id).path)
+        job_id = await service.start(opts)
+        url = str(request.url_for("job_status", job_id=job_id).path)
         if wait:
-            final = await service.wait(job, WAIT_LIMIT_S)
+            final = await service.wait(job_id, WAIT_LIMIT_S)
             if final is not None:
-                return JSONResponse(_report_body(final.to_dict(), job.job_id), status_code=200)
+                return JSONResponse(_report_body(final, job_id), status_code=200)
         response.headers["Location"] = url
-        record = await service.job_record(job.job_id)
-        return JobAccepted(job_id=job.job_id, status=record["status"], status_url=url)
+        record = await service.job_record(job_id)
+        return JobAccepted(job_id=job_id, status=record["status"], status_url=url)
 
     @router.get(
         "/backfill-embeddings",
@@ -380,6 +396,7 @@ def create_app(
     *,
     database: Database | None = None,
     env: Mapping[str, str] | None = None,
+    worker: bool = True,
 ) -> FastAPI:
     """The admin service. Reads ADMIN_SECRET/AUTH_SECRET and, without ``database``,
     DATABASE_URL from ``env`` (default: the environment); with neither, ConfigError
@@ -393,7 +410,7 @@ def create_app(
             "(embedfill.database(embedded=True) uses the bundled server)."
         )
     db = database or Database(url=url)
-    service = AdminService(config, db, env)
+    service = AdminService(config, db, env, worker=worker)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 
+from .. import jobs
 from ..config import Config
 from ..db.catalog import check_extension, count_missing, inspect_target
 from ..db.connect import Database, connect
@@ -26,37 +25,23 @@ from ..db.schema import EXPECTED_VERSION, current_version, ensure_schema
 from ..db.store import Store
 from ..db.target_sql import TargetSQL
 from ..engine import BackfillOptions, abackfill, astatus
-from ..errors import DatabaseError, EmbedfillError, ExtensionMissing, JobConflict, JobNotFound
+from ..errors import (
+    DatabaseError,
+    EmbedfillError,
+    ExtensionMissing,
+    JobConflict,
+    JobNotFound,
+    TargetBusy,
+)
 from ..models import Report, TargetStatus
 from ..providers import Provider, check_available, make_provider
+from ..worker import Worker
 from .logs import job_id_var
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-#: a run still marked running whose heartbeat is older than this lost its process
-ABANDONED_AFTER_S = 15.0
 MISSING_REFRESH_S = 30.0
-
-
-@dataclass
-class Job:
-    target: str
-    cancel: asyncio.Event = field(default_factory=asyncio.Event)
-    started: asyncio.Future[int] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-    task: asyncio.Task[Report] | None = None
-    live: Report | None = None
-
-    @property
-    def job_id(self) -> int | None:
-        return self.started.result() if self.started.done() else None
-
-
-def _pair(job: Job) -> list[asyncio.Future[Any]]:
-    assert job.task is not None
-    return [job.started, job.task]
 
 
 #: what /readyz says (it needs no secret, so it never says more; the log has the details)
@@ -67,15 +52,25 @@ NOT_READY_SCHEMA_AHEAD = "embedfill's schema is newer than this build; upgrade e
 
 
 class AdminService:
-    def __init__(self, config: Config, db: Database, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, config: Config, db: Database, env: Mapping[str, str], *, worker: bool = True
+    ) -> None:
         for pconf in config.providers.values():
             check_available(pconf)  # e.g. kind = "local" without its extra: fail at start
         self.config = config
         self.db = db
         self.env = env
         self.metrics = Metrics()
-        self.jobs: dict[str, Job] = {}  # active, by target name
         self._providers: dict[str, Provider] = {}
+        # the in-process worker (``serve`` without --no-worker): works on every job's
+        # chunks beside any `embedfill worker` elsewhere
+        self.worker = (
+            Worker(config, db, env=env, observer=self.metrics, providers=self._providers)
+            if worker
+            else None
+        )
+        self._worker_stop = asyncio.Event()
+        self._worker_task: asyncio.Task[None] | None = None
         self._missing_at = 0.0
         self._unready: str | None = None  # the last reason logged, to log each change once
 
@@ -97,14 +92,15 @@ class AdminService:
             log.warning("could not migrate the embedfill schema: %s", _first_line(exc))
         finally:
             await conn.close()
+        if self.worker is not None:
+            self._worker_task = asyncio.create_task(self.worker.run(self._worker_stop))
 
     async def shutdown(self) -> None:
-        """Stop running jobs after their batches in flight."""
-        for job in list(self.jobs.values()):
-            job.cancel.set()
-        tasks = [j.task for j in self.jobs.values() if j.task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=60)
+        """The in-process worker finishes its chunks in flight; jobs go on elsewhere (or
+        when the service is back)."""
+        self._worker_stop.set()
+        if self._worker_task is not None:
+            await asyncio.wait([self._worker_task], timeout=60)
         for provider in self._providers.values():
             await provider.aclose()
 
@@ -122,90 +118,53 @@ class AdminService:
             self.config, self.db, opts, env=self.env, provider=self.provider(target.provider)
         )
 
-    async def start(self, opts: BackfillOptions) -> Job:
-        """Start a backfill in the background; returns once its run is recorded."""
+    async def start(self, opts: BackfillOptions) -> int:
+        """Create the target's job (its chunks queued for the workers); 409 when one runs."""
         target = self.config.target(opts.target)
-        active = self.jobs.get(target.name)
-        if active is not None:
-            if not active.started.done():  # a request a moment ago is still starting it
-                await asyncio.wait(_pair(active), return_when=asyncio.FIRST_COMPLETED)
-                if self.jobs.get(target.name) is not active:
-                    return await self.start(opts)  # it failed to start; try ours
-            raise JobConflict(
-                f"A backfill of target {target.name!r} is already running as job {active.job_id}.",
-                active.job_id,
-            )
-        job = Job(target=target.name)
-        self.jobs[target.name] = job
-        job.task = asyncio.create_task(self._run(job, opts, self.provider(target.provider)))
-        await asyncio.wait(_pair(job), return_when=asyncio.FIRST_COMPLETED)
-        if not job.started.done():
-            # failed before the run was recorded: a config error or another process's run
-            self.jobs.pop(target.name, None)
-            exc = job.task.exception()
-            if isinstance(exc, EmbedfillError) and getattr(exc, "run_id", None) is not None:
-                raise JobConflict(str(exc), exc.run_id)  # type: ignore[attr-defined]
-            assert exc is not None
-            raise exc
-        return job
-
-    async def _run(self, job: Job, opts: BackfillOptions, provider: Provider) -> Report:
-        def on_start(run_id: int) -> None:
-            job_id_var.set(run_id)
-            job.started.set_result(run_id)
-
-        def on_progress(report: Report) -> None:
-            job.live = report
-
-        self.metrics.jobs_running.inc()
-        state = "failed"
         try:
             report = await abackfill(
                 self.config,
                 self.db,
                 opts,
-                provider=provider,
-                on_start=on_start,
-                on_progress=on_progress,
-                cancel=job.cancel,
                 env=self.env,
-                observer=self.metrics,
+                provider=self.provider(target.provider),
+                exclusive=True,
+                enqueue=True,
             )
-            state = report.status
-            log.info(
-                "job finished: %s, %d embedded, %d failed",
-                report.status,
-                report.embedded,
-                report.failed,
-            )
-            return report
-        except Exception as exc:
-            if job.started.done():  # else start() re-raises it to the caller
-                log.error("job failed: %s", exc)
-            raise
-        finally:
-            self.metrics.jobs_running.dec()
-            self.metrics.jobs_total.labels(state).inc()
-            if self.jobs.get(job.target) is job:
-                del self.jobs[job.target]
+        except TargetBusy as exc:
+            raise JobConflict(str(exc), exc.run_id) from None
+        assert report.run_id is not None
+        job_id_var.set(report.run_id)
+        log.info("job queued for target %s", target.name)
+        self.metrics.jobs_total.labels("queued").inc()
+        return report.run_id
 
-    def active_job(self, job_id: int) -> Job | None:
-        return next((j for j in self.jobs.values() if j.job_id == job_id), None)
-
-    async def wait(self, job: Job, timeout: float) -> Report | None:
-        assert job.task is not None
-        done, _ = await asyncio.wait([job.task], timeout=timeout)
-        if not done:
-            return None
-        return job.task.result()
+    async def wait(self, job_id: int, timeout: float) -> dict[str, Any] | None:
+        """The job's final report once it is over, or None after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            async with self._store() as store:
+                state = await store.run_state(job_id)
+            if state is not None and state["status"] != "running":
+                report: dict[str, Any] | None = state["report"]
+                return report
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(0.2)
 
     async def job_record(self, job_id: int) -> dict[str, Any]:
         """The job as stored, with live progress when it runs in this process."""
         async with self._store() as store:
             row = await store.get_run(job_id)
-        if row is None or row["dry_run"]:
-            raise JobNotFound(f"No backfill job has id {job_id}.")
-        return self._record(row)
+            if row is None or row["dry_run"]:
+                raise JobNotFound(f"No backfill job has id {job_id}.")
+            record = self._record(row)
+            live = await jobs.merged_report(store, job_id)
+        record["workers"] = live.workers
+        record["chunks"] = live.chunks
+        if row["status"] == "running":
+            record["progress"] = live.progress()
+        return record
 
     async def list_jobs(self, target: str | None, limit: int) -> list[dict[str, Any]]:
         """Recent jobs, newest first (without their final reports)."""
@@ -216,17 +175,9 @@ class AdminService:
         return [self._record(row) for row in rows]
 
     def _record(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A stored run as a job, with live progress when it runs in this process."""
-        job_id = row["id"]
-        job = self.active_job(job_id)
+        """A stored run as a job."""
         status = row["status"]
-        if status in ("queued", "running") and job is None:
-            silent: dt.timedelta = row["silent_for"]
-            if silent.total_seconds() > ABANDONED_AFTER_S:
-                status = "abandoned"
         progress = row["progress"] or {"done": 0, "total": row["missing_before"], "tenants": []}
-        if job is not None and job.live is not None:
-            progress = job.live.progress()
         return {
             "job_id": row["id"],
             "target": row["target"],
@@ -246,11 +197,9 @@ class AdminService:
         record = await self.job_record(job_id)
         if record["status"] not in ("queued", "running"):
             raise JobConflict(f"Job {job_id} is already {record['status']}.", job_id)
-        job = self.active_job(job_id)
-        if job is not None:
-            job.cancel.set()
-        async with self._store() as store:  # reaches the run in any process
-            await store.request_cancel(job_id)
+        async with self._store() as store:  # reaches every worker of the job
+            await jobs.cancel(store.conn, job_id)
+            await jobs.finish(store.conn, job_id)  # at once when no chunk is in flight
         return await self.job_record(job_id)
 
     # ------------------------------------------------------------------ status & health

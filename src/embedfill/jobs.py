@@ -1,0 +1,389 @@
+"""Jobs: one backfill of a target, cut into chunks that workers anywhere claim.
+
+A job is a row of ``embedfill.runs`` (its id is the job id, in the CLI, the HTTP API and
+the audit trail). Creating it cuts the rows that need an embedding into chunks of about
+``[engine] chunk_rows`` consecutive ids (``embedfill.chunks``: lo < id <= hi, compared
+by the server) and queues one procrastinate job per chunk, in one transaction. Workers
+(``worker.py``) claim chunks, embed and write their rows, and record what they did in
+their row of ``embedfill.workers``; the job's totals are the sum of those rows. The worker
+that settles the last chunk finishes the job: it rebuilds the indexes set aside and
+writes the final report, merged from every worker's.
+
+Only one job per table column runs at a time: a second start joins it (``joined`` in the
+report) unless it asks to be exclusive (``TargetBusy``, exit 4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import logging
+from typing import Any
+
+import psycopg
+
+from . import errors
+from .config import TargetConfig
+from .db import indexes
+from .db.catalog import TableInfo, count_missing
+from .db.connect import Database, connect
+from .db.store import Store
+from .db.target_sql import TargetSQL
+from .errors import EmbedfillError, RunAborted, TargetBusy
+from .models import Report, TenantReport
+
+log = logging.getLogger(__name__)
+
+TASK = "embedfill.chunk"
+MAX_REPORTED_FAILURES = 1000
+_SUMMED = (
+    "embedded",
+    "skipped",
+    "failed",
+    "truncated",
+    "changed",
+    "locked",
+    "deduplicated",
+    "batches",
+    "requests",
+    "retries",
+    "tokens",
+)
+_TENANT_SUMMED = (
+    "missing",
+    "embedded",
+    "skipped",
+    "failed",
+    "batches",
+    "requests",
+    "tokens",
+    "truncated",
+)
+
+
+def queue_for(target: str) -> str:
+    """The procrastinate queue of a target's chunks (a worker serves a set of targets)."""
+    return f"embedfill:{target}"[:128]
+
+
+def lock_key(table_oid: int, column: str) -> str:
+    """One job per physical column: keyed by the table's oid, so `docs`, `public.docs` and
+    two target names for one table are the same target."""
+    return f"embedfill:{table_oid}:{column}"
+
+
+def _bound(value: Any) -> Any:
+    """A chunk bound as JSON: an integer as is, any other id as its text."""
+    return value if isinstance(value, int) else str(value)
+
+
+async def plan_chunks(
+    conn: psycopg.AsyncConnection[Any],
+    tsql: TargetSQL,
+    tenants: list[str] | None,
+    limit: int | None,
+    chunk_rows: int,
+) -> list[tuple[Any, Any]]:
+    """(lo, hi] bounds cutting the rows to embed into chunks of ``chunk_rows``. The last
+    chunk is open-ended (rows added later are in it), unless ``limit`` ends it."""
+    bounds: list[tuple[Any, Any]] = []
+    after: Any = None
+    left = limit
+    while True:
+        step = chunk_rows if left is None else min(chunk_rows, left)
+        cur = await conn.execute(
+            tsql.chunk_end(first=after is None, tenants=bool(tenants)),
+            {"after": after, "step": step - 1, "tenants": tenants},
+        )
+        row = await cur.fetchone()
+        if row is None:  # fewer rows than a chunk are left
+            bounds.append((after, None))
+            return bounds
+        end = _bound(row[0])
+        bounds.append((after, end))
+        after = end
+        if left is not None:
+            left -= step
+            if left <= 0:
+                return bounds
+
+
+async def create_or_join(
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    target: TargetConfig,
+    info: TableInfo,
+    parameters: dict[str, Any],
+    tenants: list[str] | None,
+    limit: int | None,
+    actor: str,
+    chunk_rows: int,
+    exclusive: bool,
+) -> tuple[int, bool]:
+    """(job id, joined): the running job of this table column, or a new one."""
+    store = Store(conn)
+    tsql = TargetSQL(target, info.types)
+    key = lock_key(info.oid, target.embedding_column)
+    async with conn.transaction():
+        await store.lock_for_create(key)
+        active = await store.active_job(info.oid, target.embedding_column)
+        # a run of an embedfill before jobs (no chunks) is alive while it holds the lock
+        if (
+            active is not None
+            and not await store.has_chunks(active["id"])
+            and not await _legacy_alive(store, key)
+        ):
+            await store.abandon_run(active["id"])
+            active = None
+        if active is not None:
+            if exclusive or active["target"] != target.name:
+                raise _busy(target, active)
+            return int(active["id"]), True
+        missing = await count_missing(conn, tsql, tenants)
+        run_id = await store.create_run(
+            target=target.name,
+            actor=actor,
+            parameters=parameters,
+            dry_run=False,
+            missing_before=min(missing, limit or missing),
+            table_oid=info.oid,
+            column=target.embedding_column,
+        )
+        bounds = await plan_chunks(conn, tsql, tenants, limit, chunk_rows)
+        await store.add_chunks(run_id, bounds, queue=queue_for(target.name), task=TASK)
+    log.info("job %s: %d rows in %d chunks", run_id, missing, len(bounds))
+    return run_id, False
+
+
+async def _legacy_alive(store: Store, key: str) -> bool:
+    if await store.try_lock(key):
+        await store.unlock(key)
+        return False
+    return True
+
+
+def _busy(target: TargetConfig, active: dict[str, Any]) -> TargetBusy:
+    where = f"column {target.embedding_column!r} of {target.table}"
+    other = active["target"]
+    other = "" if other == target.name else f" of target {other!r}"
+    return TargetBusy(
+        f"Target {target.name!r} ({where}) is already being backfilled by run "
+        f"{active['id']}{other} (started {active['started_at']:%Y-%m-%d %H:%M:%S %Z} by "
+        f"{active['actor']}); wait for it to finish, cancel it, or run without --exclusive "
+        "to join it.",
+        run_id=int(active["id"]),
+    )
+
+
+async def set_aside_indexes(
+    conn: psycopg.AsyncConnection[Any], run_id: int, info: TableInfo, target: TargetConfig
+) -> list[indexes.VectorIndex]:
+    """Index-aware mode: record the column's vector indexes in the job, then drop them
+    (rebuilt when the job finishes)."""
+    found = await indexes.vector_indexes(conn, info.oid, target.embedding_column)
+    if not found:
+        return []
+    store = Store(conn)
+    state = await store.run_state(run_id)
+    assert state is not None
+    await store.set_parameters(
+        run_id, state["parameters"] | {"deferred_indexes": [i.to_dict() for i in found]}
+    )
+    for index in found:
+        log.warning("job %s: dropping vector index %s for the backfill", run_id, index.name)
+        await indexes.drop(conn, index)
+    return found
+
+
+async def cancel(conn: psycopg.AsyncConnection[Any], run_id: int) -> bool:
+    """Ask every worker of the job to stop after its chunks in flight; the chunks not
+    started are cancelled now. False when the job is not running."""
+    store = Store(conn)
+    if not await store.request_cancel(run_id):
+        return False
+    await store.cancel_chunks(run_id, TASK)
+    return True
+
+
+async def fail(db: Database, run_id: int, error: EmbedfillError) -> None:
+    """A reason that fails every chunk (a config error found mid-job) ends the job for
+    every worker: its chunks are cancelled and it is finished as failed."""
+    conn = await connect(db)
+    try:
+        store = Store(conn)
+        await store.cancel_chunks(run_id, TASK)
+        await finish(conn, run_id, error=error, force=True)
+    finally:
+        await conn.close()
+
+
+async def finish(
+    conn: psycopg.AsyncConnection[Any],
+    run_id: int,
+    *,
+    error: EmbedfillError | None = None,
+    force: bool = False,
+) -> bool:
+    """Finish the job if every chunk is settled (or ``force``): rebuild the indexes set
+    aside (repairing one a dead finisher left invalid), merge the workers' reports and
+    record the end. One finisher at a time (the column's session lock); True when this
+    call finished it."""
+    store = Store(conn)
+    state = await store.run_state(run_id)
+    if state is None or state["status"] != "running":
+        return False
+    key = lock_key(int(state["table_oid"]), str(state["column_name"]))
+    if not await store.try_lock(key):
+        return False
+    try:
+        state = await store.run_state(run_id)
+        if state is None or state["status"] != "running":
+            return False
+        if not force and any(await store.open_chunks(run_id)):
+            return False
+        report = await merged_report(store, run_id)
+        rebuilt = await _rebuild(conn, run_id, state["parameters"], report)
+        report.status = _final_status(report, state, error, rebuilt)
+        if error is not None and report.embedded and error.exit_code == 2:
+            error = RunAborted(
+                f"{error} The job stopped after writing {report.embedded} rows; "
+                "they hold correct vectors."
+            )
+        report.error_class = type(error).__name__ if error is not None else None
+        done = await store.finish_job(report, str(error) if error is not None else None)
+        if done:
+            log.info(
+                "job %s finished: %s, %d embedded, %d failed",
+                run_id,
+                report.status,
+                report.embedded,
+                report.failed,
+            )
+        return done
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            await store.unlock(key)
+
+
+def _final_status(
+    report: Report, state: dict[str, Any], error: EmbedfillError | None, rebuilt: bool
+) -> str:
+    if error is not None:
+        return "failed"
+    if state["cancel_requested"]:
+        return "cancelled"
+    if report.failed or not rebuilt:
+        return "partial"
+    return "succeeded"
+
+
+async def _rebuild(
+    conn: psycopg.AsyncConnection[Any], run_id: int, parameters: dict[str, Any], report: Report
+) -> bool:
+    """Rebuild what index-aware mode set aside; False when one could not be rebuilt."""
+    ok = True
+    for data in parameters.get("deferred_indexes") or []:
+        index = indexes.VectorIndex(**data)
+        entry: dict[str, Any] = {"name": index.name, "method": index.method, "rebuilt": False}
+        report.deferred_indexes.append(entry)
+        try:
+            if await indexes.state(conn, index) != "valid":
+                log.warning("job %s: rebuilding vector index %s", run_id, index.name)
+                entry["seconds"] = round(await indexes.rebuild(conn, index), 3)
+            entry["rebuilt"] = True
+        except psycopg.Error as exc:
+            ok = False
+            entry["error"] = (
+                f"Index {index.name} was NOT rebuilt ({_first_line(exc)}); vector searches "
+                f"scan the whole table until you run: {index.concurrent_definition()};"
+            )
+            log.error("job %s: %s", run_id, entry["error"])
+    return ok
+
+
+async def merged_report(store: Store, run_id: int, *, exclude: str | None = None) -> Report:
+    """The job's report: every worker's (but ``exclude``), summed (tenants too), with the
+    first failures."""
+    state = await store.run_state(run_id)
+    assert state is not None
+    report = Report(run_id=run_id, target=state["target"], dry_run=False)
+    report.missing_before = int(state["missing_before"] or 0)
+    report.status = state["status"]
+    report.duration_s = float(state["age_s"] or 0.0)
+    tenants: dict[str | None, TenantReport] = {}
+    price = 0.0
+    for worker in await store.job_workers(run_id):
+        if worker["worker"] == exclude:
+            continue
+        part = worker["report"] or {}
+        report.provider = report.provider or part.get("provider", "")
+        for name in _SUMMED:
+            setattr(report, name, getattr(report, name) + int(part.get(name) or 0))
+        cost = float(part.get("estimated_cost_usd") or 0.0)
+        price += cost
+        for warning in part.get("warnings") or []:
+            if warning not in report.warnings:
+                report.warnings.append(warning)
+        for t in part.get("tenants") or []:
+            mine = tenants.get(t["tenant"])
+            if mine is None:
+                mine = tenants[t["tenant"]] = report.tenant(t["tenant"])
+            for name in _TENANT_SUMMED:
+                setattr(mine, name, getattr(mine, name) + int(t.get(name) or 0))
+            if t.get("key_source") and t["key_source"] != "none":
+                mine.key_source = t["key_source"]
+            mine.error = mine.error or t.get("error")
+    report.estimated_cost_usd = price
+    report.failures = await store.first_failures(run_id, MAX_REPORTED_FAILURES)
+    report.workers = [_worker_view(w) for w in await store.job_workers(run_id)]
+    report.chunks = {k: int(v) for k, v in (await store.job_chunks(run_id)).items()}
+    return report
+
+
+def plus(base: Report, live: Report) -> Report:
+    """``base`` (the other workers' part of a job) with this process's live counts added."""
+    out = dataclasses.replace(base)
+    for name in _SUMMED:
+        setattr(out, name, getattr(base, name) + getattr(live, name))
+    return out
+
+
+def _worker_view(row: dict[str, Any]) -> dict[str, Any]:
+    part = row["report"] or {}
+    return {
+        "worker": row["worker"],
+        "host": row["host"],
+        "pid": row["pid"],
+        "chunks": row["chunks"],
+        "embedded": int(part.get("embedded") or 0),
+        "skipped": int(part.get("skipped") or 0),
+        "failed": int(part.get("failed") or 0),
+        "requests": int(part.get("requests") or 0),
+        "started_at": _iso(row["started_at"]),
+        "last_heartbeat": _iso(row["heartbeat_at"]),
+    }
+
+
+def _iso(value: dt.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def error_of(state: dict[str, Any]) -> EmbedfillError | None:
+    """The error a failed job ended with, as its class (for the exit code)."""
+    if state["status"] != "failed":
+        return None
+    report = state["report"] or {}
+    cls = getattr(errors, str(report.get("error_class") or ""), None)
+    message = state["error"] or "The job failed."
+    if isinstance(cls, type) and issubclass(cls, EmbedfillError):
+        try:
+            return cls(message)
+        except TypeError:
+            pass
+    return EmbedfillError(message)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

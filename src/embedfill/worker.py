@@ -1,0 +1,461 @@
+"""A worker: claims chunks of jobs (jobs.py) from procrastinate's queue and embeds them.
+
+Any process with the config and ``DATABASE_URL`` can be one: ``embedfill worker`` (long
+running, any machine), ``embedfill backfill`` (works on its own job until it is over),
+``serve`` (in-process, unless ``--no-worker``). A worker keeps one engine session per job
+(``engine._Run`` fed chunk by chunk: one provider client, one rate budget per key, one
+de-duplication cache, writer connections kept across chunks) and works on
+``[engine] worker_chunks`` chunks at once, so the next chunk's requests overlap the tail
+of the last one.
+
+A chunk held by a worker that is gone is handed out again:
+
+- at once when the worker's process died (``kill -9``, a lost machine once its TCP
+  connection drops): each worker holds a session advisory lock while it lives, and a
+  chunk shown ``doing`` for a worker whose lock is free is an orphan;
+- after ``[engine] lease_s`` when the worker is silent (procrastinate's heartbeat, every
+  lease/3 seconds): a frozen process, a network partition.
+
+A worker that cannot reach the provider gives its chunk back rather than failing its
+rows (``engine._give_back``), at most ``MAX_CHUNK_ATTEMPTS`` times per chunk.
+SIGTERM: stop claiming, finish the chunks in flight, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import procrastinate
+import psycopg
+
+from . import jobs
+from .config import Config
+from .db.connect import Database, connect
+from .db.store import Store
+from .engine import BackfillOptions, Chunk, Observer, WorkerSeat, _Hooks, _prepare, _Run
+from .errors import DatabaseError, EmbedfillError, RunAborted
+from .models import Report
+from .providers import Provider, make_provider
+
+log = logging.getLogger(__name__)
+
+IDLE_CLOSE_S = 2.0  # a job's session with no chunk for this long is closed
+RECONNECT_MAX_S = 15.0
+
+
+class GiveBack(Exception):
+    """This worker hands the chunk back to the queue (procrastinate retries it)."""
+
+
+@dataclass
+class _Session:
+    run: _Run
+    task: asyncio.Task[Report]
+    conn: psycopg.AsyncConnection[Any]
+    inflight: int = 0
+    closer: asyncio.TimerHandle | None = None
+    done: int = 0
+
+
+@dataclass
+class Worker:
+    config: Config
+    db: Database
+    targets: Sequence[str] | None = None  # None: every configured target
+    env: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    observer: Observer = field(default_factory=Observer)
+    providers: dict[str, Provider] = field(default_factory=dict)
+    concurrency: int | None = None  # chunks at once; None: [engine] worker_chunks
+    on_progress: Callable[[int, Report], None] | None = None  # (job, this worker's live report)
+
+    def __post_init__(self) -> None:
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.name = f"{self.host}:{self.pid}:{secrets.token_hex(3)}"
+        self.sessions: dict[int, _Session] = {}
+        self.chunks_done: Counter[int] = Counter()
+        self._lock = asyncio.Lock()
+        self._own_providers: list[Provider] = []
+        self.app: procrastinate.App | None = None
+        for name in self.targets or ():
+            self.config.target(name)  # an unknown name is a config error now
+
+    @property
+    def lease_s(self) -> float:
+        return float(self.config.engine.lease_s)
+
+    def queues(self) -> list[str]:
+        names = self.targets or [t.name for t in self.config.targets]
+        return [jobs.queue_for(n) for n in names]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until ``stop`` is set; then finish the chunks in flight and return."""
+        alive = asyncio.Event()
+        liveness = asyncio.create_task(self._hold_liveness(alive, stop))
+        try:
+            await _first(alive.wait(), stop.wait())
+            if stop.is_set():
+                return
+            self.app = app = self._app()
+            async with app.open_async():
+                reclaim = asyncio.create_task(self._reclaim(app))
+                try:
+                    await self._work(app, stop)
+                finally:
+                    reclaim.cancel()
+                    await asyncio.gather(reclaim, return_exceptions=True)
+                    await self._close_sessions()
+        finally:
+            liveness.cancel()
+            await asyncio.gather(liveness, return_exceptions=True)
+            for provider in self._own_providers:
+                await provider.aclose()
+
+    def _app(self) -> procrastinate.App:
+        kwargs: dict[str, Any] = {"options": "-c search_path=embedfill"}
+        if not self.db.prepare:
+            kwargs["prepare_threshold"] = None
+        connector = procrastinate.PsycopgConnector(
+            conninfo=self.db.url, kwargs=kwargs, min_size=1, max_size=4
+        )
+        app = procrastinate.App(connector=connector)
+        app.task(
+            name=jobs.TASK,
+            pass_context=True,
+            retry=procrastinate.RetryStrategy(
+                max_attempts=100, wait=1, retry_exceptions={GiveBack}
+            ),
+        )(self._chunk_task)
+        return app
+
+    async def _work(self, app: procrastinate.App, stop: asyncio.Event) -> None:
+        """procrastinate's worker, restarted with backoff when the database goes away."""
+        delay = 0.5
+        while not stop.is_set():
+            run = asyncio.create_task(
+                app.run_worker_async(
+                    queues=self.queues(),
+                    name=self.name,
+                    concurrency=self.concurrency or self.config.engine.worker_chunks,
+                    wait=True,
+                    install_signal_handlers=False,
+                    listen_notify=True,
+                    fetch_job_polling_interval=2.0,
+                    update_heartbeat_interval=max(0.5, self.lease_s / 3),
+                    stalled_worker_timeout=self.lease_s,
+                    delete_jobs="successful",
+                )
+            )
+            await _first(run, stop.wait())
+            if not run.done():  # asked to stop: finish the chunks in flight
+                run.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await run
+                return
+            exc = run.exception() if not run.cancelled() else None
+            if exc is None:
+                return
+            log.warning(
+                "worker %s: the queue failed (%s); retrying in %.1fs", self.name, exc, delay
+            )
+            await _first(asyncio.sleep(delay), stop.wait())
+            delay = min(RECONNECT_MAX_S, delay * 2)
+
+    async def _hold_liveness(self, alive: asyncio.Event, stop: asyncio.Event) -> None:
+        """Hold this worker's session lock on a connection of its own for as long as the
+        process lives; reconnect (and take it again) when the database comes back."""
+        delay = 0.5
+        while True:
+            conn: psycopg.AsyncConnection[Any] | None = None
+            try:
+                conn = await connect(self.db)
+                await Store(conn).hold_worker_lock(self.name)
+                alive.set()
+                delay = 0.5
+                while True:
+                    await asyncio.sleep(max(0.5, self.lease_s / 3))
+                    await conn.execute("SELECT 1")
+            except (psycopg.Error, DatabaseError) as exc:
+                if not alive.is_set():
+                    log.warning("worker %s: cannot reach the database: %s", self.name, exc)
+                await asyncio.sleep(delay)
+                delay = min(RECONNECT_MAX_S, delay * 2)
+            finally:
+                if conn is not None:
+                    await conn.close()
+
+    async def _reclaim(self, app: procrastinate.App) -> None:
+        """Hand out again the chunks of workers that are gone (see the module doc)."""
+        manager = app.job_manager
+        while True:
+            await asyncio.sleep(max(0.5, min(5.0, self.lease_s / 4)))
+            try:
+                async with app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
+                    orphans = await Store(conn).orphan_chunks(jobs.TASK)
+                for run_id, seq, job_id in orphans:
+                    log.warning(
+                        "job %s: chunk %d lost its worker; handing it out again", run_id, seq
+                    )
+                    with contextlib.suppress(Exception):
+                        await manager.retry_job_by_id_async(job_id, retry_at=_now())
+                await manager.prune_stalled_workers(self.lease_s)
+                for job in await manager.get_stalled_jobs(
+                    task_name=jobs.TASK, seconds_since_heartbeat=self.lease_s
+                ):
+                    log.warning("chunk job %s: its worker is silent; handing it out again", job.id)
+                    with contextlib.suppress(Exception):
+                        await manager.retry_job(job)
+            except Exception as exc:  # the database is away: try again next round
+                log.debug("reclaim failed: %s", exc)
+
+    # ------------------------------------------------------------------ chunks
+
+    async def _chunk_task(self, context: Any, run_id: int, seq: int) -> None:
+        session = await self._session(run_id)
+        if session is None:
+            return  # the job is over (or not this worker's)
+        session.inflight += 1
+        if session.closer is not None:
+            session.closer.cancel()
+            session.closer = None
+        try:
+            await self._work_on(session, run_id, seq)
+        finally:
+            session.inflight -= 1
+            if session.inflight == 0:
+                loop = asyncio.get_running_loop()
+                session.closer = loop.call_later(
+                    IDLE_CLOSE_S, lambda: asyncio.ensure_future(self._close_if_idle(run_id))
+                )
+
+    async def _work_on(self, session: _Session, run_id: int, seq: int) -> None:
+        assert self.app is not None
+        pool = self.app.connector.pool  # type: ignore[attr-defined]
+        async with pool.connection() as conn:
+            claim = await Store(conn).claim_chunk(run_id, seq, self.name)
+        if claim is None:
+            return  # done or cancelled meanwhile
+        lo, hi, attempt = claim
+        chunk = Chunk(seq=seq, lo=lo, hi=hi, attempt=attempt)
+        try:
+            await session.run.submit(chunk)
+        except EmbedfillError as exc:
+            if exc.exit_code == 2 or isinstance(exc, RunAborted):
+                await jobs.fail(self.db, run_id, exc)  # every chunk would fail the same way
+                return
+            raise GiveBack(str(exc)) from exc
+        except psycopg.Error as exc:
+            await self._release(run_id, seq, attempt)
+            raise GiveBack(str(exc)) from exc
+        if chunk.given_up:
+            await self._release(run_id, seq, attempt)
+            raise GiveBack(f"chunk {seq} of job {run_id}: the provider is unreachable from here")
+        state = "cancelled" if session.run.stopping else "done"
+        async with pool.connection() as conn:
+            store = Store(conn)
+            await session.run.flush(store)
+            if not await store.finish_chunk(run_id, seq, self.name, attempt, state):
+                return  # handed to another worker meanwhile: it finishes it
+            self.chunks_done[run_id] += 1
+            if any(await store.open_chunks(run_id)):
+                return
+        await self.finish(run_id)
+
+    async def finish(self, run_id: int) -> None:
+        conn = await connect(self.db)
+        try:
+            await jobs.finish(conn, run_id)
+        finally:
+            await conn.close()
+
+    async def _release(self, run_id: int, seq: int, attempt: int) -> None:
+        assert self.app is not None
+        with contextlib.suppress(Exception):
+            async with self.app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
+                await Store(conn).release_chunk(run_id, seq, self.name, attempt)
+
+    # ------------------------------------------------------------------ sessions
+
+    async def _session(self, run_id: int) -> _Session | None:
+        async with self._lock:
+            session = self.sessions.get(run_id)
+            if session is not None and not session.task.done():
+                return session
+            self.sessions.pop(run_id, None)
+            conn = await connect(self.db)
+            try:
+                session = await self._open(conn, run_id)
+            except BaseException:
+                await conn.close()
+                raise
+            if session is None:
+                await conn.close()
+                return None
+            self.sessions[run_id] = session
+            return session
+
+    async def _open(self, conn: psycopg.AsyncConnection[Any], run_id: int) -> _Session | None:
+        state = await Store(conn).run_state(run_id)
+        if state is None or state["status"] != "running" or state["cancel_requested"]:
+            return None
+        names = {t.name for t in self.config.targets}
+        if state["target"] not in names:
+            log.error("job %s: target %r is not in this worker's config", run_id, state["target"])
+            raise GiveBack(f"target {state['target']!r} is not configured here")
+        params = state["parameters"] or {}
+        opts = BackfillOptions(
+            target=state["target"],
+            batch_size=params.get("batch_size"),
+            tenants=tuple(params.get("tenants") or ()),
+            actor=state["actor"],
+        )
+        target = self.config.target(opts.target)
+        provider = self._provider(target.provider)
+        target, pconf, info = await _prepare(conn, self.config, opts, provider)
+        seat = WorkerSeat(
+            run_id=run_id,
+            name=self.name,
+            host=self.host,
+            pid=self.pid,
+            lease_s=self.lease_s,
+            chunks_done=lambda: self.chunks_done[run_id],
+        )
+        run = _Run(
+            db=self.db,
+            conn=conn,
+            target=target,
+            pconf=pconf,
+            info=info,
+            opts=opts,
+            provider=provider,
+            engine=self.config.engine,
+            hooks=_Hooks(on_progress=self._progress_hook(run_id), observer=self.observer),
+            env=self.env,
+            seat=seat,
+        )
+        task = asyncio.create_task(run.serve())
+        return _Session(run=run, task=task, conn=conn)
+
+    def _progress_hook(self, run_id: int) -> Callable[[Report], None] | None:
+        hook = self.on_progress
+        if hook is None:
+            return None
+        return lambda report: hook(run_id, report)
+
+    def _provider(self, name: str) -> Provider:
+        if name not in self.providers:
+            provider = make_provider(self.config.providers[name])
+            self.providers[name] = provider
+            self._own_providers.append(provider)
+        return self.providers[name]
+
+    async def _close_if_idle(self, run_id: int) -> None:
+        async with self._lock:
+            session = self.sessions.get(run_id)
+            if session is None or session.inflight:
+                return
+            del self.sessions[run_id]
+        await _end(session)
+
+    async def _close_sessions(self) -> None:
+        async with self._lock:
+            sessions, self.sessions = list(self.sessions.values()), {}
+        for session in sessions:
+            if session.closer is not None:
+                session.closer.cancel()
+            await _end(session)
+
+
+async def _end(session: _Session) -> None:
+    session.run.close()
+    with contextlib.suppress(Exception):
+        await session.task
+    await session.conn.close()
+
+
+async def _first(*aws: Any) -> None:
+    """Wait for the first of these to finish; cancel the others (not tasks given in)."""
+    tasks = [a if isinstance(a, asyncio.Future) else asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t, a in zip(tasks, aws, strict=True):
+            if t is not a:
+                t.cancel()
+
+
+def _now() -> Any:
+    import datetime as dt
+
+    return dt.datetime.now(dt.UTC)
+
+
+JobWatch = Callable[[Report], None]
+
+
+async def work_on_job(
+    worker: Worker,
+    run_id: int,
+    *,
+    cancel: asyncio.Event | None = None,
+    on_progress: JobWatch | None = None,
+    stop: asyncio.Event | None = None,
+) -> Report:
+    """Work on one job until it is over (``embedfill backfill``): this process's worker
+    takes the job's chunks beside any other worker; ``cancel`` cancels the job for all
+    of them. Returns the job's final report, merged from every worker's."""
+    leave = stop or asyncio.Event()  # set: this worker leaves (the job goes on)
+    stop = asyncio.Event()
+    others = Report(run_id=run_id, target="", dry_run=False)
+    live = Report(run_id=run_id, target="", dry_run=False)
+
+    def show(job: int, report: Report) -> None:
+        nonlocal live
+        if job == run_id and on_progress is not None:
+            live = report
+            on_progress(jobs.plus(others, live))
+
+    worker.on_progress = show
+    runner = asyncio.create_task(worker.run(stop))
+    cancelled = False
+    conn = await connect(worker.db)
+    try:
+        while not runner.done():
+            store = Store(conn)
+            if cancel is not None and cancel.is_set() and not cancelled:
+                cancelled = True
+                await jobs.cancel(conn, run_id)
+            state = await store.run_state(run_id)
+            if state is None or state["status"] != "running":
+                break
+            if not any(await store.open_chunks(run_id)):
+                await jobs.finish(conn, run_id)  # a finisher died, or nothing was left
+                continue
+            if on_progress is not None:
+                others = await jobs.merged_report(store, run_id, exclude=worker.name)
+                on_progress(jobs.plus(others, live))
+            if leave.is_set():
+                break
+            waits = [asyncio.sleep(0.5), leave.wait()]
+            if cancel is not None and not cancelled:
+                waits.append(cancel.wait())
+            await _first(*waits, runner)
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+    try:
+        return await jobs.merged_report(Store(conn), run_id)
+    finally:
+        await conn.close()
