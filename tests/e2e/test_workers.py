@@ -276,7 +276,7 @@ def test_worker_exits_0_on_sigterm_after_its_chunks_in_flight(
     worker = popen("--config", str(cfg), "worker", env=env)
     wait_until(lambda: missing(big) < 290)
     worker.send_signal(signal.SIGTERM)
-    out, err = worker.communicate(timeout=60)
+    _, err = worker.communicate(timeout=60)
     assert worker.returncode == 0, err
     with psycopg.connect(big) as conn:
         doing = conn.execute(
