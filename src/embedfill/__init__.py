@@ -88,10 +88,16 @@ def backfill(
     database: Database | None = None,
     actor: str = "library",
     on_progress: ProgressCallback | None = None,
+    exclusive: bool = False,
+    enqueue: bool = False,
 ) -> Report:
     """Embed the rows of ``target`` whose embedding is NULL (or, with ``dry_run``, report
     what that would send and cost, which rows would fail, and two sample texts). Returns
     the same Report the CLI prints.
+
+    The backfill is a job other workers (``embedfill worker``, another ``backfill``) may
+    share: a job of this target already running is joined (``report.joined``), unless
+    ``exclusive`` (then ``TargetBusy``). ``enqueue`` only creates the job and returns.
 
     ``on_progress(report)`` is called with the live ``Report`` as the run goes (at most
     every 0.1 s, from the thread running the backfill) and once at the end. Progress is
@@ -108,7 +114,16 @@ def backfill(
         actor=actor,
     )
     db = _database(database, database_url)
-    return asyncio.run(abackfill(_config(config), db, opts, on_progress=on_progress))
+    return asyncio.run(
+        abackfill(
+            _config(config),
+            db,
+            opts,
+            on_progress=on_progress,
+            exclusive=exclusive,
+            enqueue=enqueue,
+        )
+    )
 
 
 def status(

@@ -357,7 +357,9 @@ def _parse_provider(name: str, data: Mapping[str, Any]) -> ProviderConfig:
     batch_size = _positive(data.get("batch_size", 50), "batch_size", where)
     if batch_size > 2048:
         raise ConfigError(f"Key 'batch_size' in {where} must be at most 2048, not {batch_size}.")
-    concurrency = data.get("max_concurrency", 1 if kind == "local" else 4)
+    # "auto" (AIMD, concurrency.py) unless set: an API's right level depends on its
+    # latency and limits, which the run measures; a local model already uses every core
+    concurrency = data.get("max_concurrency", {"local": 1, "hash": 4}.get(kind, "auto"))
     auto = concurrency == "auto"
     if isinstance(concurrency, str) and not auto:
         raise ConfigError(

@@ -186,6 +186,9 @@ class WorkerSeat:
     pid: int
     lease_s: float
     chunks_done: Callable[[], int] = lambda: 0
+    # the worker's control connection (it holds the worker's liveness lock), lent for the
+    # session's heartbeat: one connection per worker, however many jobs it works on
+    control: Callable[[], contextlib.AbstractAsyncContextManager[Store]] | None = None
 
 
 def lock_key(table_oid: int, column: str) -> str:
@@ -302,6 +305,8 @@ async def _job(
     from . import jobs
     from .worker import Worker, work_on_job
 
+    if not enqueue:
+        db.check_connection_limit()  # before anything is written
     run_id, joined = await jobs.create_or_join(
         conn,
         target=target,
@@ -332,7 +337,7 @@ async def _job(
             providers={target.provider: provider},
         )
         report = await work_on_job(
-            worker, run_id, cancel=hooks.cancel, on_progress=hooks.on_progress
+            worker, run_id, cancel=hooks.cancel, on_progress=hooks.on_progress, conn=conn
         )
     report.joined = joined
     if TargetSQL(target, info.types).integer_ids:  # the audit table keeps ids as text
@@ -522,7 +527,7 @@ class _Run:
         second. A reason that halts the session (the provider answers another size, say)
         fails every chunk still in it, with that reason."""
         assert self.seat is not None
-        heartbeat = asyncio.create_task(self._heartbeat())
+        heartbeat = asyncio.create_task(self._seat_heartbeat())
         error: BaseException | None = None
         try:
             await self._pipeline()
@@ -535,7 +540,7 @@ class _Run:
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             with contextlib.suppress(psycopg.Error, DatabaseError):
-                await asyncio.shield(self._flush_audit(final=True))
+                await asyncio.shield(self._final_seat_flush())
             while not self.chunk_q.empty():
                 chunk = self.chunk_q.get_nowait()
                 if chunk is not None:
@@ -959,7 +964,13 @@ class _Run:
     def _check_chunk(self, chunk: Chunk) -> None:
         if chunk.scanned and chunk.pending <= 0:
             self.chunks.discard(chunk)
-            chunk.resolve()
+            # halted: the chunk ends with the reason (every chunk would meet it)
+            chunk.resolve(self._halt_error() if self.halted is not None else None)
+
+    async def _final_seat_flush(self) -> None:
+        assert self.seat is not None and self.seat.control is not None
+        async with self.seat.control() as store:
+            await self._flush_audit(final=True, store=store)
 
     async def flush(self, store: Store) -> None:
         """Record this session's failures and report now (before a chunk is marked done,
@@ -1503,6 +1514,17 @@ class _Run:
         if now - self._last_progress >= 0.1:
             self._last_progress = now
             self.hooks.on_progress(self.report)
+
+    async def _seat_heartbeat(self) -> None:
+        """A worker session's heartbeat, on the worker's control connection."""
+        assert self.seat is not None and self.seat.control is not None
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            try:
+                async with self.seat.control() as store:
+                    await self._flush_audit(final=False, store=store)
+            except (psycopg.Error, DatabaseError) as exc:
+                log.warning("job %s: heartbeat failed: %s", self.report.run_id, exc)
 
     async def _heartbeat(self) -> None:
         """Every PROGRESS_EVERY_S: progress, failures and a heartbeat into the run's row,

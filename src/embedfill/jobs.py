@@ -27,7 +27,6 @@ from . import errors
 from .config import TargetConfig
 from .db import indexes
 from .db.catalog import TableInfo, count_missing
-from .db.connect import Database, connect
 from .db.store import Store
 from .db.target_sql import TargetSQL
 from .errors import EmbedfillError, RunAborted, TargetBusy
@@ -206,16 +205,11 @@ async def cancel(conn: psycopg.AsyncConnection[Any], run_id: int) -> bool:
     return True
 
 
-async def fail(db: Database, run_id: int, error: EmbedfillError) -> None:
+async def fail(conn: psycopg.AsyncConnection[Any], run_id: int, error: EmbedfillError) -> None:
     """A reason that fails every chunk (a config error found mid-job) ends the job for
     every worker: its chunks are cancelled and it is finished as failed."""
-    conn = await connect(db)
-    try:
-        store = Store(conn)
-        await store.cancel_chunks(run_id, TASK)
-        await finish(conn, run_id, error=error, force=True)
-    finally:
-        await conn.close()
+    await Store(conn).cancel_chunks(run_id, TASK)
+    await finish(conn, run_id, error=error, force=True)
 
 
 async def finish(

@@ -30,25 +30,27 @@ import os
 import secrets
 import socket
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import procrastinate
 import psycopg
+import psycopg_pool
 
 from . import jobs
 from .config import Config
 from .db.connect import Database, connect
 from .db.store import Store
 from .engine import BackfillOptions, Chunk, Observer, WorkerSeat, _Hooks, _prepare, _Run
-from .errors import DatabaseError, EmbedfillError, RunAborted
+from .errors import DatabaseError, EmbedfillError, NoFreeConnection, RunAborted
 from .models import Report
 from .providers import Provider, make_provider
 
 log = logging.getLogger(__name__)
 
 IDLE_CLOSE_S = 2.0  # a job's session with no chunk for this long is closed
+POOL_OPEN_S = 10.0
 RECONNECT_MAX_S = 15.0
 
 
@@ -84,6 +86,8 @@ class Worker:
         self.sessions: dict[int, _Session] = {}
         self.chunks_done: Counter[int] = Counter()
         self._lock = asyncio.Lock()
+        self._control: psycopg.AsyncConnection[Any] | None = None
+        self._control_lock = asyncio.Lock()
         self._own_providers: list[Provider] = []
         self.app: procrastinate.App | None = None
         for name in self.targets or ():
@@ -101,14 +105,24 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; then finish the chunks in flight and return."""
+        self.db.check_connection_limit()
+        # the first control connection opens here: a database that refuses it (no free
+        # connection, a bad URL) is an error now, not a silent retry loop
+        first = await connect(self.db)
+        try:
+            await Store(first).hold_worker_lock(self.name)
+        except BaseException:
+            await first.close()
+            raise
         alive = asyncio.Event()
-        liveness = asyncio.create_task(self._hold_liveness(alive, stop))
+        liveness = asyncio.create_task(self._hold_liveness(alive, stop, first))
         try:
             await _first(alive.wait(), stop.wait())
             if stop.is_set():
                 return
             self.app = app = self._app()
-            async with app.open_async():
+            pool = await self._pool()
+            async with app.open_async(pool=pool):
                 reclaim = asyncio.create_task(self._reclaim(app))
                 try:
                     await self._work(app, stop)
@@ -116,19 +130,44 @@ class Worker:
                     reclaim.cancel()
                     await asyncio.gather(reclaim, return_exceptions=True)
                     await self._close_sessions()
+                    await pool.close()
         finally:
             liveness.cancel()
             await asyncio.gather(liveness, return_exceptions=True)
             for provider in self._own_providers:
                 await provider.aclose()
 
-    def _app(self) -> procrastinate.App:
+    async def _pool(self) -> psycopg_pool.AsyncConnectionPool:
+        """The queue's connections (procrastinate's), in embedfill's schema. Opened here so
+        a server without a free connection is a clear error at once, not a pool that
+        retries in the background forever."""
         kwargs: dict[str, Any] = {"options": "-c search_path=embedfill"}
         if not self.db.prepare:
             kwargs["prepare_threshold"] = None
-        connector = procrastinate.PsycopgConnector(
-            conninfo=self.db.url, kwargs=kwargs, min_size=1, max_size=4
+        # within connection_limit: one queue connection, no LISTEN one (it polls)
+        size = 1 if self.db.connection_limit is not None else 2
+        pool = psycopg_pool.AsyncConnectionPool(
+            self.db.url,
+            kwargs=kwargs,
+            min_size=1,
+            max_size=size,
+            open=False,
+            check=psycopg_pool.AsyncConnectionPool.check_connection,
         )
+        try:
+            await pool.open(wait=True, timeout=POOL_OPEN_S)
+        except psycopg_pool.PoolTimeout:
+            await pool.close()
+            probe = await connect(self.db)  # says why, in embedfill's words
+            await probe.close()
+            raise DatabaseError(
+                f"The job queue could not connect to the database at {self.db.describe()} "
+                f"within {POOL_OPEN_S:.0f}s; check DATABASE_URL and free connections."
+            ) from None
+        return pool
+
+    def _app(self) -> procrastinate.App:
+        connector = procrastinate.PsycopgConnector()
         app = procrastinate.App(connector=connector)
         app.task(
             name=jobs.TASK,
@@ -150,8 +189,8 @@ class Worker:
                     concurrency=self.concurrency or self.config.engine.worker_chunks,
                     wait=True,
                     install_signal_handlers=False,
-                    listen_notify=True,
-                    fetch_job_polling_interval=2.0,
+                    listen_notify=self.db.connection_limit is None,
+                    fetch_job_polling_interval=2.0 if self.db.connection_limit is None else 0.5,
                     update_heartbeat_interval=max(0.5, self.lease_s / 3),
                     stalled_worker_timeout=self.lease_s,
                     delete_jobs="successful",
@@ -172,28 +211,48 @@ class Worker:
             await _first(asyncio.sleep(delay), stop.wait())
             delay = min(RECONNECT_MAX_S, delay * 2)
 
-    async def _hold_liveness(self, alive: asyncio.Event, stop: asyncio.Event) -> None:
-        """Hold this worker's session lock on a connection of its own for as long as the
-        process lives; reconnect (and take it again) when the database comes back."""
+    async def _hold_liveness(
+        self,
+        alive: asyncio.Event,
+        stop: asyncio.Event,
+        first: psycopg.AsyncConnection[Any] | None = None,
+    ) -> None:
+        """Hold this worker's session lock on its control connection for as long as the
+        process lives; reconnect (and take it again) when the database comes back. The
+        sessions' heartbeats borrow the same connection (``control``)."""
         delay = 0.5
         while True:
-            conn: psycopg.AsyncConnection[Any] | None = None
+            conn: psycopg.AsyncConnection[Any] | None = first
+            first = None
             try:
-                conn = await connect(self.db)
-                await Store(conn).hold_worker_lock(self.name)
+                if conn is None:
+                    conn = await connect(self.db)
+                    await Store(conn).hold_worker_lock(self.name)
+                self._control = conn
                 alive.set()
                 delay = 0.5
                 while True:
                     await asyncio.sleep(max(0.5, self.lease_s / 3))
-                    await conn.execute("SELECT 1")
+                    async with self._control_lock:
+                        await conn.execute("SELECT 1")
             except (psycopg.Error, DatabaseError) as exc:
                 if not alive.is_set():
                     log.warning("worker %s: cannot reach the database: %s", self.name, exc)
                 await asyncio.sleep(delay)
                 delay = min(RECONNECT_MAX_S, delay * 2)
             finally:
+                self._control = None
                 if conn is not None:
                     await conn.close()
+
+    @contextlib.asynccontextmanager
+    async def control(self) -> AsyncIterator[Store]:
+        """The control connection, one user at a time."""
+        async with self._control_lock:
+            conn = self._control
+            if conn is None or conn.closed:
+                raise DatabaseError("The worker's control connection is down; reconnecting.")
+            yield Store(conn)
 
     async def _reclaim(self, app: procrastinate.App) -> None:
         """Hand out again the chunks of workers that are gone (see the module doc)."""
@@ -222,7 +281,18 @@ class Worker:
     # ------------------------------------------------------------------ chunks
 
     async def _chunk_task(self, context: Any, run_id: int, seq: int) -> None:
-        session = await self._session(run_id)
+        try:
+            session = await self._session(run_id)
+        except EmbedfillError as exc:
+            if not _ends_the_job(exc):
+                raise GiveBack(str(exc)) from exc  # the database, say: another try later
+            # this worker's checks refuse the job (its config or role differs from the
+            # creator's): every chunk it took would fail, so the job ends, loudly
+            log.error("job %s: this worker cannot work on it: %s", run_id, exc)
+            await self._fail(run_id, exc)
+            return
+        except psycopg.Error as exc:
+            raise GiveBack(str(exc)) from exc
         if session is None:
             return  # the job is over (or not this worker's)
         session.inflight += 1
@@ -251,13 +321,14 @@ class Worker:
         try:
             await session.run.submit(chunk)
         except EmbedfillError as exc:
-            if exc.exit_code == 2 or isinstance(exc, RunAborted):
-                await jobs.fail(self.db, run_id, exc)  # every chunk would fail the same way
+            if _ends_the_job(exc):
+                await self._fail(run_id, exc)  # every chunk would fail the same way
                 return
-            raise GiveBack(str(exc)) from exc
-        except psycopg.Error as exc:
             await self._release(run_id, seq, attempt)
             raise GiveBack(str(exc)) from exc
+        except Exception as exc:  # the database went away mid-chunk, say: another try
+            await self._release(run_id, seq, attempt)
+            raise GiveBack(f"{type(exc).__name__}: {exc}") from exc
         if chunk.given_up:
             await self._release(run_id, seq, attempt)
             raise GiveBack(f"chunk {seq} of job {run_id}: the provider is unreachable from here")
@@ -271,6 +342,15 @@ class Worker:
             if any(await store.open_chunks(run_id)):
                 return
         await self.finish(run_id)
+
+    async def _fail(self, run_id: int, exc: EmbedfillError) -> None:
+        """End the job with ``exc``, on the control connection (a server without a free
+        connection is one reason)."""
+        try:
+            async with self.control() as store:
+                await jobs.fail(store.conn, run_id, exc)
+        except (psycopg.Error, DatabaseError) as why:
+            log.error("job %s: could not record its failure (%s): %s", run_id, why, exc)
 
     async def finish(self, run_id: int) -> None:
         conn = await connect(self.db)
@@ -330,6 +410,7 @@ class Worker:
             pid=self.pid,
             lease_s=self.lease_s,
             chunks_done=lambda: self.chunks_done[run_id],
+            control=self.control,
         )
         run = _Run(
             db=self.db,
@@ -377,6 +458,12 @@ class Worker:
             await _end(session)
 
 
+def _ends_the_job(exc: EmbedfillError) -> bool:
+    """A config error (exit 2), a job stopped after writes, or a server without a free
+    connection: retrying elsewhere would only hide it."""
+    return exc.exit_code == 2 or isinstance(exc, (RunAborted, NoFreeConnection))
+
+
 async def _end(session: _Session) -> None:
     session.run.close()
     with contextlib.suppress(Exception):
@@ -411,6 +498,7 @@ async def work_on_job(
     cancel: asyncio.Event | None = None,
     on_progress: JobWatch | None = None,
     stop: asyncio.Event | None = None,
+    conn: psycopg.AsyncConnection[Any] | None = None,
 ) -> Report:
     """Work on one job until it is over (``embedfill backfill``): this process's worker
     takes the job's chunks beside any other worker; ``cancel`` cancels the job for all
@@ -429,7 +517,9 @@ async def work_on_job(
     worker.on_progress = show
     runner = asyncio.create_task(worker.run(stop))
     cancelled = False
-    conn = await connect(worker.db)
+    own_conn = conn is None
+    if conn is None:
+        conn = await connect(worker.db)
     try:
         while not runner.done():
             store = Store(conn)
@@ -439,9 +529,8 @@ async def work_on_job(
             state = await store.run_state(run_id)
             if state is None or state["status"] != "running":
                 break
-            if not any(await store.open_chunks(run_id)):
-                await jobs.finish(conn, run_id)  # a finisher died, or nothing was left
-                continue
+            if not any(await store.open_chunks(run_id)) and await jobs.finish(conn, run_id):
+                continue  # this process finished it (its finisher died, or none was left)
             if on_progress is not None:
                 others = await jobs.merged_report(store, run_id, exclude=worker.name)
                 on_progress(jobs.plus(others, live))
@@ -458,4 +547,5 @@ async def work_on_job(
     try:
         return await jobs.merged_report(Store(conn), run_id)
     finally:
-        await conn.close()
+        if own_conn:
+            await conn.close()

@@ -200,9 +200,10 @@ def make_docs(db_url: str, id_type: str, ids: list[Any], *, key: str = "PRIMARY 
             )
 
 
-def docs_config(base_url: str, **target: Any) -> Config:
+def docs_config(base_url: str, *, engine: dict[str, Any] | None = None, **target: Any) -> Config:
     return parse_config(
         {
+            "engine": engine or {},
             "providers": {"openai": provider_settings(base_url, batch_size=7, timeout_s=5)},
             "targets": [
                 {
@@ -247,9 +248,11 @@ def en_us_locale() -> str:
     return "en_US.utf8"
 
 
+@pytest.mark.parametrize("chunk_rows", [2000, 7], ids=["one-chunk", "chunks-of-7"])
 def test_text_ids_under_a_collation_unlike_pythons_are_all_written(
-    db_url: str, fake_openai: FakeOpenAI, en_us_locale: str
+    db_url: str, fake_openai: FakeOpenAI, en_us_locale: str, chunk_rows: int
 ) -> None:
+    # chunk bounds are ids too: compared by the server in the column's collation
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(f"CREATE COLLATION en_us (provider = libc, locale = '{en_us_locale}')")
     words = ["apple", "Banana", "cherry", "Date", "_under", "a-b", "ab", "Zed", "zoo", "Émile"]
@@ -264,7 +267,7 @@ def test_text_ids_under_a_collation_unlike_pythons_are_all_written(
     assert server_order != sorted(ids)  # the premise: Python sorts these differently
     make_docs(db_url, "text COLLATE en_us", ids)
 
-    report = run_docs(db_url, docs_config(fake_openai.base_url))
+    report = run_docs(db_url, docs_config(fake_openai.base_url, engine={"chunk_rows": chunk_rows}))
 
     assert report.embedded == len(ids) and report.changed == 0 and report.status == "succeeded"
     for body, vector in docs_vectors(db_url).values():
@@ -277,6 +280,7 @@ def test_text_ids_under_a_collation_unlike_pythons_are_all_written(
         ("uuid", ["00000000-0000-0000-0000-00000000000a", "ffffffff-0000-0000-0000-000000000001"]),
         ("numeric", ["1.5", "-2", "10000000000000000000000"]),
         ("varchar(20)", ["b", "A", "a"]),
+        ("char(3)", ["b", "A", "a c"]),
         ("int4", [3, -1, 7]),
     ],
 )
@@ -284,7 +288,8 @@ def test_id_types_that_are_supported(
     db_url: str, fake_openai: FakeOpenAI, id_type: str, ids: list[Any]
 ) -> None:
     make_docs(db_url, id_type, ids)
-    report = run_docs(db_url, docs_config(fake_openai.base_url))
+    # chunks of one row: every bound is an id of this type, sent back as JSON
+    report = run_docs(db_url, docs_config(fake_openai.base_url, engine={"chunk_rows": 1}))
     assert report.embedded == len(ids)
     for body, vector in docs_vectors(db_url).values():
         np.testing.assert_array_equal(vector, hash_vector(body, 8))

@@ -47,6 +47,19 @@ def set_back_to_version_1(db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("DELETE FROM embedfill.schema_version WHERE version >= 2")
         conn.execute("DROP TABLE IF EXISTS embedfill.rate_budgets")
+        conn.execute("DROP TABLE embedfill.chunks, embedfill.workers")
+        conn.execute(  # procrastinate's queue (version 5)
+            """DO $$ DECLARE o record; BEGIN
+            FOR o IN SELECT p.oid::regprocedure AS f FROM pg_proc p
+                JOIN pg_namespace n ON n.oid = p.pronamespace
+                WHERE n.nspname = 'embedfill' AND p.proname LIKE 'procrastinate%' LOOP
+                EXECUTE format('DROP FUNCTION %s CASCADE', o.f); END LOOP;
+            DROP TABLE embedfill.procrastinate_events, embedfill.procrastinate_periodic_defers,
+                embedfill.procrastinate_jobs, embedfill.procrastinate_workers;
+            DROP TYPE embedfill.procrastinate_job_status, embedfill.procrastinate_job_event_type,
+                embedfill.procrastinate_job_to_defer_v1;
+            END $$"""
+        )
         conn.execute("DROP INDEX embedfill.runs_physical_active")
         conn.execute(
             "ALTER TABLE embedfill.runs DROP COLUMN cancel_requested,"
@@ -98,7 +111,8 @@ def test_a_dml_only_role_on_an_old_schema_is_told_to_migrate(
     asyncio.run(amigrate(Database(tickets)))
     set_back_to_version_1(tickets)
     app_rw = roles.create()
-    roles.grant(app_rw, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
+    # the GRANTs of version 1's README: migrating copies them to the tables added since
+    roles.grant(app_rw, *EMBEDFILL_GRANTS[:3], *TICKETS_GRANTS)
 
     with pytest.raises(ConfigError) as info:
         run(roles.url(app_rw), tickets_config(fake_openai.base_url))
@@ -133,7 +147,7 @@ def test_more_writers_than_free_connections_is_a_clear_message(
     tickets: str, roles: Roles, fake_openai: FakeOpenAI
 ) -> None:
     asyncio.run(amigrate(Database(tickets)))
-    app_rw = roles.create(connection_limit=2)  # the run's own connection and one writer
+    app_rw = roles.create(connection_limit=3)  # fewer than a worker coordinates with
     roles.grant(app_rw, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
     config = tickets_config(fake_openai.base_url)
     config = replace(config, engine=replace(config.engine, write_concurrency=4))
@@ -144,9 +158,9 @@ def test_more_writers_than_free_connections_is_a_clear_message(
         run(roles.url(app_rw), config)
 
     msg = str(info.value)
-    assert "no free connection for writer 2 of 4" in msg
-    assert "write_concurrency" in msg and "max_connections" in msg
+    assert "no free connection" in msg and "max_connections" in msg
     assert "check DATABASE_URL" not in msg
+    assert fake_openai.requests == []
     with psycopg.connect(tickets) as conn:
         assert snapshot(conn) == before
 
@@ -155,11 +169,28 @@ def test_connection_limit_in_the_url_keeps_a_run_within_it(
     tickets: str, roles: Roles, fake_openai: FakeOpenAI
 ) -> None:
     asyncio.run(amigrate(Database(tickets)))
-    app_rw = roles.create(connection_limit=2)
+    app_rw = roles.create(connection_limit=6)  # the server refuses a seventh
     roles.grant(app_rw, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
     config = tickets_config(fake_openai.base_url)
     config = replace(config, engine=replace(config.engine, write_concurrency=4))
 
-    report = run(roles.url(app_rw, query="connection_limit=2"), config)
+    report = run(roles.url(app_rw, query="connection_limit=6"), config)
 
     assert report.status == "succeeded" and report.embedded == 45
+
+
+def test_a_connection_limit_too_low_for_a_worker_is_refused_before_anything_is_written(
+    tickets: str, roles: Roles, fake_openai: FakeOpenAI
+) -> None:
+    from embedfill import ConfigError
+
+    asyncio.run(amigrate(Database(tickets)))
+    app_rw = roles.create()
+    roles.grant(app_rw, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
+    with pytest.raises(ConfigError) as info:
+        run(roles.url(app_rw, query="connection_limit=2"), tickets_config(fake_openai.base_url))
+    assert "connection_limit=2 in DATABASE_URL is too low" in str(info.value)
+    assert "set connection_limit=6 or more." in str(info.value)
+    assert fake_openai.requests == []
+    with psycopg.connect(tickets) as conn:
+        assert conn.execute("SELECT count(*) FROM embedfill.runs").fetchone() == (0,)

@@ -18,6 +18,9 @@ EMBEDFILL_GRANTS = (
     "GRANT USAGE ON SCHEMA embedfill TO {role}",
     "GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA embedfill TO {role}",
     "GRANT USAGE ON ALL SEQUENCES IN SCHEMA embedfill TO {role}",
+    # the job queue's rows are deleted when done (procrastinate's tables)
+    "GRANT DELETE ON embedfill.procrastinate_jobs, embedfill.procrastinate_workers,"
+    " embedfill.procrastinate_events, embedfill.procrastinate_periodic_defers TO {role}",
 )
 TICKETS_GRANTS = (
     "GRANT USAGE ON SCHEMA app TO {role}",

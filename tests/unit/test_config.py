@@ -99,6 +99,13 @@ def test_default_config_is_the_demo_target() -> None:
             "Key 'text_sql' in target 'tickets' must be a str",
         ),
         (lambda d: d.update(extra=1), "Unknown top-level key 'extra'"),
+        (
+            lambda d: d.update(engine={"lease_s": 61}),
+            "[engine] lease_s is 61, more than 60: a killed worker's chunks would wait that "
+            "long for another worker; use at most 60.",
+        ),
+        (lambda d: d.update(engine={"chunk_rows": 0}), "chunk_rows"),
+        (lambda d: d.update(engine={"worker_chunks": -1}), "worker_chunks"),
         (lambda d: d["targets"].append(dict(d["targets"][0])), "Two targets"),
     ],
 )
@@ -180,3 +187,13 @@ def test_a_target_built_in_code_derives_its_columns() -> None:
     assert switched.text_columns == ()
     with pytest.raises(ConfigError, match="sets both text and text_sql"):
         replace(target, text_sql="title")
+
+
+def test_job_settings_have_defaults_and_can_be_set() -> None:
+    import tomllib
+
+    data = tomllib.loads(EXAMPLE)
+    assert parse_config(data).engine.lease_s == 30  # at most 60: see [engine] lease_s
+    data["engine"] = {"lease_s": 5, "chunk_rows": 100, "worker_chunks": 3}
+    engine = parse_config(data).engine
+    assert (engine.lease_s, engine.chunk_rows, engine.worker_chunks) == (5, 100, 3)

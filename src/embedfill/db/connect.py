@@ -21,10 +21,13 @@ from urllib.parse import quote
 import psycopg
 from psycopg import conninfo as pg_conninfo
 
-from ..errors import DatabaseError, NoFreeConnection
+from ..errors import ConfigError, DatabaseError, NoFreeConnection
 from .url import normalize_url
 
 log = logging.getLogger(__name__)
+
+#: what a worker process opens besides its writers (see Database.check_connection_limit)
+COORDINATION_CONNECTIONS = 5
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,23 @@ class Database:
         return describe_url(self.url)
 
     def writers(self, wanted: int) -> int:
-        """Writer connections for one run: ``wanted``, within ``connection_limit`` (the
-        run's own connection counts too; there is always at least one writer)."""
+        """Writer connections for one job session: ``wanted``, within ``connection_limit``
+        (a worker's other connections count too; there is always at least one writer)."""
         if self.connection_limit is None:
             return wanted
-        return max(1, min(wanted, self.connection_limit - 1))
+        return max(1, min(wanted, self.connection_limit - COORDINATION_CONNECTIONS))
+
+    def check_connection_limit(self) -> None:
+        """ConfigError when ``connection_limit`` leaves a worker no writer."""
+        least = COORDINATION_CONNECTIONS + 1
+        if self.connection_limit is not None and self.connection_limit < least:
+            raise ConfigError(
+                f"connection_limit={self.connection_limit} in DATABASE_URL is too low for an "
+                f"embedfill worker: it needs {COORDINATION_CONNECTIONS} connections to "
+                "coordinate (its own, the job queue's, a control one holding its liveness "
+                "lock, the table scan's, and one while a job finishes) and one per writer; "
+                f"set connection_limit={least} or more."
+            )
 
 
 def describe_url(url: str) -> str:
