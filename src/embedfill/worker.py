@@ -106,6 +106,11 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; then finish the chunks in flight and return."""
         self.db.check_connection_limit()
+        # the provider clients (the openai SDK's import alone takes a second) and their
+        # token counters are ready before the first chunk is claimed, not after
+        for name in self.targets or [t.name for t in self.config.targets]:
+            provider = self._provider(self.config.target(name).provider)
+            await asyncio.to_thread(provider.counter)
         # the first control connection opens here: a database that refuses it (no free
         # connection, a bad URL) is an error now, not a silent retry loop
         first = await connect(self.db)

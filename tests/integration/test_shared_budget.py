@@ -134,6 +134,10 @@ def test_two_jobs_sharing_a_key_stay_under_its_tpm_together(
     # never more than the cap: over the whole run, tokens sent <= rate x time + one burst
     sent = sum(r.tokens for r in fake_openai.requests if r.status == 200)
     assert sent <= 100 * elapsed + 100 + max(r.tokens for r in fake_openai.requests)
+    # and they use it: from the first request to the last, at least 0.9 of the cap
+    ok = [r for r in fake_openai.requests if r.status == 200]
+    window = ok[-1].at - ok[0].at
+    assert sum(r.tokens for r in ok[:-1]) >= 0.9 * 100 * window, (sent, window)
 
 
 def test_the_providers_limit_headers_slow_every_worker_of_the_key(

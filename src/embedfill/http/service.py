@@ -94,6 +94,7 @@ class AdminService:
             await conn.close()
         if self.worker is not None:
             self._worker_task = asyncio.create_task(self.worker.run(self._worker_stop))
+            self._worker_task.add_done_callback(_log_worker_end)
 
     async def shutdown(self) -> None:
         """The in-process worker finishes its chunks in flight; jobs go on elsewhere (or
@@ -286,3 +287,11 @@ class AdminService:
 def _first_line(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return lines[0] if lines else type(exc).__name__
+
+
+def _log_worker_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error(
+            "the in-process worker stopped: %s; jobs wait for `embedfill worker` processes",
+            task.exception(),
+        )
