@@ -131,13 +131,14 @@ class Bench:
             ref, ours = (combined(runs["raw_sql"]), combined(runs["embedfill"]))
             self.raw[f"db_path_{dims}"] = {"embedfill": ours, "raw_sql": ref, "runs": runs}
             ratio = ours["rows_per_s"] / ref["rows_per_s"]
+            writers = runs["raw_sql"][0]["writers"]
             self.add(
                 Row(
                     "1 DB path",
                     f"{rows:,} rows, {dims}-d, no vector index",
                     ours["rows_per_s"],
                     "rows/s",
-                    "raw SQL keyset + bulk UPDATE",
+                    f"raw SQL: keyset reads, binary bulk UPDATE, {writers} writers",
                     ref["rows_per_s"],
                     ratio,
                     ">= 0.8",
@@ -149,7 +150,9 @@ class Bench:
         log("1b. With an HNSW index: writers and index-aware mode")
         rows = self.n(5_000, 1_500)
         tpl = self.template(rows, 384, hnsw=True)
-        ref = self.measure("raw_sql", {"url": self.fresh(tpl), "dims": 384, "distinct": rows})
+        ref = self.measure(
+            "raw_sql", {"url": self.fresh(tpl), "dims": 384, "distinct": rows, "writers": 1}
+        )
         one = self.measure(
             "embedfill",
             {
@@ -198,7 +201,7 @@ class Bench:
 
     def latency(self) -> None:
         log("2. Latency hiding: OpenAI-compatible server answering after 100 ms and 0 ms")
-        rows, naive_rows = self.n(20_000, 4_000), self.n(2_000, 500)
+        rows = self.n(20_000, 4_000)
         tpl = self.template(rows, 1536)
         limit = self.raw.get("db_path_1536", {}).get("raw_sql", {}).get("rows_per_s")
         if limit is None:
@@ -214,7 +217,7 @@ class Bench:
                         "url": self.fresh(tpl),
                         "base_url": fake.base_url,
                         "model": "text-embedding-3-small",
-                        "rows": naive_rows,
+                        "rows": rows,  # the same rows as embedfill: start-up weighs alike
                     },
                 )
             finally:
@@ -246,13 +249,13 @@ class Bench:
             self.add(
                 Row(
                     "2 latency",
-                    f"{ms}: vs the naive loop ({naive_rows:,} rows)",
+                    f"{ms}: vs the naive loop (the same {rows:,} rows)",
                     ours["rows_per_s"],
                     "rows/s",
                     "naive loop (bench/naive.py)",
                     slow["rows_per_s"],
                     ratio,
-                    ">= 5",
+                    ">= 5" if latency else "info",
                     ratio >= 5 if latency else None,
                 )
             )
