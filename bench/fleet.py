@@ -101,8 +101,8 @@ def embedfill(args: list[str], env: dict[str, str], timeout: float = 300) -> str
 
 def _cpu(proc: psutil.Process, *, reaped: bool = False) -> float:
     t = proc.cpu_times()
-    own = t.user + t.system
-    return own + (t.children_user + t.children_system if reaped else 0.0)
+    own = float(t.user + t.system)
+    return own + (float(t.children_user + t.children_system) if reaped else 0.0)
 
 
 def postmaster_of(url: str) -> psutil.Process | None:
@@ -222,13 +222,13 @@ def workers_job(
         procs: list[subprocess.Popen[bytes]] = []
         try:
             for log in logs:
-                with log.open("wb") as err:
+                with log.open("wb") as stderr:
                     procs.append(
                         subprocess.Popen(
                             [sys.executable, "-m", "embedfill", "--config", str(cfg), "worker"],
                             env=env,
                             stdout=subprocess.DEVNULL,
-                            stderr=err,
+                            stderr=stderr,
                         )
                     )
             _wait_ready(procs, logs)

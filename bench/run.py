@@ -559,10 +559,11 @@ class Bench:
             log(f"    backfill --processes {WORKERS[-1]}: {cold['rows_per_s']:,.0f} rows/s")
         finally:
             fake.stop()
-        config = target_config(provider, engine)
-        concurrency = config.providers["p"].max_concurrency
-        batch = config.providers["p"].batch_size
-        ideal = min(concurrency * batch / 0.1, limit)
+        pconf = target_config(provider, engine).providers["p"]
+        batch = pconf.batch_size
+        # auto starts at 4 in flight and climbs: its ideal is the DB limit
+        concurrency = "auto" if pconf.auto_concurrency else pconf.max_concurrency
+        ideal = limit if pconf.auto_concurrency else min(pconf.max_concurrency * batch / 0.1, limit)
         one = runs[WORKERS[0]]["rows_per_s"]
         self.raw["scale"] = {
             "rows": rows,
@@ -737,7 +738,8 @@ def scale_findings(runs: dict[int, dict[str, Any]]) -> list[str]:
 
     def per_k(m: dict[str, Any]) -> float:  # CPU seconds of the three parties per 1,000 rows
         c = m["cpu_s"]
-        return (c["workers"] + c["test_server"] + c.get("postgres", 0.0)) / m["embedded"] * 1000
+        cpu = float(c["workers"] + c["test_server"] + c.get("postgres", 0.0))
+        return cpu / float(m["embedded"]) * 1000
 
     first = next(iter(runs.values()))
     lines = [
