@@ -11,12 +11,17 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
 import psycopg
-from pgvector.psycopg import register_vector
 
 from bench.common import missing, peak_rss_mb, target_config, timed, unit_vectors
 from embedfill import BackfillOptions, Database, abackfill
+from embedfill.config import EngineConfig
+from embedfill.db import wire
 from embedfill.providers import make_provider
+
+ENGINE = EngineConfig()  # embedfill's defaults, which the raw-SQL reference matches
+PAGE = ENGINE.write_batch_rows  # rows per read and per write (= scan_page_size)
 
 
 def report_fields(report: Any) -> dict[str, Any]:
@@ -60,35 +65,81 @@ def embedfill_run(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def raw_sql(a: dict[str, Any]) -> dict[str, Any]:
-    """The database's limit: keyset read of (id, text) + one bulk binary UPDATE per batch of
-    1000 with precomputed vectors, one connection, no embedfill code. With ``distinct``,
-    every row gets its own vector (an HNSW index inserts repeats faster)."""
-    pool = unit_vectors(a.get("distinct") or 1000, a["dims"])
-    done = 0
-    with psycopg.connect(a["url"], autocommit=True) as conn, timed() as t:
-        register_vector(conn)
-        after = 0
-        while True:
-            rows = conn.execute(
-                "SELECT id, body FROM docs WHERE embedding IS NULL AND id > %s ORDER BY id "
-                "LIMIT 1000",
-                (after,),
-            ).fetchall()
-            if not rows:
-                break
-            ids = [r[0] for r in rows]
-            with conn.transaction():
-                conn.execute(
-                    "UPDATE docs SET embedding = u.v FROM unnest(%s::bigint[], %b::vector[])"
-                    " AS u(id, v) WHERE docs.id = u.id AND docs.id BETWEEN %s AND %s",
-                    (ids, pool[done % len(pool) :][: len(ids)], ids[0], ids[-1]),
-                )
-            done += len(ids)
-            after = ids[-1]
+    """The database's limit for the same job, on the same terms as embedfill: one connection
+    reads keyset pages of ``(id, body)`` of 1,000 rows; ``writers`` connections (default:
+    embedfill's ``write_concurrency``) each write a page with one ``UPDATE … FROM
+    unnest(int8[], vector[])`` bounded by ``id BETWEEN lo AND hi``, its arrays encoded whole
+    in PostgreSQL's binary format (``embedfill.db.wire``, as embedfill's writes are).
+    Vectors are precomputed; no text is rendered, counted, fingerprinted or sent anywhere.
+    With ``distinct``, every row gets its own vector (an HNSW index inserts repeats faster).
+    """
+    writers = int(a.get("writers") or ENGINE.write_concurrency)
+    pool = np.stack(unit_vectors(a.get("distinct") or PAGE, a["dims"]))
+    update = (
+        "UPDATE docs SET embedding = u.v FROM unnest(%b::bigint[], %b::vector[]) AS u(id, v)"
+        " WHERE docs.id = u.id AND docs.id BETWEEN %s AND %s"
+    )
+
+    async def go() -> tuple[int, float]:
+        conns = [await psycopg.AsyncConnection.connect(a["url"], autocommit=True)]
+        try:
+            for _ in range(writers):
+                conns.append(await psycopg.AsyncConnection.connect(a["url"], autocommit=True))
+            for conn in conns[1:]:
+                vector_oid = await wire.register(conn)
+            pages: asyncio.Queue[tuple[list[int], int] | None] = asyncio.Queue(writers)
+            written = 0
+
+            async def read() -> None:
+                after, done = 0, 0
+                while True:
+                    cur = await conns[0].execute(
+                        "SELECT id, body FROM docs WHERE embedding IS NULL AND id > %s"
+                        " ORDER BY id LIMIT %s",
+                        (after, PAGE),
+                    )
+                    rows = await cur.fetchall()
+                    if not rows:
+                        break
+                    ids = [r[0] for r in rows]
+                    await pages.put((ids, done))
+                    done += len(ids)
+                    after = ids[-1]
+                    if len(ids) < PAGE:
+                        break
+                for _ in range(writers):
+                    await pages.put(None)
+
+            async def write(conn: psycopg.AsyncConnection[Any]) -> None:
+                nonlocal written
+                while (page := await pages.get()) is not None:
+                    ids, offset = page
+                    vectors = pool.take(range(offset, offset + len(ids)), axis=0, mode="wrap")
+                    params = (
+                        wire.int8_array(ids),
+                        wire.vector_array(vectors, vector_oid),
+                        ids[0],
+                        ids[-1],
+                    )
+                    await conn.execute(update, params)
+                    written += len(ids)
+
+            started = time.perf_counter()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(read())
+                for conn in conns[1:]:
+                    tg.create_task(write(conn))
+            return written, time.perf_counter() - started
+        finally:
+            for conn in conns:
+                await conn.close()
+
+    done, seconds = asyncio.run(go())
     return {
         "rows": done,
-        "seconds": t.seconds,
-        "rows_per_s": done / t.seconds,
+        "writers": writers,
+        "seconds": seconds,
+        "rows_per_s": done / seconds,
         "peak_rss_mb": peak_rss_mb(),
     }
 
