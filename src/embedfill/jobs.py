@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -205,11 +206,16 @@ async def cancel(conn: psycopg.AsyncConnection[Any], run_id: int) -> bool:
     return True
 
 
-async def fail(conn: psycopg.AsyncConnection[Any], run_id: int, error: EmbedfillError) -> None:
+async def fail(
+    conn: psycopg.AsyncConnection[Any],
+    run_id: int,
+    error: EmbedfillError,
+    on_end: Callable[[str], None] | None = None,
+) -> None:
     """A reason that fails every chunk (a config error found mid-job) ends the job for
     every worker: its chunks are cancelled and it is finished as failed."""
     await Store(conn).cancel_chunks(run_id, TASK)
-    await finish(conn, run_id, error=error, force=True)
+    await finish(conn, run_id, error=error, force=True, on_end=on_end)
 
 
 async def finish(
@@ -218,24 +224,25 @@ async def finish(
     *,
     error: EmbedfillError | None = None,
     force: bool = False,
-) -> bool:
+    on_end: Callable[[str], None] | None = None,
+) -> str | None:
     """Finish the job if every chunk is settled (or ``force``): rebuild the indexes set
     aside (repairing one a dead finisher left invalid), merge the workers' reports and
-    record the end. One finisher at a time (the column's session lock); True when this
-    call finished it."""
+    record the end. One finisher at a time (the column's session lock); the job's final
+    status when this call finished it, else None."""
     store = Store(conn)
     state = await store.run_state(run_id)
     if state is None or state["status"] != "running":
-        return False
+        return None
     key = lock_key(int(state["table_oid"]), str(state["column_name"]))
     if not await store.try_lock(key):
-        return False
+        return None
     try:
         state = await store.run_state(run_id)
         if state is None or state["status"] != "running":
-            return False
+            return None
         if not force and any(await store.open_chunks(run_id)):
-            return False
+            return None
         report = await merged_report(store, run_id)
         rebuilt = await _rebuild(conn, run_id, state["parameters"], report)
         report.status = _final_status(report, state, error, rebuilt)
@@ -245,16 +252,18 @@ async def finish(
                 "they hold correct vectors."
             )
         report.error_class = type(error).__name__ if error is not None else None
-        done = await store.finish_job(report, str(error) if error is not None else None)
-        if done:
-            log.info(
-                "job %s finished: %s, %d embedded, %d failed",
-                run_id,
-                report.status,
-                report.embedded,
-                report.failed,
-            )
-        return done
+        if not await store.finish_job(report, str(error) if error is not None else None):
+            return None
+        if on_end is not None:  # before anything else is awaited: no one sees it half done
+            on_end(report.status)
+        log.info(
+            "job %s finished: %s, %d embedded, %d failed",
+            run_id,
+            report.status,
+            report.embedded,
+            report.failed,
+        )
+        return report.status
     finally:
         with contextlib.suppress(psycopg.Error):
             await store.unlock(key)

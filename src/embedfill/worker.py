@@ -40,6 +40,7 @@ import psycopg_pool
 
 from . import jobs
 from .config import Config
+from .context import job_id_var
 from .db.connect import Database, connect
 from .db.store import Store
 from .engine import BackfillOptions, Chunk, Observer, WorkerSeat, _Hooks, _prepare, _Run
@@ -78,6 +79,7 @@ class Worker:
     providers: dict[str, Provider] = field(default_factory=dict)
     concurrency: int | None = None  # chunks at once; None: [engine] worker_chunks
     on_progress: Callable[[int, Report], None] | None = None  # (job, this worker's live report)
+    on_job_end: Callable[[int, str], None] | None = None  # (job, final status) it finished
 
     def __post_init__(self) -> None:
         self.host = socket.gethostname()
@@ -85,6 +87,7 @@ class Worker:
         self.name = f"{self.host}:{self.pid}:{secrets.token_hex(3)}"
         self.sessions: dict[int, _Session] = {}
         self.chunks_done: Counter[int] = Counter()
+        self.finished: set[int] = set()  # jobs this worker finished
         self._lock = asyncio.Lock()
         self._control: psycopg.AsyncConnection[Any] | None = None
         self._control_lock = asyncio.Lock()
@@ -263,7 +266,6 @@ class Worker:
         """Hand out again the chunks of workers that are gone (see the module doc)."""
         manager = app.job_manager
         while True:
-            await asyncio.sleep(max(0.5, min(5.0, self.lease_s / 4)))
             try:
                 async with app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
                     orphans = await Store(conn).orphan_chunks(jobs.TASK)
@@ -282,10 +284,13 @@ class Worker:
                         await manager.retry_job(job)
             except Exception as exc:  # the database is away: try again next round
                 log.debug("reclaim failed: %s", exc)
+            # a dead process's chunks are found within a second or two (its lock is free)
+            await asyncio.sleep(max(0.5, min(2.0, self.lease_s / 4)))
 
     # ------------------------------------------------------------------ chunks
 
     async def _chunk_task(self, context: Any, run_id: int, seq: int) -> None:
+        job_id_var.set(run_id)  # this task's log lines (and its session's) name the job
         try:
             session = await self._session(run_id)
         except EmbedfillError as exc:
@@ -353,16 +358,32 @@ class Worker:
         connection is one reason)."""
         try:
             async with self.control() as store:
-                await jobs.fail(store.conn, run_id, exc)
+                await jobs.fail(store.conn, run_id, exc, on_end=self._ender(run_id))
         except (psycopg.Error, DatabaseError) as why:
             log.error("job %s: could not record its failure (%s): %s", run_id, why, exc)
 
     async def finish(self, run_id: int) -> None:
         conn = await connect(self.db)
         try:
-            await jobs.finish(conn, run_id)
+            await jobs.finish(conn, run_id, on_end=self._ender(run_id))
         finally:
             await conn.close()
+
+    def _ender(self, run_id: int) -> Callable[[str], None]:
+        def ended(status: str) -> None:
+            self.finished.add(run_id)
+            if self.on_job_end is not None:
+                self.on_job_end(run_id, status)
+
+        return ended
+
+    def running(self) -> int:
+        """Jobs this worker is working on now."""
+        return sum(
+            1
+            for run_id, s in self.sessions.items()
+            if run_id not in self.finished and not s.task.done()
+        )
 
     async def _release(self, run_id: int, seq: int, attempt: int) -> None:
         assert self.app is not None

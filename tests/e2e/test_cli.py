@@ -195,16 +195,19 @@ def test_kill_9_mid_run_then_resume(tickets: str, fake_openai: FakeOpenAI, tmp_p
             == 0
         )
         statuses = conn.execute("SELECT status FROM embedfill.runs ORDER BY id").fetchall()
-    assert statuses == [("abandoned",), ("succeeded",)]
+    # the killed backfill's job is not lost: the next backfill joins it and finishes it
+    assert statuses == [("succeeded",)]
+    assert data["joined"] is True and data["run_id"] == 1
     sent = [t for r in fake_openai.ok_requests() for t in r.inputs]
     # embedded twice at most: the batches in flight at the kill, at the provider
     # (concurrency x batch size) and answered but not yet committed (as many again)
     assert len(sent) - len(set(sent)) <= 2 * (2 * 2)
     assert len(set(sent)) == 45
-    assert data["embedded"] == 45 - (filled - 15)
+    (resumer,) = [w for w in data["workers"] if w["pid"] != proc.pid]
+    assert resumer["embedded"] == 45 - (filled - 15)
 
 
-def test_a_second_concurrent_run_is_refused_with_exit_4(
+def test_a_second_exclusive_run_is_refused_with_exit_4(
     tickets: str, fake_openai: FakeOpenAI, tmp_path: Path
 ) -> None:
     fake_openai.latency = 0.2
@@ -212,7 +215,7 @@ def test_a_second_concurrent_run_is_refused_with_exit_4(
     env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM)
     first = popen("--config", str(cfg), "backfill", "--json", env=env)
     wait_until(lambda: bool(fake_openai.requests))
-    second = embedfill("--config", str(cfg), "backfill", env=env)
+    second = embedfill("--config", str(cfg), "backfill", "--exclusive", env=env)
     assert second.returncode == 4
     assert "already being backfilled by run 1" in second.stderr
     out, err = first.communicate(timeout=60)

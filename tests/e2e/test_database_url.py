@@ -77,7 +77,7 @@ def test_a_backfill_through_a_sqlalchemy_url_with_pgbouncer_and_schema(
         tickets,
         password="any-pass",
         scheme="postgresql+psycopg",
-        query="schema=app&pgbouncer=true&connection_limit=2",
+        query="schema=app&pgbouncer=true&connection_limit=6",
     )
     env = cli_env(url, TEST_PLATFORM_KEY=PLATFORM)
     result = embedfill("--config", str(cfg), "backfill", "--json", env=env)

@@ -456,6 +456,7 @@ def create_app(
     )
     async def metrics() -> Response:
         await service.refresh_missing()
+        service.refresh_running()
         return Response(
             service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
         )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import time
 
-job_id_var: contextvars.ContextVar[int | None] = contextvars.ContextVar("job_id", default=None)
+from ..context import job_id_var
+
+__all__ = ["JsonFormatter", "configure", "job_id_var"]
 
 
 class JsonFormatter(logging.Formatter):

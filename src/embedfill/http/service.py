@@ -69,6 +69,8 @@ class AdminService:
             if worker
             else None
         )
+        if self.worker is not None:
+            self.worker.on_job_end = lambda _, status: self.metrics.jobs_total.labels(status).inc()
         self._worker_stop = asyncio.Event()
         self._worker_task: asyncio.Task[None] | None = None
         self._missing_at = 0.0
@@ -133,11 +135,13 @@ class AdminService:
                 enqueue=True,
             )
         except TargetBusy as exc:
-            raise JobConflict(str(exc), exc.run_id) from None
+            raise JobConflict(
+                f"A backfill of target {target.name!r} is already running as job {exc.run_id}.",
+                exc.run_id,
+            ) from None
         assert report.run_id is not None
         job_id_var.set(report.run_id)
         log.info("job queued for target %s", target.name)
-        self.metrics.jobs_total.labels("queued").inc()
         return report.run_id
 
     async def wait(self, job_id: int, timeout: float) -> dict[str, Any] | None:
@@ -247,6 +251,10 @@ class AdminService:
             log.warning("not ready (%s): %s", reason, detail)
             self._unready = detail
         return False, reason
+
+    def refresh_running(self) -> None:
+        """Jobs this process's worker is working on now."""
+        self.metrics.jobs_running.set(self.worker.running() if self.worker else 0)
 
     async def refresh_missing(self) -> None:
         """Update the missing-rows gauge, at most every MISSING_REFRESH_S seconds."""
