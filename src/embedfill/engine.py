@@ -307,6 +307,7 @@ async def _job(
 
     if not enqueue:
         db.check_connection_limit()  # before anything is written
+    await jobs.take_over_legacy(conn, info, target)
     run_id, joined = await jobs.create_or_join(
         conn,
         target=target,

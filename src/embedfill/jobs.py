@@ -128,14 +128,8 @@ async def create_or_join(
     async with conn.transaction():
         await store.lock_for_create(key)
         active = await store.active_job(info.oid, target.embedding_column)
-        # a run of an embedfill before jobs (no chunks) is alive while it holds the lock
-        if (
-            active is not None
-            and not await store.has_chunks(active["id"])
-            and not await _legacy_alive(store, key)
-        ):
-            await store.abandon_run(active["id"])
-            active = None
+        if active is not None and not await store.has_chunks(active["id"]):
+            raise _busy(target, active)  # a live run of an embedfill before jobs
         if active is not None:
             if exclusive or active["target"] != target.name:
                 raise _busy(target, active)
@@ -156,11 +150,31 @@ async def create_or_join(
     return run_id, False
 
 
-async def _legacy_alive(store: Store, key: str) -> bool:
-    if await store.try_lock(key):
-        await store.unlock(key)
-        return False
-    return True
+async def take_over_legacy(
+    conn: psycopg.AsyncConnection[Any], info: TableInfo, target: TargetConfig
+) -> None:
+    """Runs of an embedfill from before jobs (no chunks) still shown running for this
+    column whose process is gone (the column's session lock is free): repair what they
+    left (a vector index dropped, or left INVALID by a rebuild cut short), then mark them
+    abandoned. A repair that fails raises, and leaves them for the next try."""
+    store = Store(conn)
+    key = lock_key(info.oid, target.embedding_column)
+    if not await store.try_lock(key):
+        return  # one is alive (or another process takes over right now)
+    try:
+        for run_id, parameters in await store.dead_runs(info.oid, target.embedding_column, 0):
+            if await store.has_chunks(run_id):
+                continue  # a job: it goes on, whoever works on it
+            log.warning("run %s had died; repairing what it left", run_id)
+            for data in parameters.get("deferred_indexes") or []:
+                index = indexes.VectorIndex(**data)
+                if await indexes.state(conn, index) != "valid":
+                    log.warning("rebuilding vector index %s, left by run %s", index.name, run_id)
+                    await indexes.rebuild(conn, index)
+            await store.abandon_run(run_id)
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            await store.unlock(key)
 
 
 def _busy(target: TargetConfig, active: dict[str, Any]) -> TargetBusy:
@@ -338,6 +352,8 @@ async def merged_report(store: Store, run_id: int, *, exclude: str | None = None
                 mine.key_source = t["key_source"]
             mine.error = mine.error or t.get("error")
     report.estimated_cost_usd = price
+    final = state["report"] or {}  # the finisher's: what only it knows
+    report.deferred_indexes = list(final.get("deferred_indexes") or [])
     report.failures = await store.first_failures(run_id, MAX_REPORTED_FAILURES)
     report.workers = [_worker_view(w) for w in await store.job_workers(run_id)]
     report.chunks = {k: int(v) for k, v in (await store.job_chunks(run_id)).items()}

@@ -70,7 +70,7 @@ def leave_invalid_index(db_url: str, definition: str) -> None:
     ``indisvalid = false``. A writer's open transaction holds the build in its first
     wait; the building backend is then killed."""
     with psycopg.connect(db_url, autocommit=True) as conn:
-        conn.execute(f"DROP INDEX app.{INDEX}")
+        conn.execute(f"DROP INDEX IF EXISTS app.{INDEX}")
     writer = psycopg.connect(db_url)
     writer.execute('UPDATE app."SupportTickets" SET subject = subject WHERE ticket_no = 1')
     builder = psycopg.connect(db_url, autocommit=True)
@@ -181,3 +181,39 @@ def test_cli_asks_before_dropping_and_refuses_without_confirmation(
     assert done.returncode == 0, done.stderr
     assert f"vector index {INDEX} rebuilt" in done.stdout
     assert index_def(db_url) is not None
+
+
+def test_a_job_whose_finisher_died_mid_rebuild_is_repaired_by_the_next_backfill(
+    db_url: str, fake_openai: FakeOpenAI
+) -> None:
+    with_index(db_url)
+    config = tickets_config(fake_openai.base_url)
+    env = {"TEST_PLATFORM_KEY": "sk-x-123456789"}
+    definition = index_def(db_url)
+    assert definition is not None
+    queued = asyncio.run(
+        abackfill(
+            config, Database(db_url), BackfillOptions(defer_index=True), env=env, enqueue=True
+        )
+    )
+    assert index_def(db_url) is None  # set aside when the job was created
+    # what a finisher killed during its CREATE INDEX CONCURRENTLY leaves: every chunk
+    # done (here: filled by hand), the job still running, the index INVALID
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE embedfill.chunks SET state = 'done'")
+        conn.execute("DELETE FROM embedfill.procrastinate_jobs")
+        conn.execute(
+            "UPDATE app.\"SupportTickets\" SET emb = '[1,0,0,0,0,0,0,0]' WHERE emb IS NULL"
+        )
+    leave_invalid_index(db_url, definition)
+
+    report = asyncio.run(abackfill(config, Database(db_url), BackfillOptions(), env=env))
+
+    assert report.joined and report.run_id == queued.run_id and report.status == "succeeded"
+    assert index_def(db_url) == definition
+    with psycopg.connect(db_url) as conn:
+        valid = conn.execute(
+            "SELECT indisvalid FROM pg_index WHERE indexrelid = %s::regclass", (f"app.{INDEX}",)
+        ).fetchone()
+    assert valid == (True,)
+    assert [i["rebuilt"] for i in report.deferred_indexes] == [True]
