@@ -319,12 +319,14 @@ async def _job(
         chunk_rows=config.engine.chunk_rows,
         exclusive=exclusive,
     )
-    if joined:
-        log.info("joining job %s of target %s", run_id, target.name)
-    elif opts.defer_index:
-        await jobs.set_aside_indexes(conn, run_id, info, target)
     if hooks.on_start:
         hooks.on_start(run_id)
+    if joined:
+        log.info("joining job %s of target %s", run_id, target.name)
+    elif opts.defer_index and not hooks.cancel.is_set():
+        # (cancelled while starting: dropping now would only buy a rebuild, hours on a
+        # large table, for a job asked to stop)
+        await jobs.set_aside_indexes(conn, run_id, info, target)
     store = Store(conn)
     if enqueue:
         report = await jobs.merged_report(store, run_id)

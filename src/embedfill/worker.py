@@ -332,6 +332,9 @@ class Worker:
             await session.run.submit(chunk)
         except EmbedfillError as exc:
             if _ends_the_job(exc):
+                with contextlib.suppress(psycopg.Error, DatabaseError):
+                    async with self.control() as store:  # what it wrote, counted first
+                        await session.run.flush(store)
                 await self._fail(run_id, exc)  # every chunk would fail the same way
                 return
             await self._release(run_id, seq, attempt)
@@ -368,6 +371,11 @@ class Worker:
             await jobs.finish(conn, run_id, on_end=self._ender(run_id))
         finally:
             await conn.close()
+
+    def cancel_local(self, run_id: int) -> None:
+        session = self.sessions.get(run_id)
+        if session is not None:
+            session.run.hooks.cancel.set()
 
     def _ender(self, run_id: int) -> Callable[[str], None]:
         def ended(status: str) -> None:
@@ -429,6 +437,16 @@ class Worker:
         target = self.config.target(opts.target)
         provider = self._provider(target.provider)
         target, pconf, info = await _prepare(conn, self.config, opts, provider)
+        if (info.oid, target.embedding_column) != (state["table_oid"], state["column_name"]):
+            # the same target name in another config, for another table or column: the
+            # job is not this worker's (its chunks would be scanned in the wrong table)
+            log.warning(
+                "job %s: target %r here is another table or column than the job's; "
+                "leaving its chunks to other workers",
+                run_id,
+                target.name,
+            )
+            raise GiveBack(f"target {target.name!r} differs from job {run_id}'s")
         seat = WorkerSeat(
             run_id=run_id,
             name=self.name,
@@ -551,6 +569,7 @@ async def work_on_job(
             store = Store(conn)
             if cancel is not None and cancel.is_set() and not cancelled:
                 cancelled = True
+                worker.cancel_local(run_id)  # this process at once; others within a second
                 await jobs.cancel(conn, run_id)
             state = await store.run_state(run_id)
             if state is None or state["status"] != "running":

@@ -367,14 +367,23 @@ def test_a_run_of_another_table_never_marks_a_live_run_abandoned(
     tickets: str, fake_openai: FakeOpenAI
 ) -> None:
     make_docs(tickets, "int", list(range(1, 11)))
-    fake_openai.latency = 0.2
+    docs_done, held = threading.Event(), threading.Event()
+
+    def hold_tickets(inputs: list[str]) -> None:
+        if any(i.startswith("Ticket") for i in inputs):  # the slow run waits for the other
+            held.set()
+            docs_done.wait(60)
+
+    fake_openai.on_inputs = hold_tickets
     slow = Background(tickets, tickets_config(fake_openai.base_url))
-    wait_until(lambda: bool(fake_openai.requests))
-    # same target name, another table: its run completes on its own
+    wait_until(held.is_set)
+    # same target name, another table: its run completes on its own (and the worker of
+    # the first, serving a target of that name too, leaves the other table's job alone)
     other = run_docs(tickets, docs_config(fake_openai.base_url, name="tickets"))
     assert other.embedded == 10
     with psycopg.connect(tickets) as conn:
         statuses = dict(conn.execute("SELECT id, status FROM embedfill.runs").fetchall())
+    docs_done.set()
     report = slow.join()
     assert statuses[report.run_id] == "running"
     assert report.status == "succeeded" and report.embedded == 45

@@ -203,17 +203,21 @@ SET chunks = excluded.chunks, report = excluded.report, heartbeat_at = now()"""
 SUM_WORKERS = """
 UPDATE embedfill.runs AS r
 SET embedded = s.embedded, skipped = s.skipped, failed = s.failed, requests = s.requests,
-    tokens = s.tokens, heartbeat_at = now(),
-    progress = jsonb_build_object('done', s.embedded + s.skipped + s.failed,
-                                  'total', r.missing_before, 'tenants', '[]'::jsonb)
+    tokens = s.tokens,
+    -- a finished job's totals stay the sum of what its workers wrote (one still in flight
+    -- when it ended counts too); only a running job's heartbeat moves
+    heartbeat_at = CASE WHEN r.status = 'running' THEN now() ELSE r.heartbeat_at END,
+    progress = CASE WHEN r.status <> 'running' THEN r.progress
+        ELSE jsonb_build_object('done', s.embedded + s.skipped + s.failed,
+                                'total', r.missing_before, 'tenants', '[]'::jsonb) END
 FROM (SELECT coalesce(sum((report->>'embedded')::bigint), 0) AS embedded,
              coalesce(sum((report->>'skipped')::bigint), 0) AS skipped,
              coalesce(sum((report->>'failed')::bigint), 0) AS failed,
              coalesce(sum((report->>'requests')::bigint), 0) AS requests,
              coalesce(sum((report->>'tokens')::bigint), 0) AS tokens
       FROM embedfill.workers WHERE run_id = %(run_id)s) AS s
-WHERE r.id = %(run_id)s AND r.status = 'running'
-RETURNING r.cancel_requested"""
+WHERE r.id = %(run_id)s
+RETURNING r.cancel_requested, r.status"""
 
 CHUNKS_OF_RUN = "SELECT count(*) FROM embedfill.chunks WHERE run_id = %(run_id)s"
 

@@ -240,7 +240,7 @@ class Store:
         )
         cur = await self.conn.execute(q.SUM_WORKERS, {"run_id": run_id})
         row = await cur.fetchone()
-        if row is None:
+        if row is None or row[1] != "running":
             return "over"
         return "cancelling" if row[0] else "running"
 
