@@ -144,7 +144,8 @@ def test_kill_9_at_random_points_while_the_app_edits_never_stores_a_wrong_vector
             'SELECT ticket_no, subject, body, emb FROM app."SupportTickets"'
         ).fetchall()
         statuses = [r[0] for r in conn.execute("SELECT status FROM embedfill.runs ORDER BY id")]
-    assert statuses == ["abandoned"] * 4 + ["succeeded"] * 2
+    # one job, killed four times and resumed each time by the next backfill; then one more
+    assert statuses == ["succeeded"] * 2
     assert {r[0] for r in stored} == {
         i for i in range(1, rows + 1) if app.expect.get(i) != "deleted"
     }

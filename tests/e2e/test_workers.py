@@ -104,6 +104,7 @@ def test_three_workers_one_killed_the_job_completes_and_repeats_little(
     job_id = enqueue(cfg, env)
     workers = [popen("--config", str(cfg), "worker", env=env) for _ in range(3)]
     try:
+        wait_until(lambda: _claimers(big) == 3)  # all three are at work
         wait_until(lambda: missing(big) < 200)
         # the victim: a worker with chunks in flight, counted just before the kill
         with psycopg.connect(big) as conn:
@@ -168,6 +169,13 @@ def test_a_worker_that_cannot_reach_the_provider_hands_its_chunks_back(
     assert failed == (0,)
     assert_all_true(big)
     assert "goes back to the queue" in results[0][2]
+
+
+def _claimers(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(DISTINCT worker) FROM embedfill.chunks").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def _claimed(url: str) -> int:
