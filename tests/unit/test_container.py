@@ -36,11 +36,12 @@ def dockerfile_lines() -> list[str]:
 def test_compose_fits_an_existing_app() -> None:
     data = compose()
     services = data["services"]
-    assert set(services) == {"db", "embedfill"}
+    assert set(services) == {"db", "embedfill", "worker"}
     app = services["embedfill"]
     for name, service in services.items():
         assert "container_name" not in service, name
-        assert service["healthcheck"]["test"], name
+        # a worker serves no HTTP: the image's /healthz check is switched off for it
+        assert service["healthcheck"].get("test") or name == "worker", name
     # the bundled database is opt-in; the app's own DATABASE_URL (environment or .env)
     assert services["db"]["profiles"] == ["db"]
     assert services["db"]["image"].startswith("pgvector/pgvector:")
@@ -55,6 +56,27 @@ def test_compose_fits_an_existing_app() -> None:
     # the port is published on loopback unless configured
     for port in app["ports"]:
         assert defaults(port).startswith("127.0.0.1:"), port
+
+
+def test_compose_runs_the_api_without_a_worker_and_two_worker_replicas() -> None:
+    services = compose()["services"]
+    app, worker = services["embedfill"], services["worker"]
+    api = app["command"]
+    assert api[:2] == ["embedfill", "serve"] and "--no-worker" in api
+    assert worker["command"] == ["embedfill", "worker"]
+    assert worker["deploy"]["replicas"] == 2
+    assert worker["healthcheck"] == {"disable": True}  # the image's checks /healthz
+    assert "ports" not in worker  # replicas publish nothing, so they never collide
+    # the same image, config, database and keys; the admin secret only where it is used
+    for key in ("build", "volumes", "depends_on", "restart", "extra_hosts"):
+        assert worker[key] == app[key], key
+    assert worker["environment"] == {
+        k: v for k, v in app["environment"].items() if k != "ADMIN_SECRET"
+    }
+    # secrets come from the environment or .env, never from a command line
+    for name, service in services.items():
+        argv = " ".join(service.get("command") or [])
+        assert "$" not in argv and "SECRET" not in argv and "KEY" not in argv, name
 
 
 def test_compose_mounts_the_config_read_only_and_names_its_volumes() -> None:
