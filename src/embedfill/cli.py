@@ -433,7 +433,7 @@ def worker(
     ] = None,
     concurrency: Annotated[
         int | None,
-        typer.Option(help="Chunks worked on at once (default: [engine] worker_chunks)."),
+        typer.Option(help="Chunks worked on at once (default: \\[engine] worker_chunks)."),
     ] = None,
     job: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:

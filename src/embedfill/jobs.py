@@ -181,11 +181,13 @@ def _busy(target: TargetConfig, active: dict[str, Any]) -> TargetBusy:
     where = f"column {target.embedding_column!r} of {target.table}"
     other = active["target"]
     other = "" if other == target.name else f" of target {other!r}"
+    how = "wait for it to finish or cancel it"
+    if not other:
+        how += ", or run without --exclusive to join it"
     return TargetBusy(
         f"Target {target.name!r} ({where}) is already being backfilled by run "
         f"{active['id']}{other} (started {active['started_at']:%Y-%m-%d %H:%M:%S %Z} by "
-        f"{active['actor']}); wait for it to finish, cancel it, or run without --exclusive "
-        "to join it.",
+        f"{active['actor']}); {how}.",
         run_id=int(active["id"]),
     )
 
