@@ -559,6 +559,8 @@ async def work_on_job(
             on_progress(jobs.plus(others, live))
 
     worker.on_progress = show
+    ended = asyncio.Event()  # this process finished the job: no need to wait for a poll
+    worker.on_job_end = lambda job, _: ended.set() if job == run_id else None
     runner = asyncio.create_task(worker.run(stop))
     cancelled = False
     own_conn = conn is None
@@ -581,7 +583,7 @@ async def work_on_job(
                 on_progress(jobs.plus(others, live))
             if leave.is_set():
                 break
-            waits = [asyncio.sleep(0.5), leave.wait()]
+            waits = [asyncio.sleep(0.5), leave.wait(), ended.wait()]
             if cancel is not None and not cancelled:
                 waits.append(cancel.wait())
             await _first(*waits, runner)

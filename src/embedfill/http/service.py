@@ -136,7 +136,8 @@ class AdminService:
             )
         except TargetBusy as exc:
             raise JobConflict(
-                f"A backfill of target {target.name!r} is already running as job {exc.run_id}.",
+                f"Target {target.name!r} is already being backfilled by run {exc.run_id} "
+                f"(job {exc.run_id}); wait for it to finish or cancel it.",
                 exc.run_id,
             ) from None
         assert report.run_id is not None
