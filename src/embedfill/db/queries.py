@@ -190,7 +190,8 @@ WHERE status = 'todo' AND task_name = %(task)s AND (args->>'run_id')::bigint = %
 
 RUN_STATE = """
 SELECT id, status, cancel_requested, parameters, target, table_oid, column_name, actor,
-       missing_before, started_at, error, report, extract(epoch FROM now() - started_at) AS age_s
+       missing_before, started_at, error, report,
+       extract(epoch FROM coalesce(finished_at, now()) - started_at) AS age_s
 FROM embedfill.runs WHERE id = %(id)s"""
 
 # a worker's own report for a job, then the job's totals as the sum over its workers
