@@ -12,10 +12,12 @@ one job, wait, cancel) and the tenants' stored keys. Everything below is the eng
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import psycopg
@@ -25,12 +27,12 @@ from .config import Config, ProviderConfig, TargetConfig
 from .db import indexes
 from .db.catalog import TableInfo, count_missing, inspect_target, target_status
 from .db.connect import Database, connect
-from .db.schema import ensure_schema
-from .db.store import Store
+from .db.schema import amigrate, ensure_schema
+from .db.store import KeyInfo, Store
 from .db.target_sql import TargetSQL
 from .engine import BackfillOptions, Observer, ProgressCallback, _Hooks, _Run
 from .engine.state import _first_line
-from .errors import DatabaseError, UsageError
+from .errors import DatabaseError, EmbedfillError, JobConflict, JobNotFound, UsageError
 from .models import Report, TargetStatus
 from .providers import Provider, make_provider
 
@@ -223,3 +225,171 @@ async def astatus(config: Config, db: Database, target: str | None = None) -> li
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
     finally:
         await conn.close()
+
+
+async def missing_counts(config: Config, db: Database) -> dict[str, int]:
+    """Rows missing an embedding per target name (the service's gauge); a target that
+    cannot be inspected now (its table gone, say) is left out."""
+    conn = await connect(db)
+    try:
+        counts: dict[str, int] = {}
+        for target in config.targets:
+            pconf = config.provider_for(target)
+            try:
+                info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
+                missing = await count_missing(conn, TargetSQL(target, info.types), None)
+            except (EmbedfillError, psycopg.Error):
+                continue
+            counts[target.name] = missing
+        return counts
+    finally:
+        await conn.close()
+
+
+# ---------------------------------------------------------------------------- schema
+
+
+@contextlib.asynccontextmanager
+async def open_store(db: Database) -> AsyncIterator[Store]:
+    """embedfill's own tables on a connection of their own, the schema brought to this
+    build's version first (when it is behind and the role may)."""
+    conn = await connect(db)
+    try:
+        await ensure_schema(conn)
+        yield Store(conn)
+    finally:
+        await conn.close()
+
+
+async def aensure_schema(db: Database) -> None:
+    """Create or upgrade embedfill's schema when it is behind (and the role may)."""
+    async with open_store(db):
+        pass
+
+
+# ---------------------------------------------------------------------------- jobs
+
+
+@contextlib.asynccontextmanager
+async def _job_store(db: Database) -> AsyncIterator[Store]:
+    """``open_store``, a statement the database refuses being a DatabaseError."""
+    try:
+        async with open_store(db) as store:
+            yield store
+    except psycopg.Error as exc:
+        raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
+
+
+async def job_record(db: Database, job_id: int) -> dict[str, Any]:
+    """A job as stored, with its workers, its chunks and, while it runs, live progress
+    (JobNotFound: no such job; a dry run is not one)."""
+    async with _job_store(db) as store:
+        row = await store.get_run(job_id)
+        if row is None or row["dry_run"]:
+            raise JobNotFound(f"No backfill job has id {job_id}.")
+        record = _record(row)
+        live = await jobs.merged_report(store, job_id)
+    record["workers"] = live.workers
+    record["chunks"] = live.chunks
+    if row["status"] == "running":
+        record["progress"] = live.progress()
+    return record
+
+
+async def list_jobs(
+    config: Config, db: Database, target: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """Recent jobs, newest first (without their final reports)."""
+    if target is not None:
+        config.target(target)  # an unknown target is TargetNotFound, not an empty list
+    async with _job_store(db) as store:
+        rows = await store.list_runs(target, limit)
+    return [_record(row) for row in rows]
+
+
+def _record(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored run as a job."""
+    status = row["status"]
+    progress = row["progress"] or {"done": 0, "total": row["missing_before"], "tenants": []}
+    return {
+        "job_id": row["id"],
+        "target": row["target"],
+        "status": status,
+        "actor": row["actor"],
+        "parameters": row["parameters"],
+        "progress": progress,
+        "cancel_requested": row["cancel_requested"],
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+        "heartbeat_at": row["heartbeat_at"],
+        "report": row["report"],
+        "error": row["error"],
+    }
+
+
+async def wait_job(db: Database, job_id: int, timeout: float) -> dict[str, Any] | None:
+    """The job's final report once it is over, or None after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        async with _job_store(db) as store:
+            state = await store.run_state(job_id)
+        if state is not None and state["status"] != "running":
+            report: dict[str, Any] | None = state["report"]
+            return report
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(0.2)
+
+
+async def cancel_job(db: Database, job_id: int) -> dict[str, Any]:
+    """Cancel a job for every worker (each stops after its batches in flight); the job
+    as it is then. JobConflict when it is already over."""
+    record = await job_record(db, job_id)
+    if record["status"] not in ("queued", "running"):
+        raise JobConflict(f"Job {job_id} is already {record['status']}.", job_id)
+    async with _job_store(db) as store:  # reaches every worker of the job
+        await jobs.cancel(store.conn, job_id)
+        await jobs.finish(store.conn, job_id)  # at once when no chunk is in flight
+    return await job_record(db, job_id)
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+async def put_key(db: Database, tenant: str, ciphertext: bytes, key_hint: str) -> None:
+    """Store a tenant's key, encrypted (keys.encrypt) by the caller."""
+    async with open_store(db) as store:
+        await store.put_key(tenant, ciphertext, key_hint)
+
+
+async def list_keys(db: Database) -> list[KeyInfo]:
+    """Tenants with a stored key, each with its hint (the last 4 characters)."""
+    async with open_store(db) as store:
+        return await store.list_keys()
+
+
+async def delete_key(db: Database, tenant: str) -> bool:
+    """Forget a tenant's key; False when none was stored."""
+    async with open_store(db) as store:
+        return await store.delete_key(tenant)
+
+
+__all__ = [
+    "BackfillOptions",
+    "Observer",
+    "ProgressCallback",
+    "abackfill",
+    "adefer_index_plan",
+    "aensure_schema",
+    "amigrate",
+    "astatus",
+    "cancel_job",
+    "delete_key",
+    "job_record",
+    "list_jobs",
+    "list_keys",
+    "missing_counts",
+    "open_store",
+    "put_key",
+    "wait_job",
+]
