@@ -24,9 +24,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .application import BackfillOptions, ProgressCallback, abackfill, astatus
 from .config import Config, ProviderConfig, TargetConfig, load_config, parse_config
 from .db.connect import Database, default_data_dir, start_embedded
-from .engine import BackfillOptions, ProgressCallback, abackfill, astatus
 from .errors import (
     ConfigError,
     DatabaseError,

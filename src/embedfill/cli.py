@@ -21,12 +21,11 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from . import application
 from . import keys as keymod
+from .application import BackfillOptions, abackfill, adefer_index_plan, aensure_schema, astatus
 from .config import Config, load_config
-from .db.connect import Database, connect, resolve_database
-from .db.schema import amigrate, ensure_schema
-from .db.store import Store
-from .engine import BackfillOptions, abackfill, adefer_index_plan, astatus
+from .db.connect import Database, resolve_database
 from .errors import EmbedfillError, UsageError
 from .models import Report
 from .render import report_table, status_tables
@@ -82,14 +81,6 @@ def _errors(state: State) -> Iterator[None]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         err.print(f"embedfill: database error: {first}", style="red", markup=False)
         raise typer.Exit(1) from None
-
-
-async def aensure_schema(db: Database) -> None:
-    conn = await connect(db)
-    try:
-        await ensure_schema(conn)
-    finally:
-        await conn.close()
 
 
 def _actor() -> str:
@@ -416,7 +407,7 @@ def migrate(ctx: typer.Context) -> None:
     """Create or upgrade embedfill's own schema; run once as its owner (then DML is enough)."""
     state = _state(ctx)
     with _errors(state):
-        before, after = asyncio.run(amigrate(state.database()))
+        before, after = asyncio.run(application.amigrate(state.database()))
     if before == after:
         out.print(f"embedfill schema: version {after} (already current)")
     else:
@@ -495,18 +486,6 @@ def serve(
 # ---------------------------------------------------------------------------- keys
 
 
-def _with_store(state: State, fn: Callable[[Store], Any]) -> Any:
-    async def go() -> Any:
-        conn = await connect(state.database())
-        try:
-            await ensure_schema(conn)
-            return await fn(Store(conn))
-        finally:
-            await conn.close()
-
-    return asyncio.run(go())
-
-
 @keys_app.command("set")
 def keys_set(
     ctx: typer.Context,
@@ -527,7 +506,7 @@ def keys_set(
             )
         token = keymod.encrypt(key, os.environ)
         hint = keymod.key_hint(key)
-        _with_store(state, lambda store: store.put_key(tenant, token, hint))
+        asyncio.run(application.put_key(state.database(), tenant, token, hint))
     out.print(f"stored the key for tenant {tenant} ({hint})")
 
 
@@ -539,7 +518,7 @@ def keys_list(
     """Tenants with a stored key, masked to its last 4 characters."""
     state = _state(ctx)
     with _errors(state):
-        infos = _with_store(state, lambda store: store.list_keys())
+        infos = asyncio.run(application.list_keys(state.database()))
     if as_json:
         print(
             json.dumps(
@@ -570,7 +549,7 @@ def keys_delete(
     """Forget a tenant's stored key."""
     state = _state(ctx)
     with _errors(state):
-        deleted = _with_store(state, lambda store: store.delete_key(tenant))
+        deleted = asyncio.run(application.delete_key(state.database(), tenant))
         if not deleted:
             raise UsageError(f"No key is stored for tenant {tenant!r}; see `embedfill keys list`.")
     out.print(f"deleted the key of tenant {tenant}")

@@ -3,7 +3,7 @@
 Any process with the config and ``DATABASE_URL`` can be one: ``embedfill worker`` (long
 running, any machine), ``embedfill backfill`` (works on its own job until it is over),
 ``serve`` (in-process, unless ``--no-worker``). A worker keeps one engine session per job
-(``engine._Run`` fed chunk by chunk: one provider client, one rate budget per key, one
+(``engine.run._Run`` fed chunk by chunk: one provider client, one rate budget per key, one
 de-duplication cache, writer connections kept across chunks) and works on
 ``[engine] worker_chunks`` chunks at once, so the next chunk's requests overlap the tail
 of the last one.
@@ -17,7 +17,7 @@ A chunk held by a worker that is gone is handed out again:
   lease/3 seconds): a frozen process, a network partition.
 
 A worker that cannot reach the provider gives its chunk back rather than failing its
-rows (``engine._give_back``), at most ``MAX_CHUNK_ATTEMPTS`` times per chunk.
+rows (``_give_back`` in engine/embed.py), at most ``MAX_CHUNK_ATTEMPTS`` times per chunk.
 SIGTERM: stop claiming, finish the chunks in flight, exit 0.
 """
 
@@ -39,11 +39,12 @@ import psycopg
 import psycopg_pool
 
 from . import jobs
+from .application import _prepare
 from .config import Config
 from .context import job_id_var
 from .db.connect import Database, connect
 from .db.store import Store
-from .engine import BackfillOptions, Chunk, Observer, WorkerSeat, _Hooks, _prepare, _Run
+from .engine import BackfillOptions, Chunk, Observer, WorkerSeat, _Hooks, _Run
 from .errors import DatabaseError, EmbedfillError, NoFreeConnection, RunAborted
 from .models import Report
 from .providers import Provider, make_provider

@@ -21,9 +21,9 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..application import BackfillOptions
 from ..config import Config, load_config
 from ..db.connect import Database
-from ..engine import BackfillOptions
 from ..errors import ConfigError, EmbedfillError
 from ..secrets import Secret
 from .service import AdminService

@@ -1,4 +1,5 @@
-"""The admin service's state: background jobs over the same library calls as the CLI.
+"""The admin service's state: background jobs over the same application calls as the CLI
+(application.py).
 
 A job is a backfill run; its id is the run's id in ``embedfill.runs``, so job records
 survive a restart. One job per target: a second request while one runs here is answered
@@ -9,7 +10,6 @@ lock (``TargetBusy``), so no work is ever done twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Mapping
@@ -17,22 +17,13 @@ from typing import Any
 
 import psycopg
 
-from .. import jobs
+from .. import application
+from ..application import BackfillOptions, abackfill, astatus
 from ..config import Config
-from ..db.catalog import check_extension, count_missing, inspect_target
+from ..db.catalog import check_extension
 from ..db.connect import Database, connect
 from ..db.schema import EXPECTED_VERSION, current_version, ensure_schema
-from ..db.store import Store
-from ..db.target_sql import TargetSQL
-from ..engine import BackfillOptions, abackfill, astatus
-from ..errors import (
-    DatabaseError,
-    EmbedfillError,
-    ExtensionMissing,
-    JobConflict,
-    JobNotFound,
-    TargetBusy,
-)
+from ..errors import EmbedfillError, ExtensionMissing, JobConflict, TargetBusy
 from ..models import Report, TargetStatus
 from ..providers import Provider, check_available, make_provider
 from ..worker import Worker
@@ -147,66 +138,19 @@ class AdminService:
 
     async def wait(self, job_id: int, timeout: float) -> dict[str, Any] | None:
         """The job's final report once it is over, or None after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while True:
-            async with self._store() as store:
-                state = await store.run_state(job_id)
-            if state is not None and state["status"] != "running":
-                report: dict[str, Any] | None = state["report"]
-                return report
-            if time.monotonic() >= deadline:
-                return None
-            await asyncio.sleep(0.2)
+        return await application.wait_job(self.db, job_id, timeout)
 
     async def job_record(self, job_id: int) -> dict[str, Any]:
-        """The job as stored, with live progress when it runs in this process."""
-        async with self._store() as store:
-            row = await store.get_run(job_id)
-            if row is None or row["dry_run"]:
-                raise JobNotFound(f"No backfill job has id {job_id}.")
-            record = self._record(row)
-            live = await jobs.merged_report(store, job_id)
-        record["workers"] = live.workers
-        record["chunks"] = live.chunks
-        if row["status"] == "running":
-            record["progress"] = live.progress()
-        return record
+        """The job as stored, with its workers, chunks and live progress (404: none)."""
+        return await application.job_record(self.db, job_id)
 
     async def list_jobs(self, target: str | None, limit: int) -> list[dict[str, Any]]:
-        """Recent jobs, newest first (without their final reports)."""
-        if target is not None:
-            self.config.target(target)  # an unknown target is a 404, not an empty list
-        async with self._store() as store:
-            rows = await store.list_runs(target, limit)
-        return [self._record(row) for row in rows]
-
-    def _record(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A stored run as a job."""
-        status = row["status"]
-        progress = row["progress"] or {"done": 0, "total": row["missing_before"], "tenants": []}
-        return {
-            "job_id": row["id"],
-            "target": row["target"],
-            "status": status,
-            "actor": row["actor"],
-            "parameters": row["parameters"],
-            "progress": progress,
-            "cancel_requested": row["cancel_requested"],
-            "started_at": row["started_at"],
-            "finished_at": row["finished_at"],
-            "heartbeat_at": row["heartbeat_at"],
-            "report": row["report"],
-            "error": row["error"],
-        }
+        """Recent jobs, newest first (an unknown target is a 404, not an empty list)."""
+        return await application.list_jobs(self.config, self.db, target, limit)
 
     async def cancel(self, job_id: int) -> dict[str, Any]:
-        record = await self.job_record(job_id)
-        if record["status"] not in ("queued", "running"):
-            raise JobConflict(f"Job {job_id} is already {record['status']}.", job_id)
-        async with self._store() as store:  # reaches every worker of the job
-            await jobs.cancel(store.conn, job_id)
-            await jobs.finish(store.conn, job_id)  # at once when no chunk is in flight
-        return await self.job_record(job_id)
+        """Cancel for every worker of the job (409 when it is already over)."""
+        return await application.cancel_job(self.db, job_id)
 
     # ------------------------------------------------------------------ status & health
 
@@ -264,33 +208,11 @@ class AdminService:
             return
         self._missing_at = now
         try:
-            conn = await connect(self.db)
+            counts = await application.missing_counts(self.config, self.db)
         except EmbedfillError:
             return
-        try:
-            for target in self.config.targets:
-                pconf = self.config.provider_for(target)
-                try:
-                    info = await inspect_target(
-                        conn, target, pconf.expected_dimensions, pconf.label
-                    )
-                    missing = await count_missing(conn, TargetSQL(target, info.types), None)
-                except (EmbedfillError, psycopg.Error):
-                    continue
-                self.metrics.missing.labels(target.name).set(missing)
-        finally:
-            await conn.close()
-
-    @contextlib.asynccontextmanager
-    async def _store(self) -> Any:
-        conn = await connect(self.db)
-        try:
-            await ensure_schema(conn)
-            yield Store(conn)
-        except psycopg.Error as exc:
-            raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
-        finally:
-            await conn.close()
+        for name, missing in counts.items():
+            self.metrics.missing.labels(name).set(missing)
 
 
 def _first_line(exc: BaseException) -> str:

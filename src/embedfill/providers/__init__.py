@@ -1,7 +1,7 @@
 """Embedding providers: each declares its limits and embeds one batch, nothing else.
 
 Batching, retries, rate limits and concurrency live in planning.py, retry.py,
-ratelimit.py and engine.py.
+ratelimit.py and engine/embed.py.
 """
 
 from __future__ import annotations

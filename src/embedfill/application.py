@@ -1,0 +1,395 @@
+"""The application layer: what the CLI, the HTTP service and a worker call.
+
+Each function takes explicit objects (a Config, a Database, BackfillOptions) and opens
+the connections it needs: plan or backfill a target (a real backfill is a job, jobs.py,
+worked on by workers, worker.py), rows and missing embeddings per target, the
+index-aware plan, embedfill's own schema, the jobs as the admin API shows them (list,
+one job, wait, cancel) and the tenants' stored keys. Everything below is the engine
+(engine/), the job layer (jobs.py) and the database (db/); errors are embedfill's
+(errors.py), each with its exit code and HTTP status, and the edges only render them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import psycopg
+
+from . import jobs
+from .config import Config, ProviderConfig, TargetConfig
+from .db import indexes
+from .db.catalog import TableInfo, count_missing, inspect_target, target_status
+from .db.connect import Database, connect
+from .db.schema import amigrate, ensure_schema
+from .db.store import KeyInfo, Store
+from .db.target_sql import TargetSQL
+from .engine import BackfillOptions, Observer, ProgressCallback, _Hooks, _Run
+from .engine.state import _first_line
+from .errors import DatabaseError, EmbedfillError, JobConflict, JobNotFound, UsageError
+from .models import Report, TargetStatus
+from .providers import Provider, make_provider
+
+log = logging.getLogger(__name__)
+
+
+async def _prepare(
+    conn: psycopg.AsyncConnection[Any],
+    config: Config,
+    opts: BackfillOptions,
+    provider: Provider,
+) -> tuple[TargetConfig, ProviderConfig, TableInfo]:
+    target = config.target(opts.target)
+    pconf = config.provider_for(target)
+    if opts.batch_size is not None and not 1 <= opts.batch_size <= 2048:
+        raise UsageError(f"--batch-size must be between 1 and 2048, not {opts.batch_size}.")
+    if opts.limit is not None and opts.limit < 1:
+        raise UsageError(f"--limit must be at least 1, not {opts.limit}.")
+    if any("\x00" in t for t in opts.tenants):
+        raise UsageError("A tenant id cannot contain a NUL character; PostgreSQL text cannot.")
+    if opts.tenants and not target.tenant_column:
+        raise UsageError(
+            f"Target {target.name!r} has no tenant_column, so --tenant cannot select rows."
+        )
+    info = await inspect_target(
+        conn, target, await provider.dimensions(), pconf.label, write=not opts.dry_run
+    )
+    # load the token counter (a local model's tokenizer) now: a failure is a config error
+    # before anything is read or written, and the run itself starts ready
+    await asyncio.to_thread(provider.counter)
+    return target, pconf, info
+
+
+async def abackfill(
+    config: Config,
+    db: Database,
+    opts: BackfillOptions,
+    *,
+    provider: Provider | None = None,
+    on_progress: ProgressCallback | None = None,
+    on_start: Callable[[int], None] | None = None,
+    cancel: asyncio.Event | None = None,
+    env: Mapping[str, str] | None = None,
+    observer: Observer | None = None,
+    exclusive: bool = False,
+    enqueue: bool = False,
+) -> Report:
+    """Backfill (or plan, with ``dry_run``) one target; see ``embedfill.backfill``.
+
+    A real backfill is a job (jobs.py): this creates the target's job, or joins the one
+    running (``exclusive``: refuse instead, TargetBusy), and works on it until it is over
+    beside any other worker, returning the job's report; ``enqueue`` only creates it and
+    returns at once (workers elsewhere do the work)."""
+    own_provider = provider is None
+    conn = await connect(db)
+    try:
+        if provider is None:
+            provider = make_provider(config.provider_for(config.target(opts.target)))
+        target, pconf, info = await _prepare(conn, config, opts, provider)
+        await ensure_schema(conn)
+        if not opts.dry_run:
+            return await _job(
+                conn,
+                config,
+                db,
+                opts,
+                target,
+                info,
+                provider,
+                hooks=_Hooks(
+                    on_progress, on_start, cancel or asyncio.Event(), observer or Observer()
+                ),
+                env=os.environ if env is None else env,
+                exclusive=exclusive,
+                enqueue=enqueue,
+            )
+        run = _Run(
+            db=db,
+            conn=conn,
+            target=target,
+            pconf=pconf,
+            info=info,
+            opts=opts,
+            provider=provider,
+            engine=config.engine,
+            hooks=_Hooks(on_progress, on_start, cancel or asyncio.Event(), observer or Observer()),
+            env=os.environ if env is None else env,
+        )
+        return await run.execute()
+    except psycopg.Error as exc:
+        raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
+    finally:
+        if own_provider and provider is not None:
+            await provider.aclose()
+        await conn.close()
+
+
+async def _job(
+    conn: psycopg.AsyncConnection[Any],
+    config: Config,
+    db: Database,
+    opts: BackfillOptions,
+    target: TargetConfig,
+    info: TableInfo,
+    provider: Provider,
+    *,
+    hooks: _Hooks,
+    env: Mapping[str, str],
+    exclusive: bool,
+    enqueue: bool,
+) -> Report:
+    from .worker import Worker, work_on_job  # the worker imports the application
+
+    if not enqueue:
+        db.check_connection_limit()  # before anything is written
+    await jobs.take_over_legacy(conn, info, target)
+    run_id, joined = await jobs.create_or_join(
+        conn,
+        target=target,
+        info=info,
+        parameters=opts.parameters(),
+        tenants=list(opts.tenants) or None,
+        limit=opts.limit,
+        actor=opts.actor,
+        chunk_rows=config.engine.chunk_rows,
+        exclusive=exclusive,
+    )
+    if hooks.on_start:
+        hooks.on_start(run_id)
+    if joined:
+        log.info("joining job %s of target %s", run_id, target.name)
+    elif opts.defer_index and not hooks.cancel.is_set():
+        # (cancelled while starting: dropping now would only buy a rebuild, hours on a
+        # large table, for a job asked to stop)
+        await jobs.set_aside_indexes(conn, run_id, info, target)
+    store = Store(conn)
+    if enqueue:
+        report = await jobs.merged_report(store, run_id)
+    else:
+        worker = Worker(
+            config,
+            db,
+            targets=[target.name],
+            env=env,
+            observer=hooks.observer,
+            providers={target.provider: provider},
+        )
+        report = await work_on_job(
+            worker, run_id, cancel=hooks.cancel, on_progress=hooks.on_progress, conn=conn
+        )
+    report.joined = joined
+    if TargetSQL(target, info.types).integer_ids:  # the audit table keeps ids as text
+        report.failures = [dataclasses.replace(f, id=int(f.id)) for f in report.failures]
+    state = await store.run_state(run_id)
+    assert state is not None
+    error = jobs.error_of(state)
+    if error is not None:
+        raise error
+    return report
+
+
+async def adefer_index_plan(config: Config, db: Database, opts: BackfillOptions) -> str | None:
+    """What index-aware mode would do to the target, in plain words (None: no vector index)."""
+    conn = await connect(db)
+    try:
+        target = config.target(opts.target)
+        pconf = config.provider_for(target)
+        info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
+        found = await indexes.vector_indexes(conn, info.oid, target.embedding_column)
+        if not found:
+            return None
+        missing = await count_missing(conn, TargetSQL(target, info.types), list(opts.tenants))
+        return indexes.plan_message(found, str(target.table), min(missing, opts.limit or missing))
+    finally:
+        await conn.close()
+
+
+async def astatus(config: Config, db: Database, target: str | None = None) -> list[TargetStatus]:
+    """Rows and missing embeddings per target (and per tenant)."""
+    targets = [config.target(target)] if target else list(config.targets)
+    conn = await connect(db)
+    try:
+        out = []
+        for t in targets:
+            pconf = config.provider_for(t)
+            info = await inspect_target(conn, t, pconf.expected_dimensions, pconf.label)
+            out.append(await target_status(conn, t, info))
+        return out
+    except psycopg.Error as exc:
+        raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
+    finally:
+        await conn.close()
+
+
+async def missing_counts(config: Config, db: Database) -> dict[str, int]:
+    """Rows missing an embedding per target name (the service's gauge); a target that
+    cannot be inspected now (its table gone, say) is left out."""
+    conn = await connect(db)
+    try:
+        counts: dict[str, int] = {}
+        for target in config.targets:
+            pconf = config.provider_for(target)
+            try:
+                info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
+                missing = await count_missing(conn, TargetSQL(target, info.types), None)
+            except (EmbedfillError, psycopg.Error):
+                continue
+            counts[target.name] = missing
+        return counts
+    finally:
+        await conn.close()
+
+
+# ---------------------------------------------------------------------------- schema
+
+
+@contextlib.asynccontextmanager
+async def open_store(db: Database) -> AsyncIterator[Store]:
+    """embedfill's own tables on a connection of their own, the schema brought to this
+    build's version first (when it is behind and the role may)."""
+    conn = await connect(db)
+    try:
+        await ensure_schema(conn)
+        yield Store(conn)
+    finally:
+        await conn.close()
+
+
+async def aensure_schema(db: Database) -> None:
+    """Create or upgrade embedfill's schema when it is behind (and the role may)."""
+    async with open_store(db):
+        pass
+
+
+# ---------------------------------------------------------------------------- jobs
+
+
+@contextlib.asynccontextmanager
+async def _job_store(db: Database) -> AsyncIterator[Store]:
+    """``open_store``, a statement the database refuses being a DatabaseError."""
+    try:
+        async with open_store(db) as store:
+            yield store
+    except psycopg.Error as exc:
+        raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
+
+
+async def job_record(db: Database, job_id: int) -> dict[str, Any]:
+    """A job as stored, with its workers, its chunks and, while it runs, live progress
+    (JobNotFound: no such job; a dry run is not one)."""
+    async with _job_store(db) as store:
+        row = await store.get_run(job_id)
+        if row is None or row["dry_run"]:
+            raise JobNotFound(f"No backfill job has id {job_id}.")
+        record = _record(row)
+        live = await jobs.merged_report(store, job_id)
+    record["workers"] = live.workers
+    record["chunks"] = live.chunks
+    if row["status"] == "running":
+        record["progress"] = live.progress()
+    return record
+
+
+async def list_jobs(
+    config: Config, db: Database, target: str | None, limit: int
+) -> list[dict[str, Any]]:
+    """Recent jobs, newest first (without their final reports)."""
+    if target is not None:
+        config.target(target)  # an unknown target is TargetNotFound, not an empty list
+    async with _job_store(db) as store:
+        rows = await store.list_runs(target, limit)
+    return [_record(row) for row in rows]
+
+
+def _record(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored run as a job."""
+    status = row["status"]
+    progress = row["progress"] or {"done": 0, "total": row["missing_before"], "tenants": []}
+    return {
+        "job_id": row["id"],
+        "target": row["target"],
+        "status": status,
+        "actor": row["actor"],
+        "parameters": row["parameters"],
+        "progress": progress,
+        "cancel_requested": row["cancel_requested"],
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+        "heartbeat_at": row["heartbeat_at"],
+        "report": row["report"],
+        "error": row["error"],
+    }
+
+
+async def wait_job(db: Database, job_id: int, timeout: float) -> dict[str, Any] | None:
+    """The job's final report once it is over, or None after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        async with _job_store(db) as store:
+            state = await store.run_state(job_id)
+        if state is not None and state["status"] != "running":
+            report: dict[str, Any] | None = state["report"]
+            return report
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(0.2)
+
+
+async def cancel_job(db: Database, job_id: int) -> dict[str, Any]:
+    """Cancel a job for every worker (each stops after its batches in flight); the job
+    as it is then. JobConflict when it is already over."""
+    record = await job_record(db, job_id)
+    if record["status"] not in ("queued", "running"):
+        raise JobConflict(f"Job {job_id} is already {record['status']}.", job_id)
+    async with _job_store(db) as store:  # reaches every worker of the job
+        await jobs.cancel(store.conn, job_id)
+        await jobs.finish(store.conn, job_id)  # at once when no chunk is in flight
+    return await job_record(db, job_id)
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+async def put_key(db: Database, tenant: str, ciphertext: bytes, key_hint: str) -> None:
+    """Store a tenant's key, encrypted (keys.encrypt) by the caller."""
+    async with open_store(db) as store:
+        await store.put_key(tenant, ciphertext, key_hint)
+
+
+async def list_keys(db: Database) -> list[KeyInfo]:
+    """Tenants with a stored key, each with its hint (the last 4 characters)."""
+    async with open_store(db) as store:
+        return await store.list_keys()
+
+
+async def delete_key(db: Database, tenant: str) -> bool:
+    """Forget a tenant's key; False when none was stored."""
+    async with open_store(db) as store:
+        return await store.delete_key(tenant)
+
+
+__all__ = [
+    "BackfillOptions",
+    "Observer",
+    "ProgressCallback",
+    "abackfill",
+    "adefer_index_plan",
+    "aensure_schema",
+    "amigrate",
+    "astatus",
+    "cancel_job",
+    "delete_key",
+    "job_record",
+    "list_jobs",
+    "list_keys",
+    "missing_counts",
+    "open_store",
+    "put_key",
+    "wait_job",
+]

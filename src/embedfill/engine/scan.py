@@ -1,0 +1,279 @@
+"""Scan: the rows to embed, read, prepared and cut into batches.
+
+The scanner reads NULL rows in id order (keyset pages, no OFFSET), renders and measures
+their text, drops blanks, de-duplicates identical texts per tenant and cuts per-tenant
+batches (planning.TenantBatcher). A lone run scans the whole target; a worker session
+scans the chunks handed in (``submit``) one after the other, until ``close``. A dry run
+(``_plan``) walks the same scan and batching and sends and writes nothing. A read queued
+behind the application's table lock never holds up a stop (``_unless_stopped``).
+
+Shares: batches go to the embedders' queue, texts already embedded (the cache) straight
+to the writers' queue; texts in flight (``inflight``) gather the rows that wait for the
+same vector, which embed.py hands on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from ..models import Batch, Row
+from ..planning import BoundedCache, TenantBatcher, prepare_text
+from .state import Chunk, _Write
+from .tally import TallyStage
+
+log = logging.getLogger(__name__)
+
+
+YIELD_EVERY_ROWS = 32
+
+
+class ScanStage(TallyStage):
+    """Keyset pages -> rows -> per-tenant batches (see the module doc)."""
+
+    async def _pages(self, chunk: Chunk | None = None) -> Any:
+        """Keyset pages of the rows to embed: the whole target (a dry run) or a chunk."""
+        after: Any = None
+        first = True
+        remaining = self.opts.limit
+        hi: Any = None
+        if chunk is None:
+            await self._check_tenants()
+        else:  # a chunk's range is the limit
+            remaining, first, after, hi = None, chunk.lo is None, chunk.lo, chunk.hi
+        page_size = self.engine.scan_page_size
+        while remaining is None or remaining > 0:
+            size = page_size if remaining is None else min(page_size, remaining)
+            rows = await self._unless_stopped(
+                self._fetch(
+                    self.sql.scan(
+                        first_page=first, tenants=bool(self.tenants), upto=hi is not None
+                    ),
+                    {"after": after, "hi": hi, "limit": size, "tenants": self.tenants},
+                )
+            )
+            if not rows:  # none left, or the run stops
+                return
+            yield rows
+            first, after = False, rows[-1][0]
+            if remaining is not None:
+                remaining -= len(rows)
+            if len(rows) < size:
+                return
+
+    async def _fetch(self, statement: sql.Composed, params: dict[str, Any]) -> list[Any]:
+        cur = await self.conn.execute(statement, params)
+        return await cur.fetchall()
+
+    async def _unless_stopped(self, query: Coroutine[Any, Any, list[Any]]) -> list[Any] | None:
+        """A read on the table, or None when the run stops first: the read is cancelled
+        (psycopg cancels it on the server), so a scan queued behind the app's table lock
+        (a migration's ACCESS EXCLUSIVE, held for minutes) never holds up a SIGTERM."""
+        task = asyncio.ensure_future(query)
+        stops = [asyncio.ensure_future(e.wait()) for e in (self._stop, self.hooks.cancel)]
+        stopped = False
+        try:
+            await asyncio.wait([task, *stops], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in stops:
+                waiter.cancel()
+            if not task.done():
+                stopped = True
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, psycopg.errors.QueryCanceled):
+                    await task
+        return None if stopped else task.result()
+
+    async def _check_tenants(self) -> None:
+        """A requested tenant with no row at all is a warning (a typo, most likely), not
+        a silent success."""
+        if not self.tenants:
+            return
+        cur = await self.conn.execute(self.sql.absent_tenants(), {"tenants": self.tenants})
+        for (tenant,) in await cur.fetchall():
+            warning = (
+                f"Tenant {tenant!r} matches no row of {self.target.table} "
+                f"(column {self.target.tenant_column}); check the tenant id."
+            )
+            log.info("run %s: %s", self.report.run_id, warning)  # the CLI prints warnings
+            self.report.warnings.append(warning)
+
+    def _row(self, raw: Sequence[Any], chunk: Chunk | None = None) -> Row | None:
+        """A row ready to embed, or None when its text is blank (counted as skipped)."""
+        row_id, tenant, fingerprint, *values = raw
+        tenant_report = self._tenant(tenant)
+        tenant_report.missing += 1
+        prepared = prepare_text(
+            self.render(values),
+            count=self._counter.count,
+            truncate=self._counter.truncate,
+            max_tokens=self._max_tokens,
+        )
+        if prepared is None:
+            tenant_report.skipped += 1
+            self.report.skipped += 1
+            if not self.opts.dry_run:
+                self.hooks.observer.rows(self.target.name, "skipped", 1)
+            return None
+        sent, tokens, truncated = prepared
+        if truncated:
+            tenant_report.truncated += 1
+            self.report.truncated += 1
+        if self.opts.dry_run:
+            self.report.add_sample(row_id, tenant, sent)
+        if chunk is not None:
+            chunk.pending += 1
+        return Row(
+            id=row_id,
+            tenant=tenant,
+            text=sent,
+            fingerprint=fingerprint,
+            tokens=tokens,
+            truncated=truncated,
+            chunk=chunk,
+        )
+
+    def _batcher(self) -> TenantBatcher:
+        return TenantBatcher(
+            batch_size=self.batch_size,
+            max_tokens=self.pconf.max_request_tokens,
+            max_buffered=max(self.engine.scan_page_size, self.batch_size * 4),
+        )
+
+    def _count_batch(self, batch: Batch) -> None:
+        self.report.batches += 1
+        self._tenant(batch.tenant).batches += 1
+
+    async def _plan(self) -> None:
+        """Walk the same scan and batching as a real run; send and write nothing."""
+        # the same bounded memory of texts as a real run, so the estimate matches it
+        seen: BoundedCache[bool] = BoundedCache(self.cache.capacity)
+        batcher = self._batcher()
+        async for page in self._pages():
+            for raw in page:
+                row = self._row(raw)
+                if row is None:
+                    continue
+                key = row.fingerprint
+                if seen.get(key):
+                    self.report.deduplicated += 1
+                    continue
+                seen.put(key, True)
+                for batch in batcher.add(row):
+                    self._tally_planned(batch)
+        for batch in batcher.flush():
+            self._tally_planned(batch)
+        for t in self.report.tenants:
+            resolved = await self.keys.resolve(t.tenant)
+            t.key_source = resolved.source
+            t.error = resolved.error
+            if resolved.error:  # every row it would send fails, as in a real run
+                t.would_fail = t.missing - t.skipped
+                self.report.would_fail += t.would_fail
+        self.report.requests = self.report.batches
+
+    def _tally_planned(self, batch: Batch) -> None:
+        self._count_batch(batch)
+        tenant = self._tenant(batch.tenant)
+        tenant.requests += 1
+        tenant.tokens += batch.tokens
+        self.report.tokens += batch.tokens
+
+    async def _produce(
+        self, embed_q: asyncio.Queue[Batch | None], write_q: asyncio.Queue[_Write | None]
+    ) -> None:
+        batcher = self._batcher()
+        if self.seat is None:
+            await self._scan(None, batcher, embed_q, write_q)
+            for batch in batcher.flush():
+                self._count_batch(batch)
+                await embed_q.put(batch)
+            return
+        await self._check_tenants()
+        while (chunk := await self._next_chunk()) is not None:
+            if self.stopping or chunk.given_up:
+                chunk.scanned = True
+                self._check_chunk(chunk)
+                continue
+            await self._scan(chunk, batcher, embed_q, write_q)
+            # the chunk's last rows go now, in part batches: a chunk is done only once
+            # every row it read is settled
+            for batch in batcher.flush():
+                self._count_batch(batch)
+                await embed_q.put(batch)
+            chunk.scanned = True
+            self._check_chunk(chunk)
+
+    async def _scan(
+        self,
+        chunk: Chunk | None,
+        batcher: TenantBatcher,
+        embed_q: asyncio.Queue[Batch | None],
+        write_q: asyncio.Queue[_Write | None],
+    ) -> None:
+        async for page in self._pages(chunk):
+            if self.stopping or (chunk is not None and chunk.given_up):
+                return
+            hits = _Write([], [])
+            for n, raw in enumerate(page, 1):
+                if n % YIELD_EVERY_ROWS == 0:
+                    # rendering and counting tokens is CPU work: let responses that have
+                    # arrived be handled (and the next requests sent) in between
+                    await asyncio.sleep(0)
+                row = self._row(raw, chunk)
+                if row is None:
+                    continue
+                key = row.fingerprint
+                cached = self.cache.get(key)
+                if cached is not None:
+                    self.report.deduplicated += 1
+                    hits.rows.append(row)
+                    hits.vectors.append(cached)
+                    continue
+                followers = self.inflight.get(key)
+                if followers is not None:
+                    self.report.deduplicated += 1
+                    followers.append(row)
+                    continue
+                self.inflight[key] = []
+                for batch in batcher.add(row):
+                    self._count_batch(batch)
+                    await embed_q.put(batch)
+            if hits.rows:
+                await write_q.put(hits)
+            self._progress()
+
+    async def _next_chunk(self) -> Chunk | None:
+        """The next chunk handed in, or None when the session closes or stops."""
+        if self.stopping and self.chunk_q.empty():
+            return None
+        getter = asyncio.ensure_future(self.chunk_q.get())
+        stops = [asyncio.ensure_future(e.wait()) for e in (self._stop, self.hooks.cancel)]
+        try:
+            await asyncio.wait([getter, *stops], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in stops:
+                waiter.cancel()
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+        return None
+
+    async def submit(self, chunk: Chunk) -> None:
+        """Work on one chunk of the job (a worker session): returns once it is done."""
+        if self.closed:  # the session ended (stopped) just now: nothing more is read
+            chunk.resolve(self.closed_by)
+        else:
+            self.chunks.add(chunk)
+            self.chunk_q.put_nowait(chunk)
+        await asyncio.shield(chunk.done)
+
+    def close(self) -> None:
+        """No more chunks: the session drains and ends."""
+        self.chunk_q.put_nowait(None)

@@ -1,0 +1,251 @@
+"""What the stages of a run share: the options and hooks a run is given, the chunk a
+worker session feeds it, and ``RunState``, the state every stage reads and writes, with
+the one way a run stops.
+
+Every wait (rate limits, Retry-After, backoff) wakes at once when the run is cancelled;
+the batches not yet sent stay NULL for the next run. A problem that would fail every
+batch (the provider answers another size than the column's, or rejects even a one-word
+request) halts the run: nothing more is sent, what was answered is still written, and
+the run ends with the reason (exit 2 if nothing was written, else RunAborted, exit 3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from ..concurrency import Concurrency
+from ..config import ProviderConfig, TargetConfig, text_renderer
+from ..db.catalog import TableInfo
+from ..db.connect import Database
+from ..db.store import Store
+from ..db.target_sql import TargetSQL
+from ..errors import BadInput, EmbedfillError, RunAborted
+from ..keys import KeyResolver
+from ..models import Failure, Report, Row, TenantReport
+from ..planning import BoundedCache
+from ..providers import Provider, Vector
+from ..ratelimit import Rates, SharedLimits
+from ..retry import RetryPolicy
+from ..tokens import TokenCounter
+
+log = logging.getLogger(__name__)
+
+
+ProgressCallback = Callable[[Report], None]
+
+
+@dataclass(frozen=True)
+class BackfillOptions:
+    target: str | None = None
+    dry_run: bool = False
+    batch_size: int | None = None
+    tenants: Sequence[str] = ()
+    limit: int | None = None
+    actor: str = "library"
+    defer_index: bool = False  # index-aware mode: see db/indexes.py
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "tenants": list(self.tenants),
+            "limit": self.limit,
+            "defer_index": self.defer_index,
+        }
+
+
+@dataclass
+class _Write:
+    rows: list[Row]
+    vectors: list[Vector]
+
+
+@dataclass(eq=False)
+class Chunk:
+    """One chunk of a job as a worker session works on it: the rows with lo < id <= hi
+    (None: unbounded) still NULL. ``done`` resolves once every row read from it has been
+    written, skipped or failed (or was given back, for a chunk given up)."""
+
+    seq: int
+    lo: Any
+    hi: Any
+    attempt: int = 1
+    pending: int = 0  # rows read, not yet written, failed or dropped
+    scanned: bool = False
+    given_up: bool = False  # handed back to the queue: its rows are dropped, not failed
+    started: float = field(default_factory=time.monotonic)
+    last_ok: float = field(default_factory=time.monotonic)
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+    def resolve(self, error: BaseException | None = None) -> None:
+        if self.done.done():
+            return
+        if error is None:
+            self.done.set_result(None)
+        else:
+            self.done.set_exception(error)
+
+
+class Observer:
+    """Receives what a run does as it happens; the HTTP service turns it into metrics.
+    The default does nothing."""
+
+    def request(self, target: str, outcome: str, seconds: float) -> None:
+        """One provider call: outcome is the HTTP status ("200", "429", ...) or "error"."""
+
+    def rows(self, target: str, outcome: str, count: int) -> None:
+        """Rows embedded, skipped or failed."""
+
+    def tokens(self, target: str, count: int) -> None:
+        """Tokens sent in successful requests."""
+
+
+@dataclass
+class _Hooks:
+    on_progress: ProgressCallback | None = None
+    on_start: Callable[[int], None] | None = None
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    observer: Observer = field(default_factory=Observer)
+
+
+@dataclass(frozen=True)
+class WorkerSeat:
+    """Where a worker session reports: the job (run) and this worker's row for it."""
+
+    run_id: int
+    name: str  # host:pid:suffix, unique per worker process
+    host: str
+    pid: int
+    lease_s: float
+    chunks_done: Callable[[], int] = lambda: 0
+    # the worker's control connection (it holds the worker's liveness lock), lent for the
+    # session's heartbeat: one connection per worker, however many jobs it works on
+    control: Callable[[], contextlib.AbstractAsyncContextManager[Store]] | None = None
+
+
+class RunState:
+    """One run's state, shared by its stages (each a mixin over this class, wired by
+    run.py): the target, its SQL and the report (every stage); the de-duplication cache
+    and the texts in flight (scan.py and embed.py); keys, shared limits and concurrency
+    (embed.py); rows the application held locked (write.py); failures not yet recorded
+    and the chunks of a worker session (tally.py). And the one way a run stops:
+    ``stopping``, ``_sleep`` (every wait), ``_halt`` (a reason that fails every batch)."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        conn: psycopg.AsyncConnection[Any],
+        target: TargetConfig,
+        pconf: ProviderConfig,
+        info: TableInfo,
+        opts: BackfillOptions,
+        provider: Provider,
+        engine: Any,
+        hooks: _Hooks,
+        env: Mapping[str, str],
+        seat: WorkerSeat | None = None,
+    ) -> None:
+        self.seat = seat  # set: a worker's session of a job, fed chunk by chunk
+        self.chunk_q: asyncio.Queue[Chunk | None] = asyncio.Queue()
+        self.chunks: set[Chunk] = set()  # submitted, not yet resolved
+        self.db, self.conn, self.target, self.pconf = db, conn, target, pconf
+        self.opts, self.provider, self.engine, self.hooks = opts, provider, engine, hooks
+        self.info = info
+        self.sql = TargetSQL(target, info.types)
+        self.store = Store(conn)
+        self.keys = KeyResolver(self.store, conn, target, pconf, provider.needs_key, env)
+        self.batch_size = opts.batch_size or pconf.batch_size
+        self.tenants = list(opts.tenants) or None
+        self.report = Report(
+            run_id=seat.run_id if seat else None,
+            target=target.name,
+            dry_run=opts.dry_run,
+            provider=provider.name,
+        )
+        self.policy = RetryPolicy.for_provider(pconf)
+        dims = info.dimensions or 1536
+        cache_rows = engine.dedup_cache_mb * 1024 * 1024 // (dims * 4 + 200)
+        self.cache: BoundedCache[Vector] = BoundedCache(cache_rows)
+        self.inflight: dict[str, list[Row]] = {}
+        self.dead_tenants: dict[str | None, str] = {}
+        # rpm/tpm and 429 pauses, per key, shared with every run in every process; a
+        # provider without keys or limits (local, hash) has nothing to share
+        self.concurrency = (
+            Concurrency.auto(pconf.max_concurrency)
+            if pconf.auto_concurrency
+            else Concurrency.fixed(pconf.max_concurrency)
+        )
+        self._in_flight = 0
+        self._slots = asyncio.Condition()
+        self.limits: SharedLimits | None = None
+        if provider.needs_key or pconf.rpm or pconf.tpm:
+            scope = f"{pconf.kind}|{pconf.base_url or ''}|{pconf.model}"
+            self.limits = SharedLimits(self.store, Rates(pconf.rpm, pconf.tpm), scope)
+        self.pending_failures: list[Failure] = []
+        self.locked: list[tuple[float, _Write]] = []  # (retry at, rows) the app held locked
+        self._locked_since: dict[Any, float] = {}  # when each such row was first found locked
+        self._last_progress = 0.0
+        self._tenants: dict[str | None, TenantReport] = {}
+        self.render = text_renderer(target.text, target.text_columns)
+        self._counter: TokenCounter = provider.counter()  # loaded by _prepare
+        self._max_tokens = provider.max_input_tokens
+        self.vector_oid = 0
+        self.dims = info.dimensions  # learnt from the first answer when neither side says
+        self._stop = asyncio.Event()  # set on cancel or halt: every wait wakes up
+        self.halted: EmbedfillError | None = None  # why the run stops early, if it does
+        self.proven = False  # a request of this run succeeded: model and dimensions work
+        self._probe: asyncio.Task[BadInput | None] | None = None
+        self._flushing = asyncio.Lock()
+        self.closed = False  # a session that ended takes no chunk
+        self.closed_by: Exception | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set() or self.hooks.cancel.is_set()
+
+    async def _watch_cancel(self) -> None:
+        await self.hooks.cancel.wait()
+        self._stop.set()
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait, waking at once when the run is cancelled or halted; True when it was."""
+        if seconds > 0 and not self.stopping:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._stop.wait()
+        return self.stopping
+
+    def _halt(self, reason: EmbedfillError) -> None:
+        """Stop for a reason that would fail every batch: nothing more is sent, what was
+        answered is still written, and the pipeline then raises the reason."""
+        if self.halted is None:
+            self.halted = reason
+            log.info("run %s: stopping: %s", self.report.run_id, reason)
+        self._stop.set()
+
+    def _halt_error(self) -> EmbedfillError:
+        """The halt's reason as is (a config error, exit 2) when nothing was written;
+        else RunAborted (exit 3): some rows were filled, so "nothing written" is false."""
+        assert self.halted is not None
+        if not self.report.embedded:
+            return self.halted
+        error = RunAborted(
+            f"The run stopped after writing {self.report.embedded} rows: {self.halted}"
+        )
+        error.__cause__ = self.halted
+        return error
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

@@ -1,0 +1,170 @@
+"""Tally: every row read is accounted for once, and what happened goes where it is read.
+
+A row is settled exactly once (written, skipped, failed or dropped); a chunk whose rows
+are all settled, and whose scan is over, is done. The counts go to the run's Report
+(and its per-tenant reports), to the Observer (the service's metrics) and to
+``on_progress``; failures and the report go to the audit trail every PROGRESS_EVERY_S
+(a lone run: its row of ``embedfill.runs``, on its own connection; a worker session:
+its row of ``embedfill.workers``, on the worker's control connection), which is also
+where a cancel asked for from elsewhere is picked up.
+
+Shares (RunState): the report, the failures not yet recorded, the session's chunks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from ..db.connect import connect
+from ..db.store import Store
+from ..errors import DatabaseError, EmbedfillError
+from ..models import Failure, Row, TenantReport
+from ..planning import estimate_cost
+from .state import Chunk, RunState
+
+log = logging.getLogger(__name__)
+
+
+MAX_REPORTED_FAILURES = 1000
+PROGRESS_EVERY_S = 1.0
+
+
+class TallyStage(RunState):
+    """Counting, chunk settlement, progress and the audit trail (see the module doc)."""
+
+    def _settle(self, rows: Sequence[Row]) -> None:
+        """These rows are done with (written, skipped, failed or dropped): a chunk whose
+        every row is settled is done."""
+        for row in rows:
+            chunk = row.chunk
+            if chunk is not None:
+                chunk.pending -= 1
+                if chunk.pending <= 0:
+                    self._check_chunk(chunk)
+
+    def _check_chunk(self, chunk: Chunk) -> None:
+        if chunk.scanned and chunk.pending <= 0:
+            self.chunks.discard(chunk)
+            # halted: the chunk ends with the reason (every chunk would meet it)
+            chunk.resolve(self._halt_error() if self.halted is not None else None)
+
+    def _fail_rows(self, rows: Sequence[Row], exc: EmbedfillError, attempts: int) -> None:
+        for row in rows:
+            failure = Failure(
+                id=row.id,
+                tenant=row.tenant,
+                error=str(exc),
+                error_class=type(exc).__name__,
+                attempts=attempts,
+            )
+            self.pending_failures.append(failure)
+            if len(self.report.failures) < MAX_REPORTED_FAILURES:
+                self.report.failures.append(failure)
+            self._tenant(row.tenant).failed += 1
+        self.report.failed += len(rows)
+        self.hooks.observer.rows(self.target.name, "failed", len(rows))
+        self._settle(rows)
+        self._progress()
+
+    def _tenant(self, tenant: str | None) -> TenantReport:
+        """The tenant's report, from an index (Report.tenant scans a list)."""
+        found = self._tenants.get(tenant)
+        if found is None:
+            found = self._tenants[tenant] = self.report.tenant(tenant)
+        return found
+
+    def _progress(self) -> None:
+        if self.hooks.on_progress is None:
+            return
+        now = time.monotonic()
+        if now - self._last_progress >= 0.1:
+            self._last_progress = now
+            self.hooks.on_progress(self.report)
+
+    async def _seat_heartbeat(self) -> None:
+        """A worker session's heartbeat, on the worker's control connection."""
+        assert self.seat is not None and self.seat.control is not None
+        while True:
+            await asyncio.sleep(PROGRESS_EVERY_S)
+            try:
+                async with self.seat.control() as store:
+                    await self._flush_audit(final=False, store=store)
+            except (psycopg.Error, DatabaseError) as exc:
+                log.warning("job %s: heartbeat failed: %s", self.report.run_id, exc)
+
+    async def _heartbeat(self) -> None:
+        """Every PROGRESS_EVERY_S: progress, failures and a heartbeat into the run's row,
+        and pick up a cancel asked for from elsewhere. Its own connection, so a long
+        statement on the run's connection (an index rebuild) never silences it."""
+        conn: psycopg.AsyncConnection[Any] | None = None
+        try:
+            while True:
+                await asyncio.sleep(PROGRESS_EVERY_S)
+                try:
+                    if conn is None or conn.closed:
+                        conn = await connect(self.db)
+                    await self._flush_audit(final=False, store=Store(conn))
+                except (psycopg.Error, DatabaseError) as exc:
+                    log.warning("run %s: heartbeat failed: %s", self.report.run_id, exc)
+                    if conn is not None:
+                        await conn.close()
+                    conn = None
+        finally:
+            if conn is not None:
+                await conn.close()
+
+    async def _flush_audit(
+        self, *, final: bool, error: str | None = None, store: Store | None = None
+    ) -> None:
+        if self.report.run_id is None:
+            return
+        store = store or self.store
+        failures, self.pending_failures = self.pending_failures, []
+        try:
+            await store.record_failures(self.report.run_id, failures)
+        except BaseException:
+            self.pending_failures[:0] = failures  # not lost: the next flush writes them
+            raise
+        if self.seat is not None:  # a worker's session: its own row, the job's totals
+            seat = self.seat
+            self.report.estimated_cost_usd = estimate_cost(self.report.tokens, self.pconf.price)
+            mine = self.report.to_dict() | {"failures": []}  # they are in failures
+            async with self._flushing:  # one at a time: never an older report last
+                state = await store.save_worker(
+                    seat.run_id, seat.name, seat.host, seat.pid, seat.chunks_done(), mine
+                )
+            if state != "running" and not self.hooks.cancel.is_set():
+                if state == "cancelling":
+                    log.warning(
+                        "job %s: cancel requested; stopping after the batches in flight",
+                        seat.run_id,
+                    )
+                self.hooks.cancel.set()
+            return
+        if final:
+            await store.finish_run(self.report, error)
+            if self.hooks.on_progress:
+                self.hooks.on_progress(self.report)
+        elif await store.save_progress(self.report):
+            if not self.hooks.cancel.is_set():
+                log.warning(
+                    "run %s: cancel requested; stopping after the batches in flight",
+                    self.report.run_id,
+                )
+            self.hooks.cancel.set()
+
+    async def flush(self, store: Store) -> None:
+        """Record this session's failures and report now (before a chunk is marked done,
+        so a job's totals always include its done chunks)."""
+        await self._flush_audit(final=False, store=store)
+
+    async def _final_seat_flush(self) -> None:
+        assert self.seat is not None and self.seat.control is not None
+        async with self.seat.control() as store:
+            await self._flush_audit(final=True, store=store)

@@ -1,0 +1,273 @@
+"""Write: vectors into the target column, one guarded bulk UPDATE per short transaction.
+
+``write_concurrency`` writers each own a connection (short lock and statement timeouts)
+and write one batch per short transaction with one bulk UPDATE guarded by "still NULL
+and text unchanged" (a row the application changed meanwhile is skipped, not
+overwritten). Rows the application holds locked are set aside and tried again later
+(on a timer in a worker session, at the end of a lone run), for at most
+``locked_rows_wait_s``; then they are left NULL for the next run. A lock timeout, a
+deadlock or a serialization failure retries the write with backoff.
+
+No transaction is open while a provider call is in flight, and no row or table lock is
+taken.
+
+Shares: what the embedders (and cache hits of the scanner) put on the writers' queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import psycopg
+
+from ..db import wire
+from ..db.connect import connect
+from ..errors import DatabaseError
+from ..models import Row
+from .state import _first_line, _Write
+from .tally import TallyStage
+
+log = logging.getLogger(__name__)
+
+
+WRITE_ATTEMPTS = 6
+# the plain bulk UPDATE gives up this soon on a lock (the app's row, or a table lock),
+# before a deadlock could be detected; the SKIP LOCKED write then takes over
+FAST_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '100ms'"
+LOCKED_RETRY_S = 0.5  # a row found locked by the app is tried again after this, then later
+_TRANSIENT_WRITE_ERRORS = (
+    psycopg.errors.LockNotAvailable,
+    psycopg.errors.QueryCanceled,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+)
+
+
+class WriteStage(TallyStage):
+    """Writer connections, guarded bulk writes, locked rows (see the module doc)."""
+
+    async def _writer_connection(self, k: int, n: int) -> psycopg.AsyncConnection[Any]:
+        """Writer k of n's connection: short lock and statement timeouts, so a write never
+        queues long behind the application (a timeout is retried, not fatal)."""
+        conn = await connect(self.db, writer=(k, n))
+        try:
+            await self._prepare_writer(conn)
+        except BaseException:
+            await conn.close()
+            raise
+        return conn
+
+    async def _prepare_writer(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(
+            "SELECT set_config('lock_timeout', %(lock)s, false),"
+            " set_config('statement_timeout', %(statement)s, false)",
+            {
+                "lock": f"{self.engine.lock_timeout_ms}ms",
+                "statement": f"{self.engine.statement_timeout_s}s",
+            },
+        )
+        self.vector_oid = await wire.register(conn, self.info.types.vector_type)
+
+    async def _writer(
+        self, conn: psycopg.AsyncConnection[Any], write_q: asyncio.Queue[_Write | None]
+    ) -> None:
+        done = False
+        while not done:
+            item = await write_q.get()
+            if item is None:
+                return
+            # coalesce what is already waiting: fewer, larger statements
+            while len(item.rows) < self.engine.write_batch_rows and not write_q.empty():
+                more = write_q.get_nowait()
+                if more is None:
+                    done = True
+                    break
+                item.rows.extend(more.rows)
+                item.vectors.extend(more.vectors)
+            self._take_due_locked(item)
+            if item.rows:
+                await self._write(conn, item)
+
+    async def _write(self, conn: psycopg.AsyncConnection[Any], item: _Write) -> None:
+        """One guarded bulk write in its own short transaction. Rows the app holds locked
+        are set aside and tried again later in the run; a lock or statement timeout, a
+        deadlock or a serialization failure retries the write with backoff."""
+        ids = [r.id for r in item.rows]
+        params: dict[str, Any] = {
+            "ids": wire.int8_array(ids) or ids,
+            "fps": wire.fixed_text_array([r.fingerprint for r in item.rows], 32),
+            "vecs": wire.vector_array(item.vectors, self.vector_oid),
+        }
+        if self.sql.integer_ids:
+            params |= {"lo": min(ids), "hi": max(ids)}
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            # a run stopped by an error elsewhere cancels its writers: the write in flight
+            # still finishes and is counted, so the audit trail equals what was committed
+            commit = asyncio.ensure_future(self._commit(conn, params, len(ids)))
+            try:
+                result = await asyncio.shield(commit)
+                break
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    self._tally_write(item, await commit)
+                raise
+            except _TRANSIENT_WRITE_ERRORS as exc:
+                if self.stopping:  # cancelled or halted: left NULL for the next run
+                    self._settle(item.rows)
+                    return
+                if attempt == WRITE_ATTEMPTS:
+                    self._fail_rows(
+                        item.rows,
+                        DatabaseError(
+                            f"The database kept refusing the write ({_first_line(exc)}); "
+                            "run again to retry these rows."
+                        ),
+                        attempt,
+                    )
+                    return
+                delay = min(8.0, 0.25 * 2**attempt)
+                log.warning(
+                    "run %s: write of %d rows failed (%s); retrying in %.1fs",
+                    self.report.run_id,
+                    len(ids),
+                    _first_line(exc),
+                    delay,
+                )
+                await self._sleep(delay)
+        self._tally_write(item, result)
+
+    async def _commit(
+        self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any], sent: int
+    ) -> tuple[set[Any], set[Any]]:
+        """Write one batch; the ids written, and the ids the app held locked (still NULL
+        and unchanged, so owed a later try). The second look happens only when the write
+        could not lock every row: the common case is one statement."""
+        row: Any = None
+        with contextlib.suppress(psycopg.errors.LockNotAvailable):
+            async with conn.transaction():  # the plain UPDATE, if no row is held
+                await conn.execute(FAST_LOCK_TIMEOUT)
+                cur = await conn.execute(self.sql.write_fast(), params)
+                row = await cur.fetchone()
+        if row is None:  # something is locked: skip what the app holds
+            async with conn.transaction():
+                cur = await conn.execute(self.sql.write(), params)
+                row = await cur.fetchone()
+        assert row is not None
+        locked, written = int(row[0]), set(row[1] or ())
+        if locked == sent:
+            return written, set()
+        cur = await conn.execute(self.sql.still_owed(), params)
+        return written, {r[0] for r in await cur.fetchall()} - written
+
+    def _tally_write(self, item: _Write, result: tuple[set[Any], set[Any]]) -> None:
+        written, busy = result
+        if busy:
+            due = time.monotonic() + LOCKED_RETRY_S
+            waiting = _Write([], [])
+            for row, vector in zip(item.rows, item.vectors, strict=True):
+                if row.id in busy:
+                    waiting.rows.append(row)
+                    waiting.vectors.append(vector)
+            self.locked.append((due, waiting))
+            for r in waiting.rows:
+                self._locked_since.setdefault(r.id, time.monotonic())
+            log.info(
+                "run %s: %d rows are locked by another transaction; trying them again later",
+                self.report.run_id,
+                len(busy),
+            )
+        self._count_written([r for r in item.rows if r.id not in busy], written)
+
+    async def _kick_locked(self, write_q: asyncio.Queue[_Write | None]) -> None:
+        """A session never ends between chunks, so rows the app holds locked are retried
+        on a timer (an empty write picks up the due ones) and given up after
+        ``locked_rows_wait_s``: their chunk cannot finish before."""
+        while True:
+            await asyncio.sleep(LOCKED_RETRY_S)
+            if not self.locked:
+                continue
+            now = time.monotonic()
+            expired = [
+                w
+                for _, w in self.locked
+                if all(
+                    self._locked_since.get(r.id, now) + self.engine.locked_rows_wait_s <= now
+                    for r in w.rows
+                )
+            ]
+            if expired:
+                self.locked = [(t, w) for t, w in self.locked if w not in expired]
+                self._give_up_locked([r for w in expired for r in w.rows])
+            if self.locked:
+                await write_q.put(_Write([], []))
+
+    def _take_due_locked(self, item: _Write) -> None:
+        """Add the rows set aside as locked whose time to retry has come."""
+        now = time.monotonic()
+        due = [w for t, w in self.locked if t <= now]
+        if not due:
+            return
+        self.locked = [(t, w) for t, w in self.locked if t > now]
+        for w in due:
+            item.rows.extend(w.rows)
+            item.vectors.extend(w.vectors)
+
+    async def _settle_locked(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """At the end of the run, retry rows the app held locked, with growing waits, for
+        at most ``locked_rows_wait_s``; rows still locked then are left NULL for the next
+        run and counted in ``locked`` (and ``skipped``)."""
+        deadline = time.monotonic() + self.engine.locked_rows_wait_s
+        wait = LOCKED_RETRY_S
+        while self.locked and not self.stopping:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if await self._sleep(min(wait, max(0.0, deadline - now))):
+                break
+            wait = min(wait * 2, 4.0)
+            item = _Write([], [])
+            for _, w in self.locked:
+                item.rows.extend(w.rows)
+                item.vectors.extend(w.vectors)
+            self.locked = []
+            await self._write(conn, item)
+        left = [r for _, w in self.locked for r in w.rows]
+        self.locked = []
+        self._give_up_locked(left)
+
+    def _give_up_locked(self, left: list[Row]) -> None:
+        for r in left:
+            self._locked_since.pop(r.id, None)
+        if left:
+            log.warning(
+                "run %s: %d rows stayed locked by the application; left NULL for the next run",
+                self.report.run_id,
+                len(left),
+            )
+            for tenant, count in Counter(r.tenant for r in left).items():
+                self._tenant(tenant).skipped += count
+            self.report.skipped += len(left)
+            self.report.locked += len(left)
+            self.hooks.observer.rows(self.target.name, "skipped", len(left))
+            self._settle(left)
+
+    def _count_written(self, rows: list[Row], written: set[Any]) -> None:
+        self.hooks.observer.rows(self.target.name, "embedded", len(written))
+        self.hooks.observer.rows(self.target.name, "skipped", len(rows) - len(written))
+        embedded = Counter(r.tenant for r in rows if r.id in written)
+        for tenant, count in embedded.items():
+            self._tenant(tenant).embedded += count
+        self.report.embedded += len(written)
+        if len(written) < len(rows):  # the app changed, filled or deleted these since
+            changed = Counter(r.tenant for r in rows if r.id not in written)
+            for tenant, count in changed.items():
+                self._tenant(tenant).skipped += count
+            self.report.skipped += len(rows) - len(written)
+            self.report.changed += len(rows) - len(written)
+        self._settle(rows)
+        self._progress()
