@@ -561,11 +561,20 @@ async def work_on_job(
     worker.on_progress = show
     ended = asyncio.Event()  # this process finished the job: no need to wait for a poll
     worker.on_job_end = lambda job, _: ended.set() if job == run_id else None
-    runner = asyncio.create_task(worker.run(stop))
-    cancelled = False
     own_conn = conn is None
     if conn is None:
         conn = await connect(worker.db)
+    if worker.targets is None:  # `worker --job ID`: that job's queue only, not every target's
+        try:
+            state = await Store(conn).run_state(run_id)
+        except BaseException:
+            if own_conn:
+                await conn.close()
+            raise
+        if state is not None:
+            worker.targets = [state["target"]]
+    runner = asyncio.create_task(worker.run(stop))
+    cancelled = False
     try:
         while not runner.done():
             store = Store(conn)

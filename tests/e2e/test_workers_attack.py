@@ -1,0 +1,233 @@
+"""Attacks on jobs and workers, the way a careless operator, a hostile provider and a new
+user meet them: real PostgreSQL, the real fake provider, real subprocesses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import conninfo
+
+from embedfill import jobs
+from embedfill.db.connect import Database, connect
+from tests.e2e.test_workers import (
+    PLATFORM,
+    ROWS,
+    enqueue,
+    job_status,
+    jobs_toml,
+    missing,
+    stop_all,
+    wait_until,
+)
+from tests.support.cli import cli_env, embedfill, popen, write_config
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.tables import make_tickets
+
+SECOND_TARGET = """
+[[targets]]
+name = "tickets_b"
+table = "app.SupportTickets"
+id_column = "ticket_no"
+text = "{subject}"
+embedding_column = "emb_b"
+tenant_column = "org"
+provider = "openai"
+"""
+
+
+@pytest.fixture
+def big(db_url: str) -> str:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        make_tickets(conn, rows=ROWS)
+    return db_url
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _cancel(url: str, job_id: int) -> None:
+    """What POST .../{id}/cancel does: cancel, then finish at once if nothing is in flight."""
+
+    async def go() -> None:
+        conn = await connect(Database(url))
+        try:
+            assert await jobs.cancel(conn, job_id)
+            await jobs.finish(conn, job_id)
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+def test_a_job_cancelled_while_its_only_worker_is_dead_ends_once_a_worker_starts(
+    big: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """kill -9 of the only worker leaves chunks `doing`; the operator cancels the job;
+    later a worker starts. The job must end `cancelled` (not stay running forever and
+    block every later backfill of the column)."""
+    fake_openai.latency = 0.3
+    cfg = write_config(
+        tmp_path, fake_openai.base_url, batch_size=5, concurrency=2, extra=jobs_toml()
+    )
+    env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
+    job_id = enqueue(cfg, env)
+    victim = popen("--config", str(cfg), "worker", env=env)
+    try:
+        wait_until(lambda: missing(big) < 295)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.communicate(timeout=30)
+        _cancel(big, job_id)
+        assert job_status(big, job_id) == "running"  # a chunk is still shown in flight
+        rescuer = popen("--config", str(cfg), "worker", env=env)
+        try:
+            wait_until(lambda: job_status(big, job_id) != "running", timeout=30, every=0.3)
+        finally:
+            stop_all([rescuer])
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert job_status(big, job_id) == "cancelled"
+    # the column is free again: a new backfill starts a new job and completes it
+    again = embedfill("--config", str(cfg), "backfill", "--json", env=env, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["joined"] is False
+
+
+def test_processes_children_work_only_on_their_own_job(
+    big: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """`backfill --target tickets --processes 2` must not have its child take chunks of
+    another target's job queued on the same database (nobody asked it to)."""
+    with psycopg.connect(big, autocommit=True) as conn:
+        conn.execute('ALTER TABLE app."SupportTickets" ADD COLUMN emb_b vector(8)')
+    fake_openai.latency = 0.05
+    cfg = write_config(
+        tmp_path,
+        fake_openai.base_url,
+        batch_size=5,
+        concurrency=2,
+        extra=SECOND_TARGET + jobs_toml(),
+    )
+    env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
+    other = embedfill(
+        "--config", str(cfg), "backfill", "--target", "tickets_b", "--enqueue", "--json", env=env
+    )
+    assert other.returncode == 0, other.stderr
+    other_id = int(json.loads(other.stdout)["job_id"])
+    done = embedfill(
+        "--config",
+        str(cfg),
+        "backfill",
+        "--target",
+        "tickets",
+        "--processes",
+        "2",
+        "--json",
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["embedded"] == 300
+    with psycopg.connect(big) as conn:
+        taken = conn.execute(
+            "SELECT count(*) FROM embedfill.chunks WHERE run_id = %s AND attempts > 0",
+            (other_id,),
+        ).fetchone()
+        filled = conn.execute(
+            'SELECT count(*) FROM app."SupportTickets" WHERE emb_b IS NOT NULL'
+        ).fetchone()
+    assert (taken, filled) == ((0,), (0,))
+    assert job_status(big, other_id) == "running"
+
+
+def test_sigterm_to_backfill_processes_cancels_the_job_and_leaves_no_child(
+    big: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """SIGTERM to the parent only (what `kill PID` or systemd's main-PID stop does): the
+    job ends cancelled, exit 1, every child gone. The children's argv holds no secret."""
+    fake_openai.latency = 0.3
+    cfg = write_config(
+        tmp_path, fake_openai.base_url, batch_size=5, concurrency=2, extra=jobs_toml()
+    )
+    password = "pw-attack-" + "s3cr3t"
+    url = conninfo.make_conninfo(big, password=password)
+    env = cli_env(url, TEST_PLATFORM_KEY=PLATFORM)
+    parent = popen("--config", str(cfg), "backfill", "--processes", "3", "--json", env=env)
+    try:
+        wait_until(lambda: len(_children(parent.pid)) == 2, timeout=60)
+        kids = _children(parent.pid)
+        for kid in kids:
+            argv = Path(f"/proc/{kid}/cmdline").read_bytes().decode()
+            assert PLATFORM not in argv and password not in argv, argv
+        wait_until(lambda: missing(big) < 290)
+        parent.send_signal(signal.SIGTERM)
+        out, err = parent.communicate(timeout=90)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert parent.returncode == 1, err
+    assert json.loads(out)["status"] == "cancelled"
+    wait_until(lambda: not any(_alive(k) for k in kids), timeout=30, every=0.2)
+    assert password not in err and PLATFORM not in err
+    with psycopg.connect(big) as conn:
+        row = conn.execute("SELECT status FROM embedfill.runs ORDER BY id DESC").fetchone()
+    assert row == ("cancelled",)
+
+
+def test_kill_9_of_the_backfill_parent_children_finish_the_job_and_leave(
+    big: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    fake_openai.latency = 0.1
+    cfg = write_config(
+        tmp_path, fake_openai.base_url, batch_size=5, concurrency=2, extra=jobs_toml()
+    )
+    env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
+    parent = popen("--config", str(cfg), "backfill", "--processes", "3", "--json", env=env)
+    kids: list[int] = []
+    try:
+        wait_until(lambda: len(_children(parent.pid)) == 2, timeout=60)
+        kids = _children(parent.pid)
+        wait_until(lambda: missing(big) < 280)
+        parent.kill()
+        parent.communicate(timeout=30)
+        wait_until(lambda: job_status(big, 1) != "running", timeout=120, every=0.3)
+        wait_until(lambda: not any(_alive(k) for k in kids), timeout=30, every=0.2)
+    finally:
+        for k in kids:
+            if _alive(k):
+                os.kill(k, signal.SIGKILL)
+    assert job_status(big, 1) == "succeeded"
+    assert missing(big) == 0
+
+
+def test_worker_target_unknown_is_a_config_error(
+    big: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path, fake_openai.base_url, extra=jobs_toml())
+    env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
+    start = time.monotonic()
+    done = embedfill("--config", str(cfg), "worker", "--target", "nope", env=env, timeout=60)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "nope" in done.stderr and time.monotonic() - start < 60
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
