@@ -303,8 +303,9 @@ class Worker:
             return
         except psycopg.Error as exc:
             raise GiveBack(str(exc)) from exc
-        if session is None:
-            return  # the job is over (or not this worker's)
+        if session is None:  # the job is over, or asked to stop
+            await self._drop(run_id, seq)
+            return
         session.inflight += 1
         if session.closer is not None:
             session.closer.cancel()
@@ -352,6 +353,24 @@ class Worker:
             if not await store.finish_chunk(run_id, seq, self.name, attempt, state):
                 return  # handed to another worker meanwhile: it finishes it
             self.chunks_done[run_id] += 1
+            if any(await store.open_chunks(run_id)):
+                return
+        await self.finish(run_id)
+
+    async def _drop(self, run_id: int, seq: int) -> None:
+        """A chunk handed out for a job asked to stop (a dead worker's chunk, handed out
+        again after the cancel): it is cancelled here, and the job finished if it was the
+        last open one. Else the chunk stays `doing` for ever and the job never ends."""
+        assert self.app is not None
+        pool = self.app.connector.pool  # type: ignore[attr-defined]
+        async with pool.connection() as conn:
+            store = Store(conn)
+            state = await store.run_state(run_id)
+            if state is None or state["status"] != "running" or not state["cancel_requested"]:
+                return
+            claim = await store.claim_chunk(run_id, seq, self.name)
+            if claim is not None:
+                await store.finish_chunk(run_id, seq, self.name, claim[2], "cancelled")
             if any(await store.open_chunks(run_id)):
                 return
         await self.finish(run_id)
