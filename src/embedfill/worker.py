@@ -44,7 +44,7 @@ from .context import job_id_var
 from .db.connect import Database, connect
 from .db.store import Store
 from .engine import BackfillOptions, Chunk, Observer, WorkerSeat, _Hooks, _prepare, _Run
-from .errors import DatabaseError, EmbedfillError, NoFreeConnection, RunAborted
+from .errors import DatabaseError, EmbedfillError, NoFreeConnection, RunAborted, UsageError
 from .models import Report
 from .providers import Provider, make_provider
 
@@ -583,15 +583,16 @@ async def work_on_job(
     own_conn = conn is None
     if conn is None:
         conn = await connect(worker.db)
+    try:
+        state = await Store(conn).run_state(run_id)
+        if state is None:
+            raise UsageError(f"No backfill job has id {run_id}.")
+    except BaseException:
+        if own_conn:
+            await conn.close()
+        raise
     if worker.targets is None:  # `worker --job ID`: that job's queue only, not every target's
-        try:
-            state = await Store(conn).run_state(run_id)
-        except BaseException:
-            if own_conn:
-                await conn.close()
-            raise
-        if state is not None:
-            worker.targets = [state["target"]]
+        worker.targets = [state["target"]]
     runner = asyncio.create_task(worker.run(stop))
     cancelled = False
     try:

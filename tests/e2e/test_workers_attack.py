@@ -12,15 +12,19 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psycopg
 import pytest
+from pgvector.psycopg import register_vector
 from psycopg import conninfo
 
 from embedfill import jobs
 from embedfill.db.connect import Database, connect
+from embedfill.providers.hashing import hash_vector
 from tests.e2e.test_workers import (
     PLATFORM,
     ROWS,
+    assert_all_true,
     enqueue,
     job_status,
     jobs_toml,
@@ -233,8 +237,6 @@ def test_worker_target_unknown_is_a_config_error(
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
 
 
-
-
 @pytest.mark.xfail(
     strict=True,
     reason="a chunk whose queue job used up its retries stays `todo` with nothing queued: "
@@ -293,3 +295,54 @@ def test_worker_logs_hold_no_database_password(
     assert "DEBUG" in err  # it did log at debug level
     assert password not in out + err and PLATFORM not in out + err
     assert job_status(big, job_id) == "succeeded"
+
+
+def test_one_worker_works_on_two_jobs_of_two_targets_at_once(
+    big: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    with psycopg.connect(big, autocommit=True) as conn:
+        conn.execute('ALTER TABLE app."SupportTickets" ADD COLUMN emb_b vector(8)')
+    fake_openai.latency = 0.05
+    cfg = write_config(
+        tmp_path,
+        fake_openai.base_url,
+        batch_size=5,
+        concurrency=2,
+        extra=SECOND_TARGET + jobs_toml(worker_chunks=4),
+    )
+    env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
+    a = enqueue(cfg, env)
+    queued = embedfill(
+        "--config", str(cfg), "backfill", "--target", "tickets_b", "--enqueue", "--json", env=env
+    )
+    assert queued.returncode == 0, queued.stderr
+    b = int(json.loads(queued.stdout)["job_id"])
+    worker = popen("--config", str(cfg), "worker", env=env)
+    try:
+        wait_until(
+            lambda: job_status(big, a) != "running" and job_status(big, b) != "running",
+            timeout=120,
+            every=0.3,
+        )
+    finally:
+        ((code, _, err),) = stop_all([worker])
+    assert code == 0, err
+    assert (job_status(big, a), job_status(big, b)) == ("succeeded", "succeeded")
+    assert_all_true(big)
+    with psycopg.connect(big) as conn:
+        register_vector(conn)
+        rows = conn.execute('SELECT subject, emb_b FROM app."SupportTickets"').fetchall()
+        totals = conn.execute("SELECT id, embedded FROM embedfill.runs ORDER BY id").fetchall()
+    for subject, vector in rows:
+        np.testing.assert_array_equal(vector.to_numpy(), hash_vector(subject, 8))
+    assert totals == [(a, 300), (b, ROWS)]
+
+
+def test_worker_job_unknown_says_so_in_one_line(
+    big: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path, fake_openai.base_url, extra=jobs_toml())
+    env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
+    done = embedfill("--config", str(cfg), "worker", "--job", "999", env=env, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == "embedfill: No backfill job has id 999."
