@@ -346,3 +346,23 @@ def test_worker_job_unknown_says_so_in_one_line(
     done = embedfill("--config", str(cfg), "worker", "--job", "999", env=env, timeout=60)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip() == "embedfill: No backfill job has id 999."
+
+
+def test_a_dry_run_with_processes_starts_no_worker_process(
+    big: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """A dry run is no job (no chunks): `worker --job` children of it would only take
+    turns finishing the dry run's row as a job while it plans."""
+    cfg = write_config(tmp_path, fake_openai.base_url, extra=jobs_toml())
+    env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
+    parent = popen(
+        "--config", str(cfg), "backfill", "--dry-run", "--processes", "3", "--json", env=env
+    )
+    seen: set[int] = set()
+    while parent.poll() is None:
+        seen.update(_children(parent.pid))
+        time.sleep(0.02)
+    out, err = parent.communicate(timeout=60)
+    assert parent.returncode == 0, err
+    assert json.loads(out)["dry_run"] is True
+    assert seen == set()
