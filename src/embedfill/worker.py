@@ -336,6 +336,8 @@ class Worker:
                 with contextlib.suppress(psycopg.Error, DatabaseError):
                     async with self.control() as store:  # what it wrote, counted first
                         await session.run.flush(store)
+                        # not left `doing` for ever in the job's view
+                        await store.finish_chunk(run_id, seq, self.name, attempt, "cancelled")
                 await self._fail(run_id, exc)  # every chunk would fail the same way
                 return
             await self._release(run_id, seq, attempt)

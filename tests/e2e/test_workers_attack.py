@@ -366,3 +366,32 @@ def test_a_dry_run_with_processes_starts_no_worker_process(
     assert parent.returncode == 0, err
     assert json.loads(out)["dry_run"] is True
     assert seen == set()
+
+
+def test_a_job_failed_by_a_worker_leaves_no_chunk_shown_in_flight(
+    big: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """A provider (or proxy) that answers another size to a worker fails the job (every
+    chunk would meet it); the chunks that worker held must not stay `doing` for ever in
+    the job's view (GET .../{id} `chunks`)."""
+    fake_openai.dims_override = 16
+    cfg = write_config(
+        tmp_path, fake_openai.base_url, batch_size=5, concurrency=2, extra=jobs_toml()
+    )
+    env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
+    job_id = enqueue(cfg, env)
+    worker = popen("--config", str(cfg), "worker", env=env)
+    try:
+        wait_until(lambda: job_status(big, job_id) != "running", timeout=60, every=0.2)
+    finally:
+        ((code, _, err),) = stop_all([worker])
+    assert code == 0, err
+    assert job_status(big, job_id) == "failed"
+    with psycopg.connect(big) as conn:
+        states = dict(
+            conn.execute(
+                "SELECT state, count(*) FROM embedfill.chunks WHERE run_id = %s GROUP BY 1",
+                (job_id,),
+            ).fetchall()
+        )
+    assert "doing" not in states and "todo" not in states, states
