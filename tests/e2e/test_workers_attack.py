@@ -395,3 +395,58 @@ def test_a_job_failed_by_a_worker_leaves_no_chunk_shown_in_flight(
             ).fetchall()
         )
     assert "doing" not in states and "todo" not in states, states
+
+
+def test_rows_the_app_holds_locked_past_the_wait_do_not_hold_up_the_job(
+    big: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    cfg = write_config(
+        tmp_path,
+        fake_openai.base_url,
+        batch_size=5,
+        concurrency=2,
+        extra=jobs_toml(locked_rows_wait_s=2),
+    )
+    env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
+    with psycopg.connect(big) as app:  # the app holds rows of two chunks for the whole job
+        app.execute(
+            'SELECT 1 FROM app."SupportTickets" WHERE ticket_no IN (3, 5, 390) FOR UPDATE'
+        )
+        done = embedfill("--config", str(cfg), "backfill", "--json", env=env, timeout=90)
+        app.rollback()
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["locked"] == 3 and report["embedded"] == 297, report
+    assert report["chunks"]["done"] == report["chunks"]["total"]
+    assert missing(big) == 3
+    again = embedfill("--config", str(cfg), "backfill", "--json", env=env, timeout=90)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["embedded"] == 3 and missing(big) == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a worker started without the API key fails every row it takes, and failing is "
+    "instant, so it takes (and fails) the whole job before the healthy worker gets a chunk",
+)
+def test_a_worker_started_without_the_api_key_does_not_fail_the_job(
+    big: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """The careless operator: one more `embedfill worker` on a machine where the provider
+    key is not exported. The job was created with a key, another worker has it."""
+    fake_openai.latency = 0.1
+    cfg = write_config(
+        tmp_path, fake_openai.base_url, batch_size=5, concurrency=2, extra=jobs_toml()
+    )
+    env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
+    job_id = enqueue(cfg, env)
+    keyless = popen("--config", str(cfg), "worker", env=cli_env(big))
+    healthy = popen("--config", str(cfg), "worker", env=env)
+    try:
+        wait_until(lambda: job_status(big, job_id) != "running", timeout=60, every=0.2)
+    finally:
+        stop_all([keyless, healthy])
+    with psycopg.connect(big) as conn:
+        failed = conn.execute("SELECT count(*) FROM embedfill.failures").fetchone()
+    assert (job_status(big, job_id), failed) == ("succeeded", (0,))
+    assert missing(big) == 0
