@@ -34,6 +34,7 @@ from tests.e2e.test_workers import (
 )
 from tests.support.cli import cli_env, embedfill, popen, write_config
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.roles import EMBEDFILL_GRANTS, TICKETS_GRANTS, Roles
 from tests.support.tables import make_tickets
 
 SECOND_TARGET = """
@@ -409,9 +410,7 @@ def test_rows_the_app_holds_locked_past_the_wait_do_not_hold_up_the_job(
     )
     env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
     with psycopg.connect(big) as app:  # the app holds rows of two chunks for the whole job
-        app.execute(
-            'SELECT 1 FROM app."SupportTickets" WHERE ticket_no IN (3, 5, 390) FOR UPDATE'
-        )
+        app.execute('SELECT 1 FROM app."SupportTickets" WHERE ticket_no IN (3, 5, 390) FOR UPDATE')
         done = embedfill("--config", str(cfg), "backfill", "--json", env=env, timeout=90)
         app.rollback()
     assert done.returncode == 0, done.stderr
@@ -450,3 +449,68 @@ def test_a_worker_started_without_the_api_key_does_not_fail_the_job(
         failed = conn.execute("SELECT count(*) FROM embedfill.failures").fetchone()
     assert (job_status(big, job_id), failed) == ("succeeded", (0,))
     assert missing(big) == 0
+
+
+def test_lease_of_one_second_never_steals_a_chunk_from_a_live_slow_worker(
+    big: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """lease_s = 1 (the least allowed) and a provider slower than the lease: live workers
+    keep their chunks (the lease is about the worker's heartbeat, not a request)."""
+    with psycopg.connect(big, autocommit=True) as conn:
+        conn.execute('DELETE FROM app."SupportTickets" WHERE ticket_no > 120')
+    fake_openai.latency = 1.5
+    cfg = write_config(
+        tmp_path,
+        fake_openai.base_url,
+        batch_size=10,
+        concurrency=2,
+        extra=jobs_toml(lease_s=1, chunk_rows=15),
+    )
+    env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
+    job_id = enqueue(cfg, env)
+    workers = [popen("--config", str(cfg), "worker", env=env) for _ in range(2)]
+    try:
+        wait_until(lambda: job_status(big, job_id) != "running", timeout=120, every=0.3)
+    finally:
+        results = stop_all(workers)
+    assert [code for code, _, _ in results] == [0, 0], results
+    assert job_status(big, job_id) == "succeeded"
+    sent = [t for r in fake_openai.ok_requests() for t in r.inputs]
+    assert len(sent) == len(set(sent)) == 90
+    with psycopg.connect(big) as conn:
+        attempts = conn.execute("SELECT max(attempts) FROM embedfill.chunks").fetchone()
+    assert attempts == (1,)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="one child process that finds no free connection ends the whole job as failed "
+    "(NoFreeConnection ends the job), though the processes that did connect would finish it",
+)
+def test_processes_beyond_the_connections_the_role_has_do_not_fail_the_job(
+    big: str, fake_openai: FakeOpenAI, tmp_path: Path, roles: Roles
+) -> None:
+    """The careless operator: `backfill --processes 5` as a role allowed 16 connections
+    (each process needs at least 6). Either refuse before anything is written (exit 2,
+    no job), or let the processes that connect finish the job."""
+    fake_openai.latency = 0.1
+    cfg = write_config(
+        tmp_path, fake_openai.base_url, batch_size=5, concurrency=2, extra=jobs_toml()
+    )
+    migrated = embedfill("--config", str(cfg), "migrate", env=cli_env(big))
+    assert migrated.returncode == 0, migrated.stderr
+    role = roles.create(connection_limit=16)
+    roles.grant(
+        role, *EMBEDFILL_GRANTS, *TICKETS_GRANTS, "GRANT SELECT ON app.org_settings TO {role}"
+    )
+    env = cli_env(roles.url(role), TEST_PLATFORM_KEY=PLATFORM)
+    done = embedfill(
+        "--config", str(cfg), "backfill", "--processes", "5", "--json", env=env, timeout=150
+    )
+    with psycopg.connect(big) as conn:
+        runs = conn.execute("SELECT status FROM embedfill.runs").fetchall()
+    if done.returncode == 2:
+        assert runs == [] and missing(big) == 300, done.stderr
+    else:
+        assert done.returncode == 0, done.stderr
+        assert runs == [("succeeded",)] and missing(big) == 0
