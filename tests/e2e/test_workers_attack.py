@@ -514,3 +514,29 @@ def test_processes_beyond_the_connections_the_role_has_do_not_fail_the_job(
     else:
         assert done.returncode == 0, done.stderr
         assert runs == [("succeeded",)] and missing(big) == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="--concurrency N claims N chunks of one job at once but its session scans them "
+    "one after another: a worker started first hoards the job and a second one idles",
+)
+def test_a_worker_with_high_concurrency_does_not_hoard_a_job(
+    big: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    fake_openai.latency = 0.2
+    cfg = write_config(
+        tmp_path, fake_openai.base_url, batch_size=5, concurrency=2, extra=jobs_toml()
+    )
+    env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
+    job_id = enqueue(cfg, env)  # 16 chunks of 20 rows
+    first = popen("--config", str(cfg), "worker", "--concurrency", "16", env=env)
+    wait_until(lambda: missing(big) < 299)
+    second = popen("--config", str(cfg), "worker", env=env)
+    try:
+        wait_until(lambda: job_status(big, job_id) != "running", timeout=90, every=0.3)
+    finally:
+        stop_all([first, second])
+    with psycopg.connect(big) as conn:
+        done = dict(conn.execute("SELECT pid, chunks FROM embedfill.workers").fetchall())
+    assert done.get(second.pid, 0) > 0, done
