@@ -304,7 +304,10 @@ class Worker:
         except psycopg.Error as exc:
             raise GiveBack(str(exc)) from exc
         if session is None:  # the job is over, or asked to stop
-            await self._drop(run_id, seq)
+            try:
+                await self._drop(run_id, seq)
+            except (psycopg.Error, DatabaseError) as exc:
+                raise GiveBack(str(exc)) from exc  # settled on another try
             return
         session.inflight += 1
         if session.closer is not None:
