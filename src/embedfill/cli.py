@@ -212,7 +212,7 @@ def backfill(
             report = asyncio.run(abackfill(config, db, opts, exclusive=exclusive, enqueue=True))
             _print_enqueued(report, as_json=as_json)
             return
-        children = _Children(state, processes - 1)
+        children = _Children(state, 0 if dry_run else processes - 1)  # a plan is no job
         try:
             report = _backfill_with_progress(
                 config,

@@ -45,7 +45,7 @@ from .context import job_id_var
 from .db.connect import Database, connect
 from .db.store import Store
 from .engine import BackfillOptions, Chunk, Observer, WorkerSeat, _Hooks, _Run
-from .errors import DatabaseError, EmbedfillError, NoFreeConnection, RunAborted
+from .errors import DatabaseError, EmbedfillError, NoFreeConnection, RunAborted, UsageError
 from .models import Report
 from .providers import Provider, make_provider
 
@@ -304,8 +304,12 @@ class Worker:
             return
         except psycopg.Error as exc:
             raise GiveBack(str(exc)) from exc
-        if session is None:
-            return  # the job is over (or not this worker's)
+        if session is None:  # the job is over, or asked to stop
+            try:
+                await self._drop(run_id, seq)
+            except (psycopg.Error, DatabaseError) as exc:
+                raise GiveBack(str(exc)) from exc  # settled on another try
+            return
         session.inflight += 1
         if session.closer is not None:
             session.closer.cancel()
@@ -336,6 +340,8 @@ class Worker:
                 with contextlib.suppress(psycopg.Error, DatabaseError):
                     async with self.control() as store:  # what it wrote, counted first
                         await session.run.flush(store)
+                        # not left `doing` for ever in the job's view
+                        await store.finish_chunk(run_id, seq, self.name, attempt, "cancelled")
                 await self._fail(run_id, exc)  # every chunk would fail the same way
                 return
             await self._release(run_id, seq, attempt)
@@ -353,6 +359,24 @@ class Worker:
             if not await store.finish_chunk(run_id, seq, self.name, attempt, state):
                 return  # handed to another worker meanwhile: it finishes it
             self.chunks_done[run_id] += 1
+            if any(await store.open_chunks(run_id)):
+                return
+        await self.finish(run_id)
+
+    async def _drop(self, run_id: int, seq: int) -> None:
+        """A chunk handed out for a job asked to stop (a dead worker's chunk, handed out
+        again after the cancel): it is cancelled here, and the job finished if it was the
+        last open one. Else the chunk stays `doing` for ever and the job never ends."""
+        assert self.app is not None
+        pool = self.app.connector.pool  # type: ignore[attr-defined]
+        async with pool.connection() as conn:
+            store = Store(conn)
+            state = await store.run_state(run_id)
+            if state is None or state["status"] != "running" or not state["cancel_requested"]:
+                return
+            claim = await store.claim_chunk(run_id, seq, self.name)
+            if claim is not None:
+                await store.finish_chunk(run_id, seq, self.name, claim[2], "cancelled")
             if any(await store.open_chunks(run_id)):
                 return
         await self.finish(run_id)
@@ -562,11 +586,21 @@ async def work_on_job(
     worker.on_progress = show
     ended = asyncio.Event()  # this process finished the job: no need to wait for a poll
     worker.on_job_end = lambda job, _: ended.set() if job == run_id else None
-    runner = asyncio.create_task(worker.run(stop))
-    cancelled = False
     own_conn = conn is None
     if conn is None:
         conn = await connect(worker.db)
+    try:
+        state = await Store(conn).run_state(run_id)
+        if state is None:
+            raise UsageError(f"No backfill job has id {run_id}.")
+    except BaseException:
+        if own_conn:
+            await conn.close()
+        raise
+    if worker.targets is None:  # `worker --job ID`: that job's queue only, not every target's
+        worker.targets = [state["target"]]
+    runner = asyncio.create_task(worker.run(stop))
+    cancelled = False
     try:
         while not runner.done():
             store = Store(conn)
