@@ -29,6 +29,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +90,7 @@ class Worker:
         self.sessions: dict[int, _Session] = {}
         self.chunks_done: Counter[int] = Counter()
         self.finished: set[int] = set()  # jobs this worker finished
+        self.cut_off_until = 0.0  # monotonic: it hands chunks back unclaimed until then
         self._lock = asyncio.Lock()
         self._control: psycopg.AsyncConnection[Any] | None = None
         self._control_lock = asyncio.Lock()
@@ -292,6 +294,8 @@ class Worker:
 
     async def _chunk_task(self, context: Any, run_id: int, seq: int) -> None:
         job_id_var.set(run_id)  # this task's log lines (and its session's) name the job
+        if time.monotonic() < self.cut_off_until:  # not claimed: no attempt of the chunk
+            raise GiveBack("this worker could not reach the provider a moment ago")
         try:
             session = await self._session(run_id)
         except EmbedfillError as exc:
@@ -351,6 +355,8 @@ class Worker:
             raise GiveBack(f"{type(exc).__name__}: {exc}") from exc
         if chunk.given_up:
             await self._release(run_id, seq, attempt)
+            # and take no chunk for a lease: another worker gets them meanwhile
+            self.cut_off_until = time.monotonic() + self.lease_s
             raise GiveBack(f"chunk {seq} of job {run_id}: the provider is unreachable from here")
         state = "cancelled" if session.run.stopping else "done"
         async with pool.connection() as conn:

@@ -101,10 +101,11 @@ def test_three_workers_one_killed_the_job_completes_and_repeats_little(
         tmp_path, fake_openai.base_url, batch_size=5, concurrency=2, extra=jobs_toml()
     )
     env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
-    job_id = enqueue(cfg, env)
+    assert embedfill("--config", str(cfg), "migrate", env=env).returncode == 0
     workers = [popen("--config", str(cfg), "worker", env=env) for _ in range(3)]
     try:
-        wait_until(lambda: _claimers(big) == 3)  # all three are at work
+        wait_until(lambda: _registered(big) == 3)  # all three wait for work
+        job_id = enqueue(cfg, env)
         wait_until(lambda: missing(big) < 200)
         # the victim: a worker with chunks in flight, counted just before the kill
         with psycopg.connect(big) as conn:
@@ -171,9 +172,9 @@ def test_a_worker_that_cannot_reach_the_provider_hands_its_chunks_back(
     assert "goes back to the queue" in results[0][2]
 
 
-def _claimers(url: str) -> int:
+def _registered(url: str) -> int:
     with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT count(DISTINCT worker) FROM embedfill.chunks").fetchone()
+        row = conn.execute("SELECT count(*) FROM embedfill.procrastinate_workers").fetchone()
     assert row is not None
     return int(row[0])
 
