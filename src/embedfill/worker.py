@@ -91,6 +91,7 @@ class Worker:
         self.chunks_done: Counter[int] = Counter()
         self.finished: set[int] = set()  # jobs this worker finished
         self.cut_off_until = 0.0  # monotonic: it hands chunks back unclaimed until then
+        self.cut_off_times = 0  # chunks handed back in a row for an unreachable provider
         self._lock = asyncio.Lock()
         self._control: psycopg.AsyncConnection[Any] | None = None
         self._control_lock = asyncio.Lock()
@@ -355,9 +356,14 @@ class Worker:
             raise GiveBack(f"{type(exc).__name__}: {exc}") from exc
         if chunk.given_up:
             await self._release(run_id, seq, attempt)
-            # and take no chunk for a lease: another worker gets them meanwhile
-            self.cut_off_until = time.monotonic() + self.lease_s
+            # and take no chunk for a while, longer each time it happens again (a lease,
+            # then twice that, ... up to a minute): other workers get them meanwhile, and a
+            # chunk is not spent on its last attempt by a worker that keeps failing
+            self.cut_off_times += 1
+            pause = min(60.0, self.lease_s * 2 ** (self.cut_off_times - 1))
+            self.cut_off_until = time.monotonic() + pause
             raise GiveBack(f"chunk {seq} of job {run_id}: the provider is unreachable from here")
+        self.cut_off_times = 0  # the provider answers again
         state = "cancelled" if session.run.stopping else "done"
         async with pool.connection() as conn:
             store = Store(conn)
