@@ -92,6 +92,7 @@ class Worker:
         self.finished: set[int] = set()  # jobs this worker finished
         self.cut_off_until = 0.0  # monotonic: it hands chunks back unclaimed until then
         self.cut_off_times = 0  # chunks handed back in a row for an unreachable provider
+        self._pause = asyncio.Event()  # set: stop fetching until cut_off_until
         self._lock = asyncio.Lock()
         self._control: psycopg.AsyncConnection[Any] | None = None
         self._control_lock = asyncio.Lock()
@@ -208,12 +209,24 @@ class Worker:
                     delete_jobs="successful",
                 )
             )
-            await _first(run, stop.wait())
-            if not run.done():  # asked to stop: finish the chunks in flight
+            await _first(run, stop.wait(), self._pause.wait())
+            if not run.done():  # asked to stop (or pause): finish the chunks in flight
                 run.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await run
-                return
+                if stop.is_set():
+                    return
+                # paused: fetching nothing at all, so the chunks this worker handed back
+                # go to the others instead of bouncing through it until their last try
+                pause = max(0.0, self.cut_off_until - time.monotonic())
+                log.warning(
+                    "worker %s: the provider is unreachable from here; taking no chunk for %.0fs",
+                    self.name,
+                    pause,
+                )
+                await _first(asyncio.sleep(pause), stop.wait())
+                self._pause.clear()
+                continue
             exc = run.exception() if not run.cancelled() else None
             if exc is None:
                 return
@@ -362,6 +375,7 @@ class Worker:
             self.cut_off_times += 1
             pause = min(60.0, self.lease_s * 2 ** (self.cut_off_times - 1))
             self.cut_off_until = time.monotonic() + pause
+            self._pause.set()
             raise GiveBack(f"chunk {seq} of job {run_id}: the provider is unreachable from here")
         self.cut_off_times = 0  # the provider answers again
         state = "cancelled" if session.run.stopping else "done"
