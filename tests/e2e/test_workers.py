@@ -259,7 +259,7 @@ def test_a_second_backfill_joins_the_running_job_and_both_exit_0(
 
 
 def test_processes_n_share_one_job(big: str, fake_openai: FakeOpenAI, tmp_path: Path) -> None:
-    fake_openai.latency = 0.05
+    fake_openai.latency = 0.3  # the job outlasts the children's start on a loaded machine
     cfg = write_config(
         tmp_path, fake_openai.base_url, batch_size=5, concurrency=2, extra=jobs_toml()
     )
