@@ -212,8 +212,9 @@ class Worker:
             await _first(run, stop.wait(), self._pause.wait())
             if not run.done():  # asked to stop (or pause): finish the chunks in flight
                 run.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await run
+                # procrastinate waits for the chunks in flight; seen stuck "cancelling"
+                # after they were done, so never wait past a lease and a minute more
+                await asyncio.wait([run], timeout=self.lease_s + 60)
                 if stop.is_set():
                     return
                 # paused: fetching nothing at all, so the chunks this worker handed back
@@ -653,7 +654,10 @@ async def work_on_job(
         with contextlib.suppress(asyncio.CancelledError):
             await runner
     try:
-        return await jobs.merged_report(Store(conn), run_id)
+        final = await jobs.merged_report(Store(conn), run_id)
+        if on_progress is not None:
+            on_progress(final)  # the last word: every row of the job
+        return final
     finally:
         if own_conn:
             await conn.close()
