@@ -90,6 +90,7 @@ def backfill(
     on_progress: ProgressCallback | None = None,
     exclusive: bool = False,
     enqueue: bool = False,
+    refresh: bool = False,
 ) -> Report:
     """Embed the rows of ``target`` whose embedding is NULL (or, with ``dry_run``, report
     what that would send and cost, which rows would fail, and two sample texts). Returns
@@ -98,6 +99,8 @@ def backfill(
     The backfill is a job other workers (``embedfill worker``, another ``backfill``) may
     share: a job of this target already running is joined (``report.joined``), unless
     ``exclusive`` (then ``TargetBusy``). ``enqueue`` only creates the job and returns.
+    ``refresh`` also re-embeds stale and outdated-model rows (``report.stale_before``,
+    ``report.refreshed``).
 
     ``on_progress(report)`` is called with the live ``Report`` as the run goes (at most
     every 0.1 s, from the thread running the backfill) and once at the end. Progress is
@@ -112,6 +115,7 @@ def backfill(
         tenants=tuple(tenants),
         limit=limit,
         actor=actor,
+        refresh=refresh,
     )
     db = _database(database, database_url)
     return asyncio.run(
@@ -133,7 +137,8 @@ def status(
     database_url: str | None = None,
     database: Database | None = None,
 ) -> list[TargetStatus]:
-    """Rows, missing embeddings and vector index per target (and per tenant)."""
+    """Rows, missing embeddings, stale, outdated-model and unverified vectors and the
+    vector index, per target (and per tenant)."""
     return asyncio.run(astatus(_config(config), _database(database, database_url), target))
 
 

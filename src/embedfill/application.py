@@ -22,10 +22,10 @@ from typing import Any
 
 import psycopg
 
-from . import jobs
+from . import freshness, jobs
 from .config import Config, ProviderConfig, TargetConfig
 from .db import indexes
-from .db.catalog import TableInfo, count_missing, inspect_target, target_status
+from .db.catalog import TableInfo, count_missing, count_outdated, inspect_target, target_status
 from .db.connect import Database, connect
 from .db.schema import amigrate, ensure_schema
 from .db.store import KeyInfo, Store
@@ -149,6 +149,13 @@ async def _job(
     if not enqueue:
         db.check_connection_limit()  # before anything is written
     await jobs.take_over_legacy(conn, info, target)
+    provenance = None
+    if opts.refresh:
+        model = freshness.model_identity(config.provider_for(target), info)
+        ids = await freshness.provenance_ids(
+            conn, info, target.embedding_column, model, create=True
+        )
+        provenance = ids.params()
     run_id, joined = await jobs.create_or_join(
         conn,
         target=target,
@@ -159,6 +166,7 @@ async def _job(
         actor=opts.actor,
         chunk_rows=config.engine.chunk_rows,
         exclusive=exclusive,
+        provenance=provenance,
     )
     if hooks.on_start:
         hooks.on_start(run_id)
@@ -194,6 +202,27 @@ async def _job(
     return report
 
 
+async def arefresh_warning(config: Config, db: Database, opts: BackfillOptions) -> str | None:
+    """What a refresh would do meanwhile, when it re-embeds vectors of another model in
+    place (they mix two vector spaces until it finishes); None when none are there."""
+    conn = await connect(db)
+    try:
+        target = config.target(opts.target)
+        pconf = config.provider_for(target)
+        info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
+        if not await Store(conn).has_provenance():
+            return None
+        model = freshness.model_identity(pconf, info)
+        ids = await freshness.provenance_ids(
+            conn, info, target.embedding_column, model, create=False
+        )
+        tsql = TargetSQL(target, info.types)
+        _, outdated = await count_outdated(conn, tsql, list(opts.tenants) or None, ids.params())
+        return freshness.mixing_warning(target.name, outdated) if outdated else None
+    finally:
+        await conn.close()
+
+
 async def adefer_index_plan(config: Config, db: Database, opts: BackfillOptions) -> str | None:
     """What index-aware mode would do to the target, in plain words (None: no vector index)."""
     conn = await connect(db)
@@ -211,15 +240,24 @@ async def adefer_index_plan(config: Config, db: Database, opts: BackfillOptions)
 
 
 async def astatus(config: Config, db: Database, target: str | None = None) -> list[TargetStatus]:
-    """Rows and missing embeddings per target (and per tenant)."""
+    """Rows, missing embeddings, and stale, outdated-model and unverified vectors per
+    target (and per tenant); see freshness.py. Read-only."""
     targets = [config.target(target)] if target else list(config.targets)
     conn = await connect(db)
     try:
         out = []
+        kept = await Store(conn).has_provenance()
         for t in targets:
             pconf = config.provider_for(t)
             info = await inspect_target(conn, t, pconf.expected_dimensions, pconf.label)
-            out.append(await target_status(conn, t, info))
+            params = None
+            if kept:
+                model = freshness.model_identity(pconf, info)
+                ids = await freshness.provenance_ids(
+                    conn, info, t.embedding_column, model, create=False
+                )
+                params = ids.params()
+            out.append(await target_status(conn, t, info, params))
         return out
     except psycopg.Error as exc:
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc

@@ -23,7 +23,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import application
 from . import keys as keymod
-from .application import BackfillOptions, abackfill, adefer_index_plan, aensure_schema, astatus
+from .application import (
+    BackfillOptions,
+    abackfill,
+    adefer_index_plan,
+    aensure_schema,
+    arefresh_warning,
+    astatus,
+)
 from .config import Config, load_config
 from .db.connect import Database, resolve_database
 from .errors import EmbedfillError, UsageError
@@ -186,6 +193,14 @@ def backfill(
             "--enqueue", help="Create the job, print its id and return: `embedfill worker`s do it."
         ),
     ] = False,
+    refresh: Annotated[
+        bool,
+        typer.Option(
+            "--refresh",
+            help="Also re-embed stale rows (text changed since embedded) and outdated-model "
+            "rows (embedded with another model or size), not only NULL ones.",
+        ),
+    ] = False,
 ) -> None:
     """Embed the rows whose embedding is NULL. The backfill is a job cut into chunks; if a
     job of the target is already running, this joins it. Exit 3 when some rows failed (or,
@@ -202,12 +217,17 @@ def backfill(
         limit=limit,
         actor=_actor(),
         defer_index=defer_index,
+        refresh=refresh,
     )
     with _errors(state):
         config = state.config()
         db = state.database()
         if defer_index and not dry_run:
             _confirm_defer_index(config, db, opts, yes=yes)
+        if refresh and not dry_run:  # said before it starts (the report says it again)
+            warning = asyncio.run(arefresh_warning(config, db, opts))
+            if warning is not None:
+                err.print(f"embedfill: warning: {warning}", style="yellow", markup=False)
         if enqueue and not dry_run:
             report = asyncio.run(abackfill(config, db, opts, exclusive=exclusive, enqueue=True))
             _print_enqueued(report, as_json=as_json)

@@ -27,10 +27,11 @@ import psycopg
 from . import errors
 from .config import TargetConfig
 from .db import indexes
-from .db.catalog import TableInfo, count_missing
+from .db.catalog import TableInfo, count_missing, count_outdated
 from .db.store import Store
 from .db.target_sql import TargetSQL
 from .errors import EmbedfillError, RunAborted, TargetBusy
+from .freshness import mixing_warning
 from .models import Report, TenantReport
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ _SUMMED = (
     "changed",
     "locked",
     "deduplicated",
+    "refreshed",
     "batches",
     "requests",
     "retries",
@@ -84,17 +86,21 @@ async def plan_chunks(
     tenants: list[str] | None,
     limit: int | None,
     chunk_rows: int,
+    provenance: dict[str, Any] | None = None,
 ) -> list[tuple[Any, Any]]:
     """(lo, hi] bounds cutting the rows to embed into chunks of ``chunk_rows``. The last
-    chunk is open-ended (rows added later are in it), unless ``limit`` ends it."""
+    chunk is open-ended (rows added later are in it), unless ``limit`` ends it. With
+    ``provenance`` (a refresh), outdated rows count as rows to embed."""
     bounds: list[tuple[Any, Any]] = []
     after: Any = None
     left = limit
     while True:
         step = chunk_rows if left is None else min(chunk_rows, left)
         cur = await conn.execute(
-            tsql.chunk_end(first=after is None, tenants=bool(tenants)),
-            {"after": after, "step": step - 1, "tenants": tenants},
+            tsql.chunk_end(
+                first=after is None, tenants=bool(tenants), refresh=provenance is not None
+            ),
+            {"after": after, "step": step - 1, "tenants": tenants, **(provenance or {})},
         )
         row = await cur.fetchone()
         if row is None:  # fewer rows than a chunk are left
@@ -120,8 +126,12 @@ async def create_or_join(
     actor: str,
     chunk_rows: int,
     exclusive: bool,
+    provenance: dict[str, Any] | None = None,
 ) -> tuple[int, bool]:
-    """(job id, joined): the running job of this table column, or a new one."""
+    """(job id, joined): the running job of this table column, or a new one. With
+    ``provenance`` (``--refresh``: the column's and model's numbers) the job re-embeds
+    stale and outdated-model rows besides NULL ones; a refresh does not join a plain
+    backfill (it would leave the outdated rows), and nothing joins a watch job."""
     store = Store(conn)
     tsql = TargetSQL(target, info.types)
     key = lock_key(info.oid, target.embedding_column)
@@ -131,10 +141,24 @@ async def create_or_join(
         if active is not None and not await store.has_chunks(active["id"]):
             raise _busy(target, active)  # a live run of an embedfill before jobs
         if active is not None:
+            running = active["parameters"] or {}
+            if running.get("watch"):
+                raise _busy(
+                    target, active, "it is kept filled by `embedfill watch`; stop the watch"
+                )
+            if provenance is not None and not running.get("refresh"):
+                raise _busy(
+                    target, active, "it re-embeds no outdated rows; wait for it, then refresh"
+                )
             if exclusive or active["target"] != target.name:
                 raise _busy(target, active)
             return int(active["id"]), True
         missing = await count_missing(conn, tsql, tenants)
+        if provenance is not None:
+            stale, outdated = await count_outdated(conn, tsql, tenants, provenance)
+            parameters = parameters | {"stale_before": stale + outdated}
+            if outdated:
+                parameters["warnings"] = [mixing_warning(target.name, outdated)]
         run_id = await store.create_run(
             target=target.name,
             actor=actor,
@@ -144,7 +168,7 @@ async def create_or_join(
             table_oid=info.oid,
             column=target.embedding_column,
         )
-        bounds = await plan_chunks(conn, tsql, tenants, limit, chunk_rows)
+        bounds = await plan_chunks(conn, tsql, tenants, limit, chunk_rows, provenance)
         await store.add_chunks(run_id, bounds, queue=queue_for(target.name), task=TASK)
     log.info("job %s: %d rows in %d chunks", run_id, missing, len(bounds))
     return run_id, False
@@ -177,12 +201,14 @@ async def take_over_legacy(
             await store.unlock(key)
 
 
-def _busy(target: TargetConfig, active: dict[str, Any]) -> TargetBusy:
+def _busy(target: TargetConfig, active: dict[str, Any], why: str | None = None) -> TargetBusy:
     where = f"column {target.embedding_column!r} of {target.table}"
     other = active["target"]
     other = "" if other == target.name else f" of target {other!r}"
     how = "wait for it to finish or cancel it"
-    if not other:
+    if why is not None:
+        how = why
+    elif not other:
         how += ", or run without --exclusive to join it"
     return TargetBusy(
         f"Target {target.name!r} ({where}) is already being backfilled by run "
@@ -328,6 +354,9 @@ async def merged_report(store: Store, run_id: int, *, exclude: str | None = None
     assert state is not None
     report = Report(run_id=run_id, target=state["target"], dry_run=False)
     report.missing_before = int(state["missing_before"] or 0)
+    parameters = state["parameters"] or {}
+    report.stale_before = int(parameters.get("stale_before") or 0)
+    report.warnings = list(parameters.get("warnings") or [])
     report.status = state["status"]
     report.duration_s = float(state["age_s"] or 0.0)
     tenants: dict[str | None, TenantReport] = {}

@@ -19,6 +19,7 @@ class Row:
     # identifies the text for de-duplication (see db.target_sql)
     tokens: int = 0
     truncated: bool = False
+    refresh: bool = False  # it held a vector (stale or outdated): a refresh
     chunk: Any = field(default=None, compare=False, repr=False)  # the job chunk it came from
 
 
@@ -93,6 +94,8 @@ class Report:
     changed: int = 0  # read, embedded, then not written: the app changed or filled the row
     locked: int = 0  # left NULL: the app held the row's lock for the whole retry window
     deduplicated: int = 0
+    stale_before: int = 0  # --refresh: stale and outdated-model rows when it started
+    refreshed: int = 0  # --refresh: of those, rows written with a fresh vector
     batches: int = 0
     requests: int = 0
     retries: int = 0
@@ -153,6 +156,10 @@ class TenantStatus:
     tenant: str | None
     rows: int
     missing: int
+    # freshness.py: a vector from other text, from another model, of unknown origin
+    stale: int = 0
+    outdated_model: int = 0
+    unverified: int = 0
 
 
 @dataclass(frozen=True)
@@ -164,6 +171,9 @@ class TargetStatus:
     missing: int
     vector_index: str | None
     tenants: tuple[TenantStatus, ...] = ()
+    stale: int = 0
+    outdated_model: int = 0
+    unverified: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"tenants": [asdict(t) for t in self.tenants]}

@@ -16,12 +16,31 @@ def status_tables(console: Console, statuses: list[TargetStatus]) -> None:
         index = s.vector_index or "none"
         console.print(
             f"[bold]{s.name}[/] ({s.table}, vector({s.dimensions}), index: {index}): "
-            f"{s.rows:,} rows, [{'red' if s.missing else 'green'}]{s.missing:,} missing[/]"
+            f"{s.rows:,} rows, [{'red' if s.missing else 'green'}]{s.missing:,} missing[/], "
+            f"[{'yellow' if s.stale else 'green'}]{s.stale:,} stale[/], "
+            f"[{'yellow' if s.outdated_model else 'green'}]{s.outdated_model:,} outdated model[/], "
+            f"{s.unverified:,} unverified"
         )
         if s.tenants:
-            table = Table("tenant", "rows", "missing", box=None, padding=(0, 2))
+            table = Table(
+                "tenant",
+                "rows",
+                "missing",
+                "stale",
+                "outdated model",
+                "unverified",
+                box=None,
+                padding=(0, 2),
+            )
             for t in s.tenants:
-                table.add_row(str(t.tenant), f"{t.rows:,}", f"{t.missing:,}")
+                table.add_row(
+                    str(t.tenant),
+                    f"{t.rows:,}",
+                    f"{t.missing:,}",
+                    f"{t.stale:,}",
+                    f"{t.outdated_model:,}",
+                    f"{t.unverified:,}",
+                )
             console.print(table)
 
 
@@ -61,6 +80,10 @@ def report_table(console: Console, r: Report) -> None:
         f"{'estimated ' if r.dry_run else ''}cost: ${r.estimated_cost_usd:.4f}  "
         f"time: {r.duration_s:.1f}s"
     )
+    if r.stale_before or r.refreshed:
+        console.print(
+            f"stale or outdated-model before: {r.stale_before:,}  refreshed: {r.refreshed:,}"
+        )
     if r.truncated or r.deduplicated or r.changed:
         console.print(
             f"truncated to the model's limit: {r.truncated:,}  identical texts embedded "

@@ -485,6 +485,7 @@ class Worker:
             batch_size=params.get("batch_size"),
             tenants=tuple(params.get("tenants") or ()),
             actor=state["actor"],
+            refresh=bool(params.get("refresh") or params.get("watch")),
         )
         target = self.config.target(opts.target)
         provider = self._provider(target.provider)

@@ -285,18 +285,37 @@ def _first_line(exc: BaseException) -> str:
 
 
 async def target_status(
-    conn: psycopg.AsyncConnection[Any], target: TargetConfig, info: TableInfo
+    conn: psycopg.AsyncConnection[Any],
+    target: TargetConfig,
+    info: TableInfo,
+    provenance: dict[str, Any] | None,
 ) -> TargetStatus:
+    """Rows, missing, unverified, outdated_model and stale, per tenant. ``provenance``:
+    the ``column_id`` and ``model_id`` parameters (freshness.py), None when embedfill's
+    schema has no provenance yet (every vector is unverified)."""
     q = TargetSQL(target, info.types)
-    cur = await conn.execute(q.status_by_tenant())
+    cur = await conn.execute(q.status_by_tenant(provenance is not None), provenance or {})
     rows = await cur.fetchall()
-    tenants = tuple(TenantStatus(tenant=r[0], rows=int(r[1]), missing=int(r[2])) for r in rows)
+    tenants = tuple(
+        TenantStatus(
+            tenant=r[0],
+            rows=int(r[1]),
+            missing=int(r[2]),
+            unverified=int(r[3]),
+            outdated_model=int(r[4]),
+            stale=int(r[5]),
+        )
+        for r in rows
+    )
     return TargetStatus(
         name=target.name,
         table=str(target.table),
         dimensions=info.dimensions or 0,
         rows=sum(t.rows for t in tenants),
         missing=sum(t.missing for t in tenants),
+        stale=sum(t.stale for t in tenants),
+        outdated_model=sum(t.outdated_model for t in tenants),
+        unverified=sum(t.unverified for t in tenants),
         vector_index=info.vector_index,
         tenants=tenants if target.tenant_column else (),
     )
@@ -310,4 +329,25 @@ async def count_missing(
     return int(row[0]) if row else 0
 
 
-__all__ = ["TableInfo", "check_extension", "count_missing", "inspect_target", "target_status"]
+async def count_outdated(
+    conn: psycopg.AsyncConnection[Any],
+    q: TargetSQL,
+    tenants: list[str] | None,
+    provenance: dict[str, Any],
+) -> tuple[int, int]:
+    """(stale, outdated_model): the vectors ``--refresh`` re-embeds."""
+    cur = await conn.execute(
+        q.count_outdated(tenants=bool(tenants)), {"tenants": tenants, **provenance}
+    )
+    row = await cur.fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+__all__ = [
+    "TableInfo",
+    "check_extension",
+    "count_missing",
+    "count_outdated",
+    "inspect_target",
+    "target_status",
+]

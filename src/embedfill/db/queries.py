@@ -66,12 +66,6 @@ ABANDON_RUN = """
 UPDATE embedfill.runs SET status = 'abandoned', finished_at = now()
 WHERE id = %(id)s AND status IN ('queued', 'running')"""
 
-ACTIVE_RUN = """
-SELECT id, actor, started_at, target FROM embedfill.runs
-WHERE table_oid = %(table_oid)s AND column_name = %(column)s AND status = 'running'
-  AND NOT dry_run
-ORDER BY started_at DESC LIMIT 1"""
-
 REQUEST_CANCEL = """
 UPDATE embedfill.runs SET cancel_requested = true
 WHERE id = %(id)s AND status IN ('queued', 'running') RETURNING id"""
@@ -264,3 +258,30 @@ WHERE c.state = 'doing' AND c.worker IS NOT NULL AND NOT EXISTS (
       AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
       AND l.classid = ((h.k >> 32) & 4294967295)::oid
       AND l.objid = (h.k & 4294967295)::oid)"""
+
+# ---------------------------------------------------------------- provenance (freshness.py)
+
+# A vector column by its names (schema, table, column) as the catalog spells them now:
+# a renamed table starts afresh, a dump and restore keeps its provenance.
+ENSURE_VECTOR_COLUMN = """
+INSERT INTO embedfill.vector_columns (schema_name, table_name, column_name)
+SELECT n.nspname, c.relname, %(column)s
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = %(oid)s
+ON CONFLICT (schema_name, table_name, column_name) DO NOTHING"""
+VECTOR_COLUMN_ID = """
+SELECT v.id FROM embedfill.vector_columns v
+JOIN pg_namespace n ON n.nspname = v.schema_name
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = v.table_name
+WHERE c.oid = %(oid)s AND v.column_name = %(column)s"""
+ENSURE_MODEL = """
+INSERT INTO embedfill.models (provider, model, dimensions)
+VALUES (%(provider)s, %(model)s, %(dimensions)s)
+ON CONFLICT (provider, model, dimensions) DO NOTHING"""
+MODEL_ID = """
+SELECT id FROM embedfill.models
+WHERE provider = %(provider)s AND model = %(model)s AND dimensions = %(dimensions)s"""
+PROVENANCE_EXISTS = """
+SELECT EXISTS (
+    SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'embedfill' AND c.relname = 'provenance')"""

@@ -36,6 +36,33 @@ class Store:
     async def unlock(self, key: str) -> None:
         await self.conn.execute(q.RELEASE_TARGET_LOCK, {"key": key})
 
+    # ---------------------------------------------------------------- provenance
+
+    async def has_provenance(self) -> bool:
+        """Whether embedfill's schema has its provenance table (a read-only check)."""
+        cur = await self.conn.execute(q.PROVENANCE_EXISTS)
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def vector_column_id(self, oid: int, column: str, *, create: bool) -> int | None:
+        """The number of a vector column in provenance; None when never recorded (and not
+        ``create``)."""
+        if create:
+            await self.conn.execute(q.ENSURE_VECTOR_COLUMN, {"oid": oid, "column": column})
+        cur = await self.conn.execute(q.VECTOR_COLUMN_ID, {"oid": oid, "column": column})
+        row = await cur.fetchone()
+        return int(row[0]) if row else None
+
+    async def model_id(
+        self, provider: str, model: str, dimensions: int, *, create: bool
+    ) -> int | None:
+        params = {"provider": provider, "model": model, "dimensions": dimensions}
+        if create:
+            await self.conn.execute(q.ENSURE_MODEL, params)
+        cur = await self.conn.execute(q.MODEL_ID, params)
+        row = await cur.fetchone()
+        return int(row[0]) if row else None
+
     # ---------------------------------------------------------------- runs
 
     async def create_run(
@@ -87,11 +114,6 @@ class Store:
 
     async def abandon_run(self, run_id: int) -> None:
         await self.conn.execute(q.ABANDON_RUN, {"id": run_id})
-
-    async def active_run(self, table_oid: int, column: str) -> dict[str, Any] | None:
-        async with self.conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(q.ACTIVE_RUN, {"table_oid": table_oid, "column": column})
-            return await cur.fetchone()
 
     async def get_run(self, run_id: int) -> dict[str, Any] | None:
         async with self.conn.cursor(row_factory=dict_row) as cur:

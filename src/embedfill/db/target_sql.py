@@ -7,6 +7,7 @@ what needs quoting); every value is a bound parameter.
 
 from __future__ import annotations
 
+import string
 from dataclasses import dataclass
 
 from psycopg import sql
@@ -14,6 +15,7 @@ from psycopg import sql
 from ..config import TargetConfig
 
 INTEGER_TYPES = ("smallint", "integer", "bigint")
+PROVENANCE = sql.Identifier("embedfill", "provenance")
 
 
 @dataclass(frozen=True)
@@ -73,23 +75,87 @@ class TargetSQL:
             self._tenant_text(alias), sql.SQL(", ").join(sources)
         )
 
+    def rendered(self, alias: str = "t") -> sql.Composable:
+        """The text as embedfill embeds it, rendered by the server exactly as Python
+        renders it (config.text_renderer over the ``_values``): the template's literal
+        parts and each column's text, NULL as ''; or the text_sql value. Literal parts go
+        in as hex (``decode``), so no quote, backslash or ``%`` in a template can change
+        the statement."""
+        if self.target.text_sql is not None:
+            return sql.SQL("coalesce({}::text, '')").format(self._text_sql())
+        assert self.target.text is not None
+        parts: list[sql.Composable] = []
+        for literal, field, _, _ in string.Formatter().parse(self.target.text):
+            if literal:
+                hexed = literal.encode("utf-8").hex()
+                parts.append(
+                    sql.SQL("convert_from(decode('{}', 'hex'), 'UTF8')").format(sql.SQL(hexed))
+                )
+            if field is not None:
+                parts.append(sql.SQL("coalesce({}::text, '')").format(sql.Identifier(alias, field)))
+        if not parts:
+            return sql.SQL("''::text")
+        return sql.SQL("concat({})").format(sql.SQL(", ").join(parts))
+
+    def text_md5(self, alias: str = "t") -> sql.Composable:
+        """The provenance fingerprint of a row's text: md5 of the rendered text (before
+        any truncation), as a uuid (16 bytes)."""
+        return sql.SQL("md5({})::uuid").format(self.rendered(alias))
+
+    def _provenance_of(self, alias: str = "t") -> sql.Composable:
+        """The row's provenance record (params ``column_id``), joined on the id's text."""
+        return sql.SQL("p.column_id = %(column_id)s AND p.row_key = {}::text").format(
+            sql.Identifier(alias, self.target.id_column)
+        )
+
+    def outdated(self, alias: str = "t") -> sql.Composable:
+        """A non-NULL vector that embedfill wrote from other text than the row holds now,
+        or with another model than configured now (params ``column_id``, ``model_id``)."""
+        return sql.SQL(
+            "EXISTS (SELECT 1 FROM {prov} AS p WHERE {of}"
+            " AND (p.model_id <> %(model_id)s OR p.text_md5 <> {md5}))"
+        ).format(prov=PROVENANCE, of=self._provenance_of(alias), md5=self.text_md5(alias))
+
+    def _needs(self, refresh: bool, keys: bool) -> sql.Composable:
+        """Which rows a scan (or a chunk's plan) takes: NULL ones, and with ``refresh``
+        the outdated ones too; with ``keys``, only the ids in %(keys)s (a watch chunk)."""
+        emb = sql.Identifier("t", self.target.embedding_column)
+        need: sql.Composable = sql.SQL("{} IS NULL").format(emb)
+        if refresh:
+            need = sql.SQL("({} OR ({} IS NOT NULL AND {}))").format(need, emb, self.outdated())
+        if keys:
+            need = sql.SQL("{} = ANY(CAST(CAST(%(keys)s AS text[]) AS {}[])) AND {}").format(
+                sql.Identifier("t", self.target.id_column), sql.SQL(self.types.id_type), need
+            )
+        return need
+
     def _tenant_filter(self, tenants: bool) -> sql.Composable:
         if not tenants:
             return sql.SQL("")
         return sql.SQL(" AND {} = ANY(%(tenants)s::text[])").format(self._tenant_text())
 
-    def scan(self, *, first_page: bool, tenants: bool, upto: bool = False) -> sql.Composed:
-        """Keyset page of rows whose embedding is NULL, in id order (walks the PK index),
-        after %(after)s (unless ``first_page``) and up to %(hi)s (with ``upto``: a job's
-        chunk). Bounds are compared by the server, in the column's type and collation.
-        The table is aliased ``t`` here, in the write and in ``check_text_sql``, so a
-        text_sql expression sees the same names in all three."""
+    def scan(
+        self,
+        *,
+        first_page: bool,
+        tenants: bool,
+        upto: bool = False,
+        refresh: bool = False,
+        keys: bool = False,
+    ) -> sql.Composed:
+        """Keyset page of rows to embed (``_needs``: NULL ones, and outdated ones with
+        ``refresh``), in id order (walks the PK index), after %(after)s (unless
+        ``first_page``) and up to %(hi)s (with ``upto``: a job's chunk). Bounds are
+        compared by the server, in the column's type and collation. The table is aliased
+        ``t`` here, in the write and in ``check_text_sql``, so a text_sql expression sees
+        the same names in all three. The row's columns: id, tenant, source fingerprint,
+        whether it held a vector (a refresh), then the text's values."""
         after = sql.SQL("") if first_page else sql.SQL(" AND {} > %(after)s").format(self.id)
         if upto:
             after += sql.SQL(" AND {} <= %(hi)s").format(self.id)
         return sql.SQL(
-            "SELECT {id}, {tenant}, {fp}, {values} FROM {table} AS t"
-            " WHERE {emb} IS NULL{after}{tenants} ORDER BY {id} LIMIT %(limit)s"
+            "SELECT {id}, {tenant}, {fp}, {emb} IS NOT NULL, {values} FROM {table} AS t"
+            " WHERE {needs}{after}{tenants} ORDER BY {id} LIMIT %(limit)s"
         ).format(
             id=self.id,
             tenant=self._tenant_text(),
@@ -97,22 +163,23 @@ class TargetSQL:
             values=sql.SQL(", ").join(self._values()),
             table=self.table,
             emb=self.emb,
+            needs=self._needs(refresh, keys),
             after=after,
             tenants=self._tenant_filter(tenants),
         )
 
-    def chunk_end(self, *, first: bool, tenants: bool) -> sql.Composed:
+    def chunk_end(self, *, first: bool, tenants: bool, refresh: bool = False) -> sql.Composed:
         """The id that ends a chunk of %(step)s + 1 rows needing an embedding after
         %(after)s (unless ``first``): no row when fewer are left. Ids only, from the key
-        index: planning a job reads no text."""
+        index (a refresh also reads the text of rows that hold a vector, to compare)."""
         after = sql.SQL("") if first else sql.SQL(" AND {} > %(after)s").format(self.id)
         return sql.SQL(
-            "SELECT {id} FROM {table} AS t WHERE {emb} IS NULL{after}{tenants}"
+            "SELECT {id} FROM {table} AS t WHERE {needs}{after}{tenants}"
             " ORDER BY {id} OFFSET %(step)s LIMIT 1"
         ).format(
             id=self.id,
             table=self.table,
-            emb=self.emb,
+            needs=self._needs(refresh, False),
             after=after,
             tenants=self._tenant_filter(tenants),
         )
@@ -136,9 +203,10 @@ class TargetSQL:
     def integer_ids(self) -> bool:
         return self.types.id_type in INTEGER_TYPES
 
-    def write(self) -> sql.Composed:
-        """One bulk UPDATE per batch, written only where the embedding is still NULL and
-        the source text is unchanged since it was read.
+    def write(self, refresh: bool = False) -> sql.Composed:
+        """One bulk UPDATE per batch, written only where the embedding is still NULL (or,
+        ``refresh``, whatever it holds) and the source text is unchanged since it was
+        read; the provenance of every row written is recorded in the same statement.
 
         Rows are locked first with ``SKIP LOCKED``: a row the application holds locked is
         never waited for (so the backfill never queues behind the app, holds its batch's
@@ -166,13 +234,13 @@ class TargetSQL:
             "UPDATE {table} AS t SET {emb} = b.embedfill_vec FROM embedfill_batch AS b"
             " WHERE {t_id} = b.embedfill_id AND {keys}"
             " AND {t_id} IN (SELECT id FROM embedfill_locked)"
-            " AND {t_emb} IS NULL AND {fp} = b.embedfill_fp"
-            " RETURNING {t_id} AS id"
-            ") SELECT (SELECT count(*) FROM embedfill_locked),"
+            "{guard} AND {fp} = b.embedfill_fp"
+            " RETURNING {t_id} AS id, {text_md5} AS text_md5"
+            "){provenance} SELECT (SELECT count(*) FROM embedfill_locked),"
             " (SELECT array_agg(id) FROM embedfill_written)"
-        ).format(**self._write_names())
+        ).format(**self._write_names(refresh))
 
-    def write_fast(self) -> sql.Composed:
+    def write_fast(self, refresh: bool = False) -> sql.Composed:
         """The common case of ``write``, one plain bulk UPDATE that waits for row locks:
         run under a very short ``lock_timeout``, so that when the app holds one of the
         rows it gives up (releasing what it took) before anyone waits long, and ``write``
@@ -183,20 +251,22 @@ class TargetSQL:
             " FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[])"
             " AS b(embedfill_id, embedfill_fp, embedfill_vec)"
             " WHERE {t_id} = b.embedfill_id AND {keys}"
-            " AND {t_emb} IS NULL AND {fp} = b.embedfill_fp"
-            " RETURNING {t_id} AS id"
-            ") SELECT cardinality({ids}), (SELECT array_agg(id) FROM embedfill_written)"
-        ).format(**self._write_names())
+            "{guard} AND {fp} = b.embedfill_fp"
+            " RETURNING {t_id} AS id, {text_md5} AS text_md5"
+            "){provenance} SELECT cardinality({ids}), (SELECT array_agg(id) FROM embedfill_written)"
+        ).format(**self._write_names(refresh))
 
-    def _write_names(self) -> dict[str, sql.Composable]:
+    def _write_names(self, refresh: bool) -> dict[str, sql.Composable]:
         """The pieces both writes are made of. ``keys`` bounds a batch's rows for an index
-        scan (see ``write``)."""
+        scan (see ``write``); ``provenance`` records, for each row written, the md5 of the
+        text as rendered from the row just written (params ``column_id``, ``model_id``)."""
         ids = sql.SQL("%(ids)b::{}[]").format(sql.SQL(self.types.id_type))
         t_id = sql.Identifier("t", self.target.id_column)
         if self.integer_ids:
             keys = sql.SQL("{} BETWEEN %(lo)b AND %(hi)b").format(t_id)
         else:
             keys = sql.SQL("{} = ANY({})").format(t_id, ids)
+        t_emb = sql.Identifier("t", self.target.embedding_column)
         return {
             "table": self.table,
             "emb": self.emb,
@@ -204,26 +274,36 @@ class TargetSQL:
             "vec_type": sql.SQL(self.types.vector_type),
             "t_id": t_id,
             "keys": keys,
-            "t_emb": sql.Identifier("t", self.target.embedding_column),
+            "guard": sql.SQL("") if refresh else sql.SQL(" AND {} IS NULL").format(t_emb),
             "fp": self._fingerprint("t"),
+            "text_md5": self.text_md5("t"),
+            "provenance": sql.SQL(
+                ", embedfill_provenance AS ("
+                "INSERT INTO {prov} AS p (column_id, model_id, text_md5, embedded_at, row_key)"
+                " SELECT %(column_id)s, %(model_id)s, w.text_md5, now(), w.id::text"
+                " FROM embedfill_written AS w"
+                " ON CONFLICT (column_id, row_key) DO UPDATE SET model_id = excluded.model_id,"
+                " text_md5 = excluded.text_md5, embedded_at = excluded.embedded_at)"
+            ).format(prov=PROVENANCE),
         }
 
-    def still_owed(self) -> sql.Composed:
-        """Of a batch's rows, those still NULL with the text that was read: after a write
-        that could not lock every row, these are the ones the app held (retry them); the
-        rest were changed, filled or deleted by the app."""
+    def still_owed(self, refresh: bool = False) -> sql.Composed:
+        """Of a batch's rows, those still NULL (any, ``refresh``) with the text that was
+        read: after a write that could not lock every row, these are the ones the app held
+        (retry them); the rest were changed, filled or deleted by the app."""
         ids = sql.SQL("%(ids)b::{}[]").format(sql.SQL(self.types.id_type))
         t_id = sql.Identifier("t", self.target.id_column)
+        t_emb = sql.Identifier("t", self.target.embedding_column)
         return sql.SQL(
             "SELECT {t_id} FROM {table} AS t"
             " JOIN unnest({ids}, %(fps)b::text[]) AS b(embedfill_id, embedfill_fp)"
             " ON {t_id} = b.embedfill_id"
-            " WHERE {t_id} = ANY({ids}) AND {t_emb} IS NULL AND {fp} = b.embedfill_fp"
+            " WHERE {t_id} = ANY({ids}){guard} AND {fp} = b.embedfill_fp"
         ).format(
             table=self.table,
             ids=ids,
             t_id=t_id,
-            t_emb=sql.Identifier("t", self.target.embedding_column),
+            guard=sql.SQL("") if refresh else sql.SQL(" AND {} IS NULL").format(t_emb),
             fp=self._fingerprint("t"),
         )
 
@@ -232,9 +312,54 @@ class TargetSQL:
             table=self.table, emb=self.emb, tenants=self._tenant_filter(tenants)
         )
 
-    def status_by_tenant(self) -> sql.Composed:
+    def count_outdated(self, *, tenants: bool) -> sql.Composed:
+        emb = sql.Identifier("t", self.target.embedding_column)
+        """(stale, outdated_model) of the rows with a vector (see ``status_by_tenant``)."""
+        return sql.SQL(
+            "SELECT count(*) FILTER (WHERE p.model_id = %(model_id)s),"
+            " count(*) FILTER (WHERE p.model_id <> %(model_id)s)"
+            " FROM {table} AS t JOIN {prov} AS p ON {of}"
+            " WHERE {emb} IS NOT NULL"
+            " AND (p.model_id <> %(model_id)s OR p.text_md5 <> {md5}){tenants}"
+        ).format(
+            table=self.table,
+            prov=PROVENANCE,
+            of=self._provenance_of("t"),
+            emb=emb,
+            md5=self.text_md5("t"),
+            tenants=self._tenant_filter(tenants),
+        )
+
+    def status_by_tenant(self, provenance: bool = True) -> sql.Composed:
+        """Per tenant: rows, missing (NULL), unverified (a vector embedfill has no
+        provenance for), outdated_model (written with another model than %(model_id)s)
+        and stale (written with this model from other text than the row holds now).
+        Without ``provenance`` (embedfill's schema not there yet) every vector is
+        unverified. One pass over the table, a hash join with the provenance."""
+        emb = sql.Identifier("t", self.target.embedding_column)
+        if not provenance:
+            return sql.SQL(
+                "SELECT {tenant} AS tenant, count(*) AS rows,"
+                " count(*) FILTER (WHERE {emb} IS NULL) AS missing,"
+                " count(*) FILTER (WHERE {emb} IS NOT NULL) AS unverified,"
+                " 0::bigint AS outdated_model, 0::bigint AS stale"
+                " FROM {table} AS t GROUP BY 1 ORDER BY 1"
+            ).format(tenant=self._tenant_text("t"), emb=emb, table=self.table)
         return sql.SQL(
             "SELECT {tenant} AS tenant, count(*) AS rows,"
-            " count(*) FILTER (WHERE {emb} IS NULL) AS missing"
-            " FROM {table} GROUP BY 1 ORDER BY 1"
-        ).format(tenant=self._tenant_text(), emb=self.emb, table=self.table)
+            " count(*) FILTER (WHERE {emb} IS NULL) AS missing,"
+            " count(*) FILTER (WHERE {emb} IS NOT NULL AND p.row_key IS NULL) AS unverified,"
+            " count(*) FILTER (WHERE {emb} IS NOT NULL AND p.model_id <> %(model_id)s)"
+            " AS outdated_model,"
+            " count(*) FILTER (WHERE {emb} IS NOT NULL AND p.model_id = %(model_id)s"
+            " AND p.text_md5 <> {md5}) AS stale"
+            " FROM {table} AS t LEFT JOIN {prov} AS p ON {of}"
+            " GROUP BY 1 ORDER BY 1"
+        ).format(
+            tenant=self._tenant_text("t"),
+            emb=emb,
+            md5=self.text_md5("t"),
+            table=self.table,
+            prov=PROVENANCE,
+            of=self._provenance_of("t"),
+        )

@@ -43,19 +43,32 @@ class ScanStage(TallyStage):
         first = True
         remaining = self.opts.limit
         hi: Any = None
+        keys = None
         if chunk is None:
             await self._check_tenants()
-        else:  # a chunk's range is the limit
+        else:  # a chunk's range (or its ids) is the limit
             remaining, first, after, hi = None, chunk.lo is None, chunk.lo, chunk.hi
+            keys = chunk.keys
         page_size = self.engine.scan_page_size
         while remaining is None or remaining > 0:
             size = page_size if remaining is None else min(page_size, remaining)
             rows = await self._unless_stopped(
                 self._fetch(
                     self.sql.scan(
-                        first_page=first, tenants=bool(self.tenants), upto=hi is not None
+                        first_page=first,
+                        tenants=bool(self.tenants),
+                        upto=hi is not None,
+                        refresh=self.refresh,
+                        keys=keys is not None,
                     ),
-                    {"after": after, "hi": hi, "limit": size, "tenants": self.tenants},
+                    {
+                        "after": after,
+                        "hi": hi,
+                        "limit": size,
+                        "tenants": self.tenants,
+                        "keys": keys,
+                        **self.prov.params(),
+                    },
                 )
             )
             if not rows:  # none left, or the run stops
@@ -106,7 +119,7 @@ class ScanStage(TallyStage):
 
     def _row(self, raw: Sequence[Any], chunk: Chunk | None = None) -> Row | None:
         """A row ready to embed, or None when its text is blank (counted as skipped)."""
-        row_id, tenant, fingerprint, *values = raw
+        row_id, tenant, fingerprint, held, *values = raw
         tenant_report = self._tenant(tenant)
         tenant_report.missing += 1
         prepared = prepare_text(
@@ -136,6 +149,7 @@ class ScanStage(TallyStage):
             fingerprint=fingerprint,
             tokens=tokens,
             truncated=truncated,
+            refresh=bool(held),
             chunk=chunk,
         )
 

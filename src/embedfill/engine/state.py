@@ -28,6 +28,7 @@ from ..db.connect import Database
 from ..db.store import Store
 from ..db.target_sql import TargetSQL
 from ..errors import BadInput, EmbedfillError, RunAborted
+from ..freshness import UNKNOWN, ProvenanceIds, model_identity, provenance_ids
 from ..keys import KeyResolver
 from ..models import Failure, Report, Row, TenantReport
 from ..planning import BoundedCache
@@ -51,6 +52,7 @@ class BackfillOptions:
     limit: int | None = None
     actor: str = "library"
     defer_index: bool = False  # index-aware mode: see db/indexes.py
+    refresh: bool = False  # also re-embed stale and outdated-model rows (freshness.py)
 
     def parameters(self) -> dict[str, Any]:
         return {
@@ -58,6 +60,7 @@ class BackfillOptions:
             "tenants": list(self.tenants),
             "limit": self.limit,
             "defer_index": self.defer_index,
+            "refresh": self.refresh,
         }
 
 
@@ -77,6 +80,7 @@ class Chunk:
     lo: Any
     hi: Any
     attempt: int = 1
+    keys: list[str] | None = None  # a watch chunk: these ids (as text), not a range
     pending: int = 0  # rows read, not yet written, failed or dropped
     scanned: bool = False
     given_up: bool = False  # handed back to the queue: its rows are dropped, not failed
@@ -162,6 +166,9 @@ class RunState:
         self.opts, self.provider, self.engine, self.hooks = opts, provider, engine, hooks
         self.info = info
         self.sql = TargetSQL(target, info.types)
+        self.refresh = opts.refresh
+        # provenance numbers (freshness.py): resolved when the run starts
+        self.prov = ProvenanceIds(UNKNOWN, UNKNOWN)
         self.store = Store(conn)
         self.keys = KeyResolver(self.store, conn, target, pconf, provider.needs_key, env)
         self.batch_size = opts.batch_size or pconf.batch_size
@@ -208,6 +215,17 @@ class RunState:
         self._flushing = asyncio.Lock()
         self.closed = False  # a session that ended takes no chunk
         self.closed_by: Exception | None = None
+
+    async def _resolve_provenance(self, *, create: bool) -> None:
+        """The target column's and the model's provenance numbers: a writer records them
+        when new, a dry run only reads them."""
+        self.prov = await provenance_ids(
+            self.conn,
+            self.info,
+            self.target.embedding_column,
+            model_identity(self.pconf, self.info),
+            create=create,
+        )
 
     @property
     def stopping(self) -> bool:

@@ -17,11 +17,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import psycopg
 
-from ..db.connect import connect
 from ..db.store import Store
 from ..errors import DatabaseError, EmbedfillError
 from ..models import Failure, Row, TenantReport
@@ -97,27 +95,6 @@ class TallyStage(RunState):
                     await self._flush_audit(final=False, store=store)
             except (psycopg.Error, DatabaseError) as exc:
                 log.warning("job %s: heartbeat failed: %s", self.report.run_id, exc)
-
-    async def _heartbeat(self) -> None:
-        """Every PROGRESS_EVERY_S: progress, failures and a heartbeat into the run's row,
-        and pick up a cancel asked for from elsewhere. Its own connection, so a long
-        statement on the run's connection (an index rebuild) never silences it."""
-        conn: psycopg.AsyncConnection[Any] | None = None
-        try:
-            while True:
-                await asyncio.sleep(PROGRESS_EVERY_S)
-                try:
-                    if conn is None or conn.closed:
-                        conn = await connect(self.db)
-                    await self._flush_audit(final=False, store=Store(conn))
-                except (psycopg.Error, DatabaseError) as exc:
-                    log.warning("run %s: heartbeat failed: %s", self.report.run_id, exc)
-                    if conn is not None:
-                        await conn.close()
-                    conn = None
-        finally:
-            if conn is not None:
-                await conn.close()
 
     async def _flush_audit(
         self, *, final: bool, error: str | None = None, store: Store | None = None

@@ -102,6 +102,7 @@ class WriteStage(TallyStage):
             "ids": wire.int8_array(ids) or ids,
             "fps": wire.fixed_text_array([r.fingerprint for r in item.rows], 32),
             "vecs": wire.vector_array(item.vectors, self.vector_oid),
+            **self.prov.params(),
         }
         if self.sql.integer_ids:
             params |= {"lo": min(ids), "hi": max(ids)}
@@ -151,17 +152,17 @@ class WriteStage(TallyStage):
         with contextlib.suppress(psycopg.errors.LockNotAvailable):
             async with conn.transaction():  # the plain UPDATE, if no row is held
                 await conn.execute(FAST_LOCK_TIMEOUT)
-                cur = await conn.execute(self.sql.write_fast(), params)
+                cur = await conn.execute(self.sql.write_fast(self.refresh), params)
                 row = await cur.fetchone()
         if row is None:  # something is locked: skip what the app holds
             async with conn.transaction():
-                cur = await conn.execute(self.sql.write(), params)
+                cur = await conn.execute(self.sql.write(self.refresh), params)
                 row = await cur.fetchone()
         assert row is not None
         locked, written = int(row[0]), set(row[1] or ())
         if locked == sent:
             return written, set()
-        cur = await conn.execute(self.sql.still_owed(), params)
+        cur = await conn.execute(self.sql.still_owed(self.refresh), params)
         return written, {r[0] for r in await cur.fetchall()} - written
 
     def _tally_write(self, item: _Write, result: tuple[set[Any], set[Any]]) -> None:
@@ -263,6 +264,7 @@ class WriteStage(TallyStage):
         for tenant, count in embedded.items():
             self._tenant(tenant).embedded += count
         self.report.embedded += len(written)
+        self.report.refreshed += sum(1 for r in rows if r.refresh and r.id in written)
         if len(written) < len(rows):  # the app changed, filled or deleted these since
             changed = Counter(r.tenant for r in rows if r.id not in written)
             for tenant, count in changed.items():

@@ -309,6 +309,14 @@ def admin_router(service: AdminService) -> APIRouter:
                 )
             ),
         ] = False,
+        refresh: Annotated[
+            bool,
+            Query(
+                description=(
+                    "Also re-embed stale and outdated-model rows (see status), not only NULL ones."
+                )
+            ),
+        ] = False,
     ) -> Any:
         opts = BackfillOptions(
             target=target,
@@ -317,6 +325,7 @@ def admin_router(service: AdminService) -> APIRouter:
             tenants=tuple(tenant_id or ()),
             limit=limit,
             actor="http",
+            refresh=refresh,
         )
         if dry_run:
             report = await service.dry_run(opts)
