@@ -66,7 +66,8 @@ def test_text_sql_is_composed_verbatim_with_percent_escaped(conn: psycopg.Connec
     expr = "(\ntitle || ' 100%%' -- note\n)"
     scan = q.scan(first_page=True, tenants=False).as_string(conn)
     write = q.write().as_string(conn)
-    assert f'md5(ROW("Org""Id"::text, {expr}::text)::text), "Emb" IS NOT NULL, {expr}::text FROM' in scan
+    fp = f'md5(ROW("Org""Id"::text, {expr}::text)::text)'
+    assert f'{fp}, "Emb" IS NOT NULL, {expr}::text FROM' in scan
     # the provenance fingerprint renders the same expression (a NULL value is empty text)
     assert f"md5(coalesce({expr}::text, ''))::uuid AS text_md5" in write
     assert f'md5(ROW("t"."Org""Id"::text, {expr}::text)::text) = b.embedfill_fp' in write
