@@ -478,6 +478,70 @@ def worker(
 
 
 @app.command()
+def watch(
+    ctx: typer.Context,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(help="Watch these targets (repeatable; default: every target)."),
+    ] = None,
+    interval: Annotated[
+        float, typer.Option(help="Seconds between polls for NULL rows (0.2-3600).")
+    ] = 5.0,
+    sweep_interval: Annotated[
+        float,
+        typer.Option(help="Seconds between sweeps for stale and outdated-model rows (1-86400)."),
+    ] = 300.0,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(help="Chunks worked on at once (default: \\[engine] worker_chunks)."),
+    ] = None,
+) -> None:
+    """Keep targets filled and fresh until SIGTERM (then finish what is in flight, exit 0):
+    new NULL rows, rows whose text changed, rows of another model. Changes queued by
+    `embedfill triggers install` are picked up at once; polling and a stale sweep need no
+    DDL. The chunks are done by this process's worker and by any `embedfill worker`."""
+    from .watch import WatchOptions, awatch
+
+    state = _state(ctx)
+    with _errors(state):
+        if not 0.2 <= interval <= 3600:
+            raise UsageError(f"--interval must be between 0.2 and 3600 seconds, not {interval}.")
+        if not 1 <= sweep_interval <= 86400:
+            raise UsageError(
+                f"--sweep-interval must be between 1 and 86400 seconds, not {sweep_interval}."
+            )
+        if concurrency is not None and not 1 <= concurrency <= 64:
+            raise UsageError(f"--concurrency must be between 1 and 64, not {concurrency}.")
+    logging.getLogger("embedfill").setLevel(logging.DEBUG if state.debug else logging.INFO)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        config, db = state.config(), state.database()
+        for name in target or ():
+            config.target(name)  # an unknown name is a config error now
+        await aensure_schema(db)
+        names = ", ".join(target or [t.name for t in config.targets])
+        err.print(
+            f"embedfill: watching {names} (poll every {interval:g}s, sweep every "
+            f"{sweep_interval:g}s)"
+        )
+        await awatch(
+            config,
+            db,
+            target or None,
+            stop,
+            opts=WatchOptions(interval_s=interval, sweep_interval_s=sweep_interval),
+            concurrency=concurrency,
+        )
+
+    with _errors(state):
+        asyncio.run(run())
+
+
+@app.command()
 def serve(
     ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",

@@ -138,10 +138,14 @@ async def create_or_join(
     async with conn.transaction():
         await store.lock_for_create(key)
         active = await store.active_job(info.oid, target.embedding_column)
-        if active is not None and not await store.has_chunks(active["id"]):
+        running = (active or {}).get("parameters") or {}
+        if (
+            active is not None
+            and not running.get("watch")
+            and not await store.has_chunks(active["id"])
+        ):
             raise _busy(target, active)  # a live run of an embedfill before jobs
         if active is not None:
-            running = active["parameters"] or {}
             if running.get("watch"):
                 raise _busy(
                     target, active, "it is kept filled by `embedfill watch`; stop the watch"
@@ -187,7 +191,7 @@ async def take_over_legacy(
         return  # one is alive (or another process takes over right now)
     try:
         for run_id, parameters in await store.dead_runs(info.oid, target.embedding_column, 0):
-            if await store.has_chunks(run_id):
+            if parameters.get("watch") or await store.has_chunks(run_id):
                 continue  # a job: it goes on, whoever works on it
             log.warning("run %s had died; repairing what it left", run_id)
             for data in parameters.get("deferred_indexes") or []:
@@ -216,6 +220,44 @@ def _busy(target: TargetConfig, active: dict[str, Any], why: str | None = None) 
         f"{active['actor']}); {how}.",
         run_id=int(active["id"]),
     )
+
+
+async def open_watch_job(
+    conn: psycopg.AsyncConnection[Any], *, target: TargetConfig, info: TableInfo, actor: str
+) -> int | None:
+    """The column's watch job (``embedfill watch``): the one running (a watch that died
+    left it: resumed), or a new one; None while another job (a backfill) runs on the
+    column, which the watch waits for. A watch job re-embeds outdated rows too, its
+    chunks are lists of ids the watcher adds as it notices them, and it ends only when
+    the watch stops (``finish(..., end_watch=True)``)."""
+    store = Store(conn)
+    async with conn.transaction():
+        await store.lock_for_create(lock_key(info.oid, target.embedding_column))
+        active = await store.active_job(info.oid, target.embedding_column)
+        if active is not None:
+            watching = (active["parameters"] or {}).get("watch")
+            return int(active["id"]) if watching and active["target"] == target.name else None
+        return await store.create_run(
+            target=target.name,
+            actor=actor,
+            parameters={"watch": True, "refresh": True},
+            dry_run=False,
+            missing_before=0,
+            table_oid=info.oid,
+            column=target.embedding_column,
+        )
+
+
+async def add_key_chunks(
+    conn: psycopg.AsyncConnection[Any], run_id: int, target: str, keys: list[str], size: int
+) -> int:
+    """Queue ``keys`` (ids as text) as chunks of at most ``size`` for a watch job's
+    workers, in one transaction; the number of chunks."""
+    parts = [keys[i : i + size] for i in range(0, len(keys), size)]
+    if parts:
+        async with conn.transaction():
+            await Store(conn).add_key_chunks(run_id, parts, queue=queue_for(target), task=TASK)
+    return len(parts)
 
 
 async def set_aside_indexes(
@@ -267,6 +309,7 @@ async def finish(
     error: EmbedfillError | None = None,
     force: bool = False,
     on_end: Callable[[str], None] | None = None,
+    end_watch: bool = False,
 ) -> str | None:
     """Finish the job if every chunk is settled (or ``force``): rebuild the indexes set
     aside (repairing one a dead finisher left invalid), merge the workers' reports and
@@ -285,6 +328,9 @@ async def finish(
             return None
         if not force and any(await store.open_chunks(run_id)):
             return None
+        watching = (state["parameters"] or {}).get("watch")
+        if watching and not (force or end_watch or state["cancel_requested"]):
+            return None  # a watch job has no last chunk: it ends with the watch
         report = await merged_report(store, run_id)
         rebuilt = await _rebuild(conn, run_id, state["parameters"], report)
         report.status = _final_status(report, state, error, rebuilt)

@@ -53,6 +53,7 @@ from .providers import Provider, make_provider
 log = logging.getLogger(__name__)
 
 IDLE_CLOSE_S = 2.0  # a job's session with no chunk for this long is closed
+WATCH_IDLE_CLOSE_S = 120.0  # a watch job's chunks come now and then: kept open, warm
 POOL_OPEN_S = 10.0
 RECONNECT_MAX_S = 15.0
 
@@ -69,6 +70,7 @@ class _Session:
     inflight: int = 0
     closer: asyncio.TimerHandle | None = None
     done: int = 0
+    idle_close_s: float = IDLE_CLOSE_S  # a watch job's session stays open longer
 
 
 @dataclass
@@ -340,7 +342,7 @@ class Worker:
             if session.inflight == 0:
                 loop = asyncio.get_running_loop()
                 session.closer = loop.call_later(
-                    IDLE_CLOSE_S, lambda: asyncio.ensure_future(self._close_if_idle(run_id))
+                    session.idle_close_s, lambda: asyncio.ensure_future(self._close_if_idle(run_id))
                 )
 
     async def _work_on(self, session: _Session, run_id: int, seq: int) -> None:
@@ -350,8 +352,8 @@ class Worker:
             claim = await Store(conn).claim_chunk(run_id, seq, self.name)
         if claim is None:
             return  # done or cancelled meanwhile
-        lo, hi, attempt = claim
-        chunk = Chunk(seq=seq, lo=lo, hi=hi, attempt=attempt)
+        lo, hi, attempt, keys = claim
+        chunk = Chunk(seq=seq, lo=lo, hi=hi, attempt=attempt, keys=keys)
         try:
             await session.run.submit(chunk)
         except EmbedfillError as exc:
@@ -523,7 +525,8 @@ class Worker:
             seat=seat,
         )
         task = asyncio.create_task(run.serve())
-        return _Session(run=run, task=task, conn=conn)
+        keep = WATCH_IDLE_CLOSE_S if params.get("watch") else IDLE_CLOSE_S
+        return _Session(run=run, task=task, conn=conn, idle_close_s=keep)
 
     def _progress_hook(self, run_id: int) -> Callable[[Report], None] | None:
         hook = self.on_progress

@@ -150,13 +150,41 @@ SELECT embedfill.procrastinate_defer_jobs_v1(array_agg(
     )::embedfill.procrastinate_job_to_defer_v1 ORDER BY s))
 FROM generate_series(1, %(chunks)s) AS s"""
 
+# a watch job's chunks are lists of ids (watch.py), added while it runs
+NEXT_CHUNK_SEQ = "SELECT coalesce(max(seq), 0) + 1 FROM embedfill.chunks WHERE run_id = %(run_id)s"
+INSERT_KEY_CHUNKS = """
+INSERT INTO embedfill.chunks (run_id, seq, keys)
+SELECT %(run_id)s, %(first)s::int + u.n::int - 1, u.keys
+FROM unnest(%(keys)s::jsonb[]) WITH ORDINALITY AS u(keys, n)"""
+DEFER_CHUNK_RANGE = """
+SELECT embedfill.procrastinate_defer_jobs_v1(array_agg(
+    ROW(%(queue)s, %(task)s, 0, NULL, NULL,
+        jsonb_build_object('run_id', %(run_id)s::bigint, 'seq', s), NULL
+    )::embedfill.procrastinate_job_to_defer_v1 ORDER BY s))
+FROM generate_series(%(first)s::int, %(last)s::int) AS s"""
+# the ids in a watch job's chunks not done yet: not queued again meanwhile
+OPEN_CHUNK_KEYS = """
+SELECT DISTINCT k.key FROM embedfill.chunks AS c, jsonb_array_elements_text(c.keys) AS k(key)
+WHERE c.run_id = %(run_id)s AND c.state IN ('todo', 'doing') AND c.keys IS NOT NULL"""
+# what the change triggers queued for a column, but not ids in flight (left queued until
+# their chunk is done: the change came after the text its chunk read)
+DRAIN_CHANGES = """
+DELETE FROM embedfill.changes
+WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM embedfill.changes
+    WHERE column_id = %(column_id)s AND NOT (row_key = ANY(%(inflight)s::text[]))
+    LIMIT %(limit)s FOR UPDATE SKIP LOCKED))
+RETURNING row_key"""
+WATCH_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%(key)s, 0))"
+LISTEN_CHANGES = "LISTEN embedfill_changes"
+
 # a worker takes a chunk: todo, or doing for a worker that is gone (its procrastinate
 # job was handed out again); the attempt number fences out the old worker
 CLAIM_CHUNK = """
 UPDATE embedfill.chunks
 SET state = 'doing', attempts = attempts + 1, worker = %(worker)s, started_at = now()
 WHERE run_id = %(run_id)s AND seq = %(seq)s AND state IN ('todo', 'doing')
-RETURNING lo, hi, attempts"""
+RETURNING lo, hi, attempts, keys"""
 
 FINISH_CHUNK = """
 UPDATE embedfill.chunks SET state = %(state)s, finished_at = now()

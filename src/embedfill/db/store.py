@@ -206,12 +206,57 @@ class Store:
             {"run_id": run_id, "chunks": len(bounds), "queue": queue, "task": task},
         )
 
-    async def claim_chunk(self, run_id: int, seq: int, worker: str) -> tuple[Any, Any, int] | None:
+    async def claim_chunk(
+        self, run_id: int, seq: int, worker: str
+    ) -> tuple[Any, Any, int, list[str] | None] | None:
+        """(lo, hi, attempt, keys): a range, or a watch chunk's ids (keys)."""
         cur = await self.conn.execute(
             q.CLAIM_CHUNK, {"run_id": run_id, "seq": seq, "worker": worker}
         )
         row = await cur.fetchone()
-        return None if row is None else (row[0], row[1], int(row[2]))
+        return None if row is None else (row[0], row[1], int(row[2]), row[3])
+
+    async def add_key_chunks(
+        self, run_id: int, keys: list[list[str]], *, queue: str, task: str
+    ) -> None:
+        """Chunks of ids for a running (watch) job, each queued; inside a transaction."""
+        cur = await self.conn.execute(q.NEXT_CHUNK_SEQ, {"run_id": run_id})
+        row = await cur.fetchone()
+        assert row is not None
+        first = int(row[0])
+        await self.conn.execute(
+            q.INSERT_KEY_CHUNKS,
+            {"run_id": run_id, "first": first, "keys": [Jsonb(k) for k in keys]},
+        )
+        await self.conn.execute(
+            q.DEFER_CHUNK_RANGE,
+            {
+                "run_id": run_id,
+                "first": first,
+                "last": first + len(keys) - 1,
+                "queue": queue,
+                "task": task,
+            },
+        )
+
+    async def open_chunk_keys(self, run_id: int) -> set[str]:
+        cur = await self.conn.execute(q.OPEN_CHUNK_KEYS, {"run_id": run_id})
+        return {r[0] for r in await cur.fetchall()}
+
+    async def drain_changes(self, column_id: int, inflight: set[str], limit: int) -> list[str]:
+        cur = await self.conn.execute(
+            q.DRAIN_CHANGES,
+            {"column_id": column_id, "inflight": sorted(inflight), "limit": limit},
+        )
+        return [r[0] for r in await cur.fetchall()]
+
+    async def try_watch_lock(self, key: str) -> bool:
+        cur = await self.conn.execute(q.WATCH_LOCK, {"key": key})
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def listen_changes(self) -> None:
+        await self.conn.execute(q.LISTEN_CHANGES)
 
     async def finish_chunk(
         self, run_id: int, seq: int, worker: str, attempt: int, state: str = "done"

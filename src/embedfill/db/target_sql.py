@@ -312,6 +312,28 @@ class TargetSQL:
             table=self.table, emb=self.emb, tenants=self._tenant_filter(tenants)
         )
 
+    def watch_keys(self, *, outdated: bool, first: bool) -> sql.Composed:
+        """A keyset page (after %(after)s unless ``first``, %(limit)s ids) of rows a watch
+        should queue: NULL rows with text (not blank, and not failed in watch job
+        %(run_id)s: rows the provider rejected wait for their text to change), or, with
+        ``outdated``, rows whose vector is stale or from another model. Each row: the id,
+        and the id as text."""
+        emb = sql.Identifier("t", self.target.embedding_column)
+        t_id = sql.Identifier("t", self.target.id_column)
+        if outdated:
+            need: sql.Composable = sql.SQL("{} IS NOT NULL AND {}").format(emb, self.outdated())
+        else:
+            need = sql.SQL(
+                "{emb} IS NULL AND btrim({text}, E' \t\n\r\f\v') <> ''"
+                " AND NOT EXISTS (SELECT 1 FROM embedfill.failures AS f"
+                " WHERE f.run_id = %(run_id)s AND f.row_id = {id}::text)"
+            ).format(emb=emb, text=self.rendered("t"), id=t_id)
+        after = sql.SQL("") if first else sql.SQL(" AND {} > %(after)s").format(t_id)
+        return sql.SQL(
+            "SELECT {id}, {id}::text FROM {table} AS t WHERE {need}{after}"
+            " ORDER BY {id} LIMIT %(limit)s"
+        ).format(id=t_id, table=self.table, need=need, after=after)
+
     def count_outdated(self, *, tenants: bool) -> sql.Composed:
         emb = sql.Identifier("t", self.target.embedding_column)
         """(stale, outdated_model) of the rows with a vector (see ``status_by_tenant``)."""

@@ -1,0 +1,215 @@
+"""Continuous mode (watch.py) in-process: a real PostgreSQL, the real test server, the
+same workers as jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from embedfill import Database, astatus
+from embedfill.config import EngineConfig, render_text
+from embedfill.providers.hashing import hash_vector
+from embedfill.watch import TargetWatch, WatchOptions, awatch
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.tables import stored_vectors, tickets_config
+
+ENV = {"TEST_PLATFORM_KEY": "sk-platform-0123456789abcdef"}
+
+
+class Running:
+    """``awatch`` on its own event loop in a thread, stopped by ``stop()``."""
+
+    def __init__(self, db_url: str, config: Any, **opts: Any) -> None:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.stop_event: asyncio.Event | None = None
+        self.watches: list[TargetWatch] = []
+        self.error: BaseException | None = None
+        ready = threading.Event()
+
+        def main() -> None:
+            async def go() -> None:
+                self.stop_event = asyncio.Event()
+                ready.set()
+                await awatch(
+                    config,
+                    Database(db_url),
+                    None,
+                    self.stop_event,
+                    opts=WatchOptions(**opts),
+                    env=ENV,
+                    on_watch=self.watches.extend,
+                )
+
+            try:
+                self.loop.run_until_complete(go())
+            except BaseException as exc:  # noqa: BLE001 - the test reads it
+                self.error = exc
+            finally:
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+                self.loop.close()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    def stop(self, timeout: float = 60) -> None:
+        assert self.stop_event is not None
+        self.loop.call_soon_threadsafe(self.stop_event.set)
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "watch did not stop"
+        if self.error is not None:
+            raise self.error
+
+
+@pytest.fixture
+def watching(tickets: str, fake_openai: FakeOpenAI) -> Iterator[Callable[..., Running]]:
+    started: list[Running] = []
+
+    def start(**opts: Any) -> Running:
+        config = tickets_config(fake_openai.base_url)
+        config = type(config)(
+            providers=config.providers,
+            targets=config.targets,
+            engine=EngineConfig(chunk_rows=50, lease_s=5),
+        )
+        r = Running(tickets, config, **({"interval_s": 0.3, "sweep_interval_s": 1.0} | opts))
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        if r.thread.is_alive():
+            r.stop()
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def text_of(conn: psycopg.Connection[Any], i: int) -> str:
+    row = conn.execute(
+        'SELECT subject, body FROM app."SupportTickets" WHERE ticket_no = %s', (i,)
+    ).fetchone()
+    assert row is not None
+    return render_text("{subject}\n\n{body}", {"subject": row[0], "body": row[1]})
+
+
+def all_correct(db_url: str) -> bool:
+    """Every row holds the vector of its current text (the pre-filled ones aside)."""
+    with psycopg.connect(db_url) as conn:
+        vectors = stored_vectors(conn)
+        return all(
+            v is not None and np.array_equal(v, hash_vector(text_of(conn, i), 8))
+            for i, v in vectors.items()
+            if i % 4 or i > 60
+        )
+
+
+def test_watch_fills_new_rows_refreshes_edited_ones_and_ends_its_job_on_stop(
+    tickets: str, fake_openai: FakeOpenAI, watching: Callable[..., Running]
+) -> None:
+    w = watching()
+    wait_for(lambda: all_correct(tickets))  # the backlog first
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(
+            """INSERT INTO app."SupportTickets" (ticket_no, org, subject, body)
+               SELECT i, 'org-a', 'new ' || i, 'body ' || i FROM generate_series(61, 80) i"""
+        )
+        conn.execute(
+            """UPDATE app."SupportTickets" SET body = body || ' v2' WHERE ticket_no IN (1, 2, 3)"""
+        )
+    wait_for(lambda: all_correct(tickets))
+    status = asyncio.run(astatus(tickets_config(fake_openai.base_url), Database(tickets)))[0]
+    assert (status.missing, status.stale, status.outdated_model) == (0, 0, 0)
+    job = w.watches[0].job_id
+    assert job is not None
+    w.stop()
+    with psycopg.connect(tickets) as conn:
+        row = conn.execute(
+            "SELECT status, parameters->>'watch', embedded FROM embedfill.runs WHERE id = %s",
+            (job,),
+        ).fetchone()
+    assert row is not None and row[0] == "succeeded" and row[1] == "true"
+    assert row[2] == 45 + 20 + 3
+    # each text sent once: nothing embedded twice
+    sent = [t for r in fake_openai.ok_requests() for t in r.inputs]
+    assert len(sent) == len(set(sent)) == 45 + 20 + 3
+
+
+def test_changes_queued_by_a_trigger_are_picked_up_without_waiting_for_a_poll(
+    tickets: str, fake_openai: FakeOpenAI, watching: Callable[..., Running]
+) -> None:
+    # polls and sweeps far apart: only the queue and its NOTIFY can be this quick
+    w = watching(interval_s=3600, sweep_interval_s=3600)
+    wait_for(lambda: all_correct(tickets))
+    wait_for(lambda: bool(w.watches and w.watches[0].job_id))
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        column_id = conn.execute("SELECT id FROM embedfill.vector_columns").fetchone()
+        assert column_id is not None
+        # what the installed trigger does for an app's UPDATE, by hand
+        with conn.transaction():
+            conn.execute(
+                """UPDATE app."SupportTickets" SET body = 'edited' WHERE ticket_no = 7"""
+            )
+            conn.execute(
+                "INSERT INTO embedfill.changes (column_id, row_key) VALUES (%s, '7')",
+                (column_id[0],),
+            )
+            conn.execute("SELECT pg_notify('embedfill_changes', %s)", (str(column_id[0]),))
+        committed = time.monotonic()
+    wait_for(lambda: all_correct(tickets), timeout=10)
+    assert time.monotonic() - committed < 5  # a generous bound: "did not wait for a poll"
+    with psycopg.connect(tickets) as conn:
+        left = conn.execute("SELECT count(*) FROM embedfill.changes").fetchone()
+    assert left == (0,)
+
+
+def test_a_second_watch_stands_by_and_takes_over_when_the_first_stops(
+    tickets: str, fake_openai: FakeOpenAI, watching: Callable[..., Running]
+) -> None:
+    first = watching()
+    wait_for(lambda: all_correct(tickets))
+    second = watching()
+    wait_for(lambda: bool(second.watches))
+    time.sleep(1.0)
+    assert first.watches[0].job_id is not None and second.watches[0].job_id is None
+    first.stop()
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(
+            """UPDATE app."SupportTickets" SET body = 'after the first' WHERE ticket_no = 9"""
+        )
+    wait_for(lambda: all_correct(tickets))
+    wait_for(lambda: bool(second.watches and second.watches[0].job_id))
+    second.stop()
+
+
+def test_a_backfill_while_a_watch_runs_is_refused_with_a_clear_sentence(
+    tickets: str, fake_openai: FakeOpenAI, watching: Callable[..., Running]
+) -> None:
+    from embedfill import BackfillOptions, abackfill
+    from embedfill.errors import TargetBusy
+
+    w = watching()
+    wait_for(lambda: bool(w.watches and w.watches[0].job_id))
+    with pytest.raises(TargetBusy, match="embedfill watch"):
+        asyncio.run(
+            abackfill(
+                tickets_config(fake_openai.base_url),
+                Database(tickets),
+                BackfillOptions(),
+                env=ENV,
+            )
+        )
