@@ -36,6 +36,7 @@ from .db.connect import Database, resolve_database
 from .errors import EmbedfillError, UsageError
 from .models import Report
 from .render import report_table, status_tables
+from .watch import WatchOptions
 
 T = TypeVar("T")
 
@@ -500,16 +501,11 @@ def watch(
     new NULL rows, rows whose text changed, rows of another model. Changes queued by
     `embedfill triggers install` are picked up at once; polling and a stale sweep need no
     DDL. The chunks are done by this process's worker and by any `embedfill worker`."""
-    from .watch import WatchOptions, awatch
+    from .watch import awatch
 
     state = _state(ctx)
     with _errors(state):
-        if not 0.2 <= interval <= 3600:
-            raise UsageError(f"--interval must be between 0.2 and 3600 seconds, not {interval}.")
-        if not 1 <= sweep_interval <= 86400:
-            raise UsageError(
-                f"--sweep-interval must be between 1 and 86400 seconds, not {sweep_interval}."
-            )
+        _check_watch_intervals(interval, sweep_interval)
         if concurrency is not None and not 1 <= concurrency <= 64:
             raise UsageError(f"--concurrency must be between 1 and 64, not {concurrency}.")
     logging.getLogger("embedfill").setLevel(logging.DEBUG if state.debug else logging.INFO)
@@ -541,6 +537,15 @@ def watch(
         asyncio.run(run())
 
 
+def _check_watch_intervals(interval: float, sweep_interval: float) -> None:
+    if not 0.2 <= interval <= 3600:
+        raise UsageError(f"--interval must be between 0.2 and 3600 seconds, not {interval}.")
+    if not 1 <= sweep_interval <= 86400:
+        raise UsageError(
+            f"--sweep-interval must be between 1 and 86400 seconds, not {sweep_interval}."
+        )
+
+
 @app.command()
 def serve(
     ctx: typer.Context,
@@ -553,6 +558,18 @@ def serve(
             help="Only the API: jobs are worked on by `embedfill worker` processes elsewhere.",
         ),
     ] = False,
+    watch: Annotated[
+        bool,
+        typer.Option(
+            "--watch", help="Also keep every target filled and fresh, as `embedfill watch` does."
+        ),
+    ] = False,
+    interval: Annotated[
+        float, typer.Option(help="With --watch: seconds between polls for NULL rows.")
+    ] = 5.0,
+    sweep_interval: Annotated[
+        float, typer.Option(help="With --watch: seconds between stale sweeps.")
+    ] = 300.0,
 ) -> None:
     """Run the admin HTTP service (needs ADMIN_SECRET or AUTH_SECRET to accept requests)."""
     import uvicorn
@@ -563,7 +580,13 @@ def serve(
     state = _state(ctx)
     configure(logging.DEBUG if state.debug else logging.INFO)
     with _errors(state):
-        application = create_app(state.config(), database=state.database(), worker=not no_worker)
+        options = None
+        if watch:
+            _check_watch_intervals(interval, sweep_interval)
+            options = WatchOptions(interval_s=interval, sweep_interval_s=sweep_interval)
+        application = create_app(
+            state.config(), database=state.database(), worker=not no_worker, watch=options
+        )
     uvicorn.run(application, host=host, port=port, log_config=None)
 
 

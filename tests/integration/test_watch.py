@@ -50,7 +50,7 @@ class Running:
 
             try:
                 self.loop.run_until_complete(go())
-            except BaseException as exc:  # noqa: BLE001 - the test reads it
+            except BaseException as exc:
                 self.error = exc
             finally:
                 self.loop.run_until_complete(self.loop.shutdown_asyncgens())
@@ -161,9 +161,7 @@ def test_changes_queued_by_a_trigger_are_picked_up_without_waiting_for_a_poll(
         assert column_id is not None
         # what the installed trigger does for an app's UPDATE, by hand
         with conn.transaction():
-            conn.execute(
-                """UPDATE app."SupportTickets" SET body = 'edited' WHERE ticket_no = 7"""
-            )
+            conn.execute("""UPDATE app."SupportTickets" SET body = 'edited' WHERE ticket_no = 7""")
             conn.execute(
                 "INSERT INTO embedfill.changes (column_id, row_key) VALUES (%s, '7')",
                 (column_id[0],),

@@ -26,6 +26,7 @@ from ..config import Config, load_config
 from ..db.connect import Database
 from ..errors import ConfigError, EmbedfillError
 from ..secrets import Secret
+from ..watch import WatchOptions
 from .service import AdminService
 
 PREFIX = "/api/v1/admin"
@@ -406,6 +407,7 @@ def create_app(
     database: Database | None = None,
     env: Mapping[str, str] | None = None,
     worker: bool = True,
+    watch: WatchOptions | None = None,
 ) -> FastAPI:
     """The admin service. Reads ADMIN_SECRET/AUTH_SECRET and, without ``database``,
     DATABASE_URL from ``env`` (default: the environment); with neither, ConfigError
@@ -419,7 +421,7 @@ def create_app(
             "(embedfill.database(embedded=True) uses the bundled server)."
         )
     db = database or Database(url=url)
-    service = AdminService(config, db, env, worker=worker)
+    service = AdminService(config, db, env, worker=worker, watch=watch)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -26,6 +26,7 @@ from ..db.schema import EXPECTED_VERSION, current_version, ensure_schema
 from ..errors import EmbedfillError, ExtensionMissing, JobConflict, TargetBusy
 from ..models import Report, TargetStatus
 from ..providers import Provider, check_available, make_provider
+from ..watch import TargetWatch, WatchOptions
 from ..worker import Worker
 from .logs import job_id_var
 from .metrics import Metrics
@@ -44,7 +45,13 @@ NOT_READY_SCHEMA_AHEAD = "embedfill's schema is newer than this build; upgrade e
 
 class AdminService:
     def __init__(
-        self, config: Config, db: Database, env: Mapping[str, str], *, worker: bool = True
+        self,
+        config: Config,
+        db: Database,
+        env: Mapping[str, str],
+        *,
+        worker: bool = True,
+        watch: WatchOptions | None = None,
     ) -> None:
         for pconf in config.providers.values():
             check_available(pconf)  # e.g. kind = "local" without its extra: fail at start
@@ -64,6 +71,11 @@ class AdminService:
             self.worker.on_job_end = lambda _, status: self.metrics.jobs_total.labels(status).inc()
         self._worker_stop = asyncio.Event()
         self._worker_task: asyncio.Task[None] | None = None
+        # ``serve --watch``: a watcher (elected per target) queues what it notices for the
+        # workers, this one and any elsewhere (watch.py)
+        self.watches = [TargetWatch(config, db, t, watch) for t in config.targets] if watch else []
+        self._watch_stop = asyncio.Event()
+        self._watch_tasks: list[asyncio.Task[None]] = []
         self._missing_at = 0.0
         self._unready: str | None = None  # the last reason logged, to log each change once
 
@@ -88,13 +100,18 @@ class AdminService:
         if self.worker is not None:
             self._worker_task = asyncio.create_task(self.worker.run(self._worker_stop))
             self._worker_task.add_done_callback(_log_worker_end)
+        self._watch_tasks = [asyncio.create_task(w.run(self._watch_stop)) for w in self.watches]
 
     async def shutdown(self) -> None:
-        """The in-process worker finishes its chunks in flight; jobs go on elsewhere (or
-        when the service is back)."""
+        """The watchers stop queuing, the in-process worker finishes its chunks in flight
+        (jobs go on elsewhere, or when the service is back), then the watch jobs end."""
+        self._watch_stop.set()
+        await asyncio.gather(*self._watch_tasks, return_exceptions=True)
         self._worker_stop.set()
         if self._worker_task is not None:
             await asyncio.wait([self._worker_task], timeout=60)
+        for w in self.watches:
+            await w.close()
         for provider in self._providers.values():
             await provider.aclose()
 
