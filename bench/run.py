@@ -26,7 +26,7 @@ import psycopg
 from psycopg import conninfo, sql
 from tests.support.fake_openai import FakeOpenAI
 
-from bench import fleet
+from bench import fleet, freshness
 from bench.common import make_table, target_config, texts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +85,18 @@ class Bench:
             )
             self._templates.add(name)
         return name
+
+    def fresh_empty(self, name: str) -> str:
+        """A new empty database (dropped first when a past run left it)."""
+        with psycopg.connect(self.server_url, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return conninfo.make_conninfo(self.server_url, dbname=name)
+
+    def status_at_scale(self) -> None:
+        freshness.status_at_scale(self)
 
     def fresh(self, template: str) -> str:
         name = "bench_run"
@@ -947,6 +959,7 @@ def main() -> None:
         "scale",
         "shared_cap",
         "hnsw_workers",
+        "status_at_scale",
     ]
     chosen = args.only.split(",") if args.only else scenarios
     try:

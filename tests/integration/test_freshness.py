@@ -190,3 +190,26 @@ def test_rows_deleted_or_edited_mid_refresh_are_never_written_with_old_text(
         vectors = stored_vectors(conn)
         np.testing.assert_array_equal(vectors[5], hash_vector(text_of(conn, 5), 8))
     assert status(tickets, config).stale == 0
+
+
+def test_a_dimensions_change_shows_every_row_as_outdated_model(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    with psycopg.connect(tickets, autocommit=True) as conn:  # a column of any size
+        conn.execute('ALTER TABLE app."SupportTickets" ALTER COLUMN emb TYPE vector')
+    config = tickets_config(fake_openai.base_url)
+    run(tickets, config)
+    smaller = tickets_config(fake_openai.base_url, dims=4)
+    s = status(tickets, smaller)
+    assert (s.outdated_model, s.stale, s.unverified) == (45, 0, 15)
+    assert status(tickets, config).outdated_model == 0
+
+
+def test_status_before_embedfills_schema_exists_shows_every_vector_unverified(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    s = status(tickets, tickets_config(fake_openai.base_url))
+    assert (s.missing, s.unverified, s.stale, s.outdated_model) == (45, 15, 0, 0)
+    with psycopg.connect(tickets) as conn:
+        schema = conn.execute("SELECT to_regnamespace('embedfill')").fetchone()
+    assert schema == (None,)  # status wrote nothing

@@ -94,6 +94,8 @@ class ReportBody(BaseModel):
     truncated: int
     changed: int
     deduplicated: int
+    stale_before: int = Field(0, description="refresh: stale and outdated-model rows at start")
+    refreshed: int = Field(0, description="refresh: of those, rows written with a fresh vector")
     batches: int
     requests: int
     retries: int
