@@ -21,6 +21,8 @@ EMBEDFILL_GRANTS = (
     # the job queue's rows are deleted when done (procrastinate's tables)
     "GRANT DELETE ON embedfill.procrastinate_jobs, embedfill.procrastinate_workers,"
     " embedfill.procrastinate_events, embedfill.procrastinate_periodic_defers TO {role}",
+    # `watch` drains the queue the change triggers fill
+    "GRANT DELETE ON embedfill.changes TO {role}",
 )
 TICKETS_GRANTS = (
     "GRANT USAGE ON SCHEMA app TO {role}",
