@@ -41,7 +41,7 @@ import psycopg
 
 from . import jobs
 from .config import Config, TargetConfig
-from .db.catalog import TableInfo, inspect_target
+from .db.catalog import TableInfo, inspect_target, poll_index_hint
 from .db.connect import Database, connect
 from .db.schema import ensure_schema
 from .db.store import Store
@@ -124,6 +124,9 @@ class TargetWatch:
         await ensure_schema(conn)
         pconf = self.config.provider_for(self.target)
         info = await inspect_target(conn, self.target, pconf.expected_dimensions, pconf.label)
+        hint = await poll_index_hint(conn, self.target, info)
+        if hint is not None:
+            log.warning("watch of %s: %s", self.target.name, hint)
         key = f"embedfill:watch:{info.oid}:{self.target.embedding_column}"
         if not await Store(conn).try_watch_lock(key):
             return False  # another process watches it: stand by

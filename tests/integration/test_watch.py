@@ -211,3 +211,50 @@ def test_a_backfill_while_a_watch_runs_is_refused_with_a_clear_sentence(
                 env=ENV,
             )
         )
+
+
+def test_a_big_table_without_a_partial_null_index_gets_the_create_index_to_run(
+    db_url: str,
+) -> None:
+    from embedfill.config import parse_config
+    from embedfill.db.catalog import inspect_target, poll_index_hint
+    from embedfill.db.connect import connect
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        conn.execute("CREATE TABLE big (id bigint PRIMARY KEY, body text, emb vector(3))")
+        conn.execute("INSERT INTO big SELECT i, 'b' FROM generate_series(1, 120000) i")
+        conn.execute("ANALYZE big")
+    config = parse_config(
+        {
+            "providers": {"h": {"kind": "hash", "dimensions": 3}},
+            "targets": [
+                {
+                    "name": "big",
+                    "table": "big",
+                    "text": "{body}",
+                    "provider": "h",
+                    "embedding_column": "emb",
+                    "id_column": "id",
+                }
+            ],
+        }
+    )
+
+    async def hint() -> str | None:
+        conn = await connect(Database(db_url))
+        try:
+            target = config.targets[0]
+            info = await inspect_target(conn, target, 3, "hash")
+            return await poll_index_hint(conn, target, info)
+        finally:
+            await conn.close()
+
+    sentence = asyncio.run(hint())
+    assert sentence is not None
+    assert (
+        'CREATE INDEX CONCURRENTLY "big_emb_null" ON "big" ("id") WHERE "emb" IS NULL' in sentence
+    )
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute('CREATE INDEX "big_emb_null" ON "big" ("id") WHERE "emb" IS NULL')
+    assert asyncio.run(hint()) is None

@@ -329,6 +329,34 @@ async def count_missing(
     return int(row[0]) if row else 0
 
 
+POLL_INDEX_ROWS = 100_000  # above this many rows, polling for NULL rows wants an index
+
+
+async def poll_index_hint(
+    conn: psycopg.AsyncConnection[Any], target: TargetConfig, info: TableInfo
+) -> str | None:
+    """A sentence with the CREATE INDEX that makes ``watch``'s poll for NULL rows cheap,
+    when the table is big and has no partial index on the embedding being NULL."""
+    cur = await conn.execute(
+        "SELECT c.reltuples, EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid"
+        " AND i.indpred IS NOT NULL"
+        " AND pg_get_expr(i.indpred, i.indrelid) LIKE '%%' || quote_ident(%(column)s)"
+        " || ' IS NULL%%')"
+        " FROM pg_class c WHERE c.oid = %(oid)s",
+        {"oid": info.oid, "column": target.embedding_column},
+    )
+    row = await cur.fetchone()
+    if row is None or row[1] or float(row[0]) < POLL_INDEX_ROWS:
+        return None
+    q = TargetSQL(target, info.types)
+    index = q.poll_index().as_string(conn)
+    return (
+        f"{target.table} has about {int(row[0]):,} rows and no partial index on "
+        f"{target.embedding_column} IS NULL, so each poll for new NULL rows reads the whole "
+        f"key index; create one (as the table's owner): {index};"
+    )
+
+
 async def count_outdated(
     conn: psycopg.AsyncConnection[Any],
     q: TargetSQL,

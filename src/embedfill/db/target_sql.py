@@ -334,6 +334,13 @@ class TargetSQL:
             " ORDER BY {id} LIMIT %(limit)s"
         ).format(id=t_id, table=self.table, need=need, after=after)
 
+    def poll_index(self) -> sql.Composed:
+        """The partial index that makes a watch's poll for NULL rows cheap (for a hint)."""
+        name = f"{self.target.table.name}_{self.target.embedding_column}_null"[:63]
+        return sql.SQL("CREATE INDEX CONCURRENTLY {} ON {} ({}) WHERE {} IS NULL").format(
+            sql.Identifier(name), self.table, self.id, self.emb
+        )
+
     def count_outdated(self, *, tenants: bool) -> sql.Composed:
         emb = sql.Identifier("t", self.target.embedding_column)
         """(stale, outdated_model) of the rows with a vector (see ``status_by_tenant``)."""
