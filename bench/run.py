@@ -98,6 +98,9 @@ class Bench:
     def status_at_scale(self) -> None:
         freshness.status_at_scale(self)
 
+    def watch_latency(self) -> None:
+        freshness.watch_latency(self)
+
     def fresh(self, template: str) -> str:
         name = "bench_run"
         with psycopg.connect(self.server_url, autocommit=True) as conn:
@@ -960,6 +963,7 @@ def main() -> None:
         "shared_cap",
         "hnsw_workers",
         "status_at_scale",
+        "watch_latency",
     ]
     chosen = args.only.split(",") if args.only else scenarios
     try:
