@@ -352,7 +352,7 @@ def _backfill_with_progress(
 
         def on_progress(r: Report) -> None:
             done = r.embedded + r.skipped + r.failed
-            bar.update(task, total=r.missing_before, completed=done)
+            bar.update(task, total=r.missing_before + r.stale_before, completed=done)
 
         return _run_cancellable(
             lambda cancel: abackfill(

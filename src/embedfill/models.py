@@ -131,7 +131,7 @@ class Report:
         """Rows done of the total, overall and per tenant (the admin API's live view)."""
         return {
             "done": self.embedded + self.skipped + self.failed,
-            "total": self.missing_before,
+            "total": self.missing_before + self.stale_before,  # a refresh: both
             "tenants": [
                 {
                     "tenant": t.tenant,

@@ -76,6 +76,7 @@ def test_edited_rows_show_as_stale_and_refresh_reembeds_exactly_them(
     assert report.status == "succeeded"
     assert report.stale_before == 25 and report.refreshed == 25 and report.embedded == 25
     assert report.to_dict()["stale_before"] == 25 and report.to_dict()["refreshed"] == 25
+    assert report.progress()["total"] == 25 and report.progress()["done"] == 25
     sent = [t for r in fake_openai.ok_requests()[sent_before:] for t in r.inputs]
     assert len(sent) == 25  # exactly the edited rows, once each
     with psycopg.connect(tickets) as conn:
