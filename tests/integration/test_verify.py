@@ -12,10 +12,18 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 
-from embedfill import BackfillOptions, Database, abackfill, astatus
+from embedfill import (
+    BackfillOptions,
+    Database,
+    TargetNotFound,
+    UsageError,
+    VerificationFailed,
+    aadopt,
+    abackfill,
+    astatus,
+    averify,
+)
 from embedfill import verify as verify_mod
-from embedfill.application import aadopt, averify
-from embedfill.errors import TargetNotFound, UsageError, VerificationFailed
 from embedfill.providers.hashing import hash_vector
 from embedfill.verify import AdoptResult, VerifyResult
 from tests.support.fake_openai import FakeOpenAI
