@@ -26,7 +26,7 @@ from embedfill import (
 from embedfill import verify as verify_mod
 from embedfill.providers.hashing import hash_vector
 from embedfill.verify import AdoptResult, VerifyResult
-from tests.support.fake_openai import FakeOpenAI
+from tests.support.fake_openai import FakeOpenAI, Fault, duplicated_index
 from tests.support.tables import tickets_config
 
 PLATFORM = "sk-platform-0123456789abcdef"
@@ -269,6 +269,28 @@ def test_the_text_is_cut_to_the_model_limit_as_a_backfill_cuts_it(
     result = check(tickets, config, all_rows=True)
     assert result.truncated == 60 and result.mismatched == []
     assert {t for r in fake_openai.ok_requests() for t in r.inputs} == backfilled
+
+
+def test_provider_faults_are_retried_and_a_rejected_row_fails_alone(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    config = tickets_config(fake_openai.base_url)
+    set_vectors(tickets, dict.fromkeys(PREFILLED))
+    backfill(tickets, config)
+    with psycopg.connect(tickets, autocommit=True) as conn:  # the provider rejects row 10
+        conn.execute(
+            'UPDATE app."SupportTickets" SET body = body || %s WHERE ticket_no = 10',
+            (fake_openai.bad_marker,),
+        )
+    fake_openai.faults = [Fault(status=500), Fault(mangle=duplicated_index)]
+    result = check(tickets, config, all_rows=True)
+    assert result.retries == 2  # a 500 and a malformed answer, each retried
+    assert result.checked == 59 and result.failed == 1
+    (failure,) = result.failures
+    assert failure.id == 10 and failure.tenant == "org-b" and "rejected" in failure.error
+    # row 10 was not checked, so it is not called mismatched either (nor is any other)
+    assert result.mismatched == []
+    assert result.exit_code == 3  # a row that could not be checked is not a pass
 
 
 def test_sampling_a_big_table_reads_a_share_of_its_pages(
