@@ -33,9 +33,9 @@ from .application import (
 )
 from .config import Config, load_config
 from .db.connect import Database, resolve_database
-from .errors import EmbedfillError, UsageError, VerificationFailed
+from .errors import EmbedfillError, UsageError
 from .models import Report
-from .render import adopt_lines, report_table, status_tables, verify_table
+from .render import report_table, status_tables
 
 T = TypeVar("T")
 
@@ -386,6 +386,8 @@ def verify(
     """Re-embed a random sample of rows that hold a vector and compare with the stored
     vectors by cosine similarity. Exit 3 when any is below the provider's
     verify_min_cosine (default 0.99) or a row could not be re-embedded."""
+    from .render import verify_table
+
     state = _state(ctx)
     with _errors(state):
         config = state.config()
@@ -416,6 +418,9 @@ def adopt(
 ) -> None:
     """Record provenance for vectors embedfill did not write (unverified), without
     calling the provider: the md5 of each row's text now and the configured model."""
+    from .errors import VerificationFailed
+    from .render import adopt_lines
+
     state = _state(ctx)
     with _errors(state):
         config = state.config()
