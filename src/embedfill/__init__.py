@@ -24,7 +24,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .application import BackfillOptions, ProgressCallback, abackfill, astatus
+from .application import BackfillOptions, ProgressCallback, aadopt, abackfill, astatus, averify
 from .config import Config, ProviderConfig, TargetConfig, load_config, parse_config
 from .db.connect import Database, default_data_dir, start_embedded
 from .errors import (
@@ -38,8 +38,10 @@ from .errors import (
     TargetBusy,
     TargetNotFound,
     UsageError,
+    VerificationFailed,
 )
 from .models import Report, TargetStatus, TenantReport
+from .verify import AdoptResult, VerifyResult
 
 __version__ = "0.1.0"
 
@@ -143,6 +145,7 @@ def status(
 
 
 __all__ = [
+    "AdoptResult",
     "BackfillOptions",
     "Config",
     "ConfigError",
@@ -161,8 +164,12 @@ __all__ = [
     "TargetStatus",
     "TenantReport",
     "UsageError",
+    "VerificationFailed",
+    "VerifyResult",
+    "aadopt",
     "abackfill",
     "astatus",
+    "averify",
     "backfill",
     "database",
     "load_config",

@@ -35,6 +35,7 @@ from .engine.state import _first_line
 from .errors import DatabaseError, EmbedfillError, JobConflict, JobNotFound, UsageError
 from .models import Report, TargetStatus
 from .providers import Provider, make_provider
+from .verify import AdoptResult, Verifier, VerifyResult, sample_size
 
 log = logging.getLogger(__name__)
 
@@ -412,15 +413,85 @@ async def delete_key(db: Database, tenant: str) -> bool:
         return await store.delete_key(tenant)
 
 
+# ---------------------------------------------------------------------------- verify
+
+
+@contextlib.asynccontextmanager
+async def _verifier(
+    config: Config,
+    db: Database,
+    target: str | None,
+    env: Mapping[str, str] | None,
+    provider: Provider | None,
+) -> AsyncIterator[Verifier]:
+    """A Verifier for one target, checked against the live table and embedfill's schema
+    (brought to this build's version first), its provider's token counter loaded."""
+    t = config.target(target)
+    pconf = config.provider_for(t)
+    own_provider = provider is None
+    conn = await connect(db)
+    try:
+        provider = provider or make_provider(pconf)
+        info = await inspect_target(conn, t, await provider.dimensions(), pconf.label)
+        await ensure_schema(conn)
+        await asyncio.to_thread(provider.counter)
+        yield Verifier(conn, t, pconf, info, provider, os.environ if env is None else env)
+    except psycopg.Error as exc:
+        raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
+    finally:
+        if own_provider and provider is not None:
+            await provider.aclose()
+        await conn.close()
+
+
+async def averify(
+    config: Config,
+    db: Database,
+    target: str | None = None,
+    *,
+    sample: int | None = None,
+    all_rows: bool = False,
+    dry_run: bool = False,
+    env: Mapping[str, str] | None = None,
+    provider: Provider | None = None,
+) -> VerifyResult:
+    """Re-embed ``sample`` random rows that hold a vector (default 100; ``all_rows``:
+    every one) and compare with the stored vectors (verify.py); ``dry_run``: what it
+    would send and cost, nothing sent. Writes nothing to the target."""
+    size = sample_size(sample, all_rows)
+    async with _verifier(config, db, target, env, provider) as verifier:
+        return await verifier.verify(size, dry_run=dry_run)
+
+
+async def aadopt(
+    config: Config,
+    db: Database,
+    target: str | None = None,
+    *,
+    verify_sample: int | None = None,
+    env: Mapping[str, str] | None = None,
+    provider: Provider | None = None,
+) -> AdoptResult:
+    """Record provenance for the target's unverified vectors without calling the
+    provider; with ``verify_sample``, first check that many random unverified rows and
+    refuse (VerificationFailed, nothing written) if any disagrees (verify.py)."""
+    if verify_sample is not None and verify_sample < 1:
+        raise UsageError(f"--verify-sample must be at least 1, not {verify_sample}.")
+    async with _verifier(config, db, target, env, provider) as verifier:
+        return await verifier.adopt(verify_sample)
+
+
 __all__ = [
     "BackfillOptions",
     "Observer",
     "ProgressCallback",
+    "aadopt",
     "abackfill",
     "adefer_index_plan",
     "aensure_schema",
     "amigrate",
     "astatus",
+    "averify",
     "cancel_job",
     "delete_key",
     "job_record",

@@ -368,6 +368,78 @@ def _backfill_with_progress(
 
 
 @app.command()
+def verify(
+    ctx: typer.Context,
+    target: Annotated[str | None, typer.Option(help="Target name (default: the first).")] = None,
+    sample: Annotated[
+        int | None,
+        typer.Option(help="Re-embed this many random rows that hold a vector (default 100)."),
+    ] = None,
+    all_rows: Annotated[
+        bool, typer.Option("--all", help="Re-embed every row that holds a vector.")
+    ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Show rows, requests, tokens, cost and keys; send nothing."),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Re-embed a random sample of rows that hold a vector and compare with the stored
+    vectors by cosine similarity. Exit 3 when any is below the provider's
+    verify_min_cosine (default 0.99) or a row could not be re-embedded."""
+    from .render import verify_table
+
+    state = _state(ctx)
+    with _errors(state):
+        config = state.config()
+        result = asyncio.run(
+            application.averify(
+                config, state.database(), target, sample=sample, all_rows=all_rows, dry_run=dry_run
+            )
+        )
+    if as_json:
+        print(json.dumps(result.to_dict()))
+    else:
+        verify_table(out, result)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def adopt(
+    ctx: typer.Context,
+    target: Annotated[str | None, typer.Option(help="Target name (default: the first).")] = None,
+    verify_sample: Annotated[
+        int | None,
+        typer.Option(
+            help="First re-embed this many random unverified rows; adopt nothing (exit 3) "
+            "if any disagrees."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Record provenance for vectors embedfill did not write (unverified), without
+    calling the provider: the md5 of each row's text now and the configured model."""
+    from .errors import VerificationFailed
+    from .render import adopt_lines
+
+    state = _state(ctx)
+    with _errors(state):
+        config = state.config()
+        try:
+            result = asyncio.run(
+                application.aadopt(config, state.database(), target, verify_sample=verify_sample)
+            )
+        except VerificationFailed as exc:  # the check's result too, then the one line
+            if as_json:
+                print(json.dumps(exc.details))
+            raise
+    if as_json:
+        print(json.dumps(result.to_dict()))
+    else:
+        adopt_lines(out, result)
+
+
+@app.command()
 def seed(
     ctx: typer.Context,
     rows: Annotated[int, typer.Option(help="Rows of workflow_insights.")] = 10_000,

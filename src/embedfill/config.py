@@ -59,6 +59,10 @@ class ProviderConfig:
     max_input_tokens: int | None = None
     max_request_tokens: int = 300_000
     price_per_1m_tokens: float | None = None
+    # `embedfill verify`: a stored vector whose cosine similarity with the provider's
+    # fresh vector for the row's text is below this is wrong (0 < x <= 1; remote models
+    # are not bit-exact, so 1.0 would flag vectors that are right)
+    verify_min_cosine: float = 0.99
 
     @property
     def label(self) -> str:
@@ -288,6 +292,7 @@ _PROVIDER_KEYS = {
     "max_input_tokens": int,
     "max_request_tokens": int,
     "price_per_1m_tokens": (int, float),
+    "verify_min_cosine": (int, float),
 }
 _TARGET_KEYS = {
     "name": str,
@@ -386,6 +391,12 @@ def _parse_provider(name: str, data: Mapping[str, Any]) -> ProviderConfig:
     price = data.get("price_per_1m_tokens")
     if price is not None and price < 0:
         raise ConfigError(f"Key 'price_per_1m_tokens' in {where} must be 0 or more.")
+    min_cosine = float(data.get("verify_min_cosine", 0.99))
+    if not 0 < min_cosine <= 1:
+        raise ConfigError(
+            f"Key 'verify_min_cosine' in {where} must be more than 0 and at most 1, "
+            f"not {min_cosine:g}."
+        )
     return ProviderConfig(
         name=name,
         kind=kind,
@@ -405,6 +416,7 @@ def _parse_provider(name: str, data: Mapping[str, Any]) -> ProviderConfig:
         max_input_tokens=data.get("max_input_tokens"),
         max_request_tokens=data.get("max_request_tokens", 300_000),
         price_per_1m_tokens=None if price is None else float(price),
+        verify_min_cosine=min_cosine,
     )
 
 

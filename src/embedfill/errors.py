@@ -103,6 +103,19 @@ class RunAborted(EmbedfillError):
     http_status = 500
 
 
+class VerificationFailed(EmbedfillError):
+    """Stored vectors disagree with what the provider makes of their rows' text now."""
+
+    exit_code = 3
+    http_status = 409
+
+    def __init__(
+        self, message: str | None = None, *, details: dict[str, object] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.details = details  # what was checked, as JSON (AdoptResult.to_dict)
+
+
 class TargetBusy(EmbedfillError):
     """Another run is already backfilling this target."""
 

@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .models import SAMPLE_CHARS, Report, TargetStatus
+from .verify import AdoptResult, VerifyResult
 
 
 def status_tables(console: Console, statuses: list[TargetStatus]) -> None:
@@ -118,3 +119,64 @@ def report_table(console: Console, r: Report) -> None:
         for s in r.samples:
             text = json.dumps(s.text, ensure_ascii=False)
             console.print(f"  row {s.id} (tenant {s.tenant}): {text}", markup=False)
+
+
+def verify_table(console: Console, r: VerifyResult) -> None:
+    what = "every row with a vector" if r.sample is None else f"a sample of {r.sample:,}"
+    verb = "Dry run of verify" if r.dry_run else "Verify"
+    console.print(
+        f"[bold]{verb} of {r.target}[/] ({r.provider}, {what}, threshold {r.threshold:g})"
+    )
+    failed = "would fail" if r.dry_run else "failed"
+    table = Table(
+        "tenant",
+        "rows",
+        "checked",
+        "mismatched",
+        "skipped",
+        failed,
+        "requests",
+        "tokens",
+        "key",
+        box=None,
+        padding=(0, 2),
+    )
+    for t in sorted(r.tenants, key=lambda t: str(t.tenant)):
+        table.add_row(
+            str(t.tenant),
+            f"{t.rows:,}",
+            f"{t.checked:,}",
+            f"{t.mismatched:,}",
+            f"{t.skipped:,}",
+            f"{t.failed:,}",
+            f"{t.requests:,}",
+            f"{t.tokens:,}",
+            t.key_source,
+        )
+    console.print(table)
+    lowest = "n/a" if r.min_cosine is None else f"{r.min_cosine:.6f}"
+    console.print(
+        f"rows: {r.rows:,}  checked: {r.checked:,}  mismatched: {len(r.mismatched):,}  "
+        f"min cosine: {lowest}  skipped (blank text): {r.skipped:,}  {failed}: {r.failed:,}  "
+        f"requests: {r.requests:,} (retries {r.retries:,})  tokens: {r.tokens:,}  "
+        f"{'estimated ' if r.dry_run else ''}cost: ${r.estimated_cost_usd:.4f}"
+    )
+    for t in r.tenants:
+        if t.error:
+            console.print(f"[red]tenant {t.tenant}:[/] {escape(t.error)}")
+    for m in r.mismatched[:20]:
+        value = "undefined" if m.cosine is None else f"{m.cosine:.6f}"
+        console.print(f"[red]mismatched[/] row {m.id} (tenant {m.tenant}): cosine {value}")
+    if len(r.mismatched) > 20:
+        console.print(f"... {len(r.mismatched) - 20:,} more mismatched rows (see --json)")
+    if not r.dry_run:
+        for f in r.failures[:20]:
+            console.print(f"[red]not checked[/] row {f.id} (tenant {f.tenant}): {escape(f.error)}")
+
+
+def adopt_lines(console: Console, r: AdoptResult) -> None:
+    if r.verified is not None:
+        v = r.verified
+        lowest = "n/a" if v.min_cosine is None else f"{v.min_cosine:.6f}"
+        console.print(f"verified {v.checked:,} sampled unverified rows: min cosine {lowest}")
+    console.print(f"adopted {r.adopted:,} vectors of {r.target} as {r.model}")

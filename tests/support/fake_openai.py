@@ -19,7 +19,9 @@ the headers at once and then the body a few bytes at a time; a ``raw`` fault ans
 a body as is (HTML from a proxy, gzip, junk) and ``headers`` adds any header (a
 Retry-After no server should send). ``reject_models`` and
 ``supported_dimensions`` make every request for that model (or an unsupported
-``dimensions``) answer 400, as a provider does for a configuration mistake.
+``dimensions``) answer 400, as a provider does for a configuration mistake. ``noise``
+adds random noise of that scale to every vector (renormalised), as a remote model's
+answers are close to, but not bit-exact with, the vector stored for the same text.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class FakeOpenAI:
     dims_override: int | None = None  # answer this size whatever was asked
     reject_models: set[str] = field(default_factory=set)
     supported_dimensions: set[int] | None = None  # None: any `dimensions` is fine
+    noise: float = 0.0  # > 0: gaussian noise of this scale on every vector, renormalised
     max_in_flight: int = 0  # > 0: a request beyond this many at once gets a 429
     in_flight: int = 0
     peak_in_flight: int = 0
@@ -187,7 +190,12 @@ class FakeOpenAI:
                 dims = fake.dims_override or body.get("dimensions") or fake.dims
                 b64 = body.get("encoding_format") == "base64"
                 data = []
-                for i, (text, v) in enumerate(zip(inputs, hash_vectors(inputs, dims), strict=True)):
+                vectors = hash_vectors(inputs, dims)
+                if fake.noise:
+                    rng = np.random.default_rng()
+                    vectors = vectors + rng.normal(0, fake.noise, vectors.shape).astype(np.float32)
+                    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+                for i, (text, v) in enumerate(zip(inputs, vectors, strict=True)):
                     if NAN_MARKER in text:
                         v[0] = np.nan
                     if INF_MARKER in text:

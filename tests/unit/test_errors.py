@@ -31,6 +31,7 @@ TABLE: dict[str, tuple[int, int]] = {
     "DatabaseError": (1, 503),
     "NoFreeConnection": (1, 503),
     "RunAborted": (3, 500),
+    "VerificationFailed": (3, 409),  # adopt --verify-sample refused
     "TargetBusy": (4, 409),
     "JobConflict": (4, 409),
     "JobNotFound": (1, 404),

@@ -371,11 +371,20 @@ async def count_outdated(
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
+async def table_pages(conn: psycopg.AsyncConnection[Any], oid: int) -> int:
+    """The table's size in pages as the planner last estimated it (0: never analysed,
+    or a partitioned table, whose pages are its partitions')."""
+    cur = await conn.execute("SELECT relpages FROM pg_class WHERE oid = %(rel)s", {"rel": oid})
+    row = await cur.fetchone()
+    return max(0, int(row[0])) if row else 0
+
+
 __all__ = [
     "TableInfo",
     "check_extension",
     "count_missing",
     "count_outdated",
     "inspect_target",
+    "table_pages",
     "target_status",
 ]

@@ -392,3 +392,91 @@ class TargetSQL:
             prov=PROVENANCE,
             of=self._provenance_of("t"),
         )
+
+    # ------------------------------------------------------------- verify and adopt
+
+    def _unverified(self, alias: str) -> sql.Composable:
+        """The row has no provenance record (params ``column_id``)."""
+        return sql.SQL("NOT EXISTS (SELECT 1 FROM {prov} AS p WHERE {of})").format(
+            prov=PROVENANCE, of=self._provenance_of(alias)
+        )
+
+    def _checked(self, vectors: bool) -> sql.Composable:
+        """What verify reads of a row: id, tenant, the text's values, and the stored
+        vector as ``real[]`` (NULL, when ``vectors`` is off: a dry run needs only text)."""
+        emb = sql.Identifier("t", self.target.embedding_column)
+        return sql.SQL("{id}, {tenant}, {values}, {vec}").format(
+            id=sql.Identifier("t", self.target.id_column),
+            tenant=self._tenant_text("t"),
+            values=sql.SQL(", ").join(self._values("t")),
+            vec=sql.SQL("{}::real[]").format(emb) if vectors else sql.SQL("NULL::real[]"),
+        )
+
+    def sample(self, *, unverified: bool = False, vectors: bool = True) -> sql.Composed:
+        """A random sample of at most %(limit)s rows that hold a vector (``unverified``:
+        and have no provenance; params ``column_id``), in id order, as ``_checked`` reads
+        them. Cheap on a big table: ``TABLESAMPLE SYSTEM (%(percent)s)`` reads that share
+        of the table's pages (100: all of them), ``ORDER BY random()`` sorts those rows'
+        ids only (a NULL test reads no vector), and only the rows picked are then read
+        in full, by id."""
+        s_emb = sql.Identifier("s", self.target.embedding_column)
+        where: sql.Composable = sql.SQL("{} IS NOT NULL").format(s_emb)
+        if unverified:
+            where = sql.SQL("{} AND {}").format(where, self._unverified("s"))
+        t_id = sql.Identifier("t", self.target.id_column)
+        return sql.SQL(
+            "SELECT {cols} FROM {table} AS t WHERE {t_id} = ANY(ARRAY("
+            "SELECT {s_id} FROM {table} AS s TABLESAMPLE SYSTEM (%(percent)s)"
+            " WHERE {where} ORDER BY random() LIMIT %(limit)s)) ORDER BY {t_id}"
+        ).format(
+            cols=self._checked(vectors),
+            table=self.table,
+            t_id=t_id,
+            s_id=sql.Identifier("s", self.target.id_column),
+            where=where,
+        )
+
+    def with_vectors(self, *, first_page: bool, vectors: bool = True) -> sql.Composed:
+        """A keyset page of %(limit)s rows that hold a vector, after %(after)s (unless
+        ``first_page``), in id order, as ``_checked`` reads them (``verify --all``)."""
+        t_id = sql.Identifier("t", self.target.id_column)
+        after = sql.SQL("") if first_page else sql.SQL(" AND {} > %(after)s").format(t_id)
+        return sql.SQL(
+            "SELECT {cols} FROM {table} AS t WHERE {emb} IS NOT NULL{after}"
+            " ORDER BY {t_id} LIMIT %(limit)s"
+        ).format(
+            cols=self._checked(vectors),
+            table=self.table,
+            emb=sql.Identifier("t", self.target.embedding_column),
+            after=after,
+            t_id=t_id,
+        )
+
+    def adopt(self, *, first_page: bool) -> sql.Composed:
+        """Record provenance for the next %(limit)s rows (id order, after %(after)s unless
+        ``first_page``) that hold a vector and have none: the md5 of the text as the row
+        renders it now, and the model %(model_id)s (params ``column_id`` too). A record
+        that appeared meanwhile (a backfill wrote the row) is kept: DO NOTHING. One
+        statement, one transaction per page. The answer is one row: the page's last id,
+        the rows it read and the records it wrote."""
+        t_id = sql.Identifier("t", self.target.id_column)
+        after = sql.SQL("") if first_page else sql.SQL(" AND {} > %(after)s").format(t_id)
+        return sql.SQL(
+            "WITH embedfill_page AS ("
+            "SELECT {t_id} AS id, {md5} AS text_md5 FROM {table} AS t"
+            " WHERE {emb} IS NOT NULL AND {unverified}{after} ORDER BY {t_id} LIMIT %(limit)s"
+            "), embedfill_adopted AS ("
+            "INSERT INTO {prov} (column_id, model_id, text_md5, embedded_at, row_key)"
+            " SELECT %(column_id)s, %(model_id)s, a.text_md5, now(), a.id::text"
+            " FROM embedfill_page AS a ON CONFLICT (column_id, row_key) DO NOTHING RETURNING 1"
+            ") SELECT (SELECT a.id FROM embedfill_page AS a ORDER BY a.id DESC LIMIT 1),"
+            " (SELECT count(*) FROM embedfill_page), (SELECT count(*) FROM embedfill_adopted)"
+        ).format(
+            t_id=t_id,
+            md5=self.text_md5("t"),
+            table=self.table,
+            emb=sql.Identifier("t", self.target.embedding_column),
+            unverified=self._unverified("t"),
+            after=after,
+            prov=PROVENANCE,
+        )
