@@ -163,33 +163,38 @@ def test_rows_deleted_or_edited_mid_refresh_are_never_written_with_old_text(
     config = tickets_config(fake_openai.base_url)
     run(tickets, config)
     edit(tickets, range(1, 61))  # all 45 rows embedfill wrote are stale now
-    seen: list[str] = []
+    seen: list[int] = []
 
     def mid_run(inputs: list[str]) -> None:
-        # the app edits row 5 and deletes row 6 while their batch is at the provider
-        if not seen and any(t.startswith("Ticket 5:") for t in inputs):
-            seen.extend(inputs)
-            with psycopg.connect(tickets, autocommit=True) as conn:
-                conn.execute(
-                    """UPDATE app."SupportTickets" SET body = 'newer' WHERE ticket_no = 5"""
-                )
-                conn.execute('DELETE FROM app."SupportTickets" WHERE ticket_no = 6')
+        # while a batch is at the provider, the app edits one of its rows and deletes
+        # another (the same batch: both are read, embedded, and must not be written)
+        if seen or len(inputs) < 2:
+            return
+        ids = [int(t.split(":")[0].removeprefix("Ticket ")) for t in inputs]
+        seen.extend(ids[:2])
+        with psycopg.connect(tickets, autocommit=True) as conn:
+            conn.execute(
+                """UPDATE app."SupportTickets" SET body = 'newer' WHERE ticket_no = %s""",
+                (ids[0],),
+            )
+            conn.execute('DELETE FROM app."SupportTickets" WHERE ticket_no = %s', (ids[1],))
 
     fake_openai.on_inputs = mid_run
     report = run(tickets, config, refresh=True)
     assert seen and report.status == "succeeded" and report.failed == 0
     assert report.changed == 2  # read, embedded, not written: edited and deleted
+    edited, deleted = seen
     with psycopg.connect(tickets) as conn:
         vectors = stored_vectors(conn)
-        assert 6 not in vectors
-        # row 5 still holds a vector of its old text, and shows as stale: never a vector
-        # of text it no longer holds written now
+        assert deleted not in vectors
+        # the edited row still holds a vector of its old text, and shows as stale: never
+        # a vector of text it no longer holds written now
         assert status(tickets, config).stale == 1
         fake_openai.on_inputs = None
         again = run(tickets, config, refresh=True)
         assert again.refreshed == 1
         vectors = stored_vectors(conn)
-        np.testing.assert_array_equal(vectors[5], hash_vector(text_of(conn, 5), 8))
+        np.testing.assert_array_equal(vectors[edited], hash_vector(text_of(conn, edited), 8))
     assert status(tickets, config).stale == 0
 
 
