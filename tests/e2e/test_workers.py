@@ -235,7 +235,7 @@ def test_cancel_stops_every_worker_after_its_chunks_in_flight(
 def test_a_second_backfill_joins_the_running_job_and_both_exit_0(
     big: str, fake_openai: FakeOpenAI, tmp_path: Path
 ) -> None:
-    fake_openai.latency = 0.1
+    fake_openai.latency = 0.3  # the job outlasts the joiner's start on a loaded machine
     cfg = write_config(
         tmp_path, fake_openai.base_url, batch_size=5, concurrency=2, extra=jobs_toml()
     )
