@@ -17,13 +17,13 @@ from typing import Any
 
 import psycopg
 
-from .. import application
+from .. import application, health
 from ..application import BackfillOptions, abackfill, astatus
 from ..config import Config
 from ..db.catalog import check_extension
 from ..db.connect import Database, connect
 from ..db.schema import EXPECTED_VERSION, current_version, ensure_schema
-from ..errors import EmbedfillError, ExtensionMissing, JobConflict, TargetBusy
+from ..errors import ConfigError, EmbedfillError, ExtensionMissing, JobConflict, TargetBusy
 from ..models import Report, TargetStatus
 from ..providers import Provider, check_available, make_provider
 from ..worker import Worker
@@ -32,7 +32,13 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-MISSING_REFRESH_S = 30.0
+#: the status gauges of /metrics (missing, stale, outdated model, unverified rows, jobs)
+#: come from one status pass per target, started by a scrape at most every this many
+#: seconds after the previous pass ended (EMBEDFILL_METRICS_INTERVAL; 0: every scrape),
+#: never two at once; a scrape waits for a pass at most METRICS_WAIT_S, then answers
+#: with the previous values (a pass over a 10M-row table can outlast a scrape timeout)
+METRICS_INTERVAL_S = 60.0
+METRICS_WAIT_S = 5.0
 
 
 #: what /readyz says (it needs no secret, so it never says more; the log has the details)
@@ -64,7 +70,9 @@ class AdminService:
             self.worker.on_job_end = lambda _, status: self.metrics.jobs_total.labels(status).inc()
         self._worker_stop = asyncio.Event()
         self._worker_task: asyncio.Task[None] | None = None
-        self._missing_at = 0.0
+        self.metrics_interval = _metrics_interval(env)
+        self._pass: asyncio.Task[None] | None = None
+        self._pass_ended = 0.0
         self._unready: str | None = None  # the last reason logged, to log each change once
 
     # ------------------------------------------------------------------ lifecycle
@@ -93,6 +101,8 @@ class AdminService:
         """The in-process worker finishes its chunks in flight; jobs go on elsewhere (or
         when the service is back)."""
         self._worker_stop.set()
+        if self._pass is not None:
+            self._pass.cancel()
         if self._worker_task is not None:
             await asyncio.wait([self._worker_task], timeout=60)
         for provider in self._providers.values():
@@ -201,18 +211,46 @@ class AdminService:
         """Jobs this process's worker is working on now."""
         self.metrics.jobs_running.set(self.worker.running() if self.worker else 0)
 
-    async def refresh_missing(self) -> None:
-        """Update the missing-rows gauge, at most every MISSING_REFRESH_S seconds."""
-        now = time.monotonic()
-        if now - self._missing_at < MISSING_REFRESH_S:
-            return
-        self._missing_at = now
+    async def refresh_gauges(self) -> None:
+        """Start a status pass when one is due (see METRICS_INTERVAL_S) and wait for the
+        pass in flight at most METRICS_WAIT_S."""
+        if self._pass is None or (
+            self._pass.done() and time.monotonic() - self._pass_ended >= self.metrics_interval
+        ):
+            self._pass = asyncio.create_task(self._gauges_pass())
+        if not self._pass.done():
+            await asyncio.wait([self._pass], timeout=METRICS_WAIT_S)
+
+    async def _gauges_pass(self) -> None:
+        started = time.monotonic()
         try:
-            counts = await application.missing_counts(self.config, self.db)
-        except EmbedfillError:
-            return
-        for name, missing in counts.items():
-            self.metrics.missing.labels(name).set(missing)
+            statuses = await health.status_by_target(self.config, self.db)
+            at = time.time()
+            for status in statuses.values():
+                self.metrics.set_status(status, at)
+            self.metrics.set_jobs(await health.running_jobs(self.db))
+            self.metrics.status_pass.set(time.monotonic() - started)
+        except EmbedfillError as exc:  # the database down: the timestamps say since when
+            log.warning("metrics: status pass failed: %s", exc)
+        except Exception:  # never let a metrics pass take the service down
+            log.exception("metrics: status pass failed")
+        finally:
+            self._pass_ended = time.monotonic()
+
+
+def _metrics_interval(env: Mapping[str, str]) -> float:
+    raw = env.get("EMBEDFILL_METRICS_INTERVAL", "").strip()
+    if not raw:
+        return METRICS_INTERVAL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ConfigError(
+            f"EMBEDFILL_METRICS_INTERVAL must be a number of seconds, 0 or more, not {raw!r}."
+        )
+    return value
 
 
 def _first_line(exc: BaseException) -> str:
