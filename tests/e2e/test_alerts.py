@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,7 @@ from tests.support.tables import tickets_config
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "deploy" / "prometheus" / "embedfill-alerts.yml"
+RULES_TEST = Path(__file__).with_name("alert_rules.test.yml")
 DASHBOARD = ROOT / "deploy" / "grafana" / "embedfill-dashboard.json"
 ADMIN = "admin-secret-for-alerts-5c1e"
 PLATFORM = "sk-platform-alerts-4242424242"
@@ -115,6 +118,15 @@ def test_rules_are_complete_alerting_rules() -> None:
     assert "embedfill_job_rows_done" in by_metric
     errors = [r for r in seen if "embedfill_provider_requests_total" in r["expr"]]
     assert any('status!~"200|429"' in r["expr"] for r in errors)
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+def test_promtool_accepts_the_rules_and_they_fire_when_they_should() -> None:
+    """Prometheus's own checker, and its rule unit tests (tests/e2e/alert_rules.test.yml:
+    each alert fires after its `for`, not before, and once for two replicas)."""
+    for args in (["check", "rules", str(RULES)], ["test", "rules", str(RULES_TEST)]):
+        done = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_dashboard_shows_what_on_call_needs() -> None:
