@@ -121,10 +121,28 @@ def test_rules_are_complete_alerting_rules() -> None:
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
-def test_promtool_accepts_the_rules_and_they_fire_when_they_should() -> None:
+def test_promtool_accepts_the_rules_and_they_fire_when_they_should(tmp_path: Path) -> None:
     """Prometheus's own checker, and its rule unit tests (tests/e2e/alert_rules.test.yml:
-    each alert fires after its `for`, not before, and once for two replicas)."""
-    for args in (["check", "rules", str(RULES)], ["test", "rules", str(RULES_TEST)]):
+    each alert fires after its `for`, not before, and once for two replicas); the
+    dashboard's queries too, checked as recording rules (its variables filled in)."""
+    queries = [
+        e.replace("$__rate_interval", "5m").replace("$target", ".*") for e in dashboard_exprs()
+    ]
+    as_rules = {
+        "groups": [
+            {
+                "name": "dashboard",
+                "rules": [{"record": f"dashboard:q{i}", "expr": e} for i, e in enumerate(queries)],
+            }
+        ]
+    }
+    panels = tmp_path / "dashboard-rules.yml"
+    panels.write_text(yaml.safe_dump(as_rules))
+    for args in (
+        ["check", "rules", str(RULES)],
+        ["test", "rules", str(RULES_TEST)],
+        ["check", "rules", str(panels)],
+    ):
         done = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
 
