@@ -153,16 +153,19 @@ def check(
     ctx: typer.Context,
     target: Annotated[
         list[str] | None,
-        typer.Option(help="Only this target; repeat for several (default: every target)."),
+        typer.Option(
+            metavar="NAME", help="Only this target; repeat for several (default: every target)."
+        ),
     ] = None,
     max_missing: Annotated[
-        int, typer.Option(help="Rows with a NULL embedding tolerated per target.")
+        int, typer.Option(metavar="N", help="Rows with a NULL embedding tolerated per target.")
     ] = 0,
     max_stale: Annotated[
         int,
         typer.Option(
+            metavar="N",
             help="Stale plus outdated-model vectors tolerated per target (both no longer "
-            "describe their row; unverified ones are shown, never counted)."
+            "describe their row; unverified ones are shown, never counted).",
         ),
     ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
