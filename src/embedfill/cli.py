@@ -21,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import application
+from . import application, health
 from . import keys as keymod
 from .application import (
     BackfillOptions,
@@ -147,6 +147,44 @@ def status(
         print(json.dumps({"targets": [s.to_dict() for s in statuses]}))
     else:
         status_tables(out, statuses)
+
+
+@app.command()
+def check(
+    ctx: typer.Context,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME", help="Only this target; repeat for several (default: every target)."
+        ),
+    ] = None,
+    max_missing: Annotated[
+        int, typer.Option(metavar="N", help="Rows with a NULL embedding tolerated per target.")
+    ] = 0,
+    max_stale: Annotated[
+        int,
+        typer.Option(
+            metavar="N",
+            help="Stale plus outdated-model vectors tolerated per target (both no longer "
+            "describe their row; unverified ones are shown, never counted).",
+        ),
+    ] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Exit 0 when every target is within the bounds, 3 when one is not (one line per
+    target): for cron, CI and Kubernetes jobs. Read-only; errors keep their own codes."""
+    state = _state(ctx)
+    with _errors(state):
+        bounds = health.Bounds(max_missing=max_missing, max_stale=max_stale)
+        config = state.config()
+        results = asyncio.run(health.acheck(config, state.database(), target or [], bounds))
+    ok = all(r.ok for r in results)
+    if as_json:
+        print(json.dumps({"ok": ok, "targets": [r.to_dict() for r in results]}))
+    else:
+        for r in results:
+            print(r.line())
+    raise typer.Exit(0 if ok else health.OVER_BOUND_EXIT_CODE)
 
 
 @app.command()

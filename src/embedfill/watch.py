@@ -107,8 +107,13 @@ class TargetWatch:
                 if await self._lead(stop):
                     return
                 wait = 1.0
-            except EmbedfillError:
-                raise
+            except EmbedfillError as exc:
+                if exc.exit_code == 2:  # a config error: no retry fixes it
+                    raise
+                log.warning(
+                    "watch of %s: %s; trying again in %.0fs", self.target.name, exc, wait
+                )
+                await self._close()
             except (psycopg.Error, OSError) as exc:
                 log.warning("watch of %s: %s; trying again in %.0fs", self.target.name, exc, wait)
                 await self._close()

@@ -86,6 +86,18 @@ FROM embedfill.runs
 WHERE NOT dry_run AND (%(target)s::text IS NULL OR target = %(target)s)
 ORDER BY id DESC LIMIT %(limit)s"""
 
+# the metrics' view of jobs not over yet, one row per target: the oldest one's age, the
+# most silent one's time since a worker last reported, rows done (the partial index
+# runs_physical_active of 0003 covers exactly these rows: cheap however long the history)
+RUNNING_JOBS = """
+SELECT target,
+       extract(epoch FROM now() - min(started_at))::float8,
+       extract(epoch FROM now() - min(heartbeat_at))::float8,
+       sum(embedded + skipped + failed)::bigint
+FROM embedfill.runs
+WHERE status IN ('queued', 'running') AND NOT dry_run
+GROUP BY target ORDER BY target"""
+
 INSERT_FAILURE = """
 INSERT INTO embedfill.failures (run_id, row_id, tenant, error_class, message, attempts)
 VALUES (%(run_id)s, %(row_id)s, %(tenant)s, %(error_class)s, %(message)s, %(attempts)s)"""

@@ -125,6 +125,12 @@ class Store:
             await cur.execute(q.LIST_RUNS, {"target": target, "limit": limit})
             return await cur.fetchall()
 
+    async def running_jobs(self) -> list[tuple[str, float, float, int]]:
+        """Per target with a job not over: (target, oldest's age s, most silent's s, rows
+        done)."""
+        cur = await self.conn.execute(q.RUNNING_JOBS)
+        return [(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()]
+
     def _counts(self, report: Report) -> dict[str, Any]:
         return {
             "id": report.run_id,

@@ -468,7 +468,7 @@ def create_app(
         "/metrics", tags=["health"], response_class=PlainTextResponse, summary="Prometheus metrics"
     )
     async def metrics() -> Response:
-        await service.refresh_missing()
+        await service.refresh_gauges()
         service.refresh_running()
         return Response(
             service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"

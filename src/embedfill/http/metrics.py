@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from ..application import Observer
+from ..health import RunningJobs
+from ..models import TargetStatus
 
 
 class Metrics(Observer):
@@ -42,9 +46,57 @@ class Metrics(Observer):
         self.jobs_running = Gauge(
             "embedfill_jobs_running", "Jobs running in this process.", registry=r
         )
+        # the status gauges: one status pass per target, at most every metrics_interval_s
+        # (service.py), never one per scrape
         self.missing = Gauge(
-            "embedfill_missing_rows",
-            "Rows whose embedding is NULL (refreshed at most every 30 s).",
+            "embedfill_missing_rows", "Rows whose embedding is NULL.", ["target"], registry=r
+        )
+        self.stale = Gauge(
+            "embedfill_stale_rows",
+            "Vectors whose row's text changed since they were embedded.",
+            ["target"],
+            registry=r,
+        )
+        self.outdated_model = Gauge(
+            "embedfill_outdated_model_rows",
+            "Vectors embedded with another provider, model or dimensions than configured now.",
+            ["target"],
+            registry=r,
+        )
+        self.unverified = Gauge(
+            "embedfill_unverified_rows",
+            "Vectors embedfill has no provenance for (written by other code).",
+            ["target"],
+            registry=r,
+        )
+        self.status_at = Gauge(
+            "embedfill_status_timestamp_seconds",
+            "When the status gauges of the target were last refreshed (Unix time).",
+            ["target"],
+            registry=r,
+        )
+        self.status_pass = Gauge(
+            "embedfill_status_pass_seconds",
+            "How long the last status pass over every target took.",
+            registry=r,
+        )
+        # jobs not over yet, from embedfill.runs: every worker's, not only this process's
+        self.job_running = Gauge(
+            "embedfill_job_running_seconds",
+            "Age of the target's oldest job not over yet (absent: no such job).",
+            ["target"],
+            registry=r,
+        )
+        self.job_silent = Gauge(
+            "embedfill_job_heartbeat_age_seconds",
+            "Seconds since a worker last reported on the target's most silent job not over.",
+            ["target"],
+            registry=r,
+        )
+        self.job_done = Gauge(
+            "embedfill_job_rows_done",
+            "Rows embedded, skipped or failed so far by the target's jobs not over (flat: "
+            "no progress).",
             ["target"],
             registry=r,
         )
@@ -61,6 +113,23 @@ class Metrics(Observer):
 
     def tokens(self, target: str, count: int) -> None:
         self.tokens_total.labels(target).inc(count)
+
+    def set_status(self, status: TargetStatus, at: float) -> None:
+        name = status.name
+        self.missing.labels(name).set(status.missing)
+        self.stale.labels(name).set(status.stale)
+        self.outdated_model.labels(name).set(status.outdated_model)
+        self.unverified.labels(name).set(status.unverified)
+        self.status_at.labels(name).set(at)
+
+    def set_jobs(self, running: Sequence[RunningJobs]) -> None:
+        """Replace the job gauges: a target without a job not over has none."""
+        for gauge in (self.job_running, self.job_silent, self.job_done):
+            gauge.clear()
+        for job in running:
+            self.job_running.labels(job.target).set(job.running_s)
+            self.job_silent.labels(job.target).set(job.silent_s)
+            self.job_done.labels(job.target).set(job.rows_done)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

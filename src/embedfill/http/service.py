@@ -17,13 +17,13 @@ from typing import Any
 
 import psycopg
 
-from .. import application
+from .. import application, health
 from ..application import BackfillOptions, abackfill, astatus
 from ..config import Config
 from ..db.catalog import check_extension
 from ..db.connect import Database, connect
 from ..db.schema import EXPECTED_VERSION, current_version, ensure_schema
-from ..errors import EmbedfillError, ExtensionMissing, JobConflict, TargetBusy
+from ..errors import ConfigError, EmbedfillError, ExtensionMissing, JobConflict, TargetBusy
 from ..models import Report, TargetStatus
 from ..providers import Provider, check_available, make_provider
 from ..watch import TargetWatch, WatchOptions
@@ -33,7 +33,13 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-MISSING_REFRESH_S = 30.0
+#: the status gauges of /metrics (missing, stale, outdated model, unverified rows, jobs)
+#: come from one status pass per target, started by a scrape at most every this many
+#: seconds after the previous pass ended (EMBEDFILL_METRICS_INTERVAL; 0: every scrape),
+#: never two at once; a scrape waits for a pass at most METRICS_WAIT_S, then answers
+#: with the previous values (a pass over a 10M-row table can outlast a scrape timeout)
+METRICS_INTERVAL_S = 60.0
+METRICS_WAIT_S = 5.0
 
 
 #: what /readyz says (it needs no secret, so it never says more; the log has the details)
@@ -76,7 +82,9 @@ class AdminService:
         self.watches = [TargetWatch(config, db, t, watch) for t in config.targets] if watch else []
         self._watch_stop = asyncio.Event()
         self._watch_tasks: list[asyncio.Task[None]] = []
-        self._missing_at = 0.0
+        self.metrics_interval = _metrics_interval(env)
+        self._pass: asyncio.Task[None] | None = None
+        self._pass_ended = 0.0
         self._unready: str | None = None  # the last reason logged, to log each change once
 
     # ------------------------------------------------------------------ lifecycle
@@ -84,6 +92,8 @@ class AdminService:
     async def startup(self) -> None:
         """Bring embedfill's schema to this build's version if it is behind and this role
         may; otherwise log why (readyz reports it, and the log names the command)."""
+        # watchers retry on their own until the database answers
+        self._watch_tasks = [asyncio.create_task(w.run(self._watch_stop)) for w in self.watches]
         try:
             conn = await connect(self.db)
         except EmbedfillError as exc:
@@ -100,7 +110,6 @@ class AdminService:
         if self.worker is not None:
             self._worker_task = asyncio.create_task(self.worker.run(self._worker_stop))
             self._worker_task.add_done_callback(_log_worker_end)
-        self._watch_tasks = [asyncio.create_task(w.run(self._watch_stop)) for w in self.watches]
 
     async def shutdown(self) -> None:
         """The watchers stop queuing, the in-process worker finishes its chunks in flight
@@ -108,6 +117,8 @@ class AdminService:
         self._watch_stop.set()
         await asyncio.gather(*self._watch_tasks, return_exceptions=True)
         self._worker_stop.set()
+        if self._pass is not None:
+            self._pass.cancel()
         if self._worker_task is not None:
             await asyncio.wait([self._worker_task], timeout=60)
         for w in self.watches:
@@ -218,18 +229,46 @@ class AdminService:
         """Jobs this process's worker is working on now."""
         self.metrics.jobs_running.set(self.worker.running() if self.worker else 0)
 
-    async def refresh_missing(self) -> None:
-        """Update the missing-rows gauge, at most every MISSING_REFRESH_S seconds."""
-        now = time.monotonic()
-        if now - self._missing_at < MISSING_REFRESH_S:
-            return
-        self._missing_at = now
+    async def refresh_gauges(self) -> None:
+        """Start a status pass when one is due (see METRICS_INTERVAL_S) and wait for the
+        pass in flight at most METRICS_WAIT_S."""
+        if self._pass is None or (
+            self._pass.done() and time.monotonic() - self._pass_ended >= self.metrics_interval
+        ):
+            self._pass = asyncio.create_task(self._gauges_pass())
+        if not self._pass.done():
+            await asyncio.wait([self._pass], timeout=METRICS_WAIT_S)
+
+    async def _gauges_pass(self) -> None:
+        started = time.monotonic()
         try:
-            counts = await application.missing_counts(self.config, self.db)
-        except EmbedfillError:
-            return
-        for name, missing in counts.items():
-            self.metrics.missing.labels(name).set(missing)
+            statuses = await health.status_by_target(self.config, self.db)
+            at = time.time()
+            for status in statuses.values():
+                self.metrics.set_status(status, at)
+            self.metrics.set_jobs(await health.running_jobs(self.db))
+            self.metrics.status_pass.set(time.monotonic() - started)
+        except EmbedfillError as exc:  # the database down: the timestamps say since when
+            log.warning("metrics: status pass failed: %s", exc)
+        except Exception:  # never let a metrics pass take the service down
+            log.exception("metrics: status pass failed")
+        finally:
+            self._pass_ended = time.monotonic()
+
+
+def _metrics_interval(env: Mapping[str, str]) -> float:
+    raw = env.get("EMBEDFILL_METRICS_INTERVAL", "").strip()
+    if not raw:
+        return METRICS_INTERVAL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise ConfigError(
+            f"EMBEDFILL_METRICS_INTERVAL must be a number of seconds, 0 or more, not {raw!r}."
+        )
+    return value
 
 
 def _first_line(exc: BaseException) -> str:

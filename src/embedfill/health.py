@@ -1,0 +1,176 @@
+"""The embeddings' health as alerting reads it: bounds on missing and stale rows
+(``embedfill check``) and the numbers the admin service's ``/metrics`` exposes.
+
+``check`` is one status pass (``application.astatus``) judged against two bounds:
+
+- ``max_missing``: rows whose embedding is NULL;
+- ``max_stale``: vectors that no longer describe their row, i.e. ``stale`` (the text
+  changed since it was embedded) plus ``outdated_model`` (embedded with another
+  provider, model or dimensions than configured now). Both are fixed the same way
+  (``backfill --refresh``), and both mean search answers from a wrong vector.
+
+``unverified`` vectors (written by other code, no provenance) are shown, never judged:
+they may well be right, and ``adopt`` or ``verify`` is how to find out.
+
+Both bounds default to 0: "every row embedded and fresh", what a CI step or a check
+after a migration asserts. A live table whose rows arrive between two ``watch`` passes
+needs a bound that allows for them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from .application import astatus
+from .config import Config
+from .db.connect import Database, connect
+from .db.store import Store
+from .errors import EmbedfillError, UsageError
+from .models import TargetStatus
+
+log = logging.getLogger(__name__)
+
+#: exit code of ``embedfill check`` when a target is over a bound
+OVER_BOUND_EXIT_CODE = 3
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What ``check`` tolerates per target."""
+
+    max_missing: int = 0
+    max_stale: int = 0  # stale + outdated_model
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--max-missing", self.max_missing), ("--max-stale", self.max_stale)):
+            if value < 0:
+                raise UsageError(f"{flag} must be 0 or more, not {value}.")
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One target judged against the bounds."""
+
+    target: str
+    rows: int
+    missing: int
+    stale: int
+    outdated_model: int
+    unverified: int
+    max_missing: int
+    max_stale: int
+
+    @property
+    def over(self) -> list[str]:
+        """The bounds this target is over: "missing", "stale" (in that order)."""
+        out = []
+        if self.missing > self.max_missing:
+            out.append("missing")
+        if self.stale + self.outdated_model > self.max_stale:
+            out.append("stale")
+        return out
+
+    @property
+    def ok(self) -> bool:
+        return not self.over
+
+    def line(self) -> str:
+        """``ok tickets: 0 missing (max 0), 3 stale + 0 outdated model (max 10), 15
+        unverified`` (``FAIL`` when over a bound)."""
+        return (
+            f"{'ok' if self.ok else 'FAIL'} {self.target}: "
+            f"{self.missing} missing (max {self.max_missing}), "
+            f"{self.stale} stale + {self.outdated_model} outdated model (max {self.max_stale}), "
+            f"{self.unverified} unverified"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "ok": self.ok,
+            "over": self.over,
+            "rows": self.rows,
+            "missing": self.missing,
+            "max_missing": self.max_missing,
+            "stale": self.stale,
+            "outdated_model": self.outdated_model,
+            "max_stale": self.max_stale,
+            "unverified": self.unverified,
+        }
+
+
+def evaluate(status: TargetStatus, bounds: Bounds) -> CheckResult:
+    """Pure: one target's status against the bounds."""
+    return CheckResult(
+        target=status.name,
+        rows=status.rows,
+        missing=status.missing,
+        stale=status.stale,
+        outdated_model=status.outdated_model,
+        unverified=status.unverified,
+        max_missing=bounds.max_missing,
+        max_stale=bounds.max_stale,
+    )
+
+
+async def acheck(
+    config: Config, db: Database, targets: Sequence[str] = (), bounds: Bounds = Bounds()
+) -> list[CheckResult]:
+    """Each of ``targets`` (default: every configured target, in config order) judged
+    against ``bounds``: one status pass, read-only. An unknown target is TargetNotFound
+    before the database is touched; an unreachable database or a table that does not
+    match its target raises as ``status`` does (not a failed check)."""
+    names = list(dict.fromkeys(targets)) or [t.name for t in config.targets]
+    for name in names:
+        config.target(name)
+    statuses: list[TargetStatus] = []
+    for name in names:
+        statuses.extend(await astatus(config, db, name))
+    return [evaluate(s, bounds) for s in statuses]
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+@dataclass(frozen=True)
+class RunningJobs:
+    """A target's jobs not over yet, as one row of gauges: how long the oldest has run,
+    how long the most silent one has gone without a worker reporting, and the rows done
+    (embedded, skipped or failed) so far; flat while a job is stuck."""
+
+    target: str
+    running_s: float
+    silent_s: float
+    rows_done: int
+
+
+async def status_by_target(config: Config, db: Database) -> dict[str, TargetStatus]:
+    """Every target's status, one pass each (a connection each); a target that cannot be
+    inspected now (its table gone, say) is left out, so its gauges keep their last value
+    and their timestamp says how old it is."""
+    out: dict[str, TargetStatus] = {}
+    for target in config.targets:
+        try:
+            (status,) = await astatus(config, db, target.name)
+        except EmbedfillError as exc:
+            log.warning("metrics: no status for target %s: %s", target.name, exc)
+            continue
+        out[target.name] = status
+    return out
+
+
+async def running_jobs(db: Database) -> list[RunningJobs]:
+    """Jobs queued or running, per target (reads embedfill.runs only; cheap)."""
+    conn = await connect(db)
+    try:
+        rows = await Store(conn).running_jobs()
+    except psycopg.Error:
+        return []  # embedfill's schema not there yet: no job either
+    finally:
+        await conn.close()
+    return [RunningJobs(target, running, silent, done) for target, running, silent, done in rows]
