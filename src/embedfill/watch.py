@@ -110,9 +110,7 @@ class TargetWatch:
             except EmbedfillError as exc:
                 if exc.exit_code == 2:  # a config error: no retry fixes it
                     raise
-                log.warning(
-                    "watch of %s: %s; trying again in %.0fs", self.target.name, exc, wait
-                )
+                log.warning("watch of %s: %s; trying again in %.0fs", self.target.name, exc, wait)
                 await self._close()
             except (psycopg.Error, OSError) as exc:
                 log.warning("watch of %s: %s; trying again in %.0fs", self.target.name, exc, wait)
