@@ -735,6 +735,47 @@ class Bench:
                 )
             )
 
+    def triggers(self) -> None:
+        log("8. Change triggers: the app's insert rate without / with them")
+        tpl = self.template(0, 384)  # an empty docs table
+        apps = 4
+        cases = (
+            ("single-row INSERTs", 1, self.n(5_000, 500)),
+            ("INSERTs of 500 rows", 500, self.n(50_000, 5_000)),
+        )
+        for label, batch, per in cases:
+            runs: dict[str, list[dict[str, Any]]] = {"without": [], "with": []}
+            for kind in ("without", "with", "with", "without"):  # ABBA, for the drift
+                args = {
+                    "url": self.fresh(tpl),
+                    "dims": 384,
+                    "connections": apps,
+                    "rows_per_connection": per,
+                    "batch": batch,
+                    "triggers": kind == "with",
+                }
+                runs[kind].append(self.measure("app_inserts", args))
+            ref, ours = combined(runs["without"]), combined(runs["with"])
+            failed = sum(r["failed"] for rs in runs.values() for r in rs)
+            queued = sum(r["queued"] for r in runs["with"])
+            exact = queued == ours["rows"] and all(r["queued"] == 0 for r in runs["without"])
+            self.raw[f"triggers_{batch}"] = {"with": ours, "without": ref, "runs": runs}
+            ratio = ours["rows_per_s"] / ref["rows_per_s"]
+            self.add(
+                Row(
+                    "8 change triggers",
+                    f"app {label}, {apps} connections, autocommit",
+                    ours["rows_per_s"],
+                    "rows/s",
+                    "the same inserts, no trigger",
+                    ref["rows_per_s"],
+                    ratio,
+                    ">= 0.8, no write fails",
+                    ratio >= 0.8 and failed == 0 and exact,
+                    note=f"{failed} app writes failed, {queued:,} of {ours['rows']:,} queued",
+                )
+            )
+
 
 def openai_provider(fake: FakeOpenAI, **settings: Any) -> dict[str, Any]:
     """Provider settings for embedfill against the local OpenAI-compatible server."""
@@ -964,6 +1005,7 @@ def main() -> None:
         "hnsw_workers",
         "status_at_scale",
         "watch_latency",
+        "triggers",
     ]
     chosen = args.only.split(",") if args.only else scenarios
     try:

@@ -15,6 +15,7 @@ import numpy as np
 import psycopg
 
 from bench.common import missing, peak_rss_mb, target_config, timed, unit_vectors
+from bench.triggers import app_inserts
 from embedfill import BackfillOptions, Database, abackfill
 from embedfill.config import EngineConfig
 from embedfill.db import wire
@@ -179,6 +180,7 @@ def raw_encode(a: dict[str, Any]) -> dict[str, Any]:
 
 
 MEASUREMENTS = {
+    "app_inserts": app_inserts,
     "embedfill": embedfill_run,
     "raw_sql": raw_sql,
     "naive": naive,

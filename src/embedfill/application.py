@@ -24,7 +24,7 @@ import psycopg
 
 from . import freshness, jobs
 from .config import Config, ProviderConfig, TargetConfig
-from .db import indexes
+from .db import indexes, triggers
 from .db.catalog import TableInfo, count_missing, count_outdated, inspect_target, target_status
 from .db.connect import Database, connect
 from .db.schema import amigrate, ensure_schema
@@ -32,7 +32,14 @@ from .db.store import KeyInfo, Store
 from .db.target_sql import TargetSQL
 from .engine import BackfillOptions, Observer, ProgressCallback, _Hooks, _Run
 from .engine.state import _first_line
-from .errors import DatabaseError, EmbedfillError, JobConflict, JobNotFound, UsageError
+from .errors import (
+    DatabaseError,
+    EmbedfillError,
+    JobConflict,
+    JobNotFound,
+    PrivilegeMissing,
+    UsageError,
+)
 from .models import Report, TargetStatus
 from .providers import Provider, make_provider
 from .verify import AdoptResult, Verifier, VerifyResult, sample_size
@@ -481,6 +488,52 @@ async def aadopt(
         return await verifier.adopt(verify_sample)
 
 
+# ---------------------------------------------------------------------------- triggers
+
+
+async def atriggers(
+    config: Config, db: Database, target: str | None, install: bool, print_sql: bool
+) -> tuple[triggers.TriggerPlan, str]:
+    """``embedfill triggers install|uninstall``: the target's change triggers (see
+    db/triggers.py), installed or removed in one transaction; with ``print_sql`` nothing
+    is changed. Returns the plan and its SQL script (what ran, or would run)."""
+    t = config.target(target)
+    pconf = config.provider_for(t)
+    conn = await connect(db)
+    try:
+        info = await inspect_target(conn, t, pconf.expected_dimensions, pconf.label)
+        tsql = TargetSQL(t, info.types)
+        if install and not print_sql:
+            await ensure_schema(conn)  # the queue table is the schema's
+        store = Store(conn)
+        column_id = None
+        if await store.has_provenance():
+            column_id = await store.vector_column_id(info.oid, t.embedding_column, create=False)
+        if not print_sql:
+            problem = await triggers.refusal(conn, tsql, info.oid, column_id, install=install)
+            if problem is not None:
+                raise PrivilegeMissing(problem)
+        if print_sql or not (install or column_id is not None):
+            plan = await triggers.plan(conn, tsql, info.oid, column_id, install=install)
+            return plan, triggers.printed(plan, conn)
+        async with conn.transaction():  # all or nothing
+            if install:
+                column_id = await store.vector_column_id(info.oid, t.embedding_column, create=True)
+            plan = await triggers.plan(conn, tsql, info.oid, column_id, install=install)
+            for statement in plan.statements:
+                await conn.execute(statement)
+        return plan, triggers.printed(plan, conn)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise PrivilegeMissing(
+            f"The database refused: {_first_line(exc)}; run this as the table's owner, with "
+            "USAGE and CREATE on schema embedfill (e.g. the role that ran `embedfill migrate`)."
+        ) from exc
+    except psycopg.Error as exc:
+        raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
+    finally:
+        await conn.close()
+
+
 __all__ = [
     "BackfillOptions",
     "Observer",
@@ -491,6 +544,7 @@ __all__ = [
     "aensure_schema",
     "amigrate",
     "astatus",
+    "atriggers",
     "averify",
     "cancel_job",
     "delete_key",

@@ -50,6 +50,11 @@ keys_app = typer.Typer(
     help="Bring-your-own-key: per-tenant API keys, encrypted at rest.", no_args_is_help=True
 )
 app.add_typer(keys_app, name="keys")
+triggers_app = typer.Typer(
+    help="Change triggers: queue each changed row for `embedfill watch` (polling needs none).",
+    no_args_is_help=True,
+)
+app.add_typer(triggers_app, name="triggers")
 
 # Piped output gets a wide fixed width so tables are never cut to 80 columns.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -776,6 +781,53 @@ def keys_delete(
 def keys_new_master_key() -> None:
     """Print a fresh EMBEDFILL_MASTER_KEY (store it in your secret manager)."""
     print(keymod.new_master_key())
+
+
+# ---------------------------------------------------------------------------- triggers
+
+_PRINT_SQL = typer.Option("--print-sql", help="Print the SQL it would run; change nothing.")
+
+
+def _triggers(ctx: typer.Context, target: str | None, install: bool, print_sql: bool) -> None:
+    state = _state(ctx)
+    with _errors(state):
+        plan, script = asyncio.run(
+            application.atriggers(state.config(), state.database(), target, install, print_sql)
+        )
+    if print_sql:
+        print(script, end="")
+        return
+    for note in plan.notes[1:]:
+        err.print(f"embedfill: {note}", markup=False)
+    names = ", ".join(plan.trigger_names)
+    if not plan.statements:
+        out.print(f"no change triggers on {plan.table} to remove", markup=False)
+    elif install:
+        out.print(f"installed change triggers {names} on {plan.table}", markup=False)
+    else:
+        out.print(f"removed change triggers {names} from {plan.table}", markup=False)
+
+
+@triggers_app.command("install")
+def triggers_install(
+    ctx: typer.Context,
+    target: Annotated[str | None, typer.Option(help="Target name (default: the first).")] = None,
+    print_sql: Annotated[bool, _PRINT_SQL] = False,
+) -> None:
+    """Install the target's change triggers (AFTER INSERT, and UPDATE OF the text's columns):
+    each changed row's id is queued in embedfill.changes and NOTIFYs embedfill_changes.
+    Needs the TRIGGER privilege on the table and CREATE on schema embedfill (exit 5)."""
+    _triggers(ctx, target, True, print_sql)
+
+
+@triggers_app.command("uninstall")
+def triggers_uninstall(
+    ctx: typer.Context,
+    target: Annotated[str | None, typer.Option(help="Target name (default: the first).")] = None,
+    print_sql: Annotated[bool, _PRINT_SQL] = False,
+) -> None:
+    """Remove the target's change triggers and their function (needs ownership of the table)."""
+    _triggers(ctx, target, False, print_sql)
 
 
 def main() -> None:

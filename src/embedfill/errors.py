@@ -82,6 +82,13 @@ class ProviderMisconfigured(ConfigError):
     http_status = 503
 
 
+class PrivilegeMissing(EmbedfillError):
+    """The database role may not do this; run it as a role that may, or grant what it needs."""
+
+    exit_code = 5
+    http_status = 403
+
+
 class DatabaseError(EmbedfillError):
     """The database could not be reached or refused a statement."""
 

@@ -28,6 +28,7 @@ TABLE: dict[str, tuple[int, int]] = {
     "KeyStoreError": (2, 503),
     "SchemaNotReady": (2, 503),
     "ProviderMisconfigured": (2, 503),
+    "PrivilegeMissing": (5, 403),
     "DatabaseError": (1, 503),
     "NoFreeConnection": (1, 503),
     "RunAborted": (3, 500),

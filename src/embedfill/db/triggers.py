@@ -1,0 +1,386 @@
+"""Change triggers (``embedfill triggers install``): the DDL on a user's table that queues
+each changed row for ``embedfill watch``.
+
+What is installed for one target (its vector column has number N in
+``embedfill.vector_columns``):
+
+- ``embedfill.changed_N()``: a trigger function, ``SECURITY DEFINER`` (it runs as the
+  role that installed it, so the application's role needs no right on embedfill's
+  schema), ``SET search_path = pg_catalog, pg_temp`` and every name qualified. Per row it
+  appends ``(N, NEW.<id>::text)`` to ``embedfill.changes`` and calls
+  ``pg_notify('embedfill_changes', 'N')`` unless another transaction in flight will
+  (see ``function_sql``): a notification means "look at the queue", and a watcher also
+  looks at it every poll interval, so none is needed per transaction.
+- ``embedfill_changed_N_ins``: ``AFTER INSERT ... FOR EACH ROW``.
+- ``embedfill_changed_N_upd``: ``AFTER UPDATE OF <the text's columns> ... FOR EACH ROW
+  WHEN (<those columns changed>)``, compared by their stored bytes (``*=`` on records,
+  which also works for types without ``=``, e.g. json), so that a no-op update, an update
+  of another column and embedfill's own writes (the embedding column only) queue nothing.
+
+Never failing the application's write is the rule. The function has no EXCEPTION block
+(each would be a subtransaction per row: past 64 in one transaction the subtransaction
+cache overflows, a known performance cliff); instead it queues only while
+``embedfill.changes`` exists and its owner may write it, and the queue table has no
+index or constraint, so the INSERT cannot conflict. What remains is documented in
+``FAILURE_MODES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .target_sql import TargetSQL
+
+SCHEMA = "embedfill"
+CHANNEL = "embedfill_changes"
+QUEUE = sql.Identifier(SCHEMA, "changes")
+# pg_try_advisory_xact_lock(NOTIFY_LOCK, N): held by the one transaction in flight that
+# NOTIFYs for column N (the two-int form, 'embf' and the column: apart from embedfill's
+# own bigint-keyed locks)
+NOTIFY_LOCK = 0x656D6266
+
+FAILURE_MODES = (
+    "A statement on the table waits while embedfill.changes is locked by a migration "
+    "(ALTER TABLE takes an exclusive lock), then goes on.",
+    "If the NOTIFY queue (8 GB) fills up because a session that LISTENs keeps a "
+    "transaction open for a very long time, commits that notify fail until it ends.",
+    "Dropping embedfill.changes or embedfill's schema while the application writes can "
+    "fail the statements that were waiting for that DROP's lock: uninstall first.",
+)
+
+
+@dataclass(frozen=True)
+class TriggerNames:
+    """The deterministic names of what is installed for vector column ``column_id``."""
+
+    column_id: int
+
+    @property
+    def function(self) -> sql.Identifier:
+        return sql.Identifier(SCHEMA, f"changed_{self.column_id}")
+
+    @property
+    def insert(self) -> str:
+        return f"embedfill_changed_{self.column_id}_ins"
+
+    @property
+    def update(self) -> str:
+        return f"embedfill_changed_{self.column_id}_upd"
+
+    @property
+    def triggers(self) -> tuple[str, str]:
+        return (self.insert, self.update)
+
+
+@dataclass
+class TriggerPlan:
+    """What ``install`` or ``uninstall`` runs, in one transaction, and why."""
+
+    target: str
+    table: str
+    column_id: int | None  # None: the column has no number yet (install records one)
+    statements: list[sql.Composed] = field(default_factory=list)
+    watched: list[str] = field(default_factory=list)  # UPDATE OF these columns
+    notes: list[str] = field(default_factory=list)  # said as SQL comments and on stderr
+
+    @property
+    def trigger_names(self) -> list[str]:
+        return [] if self.column_id is None else list(TriggerNames(self.column_id).triggers)
+
+    def script(self, conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]) -> str:
+        """The plan as an SQL script: exactly the statements run, in their transaction."""
+        lines = [f"-- {note}" for note in self.notes]
+        if not self.statements:
+            return "\n".join([*lines, "-- nothing to do"]) + "\n"
+        lines.append("BEGIN;")
+        lines += [f"{s.as_string(conn)};" for s in self.statements]
+        lines.append("COMMIT;")
+        return "\n".join(lines) + "\n"
+
+
+def _dollar_quote(body: str) -> tuple[str, str]:
+    """A dollar-quote tag that does not occur in ``body`` (identifiers from config are in
+    it, and one could hold ``$embedfill$``)."""
+    tag, n = "$embedfill$", 0
+    while tag in body:
+        n += 1
+        tag = f"$embedfill{n}$"
+    return tag, body
+
+
+def function_sql(
+    tsql: TargetSQL, column_id: int, conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]
+) -> sql.Composed:
+    """``CREATE OR REPLACE FUNCTION embedfill.changed_N()``: queue the row's id, NOTIFY.
+
+    A transaction that NOTIFYs holds a cluster-wide lock from its commit until it is
+    flushed, so notifying commits are serialized (no group commit): measured, one
+    NOTIFY per transaction cut concurrent single-row inserts to a quarter. So only the
+    one transaction in flight that holds ``pg_try_advisory_xact_lock(NOTIFY_LOCK, N)``
+    (never waited for) NOTIFYs; the rows of the others are in the queue all the same and
+    are seen at the next notification or the watcher's next look at the queue.
+
+    Guards, each a catalog lookup without a lock: the owner's USAGE on embedfill's
+    schema (``to_regclass`` of a qualified name raises without it), the queue table's
+    existence (a manual DROP), the owner's INSERT on it (a REVOKE). When one fails the
+    row is not queued and the application's write goes on (``watch``'s sweep still finds
+    the row's new text)."""
+    column = sql.Literal(column_id)
+    body = (
+        sql.SQL(
+            "\nBEGIN\n"
+            "    IF pg_catalog.has_schema_privilege({schema}, 'USAGE') THEN\n"
+            "        IF pg_catalog.has_table_privilege(pg_catalog.to_regclass({queue_name}),"
+            " 'INSERT') THEN\n"
+            "            INSERT INTO {queue} (column_id, row_key)"
+            " VALUES ({column}, NEW.{id}::text);\n"
+            "            IF pg_catalog.pg_try_advisory_xact_lock({lock}, {column}) THEN\n"
+            "                PERFORM pg_catalog.pg_notify({channel}, {payload});\n"
+            "            END IF;\n"
+            "        END IF;\n"
+            "    END IF;\n"
+            "    RETURN NULL;\n"
+            "END\n"
+        )
+        .format(
+            schema=sql.Literal(SCHEMA),
+            queue_name=sql.Literal(f"{SCHEMA}.changes"),
+            queue=QUEUE,
+            column=column,
+            id=sql.Identifier(tsql.target.id_column),
+            lock=sql.Literal(NOTIFY_LOCK),
+            channel=sql.Literal(CHANNEL),
+            payload=sql.Literal(str(column_id)),
+        )
+        .as_string(conn)
+    )
+    tag, body = _dollar_quote(body)
+    return sql.SQL(
+        "CREATE OR REPLACE FUNCTION {function}() RETURNS trigger\n"
+        "LANGUAGE plpgsql SECURITY DEFINER\n"
+        "SET search_path = pg_catalog, pg_temp\n"
+        "AS {tag}{body}{tag}"
+    ).format(function=TriggerNames(column_id).function, tag=sql.SQL(tag), body=sql.SQL(body))
+
+
+def install_statements(
+    tsql: TargetSQL,
+    column_id: int,
+    watched: Sequence[str],
+    conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any],
+) -> list[sql.Composed]:
+    """Create or replace the function and both triggers (idempotent: a second install,
+    or one after the template changed, replaces them in place)."""
+    names = TriggerNames(column_id)
+    cols = [sql.Identifier(c) for c in watched]
+    old = sql.SQL(", ").join(sql.SQL("OLD.{}").format(c) for c in cols)
+    new = sql.SQL(", ").join(sql.SQL("NEW.{}").format(c) for c in cols)
+    what = f"change trigger of embedfill target {tsql.target.name!r}"
+    return [
+        function_sql(tsql, column_id, conn),
+        sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(names.function),
+        sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
+            names.function,
+            sql.Literal(f"{what}; remove with `embedfill triggers uninstall`"),
+        ),
+        sql.SQL(
+            "CREATE OR REPLACE TRIGGER {name} AFTER INSERT ON {table}"
+            " FOR EACH ROW EXECUTE FUNCTION {function}()"
+        ).format(name=sql.Identifier(names.insert), table=tsql.table, function=names.function),
+        sql.SQL(
+            "CREATE OR REPLACE TRIGGER {name} AFTER UPDATE OF {cols} ON {table}"
+            " FOR EACH ROW WHEN (NOT (ROW({old})::record *= ROW({new})::record))"
+            " EXECUTE FUNCTION {function}()"
+        ).format(
+            name=sql.Identifier(names.update),
+            cols=sql.SQL(", ").join(cols),
+            table=tsql.table,
+            old=old,
+            new=new,
+            function=names.function,
+        ),
+    ]
+
+
+def uninstall_statements(tsql: TargetSQL, column_id: int) -> list[sql.Composed]:
+    """Drop both triggers and the function (each only if it is there)."""
+    names = TriggerNames(column_id)
+    return [
+        *(
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(name), tsql.table)
+            for name in names.triggers
+        ),
+        sql.SQL("DROP FUNCTION IF EXISTS {}()").format(names.function),
+    ]
+
+
+# ---------------------------------------------------------------------------- the catalog
+
+# the columns an UPDATE of which may change a text_sql target's text: every column but
+# the embedding (generated ones change only with the columns they are made of)
+_TABLE_COLUMNS = """
+SELECT a.attname FROM pg_attribute a
+WHERE a.attrelid = %(rel)s AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+  AND a.attname <> %(embedding)s
+ORDER BY a.attnum"""
+
+_INSTALLED = """
+SELECT t.tgname FROM pg_trigger t
+WHERE t.tgrelid = %(rel)s AND t.tgname = ANY(%(names)s) ORDER BY t.tgname"""
+
+# what the session's role may do, for a one-sentence refusal before anything runs
+_MAY = """
+SELECT current_user,
+       has_table_privilege(%(rel)s::oid, 'TRIGGER'),
+       pg_has_role(c.relowner, 'USAGE'),
+       pg_get_userbyid(c.relowner),
+       has_schema_privilege(n.oid, 'USAGE') AND has_schema_privilege(n.oid, 'CREATE'),
+       coalesce(has_schema_privilege(n.oid, 'USAGE')
+                AND has_table_privilege(to_regclass('embedfill.changes'), 'INSERT'), false),
+       pg_get_userbyid(p.proowner),
+       p.oid IS NULL OR pg_has_role(p.proowner, 'USAGE')
+FROM pg_class c
+LEFT JOIN pg_namespace n ON n.nspname = 'embedfill'
+LEFT JOIN pg_proc p ON p.oid = to_regprocedure(%(function)s)
+WHERE c.oid = %(rel)s"""
+
+
+async def watched_columns(
+    conn: psycopg.AsyncConnection[Any], tsql: TargetSQL, oid: int
+) -> tuple[list[str], bool]:
+    """The columns whose UPDATE queues a row, and whether they are every column of the
+    table now (a text_sql target: its columns are unknown, so all but the embedding)."""
+    if tsql.target.text_sql is None:
+        return list(tsql.target.text_columns), False
+    cur = await conn.execute(
+        _TABLE_COLUMNS, {"rel": oid, "embedding": tsql.target.embedding_column}
+    )
+    return [str(r[0]) for r in await cur.fetchall()], True
+
+
+async def installed(conn: psycopg.AsyncConnection[Any], oid: int, column_id: int) -> list[str]:
+    """Which of the column's two triggers are on the table now."""
+    names = list(TriggerNames(column_id).triggers)
+    cur = await conn.execute(_INSTALLED, {"rel": oid, "names": names})
+    return [str(r[0]) for r in await cur.fetchall()]
+
+
+async def refusal(
+    conn: psycopg.AsyncConnection[Any],
+    tsql: TargetSQL,
+    oid: int,
+    column_id: int | None,
+    *,
+    install: bool,
+) -> str | None:
+    """Why the session's role may not install (or uninstall) the column's triggers, in one
+    sentence; None when it may."""
+    function = TriggerNames(column_id or 0).function.as_string(conn) + "()"
+    cur = await conn.execute(_MAY, {"rel": oid, "function": function})
+    row = await cur.fetchone()
+    assert row is not None
+    role, trigger, owner, table_owner, schema, queue, fn_owner, owns_fn = row
+    table = tsql.table.as_string(conn)
+    who = sql.Identifier(str(role)).as_string(conn)
+    if install and not trigger:
+        return (
+            f"Role {role} may not create triggers on {table} (that needs the TRIGGER privilege "
+            f"or ownership); run this as the table's owner ({table_owner}) or grant it: "
+            f"GRANT TRIGGER ON {table} TO {who}."
+        )
+    if not install and not owner and await installed(conn, oid, column_id or 0):
+        return (
+            f"Role {role} may not drop triggers on {table} (that needs ownership of the "
+            f"table); run this as its owner ({table_owner})."
+        )
+    if install and not schema:
+        return (
+            f"Role {role} may not create functions in schema embedfill (that needs USAGE "
+            "and CREATE on it); run this as the owner of embedfill's schema, or grant it: "
+            f"GRANT USAGE, CREATE ON SCHEMA embedfill TO {who}."
+        )
+    if install and not queue:
+        return (
+            f"Role {role} may not insert into embedfill.changes, so a trigger it installs "
+            "(which runs with its rights) could queue nothing; run this as the owner of "
+            f"embedfill's schema, or grant it: GRANT INSERT ON embedfill.changes TO {who}."
+        )
+    if not owns_fn:
+        return (
+            f"{function} was installed by role {fn_owner}, and only its owner may "
+            f"{'replace' if install else 'drop'} it; run this as {fn_owner}."
+        )
+    return None
+
+
+# ---------------------------------------------------------------------------- install
+
+_UNNUMBERED = 2_147_483_647  # stands for the number install records, in a printed plan
+
+
+async def plan(
+    conn: psycopg.AsyncConnection[Any],
+    tsql: TargetSQL,
+    oid: int,
+    column_id: int | None,
+    *,
+    install: bool,
+) -> TriggerPlan:
+    """The statements ``install`` (or ``uninstall``) runs for the target's column, with
+    the notes a reviewer needs. ``column_id`` None: the column has no number yet, and
+    ``N`` stands for the one install records."""
+    target = tsql.target
+    table = tsql.table.as_string(conn)
+    out = TriggerPlan(target.name, table, column_id)
+    place = f"{table}.{sql.Identifier(target.embedding_column).as_string(conn)}"
+    if not install:
+        out.notes.append(
+            f"embedfill triggers uninstall --target {target.name}: {place}"
+            + (f" (column {column_id})" if column_id is not None else "")
+        )
+        if column_id is None:
+            out.notes.append("this column has no number in embedfill.vector_columns")
+        elif not await installed(conn, oid, column_id):
+            out.notes.append("no change trigger of this column is installed")
+        else:
+            out.statements = uninstall_statements(tsql, column_id)
+        return out
+    watched, everything = await watched_columns(conn, tsql, oid)
+    out.watched = watched
+    number = f"column {column_id}" if column_id is not None else "column N"
+    out.notes.append(f"embedfill triggers install --target {target.name}: {place} ({number})")
+    if column_id is None:
+        out.notes.append(
+            "this column has no number in embedfill.vector_columns yet: install records one "
+            "(in the same transaction) and uses it where N stands below"
+        )
+    key = f"NEW.{sql.Identifier(target.id_column).as_string(conn)}::text"
+    out.notes.append(
+        f"queues ({'N' if column_id is None else column_id}, {key}) in "
+        f"{QUEUE.as_string(conn)} and NOTIFYs channel "
+        f"{CHANNEL} on INSERT, and on UPDATE OF "
+        + ", ".join(sql.Identifier(c).as_string(conn) for c in watched)
+        + " when one of them changed"
+    )
+    if everything:
+        out.notes.append(
+            "text_sql target: its columns are unknown, so an UPDATE of any column but the "
+            "embedding queues the row; columns added to the table later are not covered "
+            "(run install again after adding one)"
+        )
+    out.statements = install_statements(
+        tsql, _UNNUMBERED if column_id is None else column_id, watched, conn
+    )
+    return out
+
+
+def printed(plan: TriggerPlan, conn: psycopg.AsyncConnection[Any]) -> str:
+    """``--print-sql``: the plan as the script install would run (``N`` for a number not
+    recorded yet)."""
+    script = plan.script(conn)
+    return script if plan.column_id is not None else script.replace(str(_UNNUMBERED), "N")

@@ -1,0 +1,378 @@
+"""Change triggers (`embedfill triggers install|uninstall`) against a real PostgreSQL: what
+they queue, that the application's writes never fail because of them (a role without
+rights on embedfill's schema, a dropped queue, a migration holding the queue's lock, a
+10k-row statement), the privileges install needs, and that --print-sql is what runs."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+import time
+from typing import Any
+
+import psycopg
+import pytest
+
+from embedfill import BackfillOptions, Database, abackfill
+from embedfill.application import atriggers
+from embedfill.db.schema import amigrate
+from embedfill.errors import PrivilegeMissing
+from tests.support.cli import cli_env, embedfill, write_config
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.roles import Roles
+from tests.support.tables import tickets_config
+
+T = 'app."SupportTickets"'
+APP_GRANTS = (
+    "GRANT USAGE ON SCHEMA app TO {role}",
+    'GRANT SELECT, INSERT, UPDATE ON app."SupportTickets" TO {role}',
+)
+NOWHERE = "http://127.0.0.1:9"  # no request is made by these commands
+
+
+def triggers(url: str, config: Any, *, install: bool = True, print_sql: bool = False) -> Any:
+    return asyncio.run(atriggers(config, Database(url), None, install, print_sql))
+
+
+def installed(url: str) -> Any:
+    """(trigger names on the table, functions named changed_* in embedfill's schema)."""
+    with psycopg.connect(url) as conn:
+        names = conn.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(%s) AND NOT tgisinternal"
+            " ORDER BY 1",
+            (T,),
+        ).fetchall()
+        funcs = conn.execute(
+            "SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace"
+            " WHERE n.nspname = 'embedfill' AND p.proname LIKE 'changed%' ORDER BY 1"
+        ).fetchall()
+    return [r[0] for r in names], [r[0] for r in funcs]
+
+
+def queued(url: str) -> list[tuple[int, str]]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT column_id, row_key FROM embedfill.changes").fetchall()
+    return sorted(rows, key=lambda r: (r[0], int(r[1])))
+
+
+def clear(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM embedfill.changes")
+
+
+def insert(url: str, first: int, n: int = 1) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            f"INSERT INTO {T} (ticket_no, org, subject, body)"
+            " SELECT i, 'org-a', 'new', 'row ' || i FROM generate_series(%s::bigint, %s) i",
+            (first, first + n - 1),
+        )
+
+
+@pytest.fixture
+def migrated(tickets: str) -> str:
+    asyncio.run(amigrate(Database(tickets)))
+    return tickets
+
+
+def test_the_queue_gets_exactly_the_changed_rows_and_a_notification(migrated: str) -> None:
+    url, config = migrated, tickets_config(NOWHERE)
+    plan, _ = triggers(url, config)
+    col = plan.column_id
+    assert installed(url) == (
+        [f"embedfill_changed_{col}_ins", f"embedfill_changed_{col}_upd"],
+        [f"changed_{col}"],
+    )
+    with psycopg.connect(url) as conn:  # the same number provenance uses
+        ids = conn.execute("SELECT id FROM embedfill.vector_columns").fetchall()
+    assert ids == [(col,)]
+
+    listener = psycopg.connect(url, autocommit=True)
+    listener.execute("LISTEN embedfill_changes")
+    insert(url, 101, 2)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"UPDATE {T} SET body = body || ' (edited)' WHERE ticket_no IN (1, 2)")
+        conn.execute(f"UPDATE {T} SET subject = 'new subject' WHERE ticket_no = 3")
+        conn.execute(f"UPDATE {T} SET body = body, subject = subject WHERE ticket_no <= 10")
+        conn.execute(f"UPDATE {T} SET org = 'org-b' WHERE ticket_no = 5")  # not in the text
+        conn.execute(f"UPDATE {T} SET emb = '[1,2,3,4,5,6,7,8]' WHERE ticket_no = 6")
+        conn.execute(f"UPDATE {T} SET body = NULL WHERE ticket_no = 7")  # text to NULL
+        conn.execute(f"UPDATE {T} SET body = NULL WHERE ticket_no = 7")  # NULL to NULL
+    assert queued(url) == [(col, k) for k in ("1", "2", "3", "7", "101", "102")]
+    got = list(listener.notifies(timeout=5, stop_after=1))
+    listener.close()
+    assert got and got[0].channel == "embedfill_changes" and got[0].payload == str(col)
+
+
+def test_embedfill_own_writes_queue_nothing(migrated: str, fake_openai: FakeOpenAI) -> None:
+    config = tickets_config(fake_openai.base_url)
+    triggers(migrated, config)
+
+    def backfill(**opts: Any) -> Any:
+        env = {"TEST_PLATFORM_KEY": "sk-platform-0123456789"}
+        return asyncio.run(abackfill(config, Database(migrated), BackfillOptions(**opts), env=env))
+
+    assert backfill().embedded == 45
+    assert queued(migrated) == []
+    with psycopg.connect(migrated, autocommit=True) as conn:
+        conn.execute(f"UPDATE {T} SET body = 'edited' WHERE ticket_no IN (1, 2, 3)")
+    assert len(queued(migrated)) == 3
+    clear(migrated)
+    assert backfill(refresh=True).refreshed == 3  # a refresh rewrites the vector in place
+    assert queued(migrated) == []
+
+
+def test_an_app_role_without_rights_on_embedfills_schema_writes_and_is_queued(
+    migrated: str, roles: Roles
+) -> None:
+    plan, _ = triggers(migrated, tickets_config(NOWHERE))
+    app = roles.create()
+    roles.grant(app, *APP_GRANTS)
+    app_url = roles.url(app)
+    with psycopg.connect(app_url, autocommit=True) as conn:
+        row = conn.execute("SELECT has_schema_privilege('embedfill', 'USAGE')").fetchone()
+        assert row == (False,)
+        conn.execute(f"INSERT INTO {T} (ticket_no, org, subject, body) VALUES (200, 'o', 's', 'b')")
+        conn.execute(f"UPDATE {T} SET body = 'changed' WHERE ticket_no = 4")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT 1 FROM embedfill.changes")
+    assert queued(migrated) == [(plan.column_id, "4"), (plan.column_id, "200")]
+
+
+def test_a_dropped_queue_never_breaks_the_apps_writes(migrated: str, roles: Roles) -> None:
+    triggers(migrated, tickets_config(NOWHERE))
+    app = roles.create()
+    roles.grant(app, *APP_GRANTS)
+    with psycopg.connect(migrated, autocommit=True) as conn:
+        conn.execute("DROP TABLE embedfill.changes")
+    insert(roles.url(app), 301, 50)
+    with psycopg.connect(roles.url(app), autocommit=True) as conn:
+        conn.execute(f"UPDATE {T} SET body = 'x' WHERE ticket_no <= 60")
+        row = conn.execute(f"SELECT count(*) FROM {T} WHERE ticket_no >= 300").fetchone()
+    assert row == (50,)
+
+
+def test_a_10k_row_statement_is_queued_whole(migrated: str) -> None:
+    plan, _ = triggers(migrated, tickets_config(NOWHERE))
+    with psycopg.connect(migrated) as conn:  # one transaction
+        conn.execute(
+            f"INSERT INTO {T} (ticket_no, org, subject, body)"
+            " SELECT i, 'org-a', 's', 'b' FROM generate_series(1001, 11000) i"
+        )
+        conn.execute(f"UPDATE {T} SET body = 'edited' WHERE ticket_no > 1000")
+        conn.commit()
+    with psycopg.connect(migrated) as conn:
+        rows = conn.execute(
+            "SELECT column_id, count(*), count(DISTINCT row_key), min(row_key::int),"
+            " max(row_key::int) FROM embedfill.changes GROUP BY 1"
+        ).fetchall()
+    assert rows == [(plan.column_id, 20_000, 10_000, 1001, 11000)]  # an insert, an update
+
+
+class AppWriter(threading.Thread):
+    """The application: single-row inserts in autocommit until stopped; every failure kept."""
+
+    def __init__(self, url: str, first: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.next, self.first = url, first, first
+        self.stop, self.errors = threading.Event(), list[str]()
+
+    def run(self) -> None:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            while not self.stop.is_set():
+                try:
+                    conn.execute(
+                        f"INSERT INTO {T} (ticket_no, org, subject, body)"
+                        " VALUES (%s, 'org-a', 's', 'b')",
+                        (self.next,),
+                    )
+                    conn.execute(f"UPDATE {T} SET body = 'c' WHERE ticket_no = %s", (self.next,))
+                    self.next += 1
+                except psycopg.Error as exc:
+                    self.errors.append(str(exc))
+                    self.next += 1
+
+    @property
+    def written(self) -> int:
+        return self.next - self.first
+
+
+def test_app_writes_wait_for_a_migration_holding_the_queue_and_never_fail(migrated: str) -> None:
+    triggers(migrated, tickets_config(NOWHERE))
+    apps = [AppWriter(migrated, 10_000 * (k + 1)) for k in range(3)]
+    for a in apps:
+        a.start()
+    time.sleep(0.3)
+    with psycopg.connect(migrated) as conn:  # ACCESS EXCLUSIVE on the queue for a while
+        conn.execute("ALTER TABLE embedfill.changes ADD COLUMN note text")
+        conn.execute("ALTER TABLE embedfill.changes ALTER COLUMN row_key TYPE varchar")
+        time.sleep(1.0)
+        conn.commit()
+    time.sleep(0.3)
+    for a in apps:
+        a.stop.set()
+        a.join(timeout=30)
+    assert [a.errors for a in apps] == [[], [], []]
+    assert all(a.written > 0 for a in apps)
+    with psycopg.connect(migrated) as conn:
+        row = conn.execute("SELECT count(*) FROM embedfill.changes").fetchone()
+    assert row == (sum(2 * a.written for a in apps),)  # nothing lost meanwhile
+
+
+def _back_to_version_5(url: str) -> None:
+    """As if this database had been migrated by the release before provenance (0006)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM embedfill.schema_version WHERE version >= 6")
+        conn.execute(
+            "DROP TABLE embedfill.changes, embedfill.provenance, embedfill.models,"
+            " embedfill.vector_columns"
+        )
+        conn.execute("ALTER TABLE embedfill.chunks DROP COLUMN keys")
+
+
+def test_app_writes_never_fail_during_a_real_embedfill_migrate(migrated: str) -> None:
+    plan, _ = triggers(migrated, tickets_config(NOWHERE))
+    _back_to_version_5(migrated)
+    apps = [AppWriter(migrated, 10_000 * (k + 1)) for k in range(3)]
+    for a in apps:
+        a.start()
+    time.sleep(0.3)
+    assert asyncio.run(amigrate(Database(migrated))) == (5, 6)
+    time.sleep(0.3)
+    for a in apps:
+        a.stop.set()
+        a.join(timeout=30)
+    assert [a.errors for a in apps] == [[], [], []]
+    # the rows written while the queue was gone were not queued; once it is back, they are
+    clear(migrated)
+    insert(migrated, 99_000)
+    assert queued(migrated) == [(plan.column_id, "99000")]
+
+
+def test_text_sql_target_watches_every_column_but_the_embedding(migrated: str) -> None:
+    base = tickets_config(NOWHERE)
+    target = dataclasses.replace(base.targets[0], text=None, text_sql="subject || ' ' || body")
+    config = dataclasses.replace(base, targets=(target,))
+    _, script = triggers(migrated, config, print_sql=True)
+    assert 'AFTER UPDATE OF "ticket_no", "org", "subject", "body" ON' in script
+    assert "columns added to the table later are not covered" in script
+    plan, _ = triggers(migrated, config)
+    with psycopg.connect(migrated, autocommit=True) as conn:
+        conn.execute(f"UPDATE {T} SET org = 'org-z' WHERE ticket_no = 8")
+        conn.execute(f"UPDATE {T} SET emb = '[1,1,1,1,1,1,1,1]' WHERE ticket_no = 9")
+        conn.execute(f"UPDATE {T} SET org = org WHERE ticket_no = 10")
+    assert queued(migrated) == [(plan.column_id, "8")]
+
+
+def test_print_sql_changes_nothing_and_is_exactly_what_install_and_uninstall_run(
+    migrated: str,
+) -> None:
+    config = tickets_config(NOWHERE)
+    first, script = triggers(migrated, config, print_sql=True)
+    assert first.column_id is None and '"embedfill"."changed_N"()' in script
+    assert installed(migrated) == ([], [])
+    with psycopg.connect(migrated) as conn:
+        assert conn.execute("SELECT count(*) FROM embedfill.vector_columns").fetchone() == (0,)
+
+    plan, ran = triggers(migrated, config)
+    again, ran_again = triggers(migrated, config)  # idempotent
+    assert ran_again == ran and again.column_id == plan.column_id
+    _, printed = triggers(migrated, config, print_sql=True)
+    assert printed == ran
+    assert len(installed(migrated)[0]) == 2
+
+    _, printed_un = triggers(migrated, config, install=False, print_sql=True)
+    assert len(installed(migrated)[0]) == 2  # printing removed nothing
+    _, ran_un = triggers(migrated, config, install=False)
+    assert ran_un == printed_un and installed(migrated) == ([], [])
+    nothing, _ = triggers(migrated, config, install=False)
+    assert nothing.statements == []
+
+    # the printed script, reviewed and run by hand, installs the same working triggers
+    with psycopg.connect(migrated, autocommit=True) as conn:
+        conn.execute(printed.encode())
+    insert(migrated, 500)
+    assert queued(migrated) == [(plan.column_id, "500")]
+
+
+def test_install_needs_its_privileges_and_leaves_nothing_half_done(
+    migrated: str, roles: Roles
+) -> None:
+    config = tickets_config(NOWHERE)
+    role = roles.create()
+    roles.grant(
+        role,
+        "GRANT USAGE ON SCHEMA app TO {role}",
+        'GRANT SELECT ON app."SupportTickets" TO {role}',
+        "GRANT USAGE ON SCHEMA embedfill TO {role}",
+        "GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA embedfill TO {role}",
+        "GRANT USAGE ON ALL SEQUENCES IN SCHEMA embedfill TO {role}",
+    )
+    url = roles.url(role)
+    with pytest.raises(PrivilegeMissing) as info:  # no TRIGGER on the table
+        triggers(url, config)
+    assert info.value.exit_code == 5
+    assert 'may not create triggers on "app"."SupportTickets"' in str(info.value)
+    assert 'GRANT TRIGGER ON "app"."SupportTickets"' in str(info.value)
+
+    roles.grant(role, 'GRANT TRIGGER ON app."SupportTickets" TO {role}')
+    with pytest.raises(PrivilegeMissing) as info:  # no CREATE on embedfill's schema
+        triggers(url, config)
+    assert "may not create functions in schema embedfill" in str(info.value)
+
+    with psycopg.connect(migrated, autocommit=True) as conn:
+        conn.execute("REVOKE INSERT ON embedfill.changes FROM PUBLIC")
+    roles.grant(
+        role,
+        "GRANT CREATE ON SCHEMA embedfill TO {role}",
+        "REVOKE INSERT ON embedfill.changes FROM {role}",
+    )
+    with pytest.raises(PrivilegeMissing) as info:  # its trigger could queue nothing
+        triggers(url, config)
+    assert "may not insert into embedfill.changes" in str(info.value)
+    assert installed(migrated) == ([], [])
+    with psycopg.connect(migrated) as conn:
+        assert conn.execute("SELECT count(*) FROM embedfill.vector_columns").fetchone() == (0,)
+
+    roles.grant(role, "GRANT INSERT ON embedfill.changes TO {role}")
+    triggers(url, config)  # TRIGGER is enough to install (and replace)
+    triggers(url, config)
+    with pytest.raises(PrivilegeMissing) as info:  # but dropping needs the table's owner
+        triggers(url, config, install=False)
+    assert "may not drop triggers" in str(info.value)
+    assert len(installed(migrated)[0]) == 2
+    triggers(migrated, config, install=False)  # the owner may
+    assert installed(migrated) == ([], [])
+
+
+def test_cli_install_print_sql_and_exit_5(migrated: str, roles: Roles, tmp_path: Any) -> None:
+    cfg = write_config(tmp_path, NOWHERE)
+    env = cli_env(migrated)
+    printed = embedfill(
+        "--config", str(cfg), "triggers", "install", "--target", "tickets", "--print-sql", env=env
+    )
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.startswith("-- embedfill triggers install --target tickets")
+    assert "CREATE OR REPLACE TRIGGER" in printed.stdout and installed(migrated) == ([], [])
+    done = embedfill("--config", str(cfg), "triggers", "install", "--target", "tickets", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "installed change triggers embedfill_changed_1_ins, embedfill_changed_1_upd" in (
+        done.stdout
+    )
+    role = roles.create()
+    roles.grant(role, *APP_GRANTS)
+    denied = embedfill(
+        "--config",
+        str(cfg),
+        "triggers",
+        "uninstall",
+        "--target",
+        "tickets",
+        env=cli_env(roles.url(role)),
+    )
+    assert denied.returncode == 5, denied.stderr
+    assert "permission denied for schema embedfill" in denied.stderr
+    gone = embedfill("--config", str(cfg), "triggers", "uninstall", "--target", "tickets", env=env)
+    assert gone.returncode == 0 and "removed change triggers" in gone.stdout
+    assert installed(migrated) == ([], [])
