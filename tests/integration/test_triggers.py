@@ -82,7 +82,7 @@ def test_the_queue_gets_exactly_the_changed_rows_and_a_notification(migrated: st
     col = plan.column_id
     assert installed(url) == (
         [f"embedfill_changed_{col}_ins", f"embedfill_changed_{col}_upd"],
-        [f"changed_{col}"],
+        [f"changed_{col}", f"changed_{col}_rows"],
     )
     with psycopg.connect(url) as conn:  # the same number provenance uses
         ids = conn.execute("SELECT id FROM embedfill.vector_columns").fetchall()

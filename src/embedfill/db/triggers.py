@@ -11,7 +11,10 @@ What is installed for one target (its vector column has number N in
   ``pg_notify('embedfill_changes', 'N')`` unless another transaction in flight will
   (see ``function_sql``): a notification means "look at the queue", and a watcher also
   looks at it every poll interval, so none is needed per transaction.
-- ``embedfill_changed_N_ins``: ``AFTER INSERT ... FOR EACH ROW``.
+- ``embedfill_changed_N_ins``: ``AFTER INSERT ... REFERENCING NEW TABLE ... FOR EACH
+  STATEMENT`` running ``embedfill.changed_N_rows()``, which queues the statement's rows
+  with one INSERT ... SELECT (per row on a partition or an inheritance child, where
+  PostgreSQL allows no transition table).
 - ``embedfill_changed_N_upd``: ``AFTER UPDATE OF <the text's columns> ... FOR EACH ROW
   WHEN (<those columns changed>)``, compared by their stored bytes (``*=`` on records,
   which also works for types without ``=``, e.g. json), so that a no-op update, an update
@@ -65,6 +68,11 @@ class TriggerNames:
         return sql.Identifier(SCHEMA, f"changed_{self.column_id}")
 
     @property
+    def rows_function(self) -> sql.Identifier:
+        """The statement-level INSERT trigger's function (a transition table of rows)."""
+        return sql.Identifier(SCHEMA, f"changed_{self.column_id}_rows")
+
+    @property
     def insert(self) -> str:
         return f"embedfill_changed_{self.column_id}_ins"
 
@@ -114,7 +122,11 @@ def _dollar_quote(body: str) -> tuple[str, str]:
 
 
 def function_sql(
-    tsql: TargetSQL, column_id: int, conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any]
+    tsql: TargetSQL,
+    column_id: int,
+    conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any],
+    *,
+    rows: bool = False,
 ) -> sql.Composed:
     """``CREATE OR REPLACE FUNCTION embedfill.changed_N()``: queue the row's id, NOTIFY.
 
@@ -129,17 +141,28 @@ def function_sql(
     schema (``to_regclass`` of a qualified name raises without it), the queue table's
     existence (a manual DROP), the owner's INSERT on it (a REVOKE). When one fails the
     row is not queued and the application's write goes on (``watch``'s sweep still finds
-    the row's new text)."""
+    the row's new text).
+
+    ``rows``: the statement-level variant for INSERT, which queues every row of the
+    statement's transition table ``embedfill_inserted`` with one INSERT ... SELECT: a
+    500-row INSERT pays one trigger call, not 500 (measured: 0.69 of the speed without a
+    trigger per row, about 0.95 per statement)."""
     column = sql.Literal(column_id)
+    queue_rows = (
+        "            INSERT INTO {queue} (column_id, row_key)"
+        " SELECT {column}, n.{id}::text FROM embedfill_inserted AS n;\n"
+        if rows
+        else "            INSERT INTO {queue} (column_id, row_key)"
+        " VALUES ({column}, NEW.{id}::text);\n"
+    )
     body = (
         sql.SQL(
             "\nBEGIN\n"
             "    IF pg_catalog.has_schema_privilege({schema}, 'USAGE') THEN\n"
             "        IF pg_catalog.has_table_privilege(pg_catalog.to_regclass({queue_name}),"
             " 'INSERT') THEN\n"
-            "            INSERT INTO {queue} (column_id, row_key)"
-            " VALUES ({column}, NEW.{id}::text);\n"
-            "            IF pg_catalog.pg_try_advisory_xact_lock({lock}, {column}) THEN\n"
+            + queue_rows
+            + "            IF pg_catalog.pg_try_advisory_xact_lock({lock}, {column}) THEN\n"
             "                PERFORM pg_catalog.pg_notify({channel}, {payload});\n"
             "            END IF;\n"
             "        END IF;\n"
@@ -165,7 +188,13 @@ def function_sql(
         "LANGUAGE plpgsql SECURITY DEFINER\n"
         "SET search_path = pg_catalog, pg_temp\n"
         "AS {tag}{body}{tag}"
-    ).format(function=TriggerNames(column_id).function, tag=sql.SQL(tag), body=sql.SQL(body))
+    ).format(
+        function=(
+            TriggerNames(column_id).rows_function if rows else TriggerNames(column_id).function
+        ),
+        tag=sql.SQL(tag),
+        body=sql.SQL(body),
+    )
 
 
 def install_statements(
@@ -173,25 +202,43 @@ def install_statements(
     column_id: int,
     watched: Sequence[str],
     conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any],
+    *,
+    per_statement: bool = True,
 ) -> list[sql.Composed]:
-    """Create or replace the function and both triggers (idempotent: a second install,
-    or one after the template changed, replaces them in place)."""
+    """Create or replace the functions and both triggers (idempotent: a second install,
+    or one after the template changed, replaces them in place). The INSERT trigger is
+    per statement, with a transition table, unless the table is a partition or an
+    inheritance child (PostgreSQL allows no transition table there): then per row."""
     names = TriggerNames(column_id)
     cols = [sql.Identifier(c) for c in watched]
     old = sql.SQL(", ").join(sql.SQL("OLD.{}").format(c) for c in cols)
     new = sql.SQL(", ").join(sql.SQL("NEW.{}").format(c) for c in cols)
     what = f"change trigger of embedfill target {tsql.target.name!r}"
-    return [
-        function_sql(tsql, column_id, conn),
-        sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(names.function),
-        sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
-            names.function,
-            sql.Literal(f"{what}; remove with `embedfill triggers uninstall`"),
-        ),
-        sql.SQL(
+    functions = [names.function, names.rows_function] if per_statement else [names.function]
+    out: list[sql.Composed] = [function_sql(tsql, column_id, conn)]
+    if per_statement:
+        out.append(function_sql(tsql, column_id, conn, rows=True))
+    for function in functions:
+        out += [
+            sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(function),
+            sql.SQL("COMMENT ON FUNCTION {}() IS {}").format(
+                function, sql.Literal(f"{what}; remove with `embedfill triggers uninstall`")
+            ),
+        ]
+    if per_statement:
+        insert = sql.SQL(
+            "CREATE OR REPLACE TRIGGER {name} AFTER INSERT ON {table}"
+            " REFERENCING NEW TABLE AS embedfill_inserted"
+            " FOR EACH STATEMENT EXECUTE FUNCTION {function}()"
+        ).format(name=sql.Identifier(names.insert), table=tsql.table, function=names.rows_function)
+    else:
+        insert = sql.SQL(
             "CREATE OR REPLACE TRIGGER {name} AFTER INSERT ON {table}"
             " FOR EACH ROW EXECUTE FUNCTION {function}()"
-        ).format(name=sql.Identifier(names.insert), table=tsql.table, function=names.function),
+        ).format(name=sql.Identifier(names.insert), table=tsql.table, function=names.function)
+    return [
+        *out,
+        insert,
         sql.SQL(
             "CREATE OR REPLACE TRIGGER {name} AFTER UPDATE OF {cols} ON {table}"
             " FOR EACH ROW WHEN (NOT (ROW({old})::record *= ROW({new})::record))"
@@ -216,6 +263,7 @@ def uninstall_statements(tsql: TargetSQL, column_id: int) -> list[sql.Composed]:
             for name in names.triggers
         ),
         sql.SQL("DROP FUNCTION IF EXISTS {}()").format(names.function),
+        sql.SQL("DROP FUNCTION IF EXISTS {}()").format(names.rows_function),
     ]
 
 
@@ -228,6 +276,10 @@ SELECT a.attname FROM pg_attribute a
 WHERE a.attrelid = %(rel)s AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
   AND a.attname <> %(embedding)s
 ORDER BY a.attnum"""
+
+_CHILD = """
+SELECT c.relispartition OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid)
+FROM pg_class c WHERE c.oid = %(rel)s"""
 
 _INSTALLED = """
 SELECT t.tgname FROM pg_trigger t
@@ -373,8 +425,20 @@ async def plan(
             "embedding queues the row; columns added to the table later are not covered "
             "(run install again after adding one)"
         )
+    cur = await conn.execute(_CHILD, {"rel": oid})
+    row = await cur.fetchone()
+    per_statement = not (row and row[0])
+    if not per_statement:
+        out.notes.append(
+            "the table is a partition or an inheritance child: its INSERT trigger is per row "
+            "(PostgreSQL allows no transition table there)"
+        )
     out.statements = install_statements(
-        tsql, _UNNUMBERED if column_id is None else column_id, watched, conn
+        tsql,
+        _UNNUMBERED if column_id is None else column_id,
+        watched,
+        conn,
+        per_statement=per_statement,
     )
     return out
 
