@@ -10,8 +10,9 @@ watch job per column and queues chunks of row ids into it as it notices them:
 
 - **changes queued by the triggers** (``embedfill triggers install``): the app's INSERT
   or UPDATE of a text column appends the row id to ``embedfill.changes`` and NOTIFYs
-  ``embedfill_changes``; the watcher, LISTENing, drains the queue at once (about a
-  second from commit to stored vector, without scanning);
+  ``embedfill_changes`` (one transaction at a time per column does); the watcher,
+  LISTENing, drains the queue when notified and at least every second (about a second
+  from commit to stored vector, without scanning);
 - **polling, no DDL**: every ``interval`` seconds, NULL rows (a keyset walk over the ids;
   a partial index ``ON t (id) WHERE embedding IS NULL`` makes it cheap on a big table);
 - **a stale sweep** every ``sweep_interval`` seconds, and once when the watcher starts:
@@ -53,6 +54,7 @@ from .freshness import ProvenanceIds, model_identity, provenance_ids
 log = logging.getLogger(__name__)
 
 DEBOUNCE_S = 0.05  # after a change is noticed, gather what follows it for this long
+DRAIN_EVERY_S = 1.0  # the change queue is read at least this often, notified or not
 LISTEN_SLICE_S = 0.5  # the longest a watcher waits before it looks at ``stop`` again
 RETRY_MAX_S = 30.0
 
@@ -192,7 +194,11 @@ class TargetWatch:
                 )
             more = (not missing.first and room > 0) or (not outdated.first and room > 0)
             next_due = min(missing.due, outdated.due) - time.monotonic()
-            await self._wait_for_change(conn, stop, 0.2 if more else max(0.0, next_due))
+            # the queue is read at least every DRAIN_EVERY_S: a trigger NOTIFYs from one
+            # transaction at a time per column (db/triggers.py), so a row can be queued
+            # without a notification of its own
+            wait = 0.2 if more else min(DRAIN_EVERY_S, max(0.0, next_due))
+            await self._wait_for_change(conn, stop, wait)
 
     async def _page(
         self,

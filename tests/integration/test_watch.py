@@ -152,24 +152,34 @@ def test_watch_fills_new_rows_refreshes_edited_ones_and_ends_its_job_on_stop(
 def test_changes_queued_by_a_trigger_are_picked_up_without_waiting_for_a_poll(
     tickets: str, fake_openai: FakeOpenAI, watching: Callable[..., Running]
 ) -> None:
-    # polls and sweeps far apart: only the queue and its NOTIFY can be this quick
+    from embedfill.application import atriggers
+
+    config = tickets_config(fake_openai.base_url)
+    asyncio.run(atriggers(config, Database(tickets), "tickets", True, False))
+    # polls and sweeps far apart: only the trigger's queue can be this quick
     w = watching(interval_s=3600, sweep_interval_s=3600)
-    wait_for(lambda: all_correct(tickets))
+    wait_for(lambda: all_correct(tickets))  # the backlog (the first poll and sweep)
     wait_for(lambda: bool(w.watches and w.watches[0].job_id))
-    with psycopg.connect(tickets, autocommit=True) as conn:
-        column_id = conn.execute("SELECT id FROM embedfill.vector_columns").fetchone()
-        assert column_id is not None
-        # what the installed trigger does for an app's UPDATE, by hand
-        with conn.transaction():
-            conn.execute("""UPDATE app."SupportTickets" SET body = 'edited' WHERE ticket_no = 7""")
-            conn.execute(
-                "INSERT INTO embedfill.changes (column_id, row_key) VALUES (%s, '7')",
-                (column_id[0],),
-            )
-            conn.execute("SELECT pg_notify('embedfill_changes', %s)", (str(column_id[0]),))
+    for n in range(3):  # an edit, a burst of edits in separate transactions, an insert
+        with psycopg.connect(tickets, autocommit=True) as conn:
+            if n == 0:
+                conn.execute(
+                    """UPDATE app."SupportTickets" SET body = 'edited' WHERE ticket_no = 7"""
+                )
+            elif n == 1:
+                for i in (9, 10, 11, 13):
+                    conn.execute(
+                        """UPDATE app."SupportTickets" SET subject = 'burst' WHERE ticket_no = %s""",
+                        (i,),
+                    )
+            else:
+                conn.execute(
+                    """INSERT INTO app."SupportTickets" (ticket_no, org, subject, body)
+                       VALUES (61, 'org-b', 'new', 'row')"""
+                )
         committed = time.monotonic()
-    wait_for(lambda: all_correct(tickets), timeout=10)
-    assert time.monotonic() - committed < 5  # a generous bound: "did not wait for a poll"
+        wait_for(lambda: all_correct(tickets), timeout=10)
+        assert time.monotonic() - committed < 5  # generous: "did not wait for a poll"
     with psycopg.connect(tickets) as conn:
         left = conn.execute("SELECT count(*) FROM embedfill.changes").fetchone()
     assert left == (0,)
