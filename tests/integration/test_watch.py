@@ -167,11 +167,9 @@ def test_changes_queued_by_a_trigger_are_picked_up_without_waiting_for_a_poll(
                     """UPDATE app."SupportTickets" SET body = 'edited' WHERE ticket_no = 7"""
                 )
             elif n == 1:
+                burst = """UPDATE app."SupportTickets" SET subject = 'burst' WHERE ticket_no = %s"""
                 for i in (9, 10, 11, 13):
-                    conn.execute(
-                        """UPDATE app."SupportTickets" SET subject = 'burst' WHERE ticket_no = %s""",
-                        (i,),
-                    )
+                    conn.execute(burst, (i,))
             else:
                 conn.execute(
                     """INSERT INTO app."SupportTickets" (ticket_no, org, subject, body)
