@@ -175,19 +175,23 @@ class TargetWatch:
                 self.job_id = None
                 return
             inflight = await store.open_chunk_keys(job)
-            keys = await store.drain_changes(ids.column_id, inflight, self.chunk_rows)
             room = self.chunk_rows * 4 - len(inflight)  # the backlog queued at once
+            keys: list[str] = []
             now = time.monotonic()
             for walk, is_outdated in ((missing, False), (outdated, True)):
                 if room > 0 and now >= walk.due:
                     rows = await self._page(conn, tsql, walk, is_outdated, ids, job, room)
                     walk.page_done(rows, room, now)
                     keys.extend(r[1] for r in rows)
-            fresh = list(dict.fromkeys(k for k in keys if k not in inflight))
-            if fresh:
+            # what the triggers queued leaves their queue in the transaction that puts it
+            # in chunks: a watcher killed in between loses nothing
+            async with conn.transaction():
+                keys += await store.drain_changes(ids.column_id, inflight, self.chunk_rows)
+                fresh = list(dict.fromkeys(k for k in keys if k not in inflight))
                 chunks = await jobs.add_key_chunks(
                     conn, job, self.target.name, fresh, self.chunk_rows
                 )
+            if fresh:
                 self.queued += len(fresh)
                 log.info(
                     "watch of %s: %d rows queued in %d chunks", self.target.name, len(fresh), chunks
