@@ -95,3 +95,40 @@ def test_the_watch_blank_set_is_exactly_what_python_strips() -> None:
     from embedfill.db.target_sql import BLANK
 
     assert set(BLANK) == {c for c in map(chr, range(0x110000)) if c.isspace()}
+
+
+def test_watch_does_not_resend_a_stale_row_the_provider_rejects_at_every_sweep(
+    tickets: str, fake_openai: FakeOpenAI, watching: Callable[..., Running]
+) -> None:
+    """A row with a vector whose new text the provider rejects for good (400) failed in
+    this watch job: like a rejected NULL row, it waits for its text to change, instead of
+    being sent again (and paid for, and recorded in embedfill.failures) at every sweep.
+    A stale row whose new text is blank is not queued at every sweep either."""
+    w = watching()
+    config = tickets_config(fake_openai.base_url)
+    wait_for(lambda: status(tickets, config).missing == 0)
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(
+            """UPDATE app."SupportTickets" SET body = body || %s WHERE ticket_no = 5""",
+            (fake_openai.bad_marker,),
+        )
+        conn.execute(
+            """UPDATE app."SupportTickets" SET subject = ' ', body = '' WHERE ticket_no = 6"""
+        )
+
+    def poisoned() -> int:
+        return sum(
+            1 for r in fake_openai.requests if any(fake_openai.bad_marker in t for t in r.inputs)
+        )
+
+    wait_for(lambda: poisoned() > 0)
+    time.sleep(1.5)  # the failing chunk is settled
+    sent, queued = poisoned(), w.watches[0].queued
+    time.sleep(3.5)  # about 3 sweeps at 1 s
+    assert poisoned() == sent, "the rejected row is sent again at every sweep"
+    assert w.watches[0].queued == queued, "a stale row is queued again at every sweep"
+    with psycopg.connect(tickets) as conn:
+        failures = conn.execute(
+            "SELECT count(*) FROM embedfill.failures WHERE row_id = '5'"
+        ).fetchone()
+    assert failures == (1,)
