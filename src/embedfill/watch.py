@@ -46,7 +46,7 @@ from .db.catalog import TableInfo, inspect_target, poll_index_hint
 from .db.connect import Database, connect
 from .db.schema import ensure_schema
 from .db.store import Store
-from .db.target_sql import TargetSQL
+from .db.target_sql import BLANK, TargetSQL
 from .engine import Observer
 from .errors import EmbedfillError
 from .freshness import ProvenanceIds, model_identity, provenance_ids
@@ -216,7 +216,7 @@ class TargetWatch:
     ) -> list[Any]:
         cur = await conn.execute(
             tsql.watch_keys(outdated=outdated, first=walk.first),
-            {"after": walk.after, "limit": limit, "run_id": job, **ids.params()},
+            {"after": walk.after, "limit": limit, "run_id": job, "blank": BLANK, **ids.params()},
         )
         return await cur.fetchall()
 

@@ -22,6 +22,7 @@ import psycopg
 from psycopg import conninfo as pg_conninfo
 
 from ..errors import ConfigError, DatabaseError, NoFreeConnection
+from . import queries as q
 from .url import normalize_url
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,8 @@ def resolve_database(
 async def connect(
     db: Database, *, writer: tuple[int, int] | None = None
 ) -> psycopg.AsyncConnection[Any]:
-    """An autocommit connection with pgvector's types registered (when installed).
+    """An autocommit connection with pgvector's types registered (when installed), and
+    the settings that shape values' text pinned (``queries.PIN_TEXT_SETTINGS``).
 
     ``writer=(k, n)`` says this is a run's k-th of n writer connections, so a server
     without a free connection gets a message that names the setting to lower.
@@ -166,6 +168,7 @@ async def connect(
             f"Cannot connect to the database at {db.describe()} ({reason}); check DATABASE_URL."
         ) from None
     try:
+        await conn.execute(q.PIN_TEXT_SETTINGS)
         await register_vector_types(conn)
     except BaseException:  # cancelled, or the server went away: never leak the connection
         await conn.close()

@@ -22,6 +22,15 @@ SCHEMA_VERSION = "SELECT max(version) FROM embedfill.schema_version"
 RECORD_VERSION = "INSERT INTO embedfill.schema_version (version) VALUES (%(version)s)"
 SCHEMA_EXISTS = "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = %(schema)s)"
 WHO_AM_I = "SELECT current_user, current_database()"
+# every connection renders values as text the same way, whatever the server, database,
+# role or client (PGTZ, PGDATESTYLE, PGOPTIONS) defaults are: the text of a timestamptz,
+# date, interval or float column in a template (what is embedded, and its provenance
+# fingerprint) must not depend on who reads it, or every row looks stale to a session
+# with other settings (TimeZone, DateStyle and IntervalStyle are also kept by pgbouncer)
+PIN_TEXT_SETTINGS = """
+SELECT set_config('TimeZone', 'UTC', false), set_config('DateStyle', 'ISO, YMD', false),
+       set_config('IntervalStyle', 'postgres', false),
+       set_config('extra_float_digits', '1', false)"""
 
 TRY_TARGET_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%(key)s, 0))"
 RELEASE_TARGET_LOCK = "SELECT pg_advisory_unlock(hashtextextended(%(key)s, 0))"

@@ -16,6 +16,13 @@ from ..config import TargetConfig
 
 INTEGER_TYPES = ("smallint", "integer", "bigint")
 PROVENANCE = sql.Identifier("embedfill", "provenance")
+# the characters Python's str.strip() removes (str.isspace): a text made only of these is
+# blank to the engine (planning.prepare_text), so the watch's poll must not queue it
+BLANK = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680"
+    + "".join(chr(c) for c in range(0x2000, 0x200B))
+    + "\u2028\u2029\u202f\u205f\u3000"
+)
 
 
 @dataclass(frozen=True)
@@ -314,20 +321,22 @@ class TargetSQL:
 
     def watch_keys(self, *, outdated: bool, first: bool) -> sql.Composed:
         """A keyset page (after %(after)s unless ``first``, %(limit)s ids) of rows a watch
-        should queue: NULL rows with text (not blank, and not failed in watch job
-        %(run_id)s: rows the provider rejected wait for their text to change), or, with
-        ``outdated``, rows whose vector is stale or from another model. Each row: the id,
-        and the id as text."""
+        should queue: NULL rows, or, with ``outdated``, rows whose vector is stale or from
+        another model; either way only rows with text (not blank as Python sees it:
+        %(blank)s is ``BLANK``) that did not fail in watch job %(run_id)s (rows the
+        provider rejected wait for their text to change, and are not sent again at every
+        poll or sweep). Each row: the id, and the id as text."""
         emb = sql.Identifier("t", self.target.embedding_column)
         t_id = sql.Identifier("t", self.target.id_column)
         if outdated:
             need: sql.Composable = sql.SQL("{} IS NOT NULL AND {}").format(emb, self.outdated())
         else:
-            need = sql.SQL(
-                "{emb} IS NULL AND btrim({text}, E' \t\n\r\f\v') <> ''"
-                " AND NOT EXISTS (SELECT 1 FROM embedfill.failures AS f"
-                " WHERE f.run_id = %(run_id)s AND f.row_id = {id}::text)"
-            ).format(emb=emb, text=self.rendered("t"), id=t_id)
+            need = sql.SQL("{} IS NULL").format(emb)
+        need = sql.SQL(
+            "{need} AND btrim({text}, %(blank)s) <> ''"
+            " AND NOT EXISTS (SELECT 1 FROM embedfill.failures AS f"
+            " WHERE f.run_id = %(run_id)s AND f.row_id = {id}::text)"
+        ).format(need=need, text=self.rendered("t"), id=t_id)
         after = sql.SQL("") if first else sql.SQL(" AND {} > %(after)s").format(t_id)
         return sql.SQL(
             "SELECT {id}, {id}::text FROM {table} AS t WHERE {need}{after}"
