@@ -67,9 +67,11 @@ def test_text_sql_is_composed_verbatim_with_percent_escaped(conn: psycopg.Connec
     scan = q.scan(first_page=True, tenants=False).as_string(conn)
     write = q.write().as_string(conn)
     fp = f'md5(ROW("Org""Id"::text, {expr}::text)::text)'
-    assert f'{fp}, "Emb" IS NOT NULL, {expr}::text FROM' in scan
-    # the provenance fingerprint renders the same expression (a NULL value is empty text)
-    assert f"md5(coalesce({expr}::text, ''))::uuid AS text_md5" in write
+    # the provenance fingerprint renders the same expression (a NULL value is empty text),
+    # read with the row and bound with the write
+    md5 = f"md5(coalesce({expr}::text, ''))::uuid"
+    assert f'{fp}, "Emb" IS NOT NULL, {md5}, {expr}::text FROM' in scan
+    assert "b.embedfill_md5 AS text_md5" in write
     assert f'md5(ROW("t"."Org""Id"::text, {expr}::text)::text) = b.embedfill_fp' in write
     check = q.check_text_sql().as_string(conn)
     assert check == f'SELECT {expr} FROM "Mixed Case" AS t LIMIT %(zero)s'

@@ -156,17 +156,19 @@ class TargetSQL:
         compared by the server, in the column's type and collation. The table is aliased
         ``t`` here, in the write and in ``check_text_sql``, so a text_sql expression sees
         the same names in all three. The row's columns: id, tenant, source fingerprint,
-        whether it held a vector (a refresh), then the text's values."""
+        whether it held a vector (a refresh), the md5 of the text as read (its
+        provenance, bound with the write), then the text's values."""
         after = sql.SQL("") if first_page else sql.SQL(" AND {} > %(after)s").format(self.id)
         if upto:
             after += sql.SQL(" AND {} <= %(hi)s").format(self.id)
         return sql.SQL(
-            "SELECT {id}, {tenant}, {fp}, {emb} IS NOT NULL, {values} FROM {table} AS t"
+            "SELECT {id}, {tenant}, {fp}, {emb} IS NOT NULL, {md5}, {values} FROM {table} AS t"
             " WHERE {needs}{after}{tenants} ORDER BY {id} LIMIT %(limit)s"
         ).format(
             id=self.id,
             tenant=self._tenant_text(),
             fp=self._fingerprint(),
+            md5=self.text_md5("t"),
             values=sql.SQL(", ").join(self._values()),
             table=self.table,
             emb=self.emb,
@@ -231,8 +233,8 @@ class TargetSQL:
         """
         return sql.SQL(
             "WITH embedfill_batch AS ("
-            "SELECT * FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[])"
-            " AS u(embedfill_id, embedfill_fp, embedfill_vec)"
+            "SELECT * FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[],"
+            " %(md5s)s::uuid[]) AS u(embedfill_id, embedfill_fp, embedfill_vec, embedfill_md5)"
             "), embedfill_locked AS ("
             "SELECT {t_id} AS id FROM {table} AS t"
             " JOIN embedfill_batch AS b ON {t_id} = b.embedfill_id"
@@ -242,7 +244,7 @@ class TargetSQL:
             " WHERE {t_id} = b.embedfill_id AND {keys}"
             " AND {t_id} IN (SELECT id FROM embedfill_locked)"
             "{guard} AND {fp} = b.embedfill_fp"
-            " RETURNING {t_id} AS id, {text_md5} AS text_md5"
+            " RETURNING {t_id} AS id, b.embedfill_md5 AS text_md5"
             "){provenance} SELECT (SELECT count(*) FROM embedfill_locked),"
             " (SELECT array_agg(id) FROM embedfill_written)"
         ).format(**self._write_names(refresh))
@@ -255,18 +257,20 @@ class TargetSQL:
         return sql.SQL(
             "WITH embedfill_written AS ("
             "UPDATE {table} AS t SET {emb} = b.embedfill_vec"
-            " FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[])"
-            " AS b(embedfill_id, embedfill_fp, embedfill_vec)"
+            " FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[], %(md5s)s::uuid[])"
+            " AS b(embedfill_id, embedfill_fp, embedfill_vec, embedfill_md5)"
             " WHERE {t_id} = b.embedfill_id AND {keys}"
             "{guard} AND {fp} = b.embedfill_fp"
-            " RETURNING {t_id} AS id, {text_md5} AS text_md5"
+            " RETURNING {t_id} AS id, b.embedfill_md5 AS text_md5"
             "){provenance} SELECT cardinality({ids}), (SELECT array_agg(id) FROM embedfill_written)"
         ).format(**self._write_names(refresh))
 
     def _write_names(self, refresh: bool) -> dict[str, sql.Composable]:
         """The pieces both writes are made of. ``keys`` bounds a batch's rows for an index
         scan (see ``write``); ``provenance`` records, for each row written, the md5 of the
-        text as rendered from the row just written (params ``column_id``, ``model_id``)."""
+        text the scan read and embedded (``md5s``, computed by the server as the scan read
+        the row: not re-rendered from the row as written, which an app's BEFORE UPDATE
+        trigger may have rewritten), with params ``column_id`` and ``model_id``."""
         ids = sql.SQL("%(ids)b::{}[]").format(sql.SQL(self.types.id_type))
         t_id = sql.Identifier("t", self.target.id_column)
         if self.integer_ids:
@@ -283,7 +287,6 @@ class TargetSQL:
             "keys": keys,
             "guard": sql.SQL("") if refresh else sql.SQL(" AND {} IS NULL").format(t_emb),
             "fp": self._fingerprint("t"),
-            "text_md5": self.text_md5("t"),
             "provenance": sql.SQL(
                 ", embedfill_provenance AS ("
                 "INSERT INTO {prov} AS p (column_id, model_id, text_md5, embedded_at, row_key)"

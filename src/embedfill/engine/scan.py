@@ -119,7 +119,7 @@ class ScanStage(TallyStage):
 
     def _row(self, raw: Sequence[Any], chunk: Chunk | None = None) -> Row | None:
         """A row ready to embed, or None when its text is blank (counted as skipped)."""
-        row_id, tenant, fingerprint, held, *values = raw
+        row_id, tenant, fingerprint, held, text_md5, *values = raw
         tenant_report = self._tenant(tenant)
         tenant_report.missing += 1
         prepared = prepare_text(
@@ -150,6 +150,7 @@ class ScanStage(TallyStage):
             tokens=tokens,
             truncated=truncated,
             refresh=bool(held),
+            text_md5=text_md5,
             chunk=chunk,
         )
 

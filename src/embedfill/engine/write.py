@@ -102,6 +102,7 @@ class WriteStage(TallyStage):
             "ids": wire.int8_array(ids) or ids,
             "fps": wire.fixed_text_array([r.fingerprint for r in item.rows], 32),
             "vecs": wire.vector_array(item.vectors, self.vector_oid),
+            "md5s": [r.text_md5 for r in item.rows],
             **self.prov.params(),
         }
         if self.sql.integer_ids:
