@@ -54,6 +54,7 @@ from .freshness import ProvenanceIds, model_identity, provenance_ids
 log = logging.getLogger(__name__)
 
 DEBOUNCE_S = 0.05  # after a change is noticed, gather what follows it for this long
+BUSY_WAIT_S = 0.05  # while a chunk waits for a free worker, look again this often
 DRAIN_EVERY_S = 1.0  # the change queue is read at least this often, notified or not
 LISTEN_SLICE_S = 0.5  # the longest a watcher waits before it looks at ``stop`` again
 RETRY_MAX_S = 30.0
@@ -174,6 +175,13 @@ class TargetWatch:
                 )
                 self.job_id = None
                 return
+            todo, _ = await store.open_chunks(job)
+            if todo:
+                # every worker is busy: what changes meanwhile gathers in the queue and
+                # goes out as one chunk when one is free (one chunk per change would spend
+                # the workers on per-chunk costs and fall behind)
+                await _sleep(stop, BUSY_WAIT_S)
+                continue
             inflight = await store.open_chunk_keys(job)
             room = self.chunk_rows * 4 - len(inflight)  # the backlog queued at once
             keys: list[str] = []
