@@ -35,7 +35,9 @@ CREATE TABLE embedfill.provenance (
 -- Row ids queued by the change triggers (`embedfill triggers install`) for `watch`.
 -- Append-only with no constraint or index: an application's INSERT or UPDATE adds one
 -- row here and can never conflict, wait or fail on it. The watcher drains it.
-CREATE TABLE embedfill.changes (
+-- UNLOGGED: queuing writes no WAL, so the app's writes pay less for the trigger. A crash
+-- empties it, and loses nothing: a watcher that reconnects sweeps the table first.
+CREATE UNLOGGED TABLE embedfill.changes (
     column_id integer     NOT NULL,
     row_key   text        NOT NULL,
     queued_at timestamptz NOT NULL DEFAULT clock_timestamp()
