@@ -569,16 +569,12 @@ def worker(
     from .worker import Worker, work_on_job
 
     state = _state(ctx)
-    if concurrency is not None and not 1 <= concurrency <= 64:
-        with _errors(state):
-            raise UsageError(f"--concurrency must be between 1 and 64, not {concurrency}.")
+    with _errors(state):
+        _check_concurrency(concurrency)
     logging.getLogger("embedfill").setLevel(logging.DEBUG if state.debug else logging.INFO)
 
     async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signals()
         config, db = state.config(), state.database()
         await aensure_schema(db)
         w = Worker(config, db, targets=target or None, concurrency=concurrency)
@@ -621,15 +617,11 @@ def watch(
     state = _state(ctx)
     with _errors(state):
         _check_watch_intervals(interval, sweep_interval)
-        if concurrency is not None and not 1 <= concurrency <= 64:
-            raise UsageError(f"--concurrency must be between 1 and 64, not {concurrency}.")
+        _check_concurrency(concurrency)
     logging.getLogger("embedfill").setLevel(logging.DEBUG if state.debug else logging.INFO)
 
     async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+        stop = _stop_on_signals()
         config, db = state.config(), state.database()
         for name in target or ():
             config.target(name)  # an unknown name is a config error now
@@ -650,6 +642,20 @@ def watch(
 
     with _errors(state):
         asyncio.run(run())
+
+
+def _check_concurrency(concurrency: int | None) -> None:
+    if concurrency is not None and not 1 <= concurrency <= 64:
+        raise UsageError(f"--concurrency must be between 1 and 64, not {concurrency}.")
+
+
+def _stop_on_signals() -> asyncio.Event:
+    """Set by SIGINT or SIGTERM (call it inside the running event loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def _check_watch_intervals(interval: float, sweep_interval: float) -> None:
