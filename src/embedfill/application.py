@@ -31,7 +31,6 @@ from .db.schema import amigrate, ensure_schema
 from .db.store import KeyInfo, Store
 from .db.target_sql import TargetSQL
 from .engine import BackfillOptions, Observer, ProgressCallback, _Hooks, _Run
-from .engine.state import _first_line
 from .errors import (
     DatabaseError,
     EmbedfillError,
@@ -40,6 +39,7 @@ from .errors import (
     PrivilegeMissing,
     UsageError,
 )
+from .errors import first_line as _first_line
 from .models import Report, TargetStatus
 from .providers import Provider, make_provider
 from .verify import AdoptResult, Verifier, VerifyResult, sample_size
@@ -95,6 +95,8 @@ async def abackfill(
     beside any other worker, returning the job's report; ``enqueue`` only creates it and
     returns at once (workers elsewhere do the work)."""
     own_provider = provider is None
+    hooks = _Hooks(on_progress, on_start, cancel or asyncio.Event(), observer or Observer())
+    environ = os.environ if env is None else env
     conn = await connect(db)
     try:
         if provider is None:
@@ -110,10 +112,8 @@ async def abackfill(
                 target,
                 info,
                 provider,
-                hooks=_Hooks(
-                    on_progress, on_start, cancel or asyncio.Event(), observer or Observer()
-                ),
-                env=os.environ if env is None else env,
+                hooks=hooks,
+                env=environ,
                 exclusive=exclusive,
                 enqueue=enqueue,
             )
@@ -126,8 +126,8 @@ async def abackfill(
             opts=opts,
             provider=provider,
             engine=config.engine,
-            hooks=_Hooks(on_progress, on_start, cancel or asyncio.Event(), observer or Observer()),
-            env=os.environ if env is None else env,
+            hooks=hooks,
+            env=environ,
         )
         return await run.execute()
     except psycopg.Error as exc:

@@ -223,3 +223,10 @@ class NonFiniteVector(ProviderError):
 
     exit_code = 1
     http_status = 500
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message, its first line only (a database error's detail and hint
+    lines stay in the log), or its class name when it has none."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

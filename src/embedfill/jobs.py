@@ -31,6 +31,7 @@ from .db.catalog import TableInfo, count_missing, count_outdated
 from .db.store import Store
 from .db.target_sql import TargetSQL
 from .errors import EmbedfillError, RunAborted, TargetBusy
+from .errors import first_line as _first_line
 from .freshness import mixing_warning
 from .models import Report, TenantReport
 
@@ -478,8 +479,3 @@ def error_of(state: dict[str, Any]) -> EmbedfillError | None:
         except TypeError:
             pass
     return EmbedfillError(message)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -11,6 +11,7 @@ from psycopg import sql
 
 from ..config import TargetConfig
 from ..errors import ConfigError, ExtensionMissing, SchemaMismatch
+from ..errors import first_line as _first_line
 from ..models import TargetStatus, TenantStatus
 from .indexes import vector_indexes
 from .target_sql import ColumnTypes, TargetSQL
@@ -277,11 +278,6 @@ async def _check_text_sql(conn: psycopg.AsyncConnection[Any], target: TargetConf
             f"{where} gives {shown}, which has no text to embed; make it give text "
             "(e.g. encode(col, 'escape') for bytea, col::text for others)."
         )
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 async def target_status(

@@ -22,12 +22,13 @@ import psycopg
 
 from ..db.catalog import count_missing, count_outdated
 from ..errors import DatabaseError, EmbedfillError
+from ..errors import first_line as _first_line
 from ..freshness import mixing_warning
 from ..models import Batch, Report
 from ..planning import estimate_cost
 from .embed import EmbedStage
 from .scan import ScanStage
-from .state import _first_line, _Write
+from .state import _Write
 from .write import WriteStage
 
 log = logging.getLogger(__name__)

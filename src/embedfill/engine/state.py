@@ -262,8 +262,3 @@ class RunState:
         )
         error.__cause__ = self.halted
         return error
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

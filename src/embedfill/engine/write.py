@@ -28,8 +28,9 @@ import psycopg
 from ..db import wire
 from ..db.connect import connect
 from ..errors import DatabaseError
+from ..errors import first_line as _first_line
 from ..models import Row
-from .state import _first_line, _Write
+from .state import _Write
 from .tally import TallyStage
 
 log = logging.getLogger(__name__)

@@ -24,6 +24,7 @@ from ..db.catalog import check_extension
 from ..db.connect import Database, connect
 from ..db.schema import EXPECTED_VERSION, current_version, ensure_schema
 from ..errors import ConfigError, EmbedfillError, ExtensionMissing, JobConflict, TargetBusy
+from ..errors import first_line as _first_line
 from ..models import Report, TargetStatus
 from ..providers import Provider, check_available, make_provider
 from ..watch import TargetWatch, WatchOptions
@@ -269,11 +270,6 @@ def _metrics_interval(env: Mapping[str, str]) -> float:
             f"EMBEDFILL_METRICS_INTERVAL must be a number of seconds, 0 or more, not {raw!r}."
         )
     return value
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _log_worker_end(task: asyncio.Task[None]) -> None:
