@@ -177,7 +177,18 @@ def test_kill_9_mid_run_then_resume(tickets: str, fake_openai: FakeOpenAI, tmp_p
     wait_until(lambda: len(fake_openai.ok_requests()) >= 6)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate()
-    with psycopg.connect(tickets) as conn:
+    with psycopg.connect(tickets, autocommit=True) as conn:  # a fresh view each query
+        # a write the killed process had sent still commits on the server: count once
+        # the server has ended every session of it
+        wait_until(
+            lambda: (
+                conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                ).fetchone()[0]
+                == 0
+            )
+        )
         filled = conn.execute(
             'SELECT count(*) FROM app."SupportTickets" WHERE emb IS NOT NULL'
         ).fetchone()[0]
