@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c requirements.lock
 
-.PHONY: demo test lint fmt bench lock clean
+.PHONY: demo test test-fast lint fmt bench lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,16 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# The fast tier, for a contributor's loop: unit and integration tests, without the
+# end-to-end ones (real subprocesses, seconds of waiting each) and the local model's.
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -m "not e2e and not slow" $(PYTEST_ARGS)
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 fmt: $(VENV)/.installed-dev
 	$(BIN)/ruff format src tests

@@ -108,3 +108,13 @@ def roles(db_url: str) -> Iterator[Roles]:
     made = Roles(db_url)
     yield made
     made.drop_all()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every end-to-end test (the CLI and workers as subprocesses, the service on a
+    port: seconds of waiting each) is marked ``e2e``, so ``make test-fast`` can leave
+    them out."""
+    e2e = Path(__file__).parent / "e2e"
+    for item in items:
+        if e2e in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)

@@ -23,14 +23,15 @@ from typing import Any
 import psycopg
 
 from . import freshness, jobs
-from .config import Config, ProviderConfig, TargetConfig
+from .config import Config, TargetConfig
 from .db import indexes, triggers
 from .db.catalog import TableInfo, count_missing, count_outdated, inspect_target, target_status
 from .db.connect import Database, connect
 from .db.schema import amigrate, ensure_schema
 from .db.store import KeyInfo, Store
 from .db.target_sql import TargetSQL
-from .engine import BackfillOptions, Observer, ProgressCallback, _Hooks, _Run
+from .engine import BackfillOptions, Hooks, Observer, ProgressCallback, Run
+from .engine.prepare import prepare
 from .errors import (
     DatabaseError,
     EmbedfillError,
@@ -45,33 +46,6 @@ from .providers import Provider, make_provider
 from .verify import AdoptResult, Verifier, VerifyResult, sample_size
 
 log = logging.getLogger(__name__)
-
-
-async def _prepare(
-    conn: psycopg.AsyncConnection[Any],
-    config: Config,
-    opts: BackfillOptions,
-    provider: Provider,
-) -> tuple[TargetConfig, ProviderConfig, TableInfo]:
-    target = config.target(opts.target)
-    pconf = config.provider_for(target)
-    if opts.batch_size is not None and not 1 <= opts.batch_size <= 2048:
-        raise UsageError(f"--batch-size must be between 1 and 2048, not {opts.batch_size}.")
-    if opts.limit is not None and opts.limit < 1:
-        raise UsageError(f"--limit must be at least 1, not {opts.limit}.")
-    if any("\x00" in t for t in opts.tenants):
-        raise UsageError("A tenant id cannot contain a NUL character; PostgreSQL text cannot.")
-    if opts.tenants and not target.tenant_column:
-        raise UsageError(
-            f"Target {target.name!r} has no tenant_column, so --tenant cannot select rows."
-        )
-    info = await inspect_target(
-        conn, target, await provider.dimensions(), pconf.label, write=not opts.dry_run
-    )
-    # load the token counter (a local model's tokenizer) now: a failure is a config error
-    # before anything is read or written, and the run itself starts ready
-    await asyncio.to_thread(provider.counter)
-    return target, pconf, info
 
 
 async def abackfill(
@@ -95,13 +69,13 @@ async def abackfill(
     beside any other worker, returning the job's report; ``enqueue`` only creates it and
     returns at once (workers elsewhere do the work)."""
     own_provider = provider is None
-    hooks = _Hooks(on_progress, on_start, cancel or asyncio.Event(), observer or Observer())
+    hooks = Hooks(on_progress, on_start, cancel or asyncio.Event(), observer or Observer())
     environ = os.environ if env is None else env
     conn = await connect(db)
     try:
         if provider is None:
             provider = make_provider(config.provider_for(config.target(opts.target)))
-        target, pconf, info = await _prepare(conn, config, opts, provider)
+        target, pconf, info = await prepare(conn, config, opts, provider)
         await ensure_schema(conn)
         if not opts.dry_run:
             return await _job(
@@ -117,7 +91,7 @@ async def abackfill(
                 exclusive=exclusive,
                 enqueue=enqueue,
             )
-        run = _Run(
+        run = Run(
             db=db,
             conn=conn,
             target=target,
@@ -147,7 +121,7 @@ async def _job(
     info: TableInfo,
     provider: Provider,
     *,
-    hooks: _Hooks,
+    hooks: Hooks,
     env: Mapping[str, str],
     exclusive: bool,
     enqueue: bool,
@@ -164,8 +138,16 @@ async def _job(
             conn, info, target.embedding_column, model, create=True
         )
         provenance = ids.params()
+    spec = jobs.spec_of(
+        "refresh" if opts.refresh else "backfill",
+        target,
+        config.provider_for(target),
+        info,
+        env=env,
+    )
     run_id, joined = await jobs.create_or_join(
         conn,
+        spec=spec,
         target=target,
         info=info,
         parameters=opts.parameters(),
@@ -349,8 +331,15 @@ async def list_jobs(
     if target is not None:
         config.target(target)  # an unknown target is TargetNotFound, not an empty list
     async with _job_store(db) as store:
-        rows = await store.list_runs(target, limit)
-    return [_record(row) for row in rows]
+        records = []
+        for row in await store.list_runs(target, limit):
+            record = _record(row)
+            exact = "tenants_before" in (row["parameters"] or {})
+            record["workers"], record["chunks"] = await jobs.workers_and_chunks(
+                store, row["id"], exact=exact
+            )
+            records.append(record)
+    return records
 
 
 def _record(row: dict[str, Any]) -> dict[str, Any]:

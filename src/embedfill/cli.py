@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import json
 import logging
@@ -33,6 +34,7 @@ from .application import (
 )
 from .config import Config, load_config
 from .db.connect import Database, resolve_database
+from .engine.state import abandon_requests
 from .errors import EmbedfillError, UsageError
 from .models import Report
 from .render import report_table, status_tables
@@ -104,15 +106,85 @@ def _actor() -> str:
     return f"cli:{user}"
 
 
-def _run_cancellable(make: Callable[[asyncio.Event], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine; SIGINT/SIGTERM ask it to stop after the batches in flight."""
+GRACE_S = 4.0  # after a first SIGTERM/SIGINT, provider requests in flight get this long
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Shutdown:
+    """SIGINT and SIGTERM for the commands that run until done or stopped (backfill,
+    worker, watch).
+
+    The first signal sets ``stop``: a backfill cancels its job, a worker or a watch takes
+    no more work and finishes what it has. Provider requests still in flight GRACE_S
+    later are abandoned (engine.state.abandon_requests): their rows stay NULL, never
+    failed, and a job that goes on gets the chunks back in its queue; so a provider that
+    never answers holds the process a few seconds, not ``timeout_s``. A second signal
+    exits at once with 128 + its number (130 for SIGINT, 143 for SIGTERM, what a shell
+    shows for a process that signal ended): nothing more is sent or written, and a job's
+    chunks in flight go to another worker, as a killed worker's do. ``backfill
+    --processes`` children are sent each signal this process gets."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.stop = asyncio.Event()
+        self.abandon = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def attach(self) -> asyncio.Event:
+        """Handle the signals in the running loop (call it from the command's coroutine,
+        before it starts any task); returns ``stop``."""
+        self._loop = asyncio.get_running_loop()
+        abandon_requests.set(self.abandon)  # inherited by every task started from here
+        for sig in SIGNALS:
+            self._loop.add_signal_handler(sig, self.signalled, sig)
+        return self.stop
+
+    @contextmanager
+    def outside_loop(self) -> Iterator[None]:
+        """Handle the signals while no event loop runs (waiting for children)."""
+        previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
+        for sig in SIGNALS:
+            signal.signal(sig, lambda signum, _frame: self.signalled(signum))
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def signalled(self, sig: int) -> None:
+        self.received += 1
+        for child in self.children:
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(sig)
+        name = signal.Signals(sig).name
+        if self.received > 1:
+            os.write(2, f"embedfill: {name} again: exiting now, exit {128 + sig}.\n".encode())
+            os._exit(128 + sig)
+        err.print(
+            f"embedfill: {name}: stopping after the requests in flight (at most {GRACE_S:g}s "
+            f"more; rows not written stay NULL); {name} again exits at once.",
+            markup=False,
+        )
+        self._stopping()
+
+    def _stopping(self) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        self.stop.set()
+        loop.call_later(GRACE_S, self.abandon.set)
+
+
+def _run_cancellable(
+    make: Callable[[asyncio.Event], Coroutine[Any, Any, T]], shutdown: _Shutdown | None = None
+) -> T:
+    """Run a coroutine; SIGINT/SIGTERM ask it to stop (see _Shutdown)."""
+    shutdown = shutdown or _Shutdown()
 
     async def runner() -> T:
-        cancel = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, cancel.set)
-        return await make(cancel)
+        return await make(shutdown.attach())
 
     return asyncio.run(runner())
 
@@ -248,7 +320,9 @@ def backfill(
 ) -> None:
     """Embed the rows whose embedding is NULL. The backfill is a job cut into chunks; if a
     job of the target is already running, this joins it. Exit 3 when some rows failed (or,
-    with --dry-run, would fail for want of a usable key)."""
+    with --dry-run, would fail for want of a usable key). SIGTERM or SIGINT cancels the
+    job (exit 1; provider requests in flight get 4 s more, their rows stay NULL); a
+    second signal exits at once: 143 (SIGTERM) or 130 (SIGINT)."""
     state = _state(ctx)
     if not 1 <= processes <= 64:
         with _errors(state):
@@ -276,7 +350,8 @@ def backfill(
             report = asyncio.run(abackfill(config, db, opts, exclusive=exclusive, enqueue=True))
             _print_enqueued(report, as_json=as_json)
             return
-        children = _Children(state, 0 if dry_run else processes - 1)  # a plan is no job
+        shutdown = _Shutdown()
+        children = _Children(state, 0 if dry_run else processes - 1, shutdown)  # a plan: none
         try:
             report = _backfill_with_progress(
                 config,
@@ -285,6 +360,7 @@ def backfill(
                 show=not as_json and err.is_terminal,
                 exclusive=exclusive,
                 on_start=children.start,
+                shutdown=shutdown,
             )
         finally:
             children.wait()
@@ -320,11 +396,13 @@ def _print_enqueued(report: Report, *, as_json: bool) -> None:
 class _Children:
     """``--processes N``: N-1 ``embedfill worker --job ID`` processes beside this one,
     started once the job exists. They get the environment (keys, DATABASE_URL), never a
-    secret in argv, and leave when the job is over."""
+    secret in argv, and leave when the job is over. Each is its own process group: a
+    Ctrl-C at the terminal reaches this process alone, which passes each signal it gets
+    on to them (_Shutdown), so a first one is a first one for every process."""
 
-    def __init__(self, state: State, count: int) -> None:
-        self.state, self.count = state, count
-        self.procs: list[subprocess.Popen[bytes]] = []
+    def __init__(self, state: State, count: int, shutdown: _Shutdown) -> None:
+        self.state, self.count, self.shutdown = state, count, shutdown
+        self.procs = shutdown.children
 
     def start(self, run_id: int) -> None:
         argv = [sys.executable, "-m", "embedfill"]
@@ -332,16 +410,23 @@ class _Children:
             argv += ["--config", str(self.state.config_path)]
         for _ in range(self.count):
             self.procs.append(
-                subprocess.Popen([*argv, "worker", "--job", str(run_id)], stdout=subprocess.DEVNULL)
+                subprocess.Popen(
+                    [*argv, "worker", "--job", str(run_id)],
+                    stdout=subprocess.DEVNULL,
+                    process_group=0,
+                )
             )
 
     def wait(self) -> None:
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                proc.wait()
+        if not self.procs:
+            return
+        with self.shutdown.outside_loop():
+            for proc in self.procs:
+                try:
+                    proc.wait(timeout=120)
+                except subprocess.TimeoutExpired:
+                    proc.terminate()
+                    proc.wait()
 
 
 def backfill_exit_code(report: Report) -> int:
@@ -376,12 +461,14 @@ def _backfill_with_progress(
     show: bool,
     exclusive: bool = False,
     on_start: Callable[[int], None] | None = None,
+    shutdown: _Shutdown | None = None,
 ) -> Report:
     if not show:
         return _run_cancellable(
             lambda cancel: abackfill(
                 config, db, opts, cancel=cancel, exclusive=exclusive, on_start=on_start
-            )
+            ),
+            shutdown,
         )
     with Progress(
         TextColumn("{task.description}"),
@@ -406,7 +493,8 @@ def _backfill_with_progress(
                 on_progress=on_progress,
                 exclusive=exclusive,
                 on_start=on_start,
-            )
+            ),
+            shutdown,
         )
 
 
@@ -565,7 +653,9 @@ def worker(
     job: Annotated[int | None, typer.Option(hidden=True)] = None,
 ) -> None:
     """Work on backfill jobs created anywhere (backfill, backfill --enqueue, the HTTP API)
-    until SIGTERM: then finish the chunks in flight and exit 0."""
+    until SIGTERM or SIGINT: then finish the chunks in flight and exit 0 (provider requests
+    get 4 s more; what is left of the chunks goes back to the queue, its rows NULL). A
+    second signal exits at once: 143 (SIGTERM) or 130 (SIGINT)."""
     from .worker import Worker, work_on_job
 
     state = _state(ctx)
@@ -574,7 +664,7 @@ def worker(
     logging.getLogger("embedfill").setLevel(logging.DEBUG if state.debug else logging.INFO)
 
     async def run() -> None:
-        stop = _stop_on_signals()
+        stop = _Shutdown().attach()
         config, db = state.config(), state.database()
         await aensure_schema(db)
         w = Worker(config, db, targets=target or None, concurrency=concurrency)
@@ -608,10 +698,11 @@ def watch(
         typer.Option(help="Chunks worked on at once (default: \\[engine] worker_chunks)."),
     ] = None,
 ) -> None:
-    """Keep targets filled and fresh until SIGTERM (then finish what is in flight, exit 0):
-    new NULL rows, rows whose text changed, rows of another model. Changes queued by
-    `embedfill triggers install` are picked up at once; polling and a stale sweep need no
-    DDL. The chunks are done by this process's worker and by any `embedfill worker`."""
+    """Keep targets filled and fresh until SIGTERM or SIGINT (then finish what is in
+    flight, provider requests within 4 s, and exit 0; a second signal exits at once, 143
+    or 130): new NULL rows, rows whose text changed, rows of another model. Changes queued
+    by `embedfill triggers install` are picked up at once; polling and a stale sweep need
+    no DDL. The chunks are done by this process's worker and by any `embedfill worker`."""
     from .watch import awatch
 
     state = _state(ctx)
@@ -621,7 +712,7 @@ def watch(
     logging.getLogger("embedfill").setLevel(logging.DEBUG if state.debug else logging.INFO)
 
     async def run() -> None:
-        stop = _stop_on_signals()
+        stop = _Shutdown().attach()
         config, db = state.config(), state.database()
         for name in target or ():
             config.target(name)  # an unknown name is a config error now
@@ -647,15 +738,6 @@ def watch(
 def _check_concurrency(concurrency: int | None) -> None:
     if concurrency is not None and not 1 <= concurrency <= 64:
         raise UsageError(f"--concurrency must be between 1 and 64, not {concurrency}.")
-
-
-def _stop_on_signals() -> asyncio.Event:
-    """Set by SIGINT or SIGTERM (call it inside the running event loop)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
 
 
 def _check_watch_intervals(interval: float, sweep_interval: float) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from .db.target_sql import BLANK, TargetSQL
 from .engine import Observer
 from .errors import EmbedfillError
 from .freshness import ProvenanceIds, model_identity, provenance_ids
+from .jobs.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -139,18 +141,30 @@ class TargetWatch:
         ids = await provenance_ids(
             conn, info, self.target.embedding_column, model_identity(pconf, info), create=True
         )
-        job = await jobs.open_watch_job(conn, target=self.target, info=info, actor=self.opts.actor)
+        spec = jobs.spec_of(
+            "watch",
+            self.target,
+            pconf,
+            info,
+            env=os.environ,
+        )
+        job = await jobs.open_watch_job(
+            conn, spec=spec, target=self.target, info=info, actor=self.opts.actor
+        )
         while job is None:  # a backfill runs on the column: its workers fill it first
             log.info("watch of %s: waiting for the running job to end", self.target.name)
             if await _sleep(stop, self.opts.interval_s):
                 return True
             job = await jobs.open_watch_job(
-                conn, target=self.target, info=info, actor=self.opts.actor
+                conn, spec=spec, target=self.target, info=info, actor=self.opts.actor
             )
         self.job_id = job
         log.info("watching %s as job %s", self.target.name, job)
+        state = await Store(conn).run_state(job)
+        assert state is not None
+        queue = JobSpec.from_record(state).queue  # a job resumed rings where it always did
         await Store(conn).listen_changes()
-        await self._watch(conn, info, ids, job, stop)
+        await self._watch(conn, info, ids, job, queue, stop)
         return True
 
     async def _watch(
@@ -159,6 +173,7 @@ class TargetWatch:
         info: TableInfo,
         ids: ProvenanceIds,
         job: int,
+        queue: str,
         stop: asyncio.Event,
     ) -> None:
         store = Store(conn)
@@ -196,9 +211,7 @@ class TargetWatch:
             async with conn.transaction():
                 keys += await store.drain_changes(ids.column_id, inflight, self.chunk_rows)
                 fresh = list(dict.fromkeys(k for k in keys if k not in inflight))
-                chunks = await jobs.add_key_chunks(
-                    conn, job, self.target.name, fresh, self.chunk_rows
-                )
+                chunks = await jobs.add_key_chunks(conn, job, queue, fresh, self.chunk_rows)
             if fresh:
                 self.queued += len(fresh)
                 log.info(
@@ -257,7 +270,7 @@ class TargetWatch:
             if conn is not None and not conn.closed and job is not None:
                 with contextlib.suppress(psycopg.Error):
                     store = Store(conn)
-                    await store.cancel_chunks(job, jobs.TASK)
+                    await store.cancel_chunks(job)
                     status = await jobs.finish(conn, job, end_watch=True)
                     if status is not None:
                         log.info("watch job %s of %s ended: %s", job, self.target.name, status)

@@ -3,18 +3,31 @@
 Any process with the config and ``DATABASE_URL`` can be one: ``embedfill worker`` (long
 running, any machine), ``embedfill backfill`` (works on its own job until it is over),
 ``serve`` (in-process, unless ``--no-worker``). A worker keeps one engine session per job
-(``engine.run._Run`` fed chunk by chunk: one provider client, one rate budget per key, one
+(``engine.run.Run`` fed chunk by chunk: one provider client, one rate budget per key, one
 de-duplication cache, writer connections kept across chunks) and works on
 ``[engine] worker_chunks`` chunks at once, so the next chunk's requests overlap the tail
 of the last one.
 
-A chunk held by a worker that is gone is handed out again:
+The chunks (``embedfill.chunks``) are the truth; procrastinate's queue only rings
+workers ("chunk 7 of job 3 wants doing"), and a ring is a hint, not a claim. A worker
+claims the chunk in one guarded UPDATE that takes it only when it is ``todo`` or its
+holder is gone, so a chunk runs on one worker at a time, however often it is rung (a
+duplicate ring finds it held and is dropped). A holder is gone:
 
-- at once when the worker's process died (``kill -9``, a lost machine once its TCP
-  connection drops): each worker holds a session advisory lock while it lives, and a
-  chunk shown ``doing`` for a worker whose lock is free is an orphan;
-- after ``[engine] lease_s`` when the worker is silent (procrastinate's heartbeat, every
-  lease/3 seconds): a frozen process, a network partition.
+- at once when its process died (``kill -9``, a lost machine once its TCP connection
+  drops): each worker holds a session advisory lock while it lives;
+- after ``[engine] lease_s`` when it is silent: it moves the heartbeat of its chunks
+  every lease/3 seconds (a frozen process, a network partition). One that comes back
+  finds its chunk taken (the attempt number fences its writes of the chunk's end).
+
+Every worker rings (``_ring``, about every second): chunks never rung (a new job's, or
+released by a gone holder), and chunks rung long ago whose queue entry is no longer
+waiting (used up its retries, deleted): none is left without a ring.
+
+Before it works on a job a worker compares its own resolution of the job's target (its
+config, the live table, its environment) with the job's spec (jobs/spec.py). One that
+differs refuses the job: it hands the chunk back, takes no more of that job, logs one
+sentence naming the setting, and the job's workers list it with ``refused``.
 
 A worker that cannot reach the provider gives its chunk back rather than failing its
 rows (``_give_back`` in engine/embed.py), at most ``MAX_CHUNK_ATTEMPTS`` times per chunk.
@@ -31,7 +44,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,37 +53,69 @@ import psycopg
 import psycopg_pool
 
 from . import jobs
-from .application import _prepare
 from .config import Config
 from .context import job_id_var
 from .db.connect import Database, connect
 from .db.store import Store
-from .engine import BackfillOptions, Chunk, Observer, WorkerSeat, _Hooks, _Run
+from .engine import BackfillOptions, Chunk, Hooks, Observer, Run, WorkerSeat
+from .engine.prepare import prepare
 from .errors import DatabaseError, EmbedfillError, NoFreeConnection, RunAborted, UsageError
+from .jobs import queue
+from .jobs.spec import JobSpec, fingerprint, vector_settings
 from .models import Report
-from .providers import Provider, make_provider
+from .providers import Provider, make_provider, needs_key
 
 log = logging.getLogger(__name__)
 
-IDLE_CLOSE_S = 2.0  # a job's session with no chunk for this long is closed
-WATCH_IDLE_CLOSE_S = 120.0  # a watch job's chunks come now and then: kept open, warm
 POOL_OPEN_S = 10.0
 RECONNECT_MAX_S = 15.0
+RING_EVERY_S = 1.0  # chunks not rung are rung this often (a new job waits at most this)
+RING_BATCH = 500
+SESSION_CHUNKS = 2  # chunks of one job a worker holds at once: one scanned, one ending
+# a ring of a job this worker refuses, handed back, comes round again this much later:
+# rarely enough that the workers configured like the job get its chunks first
+REFUSED_RING_WAIT_S = 15.0
+FULL_RING_WAIT_S = 2.0  # a ring handed back because this worker has its fill of the job
 
 
 class GiveBack(Exception):
-    """This worker hands the chunk back to the queue (procrastinate retries it)."""
+    """This worker hands the chunk back to the queue: it is rung again ``wait_s`` later."""
+
+    def __init__(self, message: str, wait_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.wait_s = wait_s
+
+
+class _RingAgain(procrastinate.BaseRetryStrategy):
+    """A ring handed back is rung again after the GiveBack's wait, for as long as it
+    takes (the chunk's own attempts, counted at its claim, are what is limited); any
+    other error ends the ring (the ringer rings the chunk again if it is still todo)."""
+
+    def get_retry_decision(
+        self, *, exception: BaseException, job: procrastinate.jobs.Job
+    ) -> procrastinate.RetryDecision | None:
+        if not isinstance(exception, GiveBack):
+            return None
+        return procrastinate.RetryDecision(retry_in={"milliseconds": int(exception.wait_s * 1000)})
+
+
+class Refused(Exception):
+    """This worker's resolution of a job's target differs from the job's spec."""
+
+    def __init__(self, setting: str, sentence: str) -> None:
+        super().__init__(sentence)
+        self.setting = setting
 
 
 @dataclass
 class _Session:
-    run: _Run
+    run: Run
     task: asyncio.Task[Report]
     conn: psycopg.AsyncConnection[Any]
+    idle_close_s: float  # a watch job's session stays open longer (its kind says)
     inflight: int = 0
     closer: asyncio.TimerHandle | None = None
     done: int = 0
-    idle_close_s: float = IDLE_CLOSE_S  # a watch job's session stays open longer
 
 
 @dataclass
@@ -92,6 +137,9 @@ class Worker:
         self.sessions: dict[int, _Session] = {}
         self.chunks_done: Counter[int] = Counter()
         self.finished: set[int] = set()  # jobs this worker finished
+        self.refused: dict[int, str] = {}  # jobs this worker refuses: the setting
+        self.holding: set[tuple[int, int]] = set()  # (job, chunk) claimed, in hand
+        self.starved: NoFreeConnection | None = None  # no free connection for a session
         self.cut_off_until = 0.0  # monotonic: it hands chunks back unclaimed until then
         self.cut_off_times = 0  # chunks handed back in a row for an unreachable provider
         self._pause = asyncio.Event()  # set: stop fetching until cut_off_until
@@ -107,9 +155,21 @@ class Worker:
     def lease_s(self) -> float:
         return float(self.config.engine.lease_s)
 
+    def mine(self, name: str) -> tuple[dict[str, Any], bool]:
+        """This worker's resolution of a target: the settings that decide its vectors
+        (jobs/spec.py) and whether it has the provider's platform key."""
+        target = self.config.target(name)
+        pconf = self.config.provider_for(target)
+        has_key = needs_key(pconf) and bool(self.env.get(pconf.api_key_env, "").strip())
+        return vector_settings(target, pconf), has_key
+
     def queues(self) -> list[str]:
-        names = self.targets or [t.name for t in self.config.targets]
-        return [jobs.queue_for(n) for n in names]
+        """The queues of the jobs this worker can do: its targets' at its fingerprints."""
+        out: list[str] = []
+        for name in self.targets or [t.name for t in self.config.targets]:
+            settings, has_key = self.mine(name)
+            out += queue.queues_for(name, fingerprint(settings), has_key)
+        return out
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -138,12 +198,12 @@ class Worker:
             self.app = app = self._app()
             pool = await self._pool()
             async with app.open_async(pool=pool):
-                reclaim = asyncio.create_task(self._reclaim(app))
+                ringer = asyncio.create_task(self._ring(app))
                 try:
                     await self._work(app, stop)
                 finally:
-                    reclaim.cancel()
-                    await asyncio.gather(reclaim, return_exceptions=True)
+                    ringer.cancel()
+                    await asyncio.gather(ringer, return_exceptions=True)
                     await self._close_sessions()
                     await pool.close()
         finally:
@@ -182,14 +242,11 @@ class Worker:
         return pool
 
     def _app(self) -> procrastinate.App:
-        connector = procrastinate.PsycopgConnector()
-        app = procrastinate.App(connector=connector)
+        app = queue.new_app()
         app.task(
             name=jobs.TASK,
             pass_context=True,
-            retry=procrastinate.RetryStrategy(
-                max_attempts=100, wait=1, retry_exceptions={GiveBack}
-            ),
+            retry=_RingAgain(),
         )(self._chunk_task)
         return app
 
@@ -261,8 +318,8 @@ class Worker:
                 delay = 0.5
                 while True:
                     await asyncio.sleep(max(0.5, self.lease_s / 3))
-                    async with self._control_lock:
-                        await conn.execute("SELECT 1")
+                    async with self._control_lock:  # the lease of this worker's chunks
+                        await Store(conn).heartbeat_chunks(self.name, self.holding)
             except (psycopg.Error, DatabaseError) as exc:
                 if not alive.is_set():
                     log.warning("worker %s: cannot reach the database: %s", self.name, exc)
@@ -282,41 +339,113 @@ class Worker:
                 raise DatabaseError("The worker's control connection is down; reconnecting.")
             yield Store(conn)
 
-    async def _reclaim(self, app: procrastinate.App) -> None:
-        """Hand out again the chunks of workers that are gone (see the module doc)."""
+    async def _ring(self, app: procrastinate.App) -> None:
+        """Ring the queue for chunks that need a worker (see the module doc): released
+        from holders that are gone, never rung, or whose queue entry was lost."""
         manager = app.job_manager
+        stale_s = max(10.0, self.lease_s)  # a ring older than this may have been lost
+        next_sweep = time.monotonic() + stale_s
         while True:
-            try:
-                async with app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
-                    orphans = await Store(conn).orphan_chunks(jobs.TASK)
-                for run_id, seq, job_id in orphans:
-                    log.warning(
-                        "job %s: chunk %d lost its worker; handing it out again", run_id, seq
-                    )
-                    with contextlib.suppress(Exception):
-                        await manager.retry_job_by_id_async(job_id, retry_at=_now())
-                await manager.prune_stalled_workers(self.lease_s)
-                for job in await manager.get_stalled_jobs(
-                    task_name=jobs.TASK, seconds_since_heartbeat=self.lease_s
-                ):
-                    log.warning("chunk job %s: its worker is silent; handing it out again", job.id)
-                    with contextlib.suppress(Exception):
-                        await manager.retry_job(job)
-            except Exception as exc:  # the database is away: try again next round
-                log.debug("reclaim failed: %s", exc)
-            # a dead process's chunks are found within a second or two (its lock is free)
-            await asyncio.sleep(max(0.5, min(2.0, self.lease_s / 4)))
+            # each step on its own: one that fails (the database away, a job this build
+            # cannot read) does not keep the others from their round
+            await self._step("ringing", self._ring_chunks())
+            await self._step("noticing jobs it refuses", self._notice_refusals())
+            if time.monotonic() >= next_sweep:
+                next_sweep = time.monotonic() + stale_s
+                await self._step("ringing lost chunks", self._ring_lost(manager, stale_s))
+                await self._step("finishing settled jobs", self._finish_settled())
+                await self._step("pruning the queue's workers", self._prune(manager))
+            await asyncio.sleep(RING_EVERY_S)
+
+    async def _step(self, what: str, step: Awaitable[None]) -> None:
+        try:
+            await step
+        except Exception as exc:
+            log.debug("worker %s: %s failed: %s", self.name, what, exc)
+
+    async def _ring_chunks(self) -> None:
+        async with self.control() as store:
+            for run_id, seq in await store.release_lost_chunks():
+                log.warning("job %s: chunk %d lost its worker; handing it out again", run_id, seq)
+            async with store.conn.transaction():  # marked rung and rung: one commit
+                chunks = await store.chunks_to_ring(RING_BATCH)
+                await queue.ring(store.conn, queue.rings_of(chunks))
+
+    async def _finish_settled(self) -> None:
+        """Jobs whose chunks are all settled but that are still running (the worker of
+        the last chunk could not finish it then, or died): finished here."""
+        async with self.control() as store:
+            found = await store.finishable_jobs()
+        for state in found:
+            with contextlib.suppress(Refused):  # a kind this build does not know
+                if not _spec(state).behaviour.open_ended:
+                    await self.finish(int(state["id"]))
+
+    async def _prune(self, manager: procrastinate.manager.JobManager) -> None:
+        """procrastinate's own bookkeeping of workers that are gone; an entry it hands out
+        again is one more ring, which a held chunk ignores."""
+        await manager.prune_stalled_workers(self.lease_s)
+        for job in await manager.get_stalled_jobs(
+            task_name=jobs.TASK, seconds_since_heartbeat=self.lease_s
+        ):
+            with contextlib.suppress(Exception):
+                await manager.retry_job(job)
+
+    async def _notice_refusals(self) -> None:
+        """Running jobs of this worker's targets that it does not listen to (another
+        fingerprint): said once, and listed among the job's workers as refused."""
+        names = self.targets or [t.name for t in self.config.targets]
+        async with self.control() as store:
+            for state in await store.running_jobs_of(list(names)):
+                run_id = int(state["id"])
+                if run_id in self.refused:
+                    continue
+                try:
+                    spec = _spec(state)
+                except Refused as exc:
+                    log.error("worker %s: %s", self.name, exc)
+                    self.refused[run_id] = exc.setting
+                    continue
+                settings, has_key = self.mine(spec.target)
+                setting = spec.differs(settings, platform_key=has_key)
+                if setting is None:
+                    continue
+                log.error("worker %s: %s", self.name, spec.refusal(setting, settings, run_id))
+                self.refused[run_id] = setting
+                await store.refuse_job(run_id, self.name, self.host, self.pid, setting)
+
+    async def _ring_lost(self, manager: procrastinate.manager.JobManager, stale_s: float) -> None:
+        """Ring again the chunks rung ``stale_s`` ago and still todo whose queue entry is
+        not waiting any more (the queue is read only when there are such chunks)."""
+        async with self.control() as store:
+            if not await store.has_stale_rung(stale_s):
+                return
+        waiting = await manager.list_jobs_async(task=jobs.TASK, status="todo")
+        pending = {f"{j.task_kwargs.get('run_id')}:{j.task_kwargs.get('seq')}" for j in waiting}
+        async with self.control() as store, store.conn.transaction():
+            rings = queue.rings_of(await store.chunks_to_ring(RING_BATCH, stale_s, pending))
+            for run_id, seq, _ in rings:
+                log.warning("job %s: chunk %d lost its queue entry; queued again", run_id, seq)
+            await queue.ring(store.conn, rings)
 
     # ------------------------------------------------------------------ chunks
 
     async def _chunk_task(self, context: Any, run_id: int, seq: int) -> None:
         job_id_var.set(run_id)  # this task's log lines (and its session's) name the job
+        if run_id in self.refused:  # not claimed: left to workers configured like the job
+            raise GiveBack(
+                f"this worker refuses job {run_id}: {self.refused[run_id]}", REFUSED_RING_WAIT_S
+            )
         if time.monotonic() < self.cut_off_until:  # not claimed: no attempt of the chunk
             raise GiveBack("this worker could not reach the provider a moment ago")
         try:
             session = await self._session(run_id)
+        except Refused as exc:
+            await self._refuse(run_id, exc)
+            raise GiveBack(str(exc), REFUSED_RING_WAIT_S) from exc
         except EmbedfillError as exc:
             if not _ends_the_job(exc):
+                self._note_starved(exc)
                 raise GiveBack(str(exc)) from exc  # the database, say: another try later
             # this worker's checks refuse the job (its config or role differs from the
             # creator's): every chunk it took would fail, so the job ends, loudly
@@ -331,6 +460,13 @@ class Worker:
             except (psycopg.Error, DatabaseError) as exc:
                 raise GiveBack(str(exc)) from exc  # settled on another try
             return
+        if session.inflight >= SESSION_CHUNKS:
+            # a session scans one chunk at a time: a chunk more would wait here, claimed,
+            # while another worker idles (`worker --concurrency 16` hoarded a job)
+            raise GiveBack(
+                f"this worker has {session.inflight} chunks of job {run_id} in hand",
+                FULL_RING_WAIT_S,
+            )
         session.inflight += 1
         if session.closer is not None:
             session.closer.cancel()
@@ -345,13 +481,44 @@ class Worker:
                     session.idle_close_s, lambda: asyncio.ensure_future(self._close_if_idle(run_id))
                 )
 
+    def _note_starved(self, exc: EmbedfillError) -> None:
+        """A server without a free connection for this worker's session: the job goes on
+        with the workers that did connect; a backfill working on it alone says why."""
+        if isinstance(exc, NoFreeConnection):
+            self.starved = exc
+
+    async def _refuse(self, run_id: int, exc: Refused) -> None:
+        """Take no more of this job, say why once, and show it in the job's workers."""
+        if run_id not in self.refused:
+            log.error("worker %s: %s", self.name, exc)
+        self.refused[run_id] = exc.setting
+        try:
+            async with self.control() as store:
+                await store.refuse_job(run_id, self.name, self.host, self.pid, exc.setting)
+        except (psycopg.Error, DatabaseError) as why:
+            log.warning("job %s: could not record the refusal: %s", run_id, why)
+
     async def _work_on(self, session: _Session, run_id: int, seq: int) -> None:
-        assert self.app is not None
-        pool = self.app.connector.pool  # type: ignore[attr-defined]
-        async with pool.connection() as conn:
-            claim = await Store(conn).claim_chunk(run_id, seq, self.name)
+        try:
+            async with self.control() as store:
+                claim = await store.claim_chunk(run_id, seq, self.name, self.lease_s)
+        except (psycopg.Error, DatabaseError) as exc:
+            raise GiveBack(str(exc)) from exc
         if claim is None:
-            return  # done or cancelled meanwhile
+            return  # done, cancelled, or a live worker holds it: this ring is spent
+        self.holding.add((run_id, seq))
+        try:
+            await self._work_on_claimed(session, run_id, seq, claim)
+        finally:
+            self.holding.discard((run_id, seq))
+
+    async def _work_on_claimed(
+        self,
+        session: _Session,
+        run_id: int,
+        seq: int,
+        claim: tuple[Any, Any, int, list[str] | None],
+    ) -> None:
         lo, hi, attempt, keys = claim
         chunk = Chunk(seq=seq, lo=lo, hi=hi, attempt=attempt, keys=keys)
         try:
@@ -365,6 +532,7 @@ class Worker:
                         await store.finish_chunk(run_id, seq, self.name, attempt, "cancelled")
                 await self._fail(run_id, exc)  # every chunk would fail the same way
                 return
+            self._note_starved(exc)
             await self._release(run_id, seq, attempt)
             raise GiveBack(str(exc)) from exc
         except Exception as exc:  # the database went away mid-chunk, say: another try
@@ -382,8 +550,7 @@ class Worker:
             raise GiveBack(f"chunk {seq} of job {run_id}: the provider is unreachable from here")
         self.cut_off_times = 0  # the provider answers again
         state = "cancelled" if session.run.stopping else "done"
-        async with pool.connection() as conn:
-            store = Store(conn)
+        async with self.control() as store:
             await session.run.flush(store)
             if not await store.finish_chunk(run_id, seq, self.name, attempt, state):
                 return  # handed to another worker meanwhile: it finishes it
@@ -396,14 +563,11 @@ class Worker:
         """A chunk handed out for a job asked to stop (a dead worker's chunk, handed out
         again after the cancel): it is cancelled here, and the job finished if it was the
         last open one. Else the chunk stays `doing` for ever and the job never ends."""
-        assert self.app is not None
-        pool = self.app.connector.pool  # type: ignore[attr-defined]
-        async with pool.connection() as conn:
-            store = Store(conn)
+        async with self.control() as store:
             state = await store.run_state(run_id)
             if state is None or state["status"] != "running" or not state["cancel_requested"]:
                 return
-            claim = await store.claim_chunk(run_id, seq, self.name)
+            claim = await store.claim_chunk(run_id, seq, self.name, self.lease_s)
             if claim is not None:
                 await store.finish_chunk(run_id, seq, self.name, claim[2], "cancelled")
             if any(await store.open_chunks(run_id)):
@@ -411,11 +575,15 @@ class Worker:
         await self.finish(run_id)
 
     async def _fail(self, run_id: int, exc: EmbedfillError) -> None:
-        """End the job with ``exc``, on the control connection (a server without a free
-        connection is one reason)."""
+        """End the job with ``exc``, on a connection of its own (the end may rebuild an
+        index for hours: the control connection keeps this worker's other chunks'
+        heartbeats meanwhile)."""
         try:
-            async with self.control() as store:
-                await jobs.fail(store.conn, run_id, exc, on_end=self._ender(run_id))
+            conn = await connect(self.db)
+            try:
+                await jobs.fail(conn, run_id, exc, on_end=self._ender(run_id))
+            finally:
+                await conn.close()
         except (psycopg.Error, DatabaseError) as why:
             log.error("job %s: could not record its failure (%s): %s", run_id, why, exc)
 
@@ -448,10 +616,9 @@ class Worker:
         )
 
     async def _release(self, run_id: int, seq: int, attempt: int) -> None:
-        assert self.app is not None
         with contextlib.suppress(Exception):
-            async with self.app.connector.pool.connection() as conn:  # type: ignore[attr-defined]
-                await Store(conn).release_chunk(run_id, seq, self.name, attempt)
+            async with self.control() as store:
+                await store.release_chunk(run_id, seq, self.name, attempt)
 
     # ------------------------------------------------------------------ sessions
 
@@ -477,31 +644,46 @@ class Worker:
         state = await Store(conn).run_state(run_id)
         if state is None or state["status"] != "running" or state["cancel_requested"]:
             return None
+        spec = _spec(state)
         names = {t.name for t in self.config.targets}
-        if state["target"] not in names:
-            log.error("job %s: target %r is not in this worker's config", run_id, state["target"])
-            raise GiveBack(f"target {state['target']!r} is not configured here")
+        if spec.target not in names:
+            raise Refused(
+                "target",
+                f"job {run_id}: target {spec.target!r} is not in this worker's config; "
+                "leaving its chunks to other workers.",
+            )
         params = state["parameters"] or {}
         opts = BackfillOptions(
-            target=state["target"],
+            target=spec.target,
             batch_size=params.get("batch_size"),
             tenants=tuple(params.get("tenants") or ()),
             actor=state["actor"],
-            refresh=bool(params.get("refresh") or params.get("watch")),
+            refresh=spec.behaviour.refresh,
         )
-        target = self.config.target(opts.target)
+        if not spec.settings:  # nothing says what it writes: not for a worker to guess
+            raise Refused(
+                "spec",
+                f"job {run_id} ({spec.target}) was created before jobs recorded what they "
+                f"write; run `embedfill backfill --target {spec.target}` to take it over "
+                "with this config, or cancel it.",
+            )
+        settings, has_key = self.mine(spec.target)
+        # compared before the table is looked at: a table that no longer fits fails the
+        # job below (every worker would meet it), a worker configured otherwise refuses
+        differs = spec.differs(settings, platform_key=has_key)
+        if differs is not None:
+            raise Refused(differs, spec.refusal(differs, settings, run_id))
+        target = self.config.target(spec.target)
         provider = self._provider(target.provider)
-        target, pconf, info = await _prepare(conn, self.config, opts, provider)
-        if (info.oid, target.embedding_column) != (state["table_oid"], state["column_name"]):
+        target, pconf, info = await prepare(conn, self.config, opts, provider)
+        if (info.oid, target.embedding_column) != (spec.table_oid, spec.column):
             # the same target name in another config, for another table or column: the
             # job is not this worker's (its chunks would be scanned in the wrong table)
-            log.warning(
-                "job %s: target %r here is another table or column than the job's; "
-                "leaving its chunks to other workers",
-                run_id,
-                target.name,
+            raise Refused(
+                "table",
+                f"job {run_id}: target {target.name!r} here is another table or column "
+                "than the job's; leaving its chunks to other workers.",
             )
-            raise GiveBack(f"target {target.name!r} differs from job {run_id}'s")
         seat = WorkerSeat(
             run_id=run_id,
             name=self.name,
@@ -511,7 +693,7 @@ class Worker:
             chunks_done=lambda: self.chunks_done[run_id],
             control=self.control,
         )
-        run = _Run(
+        run = Run(
             db=self.db,
             conn=conn,
             target=target,
@@ -520,12 +702,12 @@ class Worker:
             opts=opts,
             provider=provider,
             engine=self.config.engine,
-            hooks=_Hooks(on_progress=self._progress_hook(run_id), observer=self.observer),
+            hooks=Hooks(on_progress=self._progress_hook(run_id), observer=self.observer),
             env=self.env,
             seat=seat,
         )
         task = asyncio.create_task(run.serve())
-        keep = WATCH_IDLE_CLOSE_S if params.get("watch") else IDLE_CLOSE_S
+        keep = spec.behaviour.idle_close_s
         return _Session(run=run, task=task, conn=conn, idle_close_s=keep)
 
     def _progress_hook(self, run_id: int) -> Callable[[Report], None] | None:
@@ -558,10 +740,21 @@ class Worker:
             await _end(session)
 
 
+def _spec(state: Mapping[str, Any]) -> JobSpec:
+    """A job's spec; a job of a kind this build does not know is refused, not a crash."""
+    try:
+        return JobSpec.from_record(state)
+    except ValueError as exc:
+        raise Refused(
+            "kind", f"job {state.get('id')}: {exc}; leaving it to newer workers."
+        ) from exc
+
+
 def _ends_the_job(exc: EmbedfillError) -> bool:
-    """A config error (exit 2), a job stopped after writes, or a server without a free
-    connection: retrying elsewhere would only hide it."""
-    return exc.exit_code == 2 or isinstance(exc, (RunAborted, NoFreeConnection))
+    """A config error (exit 2) or a job stopped after writes: retrying elsewhere would
+    only hide it. (A server without a free connection for this worker is not one: the
+    workers that did connect finish the job.)"""
+    return exc.exit_code == 2 or isinstance(exc, RunAborted)
 
 
 async def _end(session: _Session) -> None:
@@ -642,6 +835,8 @@ async def work_on_job(
             state = await store.run_state(run_id)
             if state is None or state["status"] != "running":
                 break
+            if worker.starved is not None and not worker.chunks_done[run_id]:
+                raise worker.starved  # this process cannot work on it: say why, now
             if not any(await store.open_chunks(run_id)) and await jobs.finish(conn, run_id):
                 continue  # this process finished it (its finisher died, or none was left)
             if on_progress is not None:

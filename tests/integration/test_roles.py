@@ -47,6 +47,8 @@ def set_back_to_version_1(db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("DELETE FROM embedfill.schema_version WHERE version >= 2")
         conn.execute("DROP TABLE IF EXISTS embedfill.rate_budgets")
+        conn.execute("DROP TABLE embedfill.tallies")  # job specs and tallies (version 7)
+        conn.execute("ALTER TABLE embedfill.runs DROP COLUMN kind, DROP COLUMN spec")
         conn.execute(  # provenance (version 6)
             "DROP TABLE embedfill.provenance, embedfill.models, embedfill.vector_columns,"
             " embedfill.changes"

@@ -19,7 +19,10 @@ the headers at once and then the body a few bytes at a time; a ``raw`` fault ans
 a body as is (HTML from a proxy, gzip, junk) and ``headers`` adds any header (a
 Retry-After no server should send). ``reject_models`` and
 ``supported_dimensions`` make every request for that model (or an unsupported
-``dimensions``) answer 400, as a provider does for a configuration mistake. ``noise``
+``dimensions``) answer 400, as a provider does for a configuration mistake. ``hang``
+makes every request wait, unanswered, until the client hangs up or the server stops (a
+provider that never answers: only the client can end the request); ``hanging`` counts
+those waiting now. ``noise``
 adds random noise of that scale to every vector (renormalised), as a remote model's
 answers are close to, but not bit-exact with, the vector stored for the same text.
 """
@@ -29,6 +32,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import select
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -84,12 +89,15 @@ class FakeOpenAI:
     supported_dimensions: set[int] | None = None  # None: any `dimensions` is fine
     noise: float = 0.0  # > 0: gaussian noise of this scale on every vector, renormalised
     max_in_flight: int = 0  # > 0: a request beyond this many at once gets a 429
+    hang: bool = False  # every request waits, unanswered, until the client hangs up
+    hanging: int = 0  # requests waiting now because of ``hang``
     in_flight: int = 0
     peak_in_flight: int = 0
     requests: list[Request] = field(default_factory=list)
     _buckets: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
+    _stopped: threading.Event = field(default_factory=threading.Event)
 
     @property
     def base_url(self) -> str:
@@ -138,6 +146,9 @@ class FakeOpenAI:
                 key = self.headers.get("authorization", "").removeprefix("Bearer ")
                 inputs = body.get("input", [])
                 inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+                if fake.hang:
+                    fake._record(key, inputs, 0)
+                    return self._hang()
                 with fake._lock:
                     fault = fake.faults.pop(0) if fake.faults else None
                 if fault is not None and fault.raw is not None:
@@ -214,6 +225,25 @@ class FakeOpenAI:
                 fake._record(key, inputs, 200, tokens)
                 trickle = answer_fault.trickle if answer_fault else 0.0
                 self._send(200, payload, limit_headers, trickle=trickle)
+
+            def _hang(self) -> None:
+                """Answer nothing until the client closes the connection (or the server
+                stops)."""
+                with fake._lock:
+                    fake.hanging += 1
+                try:
+                    while not fake._stopped.wait(0.02):
+                        readable, _, _ = select.select([self.connection], [], [], 0)
+                        if readable:
+                            try:
+                                if not self.connection.recv(1, socket.MSG_PEEK):
+                                    break  # the client hung up
+                            except OSError:
+                                break
+                finally:
+                    with fake._lock:
+                        fake.hanging -= 1
+                self.close_connection = True
 
             def _error(
                 self, status: int, message: str, headers: dict[str, str] | None = None
@@ -295,6 +325,7 @@ class FakeOpenAI:
             return (max(waits) if waits else 0.0), headers
 
     def stop(self) -> None:
+        self._stopped.set()  # the requests left hanging end
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

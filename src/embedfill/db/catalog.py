@@ -360,11 +360,29 @@ async def count_outdated(
     provenance: dict[str, Any],
 ) -> tuple[int, int]:
     """(stale, outdated_model): the vectors ``--refresh`` re-embeds."""
+    by_tenant = await count_outdated_by_tenant(conn, q, tenants, provenance)
+    return sum(s for s, _ in by_tenant.values()), sum(o for _, o in by_tenant.values())
+
+
+async def count_outdated_by_tenant(
+    conn: psycopg.AsyncConnection[Any],
+    q: TargetSQL,
+    tenants: list[str] | None,
+    provenance: dict[str, Any],
+) -> dict[str | None, tuple[int, int]]:
+    """Per tenant (None: no tenant column): (stale, outdated_model)."""
     cur = await conn.execute(
         q.count_outdated(tenants=bool(tenants)), {"tenants": tenants, **provenance}
     )
-    row = await cur.fetchone()
-    return (int(row[0]), int(row[1])) if row else (0, 0)
+    return {r[0]: (int(r[1]), int(r[2])) for r in await cur.fetchall()}
+
+
+async def count_missing_by_tenant(
+    conn: psycopg.AsyncConnection[Any], q: TargetSQL, tenants: list[str] | None
+) -> dict[str | None, int]:
+    """Per tenant (None: no tenant column): rows whose embedding is NULL."""
+    cur = await conn.execute(q.count_missing_by_tenant(tenants=bool(tenants)), {"tenants": tenants})
+    return {r[0]: int(r[1]) for r in await cur.fetchall()}
 
 
 async def table_pages(conn: psycopg.AsyncConnection[Any], oid: int) -> int:

@@ -37,9 +37,10 @@ RELEASE_TARGET_LOCK = "SELECT pg_advisory_unlock(hashtextextended(%(key)s, 0))"
 
 INSERT_RUN = """
 INSERT INTO embedfill.runs
-    (target, actor, parameters, dry_run, status, missing_before, table_oid, column_name)
+    (target, actor, parameters, dry_run, status, missing_before, table_oid, column_name,
+     kind, spec)
 VALUES (%(target)s, %(actor)s, %(parameters)s, %(dry_run)s, %(status)s, %(missing_before)s,
-        %(table_oid)s, %(column)s)
+        %(table_oid)s, %(column)s, %(kind)s, %(spec)s)
 RETURNING id"""
 
 HEARTBEAT = "UPDATE embedfill.runs SET heartbeat_at = now() WHERE id = %(id)s"
@@ -152,37 +153,43 @@ ON CONFLICT (key_id) DO UPDATE SET paused_until = greatest(b.paused_until, exclu
 JOB_CREATE_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0))"
 
 ACTIVE_JOB = """
-SELECT id, actor, started_at, target, parameters FROM embedfill.runs
+SELECT id, actor, started_at, target, parameters, kind, spec, table_oid, column_name
+FROM embedfill.runs
 WHERE table_oid = %(table_oid)s AND column_name = %(column)s AND status = 'running'
   AND NOT dry_run
 ORDER BY id DESC LIMIT 1"""
 
-INSERT_CHUNKS = """
-INSERT INTO embedfill.chunks (run_id, seq, lo, hi)
-SELECT %(run_id)s, u.seq, u.lo, u.hi
-FROM unnest(%(seqs)s::int[], %(los)s::jsonb[], %(his)s::jsonb[]) AS u(seq, lo, hi)"""
+# jobs whose chunks are all settled but that no one finished (the last chunk's worker
+# could not take the column's lock at that moment, or died in between): any worker does
+FINISHABLE_JOBS = """
+SELECT r.id, r.kind, r.spec, r.parameters, r.target, r.table_oid, r.column_name
+FROM embedfill.runs r
+WHERE r.status = 'running' AND NOT r.dry_run
+  AND EXISTS (SELECT 1 FROM embedfill.chunks c WHERE c.run_id = r.id)
+  AND NOT EXISTS (SELECT 1 FROM embedfill.chunks c
+                  WHERE c.run_id = r.id AND c.state IN ('todo', 'doing'))
+ORDER BY r.id LIMIT 10"""
 
-# one procrastinate job per chunk, through procrastinate's own function, in the same
-# transaction as the chunks: a job is never half enqueued
-DEFER_CHUNKS = """
-SELECT embedfill.procrastinate_defer_jobs_v1(array_agg(
-    ROW(%(queue)s, %(task)s, 0, NULL, NULL,
-        jsonb_build_object('run_id', %(run_id)s::bigint, 'seq', s), NULL
-    )::embedfill.procrastinate_job_to_defer_v1 ORDER BY s))
-FROM generate_series(1, %(chunks)s) AS s"""
+# a job from before specs (migration 7) takes its first worker's: compared from then on
+ADOPT_SPEC = """
+UPDATE embedfill.runs SET spec = %(spec)s, kind = coalesce(kind, %(kind)s)
+WHERE id = %(id)s AND spec IS NULL"""
+
+RUNNING_JOBS_OF = """
+SELECT id, target, kind, spec, parameters, table_oid, column_name FROM embedfill.runs
+WHERE status = 'running' AND NOT dry_run AND target = ANY(%(targets)s::text[])"""
+
+INSERT_CHUNKS = """
+INSERT INTO embedfill.chunks (run_id, seq, lo, hi, rung_at)
+SELECT %(run_id)s, u.seq, u.lo, u.hi, pg_catalog.now()
+FROM unnest(%(seqs)s::int[], %(los)s::jsonb[], %(his)s::jsonb[]) AS u(seq, lo, hi)"""
 
 # a watch job's chunks are lists of ids (watch.py), added while it runs
 NEXT_CHUNK_SEQ = "SELECT coalesce(max(seq), 0) + 1 FROM embedfill.chunks WHERE run_id = %(run_id)s"
 INSERT_KEY_CHUNKS = """
-INSERT INTO embedfill.chunks (run_id, seq, keys)
-SELECT %(run_id)s, %(first)s::int + u.n::int - 1, u.keys
+INSERT INTO embedfill.chunks (run_id, seq, keys, rung_at)
+SELECT %(run_id)s, %(first)s::int + u.n::int - 1, u.keys, pg_catalog.now()
 FROM unnest(%(keys)s::jsonb[]) WITH ORDINALITY AS u(keys, n)"""
-DEFER_CHUNK_RANGE = """
-SELECT embedfill.procrastinate_defer_jobs_v1(array_agg(
-    ROW(%(queue)s, %(task)s, 0, NULL, NULL,
-        jsonb_build_object('run_id', %(run_id)s::bigint, 'seq', s), NULL
-    )::embedfill.procrastinate_job_to_defer_v1 ORDER BY s))
-FROM generate_series(%(first)s::int, %(last)s::int) AS s"""
 # the ids in a watch job's chunks not done yet: not queued again meanwhile
 OPEN_CHUNK_KEYS = """
 SELECT DISTINCT k.key FROM embedfill.chunks AS c, jsonb_array_elements_text(c.keys) AS k(key)
@@ -199,13 +206,86 @@ RETURNING row_key"""
 WATCH_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%(key)s, 0))"
 LISTEN_CHANGES = "LISTEN embedfill_changes"
 
-# a worker takes a chunk: todo, or doing for a worker that is gone (its procrastinate
-# job was handed out again); the attempt number fences out the old worker
-CLAIM_CHUNK = """
-UPDATE embedfill.chunks
-SET state = 'doing', attempts = attempts + 1, worker = %(worker)s, started_at = now()
-WHERE run_id = %(run_id)s AND seq = %(seq)s AND state IN ('todo', 'doing')
-RETURNING lo, hi, attempts, keys"""
+# A worker's liveness (worker.py): the session lock its control connection holds while
+# its process lives; a chunk's holder is alive while that lock is held and its heartbeat
+# is younger than the lease. Written once, used by the claim and by the release of lost
+# chunks (a function call of pg_catalog's only, whatever the search_path).
+# The lease is the holder's own (``c.lease_s``, set at its claim), not the looker's: a
+# worker started with a shorter lease never takes a live worker's chunk.
+_HOLDER_GONE = """(
+    c.heartbeat_at IS NULL OR c.lease_s IS NULL
+    OR c.heartbeat_at OPERATOR(pg_catalog.<) pg_catalog.now()
+        OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => c.lease_s::float8)
+    OR NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_locks l
+        CROSS JOIN LATERAL (SELECT pg_catalog.hashtextextended(
+            'embedfill:worker:' OPERATOR(pg_catalog.||) c.worker, 0) AS k) h
+        WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+          AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                            WHERE d.datname = pg_catalog.current_database())
+          AND l.classid = ((h.k OPERATOR(pg_catalog.>>) 32)
+                           OPERATOR(pg_catalog.&) 4294967295)::oid
+          AND l.objid = (h.k OPERATOR(pg_catalog.&) 4294967295)::oid))"""
+
+# A worker takes a chunk: one that is todo, or doing for a holder that is gone; never one
+# a live worker holds (a chunk runs on one worker at a time, whatever the queue rings).
+# Two claims at once: the second re-reads the row after the first commits, and misses.
+# The attempt number fences out an old holder that comes back (SIGSTOP past the lease).
+CLAIM_CHUNK = (
+    """
+UPDATE embedfill.chunks c
+SET state = 'doing', attempts = c.attempts OPERATOR(pg_catalog.+) 1, worker = %(worker)s,
+    started_at = pg_catalog.now(), heartbeat_at = pg_catalog.now(), lease_s = %(lease_s)s
+WHERE c.run_id = %(run_id)s AND c.seq = %(seq)s
+  AND (c.state = 'todo' OR (c.state = 'doing' AND """
+    + _HOLDER_GONE
+    + """))
+RETURNING c.lo, c.hi, c.attempts, c.keys"""
+)
+
+# the holder's heartbeat on the chunks it has in hand, every lease/3 seconds (a chunk it
+# lost track of, say when the database restarted under it, is left to go silent)
+HEARTBEAT_CHUNKS = """
+UPDATE embedfill.chunks SET heartbeat_at = pg_catalog.now()
+WHERE worker = %(worker)s AND state = 'doing'
+  AND (run_id, seq) IN (SELECT * FROM unnest(%(runs)s::bigint[], %(seqs)s::int[]))"""
+
+# chunks whose holder is gone go back to todo, to be rung again
+RELEASE_LOST_CHUNKS = (
+    """
+UPDATE embedfill.chunks c SET state = 'todo', worker = NULL, rung_at = NULL
+WHERE c.state = 'doing' AND """
+    + _HOLDER_GONE
+    + """
+RETURNING c.run_id, c.seq"""
+)
+
+# chunks of running jobs to ring: never rung (just created, or released), or rung long
+# ago and not among the queue entries still waiting (``pending``: "run_id:seq"), so a
+# lost entry (used up its retries, deleted) is made again; each rung by one worker
+RING_CHUNKS = """
+UPDATE embedfill.chunks c SET rung_at = pg_catalog.now()
+FROM embedfill.runs r
+WHERE r.id = c.run_id AND (c.run_id, c.seq) IN (
+    SELECT c2.run_id, c2.seq FROM embedfill.chunks c2
+    JOIN embedfill.runs r2 ON r2.id = c2.run_id AND r2.status = 'running'
+    WHERE c2.state = 'todo'
+      AND (c2.rung_at IS NULL
+           OR (%(stale_s)s::float8 IS NOT NULL
+               AND c2.rung_at < pg_catalog.now() - pg_catalog.make_interval(secs => %(stale_s)s)
+               AND NOT ((c2.run_id::text OPERATOR(pg_catalog.||) ':'
+                         OPERATOR(pg_catalog.||) c2.seq::text) = ANY(%(pending)s::text[]))))
+    ORDER BY c2.run_id, c2.seq
+    LIMIT %(limit)s FOR UPDATE OF c2 SKIP LOCKED)
+RETURNING c.run_id, c.seq, r.target, r.spec->>'fingerprint',
+          coalesce((r.spec->>'platform_key')::boolean, false)"""
+
+# whether any todo chunk was rung long ago (then the queue's waiting entries are read)
+STALE_RUNG = """
+SELECT EXISTS (
+    SELECT 1 FROM embedfill.chunks c JOIN embedfill.runs r ON r.id = c.run_id
+    WHERE r.status = 'running' AND c.state = 'todo'
+      AND c.rung_at < pg_catalog.now() - pg_catalog.make_interval(secs => %(stale_s)s))"""
 
 FINISH_CHUNK = """
 UPDATE embedfill.chunks SET state = %(state)s, finished_at = now()
@@ -214,7 +294,7 @@ WHERE run_id = %(run_id)s AND seq = %(seq)s AND state = 'doing'
 RETURNING seq"""
 
 RELEASE_CHUNK = """
-UPDATE embedfill.chunks SET state = 'todo', worker = NULL
+UPDATE embedfill.chunks SET state = 'todo', worker = NULL, rung_at = NULL
 WHERE run_id = %(run_id)s AND seq = %(seq)s AND state = 'doing'
   AND worker = %(worker)s AND attempts = %(attempt)s"""
 
@@ -226,14 +306,9 @@ CANCEL_CHUNKS = """
 UPDATE embedfill.chunks SET state = 'cancelled', finished_at = now()
 WHERE run_id = %(run_id)s AND state = 'todo'"""
 
-# procrastinate's jobs of a run's chunks not started yet: cancelled with the run
-CANCEL_QUEUED = """
-UPDATE embedfill.procrastinate_jobs SET status = 'cancelled'
-WHERE status = 'todo' AND task_name = %(task)s AND (args->>'run_id')::bigint = %(run_id)s"""
-
 RUN_STATE = """
 SELECT id, status, cancel_requested, parameters, target, table_oid, column_name, actor,
-       missing_before, started_at, error, report,
+       missing_before, started_at, error, report, kind, spec,
        extract(epoch FROM coalesce(finished_at, now()) - started_at) AS age_s
 FROM embedfill.runs WHERE id = %(id)s"""
 
@@ -244,30 +319,60 @@ VALUES (%(run_id)s, %(worker)s, %(host)s, %(pid)s, %(chunks)s, %(report)s)
 ON CONFLICT (run_id, worker) DO UPDATE
 SET chunks = excluded.chunks, report = excluded.report, heartbeat_at = now()"""
 
+# a worker that refuses a job (jobs/spec.py): listed among its workers, with the setting
+REFUSE_JOB = """
+INSERT INTO embedfill.workers AS w (run_id, worker, host, pid, refused)
+VALUES (%(run_id)s, %(worker)s, %(host)s, %(pid)s, %(refused)s)
+ON CONFLICT (run_id, worker) DO UPDATE SET refused = excluded.refused, heartbeat_at = now()"""
+
 SUM_WORKERS = """
+WITH s AS (
+    SELECT coalesce(sum((report->>'embedded')::bigint), 0) AS reported,
+           (SELECT coalesce(pg_catalog.sum(y.embedded), 0) FROM embedfill.tallies y
+            WHERE y.run_id = %(run_id)s) AS tallied,
+           coalesce(sum((report->>'skipped')::bigint), 0) AS skipped,
+           coalesce(sum((report->>'failed')::bigint), 0) AS failed_reported,
+           (SELECT pg_catalog.count(DISTINCT f.row_id) FROM embedfill.failures f
+            WHERE f.run_id = %(run_id)s) AS failed_recorded,
+           coalesce(sum((report->>'requests')::bigint), 0) AS requests,
+           coalesce(sum((report->>'tokens')::bigint), 0) AS tokens
+    FROM embedfill.workers WHERE run_id = %(run_id)s
+), t AS (
+    -- what was committed (a job from before tallies: what its workers reported)
+    SELECT CASE WHEN r.parameters ? 'tenants_before' THEN s.tallied ELSE s.reported END
+               AS embedded,
+           CASE WHEN r.parameters ? 'tenants_before' THEN s.failed_recorded
+                ELSE s.failed_reported END AS failed,
+           s.skipped, s.requests, s.tokens
+    FROM s, embedfill.runs r WHERE r.id = %(run_id)s
+)
 UPDATE embedfill.runs AS r
-SET embedded = s.embedded, skipped = s.skipped, failed = s.failed, requests = s.requests,
-    tokens = s.tokens,
+SET embedded = t.embedded, skipped = t.skipped, failed = t.failed, requests = t.requests,
+    tokens = t.tokens,
     -- a finished job's totals stay the sum of what its workers wrote (one still in flight
     -- when it ended counts too); only a running job's heartbeat moves
     heartbeat_at = CASE WHEN r.status = 'running' THEN now() ELSE r.heartbeat_at END,
     progress = CASE WHEN r.status <> 'running' THEN r.progress
-        ELSE jsonb_build_object('done', s.embedded + s.skipped + s.failed,
+        ELSE jsonb_build_object('done', t.embedded + t.skipped + t.failed,
                                 'total', r.missing_before, 'tenants', '[]'::jsonb) END
-FROM (SELECT coalesce(sum((report->>'embedded')::bigint), 0) AS embedded,
-             coalesce(sum((report->>'skipped')::bigint), 0) AS skipped,
-             coalesce(sum((report->>'failed')::bigint), 0) AS failed,
-             coalesce(sum((report->>'requests')::bigint), 0) AS requests,
-             coalesce(sum((report->>'tokens')::bigint), 0) AS tokens
-      FROM embedfill.workers WHERE run_id = %(run_id)s) AS s
+FROM t
 WHERE r.id = %(run_id)s
 RETURNING r.cancel_requested, r.status"""
 
 CHUNKS_OF_RUN = "SELECT count(*) FROM embedfill.chunks WHERE run_id = %(run_id)s"
 
 JOB_WORKERS = """
-SELECT worker, host, pid, chunks, report, started_at, heartbeat_at
+SELECT worker, host, pid, chunks, report, started_at, heartbeat_at, refused
 FROM embedfill.workers WHERE run_id = %(run_id)s ORDER BY started_at, worker"""
+
+# what a job committed: rows written per tenant and worker (the writes' own tallies),
+# rows failed per tenant (each row once, however often it was tried)
+JOB_TALLIES = """
+SELECT tenant, worker, pg_catalog.sum(embedded)::bigint FROM embedfill.tallies
+WHERE run_id = %(run_id)s GROUP BY tenant_key, tenant, worker"""
+JOB_FAILED = """
+SELECT tenant, pg_catalog.count(DISTINCT row_id) FROM embedfill.failures
+WHERE run_id = %(run_id)s GROUP BY tenant"""
 
 JOB_CHUNKS = """
 SELECT count(*) AS total,
@@ -295,19 +400,6 @@ RETURNING id"""
 # doing for a worker whose lock is free lost its process, and is handed out again now,
 # without waiting for the lease
 WORKER_LOCK = "SELECT pg_advisory_lock(hashtextextended(%(key)s, 0))"
-ORPHAN_CHUNKS = """
-SELECT c.run_id, c.seq, j.id AS job_id FROM embedfill.chunks c
-JOIN embedfill.procrastinate_jobs j
-  ON j.task_name = %(task)s AND j.status = 'doing'
- AND (j.args->>'run_id')::bigint = c.run_id AND (j.args->>'seq')::int = c.seq
-WHERE c.state = 'doing' AND c.worker IS NOT NULL AND NOT EXISTS (
-    SELECT 1 FROM pg_locks l
-    CROSS JOIN LATERAL (SELECT hashtextextended('embedfill:worker:' || c.worker, 0) AS k) h
-    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-      AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND l.classid = ((h.k >> 32) & 4294967295)::oid
-      AND l.objid = (h.k & 4294967295)::oid)"""
-
 # ---------------------------------------------------------------- provenance (freshness.py)
 
 # A vector column by its names (schema, table, column) as the catalog spells them now:

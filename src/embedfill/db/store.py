@@ -76,10 +76,14 @@ class Store:
         missing_before: int | None = None,
         table_oid: int | None = None,
         column: str | None = None,
+        kind: str | None = None,
+        spec: dict[str, Any] | None = None,
     ) -> int:
         cur = await self.conn.execute(
             q.INSERT_RUN,
             {
+                "kind": kind,
+                "spec": None if spec is None else Jsonb(spec),
                 "target": target,
                 "actor": actor,
                 "parameters": Jsonb(parameters),
@@ -189,15 +193,36 @@ class Store:
         """Inside a transaction: one job creation per table column at a time."""
         await self.conn.execute(q.JOB_CREATE_LOCK, {"key": key})
 
+    async def finishable_jobs(self) -> list[dict[str, Any]]:
+        """Running jobs with chunks, none of them open: to finish (what a spec is read
+        from)."""
+        async with self.conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(q.FINISHABLE_JOBS)
+            return await cur.fetchall()
+
+    async def adopt_spec(self, run_id: int, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """A job from before specs takes the spec of the first worker that works on it;
+        the job's row as it then is (another worker may have been first)."""
+        await self.conn.execute(q.ADOPT_SPEC, {"id": run_id, "kind": kind, "spec": Jsonb(spec)})
+        state = await self.run_state(run_id)
+        assert state is not None
+        return state
+
+    async def running_jobs_of(self, targets: list[str]) -> list[dict[str, Any]]:
+        """Jobs running for these target names: id, target, kind, spec and the rest a
+        spec is read from."""
+        async with self.conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(q.RUNNING_JOBS_OF, {"targets": targets})
+            return await cur.fetchall()
+
     async def active_job(self, table_oid: int, column: str) -> dict[str, Any] | None:
         async with self.conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(q.ACTIVE_JOB, {"table_oid": table_oid, "column": column})
             return await cur.fetchone()
 
-    async def add_chunks(
-        self, run_id: int, bounds: list[tuple[Any, Any]], *, queue: str, task: str
-    ) -> None:
-        """The job's chunks, and one queued procrastinate job for each."""
+    async def add_chunks(self, run_id: int, bounds: list[tuple[Any, Any]]) -> list[int]:
+        """The job's chunks, marked rung (the caller rings them in the same
+        transaction); their numbers."""
         await self.conn.execute(
             q.INSERT_CHUNKS,
             {
@@ -207,25 +232,22 @@ class Store:
                 "his": [Jsonb(hi) for _, hi in bounds],
             },
         )
-        await self.conn.execute(
-            q.DEFER_CHUNKS,
-            {"run_id": run_id, "chunks": len(bounds), "queue": queue, "task": task},
-        )
+        return list(range(1, len(bounds) + 1))
 
     async def claim_chunk(
-        self, run_id: int, seq: int, worker: str
+        self, run_id: int, seq: int, worker: str, lease_s: float
     ) -> tuple[Any, Any, int, list[str] | None] | None:
-        """(lo, hi, attempt, keys): a range, or a watch chunk's ids (keys)."""
+        """(lo, hi, attempt, keys): a range, or a watch chunk's ids (keys); None when the
+        chunk is over or a live worker holds it."""
         cur = await self.conn.execute(
-            q.CLAIM_CHUNK, {"run_id": run_id, "seq": seq, "worker": worker}
+            q.CLAIM_CHUNK, {"run_id": run_id, "seq": seq, "worker": worker, "lease_s": lease_s}
         )
         row = await cur.fetchone()
         return None if row is None else (row[0], row[1], int(row[2]), row[3])
 
-    async def add_key_chunks(
-        self, run_id: int, keys: list[list[str]], *, queue: str, task: str
-    ) -> None:
-        """Chunks of ids for a running (watch) job, each queued; inside a transaction."""
+    async def add_key_chunks(self, run_id: int, keys: list[list[str]]) -> list[int]:
+        """Chunks of ids for a running (watch) job, marked rung (the caller rings them in
+        the same transaction); their numbers."""
         cur = await self.conn.execute(q.NEXT_CHUNK_SEQ, {"run_id": run_id})
         row = await cur.fetchone()
         assert row is not None
@@ -234,16 +256,7 @@ class Store:
             q.INSERT_KEY_CHUNKS,
             {"run_id": run_id, "first": first, "keys": [Jsonb(k) for k in keys]},
         )
-        await self.conn.execute(
-            q.DEFER_CHUNK_RANGE,
-            {
-                "run_id": run_id,
-                "first": first,
-                "last": first + len(keys) - 1,
-                "queue": queue,
-                "task": task,
-            },
-        )
+        return list(range(first, first + len(keys)))
 
     async def open_chunk_keys(self, run_id: int) -> set[str]:
         cur = await self.conn.execute(q.OPEN_CHUNK_KEYS, {"run_id": run_id})
@@ -286,9 +299,40 @@ class Store:
         assert row is not None
         return int(row[0]), int(row[1])
 
-    async def cancel_chunks(self, run_id: int, task: str) -> None:
+    async def cancel_chunks(self, run_id: int) -> None:
+        """The job's chunks not started are cancelled (their queue entries, when rung,
+        find nothing to claim)."""
         await self.conn.execute(q.CANCEL_CHUNKS, {"run_id": run_id})
-        await self.conn.execute(q.CANCEL_QUEUED, {"run_id": run_id, "task": task})
+
+    async def heartbeat_chunks(self, worker: str, chunks: Iterable[tuple[int, int]]) -> None:
+        """Move the lease of these (run, chunk) that ``worker`` holds (a round trip even
+        when it holds none: the caller learns that its connection is alive)."""
+        held = sorted(chunks)
+        await self.conn.execute(
+            q.HEARTBEAT_CHUNKS,
+            {"worker": worker, "runs": [r for r, _ in held], "seqs": [s for _, s in held]},
+        )
+
+    async def release_lost_chunks(self) -> list[tuple[int, int]]:
+        """Chunks whose holder is gone (dead, or silent past its lease), back to todo."""
+        cur = await self.conn.execute(q.RELEASE_LOST_CHUNKS)
+        return [(int(r[0]), int(r[1])) for r in await cur.fetchall()]
+
+    async def chunks_to_ring(
+        self, limit: int, stale_s: float | None = None, pending: Iterable[str] = ()
+    ) -> list[tuple[int, int, str, str | None, bool]]:
+        """(run, chunk, target, fingerprint, platform key) of todo chunks to ring in the
+        queue, marked rung: never rung, or (with ``stale_s``) rung that long ago and not
+        ``pending``."""
+        cur = await self.conn.execute(
+            q.RING_CHUNKS, {"limit": limit, "stale_s": stale_s, "pending": sorted(pending)}
+        )
+        return [(int(r[0]), int(r[1]), str(r[2]), r[3], bool(r[4])) for r in await cur.fetchall()]
+
+    async def has_stale_rung(self, stale_s: float) -> bool:
+        cur = await self.conn.execute(q.STALE_RUNG, {"stale_s": stale_s})
+        row = await cur.fetchone()
+        return bool(row and row[0])
 
     async def run_state(self, run_id: int) -> dict[str, Any] | None:
         async with self.conn.cursor(row_factory=dict_row) as cur:
@@ -317,6 +361,12 @@ class Store:
             return "over"
         return "cancelling" if row[0] else "running"
 
+    async def refuse_job(self, run_id: int, worker: str, host: str, pid: int, setting: str) -> None:
+        await self.conn.execute(
+            q.REFUSE_JOB,
+            {"run_id": run_id, "worker": worker, "host": host, "pid": pid, "refused": setting},
+        )
+
     async def has_chunks(self, run_id: int) -> bool:
         cur = await self.conn.execute(q.CHUNKS_OF_RUN, {"run_id": run_id})
         row = await cur.fetchone()
@@ -326,6 +376,16 @@ class Store:
         async with self.conn.cursor(row_factory=dict_row) as cur:
             await cur.execute(q.JOB_WORKERS, {"run_id": run_id})
             return await cur.fetchall()
+
+    async def job_tallies(self, run_id: int) -> list[tuple[str | None, str, int]]:
+        """(tenant, worker, rows written) committed for the job."""
+        cur = await self.conn.execute(q.JOB_TALLIES, {"run_id": run_id})
+        return [(r[0], str(r[1]), int(r[2])) for r in await cur.fetchall()]
+
+    async def job_failed(self, run_id: int) -> dict[str | None, int]:
+        """Rows failed per tenant, each once."""
+        cur = await self.conn.execute(q.JOB_FAILED, {"run_id": run_id})
+        return {r[0]: int(r[1]) for r in await cur.fetchall()}
 
     async def job_chunks(self, run_id: int) -> dict[str, Any]:
         async with self.conn.cursor(row_factory=dict_row) as cur:
@@ -357,11 +417,6 @@ class Store:
 
     async def hold_worker_lock(self, worker: str) -> None:
         await self.conn.execute(q.WORKER_LOCK, {"key": f"embedfill:worker:{worker}"})
-
-    async def orphan_chunks(self, task: str) -> list[tuple[int, int, int]]:
-        """(run, chunk, procrastinate job) of chunks whose worker process is gone."""
-        cur = await self.conn.execute(q.ORPHAN_CHUNKS, {"task": task})
-        return [(int(r[0]), int(r[1]), int(r[2])) for r in await cur.fetchall()]
 
     # ---------------------------------------------------------------- rate budgets
 

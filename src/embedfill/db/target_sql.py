@@ -16,6 +16,17 @@ from ..config import TargetConfig
 
 INTEGER_TYPES = ("smallint", "integer", "bigint")
 PROVENANCE = sql.Identifier("embedfill", "provenance")
+# the write's tally of a job's rows (see ``_write_names``); nothing without a job
+TALLY = (
+    ", embedfill_tally AS ("
+    "INSERT INTO embedfill.tallies AS y (run_id, worker, writer, tenant_key, tenant, embedded)"
+    " SELECT %(run_id)s, %(worker)s, pg_catalog.pg_backend_pid(),"
+    " CASE WHEN w.tenant IS NULL THEN 'n' ELSE 't' OPERATOR(pg_catalog.||) w.tenant END,"
+    " w.tenant, pg_catalog.count(*) FROM embedfill_written AS w"
+    " WHERE %(run_id)s::bigint IS NOT NULL GROUP BY w.tenant"
+    " ON CONFLICT (run_id, worker, writer, tenant_key)"
+    " DO UPDATE SET embedded = y.embedded OPERATOR(pg_catalog.+) excluded.embedded)"
+)
 # the characters Python's str.strip() removes (str.isspace): a text made only of these is
 # blank to the engine (planning.prepare_text), so the watch's poll must not queue it
 BLANK = (
@@ -234,7 +245,8 @@ class TargetSQL:
         return sql.SQL(
             "WITH embedfill_batch AS ("
             "SELECT * FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[],"
-            " %(md5s)s::uuid[]) AS u(embedfill_id, embedfill_fp, embedfill_vec, embedfill_md5)"
+            " %(md5s)s::uuid[], %(tenants)s::text[])"
+            " AS u(embedfill_id, embedfill_fp, embedfill_vec, embedfill_md5, embedfill_tenant)"
             "), embedfill_locked AS ("
             "SELECT {t_id} AS id FROM {table} AS t"
             " JOIN embedfill_batch AS b ON {t_id} = b.embedfill_id"
@@ -244,8 +256,8 @@ class TargetSQL:
             " WHERE {t_id} = b.embedfill_id AND {keys}"
             " AND {t_id} IN (SELECT id FROM embedfill_locked)"
             "{guard} AND {fp} = b.embedfill_fp"
-            " RETURNING {t_id} AS id, b.embedfill_md5 AS text_md5"
-            "){provenance} SELECT (SELECT count(*) FROM embedfill_locked),"
+            " RETURNING {t_id} AS id, b.embedfill_md5 AS text_md5, b.embedfill_tenant AS tenant"
+            "){provenance}{tally} SELECT (SELECT count(*) FROM embedfill_locked),"
             " (SELECT array_agg(id) FROM embedfill_written)"
         ).format(**self._write_names(refresh))
 
@@ -257,12 +269,14 @@ class TargetSQL:
         return sql.SQL(
             "WITH embedfill_written AS ("
             "UPDATE {table} AS t SET {emb} = b.embedfill_vec"
-            " FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[], %(md5s)s::uuid[])"
-            " AS b(embedfill_id, embedfill_fp, embedfill_vec, embedfill_md5)"
+            " FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[], %(md5s)s::uuid[],"
+            " %(tenants)s::text[])"
+            " AS b(embedfill_id, embedfill_fp, embedfill_vec, embedfill_md5, embedfill_tenant)"
             " WHERE {t_id} = b.embedfill_id AND {keys}"
             "{guard} AND {fp} = b.embedfill_fp"
-            " RETURNING {t_id} AS id, b.embedfill_md5 AS text_md5"
-            "){provenance} SELECT cardinality({ids}), (SELECT array_agg(id) FROM embedfill_written)"
+            " RETURNING {t_id} AS id, b.embedfill_md5 AS text_md5, b.embedfill_tenant AS tenant"
+            "){provenance}{tally}"
+            " SELECT cardinality({ids}), (SELECT array_agg(id) FROM embedfill_written)"
         ).format(**self._write_names(refresh))
 
     def _write_names(self, refresh: bool) -> dict[str, sql.Composable]:
@@ -270,7 +284,10 @@ class TargetSQL:
         scan (see ``write``); ``provenance`` records, for each row written, the md5 of the
         text the scan read and embedded (``md5s``, computed by the server as the scan read
         the row: not re-rendered from the row as written, which an app's BEFORE UPDATE
-        trigger may have rewritten), with params ``column_id`` and ``model_id``."""
+        trigger may have rewritten), with params ``column_id`` and ``model_id``; ``tally``
+        adds the rows written, per tenant, to the writer's own row of the job's tallies
+        (params ``run_id``, ``worker``; the writer is its server process), so a job's
+        counts are committed with the rows they count."""
         ids = sql.SQL("%(ids)b::{}[]").format(sql.SQL(self.types.id_type))
         t_id = sql.Identifier("t", self.target.id_column)
         if self.integer_ids:
@@ -295,6 +312,7 @@ class TargetSQL:
                 " ON CONFLICT (column_id, row_key) DO UPDATE SET model_id = excluded.model_id,"
                 " text_md5 = excluded.text_md5, embedded_at = excluded.embedded_at)"
             ).format(prov=PROVENANCE),
+            "tally": sql.SQL(TALLY),
         }
 
     def still_owed(self, refresh: bool = False) -> sql.Composed:
@@ -320,6 +338,18 @@ class TargetSQL:
     def count_missing(self, *, tenants: bool) -> sql.Composed:
         return sql.SQL("SELECT count(*) FROM {table} WHERE {emb} IS NULL{tenants}").format(
             table=self.table, emb=self.emb, tenants=self._tenant_filter(tenants)
+        )
+
+    def count_missing_by_tenant(self, *, tenants: bool) -> sql.Composed:
+        """Per tenant (NULL: no tenant column): rows whose embedding is NULL."""
+        return sql.SQL(
+            "SELECT {tenant}, pg_catalog.count(*) FROM {table}"
+            " WHERE {emb} IS NULL{tenants} GROUP BY 1"
+        ).format(
+            tenant=self._tenant_text(),
+            table=self.table,
+            emb=self.emb,
+            tenants=self._tenant_filter(tenants),
         )
 
     def watch_keys(self, *, outdated: bool, first: bool) -> sql.Composed:
@@ -354,15 +384,17 @@ class TargetSQL:
         )
 
     def count_outdated(self, *, tenants: bool) -> sql.Composed:
+        """Per tenant (NULL: no tenant column), (stale, outdated_model) of the rows with a
+        vector (see ``status_by_tenant``)."""
         emb = sql.Identifier("t", self.target.embedding_column)
-        """(stale, outdated_model) of the rows with a vector (see ``status_by_tenant``)."""
         return sql.SQL(
-            "SELECT count(*) FILTER (WHERE p.model_id = %(model_id)s),"
+            "SELECT {tenant}, count(*) FILTER (WHERE p.model_id = %(model_id)s),"
             " count(*) FILTER (WHERE p.model_id <> %(model_id)s)"
             " FROM {table} AS t JOIN {prov} AS p ON {of}"
             " WHERE {emb} IS NOT NULL"
-            " AND (p.model_id <> %(model_id)s OR p.text_md5 <> {md5}){tenants}"
+            " AND (p.model_id <> %(model_id)s OR p.text_md5 <> {md5}){tenants} GROUP BY 1"
         ).format(
+            tenant=self._tenant_text("t"),
             table=self.table,
             prov=PROVENANCE,
             of=self._provenance_of("t"),

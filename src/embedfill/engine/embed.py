@@ -20,7 +20,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
 
 from ..errors import (
     AuthFailed,
@@ -42,26 +43,28 @@ from ..providers.base import Embeddings
 from ..providers.limits import RateSignals, pause_for
 from ..retry import decide, server_wait
 from ..secrets import Secret
-from .state import _Write
+from .state import PendingWrite
 from .tally import TallyStage
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 
 MAX_CHUNK_ATTEMPTS = 3  # a chunk given back this often fails its rows like a lone run
 PROBE_TEXT = "test"  # what any embedding model accepts: see _rejects_everything
 
 
 class _Stopped(Exception):
-    """The run is stopping (cancelled or halted): this batch is not sent, its rows stay
-    NULL for the next run and are not failures."""
+    """The run is stopping (cancelled, halted or abandoned): this batch is not sent, or
+    its request was abandoned; its rows stay NULL for the next run and are not
+    failures."""
 
 
 class EmbedStage(TallyStage):
     """Keys, limits, retries, bisection and answer checks (see the module doc)."""
 
     async def _embedder(
-        self, embed_q: asyncio.Queue[Batch | None], write_q: asyncio.Queue[_Write | None]
+        self, embed_q: asyncio.Queue[Batch | None], write_q: asyncio.Queue[PendingWrite | None]
     ) -> None:
         while (batch := await embed_q.get()) is not None:
             if self.stopping or _given_up(batch):
@@ -75,7 +78,7 @@ class EmbedStage(TallyStage):
             dropped.extend(self.inflight.pop(row.fingerprint, []))
         self._settle(dropped)
 
-    async def _embed(self, batch: Batch, write_q: asyncio.Queue[_Write | None]) -> None:
+    async def _embed(self, batch: Batch, write_q: asyncio.Queue[PendingWrite | None]) -> None:
         tenant = self._tenant(batch.tenant)
         resolved = await self.keys.resolve(batch.tenant)
         tenant.key_source = resolved.source
@@ -127,7 +130,7 @@ class EmbedStage(TallyStage):
             )
             self._fail(batch, exc, exc.attempts)
             return
-        write = _Write([], [])
+        write = PendingWrite([], [])
         unusable = set(non_finite(vectors))
         for i, (row, vector) in enumerate(zip(batch.rows, vectors, strict=True)):
             if i in unusable:  # pgvector refuses NaN and infinity: this row alone fails
@@ -173,7 +176,9 @@ class EmbedStage(TallyStage):
         self.report.requests += 1
         started = time.monotonic()
         try:
-            await self.provider.embed([PROBE_TEXT], api_key=key)
+            await self._unless_abandoned(self.provider.embed([PROBE_TEXT], api_key=key))
+        except _Stopped:
+            return None  # no verdict, and nothing more is sent
         except ProviderError as exc:
             self.hooks.observer.request(
                 self.target.name, str(exc.status or "error"), time.monotonic() - started
@@ -186,6 +191,32 @@ class EmbedStage(TallyStage):
         self.report.tokens += tokens
         self.proven = True
         return None
+
+    async def _unless_abandoned(self, request: Coroutine[Any, Any, T]) -> T:
+        """The provider's answer, or ``_Stopped`` once the process abandons its requests
+        in flight (state.abandon_requests): the request is cancelled, its connection
+        closed, rather than waited for up to ``timeout_s``."""
+        if self._abandon is None:
+            return await request
+        if self._abandon.is_set():
+            request.close()
+            self._abandon_now()
+            raise _Stopped
+        task = asyncio.ensure_future(request)
+        abandoned = asyncio.ensure_future(self._abandon.wait())
+        try:
+            await asyncio.wait([task, abandoned], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this embedder is cancelled: so is its request
+            task.cancel()
+            raise
+        finally:
+            abandoned.cancel()
+        if task.done():  # answered (or failed) before it was abandoned
+            return task.result()
+        self._abandon_now()  # before its rows are dropped: see _abandon_now
+        task.cancel()
+        await asyncio.wait([task], timeout=1.0)  # the client closes its connection
+        raise _Stopped
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[None]:
@@ -241,7 +272,9 @@ class EmbedStage(TallyStage):
                     self.report.requests += 1
                     tenant.requests += 1
                     started = time.monotonic()
-                    answer = await self.provider.embed(batch.texts, api_key=key)
+                    answer = await self._unless_abandoned(
+                        self.provider.embed(batch.texts, api_key=key)
+                    )
                     vectors = check_vectors(answer, len(batch.rows))
                     self.concurrency.succeeded(time.monotonic() - started)
             except ProviderError as exc:

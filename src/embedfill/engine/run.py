@@ -28,13 +28,13 @@ from ..models import Batch, Report
 from ..planning import estimate_cost
 from .embed import EmbedStage
 from .scan import ScanStage
-from .state import _Write
+from .state import Chunk, PendingWrite
 from .write import WriteStage
 
 log = logging.getLogger(__name__)
 
 
-class _Run(ScanStage, EmbedStage, WriteStage):
+class Run(ScanStage, EmbedStage, WriteStage):
     """One run of one target: a dry run (``execute``) or a worker's session of a job
     (``serve``). The stages share one RunState (state.py)."""
 
@@ -113,6 +113,16 @@ class _Run(ScanStage, EmbedStage, WriteStage):
             self.chunks.clear()
         return self.report
 
+    async def submit(self, chunk: Chunk) -> None:
+        """Work on one chunk of the job (scan.py); one handed in after the process
+        abandoned its requests (state.abandon_requests) goes straight back to the queue,
+        not marked done (or cancelled) with its rows unread."""
+        if self.abandoned:
+            self._abandon_now()
+            if not self.hooks.cancel.is_set():
+                chunk.given_up = True
+        await super().submit(chunk)
+
     def _final_status(self) -> str:
         if self.hooks.cancel.is_set():
             return "cancelled"
@@ -123,7 +133,7 @@ class _Run(ScanStage, EmbedStage, WriteStage):
         # room for about one full write of embedded batches: enough to coalesce, and a
         # bound on what a kill -9 can lose after it was paid for
         per_write = -(-self.engine.write_batch_rows // self.batch_size)
-        write_q: asyncio.Queue[_Write | None] = asyncio.Queue(max(2, per_write))
+        write_q: asyncio.Queue[PendingWrite | None] = asyncio.Queue(max(2, per_write))
         writer_conns: list[psycopg.AsyncConnection[Any]] = []
         try:
             n_writers = self.db.writers(self.engine.write_concurrency)
@@ -136,6 +146,7 @@ class _Run(ScanStage, EmbedStage, WriteStage):
                 ]
                 writers = [tg.create_task(self._writer(c, write_q)) for c in writer_conns]
                 watcher = tg.create_task(self._watch_cancel())
+                abandoner = tg.create_task(self._watch_abandon())
                 kicker = tg.create_task(self._kick_locked(write_q)) if self.seat else None
                 await self._produce(embed_q, write_q)
                 for _ in workers:
@@ -148,6 +159,7 @@ class _Run(ScanStage, EmbedStage, WriteStage):
                     kicker.cancel()
                 await self._settle_locked(writer_conns[0])
                 watcher.cancel()
+                abandoner.cancel()
         except* EmbedfillError as group:
             raise group.exceptions[0] from None
         except* psycopg.Error as group:

@@ -25,7 +25,7 @@ from psycopg import sql
 
 from ..models import Batch, Row
 from ..planning import BoundedCache, TenantBatcher, prepare_text
-from .state import Chunk, _Write
+from .state import Chunk, PendingWrite
 from .tally import TallyStage
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ class ScanStage(TallyStage):
         self.report.tokens += batch.tokens
 
     async def _produce(
-        self, embed_q: asyncio.Queue[Batch | None], write_q: asyncio.Queue[_Write | None]
+        self, embed_q: asyncio.Queue[Batch | None], write_q: asyncio.Queue[PendingWrite | None]
     ) -> None:
         batcher = self._batcher()
         if self.seat is None:
@@ -230,12 +230,12 @@ class ScanStage(TallyStage):
         chunk: Chunk | None,
         batcher: TenantBatcher,
         embed_q: asyncio.Queue[Batch | None],
-        write_q: asyncio.Queue[_Write | None],
+        write_q: asyncio.Queue[PendingWrite | None],
     ) -> None:
         async for page in self._pages(chunk):
             if self.stopping or (chunk is not None and chunk.given_up):
                 return
-            hits = _Write([], [])
+            hits = PendingWrite([], [])
             for n, raw in enumerate(page, 1):
                 if n % YIELD_EVERY_ROWS == 0:
                     # rendering and counting tokens is CPU work: let responses that have

@@ -3,10 +3,13 @@ worker session feeds it, and ``RunState``, the state every stage reads and write
 the one way a run stops.
 
 Every wait (rate limits, Retry-After, backoff) wakes at once when the run is cancelled;
-the batches not yet sent stay NULL for the next run. A problem that would fail every
-batch (the provider answers another size than the column's, or rejects even a one-word
-request) halts the run: nothing more is sent, what was answered is still written, and
-the run ends with the reason (exit 2 if nothing was written, else RunAborted, exit 3).
+the batches not yet sent stay NULL for the next run. A process that shuts down (the
+CLI's SIGTERM, see ``abandon_requests``) abandons its provider requests in flight: their
+rows stay NULL too, and a job that goes on gets the session's chunks back in its queue.
+A problem that would fail every batch (the provider answers another size than the
+column's, or rejects even a one-word request) halts the run: nothing more is sent, what
+was answered is still written, and the run ends with the reason (exit 2 if nothing was
+written, else RunAborted, exit 3).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +46,16 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[Report], None]
 
+# Set by what owns the process's shutdown (the CLI, on SIGTERM or SIGINT plus a grace):
+# once the event is set, every run started in this context (the tasks a worker or a
+# backfill starts inherit it) abandons its provider requests in flight instead of
+# waiting up to ``timeout_s`` for them, sends nothing more, and writes what was answered.
+# The rows of an abandoned request stay NULL, never failed; a session of a job that goes
+# on (the worker leaves, the job was not cancelled) hands its chunks back to the queue.
+# A context variable rather than a parameter: a worker's sessions are created deep in
+# the job queue's tasks, and they inherit it from the command that started them.
+abandon_requests: ContextVar[asyncio.Event | None] = ContextVar("abandon_requests", default=None)
+
 
 @dataclass(frozen=True)
 class BackfillOptions:
@@ -65,7 +79,7 @@ class BackfillOptions:
 
 
 @dataclass
-class _Write:
+class PendingWrite:
     rows: list[Row]
     vectors: list[Vector]
 
@@ -114,7 +128,7 @@ class Observer:
 
 
 @dataclass
-class _Hooks:
+class Hooks:
     on_progress: ProgressCallback | None = None
     on_start: Callable[[int], None] | None = None
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
@@ -155,7 +169,7 @@ class RunState:
         opts: BackfillOptions,
         provider: Provider,
         engine: Any,
-        hooks: _Hooks,
+        hooks: Hooks,
         env: Mapping[str, str],
         seat: WorkerSeat | None = None,
     ) -> None:
@@ -199,7 +213,7 @@ class RunState:
             scope = f"{pconf.kind}|{pconf.base_url or ''}|{pconf.model}"
             self.limits = SharedLimits(self.store, Rates(pconf.rpm, pconf.tpm), scope)
         self.pending_failures: list[Failure] = []
-        self.locked: list[tuple[float, _Write]] = []  # (retry at, rows) the app held locked
+        self.locked: list[tuple[float, PendingWrite]] = []  # (retry at, rows) the app held locked
         self._locked_since: dict[Any, float] = {}  # when each such row was first found locked
         self._last_progress = 0.0
         self._tenants: dict[str | None, TenantReport] = {}
@@ -208,7 +222,9 @@ class RunState:
         self._max_tokens = provider.max_input_tokens
         self.vector_oid = 0
         self.dims = info.dimensions  # learnt from the first answer when neither side says
-        self._stop = asyncio.Event()  # set on cancel or halt: every wait wakes up
+        self._stop = asyncio.Event()  # set on cancel, halt or abandon: every wait wakes up
+        self._abandon = abandon_requests.get()  # set: the process abandons its requests
+        self._abandoning = False
         self.halted: EmbedfillError | None = None  # why the run stops early, if it does
         self.proven = False  # a request of this run succeeded: model and dimensions work
         self._probe: asyncio.Task[BadInput | None] | None = None
@@ -235,8 +251,41 @@ class RunState:
         await self.hooks.cancel.wait()
         self._stop.set()
 
+    @property
+    def abandoned(self) -> bool:
+        """The process abandons its provider requests in flight (``abandon_requests``)."""
+        return self._abandon is not None and self._abandon.is_set()
+
+    async def _watch_abandon(self) -> None:
+        if self._abandon is not None:
+            await self._abandon.wait()
+            self._abandon_now()
+
+    def _abandon_now(self) -> None:
+        """Stop for a shutdown (``abandon_requests``): nothing more is sent, the requests
+        in flight are abandoned (embed.py), what was answered is still written. Unless
+        the job was cancelled, the session's chunks go back to the queue (``given_up``)
+        before any of their rows is dropped, so none is marked done with rows left NULL."""
+        if self._abandoning:
+            return
+        self._abandoning = True
+        back = [] if self.hooks.cancel.is_set() else sorted(self.chunks, key=lambda c: c.seq)
+        for chunk in back:
+            chunk.given_up = True
+        if self._in_flight or back:
+            log.warning(
+                "run %s: shutting down: the provider requests in flight are abandoned, "
+                "their rows stay NULL%s",
+                self.report.run_id,
+                f"; chunks {', '.join(str(c.seq) for c in back)} go back to the queue"
+                if back
+                else "",
+            )
+        self._stop.set()
+
     async def _sleep(self, seconds: float) -> bool:
-        """Wait, waking at once when the run is cancelled or halted; True when it was."""
+        """Wait, waking at once when the run is cancelled, halted or abandoned; True when
+        it was."""
         if seconds > 0 and not self.stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(seconds):

@@ -30,7 +30,7 @@ from ..db.connect import connect
 from ..errors import DatabaseError
 from ..errors import first_line as _first_line
 from ..models import Row
-from .state import _Write
+from .state import PendingWrite
 from .tally import TallyStage
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class WriteStage(TallyStage):
         self.vector_oid = await wire.register(conn, self.info.types.vector_type)
 
     async def _writer(
-        self, conn: psycopg.AsyncConnection[Any], write_q: asyncio.Queue[_Write | None]
+        self, conn: psycopg.AsyncConnection[Any], write_q: asyncio.Queue[PendingWrite | None]
     ) -> None:
         done = False
         while not done:
@@ -94,7 +94,7 @@ class WriteStage(TallyStage):
             if item.rows:
                 await self._write(conn, item)
 
-    async def _write(self, conn: psycopg.AsyncConnection[Any], item: _Write) -> None:
+    async def _write(self, conn: psycopg.AsyncConnection[Any], item: PendingWrite) -> None:
         """One guarded bulk write in its own short transaction. Rows the app holds locked
         are set aside and tried again later in the run; a lock or statement timeout, a
         deadlock or a serialization failure retries the write with backoff."""
@@ -104,6 +104,10 @@ class WriteStage(TallyStage):
             "fps": wire.fixed_text_array([r.fingerprint for r in item.rows], 32),
             "vecs": wire.vector_array(item.vectors, self.vector_oid),
             "md5s": [r.text_md5 for r in item.rows],
+            "tenants": [r.tenant for r in item.rows],
+            # the job's tally, committed with the rows (no job: nothing counted there)
+            "run_id": self.seat.run_id if self.seat else None,
+            "worker": self.seat.name if self.seat else "",
             **self.prov.params(),
         }
         if self.sql.integer_ids:
@@ -167,11 +171,11 @@ class WriteStage(TallyStage):
         cur = await conn.execute(self.sql.still_owed(self.refresh), params)
         return written, {r[0] for r in await cur.fetchall()} - written
 
-    def _tally_write(self, item: _Write, result: tuple[set[Any], set[Any]]) -> None:
+    def _tally_write(self, item: PendingWrite, result: tuple[set[Any], set[Any]]) -> None:
         written, busy = result
         if busy:
             due = time.monotonic() + LOCKED_RETRY_S
-            waiting = _Write([], [])
+            waiting = PendingWrite([], [])
             for row, vector in zip(item.rows, item.vectors, strict=True):
                 if row.id in busy:
                     waiting.rows.append(row)
@@ -186,7 +190,7 @@ class WriteStage(TallyStage):
             )
         self._count_written([r for r in item.rows if r.id not in busy], written)
 
-    async def _kick_locked(self, write_q: asyncio.Queue[_Write | None]) -> None:
+    async def _kick_locked(self, write_q: asyncio.Queue[PendingWrite | None]) -> None:
         """A session never ends between chunks, so rows the app holds locked are retried
         on a timer (an empty write picks up the due ones) and given up after
         ``locked_rows_wait_s``: their chunk cannot finish before."""
@@ -207,9 +211,9 @@ class WriteStage(TallyStage):
                 self.locked = [(t, w) for t, w in self.locked if w not in expired]
                 self._give_up_locked([r for w in expired for r in w.rows])
             if self.locked:
-                await write_q.put(_Write([], []))
+                await write_q.put(PendingWrite([], []))
 
-    def _take_due_locked(self, item: _Write) -> None:
+    def _take_due_locked(self, item: PendingWrite) -> None:
         """Add the rows set aside as locked whose time to retry has come."""
         now = time.monotonic()
         due = [w for t, w in self.locked if t <= now]
@@ -233,7 +237,7 @@ class WriteStage(TallyStage):
             if await self._sleep(min(wait, max(0.0, deadline - now))):
                 break
             wait = min(wait * 2, 4.0)
-            item = _Write([], [])
+            item = PendingWrite([], [])
             for _, w in self.locked:
                 item.rows.extend(w.rows)
                 item.vectors.extend(w.vectors)

@@ -129,6 +129,7 @@ class WorkerBody(BaseModel):
     requests: int
     started_at: str | None
     last_heartbeat: str | None
+    refused: str | None = None  # the setting in which this worker differs from the job
 
 
 class JobBody(BaseModel):
@@ -144,8 +145,8 @@ class JobBody(BaseModel):
     heartbeat_at: Any
     report: ReportBody | None
     error: str | None
-    workers: list[WorkerBody] = []  # the job's own route: each worker's part
-    chunks: dict[str, int] = {}  # the job's own route: chunks by state
+    workers: list[WorkerBody] = []  # each worker's part (and those that refused the job)
+    chunks: dict[str, int] = {}  # chunks by state
 
 
 class JobList(BaseModel):

@@ -18,6 +18,11 @@ def check_available(config: ProviderConfig) -> None:
         require_local_extra()
 
 
+def needs_key(config: ProviderConfig) -> bool:
+    """Whether this kind of provider is paid with an API key (local and hash are not)."""
+    return config.kind == "openai"
+
+
 def make_provider(config: ProviderConfig) -> Provider:
     """Create the provider for a config. Clients and models load lazily, once."""
     if config.kind == "openai":
@@ -33,4 +38,4 @@ def make_provider(config: ProviderConfig) -> Provider:
     return HashProvider(config)
 
 
-__all__ = ["Provider", "Vector", "check_available", "make_provider"]
+__all__ = ["Provider", "Vector", "check_available", "make_provider", "needs_key"]

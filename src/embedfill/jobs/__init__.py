@@ -19,25 +19,29 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import psycopg
 
-from . import errors
-from .config import TargetConfig
-from .db import indexes
-from .db.catalog import TableInfo, count_missing, count_outdated
-from .db.store import Store
-from .db.target_sql import TargetSQL
-from .errors import EmbedfillError, RunAborted, TargetBusy
-from .errors import first_line as _first_line
-from .freshness import mixing_warning
-from .models import Report, TenantReport
+from .. import errors
+from ..config import ProviderConfig, TargetConfig
+from ..db import indexes
+from ..db.catalog import TableInfo, count_missing_by_tenant, count_outdated_by_tenant
+from ..db.store import Store
+from ..db.target_sql import TargetSQL
+from ..errors import EmbedfillError, RunAborted, TargetBusy
+from ..errors import first_line as _first_line
+from ..freshness import mixing_warning
+from ..models import Report, TenantReport
+from ..providers import needs_key
+from .queue import TASK as TASK
+from .queue import queue_for as queue_for
+from .queue import ring
+from .spec import JobSpec, vector_settings
 
 log = logging.getLogger(__name__)
 
-TASK = "embedfill.chunk"
 MAX_REPORTED_FAILURES = 1000
 _SUMMED = (
     "embedded",
@@ -65,9 +69,26 @@ _TENANT_SUMMED = (
 )
 
 
-def queue_for(target: str) -> str:
-    """The procrastinate queue of a target's chunks (a worker serves a set of targets)."""
-    return f"embedfill:{target}"[:128]
+def spec_of(
+    kind: str,
+    target: TargetConfig,
+    pconf: ProviderConfig,
+    info: TableInfo,
+    *,
+    env: Mapping[str, str],
+) -> JobSpec:
+    """The spec of a job of ``kind`` on ``target`` as this process resolves it (its
+    config, the live table, its environment): what a job is created with, and what a
+    worker compares with a job's before it works on it."""
+    settings = vector_settings(target, pconf)
+    return JobSpec(
+        kind=kind,
+        target=target.name,
+        table_oid=info.oid,
+        column=target.embedding_column,
+        settings=settings,
+        platform_key=needs_key(pconf) and bool(env.get(pconf.api_key_env, "").strip()),
+    )
 
 
 def lock_key(table_oid: int, column: str) -> str:
@@ -119,6 +140,7 @@ async def plan_chunks(
 async def create_or_join(
     conn: psycopg.AsyncConnection[Any],
     *,
+    spec: JobSpec,
     target: TargetConfig,
     info: TableInfo,
     parameters: dict[str, Any],
@@ -129,41 +151,67 @@ async def create_or_join(
     exclusive: bool,
     provenance: dict[str, Any] | None = None,
 ) -> tuple[int, bool]:
-    """(job id, joined): the running job of this table column, or a new one. With
-    ``provenance`` (``--refresh``: the column's and model's numbers) the job re-embeds
-    stale and outdated-model rows besides NULL ones; a refresh does not join a plain
-    backfill (it would leave the outdated rows), and nothing joins a watch job."""
+    """(job id, joined): the running job of this table column, or a new one of
+    ``spec``. With ``provenance`` (a refresh: the column's and model's numbers) the job
+    re-embeds stale and outdated-model rows besides NULL ones. Only a job of the same
+    kind and fingerprint is joined: a refresh does not join a plain backfill (it would
+    leave the outdated rows), nothing joins a watch job, and a job that writes other
+    vectors (another model, template, key source) is refused, naming the setting."""
     store = Store(conn)
     tsql = TargetSQL(target, info.types)
     key = lock_key(info.oid, target.embedding_column)
     async with conn.transaction():
         await store.lock_for_create(key)
         active = await store.active_job(info.oid, target.embedding_column)
-        running = (active or {}).get("parameters") or {}
-        if (
-            active is not None
-            and not running.get("watch")
-            and not await store.has_chunks(active["id"])
-        ):
-            raise _busy(target, active)  # a live run of an embedfill before jobs
         if active is not None:
-            if running.get("watch"):
-                raise _busy(
-                    target, active, "it is kept filled by `embedfill watch`; stop the watch"
+            running = JobSpec.from_record(active)
+            if not running.settings and running.behaviour.joinable:
+                # a job from before specs: the backfill that joins it says what it writes
+                # (its workers refuse it until then)
+                adopted = JobSpec(
+                    running.kind,
+                    running.target,
+                    running.table_oid,
+                    running.column,
+                    spec.settings,
+                    spec.platform_key,
                 )
-            if provenance is not None and not running.get("refresh"):
+                running = JobSpec.from_record(
+                    await store.adopt_spec(int(active["id"]), running.kind, adopted.to_json())
+                )
+            if not running.behaviour.open_ended and not await store.has_chunks(active["id"]):
+                raise _busy(target, active)  # a live run of an embedfill before jobs
+            if not running.behaviour.joinable:
+                raise _busy(target, active, f"it is a {running.kind} job: {running.behaviour.ends}")
+            if spec.behaviour.refresh and not running.behaviour.refresh:
                 raise _busy(
                     target, active, "it re-embeds no outdated rows; wait for it, then refresh"
                 )
             if exclusive or active["target"] != target.name:
                 raise _busy(target, active)
+            differs = running.differs(spec.settings, platform_key=spec.platform_key)
+            if differs is not None:
+                raise _busy(
+                    target,
+                    active,
+                    f"it writes vectors with {running.refusal_detail(differs, spec.settings)}; "
+                    "wait for it or cancel it",
+                )
             return int(active["id"]), True
-        missing = await count_missing(conn, tsql, tenants)
+        # what each tenant has to do, counted once: a tenant's `missing` in the report
+        # (however often its rows are read again after a kill) never exceeds its rows
+        todo = await count_missing_by_tenant(conn, tsql, tenants)
+        missing = sum(todo.values())
         if provenance is not None:
-            stale, outdated = await count_outdated(conn, tsql, tenants, provenance)
+            by_tenant = await count_outdated_by_tenant(conn, tsql, tenants, provenance)
+            stale = sum(s for s, _ in by_tenant.values())
+            outdated = sum(o for _, o in by_tenant.values())
+            for tenant, (s, o) in by_tenant.items():
+                todo[tenant] = todo.get(tenant, 0) + s + o
             parameters = parameters | {"stale_before": stale + outdated}
             if outdated:
                 parameters["warnings"] = [mixing_warning(target.name, outdated)]
+        parameters = parameters | {"tenants_before": sorted(todo.items(), key=_tenant_order)}
         run_id = await store.create_run(
             target=target.name,
             actor=actor,
@@ -172,9 +220,12 @@ async def create_or_join(
             missing_before=min(missing, limit or missing),
             table_oid=info.oid,
             column=target.embedding_column,
+            kind=spec.kind,
+            spec=spec.to_json(),
         )
         bounds = await plan_chunks(conn, tsql, tenants, limit, chunk_rows, provenance)
-        await store.add_chunks(run_id, bounds, queue=queue_for(target.name), task=TASK)
+        seqs = await store.add_chunks(run_id, bounds)
+        await ring(conn, [(run_id, seq, spec.queue) for seq in seqs])
     log.info("job %s: %d rows in %d chunks", run_id, missing, len(bounds))
     return run_id, False
 
@@ -206,6 +257,10 @@ async def take_over_legacy(
             await store.unlock(key)
 
 
+def _tenant_order(item: tuple[str | None, int]) -> tuple[bool, str]:
+    return item[0] is not None, item[0] or ""
+
+
 def _busy(target: TargetConfig, active: dict[str, Any], why: str | None = None) -> TargetBusy:
     where = f"column {target.embedding_column!r} of {target.table}"
     other = active["target"]
@@ -224,40 +279,75 @@ def _busy(target: TargetConfig, active: dict[str, Any], why: str | None = None) 
 
 
 async def open_watch_job(
-    conn: psycopg.AsyncConnection[Any], *, target: TargetConfig, info: TableInfo, actor: str
+    conn: psycopg.AsyncConnection[Any],
+    *,
+    spec: JobSpec,
+    target: TargetConfig,
+    info: TableInfo,
+    actor: str,
 ) -> int | None:
     """The column's watch job (``embedfill watch``): the one running (a watch that died
     left it: resumed), or a new one; None while another job (a backfill) runs on the
     column, which the watch waits for. A watch job re-embeds outdated rows too, its
     chunks are lists of ids the watcher adds as it notices them, and it ends only when
-    the watch stops (``finish(..., end_watch=True)``)."""
+    the watch stops (``finish(..., end_watch=True)``). Call it as the column's elected
+    watcher: a watch job left by a watcher configured otherwise (another model, say) is
+    ended, and a new one of ``spec`` opened, since no worker of this config would take
+    its chunks."""
     store = Store(conn)
     async with conn.transaction():
         await store.lock_for_create(lock_key(info.oid, target.embedding_column))
         active = await store.active_job(info.oid, target.embedding_column)
         if active is not None:
-            watching = (active["parameters"] or {}).get("watch")
-            return int(active["id"]) if watching and active["target"] == target.name else None
-        return await store.create_run(
-            target=target.name,
-            actor=actor,
-            parameters={"watch": True, "refresh": True},
-            dry_run=False,
-            missing_before=0,
-            table_oid=info.oid,
-            column=target.embedding_column,
-        )
+            running = JobSpec.from_record(active)
+            if not running.behaviour.open_ended or active["target"] != target.name:
+                return None
+            if running.settings:
+                differs = running.differs(spec.settings, platform_key=spec.platform_key)
+                if differs is None:
+                    return int(active["id"])
+                why = f"which wrote vectors with {running.refusal_detail(differs, spec.settings)}"
+            else:  # from before job specs: nothing says what it writes
+                why = "which was opened before jobs recorded what they write"
+            log.warning("watch of %s: ending watch job %s, %s", target.name, active["id"], why)
+            await store.request_cancel(int(active["id"]))
+            await store.cancel_chunks(int(active["id"]))
+        else:
+            return await _create_watch_job(store, spec, target, info, actor)
+    await finish(conn, int(active["id"]), force=True)
+    async with conn.transaction():
+        await store.lock_for_create(lock_key(info.oid, target.embedding_column))
+        if await store.active_job(info.oid, target.embedding_column) is not None:
+            return None
+        return await _create_watch_job(store, spec, target, info, actor)
+
+
+async def _create_watch_job(
+    store: Store, spec: JobSpec, target: TargetConfig, info: TableInfo, actor: str
+) -> int:
+    return await store.create_run(
+        target=target.name,
+        actor=actor,
+        parameters={"watch": True, "refresh": True},
+        dry_run=False,
+        missing_before=0,
+        table_oid=info.oid,
+        column=target.embedding_column,
+        kind=spec.kind,
+        spec=spec.to_json(),
+    )
 
 
 async def add_key_chunks(
-    conn: psycopg.AsyncConnection[Any], run_id: int, target: str, keys: list[str], size: int
+    conn: psycopg.AsyncConnection[Any], run_id: int, queue: str, keys: list[str], size: int
 ) -> int:
-    """Queue ``keys`` (ids as text) as chunks of at most ``size`` for a watch job's
-    workers, in one transaction; the number of chunks."""
+    """Add ``keys`` (ids as text) as chunks of at most ``size`` to a watch job, and ring
+    them, in one transaction; the number of chunks."""
     parts = [keys[i : i + size] for i in range(0, len(keys), size)]
     if parts:
         async with conn.transaction():
-            await Store(conn).add_key_chunks(run_id, parts, queue=queue_for(target), task=TASK)
+            seqs = await Store(conn).add_key_chunks(run_id, parts)
+            await ring(conn, [(run_id, seq, queue) for seq in seqs])
     return len(parts)
 
 
@@ -287,7 +377,7 @@ async def cancel(conn: psycopg.AsyncConnection[Any], run_id: int) -> bool:
     store = Store(conn)
     if not await store.request_cancel(run_id):
         return False
-    await store.cancel_chunks(run_id, TASK)
+    await store.cancel_chunks(run_id)
     return True
 
 
@@ -299,7 +389,7 @@ async def fail(
 ) -> None:
     """A reason that fails every chunk (a config error found mid-job) ends the job for
     every worker: its chunks are cancelled and it is finished as failed."""
-    await Store(conn).cancel_chunks(run_id, TASK)
+    await Store(conn).cancel_chunks(run_id)
     await finish(conn, run_id, error=error, force=True, on_end=on_end)
 
 
@@ -329,8 +419,8 @@ async def finish(
             return None
         if not force and any(await store.open_chunks(run_id)):
             return None
-        watching = (state["parameters"] or {}).get("watch")
-        if watching and not (force or end_watch or state["cancel_requested"]):
+        open_ended = JobSpec.from_record(state).behaviour.open_ended
+        if open_ended and not (force or end_watch or state["cancel_requested"]):
             return None  # a watch job has no last chunk: it ends with the watch
         report = await merged_report(store, run_id)
         rebuilt = await _rebuild(conn, run_id, state["parameters"], report)
@@ -396,10 +486,17 @@ async def _rebuild(
 
 async def merged_report(store: Store, run_id: int, *, exclude: str | None = None) -> Report:
     """The job's report: every worker's (but ``exclude``), summed (tenants too), with the
-    first failures."""
+    first failures. Without ``exclude``, rows embedded and failed are what was committed
+    (the writes' tallies, the failures recorded) and each tenant's rows to do are counted
+    once, when the job was created: exact after kill -9 or a restart of the server.
+    (``exclude`` is for a live view: the other workers' reports, to which the caller adds
+    its own live counts.)"""
     state = await store.run_state(run_id)
     assert state is not None
     report = Report(run_id=run_id, target=state["target"], dry_run=False)
+    spec = JobSpec.from_record(state)
+    if spec.settings:  # the job's provider, whichever workers did it
+        report.provider = spec.provider_label
     report.missing_before = int(state["missing_before"] or 0)
     parameters = state["parameters"] or {}
     report.stale_before = int(parameters.get("stale_before") or 0)
@@ -430,12 +527,62 @@ async def merged_report(store: Store, run_id: int, *, exclude: str | None = None
                 mine.key_source = t["key_source"]
             mine.error = mine.error or t.get("error")
     report.estimated_cost_usd = price
+    if exclude is None and "tenants_before" in parameters:  # a job from before: as reported
+        await _exact_counts(store, report, tenants, parameters["tenants_before"])
     final = state["report"] or {}  # the finisher's: what only it knows
     report.deferred_indexes = list(final.get("deferred_indexes") or [])
     report.failures = await store.first_failures(run_id, MAX_REPORTED_FAILURES)
-    report.workers = [_worker_view(w) for w in await store.job_workers(run_id)]
-    report.chunks = {k: int(v) for k, v in (await store.job_chunks(run_id)).items()}
+    exact = "tenants_before" in parameters
+    report.workers, report.chunks = await workers_and_chunks(store, run_id, exact=exact)
     return report
+
+
+async def _exact_counts(
+    store: Store,
+    report: Report,
+    tenants: dict[str | None, TenantReport],
+    before: list[tuple[str | None, int]],
+) -> None:
+    """Rows embedded and failed as committed, and each tenant's rows to do as counted
+    when the job was created."""
+    assert report.run_id is not None
+
+    def tenant(name: str | None) -> TenantReport:
+        if name not in tenants:
+            tenants[name] = report.tenant(name)
+        return tenants[name]
+
+    written: dict[str | None, int] = {}
+    for name, _, rows in await store.job_tallies(report.run_id):
+        written[name] = written.get(name, 0) + rows
+    failed = await store.job_failed(report.run_id)
+    report.embedded, report.failed = sum(written.values()), sum(failed.values())
+    for t in tenants.values():
+        t.embedded, t.failed = written.get(t.tenant, 0), failed.get(t.tenant, 0)
+    for name, rows in written.items():
+        tenant(name).embedded = rows
+    for name, rows in failed.items():
+        tenant(name).failed = rows
+    todo = {name: int(n) for name, n in before}
+    for t in tenants.values():
+        t.missing = todo.get(t.tenant, 0)
+    for name, n in todo.items():
+        tenant(name).missing = n
+
+
+async def workers_and_chunks(
+    store: Store, run_id: int, *, exact: bool = True
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Who works on the job (or refused it) and its chunks by state, as every view of a
+    job shows them; each worker's rows written as committed (``exact``: a job with
+    tallies), else as it reported them."""
+    written: dict[str, int] = {}
+    for _, worker, rows in await store.job_tallies(run_id):
+        written[worker] = written.get(worker, 0) + rows
+    found = await store.job_workers(run_id)
+    workers = [_worker_view(w, written.get(w["worker"], 0) if exact else None) for w in found]
+    chunks = {k: int(v) for k, v in (await store.job_chunks(run_id)).items()}
+    return workers, chunks
 
 
 def plus(base: Report, live: Report) -> Report:
@@ -446,19 +593,22 @@ def plus(base: Report, live: Report) -> Report:
     return out
 
 
-def _worker_view(row: dict[str, Any]) -> dict[str, Any]:
+def _worker_view(row: dict[str, Any], embedded: int | None) -> dict[str, Any]:
+    """A worker's part of a job: the rows it wrote as committed (``embedded``; None: as
+    it reported them), the rest as it last reported."""
     part = row["report"] or {}
     return {
         "worker": row["worker"],
         "host": row["host"],
         "pid": row["pid"],
         "chunks": row["chunks"],
-        "embedded": int(part.get("embedded") or 0),
+        "embedded": int(part.get("embedded") or 0) if embedded is None else embedded,
         "skipped": int(part.get("skipped") or 0),
         "failed": int(part.get("failed") or 0),
         "requests": int(part.get("requests") or 0),
         "started_at": _iso(row["started_at"]),
         "last_heartbeat": _iso(row["heartbeat_at"]),
+        "refused": row["refused"],
     }
 
 
