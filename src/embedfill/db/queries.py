@@ -214,8 +214,8 @@ LISTEN_CHANGES = "LISTEN embedfill_changes"
 # worker started with a shorter lease never takes a live worker's chunk.
 _HOLDER_GONE = """(
     c.heartbeat_at IS NULL OR c.lease_s IS NULL
-    OR c.heartbeat_at OPERATOR(pg_catalog.<) pg_catalog.now()
-        OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => c.lease_s::float8)
+    OR c.heartbeat_at OPERATOR(pg_catalog.<) (pg_catalog.now()
+        OPERATOR(pg_catalog.-) pg_catalog.make_interval(secs => c.lease_s::float8))
     OR NOT EXISTS (
         SELECT 1 FROM pg_catalog.pg_locks l
         CROSS JOIN LATERAL (SELECT pg_catalog.hashtextextended(
