@@ -34,7 +34,7 @@ from .application import (
 )
 from .config import Config, load_config
 from .db.connect import Database, resolve_database
-from .engine.state import abandon_requests
+from .engine.state import ABANDON_AFTER_S, abandon_requests
 from .errors import EmbedfillError, UsageError
 from .models import Report
 from .render import report_table, status_tables
@@ -106,7 +106,7 @@ def _actor() -> str:
     return f"cli:{user}"
 
 
-GRACE_S = 4.0  # after a first SIGTERM/SIGINT, provider requests in flight get this long
+GRACE_S = ABANDON_AFTER_S  # after a first SIGTERM/SIGINT, requests in flight get this long
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 

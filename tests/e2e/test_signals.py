@@ -257,3 +257,24 @@ def test_sigterm_to_a_backfill_with_processes_ends_its_children_s_requests_too(
     assert failures(tickets) == 0
     assert missing(tickets) == NULL_ROWS
     assert chunks_in_flight(tickets) == 0
+
+
+def test_sigterm_to_serve_ends_its_worker_s_hung_requests(
+    tickets: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """The service's in-process worker obeys the same grace: uvicorn's shutdown on
+    SIGTERM abandons the requests still hanging after it, and the job goes on."""
+    from tests.support.http import free_port
+
+    fake_openai.hang = True
+    cfg = config(tmp_path, fake_openai)
+    env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM, ADMIN_SECRET="s3cret-signals")
+    queued = embedfill("--config", str(cfg), "backfill", "--enqueue", "--json", env=env)
+    assert queued.returncode == 0, queued.stderr
+    job_id = json.loads(queued.stdout)["job_id"]
+    port = free_port()
+    serve = popen("--config", str(cfg), "serve", "--port", str(port), env=env)
+    _, err, ended, exited = stop_with_one_signal(serve, fake_openai)
+    assert ended < PROVIDER_SEES_END_S and exited < EXIT_SOON_S, (ended, exited, err[-800:])
+    assert job_status(tickets, job_id) == "running"  # it goes on, elsewhere or later
+    assert chunks_in_flight(tickets) == 0 and failures(tickets) == 0

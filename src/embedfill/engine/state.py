@@ -55,6 +55,8 @@ ProgressCallback = Callable[[Report], None]
 # A context variable rather than a parameter: a worker's sessions are created deep in
 # the job queue's tasks, and they inherit it from the command that started them.
 abandon_requests: ContextVar[asyncio.Event | None] = ContextVar("abandon_requests", default=None)
+# how long a process that was asked to stop gives its provider requests in flight
+ABANDON_AFTER_S = 4.0
 
 
 @dataclass(frozen=True)

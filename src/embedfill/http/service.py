@@ -23,6 +23,7 @@ from ..config import Config
 from ..db.catalog import check_extension
 from ..db.connect import Database, connect
 from ..db.schema import EXPECTED_VERSION, current_version, ensure_schema
+from ..engine.state import ABANDON_AFTER_S, abandon_requests
 from ..errors import ConfigError, EmbedfillError, ExtensionMissing, JobConflict, TargetBusy
 from ..errors import first_line as _first_line
 from ..models import Report, TargetStatus
@@ -82,6 +83,7 @@ class AdminService:
         # workers, this one and any elsewhere (watch.py)
         self.watches = [TargetWatch(config, db, t, watch) for t in config.targets] if watch else []
         self._watch_stop = asyncio.Event()
+        self._abandon = asyncio.Event()
         self._watch_tasks: list[asyncio.Task[None]] = []
         self.metrics_interval = _metrics_interval(env)
         self._pass: asyncio.Task[None] | None = None
@@ -94,6 +96,9 @@ class AdminService:
         """Bring embedfill's schema to this build's version if it is behind and this role
         may; otherwise log why (readyz reports it, and the log names the command)."""
         # watchers retry on their own until the database answers
+        # provider requests still in flight ABANDON_AFTER_S after shutdown begins are
+        # abandoned (their rows stay NULL, their chunks go back), as a signalled worker's
+        abandon_requests.set(self._abandon)  # inherited by the tasks started from here
         self._watch_tasks = [asyncio.create_task(w.run(self._watch_stop)) for w in self.watches]
         try:
             conn = await connect(self.db)
@@ -115,6 +120,7 @@ class AdminService:
     async def shutdown(self) -> None:
         """The watchers stop queuing, the in-process worker finishes its chunks in flight
         (jobs go on elsewhere, or when the service is back), then the watch jobs end."""
+        asyncio.get_running_loop().call_later(ABANDON_AFTER_S, self._abandon.set)
         self._watch_stop.set()
         await asyncio.gather(*self._watch_tasks, return_exceptions=True)
         self._worker_stop.set()
