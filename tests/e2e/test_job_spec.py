@@ -195,3 +195,28 @@ def test_a_job_route_lists_workers_and_chunks_in_the_job_list_too(
     (listed,) = asyncio.run(list_jobs(load_config(cfg), Database(big), None, 10))
     assert listed["workers"] == record["workers"] and listed["chunks"] == record["chunks"]
     assert record["chunks"]["done"] == record["chunks"]["total"] > 1
+
+
+def test_a_row_that_failed_on_one_try_and_was_written_on_the_next_is_embedded(
+    big: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """A chunk handed back after its failures were recorded is done again by another
+    worker: a row that failed on the first try and is written on the next counts as
+    embedded, not failed, and the job ends `succeeded`, not `partial`."""
+    cfg = write_config(tmp_path, fake_openai.base_url, extra=jobs_toml())
+    env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
+    job_id = enqueue(cfg, env)
+    with psycopg.connect(big, autocommit=True) as conn:  # what the first try recorded
+        conn.execute(
+            "INSERT INTO embedfill.failures (run_id, row_id, tenant, error_class, message,"
+            " attempts) SELECT %s, ticket_no::text, org, 'ProviderUnavailable',"
+            " 'an earlier try', 1 FROM app.\"SupportTickets\" WHERE emb IS NULL"
+            " ORDER BY ticket_no LIMIT 3",
+            (job_id,),
+        )
+    done = embedfill("--config", str(cfg), "backfill", "--json", env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["run_id"], report["joined"]) == (job_id, True)
+    assert (report["embedded"], report["failed"], report["status"]) == (300, 0, "succeeded")
+    assert missing(big) == 0

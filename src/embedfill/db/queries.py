@@ -312,6 +312,17 @@ SELECT id, status, cancel_requested, parameters, target, table_oid, column_name,
        extract(epoch FROM coalesce(finished_at, now()) - started_at) AS age_s
 FROM embedfill.runs WHERE id = %(id)s"""
 
+# A job's failures that still stand: a row whose failure was recorded and that a later try
+# wrote (a chunk handed back, then done by another worker) is embedded, not failed.
+_STANDING_FAILURE = """NOT EXISTS (
+    SELECT 1 FROM embedfill.runs r
+    JOIN pg_catalog.pg_class c ON c.oid = r.table_oid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    JOIN embedfill.vector_columns v ON v.schema_name = n.nspname
+         AND v.table_name = c.relname AND v.column_name = r.column_name
+    JOIN embedfill.provenance p ON p.column_id = v.id AND p.row_key = f.row_id
+    WHERE r.id = f.run_id AND p.embedded_at OPERATOR(pg_catalog.>=) f.created_at)"""
+
 # a worker's own report for a job, then the job's totals as the sum over its workers
 SAVE_WORKER = """
 INSERT INTO embedfill.workers AS w (run_id, worker, host, pid, chunks, report)
@@ -325,7 +336,8 @@ INSERT INTO embedfill.workers AS w (run_id, worker, host, pid, refused)
 VALUES (%(run_id)s, %(worker)s, %(host)s, %(pid)s, %(refused)s)
 ON CONFLICT (run_id, worker) DO UPDATE SET refused = excluded.refused, heartbeat_at = now()"""
 
-SUM_WORKERS = """
+SUM_WORKERS = (
+    """
 WITH s AS (
     SELECT coalesce(sum((report->>'embedded')::bigint), 0) AS reported,
            (SELECT coalesce(pg_catalog.sum(y.embedded), 0) FROM embedfill.tallies y
@@ -333,7 +345,9 @@ WITH s AS (
            coalesce(sum((report->>'skipped')::bigint), 0) AS skipped,
            coalesce(sum((report->>'failed')::bigint), 0) AS failed_reported,
            (SELECT pg_catalog.count(DISTINCT f.row_id) FROM embedfill.failures f
-            WHERE f.run_id = %(run_id)s) AS failed_recorded,
+            WHERE f.run_id = %(run_id)s AND """
+    + _STANDING_FAILURE
+    + """) AS failed_recorded,
            coalesce(sum((report->>'requests')::bigint), 0) AS requests,
            coalesce(sum((report->>'tokens')::bigint), 0) AS tokens
     FROM embedfill.workers WHERE run_id = %(run_id)s
@@ -358,6 +372,7 @@ SET embedded = t.embedded, skipped = t.skipped, failed = t.failed, requests = t.
 FROM t
 WHERE r.id = %(run_id)s
 RETURNING r.cancel_requested, r.status"""
+)
 
 CHUNKS_OF_RUN = "SELECT count(*) FROM embedfill.chunks WHERE run_id = %(run_id)s"
 
@@ -370,9 +385,14 @@ FROM embedfill.workers WHERE run_id = %(run_id)s ORDER BY started_at, worker"""
 JOB_TALLIES = """
 SELECT tenant, worker, pg_catalog.sum(embedded)::bigint FROM embedfill.tallies
 WHERE run_id = %(run_id)s GROUP BY tenant_key, tenant, worker"""
-JOB_FAILED = """
-SELECT tenant, pg_catalog.count(DISTINCT row_id) FROM embedfill.failures
-WHERE run_id = %(run_id)s GROUP BY tenant"""
+JOB_FAILED = (
+    """
+SELECT f.tenant, pg_catalog.count(DISTINCT f.row_id) FROM embedfill.failures f
+WHERE f.run_id = %(run_id)s AND """
+    + _STANDING_FAILURE
+    + """
+GROUP BY f.tenant"""
+)
 
 JOB_CHUNKS = """
 SELECT count(*) AS total,
