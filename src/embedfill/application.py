@@ -169,6 +169,7 @@ async def _job(
     store = Store(conn)
     if enqueue:
         report = await jobs.merged_report(store, run_id)
+        state = await store.run_state(run_id)
     else:
         worker = Worker(
             config,
@@ -178,13 +179,14 @@ async def _job(
             observer=hooks.observer,
             providers={target.provider: provider},
         )
-        report = await work_on_job(
-            worker, run_id, cancel=hooks.cancel, on_progress=hooks.on_progress, conn=conn
+        # this connection is done with: the worker's own suffice while it works
+        await conn.close()
+        report, state = await work_on_job(
+            worker, run_id, cancel=hooks.cancel, on_progress=hooks.on_progress
         )
     report.joined = joined
     if TargetSQL(target, info.types).integer_ids:  # the audit table keeps ids as text
         report.failures = [dataclasses.replace(f, id=int(f.id)) for f in report.failures]
-    state = await store.run_state(run_id)
     assert state is not None
     error = jobs.error_of(state)
     if error is not None:

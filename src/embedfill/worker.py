@@ -46,11 +46,10 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import procrastinate
 import psycopg
-import psycopg_pool
 
 from . import jobs
 from .config import Config
@@ -67,8 +66,9 @@ from .providers import Provider, make_provider, needs_key
 
 log = logging.getLogger(__name__)
 
-POOL_OPEN_S = 10.0
 RECONNECT_MAX_S = 15.0
+QUEUE_POLL_S = 0.5  # the queue is looked at this often for rings
+_T = TypeVar("_T")
 RING_EVERY_S = 1.0  # chunks not rung are rung this often (a new job waits at most this)
 RING_BATCH = 500
 SESSION_CHUNKS = 2  # chunks of one job a worker holds at once: one scanned, one ending
@@ -97,6 +97,19 @@ class _RingAgain(procrastinate.BaseRetryStrategy):
         if not isinstance(exception, GiveBack):
             return None
         return procrastinate.RetryDecision(retry_in={"milliseconds": int(exception.wait_s * 1000)})
+
+
+class _ControlPool:
+    """The job queue's "pool": the worker's control connection, lent to procrastinate one
+    user at a time (the control lock), so the queue needs no connection of its own."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    @contextlib.asynccontextmanager
+    async def connection(self, timeout: float | None = None) -> AsyncIterator[Any]:
+        async with self.worker.control() as store:
+            yield store.conn
 
 
 class Refused(Exception):
@@ -196,8 +209,8 @@ class Worker:
             if stop.is_set():
                 return
             self.app = app = self._app()
-            pool = await self._pool()
-            async with app.open_async(pool=pool):
+            # the queue's connection is the control connection, lent one user at a time
+            async with app.open_async(pool=cast(Any, _ControlPool(self))):
                 ringer = asyncio.create_task(self._ring(app))
                 try:
                     await self._work(app, stop)
@@ -205,41 +218,11 @@ class Worker:
                     ringer.cancel()
                     await asyncio.gather(ringer, return_exceptions=True)
                     await self._close_sessions()
-                    await pool.close()
         finally:
             liveness.cancel()
             await asyncio.gather(liveness, return_exceptions=True)
             for provider in self._own_providers:
                 await provider.aclose()
-
-    async def _pool(self) -> psycopg_pool.AsyncConnectionPool:
-        """The queue's connections (procrastinate's), in embedfill's schema. Opened here so
-        a server without a free connection is a clear error at once, not a pool that
-        retries in the background forever."""
-        kwargs: dict[str, Any] = {"options": "-c search_path=embedfill"}
-        if not self.db.prepare:
-            kwargs["prepare_threshold"] = None
-        # within connection_limit: one queue connection, no LISTEN one (it polls)
-        size = 1 if self.db.connection_limit is not None else 2
-        pool = psycopg_pool.AsyncConnectionPool(
-            self.db.url,
-            kwargs=kwargs,
-            min_size=1,
-            max_size=size,
-            open=False,
-            check=psycopg_pool.AsyncConnectionPool.check_connection,
-        )
-        try:
-            await pool.open(wait=True, timeout=POOL_OPEN_S)
-        except psycopg_pool.PoolTimeout:
-            await pool.close()
-            probe = await connect(self.db)  # says why, in embedfill's words
-            await probe.close()
-            raise DatabaseError(
-                f"The job queue could not connect to the database at {self.db.describe()} "
-                f"within {POOL_OPEN_S:.0f}s; check DATABASE_URL and free connections."
-            ) from None
-        return pool
 
     def _app(self) -> procrastinate.App:
         app = queue.new_app()
@@ -261,8 +244,9 @@ class Worker:
                     concurrency=self.concurrency or self.config.engine.worker_chunks,
                     wait=True,
                     install_signal_handlers=False,
-                    listen_notify=self.db.connection_limit is None,
-                    fetch_job_polling_interval=2.0 if self.db.connection_limit is None else 0.5,
+                    # no LISTEN connection of its own: rings are looked for twice a second
+                    listen_notify=False,
+                    fetch_job_polling_interval=QUEUE_POLL_S,
                     update_heartbeat_interval=max(0.5, self.lease_s / 3),
                     stalled_worker_timeout=self.lease_s,
                     delete_jobs="successful",
@@ -313,6 +297,7 @@ class Worker:
                 if conn is None:
                     conn = await connect(self.db)
                     await Store(conn).hold_worker_lock(self.name)
+                await Store(conn).queue_search_path()  # procrastinate's tables, too
                 self._control = conn
                 alive.set()
                 delay = 0.5
@@ -575,22 +560,33 @@ class Worker:
         await self.finish(run_id)
 
     async def _fail(self, run_id: int, exc: EmbedfillError) -> None:
-        """End the job with ``exc``, on a connection of its own (the end may rebuild an
-        index for hours: the control connection keeps this worker's other chunks'
-        heartbeats meanwhile)."""
+        """End the job with ``exc`` (see ``_end``)."""
         try:
-            conn = await connect(self.db)
-            try:
-                await jobs.fail(conn, run_id, exc, on_end=self._ender(run_id))
-            finally:
-                await conn.close()
+            await self._end(run_id, lambda conn: jobs.fail(conn, run_id, exc, self._ender(run_id)))
         except (psycopg.Error, DatabaseError) as why:
             log.error("job %s: could not record its failure (%s): %s", run_id, why, exc)
 
-    async def finish(self, run_id: int) -> None:
+    async def finish(self, run_id: int) -> str | None:
+        """Finish the job if it is over: its final status when this call finished it."""
+        return await self._end(
+            run_id, lambda conn: jobs.finish(conn, run_id, on_end=self._ender(run_id))
+        )
+
+    async def _end(
+        self,
+        run_id: int,
+        end: Callable[[psycopg.AsyncConnection[Any]], Awaitable[_T]],
+    ) -> _T:
+        """Run a job's end on the control connection; a job whose end rebuilds vector
+        indexes (hours, maybe) on a connection of its own, so the control connection
+        keeps this worker's other chunks' heartbeats meanwhile."""
+        async with self.control() as store:
+            state = await store.run_state(run_id)
+            if state is None or not (state["parameters"] or {}).get("deferred_indexes"):
+                return await end(store.conn)
         conn = await connect(self.db)
         try:
-            await jobs.finish(conn, run_id, on_end=self._ender(run_id))
+            return await end(conn)
         finally:
             await conn.close()
 
@@ -791,11 +787,11 @@ async def work_on_job(
     cancel: asyncio.Event | None = None,
     on_progress: JobWatch | None = None,
     stop: asyncio.Event | None = None,
-    conn: psycopg.AsyncConnection[Any] | None = None,
-) -> Report:
+) -> tuple[Report, dict[str, Any]]:
     """Work on one job until it is over (``embedfill backfill``): this process's worker
     takes the job's chunks beside any other worker; ``cancel`` cancels the job for all
-    of them. Returns the job's final report, merged from every worker's."""
+    of them. Returns the job's final report, merged from every worker's, and its row.
+    It watches the job on the worker's control connection: no connection of its own."""
     leave = stop or asyncio.Event()  # set: this worker leaves (the job goes on)
     stop = asyncio.Event()
     others = Report(run_id=run_id, target="", dry_run=False)
@@ -810,38 +806,35 @@ async def work_on_job(
     worker.on_progress = show
     ended = asyncio.Event()  # this process finished the job: no need to wait for a poll
     worker.on_job_end = lambda job, _: ended.set() if job == run_id else None
-    own_conn = conn is None
-    if conn is None:
-        conn = await connect(worker.db)
-    try:
-        state = await Store(conn).run_state(run_id)
-        if state is None:
-            raise UsageError(f"No backfill job has id {run_id}.")
-    except BaseException:
-        if own_conn:
-            await conn.close()
-        raise
+    state = await _job_state(worker.db, run_id)
+    if state is None:
+        raise UsageError(f"No backfill job has id {run_id}.")
     if worker.targets is None:  # `worker --job ID`: that job's queue only, not every target's
         worker.targets = [state["target"]]
     runner = asyncio.create_task(worker.run(stop))
     cancelled = False
     try:
         while not runner.done():
-            store = Store(conn)
-            if cancel is not None and cancel.is_set() and not cancelled:
-                cancelled = True
-                worker.cancel_local(run_id)  # this process at once; others within a second
-                await jobs.cancel(conn, run_id)
-            state = await store.run_state(run_id)
-            if state is None or state["status"] != "running":
-                break
-            if worker.starved is not None and not worker.chunks_done[run_id]:
-                raise worker.starved  # this process cannot work on it: say why, now
-            if not any(await store.open_chunks(run_id)) and await jobs.finish(conn, run_id):
-                continue  # this process finished it (its finisher died, or none was left)
-            if on_progress is not None:
-                others = await jobs.merged_report(store, run_id, exclude=worker.name)
-                on_progress(jobs.plus(others, live))
+            try:
+                async with worker.control() as store:
+                    if cancel is not None and cancel.is_set() and not cancelled:
+                        worker.cancel_local(run_id)  # this process at once; others soon
+                        await jobs.cancel(store.conn, run_id)
+                        cancelled = True
+                    state = await store.run_state(run_id)
+                    settled = not any(await store.open_chunks(run_id))
+                    if on_progress is not None:
+                        others = await jobs.merged_report(store, run_id, exclude=worker.name)
+                        on_progress(jobs.plus(others, live))
+            except DatabaseError:
+                pass  # the worker is still connecting (or reconnecting): look again soon
+            else:
+                if state is None or state["status"] != "running":
+                    break
+                if worker.starved is not None and not worker.chunks_done[run_id]:
+                    raise worker.starved  # this process cannot work on it: say why, now
+                if settled and await worker.finish(run_id):
+                    continue  # this process finished it (its finisher died, or none was)
             if leave.is_set():
                 break
             waits = [asyncio.sleep(0.5), leave.wait(), ended.wait()]
@@ -852,11 +845,21 @@ async def work_on_job(
         stop.set()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
+    conn = await connect(worker.db)  # the worker is gone: one connection for the last word
     try:
         final = await jobs.merged_report(Store(conn), run_id)
-        if on_progress is not None:
-            on_progress(final)  # the last word: every row of the job
-        return final
+        state = await Store(conn).run_state(run_id)
     finally:
-        if own_conn:
-            await conn.close()
+        await conn.close()
+    if on_progress is not None:
+        on_progress(final)  # the last word: every row of the job
+    assert state is not None
+    return final, state
+
+
+async def _job_state(db: Database, run_id: int) -> dict[str, Any] | None:
+    conn = await connect(db)
+    try:
+        return await Store(conn).run_state(run_id)
+    finally:
+        await conn.close()

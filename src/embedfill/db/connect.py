@@ -27,8 +27,10 @@ from .url import normalize_url
 
 log = logging.getLogger(__name__)
 
-#: what a worker process opens besides its writers (see Database.check_connection_limit)
-COORDINATION_CONNECTIONS = 5
+#: what a worker process opens besides its writers (see Database.check_connection_limit):
+#: its control connection (its liveness lock, the job queue, claims, the audit trail)
+#: and the table scan's
+COORDINATION_CONNECTIONS = 2
 
 
 @dataclass(frozen=True)
@@ -72,10 +74,9 @@ class Database:
         if self.connection_limit is not None and self.connection_limit < least:
             raise ConfigError(
                 f"connection_limit={self.connection_limit} in DATABASE_URL is too low for an "
-                f"embedfill worker: it needs {COORDINATION_CONNECTIONS} connections to "
-                "coordinate (its own, the job queue's, a control one holding its liveness "
-                "lock, the table scan's, and one while a job finishes) and one per writer; "
-                f"set connection_limit={least} or more."
+                f"embedfill worker: it needs {COORDINATION_CONNECTIONS} connections (a control "
+                "one, which holds its liveness lock and serves the job queue, and the table "
+                f"scan's) and one per writer; set connection_limit={least} or more."
             )
 
 

@@ -420,6 +420,8 @@ RETURNING id"""
 # doing for a worker whose lock is free lost its process, and is handed out again now,
 # without waiting for the lease
 WORKER_LOCK = "SELECT pg_advisory_lock(hashtextextended(%(key)s, 0))"
+# the worker's control connection serves procrastinate's queries too (its own schema)
+QUEUE_SEARCH_PATH = "SELECT pg_catalog.set_config('search_path', 'embedfill', false)"
 # ---------------------------------------------------------------- provenance (freshness.py)
 
 # A vector column by its names (schema, table, column) as the catalog spells them now:

@@ -418,6 +418,11 @@ class Store:
     async def hold_worker_lock(self, worker: str) -> None:
         await self.conn.execute(q.WORKER_LOCK, {"key": f"embedfill:worker:{worker}"})
 
+    async def queue_search_path(self) -> None:
+        """This session finds procrastinate's tables and functions (schema embedfill);
+        pg_catalog, not in the path, is still searched first."""
+        await self.conn.execute(q.QUEUE_SEARCH_PATH)
+
     # ---------------------------------------------------------------- rate budgets
 
     async def reserve_budget(
