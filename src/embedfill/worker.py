@@ -40,6 +40,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import secrets
 import socket
 import time
@@ -83,7 +84,9 @@ class GiveBack(Exception):
 
     def __init__(self, message: str, wait_s: float = 1.0) -> None:
         super().__init__(message)
-        self.wait_s = wait_s
+        # spread: rings handed back together come round at different moments, so a
+        # worker polling out of step with this one gets its share of them
+        self.wait_s = wait_s * (0.5 + random.random())
 
 
 class _RingAgain(procrastinate.BaseRetryStrategy):

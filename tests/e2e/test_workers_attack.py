@@ -526,7 +526,10 @@ def test_processes_beyond_the_connections_the_role_has_do_not_fail_the_job(
 def test_a_worker_with_high_concurrency_does_not_hoard_a_job(
     big: str, fake_openai: FakeOpenAI, tmp_path: Path
 ) -> None:
-    fake_openai.latency = 0.2
+    """`--concurrency 16` takes at most two chunks of one job at a time: a second worker
+    started a little later (its start-up takes a second or two on a loaded machine; the
+    job at least four) gets some of them."""
+    fake_openai.latency = 0.5
     cfg = write_config(
         tmp_path, fake_openai.base_url, batch_size=5, concurrency=2, extra=jobs_toml()
     )
