@@ -29,6 +29,7 @@ from tests.e2e.test_workers import (
 from tests.support.cli import cli_env, embedfill, popen, write_config
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.roles import Roles
+from tests.support.schema import undo_0007
 from tests.support.tables import make_tickets
 
 ROWS = 400  # 300 NULL
@@ -271,15 +272,7 @@ def test_a_job_whose_table_no_longer_fits_any_worker_fails_instead_of_hanging(
 
 def _back_to_version_6(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("DELETE FROM embedfill.schema_version WHERE version >= 7")
-        conn.execute("DROP TABLE embedfill.tallies")
-        conn.execute("ALTER TABLE embedfill.runs DROP COLUMN kind, DROP COLUMN spec")
-        conn.execute("ALTER TABLE embedfill.workers DROP COLUMN refused")
-        conn.execute("DROP INDEX embedfill.chunks_doing_worker")
-        conn.execute(
-            "ALTER TABLE embedfill.chunks DROP COLUMN heartbeat_at, DROP COLUMN lease_s,"
-            " DROP COLUMN rung_at"
-        )
+        undo_0007(conn)
 
 
 def test_roles_granted_before_migration_7_still_work_after_it(

@@ -15,6 +15,7 @@ from embedfill.db.schema import EXPECTED_VERSION, amigrate
 from embedfill.errors import ConfigError, DatabaseError
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.roles import EMBEDFILL_GRANTS, TICKETS_GRANTS, Roles
+from tests.support.schema import undo_0007
 from tests.support.tables import snapshot, tickets_config
 
 PLATFORM = "sk-platform-roles-0123456789"
@@ -47,8 +48,7 @@ def set_back_to_version_1(db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("DELETE FROM embedfill.schema_version WHERE version >= 2")
         conn.execute("DROP TABLE IF EXISTS embedfill.rate_budgets")
-        conn.execute("DROP TABLE embedfill.tallies")  # job specs and tallies (version 7)
-        conn.execute("ALTER TABLE embedfill.runs DROP COLUMN kind, DROP COLUMN spec")
+        undo_0007(conn)  # job specs, leases, rings, tallies (version 7)
         conn.execute(  # provenance (version 6)
             "DROP TABLE embedfill.provenance, embedfill.models, embedfill.vector_columns,"
             " embedfill.changes"

@@ -16,11 +16,12 @@ import pytest
 
 from embedfill import BackfillOptions, Database, abackfill
 from embedfill.application import atriggers
-from embedfill.db.schema import amigrate
+from embedfill.db.schema import EXPECTED_VERSION, amigrate
 from embedfill.errors import PrivilegeMissing
 from tests.support.cli import cli_env, embedfill, write_config
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.roles import Roles
+from tests.support.schema import undo_0007
 from tests.support.tables import tickets_config
 
 T = 'app."SupportTickets"'
@@ -223,6 +224,7 @@ def test_app_writes_wait_for_a_migration_holding_the_queue_and_never_fail(migrat
 def _back_to_version_5(url: str) -> None:
     """As if this database had been migrated by the release before provenance (0006)."""
     with psycopg.connect(url, autocommit=True) as conn:
+        undo_0007(conn)
         conn.execute("DELETE FROM embedfill.schema_version WHERE version >= 6")
         conn.execute(
             "DROP TABLE embedfill.changes, embedfill.provenance, embedfill.models,"
@@ -238,7 +240,7 @@ def test_app_writes_never_fail_during_a_real_embedfill_migrate(migrated: str) ->
     for a in apps:
         a.start()
     time.sleep(0.3)
-    assert asyncio.run(amigrate(Database(migrated))) == (5, 6)
+    assert asyncio.run(amigrate(Database(migrated))) == (5, EXPECTED_VERSION)
     time.sleep(0.3)
     for a in apps:
         a.stop.set()
