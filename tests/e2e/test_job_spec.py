@@ -32,15 +32,6 @@ from tests.support.cli import cli_env, embedfill, popen, write_config
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.tables import make_tickets
 
-ROWS = 400  # 300 NULL
-
-
-@pytest.fixture
-def big(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        make_tickets(conn, rows=ROWS)
-    return db_url
-
 
 def _other(tmp_path: Path, base: Path, old: str, new: str) -> Path:
     """The same config file but one setting."""
@@ -61,7 +52,7 @@ def _refused(url: str, job_id: int) -> dict[int, str | None]:
     return {int(pid): refused for pid, refused in rows}
 
 
-def _models(url: str) -> dict[str, int]:
+def models_written(url: str) -> dict[str, int]:
     """Rows per model that wrote their vector, as provenance records it."""
     with psycopg.connect(url) as conn:
         rows = conn.execute(
@@ -114,7 +105,7 @@ def test_a_worker_configured_otherwise_refuses_the_job_and_writes_nothing(
     assert code == 0, err
     assert job_status(big, job_id) == "succeeded"
     assert_all_true(big)
-    assert _models(big) == {"test-embed": 300}
+    assert models_written(big) == {"test-embed": 300}
     _, _, stranger_err = stranger.returncode, *stranger.communicate()
     said = [line for line in stranger_err.splitlines() if "refuse" in line or "leaving" in line]
     assert len(said) == 1, stranger_err  # one sentence, not one per ring

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import psycopg
-import pytest
 
 from embedfill import jobs
 from embedfill.config import load_config
 from embedfill.db.catalog import inspect_target
 from embedfill.db.connect import Database, connect
 from embedfill.db.schema import ensure_schema
+from tests.e2e.test_job_spec import models_written
 from tests.e2e.test_workers import (
     PLATFORM,
     enqueue,
@@ -30,16 +30,6 @@ from tests.support.cli import cli_env, embedfill, popen, write_config
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.roles import Roles
 from tests.support.schema import undo_0007
-from tests.support.tables import make_tickets
-
-ROWS = 400  # 300 NULL
-
-
-@pytest.fixture
-def big(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        make_tickets(conn, rows=ROWS)
-    return db_url
 
 
 def _open_chunks(url: str, job_id: int) -> int:
@@ -51,15 +41,6 @@ def _open_chunks(url: str, job_id: int) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
-
-
-def _models(url: str) -> dict[str, int]:
-    with psycopg.connect(url) as conn:
-        rows = conn.execute(
-            "SELECT m.model, count(*) FROM embedfill.provenance p"
-            " JOIN embedfill.models m ON m.id = p.model_id GROUP BY 1"
-        ).fetchall()
-    return {str(m): int(n) for m, n in rows}
 
 
 def _as_before_the_upgrade(url: str, job_id: int) -> None:
@@ -174,7 +155,7 @@ def test_a_job_from_before_the_upgrade_is_not_done_by_a_worker_of_another_model(
         time.sleep(8.0)
     finally:
         stop_all([stranger])
-    assert _models(big).get("test-embed-large", 0) == 0, _models(big)
+    assert models_written(big).get("test-embed-large", 0) == 0, models_written(big)
 
 
 def test_a_job_whose_last_chunk_could_not_finish_it_is_finished_by_a_later_worker(

@@ -23,6 +23,7 @@ import pytest
 
 from tests.support.cli import cli_env, embedfill, popen, write_config
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.procs import alive, worker_children
 
 PLATFORM = "sk-platform-test-signals"
 NULL_ROWS = 45  # of the 60 tickets (tests/support/tables.py)
@@ -200,32 +201,6 @@ def test_a_second_signal_exits_at_once(
     assert missing(tickets) == NULL_ROWS
 
 
-def _workers_of(pid: int) -> set[int]:
-    """This process's `embedfill worker` children, from /proc (any of its threads)."""
-    found: set[int] = set()
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            pids = [int(p) for p in children.read_text().split()]
-        except OSError:
-            continue
-        for child in pids:
-            try:
-                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if b"worker" in argv:
-                found.add(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def test_sigterm_to_a_backfill_with_processes_ends_its_children_s_requests_too(
     tickets: str, fake_openai: FakeOpenAI, tmp_path: Path
 ) -> None:
@@ -237,8 +212,8 @@ def test_sigterm_to_a_backfill_with_processes_ends_its_children_s_requests_too(
     parent = popen("--config", str(cfg), "backfill", "--processes", "2", "--json", env=env)
     try:
         # the parent holds two chunks; the child's requests for the third hang too
-        wait_until(lambda: fake_openai.hanging >= 3 and bool(_workers_of(parent.pid)))
-        (child,) = _workers_of(parent.pid)
+        wait_until(lambda: fake_openai.hanging >= 3 and bool(worker_children(parent.pid)))
+        (child,) = worker_children(parent.pid)
         sent = time.monotonic()
         parent.send_signal(signal.SIGTERM)
         wait_until(lambda: fake_openai.hanging == 0, timeout=30)
@@ -251,7 +226,7 @@ def test_sigterm_to_a_backfill_with_processes_ends_its_children_s_requests_too(
             parent.communicate()
     assert parent.returncode == 1, err
     assert ended < PROVIDER_SEES_END_S and exited < EXIT_SOON_S, (ended, exited)
-    assert not _alive(child)
+    assert not alive(child)
     report = json.loads(out)
     assert report["status"] == "cancelled" and report["failed"] == 0
     assert failures(tickets) == 0

@@ -86,13 +86,6 @@ def stop_all(procs: list[subprocess.Popen[str]]) -> list[tuple[int, str, str]]:
     return [(p.wait(60), *p.communicate()) for p in procs]
 
 
-@pytest.fixture
-def big(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        make_tickets(conn, rows=ROWS)
-    return db_url
-
-
 def test_three_workers_one_killed_the_job_completes_and_repeats_little(
     big: str, fake_openai: FakeOpenAI, tmp_path: Path
 ) -> None:

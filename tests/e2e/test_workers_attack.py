@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import psycopg
-import pytest
 from pgvector.psycopg import register_vector
 from psycopg import conninfo
 
@@ -34,8 +33,8 @@ from tests.e2e.test_workers import (
 )
 from tests.support.cli import cli_env, embedfill, popen, write_config
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.procs import alive, worker_children
 from tests.support.roles import EMBEDFILL_GRANTS, TICKETS_GRANTS, Roles
-from tests.support.tables import make_tickets
 
 SECOND_TARGET = """
 [[targets]]
@@ -49,49 +48,12 @@ provider = "openai"
 """
 
 
-@pytest.fixture
-def big(db_url: str) -> str:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        make_tickets(conn, rows=ROWS)
-    return db_url
-
-
 def _children(pid: int) -> list[int]:
     try:
         text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
     except OSError:
         return []
     return [int(p) for p in text.split()]
-
-
-def _worker_children(pid: int) -> set[int]:
-    """This process's `embedfill worker --job` children (started by any of its threads).
-    Not every child: importing procrastinate imports croniter, whose is_32bit() calls
-    platform.architecture(), which runs `file -b <python>` in a subprocess. That
-    short-lived child of any command that touches the job queue (a dry run included) is
-    no worker, and the poll below saw it about one run in three."""
-    found: set[int] = set()
-    for children in Path(f"/proc/{pid}/task").glob("*/children"):
-        try:
-            pids = children.read_text().split()
-        except OSError:
-            continue
-        for child in pids:
-            try:
-                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue  # gone already
-            if b"worker" in argv and b"--job" in argv:
-                found.add(int(child))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _cancel(url: str, job_id: int) -> None:
@@ -215,7 +177,7 @@ def test_sigterm_to_backfill_processes_cancels_the_job_and_leaves_no_child(
             parent.kill()
     assert parent.returncode == 1, err
     assert json.loads(out)["status"] == "cancelled"
-    wait_until(lambda: not any(_alive(k) for k in kids), timeout=30, every=0.2)
+    wait_until(lambda: not any(alive(k) for k in kids), timeout=30, every=0.2)
     assert password not in err and PLATFORM not in err
     with psycopg.connect(big) as conn:
         row = conn.execute("SELECT status FROM embedfill.runs ORDER BY id DESC").fetchone()
@@ -239,10 +201,10 @@ def test_kill_9_of_the_backfill_parent_children_finish_the_job_and_leave(
         parent.kill()
         parent.communicate(timeout=30)
         wait_until(lambda: job_status(big, 1) != "running", timeout=120, every=0.3)
-        wait_until(lambda: not any(_alive(k) for k in kids), timeout=30, every=0.2)
+        wait_until(lambda: not any(alive(k) for k in kids), timeout=30, every=0.2)
     finally:
         for k in kids:
-            if _alive(k):
+            if alive(k):
                 os.kill(k, signal.SIGKILL)
     assert job_status(big, 1) == "succeeded"
     assert missing(big) == 0
@@ -378,7 +340,7 @@ def test_a_dry_run_with_processes_starts_no_worker_process(
     )
     seen: set[int] = set()
     while parent.poll() is None:
-        seen.update(_worker_children(parent.pid))
+        seen.update(worker_children(parent.pid))
         time.sleep(0.02)
     out, err = parent.communicate(timeout=60)
     assert parent.returncode == 0, err
