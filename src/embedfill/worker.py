@@ -24,10 +24,12 @@ Every worker rings (``_ring``, about every second): chunks never rung (a new job
 released by a gone holder), and chunks rung long ago whose queue entry is no longer
 waiting (used up its retries, deleted): none is left without a ring.
 
-Before it works on a job a worker compares its own resolution of the job's target (its
-config, the live table, its environment) with the job's spec (jobs/spec.py). One that
-differs refuses the job: it hands the chunk back, takes no more of that job, logs one
-sentence naming the setting, and the job's workers list it with ``refused``.
+A worker listens only to the queues of its own fingerprints (jobs/queue.py): a job whose
+spec (jobs/spec.py) differs from this worker's resolution of its target (its config, its
+environment) is never rung here. The worker notices such jobs of its targets, logs one
+sentence naming the setting, and the job's workers list it with ``refused``. A ring that
+reaches it anyway (the target's name means another table here; a job from before specs)
+is handed back, and the worker takes no more of that job.
 
 A worker that cannot reach the provider gives its chunk back rather than failing its
 rows (``_give_back`` in engine/embed.py), at most ``MAX_CHUNK_ATTEMPTS`` times per chunk.
@@ -69,7 +71,6 @@ log = logging.getLogger(__name__)
 
 RECONNECT_MAX_S = 15.0
 QUEUE_POLL_S = 0.5  # the queue is looked at this often for rings
-_T = TypeVar("_T")
 RING_EVERY_S = 1.0  # chunks not rung are rung this often (a new job waits at most this)
 RING_BATCH = 500
 SESSION_CHUNKS = 2  # chunks of one job a worker holds at once: one scanned, one ending
@@ -77,6 +78,8 @@ SESSION_CHUNKS = 2  # chunks of one job a worker holds at once: one scanned, one
 # rarely enough that the workers configured like the job get its chunks first
 REFUSED_RING_WAIT_S = 15.0
 FULL_RING_WAIT_S = 2.0  # a ring handed back because this worker has its fill of the job
+
+_T = TypeVar("_T")
 
 
 class GiveBack(Exception):
