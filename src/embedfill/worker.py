@@ -233,7 +233,7 @@ class Worker:
     def _app(self) -> procrastinate.App:
         app = queue.new_app()
         app.task(
-            name=jobs.TASK,
+            name=queue.TASK,
             pass_context=True,
             retry=_RingAgain(),
         )(self._chunk_task)
@@ -377,7 +377,7 @@ class Worker:
         again is one more ring, which a held chunk ignores."""
         await manager.prune_stalled_workers(self.lease_s)
         for job in await manager.get_stalled_jobs(
-            task_name=jobs.TASK, seconds_since_heartbeat=self.lease_s
+            task_name=queue.TASK, seconds_since_heartbeat=self.lease_s
         ):
             with contextlib.suppress(Exception):
                 await manager.retry_job(job)
@@ -411,7 +411,7 @@ class Worker:
         async with self.control() as store:
             if not await store.has_stale_rung(stale_s):
                 return
-        waiting = await manager.list_jobs_async(task=jobs.TASK, status="todo")
+        waiting = await manager.list_jobs_async(task=queue.TASK, status="todo")
         pending = {f"{j.task_kwargs.get('run_id')}:{j.task_kwargs.get('seq')}" for j in waiting}
         async with self.control() as store, store.conn.transaction():
             rings = queue.rings_of(await store.chunks_to_ring(RING_BATCH, stale_s, pending))

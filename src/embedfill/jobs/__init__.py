@@ -35,8 +35,6 @@ from ..errors import first_line as _first_line
 from ..freshness import mixing_warning
 from ..models import Report, TenantReport
 from ..providers import needs_key
-from .queue import TASK as TASK
-from .queue import queue_for as queue_for
 from .queue import ring
 from .spec import JobSpec, vector_settings
 
