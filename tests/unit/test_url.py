@@ -182,9 +182,11 @@ def test_database_normalizes_its_url_and_never_shows_the_password() -> None:
 
 
 @pytest.mark.parametrize(
-    ("limit", "wanted", "writers"), [(None, 4, 4), (9, 4, 4), (7, 4, 2), (6, 4, 1), (1, 4, 1)]
+    ("limit", "wanted", "writers"),
+    [(None, 4, 4), (6, 4, 4), (5, 4, 3), (5, 2, 2), (3, 4, 1), (1, 4, 1)],
 )
 def test_connection_limit_caps_the_writers(limit: int | None, wanted: int, writers: int) -> None:
-    # a worker coordinates with 5 connections: the writers get the rest, at least one
+    # a worker coordinates with 2 connections (control, scan): the writers get the rest,
+    # at least one
     query = f"?connection_limit={limit}" if limit else ""
     assert Database(f"postgresql://u@h/db{query}").writers(wanted) == writers
