@@ -153,7 +153,7 @@ def test_more_writers_than_free_connections_is_a_clear_message(
     tickets: str, roles: Roles, fake_openai: FakeOpenAI
 ) -> None:
     asyncio.run(amigrate(Database(tickets)))
-    app_rw = roles.create(connection_limit=3)  # fewer than a worker coordinates with
+    app_rw = roles.create(connection_limit=3)  # fewer than a worker with 4 writers needs
     roles.grant(app_rw, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
     config = tickets_config(fake_openai.base_url)
     config = replace(config, engine=replace(config.engine, write_concurrency=4))
