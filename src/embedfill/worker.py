@@ -812,9 +812,16 @@ async def work_on_job(
     worker.on_progress = show
     ended = asyncio.Event()  # this process finished the job: no need to wait for a poll
     worker.on_job_end = lambda job, _: ended.set() if job == run_id else None
-    state = await _job_state(worker.db, run_id)
-    if state is None:
-        raise UsageError(f"No backfill job has id {run_id}.")
+    conn = await connect(worker.db)  # closed before the worker opens its own
+    try:
+        state = await Store(conn).run_state(run_id)
+        if state is None:
+            raise UsageError(f"No backfill job has id {run_id}.")
+        # the others' part as it is now: the progress shown before this worker's control
+        # connection is up already has the job's totals
+        others = await jobs.merged_report(Store(conn), run_id, exclude=worker.name)
+    finally:
+        await conn.close()
     if worker.targets is None:  # `worker --job ID`: that job's queue only, not every target's
         worker.targets = [state["target"]]
     runner = asyncio.create_task(worker.run(stop))
@@ -861,11 +868,3 @@ async def work_on_job(
         on_progress(final)  # the last word: every row of the job
     assert state is not None
     return final, state
-
-
-async def _job_state(db: Database, run_id: int) -> dict[str, Any] | None:
-    conn = await connect(db)
-    try:
-        return await Store(conn).run_state(run_id)
-    finally:
-        await conn.close()
