@@ -27,6 +27,7 @@ from .config import Config, TargetConfig
 from .db import indexes, triggers
 from .db.catalog import TableInfo, count_missing, count_outdated, inspect_target, target_status
 from .db.connect import Database, connect
+from .db.lanes import Lane
 from .db.schema import amigrate, ensure_schema
 from .db.store import KeyInfo, Store
 from .db.target_sql import TargetSQL
@@ -91,9 +92,9 @@ async def abackfill(
                 exclusive=exclusive,
                 enqueue=enqueue,
             )
-        run = Run(
+        run = Run(  # a dry run: its reads on this connection, no write
             db=db,
-            conn=conn,
+            lane=Lane(conn),
             target=target,
             pconf=pconf,
             info=info,

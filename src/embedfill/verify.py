@@ -33,6 +33,7 @@ any sampled unverified vector disagrees or could not be checked.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -41,20 +42,26 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 
+from .concurrency import Concurrency
 from .config import ProviderConfig, TargetConfig, text_renderer
 from .db.catalog import TableInfo, table_pages
 from .db.store import Store
 from .db.target_sql import TargetSQL
-from .errors import AuthFailed, BadInput, ProviderError, UsageError, VerificationFailed
+from .embedding import Client
+from .errors import (
+    AuthFailed,
+    BadInput,
+    ProviderError,
+    ProviderMisconfigured,
+    UsageError,
+    VerificationFailed,
+)
 from .freshness import ProvenanceIds, model_identity, provenance_ids
 from .keys import KeyResolver
 from .models import Batch, KeySource, Row
 from .planning import TenantBatcher, estimate_cost, prepare_text, split_batch
 from .providers import Provider, Vector
-from .providers.answers import check_vectors
 from .ratelimit import Rates, SharedLimits
-from .retry import RetryPolicy, decide, server_wait
-from .secrets import Secret
 
 DEFAULT_SAMPLE = 100
 ADOPT_PAGE_ROWS = 10_000  # rows per adopt statement (and transaction)
@@ -66,6 +73,8 @@ NAMED_ROWS = 10  # a refusal names at most this many rows
 LISTED_FAILURES = 100  # rows not checked listed one by one (all are counted)
 
 StoredVector = npt.NDArray[np.float32]
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------- pure decisions
@@ -295,20 +304,31 @@ class Verifier:
         if provider.needs_key or pconf.rpm or pconf.tpm:  # as a backfill shares them
             scope = f"{pconf.kind}|{pconf.base_url or ''}|{pconf.model}"
             self.limits = SharedLimits(store, Rates(pconf.rpm, pconf.tpm), scope)
-        self.policy = RetryPolicy.for_provider(pconf)
         self.render = text_renderer(target.text, target.text_columns)
         self.counter = provider.counter()
         self.dead: dict[str | None, str] = {}  # tenants whose key the provider rejected
-        self.slots = asyncio.Semaphore(max(1, min(MAX_CONCURRENCY, pconf.max_concurrency)))
+        self.tally = _VerifyTally()
+        # the provider as a backfill uses it (embedding/client.py): the same keys, shared
+        # limits and the provider's rate-limit headers, retries, the probe
+        self.client = Client(
+            provider=provider,
+            pconf=pconf,
+            keys=self.keys,
+            limits=self.limits,
+            concurrency=Concurrency.fixed(max(1, min(MAX_CONCURRENCY, pconf.max_concurrency))),
+            tally=self.tally,
+            count_tokens=self.counter.count,
+        )
 
     def result(self, sample: int | None, dry_run: bool) -> VerifyResult:
-        return VerifyResult(
+        self.tally.result = VerifyResult(
             target=self.target.name,
             provider=self.provider.name,
             threshold=self.pconf.verify_min_cosine,
             sample=sample,
             dry_run=dry_run,
         )
+        return self.tally.result
 
     async def verify(
         self,
@@ -432,17 +452,22 @@ class Verifier:
         )
         batches = [b for row in rows for b in batcher.add(row)] + batcher.flush()
         for batch in batches:  # keys first, one at a time (the resolver caches them)
-            resolved = await self.keys.resolve(batch.tenant)
+            resolved = await self.client.key(batch.tenant)
             result.tenant(batch.tenant).key_source = resolved.source
         if result.dry_run:
             for batch in batches:
                 await self._plan(batch, result)
             return
-        await asyncio.gather(*(self._compare(batch, stored, result) for batch in batches))
+        try:
+            async with asyncio.TaskGroup() as tg:  # one error (the probe's) stops them all
+                for batch in batches:
+                    tg.create_task(self._compare(batch, stored, result))
+        except* ProviderMisconfigured as group:
+            raise group.exceptions[0] from None
 
     async def _plan(self, batch: Batch, result: VerifyResult) -> None:
         tenant = result.tenant(batch.tenant)
-        resolved = await self.keys.resolve(batch.tenant)
+        resolved = await self.client.key(batch.tenant)
         if resolved.error:
             tenant.error = resolved.error
             result.fail(batch.rows, resolved.error)
@@ -456,15 +481,18 @@ class Verifier:
         self, batch: Batch, stored: dict[Any, StoredVector | None], result: VerifyResult
     ) -> None:
         tenant = result.tenant(batch.tenant)
-        resolved = await self.keys.resolve(batch.tenant)
+        resolved = await self.client.key(batch.tenant)
         reason = resolved.error or self.dead.get(batch.tenant)
         if reason:
             tenant.error = reason
             result.fail(batch.rows, reason)
             return
         try:
-            vectors = await self._embed(batch, resolved.key, result)
+            vectors, _ = await self.client.vectors(batch, resolved.key)
         except BadInput as exc:  # isolate the row the provider rejects
+            wrong = await self.client.probe(resolved.key)
+            if wrong is not None:  # not the rows: the request (model, dimensions)
+                raise wrong from None
             if len(batch.rows) > 1:
                 for half in split_batch(batch):
                     await self._compare(half, stored, result)
@@ -486,32 +514,33 @@ class Verifier:
                 continue
             result.record(row, cosine(stored[row.id], fresh))
 
-    async def _embed(self, batch: Batch, key: Secret | None, result: VerifyResult) -> list[Vector]:
-        """The batch's vectors, checked, retried as retry.decide says under the key's
-        shared limits; the provider's error when retrying gives up."""
-        tenant = result.tenant(batch.tenant)
-        attempts = 0
-        while True:
-            async with self.slots:
-                if self.limits is not None:
-                    wait = await self.limits.reserve(key, batch.tokens)
-                    if wait > 0:
-                        await asyncio.sleep(wait)
-                attempts += 1
-                result.requests += 1
-                tenant.requests += 1
-                try:
-                    answer = await self.provider.embed(batch.texts, api_key=key)
-                    vectors = check_vectors(answer, len(batch.rows))
-                except ProviderError as exc:
-                    delay = decide(exc, attempts, self.policy)
-                    if delay is None:
-                        raise
-                    if self.limits is not None and exc.retry_after:
-                        await self.limits.pause(key, server_wait(exc.retry_after, self.policy))
-                else:
-                    result.tokens += batch.tokens
-                    tenant.tokens += batch.tokens
-                    return vectors
-            result.retries += 1
-            await asyncio.sleep(delay)
+
+class _VerifyTally:
+    """What a verify counts as its client sends (embedding.Tally): the result's."""
+
+    result: VerifyResult
+
+    def sent(self, tenant: str | None) -> None:
+        self.result.requests += 1
+        self.result.tenant(tenant).requests += 1
+
+    def probed(self) -> None:
+        self.result.requests += 1
+
+    def retrying(self, tenant: str | None, exc: ProviderError, delay: float) -> None:
+        log.info(
+            "verify of %s: tenant %s: %s; retrying in %.1fs", self.result.target, tenant, exc, delay
+        )
+
+    def retried(self) -> None:
+        self.result.retries += 1
+
+    def answered(self, tenant: str | None, tokens: int) -> None:
+        self.result.tokens += tokens
+        self.result.tenant(tenant).tokens += tokens
+
+    def probe_answered(self, tokens: int) -> None:
+        self.result.tokens += tokens
+
+    def observed(self, status: str, seconds: float) -> None:
+        pass

@@ -19,6 +19,10 @@ watch job per column and queues chunks of row ids into it as it notices them:
   rows whose vector is stale or from another model (freshness.py), so changes made while
   no watcher ran, or without triggers, are found.
 
+The watchers of one process share one connection (``WatchHub``): their elections, the
+``LISTEN`` and their reads, whatever the number of targets; its worker has its own few
+(db/lanes.py).
+
 Ids already in a chunk not done yet are not queued again; a change to such a row stays in
 the queue until that chunk is done (its write skipped the row, whose text had changed),
 then goes out in a chunk of its own. Nothing is lost when a watcher is killed: queued
@@ -35,7 +39,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,7 +62,7 @@ log = logging.getLogger(__name__)
 DEBOUNCE_S = 0.05  # after a change is noticed, gather what follows it for this long
 BUSY_WAIT_S = 0.05  # while a chunk waits for a free worker, look again this often
 DRAIN_EVERY_S = 1.0  # the change queue is read at least this often, notified or not
-LISTEN_SLICE_S = 0.5  # the longest a watcher waits before it looks at ``stop`` again
+PUMP_SLICE_S = 0.1  # the hub waits for notifications this long between watchers' turns
 RETRY_MAX_S = 30.0
 
 
@@ -86,6 +90,102 @@ class _Walk:
             self.first, self.after = False, rows[-1][0]
 
 
+class WatchHub:
+    """The one connection the watchers of a process share, whatever their number: their
+    elections (a session advisory lock per column), the change notifications (one
+    ``LISTEN``, each NOTIFY's payload names its column) and their reads and queuing
+    transactions, one watcher at a time (``use``). A pump waits for notifications in
+    short slices between the watchers' turns. When the connection breaks, every watcher
+    sees its generation end, and leads again (or stands by) on the next one."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.conn: psycopg.AsyncConnection[Any] | None = None
+        self.generation = 0
+        self._lock = asyncio.Lock()
+        self._opening = asyncio.Lock()
+        self._changed: dict[int, asyncio.Event] = {}
+        self._pump: asyncio.Task[None] | None = None
+
+    @property
+    def _usable(self) -> bool:
+        return self.conn is not None and not self.conn.closed and not self.conn.broken
+
+    async def open(self) -> int:
+        """The current generation: the connection opened (again, after it broke)."""
+        async with self._opening:
+            if not self._usable:
+                if self.conn is not None:
+                    with contextlib.suppress(psycopg.Error):
+                        await self.conn.close()
+                self.conn = None
+                conn = await connect(self.db)
+                try:
+                    await ensure_schema(conn)  # the queue's tables exist before it is used
+                    await Store(conn).listen_changes()
+                except BaseException:
+                    await conn.close()
+                    raise
+                self.conn = conn
+                self.generation += 1
+                for event in self._changed.values():
+                    event.set()  # what was notified meanwhile is looked at now
+            if self._pump is None or self._pump.done():
+                self._pump = asyncio.create_task(self._pump_notifications())
+            return self.generation
+
+    @contextlib.asynccontextmanager
+    async def use(self, generation: int) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """The connection, to this watcher alone, while it is of ``generation`` (its
+        locks are held on it); a lost one is an OperationalError (the watcher leads
+        again)."""
+        async with self._lock:
+            if not self._usable or generation != self.generation:
+                raise psycopg.OperationalError("the watch connection was lost; connecting again")
+            assert self.conn is not None
+            yield self.conn
+
+    def changes(self, column_id: int) -> asyncio.Event:
+        """Set when the triggers notify a change to the column (or the connection came
+        back: what was notified meanwhile is lost)."""
+        return self._changed.setdefault(column_id, asyncio.Event())
+
+    async def _pump_notifications(self) -> None:
+        while True:
+            conn = self.conn
+            if conn is None or conn.closed or conn.broken:
+                await asyncio.sleep(PUMP_SLICE_S)
+                continue
+            try:
+                async with self._lock:
+                    async for note in conn.notifies(timeout=PUMP_SLICE_S):
+                        self._notified(note.payload)
+            except psycopg.Error:  # broken: the watchers open it again
+                await asyncio.sleep(PUMP_SLICE_S)
+            await asyncio.sleep(0)  # a watcher waiting for its turn goes first
+
+    def _notified(self, payload: str) -> None:
+        try:
+            event = self._changed.get(int(payload))
+        except ValueError:
+            event = None
+        if event is not None:
+            event.set()
+        elif not payload.isdigit():  # not one of ours: look at every column
+            for e in self._changed.values():
+                e.set()
+
+    async def close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            await asyncio.gather(self._pump, return_exceptions=True)
+            self._pump = None
+        if self.conn is not None:
+            with contextlib.suppress(psycopg.Error):
+                await self.conn.close()
+            self.conn = None
+
+
 @dataclass
 class TargetWatch:
     """The watcher of one target, when this process is elected (see the module doc)."""
@@ -94,9 +194,14 @@ class TargetWatch:
     db: Database
     target: TargetConfig
     opts: WatchOptions
+    hub: WatchHub | None = None  # shared by the process's watchers; None: its own
     job_id: int | None = None
     queued: int = 0  # ids this watcher queued (tests and logs)
-    _conn: psycopg.AsyncConnection[Any] | None = field(default=None, repr=False)
+    _leads: tuple[int, str] | None = field(default=None, repr=False)  # (generation, lock)
+
+    def __post_init__(self) -> None:
+        self._own_hub = self.hub is None
+        self._hub = self.hub or WatchHub(self.db)
 
     @property
     def chunk_rows(self) -> int:
@@ -112,118 +217,133 @@ class TargetWatch:
                 if await self._lead(stop):
                     return
                 wait = 1.0
+                await _sleep(stop, self.opts.interval_s)  # stand by: try again later
+                continue
             except EmbedfillError as exc:
                 if exc.exit_code == 2:  # a config error: no retry fixes it
                     raise
                 log.warning("watch of %s: %s; trying again in %.0fs", self.target.name, exc, wait)
-                await self._close()
+                await self._step_down()
             except (psycopg.Error, OSError) as exc:
                 log.warning("watch of %s: %s; trying again in %.0fs", self.target.name, exc, wait)
-                await self._close()
-            await _sleep(stop, wait if self._conn is None else self.opts.interval_s)
+                await self._step_down()
+            await _sleep(stop, wait)
             wait = min(wait * 2, RETRY_MAX_S)
 
     async def _lead(self, stop: asyncio.Event) -> bool:
         """Watch the target if this process is elected; True once the watch is over
         (``stop``, or its job cancelled), False when another process watches it."""
-        if self._conn is None or self._conn.closed:
-            self._conn = await connect(self.db)
-        conn = self._conn
-        await ensure_schema(conn)
+        gen = await self._hub.open()
         pconf = self.config.provider_for(self.target)
-        info = await inspect_target(conn, self.target, pconf.expected_dimensions, pconf.label)
-        hint = await poll_index_hint(conn, self.target, info)
-        if hint is not None:
-            log.warning("watch of %s: %s", self.target.name, hint)
-        key = f"embedfill:watch:{info.oid}:{self.target.embedding_column}"
-        if not await Store(conn).try_watch_lock(key):
-            return False  # another process watches it: stand by
-        ids = await provenance_ids(
-            conn, info, self.target.embedding_column, model_identity(pconf, info), create=True
-        )
-        spec = jobs.spec_of(
-            "watch",
-            self.target,
-            pconf,
-            info,
-            env=os.environ,
-        )
-        job = await jobs.open_watch_job(
-            conn, spec=spec, target=self.target, info=info, actor=self.opts.actor
-        )
+        async with self._hub.use(gen) as conn:
+            info = await inspect_target(conn, self.target, pconf.expected_dimensions, pconf.label)
+            hint = await poll_index_hint(conn, self.target, info)
+            if hint is not None:
+                log.warning("watch of %s: %s", self.target.name, hint)
+            key = f"embedfill:watch:{info.oid}:{self.target.embedding_column}"
+            if self._leads != (gen, key):  # taken once per connection (locks nest)
+                if not await Store(conn).try_watch_lock(key):
+                    return False  # another process watches it: stand by
+                self._leads = (gen, key)
+            ids = await provenance_ids(
+                conn, info, self.target.embedding_column, model_identity(pconf, info), create=True
+            )
+            spec = jobs.spec_of("watch", self.target, pconf, info, env=os.environ)
+            job = await jobs.open_watch_job(
+                conn, spec=spec, target=self.target, info=info, actor=self.opts.actor
+            )
         while job is None:  # a backfill runs on the column: its workers fill it first
             log.info("watch of %s: waiting for the running job to end", self.target.name)
             if await _sleep(stop, self.opts.interval_s):
                 return True
-            job = await jobs.open_watch_job(
-                conn, spec=spec, target=self.target, info=info, actor=self.opts.actor
-            )
+            async with self._hub.use(gen) as conn:
+                job = await jobs.open_watch_job(
+                    conn, spec=spec, target=self.target, info=info, actor=self.opts.actor
+                )
         self.job_id = job
         log.info("watching %s as job %s", self.target.name, job)
-        state = await Store(conn).run_state(job)
+        async with self._hub.use(gen) as conn:
+            state = await Store(conn).run_state(job)
         assert state is not None
         queue = JobSpec.from_record(state).queue  # a job resumed rings where it always did
-        await Store(conn).listen_changes()
-        await self._watch(conn, info, ids, job, queue, stop)
+        await self._watch(gen, info, ids, job, queue, stop)
         return True
 
     async def _watch(
         self,
-        conn: psycopg.AsyncConnection[Any],
+        gen: int,
         info: TableInfo,
         ids: ProvenanceIds,
         job: int,
         queue: str,
         stop: asyncio.Event,
     ) -> None:
-        store = Store(conn)
         tsql = TargetSQL(self.target, info.types)
         missing = _Walk(self.opts.interval_s)
         outdated = _Walk(self.opts.sweep_interval_s)  # due now: changes made while away
+        changed = self._hub.changes(ids.column_id)
         while not stop.is_set():
-            state = await store.run_state(job)
-            if state is None or state["status"] != "running" or state["cancel_requested"]:
-                log.warning(
-                    "watch of %s: job %s was ended or cancelled; not watching it any more",
-                    self.target.name,
-                    job,
-                )
-                self.job_id = None
+            changed.clear()  # what is notified from here on wakes the next wait
+            async with self._hub.use(gen) as conn:
+                wait = await self._step(conn, tsql, ids, job, queue, missing, outdated)
+            if wait is None:
                 return
-            todo, _ = await store.open_chunks(job)
-            if todo:
-                # every worker is busy: what changes meanwhile gathers in the queue and
-                # goes out as one chunk when one is free (one chunk per change would spend
-                # the workers on per-chunk costs and fall behind)
-                await _sleep(stop, BUSY_WAIT_S)
-                continue
-            inflight = await store.open_chunk_keys(job)
-            room = self.chunk_rows * 4 - len(inflight)  # the backlog queued at once
-            keys: list[str] = []
-            now = time.monotonic()
-            for walk, is_outdated in ((missing, False), (outdated, True)):
-                if room > 0 and now >= walk.due:
-                    rows = await self._page(conn, tsql, walk, is_outdated, ids, job, room)
-                    walk.page_done(rows, room, now)
-                    keys.extend(r[1] for r in rows)
-            # what the triggers queued leaves their queue in the transaction that puts it
-            # in chunks: a watcher killed in between loses nothing
-            async with conn.transaction():
-                keys += await store.drain_changes(ids.column_id, inflight, self.chunk_rows)
-                fresh = list(dict.fromkeys(k for k in keys if k not in inflight))
-                chunks = await jobs.add_key_chunks(conn, job, queue, fresh, self.chunk_rows)
-            if fresh:
-                self.queued += len(fresh)
-                log.info(
-                    "watch of %s: %d rows queued in %d chunks", self.target.name, len(fresh), chunks
-                )
-            more = (not missing.first and room > 0) or (not outdated.first and room > 0)
-            next_due = min(missing.due, outdated.due) - time.monotonic()
-            # the queue is read at least every DRAIN_EVERY_S: a trigger NOTIFYs from one
-            # transaction at a time per column (db/triggers.py), so a row can be queued
-            # without a notification of its own
-            wait = 0.2 if more else min(DRAIN_EVERY_S, max(0.0, next_due))
-            await self._wait_for_change(conn, stop, wait)
+            await _wait_for(changed, stop, wait)
+
+    async def _step(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        tsql: TargetSQL,
+        ids: ProvenanceIds,
+        job: int,
+        queue: str,
+        missing: _Walk,
+        outdated: _Walk,
+    ) -> float | None:
+        """Queue what is to do now; how long to wait for a change before the next step
+        (None: the job is over, the target no longer watched)."""
+        store = Store(conn)
+        state = await store.run_state(job)
+        if state is None or state["status"] != "running" or state["cancel_requested"]:
+            log.warning(
+                "watch of %s: job %s was ended or cancelled; not watching it any more",
+                self.target.name,
+                job,
+            )
+            self.job_id = None
+            return None
+        todo, _ = await store.open_chunks(job)
+        if todo:
+            # every worker is busy: what changes meanwhile gathers in the queue and goes
+            # out as one chunk when one is free (one chunk per change would spend the
+            # workers on per-chunk costs and fall behind)
+            return BUSY_WAIT_S
+        inflight = await store.open_chunk_keys(job)
+        room = self.chunk_rows * 4 - len(inflight)  # the backlog queued at once
+        keys: list[str] = []
+        now = time.monotonic()
+        for walk, is_outdated in ((missing, False), (outdated, True)):
+            if room > 0 and now >= walk.due:
+                rows = await self._page(conn, tsql, walk, is_outdated, ids, job, room)
+                walk.page_done(rows, room, now)
+                keys.extend(r[1] for r in rows)
+        # what the triggers queued leaves their queue in the transaction that puts it in
+        # chunks: a watcher killed in between loses nothing
+        async with conn.transaction():
+            keys += await store.drain_changes(ids.column_id, inflight, self.chunk_rows)
+            fresh = list(dict.fromkeys(k for k in keys if k not in inflight))
+            chunks = await jobs.add_key_chunks(conn, job, queue, fresh, self.chunk_rows)
+        if fresh:
+            self.queued += len(fresh)
+            log.info(
+                "watch of %s: %d rows queued in %d chunks", self.target.name, len(fresh), chunks
+            )
+        more = (not missing.first and room > 0) or (not outdated.first and room > 0)
+        next_due = min(missing.due, outdated.due) - time.monotonic()
+        # the queue is read at least every DRAIN_EVERY_S: a trigger NOTIFYs from one
+        # transaction at a time per column (db/triggers.py), so a row can be queued
+        # without a notification of its own
+        return 0.2 if more else min(DRAIN_EVERY_S, max(0.0, next_due))
 
     async def _page(
         self,
@@ -241,47 +361,33 @@ class TargetWatch:
         )
         return await cur.fetchall()
 
-    async def _wait_for_change(
-        self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event, timeout: float
-    ) -> None:
-        """Until a change is notified (then a moment more, to gather what follows it),
-        ``timeout`` passes or ``stop`` is set."""
-        deadline = time.monotonic() + timeout
-        while not stop.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return
-            heard = False
-            async for _ in conn.notifies(timeout=min(left, LISTEN_SLICE_S), stop_after=1):
-                heard = True
-            if heard:
-                await asyncio.sleep(DEBOUNCE_S)
-                async for _ in conn.notifies(timeout=0):  # what came meanwhile: one wake
-                    pass
-                return
-
     async def close(self) -> None:
         """After the workers finished their chunks in flight: end the watch job (chunks
         not started are cancelled; their rows are found again by the next watch), then
         give up the watcher's lock. A chunk still in another process's hands keeps the
         job running: the watcher that takes over resumes it."""
-        conn, job = self._conn, self.job_id
+        job = self.job_id
         try:
-            if conn is not None and not conn.closed and job is not None:
+            if job is not None and self._leads is not None:
                 with contextlib.suppress(psycopg.Error):
-                    store = Store(conn)
-                    await store.cancel_chunks(job)
-                    status = await jobs.finish(conn, job, end_watch=True)
+                    async with self._hub.use(self._leads[0]) as conn:
+                        await Store(conn).cancel_chunks(job)
+                        status = await jobs.finish(conn, job, end_watch=True)
                     if status is not None:
                         log.info("watch job %s of %s ended: %s", job, self.target.name, status)
         finally:
-            await self._close()
+            await self._step_down()
+            if self._own_hub:
+                await self._hub.close()
 
-    async def _close(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(psycopg.Error):
-                await self._conn.close()
-            self._conn = None
+    async def _step_down(self) -> None:
+        """Give up the target's lock (another process may lead it), if this one holds it."""
+        leads, self._leads = self._leads, None
+        if leads is None:
+            return
+        with contextlib.suppress(psycopg.Error):
+            async with self._hub.use(leads[0]) as conn:
+                await Store(conn).release_watch_lock(leads[1])
 
 
 async def awatch(
@@ -302,18 +408,15 @@ async def awatch(
     from .worker import Worker  # the worker imports the application
 
     names = list(targets or [t.name for t in config.targets])
-    conn = await connect(db)
-    try:  # the queue's tables exist before the worker polls them
-        await ensure_schema(conn)
-    finally:
-        await conn.close()
-    watches = [TargetWatch(config, db, config.target(n), opts) for n in names]
+    hub = WatchHub(db)  # one connection for every target's watcher
+    await hub.open()  # the queue's tables exist before the worker polls them
+    watches = [TargetWatch(config, db, config.target(n), opts, hub) for n in names]
     if on_watch is not None:
         on_watch(watches)
     worker_stop = asyncio.Event()
     worker_task: asyncio.Task[None] | None = None
     if worker:
-        kwargs: dict[str, Any] = {"targets": names, "concurrency": concurrency}
+        kwargs: dict[str, Any] = {"targets": names, "concurrency": concurrency, "reserved": 1}
         if env is not None:
             kwargs["env"] = env
         if observer is not None:
@@ -344,6 +447,20 @@ async def awatch(
                 await worker_task
         for w in watches:
             await w.close()
+        await hub.close()
+
+
+async def _wait_for(changed: asyncio.Event, stop: asyncio.Event, seconds: float) -> None:
+    """Until a change is notified (then a moment more, to gather what follows it),
+    ``seconds`` pass or ``stop`` is set."""
+    waits = [asyncio.ensure_future(e.wait()) for e in (changed, stop)]
+    try:
+        await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    if changed.is_set() and not stop.is_set():
+        await asyncio.sleep(DEBOUNCE_S)
 
 
 async def _sleep(stop: asyncio.Event, seconds: float) -> bool:

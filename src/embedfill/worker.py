@@ -58,6 +58,7 @@ from . import jobs
 from .config import Config
 from .context import job_id_var
 from .db.connect import Database, connect
+from .db.lanes import Lane, Lanes
 from .db.store import Store
 from .engine import BackfillOptions, Chunk, Hooks, Observer, Run, WorkerSeat
 from .engine.prepare import prepare
@@ -130,7 +131,6 @@ class Refused(Exception):
 class _Session:
     run: Run
     task: asyncio.Task[Report]
-    conn: psycopg.AsyncConnection[Any]
     idle_close_s: float  # a watch job's session stays open longer (its kind says)
     inflight: int = 0
     closer: asyncio.TimerHandle | None = None
@@ -148,6 +148,7 @@ class Worker:
     concurrency: int | None = None  # chunks at once; None: [engine] worker_chunks
     on_progress: Callable[[int, Report], None] | None = None  # (job, this worker's live report)
     on_job_end: Callable[[int, str], None] | None = None  # (job, final status) it finished
+    reserved: int = 0  # connections its process holds besides (a watch's: 1)
 
     def __post_init__(self) -> None:
         self.host = socket.gethostname()
@@ -165,6 +166,16 @@ class Worker:
         self._lock = asyncio.Lock()
         self._control: psycopg.AsyncConnection[Any] | None = None
         self._control_lock = asyncio.Lock()
+        # the table connections every session shares (db/lanes.py): with the control
+        # connection, 1 + write_concurrency in all, whatever the number of jobs
+        engine = self.config.engine
+        self.lanes = Lanes(
+            self.db,
+            write_concurrency=engine.write_concurrency,
+            reserved=self.reserved,
+            lock_timeout_ms=engine.lock_timeout_ms,
+            statement_timeout_s=engine.statement_timeout_s,
+        )
         self._own_providers: list[Provider] = []
         self.app: procrastinate.App | None = None
         for name in self.targets or ():
@@ -194,7 +205,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; then finish the chunks in flight and return."""
-        self.db.check_connection_limit()
+        self.db.check_connection_limit(self.reserved)
         # the provider clients (the openai SDK's import alone takes a second) and their
         # token counters are ready before the first chunk is claimed, not after
         for name in self.targets or [t.name for t in self.config.targets]:
@@ -224,6 +235,7 @@ class Worker:
                     ringer.cancel()
                     await asyncio.gather(ringer, return_exceptions=True)
                     await self._close_sessions()
+                    await self.lanes.close()
         finally:
             liveness.cancel()
             await asyncio.gather(liveness, return_exceptions=True)
@@ -630,19 +642,16 @@ class Worker:
             if session is not None and not session.task.done():
                 return session
             self.sessions.pop(run_id, None)
-            conn = await connect(self.db)
-            try:
-                session = await self._open(conn, run_id)
-            except BaseException:
-                await conn.close()
-                raise
-            if session is None:
-                await conn.close()
-                return None
-            self.sessions[run_id] = session
+            lane = await self.lanes.table()  # every session's reads share it
+            async with lane.hold() as conn:
+                session = await self._open(lane, conn, run_id)
+            if session is not None:
+                self.sessions[run_id] = session
             return session
 
-    async def _open(self, conn: psycopg.AsyncConnection[Any], run_id: int) -> _Session | None:
+    async def _open(
+        self, lane: Lane, conn: psycopg.AsyncConnection[Any], run_id: int
+    ) -> _Session | None:
         state = await Store(conn).run_state(run_id)
         if state is None or state["status"] != "running" or state["cancel_requested"]:
             return None
@@ -697,7 +706,8 @@ class Worker:
         )
         run = Run(
             db=self.db,
-            conn=conn,
+            lane=lane,
+            lanes=self.lanes,
             target=target,
             pconf=pconf,
             info=info,
@@ -710,7 +720,7 @@ class Worker:
         )
         task = asyncio.create_task(run.serve())
         keep = spec.behaviour.idle_close_s
-        return _Session(run=run, task=task, conn=conn, idle_close_s=keep)
+        return _Session(run=run, task=task, idle_close_s=keep)
 
     def _progress_hook(self, run_id: int) -> Callable[[Report], None] | None:
         hook = self.on_progress
@@ -763,7 +773,6 @@ async def _end(session: _Session) -> None:
     session.run.close()
     with contextlib.suppress(Exception):
         await session.task
-    await session.conn.close()
 
 
 async def _first(*aws: Any) -> None:

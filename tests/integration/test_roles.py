@@ -181,10 +181,35 @@ def test_connection_limit_in_the_url_keeps_a_run_within_it(
     config = replace(config, engine=replace(config.engine, write_concurrency=4))
 
     # a backfill of three connections: its worker's control one (liveness lock, job
-    # queue, claims, audit trail), the table scan's, and one writer
+    # queue, claims, audit trail), its table lane (reads, and writes), one writer lane
     report = run(roles.url(app_rw, query="connection_limit=3"), config)
 
     assert report.status == "succeeded" and report.embedded == 45
+
+
+def test_the_defaults_use_three_connections(
+    tickets: str, roles: Roles, fake_openai: FakeOpenAI
+) -> None:
+    """No connection_limit, default engine settings, a role the server holds to 3."""
+    asyncio.run(amigrate(Database(tickets)))
+    app_rw = roles.create(connection_limit=3)
+    roles.grant(app_rw, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
+    report = run(roles.url(app_rw), tickets_config(fake_openai.base_url))
+    assert report.status == "succeeded" and report.embedded == 45
+
+
+def test_connection_limit_2_works(tickets: str, roles: Roles, fake_openai: FakeOpenAI) -> None:
+    """Two connections: the control one and the table lane, which reads and writes."""
+    asyncio.run(amigrate(Database(tickets)))
+    app_rw = roles.create(connection_limit=2)
+    roles.grant(app_rw, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
+    config = tickets_config(fake_openai.base_url)
+    config = replace(config, engine=replace(config.engine, write_concurrency=4))
+    report = run(roles.url(app_rw, query="connection_limit=2"), config)
+    assert report.status == "succeeded" and report.embedded == 45
+    with psycopg.connect(tickets) as conn:
+        left = conn.execute('SELECT count(*) FROM app."SupportTickets" WHERE emb IS NULL')
+        assert left.fetchone() == (0,)
 
 
 def test_a_prisma_url_with_connection_limit_5_works(
@@ -211,9 +236,9 @@ def test_a_connection_limit_too_low_for_a_worker_is_refused_before_anything_is_w
     app_rw = roles.create()
     roles.grant(app_rw, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
     with pytest.raises(ConfigError) as info:
-        run(roles.url(app_rw, query="connection_limit=2"), tickets_config(fake_openai.base_url))
-    assert "connection_limit=2 in DATABASE_URL is too low" in str(info.value)
-    assert "set connection_limit=3 or more." in str(info.value)
+        run(roles.url(app_rw, query="connection_limit=1"), tickets_config(fake_openai.base_url))
+    assert "connection_limit=1 in DATABASE_URL is too low" in str(info.value)
+    assert "set connection_limit=2 or more." in str(info.value)
     assert fake_openai.requests == []
     with psycopg.connect(tickets) as conn:
         assert conn.execute("SELECT count(*) FROM embedfill.runs").fetchone() == (0,)

@@ -421,3 +421,49 @@ def test_adopt_verify_sample_adopts_when_the_sample_agrees(
     assert (s.unverified, s.stale) == (0, 0)
     # and a verify of everything agrees
     assert check(tickets, config, all_rows=True).exit_code == 0
+
+
+# ------------------------------------------------- one embedding client with backfill
+
+
+def test_verify_heeds_the_providers_rate_limit_headers_as_a_backfill_does(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """Answers that say the key is nearly spent (x-ratelimit-*, no 429 yet) hold off
+    every process that uses the key: verify records the pause in the shared budget, as
+    a backfill's workers do (embedding/client.py; verify had no such thing before)."""
+    config = tickets_config(fake_openai.base_url)
+    backfill(tickets, config)
+    fake_openai.requests.clear()
+    fake_openai.rpm, fake_openai.burst_s = 150, 5.0  # a bucket of about 12 requests
+
+    result = check(tickets, config, sample=None)
+
+    assert result.failed == 0 and [r.status for r in fake_openai.requests].count(429) == 0
+    with psycopg.connect(tickets) as conn:
+        paused = conn.execute(
+            "SELECT count(*) FROM embedfill.rate_budgets WHERE paused_until > clock_timestamp()"
+        ).fetchone()
+    assert paused == (1,)
+
+
+def test_verify_with_a_model_the_provider_rejects_stops_with_one_sentence(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """Every request rejected (a wrong model): one probe tells it from bad rows, as in a
+    backfill; before, verify bisected every batch down to single rows and listed each
+    row as failed."""
+    from embedfill.errors import ProviderMisconfigured
+
+    config = tickets_config(fake_openai.base_url)
+    backfill(tickets, config)
+    fake_openai.requests.clear()
+    fake_openai.reject_models = {"test-embed"}
+
+    with pytest.raises(ProviderMisconfigured) as info:
+        check(tickets, config, sample=None)
+
+    assert "the request itself is wrong" in str(info.value)
+    assert "model = 'test-embed'" in str(info.value)
+    # the batches in flight and one probe: no bisection down to rows
+    assert len(fake_openai.requests) <= 4 + 1 + 4

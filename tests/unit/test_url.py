@@ -182,11 +182,22 @@ def test_database_normalizes_its_url_and_never_shows_the_password() -> None:
 
 
 @pytest.mark.parametrize(
-    ("limit", "wanted", "writers"),
-    [(None, 4, 4), (6, 4, 4), (5, 4, 3), (5, 2, 2), (3, 4, 1), (1, 4, 1)],
+    ("limit", "wanted", "lanes"),
+    [
+        (None, 4, 3),
+        (None, 2, 1),
+        (None, 1, 0),
+        (6, 4, 3),
+        (5, 4, 3),
+        (4, 4, 2),
+        (3, 4, 1),
+        (2, 4, 0),
+        (2, 2, 0),
+        (1, 4, 0),
+    ],
 )
-def test_connection_limit_caps_the_writers(limit: int | None, wanted: int, writers: int) -> None:
-    # a worker coordinates with 2 connections (control, scan): the writers get the rest,
-    # at least one
+def test_connection_limit_caps_the_writer_lanes(limit: int | None, wanted: int, lanes: int) -> None:
+    # a worker process holds its control connection and its table lane (which writes
+    # too): write_concurrency - 1 writer lanes more, within the limit
     query = f"?connection_limit={limit}" if limit else ""
-    assert Database(f"postgresql://u@h/db{query}").writers(wanted) == writers
+    assert Database(f"postgresql://u@h/db{query}").writer_lanes(wanted) == lanes

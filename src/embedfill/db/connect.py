@@ -9,6 +9,7 @@ carries the password.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import warnings
@@ -27,10 +28,12 @@ from .url import normalize_url
 
 log = logging.getLogger(__name__)
 
-#: what a worker process opens besides its writers (see Database.check_connection_limit):
-#: its control connection (its liveness lock, the job queue, claims, the audit trail)
-#: and the table scan's
+#: what a worker process opens besides its writer lanes (db/lanes.py): its control
+#: connection (its liveness lock, the job queue, claims, the audit trail) and its table
+#: lane (reads, and writes when free)
 COORDINATION_CONNECTIONS = 2
+#: waits before a connection the server refused for want of a free slot is tried again
+NO_FREE_SLOT_RETRIES_S = (0.1, 0.3)
 
 
 @dataclass(frozen=True)
@@ -61,22 +64,28 @@ class Database:
         """host/port/dbname without user or password, for messages."""
         return describe_url(self.url)
 
-    def writers(self, wanted: int) -> int:
-        """Writer connections for one job session: ``wanted``, within ``connection_limit``
-        (a worker's other connections count too; there is always at least one writer)."""
+    def writer_lanes(self, write_concurrency: int, reserved: int = 0) -> int:
+        """Writer connections of a worker process (db/lanes.py) besides its table lane,
+        which writes too: ``write_concurrency - 1``, within ``connection_limit`` (the
+        control connection, the table lane and ``reserved`` ones, a watch's, count too)."""
+        wanted = max(0, write_concurrency - 1)
         if self.connection_limit is None:
             return wanted
-        return max(1, min(wanted, self.connection_limit - COORDINATION_CONNECTIONS))
+        left = self.connection_limit - COORDINATION_CONNECTIONS - reserved
+        return max(0, min(wanted, left))
 
-    def check_connection_limit(self) -> None:
-        """ConfigError when ``connection_limit`` leaves a worker no writer."""
-        least = COORDINATION_CONNECTIONS + 1
+    def check_connection_limit(self, reserved: int = 0) -> None:
+        """ConfigError when ``connection_limit`` leaves a worker too few connections
+        (``reserved``: what the process holds besides, a watch's one)."""
+        least = COORDINATION_CONNECTIONS + reserved
         if self.connection_limit is not None and self.connection_limit < least:
+            what = "an embedfill watch" if reserved else "an embedfill worker"
+            also = ", and one for its watchers" if reserved else ""
             raise ConfigError(
-                f"connection_limit={self.connection_limit} in DATABASE_URL is too low for an "
-                f"embedfill worker: it needs {COORDINATION_CONNECTIONS} connections (a control "
-                "one, which holds its liveness lock and serves the job queue, and the table "
-                f"scan's) and one per writer; set connection_limit={least} or more."
+                f"connection_limit={self.connection_limit} in DATABASE_URL is too low for "
+                f"{what}: it needs {least} connections (a control one, which holds its "
+                "liveness lock and serves the job queue, and one that reads and writes the "
+                f"table{also}); set connection_limit={least} or more."
             )
 
 
@@ -158,16 +167,23 @@ async def connect(
     without a free connection gets a message that names the setting to lower.
     """
     options: dict[str, Any] = {} if db.prepare else {"prepare_threshold": None}
-    try:
-        conn = await psycopg.AsyncConnection.connect(db.url, autocommit=True, **options)
-    except psycopg.Error as exc:
-        reason = scrub(_first_line(exc), db.url)
-        if no_free_slot(exc):
-            reason = reason.rpartition("FATAL:")[2].strip()  # the server's own words
-            raise NoFreeConnection(_no_free_slot_message(db, writer, reason)) from None
-        raise DatabaseError(
-            f"Cannot connect to the database at {db.describe()} ({reason}); check DATABASE_URL."
-        ) from None
+    for wait in (*NO_FREE_SLOT_RETRIES_S, None):
+        try:
+            conn = await psycopg.AsyncConnection.connect(db.url, autocommit=True, **options)
+            break
+        except psycopg.Error as exc:
+            reason = scrub(_first_line(exc), db.url)
+            if not no_free_slot(exc):
+                raise DatabaseError(
+                    f"Cannot connect to the database at {db.describe()} ({reason}); "
+                    "check DATABASE_URL."
+                ) from None
+            if wait is None:
+                reason = reason.rpartition("FATAL:")[2].strip()  # the server's own words
+                raise NoFreeConnection(_no_free_slot_message(db, writer, reason)) from None
+        # a connection this process just closed holds its slot until its server process
+        # has exited (milliseconds): a tight connection_limit would trip on it
+        await asyncio.sleep(wait)
     try:
         await conn.execute(q.PIN_TEXT_SETTINGS)
         await register_vector_types(conn)

@@ -43,7 +43,6 @@ VALUES (%(target)s, %(actor)s, %(parameters)s, %(dry_run)s, %(status)s, %(missin
         %(table_oid)s, %(column)s, %(kind)s, %(spec)s)
 RETURNING id"""
 
-HEARTBEAT = "UPDATE embedfill.runs SET heartbeat_at = now() WHERE id = %(id)s"
 SET_RUN_PARAMETERS = "UPDATE embedfill.runs SET parameters = %(parameters)s WHERE id = %(id)s"
 
 UPDATE_RUN_PROGRESS = """
@@ -203,7 +202,8 @@ WHERE ctid = ANY(ARRAY(
     WHERE column_id = %(column_id)s AND NOT (row_key = ANY(%(inflight)s::text[]))
     LIMIT %(limit)s FOR UPDATE SKIP LOCKED))
 RETURNING row_key"""
-WATCH_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%(key)s, 0))"
+WATCH_LOCK = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtextextended(%(key)s, 0))"
+WATCH_UNLOCK = "SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtextextended(%(key)s, 0))"
 LISTEN_CHANGES = "LISTEN embedfill_changes"
 
 # A worker's liveness (worker.py): the session lock its control connection holds while

@@ -103,9 +103,6 @@ class Store:
             q.SET_RUN_PARAMETERS, {"id": run_id, "parameters": Jsonb(parameters)}
         )
 
-    async def heartbeat(self, run_id: int) -> None:
-        await self.conn.execute(q.HEARTBEAT, {"id": run_id})
-
     async def dead_runs(
         self, table_oid: int, column: str, own: int
     ) -> list[tuple[int, dict[str, Any]]]:
@@ -273,6 +270,9 @@ class Store:
         cur = await self.conn.execute(q.WATCH_LOCK, {"key": key})
         row = await cur.fetchone()
         return bool(row and row[0])
+
+    async def release_watch_lock(self, key: str) -> None:
+        await self.conn.execute(q.WATCH_UNLOCK, {"key": key})
 
     async def listen_changes(self) -> None:
         await self.conn.execute(q.LISTEN_CHANGES)

@@ -87,12 +87,23 @@ def _passthrough(array_oid: int) -> type[Dumper]:
     return PassThrough
 
 
-async def register(conn: psycopg.AsyncConnection[Any], vector_type: str = "vector") -> int:
-    """Teach a connection to send the arrays above; returns the vector type's oid."""
+async def type_info(conn: psycopg.AsyncConnection[Any], vector_type: str) -> TypeInfo:
+    """pgvector's ``vector_type`` (``vector``, ``halfvec``) as this database has it."""
     info = await TypeInfo.fetch(conn, vector_type)
     if info is None:
         raise psycopg.ProgrammingError(f"type {vector_type} not found")
+    return info
+
+
+def register_arrays(conn: psycopg.AsyncConnection[Any], vector: TypeInfo) -> None:
+    """Teach a connection to send the arrays above, its ``VectorArray`` as ``vector``'s."""
     conn.adapters.register_dumper(Int8Array, _passthrough(INT8_ARRAY_OID))
     conn.adapters.register_dumper(TextArray, _passthrough(TEXT_ARRAY_OID))
-    conn.adapters.register_dumper(VectorArray, _passthrough(info.array_oid))
+    conn.adapters.register_dumper(VectorArray, _passthrough(vector.array_oid))
+
+
+async def register(conn: psycopg.AsyncConnection[Any], vector_type: str = "vector") -> int:
+    """Teach a connection to send the arrays above; returns the vector type's oid."""
+    info = await type_info(conn, vector_type)
+    register_arrays(conn, info)
     return int(info.oid)

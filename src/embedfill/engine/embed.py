@@ -1,14 +1,13 @@
 """Embed: one batch's vectors from the provider, or its rows failed with a reason.
 
-``max_concurrency`` embedders (a fixed number, or "auto": concurrency.py) call the
-provider with each tenant's key (keys.py) under the key's rate limits, shared with every
-run in every process (ratelimit.py, and the provider's own signals: Retry-After,
-``x-ratelimit-*``), retrying what retry.decide says, splitting a batch the provider
-rejects to isolate the bad row, and checking every answer (providers/answers.py): a
-malformed one is retried, a vector with NaN or infinity fails its row alone. A 400
-before any success sends one probe (is the request wrong, or its inputs?), and vectors
-of another size than the column's halt the run. A worker that cannot reach the provider
-hands its chunk back for another worker rather than failing its rows.
+``max_concurrency`` embedders (a fixed number, or "auto": concurrency.py) send batches
+through the run's embedding client (embedding/client.py: each tenant's key, the key's
+limits shared with every run in every process, retries, answer checks, the probe),
+which ``verify`` uses too. Here: splitting a batch the provider rejects to isolate the
+bad row, failing a row whose vector holds NaN or infinity alone, halting the run when
+the probe says the request itself is wrong or vectors come back of another size than
+the column's, and handing a chunk back for another worker when this one cannot reach
+the provider rather than failing its rows.
 
 Shares: batches come from the scanner's queue, vectors go to the writers' queue with
 every row that waited for the same text (``inflight``) and into the cache.
@@ -17,12 +16,11 @@ every row that waited for the same text (``inflight``) and into the cache.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any, TypeVar
+from typing import TypeVar
 
+from ..embedding import Stopped
 from ..errors import (
     AuthFailed,
     BadInput,
@@ -30,18 +28,13 @@ from ..errors import (
     NoApiKey,
     NonFiniteVector,
     ProviderError,
-    ProviderMisconfigured,
     ProviderUnavailable,
-    RateLimited,
     SchemaMismatch,
 )
 from ..models import Batch
 from ..planning import split_batch
 from ..providers import Vector
-from ..providers.answers import check_vectors, non_finite
-from ..providers.base import Embeddings
-from ..providers.limits import RateSignals, pause_for
-from ..retry import decide, server_wait
+from ..providers.answers import non_finite
 from ..secrets import Secret
 from .state import PendingWrite
 from .tally import TallyStage
@@ -51,13 +44,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_CHUNK_ATTEMPTS = 3  # a chunk given back this often fails its rows like a lone run
-PROBE_TEXT = "test"  # what any embedding model accepts: see _rejects_everything
-
-
-class _Stopped(Exception):
-    """The run is stopping (cancelled, halted or abandoned): this batch is not sent, or
-    its request was abandoned; its rows stay NULL for the next run and are not
-    failures."""
 
 
 class EmbedStage(TallyStage):
@@ -80,7 +66,7 @@ class EmbedStage(TallyStage):
 
     async def _embed(self, batch: Batch, write_q: asyncio.Queue[PendingWrite | None]) -> None:
         tenant = self._tenant(batch.tenant)
-        resolved = await self.keys.resolve(batch.tenant)
+        resolved = await self.client.key(batch.tenant)
         tenant.key_source = resolved.source
         if resolved.error and batch.tenant not in self.dead_tenants:
             self.dead_tenants[batch.tenant] = resolved.error
@@ -97,11 +83,11 @@ class EmbedStage(TallyStage):
             return
         try:
             vectors, attempts = await self._call(batch, resolved.key)
-        except _Stopped:
+        except Stopped:
             self._forget(batch)  # left NULL for the next run
             return
         except BadInput as exc:
-            if not self.proven and await self._rejects_everything(resolved.key):
+            if not self.client.proven and await self._rejects_everything(resolved.key):
                 self._forget(batch)
                 return
             if len(batch.rows) > 1:
@@ -145,171 +131,27 @@ class EmbedStage(TallyStage):
 
     async def _rejects_everything(self, key: Secret | None) -> bool:
         """Whether a 400 before any success is about the request (model, dimensions)
-        rather than its inputs. Bisecting cannot tell: a wrong model rejects every half,
-        and so do two bad inputs that land in different halves. So one probe, shared by
-        all workers, asks for the embedding of a one-word text with the same key, model
-        and dimensions: rejected too, the request is wrong, and the run halts with the
-        provider's words; accepted, the inputs are, and bisection goes on."""
-        if self._probe is None:
-            self._probe = asyncio.create_task(self._send_probe(key))
-        rejected = await self._probe
-        if rejected is None or self.proven:
-            return False
-        check = f"model = {self.pconf.model!r}"
-        if self.pconf.dimensions is not None:
-            check += f" and dimensions = {self.pconf.dimensions}"
-        self._halt(
-            ProviderMisconfigured(
-                "Every request was rejected, even one whose only input is the word "
-                f'"{PROBE_TEXT}", so the request itself is wrong, not the rows: "{rejected}" '
-                f"Check {check} of provider {self.target.provider!r}."
-            )
-        )
-        return True
-
-    async def _send_probe(self, key: Secret | None) -> BadInput | None:
-        """The 400 the probe got, or None (accepted, or no verdict: a later 400 probes
-        again)."""
-        tokens = self._counter.count(PROBE_TEXT)
-        if await self._reserve(key, tokens):
-            return None
-        self.report.requests += 1
-        started = time.monotonic()
-        try:
-            await self._unless_abandoned(self.provider.embed([PROBE_TEXT], api_key=key))
-        except _Stopped:
-            return None  # no verdict, and nothing more is sent
-        except ProviderError as exc:
-            self.hooks.observer.request(
-                self.target.name, str(exc.status or "error"), time.monotonic() - started
-            )
-            if isinstance(exc, BadInput):
-                return exc
-            self._probe = None
-            return None
-        self.hooks.observer.request(self.target.name, "200", time.monotonic() - started)
-        self.report.tokens += tokens
-        self.proven = True
-        return None
-
-    async def _unless_abandoned(self, request: Coroutine[Any, Any, T]) -> T:
-        """The provider's answer, or ``_Stopped`` once the process abandons its requests
-        in flight (state.abandon_requests): the request is cancelled, its connection
-        closed, rather than waited for up to ``timeout_s``."""
-        if self._abandon is None:
-            return await request
-        if self._abandon.is_set():
-            request.close()
-            self._abandon_now()
-            raise _Stopped
-        task = asyncio.ensure_future(request)
-        abandoned = asyncio.ensure_future(self._abandon.wait())
-        try:
-            await asyncio.wait([task, abandoned], return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # this embedder is cancelled: so is its request
-            task.cancel()
-            raise
-        finally:
-            abandoned.cancel()
-        if task.done():  # answered (or failed) before it was abandoned
-            return task.result()
-        self._abandon_now()  # before its rows are dropped: see _abandon_now
-        task.cancel()
-        await asyncio.wait([task], timeout=1.0)  # the client closes its connection
-        raise _Stopped
-
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[None]:
-        """One of the requests in flight that ``self.concurrency`` allows now."""
-        async with self._slots:
-            await self._slots.wait_for(lambda: self._in_flight < self.concurrency.allowed)
-            self._in_flight += 1
-        try:
-            yield
-        finally:
-            async with self._slots:
-                self._in_flight -= 1
-                self._slots.notify_all()
-
-    async def _reserve(self, key: Secret | None, tokens: int) -> bool:
-        """Wait for the key's shared budget to allow a request; True when the run stopped
-        meanwhile."""
-        if self.limits is None:
-            return self.stopping
-        return await self._sleep(await self.limits.reserve(key, tokens))
-
-    async def _heed(
-        self,
-        key: Secret | None,
-        signals: RateSignals | None,
-        tokens: int,
-        retry_after: float | None = None,
-    ) -> None:
-        """Hold off every worker of this key, in every process, as long as the provider's
-        answer asks: its ``Retry-After``, or its rate-limit headers when what the key has
-        left would not cover the requests this run may send meanwhile (as many as it
-        allows in flight, each like this one). Bounded by ``max_retry_wait_s``."""
-        if self.limits is None:
-            return
-        ahead = self.concurrency.allowed
-        waits = [w for w in (retry_after, pause_for(signals, tokens, ahead)) if w]
-        if waits:
-            await self.limits.pause(key, server_wait(max(waits), self.policy))
+        rather than its inputs (the client's probe): if so, the run halts with the
+        provider's words."""
+        wrong = await self.client.probe(key)
+        if wrong is not None:
+            self._halt(wrong)
+        return wrong is not None
 
     async def _call(self, batch: Batch, key: Secret | None) -> tuple[list[Vector], int]:
         """The batch's vectors, checked, and the attempts it took; raises the provider's
-        error when retrying gives up, ``_Stopped`` when the run stops first."""
-        tenant = self._tenant(batch.tenant)
-        attempts = 0
-        while True:
-            try:
-                # the budget is taken once a slot is ours: taken before, with "auto"
-                # holding requests back, it would be spent on a request sent much later
-                async with self._slot():
-                    if await self._reserve(key, batch.tokens) or _given_up(batch):
-                        raise _Stopped
-                    attempts += 1
-                    self.report.requests += 1
-                    tenant.requests += 1
-                    started = time.monotonic()
-                    answer = await self._unless_abandoned(
-                        self.provider.embed(batch.texts, api_key=key)
-                    )
-                    vectors = check_vectors(answer, len(batch.rows))
-                    self.concurrency.succeeded(time.monotonic() - started)
-            except ProviderError as exc:
-                self.hooks.observer.request(
-                    self.target.name, str(exc.status or "error"), time.monotonic() - started
-                )
-                if isinstance(exc, (RateLimited, ProviderUnavailable)):
-                    self.concurrency.overloaded(time.monotonic())
-                await self._heed(key, exc.signals, batch.tokens, exc.retry_after)
-                delay = decide(exc, attempts, self.policy)
-                if delay is None or self._give_back(batch, exc, lease=True):
-                    exc.attempts = attempts
-                    raise
-                log.info(
-                    "run %s: tenant %s: %s; retrying in %.1fs",
-                    self.report.run_id,
-                    batch.tenant,
-                    exc,
-                    delay,
-                )
-                if await self._sleep(delay):
-                    raise _Stopped from None
-                self.report.retries += 1
-                continue
-            self.hooks.observer.request(self.target.name, "200", time.monotonic() - started)
-            if isinstance(answer, Embeddings):
-                await self._heed(key, answer.signals, batch.tokens)
-            self.proven = True
-            if batch.rows[0].chunk is not None:
-                batch.rows[0].chunk.last_ok = time.monotonic()
-            self._check_dimensions(vectors)
-            self.hooks.observer.tokens(self.target.name, batch.tokens)
-            self.report.tokens += batch.tokens
-            tenant.tokens += batch.tokens
-            return vectors, attempts
+        error when retrying gives up, ``Stopped`` when the run stops first."""
+
+        def give_back(exc: ProviderError) -> bool:
+            return self._give_back(batch, exc, lease=True)
+
+        vectors, attempts = await self.client.vectors(
+            batch, key, give_back=give_back, skip=lambda: _given_up(batch)
+        )
+        if batch.rows[0].chunk is not None:
+            batch.rows[0].chunk.last_ok = time.monotonic()
+        self._check_dimensions(vectors)
+        return vectors, attempts
 
     def _give_back(self, batch: Batch, exc: ProviderError, *, lease: bool = False) -> bool:
         """Whether to hand this batch's chunk back to the queue instead of failing its
@@ -352,7 +194,7 @@ class EmbedStage(TallyStage):
                     "that size."
                 )
             )
-            raise _Stopped
+            raise Stopped
 
     def _fail(self, batch: Batch, exc: EmbedfillError, attempts: int) -> None:
         rows = list(batch.rows)

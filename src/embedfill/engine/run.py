@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from typing import Any
 
 import psycopg
 
@@ -134,17 +133,16 @@ class Run(ScanStage, EmbedStage, WriteStage):
         # bound on what a kill -9 can lose after it was paid for
         per_write = -(-self.engine.write_batch_rows // self.batch_size)
         write_q: asyncio.Queue[PendingWrite | None] = asyncio.Queue(max(2, per_write))
-        writer_conns: list[psycopg.AsyncConnection[Any]] = []
+        assert self.lanes is not None, "a worker session writes on its process's lanes"
+        await self.lanes.open()  # a server without a free connection: said before any write
         try:
-            n_writers = self.db.writers(self.engine.write_concurrency)
-            for k in range(1, n_writers + 1):
-                writer_conns.append(await self._writer_connection(k, n_writers))
             async with asyncio.TaskGroup() as tg:
                 workers = [
                     tg.create_task(self._embedder(embed_q, write_q))
                     for _ in range(self.concurrency.ceiling)
                 ]
-                writers = [tg.create_task(self._writer(c, write_q)) for c in writer_conns]
+                # as many writers as the process has lanes: each write takes a free one
+                writers = [tg.create_task(self._writer(write_q)) for _ in range(self.lanes.size)]
                 watcher = tg.create_task(self._watch_cancel())
                 abandoner = tg.create_task(self._watch_abandon())
                 kicker = tg.create_task(self._kick_locked(write_q)) if self.seat else None
@@ -157,15 +155,12 @@ class Run(ScanStage, EmbedStage, WriteStage):
                 await asyncio.wait(writers)
                 if kicker is not None:
                     kicker.cancel()
-                await self._settle_locked(writer_conns[0])
+                await self._settle_locked()
                 watcher.cancel()
                 abandoner.cancel()
         except* EmbedfillError as group:
             raise group.exceptions[0] from None
         except* psycopg.Error as group:
             raise group.exceptions[0] from None
-        finally:
-            for c in writer_conns:
-                await c.close()
         if self.halted is not None:
             raise self._halt_error()

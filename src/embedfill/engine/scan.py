@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from ..errors import first_line as _first_line
 from ..models import Batch, Row
 from ..planning import BoundedCache, TenantBatcher, prepare_text
 from .state import Chunk, PendingWrite
@@ -81,8 +82,19 @@ class ScanStage(TallyStage):
                 return
 
     async def _fetch(self, statement: sql.Composed, params: dict[str, Any]) -> list[Any]:
-        cur = await self.conn.execute(statement, params)
-        return await cur.fetchall()
+        """One page; a page that waited past the lane's lock or statement timeout (the
+        app holds the table, say) is read again after a growing wait, the lane free
+        meanwhile for other targets' work."""
+        wait = 0.25
+        while True:
+            try:
+                async with self.lane.hold() as conn:
+                    cur = await conn.execute(statement, params)
+                    return await cur.fetchall()
+            except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
+                log.info("run %s: %s; reading again", self.report.run_id, _first_line(exc))
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 8.0)
 
     async def _unless_stopped(self, query: Coroutine[Any, Any, list[Any]]) -> list[Any] | None:
         """A read on the table, or None when the run stops first: the read is cancelled
@@ -108,8 +120,10 @@ class ScanStage(TallyStage):
         a silent success."""
         if not self.tenants:
             return
-        cur = await self.conn.execute(self.sql.absent_tenants(), {"tenants": self.tenants})
-        for (tenant,) in await cur.fetchall():
+        async with self.lane.hold() as conn:
+            cur = await conn.execute(self.sql.absent_tenants(), {"tenants": self.tenants})
+            absent = await cur.fetchall()
+        for (tenant,) in absent:
             warning = (
                 f"Tenant {tenant!r} matches no row of {self.target.table} "
                 f"(column {self.target.tenant_column}); check the tenant id."
@@ -185,7 +199,7 @@ class ScanStage(TallyStage):
         for batch in batcher.flush():
             self._tally_planned(batch)
         for t in self.report.tenants:
-            resolved = await self.keys.resolve(t.tenant)
+            resolved = await self.client.key(t.tenant)
             t.key_source = resolved.source
             t.error = resolved.error
             if resolved.error:  # every row it would send fails, as in a real run

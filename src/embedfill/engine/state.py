@@ -23,22 +23,21 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-
 from ..concurrency import Concurrency
 from ..config import ProviderConfig, TargetConfig, text_renderer
 from ..db.catalog import TableInfo
 from ..db.connect import Database
+from ..db.lanes import Lane, Lanes
 from ..db.store import Store
 from ..db.target_sql import TargetSQL
-from ..errors import BadInput, EmbedfillError, RunAborted
+from ..embedding import Client
+from ..errors import EmbedfillError, ProviderError, RunAborted
 from ..freshness import UNKNOWN, ProvenanceIds, model_identity, provenance_ids
 from ..keys import KeyResolver
 from ..models import Failure, Report, Row, TenantReport
 from ..planning import BoundedCache
 from ..providers import Provider, Vector
 from ..ratelimit import Rates, SharedLimits
-from ..retry import RetryPolicy
 from ..tokens import TokenCounter
 
 log = logging.getLogger(__name__)
@@ -164,7 +163,7 @@ class RunState:
         self,
         *,
         db: Database,
-        conn: psycopg.AsyncConnection[Any],
+        lane: Lane,
         target: TargetConfig,
         pconf: ProviderConfig,
         info: TableInfo,
@@ -174,10 +173,16 @@ class RunState:
         hooks: Hooks,
         env: Mapping[str, str],
         seat: WorkerSeat | None = None,
+        lanes: Lanes | None = None,
     ) -> None:
         self.seat = seat  # set: a worker's session of a job, fed chunk by chunk
         self.chunk_q: asyncio.Queue[Chunk | None] = asyncio.Queue()
         self.chunks: set[Chunk] = set()  # submitted, not yet resolved
+        # reads go through the table lane, one statement at a time (``lane.hold``);
+        # writes take a lane of the process's ``lanes`` (a dry run has none: it writes
+        # no vector)
+        self.lane, self.lanes = lane, lanes
+        conn = lane.conn
         self.db, self.conn, self.target, self.pconf = db, conn, target, pconf
         self.opts, self.provider, self.engine, self.hooks = opts, provider, engine, hooks
         self.info = info
@@ -195,7 +200,6 @@ class RunState:
             dry_run=opts.dry_run,
             provider=provider.name,
         )
-        self.policy = RetryPolicy.for_provider(pconf)
         dims = info.dimensions or 1536
         cache_rows = engine.dedup_cache_mb * 1024 * 1024 // (dims * 4 + 200)
         self.cache: BoundedCache[Vector] = BoundedCache(cache_rows)
@@ -208,8 +212,6 @@ class RunState:
             if pconf.auto_concurrency
             else Concurrency.fixed(pconf.max_concurrency)
         )
-        self._in_flight = 0
-        self._slots = asyncio.Condition()
         self.limits: SharedLimits | None = None
         if provider.needs_key or pconf.rpm or pconf.tpm:
             scope = f"{pconf.kind}|{pconf.base_url or ''}|{pconf.model}"
@@ -222,28 +224,48 @@ class RunState:
         self.render = text_renderer(target.text, target.text_columns)
         self._counter: TokenCounter = provider.counter()  # loaded by _prepare
         self._max_tokens = provider.max_input_tokens
-        self.vector_oid = 0
         self.dims = info.dimensions  # learnt from the first answer when neither side says
         self._stop = asyncio.Event()  # set on cancel, halt or abandon: every wait wakes up
         self._abandon = abandon_requests.get()  # set: the process abandons its requests
         self._abandoning = False
         self.halted: EmbedfillError | None = None  # why the run stops early, if it does
-        self.proven = False  # a request of this run succeeded: model and dimensions work
-        self._probe: asyncio.Task[BadInput | None] | None = None
         self._flushing = asyncio.Lock()
         self.closed = False  # a session that ended takes no chunk
         self.closed_by: Exception | None = None
+        # the provider as every caller uses it (verify too): keys, the shared limits,
+        # concurrency, retries, the probe; waits that end when this run stops
+        self.client = Client(
+            provider=provider,
+            pconf=pconf,
+            keys=self.keys,
+            limits=self.limits,
+            concurrency=self.concurrency,
+            tally=_RunTally(self),
+            db_turn=self.lane.hold,
+            sleep=self._sleep,
+            abandon=self._abandon,
+            on_abandon=self._abandon_now,
+            count_tokens=lambda text: self._counter.count(text),
+        )
+
+    def _tenant(self, tenant: str | None) -> TenantReport:
+        """The tenant's report, from an index (Report.tenant scans a list)."""
+        found = self._tenants.get(tenant)
+        if found is None:
+            found = self._tenants[tenant] = self.report.tenant(tenant)
+        return found
 
     async def _resolve_provenance(self, *, create: bool) -> None:
         """The target column's and the model's provenance numbers: a writer records them
         when new, a dry run only reads them."""
-        self.prov = await provenance_ids(
-            self.conn,
-            self.info,
-            self.target.embedding_column,
-            model_identity(self.pconf, self.info),
-            create=create,
-        )
+        async with self.lane.hold() as conn:
+            self.prov = await provenance_ids(
+                conn,
+                self.info,
+                self.target.embedding_column,
+                model_identity(self.pconf, self.info),
+                create=create,
+            )
 
     @property
     def stopping(self) -> bool:
@@ -274,7 +296,7 @@ class RunState:
         back = [] if self.hooks.cancel.is_set() else sorted(self.chunks, key=lambda c: c.seq)
         for chunk in back:
             chunk.given_up = True
-        if self._in_flight or back:
+        if self.client.in_flight or back:
             log.warning(
                 "run %s: shutting down: the provider requests in flight are abandoned, "
                 "their rows stay NULL%s",
@@ -313,3 +335,37 @@ class RunState:
         )
         error.__cause__ = self.halted
         return error
+
+
+class _RunTally:
+    """What a run counts as its client sends (embedding.Tally): its report, its
+    tenants' and the metrics."""
+
+    def __init__(self, run: RunState) -> None:
+        self.run = run
+
+    def sent(self, tenant: str | None) -> None:
+        self.run.report.requests += 1
+        self.run._tenant(tenant).requests += 1
+
+    def probed(self) -> None:
+        self.run.report.requests += 1
+
+    def retrying(self, tenant: str | None, exc: ProviderError, delay: float) -> None:
+        log.info(
+            "run %s: tenant %s: %s; retrying in %.1fs", self.run.report.run_id, tenant, exc, delay
+        )
+
+    def retried(self) -> None:
+        self.run.report.retries += 1
+
+    def answered(self, tenant: str | None, tokens: int) -> None:
+        self.run.report.tokens += tokens
+        self.run.hooks.observer.tokens(self.run.target.name, tokens)
+        self.run._tenant(tenant).tokens += tokens
+
+    def probe_answered(self, tokens: int) -> None:
+        self.run.report.tokens += tokens
+
+    def observed(self, status: str, seconds: float) -> None:
+        self.run.hooks.observer.request(self.run.target.name, status, seconds)

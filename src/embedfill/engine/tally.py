@@ -22,7 +22,7 @@ import psycopg
 
 from ..db.store import Store
 from ..errors import DatabaseError, EmbedfillError
-from ..models import Failure, Row, TenantReport
+from ..models import Failure, Row
 from ..planning import estimate_cost
 from .state import Chunk, RunState
 
@@ -69,13 +69,6 @@ class TallyStage(RunState):
         self.hooks.observer.rows(self.target.name, "failed", len(rows))
         self._settle(rows)
         self._progress()
-
-    def _tenant(self, tenant: str | None) -> TenantReport:
-        """The tenant's report, from an index (Report.tenant scans a list)."""
-        found = self._tenants.get(tenant)
-        if found is None:
-            found = self._tenants[tenant] = self.report.tenant(tenant)
-        return found
 
     def _progress(self) -> None:
         if self.hooks.on_progress is None:

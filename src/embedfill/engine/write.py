@@ -26,7 +26,6 @@ from typing import Any
 import psycopg
 
 from ..db import wire
-from ..db.connect import connect
 from ..errors import DatabaseError
 from ..errors import first_line as _first_line
 from ..models import Row
@@ -52,31 +51,7 @@ _TRANSIENT_WRITE_ERRORS = (
 class WriteStage(TallyStage):
     """Writer connections, guarded bulk writes, locked rows (see the module doc)."""
 
-    async def _writer_connection(self, k: int, n: int) -> psycopg.AsyncConnection[Any]:
-        """Writer k of n's connection: short lock and statement timeouts, so a write never
-        queues long behind the application (a timeout is retried, not fatal)."""
-        conn = await connect(self.db, writer=(k, n))
-        try:
-            await self._prepare_writer(conn)
-        except BaseException:
-            await conn.close()
-            raise
-        return conn
-
-    async def _prepare_writer(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        await conn.execute(
-            "SELECT set_config('lock_timeout', %(lock)s, false),"
-            " set_config('statement_timeout', %(statement)s, false)",
-            {
-                "lock": f"{self.engine.lock_timeout_ms}ms",
-                "statement": f"{self.engine.statement_timeout_s}s",
-            },
-        )
-        self.vector_oid = await wire.register(conn, self.info.types.vector_type)
-
-    async def _writer(
-        self, conn: psycopg.AsyncConnection[Any], write_q: asyncio.Queue[PendingWrite | None]
-    ) -> None:
+    async def _writer(self, write_q: asyncio.Queue[PendingWrite | None]) -> None:
         done = False
         while not done:
             item = await write_q.get()
@@ -92,17 +67,18 @@ class WriteStage(TallyStage):
                 item.vectors.extend(more.vectors)
             self._take_due_locked(item)
             if item.rows:
-                await self._write(conn, item)
+                await self._write(item)
 
-    async def _write(self, conn: psycopg.AsyncConnection[Any], item: PendingWrite) -> None:
-        """One guarded bulk write in its own short transaction. Rows the app holds locked
-        are set aside and tried again later in the run; a lock or statement timeout, a
-        deadlock or a serialization failure retries the write with backoff."""
+    async def _write(self, item: PendingWrite) -> None:
+        """One guarded bulk write in its own short transaction, on a lane of the process
+        (db/lanes.py). Rows the app holds locked are set aside and tried again later in
+        the run; a lock or statement timeout, a deadlock or a serialization failure
+        retries the write with backoff."""
         ids = [r.id for r in item.rows]
         params: dict[str, Any] = {
             "ids": wire.int8_array(ids) or ids,
             "fps": wire.fixed_text_array([r.fingerprint for r in item.rows], 32),
-            "vecs": wire.vector_array(item.vectors, self.vector_oid),
+            "vecs": item.vectors,  # encoded on the lane (its vector type's oid)
             "md5s": [r.text_md5 for r in item.rows],
             "tenants": [r.tenant for r in item.rows],
             # the job's tally, committed with the rows (no job: nothing counted there)
@@ -115,7 +91,7 @@ class WriteStage(TallyStage):
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             # a run stopped by an error elsewhere cancels its writers: the write in flight
             # still finishes and is counted, so the audit trail equals what was committed
-            commit = asyncio.ensure_future(self._commit(conn, params, len(ids)))
+            commit = asyncio.ensure_future(self._commit_on_lane(params, len(ids)))
             try:
                 result = await asyncio.shield(commit)
                 break
@@ -147,6 +123,15 @@ class WriteStage(TallyStage):
                 )
                 await self._sleep(delay)
         self._tally_write(item, result)
+
+    async def _commit_on_lane(self, params: dict[str, Any], sent: int) -> tuple[set[Any], set[Any]]:
+        assert self.lanes is not None, "a dry run writes no vector"
+        async with self.lanes.writer(self.lane) as lane:
+            vector_oid = await lane.vector_oid(self.info.types.vector_type)
+            vectors = params["vecs"]
+            if not isinstance(vectors, wire.VectorArray):
+                params["vecs"] = wire.vector_array(vectors, vector_oid)
+            return await self._commit(lane.conn, params, sent)
 
     async def _commit(
         self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any], sent: int
@@ -224,7 +209,7 @@ class WriteStage(TallyStage):
             item.rows.extend(w.rows)
             item.vectors.extend(w.vectors)
 
-    async def _settle_locked(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    async def _settle_locked(self) -> None:
         """At the end of the run, retry rows the app held locked, with growing waits, for
         at most ``locked_rows_wait_s``; rows still locked then are left NULL for the next
         run and counted in ``locked`` (and ``skipped``)."""
@@ -242,7 +227,7 @@ class WriteStage(TallyStage):
                 item.rows.extend(w.rows)
                 item.vectors.extend(w.vectors)
             self.locked = []
-            await self._write(conn, item)
+            await self._write(item)
         left = [r for _, w in self.locked for r in w.rows]
         self.locked = []
         self._give_up_locked(left)

@@ -28,7 +28,7 @@ from ..errors import ConfigError, EmbedfillError, ExtensionMissing, JobConflict,
 from ..errors import first_line as _first_line
 from ..models import Report, TargetStatus
 from ..providers import Provider, check_available, make_provider
-from ..watch import TargetWatch, WatchOptions
+from ..watch import TargetWatch, WatchHub, WatchOptions
 from ..worker import Worker
 from .logs import job_id_var
 from .metrics import Metrics
@@ -71,7 +71,14 @@ class AdminService:
         # the in-process worker (``serve`` without --no-worker): works on every job's
         # chunks beside any `embedfill worker` elsewhere
         self.worker = (
-            Worker(config, db, env=env, observer=self.metrics, providers=self._providers)
+            Worker(
+                config,
+                db,
+                env=env,
+                observer=self.metrics,
+                providers=self._providers,
+                reserved=1 if watch else 0,  # the watchers' connection
+            )
             if worker
             else None
         )
@@ -81,7 +88,12 @@ class AdminService:
         self._worker_task: asyncio.Task[None] | None = None
         # ``serve --watch``: a watcher (elected per target) queues what it notices for the
         # workers, this one and any elsewhere (watch.py)
-        self.watches = [TargetWatch(config, db, t, watch) for t in config.targets] if watch else []
+        self.watch_hub = WatchHub(db)  # one connection for every target's watcher
+        self.watches = (
+            [TargetWatch(config, db, t, watch, self.watch_hub) for t in config.targets]
+            if watch
+            else []
+        )
         self._watch_stop = asyncio.Event()
         self._abandon = asyncio.Event()
         self._watch_tasks: list[asyncio.Task[None]] = []
@@ -130,6 +142,7 @@ class AdminService:
             await asyncio.wait([self._worker_task], timeout=60)
         for w in self.watches:
             await w.close()
+        await self.watch_hub.close()
         for provider in self._providers.values():
             await provider.aclose()
 

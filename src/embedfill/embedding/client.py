@@ -1,0 +1,290 @@
+"""One target's provider as embedfill calls it, for a run and for ``verify`` alike.
+
+``Client.vectors`` sends one batch with its tenant's key and comes back with its
+vectors, checked (providers/answers.py), or the provider's error once retrying gives up:
+
+- **limits**: the key's rate budget, shared with every run in every process
+  (ratelimit.py), taken once a slot is ours; the provider's own signals (Retry-After,
+  ``x-ratelimit-*``) hold off every worker of the key;
+- **concurrency**: the requests in flight that ``Concurrency`` allows now (a fixed
+  number, or "auto", which backs off when the provider is overloaded);
+- **retries**: what retry.decide says, each wait cut short when the caller stops;
+- **the probe** (``probe``): after a 400 before any success, one request of one word
+  tells a wrong request (model, dimensions) from wrong inputs; shared by every batch.
+
+Bisection of a rejected batch, and what becomes of failed rows, are the caller's: a run
+fails rows in its audit trail, a verify lists them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, TypeVar
+
+from ..concurrency import Concurrency
+from ..config import ProviderConfig
+from ..errors import (
+    BadInput,
+    ProviderError,
+    ProviderMisconfigured,
+    ProviderUnavailable,
+    RateLimited,
+)
+from ..keys import KeyResolver, ResolvedKey
+from ..models import Batch
+from ..providers import Provider, Vector
+from ..providers.answers import check_vectors
+from ..providers.base import Embeddings
+from ..providers.limits import RateSignals, pause_for
+from ..ratelimit import SharedLimits
+from ..retry import RetryPolicy, decide, server_wait
+from ..secrets import Secret
+
+T = TypeVar("T")
+
+PROBE_TEXT = "test"  # what any embedding model accepts: see Client.probe
+
+
+class Stopped(Exception):
+    """The caller stops (cancelled, halted or abandoned): this batch is not sent, or its
+    request was abandoned."""
+
+
+class Tally(Protocol):
+    """What the caller counts, as the client sends."""
+
+    def sent(self, tenant: str | None) -> None:
+        """A request of a tenant's batch is sent."""
+
+    def probed(self) -> None:
+        """The probe is sent."""
+
+    def retrying(self, tenant: str | None, exc: ProviderError, delay: float) -> None:
+        """A failed request of a tenant's batch is tried again after ``delay`` s."""
+
+    def retried(self) -> None:
+        """... and is being tried again now."""
+
+    def answered(self, tenant: str | None, tokens: int) -> None:
+        """A request of a tenant's batch succeeded, its tokens paid."""
+
+    def probe_answered(self, tokens: int) -> None:
+        """The probe succeeded, its tokens paid."""
+
+    def observed(self, status: str, seconds: float) -> None:
+        """A request ended with this status ("200", "429", "error", ...)."""
+
+
+def _no_turn() -> AbstractAsyncContextManager[Any]:
+    return contextlib.nullcontext()
+
+
+async def _plain_sleep(seconds: float) -> bool:
+    await asyncio.sleep(seconds)
+    return False
+
+
+class Client:
+    """One target's provider with its keys, limits, concurrency and retries (see the
+    module doc). ``db_turn`` lends the database connection that keys and limits use (a
+    run's table lane: one statement at a time); ``sleep`` waits and says whether the
+    caller stopped meanwhile; ``abandon``, once set, cancels the requests in flight."""
+
+    def __init__(
+        self,
+        *,
+        provider: Provider,
+        pconf: ProviderConfig,
+        keys: KeyResolver,
+        limits: SharedLimits | None,
+        concurrency: Concurrency,
+        tally: Tally,
+        db_turn: Callable[[], AbstractAsyncContextManager[Any]] = _no_turn,
+        sleep: Callable[[float], Awaitable[bool]] = _plain_sleep,
+        abandon: asyncio.Event | None = None,
+        on_abandon: Callable[[], None] | None = None,
+        count_tokens: Callable[[str], int] | None = None,
+    ) -> None:
+        self.provider, self.pconf, self.keys, self.limits = provider, pconf, keys, limits
+        self.concurrency, self.tally = concurrency, tally
+        self.policy = RetryPolicy.for_provider(pconf)
+        self._db_turn, self._sleep = db_turn, sleep
+        self._abandon, self._on_abandon = abandon, on_abandon
+        self._count = count_tokens or (lambda text: 1)
+        self.in_flight = 0
+        self._slots = asyncio.Condition()
+        self.proven = False  # a request succeeded: model and dimensions work
+        self._probe: asyncio.Task[BadInput | None] | None = None
+
+    async def key(self, tenant: str | None) -> ResolvedKey:
+        """The tenant's key (looked up once, then cached)."""
+        async with self._db_turn():
+            return await self.keys.resolve(tenant)
+
+    async def vectors(
+        self,
+        batch: Batch,
+        key: Secret | None,
+        *,
+        give_back: Callable[[ProviderError], bool] | None = None,
+        skip: Callable[[], bool] | None = None,
+    ) -> tuple[list[Vector], int]:
+        """The batch's vectors, checked, and the attempts it took; the provider's error
+        when retrying gives up (or ``give_back`` says to hand the batch to someone
+        else, mid-retries), ``Stopped`` when the caller stops first or ``skip`` says the
+        batch is no longer wanted."""
+        attempts = 0
+        while True:
+            try:
+                # the budget is taken once a slot is ours: taken before, with "auto"
+                # holding requests back, it would be spent on a request sent much later
+                async with self._slot():
+                    if await self._reserve(key, batch.tokens) or (skip and skip()):
+                        raise Stopped
+                    attempts += 1
+                    self.tally.sent(batch.tenant)
+                    started = time.monotonic()
+                    answer = await self._unless_abandoned(
+                        self.provider.embed(batch.texts, api_key=key)
+                    )
+                    vectors = check_vectors(answer, len(batch.rows))
+                    self.concurrency.succeeded(time.monotonic() - started)
+            except ProviderError as exc:
+                self.tally.observed(str(exc.status or "error"), time.monotonic() - started)
+                if isinstance(exc, (RateLimited, ProviderUnavailable)):
+                    self.concurrency.overloaded(time.monotonic())
+                await self._heed(key, exc.signals, batch.tokens, exc.retry_after)
+                delay = decide(exc, attempts, self.policy)
+                if delay is None or (give_back is not None and give_back(exc)):
+                    exc.attempts = attempts
+                    raise
+                self.tally.retrying(batch.tenant, exc, delay)
+                if await self._sleep(delay):
+                    raise Stopped from None
+                self.tally.retried()
+                continue
+            self.tally.observed("200", time.monotonic() - started)
+            if isinstance(answer, Embeddings):
+                await self._heed(key, answer.signals, batch.tokens)
+            self.proven = True
+            self.tally.answered(batch.tenant, batch.tokens)
+            return vectors, attempts
+
+    async def probe(self, key: Secret | None) -> ProviderMisconfigured | None:
+        """After a 400 before any success: is the request wrong (model, dimensions), or
+        its inputs? Bisecting cannot tell: a wrong model rejects every half, and so do
+        two bad inputs that land in different halves. So one probe, shared by every
+        batch, asks for the embedding of a one-word text with the same key, model and
+        dimensions: rejected too, the request is wrong (the error to stop with);
+        accepted, the inputs are (None: bisect on)."""
+        if self.proven:
+            return None
+        if self._probe is None:
+            self._probe = asyncio.create_task(self._send_probe(key))
+        rejected = await self._probe
+        if rejected is None or self.proven:
+            return None
+        check = f"model = {self.pconf.model!r}"
+        if self.pconf.dimensions is not None:
+            check += f" and dimensions = {self.pconf.dimensions}"
+        return ProviderMisconfigured(
+            "Every request was rejected, even one whose only input is the word "
+            f'"{PROBE_TEXT}", so the request itself is wrong, not the rows: "{rejected}" '
+            f"Check {check} of provider {self.pconf.name!r}."
+        )
+
+    async def _send_probe(self, key: Secret | None) -> BadInput | None:
+        """The 400 the probe got, or None (accepted, or no verdict: a later 400 probes
+        again)."""
+        tokens = self._count(PROBE_TEXT)
+        if await self._reserve(key, tokens):
+            return None
+        self.tally.probed()
+        started = time.monotonic()
+        try:
+            await self._unless_abandoned(self.provider.embed([PROBE_TEXT], api_key=key))
+        except Stopped:
+            return None  # no verdict, and nothing more is sent
+        except ProviderError as exc:
+            self.tally.observed(str(exc.status or "error"), time.monotonic() - started)
+            if isinstance(exc, BadInput):
+                return exc
+            self._probe = None
+            return None
+        self.tally.observed("200", time.monotonic() - started)
+        self.tally.probe_answered(tokens)
+        self.proven = True
+        return None
+
+    async def _unless_abandoned(self, request: Coroutine[Any, Any, T]) -> T:
+        """The provider's answer, or ``Stopped`` once the caller abandons its requests
+        in flight (``abandon``): the request is cancelled, its connection closed, rather
+        than waited for up to ``timeout_s``."""
+        if self._abandon is None:
+            return await request
+        if self._abandon.is_set():
+            request.close()
+            if self._on_abandon is not None:
+                self._on_abandon()
+            raise Stopped
+        task = asyncio.ensure_future(request)
+        abandoned = asyncio.ensure_future(self._abandon.wait())
+        try:
+            await asyncio.wait([task, abandoned], return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the caller is cancelled: so is its request
+            task.cancel()
+            raise
+        finally:
+            abandoned.cancel()
+        if task.done():  # answered (or failed) before it was abandoned
+            return task.result()
+        if self._on_abandon is not None:
+            self._on_abandon()  # before the batch's rows are dropped
+        task.cancel()
+        await asyncio.wait([task], timeout=1.0)  # the client closes its connection
+        raise Stopped
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
+        """One of the requests in flight that ``concurrency`` allows now."""
+        async with self._slots:
+            await self._slots.wait_for(lambda: self.in_flight < self.concurrency.allowed)
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            async with self._slots:
+                self.in_flight -= 1
+                self._slots.notify_all()
+
+    async def _reserve(self, key: Secret | None, tokens: int) -> bool:
+        """Wait for the key's shared budget to allow a request; True when the caller
+        stopped meanwhile."""
+        if self.limits is None:
+            return await self._sleep(0)
+        async with self._db_turn():
+            wait = await self.limits.reserve(key, tokens)
+        return await self._sleep(wait)
+
+    async def _heed(
+        self,
+        key: Secret | None,
+        signals: RateSignals | None,
+        tokens: int,
+        retry_after: float | None = None,
+    ) -> None:
+        """Hold off every worker of this key, in every process, as long as the provider's
+        answer asks: its ``Retry-After``, or its rate-limit headers when what the key has
+        left would not cover the requests this caller may send meanwhile (as many as it
+        allows in flight, each like this one). Bounded by ``max_retry_wait_s``."""
+        if self.limits is None:
+            return
+        ahead = self.concurrency.allowed
+        waits = [w for w in (retry_after, pause_for(signals, tokens, ahead)) if w]
+        if waits:
+            async with self._db_turn():
+                await self.limits.pause(key, server_wait(max(waits), self.policy))
