@@ -7,8 +7,11 @@ one AdminService method, which calls the same library functions as the CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import os
+import types as types_module
+import typing
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -18,13 +21,14 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..application import BackfillOptions
 from ..config import Config, load_config
 from ..db.connect import Database
 from ..errors import ConfigError, EmbedfillError
+from ..models import Failure, Report, Sample, TenantReport
 from ..secrets import Secret
 from ..watch import WatchOptions
 from .service import AdminService
@@ -49,65 +53,71 @@ class JobAccepted(BaseModel):
     status_url: str
 
 
-class TenantReportBody(BaseModel):
-    tenant: str | None
-    missing: int
-    embedded: int
-    skipped: int
-    failed: int
-    key_source: str
-    batches: int
-    requests: int
-    tokens: int
-    truncated: int
-    error: str | None
-    would_fail: int = Field(0, description="dry run: rows that would fail (no usable key)")
+def body_of(
+    cls: type[Any],
+    name: str,
+    descriptions: Mapping[str, str],
+    types: Mapping[Any, Any] | None = None,
+    **extra: Any,
+) -> type[BaseModel]:
+    """The response model of a report dataclass, field for field (a field added to the
+    report is in the schema and in the answer; FastAPI drops what its model lacks).
+    ``types`` swaps nested dataclasses for their own bodies; ``extra`` fields come first."""
+    hints = typing.get_type_hints(cls)
+    fields: dict[str, Any] = dict(extra)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        for old, new in (types or {}).items():
+            if typing.get_origin(kind) is list and typing.get_args(kind) == (old,):
+                kind = types_module.GenericAlias(list, (new,))
+        if f.default is not dataclasses.MISSING:
+            default = Field(f.default, description=descriptions.get(f.name))
+        elif f.default_factory is not dataclasses.MISSING:
+            default = Field(default_factory=f.default_factory, description=descriptions.get(f.name))
+        else:
+            default = Field(description=descriptions.get(f.name))
+        fields[f.name] = (kind, default)
+    doc = cls.__doc__ or ""
+    if doc.startswith(f"{cls.__name__}("):  # the dataclass's own signature: no doc
+        doc = ""
+    body: type[BaseModel] = create_model(name, __doc__=doc or None, **fields)
+    return body
 
 
-class SampleBody(BaseModel):
-    id: Any
-    tenant: str | None
-    text: str = Field(description="The text as it would be sent, cut to 300 characters.")
-
-
-class FailureBody(BaseModel):
-    id: Any
-    tenant: str | None
-    error: str
-    error_class: str
-    attempts: int
-
-
-class ReportBody(BaseModel):
-    job_id: int | None = Field(
-        None, description="The job (= run_id) of a real run; null for a dry run, not a job."
-    )
-    run_id: int | None
-    target: str
-    dry_run: bool
-    provider: str
-    status: str
-    missing_before: int
-    embedded: int
-    skipped: int
-    failed: int
-    truncated: int
-    changed: int
-    deduplicated: int
-    stale_before: int = Field(0, description="refresh: stale and outdated-model rows at start")
-    refreshed: int = Field(0, description="refresh: of those, rows written with a fresh vector")
-    batches: int
-    requests: int
-    retries: int
-    tokens: int
-    estimated_cost_usd: float
-    duration_s: float
-    would_fail: int = Field(0, description="dry run: rows of tenants without a usable key")
-    deferred_indexes: list[dict[str, Any]] = []
-    tenants: list[TenantReportBody]
-    failures: list[FailureBody]
-    samples: list[SampleBody] = Field([], description="dry run: the first two texts")
-    warnings: list[str] = Field([], description="e.g. a tenantId that matches no row")
+TenantReportBody = body_of(
+    TenantReport,
+    "TenantReportBody",
+    {"would_fail": "dry run: rows that would fail (no usable key)"},
+)
+SampleBody = body_of(
+    Sample, "SampleBody", {"text": "The text as it would be sent, cut to 300 characters."}
+)
+FailureBody = body_of(Failure, "FailureBody", {})
+ReportBody = body_of(
+    Report,
+    "ReportBody",
+    {
+        "changed": "read, embedded, then not written: the app changed or filled the row",
+        "locked": "left NULL: the app held the row's lock for the whole retry window",
+        "stale_before": "refresh: stale and outdated-model rows at start",
+        "refreshed": "refresh: of those, rows written with a fresh vector",
+        "would_fail": "dry run: rows of tenants without a usable key",
+        "samples": "dry run: the first two texts",
+        "warnings": "e.g. a tenantId that matches no row",
+        "joined": "this request joined a job already running",
+        "error_class": "a failed job: the error's class (its exit code)",
+        "workers": "a job: each worker's part",
+        "chunks": "a job: its chunks by state",
+    },
+    {TenantReport: TenantReportBody, Failure: FailureBody, Sample: SampleBody},
+    job_id=(
+        int | None,
+        Field(
+            None,
+            description="The job (= run_id) of a real run; null for a dry run, not a job.",
+        ),
+    ),
+)
 
 
 class ProgressBody(BaseModel):
@@ -143,7 +153,7 @@ class JobBody(BaseModel):
     started_at: Any
     finished_at: Any
     heartbeat_at: Any
-    report: ReportBody | None
+    report: ReportBody | None  # type: ignore[valid-type]  # made by body_of
     error: str | None
     workers: list[WorkerBody] = []  # each worker's part (and those that refused the job)
     chunks: dict[str, int] = {}  # chunks by state
