@@ -27,9 +27,11 @@ test: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The fast tier, for a contributor's loop: unit and integration tests, without the
-# end-to-end ones (real subprocesses, seconds of waiting each) and the local model's.
+# end-to-end ones (real subprocesses, seconds of waiting each), the local model's and
+# those that wait a minute. They mostly wait (on PostgreSQL, on the test provider's
+# answers), so four run at once, each with its own PostgreSQL.
 test-fast: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -m "not e2e and not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 4 -m "not e2e and not slow" $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests

@@ -196,6 +196,7 @@ def test_transient_faults_are_retried(tickets: str, fake_openai: FakeOpenAI) -> 
     assert report.requests == report.batches + 5
 
 
+@pytest.mark.slow  # waits out the lone worker's two pauses (30 s, 60 s) before the rows fail
 def test_transient_faults_give_up_after_max_attempts(tickets: str, fake_openai: FakeOpenAI) -> None:
     fake_openai.faults += [Fault(503)] * 200
     config = tickets_config(
