@@ -93,6 +93,10 @@ class KeyResolver:
         value = self.env.get(self.provider.api_key_env, "").strip()
         return Secret(value) if value else None
 
+    def cached(self, tenant: str | None) -> ResolvedKey | None:
+        """The tenant's key if it was resolved already (no database needed)."""
+        return self._cache.get(tenant)
+
     async def resolve(self, tenant: str | None) -> ResolvedKey:
         if tenant not in self._cache:
             self._cache[tenant] = await self._resolve(tenant)

@@ -39,12 +39,10 @@ log = logging.getLogger(__name__)
 class Lane:
     """One table connection, lent to one user at a time."""
 
-    def __init__(
-        self, conn: psycopg.AsyncConnection[Any], freed: asyncio.Condition | None = None
-    ) -> None:
+    def __init__(self, conn: psycopg.AsyncConnection[Any], lanes: Lanes | None = None) -> None:
         self.conn = conn
         self.lock = asyncio.Lock()
-        self._freed = freed  # told when the lane is free again (Lanes.writer waits on it)
+        self._lanes = lanes  # told when the lane is free again (a writer may wait for it)
         self._types: dict[str, TypeInfo] = {}
         self._active: str | None = None  # the vector type its array dumper sends now
 
@@ -57,9 +55,8 @@ class Lane:
         await self.released()
 
     async def released(self) -> None:
-        if self._freed is not None:
-            async with self._freed:
-                self._freed.notify_all()
+        if self._lanes is not None:
+            await self._lanes.freed()
 
     @property
     def usable(self) -> bool:
@@ -102,6 +99,7 @@ class Lanes:
         self._writers: list[Lane] = []
         self._opening = asyncio.Lock()
         self._freed = asyncio.Condition()
+        self._waiting = 0  # writers waiting for a free lane
 
     @property
     def size(self) -> int:
@@ -117,7 +115,7 @@ class Lanes:
                 if self._table is not None:
                     await self._table.conn.close()
                 self._table = None
-                self._table = Lane(await self._connect(None), self._freed)
+                self._table = Lane(await self._connect(None), self)
             total = self.size
             kept = [w for w in self._writers if w.usable]
             for lane in self._writers:
@@ -126,7 +124,7 @@ class Lanes:
             self._writers = kept
             while len(self._writers) < self.n_writers:
                 k = len(self._writers) + 2
-                self._writers.append(Lane(await self._connect((k, total)), self._freed))
+                self._writers.append(Lane(await self._connect((k, total)), self))
 
     async def table(self) -> Lane:
         """The table lane (opened, or opened again after it broke)."""
@@ -147,12 +145,22 @@ class Lanes:
                 if lane is not None:
                     await lane.lock.acquire()  # free: taken at once
                     break
-                await self._freed.wait()
+                self._waiting += 1
+                try:
+                    await self._freed.wait()
+                finally:
+                    self._waiting -= 1
         try:
             yield lane
         finally:
             lane.lock.release()
             await lane.released()
+
+    async def freed(self) -> None:
+        """A lane is free again: wake the writers waiting for one."""
+        if self._waiting:
+            async with self._freed:
+                self._freed.notify_all()
 
     async def close(self) -> None:
         lanes = [self._table, *self._writers] if self._table else list(self._writers)

@@ -122,6 +122,9 @@ class Client:
 
     async def key(self, tenant: str | None) -> ResolvedKey:
         """The tenant's key (looked up once, then cached)."""
+        known = self.keys.cached(tenant)
+        if known is not None:
+            return known
         async with self._db_turn():
             return await self.keys.resolve(tenant)
 
