@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import random
 import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,3 +141,70 @@ def unit_vectors(n: int, dims: int, seed: int = 1) -> list[np.ndarray]:
     m = rng.standard_normal((n, dims)).astype(np.float32)
     m /= np.linalg.norm(m, axis=1, keepdims=True)
     return list(m)
+
+
+@dataclass
+class CpuUsed:
+    """CPU seconds this process and the PostgreSQL server spent during a measurement."""
+
+    worker_s: float = 0.0
+    postgres_s: float | None = None  # None: the server is not on this machine
+
+    def per_1000(self, rows: int) -> dict[str, float | None]:
+        per = 1000 / rows if rows else 0.0
+        return {
+            "worker_cpu_s_per_1000": round(self.worker_s * per, 4),
+            "postgres_cpu_s_per_1000": (
+                None if self.postgres_s is None else round(self.postgres_s * per, 4)
+            ),
+        }
+
+
+def _postgres_cpu_s(postmaster: int) -> float | None:
+    """The server's CPU seconds so far: the postmaster's own, its live children's, and
+    (cutime, cstime) what the children that have exited spent (closed connections)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def fields(pid: int | str) -> list[str]:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return text[text.rindex(")") + 2 :].split()
+
+    try:
+        own = fields(postmaster)
+        total = sum(int(x) for x in own[11:15])  # utime stime cutime cstime
+        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+    except OSError:
+        return None
+    for child in children:
+        try:
+            f = fields(child)
+        except OSError:
+            continue  # exited meanwhile: counted in cutime/cstime from now on
+        total += int(f[11]) + int(f[12])
+    return total / tick
+
+
+@contextmanager
+def cpu(url: str) -> Iterator[CpuUsed]:
+    """Measure the CPU this process and a local PostgreSQL (found from a backend's
+    parent) use inside the block."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    postmaster: int | None = None
+    if row is not None:
+        try:
+            stat = Path(f"/proc/{row[0]}/stat").read_text()
+            postmaster = int(stat[stat.rindex(")") + 2 :].split()[1])
+        except (OSError, ValueError):
+            postmaster = None
+    used = CpuUsed()
+    mine = resource.getrusage(resource.RUSAGE_SELF)
+    server = _postgres_cpu_s(postmaster) if postmaster else None
+    try:
+        yield used
+    finally:
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        used.worker_s = (after.ru_utime - mine.ru_utime) + (after.ru_stime - mine.ru_stime)
+        if server is not None and postmaster is not None:
+            now = _postgres_cpu_s(postmaster)
+            used.postgres_s = None if now is None else now - server

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from bench.common import missing, peak_rss_mb, target_config, timed, unit_vectors
+from bench.common import cpu, missing, peak_rss_mb, target_config, timed, unit_vectors
 from bench.triggers import app_inserts
 from embedfill import BackfillOptions, Database, abackfill
 from embedfill.config import EngineConfig
@@ -55,9 +55,9 @@ def embedfill_run(a: dict[str, Any]) -> dict[str, Any]:
         )
         return await abackfill(config, Database(a["url"]), opts, provider=provider, env=env)
 
-    with timed() as t:
+    with timed() as t, cpu(a["url"]) as used:
         report = asyncio.run(go())
-    out = report_fields(report)
+    out = report_fields(report) | used.per_1000(report.embedded)
     out["wall_s"] = t.seconds
     out["peak_rss_mb"] = peak_rss_mb()
     if not a.get("dry_run"):
@@ -66,82 +66,115 @@ def embedfill_run(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def raw_sql(a: dict[str, Any]) -> dict[str, Any]:
-    """The database's limit for the same job, on the same terms as embedfill: one connection
-    reads keyset pages of ``(id, body)`` of 1,000 rows; ``writers`` connections (default:
-    embedfill's ``write_concurrency``) each write a page with one ``UPDATE … FROM
+    """The database's limit for the same job, on the same terms as embedfill: keyset pages
+    of ``(id, body)`` of 1,000 rows; writers each write a page with one ``UPDATE … FROM
     unnest(int8[], vector[])`` bounded by ``id BETWEEN lo AND hi``, its arrays encoded whole
     in PostgreSQL's binary format (``embedfill.db.wire``, as embedfill's writes are).
     Vectors are precomputed; no text is rendered, counted, fingerprinted or sent anywhere.
     With ``distinct``, every row gets its own vector (an HNSW index inserts repeats faster).
+
+    Two shapes. By default one connection reads and ``writers`` others (default:
+    embedfill's ``write_concurrency``) write. With ``job``, what a job must do and nothing
+    more, on the connections embedfill's worker has for it (db/lanes.py): the pages carry
+    the md5 of each row's text (computed by the server, as embedfill's scan does), each
+    write upserts the rows' provenance in the same statement (the shape of
+    ``embedfill.provenance``), and one connection reads and writes while the others only
+    write (2 at the defaults).
     """
-    writers = int(a.get("writers") or ENGINE.write_concurrency)
+    job = bool(a.get("job"))
+    if job:
+        writers = 1 + Database(a["url"]).writer_lanes(ENGINE.write_concurrency)
+    else:
+        writers = int(a.get("writers") or ENGINE.write_concurrency)
     pool = np.stack(unit_vectors(a.get("distinct") or PAGE, a["dims"]))
     update = (
         "UPDATE docs SET embedding = u.v FROM unnest(%b::bigint[], %b::vector[]) AS u(id, v)"
         " WHERE docs.id = u.id AND docs.id BETWEEN %s AND %s"
     )
+    if job:
+        update = (
+            "WITH w AS (UPDATE docs SET embedding = u.v"
+            " FROM unnest(%b::bigint[], %b::vector[], %s::uuid[]) AS u(id, v, md5)"
+            " WHERE docs.id = u.id AND docs.id BETWEEN %s AND %s AND docs.embedding IS NULL"
+            " RETURNING docs.id, u.md5)"
+            " INSERT INTO ref_provenance AS p (column_id, model_id, text_md5, embedded_at, row_key)"
+            " SELECT 1, 1, w.md5, now(), w.id::text FROM w"
+            " ON CONFLICT (column_id, row_key) DO UPDATE SET model_id = excluded.model_id,"
+            " text_md5 = excluded.text_md5, embedded_at = excluded.embedded_at"
+        )
+    read = (
+        "SELECT id, md5(body)::uuid FROM docs WHERE embedding IS NULL AND id > %s"
+        " ORDER BY id LIMIT %s"
+        if job
+        else "SELECT id, body FROM docs WHERE embedding IS NULL AND id > %s ORDER BY id LIMIT %s"
+    )
 
     async def go() -> tuple[int, float]:
         conns = [await psycopg.AsyncConnection.connect(a["url"], autocommit=True)]
         try:
-            for _ in range(writers):
+            if job:
+                await conns[0].execute(
+                    "CREATE TABLE IF NOT EXISTS ref_provenance (column_id integer NOT NULL,"
+                    " model_id integer NOT NULL, text_md5 uuid NOT NULL,"
+                    " embedded_at timestamptz NOT NULL, row_key text NOT NULL,"
+                    " PRIMARY KEY (column_id, row_key)) WITH (fillfactor = 90)"
+                )
+            for _ in range(writers - 1 if job else writers):
                 conns.append(await psycopg.AsyncConnection.connect(a["url"], autocommit=True))
-            for conn in conns[1:]:
+            writing = conns if job else conns[1:]  # job: the reader's connection writes too
+            for conn in writing:
                 vector_oid = await wire.register(conn)
-            pages: asyncio.Queue[tuple[list[int], int] | None] = asyncio.Queue(writers)
+            locks = {id(c): asyncio.Lock() for c in conns}
+            pages: asyncio.Queue[tuple[list[int], list[Any], int] | None] = asyncio.Queue(writers)
             written = 0
 
-            async def read() -> None:
+            async def reader() -> None:
                 after, done = 0, 0
                 while True:
-                    cur = await conns[0].execute(
-                        "SELECT id, body FROM docs WHERE embedding IS NULL AND id > %s"
-                        " ORDER BY id LIMIT %s",
-                        (after, PAGE),
-                    )
-                    rows = await cur.fetchall()
+                    async with locks[id(conns[0])]:
+                        cur = await conns[0].execute(read, (after, PAGE))
+                        rows = await cur.fetchall()
                     if not rows:
                         break
                     ids = [r[0] for r in rows]
-                    await pages.put((ids, done))
+                    await pages.put((ids, [r[1] for r in rows], done))
                     done += len(ids)
                     after = ids[-1]
                     if len(ids) < PAGE:
                         break
-                for _ in range(writers):
+                for _ in writing:
                     await pages.put(None)
 
-            async def write(conn: psycopg.AsyncConnection[Any]) -> None:
+            async def writer(conn: psycopg.AsyncConnection[Any]) -> None:
                 nonlocal written
                 while (page := await pages.get()) is not None:
-                    ids, offset = page
+                    ids, md5s, offset = page
                     vectors = pool.take(range(offset, offset + len(ids)), axis=0, mode="wrap")
-                    params = (
-                        wire.int8_array(ids),
-                        wire.vector_array(vectors, vector_oid),
-                        ids[0],
-                        ids[-1],
-                    )
-                    await conn.execute(update, params)
+                    arrays = (wire.int8_array(ids), wire.vector_array(vectors, vector_oid))
+                    params = (*arrays, md5s, ids[0], ids[-1]) if job else (*arrays, ids[0], ids[-1])
+                    async with locks[id(conn)]:
+                        await conn.execute(update, params)
                     written += len(ids)
 
             started = time.perf_counter()
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(read())
-                for conn in conns[1:]:
-                    tg.create_task(write(conn))
+                tg.create_task(reader())
+                for conn in writing:
+                    tg.create_task(writer(conn))
             return written, time.perf_counter() - started
         finally:
             for conn in conns:
                 await conn.close()
 
-    done, seconds = asyncio.run(go())
+    with cpu(a["url"]) as used:
+        done, seconds = asyncio.run(go())
     return {
         "rows": done,
         "writers": writers,
         "seconds": seconds,
         "rows_per_s": done / seconds,
         "peak_rss_mb": peak_rss_mb(),
+        **used.per_1000(done),
     }
 
 
