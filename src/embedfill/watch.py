@@ -39,7 +39,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,6 @@ from .db.connect import Database, connect
 from .db.schema import ensure_schema
 from .db.store import Store
 from .db.target_sql import BLANK, TargetSQL
-from .engine import Observer
 from .errors import EmbedfillError
 from .freshness import ProvenanceIds, model_identity, provenance_ids
 from .jobs.spec import JobSpec
@@ -98,8 +97,11 @@ class WatchHub:
     short slices between the watchers' turns. When the connection breaks, every watcher
     sees its generation end, and leads again (or stands by) on the next one."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, lock_timeout_ms: int = 2000) -> None:
         self.db = db
+        # a watcher's read queued behind one table's lock gives way (and tries again)
+        # rather than hold the connection every other target's watcher needs
+        self.lock_timeout_ms = lock_timeout_ms
         self.conn: psycopg.AsyncConnection[Any] | None = None
         self.generation = 0
         self._lock = asyncio.Lock()
@@ -122,6 +124,10 @@ class WatchHub:
                 conn = await connect(self.db)
                 try:
                     await ensure_schema(conn)  # the queue's tables exist before it is used
+                    await conn.execute(
+                        "SELECT pg_catalog.set_config('lock_timeout', %s, false)",
+                        (f"{self.lock_timeout_ms}ms",),
+                    )
                     await Store(conn).listen_changes()
                 except BaseException:
                     await conn.close()
@@ -201,7 +207,7 @@ class TargetWatch:
 
     def __post_init__(self) -> None:
         self._own_hub = self.hub is None
-        self._hub = self.hub or WatchHub(self.db)
+        self._hub = self.hub or WatchHub(self.db, self.config.engine.lock_timeout_ms)
 
     @property
     def chunk_rows(self) -> int:
@@ -282,10 +288,23 @@ class TargetWatch:
         missing = _Walk(self.opts.interval_s)
         outdated = _Walk(self.opts.sweep_interval_s)  # due now: changes made while away
         changed = self._hub.changes(ids.column_id)
+        blocked = 0.0  # the table was locked by the app: try again after this
         while not stop.is_set():
             changed.clear()  # what is notified from here on wakes the next wait
-            async with self._hub.use(gen) as conn:
-                wait = await self._step(conn, tsql, ids, job, queue, missing, outdated)
+            try:
+                async with self._hub.use(gen) as conn:
+                    wait = await self._step(conn, tsql, ids, job, queue, missing, outdated)
+            except psycopg.errors.LockNotAvailable:
+                # the app holds the table (a migration): the other targets go on meanwhile
+                blocked = min(max(1.0, blocked * 2), self.opts.interval_s * 4)
+                log.info(
+                    "watch of %s: the table is locked; looking again in %.0fs",
+                    self.target.name,
+                    blocked,
+                )
+                await _sleep(stop, blocked)
+                continue
+            blocked = 0.0
             if wait is None:
                 return
             await _wait_for(changed, stop, wait)
@@ -388,66 +407,6 @@ class TargetWatch:
         with contextlib.suppress(psycopg.Error):
             async with self._hub.use(leads[0]) as conn:
                 await Store(conn).release_watch_lock(leads[1])
-
-
-async def awatch(
-    config: Config,
-    db: Database,
-    targets: Sequence[str] | None,
-    stop: asyncio.Event,
-    *,
-    opts: WatchOptions = WatchOptions(),
-    concurrency: int | None = None,
-    env: Mapping[str, str] | None = None,
-    observer: Observer | None = None,
-    worker: bool = True,
-    on_watch: Callable[[list[TargetWatch]], None] | None = None,
-) -> None:
-    """Watch ``targets`` (None: every configured one) until ``stop``, with an in-process
-    worker (unless ``worker=False``: workers elsewhere do the chunks)."""
-    from .worker import Worker  # the worker imports the application
-
-    names = list(targets or [t.name for t in config.targets])
-    hub = WatchHub(db)  # one connection for every target's watcher
-    await hub.open()  # the queue's tables exist before the worker polls them
-    watches = [TargetWatch(config, db, config.target(n), opts, hub) for n in names]
-    if on_watch is not None:
-        on_watch(watches)
-    worker_stop = asyncio.Event()
-    worker_task: asyncio.Task[None] | None = None
-    if worker:
-        kwargs: dict[str, Any] = {"targets": names, "concurrency": concurrency, "reserved": 1}
-        if env is not None:
-            kwargs["env"] = env
-        if observer is not None:
-            kwargs["observer"] = observer
-        worker_task = asyncio.create_task(Worker(config, db, **kwargs).run(worker_stop))
-    watch_tasks = [asyncio.create_task(w.run(stop)) for w in watches]
-    try:
-        pending: set[asyncio.Task[None]] = set(watch_tasks)
-        if worker_task is not None:
-            pending.add(worker_task)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
-                if task is worker_task and not worker_stop.is_set():
-                    raise RuntimeError("the watch's worker stopped")
-            if all(t.done() for t in watch_tasks):
-                break
-    finally:
-        stop.set()
-        for t in watch_tasks:
-            t.cancel()
-        await asyncio.gather(*watch_tasks, return_exceptions=True)
-        worker_stop.set()  # the chunks in flight are finished first
-        if worker_task is not None:
-            with contextlib.suppress(Exception):
-                await worker_task
-        for w in watches:
-            await w.close()
-        await hub.close()
 
 
 async def _wait_for(changed: asyncio.Event, stop: asyncio.Event, seconds: float) -> None:

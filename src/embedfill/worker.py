@@ -163,7 +163,8 @@ class Worker:
         self.cut_off_until = 0.0  # monotonic: it hands chunks back unclaimed until then
         self.cut_off_times = 0  # chunks handed back in a row for an unreachable provider
         self._pause = asyncio.Event()  # set: stop fetching until cut_off_until
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # the sessions dict
+        self._opening: dict[int, asyncio.Lock] = {}  # a job's session being opened
         self._control: psycopg.AsyncConnection[Any] | None = None
         self._control_lock = asyncio.Lock()
         # the table connections every session shares (db/lanes.py): with the control
@@ -637,16 +638,22 @@ class Worker:
     # ------------------------------------------------------------------ sessions
 
     async def _session(self, run_id: int) -> _Session | None:
-        async with self._lock:
-            session = self.sessions.get(run_id)
-            if session is not None and not session.task.done():
-                return session
-            self.sessions.pop(run_id, None)
+        # one opening per job at a time; other jobs' sessions open meanwhile (a job
+        # whose table the app holds locked waits here, not every job of the worker)
+        async with self._opening.setdefault(run_id, asyncio.Lock()):
+            async with self._lock:
+                session = self.sessions.get(run_id)
+                if session is not None and not session.task.done():
+                    return session
+                ended = self.sessions.pop(run_id, None)
+            if ended is not None and not ended.task.cancelled():
+                ended.task.exception()  # retrieved: its chunks already went back
             lane = await self.lanes.table()  # every session's reads share it
             async with lane.hold() as conn:
                 session = await self._open(lane, conn, run_id)
             if session is not None:
-                self.sessions[run_id] = session
+                async with self._lock:
+                    self.sessions[run_id] = session
             return session
 
     async def _open(

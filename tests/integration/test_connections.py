@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from dataclasses import replace
 
 import psycopg
+import pytest
 
 from embedfill import Database
 from embedfill.application import abackfill
@@ -63,6 +65,12 @@ def _missing(db_url: str, n: int) -> int:
             conn.execute(f"SELECT count(*) FROM app.notes_{i} WHERE emb IS NULL").fetchone()[0]  # type: ignore[index]
             for i in range(n)
         )
+
+
+def _missing_in(db_url: str, i: int) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(f"SELECT count(*) FROM app.notes_{i} WHERE emb IS NULL").fetchone()
+        return int(row[0]) if row else 0
 
 
 class Sampler:
@@ -163,3 +171,123 @@ def test_a_watch_over_twelve_targets_holds_four_connections(
         running.stop()
         most = sampler.stop()
     assert most <= 4, f"one watch process over {n} targets held {most} connections"
+
+
+# ---------------------------------------------- one target locked, the others go on
+
+
+@pytest.mark.parametrize("how", ["returns", "raises", "is cancelled"])
+def test_a_writer_waiting_for_a_lane_wakes_when_a_read_frees_it(how: str) -> None:
+    """A read on the table lane that failed (a lock timeout) or was cancelled must tell
+    the writers waiting for a lane, as one that returned does (it did not: a target's
+    writes then waited for the next unrelated release)."""
+    from embedfill.db.lanes import Lane, Lanes
+
+    async def go() -> None:
+        lanes = Lanes(
+            Database("postgresql://u@localhost/x"),
+            write_concurrency=1,
+            lock_timeout_ms=100,
+            statement_timeout_s=1,
+        )
+        table = Lane(None, lanes)  # type: ignore[arg-type]  # no statement is run
+        holding = asyncio.Event()
+
+        async def read() -> None:
+            async with table.hold():
+                holding.set()
+                await asyncio.sleep(0.2)
+                if how == "raises":
+                    raise psycopg.errors.LockNotAvailable("canceling statement: lock timeout")
+
+        reader = asyncio.create_task(read())
+        await holding.wait()
+
+        async def write() -> bool:
+            async with lanes.writer(table) as lane:
+                return lane is table
+
+        writer = asyncio.create_task(write())
+        if how == "is cancelled":
+            await asyncio.sleep(0.1)
+            reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        done, _ = await asyncio.wait({writer}, timeout=2)
+        assert done, f"the writer still waits 2 s after the read that {how} freed the lane"
+
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("limit", [2, None])
+def test_a_table_the_app_holds_locked_does_not_hold_up_another_targets_job(
+    db_url: str, roles: Roles, fake_openai: FakeOpenAI, limit: int | None
+) -> None:
+    """One worker, two jobs, and an app's migration holding ACCESS EXCLUSIVE on the
+    first table: the second target is filled meanwhile, the first once it is released."""
+    _tables(db_url, 2)
+    name = _role(db_url, roles)
+    url = roles.url(name, query=f"connection_limit={limit}" if limit else "")
+    config = _config(fake_openai.base_url, 2)
+    config = replace(config, engine=replace(config.engine, lock_timeout_ms=300))
+    fake_openai.latency = 0.02
+
+    def missing(i: int) -> int:
+        return _missing_in(db_url, i)
+
+    async def go() -> None:
+        for i in range(2):
+            await abackfill(
+                config, Database(url), BackfillOptions(target=f"notes_{i}"), env=ENV, enqueue=True
+            )
+        with psycopg.connect(db_url) as app:
+            app.execute("LOCK TABLE app.notes_0 IN ACCESS EXCLUSIVE MODE")
+            stop = asyncio.Event()
+            worker = Worker(config, Database(url), env=ENV, concurrency=2)
+            task = asyncio.create_task(worker.run(stop))
+            try:
+                deadline = time.monotonic() + 30
+                while missing(1) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                assert missing(1) == 0, "the second target waited for the first one's lock"
+                app.rollback()  # the migration ends
+                deadline = time.monotonic() + 30
+                while missing(0) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+            finally:
+                stop.set()
+                await task
+        assert missing(0) == 0
+
+    asyncio.run(go())
+
+
+def test_a_watch_goes_on_for_the_other_targets_while_one_table_is_locked(
+    db_url: str, fake_openai: FakeOpenAI
+) -> None:
+    """The watchers share one connection: a watcher's read queued behind the app's lock
+    gives way (lock_timeout) instead of holding it for every other target."""
+    _tables(db_url, 2)
+    running = Running(db_url, _config(fake_openai.base_url, 2), interval_s=0.5)
+    try:
+        deadline = time.monotonic() + 30
+        while _missing(db_url, 2) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _missing(db_url, 2) == 0
+        with psycopg.connect(db_url) as app:
+            app.execute("LOCK TABLE app.notes_0 IN ACCESS EXCLUSIVE MODE")
+            time.sleep(1.5)  # a poll of notes_0 is queued behind the lock by now
+            with psycopg.connect(db_url, autocommit=True) as other:
+                other.execute("INSERT INTO app.notes_1 VALUES (1000, 'a late note', NULL)")
+            deadline = time.monotonic() + 15
+            while _missing_in(db_url, 1) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert _missing_in(db_url, 1) == 0, "notes_1's new row waited for notes_0's lock"
+            app.rollback()
+        with psycopg.connect(db_url, autocommit=True) as other:
+            other.execute("INSERT INTO app.notes_0 VALUES (1000, 'after the migration', NULL)")
+        deadline = time.monotonic() + 15
+        while _missing(db_url, 2) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _missing(db_url, 2) == 0
+    finally:
+        running.stop()

@@ -50,9 +50,11 @@ class Lane:
     async def hold(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """The connection, for statements outside any transaction (or a transaction of
         the holder's own), while nobody else uses it."""
-        async with self.lock:
-            yield self.conn
-        await self.released()
+        try:
+            async with self.lock:
+                yield self.conn
+        finally:  # failed or cancelled too: a writer waiting for a lane is told
+            await self.released()
 
     async def released(self) -> None:
         if self._lanes is not None:
@@ -139,7 +141,9 @@ class Lanes:
         session's table lane) when it is free; waits for the first that frees."""
         async with self._freed:
             while True:
-                lane = next((w for w in self._writers if not w.lock.locked()), None)
+                # a broken writer lane is passed over (the next session's open() replaces
+                # it); a broken table lane fails its session's reads anyway
+                lane = next((w for w in self._writers if w.usable and not w.lock.locked()), None)
                 if lane is None and not table.lock.locked():
                     lane = table
                 if lane is not None:
