@@ -656,6 +656,7 @@ def worker(
     until SIGTERM or SIGINT: then finish the chunks in flight and exit 0 (provider requests
     get 4 s more; what is left of the chunks goes back to the queue, its rows NULL). A
     second signal exits at once: 143 (SIGTERM) or 130 (SIGINT)."""
+    from .runtime import Runtime
     from .worker import Worker, work_on_job
 
     state = _state(ctx)
@@ -667,13 +668,19 @@ def worker(
         stop = _Shutdown().attach()
         config, db = state.config(), state.database()
         await aensure_schema(db)
-        w = Worker(config, db, targets=target or None, concurrency=concurrency)
         if job is not None:  # one of backfill --processes: until the job is over
+            w = Worker(config, db, targets=target or None, concurrency=concurrency)
             await work_on_job(w, job, stop=stop)
             return
+        runtime = Runtime(config, db, targets=target or None, concurrency=concurrency)
+        assert runtime.worker is not None
         names = ", ".join(target or [t.name for t in config.targets])
-        err.print(f"embedfill: worker {w.name} serving jobs of: {names}")
-        await w.run(stop)
+        err.print(f"embedfill: worker {runtime.worker.name} serving jobs of: {names}")
+        runtime.start()
+        try:
+            await runtime.wait(stop)
+        finally:
+            await runtime.stop()  # the chunks in flight are finished first
 
     with _errors(state):
         asyncio.run(run())
@@ -703,7 +710,7 @@ def watch(
     or 130): new NULL rows, rows whose text changed, rows of another model. Changes queued
     by `embedfill triggers install` are picked up at once; polling and a stale sweep need
     no DDL. The chunks are done by this process's worker and by any `embedfill worker`."""
-    from .watch import awatch
+    from .runtime import awatch
 
     state = _state(ctx)
     with _errors(state):

@@ -15,7 +15,8 @@ import pytest
 from embedfill import Database, astatus
 from embedfill.config import EngineConfig, render_text
 from embedfill.providers.hashing import hash_vector
-from embedfill.watch import TargetWatch, WatchOptions, awatch
+from embedfill.runtime import awatch
+from embedfill.watch import TargetWatch, WatchOptions
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.tables import stored_vectors, tickets_config
 

@@ -28,8 +28,8 @@ from ..errors import ConfigError, EmbedfillError, ExtensionMissing, JobConflict,
 from ..errors import first_line as _first_line
 from ..models import Report, TargetStatus
 from ..providers import Provider, check_available, make_provider
-from ..watch import TargetWatch, WatchHub, WatchOptions
-from ..worker import Worker
+from ..runtime import Runtime
+from ..watch import WatchOptions
 from .logs import job_id_var
 from .metrics import Metrics
 
@@ -68,35 +68,23 @@ class AdminService:
         self.env = env
         self.metrics = Metrics()
         self._providers: dict[str, Provider] = {}
-        # the in-process worker (``serve`` without --no-worker): works on every job's
-        # chunks beside any `embedfill worker` elsewhere
-        self.worker = (
-            Worker(
-                config,
-                db,
-                env=env,
-                observer=self.metrics,
-                providers=self._providers,
-                reserved=1 if watch else 0,  # the watchers' connection
-            )
-            if worker
-            else None
+        # the in-process worker (``serve`` without --no-worker), which works on every
+        # job's chunks beside any `embedfill worker` elsewhere, and with ``serve --watch``
+        # a watcher (elected per target) that queues what it notices (runtime.py)
+        self.runtime = Runtime(
+            config,
+            db,
+            watch=watch,
+            worker=worker,
+            env=env,
+            observer=self.metrics,
+            providers=self._providers,
         )
+        self.worker = self.runtime.worker
+        self.watches = self.runtime.watches
         if self.worker is not None:
             self.worker.on_job_end = lambda _, status: self.metrics.jobs_total.labels(status).inc()
-        self._worker_stop = asyncio.Event()
-        self._worker_task: asyncio.Task[None] | None = None
-        # ``serve --watch``: a watcher (elected per target) queues what it notices for the
-        # workers, this one and any elsewhere (watch.py)
-        self.watch_hub = WatchHub(db)  # one connection for every target's watcher
-        self.watches = (
-            [TargetWatch(config, db, t, watch, self.watch_hub) for t in config.targets]
-            if watch
-            else []
-        )
-        self._watch_stop = asyncio.Event()
         self._abandon = asyncio.Event()
-        self._watch_tasks: list[asyncio.Task[None]] = []
         self.metrics_interval = _metrics_interval(env)
         self._pass: asyncio.Task[None] | None = None
         self._pass_ended = 0.0
@@ -111,11 +99,11 @@ class AdminService:
         # provider requests still in flight ABANDON_AFTER_S after shutdown begins are
         # abandoned (their rows stay NULL, their chunks go back), as a signalled worker's
         abandon_requests.set(self._abandon)  # inherited by the tasks started from here
-        self._watch_tasks = [asyncio.create_task(w.run(self._watch_stop)) for w in self.watches]
         try:
             conn = await connect(self.db)
         except EmbedfillError as exc:
             log.warning("database not reachable at start-up: %s", exc)
+            self.runtime.start(worker=False)  # the watchers retry until it answers
             return
         try:
             await ensure_schema(conn)
@@ -125,24 +113,15 @@ class AdminService:
             log.warning("could not migrate the embedfill schema: %s", _first_line(exc))
         finally:
             await conn.close()
-        if self.worker is not None:
-            self._worker_task = asyncio.create_task(self.worker.run(self._worker_stop))
-            self._worker_task.add_done_callback(_log_worker_end)
+        self.runtime.start(_log_worker_end)
 
     async def shutdown(self) -> None:
         """The watchers stop queuing, the in-process worker finishes its chunks in flight
         (jobs go on elsewhere, or when the service is back), then the watch jobs end."""
         asyncio.get_running_loop().call_later(ABANDON_AFTER_S, self._abandon.set)
-        self._watch_stop.set()
-        await asyncio.gather(*self._watch_tasks, return_exceptions=True)
-        self._worker_stop.set()
         if self._pass is not None:
             self._pass.cancel()
-        if self._worker_task is not None:
-            await asyncio.wait([self._worker_task], timeout=60)
-        for w in self.watches:
-            await w.close()
-        await self.watch_hub.close()
+        await self.runtime.stop(worker_timeout=60)
         for provider in self._providers.values():
             await provider.aclose()
 

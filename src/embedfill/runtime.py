@@ -1,0 +1,167 @@
+"""One process's long-running parts, started and stopped in one order: its worker
+(worker.py: the control connection and the lanes its jobs share) and its watchers
+(watch.py: one ``WatchHub`` connection for all of them). ``embedfill watch`` and
+``embedfill serve`` run one each (``embedfill worker`` is a runtime without watchers).
+
+Stopping goes: the watchers stop queuing; the worker finishes the chunks in flight
+(jobs go on elsewhere, or when a worker is back); then the watch jobs end and the
+watchers' locks go with their connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .config import Config
+from .db.connect import Database
+from .engine import Observer
+from .providers import Provider
+from .watch import TargetWatch, WatchHub, WatchOptions
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """A worker (unless ``worker=False``: workers elsewhere do the chunks) and, with
+    ``watch``, a watcher per target (``targets``; None: every configured one)."""
+
+    def __init__(
+        self,
+        config: Config,
+        db: Database,
+        *,
+        targets: Sequence[str] | None = None,
+        watch: WatchOptions | None = None,
+        worker: bool = True,
+        concurrency: int | None = None,
+        env: Mapping[str, str] | None = None,
+        observer: Observer | None = None,
+        providers: dict[str, Provider] | None = None,
+    ) -> None:
+        names = list(targets or [t.name for t in config.targets])
+        # opened by the first watcher that needs it
+        self.hub = WatchHub(db, config.engine.lock_timeout_ms)
+        self.watches = (
+            [TargetWatch(config, db, config.target(n), watch, self.hub) for n in names]
+            if watch is not None
+            else []
+        )
+        self.worker: Worker | None = None
+        if worker:
+            kwargs: dict[str, Any] = {
+                "targets": list(targets) if targets else None,
+                "concurrency": concurrency,
+                "reserved": 1 if self.watches else 0,  # the watchers' connection
+            }
+            if env is not None:
+                kwargs["env"] = env
+            if observer is not None:
+                kwargs["observer"] = observer
+            if providers is not None:
+                kwargs["providers"] = providers
+            self.worker = Worker(config, db, **kwargs)
+        self._watch_stop = asyncio.Event()
+        self._worker_stop = asyncio.Event()
+        self._watch_tasks: list[asyncio.Task[None]] = []
+        self._worker_task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        """Connect the watchers now: a database that cannot be reached (or an
+        embedfill schema this role may not bring up to date) is an error at once, not a
+        retry loop. (``serve`` does not call it: its watchers retry until the database
+        answers.)"""
+        await self.hub.open()
+
+    def start(
+        self,
+        on_worker_end: Callable[[asyncio.Task[None]], None] | None = None,
+        *,
+        worker: bool = True,
+    ) -> None:
+        """Start the watchers and (unless ``worker=False``: the database could not be
+        reached) the worker, in the caller's context: the tasks inherit its context
+        variables, such as the abandon event of a shutdown."""
+        self._watch_tasks = [asyncio.create_task(w.run(self._watch_stop)) for w in self.watches]
+        if self.worker is not None and worker:
+            self._worker_task = asyncio.create_task(self.worker.run(self._worker_stop))
+            if on_worker_end is not None:
+                self._worker_task.add_done_callback(on_worker_end)
+
+    async def wait(self, stop: asyncio.Event) -> None:
+        """Until ``stop``, or until every watcher is over (their jobs were cancelled);
+        a watcher's error (a config error: no retry fixes it) or a worker that stopped on
+        its own is raised."""
+        stopping = asyncio.ensure_future(stop.wait())
+        pending: set[asyncio.Future[Any]] = {stopping, *self._watch_tasks}
+        if self._worker_task is not None:
+            pending.add(self._worker_task)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                if stopping in done:
+                    return
+                for task in done:
+                    if task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+                    if task is self._worker_task:
+                        raise RuntimeError("the worker stopped")
+                if self._watch_tasks and all(t.done() for t in self._watch_tasks):
+                    return
+        finally:
+            stopping.cancel()
+
+    async def stop(self, *, worker_timeout: float | None = None) -> None:
+        """The watchers stop queuing, the worker finishes its chunks in flight (waited
+        for at most ``worker_timeout``), then the watch jobs end."""
+        self._watch_stop.set()
+        for task in self._watch_tasks:
+            task.cancel()
+        await asyncio.gather(*self._watch_tasks, return_exceptions=True)
+        self._worker_stop.set()
+        if self._worker_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait([self._worker_task], timeout=worker_timeout)
+        for w in self.watches:
+            await w.close()
+        await self.hub.close()
+
+
+async def awatch(
+    config: Config,
+    db: Database,
+    targets: Sequence[str] | None,
+    stop: asyncio.Event,
+    *,
+    opts: WatchOptions | None = None,
+    concurrency: int | None = None,
+    env: Mapping[str, str] | None = None,
+    observer: Observer | None = None,
+    worker: bool = True,
+    on_watch: Callable[[list[TargetWatch]], None] | None = None,
+) -> None:
+    """Watch ``targets`` (None: every configured one) until ``stop``, with an in-process
+    worker (unless ``worker=False``: workers elsewhere do the chunks)."""
+    runtime = Runtime(
+        config,
+        db,
+        targets=list(targets or [t.name for t in config.targets]),
+        watch=opts or WatchOptions(),
+        worker=worker,
+        concurrency=concurrency,
+        env=env,
+        observer=observer,
+    )
+    await runtime.open()  # the queue's tables exist before the worker polls them
+    if on_watch is not None:
+        on_watch(runtime.watches)
+    runtime.start()
+    try:
+        await runtime.wait(stop)
+    finally:
+        stop.set()
+        await runtime.stop()
