@@ -26,7 +26,7 @@ from pathlib import Path
 
 from .application import BackfillOptions, ProgressCallback, aadopt, abackfill, astatus, averify
 from .config import Config, ProviderConfig, TargetConfig, load_config, parse_config
-from .db.connect import Database, default_data_dir, start_embedded
+from .db.connect import Database, default_data_dir, start_embedded, url_from_env
 from .errors import (
     ConfigError,
     DatabaseError,
@@ -64,7 +64,7 @@ def database(database_url: str | None = None, *, embedded: bool = False) -> Data
     database by surprise."""
     if database_url:
         return Database(url=database_url)
-    url = os.environ.get("DATABASE_URL", "").strip()
+    url = url_from_env(os.environ)
     if url:
         return Database(url=url)
     if not embedded:

@@ -87,16 +87,30 @@ def test_a_backfill_through_a_sqlalchemy_url_with_pgbouncer_and_schema(
 
 
 def test_an_unknown_url_parameter_is_one_sentence(tickets: str, tmp_path: Path) -> None:
-    url = url_for(tickets, password="Qv7secret", query="currentSchema=app")
+    url = url_for(tickets, password="Qv7secret", query="current_schema=app")
     result = embedfill("status", env=cli_env(url))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [
-        "embedfill: DATABASE_URL has the parameter 'currentSchema', which neither PostgreSQL "
+        "embedfill: DATABASE_URL has the parameter 'current_schema', which neither PostgreSQL "
         "nor embedfill knows; remove it or use a libpq parameter "
         "(https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS)."
     ]
     assert_no_secret(result.stdout, result.stderr)
+
+
+def test_a_jdbc_url_with_current_schema_and_a_pgsql_scheme_works(
+    tickets: str, tmp_path: Path, fake_openai: FakeOpenAI
+) -> None:
+    """As a Java or PHP app writes its URL; handed over in EMBEDFILL_DATABASE_URL, which
+    wins over the app's own DATABASE_URL (here one that would not even connect)."""
+    cfg = unqualified_config(tmp_path, fake_openai.base_url)
+    url = url_for(tickets, query="currentSchema=app").replace("postgresql://", "pgsql://", 1)
+    env = cli_env("postgresql://nobody@127.0.0.1:1/none", TEST_PLATFORM_KEY=PLATFORM)
+    env["EMBEDFILL_DATABASE_URL"] = url
+    result = embedfill("--config", str(cfg), "backfill", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["embedded"] == 45
 
 
 # ---------------------------------------------------------------- item 12: no credentials shown

@@ -25,6 +25,8 @@ def params(url: str) -> dict[str, object]:
         "postgresql+psycopg2://u:pw@h:5432/db",
         "postgresql+asyncpg://u:pw@h:5432/db",
         "POSTGRES://u:pw@h:5432/db",
+        "pgsql://u:pw@h:5432/db",
+        "postgis://u:pw@h:5432/db",
     ],
 )
 def test_schemes_apps_use_become_a_libpq_url(url: str) -> None:
@@ -32,6 +34,24 @@ def test_schemes_apps_use_become_a_libpq_url(url: str) -> None:
     assert n.url.startswith("postgresql://")
     assert params(n.url) == BASE
     assert n.prepare and n.connection_limit is None and n.notes == ()
+
+
+@pytest.mark.parametrize(
+    ("query", "path"),
+    [
+        ("currentSchema=app", '-csearch_path="app",public'),
+        ("currentSchema=app,audit", '-csearch_path="app","audit",public'),
+        ("currentSchema=app,public,audit", '-csearch_path="app","public","audit"'),
+    ],
+)
+def test_jdbc_current_schema_becomes_the_search_path(query: str, path: str) -> None:
+    n = normalize_url(f"postgresql://u:pw@h:5432/db?{query}")
+    assert params(n.url) == BASE | {"options": path}
+
+
+def test_an_empty_current_schema_is_one_sentence() -> None:
+    with pytest.raises(ConfigError, match="currentSchema in DATABASE_URL has an empty schema"):
+        normalize_url("postgresql://u:pw@h:5432/db?currentSchema=app,")
 
 
 def test_prisma_schema_becomes_the_search_path_with_public_after_it() -> None:
@@ -123,7 +143,7 @@ def test_socket_hosts_and_multiple_hosts_pass_through() -> None:
     assert params(n.url)["host"] == "h1,h2"
 
 
-@pytest.mark.parametrize("name", ["foo", "sslmdoe", "currentSchema", "sslaccept"])
+@pytest.mark.parametrize("name", ["foo", "sslmdoe", "currentschema", "sslaccept"])
 def test_an_unknown_parameter_is_named_in_one_sentence(name: str) -> None:
     with pytest.raises(ConfigError) as info:
         normalize_url(f"postgresql://u:Secret9pw@h:5432/db?{name}=zzvalue")
@@ -201,3 +221,19 @@ def test_connection_limit_caps_the_writer_lanes(limit: int | None, wanted: int, 
     # too): write_concurrency - 1 writer lanes more, within the limit
     query = f"?connection_limit={limit}" if limit else ""
     assert Database(f"postgresql://u@h/db{query}").writer_lanes(wanted) == lanes
+
+
+def test_embedfill_database_url_wins_over_database_url() -> None:
+    """An app whose DATABASE_URL is its own role's gives embedfill another one without
+    touching it (a Django app exporting the least-privilege URL made manage.py itself
+    connect as that role)."""
+    from embedfill.db.connect import resolve_database, url_from_env
+
+    app = "postgresql://app_owner:pw@h:5432/db"
+    mine = "postgresql://embedfill_rw:pw@h:5432/db"
+    assert url_from_env({"DATABASE_URL": app, "EMBEDFILL_DATABASE_URL": mine}) == mine
+    assert url_from_env({"DATABASE_URL": app, "EMBEDFILL_DATABASE_URL": "  "}) == app
+    assert url_from_env({"DATABASE_URL": app}) == app
+    assert url_from_env({}) == ""
+    db = resolve_database({"DATABASE_URL": app, "EMBEDFILL_DATABASE_URL": mine})
+    assert "embedfill_rw" in db.url

@@ -89,6 +89,16 @@ class Database:
             )
 
 
+def url_from_env(env: Mapping[str, str]) -> str:
+    """``EMBEDFILL_DATABASE_URL``, else ``DATABASE_URL`` ("" when neither is set): an app
+    whose ``DATABASE_URL`` is its own role's gives embedfill its own without changing it."""
+    for name in ("EMBEDFILL_DATABASE_URL", "DATABASE_URL"):
+        url = (env.get(name) or "").strip()
+        if url:
+            return url
+    return ""
+
+
 def describe_url(url: str) -> str:
     try:
         info = pg_conninfo.conninfo_to_dict(url)
@@ -147,7 +157,7 @@ def resolve_database(
     backfills an empty demo database believing it is production.
     """
     env = os.environ if env is None else env
-    url = env.get("DATABASE_URL", "").strip()
+    url = url_from_env(env)
     if url and not force_embedded:
         return Database(url=url)
     data_dir = default_data_dir(env)

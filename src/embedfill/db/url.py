@@ -2,13 +2,15 @@
 
 Pure: ``normalize_url`` parses, checks and rewrites; it never connects. What it accepts:
 
-- ``postgresql://`` and ``postgres://``; SQLAlchemy's ``postgresql+DRIVER://`` (the
-  driver is dropped); libpq ``key=value`` strings pass through unchanged.
+- ``postgresql://`` and ``postgres://`` (and ``pgsql://``, ``postgis://``, as some
+  frameworks write them); SQLAlchemy's ``postgresql+DRIVER://`` (the driver is
+  dropped); libpq ``key=value`` strings pass through unchanged.
 - every libpq parameter (``sslmode``, ``options``, ``host``, ``application_name``, ...)
   passes through as written.
 - Prisma's ``schema=NAME`` becomes the search path ``"NAME",public`` (through libpq's
   ``options``): unqualified table names resolve in NAME as the app sees them, and
-  pgvector's ``vector`` type, usually installed in ``public``, still resolves.
+  pgvector's ``vector`` type, usually installed in ``public``, still resolves. JDBC's
+  ``currentSchema=A,B`` does the same for its list of schemas.
 - ``connection_limit=N`` caps each run at N connections (see ``Database.writers``).
 - ``pgbouncer=true`` (or ``statement_cache_size=0``) turns off server-side prepared
   statements, with a warning: a run holds a session advisory lock, which a pgbouncer in
@@ -37,6 +39,7 @@ from ..errors import ConfigError
 
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9.+-]*)://")
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_SCHEMES = ("postgresql", "postgres", "pgsql", "postgis")
 _LIBPQ_DOCS = "https://www.postgresql.org/docs/current/libpq-connect.html#LIBPQ-PARAMKEYWORDS"
 _SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -78,7 +81,7 @@ def normalize_url(raw: str) -> NormalizedUrl:
             raise _wrong_scheme()
         return _keyword_value(text)
     base = m.group(1).lower().partition("+")[0]
-    if base not in ("postgresql", "postgres"):
+    if base not in _SCHEMES:
         raise _wrong_scheme()
     rest = text[m.end() :]
     ends = [i for i in (rest.find("/"), rest.find("?")) if i >= 0]
@@ -105,7 +108,7 @@ def normalize_url(raw: str) -> NormalizedUrl:
 def _wrong_scheme() -> ConfigError:
     return ConfigError(
         "DATABASE_URL must be a PostgreSQL URL, postgresql://user:password@host:port/dbname "
-        "(postgres:// and postgresql+DRIVER:// work too); fix it."
+        "(postgres://, pgsql://, postgis:// and postgresql+DRIVER:// work too); fix it."
     )
 
 
@@ -172,7 +175,8 @@ def _decode(value: str, part: str) -> str:
 def _rewrite_query(query: str) -> tuple[list[str], bool, int | None, tuple[str, ...]]:
     """The query string for libpq, and what embedfill itself takes from it."""
     out: list[tuple[str, str]] = []
-    prepare, limit, schema = True, None, None
+    prepare, limit = True, None
+    schema: list[str] | None = None
     notes: list[str] = []
     for item in query.split("&") if query else []:
         if not item:
@@ -189,7 +193,15 @@ def _rewrite_query(query: str) -> tuple[list[str], bool, int | None, tuple[str, 
         elif key == "schema":
             if not value:
                 raise ConfigError("schema in DATABASE_URL is empty; name a schema or drop it.")
-            schema = value
+            schema = [value]
+        elif key == "currentSchema":  # JDBC's: a comma-separated list
+            names = [n.strip() for n in value.split(",")]
+            if not all(names):
+                raise ConfigError(
+                    "currentSchema in DATABASE_URL has an empty schema name; name the "
+                    "schemas, separated by commas, or drop it."
+                )
+            schema = names
         elif key == "connection_limit":
             limit = _positive_int(value, "connection_limit")
         elif key == "pgbouncer":
@@ -211,8 +223,8 @@ def _rewrite_query(query: str) -> tuple[list[str], bool, int | None, tuple[str, 
     return [f"{k}={v}" for k, v in out], prepare, limit, tuple(notes)
 
 
-def _with_search_path(params: list[tuple[str, str]], schema: str) -> list[tuple[str, str]]:
-    option = search_path_option(schema)
+def _with_search_path(params: list[tuple[str, str]], schemas: list[str]) -> list[tuple[str, str]]:
+    option = search_path_option(*schemas)
     for i, (key, raw) in enumerate(params):
         if key == "options":
             joined = f"{unquote(raw)} {option}".strip()
@@ -220,11 +232,14 @@ def _with_search_path(params: list[tuple[str, str]], schema: str) -> list[tuple[
     return [*params, ("options", quote(option, safe=""))]
 
 
-def search_path_option(schema: str) -> str:
-    """``-csearch_path="schema",public`` for libpq's options: the name double-quoted for
-    the server, spaces and backslashes escaped for the options parser."""
-    ident = '"' + schema.replace('"', '""') + '"'
-    value = ident if schema == "public" else f"{ident},public"
+def search_path_option(*schemas: str) -> str:
+    """``-csearch_path="schema",public`` for libpq's options: each name double-quoted for
+    the server, spaces and backslashes escaped for the options parser; ``public`` last
+    unless named (pgvector's types usually live there)."""
+    names = list(dict.fromkeys(schemas))
+    value = ",".join('"' + name.replace('"', '""') + '"' for name in names)
+    if "public" not in names:
+        value += ",public"
     return "-csearch_path=" + "".join("\\" + c if c.isspace() or c == "\\" else c for c in value)
 
 

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..application import BackfillOptions
 from ..config import Config, load_config
-from ..db.connect import Database
+from ..db.connect import Database, url_from_env
 from ..errors import ConfigError, EmbedfillError
 from ..models import Failure, Report, Sample, TenantReport
 from ..secrets import Secret
@@ -427,7 +427,7 @@ def create_app(
     (``embedfill.database(embedded=True)`` gives the bundled server explicitly)."""
     env = dict(os.environ if env is None else env)
     config = config or load_config(env.get("EMBEDFILL_CONFIG") or None)
-    url = env.get("DATABASE_URL", "").strip()
+    url = url_from_env(env)
     if database is None and not url:
         raise ConfigError(
             "No database: pass database=... or set DATABASE_URL "
