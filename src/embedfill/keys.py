@@ -67,6 +67,7 @@ class ResolvedKey:
     key: Secret | None
     source: KeySource
     error: str | None = None  # why the tenant cannot be embedded
+    fallback: bool = False  # the platform key, for a tenant whose own was looked for
 
 
 class KeyResolver:
@@ -124,7 +125,7 @@ class KeyResolver:
                     cur = await self.conn.execute(
                         self.target.tenant_key_sql.encode(), {"tenant": tenant}
                     )
-                    row = await cur.fetchone()
+                    rows = await cur.fetchmany(2)
                 except psycopg.Error as exc:
                     return ResolvedKey(
                         None,
@@ -132,6 +133,14 @@ class KeyResolver:
                         f"tenant_key_sql failed ({type(exc).__name__}); check the query "
                         "in the target's config.",
                     )
+                if len(rows) > 1:  # which key would be a guess: this tenant fails, says why
+                    return ResolvedKey(
+                        None,
+                        "none",
+                        f"tenant_key_sql returned several rows for tenant {tenant!r}; make it "
+                        "return one row (a unique key in its WHERE clause).",
+                    )
+                row = rows[0] if rows else None
                 value = "" if not row or row[0] is None else str(row[0]).strip()
                 if value:
                     return ResolvedKey(Secret(value), "tenant")
@@ -142,7 +151,10 @@ class KeyResolver:
                 )
         platform = self.platform_key()
         if platform is not None and (tenant is None or self.target.allow_platform_fallback):
-            return ResolvedKey(platform, "platform")
+            # a tenant's own key was looked for (tenant_key_sql, or a stored one that is
+            # empty) and not found: the platform pays, which its owner may not have meant
+            looked = tenant is not None and bool(self.target.tenant_key_sql or notes)
+            return ResolvedKey(platform, "platform", fallback=looked)
         detail = f" ({'; '.join(notes)})" if notes else ""
         if tenant is not None and not self.target.allow_platform_fallback:
             why = (

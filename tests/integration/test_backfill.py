@@ -74,6 +74,39 @@ def test_each_tenant_pays_with_its_own_key_or_the_platform_key(
     assert {tenant_of[t] for t in by_key[PLATFORM]} == {"org-b", "org-c"}
     sources = {t.tenant: t.key_source for t in report.tenants}
     assert sources == {"org-a": "tenant", "org-b": "platform", "org-c": "platform"}
+    # the platform's owner pays for org-b and org-c: the report says so, once each
+    billed = [w for w in report.warnings if "billed to the platform key" in w]
+    assert len(billed) == 2 and all("TEST_PLATFORM_KEY" in w for w in billed)
+    assert any("'org-b'" in w for w in billed) and any("'org-c'" in w for w in billed)
+    assert not any("'org-a'" in w for w in billed)
+    assert PLATFORM not in " ".join(report.warnings)
+
+
+def test_a_tenant_key_sql_that_returns_several_rows_fails_that_tenant_and_says_why(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """Which of two keys to bill is not embedfill's guess (it used to take the first)."""
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute("CREATE TABLE app.org_keys (org text, api_key text)")
+        conn.execute(
+            "INSERT INTO app.org_keys VALUES ('org-a', 'sk-tenant-a-one-1111'),"
+            " ('org-a', 'sk-tenant-a-two-2222'), ('org-b', 'sk-tenant-b-bbbbbbbb')"
+        )
+    config = tickets_config(
+        fake_openai.base_url,
+        tenant_key_sql="select api_key from app.org_keys where org = %(tenant)s",
+        allow_platform_fallback=False,
+    )
+    report = run(tickets, config)
+
+    by_tenant = {t.tenant: t for t in report.tenants}
+    assert by_tenant["org-a"].embedded == 0 and by_tenant["org-a"].failed == 15
+    assert "tenant_key_sql returned several rows for tenant 'org-a'" in (
+        by_tenant["org-a"].error or ""
+    )
+    assert by_tenant["org-b"].embedded == 15
+    keys = set(fake_openai.texts_by_key())
+    assert not keys & {"sk-tenant-a-one-1111", "sk-tenant-a-two-2222"}
 
 
 def test_dry_run_writes_nothing_and_estimates(tickets: str, fake_openai: FakeOpenAI) -> None:

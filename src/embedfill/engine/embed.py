@@ -68,6 +68,7 @@ class EmbedStage(TallyStage):
         tenant = self._tenant(batch.tenant)
         resolved = await self.client.key(batch.tenant)
         tenant.key_source = resolved.source
+        self._note_key_source(batch.tenant, resolved)
         if resolved.error and batch.tenant not in self.dead_tenants:
             self.dead_tenants[batch.tenant] = resolved.error
             log.warning(

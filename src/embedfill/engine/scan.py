@@ -201,6 +201,7 @@ class ScanStage(TallyStage):
         for t in self.report.tenants:
             resolved = await self.client.key(t.tenant)
             t.key_source = resolved.source
+            self._note_key_source(t.tenant, resolved)
             t.error = resolved.error
             if resolved.error:  # every row it would send fails, as in a real run
                 t.would_fail = t.missing - t.skipped

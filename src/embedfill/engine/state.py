@@ -33,7 +33,7 @@ from ..db.target_sql import TargetSQL
 from ..embedding import Client
 from ..errors import EmbedfillError, ProviderError, RunAborted
 from ..freshness import UNKNOWN, ProvenanceIds, model_identity, provenance_ids
-from ..keys import KeyResolver
+from ..keys import KeyResolver, ResolvedKey
 from ..models import Failure, Report, Row, TenantReport
 from ..planning import BoundedCache
 from ..providers import Provider, Vector
@@ -56,6 +56,9 @@ ProgressCallback = Callable[[Report], None]
 abandon_requests: ContextVar[asyncio.Event | None] = ContextVar("abandon_requests", default=None)
 # how long a process that was asked to stop gives its provider requests in flight
 ABANDON_AFTER_S = 4.0
+
+
+NAMED_FALLBACKS = 10  # tenants billed to the platform key named one by one in warnings
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,7 @@ class RunState:
         self._abandoning = False
         self.halted: EmbedfillError | None = None  # why the run stops early, if it does
         self._flushing = asyncio.Lock()
+        self._fell_back: set[str | None] = set()  # tenants billed to the platform key
         self.closed = False  # a session that ended takes no chunk
         self.closed_by: Exception | None = None
         # the provider as every caller uses it (verify too): keys, the shared limits,
@@ -247,6 +251,28 @@ class RunState:
             on_abandon=self._abandon_now,
             count_tokens=lambda text: self._counter.count(text),
         )
+
+    def _note_key_source(self, tenant: str | None, resolved: ResolvedKey) -> None:
+        """A tenant billed to the platform key by fallback (its own key was looked for and
+        not found) is named in the warnings, once; past ``NAMED_FALLBACKS`` tenants, one
+        sentence more says there are others (each tenant's ``key_source`` names them)."""
+        if not resolved.fallback or tenant in self._fell_back:
+            return
+        self._fell_back.add(tenant)
+        if len(self._fell_back) > NAMED_FALLBACKS:
+            warning = (
+                f"More than {NAMED_FALLBACKS} tenants have no API key of their own and are "
+                f"billed to the platform key ({self.pconf.api_key_env}); see each tenant's "
+                "key_source."
+            )
+        else:
+            warning = (
+                f"Tenant {tenant!r} has no API key of its own; its rows are billed to the "
+                f"platform key ({self.pconf.api_key_env}). Store one with `embedfill keys "
+                "set`, or set allow_platform_fallback = false to leave its rows NULL instead."
+            )
+        if warning not in self.report.warnings:
+            self.report.warnings.append(warning)
 
     def _tenant(self, tenant: str | None) -> TenantReport:
         """The tenant's report, from an index (Report.tenant scans a list)."""
