@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 
 from . import freshness, jobs
+from . import keys as keymod
 from .config import Config, TargetConfig
 from .db import indexes, triggers
 from .db.catalog import TableInfo, count_missing, count_outdated, inspect_target, target_status
@@ -396,6 +397,7 @@ async def cancel_job(db: Database, job_id: int) -> dict[str, Any]:
 
 async def put_key(db: Database, tenant: str, ciphertext: bytes, key_hint: str) -> None:
     """Store a tenant's key, encrypted (keys.encrypt) by the caller."""
+    keymod.check_tenant_id(tenant)
     async with open_store(db) as store:
         await store.put_key(tenant, ciphertext, key_hint)
 

@@ -811,6 +811,7 @@ def keys_set(
     """Store a tenant's API key, read from stdin (never from the command line)."""
     state = _state(ctx)
     with _errors(state):
+        keymod.check_tenant_id(tenant)  # before the key is asked for
         if sys.stdin.isatty():
             key = getpass.getpass(f"API key for tenant {tenant}: ")
         else:

@@ -18,7 +18,7 @@ from cryptography.fernet import Fernet, InvalidToken
 
 from .config import ProviderConfig, TargetConfig
 from .db.store import Store
-from .errors import KeyStoreError
+from .errors import KeyStoreError, UsageError
 from .models import KeySource
 from .secrets import Secret
 
@@ -56,6 +56,28 @@ def decrypt(token: bytes, env: Mapping[str, str]) -> Secret:
             f"A stored key cannot be decrypted with this {MASTER_KEY_ENV}; use the master "
             "key the keys were stored with, or store the tenant's key again."
         ) from None
+
+
+MAX_TENANT_CHARS = 512  # a stored key's tenant id (the key store's primary key)
+
+
+def check_tenant_id(tenant: str) -> str:
+    """The tenant id as given, or a UsageError in one sentence: empty, blank, over
+    ``MAX_TENANT_CHARS`` or holding a NUL byte (PostgreSQL stores none) never matches a
+    tenant column, and would only store a key nobody uses."""
+    if not tenant.strip():
+        raise UsageError(
+            "The tenant id is empty; pass the tenant's id as its rows hold it in the tenant "
+            "column, e.g. --tenant acme."
+        )
+    if len(tenant) > MAX_TENANT_CHARS:
+        raise UsageError(
+            f"The tenant id is {len(tenant):,} characters long, over the "
+            f"{MAX_TENANT_CHARS} a stored key allows; pass the id as the tenant column holds it."
+        )
+    if "\x00" in tenant:
+        raise UsageError("The tenant id holds a NUL character, which PostgreSQL cannot store.")
+    return tenant
 
 
 def key_hint(key: str) -> str:

@@ -128,6 +128,30 @@ def test_keys_need_a_master_key_and_stdin(tickets: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("tenant", "message"),
+    [
+        ("", "The tenant id is empty"),
+        ("   ", "The tenant id is empty"),
+        ("x" * 513, "The tenant id is 513 characters long, over the 512"),
+    ],
+)
+def test_an_empty_or_over_long_tenant_id_in_keys_set_is_one_sentence(
+    tickets: str, tenant: str, message: str
+) -> None:
+    """Before: an empty tenant stored a key nobody would ever use, and an over-long one
+    was stored as given (past about 2,700 bytes, PostgreSQL's index-size error)."""
+    env = cli_env(tickets)
+    env["EMBEDFILL_MASTER_KEY"] = embedfill("keys", "new-master-key", env=env).stdout.strip()
+    result = embedfill("keys", "set", "--tenant", tenant, env=env, stdin="sk-abc-secret-999\n")
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and lines[0].endswith(".")
+    assert "sk-abc-secret-999" not in result.stdout + result.stderr
+    listed = embedfill("keys", "list", "--json", env=env)
+    assert json.loads(listed.stdout) == {"keys": []}
+
+
+@pytest.mark.parametrize(
     ("extra", "message"),
     [
         ("\n[engine]\nwrite_concurency = 2\n", "Unknown key 'write_concurency' in [engine]"),
