@@ -8,6 +8,7 @@ import getpass
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -342,10 +343,11 @@ def backfill(
         db = state.database()
         if defer_index and not dry_run:
             _confirm_defer_index(config, db, opts, yes=yes)
-        if refresh and not dry_run:  # said before it starts (the report says it again)
-            warning = asyncio.run(arefresh_warning(config, db, opts))
-            if warning is not None:
-                err.print(f"embedfill: warning: {warning}", style="yellow", markup=False)
+        said: str | None = None  # the refresh's warning, said before it starts: once
+        if refresh and not dry_run:
+            said = asyncio.run(arefresh_warning(config, db, opts))
+            if said is not None:
+                err.print(f"embedfill: warning: {said}", style="yellow", markup=False)
         if enqueue and not dry_run:
             report = asyncio.run(abackfill(config, db, opts, exclusive=exclusive, enqueue=True))
             _print_enqueued(report, as_json=as_json)
@@ -367,12 +369,20 @@ def backfill(
     if report.joined:
         err.print(f"embedfill: joined job {report.run_id}, already running for this target.")
     for warning in report.warnings:
+        if said is not None and _same_sentence(warning, said):
+            continue  # the report keeps it (JSON, library); the terminal had it already
         err.print(f"embedfill: warning: {warning}", style="yellow", markup=False)
     if as_json:
         print(json.dumps(report.to_dict(), default=str))
     else:
         report_table(out, report)
     raise typer.Exit(backfill_exit_code(report))
+
+
+def _same_sentence(a: str, b: str) -> bool:
+    """The same warning, whatever count it gave (the rows it counts may change between
+    the word before the start and the job's own)."""
+    return re.sub(r"[\d,]+", "#", a) == re.sub(r"[\d,]+", "#", b)
 
 
 def _print_enqueued(report: Report, *, as_json: bool) -> None:
