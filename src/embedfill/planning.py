@@ -13,6 +13,11 @@ from .models import Batch, Row
 
 V = TypeVar("V")
 
+#: far more characters than a token of real text holds (3 to 5): a text is never
+#: tokenized beyond ``max_tokens`` times this many characters (see prepare_text). Only
+#: text made of long runs of one character could have fitted more whole.
+CHARS_PER_TOKEN = 32
+
 
 def prepare_text(
     text: str,
@@ -21,12 +26,21 @@ def prepare_text(
     truncate: Callable[[str, int], str],
     max_tokens: int,
 ) -> tuple[str, int, bool] | None:
-    """Return (text to send, its tokens, whether it was cut) or None for blank text."""
+    """Return (text to send, its tokens, whether it was cut) or None for blank text.
+
+    A text longer than ``CHARS_PER_TOKEN`` characters per token allowed is cut to that
+    many characters before any tokenizer sees it: a tokenizer holds about fifty times
+    the text it is given, and 10 MB of text would cost 500 MB for the 8,191 tokens
+    that are sent of it."""
     if not text.strip():
         return None
+    cap = max_tokens * CHARS_PER_TOKEN
+    clipped = len(text) > cap
+    if clipped:
+        text = text[:cap]
     tokens = count(text)
     if tokens <= max_tokens:
-        return text, tokens, False
+        return text, tokens, clipped
     cut = truncate(text, max_tokens)
     return cut, min(count(cut), max_tokens), True
 

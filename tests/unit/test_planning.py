@@ -105,3 +105,34 @@ def test_budget_key_is_one_way_and_scoped() -> None:
     assert a == budget_key("openai||m", Secret("sk-secret-aaaaaaaa"))
     assert a != budget_key("openai||other-model", Secret("sk-secret-aaaaaaaa"))
     assert a != budget_key("openai||m", Secret("sk-secret-bbbbbbbb"))
+
+
+def test_a_huge_text_is_cut_before_the_tokenizer_sees_it() -> None:
+    """A 10 MB text in one row: the tokenizer is handed at most max_tokens x 32
+    characters of it (it held ~50x the whole text before), with the real tokenizer."""
+    import tracemalloc
+
+    from embedfill.planning import CHARS_PER_TOKEN
+    from embedfill.tokens import openai_counter
+
+    counter = openai_counter()
+    seen: list[int] = []
+
+    def count(text: str) -> int:
+        seen.append(len(text))
+        return counter.count(text)
+
+    def truncate(text: str, max_tokens: int) -> str:
+        seen.append(len(text))
+        return counter.truncate(text, max_tokens)
+
+    huge = "lorem ipsum dolor sit amet " * 400_000  # 10.8 MB
+    tracemalloc.start()
+    prepared = prepare_text(huge, count=count, truncate=truncate, max_tokens=8191)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert prepared is not None
+    text, tokens, cut = prepared
+    assert cut and tokens == 8191 and huge.startswith(text)
+    assert max(seen) <= 8191 * CHARS_PER_TOKEN
+    assert peak < 60 * 1024 * 1024, peak  # the whole text through the tokenizer: ~500 MB
