@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 
 import psycopg
@@ -59,18 +60,23 @@ def _config(base_url: str, n: int) -> Config:
     )
 
 
-def _missing(db_url: str, n: int) -> int:
+def _missing(db_url: str, tables: Iterable[int]) -> int:
+    """NULL rows left in these ``app.notes_<i>`` tables."""
     with psycopg.connect(db_url) as conn:
         return sum(
             conn.execute(f"SELECT count(*) FROM app.notes_{i} WHERE emb IS NULL").fetchone()[0]  # type: ignore[index]
-            for i in range(n)
+            for i in tables
         )
 
 
-def _missing_in(db_url: str, i: int) -> int:
-    with psycopg.connect(db_url) as conn:
-        row = conn.execute(f"SELECT count(*) FROM app.notes_{i} WHERE emb IS NULL").fetchone()
-        return int(row[0]) if row else 0
+def _filled(db_url: str, tables: Iterable[int], within_s: float) -> bool:
+    """Whether these tables have no NULL row left within ``within_s`` (polled; from a
+    test's event loop, through asyncio.to_thread)."""
+    tables = list(tables)
+    deadline = time.monotonic() + within_s
+    while _missing(db_url, tables) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _missing(db_url, tables) == 0
 
 
 class Sampler:
@@ -132,9 +138,7 @@ def test_a_worker_on_four_jobs_at_once_holds_three_connections(
         worker = Worker(config, Database(url), env=ENV, concurrency=n)
         task = asyncio.create_task(worker.run(stop))
         try:
-            deadline = time.monotonic() + 60
-            while _missing(db_url, n) and time.monotonic() < deadline:
-                await asyncio.sleep(0.2)
+            await asyncio.to_thread(_filled, db_url, range(n), 60)
             assert len(worker.sessions) >= 2  # it served several jobs at once
         finally:
             stop.set()
@@ -143,7 +147,7 @@ def test_a_worker_on_four_jobs_at_once_holds_three_connections(
         assert most <= 3, f"one worker process held {most} connections"
 
     asyncio.run(go())
-    assert _missing(db_url, n) == 0
+    assert _missing(db_url, range(n)) == 0
 
 
 def test_a_watch_over_twelve_targets_holds_four_connections(
@@ -156,16 +160,10 @@ def test_a_watch_over_twelve_targets_holds_four_connections(
     sampler = Sampler(db_url, name)
     running = Running(roles.url(name), _config(fake_openai.base_url, n), interval_s=0.5)
     try:
-        deadline = time.monotonic() + 60
-        while _missing(db_url, n) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _missing(db_url, n) == 0
+        assert _filled(db_url, range(n), 60)
         with psycopg.connect(db_url) as conn:  # new rows are still noticed
             conn.execute("INSERT INTO app.notes_7 VALUES (1000, 'a late note', NULL)")
-        deadline = time.monotonic() + 20
-        while _missing(db_url, n) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _missing(db_url, n) == 0
+        assert _filled(db_url, range(n), 20)
         assert sum(1 for w in running.watches if w.job_id) == n  # each target led
     finally:
         running.stop()
@@ -231,9 +229,6 @@ def test_a_table_the_app_holds_locked_does_not_hold_up_another_targets_job(
     config = replace(config, engine=replace(config.engine, lock_timeout_ms=300))
     fake_openai.latency = 0.02
 
-    def missing(i: int) -> int:
-        return _missing_in(db_url, i)
-
     async def go() -> None:
         for i in range(2):
             await abackfill(
@@ -245,18 +240,14 @@ def test_a_table_the_app_holds_locked_does_not_hold_up_another_targets_job(
             worker = Worker(config, Database(url), env=ENV, concurrency=2)
             task = asyncio.create_task(worker.run(stop))
             try:
-                deadline = time.monotonic() + 30
-                while missing(1) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.2)
-                assert missing(1) == 0, "the second target waited for the first one's lock"
+                filled = await asyncio.to_thread(_filled, db_url, [1], 30)
+                assert filled, "the second target waited for the first one's lock"
                 app.rollback()  # the migration ends
-                deadline = time.monotonic() + 30
-                while missing(0) and time.monotonic() < deadline:
-                    await asyncio.sleep(0.2)
+                await asyncio.to_thread(_filled, db_url, [0], 30)
             finally:
                 stop.set()
                 await task
-        assert missing(0) == 0
+        assert _missing(db_url, [0]) == 0
 
     asyncio.run(go())
 
@@ -269,25 +260,16 @@ def test_a_watch_goes_on_for_the_other_targets_while_one_table_is_locked(
     _tables(db_url, 2)
     running = Running(db_url, _config(fake_openai.base_url, 2), interval_s=0.5)
     try:
-        deadline = time.monotonic() + 30
-        while _missing(db_url, 2) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _missing(db_url, 2) == 0
+        assert _filled(db_url, range(2), 30)
         with psycopg.connect(db_url) as app:
             app.execute("LOCK TABLE app.notes_0 IN ACCESS EXCLUSIVE MODE")
             time.sleep(1.5)  # a poll of notes_0 is queued behind the lock by now
             with psycopg.connect(db_url, autocommit=True) as other:
                 other.execute("INSERT INTO app.notes_1 VALUES (1000, 'a late note', NULL)")
-            deadline = time.monotonic() + 15
-            while _missing_in(db_url, 1) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert _missing_in(db_url, 1) == 0, "notes_1's new row waited for notes_0's lock"
+            assert _filled(db_url, [1], 15), "notes_1's new row waited for notes_0's lock"
             app.rollback()
         with psycopg.connect(db_url, autocommit=True) as other:
             other.execute("INSERT INTO app.notes_0 VALUES (1000, 'after the migration', NULL)")
-        deadline = time.monotonic() + 15
-        while _missing(db_url, 2) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _missing(db_url, 2) == 0
+        assert _filled(db_url, range(2), 15)
     finally:
         running.stop()
