@@ -23,8 +23,10 @@ $(VENV)/.installed-dev: $(BIN)/python pyproject.toml requirements.lock
 demo: $(VENV)/.installed
 	$(BIN)/embedfill demo
 
+# Two at a time (each xdist worker starts its own PostgreSQL): most tests wait on
+# PostgreSQL, a provider or a child process, so two fit on two cores.
 test: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 # The fast tier, for a contributor's loop: unit and integration tests, without the
 # end-to-end ones (real subprocesses, seconds of waiting each), the local model's and

@@ -23,7 +23,8 @@ from tests.support.fake_openai import FakeOpenAI
 from tests.support.roles import Roles
 from tests.support.tables import make_tickets
 
-TEMPLATE = "embedfill_test_template"
+# one template per xdist worker: with DATABASE_URL, workers share one server
+TEMPLATE = f"embedfill_test_template_{os.environ.get('PYTEST_XDIST_WORKER', 'main')}"
 _counter = itertools.count()
 
 
