@@ -31,7 +31,6 @@ from .db.connect import Database, connect
 from .db.lanes import Lane
 from .db.schema import amigrate, ensure_schema
 from .db.store import KeyInfo, Store
-from .db.target_sql import TargetSQL
 from .engine import BackfillOptions, Hooks, Observer, ProgressCallback, Run
 from .engine.prepare import prepare
 from .errors import (
@@ -187,7 +186,7 @@ async def _job(
             worker, run_id, cancel=hooks.cancel, on_progress=hooks.on_progress
         )
     report.joined = joined
-    if TargetSQL(target, info.types).integer_ids:  # the audit table keeps ids as text
+    if info.sql(target).integer_ids:  # the audit table keeps ids as text
         report.failures = [dataclasses.replace(f, id=int(f.id)) for f in report.failures]
     assert state is not None
     error = jobs.error_of(state)
@@ -210,7 +209,7 @@ async def arefresh_warning(config: Config, db: Database, opts: BackfillOptions) 
         ids = await freshness.provenance_ids(
             conn, info, target.embedding_column, model, create=False
         )
-        tsql = TargetSQL(target, info.types)
+        tsql = info.sql(target)
         _, outdated = await count_outdated(conn, tsql, list(opts.tenants) or None, ids.params())
         return freshness.mixing_warning(target.name, outdated) if outdated else None
     finally:
@@ -227,7 +226,7 @@ async def adefer_index_plan(config: Config, db: Database, opts: BackfillOptions)
         found = await indexes.vector_indexes(conn, info.oid, target.embedding_column)
         if not found:
             return None
-        missing = await count_missing(conn, TargetSQL(target, info.types), list(opts.tenants))
+        missing = await count_missing(conn, info.sql(target), list(opts.tenants))
         return indexes.plan_message(found, str(target.table), min(missing, opts.limit or missing))
     finally:
         await conn.close()
@@ -269,7 +268,7 @@ async def missing_counts(config: Config, db: Database) -> dict[str, int]:
             pconf = config.provider_for(target)
             try:
                 info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
-                missing = await count_missing(conn, TargetSQL(target, info.types), None)
+                missing = await count_missing(conn, info.sql(target), None)
             except (EmbedfillError, psycopg.Error):
                 continue
             counts[target.name] = missing
@@ -496,7 +495,7 @@ async def atriggers(
     conn = await connect(db)
     try:
         info = await inspect_target(conn, t, pconf.expected_dimensions, pconf.label)
-        tsql = TargetSQL(t, info.types)
+        tsql = info.sql(t)
         if install and not print_sql:
             await ensure_schema(conn)  # the queue table is the schema's
         store = Store(conn)

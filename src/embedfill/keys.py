@@ -17,6 +17,7 @@ import psycopg
 from cryptography.fernet import Fernet, InvalidToken
 
 from .config import ProviderConfig, TargetConfig
+from .db.connect import user_search_path
 from .db.store import Store
 from .errors import KeyStoreError, UsageError
 from .models import KeySource
@@ -144,10 +145,13 @@ class KeyResolver:
                     notes.append("its stored key is empty")
             if self.target.tenant_key_sql:
                 try:
-                    cur = await self.conn.execute(
-                        self.target.tenant_key_sql.encode(), {"tenant": tenant}
-                    )
-                    rows = await cur.fetchmany(2)
+                    # the user's own query: their tables and functions, as the app names
+                    # them (the connection's own search_path, not embedfill's pinned one)
+                    async with user_search_path(self.conn):
+                        cur = await self.conn.execute(
+                            self.target.tenant_key_sql.encode(), {"tenant": tenant}
+                        )
+                        rows = await cur.fetchmany(2)
                 except psycopg.Error as exc:
                     return ResolvedKey(
                         None,

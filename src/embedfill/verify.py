@@ -46,7 +46,6 @@ from .concurrency import Concurrency
 from .config import ProviderConfig, TargetConfig, text_renderer
 from .db.catalog import TableInfo, table_pages
 from .db.store import Store
-from .db.target_sql import TargetSQL
 from .embedding import Client
 from .errors import (
     AuthFailed,
@@ -297,7 +296,7 @@ class Verifier:
     ) -> None:
         self.conn, self.target, self.pconf, self.info = conn, target, pconf, info
         self.provider = provider
-        self.sql = TargetSQL(target, info.types)
+        self.sql = info.sql(target)
         store = Store(conn)
         self.keys = KeyResolver(store, conn, target, pconf, provider.needs_key, env)
         self.limits: SharedLimits | None = None

@@ -284,7 +284,7 @@ class TargetWatch:
         queue: str,
         stop: asyncio.Event,
     ) -> None:
-        tsql = TargetSQL(self.target, info.types)
+        tsql = info.sql(self.target)
         missing = _Walk(self.opts.interval_s)
         outdated = _Walk(self.opts.sweep_interval_s)  # due now: changes made while away
         changed = self._hub.changes(ids.column_id)

@@ -13,6 +13,7 @@ from ..config import TargetConfig
 from ..errors import ConfigError, ExtensionMissing, SchemaMismatch
 from ..errors import first_line as _first_line
 from ..models import TargetStatus, TenantStatus
+from .connect import user_search_path
 from .indexes import vector_indexes
 from .target_sql import ColumnTypes, TargetSQL
 
@@ -66,9 +67,34 @@ SELECT (SELECT extversion FROM pg_extension WHERE extname = 'vector'),
 @dataclass(frozen=True)
 class TableInfo:
     oid: int
+    schema: str  # the table's schema, as resolved (``resolve_table``)
     types: ColumnTypes
     dimensions: int | None  # the column's declared size, None for a bare `vector`
     vector_index: str | None
+
+    def sql(self, target: TargetConfig) -> TargetSQL:
+        """The statements on the target's table, as this database has it."""
+        return TargetSQL(target, self.types, self.schema)
+
+
+_SQL_TYPES = """
+SELECT pg_catalog.format_type(a.atttypid, a.atttypmod), pg_catalog.format_type(e.atttypid, NULL)
+FROM pg_catalog.pg_attribute a, pg_catalog.pg_attribute e
+WHERE a.attrelid = %(rel)s AND a.attname = %(id)s AND e.attrelid = %(rel)s
+  AND e.attname = %(emb)s"""
+
+
+async def _sql_types(
+    conn: psycopg.AsyncConnection[Any], oid: int, target: TargetConfig
+) -> ColumnTypes:
+    """The id and vector columns' types as statements name them: qualified wherever
+    pg_catalog's search_path does not see them (``public.vector``)."""
+    cur = await conn.execute(
+        _SQL_TYPES, {"rel": oid, "id": target.id_column, "emb": target.embedding_column}
+    )
+    row = await cur.fetchone()
+    assert row is not None, "the columns were found above"
+    return ColumnTypes(id_type=str(row[0]), vector_type=str(row[1]))
 
 
 async def check_extension(conn: psycopg.AsyncConnection[Any]) -> str:
@@ -90,6 +116,30 @@ async def check_extension(conn: psycopg.AsyncConnection[Any]) -> str:
     )
 
 
+_RESOLVE = """
+SELECT c.oid, n.nspname FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = pg_catalog.to_regclass(%(name)s)"""
+
+
+async def resolve_table(
+    conn: psycopg.AsyncConnection[Any], target: TargetConfig
+) -> tuple[int, str]:
+    """The target's table (oid and schema), its name resolved as the app resolves it:
+    with the search_path the connection came with (an unqualified name, a URL's
+    ``currentSchema``). Every statement after names it qualified."""
+    name = TargetSQL(target).table.as_string(conn)
+    async with user_search_path(conn):
+        cur = await conn.execute(_RESOLVE, {"name": name})
+        row = await cur.fetchone()
+    if not row:
+        raise SchemaMismatch(
+            f"Table {target.table} of target {target.name!r} does not exist in this database; "
+            "check `table` in the config (schema.table, case-sensitive) and DATABASE_URL."
+        )
+    return int(row[0]), str(row[1])
+
+
 async def inspect_target(
     conn: psycopg.AsyncConnection[Any],
     target: TargetConfig,
@@ -101,17 +151,13 @@ async def inspect_target(
     """Raise a one-sentence ConfigError for anything that would make the backfill fail
     (``write``: the run will write the embedding column, not only read)."""
     await check_extension(conn)
-    name = TargetSQL(target).table.as_string(conn)
-    cur = await conn.execute("SELECT to_regclass(%(name)s)::oid", {"name": name})
-    row = await cur.fetchone()
-    if not row or row[0] is None:
-        raise SchemaMismatch(
-            f"Table {target.table} of target {target.name!r} does not exist in this database; "
-            "check `table` in the config (schema.table, case-sensitive) and DATABASE_URL."
-        )
-    oid = int(row[0])
-    cur = await conn.execute(_COLUMNS, {"rel": oid})
-    rows = await cur.fetchall()
+    oid, schema = await resolve_table(conn, target)
+    tsql = TargetSQL(target, schema=schema)
+    # type names as the user reads them (``vector(8)``, not ``public.vector(8)``), for
+    # messages; the statements use qualified ones (``_sql_types``)
+    async with user_search_path(conn):
+        cur = await conn.execute(_COLUMNS, {"rel": oid})
+        rows = await cur.fetchall()
     columns = {r[0]: (r[1], r[2], r[3]) for r in rows}
     shown = {r[0]: (str(r[4]), int(r[5])) for r in rows}
 
@@ -126,8 +172,8 @@ async def inspect_target(
                 f"Column {col!r} ({role} of target {target.name!r}) does not exist in "
                 f"{target.table}; its columns are: {known}."
             )
-    await _check_privileges(conn, target, oid, [c for _, c in wanted], write=write)
-    await _check_id(conn, target, oid, columns[target.id_column])
+    await _check_privileges(conn, target, tsql, oid, [c for _, c in wanted], write=write)
+    await _check_id(conn, target, tsql, oid, columns[target.id_column])
     for col in target.text_columns:
         type_shown, type_oid = shown[col]
         if not (await _type_text(conn, type_oid))[1]:
@@ -139,7 +185,7 @@ async def inspect_target(
                 f"(e.g. {hint})."
             )
     if target.text_sql is not None:
-        await _check_text_sql(conn, target)
+        await _check_text_sql(conn, target, tsql)
     emb_type, emb_typname, typmod = columns[target.embedding_column]
     if emb_typname != "vector":
         raise SchemaMismatch(
@@ -157,9 +203,10 @@ async def inspect_target(
     found = await vector_indexes(conn, oid, target.embedding_column)
     return TableInfo(
         oid=oid,
+        schema=schema,
         # the id type with its modifier: bare `character` is char(1), and ids cast to it
         # lose all but their first character (so `= ANY` matches none of them)
-        types=ColumnTypes(id_type=shown[target.id_column][0], vector_type=emb_type),
+        types=await _sql_types(conn, oid, target),
         dimensions=dims or provider_dims,
         vector_index=f"{found[0].name} ({found[0].method})" if found else None,
     )
@@ -168,6 +215,7 @@ async def inspect_target(
 async def _check_privileges(
     conn: psycopg.AsyncConnection[Any],
     target: TargetConfig,
+    tsql: TargetSQL,
     oid: int,
     columns: list[str],
     *,
@@ -185,7 +233,7 @@ async def _check_privileges(
         if row is not None:
             role, column = row
             grant = sql.SQL("GRANT SELECT, UPDATE ON {} TO {}").format(
-                TargetSQL(target).table, sql.Identifier(role)
+                tsql.table, sql.Identifier(role)
             )
             raise SchemaMismatch(
                 f"Role {role} may not {priv} column {column!r} of {target.table}; grant it as "
@@ -196,6 +244,7 @@ async def _check_privileges(
 async def _check_id(
     conn: psycopg.AsyncConnection[Any],
     target: TargetConfig,
+    q: TargetSQL,
     oid: int,
     column: tuple[str, str, int],
 ) -> None:
@@ -215,7 +264,6 @@ async def _check_id(
             "index, so an id may name several rows; point id_column at the primary key, or "
             f"add a unique index on {target.id_column!r}."
         )
-    q = TargetSQL(target)
     # a unique index allows NULLs: such a row can be read but never written back, so it
     # would be paid for on every run and reported as changed by the app
     cur = await conn.execute(
@@ -260,13 +308,27 @@ def _sql_name(column: str) -> str:
     return '"' + column.replace('"', '""') + '"'
 
 
-async def _check_text_sql(conn: psycopg.AsyncConnection[Any], target: TargetConfig) -> None:
+async def _check_text_sql(
+    conn: psycopg.AsyncConnection[Any], target: TargetConfig, tsql: TargetSQL
+) -> None:
     """Plan the expression on the live table (reads no row): a typo is a config error
     naming the option, and so is an expression whose value has no text."""
     where = f"The text_sql of target {target.name!r}"
     try:
-        cur = await conn.execute(TargetSQL(target).check_text_sql(), {"zero": 0})
+        cur = await conn.execute(tsql.check_text_sql(), {"zero": 0})
     except psycopg.Error as exc:
+        if isinstance(
+            exc,
+            psycopg.errors.UndefinedFunction
+            | psycopg.errors.UndefinedTable
+            | psycopg.errors.UndefinedObject,
+        ):
+            # the expression runs with pg_catalog alone on the search_path (db.connect)
+            raise ConfigError(
+                f"{where} does not work on {target.table} ({_first_line(exc)}); name your "
+                "own functions, types and tables with their schema (e.g. app.summary(body)): "
+                "text_sql runs with search_path = pg_catalog."
+            ) from exc
         raise ConfigError(
             f"{where} does not work on {target.table} ({_first_line(exc)}); fix the "
             "expression: SQL over the table's columns, e.g. title || ' ' || body."
@@ -289,7 +351,7 @@ async def target_status(
     """Rows, missing, unverified, outdated_model and stale, per tenant. ``provenance``:
     the ``column_id`` and ``model_id`` parameters (freshness.py), None when embedfill's
     schema has no provenance yet (every vector is unverified)."""
-    q = TargetSQL(target, info.types)
+    q = info.sql(target)
     cur = await conn.execute(q.status_by_tenant(provenance is not None), provenance or {})
     rows = await cur.fetchall()
     tenants = tuple(
@@ -344,7 +406,7 @@ async def poll_index_hint(
     row = await cur.fetchone()
     if row is None or row[1] or float(row[0]) < POLL_INDEX_ROWS:
         return None
-    q = TargetSQL(target, info.types)
+    q = info.sql(target)
     index = q.poll_index().as_string(conn)
     return (
         f"{target.table} has about {int(row[0]):,} rows and no partial index on "

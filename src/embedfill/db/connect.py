@@ -10,10 +10,12 @@ carries the password.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,8 +172,10 @@ def resolve_database(
 async def connect(
     db: Database, *, writer: tuple[int, int] | None = None
 ) -> psycopg.AsyncConnection[Any]:
-    """An autocommit connection with pgvector's types registered (when installed), and
-    the settings that shape values' text pinned (``queries.PIN_TEXT_SETTINGS``).
+    """An autocommit connection with pgvector's types registered (when installed), its
+    search_path pinned to ``pg_catalog`` (``queries.PIN_SEARCH_PATH``: the user's names go
+    through ``user_search_path``) and the settings that shape values' text pinned
+    (``queries.PIN_TEXT_SETTINGS``).
 
     ``writer=(k, n)`` says this is a run's k-th of n writer connections, so a server
     without a free connection gets a message that names the setting to lower.
@@ -195,12 +199,40 @@ async def connect(
         # has exited (milliseconds): a tight connection_limit would trip on it
         await asyncio.sleep(wait)
     try:
+        cur = await conn.execute(q.PIN_SEARCH_PATH)
+        row = await cur.fetchone()
+        _USER_PATHS[conn] = str(row[0]) if row else ""
         await conn.execute(q.PIN_TEXT_SETTINGS)
         await register_vector_types(conn)
     except BaseException:  # cancelled, or the server went away: never leak the connection
         await conn.close()
         raise
     return conn
+
+
+# the search_path each connection came with (q.PIN_SEARCH_PATH), for the user's names
+_USER_PATHS: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], str] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@contextlib.asynccontextmanager
+async def user_search_path(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+    """Within a transaction, the search_path the connection came with (from its URL, its
+    role, its database), for what names the user's objects: an unqualified target
+    table, ``tenant_key_sql``. Everything else embedfill runs sees ``pg_catalog`` only
+    (``connect``). Inside a transaction already, the pinned path is back when it ends."""
+    path = _USER_PATHS.get(conn)
+    if path is None:  # not one of ours (pinned by ``connect``): its path as it is
+        yield
+        return
+    async with conn.transaction():
+        await conn.execute(q.SET_LOCAL_SEARCH_PATH, {"path": path})
+        try:
+            yield
+        finally:
+            if conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
+                await conn.execute(q.SET_LOCAL_SEARCH_PATH, {"path": q.SAFE_SEARCH_PATH})
 
 
 def no_free_slot(exc: psycopg.Error) -> bool:
@@ -232,12 +264,34 @@ def _no_free_slot_message(db: Database, writer: tuple[int, int] | None, reason: 
 
 
 async def register_vector_types(conn: psycopg.AsyncConnection[Any]) -> bool:
-    from pgvector.psycopg import register_vector_async
+    """pgvector's types for this connection's adapters, found by their qualified names
+    in the extension's schema (the connection's search_path is pg_catalog's alone)."""
+    from pgvector.psycopg.bit import register_bit_info
+    from pgvector.psycopg.halfvec import register_halfvec_info
+    from pgvector.psycopg.sparsevec import register_sparsevec_info
+    from pgvector.psycopg.vector import register_vector_info
+    from psycopg import sql
+    from psycopg.types import TypeInfo
 
-    cur = await conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'")
-    if await cur.fetchone() is None:
+    cur = await conn.execute(q.VECTOR_SCHEMA)
+    row = await cur.fetchone()
+    if row is None:
         return False
-    await register_vector_async(conn)
+    schema = str(row[0])
+    found = await TypeInfo.fetch(conn, sql.Identifier(schema, "vector"))
+    if found is None:
+        return False
+    register_vector_info(conn, found)
+    bit = await TypeInfo.fetch(conn, sql.Identifier("pg_catalog", "bit"))
+    if bit is not None:
+        register_bit_info(conn, bit)
+    for name, register in (
+        ("halfvec", register_halfvec_info),
+        ("sparsevec", register_sparsevec_info),
+    ):
+        info = await TypeInfo.fetch(conn, sql.Identifier(schema, name))
+        if info is not None:
+            register(conn, info)
     return True
 
 

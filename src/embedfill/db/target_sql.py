@@ -43,11 +43,17 @@ class ColumnTypes:
 
 
 class TargetSQL:
-    def __init__(self, target: TargetConfig, types: ColumnTypes | None = None) -> None:
+    def __init__(
+        self, target: TargetConfig, types: ColumnTypes | None = None, schema: str | None = None
+    ) -> None:
+        """``schema``: where the table was found (``catalog.resolve_table``); every
+        statement names the table qualified, since connections see only pg_catalog on
+        their search_path (``db.connect``)."""
         self.target = target
         self.types = types or ColumnTypes("bigint", "vector")
         t = target.table
-        self.table = sql.Identifier(t.schema, t.name) if t.schema else sql.Identifier(t.name)
+        schema = t.schema or schema
+        self.table = sql.Identifier(schema, t.name) if schema else sql.Identifier(t.name)
         self.id = sql.Identifier(target.id_column)
         self.emb = sql.Identifier(target.embedding_column)
         self.tenant = sql.Identifier(target.tenant_column) if target.tenant_column else None

@@ -29,7 +29,6 @@ from ..db.catalog import TableInfo
 from ..db.connect import Database
 from ..db.lanes import Lane, Lanes
 from ..db.store import Store
-from ..db.target_sql import TargetSQL
 from ..embedding import Client
 from ..errors import EmbedfillError, ProviderError, RunAborted
 from ..freshness import UNKNOWN, ProvenanceIds, model_identity, provenance_ids
@@ -189,7 +188,7 @@ class RunState:
         self.db, self.conn, self.target, self.pconf = db, conn, target, pconf
         self.opts, self.provider, self.engine, self.hooks = opts, provider, engine, hooks
         self.info = info
-        self.sql = TargetSQL(target, info.types)
+        self.sql = info.sql(target)
         self.refresh = opts.refresh
         # provenance numbers (freshness.py): resolved when the run starts
         self.prov = ProvenanceIds(UNKNOWN, UNKNOWN)

@@ -156,7 +156,7 @@ async def create_or_join(
     leave the outdated rows), nothing joins a watch job, and a job that writes other
     vectors (another model, template, key source) is refused, naming the setting."""
     store = Store(conn)
-    tsql = TargetSQL(target, info.types)
+    tsql = info.sql(target)
     key = lock_key(info.oid, target.embedding_column)
     async with conn.transaction():
         await store.lock_for_create(key)
