@@ -61,6 +61,14 @@ class ExtensionMissing(ConfigError):
     http_status = 503
 
 
+class RowSecurityHides(ConfigError):
+    """Row-level security on the table hides rows from embedfill's role; make the role
+    BYPASSRLS (or the table's owner, without FORCE ROW LEVEL SECURITY)."""
+
+    exit_code = 2
+    http_status = 503
+
+
 class KeyStoreError(ConfigError):
     """The key store cannot be used as configured."""
 

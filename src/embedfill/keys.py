@@ -17,7 +17,7 @@ import psycopg
 from cryptography.fernet import Fernet, InvalidToken
 
 from .config import ProviderConfig, TargetConfig
-from .db.connect import user_search_path
+from .db.connect import user_context
 from .db.store import Store
 from .errors import KeyStoreError, UsageError
 from .models import KeySource
@@ -147,7 +147,7 @@ class KeyResolver:
                 try:
                     # the user's own query: their tables and functions, as the app names
                     # them (the connection's own search_path, not embedfill's pinned one)
-                    async with user_search_path(self.conn):
+                    async with user_context(self.conn):
                         cur = await self.conn.execute(
                             self.target.tenant_key_sql.encode(), {"tenant": tenant}
                         )

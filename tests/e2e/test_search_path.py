@@ -96,10 +96,8 @@ def test_no_function_of_the_app_or_public_runs_as_embedfill(
 
     # the app writes with the triggers installed; watch embeds its rows
     with psycopg.connect(tickets, autocommit=True) as conn:
-        conn.execute(
-            'INSERT INTO app."SupportTickets" VALUES (1001, \'acme\', \'new\', \'row\', NULL)'
-        )
-        conn.execute('UPDATE app."SupportTickets" SET subject = \'changed\' WHERE ticket_no = 2')
+        conn.execute("INSERT INTO app.\"SupportTickets\" VALUES (1001, 'acme', 'new', 'row', NULL)")
+        conn.execute("UPDATE app.\"SupportTickets\" SET subject = 'changed' WHERE ticket_no = 2")
     watcher = popen("--config", str(cfg), "watch", "--interval", "0.2", env=env)
     try:
         deadline = time.monotonic() + 30

@@ -10,10 +10,10 @@ import psycopg
 from psycopg import sql
 
 from ..config import TargetConfig
-from ..errors import ConfigError, ExtensionMissing, SchemaMismatch
+from ..errors import ConfigError, ExtensionMissing, RowSecurityHides, SchemaMismatch
 from ..errors import first_line as _first_line
 from ..models import TargetStatus, TenantStatus
-from .connect import user_search_path
+from .connect import user_context
 from .indexes import vector_indexes
 from .target_sql import ColumnTypes, TargetSQL
 
@@ -129,7 +129,7 @@ async def resolve_table(
     with the search_path the connection came with (an unqualified name, a URL's
     ``currentSchema``). Every statement after names it qualified."""
     name = TargetSQL(target).table.as_string(conn)
-    async with user_search_path(conn):
+    async with user_context(conn):
         cur = await conn.execute(_RESOLVE, {"name": name})
         row = await cur.fetchone()
     if not row:
@@ -155,7 +155,7 @@ async def inspect_target(
     tsql = TargetSQL(target, schema=schema)
     # type names as the user reads them (``vector(8)``, not ``public.vector(8)``), for
     # messages; the statements use qualified ones (``_sql_types``)
-    async with user_search_path(conn):
+    async with user_context(conn):
         cur = await conn.execute(_COLUMNS, {"rel": oid})
         rows = await cur.fetchall()
     columns = {r[0]: (r[1], r[2], r[3]) for r in rows}
@@ -173,6 +173,7 @@ async def inspect_target(
                 f"{target.table}; its columns are: {known}."
             )
     await _check_privileges(conn, target, tsql, oid, [c for _, c in wanted], write=write)
+    await _check_row_security(conn, target, oid)
     await _check_id(conn, target, tsql, oid, columns[target.id_column])
     for col in target.text_columns:
         type_shown, type_oid = shown[col]
@@ -239,6 +240,40 @@ async def _check_privileges(
                 f"Role {role} may not {priv} column {column!r} of {target.table}; grant it as "
                 f"the table's owner: {grant.as_string(conn)}."
             )
+
+
+# whether row-level security filters what this role reads of the table: on, and the
+# role neither bypasses it (superuser, BYPASSRLS) nor owns the table without FORCE
+_ROW_SECURITY = """
+SELECT c.relrowsecurity AND NOT r.rolsuper AND NOT r.rolbypassrls
+       AND (c.relforcerowsecurity OR NOT pg_catalog.pg_has_role(c.relowner, 'USAGE')),
+       c.relforcerowsecurity, current_user
+FROM pg_catalog.pg_class c, pg_catalog.pg_roles r
+WHERE c.oid = %(rel)s AND r.rolname = current_user"""
+
+
+async def _check_row_security(
+    conn: psycopg.AsyncConnection[Any], target: TargetConfig, oid: int
+) -> None:
+    """Row-level security that hides rows from this role would make every count a lie
+    ("0 missing" over rows it cannot see) and leave those rows NULL: refused. (Every
+    connection also runs with ``row_security = off``, so a policy added later fails a
+    statement rather than filtering it: ``queries.PIN_TEXT_SETTINGS``.)"""
+    cur = await conn.execute(_ROW_SECURITY, {"rel": oid})
+    row = await cur.fetchone()
+    if row is None or not row[0]:
+        return
+    _, forced, role = row
+    why = (
+        "it has FORCE ROW LEVEL SECURITY, which binds its owner too"
+        if forced
+        else f"role {role} is neither its owner nor BYPASSRLS"
+    )
+    raise RowSecurityHides(
+        f"Row-level security on {target.table} hides rows from embedfill ({why}), so it "
+        f"would count and fill only the rows its policies show; as a superuser, run "
+        f"ALTER ROLE {sql.Identifier(str(role)).as_string(conn)} BYPASSRLS."
+    )
 
 
 async def _check_id(

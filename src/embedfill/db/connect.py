@@ -174,7 +174,7 @@ async def connect(
 ) -> psycopg.AsyncConnection[Any]:
     """An autocommit connection with pgvector's types registered (when installed), its
     search_path pinned to ``pg_catalog`` (``queries.PIN_SEARCH_PATH``: the user's names go
-    through ``user_search_path``) and the settings that shape values' text pinned
+    through ``user_context``) and the settings that shape values' text pinned
     (``queries.PIN_TEXT_SETTINGS``).
 
     ``writer=(k, n)`` says this is a run's k-th of n writer connections, so a server
@@ -217,22 +217,23 @@ _USER_PATHS: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], str] = (
 
 
 @contextlib.asynccontextmanager
-async def user_search_path(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+async def user_context(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
     """Within a transaction, the search_path the connection came with (from its URL, its
-    role, its database), for what names the user's objects: an unqualified target
-    table, ``tenant_key_sql``. Everything else embedfill runs sees ``pg_catalog`` only
-    (``connect``). Inside a transaction already, the pinned path is back when it ends."""
+    role, its database) and row-level security as the app has it, for the user's own
+    names and SQL: an unqualified target table, ``tenant_key_sql``. Everything else
+    embedfill runs sees ``pg_catalog`` only (``connect``). Inside a transaction already,
+    embedfill's settings are back when it ends."""
     path = _USER_PATHS.get(conn)
-    if path is None:  # not one of ours (pinned by ``connect``): its path as it is
+    if path is None:  # not one of ours (pinned by ``connect``): as it is
         yield
         return
     async with conn.transaction():
-        await conn.execute(q.SET_LOCAL_SEARCH_PATH, {"path": path})
+        await conn.execute(q.USER_CONTEXT, {"path": path})
         try:
             yield
         finally:
             if conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
-                await conn.execute(q.SET_LOCAL_SEARCH_PATH, {"path": q.SAFE_SEARCH_PATH})
+                await conn.execute(q.EMBEDFILL_CONTEXT)
 
 
 def no_free_slot(exc: psycopg.Error) -> bool:

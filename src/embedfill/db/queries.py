@@ -31,22 +31,30 @@ PIN_TEXT_SETTINGS = """
 SELECT pg_catalog.set_config('TimeZone', 'UTC', false),
        pg_catalog.set_config('DateStyle', 'ISO, YMD', false),
        pg_catalog.set_config('IntervalStyle', 'postgres', false),
-       pg_catalog.set_config('extra_float_digits', '1', false)"""
+       pg_catalog.set_config('extra_float_digits', '1', false),
+       pg_catalog.set_config('row_security', 'off', false)"""
 
 # The search_path every embedfill connection runs with, whatever the URL, the role or
 # the database set: a function or operator named like a built-in (a ``concat(text, text,
 # text)`` in public, say, a better match than pg_catalog's VARIADIC "any") never runs as
 # embedfill's role; every other name embedfill uses is qualified. The path the
 # connection came with is kept (the first column) for the user's own names: an
-# unqualified target table, ``tenant_key_sql`` (``db.connect.user_search_path``).
+# unqualified target table, ``tenant_key_sql`` (``db.connect.user_context``).
+# ``row_security = off`` (below): a policy that would hide rows from embedfill fails
+# its statement instead (catalog refuses such a target at start-up, in one sentence).
 PIN_SEARCH_PATH = """
 SELECT pg_catalog.current_setting('search_path'),
        pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)"""
-SAFE_SEARCH_PATH = "pg_catalog, pg_temp"
 VECTOR_SCHEMA = """
 SELECT n.nspname FROM pg_catalog.pg_extension e
 JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'"""
-SET_LOCAL_SEARCH_PATH = "SELECT pg_catalog.set_config('search_path', %(path)s, true)"
+# the user's context for the user's own SQL (db.connect.user_context), and back
+USER_CONTEXT = """
+SELECT pg_catalog.set_config('search_path', %(path)s, true),
+       pg_catalog.set_config('row_security', 'on', true)"""
+EMBEDFILL_CONTEXT = """
+SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true),
+       pg_catalog.set_config('row_security', 'off', true)"""
 
 TRY_TARGET_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%(key)s, 0))"
 RELEASE_TARGET_LOCK = "SELECT pg_advisory_unlock(hashtextextended(%(key)s, 0))"

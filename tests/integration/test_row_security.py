@@ -1,0 +1,135 @@
+"""Row-level security on a target (issue 15, item 6): a role the policies hide rows from
+is refused at start-up in one sentence, exit 2, never "0 missing" over hidden rows; a
+role that bypasses them works; a policy that appears while a job runs fails the job's
+reads instead of filtering them."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+import pytest
+
+from embedfill import BackfillOptions, Database, abackfill, astatus
+from embedfill.db.schema import amigrate
+from embedfill.errors import RowSecurityHides
+from tests.support.fake_openai import FakeOpenAI
+from tests.support.roles import EMBEDFILL_GRANTS, TICKETS_GRANTS, Roles
+from tests.support.tables import tickets_config
+
+PLATFORM = "sk-platform-rls-0123456789"
+
+
+def run(url: str, config: Any, **opts: Any) -> Any:
+    return asyncio.run(
+        abackfill(
+            config, Database(url), BackfillOptions(**opts), env={"TEST_PLATFORM_KEY": PLATFORM}
+        )
+    )
+
+
+def nulls(db_url: str) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute('SELECT count(*) FROM app."SupportTickets" WHERE emb IS NULL').fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def only_acme(db_url: str, *, force: bool = False) -> None:
+    """The app's tenant isolation: each session sees the tenant it set, none by default."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute('ALTER TABLE app."SupportTickets" ENABLE ROW LEVEL SECURITY')
+        if force:
+            conn.execute('ALTER TABLE app."SupportTickets" FORCE ROW LEVEL SECURITY')
+        conn.execute(
+            'CREATE POLICY tenant ON app."SupportTickets"'
+            " USING (org = current_setting('app.tenant', true))"
+        )
+
+
+@pytest.fixture
+def app_rw(tickets: str, roles: Roles) -> str:
+    asyncio.run(amigrate(Database(tickets)))
+    role = roles.create()
+    roles.grant(role, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
+    return role
+
+
+def test_a_role_the_policies_hide_rows_from_is_refused(
+    tickets: str, roles: Roles, app_rw: str, fake_openai: FakeOpenAI
+) -> None:
+    only_acme(tickets)
+    before = nulls(tickets)
+    url = roles.url(app_rw)
+    config = tickets_config(fake_openai.base_url)
+    for attempt in (
+        lambda: run(url, config),
+        lambda: run(url, config, dry_run=True),
+        lambda: asyncio.run(astatus(config, Database(url))),
+    ):
+        with pytest.raises(RowSecurityHides) as caught:
+            attempt()
+        message = str(caught.value)
+        assert message.count(". ") == 0 and message.endswith(".")
+        assert "Row-level security on app.SupportTickets" in message
+        assert f'ALTER ROLE "{app_rw}" BYPASSRLS' in message or app_rw in message
+        assert caught.value.exit_code == 2
+    assert nulls(tickets) == before
+    assert fake_openai.ok_requests() == []
+
+    # the fix the sentence names
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(f'ALTER ROLE "{app_rw}" BYPASSRLS')
+    report = run(url, config)
+    assert report.embedded == before and nulls(tickets) == 0
+
+
+def test_force_row_level_security_binds_the_owner_too(
+    tickets: str, roles: Roles, fake_openai: FakeOpenAI
+) -> None:
+    owner = roles.create()
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(f'ALTER TABLE app."SupportTickets" OWNER TO "{owner}"')
+        conn.execute(f'GRANT USAGE ON SCHEMA app TO "{owner}"')
+    asyncio.run(amigrate(Database(tickets)))
+    roles.grant(owner, *EMBEDFILL_GRANTS)
+    config = tickets_config(fake_openai.base_url)
+    only_acme(tickets)  # the owner bypasses it: works
+    assert run(roles.url(owner), config).embedded > 0
+
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute('UPDATE app."SupportTickets" SET emb = NULL WHERE ticket_no < 10')
+        conn.execute('ALTER TABLE app."SupportTickets" FORCE ROW LEVEL SECURITY')
+    with pytest.raises(RowSecurityHides, match="FORCE ROW LEVEL SECURITY"):
+        run(roles.url(owner), config)
+
+
+def test_a_policy_added_under_a_running_job_fails_its_reads_not_filters_them(
+    tickets: str, roles: Roles, app_rw: str, fake_openai: FakeOpenAI
+) -> None:
+    """Row-level security enabled once the job runs: the job fails, saying so (a worker
+    session's own start-up check, or a statement refused under embedfill's
+    ``row_security = off``), rather than skipping the rows it no longer sees."""
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(
+            'CREATE POLICY tenant ON app."SupportTickets"'
+            " USING (org = current_setting('app.tenant', true))"
+        )
+    fake_openai.latency = 0.2
+    added = False
+
+    def on_inputs(_: list[str]) -> None:
+        nonlocal added
+        if not added:
+            added = True
+            with psycopg.connect(tickets, autocommit=True) as conn:
+                conn.execute('ALTER TABLE app."SupportTickets" ENABLE ROW LEVEL SECURITY')
+
+    fake_openai.on_inputs = on_inputs
+    report = None
+    config = tickets_config(fake_openai.base_url, provider_overrides={"batch_size": 5})
+    with pytest.raises(Exception) as caught:  # the job's failure, whatever its class
+        report = run(roles.url(app_rw), config)
+    assert report is None
+    assert "row-level security" in str(caught.value).lower()
