@@ -16,6 +16,7 @@ import pytest
 
 from embedfill import BackfillOptions, Database, abackfill
 from embedfill.application import atriggers
+from embedfill.config import TableName
 from embedfill.db.schema import EXPECTED_VERSION, amigrate
 from embedfill.errors import PrivilegeMissing
 from tests.support.cli import cli_env, embedfill, write_config
@@ -257,7 +258,7 @@ def test_text_sql_target_watches_every_column_but_the_embedding(migrated: str) -
     target = dataclasses.replace(base.targets[0], text=None, text_sql="subject || ' ' || body")
     config = dataclasses.replace(base, targets=(target,))
     _, script = triggers(migrated, config, print_sql=True)
-    assert 'AFTER UPDATE OF "ticket_no", "org", "subject", "body" ON' in script
+    assert 'on UPDATE when one of "ticket_no", "org", "subject", "body" changed' in script
     assert "columns added to the table later are not covered" in script
     plan, _ = triggers(migrated, config)
     with psycopg.connect(migrated, autocommit=True) as conn:
@@ -378,3 +379,108 @@ def test_cli_install_print_sql_and_exit_5(migrated: str, roles: Roles, tmp_path:
     gone = embedfill("--config", str(cfg), "triggers", "uninstall", "--target", "tickets", env=env)
     assert gone.returncode == 0 and "removed change triggers" in gone.stdout
     assert installed(migrated) == ([], [])
+
+
+# ------------------------------------------------ issue 15, item 3: the app's schema changes
+
+
+def test_the_apps_alter_table_on_any_column_goes_through_and_its_writes_go_on(
+    migrated: str,
+) -> None:
+    """Django's AlterField on a text column gave "cannot alter type of a column used in a
+    trigger definition". With the triggers installed, every ALTER of a column succeeds,
+    and one long-lived app session (a pooled connection: plans cached before the change)
+    goes on writing after each; rows are queued while the id and a text column remain."""
+    config = tickets_config(NOWHERE)
+    plan, _ = triggers(migrated, config)
+    col = plan.column_id
+    with (
+        psycopg.connect(migrated, autocommit=True) as app,
+        psycopg.connect(migrated, autocommit=True) as ddl,
+    ):
+
+        def update(no: int, subject: str) -> None:
+            app.execute(f"UPDATE {T} SET subject = %s WHERE ticket_no = %s", (subject, no))
+
+        def add(no: int) -> None:
+            app.execute(
+                f"INSERT INTO {T} (ticket_no, org, subject) VALUES (%s, 'org-a', 'x')", (no,)
+            )
+
+        update(1, "warm the cached plans")
+        add(5001)
+        assert queued(migrated) == [(col, "1"), (col, "5001")]
+        clear(migrated)
+
+        ddl.execute(f"ALTER TABLE {T} ALTER COLUMN subject TYPE varchar(200)")  # AlterField
+        update(2, "after a type change")
+        add(5002)
+        assert queued(migrated) == [(col, "2"), (col, "5002")]
+        clear(migrated)
+
+        ddl.execute(f"ALTER TABLE {T} RENAME COLUMN body TO body_text")
+        update(3, "a watched column renamed")
+        add(5003)
+        ddl.execute(f"ALTER TABLE {T} RENAME COLUMN body_text TO body")
+        update(4, "renamed back")
+        # the subject is still there: its change is still seen, with a column gone
+        assert queued(migrated) == [(col, "3"), (col, "4"), (col, "5003")]
+        clear(migrated)
+
+        ddl.execute(f"ALTER TABLE {T} RENAME COLUMN ticket_no TO no")
+        app.execute(f"UPDATE {T} SET subject = 'id renamed' WHERE no = 5")
+        app.execute(f"INSERT INTO {T} (no, org, subject) VALUES (5004, 'org-a', 'x')")
+        assert queued(migrated) == []  # nothing to name the row by: not queued, no error
+        ddl.execute(f"ALTER TABLE {T} RENAME COLUMN no TO ticket_no")
+
+        ddl.execute(f"ALTER TABLE {T} ALTER COLUMN ticket_no TYPE numeric")
+        ddl.execute(f"ALTER TABLE {T} ALTER COLUMN emb TYPE vector(8)")
+        ddl.execute(f"ALTER TABLE {T} DROP COLUMN body")
+        update(6, "a watched column dropped")
+        add(5005)
+        assert queued(migrated) == [(col, "6"), (col, "5005")]
+        clear(migrated)
+        ddl.execute(f"ALTER TABLE {T} DROP COLUMN emb")
+        update(7, "the vector column dropped")
+        ddl.execute(f"ALTER TABLE {T} DROP COLUMN subject")
+        app.execute(f"UPDATE {T} SET org = 'org-b' WHERE ticket_no = 8")
+        add_row = f"INSERT INTO {T} (ticket_no, org) VALUES (5006, 'org-a')"
+        app.execute(add_row)
+        assert (col, "7") in queued(migrated) and (col, "5006") in queued(migrated)
+        assert (col, "8") not in queued(migrated)  # no watched column left to change
+
+
+def test_a_partitioned_table_queues_inserts_made_straight_into_a_partition(
+    migrated: str,
+) -> None:
+    """Item 11: only UPDATEs of rows inserted straight into a partition were queued."""
+    with psycopg.connect(migrated, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE app.events (id bigint PRIMARY KEY, org text NOT NULL, subject text,"
+            " body text, emb vector(8)) PARTITION BY RANGE (id)"
+        )
+        conn.execute(
+            "CREATE TABLE app.events_a PARTITION OF app.events FOR VALUES FROM (0) TO (10)"
+        )
+        conn.execute(
+            "CREATE TABLE app.events_b PARTITION OF app.events FOR VALUES FROM (10) TO (20)"
+        )
+    base = tickets_config(NOWHERE)
+    target = dataclasses.replace(
+        base.targets[0], table=TableName(schema="app", name="events"), id_column="id"
+    )
+    config = dataclasses.replace(base, targets=(target,))
+    plan, _ = triggers(migrated, config)
+    with psycopg.connect(migrated, autocommit=True) as conn:
+        conn.execute("INSERT INTO app.events (id, org, subject) VALUES (1, 'a', 'via parent')")
+        conn.execute("INSERT INTO app.events_b (id, org, subject) VALUES (12, 'b', 'direct')")
+        conn.execute(
+            "INSERT INTO app.events_a (id, org, subject) SELECT g, 'a', 's'"
+            " FROM generate_series(3, 4) g"
+        )
+        conn.execute(
+            "CREATE TABLE app.events_c PARTITION OF app.events FOR VALUES FROM (20) TO (30)"
+        )
+        conn.execute("INSERT INTO app.events_c (id, org, subject) VALUES (25, 'c', 'later')")
+        conn.execute("UPDATE app.events_b SET subject = 'edited' WHERE id = 12")
+    assert queued(migrated) == [(plan.column_id, k) for k in ("1", "3", "4", "12", "12", "25")]

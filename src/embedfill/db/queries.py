@@ -32,7 +32,9 @@ SELECT pg_catalog.set_config('TimeZone', 'UTC', false),
        pg_catalog.set_config('DateStyle', 'ISO, YMD', false),
        pg_catalog.set_config('IntervalStyle', 'postgres', false),
        pg_catalog.set_config('extra_float_digits', '1', false),
-       pg_catalog.set_config('row_security', 'off', false)"""
+       pg_catalog.set_config('row_security', 'off', false),
+       -- the change triggers skip embedfill's own writes (db/triggers.py)
+       pg_catalog.set_config('embedfill.writer', 'on', false)"""
 
 # The search_path every embedfill connection runs with, whatever the URL, the role or
 # the database set: a function or operator named like a built-in (a ``concat(text, text,

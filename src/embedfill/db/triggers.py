@@ -15,10 +15,15 @@ What is installed for one target (its vector column has number N in
   STATEMENT`` running ``embedfill.changed_N_rows()``, which queues the statement's rows
   with one INSERT ... SELECT (per row on a partition or an inheritance child, where
   PostgreSQL allows no transition table).
-- ``embedfill_changed_N_upd``: ``AFTER UPDATE OF <the text's columns> ... FOR EACH ROW
-  WHEN (<those columns changed>)``, compared by their stored bytes (``*=`` on records,
-  which also works for types without ``=``, e.g. json), so that a no-op update, an update
-  of another column and embedfill's own writes (the embedding column only) queue nothing.
+- ``embedfill_changed_N_upd``: ``AFTER UPDATE ... FOR EACH ROW``, skipping embedfill's
+  own writes in its WHEN (a session setting, ``WRITER_SETTING``); the function queues the
+  row when one of the text's columns changed, compared by their stored bytes (``*=`` on
+  records, which also works for types without ``=``, e.g. json), so that a no-op update
+  and an update of another column queue nothing.
+
+No trigger definition names a column: the app's ``ALTER TABLE`` (a column's type,
+RENAME, DROP) never fails for them, and the function copes with a table that changed
+shape (``function_sql``).
 
 Never failing the application's write is the rule. The function has no EXCEPTION block
 (each would be a subtransaction per row: past 64 in one transaction the subtransaction
@@ -46,6 +51,9 @@ QUEUE = sql.Identifier(SCHEMA, "changes")
 # NOTIFYs for column N (the two-int form, 'embf' and the column: apart from embedfill's
 # own bigint-keyed locks)
 NOTIFY_LOCK = 0x656D6266
+# set to 'on' by every embedfill session (db.queries.PIN_TEXT_SETTINGS): they write
+# vectors alone, so the UPDATE trigger skips their rows in its WHEN
+WRITER_SETTING = "embedfill.writer"
 
 FAILURE_MODES = (
     "A statement on the table waits while embedfill.changes is locked by a migration "
@@ -93,7 +101,7 @@ class TriggerPlan:
     table: str
     column_id: int | None  # None: the column has no number yet (install records one)
     statements: list[sql.Composed] = field(default_factory=list)
-    watched: list[str] = field(default_factory=list)  # UPDATE OF these columns
+    watched: list[str] = field(default_factory=list)  # an UPDATE of these queues the row
     notes: list[str] = field(default_factory=list)  # said as SQL comments and on stderr
 
     @property
@@ -124,6 +132,7 @@ def _dollar_quote(body: str) -> tuple[str, str]:
 def function_sql(
     tsql: TargetSQL,
     column_id: int,
+    watched: Sequence[str],
     conn: psycopg.AsyncConnection[Any] | psycopg.Connection[Any],
     *,
     rows: bool = False,
@@ -143,27 +152,88 @@ def function_sql(
     row is not queued and the application's write goes on (``watch``'s sweep still finds
     the row's new text).
 
+    The app's schema changes never break its writes. No trigger definition names a
+    column (``ALTER COLUMN ... TYPE``, ``RENAME`` and ``DROP`` of any column go
+    through), and the function reads the row's columns by name in a block that only
+    reads: when the table changed shape since install (a column renamed or dropped, or
+    a type changed under this session's cached plan), the block's error is caught and
+    the same is done with dynamic SQL over the columns still there (a renamed id: the
+    row is not queued, and ``watch`` reports the target). The block writes nothing, so
+    its subtransaction takes no transaction id (no subtransaction-cache overflow past
+    64 rows in a transaction); the queue INSERT comes after it.
+
     ``rows``: the statement-level variant for INSERT, which queues every row of the
     statement's transition table ``embedfill_inserted`` with one INSERT ... SELECT: a
     500-row INSERT pays one trigger call, not 500 (measured: 0.69 of the speed without a
     trigger per row, about 0.95 per statement)."""
-    column = sql.Literal(column_id)
-    queue_rows = (
-        "            INSERT INTO {queue} (column_id, row_key)"
-        " SELECT {column}, n.{id}::text FROM embedfill_inserted AS n;\n"
-        if rows
-        else "            INSERT INTO {queue} (column_id, row_key)"
-        " VALUES ({column}, NEW.{id}::text);\n"
+    id_col = sql.Identifier(tsql.target.id_column)
+    cols = [sql.Identifier(c) for c in watched]
+    present = (
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute AS a WHERE a.attrelid = TG_RELID"
+        " AND a.attname OPERATOR(pg_catalog.=) {id_name} AND a.attnum > 0"
+        " AND NOT a.attisdropped)"
     )
+    if rows:
+        declare = "DECLARE\n    keys text[];\n"
+        read = (
+            "            BEGIN\n"
+            "                SELECT pg_catalog.array_agg(n.{id}::text) INTO keys"
+            " FROM embedfill_inserted AS n;\n"
+            "            EXCEPTION WHEN OTHERS THEN  -- the table changed shape since install\n"
+            "                IF (" + present + ") THEN\n"
+            "                    EXECUTE pg_catalog.format('SELECT pg_catalog.array_agg(n.%I::text)"
+            " FROM embedfill_inserted AS n', {id_name}) INTO keys;\n"
+            "                END IF;\n"
+            "            END;\n"
+            "            IF keys IS NOT NULL THEN\n"
+            "                INSERT INTO {queue} (column_id, row_key)"
+            " SELECT {column}, k FROM pg_catalog.unnest(keys) AS k;\n"
+        )
+    else:
+        declare = "DECLARE\n    k text;\n    was text;\n    now text;\n"
+        read = (
+            "            BEGIN\n"
+            "                IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN\n"
+            "                    k := NEW.{id}::text;\n"
+            "                ELSIF NOT (ROW({old})::record *= ROW({new})::record) THEN\n"
+            "                    k := NEW.{id}::text;\n"
+            "                END IF;\n"
+            "            EXCEPTION WHEN OTHERS THEN  -- the table changed shape since install\n"
+            "                k := NULL;\n"
+            "                IF (" + present + ") THEN\n"
+            "                    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN\n"
+            "                        EXECUTE pg_catalog.format('SELECT ($1).%I::text', {id_name})"
+            " INTO k USING NEW;\n"
+            "                    ELSE\n"
+            "                        SELECT pg_catalog.string_agg(pg_catalog.format('($1).%I',"
+            " a.attname), ', ' ORDER BY a.attnum),\n"
+            "                               pg_catalog.string_agg(pg_catalog.format('($2).%I',"
+            " a.attname), ', ' ORDER BY a.attnum)\n"
+            "                          INTO was, now FROM pg_catalog.pg_attribute AS a\n"
+            "                         WHERE a.attrelid = TG_RELID AND a.attnum > 0"
+            " AND NOT a.attisdropped\n"
+            "                           AND a.attname OPERATOR(pg_catalog.=) ANY ({watched});\n"
+            "                        IF was IS NOT NULL THEN\n"
+            "                            EXECUTE pg_catalog.format('SELECT ($2).%I::text WHERE NOT"
+            " (ROW(%s)::record *= ROW(%s)::record)', {id_name}, was, now)"
+            " INTO k USING OLD, NEW;\n"
+            "                        END IF;\n"
+            "                    END IF;\n"
+            "                END IF;\n"
+            "            END;\n"
+            "            IF k IS NOT NULL THEN\n"
+            "                INSERT INTO {queue} (column_id, row_key) VALUES ({column}, k);\n"
+        )
     body = (
         sql.SQL(
-            "\nBEGIN\n"
+            "\n" + declare + "BEGIN\n"
             "    IF pg_catalog.has_schema_privilege({schema}, 'USAGE') THEN\n"
             "        IF pg_catalog.has_table_privilege(pg_catalog.to_regclass({queue_name}),"
             " 'INSERT') THEN\n"
-            + queue_rows
-            + "            IF pg_catalog.pg_try_advisory_xact_lock({lock}, {column}) THEN\n"
-            "                PERFORM pg_catalog.pg_notify({channel}, {payload});\n"
+            + read
+            + "                IF pg_catalog.pg_try_advisory_xact_lock({lock}, {column}) THEN\n"
+            "                    PERFORM pg_catalog.pg_notify({channel}, {payload});\n"
+            "                END IF;\n"
             "            END IF;\n"
             "        END IF;\n"
             "    END IF;\n"
@@ -174,8 +244,12 @@ def function_sql(
             schema=sql.Literal(SCHEMA),
             queue_name=sql.Literal(f"{SCHEMA}.changes"),
             queue=QUEUE,
-            column=column,
-            id=sql.Identifier(tsql.target.id_column),
+            column=sql.Literal(column_id),
+            id=id_col,
+            id_name=sql.Literal(tsql.target.id_column),
+            old=sql.SQL(", ").join(sql.SQL("OLD.{}").format(c) for c in cols),
+            new=sql.SQL(", ").join(sql.SQL("NEW.{}").format(c) for c in cols),
+            watched=sql.SQL("{}::text[]").format(sql.Literal(list(watched))),
             lock=sql.Literal(NOTIFY_LOCK),
             channel=sql.Literal(CHANNEL),
             payload=sql.Literal(str(column_id)),
@@ -207,17 +281,19 @@ def install_statements(
 ) -> list[sql.Composed]:
     """Create or replace the functions and both triggers (idempotent: a second install,
     or one after the template changed, replaces them in place). The INSERT trigger is
-    per statement, with a transition table, unless the table is a partition or an
-    inheritance child (PostgreSQL allows no transition table there): then per row."""
+    per statement, with a transition table, unless the table is partitioned (a row
+    trigger on it is also a trigger on every partition, present and future, so an INSERT
+    made straight into a partition is queued too), a partition or an inheritance child
+    (PostgreSQL allows no transition table there): then per row.
+
+    The UPDATE trigger skips embedfill's own writes (its sessions set ``WRITER_SETTING``:
+    they write the vector alone), tested in C before any function is called."""
     names = TriggerNames(column_id)
-    cols = [sql.Identifier(c) for c in watched]
-    old = sql.SQL(", ").join(sql.SQL("OLD.{}").format(c) for c in cols)
-    new = sql.SQL(", ").join(sql.SQL("NEW.{}").format(c) for c in cols)
     what = f"change trigger of embedfill target {tsql.target.name!r}"
     functions = [names.function, names.rows_function] if per_statement else [names.function]
-    out: list[sql.Composed] = [function_sql(tsql, column_id, conn)]
+    out: list[sql.Composed] = [function_sql(tsql, column_id, watched, conn)]
     if per_statement:
-        out.append(function_sql(tsql, column_id, conn, rows=True))
+        out.append(function_sql(tsql, column_id, watched, conn, rows=True))
     for function in functions:
         out += [
             sql.SQL("REVOKE ALL ON FUNCTION {}() FROM PUBLIC").format(function),
@@ -240,15 +316,13 @@ def install_statements(
         *out,
         insert,
         sql.SQL(
-            "CREATE OR REPLACE TRIGGER {name} AFTER UPDATE OF {cols} ON {table}"
-            " FOR EACH ROW WHEN (NOT (ROW({old})::record *= ROW({new})::record))"
+            "CREATE OR REPLACE TRIGGER {name} AFTER UPDATE ON {table} FOR EACH ROW"
+            " WHEN (pg_catalog.current_setting({setting}, true) IS DISTINCT FROM 'on')"
             " EXECUTE FUNCTION {function}()"
         ).format(
             name=sql.Identifier(names.update),
-            cols=sql.SQL(", ").join(cols),
             table=tsql.table,
-            old=old,
-            new=new,
+            setting=sql.Literal(WRITER_SETTING),
             function=names.function,
         ),
     ]
@@ -278,7 +352,8 @@ WHERE a.attrelid = %(rel)s AND a.attnum > 0 AND NOT a.attisdropped AND a.attgene
 ORDER BY a.attnum"""
 
 _CHILD = """
-SELECT c.relispartition OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid)
+SELECT c.relispartition OR c.relkind = 'p'
+       OR EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = c.oid)
 FROM pg_class c WHERE c.oid = %(rel)s"""
 
 _INSTALLED = """
@@ -415,9 +490,10 @@ async def plan(
     out.notes.append(
         f"queues ({'N' if column_id is None else column_id}, {key}) in "
         f"{QUEUE.as_string(conn)} and NOTIFYs channel "
-        f"{CHANNEL} on INSERT, and on UPDATE OF "
+        f"{CHANNEL} on INSERT, and on UPDATE when one of "
         + ", ".join(sql.Identifier(c).as_string(conn) for c in watched)
-        + " when one of them changed"
+        + " changed (embedfill's own writes skipped); no trigger names a column, so the "
+        "app's ALTER TABLE on any column goes through"
     )
     if everything:
         out.notes.append(
@@ -430,8 +506,10 @@ async def plan(
     per_statement = not (row and row[0])
     if not per_statement:
         out.notes.append(
-            "the table is a partition or an inheritance child: its INSERT trigger is per row "
-            "(PostgreSQL allows no transition table there)"
+            "the table is partitioned, a partition or an inheritance child: its INSERT "
+            "trigger is per row (on a partitioned table it is on every partition too, so "
+            "an INSERT made straight into one is queued; PostgreSQL allows no transition "
+            "table on a partition)"
         )
     out.statements = install_statements(
         tsql,
