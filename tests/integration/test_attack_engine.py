@@ -359,7 +359,7 @@ def test_first_runs_started_together_on_a_fresh_database_all_find_the_schema(
     schema made, not fail with 'relation "runs" already exists'."""
     from embedfill.db.connect import connect
     from embedfill.db.schema import EXPECTED_VERSION, ensure_schema
-    from tests.conftest import _create_db, _drop_db
+    from tests.conftest import TEMPLATE, _create_db, _drop_db
 
     async def together(url: str) -> list[int]:
         conns = [await connect(Database(url)) for _ in range(4)]
@@ -370,7 +370,7 @@ def test_first_runs_started_together_on_a_fresh_database_all_find_the_schema(
                 await c.close()
 
     for _ in range(5):
-        name = _create_db(server_url, "embedfill_test_template")
+        name = _create_db(server_url, TEMPLATE)
         try:
             url = psycopg.conninfo.make_conninfo(server_url, dbname=name)
             assert asyncio.run(together(url)) == [EXPECTED_VERSION] * 4
