@@ -262,7 +262,8 @@ def test_a_big_table_without_a_partial_null_index_gets_the_create_index_to_run(
     sentence = asyncio.run(hint())
     assert sentence is not None
     assert (
-        'CREATE INDEX CONCURRENTLY "big_emb_null" ON "big" ("id") WHERE "emb" IS NULL' in sentence
+        'CREATE INDEX CONCURRENTLY "big_emb_null" ON "public"."big" ("id") WHERE "emb" IS NULL'
+        in sentence
     )
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute('CREATE INDEX "big_emb_null" ON "big" ("id") WHERE "emb" IS NULL')

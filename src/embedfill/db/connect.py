@@ -217,23 +217,34 @@ _USER_PATHS: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], str] = (
 
 
 @contextlib.asynccontextmanager
-async def user_context(conn: psycopg.AsyncConnection[Any]) -> AsyncIterator[None]:
+async def user_context(
+    conn: psycopg.AsyncConnection[Any], *, transaction: bool = True
+) -> AsyncIterator[None]:
     """Within a transaction, the search_path the connection came with (from its URL, its
     role, its database) and row-level security as the app has it, for the user's own
     names and SQL: an unqualified target table, ``tenant_key_sql``. Everything else
     embedfill runs sees ``pg_catalog`` only (``connect``). Inside a transaction already,
-    embedfill's settings are back when it ends."""
+    embedfill's settings are back when it ends. ``transaction=False``: for a statement
+    that cannot run in one, the session's settings change and change back."""
     path = _USER_PATHS.get(conn)
     if path is None:  # not one of ours (pinned by ``connect``): as it is
         yield
         return
+    if not transaction:  # a statement that runs outside one (CREATE INDEX CONCURRENTLY)
+        await conn.execute(q.USER_CONTEXT, {"path": path, "local": False})
+        try:
+            yield
+        finally:
+            if not conn.closed and not conn.broken:
+                await conn.execute(q.EMBEDFILL_CONTEXT, {"local": False})
+        return
     async with conn.transaction():
-        await conn.execute(q.USER_CONTEXT, {"path": path})
+        await conn.execute(q.USER_CONTEXT, {"path": path, "local": True})
         try:
             yield
         finally:
             if conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS:
-                await conn.execute(q.EMBEDFILL_CONTEXT)
+                await conn.execute(q.EMBEDFILL_CONTEXT, {"local": True})
 
 
 def no_free_slot(exc: psycopg.Error) -> bool:

@@ -18,6 +18,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from .connect import user_context
+
 _LIST = """
 SELECT n.nspname, ic.relname, am.amname, pg_get_indexdef(i.indexrelid)
 FROM pg_index i
@@ -90,5 +92,8 @@ async def rebuild(conn: psycopg.AsyncConnection[Any], index: VectorIndex) -> flo
     started = time.monotonic()
     # a failed CONCURRENTLY build leaves an INVALID index of that name behind
     await drop(conn, index)
-    await conn.execute(index.concurrent_definition().encode())
+    # the server's own definition, as the app's search_path reads it (an operator class
+    # named unqualified, recorded by an earlier embedfill or a dead run)
+    async with user_context(conn, transaction=False):
+        await conn.execute(index.concurrent_definition().encode())
     return time.monotonic() - started

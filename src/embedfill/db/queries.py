@@ -42,7 +42,7 @@ SELECT pg_catalog.set_config('TimeZone', 'UTC', false),
 # embedfill's role; every other name embedfill uses is qualified. The path the
 # connection came with is kept (the first column) for the user's own names: an
 # unqualified target table, ``tenant_key_sql`` (``db.connect.user_context``).
-# ``row_security = off`` (below): a policy that would hide rows from embedfill fails
+# ``row_security = off`` (PIN_TEXT_SETTINGS): a policy that would hide rows from embedfill fails
 # its statement instead (catalog refuses such a target at start-up, in one sentence).
 PIN_SEARCH_PATH = """
 SELECT pg_catalog.current_setting('search_path'),
@@ -50,13 +50,14 @@ SELECT pg_catalog.current_setting('search_path'),
 VECTOR_SCHEMA = """
 SELECT n.nspname FROM pg_catalog.pg_extension e
 JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector'"""
-# the user's context for the user's own SQL (db.connect.user_context), and back
+# the user's context for the user's own SQL (db.connect.user_context), and back; local
+# to the transaction, or (``local`` false) the session's until set back
 USER_CONTEXT = """
-SELECT pg_catalog.set_config('search_path', %(path)s, true),
-       pg_catalog.set_config('row_security', 'on', true)"""
+SELECT pg_catalog.set_config('search_path', %(path)s, %(local)s),
+       pg_catalog.set_config('row_security', 'on', %(local)s)"""
 EMBEDFILL_CONTEXT = """
-SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true),
-       pg_catalog.set_config('row_security', 'off', true)"""
+SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', %(local)s),
+       pg_catalog.set_config('row_security', 'off', %(local)s)"""
 
 TRY_TARGET_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%(key)s, 0))"
 RELEASE_TARGET_LOCK = "SELECT pg_advisory_unlock(hashtextextended(%(key)s, 0))"
