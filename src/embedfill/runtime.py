@@ -19,6 +19,7 @@ from typing import Any
 from .config import Config
 from .db.connect import Database
 from .engine import Observer
+from .errors import RunAborted
 from .providers import Provider
 from .watch import TargetWatch, WatchHub, WatchOptions
 from .worker import Worker
@@ -115,6 +116,18 @@ class Runtime:
         finally:
             stopping.cancel()
 
+    def raise_failures(self) -> None:
+        """RunAborted (exit 3) when a watched target stopped being watched on the way (its
+        table no longer fits, its watch job failed), naming each; nothing otherwise."""
+        failed = [w for w in self.watches if w.failed is not None]
+        if not failed:
+            return
+        reasons = "; ".join(f"{w.target.name}: {w.failed}" for w in failed)
+        raise RunAborted(
+            f"{len(failed)} of {len(self.watches)} watched targets stopped being watched "
+            f"({reasons.rstrip('.')}); fix what the reason names and start the watch again."
+        )
+
     async def stop(self, *, worker_timeout: float | None = None) -> None:
         """The watchers stop queuing, the worker finishes its chunks in flight (waited
         for at most ``worker_timeout``), then the watch jobs end."""
@@ -165,3 +178,4 @@ async def awatch(
     finally:
         stop.set()
         await runtime.stop()
+    runtime.raise_failures()

@@ -47,12 +47,12 @@ import psycopg
 
 from . import jobs
 from .config import Config, TargetConfig
-from .db.catalog import TableInfo, inspect_target, poll_index_hint
+from .db.catalog import TableInfo, inspect_target, poll_index_hint, table_shape
 from .db.connect import Database, connect
 from .db.schema import ensure_schema
 from .db.store import Store
 from .db.target_sql import BLANK, TargetSQL
-from .errors import EmbedfillError
+from .errors import EmbedfillError, RunAborted
 from .freshness import ProvenanceIds, model_identity, provenance_ids
 from .jobs.spec import JobSpec
 
@@ -203,7 +203,11 @@ class TargetWatch:
     hub: WatchHub | None = None  # shared by the process's watchers; None: its own
     job_id: int | None = None
     queued: int = 0  # ids this watcher queued (tests and logs)
+    # why this target is no longer watched while the others go on (its table no longer
+    # fits, or its watch job failed); the watch exits 3 at its end
+    failed: EmbedfillError | None = None
     _leads: tuple[int, str] | None = field(default=None, repr=False)  # (generation, lock)
+    _led: bool = field(default=False, repr=False)  # it has watched: start-up is over
 
     def __post_init__(self) -> None:
         self._own_hub = self.hub is None
@@ -227,9 +231,17 @@ class TargetWatch:
                 continue
             except EmbedfillError as exc:
                 if exc.exit_code == 2:  # a config error: no retry fixes it
-                    raise
+                    if not self._led:
+                        raise  # at start-up, what can never work is refused
+                    # the table changed shape under the watch and no longer fits: this
+                    # target says why and stops, the others go on
+                    await self._give_up(exc)
+                    return
                 log.warning("watch of %s: %s; trying again in %.0fs", self.target.name, exc, wait)
                 await self._step_down()
+            except _ShapeChanged as exc:
+                log.warning("watch of %s: %s; reading it again", self.target.name, exc)
+                continue
             except (psycopg.Error, OSError) as exc:
                 log.warning("watch of %s: %s; trying again in %.0fs", self.target.name, exc, wait)
                 await self._step_down()
@@ -267,12 +279,14 @@ class TargetWatch:
                     conn, spec=spec, target=self.target, info=info, actor=self.opts.actor
                 )
         self.job_id = job
+        self._led = True
         log.info("watching %s as job %s", self.target.name, job)
         async with self._hub.use(gen) as conn:
             state = await Store(conn).run_state(job)
+            shape = await table_shape(conn, info.oid)
         assert state is not None
         queue = JobSpec.from_record(state).queue  # a job resumed rings where it always did
-        await self._watch(gen, info, ids, job, queue, stop)
+        await self._watch(gen, info, ids, job, queue, stop, shape)
         return True
 
     async def _watch(
@@ -283,6 +297,7 @@ class TargetWatch:
         job: int,
         queue: str,
         stop: asyncio.Event,
+        shape: str | None,
     ) -> None:
         tsql = info.sql(self.target)
         missing = _Walk(self.opts.interval_s)
@@ -293,6 +308,10 @@ class TargetWatch:
             changed.clear()  # what is notified from here on wakes the next wait
             try:
                 async with self._hub.use(gen) as conn:
+                    if await table_shape(conn, info.oid) != shape:
+                        # the app's migration: the target is inspected again (and may no
+                        # longer fit), its statements built again
+                        raise _ShapeChanged(f"{self.target.table} changed shape")
                     wait = await self._step(conn, tsql, ids, job, queue, missing, outdated)
             except psycopg.errors.LockNotAvailable:
                 # the app holds the table (a migration): the other targets go on meanwhile
@@ -323,6 +342,14 @@ class TargetWatch:
         (None: the job is over, the target no longer watched)."""
         store = Store(conn)
         state = await store.run_state(job)
+        if state is not None and state["status"] == "failed":
+            self.failed = RunAborted(
+                f"The watch job {job} of {self.target.name} failed: "
+                f"{state['error'] or 'see its report'}"
+            )
+            log.error("watch of %s: %s; the other targets go on", self.target.name, self.failed)
+            self.job_id = None
+            return None
         if state is None or state["status"] != "running" or state["cancel_requested"]:
             log.warning(
                 "watch of %s: job %s was ended or cancelled; not watching it any more",
@@ -380,6 +407,23 @@ class TargetWatch:
         )
         return await cur.fetchall()
 
+    async def _give_up(self, exc: EmbedfillError) -> None:
+        """This target no longer fits (its table changed shape): say so, end its job with
+        the reason and give up its lock; the process's other targets go on."""
+        self.failed = exc
+        log.error(
+            "watch of %s: %s; not watching it any more (the other targets go on)",
+            self.target.name,
+            exc,
+        )
+        job, self.job_id = self.job_id, None
+        if job is not None and self._leads is not None:
+            with contextlib.suppress(psycopg.Error):
+                async with self._hub.use(self._leads[0]) as conn:
+                    await Store(conn).cancel_chunks(job)
+                    await jobs.finish(conn, job, error=exc, force=True, end_watch=True)
+        await self._step_down()
+
     async def close(self) -> None:
         """After the workers finished their chunks in flight: end the watch job (chunks
         not started are cancelled; their rows are found again by the next watch), then
@@ -407,6 +451,10 @@ class TargetWatch:
         with contextlib.suppress(psycopg.Error):
             async with self._hub.use(leads[0]) as conn:
                 await Store(conn).release_watch_lock(leads[1])
+
+
+class _ShapeChanged(Exception):
+    """The watched table's columns changed (the app's migration): inspect it again."""
 
 
 async def _wait_for(changed: asyncio.Event, stop: asyncio.Event, seconds: float) -> None:

@@ -4,6 +4,7 @@ same workers as jobs."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -13,13 +14,15 @@ import psycopg
 import pytest
 
 from embedfill import Database, astatus
-from embedfill.config import EngineConfig, render_text
+from embedfill.config import EngineConfig, TableName, render_text
+from embedfill.errors import RunAborted
 from embedfill.providers.hashing import hash_vector
 from embedfill.runtime import awatch
 from embedfill.watch import TargetWatch, WatchOptions
 from tests.support.fake_openai import FakeOpenAI
 from tests.support.tables import stored_vectors, tickets_config
 
+T = 'app."SupportTickets"'
 ENV = {"TEST_PLATFORM_KEY": "sk-platform-0123456789abcdef"}
 
 
@@ -268,3 +271,87 @@ def test_a_big_table_without_a_partial_null_index_gets_the_create_index_to_run(
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute('CREATE INDEX "big_emb_null" ON "big" ("id") WHERE "emb" IS NULL')
     assert asyncio.run(hint()) is None
+
+
+# ------------------------------------ issue 15, items 3 and 11: a table that changes shape
+
+
+def two_targets(base_url: str) -> Any:
+    """tickets, and the same rows copied to app.notes: two targets of one watch."""
+    config = tickets_config(base_url)
+    notes = dataclasses.replace(
+        config.targets[0], name="notes", table=TableName(schema="app", name="notes")
+    )
+    return type(config)(
+        providers=config.providers,
+        targets=(*config.targets, notes),
+        engine=EngineConfig(chunk_rows=50, lease_s=5),
+    )
+
+
+def nulls(db_url: str, table: str) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {table} WHERE emb IS NULL").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_target_whose_table_no_longer_fits_stops_alone_and_the_watch_exits_3(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """ALTER COLUMN emb TYPE vector(16) under a watch of two targets: that target says
+    why and stops (its job failed with the reason), the other goes on filling rows, and
+    the watch ends with exit 3 naming it (it ended in a traceback and exit 0)."""
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute('CREATE TABLE app.notes (LIKE app."SupportTickets" INCLUDING ALL)')
+        conn.execute('INSERT INTO app.notes SELECT * FROM app."SupportTickets"')
+    running = Running(tickets, two_targets(fake_openai.base_url), interval_s=0.3)
+    wait_for(lambda: nulls(tickets, "app.notes") == 0 and nulls(tickets, T) == 0)
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(f"ALTER TABLE {T} ALTER COLUMN emb TYPE vector(16) USING NULL")
+    wait_for(lambda: any(w.failed is not None for w in running.watches))
+    failed = next(w for w in running.watches if w.failed is not None)
+    assert failed.target.name == "tickets"
+    assert "16-dimensional" in str(failed.failed)
+    # the other target goes on
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute("UPDATE app.notes SET emb = NULL WHERE ticket_no <= 10")
+    wait_for(lambda: nulls(tickets, "app.notes") == 0)
+    with psycopg.connect(tickets) as conn:
+        status = conn.execute(
+            "SELECT status, error FROM embedfill.runs WHERE target = 'tickets'"
+            " AND kind = 'watch' ORDER BY id DESC LIMIT 1"
+        ).fetchone()
+    assert status is not None and status[0] == "failed" and "16-dimensional" in status[1]
+    with pytest.raises(RunAborted, match=r"1 of 2 watched targets stopped being watched") as e:
+        running.stop()
+    assert e.value.exit_code == 3 and "tickets" in str(e.value)
+
+
+def test_a_watch_of_one_target_that_no_longer_fits_exits_3_by_itself(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    config = tickets_config(fake_openai.base_url)
+    running = Running(tickets, config, interval_s=0.3)
+    wait_for(lambda: nulls(tickets, T) == 0)
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(f"ALTER TABLE {T} DROP COLUMN subject")
+    running.thread.join(30)
+    assert not running.thread.is_alive(), "the watch went on with nothing to watch"
+    assert isinstance(running.error, RunAborted)
+    assert "subject" in str(running.error)
+
+
+def test_a_table_that_changed_shape_but_still_fits_is_read_again(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    config = tickets_config(fake_openai.base_url)
+    running = Running(tickets, config, interval_s=0.3)
+    wait_for(lambda: nulls(tickets, T) == 0)
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(f"ALTER TABLE {T} ALTER COLUMN ticket_no TYPE numeric")
+        conn.execute(f"ALTER TABLE {T} ADD COLUMN extra int")
+        conn.execute(f"UPDATE {T} SET emb = NULL WHERE ticket_no <= 5")
+    wait_for(lambda: nulls(tickets, T) == 0)
+    assert all(w.failed is None for w in running.watches)
+    running.stop()

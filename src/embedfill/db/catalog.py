@@ -140,6 +140,22 @@ async def resolve_table(
     return int(row[0]), str(row[1])
 
 
+_SHAPE = """
+SELECT pg_catalog.md5(pg_catalog.string_agg(
+           a.attnum || ':' || a.attname || ':' || a.atttypid || ':' || a.atttypmod, ','
+           ORDER BY a.attnum))
+FROM pg_catalog.pg_attribute a
+WHERE a.attrelid = %(rel)s AND a.attnum > 0 AND NOT a.attisdropped"""
+
+
+async def table_shape(conn: psycopg.AsyncConnection[Any], oid: int) -> str | None:
+    """A digest of the table's columns (names, types, sizes); None when it is gone. A
+    watcher compares it at every step: a table that changed shape is inspected again."""
+    cur = await conn.execute(_SHAPE, {"rel": oid})
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else str(row[0])
+
+
 async def inspect_target(
     conn: psycopg.AsyncConnection[Any],
     target: TargetConfig,
