@@ -250,7 +250,8 @@ async def astatus(config: Config, db: Database, target: str | None = None) -> li
                     conn, info, t.embedding_column, model, create=False
                 )
                 params = ids.params()
-            out.append(await target_status(conn, t, info, params))
+            failing = await Store(conn).failing(info.oid, t.embedding_column) if kept else None
+            out.append(await target_status(conn, t, info, params, failing))
         return out
     except psycopg.Error as exc:
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc

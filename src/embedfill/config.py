@@ -159,6 +159,10 @@ class EngineConfig:
     chunk_rows: int = 2000
     worker_chunks: int = 2
     lease_s: int = 30
+    # a watch sends a row that failed for a passing cause again after retry_failed_s,
+    # doubling per failure of the row up to retry_failed_max_s (at once after a key change)
+    retry_failed_s: int = 60
+    retry_failed_max_s: int = 3600
 
 
 MAX_LEASE_S = 60
@@ -317,6 +321,8 @@ _ENGINE_KEYS = {
     "chunk_rows": int,
     "worker_chunks": int,
     "lease_s": int,
+    "retry_failed_s": int,
+    "retry_failed_max_s": int,
 }
 _TOP_KEYS = ("providers", "targets", "engine")
 

@@ -8,7 +8,9 @@ sources are ever logged or reported.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -92,9 +94,24 @@ class ResolvedKey:
     error: str | None = None  # why the tenant cannot be embedded
     fallback: bool = False  # the platform key, for a tenant whose own was looked for
 
+    @property
+    def digest(self) -> str:
+        """Which key this is, to tell a changed key from the one a failure was met with
+        (recorded with failures): 16 hex digits of a SHA-256 of the key under embedfill's
+        own prefix, never the key or a part of it; "none" without a key."""
+        if self.key is None:
+            return "none"
+        seen = hashlib.sha256(b"embedfill-key-digest\0" + self.key.reveal().encode())
+        return seen.hexdigest()[:16]
+
+
+# a tenant's key is looked up again after this long: a key stored (`keys set`) or
+# changed where tenant_key_sql reads it reaches a long-lived session (a watch's)
+KEY_TTL_S = 5.0
+
 
 class KeyResolver:
-    """Resolves and caches one key per tenant for one run."""
+    """Resolves and caches one key per tenant for one run, for ``KEY_TTL_S``."""
 
     def __init__(
         self,
@@ -111,20 +128,26 @@ class KeyResolver:
         self.provider = provider
         self.needs_key = needs_key
         self.env = os.environ if env is None else env
-        self._cache: dict[str | None, ResolvedKey] = {}
+        self._cache: dict[str | None, tuple[float, ResolvedKey]] = {}
 
     def platform_key(self) -> Secret | None:
         value = self.env.get(self.provider.api_key_env, "").strip()
         return Secret(value) if value else None
 
     def cached(self, tenant: str | None) -> ResolvedKey | None:
-        """The tenant's key if it was resolved already (no database needed)."""
-        return self._cache.get(tenant)
+        """The tenant's key if it was resolved in the last ``KEY_TTL_S`` (no database
+        needed)."""
+        found = self._cache.get(tenant)
+        if found is None or time.monotonic() - found[0] > KEY_TTL_S:
+            return None
+        return found[1]
 
     async def resolve(self, tenant: str | None) -> ResolvedKey:
-        if tenant not in self._cache:
-            self._cache[tenant] = await self._resolve(tenant)
-        return self._cache[tenant]
+        found = self.cached(tenant)
+        if found is None:
+            found = await self._resolve(tenant)
+            self._cache[tenant] = (time.monotonic(), found)
+        return found
 
     async def _resolve(self, tenant: str | None) -> ResolvedKey:
         """An empty (or blank) key from any source is no key: the next source is tried,

@@ -77,6 +77,18 @@ class Failure:
     attempts: int = 1
 
 
+@dataclass(frozen=True)
+class Retry:
+    """What a watch needs to send a failed row again (watch.py), recorded with its
+    failure, never in a report: the text that failed, whether the provider rejected that
+    text itself (then the row waits for its text to change; otherwise it is sent again
+    after a backoff), and a digest of the key tried (a new key retries at once)."""
+
+    text_md5: Any = None
+    rejected_input: bool = False
+    key_digest: str | None = None
+
+
 @dataclass
 class Report:
     """What a backfill (or its dry run) did, per tenant. The CLI, the library and the
@@ -161,6 +173,8 @@ class TenantStatus:
     stale: int = 0
     outdated_model: int = 0
     unverified: int = 0
+    failing: int = 0  # rows whose last try failed (and that no try wrote since)
+    failing_errors: dict[str, int] = field(default_factory=dict)  # by error class
 
 
 @dataclass(frozen=True)
@@ -175,6 +189,8 @@ class TargetStatus:
     stale: int = 0
     outdated_model: int = 0
     unverified: int = 0
+    failing: int = 0  # rows whose last try failed, for a passing cause or not
+    failing_errors: dict[str, int] = field(default_factory=dict)  # by error class
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"tenants": [asdict(t) for t in self.tenants]}

@@ -15,34 +15,37 @@ from .verify import AdoptResult, VerifyResult
 def status_tables(console: Console, statuses: list[TargetStatus]) -> None:
     for s in statuses:
         index = s.vector_index or "none"
+        failing = f", [red]{s.failing:,} failing[/] ({_errors(s.failing_errors)})"
         console.print(
             f"[bold]{s.name}[/] ({s.table}, vector({s.dimensions}), index: {index}): "
             f"{s.rows:,} rows, [{'red' if s.missing else 'green'}]{s.missing:,} missing[/], "
             f"[{'yellow' if s.stale else 'green'}]{s.stale:,} stale[/], "
             f"[{'yellow' if s.outdated_model else 'green'}]{s.outdated_model:,} outdated model[/], "
-            f"{s.unverified:,} unverified"
+            f"{s.unverified:,} unverified" + (failing if s.failing else "")
         )
         if s.tenants:
-            table = Table(
-                "tenant",
-                "rows",
-                "missing",
-                "stale",
-                "outdated model",
-                "unverified",
-                box=None,
-                padding=(0, 2),
-            )
+            columns = ["tenant", "rows", "missing", "stale", "outdated model", "unverified"]
+            table = Table(*columns, *(["failing"] if s.failing else []), box=None, padding=(0, 2))
             for t in s.tenants:
-                table.add_row(
+                cells = [
                     str(t.tenant),
                     f"{t.rows:,}",
                     f"{t.missing:,}",
                     f"{t.stale:,}",
                     f"{t.outdated_model:,}",
                     f"{t.unverified:,}",
-                )
+                ]
+                if s.failing:
+                    cells.append(
+                        f"{t.failing:,} ({_errors(t.failing_errors)})" if t.failing else "0"
+                    )
+                table.add_row(*cells)
             console.print(table)
+
+
+def _errors(by_class: dict[str, int]) -> str:
+    """``AuthFailed 3, ProviderUnavailable 2``: rows failing, by error class."""
+    return ", ".join(f"{name} {count:,}" for name, count in sorted(by_class.items()))
 
 
 def report_table(console: Console, r: Report) -> None:

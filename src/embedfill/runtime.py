@@ -48,7 +48,7 @@ class Runtime:
         # opened by the first watcher that needs it
         self.hub = WatchHub(db, config.engine.lock_timeout_ms)
         self.watches = (
-            [TargetWatch(config, db, config.target(n), watch, self.hub) for n in names]
+            [TargetWatch(config, db, config.target(n), watch, self.hub, env) for n in names]
             if watch is not None
             else []
         )

@@ -39,7 +39,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +55,7 @@ from .db.target_sql import BLANK, TargetSQL
 from .errors import EmbedfillError, RunAborted
 from .freshness import ProvenanceIds, model_identity, provenance_ids
 from .jobs.spec import JobSpec
+from .keys import KeyResolver
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ BUSY_WAIT_S = 0.05  # while a chunk waits for a free worker, look again this oft
 DRAIN_EVERY_S = 1.0  # the change queue is read at least this often, notified or not
 PUMP_SLICE_S = 0.1  # the hub waits for notifications this long between watchers' turns
 RETRY_MAX_S = 30.0
+# failures of a tenant's key: its rows go again as soon as the key is another
+KEY_FAILURES = ("AuthFailed", "NoApiKey")
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,7 @@ class TargetWatch:
     target: TargetConfig
     opts: WatchOptions
     hub: WatchHub | None = None  # shared by the process's watchers; None: its own
+    env: Mapping[str, str] | None = None  # where the platform key is (None: os.environ)
     job_id: int | None = None
     queued: int = 0  # ids this watcher queued (tests and logs)
     # why this target is no longer watched while the others go on (its table no longer
@@ -211,6 +215,7 @@ class TargetWatch:
 
     def __post_init__(self) -> None:
         self._own_hub = self.hub is None
+        self._env: Mapping[str, str] = os.environ if self.env is None else self.env
         self._hub = self.hub or WatchHub(self.db, self.config.engine.lock_timeout_ms)
 
     @property
@@ -266,7 +271,7 @@ class TargetWatch:
             ids = await provenance_ids(
                 conn, info, self.target.embedding_column, model_identity(pconf, info), create=True
             )
-            spec = jobs.spec_of("watch", self.target, pconf, info, env=os.environ)
+            spec = jobs.spec_of("watch", self.target, pconf, info, env=self._env)
             job = await jobs.open_watch_job(
                 conn, spec=spec, target=self.target, info=info, actor=self.opts.actor
             )
@@ -368,6 +373,8 @@ class TargetWatch:
         room = self.chunk_rows * 4 - len(inflight)  # the backlog queued at once
         keys: list[str] = []
         now = time.monotonic()
+        if now >= missing.due:
+            await self._retry_new_keys(conn, store, job)
         for walk, is_outdated in ((missing, False), (outdated, True)):
             if room > 0 and now >= walk.due:
                 rows = await self._page(conn, tsql, walk, is_outdated, ids, job, room)
@@ -390,6 +397,27 @@ class TargetWatch:
         # transaction at a time per column (db/triggers.py), so a row can be queued
         # without a notification of its own
         return 0.2 if more else min(DRAIN_EVERY_S, max(0.0, next_due))
+
+    async def _retry_new_keys(
+        self, conn: psycopg.AsyncConnection[Any], store: Store, job: int
+    ) -> None:
+        """Rows that failed for their tenant's key (none, or rejected) go again at once
+        when the tenant's key is another now (stored with `keys set`, or another answer
+        from tenant_key_sql), not after their backoff."""
+        waiting = await store.key_failures(job, KEY_FAILURES)
+        if not waiting:
+            return
+        pconf = self.config.provider_for(self.target)
+        keys = KeyResolver(store, conn, self.target, pconf, True, self._env)
+        for tenant, digest in waiting:
+            if (await keys.resolve(tenant)).digest != digest:
+                sent = await store.retry_tenant_now(tenant, job)
+                log.info(
+                    "watch of %s: tenant %s has another key now; its %d failed rows go again",
+                    self.target.name,
+                    tenant,
+                    sent,
+                )
 
     async def _page(
         self,

@@ -29,7 +29,9 @@ ENV = {"TEST_PLATFORM_KEY": "sk-platform-0123456789abcdef"}
 class Running:
     """``awatch`` on its own event loop in a thread, stopped by ``stop()``."""
 
-    def __init__(self, db_url: str, config: Any, **opts: Any) -> None:
+    def __init__(
+        self, db_url: str, config: Any, env: dict[str, str] | None = None, **opts: Any
+    ) -> None:
         import threading
 
         self.loop = asyncio.new_event_loop()
@@ -48,7 +50,7 @@ class Running:
                     None,
                     self.stop_event,
                     opts=WatchOptions(**opts),
-                    env=ENV,
+                    env=ENV if env is None else env,
                     on_watch=self.watches.extend,
                 )
 

@@ -398,13 +398,19 @@ async def target_status(
     target: TargetConfig,
     info: TableInfo,
     provenance: dict[str, Any] | None,
+    failures: list[tuple[str | None, str, int]] | None = None,
 ) -> TargetStatus:
-    """Rows, missing, unverified, outdated_model and stale, per tenant. ``provenance``:
-    the ``column_id`` and ``model_id`` parameters (freshness.py), None when embedfill's
-    schema has no provenance yet (every vector is unverified)."""
+    """Rows, missing, unverified, outdated_model and stale, per tenant, and the rows
+    failing now (``failures``: Store.failing). ``provenance``: the ``column_id`` and
+    ``model_id`` parameters (freshness.py), None when embedfill's schema has no
+    provenance yet (every vector is unverified)."""
     q = info.sql(target)
     cur = await conn.execute(q.status_by_tenant(provenance is not None), provenance or {})
     rows = await cur.fetchall()
+    failing: dict[str | None, dict[str, int]] = {}
+    if failures is not None:
+        for tenant, error_class, count in failures:
+            failing.setdefault(tenant, {})[error_class] = count
     tenants = tuple(
         TenantStatus(
             tenant=r[0],
@@ -413,9 +419,15 @@ async def target_status(
             unverified=int(r[3]),
             outdated_model=int(r[4]),
             stale=int(r[5]),
+            failing=sum(failing.get(r[0], {}).values()),
+            failing_errors=failing.get(r[0], {}),
         )
         for r in rows
     )
+    errors: dict[str, int] = {}
+    for by_class in failing.values():
+        for name, count in by_class.items():
+            errors[name] = errors.get(name, 0) + count
     return TargetStatus(
         name=target.name,
         table=str(target.table),
@@ -425,6 +437,8 @@ async def target_status(
         stale=sum(t.stale for t in tenants),
         outdated_model=sum(t.outdated_model for t in tenants),
         unverified=sum(t.unverified for t in tenants),
+        failing=sum(errors.values()),
+        failing_errors=errors,
         vector_index=info.vector_index,
         tenants=tenants if target.tenant_column else (),
     )

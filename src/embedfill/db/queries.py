@@ -134,9 +134,34 @@ FROM embedfill.runs
 WHERE status IN ('queued', 'running') AND NOT dry_run
 GROUP BY target ORDER BY target"""
 
+# a row that failed for a passing cause may go again (watch.py) after a backoff that
+# doubles with each failure of the row in its job, from %(base_s)s up to %(max_s)s
+# seconds; one whose input the provider rejected waits for its text to change (NULL)
 INSERT_FAILURE = """
-INSERT INTO embedfill.failures (run_id, row_id, tenant, error_class, message, attempts)
-VALUES (%(run_id)s, %(row_id)s, %(tenant)s, %(error_class)s, %(message)s, %(attempts)s)"""
+INSERT INTO embedfill.failures
+    (run_id, row_id, tenant, error_class, message, attempts, text_md5, key_digest, retry_at)
+SELECT %(run_id)s, %(row_id)s, %(tenant)s, %(error_class)s, %(message)s, %(attempts)s,
+       %(text_md5)s, %(key_digest)s,
+       CASE WHEN %(rejected_input)s THEN NULL
+            ELSE pg_catalog.now() + pg_catalog.make_interval(secs => LEAST(
+                %(max_s)s::float8,
+                %(base_s)s::float8 * pg_catalog.power(2::float8, LEAST(20, (
+                    SELECT pg_catalog.count(*) FROM embedfill.failures AS f
+                    WHERE f.run_id = %(run_id)s AND f.row_id = %(row_id)s))::float8)))
+       END"""
+
+# a tenant's key changed: its failed rows that wait for a retry go at once
+RETRY_TENANT_NOW = """
+UPDATE embedfill.failures SET retry_at = pg_catalog.now()
+WHERE tenant IS NOT DISTINCT FROM %(tenant)s AND retry_at > pg_catalog.now()
+  AND (%(run_id)s::bigint IS NULL OR run_id = %(run_id)s)"""
+
+# the tenants whose rows wait for a retry after a key failure, with the key then tried
+KEY_FAILURES = """
+SELECT DISTINCT ON (tenant) tenant, key_digest FROM embedfill.failures
+WHERE run_id = %(run_id)s AND retry_at > pg_catalog.now()
+  AND error_class = ANY (%(classes)s::text[])
+ORDER BY tenant, created_at DESC"""
 
 UPSERT_KEY = """
 INSERT INTO embedfill.tenant_keys (tenant, ciphertext, key_hint)
@@ -349,6 +374,27 @@ _STANDING_FAILURE = """NOT EXISTS (
          AND v.table_name = c.relname AND v.column_name = r.column_name
     JOIN embedfill.provenance p ON p.column_id = v.id AND p.row_key = f.row_id
     WHERE r.id = f.run_id AND p.embedded_at OPERATOR(pg_catalog.>=) f.created_at)"""
+
+# Rows failing now, per tenant and error class (the latest failure of each row): in the
+# column's running jobs (a watch's) and its latest job, not written since.
+FAILING = (
+    """
+WITH jobs AS (
+    SELECT r.id FROM embedfill.runs r
+    WHERE r.table_oid = %(rel)s AND r.column_name = %(column)s AND NOT r.dry_run
+      AND (r.status = 'running' OR r.id = (
+          SELECT pg_catalog.max(l.id) FROM embedfill.runs l
+          WHERE l.table_oid = %(rel)s AND l.column_name = %(column)s AND NOT l.dry_run))
+), f AS (
+    SELECT DISTINCT ON (f.row_id) f.run_id, f.row_id, f.tenant, f.error_class, f.created_at
+    FROM embedfill.failures f WHERE f.run_id IN (SELECT id FROM jobs)
+    ORDER BY f.row_id, f.created_at DESC
+)
+SELECT f.tenant, f.error_class, pg_catalog.count(*) FROM f WHERE """
+    + _STANDING_FAILURE
+    + """
+GROUP BY 1, 2 ORDER BY 1, 2"""
+)
 
 # a worker's own report for a job, then the job's totals as the sum over its workers
 SAVE_WORKER = """

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +11,7 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from ..models import Failure, Report
+from ..models import Failure, Report, Retry
 from . import queries as q
 
 
@@ -168,7 +168,15 @@ class Store:
             },
         )
 
-    async def record_failures(self, run_id: int, failures: Iterable[Failure]) -> None:
+    async def record_failures(
+        self,
+        run_id: int,
+        failures: Iterable[tuple[Failure, Retry]],
+        *,
+        retry_s: float = 60.0,
+        retry_max_s: float = 3600.0,
+    ) -> None:
+        """The failures of a job's rows, each with when a watch may send it again."""
         params = [
             {
                 "run_id": run_id,
@@ -177,12 +185,38 @@ class Store:
                 "error_class": f.error_class,
                 "message": f.error,
                 "attempts": f.attempts,
+                "text_md5": retry.text_md5,
+                "key_digest": retry.key_digest,
+                "rejected_input": retry.rejected_input,
+                "base_s": retry_s,
+                "max_s": retry_max_s,
             }
-            for f in failures
+            for f, retry in failures
         ]
         if params:
             async with self.conn.cursor() as cur:
                 await cur.executemany(q.INSERT_FAILURE, params)
+
+    async def failing(self, table_oid: int, column: str) -> list[tuple[str | None, str, int]]:
+        """(tenant, error class, rows) of the column's rows failing now (``q.FAILING``)."""
+        if not await self.has_provenance():
+            return []
+        cur = await self.conn.execute(q.FAILING, {"rel": table_oid, "column": column})
+        return [(r[0], str(r[1]), int(r[2])) for r in await cur.fetchall()]
+
+    async def retry_tenant_now(self, tenant: str | None, run_id: int | None = None) -> int:
+        """The tenant's key changed: its failed rows waiting for a retry go at once (in
+        one job, or every job when ``run_id`` is None)."""
+        cur = await self.conn.execute(q.RETRY_TENANT_NOW, {"tenant": tenant, "run_id": run_id})
+        return cur.rowcount
+
+    async def key_failures(
+        self, run_id: int, classes: Sequence[str]
+    ) -> list[tuple[str | None, str | None]]:
+        """(tenant, digest of the key tried) of the tenants whose rows wait for a retry
+        after one of these key failures."""
+        cur = await self.conn.execute(q.KEY_FAILURES, {"run_id": run_id, "classes": list(classes)})
+        return [(r[0], r[1]) for r in await cur.fetchall()]
 
     # ---------------------------------------------------------------- jobs
 
@@ -466,9 +500,13 @@ class Store:
     # ---------------------------------------------------------------- keys
 
     async def put_key(self, tenant: str, ciphertext: bytes, key_hint: str) -> None:
-        await self.conn.execute(
-            q.UPSERT_KEY, {"tenant": tenant, "ciphertext": ciphertext, "key_hint": key_hint}
-        )
+        """Store the tenant's key; its rows that failed and wait for a retry (a watch's)
+        go at once, with the new key."""
+        async with self.conn.transaction():
+            await self.conn.execute(
+                q.UPSERT_KEY, {"tenant": tenant, "ciphertext": ciphertext, "key_hint": key_hint}
+            )
+            await self.retry_tenant_now(tenant)
 
     async def get_key(self, tenant: str) -> bytes | None:
         cur = await self.conn.execute(q.GET_KEY, {"tenant": tenant})

@@ -362,9 +362,10 @@ class TargetSQL:
         """A keyset page (after %(after)s unless ``first``, %(limit)s ids) of rows a watch
         should queue: NULL rows, or, with ``outdated``, rows whose vector is stale or from
         another model; either way only rows with text (not blank as Python sees it:
-        %(blank)s is ``BLANK``) that did not fail in watch job %(run_id)s (rows the
-        provider rejected wait for their text to change, and are not sent again at every
-        poll or sweep). Each row: the id, and the id as text."""
+        %(blank)s is ``BLANK``) and not held back by a failure in watch job %(run_id)s:
+        a row whose text the provider rejected waits for its text to change; one that
+        failed for a passing cause (an outage, a key) waits until its ``retry_at``
+        (db/queries.INSERT_FAILURE). Each row: the id, and the id as text."""
         emb = sql.Identifier("t", self.target.embedding_column)
         t_id = sql.Identifier("t", self.target.id_column)
         if outdated:
@@ -374,8 +375,10 @@ class TargetSQL:
         need = sql.SQL(
             "{need} AND btrim({text}, %(blank)s) <> ''"
             " AND NOT EXISTS (SELECT 1 FROM embedfill.failures AS f"
-            " WHERE f.run_id = %(run_id)s AND f.row_id = {id}::text)"
-        ).format(need=need, text=self.rendered("t"), id=t_id)
+            " WHERE f.run_id = %(run_id)s AND f.row_id = {id}::text"
+            " AND CASE WHEN f.retry_at IS NULL THEN f.text_md5 IS NOT DISTINCT FROM {md5}"
+            " ELSE f.retry_at > pg_catalog.now() END)"
+        ).format(need=need, text=self.rendered("t"), id=t_id, md5=self.text_md5("t"))
         after = sql.SQL("") if first else sql.SQL(" AND {} > %(after)s").format(t_id)
         return sql.SQL(
             "SELECT {id}, {id}::text FROM {table} AS t WHERE {need}{after}"

@@ -69,8 +69,14 @@ class EmbedStage(TallyStage):
         resolved = await self.client.key(batch.tenant)
         tenant.key_source = resolved.source
         self._note_key_source(batch.tenant, resolved)
+        if self._dead_keys.get(batch.tenant, resolved.digest) != resolved.digest:
+            # its key changed (stored, or tenant_key_sql answers another): try it
+            self.dead_tenants.pop(batch.tenant, None)
+            self._dead_keys.pop(batch.tenant, None)
+            tenant.error = None
         if resolved.error and batch.tenant not in self.dead_tenants:
             self.dead_tenants[batch.tenant] = resolved.error
+            self._dead_keys[batch.tenant] = resolved.digest
             log.warning(
                 "run %s: tenant %s cannot be embedded: %s",
                 self.report.run_id,
@@ -100,6 +106,7 @@ class EmbedStage(TallyStage):
         except AuthFailed as exc:
             reason = f"{exc} (tenant {batch.tenant!r}, key source {resolved.source})"
             self.dead_tenants[batch.tenant] = reason
+            self._dead_keys[batch.tenant] = resolved.digest
             tenant.error = reason
             log.error("run %s: tenant %s: %s", self.report.run_id, batch.tenant, exc)
             self._fail(batch, exc, exc.attempts)

@@ -33,7 +33,7 @@ from ..embedding import Client
 from ..errors import EmbedfillError, ProviderError, RunAborted
 from ..freshness import UNKNOWN, ProvenanceIds, model_identity, provenance_ids
 from ..keys import KeyResolver, ResolvedKey
-from ..models import Failure, Report, Row, TenantReport
+from ..models import Failure, Report, Retry, Row, TenantReport
 from ..planning import BoundedCache
 from ..providers import Provider, Vector
 from ..ratelimit import Rates, SharedLimits
@@ -207,6 +207,8 @@ class RunState:
         self.cache: BoundedCache[Vector] = BoundedCache(cache_rows)
         self.inflight: dict[str, list[Row]] = {}
         self.dead_tenants: dict[str | None, str] = {}
+        # the key each dead tenant died with: another key (keys.KEY_TTL_S) revives it
+        self._dead_keys: dict[str | None, str] = {}
         # rpm/tpm and 429 pauses, per key, shared with every run in every process; a
         # provider without keys or limits (local, hash) has nothing to share
         self.concurrency = (
@@ -218,7 +220,7 @@ class RunState:
         if provider.needs_key or pconf.rpm or pconf.tpm:
             scope = f"{pconf.kind}|{pconf.base_url or ''}|{pconf.model}"
             self.limits = SharedLimits(self.store, Rates(pconf.rpm, pconf.tpm), scope)
-        self.pending_failures: list[Failure] = []
+        self.pending_failures: list[tuple[Failure, Retry]] = []
         self.locked: list[tuple[float, PendingWrite]] = []  # (retry at, rows) the app held locked
         self._locked_since: dict[Any, float] = {}  # when each such row was first found locked
         self._last_progress = 0.0

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 import psycopg
 
 from ..db.store import Store
-from ..errors import DatabaseError, EmbedfillError
-from ..models import Failure, Row
+from ..errors import BadInput, DatabaseError, EmbedfillError, NonFiniteVector
+from ..models import Failure, Retry, Row
 from ..planning import estimate_cost
 from .state import Chunk, RunState
 
@@ -53,6 +53,9 @@ class TallyStage(RunState):
             chunk.resolve(self._halt_error() if self.halted is not None else None)
 
     def _fail_rows(self, rows: Sequence[Row], exc: EmbedfillError, attempts: int) -> None:
+        # the provider rejected these texts themselves: they wait for their text to
+        # change; any other cause passes, and a watch sends them again (watch.py)
+        rejected = isinstance(exc, BadInput | NonFiniteVector)
         for row in rows:
             failure = Failure(
                 id=row.id,
@@ -61,7 +64,13 @@ class TallyStage(RunState):
                 error_class=type(exc).__name__,
                 attempts=attempts,
             )
-            self.pending_failures.append(failure)
+            resolved = self.keys.cached(row.tenant)
+            retry = Retry(
+                text_md5=row.text_md5,
+                rejected_input=rejected,
+                key_digest=resolved.digest if resolved is not None else None,
+            )
+            self.pending_failures.append((failure, retry))
             if len(self.report.failures) < MAX_REPORTED_FAILURES:
                 self.report.failures.append(failure)
             self._tenant(row.tenant).failed += 1
@@ -97,7 +106,12 @@ class TallyStage(RunState):
         store = store or self.store
         failures, self.pending_failures = self.pending_failures, []
         try:
-            await store.record_failures(self.report.run_id, failures)
+            await store.record_failures(
+                self.report.run_id,
+                failures,
+                retry_s=self.engine.retry_failed_s,
+                retry_max_s=self.engine.retry_failed_max_s,
+            )
         except BaseException:
             self.pending_failures[:0] = failures  # not lost: the next flush writes them
             raise

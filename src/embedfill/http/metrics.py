@@ -51,6 +51,14 @@ class Metrics(Observer):
         self.missing = Gauge(
             "embedfill_missing_rows", "Rows whose embedding is NULL.", ["target"], registry=r
         )
+        self.failing = Gauge(
+            "embedfill_failing_rows",
+            "Rows whose last try failed and that no try wrote since, by error class (a "
+            "watch retries passing causes with a backoff, at once after a key change).",
+            ["target", "error_class"],
+            registry=r,
+        )
+        self._failing_classes: dict[str, set[str]] = {}
         self.stale = Gauge(
             "embedfill_stale_rows",
             "Vectors whose row's text changed since they were embedded.",
@@ -117,6 +125,11 @@ class Metrics(Observer):
     def set_status(self, status: TargetStatus, at: float) -> None:
         name = status.name
         self.missing.labels(name).set(status.missing)
+        for error_class in self._failing_classes.get(name, set()) - set(status.failing_errors):
+            self.failing.labels(name, error_class).set(0)  # no row fails for it any more
+        for error_class, count in status.failing_errors.items():
+            self.failing.labels(name, error_class).set(count)
+        self._failing_classes[name] = set(status.failing_errors)
         self.stale.labels(name).set(status.stale)
         self.outdated_model.labels(name).set(status.outdated_model)
         self.unverified.labels(name).set(status.unverified)

@@ -1,0 +1,178 @@
+"""Failed rows come back (issue 15, item 1): a watch sends a row that failed for a
+passing cause again after a backoff, and at once when its tenant's key changes; only a
+row whose text the provider rejected waits for its text to change. In-process watch, a
+real PostgreSQL and the real test server."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+import psycopg
+
+from embedfill import Database, astatus
+from embedfill.config import EngineConfig
+from embedfill.db.connect import connect
+from embedfill.db.schema import ensure_schema
+from embedfill.db.store import Store
+from embedfill.http.metrics import Metrics
+from embedfill.keys import encrypt, new_master_key
+from tests.integration.test_watch import ENV, Running, nulls, wait_for
+from tests.support.fake_openai import FakeOpenAI, Fault
+from tests.support.tables import tickets_config
+
+T = 'app."SupportTickets"'
+
+
+def config_for(base_url: str, *, retry_s: int, **provider: Any) -> Any:
+    config = tickets_config(
+        base_url, provider_overrides={"max_attempts": 1, "batch_size": 5, **provider}
+    )
+    return dataclasses.replace(
+        config,
+        engine=EngineConfig(chunk_rows=50, lease_s=5, retry_failed_s=retry_s),
+    )
+
+
+def failures(db_url: str) -> list[tuple[str, str | None, bool]]:
+    """(error class, tenant, waits for its text) of every failure recorded."""
+    with psycopg.connect(db_url) as conn:
+        if conn.execute("SELECT to_regclass('embedfill.failures')").fetchone() == (None,):
+            return []  # the watch has not made embedfill's schema yet
+        rows = conn.execute(
+            "SELECT error_class, tenant, retry_at IS NULL FROM embedfill.failures ORDER BY id"
+        ).fetchall()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def running_config(running: Running) -> Any:
+    return running.watches[0].config
+
+
+def store_key(db_url: str, env: dict[str, str], tenant: str, key: str) -> None:
+    async def go() -> None:
+        conn = await connect(Database(db_url))
+        try:
+            await ensure_schema(conn)
+            await Store(conn).put_key(tenant, encrypt(key, env), "***")
+        finally:
+            await conn.close()
+
+    asyncio.run(go())
+
+
+def test_rows_that_failed_in_a_provider_outage_are_filled_once_it_is_over(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """The provider answers 503 for a while: the rows that failed meanwhile stayed NULL
+    for as long as the watch ran; they are sent again after their backoff."""
+    fake_openai.faults = [Fault(503) for _ in range(10_000)]
+    running = Running(
+        tickets, config_for(fake_openai.base_url, retry_s=1), interval_s=0.3, sweep_interval_s=1
+    )
+    wait_for(lambda: len(failures(tickets)) >= 10, timeout=60)
+    assert {f[0] for f in failures(tickets)} <= {"ProviderUnavailable"}
+    assert not any(waits for *_, waits in failures(tickets))
+    fake_openai.faults.clear()  # the outage is over
+    wait_for(lambda: nulls(tickets, T) == 0, timeout=60)
+    running.stop()
+
+
+def test_a_tenants_key_fixed_with_keys_set_fills_its_rows_at_once(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """A revoked key, then the fix users make most (`keys set`): the tenant's rows are
+    sent again at once, not after their backoff (an hour here), and not only once the
+    watch restarts."""
+    env = ENV | {"EMBEDFILL_MASTER_KEY": new_master_key()}
+    fake_openai.bad_keys = {"sk-acme-revoked-000000"}
+    store_key(tickets, env, "org-a", "sk-acme-revoked-000000")
+    running = Running(
+        tickets, config_for(fake_openai.base_url, retry_s=3600), env=env, interval_s=0.3
+    )
+    with psycopg.connect(tickets) as conn:
+        acme = conn.execute(f"SELECT count(*) FROM {T} WHERE org = 'org-a' AND emb IS NULL")
+        acme_nulls = acme.fetchone()
+    assert acme_nulls is not None and acme_nulls[0] > 0
+    wait_for(lambda: nulls(tickets, T) == acme_nulls[0], timeout=60)  # the others filled
+    wait_for(lambda: any(f[0] == "AuthFailed" for f in failures(tickets)))
+    # status and /metrics say which rows fail, per tenant, and why
+    status = asyncio.run(astatus(running_config(running), Database(tickets)))[0]
+    assert status.failing == acme_nulls[0] and status.failing_errors == {
+        "AuthFailed": acme_nulls[0]
+    }
+    assert {t.tenant: t.failing for t in status.tenants}["org-a"] == acme_nulls[0]
+    metrics = Metrics()
+    metrics.set_status(status, 0.0)
+    assert (
+        f'embedfill_failing_rows{{error_class="AuthFailed",target="tickets"}} '
+        f"{float(acme_nulls[0])}" in metrics.render().decode()
+    )
+    store_key(tickets, env, "org-a", "sk-acme-fixed-11111111")
+    wait_for(lambda: nulls(tickets, T) == 0, timeout=30)
+    status = asyncio.run(astatus(running_config(running), Database(tickets)))[0]
+    assert status.failing == 0 and status.failing_errors == {}
+    metrics.set_status(status, 1.0)
+    assert 'embedfill_failing_rows{error_class="AuthFailed",target="tickets"} 0.0' in (
+        metrics.render().decode()
+    )
+    assert "sk-acme-fixed-11111111" in fake_openai.texts_by_key()
+    running.stop()
+
+
+def test_a_tenant_key_sql_answer_fixed_in_the_apps_table_fills_its_rows_at_once(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute("INSERT INTO app.org_settings VALUES ('org-a', 'sk-acme-revoked-000000')")
+    fake_openai.bad_keys = {"sk-acme-revoked-000000"}
+    config = config_for(fake_openai.base_url, retry_s=3600)
+    target = dataclasses.replace(
+        config.targets[0],
+        tenant_key_sql="select api_key from app.org_settings where org = %(tenant)s",
+    )
+    config = dataclasses.replace(config, targets=(target,))
+    running = Running(tickets, config, interval_s=0.3)
+    wait_for(lambda: any(f[0] == "AuthFailed" for f in failures(tickets)), timeout=60)
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute("UPDATE app.org_settings SET api_key = 'sk-acme-fixed-2222222'")
+    wait_for(lambda: nulls(tickets, T) == 0, timeout=30)
+    running.stop()
+
+
+def test_a_row_whose_text_the_provider_rejects_waits_for_its_text_to_change(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(
+            f"UPDATE {T} SET body = body || %s WHERE ticket_no = 1", (fake_openai.bad_marker,)
+        )
+    running = Running(
+        tickets, config_for(fake_openai.base_url, retry_s=1), interval_s=0.3, sweep_interval_s=1
+    )
+    wait_for(lambda: nulls(tickets, T) == 1, timeout=60)
+    wait_for(lambda: [f[0] for f in failures(tickets)] == ["BadInput"])
+    assert failures(tickets)[0][2]  # it waits for its text
+    sent = sum(fake_openai.bad_marker in t for r in fake_openai.requests for t in r.inputs)
+    time.sleep(3)  # three backoffs of a passing cause: it is not sent again
+    again = sum(fake_openai.bad_marker in t for r in fake_openai.requests for t in r.inputs)
+    assert again == sent
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(f"UPDATE {T} SET body = 'fixed' WHERE ticket_no = 1")
+    wait_for(lambda: nulls(tickets, T) == 0, timeout=30)
+    running.stop()
+
+
+def test_failures_record_no_key(tickets: str, fake_openai: FakeOpenAI) -> None:
+    """What is recorded to tell keys apart is a digest: no key, nor a part of one."""
+    env = ENV | {"EMBEDFILL_MASTER_KEY": new_master_key()}
+    fake_openai.bad_keys = {"sk-acme-revoked-SECRETPART"}
+    store_key(tickets, env, "org-a", "sk-acme-revoked-SECRETPART")
+    running = Running(tickets, config_for(fake_openai.base_url, retry_s=3600), env=env)
+    wait_for(lambda: any(f[0] == "AuthFailed" for f in failures(tickets)), timeout=60)
+    running.stop()
+    with psycopg.connect(tickets) as conn:
+        dumped = conn.execute("SELECT f::text FROM embedfill.failures f").fetchall()
+    assert dumped and not any("SECRETPART" in r[0] or "revoked" in r[0] for r in dumped)
