@@ -649,6 +649,16 @@ def migrate(ctx: typer.Context) -> None:
         out.print(f"embedfill schema: version {after} (was {was})")
 
 
+AllowModelChange = Annotated[
+    bool,
+    typer.Option(
+        "--allow-model-change",
+        help="Start even if the configured model differs from the one that wrote the "
+        "column's vectors (they are then re-embedded in place).",
+    ),
+]
+
+
 @app.command()
 def worker(
     ctx: typer.Context,
@@ -661,12 +671,13 @@ def worker(
         typer.Option(help="Chunks worked on at once (default: \\[engine] worker_chunks)."),
     ] = None,
     job: Annotated[int | None, typer.Option(hidden=True)] = None,
+    allow_model_change: AllowModelChange = False,
 ) -> None:
     """Work on backfill jobs created anywhere (backfill, backfill --enqueue, the HTTP API)
     until SIGTERM or SIGINT: then finish the chunks in flight and exit 0 (provider requests
     get 4 s more; what is left of the chunks goes back to the queue, its rows NULL). A
     second signal exits at once: 143 (SIGTERM) or 130 (SIGINT)."""
-    from .runtime import Runtime
+    from .runtime import Runtime, refuse_model_changes
     from .worker import Worker, work_on_job
 
     state = _state(ctx)
@@ -682,6 +693,8 @@ def worker(
             w = Worker(config, db, targets=target or None, concurrency=concurrency)
             await work_on_job(w, job, stop=stop)
             return
+        if not allow_model_change:
+            await refuse_model_changes(config, db, target or None)
         runtime = Runtime(config, db, targets=target or None, concurrency=concurrency)
         assert runtime.worker is not None
         names = ", ".join(target or [t.name for t in config.targets])
@@ -714,6 +727,7 @@ def watch(
         int | None,
         typer.Option(help="Chunks worked on at once (default: \\[engine] worker_chunks)."),
     ] = None,
+    allow_model_change: AllowModelChange = False,
 ) -> None:
     """Keep targets filled and fresh until SIGTERM or SIGINT (then finish what is in
     flight, provider requests within 4 s, and exit 0; a second signal exits at once, 143
@@ -744,7 +758,11 @@ def watch(
             db,
             target or None,
             stop,
-            opts=WatchOptions(interval_s=interval, sweep_interval_s=sweep_interval),
+            opts=WatchOptions(
+                interval_s=interval,
+                sweep_interval_s=sweep_interval,
+                allow_model_change=allow_model_change,
+            ),
             concurrency=concurrency,
         )
 
@@ -790,6 +808,7 @@ def serve(
     sweep_interval: Annotated[
         float, typer.Option(help="With --watch: seconds between stale sweeps.")
     ] = 300.0,
+    allow_model_change: AllowModelChange = False,
 ) -> None:
     """Run the admin HTTP service (needs ADMIN_SECRET or AUTH_SECRET to accept requests)."""
     import uvicorn
@@ -802,8 +821,16 @@ def serve(
     with _errors(state):
         options = None
         if watch:
+            from .runtime import refuse_model_changes
+
             _check_watch_intervals(interval, sweep_interval)
-            options = WatchOptions(interval_s=interval, sweep_interval_s=sweep_interval)
+            options = WatchOptions(
+                interval_s=interval,
+                sweep_interval_s=sweep_interval,
+                allow_model_change=allow_model_change,
+            )
+            if not allow_model_change:
+                asyncio.run(refuse_model_changes(state.config(), state.database()))
         application = create_app(
             state.config(), database=state.database(), worker=not no_worker, watch=options
         )

@@ -69,6 +69,15 @@ class RowSecurityHides(ConfigError):
     http_status = 503
 
 
+class ModelChanged(ConfigError):
+    """The configured model differs from the one that wrote the column's vectors; refresh
+    deliberately (`backfill --refresh`), migrate (`embedfill model`), or pass
+    --allow-model-change."""
+
+    exit_code = 2
+    http_status = 503
+
+
 class KeyStoreError(ConfigError):
     """The key store cannot be used as configured."""
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 
-from .config import ProviderConfig
+from .config import ProviderConfig, TargetConfig
 from .db.catalog import TableInfo
 from .db.store import Store
 
@@ -73,6 +73,36 @@ async def provenance_ids(
     model_id = await store.model_id(model.provider, model.model, model.dimensions, create=create)
     return ProvenanceIds(
         UNKNOWN if column_id is None else column_id, UNKNOWN if model_id is None else model_id
+    )
+
+
+async def model_change(
+    conn: psycopg.AsyncConnection[Any],
+    target: TargetConfig,
+    pconf: ProviderConfig,
+    info: TableInfo,
+) -> str | None:
+    """One sentence when vectors of the target's column were written with another model
+    than the one configured now (a continuous mode would re-embed them in place, silently,
+    while the app searches them); None when none was."""
+    model = model_identity(pconf, info)
+    ids = await provenance_ids(conn, info, target.embedding_column, model, create=False)
+    if ids.column_id == UNKNOWN:
+        return None  # nothing recorded for the column yet
+    others = await Store(conn).other_models(ids.column_id, ids.model_id)
+    if not others:
+        return None
+    provider, name, dims, _ = others[0]
+    other = str(ModelIdentity(provider, name, dims))
+    if len(others) > 1:
+        other += f" and {len(others) - 1} other model{'s' if len(others) > 2 else ''}"
+    rows = sum(r[3] for r in others)
+    return (
+        f"Target {target.name!r} is configured with {model}, but {rows:,} of its vectors "
+        f"were written with {other}, so keeping it filled now would re-embed them in place "
+        "while your app searches them; re-embed deliberately with `embedfill backfill "
+        f"--refresh --target {target.name}` (it warns first), move to the new model with "
+        "`embedfill model start`, or pass --allow-model-change."
     )
 
 

@@ -17,9 +17,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .config import Config
-from .db.connect import Database
+from .db.catalog import inspect_target
+from .db.connect import Database, connect
+from .db.store import Store
 from .engine import Observer
-from .errors import RunAborted
+from .errors import EmbedfillError, ModelChanged, RunAborted
+from .freshness import model_change
 from .providers import Provider
 from .watch import TargetWatch, WatchHub, WatchOptions
 from .worker import Worker
@@ -144,6 +147,31 @@ class Runtime:
         await self.hub.close()
 
 
+async def refuse_model_changes(
+    config: Config, db: Database, targets: Sequence[str] | None = None
+) -> None:
+    """ModelChanged (exit 2) when a target's column holds vectors of another model than
+    configured now (freshness.model_change): `watch`, `worker` and `serve --watch` refuse
+    to start rather than re-embed the live column silently. A target that cannot be
+    inspected now is left to the command's own start-up checks."""
+    conn = await connect(db)
+    try:
+        if not await Store(conn).has_provenance():
+            return
+        for name in targets or [t.name for t in config.targets]:
+            target = config.target(name)
+            pconf = config.provider_for(target)
+            try:
+                info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
+            except EmbedfillError:
+                continue
+            sentence = await model_change(conn, target, pconf, info)
+            if sentence is not None:
+                raise ModelChanged(sentence)
+    finally:
+        await conn.close()
+
+
 async def awatch(
     config: Config,
     db: Database,
@@ -159,11 +187,14 @@ async def awatch(
 ) -> None:
     """Watch ``targets`` (None: every configured one) until ``stop``, with an in-process
     worker (unless ``worker=False``: workers elsewhere do the chunks)."""
+    opts = opts or WatchOptions()
+    if not opts.allow_model_change:
+        await refuse_model_changes(config, db, targets)
     runtime = Runtime(
         config,
         db,
         targets=list(targets or [t.name for t in config.targets]),
-        watch=opts or WatchOptions(),
+        watch=opts,
         worker=worker,
         concurrency=concurrency,
         env=env,

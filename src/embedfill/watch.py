@@ -73,6 +73,9 @@ class WatchOptions:
     interval_s: float = 5.0  # poll for NULL rows this often (and try to lead, standing by)
     sweep_interval_s: float = 300.0  # look for stale and outdated-model rows this often
     actor: str = "watch"
+    # start even when the column holds vectors of another model than configured (the
+    # sweep then re-embeds them in place): runtime.refuse_model_changes
+    allow_model_change: bool = False
 
 
 @dataclass

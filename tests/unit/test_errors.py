@@ -25,6 +25,7 @@ TABLE: dict[str, tuple[int, int]] = {
     "TargetNotFound": (2, 404),
     "SchemaMismatch": (2, 503),
     "RowSecurityHides": (2, 503),
+    "ModelChanged": (2, 503),
     "ExtensionMissing": (2, 503),
     "KeyStoreError": (2, 503),
     "SchemaNotReady": (2, 503),

@@ -150,6 +150,13 @@ SELECT %(run_id)s, %(row_id)s, %(tenant)s, %(error_class)s, %(message)s, %(attem
                     WHERE f.run_id = %(run_id)s AND f.row_id = %(row_id)s))::float8)))
        END"""
 
+# the models other than %(model_id)s that wrote vectors of a column, most rows first
+OTHER_MODELS = """
+SELECT m.provider, m.model, m.dimensions, pg_catalog.count(*)
+FROM embedfill.provenance p JOIN embedfill.models m ON m.id = p.model_id
+WHERE p.column_id = %(column_id)s AND p.model_id <> %(model_id)s
+GROUP BY 1, 2, 3 ORDER BY 4 DESC"""
+
 # a tenant's key changed: its failed rows that wait for a retry go at once
 RETRY_TENANT_NOW = """
 UPDATE embedfill.failures SET retry_at = pg_catalog.now()
