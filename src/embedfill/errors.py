@@ -113,6 +113,14 @@ class DatabaseError(EmbedfillError):
     http_status = 503  # the service's own database, not the request
 
 
+class WriteRefused(DatabaseError):
+    """The database refused to write a row's vector, whatever the retries (a constraint,
+    a trigger, a privilege); the row fails, the others are written."""
+
+    exit_code = 3
+    http_status = 500
+
+
 class NoFreeConnection(DatabaseError):
     """The database server has no free connection; raise max_connections or use fewer."""
 

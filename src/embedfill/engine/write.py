@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 
 from ..db import wire
-from ..errors import DatabaseError
+from ..errors import DatabaseError, WriteRefused
 from ..errors import first_line as _first_line
 from ..models import Row
 from .state import PendingWrite
@@ -45,6 +45,23 @@ _TRANSIENT_WRITE_ERRORS = (
     psycopg.errors.QueryCanceled,
     psycopg.errors.DeadlockDetected,
     psycopg.errors.SerializationFailure,
+)
+# what the database answers every time for these rows, however often it is asked: a
+# CHECK or NOT NULL on the vector column, a trigger of the app's that raises, "ON CONFLICT
+# ... cannot affect row a second time", a relation that cannot be updated, a privilege
+# gone. The batch is halved until the rows that cannot be written are alone; those fail
+# with the reason (its first line only: PostgreSQL's DETAIL holds row values), the others
+# are written.
+_REFUSED_WRITES = (
+    psycopg.errors.IntegrityError,
+    psycopg.errors.DataError,
+    psycopg.errors.CardinalityViolation,
+    psycopg.errors.FeatureNotSupported,
+    psycopg.errors.ObjectNotInPrerequisiteState,
+    psycopg.errors.WrongObjectType,
+    psycopg.errors.RaiseException,
+    psycopg.errors.InsufficientPrivilege,
+    psycopg.errors.TriggeredActionException,
 )
 
 
@@ -99,6 +116,9 @@ class WriteStage(TallyStage):
                 with contextlib.suppress(Exception):
                     self._tally_write(item, await commit)
                 raise
+            except _REFUSED_WRITES as exc:
+                await self._refused(item, exc)
+                return
             except _TRANSIENT_WRITE_ERRORS as exc:
                 if self.stopping:  # cancelled or halted: left NULL for the next run
                     self._settle(item.rows)
@@ -123,6 +143,26 @@ class WriteStage(TallyStage):
                 )
                 await self._sleep(delay)
         self._tally_write(item, result)
+
+    async def _refused(self, item: PendingWrite, exc: psycopg.Error) -> None:
+        """The database refused the write for what it holds (``_REFUSED_WRITES``): halve
+        the batch until the rows it refuses are alone; they fail with the reason, and the
+        job ends ``partial`` rather than hand its chunk back for ever."""
+        if len(item.rows) > 1:
+            mid = len(item.rows) // 2
+            for part in (slice(None, mid), slice(mid, None)):
+                await self._write(PendingWrite(item.rows[part], item.vectors[part]))
+            return
+        reason = _first_line(exc)
+        log.warning("run %s: the database refused to write a row (%s)", self.report.run_id, reason)
+        self._fail_rows(
+            item.rows,
+            WriteRefused(
+                f"The database refused to write this row's vector ({reason}); fix what it "
+                "names (a constraint, a trigger, a privilege) and run again."
+            ),
+            1,
+        )
 
     async def _commit_on_lane(self, params: dict[str, Any], sent: int) -> tuple[set[Any], set[Any]]:
         assert self.lanes is not None, "a dry run writes no vector"
