@@ -168,6 +168,22 @@ class EngineConfig:
 MAX_LEASE_S = 60
 
 
+def _check_shared_columns(targets: Sequence[TargetConfig]) -> None:
+    """Two targets may fill one vector column only if they name its rows by the same id:
+    provenance is kept per row id, so each would read the other's as stale (and a
+    refresh re-embed every row)."""
+    seen: dict[tuple[str, str], TargetConfig] = {}
+    for target in targets:
+        key = (str(target.table), target.embedding_column)
+        other = seen.setdefault(key, target)
+        if other is not target and other.id_column != target.id_column:
+            raise ConfigError(
+                f"Targets {other.name!r} and {target.name!r} both fill {target.table}."
+                f"{target.embedding_column} but name its rows by different id columns "
+                f"({other.id_column!r}, {target.id_column!r}); give them the same id_column."
+            )
+
+
 @dataclass(frozen=True)
 class Config:
     """Providers, targets and engine settings. ``parse_config`` builds one from the
@@ -180,6 +196,7 @@ class Config:
     source: str = "built-in demo default"
 
     def __post_init__(self) -> None:
+        _check_shared_columns(self.targets)
         for target in self.targets:
             if target.provider not in self.providers:
                 known = ", ".join(sorted(self.providers)) or "none"

@@ -116,6 +116,47 @@ async def check_extension(conn: psycopg.AsyncConnection[Any]) -> str:
     )
 
 
+_RELATION = """
+SELECT c.relkind::text,
+       c.relkind = 'r' AND EXISTS (SELECT 1 FROM pg_catalog.pg_inherits i
+                                   WHERE i.inhparent = c.oid)
+FROM pg_catalog.pg_class c WHERE c.oid = %(rel)s"""
+_KINDS = {
+    "v": "a view",
+    "m": "a materialized view",
+    "S": "a sequence",
+    "c": "a composite type",
+    "i": "an index",
+    "I": "an index",
+    "t": "a TOAST table",
+}
+
+
+async def _check_relation(
+    conn: psycopg.AsyncConnection[Any], target: TargetConfig, oid: int
+) -> None:
+    """A relation whose vectors can be written, one row per id: refused with one sentence
+    at start-up, not after the rows were paid for (a materialized view cannot be updated;
+    a view's writes go where its rules say; an inheritance parent's unique index does not
+    cover its children's rows, which its scan and writes include)."""
+    cur = await conn.execute(_RELATION, {"rel": oid})
+    row = await cur.fetchone()
+    assert row is not None
+    kind, parent = row
+    if kind in _KINDS:
+        raise SchemaMismatch(
+            f"{target.table} (table of target {target.name!r}) is {_KINDS[kind]}, whose rows "
+            "embedfill cannot update; point `table` at the table that holds the rows."
+        )
+    if parent:
+        raise SchemaMismatch(
+            f"{target.table} (table of target {target.name!r}) is an inheritance parent, and "
+            "its unique index on the id does not cover its children's rows, which its reads "
+            "and writes include; make a target of each child table, or use declarative "
+            "partitioning (PARTITION BY)."
+        )
+
+
 _RESOLVE = """
 SELECT c.oid, n.nspname FROM pg_catalog.pg_class c
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
@@ -168,6 +209,7 @@ async def inspect_target(
     (``write``: the run will write the embedding column, not only read)."""
     await check_extension(conn)
     oid, schema = await resolve_table(conn, target)
+    await _check_relation(conn, target, oid)
     tsql = TargetSQL(target, schema=schema)
     # type names as the user reads them (``vector(8)``, not ``public.vector(8)``), for
     # messages; the statements use qualified ones (``_sql_types``)
