@@ -659,6 +659,42 @@ AllowModelChange = Annotated[
 ]
 
 
+MetricsPort = Annotated[
+    int | None,
+    typer.Option(
+        help="Serve this process's provider and row counters on /metrics at this port "
+        "(Prometheus scrapes each worker; the service's own /metrics has only its own).",
+    ),
+]
+MetricsHost = Annotated[
+    str,
+    typer.Option(help="With --metrics-port: the address to listen on (0.0.0.0 in a container)."),
+]
+
+
+def _serve_metrics(port: int | None, host: str) -> Any:
+    """The process's metrics on ``host:port`` (a thread), as an Observer for its runs;
+    None without a port."""
+    if port is None:
+        return None
+    import prometheus_client
+
+    from .http.metrics import Metrics
+
+    if not 1 <= port <= 65535:
+        raise UsageError(f"--metrics-port must be between 1 and 65535, not {port}.")
+    metrics = Metrics()
+    try:
+        prometheus_client.start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        raise UsageError(
+            f"Cannot serve metrics on {host}:{port} ({exc.strerror}); choose another "
+            "--metrics-port."
+        ) from None
+    err.print(f"embedfill: metrics on http://{host}:{port}/metrics")
+    return metrics
+
+
 @app.command()
 def worker(
     ctx: typer.Context,
@@ -672,6 +708,8 @@ def worker(
     ] = None,
     job: Annotated[int | None, typer.Option(hidden=True)] = None,
     allow_model_change: AllowModelChange = False,
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = "127.0.0.1",
 ) -> None:
     """Work on backfill jobs created anywhere (backfill, backfill --enqueue, the HTTP API)
     until SIGTERM or SIGINT: then finish the chunks in flight and exit 0 (provider requests
@@ -695,7 +733,10 @@ def worker(
             return
         if not allow_model_change:
             await refuse_model_changes(config, db, target or None)
-        runtime = Runtime(config, db, targets=target or None, concurrency=concurrency)
+        observer = _serve_metrics(metrics_port, metrics_host)
+        runtime = Runtime(
+            config, db, targets=target or None, concurrency=concurrency, observer=observer
+        )
         assert runtime.worker is not None
         names = ", ".join(target or [t.name for t in config.targets])
         err.print(f"embedfill: worker {runtime.worker.name} serving jobs of: {names}")
@@ -728,6 +769,8 @@ def watch(
         typer.Option(help="Chunks worked on at once (default: \\[engine] worker_chunks)."),
     ] = None,
     allow_model_change: AllowModelChange = False,
+    metrics_port: MetricsPort = None,
+    metrics_host: MetricsHost = "127.0.0.1",
 ) -> None:
     """Keep targets filled and fresh until SIGTERM or SIGINT (then finish what is in
     flight, provider requests within 4 s, and exit 0; a second signal exits at once, 143
@@ -764,6 +807,7 @@ def watch(
                 allow_model_change=allow_model_change,
             ),
             concurrency=concurrency,
+            observer=_serve_metrics(metrics_port, metrics_host),
         )
 
     with _errors(state):

@@ -147,6 +147,7 @@ class RunningJobs:
     running_s: float
     silent_s: float
     rows_done: int
+    chunks_queued: int = 0  # work waiting for a worker or in its hands (0: an idle watch)
 
 
 async def status_by_target(config: Config, db: Database) -> dict[str, TargetStatus]:
@@ -173,4 +174,16 @@ async def running_jobs(db: Database) -> list[RunningJobs]:
         return []  # embedfill's schema not there yet: no job either
     finally:
         await conn.close()
-    return [RunningJobs(target, running, silent, done) for target, running, silent, done in rows]
+    return [RunningJobs(*row) for row in rows]
+
+
+async def workers_alive(db: Database, within_s: float = 60.0) -> int | None:
+    """Worker processes alive (their heartbeat at most ``within_s`` old); None when it
+    cannot be told (embedfill's schema not there yet)."""
+    conn = await connect(db)
+    try:
+        return await Store(conn).workers_alive(within_s)
+    except psycopg.Error:
+        return None
+    finally:
+        await conn.close()

@@ -114,8 +114,15 @@ def test_rules_are_complete_alerting_rules() -> None:
     assert "embedfill_outdated_model_rows" in metric_names(
         by_metric["embedfill_stale_rows"]["expr"]
     )
-    assert "embedfill_job_heartbeat_age_seconds" in by_metric
+    # a stuck job, decided by worker liveness and queued work (an idle watch is neither)
+    assert "embedfill_workers_alive" in by_metric
+    assert "embedfill_job_chunks_queued" in metric_names(
+        by_metric["embedfill_workers_alive"]["expr"]
+    )
     assert "embedfill_job_rows_done" in by_metric
+    assert "embedfill_job_chunks_queued" in metric_names(
+        by_metric["embedfill_job_rows_done"]["expr"]
+    )
     errors = [r for r in seen if "embedfill_provider_requests_total" in r["expr"]]
     assert any('status!~"200|429"' in r["expr"] for r in errors)
 

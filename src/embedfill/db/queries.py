@@ -126,13 +126,21 @@ ORDER BY id DESC LIMIT %(limit)s"""
 # most silent one's time since a worker last reported, rows done (the partial index
 # runs_physical_active of 0003 covers exactly these rows: cheap however long the history)
 RUNNING_JOBS = """
-SELECT target,
-       extract(epoch FROM now() - min(started_at))::float8,
-       extract(epoch FROM now() - min(heartbeat_at))::float8,
-       sum(embedded + skipped + failed)::bigint
-FROM embedfill.runs
-WHERE status IN ('queued', 'running') AND NOT dry_run
-GROUP BY target ORDER BY target"""
+SELECT r.target,
+       extract(epoch FROM now() - min(r.started_at))::float8,
+       extract(epoch FROM now() - min(r.heartbeat_at))::float8,
+       sum(r.embedded + r.skipped + r.failed)::bigint,
+       sum((SELECT pg_catalog.count(*) FROM embedfill.chunks c
+            WHERE c.run_id = r.id AND c.state IN ('todo', 'doing')))::bigint
+FROM embedfill.runs r
+WHERE r.status IN ('queued', 'running') AND NOT r.dry_run
+GROUP BY r.target ORDER BY r.target"""
+
+# worker processes alive: procrastinate's worker heartbeat (every lease_s / 3 seconds)
+# within the last %(within_s)s seconds
+WORKERS_ALIVE = """
+SELECT pg_catalog.count(*) FROM embedfill.procrastinate_workers
+WHERE last_heartbeat > pg_catalog.now() - pg_catalog.make_interval(secs => %(within_s)s)"""
 
 # a row that failed for a passing cause may go again (watch.py) after a backoff that
 # doubles with each failure of the row in its job, from %(base_s)s up to %(max_s)s

@@ -126,11 +126,17 @@ class Store:
             await cur.execute(q.LIST_RUNS, {"target": target, "limit": limit})
             return await cur.fetchall()
 
-    async def running_jobs(self) -> list[tuple[str, float, float, int]]:
+    async def running_jobs(self) -> list[tuple[str, float, float, int, int]]:
         """Per target with a job not over: (target, oldest's age s, most silent's s, rows
-        done)."""
+        done, chunks queued or in a worker's hands)."""
         cur = await self.conn.execute(q.RUNNING_JOBS)
-        return [(r[0], r[1], r[2], r[3]) for r in await cur.fetchall()]
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in await cur.fetchall()]
+
+    async def workers_alive(self, within_s: float) -> int:
+        """Worker processes whose heartbeat is at most ``within_s`` seconds old."""
+        cur = await self.conn.execute(q.WORKERS_ALIVE, {"within_s": within_s})
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
 
     def _counts(self, report: Report) -> dict[str, Any]:
         return {

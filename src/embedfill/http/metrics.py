@@ -101,6 +101,18 @@ class Metrics(Observer):
             ["target"],
             registry=r,
         )
+        self.job_queued = Gauge(
+            "embedfill_job_chunks_queued",
+            "Chunks of the target's jobs waiting for a worker or in one's hands (0: an idle "
+            "watch, nothing to do).",
+            ["target"],
+            registry=r,
+        )
+        self.workers_alive = Gauge(
+            "embedfill_workers_alive",
+            "Worker processes whose heartbeat is under a minute old (any target).",
+            registry=r,
+        )
         self.job_done = Gauge(
             "embedfill_job_rows_done",
             "Rows embedded, skipped or failed so far by the target's jobs not over (flat: "
@@ -137,12 +149,13 @@ class Metrics(Observer):
 
     def set_jobs(self, running: Sequence[RunningJobs]) -> None:
         """Replace the job gauges: a target without a job not over has none."""
-        for gauge in (self.job_running, self.job_silent, self.job_done):
+        for gauge in (self.job_running, self.job_silent, self.job_done, self.job_queued):
             gauge.clear()
         for job in running:
             self.job_running.labels(job.target).set(job.running_s)
             self.job_silent.labels(job.target).set(job.silent_s)
             self.job_done.labels(job.target).set(job.rows_done)
+            self.job_queued.labels(job.target).set(job.chunks_queued)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -246,6 +246,9 @@ class AdminService:
             for status in statuses.values():
                 self.metrics.set_status(status, at)
             self.metrics.set_jobs(await health.running_jobs(self.db))
+            alive = await health.workers_alive(self.db)
+            if alive is not None:
+                self.metrics.workers_alive.set(alive)
             self.metrics.status_pass.set(time.monotonic() - started)
         except EmbedfillError as exc:  # the database down: the timestamps say since when
             log.warning("metrics: status pass failed: %s", exc)
