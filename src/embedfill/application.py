@@ -453,15 +453,31 @@ async def averify(
     sample: int | None = None,
     all_rows: bool = False,
     dry_run: bool = False,
+    fix: bool = False,
     env: Mapping[str, str] | None = None,
     provider: Provider | None = None,
 ) -> VerifyResult:
     """Re-embed ``sample`` random rows that hold a vector (default 100; ``all_rows``:
     every one) and compare with the stored vectors (verify.py); ``dry_run``: what it
-    would send and cost, nothing sent. Writes nothing to the target."""
+    would send and cost, nothing sent. The wrong vectors are recorded as such in
+    embedfill's provenance (stale from now on), never changed in the target; ``fix``:
+    then re-embed them, with every other stale and outdated-model row of the target, as
+    a ``--refresh`` backfill job (its report in ``fixed``)."""
+    if fix and dry_run:
+        raise UsageError("--fix re-embeds what verify finds wrong; drop --dry-run to use it.")
     size = sample_size(sample, all_rows)
     async with _verifier(config, db, target, env, provider) as verifier:
-        return await verifier.verify(size, dry_run=dry_run)
+        result = await verifier.verify(size, dry_run=dry_run)
+    if fix and result.marked_wrong:
+        report = await abackfill(
+            config,
+            db,
+            BackfillOptions(target=result.target, refresh=True, actor="verify --fix"),
+            env=env,
+            provider=provider,
+        )
+        result.fixed = report.to_dict()
+    return result
 
 
 async def aadopt(

@@ -523,11 +523,19 @@ def verify(
         bool,
         typer.Option("--dry-run", help="Show rows, requests, tokens, cost and keys; send nothing."),
     ] = False,
+    fix: Annotated[
+        bool,
+        typer.Option(
+            "--fix",
+            help="Then re-embed the wrong vectors (a --refresh job: other stale rows too).",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Re-embed a random sample of rows that hold a vector and compare with the stored
     vectors by cosine similarity. Exit 3 when any is below the provider's
-    verify_min_cosine (default 0.99) or a row could not be re-embedded."""
+    verify_min_cosine (default 0.99) or a row could not be re-embedded (with --fix: 0
+    once the refresh that followed succeeded). Wrong vectors are recorded as stale."""
     from .render import verify_table
 
     state = _state(ctx)
@@ -535,7 +543,13 @@ def verify(
         config = state.config()
         result = asyncio.run(
             application.averify(
-                config, state.database(), target, sample=sample, all_rows=all_rows, dry_run=dry_run
+                config,
+                state.database(),
+                target,
+                sample=sample,
+                all_rows=all_rows,
+                dry_run=dry_run,
+                fix=fix,
             )
         )
     if as_json:

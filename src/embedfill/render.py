@@ -23,6 +23,12 @@ def status_tables(console: Console, statuses: list[TargetStatus]) -> None:
             f"[{'yellow' if s.outdated_model else 'green'}]{s.outdated_model:,} outdated model[/], "
             f"{s.unverified:,} unverified" + (failing if s.failing else "")
         )
+        if s.unverified:
+            console.print(
+                f"  {s.unverified:,} vectors have no record of embedfill's: "
+                f"`embedfill verify --target {s.name}` checks a sample against the provider, "
+                f"then `embedfill adopt --target {s.name}` records the ones you keep"
+            )
         if s.tenants:
             columns = ["tenant", "rows", "missing", "stale", "outdated model", "unverified"]
             table = Table(*columns, *(["failing"] if s.failing else []), box=None, padding=(0, 2))
@@ -175,6 +181,17 @@ def verify_table(console: Console, r: VerifyResult) -> None:
     if not r.dry_run:
         for f in r.failures[:20]:
             console.print(f"[red]not checked[/] row {f.id} (tenant {f.tenant}): {escape(f.error)}")
+    if r.marked_wrong:
+        console.print(
+            f"recorded {r.marked_wrong:,} wrong vectors as stale: `status` and `check` count "
+            "them, `watch` and `backfill --refresh` re-embed them, `adopt` leaves them"
+            + ("" if r.fixed is not None else "; `verify --fix` re-embeds them now")
+        )
+    if r.fixed is not None:
+        console.print(
+            f"fixed: refresh job {r.fixed.get('run_id')} {r.fixed.get('status')}, "
+            f"{r.fixed.get('embedded', 0):,} re-embedded, {r.fixed.get('failed', 0):,} failed"
+        )
 
 
 def adopt_lines(console: Console, r: AdoptResult) -> None:

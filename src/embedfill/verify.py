@@ -46,6 +46,7 @@ from .concurrency import Concurrency
 from .config import ProviderConfig, TargetConfig, text_renderer
 from .db.catalog import TableInfo, table_pages
 from .db.store import Store
+from .db.target_sql import WRONG_MD5
 from .embedding import Client
 from .errors import (
     AuthFailed,
@@ -178,6 +179,10 @@ class VerifyResult:
     estimated_cost_usd: float = 0.0
     tenants: list[TenantCheck] = field(default_factory=list)
     failures: list[Unchecked] = field(default_factory=list)  # the first LISTED_FAILURES
+    # the wrong vectors recorded as such (stale from now on: status, check, watch and
+    # --refresh act on them, adopt never blesses them); --fix: the refresh that followed
+    marked_wrong: int = 0
+    fixed: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
@@ -186,9 +191,10 @@ class VerifyResult:
 
     @property
     def exit_code(self) -> int:
-        """0 all agree; 3 a vector disagrees or a row could not be (dry run: would not
-        be) checked."""
-        return 0 if self.ok else 3
+        """0 all agree (or ``--fix`` re-embedded the wrong ones); 3 a vector disagrees or a
+        row could not be (dry run: would not be) checked."""
+        fixed = self.fixed is not None and self.fixed.get("status") == "succeeded"
+        return 0 if self.ok or (fixed and not self.failed) else 3
 
     def tenant(self, tenant: str | None) -> TenantCheck:
         for t in self.tenants:
@@ -336,6 +342,7 @@ class Verifier:
         dry_run: bool = False,
         unverified: bool = False,
         prov: ProvenanceIds | None = None,
+        mark: bool = True,
     ) -> VerifyResult:
         """Check ``sample`` random rows holding a vector (None: every one), ``unverified``
         ones only with ``prov``; a dry run reads texts only and sends nothing."""
@@ -350,7 +357,21 @@ class Verifier:
             )
         result.mismatched.sort(key=lambda m: m.id)
         result.estimated_cost_usd = estimate_cost(result.tokens, self.pconf.price)
+        if result.mismatched and mark and not dry_run:
+            result.marked_wrong = await self._mark_wrong([m.id for m in result.mismatched])
         return result
+
+    async def _mark_wrong(self, ids: list[Any]) -> int:
+        """Record the wrong vectors (TargetSQL.mark_wrong), so that nothing takes them for
+        right afterwards; one statement."""
+        model = model_identity(self.pconf, self.info)
+        known = await provenance_ids(
+            self.conn, self.info, self.target.embedding_column, model, create=True
+        )
+        cur = await self.conn.execute(
+            self.sql.mark_wrong(), {"ids": ids, "wrong": WRONG_MD5, **known.params()}
+        )
+        return cur.rowcount
 
     async def adopt(self, verify_sample: int | None) -> AdoptResult:
         """Provenance for every unverified vector; with ``verify_sample``, only when that
@@ -360,7 +381,10 @@ class Verifier:
         column = self.target.embedding_column
         if verify_sample is not None:
             known = await provenance_ids(self.conn, self.info, column, model, create=False)
-            done.verified = await self.verify(verify_sample, unverified=True, prov=known)
+            # its refusal writes nothing (the rows stay unverified: `verify` records them)
+            done.verified = await self.verify(
+                verify_sample, unverified=True, prov=known, mark=False
+            )
             if not done.verified.ok:
                 raise VerificationFailed(refusal(done.verified), details=done.to_dict())
         ids = await provenance_ids(self.conn, self.info, column, model, create=True)

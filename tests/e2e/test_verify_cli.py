@@ -146,8 +146,10 @@ def test_dry_run_sends_nothing_and_tenant_keys_pay_without_leaking(
     assert sorted(by_key[TENANT_C]) == sorted(by_id[i] for i in PREFILLED if orgs[i] == "org-c")
     assert sorted(by_key[PLATFORM]) == sorted(by_id[i] for i in PREFILLED if orgs[i] == "org-a")
 
+    # verify recorded the 15 wrong vectors (stale now): adopt has none of them to bless
+    assert checked.returncode == 3 and json.loads(checked.stdout)["marked_wrong"] == 15
     adopted = run(cfg, env, "--debug", "adopt", "--verify-sample", "3", "--json")
-    assert adopted.returncode == 3
+    assert adopted.returncode == 0 and json.loads(adopted.stdout)["adopted"] == 0
     outputs = [plan, human, checked, adopted, stored]
     dump = "".join(r.stdout + r.stderr for r in outputs)
     for secret in (PLATFORM, TENANT_B, TENANT_C, master):
@@ -193,3 +195,41 @@ def test_adopt_then_status_shows_no_unverified_rows(
         "verify": None,
     }
     assert fake_openai.requests == []  # adopt alone never calls the provider
+
+
+def test_verify_findings_are_acted_on_and_fix_repairs_them(
+    tickets: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Issue 15, item 5: `adopt --verify-sample` blessed vectors right after `verify --all`
+    had found them wrong, and `status` and `check` were green. Now the wrong ones are
+    recorded as stale: status counts them, check fails, adopt leaves them, and `verify
+    --fix` re-embeds them (a --refresh job, with provenance)."""
+    cfg = write_config(tmp_path, fake_openai.base_url)
+    env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM)
+    assert run(cfg, env, "backfill").returncode == 0  # the 45 NULL rows; 15 pre-filled
+    with psycopg.connect(tickets, autocommit=True) as conn:  # other code breaks 3 of ours
+        conn.execute(
+            'UPDATE app."SupportTickets" SET emb = %s WHERE ticket_no IN (1, 2, 3)',
+            ("[1,0,0,0,0,0,0,0]",),
+        )
+    found = run(cfg, env, "verify", "--all", "--json")
+    assert found.returncode == 3
+    data = json.loads(found.stdout)
+    assert len(data["mismatched"]) == 18 and data["marked_wrong"] == 18
+    after = status(cfg, env)
+    assert after["stale"] == 18 and after["unverified"] == 0
+    assert run(cfg, env, "check").returncode == 3
+    adopted = run(cfg, env, "adopt", "--json")
+    assert adopted.returncode == 0 and json.loads(adopted.stdout)["adopted"] == 0
+    assert status(cfg, env)["stale"] == 18
+
+    fixed = run(cfg, env, "verify", "--all", "--fix", "--json")
+    assert fixed.returncode == 0, fixed.stderr
+    report = json.loads(fixed.stdout)["fixed"]
+    assert report["status"] == "succeeded" and report["embedded"] == 18
+    final = status(cfg, env)
+    assert final["stale"] == 0 and final["unverified"] == 0 and final["missing"] == 0
+    assert run(cfg, env, "check").returncode == 0
+    again = run(cfg, env, "verify", "--all", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["mismatched"] == []
+    assert run(cfg, env, "verify", "--fix", "--dry-run").returncode == 2

@@ -42,6 +42,10 @@ class ColumnTypes:
     vector_type: str  # e.g. "vector" or "extensions.vector"
 
 
+# the md5 recorded for a vector ``verify`` found wrong: no text hashes to it
+WRONG_MD5 = "00000000-0000-0000-0000-000000000000"
+
+
 class TargetSQL:
     def __init__(
         self, target: TargetConfig, types: ColumnTypes | None = None, schema: str | None = None
@@ -504,6 +508,19 @@ class TargetSQL:
             after=after,
             t_id=t_id,
         )
+
+    def mark_wrong(self) -> sql.Composed:
+        """Record that the vectors of rows %(ids)s were found wrong (``verify``): their
+        provenance says text md5 ``WRONG_MD5``, which no text has, so they count as
+        stale (status, check, watch's sweep and ``--refresh`` re-embed them) and are
+        never unverified (``adopt`` never blesses them). A record there keeps its model
+        and time; a new one gets model %(model_id)s and time -infinity."""
+        return sql.SQL(
+            "INSERT INTO {prov} AS p (column_id, model_id, text_md5, embedded_at, row_key)"
+            " SELECT %(column_id)s, %(model_id)s, %(wrong)s::uuid, '-infinity', k.id::text"
+            " FROM unnest(%(ids)s::{id_type}[]) AS k(id)"
+            " ON CONFLICT (column_id, row_key) DO UPDATE SET text_md5 = excluded.text_md5"
+        ).format(prov=PROVENANCE, id_type=sql.SQL(self.types.id_type))
 
     def adopt(self, *, first_page: bool) -> sql.Composed:
         """Record provenance for the next %(limit)s rows (id order, after %(after)s unless
