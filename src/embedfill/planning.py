@@ -63,6 +63,11 @@ class TenantBatcher:
         self._buffers: dict[str | None, list[Row]] = {}
         self._tokens: dict[str | None, int] = {}
         self._buffered = 0
+        # tenants by the size of their partial batch (insertion-ordered sets), so the
+        # largest is found in O(1): with 100,000 small tenants a scan of every buffer per
+        # row made the dry run superlinear
+        self._by_size: dict[int, dict[str | None, None]] = {}
+        self._largest = 0
 
     @property
     def buffered(self) -> int:
@@ -74,21 +79,37 @@ class TenantBatcher:
         if buf and self._tokens[row.tenant] + row.tokens > self.max_tokens:
             out.append(self._take(row.tenant))
             buf = self._buffers.setdefault(row.tenant, [])
+        self._resize(row.tenant, len(buf), len(buf) + 1)
         buf.append(row)
         self._tokens[row.tenant] = self._tokens.get(row.tenant, 0) + row.tokens
         self._buffered += 1
         if len(buf) >= self.batch_size or self._tokens[row.tenant] >= self.max_tokens:
             out.append(self._take(row.tenant))
         while self._buffered > self.max_buffered:
-            largest = max(self._buffers, key=lambda t: len(self._buffers[t]))
-            out.append(self._take(largest))
+            out.append(self._take(self._largest_tenant()))
         return out
+
+    def _resize(self, tenant: str | None, was: int, now: int) -> None:
+        if was:
+            bucket = self._by_size[was]
+            del bucket[tenant]
+            if not bucket:
+                del self._by_size[was]
+        if now:
+            self._by_size.setdefault(now, {})[tenant] = None
+            self._largest = max(self._largest, now)
+
+    def _largest_tenant(self) -> str | None:
+        while self._largest not in self._by_size:
+            self._largest -= 1
+        return next(iter(self._by_size[self._largest]))
 
     def flush(self) -> list[Batch]:
         return [self._take(t) for t in list(self._buffers)]
 
     def _take(self, tenant: str | None) -> Batch:
         rows = self._buffers.pop(tenant)
+        self._resize(tenant, len(rows), 0)
         self._tokens.pop(tenant, None)
         self._buffered -= len(rows)
         return Batch(tenant=tenant, rows=tuple(rows))
