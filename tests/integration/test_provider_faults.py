@@ -296,3 +296,31 @@ def test_a_size_change_after_rows_were_written_ends_with_exit_3_and_the_reason(
             "failed",
             15,
         )
+
+
+def test_a_batch_size_above_what_the_provider_takes_is_learned_from_the_first_400(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """Issue 15, item 12: 61 of 144 requests were 400s and the report said retries: 0.
+    The first refused batch is halved until its halves go through; later batches are cut
+    at that size, the refused requests count as retries, and a warning says what to set."""
+    fake_openai.max_inputs = 6
+    config = tickets_config(
+        fake_openai.base_url, provider_overrides={"batch_size": 20, "max_concurrency": 1}
+    )
+    report = asyncio.run(
+        abackfill(
+            config,
+            Database(tickets),
+            BackfillOptions(),
+            env={"TEST_PLATFORM_KEY": "sk-platform-batch-learn-1234"},
+        )
+    )
+    assert report.embedded == 45 and report.failed == 0
+    refused = [r for r in fake_openai.requests if r.status == 400]
+    assert 1 <= len(refused) <= 4, [(len(r.inputs), r.status) for r in fake_openai.requests]
+    assert report.retries >= len(refused)
+    (warning,) = [w for w in report.warnings if "Set batch_size = " in w]
+    learned = int(warning.split("Set batch_size = ")[1].split()[0])
+    assert 1 <= learned <= 6  # at most what the provider takes
+    assert all(len(r.inputs) <= max(learned, 6) for r in fake_openai.requests[-10:])

@@ -89,6 +89,7 @@ class FakeOpenAI:
     supported_dimensions: set[int] | None = None  # None: any `dimensions` is fine
     noise: float = 0.0  # > 0: gaussian noise of this scale on every vector, renormalised
     max_in_flight: int = 0  # > 0: a request beyond this many at once gets a 429
+    max_inputs: int = 0  # > 0: a request with more inputs than this gets a 400
     hang: bool = False  # every request waits, unanswered, until the client hangs up
     hanging: int = 0  # requests waiting now because of ``hang``
     in_flight: int = 0
@@ -187,6 +188,9 @@ class FakeOpenAI:
                 if asked is not None and supported is not None and asked not in supported:
                     fake._record(key, inputs, 400)
                     return self._error(400, f"This model does not support dimensions={asked}.")
+                if 0 < fake.max_inputs < len(inputs):
+                    fake._record(key, inputs, 400)
+                    return self._error(400, f"Too many inputs: at most {fake.max_inputs}.")
                 if any(fake.bad_marker in t or not t for t in inputs):
                     fake._record(key, inputs, 400)
                     return self._error(400, "'$.input' is invalid.")

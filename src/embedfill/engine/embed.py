@@ -65,6 +65,11 @@ class EmbedStage(TallyStage):
         self._settle(dropped)
 
     async def _embed(self, batch: Batch, write_q: asyncio.Queue[PendingWrite | None]) -> None:
+        if len(batch.rows) > self.batch_size:  # cut before the provider's limit was learned
+            size = self.batch_size
+            for i in range(0, len(batch.rows), size):
+                await self._embed(Batch(batch.tenant, batch.rows[i : i + size]), write_q)
+            return
         tenant = self._tenant(batch.tenant)
         resolved = await self.client.key(batch.tenant)
         tenant.key_source = resolved.source
@@ -98,9 +103,14 @@ class EmbedStage(TallyStage):
                 self._forget(batch)
                 return
             if len(batch.rows) > 1:
+                self.report.retries += 1  # its rows are sent again, in halves
+                rejected = self._rejected_inputs
                 for half in split_batch(batch):
                     await self._embed(half, write_q)
+                if self._rejected_inputs == rejected:
+                    self._learn_batch_size(len(batch.rows))
                 return
+            self._rejected_inputs += 1
             self._fail(batch, exc, exc.attempts)
             return
         except AuthFailed as exc:
@@ -136,6 +146,31 @@ class EmbedStage(TallyStage):
                 write.vectors.append(vector)
         if write.rows:
             await write_q.put(write)
+
+    def _learn_batch_size(self, refused: int) -> None:
+        """A batch of ``refused`` rows was rejected (400) while each half of it went
+        through: the provider takes fewer inputs per request than ``batch_size`` says.
+        Later batches of this session are cut at half that, so the 400s stop at the
+        first (a batch_size above the provider's limit made 61 of 144 requests 400s)."""
+        size = max(1, refused // 2)
+        if size >= self.batch_size:
+            return
+        log.warning(
+            "run %s: the provider refused a request of %d inputs that it took in halves; "
+            "sending at most %d per request from now on (lower batch_size in the config)",
+            self.report.run_id,
+            refused,
+            size,
+        )
+        self.batch_size = size
+        if self.batcher is not None:
+            self.batcher.batch_size = size
+        if not any("batch_size" in w for w in self.report.warnings):
+            self.report.warnings.append(
+                f"The provider refused requests of {refused} inputs; batches were cut to "
+                f"{size} from then on. Set batch_size = {size} (or less) for provider "
+                f"{self.pconf.name!r} to avoid the refused requests."
+            )
 
     async def _rejects_everything(self, key: Secret | None) -> bool:
         """Whether a 400 before any success is about the request (model, dimensions)

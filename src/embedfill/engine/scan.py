@@ -169,11 +169,12 @@ class ScanStage(TallyStage):
         )
 
     def _batcher(self) -> TenantBatcher:
-        return TenantBatcher(
+        self.batcher = TenantBatcher(
             batch_size=self.batch_size,
             max_tokens=self.pconf.max_request_tokens,
             max_buffered=max(self.engine.scan_page_size, self.batch_size * 4),
         )
+        return self.batcher
 
     def _count_batch(self, batch: Batch) -> None:
         self.report.batches += 1

@@ -34,7 +34,7 @@ from ..errors import EmbedfillError, ProviderError, RunAborted
 from ..freshness import UNKNOWN, ProvenanceIds, model_identity, provenance_ids
 from ..keys import KeyResolver, ResolvedKey
 from ..models import Failure, Report, Retry, Row, TenantReport
-from ..planning import BoundedCache
+from ..planning import BoundedCache, TenantBatcher
 from ..providers import Provider, Vector
 from ..ratelimit import Rates, SharedLimits
 from ..tokens import TokenCounter
@@ -195,6 +195,8 @@ class RunState:
         self.store = Store(conn)
         self.keys = KeyResolver(self.store, conn, target, pconf, provider.needs_key, env)
         self.batch_size = opts.batch_size or pconf.batch_size
+        self.batcher: TenantBatcher | None = None  # the scan's, while it runs (embed.py)
+        self._rejected_inputs = 0  # single rows the provider rejected (400)
         self.tenants = list(opts.tenants) or None
         self.report = Report(
             run_id=seat.run_id if seat else None,
