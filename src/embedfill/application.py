@@ -321,11 +321,21 @@ async def job_record(db: Database, job_id: int) -> dict[str, Any]:
             raise JobNotFound(f"No backfill job has id {job_id}.")
         record = _record(row)
         live = await jobs.merged_report(store, job_id)
+        watch = await _watch_progress(store, row)
     record["workers"] = live.workers
     record["chunks"] = live.chunks
     if row["status"] == "running":
         record["progress"] = live.progress()
+    record["progress"] |= watch
     return record
+
+
+async def _watch_progress(store: Store, row: dict[str, Any]) -> dict[str, int]:
+    """A watch job has no total to reach: its progress is what is queued, in flight
+    and done in the last hour (rows); other jobs have none of these."""
+    if row.get("kind") != "watch":
+        return {}
+    return await store.watch_progress(int(row["id"]))
 
 
 async def list_jobs(
@@ -342,6 +352,7 @@ async def list_jobs(
             record["workers"], record["chunks"] = await jobs.workers_and_chunks(
                 store, row["id"], exact=exact
             )
+            record["progress"] |= await _watch_progress(store, row)
             records.append(record)
     return records
 

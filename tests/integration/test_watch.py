@@ -357,3 +357,28 @@ def test_a_table_that_changed_shape_but_still_fits_is_read_again(
     wait_for(lambda: nulls(tickets, T) == 0)
     assert all(w.failed is None for w in running.watches)
     running.stop()
+
+
+def test_a_watch_jobs_progress_is_what_is_queued_in_flight_and_done_lately(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """Issue 15, item 8: a watch job has no total to reach; its route and the job list say
+    what is queued, in a worker's hands and done in the last hour (rows)."""
+    from embedfill.application import job_record, list_jobs
+
+    config = tickets_config(fake_openai.base_url)
+    running = Running(tickets, config, interval_s=0.3)
+    wait_for(lambda: nulls(tickets, T) == 0)
+    wait_for(lambda: bool(running.watches and running.watches[0].job_id))
+    job = running.watches[0].job_id
+    assert job is not None
+
+    def progress() -> dict[str, Any]:
+        return dict(asyncio.run(job_record(Database(tickets), job))["progress"])
+
+    wait_for(lambda: progress()["done_last_hour"] == 45)
+    shown = progress()
+    assert shown["queued"] == 0 and shown["in_flight"] == 0
+    (listed,) = asyncio.run(list_jobs(config, Database(tickets), "tickets", 10))
+    assert listed["progress"]["done_last_hour"] == 45
+    running.stop()

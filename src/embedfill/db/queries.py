@@ -109,7 +109,7 @@ WHERE id = %(id)s AND status IN ('queued', 'running') RETURNING id"""
 GET_RUN = """
 SELECT id, target, actor, parameters, dry_run, status, missing_before, embedded, skipped,
        failed, requests, tokens, estimated_cost_usd, progress, report, error, started_at,
-       heartbeat_at, finished_at, cancel_requested, now() - heartbeat_at AS silent_for
+       heartbeat_at, finished_at, cancel_requested, now() - heartbeat_at AS silent_for, kind
 FROM embedfill.runs WHERE id = %(id)s"""
 
 # recent jobs, newest first: everything but the final report (a job's own route has it)
@@ -117,7 +117,7 @@ LIST_RUNS = """
 SELECT id, target, actor, parameters, dry_run, status, missing_before, embedded, skipped,
        failed, requests, tokens, estimated_cost_usd, progress, NULL::jsonb AS report, error,
        started_at, heartbeat_at, finished_at, cancel_requested,
-       now() - heartbeat_at AS silent_for
+       now() - heartbeat_at AS silent_for, kind
 FROM embedfill.runs
 WHERE NOT dry_run AND (%(target)s::text IS NULL OR target = %(target)s)
 ORDER BY id DESC LIMIT %(limit)s"""
@@ -249,6 +249,15 @@ INSERT_CHUNKS = """
 INSERT INTO embedfill.chunks (run_id, seq, lo, hi, rung_at)
 SELECT %(run_id)s, u.seq, u.lo, u.hi, pg_catalog.now()
 FROM unnest(%(seqs)s::int[], %(los)s::jsonb[], %(his)s::jsonb[]) AS u(seq, lo, hi)"""
+
+# a watch job's progress, in rows (its chunks are lists of ids): queued, in a worker's
+# hands, and done in the last hour
+WATCH_PROGRESS = """
+SELECT coalesce(sum(pg_catalog.jsonb_array_length(keys)) FILTER (WHERE state = 'todo'), 0),
+       coalesce(sum(pg_catalog.jsonb_array_length(keys)) FILTER (WHERE state = 'doing'), 0),
+       coalesce(sum(pg_catalog.jsonb_array_length(keys)) FILTER (
+           WHERE state = 'done' AND finished_at > pg_catalog.now() - interval '1 hour'), 0)
+FROM embedfill.chunks WHERE run_id = %(run_id)s AND keys IS NOT NULL"""
 
 # a watch job's chunks are lists of ids (watch.py), added while it runs
 NEXT_CHUNK_SEQ = "SELECT coalesce(max(seq), 0) + 1 FROM embedfill.chunks WHERE run_id = %(run_id)s"

@@ -210,6 +210,13 @@ class Store:
         cur = await self.conn.execute(q.FAILING, {"rel": table_oid, "column": column})
         return [(r[0], str(r[1]), int(r[2])) for r in await cur.fetchall()]
 
+    async def watch_progress(self, run_id: int) -> dict[str, int]:
+        """A watch job's rows queued, in flight and done in the last hour."""
+        cur = await self.conn.execute(q.WATCH_PROGRESS, {"run_id": run_id})
+        row = await cur.fetchone()
+        queued, in_flight, done = row if row is not None else (0, 0, 0)
+        return {"queued": int(queued), "in_flight": int(in_flight), "done_last_hour": int(done)}
+
     async def other_models(self, column_id: int, model_id: int) -> list[tuple[str, str, int, int]]:
         """(provider, model, dimensions, rows) of the models other than ``model_id`` that
         wrote the column's vectors, most rows first."""

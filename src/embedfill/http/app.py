@@ -124,6 +124,10 @@ class ProgressBody(BaseModel):
     done: int
     total: int | None
     tenants: list[dict[str, Any]]
+    # a watch job (no total to reach): rows queued, in flight, done in the last hour
+    queued: int | None = None
+    in_flight: int | None = None
+    done_last_hour: int | None = None
 
 
 class WorkerBody(BaseModel):
