@@ -1,12 +1,13 @@
-"""The change triggers' cost to the application: its insert throughput on a table without
+"""The change triggers' cost to the application: its write throughput on a table without
 them and with them (`embedfill triggers install`), on the same terms.
 
 The application is N processes, each with its own connection in autocommit (no client
-thread shares a GIL with another), started together at a barrier; each inserts its own
-ids, either one row per INSERT statement (``single``) or ``batch`` rows per statement
-(``INSERT ... SELECT FROM unnest(...)``), the texts precomputed before the clock starts.
-A failed statement is counted, never retried. With triggers, the queue
-(embedfill.changes) must then hold exactly one row per row inserted.
+thread shares a GIL with another), started together at a barrier. Each inserts its own
+ids, one row per INSERT statement (``single``) or ``batch`` rows per statement (``INSERT
+... SELECT FROM unnest(...)``); or, with ``mode = "update"``, edits the text of its own
+existing rows, one single-row UPDATE each. The texts are precomputed before the clock
+starts. A failed statement is counted, never retried. With triggers, the queue
+(embedfill.changes) must then hold exactly one row per row written.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from embedfill.db.schema import amigrate
 SINGLE = sql.SQL("INSERT INTO {} (id, tenant, body) VALUES (%s, %s, %s)").format(
     sql.Identifier(TABLE)
 )
+UPDATE = sql.SQL("UPDATE {} SET body = %s WHERE id = %s").format(sql.Identifier(TABLE))
 BATCH = sql.SQL(
     "INSERT INTO {} (id, tenant, body) SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[])"
 ).format(sql.Identifier(TABLE))
@@ -39,6 +41,7 @@ def _app(
     batch: int,
     barrier: Any,
     results: Any,
+    update: bool = False,
 ) -> None:
     """One application process: its rows, from id ``first`` on."""
     failed = 0
@@ -46,7 +49,13 @@ def _app(
         conn.execute("SELECT 1")
         barrier.wait()
         started = time.perf_counter()
-        if batch <= 1:
+        if update:  # one single-row UPDATE of the text per row (the rows exist)
+            for i, (_, body) in enumerate(rows):
+                try:
+                    conn.execute(UPDATE, (body + " (edited)", first + i), prepare=True)
+                except psycopg.Error:
+                    failed += 1
+        elif batch <= 1:
             for i, (tenant, body) in enumerate(rows):
                 try:
                     conn.execute(SINGLE, (first + i, tenant, body), prepare=True)
@@ -69,18 +78,38 @@ def app_inserts(a: dict[str, Any]) -> dict[str, Any]:
     """The application's insert rate on ``a["url"]`` (an empty docs table), with the
     target's change triggers installed first when ``a["triggers"]``."""
     url, procs, per, batch = a["url"], a["connections"], a["rows_per_connection"], a["batch"]
+    update = a.get("mode") == "update"
     db = Database(url)
     asyncio.run(amigrate(db))  # the same database either way; only the triggers differ
+    pool = list(texts(procs * per, seed=11))
+    if update:  # the rows the app then edits, in place before the clock (and triggers)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                BATCH,
+                (
+                    list(range(1, procs * per + 1)),
+                    [t for t, _ in pool],
+                    [b for _, b in pool],
+                ),
+            )
+            conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(TABLE)))
     if a["triggers"]:
         config = target_config({"kind": "hash", "dimensions": a["dims"]})
         asyncio.run(atriggers(config, db, None, True, False))
-    pool = list(texts(procs * per, seed=11))
     ctx = mp.get_context("fork")
     barrier, results = ctx.Barrier(procs), ctx.Queue()
     children = [
         ctx.Process(
             target=_app,
-            args=(url, 1 + k * per, pool[k * per : (k + 1) * per], batch, barrier, results),
+            args=(
+                url,
+                1 + k * per,
+                pool[k * per : (k + 1) * per],
+                batch,
+                barrier,
+                results,
+                update,
+            ),
         )
         for k in range(procs)
     ]
