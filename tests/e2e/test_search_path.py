@@ -41,6 +41,14 @@ CREATE FUNCTION {s}.hashtextextended(a varchar, b int) RETURNS bigint LANGUAGE p
 CREATE FUNCTION {s}.hijack_eq(a varchar, b varchar) RETURNS boolean LANGUAGE plpgsql AS
   $$ BEGIN INSERT INTO public.hijacked (fn) VALUES ('{s}.='); RETURN true; END $$;
 CREATE OPERATOR {s}.= (leftarg = varchar, rightarg = varchar, function = {s}.hijack_eq);
+CREATE FUNCTION {s}.format_type(a oid, b text) RETURNS text LANGUAGE plpgsql AS
+  $$ BEGIN INSERT INTO public.hijacked (fn) VALUES ('{s}.format_type'); RETURN 'x'; END $$;
+"""
+# operators on oid: the catalog's `c.oid = $1` matched them better than pg_catalog's
+OID_HIJACKS = """
+CREATE FUNCTION {s}.oid_eq_{t}(a oid, b {t}) RETURNS boolean LANGUAGE plpgsql AS
+  $$ BEGIN INSERT INTO public.hijacked (fn) VALUES ('{s}.=(oid,{t})'); RETURN a = b::oid; END $$;
+CREATE OPERATOR {s}.= (leftarg = oid, rightarg = {t}, function = {s}.oid_eq_{t});
 """
 
 
@@ -48,6 +56,8 @@ def hijack(db_url: str) -> None:
     with psycopg.connect(db_url, autocommit=True) as conn:
         for schema in ("public", "app"):
             conn.execute(HIJACKS.format(s=schema).encode())
+            for t in ("regclass", "int2", "int4", "int8"):
+                conn.execute(OID_HIJACKS.format(s=schema, t=t).encode())
 
 
 def hijacked(db_url: str) -> list[str]:

@@ -84,6 +84,14 @@ WHERE a.attrelid = %(rel)s AND a.attname = %(id)s AND e.attrelid = %(rel)s
   AND e.attname = %(emb)s"""
 
 
+_QUALIFIER = re.compile(r'^(?:"(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)\.')
+
+
+def _shown_type(name: str) -> str:
+    """A type as messages show it: without the schema a pinned search_path adds."""
+    return _QUALIFIER.sub("", name, count=1)
+
+
 async def _sql_types(
     conn: psycopg.AsyncConnection[Any], oid: int, target: TargetConfig
 ) -> ColumnTypes:
@@ -157,10 +165,13 @@ async def _check_relation(
         )
 
 
-_RESOLVE = """
-SELECT c.oid, n.nspname FROM pg_catalog.pg_class c
-JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-WHERE c.oid = pg_catalog.to_regclass(%(name)s)"""
+# the user's name for the table, resolved with the user's search_path: to_regclass
+# alone (qualified; a regclass to oid cast calls nothing), every other word of SQL with
+# embedfill's pinned path (a user's `=(oid, regclass)` in public was called here)
+_RESOLVE = "SELECT pg_catalog.to_regclass(%(name)s)::pg_catalog.oid"
+_SCHEMA_OF = """
+SELECT n.nspname FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %(rel)s"""
 
 
 async def resolve_table(
@@ -173,12 +184,16 @@ async def resolve_table(
     async with user_context(conn):
         cur = await conn.execute(_RESOLVE, {"name": name})
         row = await cur.fetchone()
-    if not row:
+    if not row or row[0] is None:
         raise SchemaMismatch(
             f"Table {target.table} of target {target.name!r} does not exist in this database; "
             "check `table` in the config (schema.table, case-sensitive) and DATABASE_URL."
         )
-    return int(row[0]), str(row[1])
+    oid = int(row[0])
+    cur = await conn.execute(_SCHEMA_OF, {"rel": oid})
+    found = await cur.fetchone()
+    assert found is not None
+    return oid, str(found[0])
 
 
 _SHAPE = """
@@ -211,13 +226,12 @@ async def inspect_target(
     oid, schema = await resolve_table(conn, target)
     await _check_relation(conn, target, oid)
     tsql = TargetSQL(target, schema=schema)
-    # type names as the user reads them (``vector(8)``, not ``public.vector(8)``), for
-    # messages; the statements use qualified ones (``_sql_types``)
-    async with user_context(conn):
-        cur = await conn.execute(_COLUMNS, {"rel": oid})
-        rows = await cur.fetchall()
-    columns = {r[0]: (r[1], r[2], r[3]) for r in rows}
-    shown = {r[0]: (str(r[4]), int(r[5])) for r in rows}
+    cur = await conn.execute(_COLUMNS, {"rel": oid})
+    rows = await cur.fetchall()
+    # type names as the user reads them in messages (``vector(8)``, not
+    # ``public.vector(8)``); the statements use the qualified ones (``_sql_types``)
+    columns = {r[0]: (_shown_type(r[1]), r[2], r[3]) for r in rows}
+    shown = {r[0]: (_shown_type(str(r[4])), int(r[5])) for r in rows}
 
     wanted = [("id_column", target.id_column), ("embedding_column", target.embedding_column)]
     if target.tenant_column:
