@@ -89,7 +89,8 @@ async def model_change(
     ids = await provenance_ids(conn, info, target.embedding_column, model, create=False)
     if ids.column_id == UNKNOWN:
         return None  # nothing recorded for the column yet
-    others = await Store(conn).other_models(ids.column_id, ids.model_id)
+    cur = await conn.execute(info.sql(target).other_models(), ids.params())
+    others = [(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in await cur.fetchall()]
     if not others:
         return None
     provider, name, dims, _ = others[0]

@@ -142,6 +142,12 @@ class KeyResolver:
             return None
         return found[1]
 
+    def last(self, tenant: str | None) -> ResolvedKey | None:
+        """The tenant's key as last resolved, however long ago (what a request that just
+        failed was sent with, even past ``KEY_TTL_S``)."""
+        found = self._cache.get(tenant)
+        return None if found is None else found[1]
+
     async def resolve(self, tenant: str | None) -> ResolvedKey:
         found = self.cached(tenant)
         if found is None:

@@ -413,6 +413,8 @@ class TargetWatch:
         pconf = self.config.provider_for(self.target)
         keys = KeyResolver(store, conn, self.target, pconf, True, self._env)
         for tenant, digest in waiting:
+            if digest is None:  # not known which key failed (an earlier release's record)
+                continue
             if (await keys.resolve(tenant)).digest != digest:
                 sent = await store.retry_tenant_now(tenant, job)
                 log.info(

@@ -105,3 +105,24 @@ def test_the_same_model_starts_as_before(
     watcher.send_signal(signal.SIGTERM)
     _, err = watcher.communicate(timeout=30)
     assert watcher.returncode == 0, err
+
+
+def test_after_a_deliberate_refresh_a_deleted_rows_record_blocks_nothing(
+    tickets: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Found by review: a deleted row's provenance still counted as a vector of the old
+    model, so after `backfill --refresh` (nothing left to do) watch still refused."""
+    cfg = write_config(tmp_path, fake_openai.base_url)
+    env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM)
+    filled_with_test_embed(tickets, cfg, env)
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute('DELETE FROM app."SupportTickets" WHERE ticket_no = 1')
+    now_another_model(cfg)
+    refreshed = embedfill("--config", str(cfg), "backfill", "--refresh", env=env)
+    assert refreshed.returncode == 0, refreshed.stderr
+    watcher = popen("--config", str(cfg), "watch", "--interval", "0.3", env=env)
+    time.sleep(3)
+    assert watcher.poll() is None, watcher.communicate()[1]
+    watcher.send_signal(signal.SIGTERM)
+    _, err = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0, err

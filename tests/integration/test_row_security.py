@@ -133,3 +133,28 @@ def test_a_policy_added_under_a_running_job_fails_its_reads_not_filters_them(
         report = run(roles.url(app_rw), config)
     assert report is None
     assert "row-level security" in str(caught.value).lower()
+
+
+def test_a_privilege_revoked_mid_run_halts_it_instead_of_paying_for_every_row(
+    tickets: str, roles: Roles, app_rw: str, fake_openai: FakeOpenAI
+) -> None:
+    """Issue 15, item 9, found by review: a refusal that every row meets (UPDATE revoked
+    under the run) fails the batch and halts the run, rather than bisecting each batch
+    and sending the rest to the provider for nothing."""
+    revoked = False
+
+    def on_inputs(_: list[str]) -> None:
+        nonlocal revoked
+        if not revoked:
+            revoked = True
+            with psycopg.connect(tickets, autocommit=True) as conn:
+                conn.execute(f'REVOKE UPDATE ON app."SupportTickets" FROM "{app_rw}"')
+
+    fake_openai.on_inputs = on_inputs
+    config = tickets_config(
+        fake_openai.base_url, provider_overrides={"batch_size": 5, "max_concurrency": 1}
+    )
+    with pytest.raises(Exception, match=r"refused to write the vectors|may not UPDATE") as caught:
+        run(roles.url(app_rw), config)
+    assert getattr(caught.value, "exit_code", None) in (2, 3)
+    assert len(fake_openai.ok_requests()) <= 3  # 9 batches of 5 rows: the rest never sent

@@ -14,7 +14,7 @@ def undo_0007(conn: psycopg.Connection[Any]) -> None:
     conn.execute("DROP INDEX embedfill.failures_run_row")
     conn.execute(
         "ALTER TABLE embedfill.failures DROP COLUMN text_md5, DROP COLUMN retry_at,"
-        " DROP COLUMN key_digest"
+        " DROP COLUMN key_digest, DROP COLUMN tries"
     )
     conn.execute("DROP TABLE embedfill.tallies")
     conn.execute("ALTER TABLE embedfill.runs DROP COLUMN kind, DROP COLUMN spec")

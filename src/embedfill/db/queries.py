@@ -142,28 +142,28 @@ WORKERS_ALIVE = """
 SELECT pg_catalog.count(*) FROM embedfill.procrastinate_workers
 WHERE last_heartbeat > pg_catalog.now() - pg_catalog.make_interval(secs => %(within_s)s)"""
 
-# a row that failed for a passing cause may go again (watch.py) after a backoff that
-# doubles with each failure of the row in its job, from %(base_s)s up to %(max_s)s
-# seconds; one whose input the provider rejected waits for its text to change (NULL)
+# A row's failure in a job, one record per (job, row): a row that failed for a passing
+# cause may go again (watch.py) after a backoff that doubles with each try, from
+# %(base_s)s up to %(max_s)s seconds; one whose input the provider rejected waits for
+# its text to change (retry_at NULL). A try that fails again updates the record.
 INSERT_FAILURE = """
-INSERT INTO embedfill.failures
+INSERT INTO embedfill.failures AS f
     (run_id, row_id, tenant, error_class, message, attempts, text_md5, key_digest, retry_at)
-SELECT %(run_id)s, %(row_id)s, %(tenant)s, %(error_class)s, %(message)s, %(attempts)s,
-       %(text_md5)s, %(key_digest)s,
-       CASE WHEN %(rejected_input)s THEN NULL
-            ELSE pg_catalog.now() + pg_catalog.make_interval(secs => LEAST(
-                %(max_s)s::float8,
-                %(base_s)s::float8 * pg_catalog.power(2::float8, LEAST(20, (
-                    SELECT pg_catalog.count(*) FROM embedfill.failures AS f
-                    WHERE f.run_id = %(run_id)s AND f.row_id = %(row_id)s))::float8)))
-       END"""
-
-# the models other than %(model_id)s that wrote vectors of a column, most rows first
-OTHER_MODELS = """
-SELECT m.provider, m.model, m.dimensions, pg_catalog.count(*)
-FROM embedfill.provenance p JOIN embedfill.models m ON m.id = p.model_id
-WHERE p.column_id = %(column_id)s AND p.model_id <> %(model_id)s
-GROUP BY 1, 2, 3 ORDER BY 4 DESC"""
+VALUES (%(run_id)s, %(row_id)s, %(tenant)s, %(error_class)s, %(message)s, %(attempts)s,
+        %(text_md5)s, %(key_digest)s,
+        CASE WHEN %(rejected_input)s THEN NULL
+             ELSE pg_catalog.now() + pg_catalog.make_interval(
+                 secs => LEAST(%(max_s)s::float8, %(base_s)s::float8)) END)
+ON CONFLICT (run_id, row_id) DO UPDATE
+SET tenant = excluded.tenant, error_class = excluded.error_class,
+    message = excluded.message, attempts = excluded.attempts,
+    text_md5 = excluded.text_md5, key_digest = excluded.key_digest,
+    created_at = pg_catalog.now(), tries = f.tries + 1,
+    retry_at = CASE WHEN %(rejected_input)s THEN NULL
+                    ELSE pg_catalog.now() + pg_catalog.make_interval(secs => LEAST(
+                        %(max_s)s::float8,
+                        %(base_s)s::float8
+                        * pg_catalog.power(2::float8, LEAST(20, f.tries)::float8))) END"""
 
 # a tenant's key changed: its failed rows that wait for a retry go at once
 RETRY_TENANT_NOW = """

@@ -217,14 +217,6 @@ class Store:
         queued, in_flight, done = row if row is not None else (0, 0, 0)
         return {"queued": int(queued), "in_flight": int(in_flight), "done_last_hour": int(done)}
 
-    async def other_models(self, column_id: int, model_id: int) -> list[tuple[str, str, int, int]]:
-        """(provider, model, dimensions, rows) of the models other than ``model_id`` that
-        wrote the column's vectors, most rows first."""
-        cur = await self.conn.execute(
-            q.OTHER_MODELS, {"column_id": column_id, "model_id": model_id}
-        )
-        return [(str(r[0]), str(r[1]), int(r[2]), int(r[3])) for r in await cur.fetchall()]
-
     async def retry_tenant_now(self, tenant: str | None, run_id: int | None = None) -> int:
         """The tenant's key changed: its failed rows waiting for a retry go at once (in
         one job, or every job when ``run_id`` is None)."""

@@ -509,6 +509,23 @@ class TargetSQL:
             t_id=t_id,
         )
 
+    def other_models(self) -> sql.Composed:
+        """The models other than %(model_id)s that wrote the vectors the table's rows hold
+        now (params ``column_id`` too): (provider, model, dimensions, rows), most rows
+        first. A row deleted, or whose vector was cleared, counts for none."""
+        return sql.SQL(
+            "SELECT m.provider, m.model, m.dimensions, pg_catalog.count(*)"
+            " FROM {table} AS t JOIN {prov} AS p ON {of}"
+            " JOIN embedfill.models AS m ON m.id = p.model_id"
+            " WHERE {emb} IS NOT NULL AND p.model_id <> %(model_id)s"
+            " GROUP BY 1, 2, 3 ORDER BY 4 DESC"
+        ).format(
+            table=self.table,
+            prov=PROVENANCE,
+            of=self._provenance_of("t"),
+            emb=sql.Identifier("t", self.target.embedding_column),
+        )
+
     def mark_wrong(self) -> sql.Composed:
         """Record that the vectors of rows %(ids)s were found wrong (``verify``): their
         provenance says text md5 ``WRONG_MD5``, which no text has, so they count as

@@ -64,7 +64,7 @@ class TallyStage(RunState):
                 error_class=type(exc).__name__,
                 attempts=attempts,
             )
-            resolved = self.keys.cached(row.tenant)
+            resolved = self.keys.last(row.tenant)
             retry = Retry(
                 text_md5=row.text_md5,
                 rejected_input=rejected,

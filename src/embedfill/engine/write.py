@@ -46,23 +46,27 @@ _TRANSIENT_WRITE_ERRORS = (
     psycopg.errors.DeadlockDetected,
     psycopg.errors.SerializationFailure,
 )
-# what the database answers every time for these rows, however often it is asked: a
+# What the database answers every time, however often it is asked. For some rows (a
 # CHECK or NOT NULL on the vector column, a trigger of the app's that raises, "ON CONFLICT
-# ... cannot affect row a second time", a relation that cannot be updated, a privilege
-# gone. The batch is halved until the rows that cannot be written are alone; those fail
-# with the reason (its first line only: PostgreSQL's DETAIL holds row values), the others
-# are written.
-_REFUSED_WRITES = (
+# ... cannot affect row a second time"): the batch is halved until the rows that cannot
+# be written are alone; those fail with the reason (its first line only: PostgreSQL's
+# DETAIL holds row values), the others are written.
+_REFUSED_ROWS = (
     psycopg.errors.IntegrityError,
     psycopg.errors.DataError,
     psycopg.errors.CardinalityViolation,
-    psycopg.errors.FeatureNotSupported,
-    psycopg.errors.ObjectNotInPrerequisiteState,
-    psycopg.errors.WrongObjectType,
     psycopg.errors.RaiseException,
-    psycopg.errors.InsufficientPrivilege,
     psycopg.errors.TriggeredActionException,
 )
+# For every row (a privilege revoked, a relation that cannot be updated): the batch fails
+# and the run halts, so nothing more is paid for that could not be written.
+_REFUSED_TABLE = (
+    psycopg.errors.InsufficientPrivilege,
+    psycopg.errors.WrongObjectType,
+    psycopg.errors.FeatureNotSupported,
+    psycopg.errors.ObjectNotInPrerequisiteState,
+)
+_REFUSED_WRITES = _REFUSED_ROWS + _REFUSED_TABLE
 
 
 class WriteStage(TallyStage):
@@ -147,22 +151,26 @@ class WriteStage(TallyStage):
     async def _refused(self, item: PendingWrite, exc: psycopg.Error) -> None:
         """The database refused the write for what it holds (``_REFUSED_WRITES``): halve
         the batch until the rows it refuses are alone; they fail with the reason, and the
-        job ends ``partial`` rather than hand its chunk back for ever."""
-        if len(item.rows) > 1:
+        job ends ``partial`` rather than hand its chunk back for ever. A refusal of every
+        row (``_REFUSED_TABLE``) fails the batch and halts the run."""
+        whole = isinstance(exc, _REFUSED_TABLE)
+        if len(item.rows) > 1 and not whole:
             mid = len(item.rows) // 2
             for part in (slice(None, mid), slice(mid, None)):
                 await self._write(PendingWrite(item.rows[part], item.vectors[part]))
             return
         reason = _first_line(exc)
-        log.warning("run %s: the database refused to write a row (%s)", self.report.run_id, reason)
-        self._fail_rows(
-            item.rows,
-            WriteRefused(
-                f"The database refused to write this row's vector ({reason}); fix what it "
-                "names (a constraint, a trigger, a privilege) and run again."
-            ),
-            1,
+        what = "the vectors" if whole else "this row's vector"
+        log.warning(
+            "run %s: the database refused to write %s (%s)", self.report.run_id, what, reason
         )
+        refused = WriteRefused(
+            f"The database refused to write {what} ({reason}); fix what it names (a "
+            "constraint, a trigger, a privilege) and run again."
+        )
+        self._fail_rows(item.rows, refused, 1)
+        if whole:  # every row would meet it: nothing more is paid for
+            self._halt(refused)
 
     async def _commit_on_lane(self, params: dict[str, Any], sent: int) -> tuple[set[Any], set[Any]]:
         assert self.lanes is not None, "a dry run writes no vector"
