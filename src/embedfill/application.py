@@ -26,7 +26,14 @@ from . import freshness, jobs
 from . import keys as keymod
 from .config import Config, TargetConfig
 from .db import indexes, triggers
-from .db.catalog import TableInfo, count_missing, count_outdated, inspect_target, target_status
+from .db.catalog import (
+    TableInfo,
+    check_shared_columns,
+    count_missing,
+    count_outdated,
+    inspect_target,
+    target_status,
+)
 from .db.connect import Database, connect
 from .db.lanes import Lane
 from .db.schema import amigrate, ensure_schema
@@ -38,6 +45,7 @@ from .errors import (
     EmbedfillError,
     JobConflict,
     JobNotFound,
+    ModelChanged,
     PrivilegeMissing,
     UsageError,
 )
@@ -77,6 +85,7 @@ async def abackfill(
         if provider is None:
             provider = make_provider(config.provider_for(config.target(opts.target)))
         target, pconf, info = await prepare(conn, config, opts, provider)
+        await check_shared_columns(conn, config.targets)
         await ensure_schema(conn)
         if not opts.dry_run:
             return await _job(
@@ -238,6 +247,7 @@ async def astatus(config: Config, db: Database, target: str | None = None) -> li
     targets = [config.target(target)] if target else list(config.targets)
     conn = await connect(db)
     try:
+        await check_shared_columns(conn, config.targets)
         out = []
         kept = await Store(conn).has_provenance()
         for t in targets:
@@ -478,6 +488,17 @@ async def averify(
         raise UsageError("--fix re-embeds what verify finds wrong; drop --dry-run to use it.")
     size = sample_size(sample, all_rows)
     async with _verifier(config, db, target, env, provider) as verifier:
+        if fix:  # its refresh would also re-embed another model's vectors: not silently
+            sentence = await freshness.model_change(
+                verifier.conn,
+                verifier.target,
+                verifier.pconf,
+                verifier.info,
+                doing="`verify --fix`",
+                override=None,
+            )
+            if sentence is not None:
+                raise ModelChanged(sentence)
         result = await verifier.verify(size, dry_run=dry_run)
     if fix and result.marked_wrong:
         report = await abackfill(

@@ -729,7 +729,7 @@ def worker(
     until SIGTERM or SIGINT: then finish the chunks in flight and exit 0 (provider requests
     get 4 s more; what is left of the chunks goes back to the queue, its rows NULL). A
     second signal exits at once: 143 (SIGTERM) or 130 (SIGINT)."""
-    from .runtime import Runtime, refuse_model_changes
+    from .runtime import Runtime, startup_checks
     from .worker import Worker, work_on_job
 
     state = _state(ctx)
@@ -745,8 +745,7 @@ def worker(
             w = Worker(config, db, targets=target or None, concurrency=concurrency)
             await work_on_job(w, job, stop=stop)
             return
-        if not allow_model_change:
-            await refuse_model_changes(config, db, target or None)
+        await startup_checks(config, db, target or None, allow_model_change=allow_model_change)
         observer = _serve_metrics(metrics_port, metrics_host)
         runtime = Runtime(
             config, db, targets=target or None, concurrency=concurrency, observer=observer
@@ -879,7 +878,7 @@ def serve(
     with _errors(state):
         options = None
         if watch:
-            from .runtime import refuse_model_changes
+            from .runtime import startup_checks
 
             _check_watch_intervals(interval, sweep_interval)
             options = WatchOptions(
@@ -887,8 +886,11 @@ def serve(
                 sweep_interval_s=sweep_interval,
                 allow_model_change=allow_model_change,
             )
-            if not allow_model_change:
-                asyncio.run(refuse_model_changes(state.config(), state.database()))
+            asyncio.run(
+                startup_checks(
+                    state.config(), state.database(), allow_model_change=allow_model_change
+                )
+            )
         application = create_app(
             state.config(), database=state.database(), worker=not no_worker, watch=options
         )

@@ -81,10 +81,14 @@ async def model_change(
     target: TargetConfig,
     pconf: ProviderConfig,
     info: TableInfo,
+    *,
+    doing: str = "keeping it filled now",
+    override: str | None = "--allow-model-change",
 ) -> str | None:
     """One sentence when vectors of the target's column were written with another model
-    than the one configured now (a continuous mode would re-embed them in place, silently,
-    while the app searches them); None when none was."""
+    than the one configured now (``doing`` would re-embed them in place, silently, while
+    the app searches them; ``override``: the flag that does it anyway); None when none
+    was."""
     model = model_identity(pconf, info)
     ids = await provenance_ids(conn, info, target.embedding_column, model, create=False)
     if ids.column_id == UNKNOWN:
@@ -100,10 +104,14 @@ async def model_change(
     rows = sum(r[3] for r in others)
     return (
         f"Target {target.name!r} is configured with {model}, but {rows:,} of its vectors "
-        f"were written with {other}, so keeping it filled now would re-embed them in place "
-        "while your app searches them; re-embed deliberately with `embedfill backfill "
-        f"--refresh --target {target.name}` (it warns first), move to the new model with "
-        "`embedfill model start`, or pass --allow-model-change."
+        f"were written with {other}, so {doing} would re-embed them in place while your "
+        "app searches them; re-embed deliberately with `embedfill backfill --refresh "
+        f"--target {target.name}` (it warns first)"
+        + (
+            f", move to the new model with `embedfill model start`, or pass {override}."
+            if override
+            else " or move to the new model with `embedfill model start`."
+        )
     )
 
 

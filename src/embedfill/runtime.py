@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .config import Config
-from .db.catalog import inspect_target
+from .db.catalog import check_shared_columns, inspect_target
 from .db.connect import Database, connect
 from .db.store import Store
 from .engine import Observer
@@ -147,16 +147,22 @@ class Runtime:
         await self.hub.close()
 
 
-async def refuse_model_changes(
-    config: Config, db: Database, targets: Sequence[str] | None = None
+async def startup_checks(
+    config: Config,
+    db: Database,
+    targets: Sequence[str] | None = None,
+    *,
+    allow_model_change: bool = False,
 ) -> None:
-    """ModelChanged (exit 2) when a target's column holds vectors of another model than
-    configured now (freshness.model_change): `watch`, `worker` and `serve --watch` refuse
-    to start rather than re-embed the live column silently. A target that cannot be
-    inspected now is left to the command's own start-up checks."""
+    """What `watch`, `worker` and `serve --watch` refuse to start with (exit 2): two
+    targets on one vector column with different ids, and (unless ``allow_model_change``)
+    a target whose column holds vectors of another model than configured now
+    (freshness.model_change: they would re-embed the live column silently). A target that
+    cannot be inspected now is left to the command's own start-up checks."""
     conn = await connect(db)
     try:
-        if not await Store(conn).has_provenance():
+        await check_shared_columns(conn, config.targets)
+        if allow_model_change or not await Store(conn).has_provenance():
             return
         for name in targets or [t.name for t in config.targets]:
             target = config.target(name)
@@ -188,8 +194,7 @@ async def awatch(
     """Watch ``targets`` (None: every configured one) until ``stop``, with an in-process
     worker (unless ``worker=False``: workers elsewhere do the chunks)."""
     opts = opts or WatchOptions()
-    if not opts.allow_model_change:
-        await refuse_model_changes(config, db, targets)
+    await startup_checks(config, db, targets, allow_model_change=opts.allow_model_change)
     runtime = Runtime(
         config,
         db,

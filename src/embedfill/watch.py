@@ -74,7 +74,7 @@ class WatchOptions:
     sweep_interval_s: float = 300.0  # look for stale and outdated-model rows this often
     actor: str = "watch"
     # start even when the column holds vectors of another model than configured (the
-    # sweep then re-embeds them in place): runtime.refuse_model_changes
+    # sweep then re-embeds them in place): runtime.startup_checks
     allow_model_change: bool = False
 
 

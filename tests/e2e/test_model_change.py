@@ -68,6 +68,10 @@ def test_watch_worker_and_serve_watch_refuse_another_model(
         done = embedfill("--config", str(cfg), *args, env=env, timeout=60)
         assert_refused(done.returncode, done.stderr)
     assert vectors(tickets) == before and len(fake_openai.requests) == sent
+    # nor does `verify --fix` (its refresh would re-embed them too)
+    fix = embedfill("--config", str(cfg), "verify", "--all", "--fix", env=env)
+    assert fix.returncode == 2 and "so `verify --fix` would re-embed them" in fix.stderr
+    assert vectors(tickets) == before
 
     # deliberate: the flag starts it, and the sweep re-embeds with the new model
     watcher = popen(

@@ -88,3 +88,28 @@ def test_two_targets_on_one_column_with_different_ids_are_refused() -> None:
     assert caught.value.exit_code == 2
     same = dataclasses.replace(config.targets[0], name="same-ids", tenant_column=None)
     dataclasses.replace(config, targets=(config.targets[0], same))  # the same ids: fine
+
+
+def test_two_targets_naming_one_table_differently_with_different_ids_are_refused(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """Found by review: `docs` and `public.docs` are one table; the config check compares
+    names, so the resolved table decides at start-up."""
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute('ALTER TABLE app."SupportTickets" ADD COLUMN alt bigint')
+        conn.execute('UPDATE app."SupportTickets" SET alt = ticket_no + 1000')
+        conn.execute('CREATE UNIQUE INDEX ON app."SupportTickets" (alt)')
+        conn.execute('ALTER TABLE app."SupportTickets" ALTER COLUMN alt SET NOT NULL')
+    config = tickets_config(fake_openai.base_url)
+    first = config.targets[0]
+    second = dataclasses.replace(
+        first, name="by-alt", table=TableName(None, "SupportTickets"), id_column="alt"
+    )
+    config = dataclasses.replace(config, targets=(first, second))
+    url = f"{tickets} options=-csearch_path=app"
+    with pytest.raises(ConfigError, match="different id columns") as caught:
+        backfill(url, config)
+    assert caught.value.exit_code == 2
+    with pytest.raises(ConfigError, match="different id columns"):
+        asyncio.run(astatus(config, Database(url)))
+    assert fake_openai.requests == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,6 +211,29 @@ async def table_shape(conn: psycopg.AsyncConnection[Any], oid: int) -> str | Non
     cur = await conn.execute(_SHAPE, {"rel": oid})
     row = await cur.fetchone()
     return None if row is None or row[0] is None else str(row[0])
+
+
+async def check_shared_columns(
+    conn: psycopg.AsyncConnection[Any], targets: Sequence[TargetConfig]
+) -> None:
+    """Two targets that fill one vector column (the same table, however each names it)
+    must name its rows by the same id: provenance is kept per row id, so each would read
+    the other's as stale. ConfigError (exit 2) otherwise; a table not found is left to the
+    target's own checks."""
+    seen: dict[tuple[int, str], TargetConfig] = {}
+    for target in targets:
+        try:
+            oid, _ = await resolve_table(conn, target)
+        except SchemaMismatch:
+            continue
+        other = seen.setdefault((oid, target.embedding_column), target)
+        if other is not target and other.id_column != target.id_column:
+            raise ConfigError(
+                f"Targets {other.name!r} and {target.name!r} both fill column "
+                f"{target.embedding_column!r} of one table ({other.table}, {target.table}) "
+                f"but name its rows by different id columns ({other.id_column!r}, "
+                f"{target.id_column!r}); give them the same id_column."
+            )
 
 
 async def inspect_target(
@@ -433,8 +457,9 @@ async def _check_text_sql(
             # the expression runs with pg_catalog alone on the search_path (db.connect)
             raise ConfigError(
                 f"{where} does not work on {target.table} ({_first_line(exc)}); name your "
-                "own functions, types and tables with their schema (e.g. app.summary(body)): "
-                "text_sql runs with search_path = pg_catalog."
+                "own functions, types, operators and tables with their schema (e.g. "
+                "app.summary(body), attrs OPERATOR(extensions.->) 'k'): text_sql runs with "
+                "search_path = pg_catalog."
             ) from exc
         raise ConfigError(
             f"{where} does not work on {target.table} ({_first_line(exc)}); fix the "
