@@ -118,6 +118,9 @@ class Client:
         self.in_flight = 0
         self._slots = asyncio.Condition()
         self.proven = False  # a request succeeded: model and dimensions work
+        # the probe's 400: every request is wrong, so none more is sent (the callers
+        # probe, and stop with the probe's verdict)
+        self.misconfigured: BadInput | None = None
         self._probe: asyncio.Task[BadInput | None] | None = None
 
     async def key(self, tenant: str | None) -> ResolvedKey:
@@ -142,10 +145,14 @@ class Client:
         batch is no longer wanted."""
         attempts = 0
         while True:
+            if self.misconfigured is not None:  # the probe said every request is wrong
+                raise self.misconfigured
             try:
                 # the budget is taken once a slot is ours: taken before, with "auto"
                 # holding requests back, it would be spent on a request sent much later
                 async with self._slot():
+                    if self.misconfigured is not None:
+                        raise self.misconfigured
                     if await self._reserve(key, batch.tokens) or (skip and skip()):
                         raise Stopped
                     attempts += 1
@@ -191,6 +198,7 @@ class Client:
         rejected = await self._probe
         if rejected is None or self.proven:
             return None
+        self.misconfigured = rejected
         check = f"model = {self.pconf.model!r}"
         if self.pconf.dimensions is not None:
             check += f" and dimensions = {self.pconf.dimensions}"
