@@ -26,6 +26,16 @@ def now_another_model(cfg: Path) -> None:
     cfg.write_text(cfg.read_text().replace('model = "test-embed"', 'model = "test-embed-v2"'))
 
 
+def watch_starts(cfg: Path, env: dict[str, str]) -> None:
+    """`watch` starts (is still running 3 s on), and stops cleanly at SIGTERM."""
+    watcher = popen("--config", str(cfg), "watch", "--interval", "0.3", env=env)
+    time.sleep(3)
+    assert watcher.poll() is None, watcher.communicate()[1]
+    watcher.send_signal(signal.SIGTERM)
+    _, err = watcher.communicate(timeout=30)
+    assert watcher.returncode == 0, err
+
+
 def assert_refused(done_rc: int, stderr: str) -> None:
     assert done_rc == 2, stderr
     line = stderr.strip().splitlines()[-1]
@@ -103,12 +113,7 @@ def test_the_same_model_starts_as_before(
     cfg = write_config(tmp_path, fake_openai.base_url)
     env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM)
     filled_with_test_embed(tickets, cfg, env)
-    watcher = popen("--config", str(cfg), "watch", "--interval", "0.3", env=env)
-    time.sleep(3)
-    assert watcher.poll() is None, watcher.communicate()[1]
-    watcher.send_signal(signal.SIGTERM)
-    _, err = watcher.communicate(timeout=30)
-    assert watcher.returncode == 0, err
+    watch_starts(cfg, env)
 
 
 def test_after_a_deliberate_refresh_a_deleted_rows_record_blocks_nothing(
@@ -124,9 +129,4 @@ def test_after_a_deliberate_refresh_a_deleted_rows_record_blocks_nothing(
     now_another_model(cfg)
     refreshed = embedfill("--config", str(cfg), "backfill", "--refresh", env=env)
     assert refreshed.returncode == 0, refreshed.stderr
-    watcher = popen("--config", str(cfg), "watch", "--interval", "0.3", env=env)
-    time.sleep(3)
-    assert watcher.poll() is None, watcher.communicate()[1]
-    watcher.send_signal(signal.SIGTERM)
-    _, err = watcher.communicate(timeout=30)
-    assert watcher.returncode == 0, err
+    watch_starts(cfg, env)

@@ -9,11 +9,9 @@ from typing import Any
 import psycopg
 
 from embedfill import BackfillOptions, Database, abackfill
-from embedfill.db.connect import connect
-from embedfill.db.schema import ensure_schema
-from embedfill.db.store import Store
-from embedfill.keys import encrypt, new_master_key
+from embedfill.keys import new_master_key
 from tests.support.fake_openai import FakeOpenAI
+from tests.support.keys import store_key
 from tests.support.tables import tickets_config
 
 PLATFORM = "sk-platform-dry-0123456789"
@@ -22,18 +20,6 @@ KEY_SQL = "select api_key from app.org_settings where org = %(tenant)s"
 
 def run(db_url: str, config: Any, env: dict[str, str], **opts: Any) -> Any:
     return asyncio.run(abackfill(config, Database(db_url), BackfillOptions(**opts), env=env))
-
-
-def store_key(db_url: str, tenant: str, key: str, env: dict[str, str]) -> None:
-    async def go() -> None:
-        conn = await connect(Database(db_url))
-        try:
-            await ensure_schema(conn)
-            await Store(conn).put_key(tenant, encrypt(key, env), "***")
-        finally:
-            await conn.close()
-
-    asyncio.run(go())
 
 
 def test_tenants_without_a_usable_key_would_fail(tickets: str, fake_openai: FakeOpenAI) -> None:

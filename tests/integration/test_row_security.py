@@ -6,6 +6,7 @@ reads instead of filtering them."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -34,6 +35,21 @@ def nulls(db_url: str) -> int:
         row = conn.execute('SELECT count(*) FROM app."SupportTickets" WHERE emb IS NULL').fetchone()
     assert row is not None
     return int(row[0])
+
+
+def at_first_request(db_url: str, statement: str) -> Callable[[list[str]], None]:
+    """A hook for the test provider: run ``statement`` when the first request arrives,
+    before it is answered (a change made under a running job)."""
+    done = False
+
+    def on_inputs(_: list[str]) -> None:
+        nonlocal done
+        if not done:
+            done = True
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                conn.execute(statement.encode())
+
+    return on_inputs
 
 
 def only_acme(db_url: str, *, force: bool = False) -> None:
@@ -117,16 +133,9 @@ def test_a_policy_added_under_a_running_job_fails_its_reads_not_filters_them(
             " USING (org = current_setting('app.tenant', true))"
         )
     fake_openai.latency = 0.2
-    added = False
-
-    def on_inputs(_: list[str]) -> None:
-        nonlocal added
-        if not added:
-            added = True
-            with psycopg.connect(tickets, autocommit=True) as conn:
-                conn.execute('ALTER TABLE app."SupportTickets" ENABLE ROW LEVEL SECURITY')
-
-    fake_openai.on_inputs = on_inputs
+    fake_openai.on_inputs = at_first_request(
+        tickets, 'ALTER TABLE app."SupportTickets" ENABLE ROW LEVEL SECURITY'
+    )
     report = None
     config = tickets_config(fake_openai.base_url, provider_overrides={"batch_size": 5})
     with pytest.raises(Exception) as caught:  # the job's failure, whatever its class
@@ -141,16 +150,9 @@ def test_a_privilege_revoked_mid_run_halts_it_instead_of_paying_for_every_row(
     """Issue 15, item 9, found by review: a refusal that every row meets (UPDATE revoked
     under the run) fails the batch and halts the run, rather than bisecting each batch
     and sending the rest to the provider for nothing."""
-    revoked = False
-
-    def on_inputs(_: list[str]) -> None:
-        nonlocal revoked
-        if not revoked:
-            revoked = True
-            with psycopg.connect(tickets, autocommit=True) as conn:
-                conn.execute(f'REVOKE UPDATE ON app."SupportTickets" FROM "{app_rw}"')
-
-    fake_openai.on_inputs = on_inputs
+    fake_openai.on_inputs = at_first_request(
+        tickets, f'REVOKE UPDATE ON app."SupportTickets" FROM "{app_rw}"'
+    )
     config = tickets_config(
         fake_openai.base_url, provider_overrides={"batch_size": 5, "max_concurrency": 1}
     )

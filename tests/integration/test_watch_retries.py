@@ -14,13 +14,11 @@ import psycopg
 
 from embedfill import Database, astatus
 from embedfill.config import EngineConfig
-from embedfill.db.connect import connect
-from embedfill.db.schema import ensure_schema
-from embedfill.db.store import Store
 from embedfill.http.metrics import Metrics
-from embedfill.keys import encrypt, new_master_key
+from embedfill.keys import new_master_key
 from tests.integration.test_watch import ENV, Running, nulls, wait_for
 from tests.support.fake_openai import FakeOpenAI, Fault
+from tests.support.keys import store_key
 from tests.support.tables import tickets_config
 
 T = 'app."SupportTickets"'
@@ -51,18 +49,6 @@ def running_config(running: Running) -> Any:
     return running.watches[0].config
 
 
-def store_key(db_url: str, env: dict[str, str], tenant: str, key: str) -> None:
-    async def go() -> None:
-        conn = await connect(Database(db_url))
-        try:
-            await ensure_schema(conn)
-            await Store(conn).put_key(tenant, encrypt(key, env), "***")
-        finally:
-            await conn.close()
-
-    asyncio.run(go())
-
-
 def test_rows_that_failed_in_a_provider_outage_are_filled_once_it_is_over(
     tickets: str, fake_openai: FakeOpenAI
 ) -> None:
@@ -88,7 +74,7 @@ def test_a_tenants_key_fixed_with_keys_set_fills_its_rows_at_once(
     watch restarts."""
     env = ENV | {"EMBEDFILL_MASTER_KEY": new_master_key()}
     fake_openai.bad_keys = {"sk-acme-revoked-000000"}
-    store_key(tickets, env, "org-a", "sk-acme-revoked-000000")
+    store_key(tickets, "org-a", "sk-acme-revoked-000000", env)
     running = Running(
         tickets, config_for(fake_openai.base_url, retry_s=3600), env=env, interval_s=0.3
     )
@@ -110,7 +96,7 @@ def test_a_tenants_key_fixed_with_keys_set_fills_its_rows_at_once(
         f'embedfill_failing_rows{{error_class="AuthFailed",target="tickets"}} '
         f"{float(acme_nulls[0])}" in metrics.render().decode()
     )
-    store_key(tickets, env, "org-a", "sk-acme-fixed-11111111")
+    store_key(tickets, "org-a", "sk-acme-fixed-11111111", env)
     wait_for(lambda: nulls(tickets, T) == 0, timeout=30)
     status = asyncio.run(astatus(running_config(running), Database(tickets)))[0]
     assert status.failing == 0 and status.failing_errors == {}
@@ -169,7 +155,7 @@ def test_failures_record_no_key(tickets: str, fake_openai: FakeOpenAI) -> None:
     """What is recorded to tell keys apart is a digest: no key, nor a part of one."""
     env = ENV | {"EMBEDFILL_MASTER_KEY": new_master_key()}
     fake_openai.bad_keys = {"sk-acme-revoked-SECRETPART"}
-    store_key(tickets, env, "org-a", "sk-acme-revoked-SECRETPART")
+    store_key(tickets, "org-a", "sk-acme-revoked-SECRETPART", env)
     running = Running(tickets, config_for(fake_openai.base_url, retry_s=3600), env=env)
     wait_for(lambda: any(f[0] == "AuthFailed" for f in failures(tickets)), timeout=60)
     running.stop()
