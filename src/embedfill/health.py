@@ -165,25 +165,19 @@ async def status_by_target(config: Config, db: Database) -> dict[str, TargetStat
     return out
 
 
-async def running_jobs(db: Database) -> list[RunningJobs]:
-    """Jobs queued or running, per target (reads embedfill.runs only; cheap)."""
+async def job_gauges(
+    db: Database, alive_within_s: float = 60.0
+) -> tuple[list[RunningJobs], int | None]:
+    """Jobs queued or running, per target, and the worker processes alive (heartbeat at
+    most ``alive_within_s`` old), on one connection (reads embedfill.runs, chunks and
+    procrastinate's workers only; cheap). ([], None) before embedfill's schema exists."""
     conn = await connect(db)
     try:
-        rows = await Store(conn).running_jobs()
+        store = Store(conn)
+        rows = await store.running_jobs()
+        alive = await store.workers_alive(alive_within_s)
     except psycopg.Error:
-        return []  # embedfill's schema not there yet: no job either
+        return [], None
     finally:
         await conn.close()
-    return [RunningJobs(*row) for row in rows]
-
-
-async def workers_alive(db: Database, within_s: float = 60.0) -> int | None:
-    """Worker processes alive (their heartbeat at most ``within_s`` old); None when it
-    cannot be told (embedfill's schema not there yet)."""
-    conn = await connect(db)
-    try:
-        return await Store(conn).workers_alive(within_s)
-    except psycopg.Error:
-        return None
-    finally:
-        await conn.close()
+    return [RunningJobs(*row) for row in rows], alive

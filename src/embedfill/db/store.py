@@ -204,9 +204,8 @@ class Store:
                 await cur.executemany(q.INSERT_FAILURE, params)
 
     async def failing(self, table_oid: int, column: str) -> list[tuple[str | None, str, int]]:
-        """(tenant, error class, rows) of the column's rows failing now (``q.FAILING``)."""
-        if not await self.has_provenance():
-            return []
+        """(tenant, error class, rows) of the column's rows failing now (``q.FAILING``;
+        call it once the schema has provenance)."""
         cur = await self.conn.execute(q.FAILING, {"rel": table_oid, "column": column})
         return [(r[0], str(r[1]), int(r[2])) for r in await cur.fetchall()]
 

@@ -74,14 +74,13 @@ class EmbedStage(TallyStage):
         resolved = await self.client.key(batch.tenant)
         tenant.key_source = resolved.source
         self._note_key_source(batch.tenant, resolved)
-        if self._dead_keys.get(batch.tenant, resolved.digest) != resolved.digest:
+        dead = self.dead_tenants.get(batch.tenant)
+        if dead is not None and dead[1] != resolved.digest:
             # its key changed (stored, or tenant_key_sql answers another): try it
-            self.dead_tenants.pop(batch.tenant, None)
-            self._dead_keys.pop(batch.tenant, None)
+            del self.dead_tenants[batch.tenant]
             tenant.error = None
         if resolved.error and batch.tenant not in self.dead_tenants:
-            self.dead_tenants[batch.tenant] = resolved.error
-            self._dead_keys[batch.tenant] = resolved.digest
+            self.dead_tenants[batch.tenant] = (resolved.error, resolved.digest)
             log.warning(
                 "run %s: tenant %s cannot be embedded: %s",
                 self.report.run_id,
@@ -89,7 +88,7 @@ class EmbedStage(TallyStage):
                 resolved.error,
             )
         if batch.tenant in self.dead_tenants:
-            reason = self.dead_tenants[batch.tenant]
+            reason = self.dead_tenants[batch.tenant][0]
             tenant.error = reason
             self._fail(batch, NoApiKey(reason) if resolved.error else AuthFailed(reason), 0)
             return
@@ -115,8 +114,7 @@ class EmbedStage(TallyStage):
             return
         except AuthFailed as exc:
             reason = f"{exc} (tenant {batch.tenant!r}, key source {resolved.source})"
-            self.dead_tenants[batch.tenant] = reason
-            self._dead_keys[batch.tenant] = resolved.digest
+            self.dead_tenants[batch.tenant] = (reason, resolved.digest)
             tenant.error = reason
             log.error("run %s: tenant %s: %s", self.report.run_id, batch.tenant, exc)
             self._fail(batch, exc, exc.attempts)

@@ -208,9 +208,9 @@ class RunState:
         cache_rows = engine.dedup_cache_mb * 1024 * 1024 // (dims * 4 + 200)
         self.cache: BoundedCache[Vector] = BoundedCache(cache_rows)
         self.inflight: dict[str, list[Row]] = {}
-        self.dead_tenants: dict[str | None, str] = {}
-        # the key each dead tenant died with: another key (keys.KEY_TTL_S) revives it
-        self._dead_keys: dict[str | None, str] = {}
+        # tenants with no usable key: why, and the digest of the key they died with
+        # (another key, looked up every keys.KEY_TTL_S, revives the tenant)
+        self.dead_tenants: dict[str | None, tuple[str, str]] = {}
         # rpm/tpm and 429 pauses, per key, shared with every run in every process; a
         # provider without keys or limits (local, hash) has nothing to share
         self.concurrency = (

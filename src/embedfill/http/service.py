@@ -245,8 +245,8 @@ class AdminService:
             at = time.time()
             for status in statuses.values():
                 self.metrics.set_status(status, at)
-            self.metrics.set_jobs(await health.running_jobs(self.db))
-            alive = await health.workers_alive(self.db)
+            running, alive = await health.job_gauges(self.db)
+            self.metrics.set_jobs(running)
             if alive is not None:
                 self.metrics.workers_alive.set(alive)
             self.metrics.status_pass.set(time.monotonic() - started)
