@@ -3,6 +3,7 @@ chunks, two jobs on one worker, a provider that misbehaves for one worker."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
@@ -40,3 +41,21 @@ def test_odd_ids_in_one_row_chunks_are_each_written_once(
     assert len(sent) == len(set(sent))  # each row once: no chunk overlaps another
     for body, vector in docs_vectors(db_url).values():
         np.testing.assert_array_equal(vector, hash_vector(body, 8))
+
+
+def test_more_chunks_at_once_than_a_session_holds_are_not_handed_back(
+    db_url: str, fake_openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`worker_chunks = 4` on one job: a session works on two chunks at once, so the
+    rings for a third and fourth wait in the worker for a slot instead of going back to
+    the queue for seconds. Handed back, every ring was out of reach when the two chunks
+    ended, and the worker idled: the job ran at a quarter of the speed of the default."""
+    make_docs(db_url, "int", list(range(1, 121)))
+    fake_openai.latency = 0.05
+    config = docs_config(fake_openai.base_url, engine={"chunk_rows": 10, "worker_chunks": 4})
+    with caplog.at_level(logging.DEBUG):
+        report = run_docs(db_url, config)
+    assert (report.status, report.embedded) == ("succeeded", 120)
+    # procrastinate's word for a ring handed back
+    handed_back = [r.getMessage() for r in caplog.records if "to retry" in r.getMessage()]
+    assert handed_back == []
