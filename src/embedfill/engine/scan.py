@@ -39,7 +39,11 @@ class ScanStage(TallyStage):
     """Keyset pages -> rows -> per-tenant batches (see the module doc)."""
 
     async def _pages(self, chunk: Chunk | None = None) -> Any:
-        """Keyset pages of the rows to embed: the whole target (a dry run) or a chunk."""
+        """Keyset pages of the rows to embed: the whole target (a dry run) or a chunk.
+
+        The next page is read while the caller works on this one (rendering and counting
+        a page's texts takes about as long as the server takes to read it); a chunk's
+        last page is known by its last id, so no empty read follows it."""
         after: Any = None
         first = True
         remaining = self.opts.limit
@@ -51,35 +55,47 @@ class ScanStage(TallyStage):
             remaining, first, after, hi = None, chunk.lo is None, chunk.lo, chunk.hi
             keys = chunk.keys
         page_size = self.engine.scan_page_size
-        while remaining is None or remaining > 0:
-            size = page_size if remaining is None else min(page_size, remaining)
-            rows = await self._unless_stopped(
-                self._fetch(
-                    self.sql.scan(
-                        first_page=first,
-                        tenants=bool(self.tenants),
-                        upto=hi is not None,
-                        refresh=self.refresh,
-                        keys=keys is not None,
-                    ),
-                    {
-                        "after": after,
-                        "hi": hi,
-                        "limit": size,
-                        "tenants": self.tenants,
-                        "keys": keys,
-                        **self.prov.params(),
-                    },
-                )
+
+        def read(first: bool, after: Any, size: int) -> asyncio.Future[list[Any] | None]:
+            statement = self.sql.scan(
+                first_page=first,
+                tenants=bool(self.tenants),
+                upto=hi is not None,
+                refresh=self.refresh,
+                keys=keys is not None,
             )
-            if not rows:  # none left, or the run stops
-                return
-            yield rows
-            first, after = False, rows[-1][0]
-            if remaining is not None:
-                remaining -= len(rows)
-            if len(rows) < size:
-                return
+            params = {
+                "after": after,
+                "hi": hi,
+                "limit": size,
+                "tenants": self.tenants,
+                "keys": keys,
+                **self.prov.params(),
+            }
+            return asyncio.ensure_future(self._unless_stopped(self._fetch(statement, params)))
+
+        size = page_size if remaining is None else min(page_size, remaining)
+        pending = read(first, after, size)
+        try:
+            while True:
+                rows = await pending
+                if not rows:  # none left, or the run stops
+                    return
+                after = rows[-1][0]
+                if remaining is not None:
+                    remaining -= len(rows)
+                last = len(rows) < size or remaining == 0 or (hi is not None and after == hi)
+                if not last:
+                    size = page_size if remaining is None else min(page_size, remaining)
+                    pending = read(False, after, size)
+                yield rows
+                if last:
+                    return
+        finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
 
     async def _fetch(self, statement: sql.Composed, params: dict[str, Any]) -> list[Any]:
         """One page; a page that waited past the lane's lock or statement timeout (the
@@ -136,24 +152,26 @@ class ScanStage(TallyStage):
         row_id, tenant, fingerprint, held, text_md5, *values = raw
         tenant_report = self._tenant(tenant)
         tenant_report.missing += 1
+        counter = self._counter
         prepared = prepare_text(
             self.render(values),
-            count=self._counter.count,
-            truncate=self._counter.truncate,
+            count=counter.count,
+            truncate=counter.truncate,
             max_tokens=self._max_tokens,
         )
+        report = self.report
         if prepared is None:
             tenant_report.skipped += 1
-            self.report.skipped += 1
+            report.skipped += 1
             if not self.opts.dry_run:
                 self.hooks.observer.rows(self.target.name, "skipped", 1)
             return None
         sent, tokens, truncated = prepared
         if truncated:
             tenant_report.truncated += 1
-            self.report.truncated += 1
+            report.truncated += 1
         if self.opts.dry_run:
-            self.report.add_sample(row_id, tenant, sent)
+            report.add_sample(row_id, tenant, sent)
         if chunk is not None:
             chunk.pending += 1
         return Row(
@@ -252,27 +270,29 @@ class ScanStage(TallyStage):
             if self.stopping or (chunk is not None and chunk.given_up):
                 return
             hits = PendingWrite([], [])
+            # names looked up once a page, not once a row
+            make_row, cached_vector, inflight = self._row, self.cache.get, self.inflight
             for n, raw in enumerate(page, 1):
                 if n % YIELD_EVERY_ROWS == 0:
                     # rendering and counting tokens is CPU work: let responses that have
                     # arrived be handled (and the next requests sent) in between
                     await asyncio.sleep(0)
-                row = self._row(raw, chunk)
+                row = make_row(raw, chunk)
                 if row is None:
                     continue
                 key = row.fingerprint
-                cached = self.cache.get(key)
+                cached = cached_vector(key)
                 if cached is not None:
                     self.report.deduplicated += 1
                     hits.rows.append(row)
                     hits.vectors.append(cached)
                     continue
-                followers = self.inflight.get(key)
+                followers = inflight.get(key)
                 if followers is not None:
                     self.report.deduplicated += 1
                     followers.append(row)
                     continue
-                self.inflight[key] = []
+                inflight[key] = []
                 for batch in batcher.add(row):
                     self._count_batch(batch)
                     await embed_q.put(batch)
