@@ -8,9 +8,10 @@ from typing import Any, Literal
 KeySource = Literal["tenant", "platform", "none"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Row:
-    """One row read from a target table that needs an embedding."""
+    """One row read from a target table that needs an embedding. Not frozen: a frozen
+    dataclass's __init__ costs four times as much, and the scan makes one per row."""
 
     id: Any
     tenant: str | None

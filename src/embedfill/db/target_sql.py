@@ -255,7 +255,7 @@ class TargetSQL:
         return sql.SQL(
             "WITH embedfill_batch AS ("
             "SELECT * FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[],"
-            " %(md5s)s::uuid[], %(tenants)s::text[])"
+            " %(md5s)b::uuid[], %(tenants)b::text[])"
             " AS u(embedfill_id, embedfill_fp, embedfill_vec, embedfill_md5, embedfill_tenant)"
             "), embedfill_locked AS ("
             "SELECT {t_id} AS id FROM {table} AS t"
@@ -279,8 +279,8 @@ class TargetSQL:
         return sql.SQL(
             "WITH embedfill_written AS ("
             "UPDATE {table} AS t SET {emb} = b.embedfill_vec"
-            " FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[], %(md5s)s::uuid[],"
-            " %(tenants)s::text[])"
+            " FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[], %(md5s)b::uuid[],"
+            " %(tenants)b::text[])"
             " AS b(embedfill_id, embedfill_fp, embedfill_vec, embedfill_md5, embedfill_tenant)"
             " WHERE {t_id} = b.embedfill_id AND {keys}"
             "{guard} AND {fp} = b.embedfill_fp"

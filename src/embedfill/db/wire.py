@@ -18,8 +18,9 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
 
-INT8_OID, TEXT_OID = 20, 25
-INT8_ARRAY_OID, TEXT_ARRAY_OID = 1016, 1009
+INT8_OID, TEXT_OID, UUID_OID = 20, 25, 2950
+INT8_ARRAY_OID, TEXT_ARRAY_OID, UUID_ARRAY_OID = 1016, 1009, 2951
+_NULL = (-1).to_bytes(4, "big", signed=True)
 _HEADER = np.dtype(
     [("ndim", ">i4"), ("flags", ">i4"), ("elem", ">u4"), ("size", ">i4"), ("lbound", ">i4")]
 )
@@ -30,6 +31,10 @@ class Int8Array(bytes):
 
 
 class TextArray(bytes):
+    __slots__ = ()
+
+
+class UuidArray(bytes):
     __slots__ = ()
 
 
@@ -60,6 +65,27 @@ def fixed_text_array(values: Sequence[str], width: int) -> TextArray:
     items["len"] = width
     items["s"] = values
     return TextArray(_header(TEXT_OID, len(values)) + items.tobytes())
+
+
+def uuid_array(values: Sequence[Any]) -> UuidArray:
+    """uuid.UUID values (None: NULL) as uuid[]."""
+    item = (16).to_bytes(4, "big")
+    body = b"".join(_NULL if v is None else item + v.bytes for v in values)
+    return UuidArray(_header(UUID_OID, len(values)) + body)
+
+
+def text_array(values: Sequence[str | None]) -> TextArray:
+    """Strings (None: NULL) as text[]. A batch holds few distinct values (its tenants):
+    each is encoded once."""
+    encoded: dict[str | None, bytes] = {None: _NULL}
+    parts = []
+    for v in values:
+        part = encoded.get(v)
+        if part is None:
+            data = v.encode("utf-8")  # type: ignore[union-attr]
+            part = encoded[v] = len(data).to_bytes(4, "big") + data
+        parts.append(part)
+    return TextArray(_header(TEXT_OID, len(values)) + b"".join(parts))
 
 
 def vector_array(vectors: Sequence[npt.NDArray[np.float32]], vector_oid: int) -> VectorArray:
@@ -99,6 +125,7 @@ def register_arrays(conn: psycopg.AsyncConnection[Any], vector: TypeInfo) -> Non
     """Teach a connection to send the arrays above, its ``VectorArray`` as ``vector``'s."""
     conn.adapters.register_dumper(Int8Array, _passthrough(INT8_ARRAY_OID))
     conn.adapters.register_dumper(TextArray, _passthrough(TEXT_ARRAY_OID))
+    conn.adapters.register_dumper(UuidArray, _passthrough(UUID_ARRAY_OID))
     conn.adapters.register_dumper(VectorArray, _passthrough(vector.array_oid))
 
 

@@ -100,8 +100,8 @@ class WriteStage(TallyStage):
             "ids": wire.int8_array(ids) or ids,
             "fps": wire.fixed_text_array([r.fingerprint for r in item.rows], 32),
             "vecs": item.vectors,  # encoded on the lane (its vector type's oid)
-            "md5s": [r.text_md5 for r in item.rows],
-            "tenants": [r.tenant for r in item.rows],
+            "md5s": wire.uuid_array([r.text_md5 for r in item.rows]),
+            "tenants": wire.text_array([r.tenant for r in item.rows]),
             # the job's tally, committed with the rows (no job: nothing counted there)
             "run_id": self.seat.run_id if self.seat else None,
             "worker": self.seat.name if self.seat else "",

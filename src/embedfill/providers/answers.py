@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import binascii
 import json
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from ..errors import BadAnswer
 from .base import Vector
@@ -123,6 +125,9 @@ def check_vectors(vectors: Sequence[Any], count: int) -> list[Vector]:
     size; returned as float32."""
     if len(vectors) != count:
         raise malformed(f"it holds {len(vectors)} embeddings for {count} inputs")
+    whole = _as_matrix(vectors)
+    if whole is not None:  # the usual answer: one pass over the batch, not one per vector
+        return list(whole)
     out: list[Vector] = []
     for index, raw in enumerate(vectors):
         array = np.asarray(raw)
@@ -143,6 +148,23 @@ def check_vectors(vectors: Sequence[Any], count: int) -> list[Vector]:
                 array = array.astype(np.float32)
         out.append(array)
     return out
+
+
+def _as_matrix(vectors: Sequence[Any]) -> npt.NDArray[np.float32] | None:
+    """The answer as one float32 matrix when it is well formed (flat numeric vectors of
+    one non-zero size); None otherwise, and check_vectors finds and names the fault."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            matrix = np.asarray(vectors)
+    except (ValueError, TypeError):  # ragged
+        return None
+    if matrix.ndim != 2 or matrix.shape[1] == 0 or matrix.dtype.kind not in "fiu":
+        return None
+    if matrix.dtype != np.float32:
+        with np.errstate(over="ignore"):
+            matrix = matrix.astype(np.float32)
+    return matrix
 
 
 def non_finite(vectors: Sequence[Vector]) -> list[int]:
