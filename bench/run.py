@@ -803,6 +803,46 @@ class Bench:
                 )
             )
 
+    def many_tenants(self) -> None:
+        log("9. Many tenants: a dry run's time per tenant at 10x the tenants")
+        rows = self.n(200_000, 20_000)
+        counts = (rows // 20, rows // 2)  # 20 rows a tenant, then 2
+        seconds: dict[int, float] = {}
+        for tenants in counts:
+            url = self.fresh_empty("bench_tenants")
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("CREATE EXTENSION vector")
+                conn.execute(
+                    "CREATE TABLE docs (id bigserial PRIMARY KEY, tenant text, body text,"
+                    " embedding vector(8))"
+                )
+                conn.execute(
+                    "INSERT INTO docs (tenant, body) SELECT 't' || (i %% %s),"
+                    " 'text number ' || i || repeat(' words', 20)"
+                    " FROM generate_series(1, %s) AS i",
+                    (tenants, rows),
+                )
+                conn.execute("VACUUM ANALYZE docs")
+            args = {"url": url, "provider": {"kind": "hash", "dimensions": 8}, "dry_run": True}
+            seconds[tenants] = self.measure("embedfill", args)["seconds"]
+        few, many = counts
+        per_few, per_many = seconds[few] / few, seconds[many] / many
+        self.raw["many_tenants"] = {"rows": rows, "seconds": seconds}
+        self.add(
+            Row(
+                "9 many tenants",
+                f"dry run of {rows:,} rows, {many:,} tenants: time per tenant",
+                per_many * 1e6,
+                "µs",
+                f"the same at {few:,} tenants",
+                per_few * 1e6,
+                per_many / per_few,
+                "<= 1.5 (linear in tenants)",
+                per_many / per_few <= 1.5,
+                note=f"{seconds[few]:.1f} s and {seconds[many]:.1f} s",
+            )
+        )
+
 
 def openai_provider(fake: FakeOpenAI, **settings: Any) -> dict[str, Any]:
     """Provider settings for embedfill against the local OpenAI-compatible server."""
@@ -1041,6 +1081,7 @@ def main() -> None:
         "status_at_scale",
         "watch_latency",
         "triggers",
+        "many_tenants",
     ]
     chosen = args.only.split(",") if args.only else scenarios
     try:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
 KeySource = Literal["tenant", "platform", "none"]
 
@@ -90,6 +91,29 @@ class Retry:
     key_digest: str | None = None
 
 
+P = TypeVar("P", bound="_HasTenant")
+
+
+class _HasTenant(Protocol):
+    tenant: str | None
+
+
+def tenant_part(
+    owner: object, parts: list[P], tenant: str | None, make: Callable[[str | None], P]
+) -> P:
+    """``tenant``'s entry of ``parts`` (a report's per-tenant list), added when new; found
+    by an index kept on ``owner`` (not a dataclass field: a report's fields are what it
+    shows), rebuilt when the list was set or grown directly."""
+    index: dict[str | None, P] | None = owner.__dict__.get("_tenant_index")
+    if index is None or len(index) != len(parts):
+        index = owner.__dict__["_tenant_index"] = {p.tenant: p for p in parts}
+    found = index.get(tenant)
+    if found is None:
+        found = index[tenant] = make(tenant)
+        parts.append(found)
+    return found
+
+
 @dataclass
 class Report:
     """What a backfill (or its dry run) did, per tenant. The CLI, the library and the
@@ -128,12 +152,9 @@ class Report:
     chunks: dict[str, int] = field(default_factory=dict)  # a job: its chunks by state
 
     def tenant(self, tenant: str | None) -> TenantReport:
-        for t in self.tenants:
-            if t.tenant == tenant:
-                return t
-        t = TenantReport(tenant=tenant)
-        self.tenants.append(t)
-        return t
+        """The tenant's part, added when new. Found by an index, not by a scan of the
+        list: with 100,000 tenants the scan made a dry run quadratic (106 s, 10k: 4 s)."""
+        return tenant_part(self, self.tenants, tenant, TenantReport)
 
     def add_sample(self, id: Any, tenant: str | None, text: str, *, keep: int = 2) -> None:
         """Keep the first ``keep`` texts of the scan, as sent, cut for display."""

@@ -58,7 +58,7 @@ from .errors import (
 )
 from .freshness import ProvenanceIds, model_identity, provenance_ids
 from .keys import KeyResolver
-from .models import Batch, KeySource, Row
+from .models import Batch, KeySource, Row, tenant_part
 from .planning import TenantBatcher, estimate_cost, prepare_text, split_batch
 from .providers import Provider, Vector
 from .ratelimit import Rates, SharedLimits
@@ -197,12 +197,7 @@ class VerifyResult:
         return 0 if self.ok or (fixed and not self.failed) else 3
 
     def tenant(self, tenant: str | None) -> TenantCheck:
-        for t in self.tenants:
-            if t.tenant == tenant:
-                return t
-        t = TenantCheck(tenant)
-        self.tenants.append(t)
-        return t
+        return tenant_part(self, self.tenants, tenant, TenantCheck)
 
     def record(self, row: Row, value: float | None) -> None:
         """One row compared."""
