@@ -151,6 +151,7 @@ class Client:
                 # the budget is taken once a slot is ours: taken before, with "auto"
                 # holding requests back, it would be spent on a request sent much later
                 async with self._slot():
+                    await self._await_verdict()
                     if self.misconfigured is not None:
                         raise self.misconfigured
                     if await self._reserve(key, batch.tokens) or (skip and skip()):
@@ -183,6 +184,20 @@ class Client:
             self.proven = True
             self.tally.answered(batch.tenant, batch.tokens)
             return vectors, attempts
+
+    async def _await_verdict(self) -> None:
+        """While the probe tells a wrong request from wrong inputs, nothing more is sent:
+        sent meanwhile, every batch was rejected too (11 requests where the batches in
+        flight and the probe, 8, were expected)."""
+        pending = self._probe
+        if pending is None or self.proven:
+            return
+        await asyncio.wait([pending])  # neither cancels the probe nor raises its error
+        if pending.cancelled() or pending.exception() is not None:
+            return
+        rejected = pending.result()
+        if rejected is not None and not self.proven:
+            self.misconfigured = rejected
 
     async def probe(self, key: Secret | None) -> ProviderMisconfigured | None:
         """After a 400 before any success: is the request wrong (model, dimensions), or
