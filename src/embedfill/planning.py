@@ -107,6 +107,10 @@ class TenantBatcher:
     def flush(self) -> list[Batch]:
         return [self._take(t) for t in list(self._buffers)]
 
+    def flush_where(self, holds: Callable[[Row], bool]) -> list[Batch]:
+        """Release the partial batches holding a row for which ``holds`` is true."""
+        return [self._take(t) for t, rows in list(self._buffers.items()) if any(map(holds, rows))]
+
     def _take(self, tenant: str | None) -> Batch:
         rows = self._buffers.pop(tenant)
         self._resize(tenant, len(rows), 0)

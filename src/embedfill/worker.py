@@ -136,19 +136,24 @@ class _Session:
     closer: asyncio.TimerHandle | None = None
     done: int = 0
     freed: asyncio.Event = field(default_factory=asyncio.Event)  # a chunk of it ended
+    waiting: int = 0  # rings of the job waiting here for a slot: chunks about to come
 
     async def slot(self, wait_s: float) -> bool:
         """Whether a chunk more may be taken within ``wait_s``: at most SESSION_CHUNKS
         at once (one scanned, one ending)."""
         deadline = time.monotonic() + wait_s
-        while self.inflight >= SESSION_CHUNKS:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            self.freed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.freed.wait(), left)
-        return True
+        self.waiting += 1
+        try:
+            while self.inflight >= SESSION_CHUNKS:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.freed.wait(), left)
+            return True
+        finally:
+            self.waiting -= 1
 
 
 @dataclass
@@ -503,6 +508,12 @@ class Worker:
                     session.idle_close_s, lambda: asyncio.ensure_future(self._close_if_idle(run_id))
                 )
 
+    def _chunks_coming(self, run_id: int) -> bool:
+        """Whether a chunk more of the job is about to reach its session: a ring waits
+        here for one of the session's chunks to end."""
+        session = self.sessions.get(run_id)
+        return session is not None and session.waiting > 0
+
     def _note_starved(self, exc: EmbedfillError) -> None:
         """A server without a free connection for this worker's session: the job goes on
         with the workers that did connect; a backfill working on it alone says why."""
@@ -539,10 +550,10 @@ class Worker:
         session: _Session,
         run_id: int,
         seq: int,
-        claim: tuple[Any, Any, int, list[str] | None],
+        claim: tuple[Any, Any, int, list[str] | None, bool],
     ) -> None:
-        lo, hi, attempt, keys = claim
-        chunk = Chunk(seq=seq, lo=lo, hi=hi, attempt=attempt, keys=keys)
+        lo, hi, attempt, keys, more = claim
+        chunk = Chunk(seq=seq, lo=lo, hi=hi, attempt=attempt, keys=keys, more=more)
         try:
             await session.run.submit(chunk)
         except EmbedfillError as exc:
@@ -565,10 +576,12 @@ class Worker:
             # and take no chunk for a while, longer each time it happens again (a lease,
             # then twice that, ... up to a minute): other workers get them meanwhile, and a
             # chunk is not spent on its last attempt by a worker that keeps failing
-            self.cut_off_times += 1
-            pause = min(60.0, self.lease_s * 2 ** (self.cut_off_times - 1))
-            self.cut_off_until = time.monotonic() + pause
-            self._pause.set()
+            if time.monotonic() >= self.cut_off_until:  # one outage, one pause: chunks
+                # that shared a batch go back together
+                self.cut_off_times += 1
+                pause = min(60.0, self.lease_s * 2 ** (self.cut_off_times - 1))
+                self.cut_off_until = time.monotonic() + pause
+                self._pause.set()
             raise GiveBack(f"chunk {seq} of job {run_id}: the provider is unreachable from here")
         self.cut_off_times = 0  # the provider answers again
         state = "cancelled" if session.run.stopping else "done"
@@ -728,6 +741,7 @@ class Worker:
             lease_s=self.lease_s,
             chunks_done=lambda: self.chunks_done[run_id],
             control=self.control,
+            chunks_coming=lambda: self._chunks_coming(run_id),
         )
         run = Run(
             db=self.db,

@@ -3,6 +3,7 @@ chunks, two jobs on one worker, a provider that misbehaves for one worker."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 
 from embedfill.providers.hashing import hash_vector
 from tests.integration.test_app_safety import docs_config, docs_vectors, make_docs, run_docs
-from tests.support.fake_openai import FakeOpenAI
+from tests.support.fake_openai import FakeOpenAI, Fault
 
 
 @pytest.mark.parametrize(
@@ -59,3 +60,58 @@ def test_more_chunks_at_once_than_a_session_holds_are_not_handed_back(
     # procrastinate's word for a ring handed back
     handed_back = [r.getMessage() for r in caplog.records if "to retry" in r.getMessage()]
     assert handed_back == []
+
+
+def _tenant_docs(db_url: str, rows: int, tenants: int) -> None:
+    """``rows`` docs, their tenants interleaved in id order (as an app's inserts are)."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE docs (id int PRIMARY KEY, tenant text, body text, emb vector(8))"
+        )
+        conn.execute(
+            "INSERT INTO docs SELECT i, 'org-' || (i %% %s), 'doc ' || i"
+            " FROM generate_series(1, %s) AS i",
+            (tenants, rows),
+        )
+
+
+def _tenant_config(base_url: str, lease_s: int = 30, **provider: Any) -> Any:
+    engine = {"chunk_rows": 200, "lease_s": lease_s}
+    config = docs_config(base_url, engine=engine, tenant_column="tenant")
+    settings = dataclasses.replace(config.providers["openai"], batch_size=50, **provider)
+    return dataclasses.replace(config, providers={"openai": settings})
+
+
+@pytest.mark.parametrize("latency", [0.0, 0.05])
+def test_chunk_boundaries_do_not_cut_a_tenants_batches(
+    db_url: str, fake_openai: FakeOpenAI, latency: float
+) -> None:
+    """2,000 rows of 5 tenants in chunks of 200: each chunk held 40 rows of each tenant,
+    and each chunk's end sent them as a part batch (50 requests where 40 suffice). The
+    part batches wait for the next chunk's rows now: 40 requests, each text once."""
+    _tenant_docs(db_url, 2000, 5)
+    fake_openai.latency = latency
+    report = run_docs(db_url, _tenant_config(fake_openai.base_url))
+    assert (report.status, report.embedded, report.failed) == ("succeeded", 2000, 0)
+    sent = [t for r in fake_openai.ok_requests() for t in r.inputs]
+    assert len(fake_openai.ok_requests()) == 40 == report.requests
+    assert len(sent) == len(set(sent)) == 2000
+    assert all(len(r.inputs) == 50 for r in fake_openai.ok_requests())
+
+
+def test_a_chunk_handed_back_from_a_batch_it_shares_loses_and_repeats_nothing(
+    db_url: str, fake_openai: FakeOpenAI
+) -> None:
+    """A batch holding rows of two chunks fails for this worker (503s, no retry left):
+    both chunks go back to the queue and come round again; every row ends embedded,
+    counted once, its text answered once."""
+    _tenant_docs(db_url, 2000, 5)
+    fake_openai.latency = 0.01
+    fake_openai.faults = [Fault(status=503) for _ in range(6)]
+    report = run_docs(db_url, _tenant_config(fake_openai.base_url, lease_s=2, max_attempts=1))
+    assert (report.status, report.embedded, report.failed) == ("succeeded", 2000, 0)
+    assert any(r.status == 503 for r in fake_openai.requests)
+    sent = [t for r in fake_openai.ok_requests() for t in r.inputs]
+    assert len(sent) == len(set(sent)) == 2000
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM docs WHERE emb IS NULL").fetchone() == (0,)

@@ -316,7 +316,9 @@ WHERE c.run_id = %(run_id)s AND c.seq = %(seq)s
   AND (c.state = 'todo' OR (c.state = 'doing' AND """
     + _HOLDER_GONE
     + """))
-RETURNING c.lo, c.hi, c.attempts, c.keys"""
+RETURNING c.lo, c.hi, c.attempts, c.keys,
+    EXISTS (SELECT 1 FROM embedfill.chunks o
+            WHERE o.run_id = c.run_id AND o.state = 'todo' AND o.seq <> c.seq)"""
 )
 
 # the holder's heartbeat on the chunks it has in hand, every lease/3 seconds (a chunk it

@@ -279,14 +279,15 @@ class Store:
 
     async def claim_chunk(
         self, run_id: int, seq: int, worker: str, lease_s: float
-    ) -> tuple[Any, Any, int, list[str] | None] | None:
-        """(lo, hi, attempt, keys): a range, or a watch chunk's ids (keys); None when the
-        chunk is over or a live worker holds it."""
+    ) -> tuple[Any, Any, int, list[str] | None, bool] | None:
+        """(lo, hi, attempt, keys, more): a range, or a watch chunk's ids (keys), and
+        whether other chunks of the job were still to do; None when the chunk is over
+        or a live worker holds it."""
         cur = await self.conn.execute(
             q.CLAIM_CHUNK, {"run_id": run_id, "seq": seq, "worker": worker, "lease_s": lease_s}
         )
         row = await cur.fetchone()
-        return None if row is None else (row[0], row[1], int(row[2]), row[3])
+        return None if row is None else (row[0], row[1], int(row[2]), row[3], bool(row[4]))
 
     async def add_key_chunks(self, run_id: int, keys: list[list[str]]) -> list[int]:
         """Chunks of ids for a running (watch) job, marked rung (the caller rings them in

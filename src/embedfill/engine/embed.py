@@ -36,7 +36,7 @@ from ..planning import split_batch
 from ..providers import Vector
 from ..providers.answers import non_finite
 from ..secrets import Secret
-from .state import PendingWrite
+from .state import Chunk, PendingWrite
 from .tally import TallyStage
 
 log = logging.getLogger(__name__)
@@ -53,10 +53,24 @@ class EmbedStage(TallyStage):
         self, embed_q: asyncio.Queue[Batch | None], write_q: asyncio.Queue[PendingWrite | None]
     ) -> None:
         while (batch := await embed_q.get()) is not None:
-            if self.stopping or _given_up(batch):
+            if self.stopping:
                 self._forget(batch)  # left NULL for the next run (or worker)
                 continue
-            await self._embed(batch, write_q)
+            # a batch may hold rows of two chunks (scan.py carries part batches over a
+            # chunk's end): those of a chunk handed back meanwhile are dropped
+            kept = self._drop_given_up(batch)
+            if kept is not None:
+                await self._embed(kept, write_q)
+
+    def _drop_given_up(self, batch: Batch) -> Batch | None:
+        """The batch without the rows of chunks handed back to the queue (settled as
+        dropped: another worker embeds them); None when none is left."""
+        if not any(row.chunk is not None and row.chunk.given_up for row in batch.rows):
+            return batch
+        dropped = tuple(r for r in batch.rows if r.chunk is not None and r.chunk.given_up)
+        kept = tuple(r for r in batch.rows if r.chunk is None or not r.chunk.given_up)
+        self._forget(Batch(batch.tenant, dropped))
+        return Batch(batch.tenant, kept) if kept else None
 
     def _forget(self, batch: Batch) -> None:
         dropped = list(batch.rows)
@@ -189,8 +203,9 @@ class EmbedStage(TallyStage):
         vectors, attempts = await self.client.vectors(
             batch, key, give_back=give_back, skip=lambda: _given_up(batch)
         )
-        if batch.rows[0].chunk is not None:
-            batch.rows[0].chunk.last_ok = time.monotonic()
+        now = time.monotonic()
+        for chunk in _chunks(batch):
+            chunk.last_ok = now
         self._check_dimensions(vectors)
         return vectors, attempts
 
@@ -199,22 +214,27 @@ class EmbedStage(TallyStage):
         rows: this worker cannot reach the provider (a connection error, a timeout, a
         5xx), so another worker may. Only a job's chunk, only while it has attempts left,
         and (``lease``, mid-retries) once the chunk has seen no success for a lease."""
-        chunk = batch.rows[0].chunk
-        if chunk is None or not isinstance(exc, ProviderUnavailable):
+        chunks = _chunks(batch)
+        if not chunks or not isinstance(exc, ProviderUnavailable):
             return False
-        if chunk.given_up:
+        if all(chunk.given_up for chunk in chunks):
             return True
-        if chunk.attempt >= MAX_CHUNK_ATTEMPTS:
+        # a batch holding rows of two chunks goes back only if both may
+        if any(chunk.attempt >= MAX_CHUNK_ATTEMPTS for chunk in chunks):
             return False
-        if lease and self.seat and time.monotonic() - chunk.last_ok < self.seat.lease_s:
+        now = time.monotonic()
+        if lease and self.seat and any(now - c.last_ok < self.seat.lease_s for c in chunks):
             return False
-        log.warning(
-            "job %s: chunk %d goes back to the queue for another worker: %s",
-            self.report.run_id,
-            chunk.seq,
-            exc,
-        )
-        chunk.given_up = True
+        for chunk in sorted(chunks, key=lambda c: c.seq):
+            if chunk.given_up:
+                continue
+            log.warning(
+                "job %s: chunk %d goes back to the queue for another worker: %s",
+                self.report.run_id,
+                chunk.seq,
+                exc,
+            )
+            chunk.given_up = True
         return True
 
     def _check_dimensions(self, vectors: list[Vector]) -> None:
@@ -238,15 +258,23 @@ class EmbedStage(TallyStage):
             raise Stopped
 
     def _fail(self, batch: Batch, exc: EmbedfillError, attempts: int) -> None:
-        rows = list(batch.rows)
-        for row in batch.rows:
+        kept = self._drop_given_up(batch)  # a handed-back chunk's rows are not failed
+        if kept is None:
+            return
+        rows = list(kept.rows)
+        for row in kept.rows:
             rows.extend(self.inflight.pop(row.fingerprint, []))
         self._fail_rows(rows, exc, attempts)
 
 
+def _chunks(batch: Batch) -> set[Chunk]:
+    return {row.chunk for row in batch.rows if row.chunk is not None}
+
+
 def _given_up(batch: Batch) -> bool:
-    chunk = batch.rows[0].chunk if batch.rows else None
-    return chunk is not None and bool(chunk.given_up)
+    """Every chunk the batch holds rows of was handed back (its request is not sent)."""
+    chunks = _chunks(batch)
+    return bool(chunks) and all(chunk.given_up for chunk in chunks)
 
 
 def _non_finite() -> NonFiniteVector:

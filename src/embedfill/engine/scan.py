@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 
 
 YIELD_EVERY_ROWS = 32
+# part batches left at a chunk's end wait this long at most for the next chunk's rows
+CARRY_S = 1.0
+
+
+class _NotYet:
+    """_next_chunk's answer when no chunk came within the wait."""
+
+
+_NOT_YET = _NotYet()
 
 
 class ScanStage(TallyStage):
@@ -245,19 +254,53 @@ class ScanStage(TallyStage):
                 await embed_q.put(batch)
             return
         await self._check_tenants()
-        while (chunk := await self._next_chunk()) is not None:
+        chunk = await self._next_chunk()
+        while chunk is not None:
             if self.stopping or chunk.given_up:
                 chunk.scanned = True
                 self._check_chunk(chunk)
-                continue
-            await self._scan(chunk, batcher, embed_q, write_q)
-            # the chunk's last rows go now, in part batches: a chunk is done only once
-            # every row it read is settled
-            for batch in batcher.flush():
+            else:
+                await self._scan(chunk, batcher, embed_q, write_q)
+                chunk.scanned = True
+                self._check_chunk(chunk)
+            chunk = await self._after_chunk(chunk, batcher, embed_q)
+
+    async def _after_chunk(
+        self, scanned: Chunk, batcher: TenantBatcher, embed_q: asyncio.Queue[Batch | None]
+    ) -> Chunk | None:
+        """The next chunk, and what becomes of the part batches left by the last one. A
+        chunk is done only once every row it read is settled, so they used to go at
+        once, and every chunk boundary cut each tenant's batch in two (20,000 rows over
+        25 tenants took 500 requests where 400 suffice). They wait for the next chunk's
+        rows instead when that chunk is in hand or likely to come (other chunks of the
+        job were to do when this one was claimed, or a ring waits in the worker for a
+        slot). It comes when an older chunk of the session ends, so the part batches
+        holding older chunks' rows go now. Otherwise, or if it does not come within
+        CARRY_S, they go. A watch's chunks carry nothing: their rows are due now."""
+
+        async def release(batches: list[Batch]) -> None:
+            for batch in batches:
                 self._count_batch(batch)
                 await embed_q.put(batch)
-            chunk.scanned = True
-            self._check_chunk(chunk)
+
+        carry = (
+            scanned.keys is None
+            and batcher.buffered > 0
+            and not self.stopping
+            and self.seat is not None
+        )
+        if carry and self.chunk_q.empty():
+            carry = scanned.more or (self.seat is not None and self.seat.chunks_coming())
+            if carry:  # what keeps a slot taken must go, or the next chunk never comes
+                await release(batcher.flush_where(lambda row: row.chunk is not scanned))
+        if carry:
+            upcoming = await self._chunk_within(CARRY_S)
+            if not isinstance(upcoming, _NotYet):
+                if upcoming is None:
+                    await release(batcher.flush())
+                return upcoming
+        await release(batcher.flush())
+        return await self._next_chunk()
 
     async def _scan(
         self,
@@ -302,18 +345,29 @@ class ScanStage(TallyStage):
 
     async def _next_chunk(self) -> Chunk | None:
         """The next chunk handed in, or None when the session closes or stops."""
+        chunk = await self._chunk_within(None)
+        assert not isinstance(chunk, _NotYet)
+        return chunk
+
+    async def _chunk_within(self, wait_s: float | None) -> Chunk | _NotYet | None:
+        """The next chunk, None when the session closes or stops, or (``wait_s``)
+        ``_NOT_YET`` when none came within that long."""
         if self.stopping and self.chunk_q.empty():
             return None
         getter = asyncio.ensure_future(self.chunk_q.get())
         stops = [asyncio.ensure_future(e.wait()) for e in (self._stop, self.hooks.cancel)]
         try:
-            await asyncio.wait([getter, *stops], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                [getter, *stops], timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for waiter in stops:
                 waiter.cancel()
         if getter.done():
             return getter.result()
         getter.cancel()
+        if wait_s is not None and not (self._stop.is_set() or self.hooks.cancel.is_set()):
+            return _NOT_YET
         return None
 
     async def submit(self, chunk: Chunk) -> None:

@@ -98,6 +98,7 @@ class Chunk:
     hi: Any
     attempt: int = 1
     keys: list[str] | None = None  # a watch chunk: these ids (as text), not a range
+    more: bool = False  # other chunks of the job were still to do when it was claimed
     pending: int = 0  # rows read, not yet written, failed or dropped
     scanned: bool = False
     given_up: bool = False  # handed back to the queue: its rows are dropped, not failed
@@ -151,6 +152,9 @@ class WorkerSeat:
     # the worker's control connection (it holds the worker's liveness lock), lent for the
     # session's heartbeat: one connection per worker, however many jobs it works on
     control: Callable[[], contextlib.AbstractAsyncContextManager[Store]] | None = None
+    # whether another chunk of the job is about to be handed in (the session's partial
+    # batches may then wait for its rows, see scan.py)
+    chunks_coming: Callable[[], bool] = lambda: False
 
 
 class RunState:
