@@ -150,19 +150,24 @@ class RunningJobs:
     chunks_queued: int = 0  # work waiting for a worker or in its hands (0: an idle watch)
 
 
-async def status_by_target(config: Config, db: Database) -> dict[str, TargetStatus]:
-    """Every target's status, one pass each (a connection each); a target that cannot be
-    inspected now (its table gone, say) is left out, so its gauges keep their last value
-    and their timestamp says how old it is."""
+async def status_by_target(
+    config: Config, db: Database
+) -> tuple[dict[str, TargetStatus], dict[str, EmbedfillError]]:
+    """Every target's status, one pass each (a connection each), and the error of each
+    target that cannot be inspected now (its table gone, or changed so that it no longer
+    fits): its status gauges keep their last value (their timestamp says how old it is)
+    and ``embedfill_target_error`` names the error."""
     out: dict[str, TargetStatus] = {}
+    errors: dict[str, EmbedfillError] = {}
     for target in config.targets:
         try:
             (status,) = await astatus(config, db, target.name)
         except EmbedfillError as exc:
             log.warning("metrics: no status for target %s: %s", target.name, exc)
+            errors[target.name] = exc
             continue
         out[target.name] = status
-    return out
+    return out, errors
 
 
 async def job_gauges(

@@ -225,6 +225,8 @@ def test_every_metric_of_the_rules_and_dashboard_is_on_metrics(
     used = set().union(*(metric_names(r["expr"]) for r in rules()))
     used |= set().union(*(metric_names(e) for e in dashboard_exprs()))
     assert len(used) >= 15
+    # there once a target cannot be read: see test_a_target_that_cannot_be_read_...
+    used.remove("embedfill_target_error")
 
     # a job in flight (the job gauges exist only then) after two requests went through,
     # one answered 500 (a retry)
@@ -292,7 +294,7 @@ def test_a_scrape_does_not_run_a_status_pass_within_the_interval(
     assert first[stamp] == second[stamp]
 
 
-def test_a_target_that_cannot_be_read_keeps_its_last_numbers_and_their_age(
+def test_a_target_that_cannot_be_read_keeps_its_last_numbers_and_says_why(
     service: httpx.Client, tickets: str
 ) -> None:
     stamp = 'embedfill_status_timestamp_seconds{target="tickets"}'
@@ -303,6 +305,19 @@ def test_a_target_that_cannot_be_read_keeps_its_last_numbers_and_their_age(
     assert second[stamp] == first[stamp]  # what EmbedfillStatusNotRefreshed watches
     assert second['embedfill_missing_rows{target="tickets"}'] == 45
     assert second["embedfill_status_pass_seconds"] >= 0
+    # and says so, by the error's class (EmbedfillTargetUnreadable), until it reads again
+    error = 'embedfill_target_error{error_class="SchemaMismatch",target="tickets"}'
+    assert not any(k.startswith("embedfill_target_error") for k in first)
+    assert second[error] == 1
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute('ALTER TABLE app.gone RENAME TO "SupportTickets"')
+        conn.execute('ALTER TABLE app."SupportTickets" ALTER COLUMN emb TYPE vector(16) USING NULL')
+    assert scrape(service)[error] == 1  # another vector size: it no longer fits either
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute('ALTER TABLE app."SupportTickets" ALTER COLUMN emb TYPE vector(8) USING NULL')
+    fixed = scrape(service)
+    assert fixed[error] == 0
+    assert fixed[stamp] > first[stamp] and fixed['embedfill_missing_rows{target="tickets"}'] == 60
 
 
 @pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf"])

@@ -59,6 +59,14 @@ class Metrics(Observer):
             registry=r,
         )
         self._failing_classes: dict[str, set[str]] = {}
+        self.target_error = Gauge(
+            "embedfill_target_error",
+            "1 while the target cannot be read, by the error's class (its table gone, or "
+            "changed so that it no longer fits: a watch stops watching it); else 0.",
+            ["target", "error_class"],
+            registry=r,
+        )
+        self._error_classes: dict[str, set[str]] = {}
         self.stale = Gauge(
             "embedfill_stale_rows",
             "Vectors whose row's text changed since they were embedded.",
@@ -146,6 +154,14 @@ class Metrics(Observer):
         self.outdated_model.labels(name).set(status.outdated_model)
         self.unverified.labels(name).set(status.unverified)
         self.status_at.labels(name).set(at)
+
+    def set_target_error(self, target: str, error_class: str | None) -> None:
+        """The target read fine (None), or failed with this class of error."""
+        for known in self._error_classes.get(target, set()) - {error_class}:
+            self.target_error.labels(target, known).set(0)
+        if error_class is not None:
+            self.target_error.labels(target, error_class).set(1)
+            self._error_classes.setdefault(target, set()).add(error_class)
 
     def set_jobs(self, running: Sequence[RunningJobs]) -> None:
         """Replace the job gauges: a target without a job not over has none."""

@@ -241,10 +241,13 @@ class AdminService:
     async def _gauges_pass(self) -> None:
         started = time.monotonic()
         try:
-            statuses = await health.status_by_target(self.config, self.db)
+            statuses, errors = await health.status_by_target(self.config, self.db)
             at = time.time()
             for status in statuses.values():
                 self.metrics.set_status(status, at)
+                self.metrics.set_target_error(status.name, None)
+            for name, exc in errors.items():
+                self.metrics.set_target_error(name, type(exc).__name__)
             running, alive = await health.job_gauges(self.db)
             self.metrics.set_jobs(running)
             if alive is not None:
