@@ -138,20 +138,25 @@ class _Session:
     freed: asyncio.Event = field(default_factory=asyncio.Event)  # a chunk of it ended
     waiting: int = 0  # rings of the job waiting here for a slot: chunks about to come
 
-    async def slot(self, wait_s: float) -> bool:
+    async def slot(self, wait_s: float, halts: Sequence[asyncio.Event]) -> bool:
         """Whether a chunk more may be taken within ``wait_s``: at most SESSION_CHUNKS
-        at once (one scanned, one ending)."""
+        at once (one scanned, one ending); False at once when one of ``halts`` is set
+        (the worker stops, or pauses: cut off from the provider)."""
         deadline = time.monotonic() + wait_s
         self.waiting += 1
         try:
             while self.inflight >= SESSION_CHUNKS:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or any(e.is_set() for e in halts):
                     return False
                 self.freed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.freed.wait(), left)
-            return True
+                waits = [asyncio.ensure_future(e.wait()) for e in (self.freed, *halts)]
+                try:
+                    await asyncio.wait(waits, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+            return not any(e.is_set() for e in halts)
         finally:
             self.waiting -= 1
 
@@ -182,6 +187,7 @@ class Worker:
         self.cut_off_until = 0.0  # monotonic: it hands chunks back unclaimed until then
         self.cut_off_times = 0  # chunks handed back in a row for an unreachable provider
         self._pause = asyncio.Event()  # set: stop fetching until cut_off_until
+        self._stopping = asyncio.Event()  # run()'s stop: no chunk more is claimed
         self._lock = asyncio.Lock()  # the sessions dict
         self._opening: dict[int, asyncio.Lock] = {}  # a job's session being opened
         self._control: psycopg.AsyncConnection[Any] | None = None
@@ -225,6 +231,7 @@ class Worker:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; then finish the chunks in flight and return."""
+        self._stopping = stop
         self.db.check_connection_limit(self.reserved)
         # the provider clients (the openai SDK's import alone takes a second) and their
         # token counters are ready before the first chunk is claimed, not after
@@ -483,12 +490,17 @@ class Worker:
             except (psycopg.Error, DatabaseError) as exc:
                 raise GiveBack(str(exc)) from exc  # settled on another try
             return
-        if not await session.slot(FULL_RING_WAIT_S):
+        took = await session.slot(FULL_RING_WAIT_S, (self._stopping, self._pause))
+        if self._stopping.is_set() or time.monotonic() < self.cut_off_until:
+            # stopping, or cut off while it waited (a chunk went back as the slot freed):
+            # not claimed, so no attempt of the chunk is spent
+            raise GiveBack(f"this worker takes no chunk of job {run_id} now")
+        if not took:
             # a session scans one chunk at a time: a chunk more would wait, claimed,
             # while another worker idles (`worker --concurrency 16` hoarded a job). The
-            # ring waits here, unclaimed, for a moment first: handed back at once, every
-            # ring was out for seconds when this worker's chunks ended, and it idled
-            # (`worker_chunks = 4` ran at a quarter of the speed of 2)
+            # ring waits in slot(), unclaimed, for a moment first: handed back at once,
+            # every ring was out for seconds when this worker's chunks ended, and it
+            # idled (`worker_chunks = 4` ran at a quarter of the speed of 2)
             raise GiveBack(
                 f"this worker has {session.inflight} chunks of job {run_id} in hand",
                 FULL_RING_WAIT_S,

@@ -3,8 +3,10 @@ chunks, two jobs on one worker, a provider that misbehaves for one worker."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -12,8 +14,18 @@ import numpy as np
 import psycopg
 import pytest
 
+from embedfill import worker as worker_mod
+from embedfill.application import abackfill
+from embedfill.db.connect import Database
+from embedfill.engine import BackfillOptions
 from embedfill.providers.hashing import hash_vector
-from tests.integration.test_app_safety import docs_config, docs_vectors, make_docs, run_docs
+from tests.integration.test_app_safety import (
+    ENV,
+    docs_config,
+    docs_vectors,
+    make_docs,
+    run_docs,
+)
 from tests.support.fake_openai import FakeOpenAI, Fault
 
 
@@ -115,3 +127,87 @@ def test_a_chunk_handed_back_from_a_batch_it_shares_loses_and_repeats_nothing(
     assert len(sent) == len(set(sent)) == 2000
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM docs WHERE emb IS NULL").fetchone() == (0,)
+
+
+def test_a_row_waiting_for_a_handed_back_chunks_text_is_still_embedded(
+    db_url: str, fake_openai: FakeOpenAI
+) -> None:
+    """Rows 201-400 repeat the texts of rows 1-200: each waits for the vector of its
+    text's first row, in another chunk. That chunk goes back to the queue (a 503, no
+    retry left): the waiting rows were dropped with it, their own chunk ended with 50
+    rows NULL, and the job said `succeeded`. They send their texts themselves now."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, emb vector(8))")
+        conn.execute(
+            "INSERT INTO docs SELECT i, 'doc ' || (((i - 1) % 200) + 1)"
+            " FROM generate_series(1, 400) AS i"
+        )
+    fake_openai.latency = 0.3
+    fake_openai.faults = [Fault(status=503, delay=0.5)]
+    config = docs_config(fake_openai.base_url, engine={"chunk_rows": 200, "lease_s": 2})
+    settings = dataclasses.replace(config.providers["openai"], batch_size=50, max_attempts=1)
+    report = run_docs(db_url, dataclasses.replace(config, providers={"openai": settings}))
+    assert (report.status, report.embedded, report.failed) == ("succeeded", 400, 0)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM docs WHERE emb IS NULL").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("worker_chunks", [2, 4])
+def test_a_ring_waiting_for_a_slot_claims_nothing_while_the_worker_is_cut_off(
+    db_url: str, fake_openai: FakeOpenAI, worker_chunks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk went back (the provider unreachable from here): the worker takes no chunk
+    for a while, so that no chunk's attempt is spent by a worker that keeps failing. A
+    ring that waited for a slot got it as that chunk ended and claimed it anyway."""
+    make_docs(db_url, "int", list(range(1, 121)))
+    fake_openai.latency = 0.05
+    fake_openai.faults = [Fault(status=503, delay=0.3) for _ in range(4)]
+    engine = {"chunk_rows": 10, "worker_chunks": worker_chunks, "lease_s": 2}
+    config = docs_config(fake_openai.base_url, engine=engine)
+    settings = dataclasses.replace(config.providers["openai"], max_attempts=1)
+    config = dataclasses.replace(config, providers={"openai": settings})
+    cut_off_claims: list[int] = []
+    claim = worker_mod.Worker._work_on
+
+    async def watched(self: worker_mod.Worker, session: Any, run_id: int, seq: int) -> None:
+        if time.monotonic() < self.cut_off_until:
+            cut_off_claims.append(seq)
+        await claim(self, session, run_id, seq)
+
+    monkeypatch.setattr(worker_mod.Worker, "_work_on", watched)
+    report = run_docs(db_url, config)
+    assert (report.status, report.embedded) == ("succeeded", 120)
+    assert cut_off_claims == []
+
+
+def test_after_stop_a_ring_waiting_for_a_slot_claims_nothing(
+    db_url: str, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stop (SIGTERM's first step) finishes the chunks in hand and claims no more: rings
+    that waited for a slot claimed and worked four more chunks after it."""
+    make_docs(db_url, "int", list(range(1, 401)))
+    fake_openai.latency = 0.25
+    engine = {"chunk_rows": 20, "worker_chunks": 6, "lease_s": 10}
+    config = docs_config(fake_openai.base_url, engine=engine)
+    stop = asyncio.Event()
+    late: list[int] = []
+    claim = worker_mod.Worker._work_on
+
+    async def watched(self: worker_mod.Worker, session: Any, run_id: int, seq: int) -> None:
+        if stop.is_set():
+            late.append(seq)
+        await claim(self, session, run_id, seq)
+
+    monkeypatch.setattr(worker_mod.Worker, "_work_on", watched)
+
+    async def main() -> None:
+        db = Database(db_url)
+        await abackfill(config, db, BackfillOptions(target="docs"), env=ENV, enqueue=True)
+        worker = worker_mod.Worker(config, db, env=ENV)
+        task = asyncio.create_task(worker.run(stop))
+        await asyncio.sleep(3.0)
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+    asyncio.run(main())
+    assert late == []

@@ -133,3 +133,25 @@ def test_any_providers_vectors_get_the_same_shape_checks(
 def test_check_vectors_returns_float32_vectors() -> None:
     out = check_vectors([np.ones(3, dtype=np.float64), [1, 2, 3]], 2)
     assert [v.dtype for v in out] == [np.float32, np.float32]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        [np.array([True, False]), np.array([0.5, 1.0], dtype=np.float32)],
+        [np.array([0.5, 1.0]), np.array([True, False])],
+        [[True, False], [0.5, 1.0]],
+    ],
+    ids=["bool_row_first", "bool_row_second", "bool_list"],
+)
+def test_a_row_of_bools_beside_rows_of_numbers_is_refused(answer: list[Any]) -> None:
+    """Converted whole, a row of bools among rows of floats passed as floats (the fast
+    path of check_vectors); each row is its own answer."""
+    with pytest.raises(BadAnswer, match="holds a bool, not only numbers"):
+        check_vectors(answer, 2)
+
+
+def test_numpy_rows_of_one_size_come_back_as_float32_rows() -> None:
+    out = check_vectors([np.arange(4, dtype=np.int64), np.ones(4, dtype=np.float64)], 2)
+    assert [v.dtype for v in out] == [np.float32, np.float32]
+    assert [v.tolist() for v in out] == [[0, 1, 2, 3], [1, 1, 1, 1]]

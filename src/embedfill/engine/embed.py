@@ -31,7 +31,7 @@ from ..errors import (
     ProviderUnavailable,
     SchemaMismatch,
 )
-from ..models import Batch
+from ..models import Batch, Row
 from ..planning import split_batch
 from ..providers import Vector
 from ..providers.answers import non_finite
@@ -58,25 +58,54 @@ class EmbedStage(TallyStage):
                 continue
             # a batch may hold rows of two chunks (scan.py carries part batches over a
             # chunk's end): those of a chunk handed back meanwhile are dropped
-            kept = self._drop_given_up(batch)
+            kept, orphans = self._drop_given_up(batch)
             if kept is not None:
                 await self._embed(kept, write_q)
+            await self._adopt(orphans, write_q)
 
-    def _drop_given_up(self, batch: Batch) -> Batch | None:
+    def _drop_given_up(self, batch: Batch) -> tuple[Batch | None, list[Row]]:
         """The batch without the rows of chunks handed back to the queue (settled as
-        dropped: another worker embeds them); None when none is left."""
+        dropped: another worker embeds them), None when none is left; and the orphans
+        (see _forget)."""
         if not any(row.chunk is not None and row.chunk.given_up for row in batch.rows):
-            return batch
+            return batch, []
         dropped = tuple(r for r in batch.rows if r.chunk is not None and r.chunk.given_up)
         kept = tuple(r for r in batch.rows if r.chunk is None or not r.chunk.given_up)
-        self._forget(Batch(batch.tenant, dropped))
-        return Batch(batch.tenant, kept) if kept else None
+        orphans = self._forget(Batch(batch.tenant, dropped))
+        return (Batch(batch.tenant, kept) if kept else None), orphans
 
-    def _forget(self, batch: Batch) -> None:
+    def _forget(self, batch: Batch) -> list[Row]:
+        """Drop the batch's rows (left NULL: their chunk went back to the queue, or the
+        run stops) and the rows waiting for their texts' vectors. Returns the orphans:
+        waiting rows of a chunk that goes on, not dropped (their chunk would end with
+        them NULL and the job succeed): the caller sends them (_adopt) or fails them."""
         dropped = list(batch.rows)
+        orphans: list[Row] = []
+        over = self.stopping or self.halted is not None
         for row in batch.rows:
-            dropped.extend(self.inflight.pop(row.fingerprint, []))
+            for waiting in self.inflight.pop(row.fingerprint, []):
+                chunk = waiting.chunk
+                if over or chunk is None or chunk.given_up:
+                    dropped.append(waiting)
+                else:
+                    orphans.append(waiting)
         self._settle(dropped)
+        return orphans
+
+    async def _adopt(self, orphans: list[Row], write_q: asyncio.Queue[PendingWrite | None]) -> None:
+        """Send the orphans' texts themselves: one row of each text, the others wait for
+        its vector as before."""
+        if not orphans:
+            return
+        leaders: dict[str, Row] = {}
+        for row in orphans:
+            if row.fingerprint in leaders:
+                self.inflight[row.fingerprint].append(row)
+            else:
+                leaders[row.fingerprint] = row
+                self.inflight[row.fingerprint] = []
+        rows = tuple(leaders.values())
+        await self._embed(Batch(rows[0].tenant, rows), write_q)
 
     async def _embed(self, batch: Batch, write_q: asyncio.Queue[PendingWrite | None]) -> None:
         if len(batch.rows) > self.batch_size:  # cut before the provider's limit was learned
@@ -108,12 +137,12 @@ class EmbedStage(TallyStage):
             return
         try:
             vectors, attempts = await self._call(batch, resolved.key)
-        except Stopped:
-            self._forget(batch)  # left NULL for the next run
+        except Stopped:  # the run stops, or the batch's chunks went back to the queue
+            await self._adopt(self._forget(batch), write_q)  # left NULL for another run
             return
         except BadInput as exc:
             if not self.client.proven and await self._rejects_everything(resolved.key):
-                self._forget(batch)
+                self._forget(batch)  # halted: nothing is orphaned
                 return
             if len(batch.rows) > 1:
                 self.report.retries += 1  # its rows are sent again, in halves
@@ -135,7 +164,7 @@ class EmbedStage(TallyStage):
             return
         except ProviderError as exc:
             if self._give_back(batch, exc):
-                self._forget(batch)
+                await self._adopt(self._forget(batch), write_q)
                 return
             log.error(
                 "run %s: tenant %s: batch of %d failed: %s",
@@ -258,13 +287,15 @@ class EmbedStage(TallyStage):
             raise Stopped
 
     def _fail(self, batch: Batch, exc: EmbedfillError, attempts: int) -> None:
-        kept = self._drop_given_up(batch)  # a handed-back chunk's rows are not failed
-        if kept is None:
-            return
-        rows = list(kept.rows)
-        for row in kept.rows:
+        # a handed-back chunk's rows are not failed; the rows of chunks that go on and
+        # wait for their texts are (the same text fails the same way)
+        kept, orphans = self._drop_given_up(batch)
+        rows = list(orphans)
+        for row in kept.rows if kept is not None else ():
+            rows.append(row)
             rows.extend(self.inflight.pop(row.fingerprint, []))
-        self._fail_rows(rows, exc, attempts)
+        if rows:
+            self._fail_rows(rows, exc, attempts)
 
 
 def _chunks(batch: Batch) -> set[Chunk]:

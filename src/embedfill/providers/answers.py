@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import binascii
 import json
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -151,16 +150,19 @@ def check_vectors(vectors: Sequence[Any], count: int) -> list[Vector]:
 
 
 def _as_matrix(vectors: Sequence[Any]) -> npt.NDArray[np.float32] | None:
-    """The answer as one float32 matrix when it is well formed (flat numeric vectors of
-    one non-zero size); None otherwise, and check_vectors finds and names the fault."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            matrix = np.asarray(vectors)
-    except (ValueError, TypeError):  # ragged
+    """The answer as one float32 matrix when it is a list of flat numeric numpy vectors
+    of one non-zero size (the usual answer: the decoders and local models give these);
+    None otherwise, and check_vectors looks at each vector, finds and names the fault.
+    Only numpy vectors: converted whole, a list mixing a row of bools with rows of
+    floats would pass as floats."""
+    first = vectors[0] if len(vectors) else None
+    if not isinstance(first, np.ndarray) or first.ndim != 1 or first.size == 0:
         return None
-    if matrix.ndim != 2 or matrix.shape[1] == 0 or matrix.dtype.kind not in "fiu":
-        return None
+    shape = first.shape
+    for v in vectors:
+        if type(v) is not np.ndarray or v.shape != shape or v.dtype.kind not in "fiu":
+            return None
+    matrix = np.stack(vectors)
     if matrix.dtype != np.float32:
         with np.errstate(over="ignore"):
             matrix = matrix.astype(np.float32)
