@@ -246,17 +246,18 @@ class EmbedStage(TallyStage):
         chunks = _chunks(batch)
         if not chunks or not isinstance(exc, ProviderUnavailable):
             return False
-        if all(chunk.given_up for chunk in chunks):
+        live = [c for c in chunks if not c.given_up]
+        if not live:
             return True
-        # a batch holding rows of two chunks goes back only if both may
-        if any(chunk.attempt >= MAX_CHUNK_ATTEMPTS for chunk in chunks):
-            return False
         now = time.monotonic()
-        if lease and self.seat and any(now - c.last_ok < self.seat.lease_s for c in chunks):
+        if lease and self.seat and any(now - c.last_ok < self.seat.lease_s for c in live):
             return False
-        for chunk in sorted(chunks, key=lambda c: c.seq):
-            if chunk.given_up:
-                continue
+        may = [c for c in live if c.attempt < MAX_CHUNK_ATTEMPTS]
+        if lease and len(may) < len(live):
+            return False  # mid-retries, a batch of two chunks goes back whole or not at all
+        # retries spent: the chunks that may go back do; the rows of those on their last
+        # attempt fail (_fail drops the others' rows)
+        for chunk in sorted(may, key=lambda c: c.seq):
             log.warning(
                 "job %s: chunk %d goes back to the queue for another worker: %s",
                 self.report.run_id,
@@ -264,7 +265,7 @@ class EmbedStage(TallyStage):
                 exc,
             )
             chunk.given_up = True
-        return True
+        return len(may) == len(live)
 
     def _check_dimensions(self, vectors: list[Vector]) -> None:
         """The one check that vectors fit the column (the column's declared size, else the

@@ -309,39 +309,52 @@ class ScanStage(TallyStage):
         embed_q: asyncio.Queue[Batch | None],
         write_q: asyncio.Queue[PendingWrite | None],
     ) -> None:
-        async for page in self._pages(chunk):
-            if self.stopping or (chunk is not None and chunk.given_up):
-                return
-            hits = PendingWrite([], [])
-            # names looked up once a page, not once a row
-            make_row, cached_vector, inflight = self._row, self.cache.get, self.inflight
-            for n, raw in enumerate(page, 1):
-                if n % YIELD_EVERY_ROWS == 0:
-                    # rendering and counting tokens is CPU work: let responses that have
-                    # arrived be handled (and the next requests sent) in between
-                    await asyncio.sleep(0)
-                row = make_row(raw, chunk)
-                if row is None:
-                    continue
-                key = row.fingerprint
-                cached = cached_vector(key)
-                if cached is not None:
-                    self.report.deduplicated += 1
-                    hits.rows.append(row)
-                    hits.vectors.append(cached)
-                    continue
-                followers = inflight.get(key)
-                if followers is not None:
-                    self.report.deduplicated += 1
-                    followers.append(row)
-                    continue
-                inflight[key] = []
-                for batch in batcher.add(row):
-                    self._count_batch(batch)
-                    await embed_q.put(batch)
-            if hits.rows:
-                await write_q.put(hits)
-            self._progress()
+        # closed on the way out, so a page read ahead is cancelled then, not left holding
+        # the lane until the generator is collected
+        async with contextlib.aclosing(self._pages(chunk)) as pages:
+            async for page in pages:
+                if self.stopping or (chunk is not None and chunk.given_up):
+                    return
+                await self._scan_page(page, chunk, batcher, embed_q, write_q)
+
+    async def _scan_page(
+        self,
+        page: list[Any],
+        chunk: Chunk | None,
+        batcher: TenantBatcher,
+        embed_q: asyncio.Queue[Batch | None],
+        write_q: asyncio.Queue[PendingWrite | None],
+    ) -> None:
+        hits = PendingWrite([], [])
+        # names looked up once a page, not once a row
+        make_row, cached_vector, inflight = self._row, self.cache.get, self.inflight
+        for n, raw in enumerate(page, 1):
+            if n % YIELD_EVERY_ROWS == 0:
+                # rendering and counting tokens is CPU work: let responses that have
+                # arrived be handled (and the next requests sent) in between
+                await asyncio.sleep(0)
+            row = make_row(raw, chunk)
+            if row is None:
+                continue
+            key = row.fingerprint
+            cached = cached_vector(key)
+            if cached is not None:
+                self.report.deduplicated += 1
+                hits.rows.append(row)
+                hits.vectors.append(cached)
+                continue
+            followers = inflight.get(key)
+            if followers is not None:
+                self.report.deduplicated += 1
+                followers.append(row)
+                continue
+            inflight[key] = []
+            for batch in batcher.add(row):
+                self._count_batch(batch)
+                await embed_q.put(batch)
+        if hits.rows:
+            await write_q.put(hits)
+        self._progress()
 
     async def _next_chunk(self) -> Chunk | None:
         """The next chunk handed in, or None when the session closes or stops."""
