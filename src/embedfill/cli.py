@@ -697,7 +697,7 @@ def _serve_metrics(port: int | None, host: str) -> Any:
 
     if not 1 <= port <= 65535:
         raise UsageError(f"--metrics-port must be between 1 and 65535, not {port}.")
-    metrics = Metrics()
+    metrics = Metrics(service=False)
     try:
         prometheus_client.start_http_server(port, addr=host, registry=metrics.registry)
     except OSError as exc:

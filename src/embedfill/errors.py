@@ -71,8 +71,7 @@ class RowSecurityHides(ConfigError):
 
 class ModelChanged(ConfigError):
     """The configured model differs from the one that wrote the column's vectors; refresh
-    deliberately (`backfill --refresh`), migrate (`embedfill model`), or pass
-    --allow-model-change."""
+    deliberately (`backfill --refresh`), or pass --allow-model-change."""
 
     exit_code = 2
     http_status = 503

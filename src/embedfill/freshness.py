@@ -107,11 +107,7 @@ async def model_change(
         f"were written with {other}, so {doing} would re-embed them in place while your "
         "app searches them; re-embed deliberately with `embedfill backfill --refresh "
         f"--target {target.name}` (it warns first)"
-        + (
-            f", move to the new model with `embedfill model start`, or pass {override}."
-            if override
-            else " or move to the new model with `embedfill model start`."
-        )
+        + (f", or pass {override}." if override else ".")
     )
 
 

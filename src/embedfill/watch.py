@@ -220,6 +220,7 @@ class TargetWatch:
         self._own_hub = self.hub is None
         self._env: Mapping[str, str] = os.environ if self.env is None else self.env
         self._hub = self.hub or WatchHub(self.db, self.config.engine.lock_timeout_ms)
+        self._due_since: Any = None  # the server's time of the last look at due failures
 
     @property
     def chunk_rows(self) -> int:
@@ -378,6 +379,13 @@ class TargetWatch:
         now = time.monotonic()
         if now >= missing.due:
             await self._retry_new_keys(conn, store, job)
+            came_due, self._due_since = await store.failures_came_due(job, self._due_since)
+            if came_due:
+                # failed rows came due (their backoff ended, or their tenant's key
+                # changed): the NULL ones are in the next page of missing rows, the
+                # edited ones (stale, not NULL) only in a sweep, which starts over now
+                # (it waited for its interval: minutes)
+                outdated.first, outdated.after, outdated.due = True, None, now
         for walk, is_outdated in ((missing, False), (outdated, True)):
             if room > 0 and now >= walk.due:
                 rows = await self._page(conn, tsql, walk, is_outdated, ids, job, room)
@@ -392,7 +400,10 @@ class TargetWatch:
         if fresh:
             self.queued += len(fresh)
             log.info(
-                "watch of %s: %d rows queued in %d chunks", self.target.name, len(fresh), chunks
+                "watch of %s: %d row(s) queued in %d chunk(s)",
+                self.target.name,
+                len(fresh),
+                chunks,
             )
         more = (not missing.first and room > 0) or (not outdated.first and room > 0)
         next_due = min(missing.due, outdated.due) - time.monotonic()
@@ -416,12 +427,12 @@ class TargetWatch:
             if digest is None:  # not known which key failed (an earlier release's record)
                 continue
             if (await keys.resolve(tenant)).digest != digest:
-                sent = await store.retry_tenant_now(tenant, job)
+                rows = await store.retry_tenant_now(tenant, job)
                 log.info(
-                    "watch of %s: tenant %s has another key now; its %d failed rows go again",
+                    "watch of %s: tenant %s has another key now; its %d failed row(s) go again",
                     self.target.name,
                     tenant,
-                    sent,
+                    len(rows),
                 )
 
     async def _page(
@@ -450,9 +461,13 @@ class TargetWatch:
             exc,
         )
         job, self.job_id = self.job_id, None
-        if job is not None and self._leads is not None:
-            with contextlib.suppress(psycopg.Error):
-                async with self._hub.use(self._leads[0]) as conn:
+        if job is not None:
+            # on its own connection when the watch had stepped down meanwhile (a database
+            # error first, as row-level security raises): the job stayed `running` for
+            # ever, and a backfill was refused because "a watch keeps the column"
+            with contextlib.suppress(psycopg.Error, EmbedfillError):
+                gen = self._leads[0] if self._leads is not None else await self._hub.open()
+                async with self._hub.use(gen) as conn:
                     await Store(conn).cancel_chunks(job)
                     await jobs.finish(conn, job, error=exc, force=True, end_watch=True)
         await self._step_down()

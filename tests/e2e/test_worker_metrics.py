@@ -45,6 +45,14 @@ def test_a_worker_serves_its_provider_and_row_counters(
             raise AssertionError(f"no row counters on the worker's /metrics:\n{text}")
         assert 'embedfill_provider_requests_total{status="200",target="tickets"}' in text
         assert PLATFORM not in text
+        # the database's gauges are the service's: here they were exported and never set
+        # (`embedfill_workers_alive 0` beside this live worker)
+        for gauge in (
+            "embedfill_workers_alive",
+            "embedfill_missing_rows",
+            "embedfill_jobs_running",
+        ):
+            assert gauge not in text
     finally:
         worker.send_signal(signal.SIGTERM)
         _, err = worker.communicate(timeout=30)

@@ -160,3 +160,31 @@ def test_a_privilege_revoked_mid_run_halts_it_instead_of_paying_for_every_row(
         run(roles.url(app_rw), config)
     assert getattr(caught.value, "exit_code", None) in (2, 3)
     assert len(fake_openai.ok_requests()) <= 3  # 9 batches of 5 rows: the rest never sent
+
+
+def test_a_policy_added_under_a_watch_ends_its_job_failed_with_the_reason(
+    tickets: str, roles: Roles, app_rw: str, fake_openai: FakeOpenAI
+) -> None:
+    """The watch stops, naming row-level security, and its job ends `failed` with that
+    reason: it stayed `running` for ever, and a backfill was then refused because "a
+    watch keeps the column" while no watch ran."""
+    from tests.integration.test_watch import Running, wait_for
+
+    url = roles.url(app_rw)
+    running = Running(
+        url,
+        tickets_config(fake_openai.base_url),
+        env={"TEST_PLATFORM_KEY": PLATFORM},
+        interval_s=0.3,
+    )
+    wait_for(lambda: nulls(tickets) == 0)
+    only_acme(tickets)
+    running.thread.join(30)
+    assert not running.thread.is_alive(), "the watch went on over hidden rows"
+    assert running.error is not None and "Row-level security" in str(running.error)
+    with psycopg.connect(tickets) as conn:
+        job = conn.execute(
+            "SELECT status, error FROM embedfill.runs WHERE kind = 'watch' ORDER BY id DESC"
+        ).fetchone()
+    assert job is not None and job[0] == "failed", job
+    assert "Row-level security" in job[1]

@@ -162,3 +162,32 @@ def test_failures_record_no_key(tickets: str, fake_openai: FakeOpenAI) -> None:
     with psycopg.connect(tickets) as conn:
         dumped = conn.execute("SELECT f::text FROM embedfill.failures f").fetchall()
     assert dumped and not any("SECRETPART" in r[0] or "revoked" in r[0] for r in dumped)
+
+
+def test_a_fixed_key_sends_the_tenants_edited_rows_at_once_too(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """An edited row (stale, not NULL) of a tenant whose key was revoked fails; the key
+    fixed, it went again only at the next sweep (minutes: an hour here), while the
+    NULL ones went at once. Both go at once now."""
+    from embedfill import BackfillOptions, abackfill
+
+    env = ENV | {"EMBEDFILL_MASTER_KEY": new_master_key()}
+    store_key(tickets, "org-a", "sk-acme-good-00000000", env)
+    config = config_for(fake_openai.base_url, retry_s=3600)
+    asyncio.run(abackfill(config, Database(tickets), BackfillOptions(), env=env))
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(
+            f"UPDATE {T} SET subject = subject || ' (edited)' WHERE ticket_no ="
+            f" (SELECT min(ticket_no) FROM {T} WHERE org = 'org-a')"
+        )
+    stale = lambda: asyncio.run(astatus(config, Database(tickets)))[0].stale  # noqa: E731
+    assert stale() == 1
+    fake_openai.bad_keys = {"sk-acme-good-00000000"}  # revoked
+    running = Running(tickets, config, env=env, interval_s=0.3, sweep_interval_s=3600)
+    wait_for(lambda: any(f[0] == "AuthFailed" for f in failures(tickets)), timeout=60)
+    assert stale() == 1
+    store_key(tickets, "org-a", "sk-acme-fixed-22222222", env)
+    wait_for(lambda: stale() == 0, timeout=30)
+    assert "sk-acme-fixed-22222222" in fake_openai.texts_by_key()
+    running.stop()

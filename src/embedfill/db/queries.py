@@ -169,7 +169,16 @@ SET tenant = excluded.tenant, error_class = excluded.error_class,
 RETRY_TENANT_NOW = """
 UPDATE embedfill.failures SET retry_at = pg_catalog.now()
 WHERE tenant IS NOT DISTINCT FROM %(tenant)s AND retry_at > pg_catalog.now()
-  AND (%(run_id)s::bigint IS NULL OR run_id = %(run_id)s)"""
+  AND (%(run_id)s::bigint IS NULL OR run_id = %(run_id)s)
+RETURNING row_id"""
+
+# whether failed rows of the job came due for a retry since %(since)s (None: any due), and
+# the server's now (the next call's since)
+FAILURES_CAME_DUE = """
+SELECT EXISTS (SELECT 1 FROM embedfill.failures
+               WHERE run_id = %(run_id)s AND retry_at <= pg_catalog.now()
+                 AND (%(since)s::timestamptz IS NULL OR retry_at > %(since)s::timestamptz)),
+       pg_catalog.now()"""
 
 # the tenants whose rows wait for a retry after a key failure, with the key then tried
 KEY_FAILURES = """

@@ -216,11 +216,19 @@ class Store:
         queued, in_flight, done = row if row is not None else (0, 0, 0)
         return {"queued": int(queued), "in_flight": int(in_flight), "done_last_hour": int(done)}
 
-    async def retry_tenant_now(self, tenant: str | None, run_id: int | None = None) -> int:
+    async def retry_tenant_now(self, tenant: str | None, run_id: int | None = None) -> list[str]:
         """The tenant's key changed: its failed rows waiting for a retry go at once (in
-        one job, or every job when ``run_id`` is None)."""
+        one job, or every job when ``run_id`` is None); their keys."""
         cur = await self.conn.execute(q.RETRY_TENANT_NOW, {"tenant": tenant, "run_id": run_id})
-        return cur.rowcount
+        return [str(r[0]) for r in await cur.fetchall()]
+
+    async def failures_came_due(self, run_id: int, since: Any) -> tuple[bool, Any]:
+        """Whether failed rows of the job came due for a retry since ``since`` (a server
+        timestamp; None: any due), and the server's now, for the next call."""
+        cur = await self.conn.execute(q.FAILURES_CAME_DUE, {"run_id": run_id, "since": since})
+        row = await cur.fetchone()
+        assert row is not None
+        return bool(row[0]), row[1]
 
     async def key_failures(
         self, run_id: int, classes: Sequence[str]

@@ -123,9 +123,9 @@ class Client:
         self.misconfigured: BadInput | None = None
         self._probe: asyncio.Task[BadInput | None] | None = None
 
-    async def key(self, tenant: str | None) -> ResolvedKey:
-        """The tenant's key (looked up once, then cached)."""
-        known = self.keys.cached(tenant)
+    async def key(self, tenant: str | None, *, fresh: bool = False) -> ResolvedKey:
+        """The tenant's key (looked up once, then cached; ``fresh``: looked up now)."""
+        known = None if fresh else self.keys.cached(tenant)
         if known is not None:
             return known
         async with self._db_turn():

@@ -114,7 +114,10 @@ class EmbedStage(TallyStage):
                 await self._embed(Batch(batch.tenant, batch.rows[i : i + size]), write_q)
             return
         tenant = self._tenant(batch.tenant)
-        resolved = await self.client.key(batch.tenant)
+        # a tenant whose key failed: its key is looked up again, not taken from the
+        # cache (a watch sends its rows again because the key changed: sent with the
+        # cached old one, they failed again and waited out their backoff)
+        resolved = await self.client.key(batch.tenant, fresh=batch.tenant in self.dead_tenants)
         tenant.key_source = resolved.source
         self._note_key_source(batch.tenant, resolved)
         dead = self.dead_tenants.get(batch.tenant)

@@ -12,9 +12,14 @@ from ..models import TargetStatus
 
 
 class Metrics(Observer):
-    def __init__(self) -> None:
+    def __init__(self, *, service: bool = True) -> None:
+        """``service``: the admin service's, with the gauges read from the database; a
+        worker's or watch's own (``--metrics-port``) has only what its process counts
+        (they were exported there too, never set: `embedfill_workers_alive 0` beside a
+        live worker)."""
         self.registry = CollectorRegistry()
         r = self.registry
+        g = r if service else None  # the database's gauges: the service's only
         self.rows_total = Counter(
             "embedfill_rows", "Rows by outcome.", ["target", "outcome"], registry=r
         )
@@ -44,19 +49,19 @@ class Metrics(Observer):
             "embedfill_jobs", "Jobs finished, by final state.", ["state"], registry=r
         )
         self.jobs_running = Gauge(
-            "embedfill_jobs_running", "Jobs running in this process.", registry=r
+            "embedfill_jobs_running", "Jobs running in this process.", registry=g
         )
         # the status gauges: one status pass per target, at most every metrics_interval_s
         # (service.py), never one per scrape
         self.missing = Gauge(
-            "embedfill_missing_rows", "Rows whose embedding is NULL.", ["target"], registry=r
+            "embedfill_missing_rows", "Rows whose embedding is NULL.", ["target"], registry=g
         )
         self.failing = Gauge(
             "embedfill_failing_rows",
             "Rows whose last try failed and that no try wrote since, by error class (a "
             "watch retries passing causes with a backoff, at once after a key change).",
             ["target", "error_class"],
-            registry=r,
+            registry=g,
         )
         self._failing_classes: dict[str, set[str]] = {}
         self.target_error = Gauge(
@@ -64,69 +69,69 @@ class Metrics(Observer):
             "1 while the target cannot be read, by the error's class (its table gone, or "
             "changed so that it no longer fits: a watch stops watching it); else 0.",
             ["target", "error_class"],
-            registry=r,
+            registry=g,
         )
         self._error_classes: dict[str, set[str]] = {}
         self.stale = Gauge(
             "embedfill_stale_rows",
             "Vectors whose row's text changed since they were embedded.",
             ["target"],
-            registry=r,
+            registry=g,
         )
         self.outdated_model = Gauge(
             "embedfill_outdated_model_rows",
             "Vectors embedded with another provider, model or dimensions than configured now.",
             ["target"],
-            registry=r,
+            registry=g,
         )
         self.unverified = Gauge(
             "embedfill_unverified_rows",
             "Vectors embedfill has no provenance for (written by other code).",
             ["target"],
-            registry=r,
+            registry=g,
         )
         self.status_at = Gauge(
             "embedfill_status_timestamp_seconds",
             "When the status gauges of the target were last refreshed (Unix time).",
             ["target"],
-            registry=r,
+            registry=g,
         )
         self.status_pass = Gauge(
             "embedfill_status_pass_seconds",
             "How long the last status pass over every target took.",
-            registry=r,
+            registry=g,
         )
         # jobs not over yet, from embedfill.runs: every worker's, not only this process's
         self.job_running = Gauge(
             "embedfill_job_running_seconds",
             "Age of the target's oldest job not over yet (absent: no such job).",
             ["target"],
-            registry=r,
+            registry=g,
         )
         self.job_silent = Gauge(
             "embedfill_job_heartbeat_age_seconds",
             "Seconds since a worker last reported on the target's most silent job not over.",
             ["target"],
-            registry=r,
+            registry=g,
         )
         self.job_queued = Gauge(
             "embedfill_job_chunks_queued",
             "Chunks of the target's jobs waiting for a worker or in one's hands (0: an idle "
             "watch, nothing to do).",
             ["target"],
-            registry=r,
+            registry=g,
         )
         self.workers_alive = Gauge(
             "embedfill_workers_alive",
             "Worker processes whose heartbeat is under a minute old (any target).",
-            registry=r,
+            registry=g,
         )
         self.job_done = Gauge(
             "embedfill_job_rows_done",
             "Rows embedded, skipped or failed so far by the target's jobs not over (flat: "
             "no progress).",
             ["target"],
-            registry=r,
+            registry=g,
         )
 
     def request(self, target: str, outcome: str, seconds: float) -> None:
