@@ -78,6 +78,11 @@ class WatchOptions:
     allow_model_change: bool = False
 
 
+# failed rows that came due start the next sweep early, but no sooner than this many
+# polls after the last one ended (a minute at the default 5 s poll)
+RESWEEP_POLLS = 12
+
+
 @dataclass
 class _Walk:
     """A keyset walk over a target's ids that resumes where the last page ended; a pass
@@ -380,12 +385,16 @@ class TargetWatch:
         if now >= missing.due:
             await self._retry_new_keys(conn, store, job)
             came_due, self._due_since = await store.failures_came_due(job, self._due_since)
-            if came_due:
+            if came_due and outdated.first:
                 # failed rows came due (their backoff ended, or their tenant's key
                 # changed): the NULL ones are in the next page of missing rows, the
-                # edited ones (stale, not NULL) only in a sweep, which starts over now
-                # (it waited for its interval: minutes)
-                outdated.first, outdated.after, outdated.due = True, None, now
+                # edited ones (stale, not NULL) only in a sweep, which waited for its
+                # interval (minutes). The next one comes sooner: at most every
+                # RESWEEP_POLLS polls (a sweep of a big table reads all of it)
+                last_ended = outdated.due - outdated.every_s
+                outdated.due = min(
+                    outdated.due, max(now, last_ended + RESWEEP_POLLS * self.opts.interval_s)
+                )
         for walk, is_outdated in ((missing, False), (outdated, True)):
             if room > 0 and now >= walk.due:
                 rows = await self._page(conn, tsql, walk, is_outdated, ids, job, room)
