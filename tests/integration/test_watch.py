@@ -382,3 +382,31 @@ def test_a_watch_jobs_progress_is_what_is_queued_in_flight_and_done_lately(
     (listed,) = asyncio.run(list_jobs(config, Database(tickets), "tickets", 10))
     assert listed["progress"]["done_last_hour"] == 45
     running.stop()
+
+
+def test_a_watch_jobs_totals_are_the_rows_it_wrote_across_worker_sessions(
+    tickets: str, fake_openai: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's session of the watch job closes when idle and a new one opens when rows
+    come: the job's totals were what the worker's last session reported (598 rows
+    written, "2 embedded"); they are the rows committed."""
+    from embedfill.jobs import spec as job_spec
+
+    quick = dataclasses.replace(job_spec.KINDS["watch"], idle_close_s=0.3)
+    monkeypatch.setitem(job_spec.KINDS, "watch", quick)
+    running = Running(tickets, tickets_config(fake_openai.base_url), interval_s=0.3)
+    wait_for(lambda: nulls(tickets, T) == 0)
+    first = 60 - 15  # the NULL rows; the 15 others hold vectors of other code (unverified)
+    time.sleep(1.5)  # idle: the worker's session of the job closes
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(f"UPDATE {T} SET emb = NULL WHERE ticket_no <= 10")
+    wait_for(lambda: nulls(tickets, T) == 0)
+    job = running.watches[0].job_id
+    running.stop()
+    with psycopg.connect(tickets) as conn:
+        row = conn.execute("SELECT embedded FROM embedfill.runs WHERE id = %s", (job,)).fetchone()
+        tallied = conn.execute(
+            "SELECT sum(embedded) FROM embedfill.tallies WHERE run_id = %s", (job,)
+        ).fetchone()
+    assert row is not None and tallied is not None
+    assert row[0] == tallied[0] >= first + 10

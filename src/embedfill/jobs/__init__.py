@@ -326,7 +326,10 @@ async def _create_watch_job(
     return await store.create_run(
         target=target.name,
         actor=actor,
-        parameters={"watch": True, "refresh": True},
+        # "tenants_before": its counts are the rows committed (embedfill.tallies), not
+        # what its workers' sessions reported: a worker's next session of the job
+        # replaced its last one's report (598 rows written, "2 embedded")
+        parameters={"watch": True, "refresh": True, "tenants_before": []},
         dry_run=False,
         missing_before=0,
         table_oid=info.oid,
