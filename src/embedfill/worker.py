@@ -78,6 +78,8 @@ SESSION_CHUNKS = 2  # chunks of one job a worker holds at once: one scanned, one
 # a ring of a job this worker refuses, handed back, comes round again this much later:
 # rarely enough that the workers configured like the job get its chunks first
 REFUSED_RING_WAIT_S = 15.0
+# a request answered this recently: the provider is reachable from here
+REACHABLE_S = 5.0
 FULL_RING_WAIT_S = 2.0  # a ring handed back because this worker has its fill of the job
 
 _T = TypeVar("_T")
@@ -588,8 +590,12 @@ class Worker:
             # and take no chunk for a while, longer each time it happens again (a lease,
             # then twice that, ... up to a minute): other workers get them meanwhile, and a
             # chunk is not spent on its last attempt by a worker that keeps failing
-            if time.monotonic() >= self.cut_off_until:  # one outage, one pause: chunks
-                # that shared a batch go back together
+            # ... unless the provider answers this worker's other requests (one sent
+            # during an outage timed out after it ended): then the chunk simply comes round
+            # again (a late timeout paused a lone watch for a lease, edits waited 14 s)
+            reachable = time.monotonic() - session.run.client.last_ok < REACHABLE_S
+            if time.monotonic() >= self.cut_off_until and not reachable:  # one outage, one
+                # pause: chunks that shared a batch go back together
                 self.cut_off_times += 1
                 pause = min(60.0, self.lease_s * 2 ** (self.cut_off_times - 1))
                 self.cut_off_until = time.monotonic() + pause

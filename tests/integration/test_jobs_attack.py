@@ -211,3 +211,24 @@ def test_after_stop_a_ring_waiting_for_a_slot_claims_nothing(
 
     asyncio.run(main())
     assert late == []
+
+
+def test_a_late_timeout_while_the_provider_answers_does_not_pause_the_worker(
+    db_url: str, fake_openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One request sent during an outage times out after the provider came back, while it
+    answers this worker's other requests: its chunk goes back to the queue and comes
+    round again, and the worker goes on (it took no chunk for a lease: a lone watch's
+    edits waited 14 s)."""
+    make_docs(db_url, "int", list(range(1, 121)))
+    fake_openai.latency = 0.05
+    fake_openai.faults = [Fault(status=200, delay=3.0)]  # the first request hangs
+    config = docs_config(fake_openai.base_url, engine={"chunk_rows": 30})
+    settings = dataclasses.replace(config.providers["openai"], timeout_s=1, max_attempts=1)
+    config = dataclasses.replace(config, providers={"openai": settings})
+    with caplog.at_level(logging.INFO):
+        report = run_docs(db_url, config)
+    assert (report.status, report.embedded, report.failed) == ("succeeded", 120, 0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("goes back to the queue" in m for m in messages)
+    assert not any("taking no chunk for" in m for m in messages)

@@ -118,6 +118,7 @@ class Client:
         self.in_flight = 0
         self._slots = asyncio.Condition()
         self.proven = False  # a request succeeded: model and dimensions work
+        self.last_ok = float("-inf")  # monotonic: when a request last succeeded
         # the probe's 400: every request is wrong, so none more is sent (the callers
         # probe, and stop with the probe's verdict)
         self.misconfigured: BadInput | None = None
@@ -182,6 +183,7 @@ class Client:
             if isinstance(answer, Embeddings):
                 await self._heed(key, answer.signals, batch.tokens)
             self.proven = True
+            self.last_ok = time.monotonic()
             self.tally.answered(batch.tenant, batch.tokens)
             return vectors, attempts
 
