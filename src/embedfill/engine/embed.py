@@ -94,18 +94,20 @@ class EmbedStage(TallyStage):
 
     async def _adopt(self, orphans: list[Row], write_q: asyncio.Queue[PendingWrite | None]) -> None:
         """Send the orphans' texts themselves: one row of each text, the others wait for
-        its vector as before."""
-        if not orphans:
-            return
+        its vector as before. A text whose row the scan has read again since (a new
+        leader, on its way) is waited for instead: replacing its list of waiting rows
+        would leave them unsettled, and their chunk would never end."""
         leaders: dict[str, Row] = {}
         for row in orphans:
-            if row.fingerprint in leaders:
-                self.inflight[row.fingerprint].append(row)
+            waiting = self.inflight.get(row.fingerprint)
+            if waiting is not None:
+                waiting.append(row)
             else:
                 leaders[row.fingerprint] = row
                 self.inflight[row.fingerprint] = []
-        rows = tuple(leaders.values())
-        await self._embed(Batch(rows[0].tenant, rows), write_q)
+        if leaders:
+            rows = tuple(leaders.values())
+            await self._embed(Batch(rows[0].tenant, rows), write_q)
 
     async def _embed(self, batch: Batch, write_q: asyncio.Queue[PendingWrite | None]) -> None:
         if len(batch.rows) > self.batch_size:  # cut before the provider's limit was learned
