@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -19,6 +19,8 @@ class Metrics(Observer):
         live worker)."""
         self.registry = CollectorRegistry()
         r = self.registry
+        # per labelled gauge and target, the error classes it shows now (see _by_class)
+        self._classes: dict[tuple[Gauge, str], set[str]] = {}
         g = r if service else None  # the database's gauges: the service's only
         self.rows_total = Counter(
             "embedfill_rows", "Rows by outcome.", ["target", "outcome"], registry=r
@@ -63,7 +65,6 @@ class Metrics(Observer):
             ["target", "error_class"],
             registry=g,
         )
-        self._failing_classes: dict[str, set[str]] = {}
         self.target_error = Gauge(
             "embedfill_target_error",
             "1 while the target cannot be read, by the error's class (its table gone, or "
@@ -71,7 +72,6 @@ class Metrics(Observer):
             ["target", "error_class"],
             registry=g,
         )
-        self._error_classes: dict[str, set[str]] = {}
         self.stale = Gauge(
             "embedfill_stale_rows",
             "Vectors whose row's text changed since they were embedded.",
@@ -150,11 +150,7 @@ class Metrics(Observer):
     def set_status(self, status: TargetStatus, at: float) -> None:
         name = status.name
         self.missing.labels(name).set(status.missing)
-        for error_class in self._failing_classes.get(name, set()) - set(status.failing_errors):
-            self.failing.labels(name, error_class).set(0)  # no row fails for it any more
-        for error_class, count in status.failing_errors.items():
-            self.failing.labels(name, error_class).set(count)
-        self._failing_classes[name] = set(status.failing_errors)
+        self._by_class(self.failing, name, status.failing_errors)
         self.stale.labels(name).set(status.stale)
         self.outdated_model.labels(name).set(status.outdated_model)
         self.unverified.labels(name).set(status.unverified)
@@ -162,11 +158,17 @@ class Metrics(Observer):
 
     def set_target_error(self, target: str, error_class: str | None) -> None:
         """The target read fine (None), or failed with this class of error."""
-        for known in self._error_classes.get(target, set()) - {error_class}:
-            self.target_error.labels(target, known).set(0)
-        if error_class is not None:
-            self.target_error.labels(target, error_class).set(1)
-            self._error_classes.setdefault(target, set()).add(error_class)
+        self._by_class(self.target_error, target, {} if error_class is None else {error_class: 1})
+
+    def _by_class(self, gauge: Gauge, target: str, values: Mapping[str, float]) -> None:
+        """The target's values by error class; a class it showed before and has no value
+        now goes to 0 (no alert lingers on a cause that is gone)."""
+        shown = self._classes.get((gauge, target), set())
+        for error_class in shown - set(values):
+            gauge.labels(target, error_class).set(0)
+        for error_class, value in values.items():
+            gauge.labels(target, error_class).set(value)
+        self._classes[(gauge, target)] = set(values)
 
     def set_jobs(self, running: Sequence[RunningJobs]) -> None:
         """Replace the job gauges: a target without a job not over has none."""
