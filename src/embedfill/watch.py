@@ -9,10 +9,10 @@ takes over within ``interval`` when the watcher dies). The watcher keeps one run
 watch job per column and queues chunks of row ids into it as it notices them:
 
 - **changes queued by the triggers** (``embedfill triggers install``): the app's INSERT
-  or UPDATE of a text column appends the row id to ``embedfill.changes`` and NOTIFYs
-  ``embedfill_changes`` (one transaction at a time per column does); the watcher,
-  LISTENing, drains the queue when notified and at least every second (about a second
-  from commit to stored vector, without scanning);
+  or UPDATE of a text column appends the row id to ``embedfill.changes``; the process
+  looks at that queue every ``CHANGES_POLL_S`` (one query for all its columns) and the
+  watcher drains its column's rows when there are some, and at least every second
+  (well under a second from commit to stored vector, without scanning);
 - **polling, no DDL**: every ``interval`` seconds, NULL rows (a keyset walk over the ids;
   a partial index ``ON t (id) WHERE embedding IS NULL`` makes it cheap on a big table);
 - **a stale sweep** every ``sweep_interval`` seconds, and once when the watcher starts:
@@ -20,8 +20,8 @@ watch job per column and queues chunks of row ids into it as it notices them:
   no watcher ran, or without triggers, are found.
 
 The watchers of one process share one connection (``WatchHub``): their elections, the
-``LISTEN`` and their reads, whatever the number of targets; its worker has its own few
-(db/lanes.py).
+look at the change queue and their reads, whatever the number of targets; its worker has
+its own few (db/lanes.py).
 
 Ids already in a chunk not done yet are not queued again; a change to such a row stays in
 the queue until that chunk is done (its write skipped the row, whose text had changed),
@@ -61,8 +61,11 @@ log = logging.getLogger(__name__)
 
 DEBOUNCE_S = 0.05  # after a change is noticed, gather what follows it for this long
 BUSY_WAIT_S = 0.05  # while a chunk waits for a free worker, look again this often
-DRAIN_EVERY_S = 1.0  # the change queue is read at least this often, notified or not
+DRAIN_EVERY_S = 1.0  # a watcher reads its change queue at least this often
 PUMP_SLICE_S = 0.1  # the hub waits for notifications this long between watchers' turns
+# the hub looks this often at which of its columns have queued changes (one query for
+# all): the triggers do not NOTIFY (db/triggers.py), so this is what wakes a watcher
+CHANGES_POLL_S = 0.25
 RETRY_MAX_S = 30.0
 # failures of a tenant's key: its rows go again as soon as the key is another
 KEY_FAILURES = ("AuthFailed", "NoApiKey")
@@ -102,11 +105,13 @@ class _Walk:
 
 class WatchHub:
     """The one connection the watchers of a process share, whatever their number: their
-    elections (a session advisory lock per column), the change notifications (one
-    ``LISTEN``, each NOTIFY's payload names its column) and their reads and queuing
-    transactions, one watcher at a time (``use``). A pump waits for notifications in
-    short slices between the watchers' turns. When the connection breaks, every watcher
-    sees its generation end, and leads again (or stands by) on the next one."""
+    elections (a session advisory lock per column), the look at the change queue (one
+    query for every column, each ``CHANGES_POLL_S``) and their reads and queuing
+    transactions, one watcher at a time (``use``). A pump runs between the watchers'
+    turns: it wakes the watchers whose columns have queued changes, and those named by
+    a NOTIFY (``LISTEN``: triggers of an earlier install notify). When the connection
+    breaks, every watcher sees its generation end, and leads again (or stands by) on the
+    next one."""
 
     def __init__(self, db: Database, lock_timeout_ms: int = 2000) -> None:
         self.db = db
@@ -163,11 +168,11 @@ class WatchHub:
             yield self.conn
 
     def changes(self, column_id: int) -> asyncio.Event:
-        """Set when the triggers notify a change to the column (or the connection came
-        back: what was notified meanwhile is lost)."""
+        """Set when the column's change queue holds rows (or the connection came back)."""
         return self._changed.setdefault(column_id, asyncio.Event())
 
     async def _pump_notifications(self) -> None:
+        looked = 0.0
         while True:
             conn = self.conn
             if conn is None or conn.closed or conn.broken:
@@ -175,6 +180,10 @@ class WatchHub:
                 continue
             try:
                 async with self._lock:
+                    if time.monotonic() - looked >= CHANGES_POLL_S and self._changed:
+                        looked = time.monotonic()
+                        for column in await Store(conn).changed_columns(list(self._changed)):
+                            self._changed[column].set()
                     async for note in conn.notifies(timeout=PUMP_SLICE_S):
                         self._notified(note.payload)
             except psycopg.Error:  # broken: the watchers open it again
@@ -416,9 +425,7 @@ class TargetWatch:
             )
         more = (not missing.first and room > 0) or (not outdated.first and room > 0)
         next_due = min(missing.due, outdated.due) - time.monotonic()
-        # the queue is read at least every DRAIN_EVERY_S: a trigger NOTIFYs from one
-        # transaction at a time per column (db/triggers.py), so a row can be queued
-        # without a notification of its own
+        # the queue is read at least every DRAIN_EVERY_S, whatever the hub saw
         return 0.2 if more else min(DRAIN_EVERY_S, max(0.0, next_due))
 
     async def _retry_new_keys(

@@ -289,7 +289,12 @@ WHERE ctid = ANY(ARRAY(
 RETURNING row_key"""
 WATCH_LOCK = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtextextended(%(key)s, 0))"
 WATCH_UNLOCK = "SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtextextended(%(key)s, 0))"
-LISTEN_CHANGES = "LISTEN embedfill_changes"
+LISTEN_CHANGES = "LISTEN embedfill_changes"  # what triggers of an earlier install NOTIFY
+# which of a watch process's columns have rows in the change queue (looked at several
+# times a second: the triggers do not NOTIFY)
+CHANGED_COLUMNS = """
+SELECT c FROM pg_catalog.unnest(%(columns)s::int4[]) AS c
+WHERE EXISTS (SELECT FROM embedfill.changes AS q WHERE q.column_id OPERATOR(pg_catalog.=) c)"""
 
 # A worker's liveness (worker.py): the session lock its control connection holds while
 # its process lives; a chunk's holder is alive while that lock is held and its heartbeat

@@ -332,6 +332,11 @@ class Store:
     async def listen_changes(self) -> None:
         await self.conn.execute(q.LISTEN_CHANGES)
 
+    async def changed_columns(self, columns: list[int]) -> list[int]:
+        """Which of ``columns`` have rows in the change queue."""
+        cur = await self.conn.execute(q.CHANGED_COLUMNS, {"columns": columns})
+        return [int(r[0]) for r in await cur.fetchall()]
+
     async def finish_chunk(
         self, run_id: int, seq: int, worker: str, attempt: int, state: str = "done"
     ) -> bool:

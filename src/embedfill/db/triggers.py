@@ -7,10 +7,10 @@ What is installed for one target (its vector column has number N in
 - ``embedfill.changed_N()``: a trigger function, ``SECURITY DEFINER`` (it runs as the
   role that installed it, so the application's role needs no right on embedfill's
   schema), ``SET search_path = pg_catalog, pg_temp`` and every name qualified. Per row it
-  appends ``(N, NEW.<id>::text)`` to ``embedfill.changes`` and calls
-  ``pg_notify('embedfill_changes', 'N')`` unless another transaction in flight will
-  (see ``function_sql``): a notification means "look at the queue", and a watcher also
-  looks at it every poll interval, so none is needed per transaction.
+  appends ``(N, NEW.<id>::text)`` to ``embedfill.changes``, and nothing else: no NOTIFY
+  (a notifying commit holds a cluster-wide lock until its WAL is flushed, and a full
+  NOTIFY queue would fail the app's commit); a watch process looks at the queue several
+  times a second instead (watch.py).
 - ``embedfill_changed_N_ins``: ``AFTER INSERT ... REFERENCING NEW TABLE ... FOR EACH
   STATEMENT`` running ``embedfill.changed_N_rows()``, which queues the statement's rows
   with one INSERT ... SELECT (per row on a partition or an inheritance child, where
@@ -25,9 +25,10 @@ No trigger definition names a column: the app's ``ALTER TABLE`` (a column's type
 RENAME, DROP) never fails for them, and the function copes with a table that changed
 shape (``function_sql``).
 
-Never failing the application's write is the rule. The function has no EXCEPTION block
-(each would be a subtransaction per row: past 64 in one transaction the subtransaction
-cache overflows, a known performance cliff); instead it queues only while
+Never failing the application's write is the rule. The function's queue INSERT is in no
+EXCEPTION block (a block that writes takes a subtransaction id per row: past 64 in one
+transaction the subtransaction cache overflows, a known performance cliff; the one block
+it has only reads); instead it queues only while
 ``embedfill.changes`` exists and its owner may write it, and the queue table has no
 index or constraint, so the INSERT cannot conflict. What remains is documented in
 ``FAILURE_MODES``.
@@ -45,12 +46,8 @@ from psycopg import sql
 from .target_sql import TargetSQL
 
 SCHEMA = "embedfill"
-CHANNEL = "embedfill_changes"
+CHANNEL = "embedfill_changes"  # what the triggers of an earlier install NOTIFY
 QUEUE = sql.Identifier(SCHEMA, "changes")
-# pg_try_advisory_xact_lock(NOTIFY_LOCK, N): held by the one transaction in flight that
-# NOTIFYs for column N (the two-int form, 'embf' and the column: apart from embedfill's
-# own bigint-keyed locks)
-NOTIFY_LOCK = 0x656D6266
 # set to 'on' by every embedfill session (db.queries.PIN_TEXT_SETTINGS): they write
 # vectors alone, so the UPDATE trigger skips their rows in its WHEN
 WRITER_SETTING = "embedfill.writer"
@@ -58,8 +55,6 @@ WRITER_SETTING = "embedfill.writer"
 FAILURE_MODES = (
     "A statement on the table waits while embedfill.changes is locked by a migration "
     "(ALTER TABLE takes an exclusive lock), then goes on.",
-    "If the NOTIFY queue (8 GB) fills up because a session that LISTENs keeps a "
-    "transaction open for a very long time, commits that notify fail until it ends.",
     "Dropping embedfill.changes or embedfill's schema while the application writes can "
     "fail the statements that were waiting for that DROP's lock: uninstall first.",
 )
@@ -137,14 +132,14 @@ def function_sql(
     *,
     rows: bool = False,
 ) -> sql.Composed:
-    """``CREATE OR REPLACE FUNCTION embedfill.changed_N()``: queue the row's id, NOTIFY.
+    """``CREATE OR REPLACE FUNCTION embedfill.changed_N()``: queue the row's id.
 
-    A transaction that NOTIFYs holds a cluster-wide lock from its commit until it is
-    flushed, so notifying commits are serialized (no group commit): measured, one
-    NOTIFY per transaction cut concurrent single-row inserts to a quarter. So only the
-    one transaction in flight that holds ``pg_try_advisory_xact_lock(NOTIFY_LOCK, N)``
-    (never waited for) NOTIFYs; the rows of the others are in the queue all the same and
-    are seen at the next notification or the watcher's next look at the queue.
+    Nothing else per row or statement: no NOTIFY. A notifying commit holds a
+    cluster-wide lock until its WAL is flushed (notifying commits are serialized); even
+    from one transaction in flight at a time (an advisory lock), the NOTIFY was a third
+    of the trigger's server time per single-row INSERT (measured: 14 µs, 10 without),
+    and a full NOTIFY queue (a listener stuck in a transaction) fails the app's commits.
+    A watch process looks at the queue every ``CHANGES_POLL_S`` instead (watch.py).
 
     Guards, each a catalog lookup without a lock: the owner's USAGE on embedfill's
     schema (``to_regclass`` of a qualified name raises without it), the queue table's
@@ -229,12 +224,7 @@ def function_sql(
             "\n" + declare + "BEGIN\n"
             "    IF pg_catalog.has_schema_privilege({schema}, 'USAGE') THEN\n"
             "        IF pg_catalog.has_table_privilege(pg_catalog.to_regclass({queue_name}),"
-            " 'INSERT') THEN\n"
-            + read
-            + "                IF pg_catalog.pg_try_advisory_xact_lock({lock}, {column}) THEN\n"
-            "                    PERFORM pg_catalog.pg_notify({channel}, {payload});\n"
-            "                END IF;\n"
-            "            END IF;\n"
+            " 'INSERT') THEN\n" + read + "            END IF;\n"
             "        END IF;\n"
             "    END IF;\n"
             "    RETURN NULL;\n"
@@ -250,9 +240,6 @@ def function_sql(
             old=sql.SQL(", ").join(sql.SQL("OLD.{}").format(c) for c in cols),
             new=sql.SQL(", ").join(sql.SQL("NEW.{}").format(c) for c in cols),
             watched=sql.SQL("{}::text[]").format(sql.Literal(list(watched))),
-            lock=sql.Literal(NOTIFY_LOCK),
-            channel=sql.Literal(CHANNEL),
-            payload=sql.Literal(str(column_id)),
         )
         .as_string(conn)
     )
@@ -489,8 +476,7 @@ async def plan(
     key = f"NEW.{sql.Identifier(target.id_column).as_string(conn)}::text"
     out.notes.append(
         f"queues ({'N' if column_id is None else column_id}, {key}) in "
-        f"{QUEUE.as_string(conn)} and NOTIFYs channel "
-        f"{CHANNEL} on INSERT, and on UPDATE when one of "
+        f"{QUEUE.as_string(conn)} on INSERT, and on UPDATE when one of "
         + ", ".join(sql.Identifier(c).as_string(conn) for c in watched)
         + " changed (embedfill's own writes skipped); no trigger names a column, so the "
         "app's ALTER TABLE on any column goes through"
