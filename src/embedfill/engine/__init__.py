@@ -1,11 +1,14 @@
 """The engine: one run of one target, in stages a reader can hold.
 
 - ``state.py``  what the stages share: options, hooks, a job's chunk, RunState (and stop)
-- ``scan.py``   keyset pages -> rendered, measured, de-duplicated rows -> batches
-- ``embed.py``  keys, shared rate limits, concurrency, retries, bisection, answer checks
-- ``write.py``  guarded bulk UPDATEs on writer connections; rows the app holds locked
-- ``tally.py``  every row accounted for once: report, chunks, metrics, audit trail
-- ``run.py``    ``Run``, the stages wired by queues: a dry run or a worker's session
+- ``scan.py``   ``Scanner``: keyset pages -> rendered, measured, de-duplicated rows -> batches
+- ``embed.py``  ``Embedder``: keys, shared limits, concurrency, retries, bisection, checks
+- ``write.py``  ``Writer``: guarded bulk UPDATEs on writer lanes; rows the app holds locked
+- ``tally.py``  ``Ledger``: every row accounted for once: report, chunks, metrics, audit
+- ``run.py``    ``Run``, the stage objects wired by queues: a dry run or a worker session
+
+Each stage is an object given the run's ``RunState`` and the ledger it reports to;
+none inherits another or holds a reference to the ``Run``.
 - ``prepare.py`` a run's start: options and the target checked against the live table
 
 The CLI, the HTTP service and workers call the application layer

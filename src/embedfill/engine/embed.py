@@ -36,8 +36,8 @@ from ..planning import split_batch
 from ..providers import Vector
 from ..providers.answers import non_finite
 from ..secrets import Secret
-from .state import Chunk, PendingWrite
-from .tally import TallyStage
+from .state import Chunk, PendingWrite, RunState
+from .tally import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +46,18 @@ T = TypeVar("T")
 MAX_CHUNK_ATTEMPTS = 3  # a chunk given back this often fails its rows like a lone run
 
 
-class EmbedStage(TallyStage):
+class Embedder:
     """Keys, limits, retries, bisection and answer checks (see the module doc)."""
 
-    async def _embedder(
+    def __init__(self, state: RunState, ledger: Ledger) -> None:
+        self.state, self.ledger = state, ledger
+        self._rejected_inputs = 0  # single rows the provider rejected (400)
+
+    async def work(
         self, embed_q: asyncio.Queue[Batch | None], write_q: asyncio.Queue[PendingWrite | None]
     ) -> None:
         while (batch := await embed_q.get()) is not None:
-            if self.stopping:
+            if self.state.stopping:
                 self._forget(batch)  # left NULL for the next run (or worker)
                 continue
             # a batch may hold rows of two chunks (scan.py carries part batches over a
@@ -81,15 +85,15 @@ class EmbedStage(TallyStage):
         them NULL and the job succeed): the caller sends them (_adopt) or fails them."""
         dropped = list(batch.rows)
         orphans: list[Row] = []
-        over = self.stopping or self.halted is not None
+        over = self.state.stopping or self.state.halted is not None
         for row in batch.rows:
-            for waiting in self.inflight.pop(row.fingerprint, []):
+            for waiting in self.state.inflight.pop(row.fingerprint, []):
                 chunk = waiting.chunk
                 if over or chunk is None or chunk.given_up:
                     dropped.append(waiting)
                 else:
                     orphans.append(waiting)
-        self._settle(dropped)
+        self.ledger.settle(dropped)
         return orphans
 
     async def _adopt(self, orphans: list[Row], write_q: asyncio.Queue[PendingWrite | None]) -> None:
@@ -99,44 +103,46 @@ class EmbedStage(TallyStage):
         would leave them unsettled, and their chunk would never end."""
         leaders: dict[str, Row] = {}
         for row in orphans:
-            waiting = self.inflight.get(row.fingerprint)
+            waiting = self.state.inflight.get(row.fingerprint)
             if waiting is not None:
                 waiting.append(row)
             else:
                 leaders[row.fingerprint] = row
-                self.inflight[row.fingerprint] = []
+                self.state.inflight[row.fingerprint] = []
         if leaders:
             rows = tuple(leaders.values())
             await self._embed(Batch(rows[0].tenant, rows), write_q)
 
     async def _embed(self, batch: Batch, write_q: asyncio.Queue[PendingWrite | None]) -> None:
-        if len(batch.rows) > self.batch_size:  # cut before the provider's limit was learned
-            size = self.batch_size
+        if len(batch.rows) > self.state.batch_size:  # cut before the provider's limit was learned
+            size = self.state.batch_size
             for i in range(0, len(batch.rows), size):
                 await self._embed(Batch(batch.tenant, batch.rows[i : i + size]), write_q)
             return
-        tenant = self._tenant(batch.tenant)
+        tenant = self.state.tenant(batch.tenant)
         # a tenant whose key failed: its key is looked up again, not taken from the
         # cache (a watch sends its rows again because the key changed: sent with the
         # cached old one, they failed again and waited out their backoff)
-        resolved = await self.client.key(batch.tenant, fresh=batch.tenant in self.dead_tenants)
+        resolved = await self.state.client.key(
+            batch.tenant, fresh=batch.tenant in self.state.dead_tenants
+        )
         tenant.key_source = resolved.source
-        self._note_key_source(batch.tenant, resolved)
-        dead = self.dead_tenants.get(batch.tenant)
+        self.state.note_key_source(batch.tenant, resolved)
+        dead = self.state.dead_tenants.get(batch.tenant)
         if dead is not None and dead[1] != resolved.digest:
             # its key changed (stored, or tenant_key_sql answers another): try it
-            del self.dead_tenants[batch.tenant]
+            del self.state.dead_tenants[batch.tenant]
             tenant.error = None
-        if resolved.error and batch.tenant not in self.dead_tenants:
-            self.dead_tenants[batch.tenant] = (resolved.error, resolved.digest)
+        if resolved.error and batch.tenant not in self.state.dead_tenants:
+            self.state.dead_tenants[batch.tenant] = (resolved.error, resolved.digest)
             log.warning(
                 "run %s: tenant %s cannot be embedded: %s",
-                self.report.run_id,
+                self.state.report.run_id,
                 batch.tenant,
                 resolved.error,
             )
-        if batch.tenant in self.dead_tenants:
-            reason = self.dead_tenants[batch.tenant][0]
+        if batch.tenant in self.state.dead_tenants:
+            reason = self.state.dead_tenants[batch.tenant][0]
             tenant.error = reason
             self._fail(batch, NoApiKey(reason) if resolved.error else AuthFailed(reason), 0)
             return
@@ -146,11 +152,11 @@ class EmbedStage(TallyStage):
             await self._adopt(self._forget(batch), write_q)  # left NULL for another run
             return
         except BadInput as exc:
-            if not self.client.proven and await self._rejects_everything(resolved.key):
+            if not self.state.client.proven and await self._rejects_everything(resolved.key):
                 self._forget(batch)  # halted: nothing is orphaned
                 return
             if len(batch.rows) > 1:
-                self.report.retries += 1  # its rows are sent again, in halves
+                self.state.report.retries += 1  # its rows are sent again, in halves
                 rejected = self._rejected_inputs
                 for half in split_batch(batch):
                     await self._embed(half, write_q)
@@ -162,9 +168,9 @@ class EmbedStage(TallyStage):
             return
         except AuthFailed as exc:
             reason = f"{exc} (tenant {batch.tenant!r}, key source {resolved.source})"
-            self.dead_tenants[batch.tenant] = (reason, resolved.digest)
+            self.state.dead_tenants[batch.tenant] = (reason, resolved.digest)
             tenant.error = reason
-            log.error("run %s: tenant %s: %s", self.report.run_id, batch.tenant, exc)
+            log.error("run %s: tenant %s: %s", self.state.report.run_id, batch.tenant, exc)
             self._fail(batch, exc, exc.attempts)
             return
         except ProviderError as exc:
@@ -173,7 +179,7 @@ class EmbedStage(TallyStage):
                 return
             log.error(
                 "run %s: tenant %s: batch of %d failed: %s",
-                self.report.run_id,
+                self.state.report.run_id,
                 batch.tenant,
                 len(batch.rows),
                 exc,
@@ -186,8 +192,8 @@ class EmbedStage(TallyStage):
             if i in unusable:  # pgvector refuses NaN and infinity: this row alone fails
                 self._fail(Batch(batch.tenant, (row,)), _non_finite(), attempts)
                 continue
-            self.cache.put(row.fingerprint, vector)
-            for r in [row, *self.inflight.pop(row.fingerprint, [])]:
+            self.state.cache.put(row.fingerprint, vector)
+            for r in [row, *self.state.inflight.pop(row.fingerprint, [])]:
                 write.rows.append(r)
                 write.vectors.append(vector)
         if write.rows:
@@ -199,32 +205,32 @@ class EmbedStage(TallyStage):
         Later batches of this session are cut at half that, so the 400s stop at the
         first (a batch_size above the provider's limit made 61 of 144 requests 400s)."""
         size = max(1, refused // 2)
-        if size >= self.batch_size:
+        if size >= self.state.batch_size:
             return
         log.warning(
             "run %s: the provider refused a request of %d inputs that it took in halves; "
             "sending at most %d per request from now on (lower batch_size in the config)",
-            self.report.run_id,
+            self.state.report.run_id,
             refused,
             size,
         )
-        self.batch_size = size
-        if self.batcher is not None:
-            self.batcher.batch_size = size
-        if not any("batch_size" in w for w in self.report.warnings):
-            self.report.warnings.append(
+        self.state.batch_size = size
+        if self.state.batcher is not None:
+            self.state.batcher.batch_size = size
+        if not any("batch_size" in w for w in self.state.report.warnings):
+            self.state.report.warnings.append(
                 f"The provider refused requests of {refused} inputs; batches were cut to "
                 f"{size} from then on. Set batch_size = {size} (or less) for provider "
-                f"{self.pconf.name!r} to avoid the refused requests."
+                f"{self.state.pconf.name!r} to avoid the refused requests."
             )
 
     async def _rejects_everything(self, key: Secret | None) -> bool:
         """Whether a 400 before any success is about the request (model, dimensions)
         rather than its inputs (the client's probe): if so, the run halts with the
         provider's words."""
-        wrong = await self.client.probe(key)
+        wrong = await self.state.client.probe(key)
         if wrong is not None:
-            self._halt(wrong)
+            self.state.halt(wrong)
         return wrong is not None
 
     async def _call(self, batch: Batch, key: Secret | None) -> tuple[list[Vector], int]:
@@ -234,7 +240,7 @@ class EmbedStage(TallyStage):
         def give_back(exc: ProviderError) -> bool:
             return self._give_back(batch, exc, lease=True)
 
-        vectors, attempts = await self.client.vectors(
+        vectors, attempts = await self.state.client.vectors(
             batch, key, give_back=give_back, skip=lambda: _given_up(batch)
         )
         now = time.monotonic()
@@ -255,7 +261,11 @@ class EmbedStage(TallyStage):
         if not live:
             return True
         now = time.monotonic()
-        if lease and self.seat and any(now - c.last_ok < self.seat.lease_s for c in live):
+        if (
+            lease
+            and self.state.seat
+            and any(now - c.last_ok < self.state.seat.lease_s for c in live)
+        ):
             return False
         may = [c for c in live if c.attempt < MAX_CHUNK_ATTEMPTS]
         if lease and len(may) < len(live):
@@ -265,7 +275,7 @@ class EmbedStage(TallyStage):
         for chunk in sorted(may, key=lambda c: c.seq):
             log.warning(
                 "job %s: chunk %d goes back to the queue for another worker: %s",
-                self.report.run_id,
+                self.state.report.run_id,
                 chunk.seq,
                 exc,
             )
@@ -277,16 +287,16 @@ class EmbedStage(TallyStage):
         provider's, else the first answer's). Vectors of one answer are all of one size
         (check_vectors); another size than the column's would fail every batch, so it
         halts the run, nothing of this batch written."""
-        if self.dims is None:
-            self.dims = vectors[0].shape[0]
+        if self.state.dims is None:
+            self.state.dims = vectors[0].shape[0]
         got = vectors[0].shape[0]
-        if got != self.dims:
-            self._halt(
+        if got != self.state.dims:
+            self.state.halt(
                 SchemaMismatch(
                     f"The provider returned {got}-dimensional vectors but column "
-                    f"{self.target.embedding_column!r} of {self.target.table} holds "
-                    f"{self.dims}; set dimensions = {self.dims} for provider "
-                    f"{self.target.provider!r} if the model supports it, or use a model of "
+                    f"{self.state.target.embedding_column!r} of {self.state.target.table} holds "
+                    f"{self.state.dims}; set dimensions = {self.state.dims} for provider "
+                    f"{self.state.target.provider!r} if the model supports it, or use a model of "
                     "that size."
                 )
             )
@@ -299,9 +309,9 @@ class EmbedStage(TallyStage):
         rows = list(orphans)
         for row in kept.rows if kept is not None else ():
             rows.append(row)
-            rows.extend(self.inflight.pop(row.fingerprint, []))
+            rows.extend(self.state.inflight.pop(row.fingerprint, []))
         if rows:
-            self._fail_rows(rows, exc, attempts)
+            self.ledger.fail_rows(rows, exc, attempts)
 
 
 def _chunks(batch: Batch) -> set[Chunk]:

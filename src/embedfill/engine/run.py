@@ -1,6 +1,7 @@
 """scan -> embed -> write -> tally: one run of one target, its stages wired by queues.
 
-``_pipeline`` is a small set of asyncio tasks: the scanner (scan.py) feeds
+``Run`` builds one object per stage over one ``RunState``, and ``_pipeline`` runs them
+as a small set of asyncio tasks: the scanner (scan.py) feeds
 ``max_concurrency`` embedders (embed.py) through a bounded queue, they feed
 ``write_concurrency`` writers (write.py) through another, and every stage counts what
 it did (tally.py). ``execute`` is a dry run (the scan alone: a plan, nothing sent or
@@ -16,80 +17,150 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Mapping
 
 import psycopg
 
-from ..db.catalog import count_missing, count_outdated
+from ..config import EngineConfig, ProviderConfig, TargetConfig
+from ..db.catalog import TableInfo, count_missing, count_outdated
+from ..db.connect import Database
+from ..db.lanes import Lane, Lanes
+from ..db.store import Store
+from ..embedding import Client
 from ..errors import DatabaseError, EmbedfillError
 from ..errors import first_line as _first_line
 from ..freshness import mixing_warning
 from ..models import Batch, Report
 from ..planning import estimate_cost
-from .embed import EmbedStage
-from .scan import ScanStage
-from .state import Chunk, PendingWrite
-from .write import WriteStage
+from ..providers import Provider
+from .embed import Embedder
+from .scan import Scanner
+from .state import BackfillOptions, Chunk, Hooks, PendingWrite, RunState, WorkerSeat
+from .tally import Ledger
+from .write import Writer
 
 log = logging.getLogger(__name__)
 
 
-class Run(ScanStage, EmbedStage, WriteStage):
+class Run:
     """One run of one target: a dry run (``execute``) or a worker's session of a job
-    (``serve``). The stages share one RunState (state.py)."""
+    (``serve``), its stage objects (scanner, embedders, writers, ledger) over one
+    RunState (state.py), each given what it shares and nothing of the others."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        lane: Lane,
+        target: TargetConfig,
+        pconf: ProviderConfig,
+        info: TableInfo,
+        opts: BackfillOptions,
+        provider: Provider,
+        engine: EngineConfig,
+        hooks: Hooks,
+        env: Mapping[str, str],
+        seat: WorkerSeat | None = None,
+        lanes: Lanes | None = None,
+    ) -> None:
+        self.state = state = RunState(
+            db=db,
+            lane=lane,
+            target=target,
+            pconf=pconf,
+            info=info,
+            opts=opts,
+            provider=provider,
+            engine=engine,
+            hooks=hooks,
+            env=env,
+            seat=seat,
+            lanes=lanes,
+        )
+        self.ledger = Ledger(state)
+        self.scanner = Scanner(state, self.ledger)
+        self.embedder = Embedder(state, self.ledger)
+        self.writer = Writer(state, self.ledger)
+
+    @property
+    def report(self) -> Report:
+        return self.state.report
+
+    @property
+    def hooks(self) -> Hooks:
+        return self.state.hooks
+
+    @property
+    def client(self) -> Client:
+        return self.state.client
+
+    @property
+    def stopping(self) -> bool:
+        return self.state.stopping
+
+    async def flush(self, store: Store) -> None:
+        """Record this session's failures and report now (tally.py)."""
+        await self.ledger.flush(store)
+
+    def close(self) -> None:
+        """No more chunks: the session drains and ends."""
+        self.scanner.close()
 
     async def execute(self) -> Report:
         """A dry run: the scan and batching of a real run, with nothing sent or written
         but its row in the audit trail. A real backfill is a job (jobs.py), served by
         workers (``serve``)."""
-        assert self.opts.dry_run, "a real backfill is a job: see application.abackfill"
+        assert self.state.opts.dry_run, "a real backfill is a job: see application.abackfill"
         started = time.monotonic()
-        await self._resolve_provenance(create=False)
-        missing = await count_missing(self.conn, self.sql, self.tenants)
-        self.report.missing_before = min(missing, self.opts.limit or missing)
-        if self.refresh:
+        await self.state.resolve_provenance(create=False)
+        missing = await count_missing(self.state.conn, self.state.sql, self.state.tenants)
+        self.state.report.missing_before = min(missing, self.state.opts.limit or missing)
+        if self.state.refresh:
             stale, outdated = await count_outdated(
-                self.conn, self.sql, self.tenants, self.prov.params()
+                self.state.conn, self.state.sql, self.state.tenants, self.state.prov.params()
             )
-            self.report.stale_before = stale + outdated
+            self.state.report.stale_before = stale + outdated
             if outdated:
-                self.report.warnings.append(mixing_warning(self.target.name, outdated))
-        run_id = await self.store.create_run(
-            target=self.target.name,
-            actor=self.opts.actor,
-            parameters=self.opts.parameters(),
+                self.state.report.warnings.append(mixing_warning(self.state.target.name, outdated))
+        run_id = await self.state.store.create_run(
+            target=self.state.target.name,
+            actor=self.state.opts.actor,
+            parameters=self.state.opts.parameters(),
             dry_run=True,
-            missing_before=self.report.missing_before,
-            table_oid=self.info.oid,
-            column=self.target.embedding_column,
+            missing_before=self.state.report.missing_before,
+            table_oid=self.state.info.oid,
+            column=self.state.target.embedding_column,
         )
-        self.report.run_id = run_id
-        if self.hooks.on_start:
-            self.hooks.on_start(run_id)
-        log.info("run %s: planning %s, %d rows missing", run_id, self.target.name, missing)
+        self.state.report.run_id = run_id
+        if self.state.hooks.on_start:
+            self.state.hooks.on_start(run_id)
+        log.info("run %s: planning %s, %d rows missing", run_id, self.state.target.name, missing)
         error: str | None = None
         try:
-            await self._plan()
+            await self.scanner.plan()
         except BaseException as exc:
-            self.report.status = "failed"
+            self.state.report.status = "failed"
             error = _first_line(exc) if isinstance(exc, Exception) else "interrupted"
             raise
         finally:
-            self.report.duration_s = time.monotonic() - started
-            self.report.estimated_cost_usd = estimate_cost(self.report.tokens, self.pconf.price)
-            if self.report.status != "failed":
-                self.report.status = self._final_status()
+            self.state.report.duration_s = time.monotonic() - started
+            self.state.report.estimated_cost_usd = estimate_cost(
+                self.state.report.tokens, self.state.pconf.price
+            )
+            if self.state.report.status != "failed":
+                self.state.report.status = self._final_status()
             with contextlib.suppress(psycopg.Error):
-                await asyncio.shield(self._flush_audit(final=True, error=error))
-        return self.report
+                await asyncio.shield(self.ledger.flush_audit(final=True, error=error))
+        return self.state.report
 
     async def serve(self) -> Report:
         """A worker's session of a job: embed the chunks ``submit`` hands in until
         ``close``; this worker's report goes to its row of ``embedfill.workers`` every
         second. A reason that halts the session (the provider answers another size, say)
         fails every chunk still in it, with that reason."""
-        assert self.seat is not None
-        await self._resolve_provenance(create=True)
-        heartbeat = asyncio.create_task(self._seat_heartbeat())
+        assert self.state.seat is not None
+        await self.state.resolve_provenance(create=True)
+        heartbeat = asyncio.create_task(self.ledger.heartbeat())
         error: BaseException | None = None
         try:
             await self._pipeline()
@@ -97,56 +168,60 @@ class Run(ScanStage, EmbedStage, WriteStage):
             error = exc
             raise
         finally:
-            self.closed = True
-            self.closed_by = error if isinstance(error, Exception) else None
+            self.state.closed = True
+            self.state.closed_by = error if isinstance(error, Exception) else None
             heartbeat.cancel()
             await asyncio.gather(heartbeat, return_exceptions=True)
             with contextlib.suppress(psycopg.Error, DatabaseError):
-                await asyncio.shield(self._final_seat_flush())
-            while not self.chunk_q.empty():
-                chunk = self.chunk_q.get_nowait()
+                await asyncio.shield(self.ledger.final_flush())
+            while not self.state.chunk_q.empty():
+                chunk = self.state.chunk_q.get_nowait()
                 if chunk is not None:
-                    self.chunks.add(chunk)
-            for chunk in list(self.chunks):
+                    self.state.chunks.add(chunk)
+            for chunk in list(self.state.chunks):
                 chunk.resolve(error if isinstance(error, Exception) else None)
-            self.chunks.clear()
-        return self.report
+            self.state.chunks.clear()
+        return self.state.report
 
     async def submit(self, chunk: Chunk) -> None:
         """Work on one chunk of the job (scan.py); one handed in after the process
         abandoned its requests (state.abandon_requests) goes straight back to the queue,
         not marked done (or cancelled) with its rows unread."""
-        if self.abandoned:
-            self._abandon_now()
-            if not self.hooks.cancel.is_set():
+        if self.state.abandoned:
+            self.state.abandon_now()
+            if not self.state.hooks.cancel.is_set():
                 chunk.given_up = True
-        await super().submit(chunk)
+        await self.scanner.submit(chunk)
 
     def _final_status(self) -> str:
-        if self.hooks.cancel.is_set():
+        if self.state.hooks.cancel.is_set():
             return "cancelled"
-        return "partial" if self.report.failed else "succeeded"
+        return "partial" if self.state.report.failed else "succeeded"
 
     async def _pipeline(self) -> None:
-        embed_q: asyncio.Queue[Batch | None] = asyncio.Queue(self.concurrency.ceiling * 2)
+        embed_q: asyncio.Queue[Batch | None] = asyncio.Queue(self.state.concurrency.ceiling * 2)
         # room for about one full write of embedded batches: enough to coalesce, and a
         # bound on what a kill -9 can lose after it was paid for
-        per_write = -(-self.engine.write_batch_rows // self.batch_size)
+        per_write = -(-self.state.engine.write_batch_rows // self.state.batch_size)
         write_q: asyncio.Queue[PendingWrite | None] = asyncio.Queue(max(2, per_write))
-        assert self.lanes is not None, "a worker session writes on its process's lanes"
-        await self.lanes.open()  # a server without a free connection: said before any write
+        assert self.state.lanes is not None, "a worker session writes on its process's lanes"
+        await self.state.lanes.open()  # a server without a free connection: said before any write
         try:
             async with asyncio.TaskGroup() as tg:
                 workers = [
-                    tg.create_task(self._embedder(embed_q, write_q))
-                    for _ in range(self.concurrency.ceiling)
+                    tg.create_task(self.embedder.work(embed_q, write_q))
+                    for _ in range(self.state.concurrency.ceiling)
                 ]
                 # as many writers as the process has lanes: each write takes a free one
-                writers = [tg.create_task(self._writer(write_q)) for _ in range(self.lanes.size)]
-                watcher = tg.create_task(self._watch_cancel())
-                abandoner = tg.create_task(self._watch_abandon())
-                kicker = tg.create_task(self._kick_locked(write_q)) if self.seat else None
-                await self._produce(embed_q, write_q)
+                writers = [
+                    tg.create_task(self.writer.work(write_q)) for _ in range(self.state.lanes.size)
+                ]
+                watcher = tg.create_task(self.state.watch_cancel())
+                abandoner = tg.create_task(self.state.watch_abandon())
+                kicker = (
+                    tg.create_task(self.writer.kick_locked(write_q)) if self.state.seat else None
+                )
+                await self.scanner.produce(embed_q, write_q)
                 for _ in workers:
                     await embed_q.put(None)
                 await asyncio.wait(workers)
@@ -155,12 +230,12 @@ class Run(ScanStage, EmbedStage, WriteStage):
                 await asyncio.wait(writers)
                 if kicker is not None:
                     kicker.cancel()
-                await self._settle_locked()
+                await self.writer.settle_locked()
                 watcher.cancel()
                 abandoner.cancel()
         except* EmbedfillError as group:
             raise group.exceptions[0] from None
         except* psycopg.Error as group:
             raise group.exceptions[0] from None
-        if self.halted is not None:
-            raise self._halt_error()
+        if self.state.halted is not None:
+            raise self.state.halt_error()

@@ -4,7 +4,7 @@ The scanner reads NULL rows in id order (keyset pages, no OFFSET), renders and m
 their text, drops blanks, de-duplicates identical texts per tenant and cuts per-tenant
 batches (planning.TenantBatcher). A lone run scans the whole target; a worker session
 scans the chunks handed in (``submit``) one after the other, until ``close``. A dry run
-(``_plan``) walks the same scan and batching and sends and writes nothing. A read queued
+(``plan``) walks the same scan and batching and sends and writes nothing. A read queued
 behind the application's table lock never holds up a stop (``_unless_stopped``).
 
 Shares: batches go to the embedders' queue, texts already embedded (the cache) straight
@@ -23,11 +23,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from ..config import text_renderer
 from ..errors import first_line as _first_line
 from ..models import Batch, Row
 from ..planning import BoundedCache, TenantBatcher, prepare_text
-from .state import Chunk, PendingWrite
-from .tally import TallyStage
+from .state import Chunk, PendingWrite, RunState
+from .tally import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,13 @@ class _NotYet:
 _NOT_YET = _NotYet()
 
 
-class ScanStage(TallyStage):
+class Scanner:
     """Keyset pages -> rows -> per-tenant batches (see the module doc)."""
+
+    def __init__(self, state: RunState, ledger: Ledger) -> None:
+        self.state, self.ledger = state, ledger
+        self.render = text_renderer(state.target.text, state.target.text_columns)
+        self.max_tokens = state.provider.max_input_tokens
 
     async def _pages(self, chunk: Chunk | None = None) -> Any:
         """Keyset pages of the rows to embed: the whole target (a dry run) or a chunk.
@@ -55,7 +61,7 @@ class ScanStage(TallyStage):
         last page is known by its last id, so no empty read follows it."""
         after: Any = None
         first = True
-        remaining = self.opts.limit
+        remaining = self.state.opts.limit
         hi: Any = None
         keys = None
         if chunk is None:
@@ -63,23 +69,23 @@ class ScanStage(TallyStage):
         else:  # a chunk's range (or its ids) is the limit
             remaining, first, after, hi = None, chunk.lo is None, chunk.lo, chunk.hi
             keys = chunk.keys
-        page_size = self.engine.scan_page_size
+        page_size = self.state.engine.scan_page_size
 
         def read(first: bool, after: Any, size: int) -> asyncio.Future[list[Any] | None]:
-            statement = self.sql.scan(
+            statement = self.state.sql.scan(
                 first_page=first,
-                tenants=bool(self.tenants),
+                tenants=bool(self.state.tenants),
                 upto=hi is not None,
-                refresh=self.refresh,
+                refresh=self.state.refresh,
                 keys=keys is not None,
             )
             params = {
                 "after": after,
                 "hi": hi,
                 "limit": size,
-                "tenants": self.tenants,
+                "tenants": self.state.tenants,
                 "keys": keys,
-                **self.prov.params(),
+                **self.state.prov.params(),
             }
             return asyncio.ensure_future(self._unless_stopped(self._fetch(statement, params)))
 
@@ -113,11 +119,11 @@ class ScanStage(TallyStage):
         wait = 0.25
         while True:
             try:
-                async with self.lane.hold() as conn:
+                async with self.state.lane.hold() as conn:
                     cur = await conn.execute(statement, params)
                     return await cur.fetchall()
             except (psycopg.errors.LockNotAvailable, psycopg.errors.QueryCanceled) as exc:
-                log.info("run %s: %s; reading again", self.report.run_id, _first_line(exc))
+                log.info("run %s: %s; reading again", self.state.report.run_id, _first_line(exc))
             await asyncio.sleep(wait)
             wait = min(wait * 2, 8.0)
 
@@ -126,7 +132,10 @@ class ScanStage(TallyStage):
         (psycopg cancels it on the server), so a scan queued behind the app's table lock
         (a migration's ACCESS EXCLUSIVE, held for minutes) never holds up a SIGTERM."""
         task = asyncio.ensure_future(query)
-        stops = [asyncio.ensure_future(e.wait()) for e in (self._stop, self.hooks.cancel)]
+        stops = [
+            asyncio.ensure_future(e.wait())
+            for e in (self.state.stop_event, self.state.hooks.cancel)
+        ]
         stopped = False
         try:
             await asyncio.wait([task, *stops], return_when=asyncio.FIRST_COMPLETED)
@@ -143,43 +152,45 @@ class ScanStage(TallyStage):
     async def _check_tenants(self) -> None:
         """A requested tenant with no row at all is a warning (a typo, most likely), not
         a silent success."""
-        if not self.tenants:
+        if not self.state.tenants:
             return
-        async with self.lane.hold() as conn:
-            cur = await conn.execute(self.sql.absent_tenants(), {"tenants": self.tenants})
+        async with self.state.lane.hold() as conn:
+            cur = await conn.execute(
+                self.state.sql.absent_tenants(), {"tenants": self.state.tenants}
+            )
             absent = await cur.fetchall()
         for (tenant,) in absent:
             warning = (
-                f"Tenant {tenant!r} matches no row of {self.target.table} "
-                f"(column {self.target.tenant_column}); check the tenant id."
+                f"Tenant {tenant!r} matches no row of {self.state.target.table} "
+                f"(column {self.state.target.tenant_column}); check the tenant id."
             )
-            log.info("run %s: %s", self.report.run_id, warning)  # the CLI prints warnings
-            self.report.warnings.append(warning)
+            log.info("run %s: %s", self.state.report.run_id, warning)  # the CLI prints warnings
+            self.state.report.warnings.append(warning)
 
     def _row(self, raw: Sequence[Any], chunk: Chunk | None = None) -> Row | None:
         """A row ready to embed, or None when its text is blank (counted as skipped)."""
         row_id, tenant, fingerprint, held, text_md5, *values = raw
-        tenant_report = self._tenant(tenant)
+        tenant_report = self.state.tenant(tenant)
         tenant_report.missing += 1
-        counter = self._counter
+        counter = self.state.counter
         prepared = prepare_text(
             self.render(values),
             count=counter.count,
             truncate=counter.truncate,
-            max_tokens=self._max_tokens,
+            max_tokens=self.max_tokens,
         )
-        report = self.report
+        report = self.state.report
         if prepared is None:
             tenant_report.skipped += 1
             report.skipped += 1
-            if not self.opts.dry_run:
-                self.hooks.observer.rows(self.target.name, "skipped", 1)
+            if not self.state.opts.dry_run:
+                self.state.hooks.observer.rows(self.state.target.name, "skipped", 1)
             return None
         sent, tokens, truncated = prepared
         if truncated:
             tenant_report.truncated += 1
             report.truncated += 1
-        if self.opts.dry_run:
+        if self.state.opts.dry_run:
             report.add_sample(row_id, tenant, sent)
         if chunk is not None:
             chunk.pending += 1
@@ -196,21 +207,21 @@ class ScanStage(TallyStage):
         )
 
     def _batcher(self) -> TenantBatcher:
-        self.batcher = TenantBatcher(
-            batch_size=self.batch_size,
-            max_tokens=self.pconf.max_request_tokens,
-            max_buffered=max(self.engine.scan_page_size, self.batch_size * 4),
+        self.state.batcher = TenantBatcher(
+            batch_size=self.state.batch_size,
+            max_tokens=self.state.pconf.max_request_tokens,
+            max_buffered=max(self.state.engine.scan_page_size, self.state.batch_size * 4),
         )
-        return self.batcher
+        return self.state.batcher
 
     def _count_batch(self, batch: Batch) -> None:
-        self.report.batches += 1
-        self._tenant(batch.tenant).batches += 1
+        self.state.report.batches += 1
+        self.state.tenant(batch.tenant).batches += 1
 
-    async def _plan(self) -> None:
+    async def plan(self) -> None:
         """Walk the same scan and batching as a real run; send and write nothing."""
         # the same bounded memory of texts as a real run, so the estimate matches it
-        seen: BoundedCache[bool] = BoundedCache(self.cache.capacity)
+        seen: BoundedCache[bool] = BoundedCache(self.state.cache.capacity)
         batcher = self._batcher()
         async for page in self._pages():
             for raw in page:
@@ -219,35 +230,35 @@ class ScanStage(TallyStage):
                     continue
                 key = row.fingerprint
                 if seen.get(key):
-                    self.report.deduplicated += 1
+                    self.state.report.deduplicated += 1
                     continue
                 seen.put(key, True)
                 for batch in batcher.add(row):
                     self._tally_planned(batch)
         for batch in batcher.flush():
             self._tally_planned(batch)
-        for t in self.report.tenants:
-            resolved = await self.client.key(t.tenant)
+        for t in self.state.report.tenants:
+            resolved = await self.state.client.key(t.tenant)
             t.key_source = resolved.source
-            self._note_key_source(t.tenant, resolved)
+            self.state.note_key_source(t.tenant, resolved)
             t.error = resolved.error
             if resolved.error:  # every row it would send fails, as in a real run
                 t.would_fail = t.missing - t.skipped
-                self.report.would_fail += t.would_fail
-        self.report.requests = self.report.batches
+                self.state.report.would_fail += t.would_fail
+        self.state.report.requests = self.state.report.batches
 
     def _tally_planned(self, batch: Batch) -> None:
         self._count_batch(batch)
-        tenant = self._tenant(batch.tenant)
+        tenant = self.state.tenant(batch.tenant)
         tenant.requests += 1
         tenant.tokens += batch.tokens
-        self.report.tokens += batch.tokens
+        self.state.report.tokens += batch.tokens
 
-    async def _produce(
+    async def produce(
         self, embed_q: asyncio.Queue[Batch | None], write_q: asyncio.Queue[PendingWrite | None]
     ) -> None:
         batcher = self._batcher()
-        if self.seat is None:
+        if self.state.seat is None:
             await self._scan(None, batcher, embed_q, write_q)
             for batch in batcher.flush():
                 self._count_batch(batch)
@@ -256,13 +267,13 @@ class ScanStage(TallyStage):
         await self._check_tenants()
         chunk = await self._next_chunk()
         while chunk is not None:
-            if self.stopping or chunk.given_up:
+            if self.state.stopping or chunk.given_up:
                 chunk.scanned = True
-                self._check_chunk(chunk)
+                self.ledger.check_chunk(chunk)
             else:
                 await self._scan(chunk, batcher, embed_q, write_q)
                 chunk.scanned = True
-                self._check_chunk(chunk)
+                self.ledger.check_chunk(chunk)
             chunk = await self._after_chunk(chunk, batcher, embed_q)
 
     async def _after_chunk(
@@ -286,11 +297,13 @@ class ScanStage(TallyStage):
         carry = (
             scanned.keys is None
             and batcher.buffered > 0
-            and not self.stopping
-            and self.seat is not None
+            and not self.state.stopping
+            and self.state.seat is not None
         )
-        if carry and self.chunk_q.empty():
-            carry = scanned.more or (self.seat is not None and self.seat.chunks_coming())
+        if carry and self.state.chunk_q.empty():
+            carry = scanned.more or (
+                self.state.seat is not None and self.state.seat.chunks_coming()
+            )
             if carry:  # what keeps a slot taken must go, or the next chunk never comes
                 await release(batcher.flush_where(lambda row: row.chunk is not scanned))
         if carry:
@@ -313,7 +326,7 @@ class ScanStage(TallyStage):
         # the lane until the generator is collected
         async with contextlib.aclosing(self._pages(chunk)) as pages:
             async for page in pages:
-                if self.stopping or (chunk is not None and chunk.given_up):
+                if self.state.stopping or (chunk is not None and chunk.given_up):
                     return
                 await self._scan_page(page, chunk, batcher, embed_q, write_q)
 
@@ -327,7 +340,7 @@ class ScanStage(TallyStage):
     ) -> None:
         hits = PendingWrite([], [])
         # names looked up once a page, not once a row
-        make_row, cached_vector, inflight = self._row, self.cache.get, self.inflight
+        make_row, cached_vector, inflight = self._row, self.state.cache.get, self.state.inflight
         for n, raw in enumerate(page, 1):
             if n % YIELD_EVERY_ROWS == 0:
                 # rendering and counting tokens is CPU work: let responses that have
@@ -339,13 +352,13 @@ class ScanStage(TallyStage):
             key = row.fingerprint
             cached = cached_vector(key)
             if cached is not None:
-                self.report.deduplicated += 1
+                self.state.report.deduplicated += 1
                 hits.rows.append(row)
                 hits.vectors.append(cached)
                 continue
             followers = inflight.get(key)
             if followers is not None:
-                self.report.deduplicated += 1
+                self.state.report.deduplicated += 1
                 followers.append(row)
                 continue
             inflight[key] = []
@@ -354,7 +367,7 @@ class ScanStage(TallyStage):
                 await embed_q.put(batch)
         if hits.rows:
             await write_q.put(hits)
-        self._progress()
+        self.ledger.progress()
 
     async def _next_chunk(self) -> Chunk | None:
         """The next chunk handed in, or None when the session closes or stops."""
@@ -365,10 +378,13 @@ class ScanStage(TallyStage):
     async def _chunk_within(self, wait_s: float | None) -> Chunk | _NotYet | None:
         """The next chunk, None when the session closes or stops, or (``wait_s``)
         ``_NOT_YET`` when none came within that long."""
-        if self.stopping and self.chunk_q.empty():
+        if self.state.stopping and self.state.chunk_q.empty():
             return None
-        getter = asyncio.ensure_future(self.chunk_q.get())
-        stops = [asyncio.ensure_future(e.wait()) for e in (self._stop, self.hooks.cancel)]
+        getter = asyncio.ensure_future(self.state.chunk_q.get())
+        stops = [
+            asyncio.ensure_future(e.wait())
+            for e in (self.state.stop_event, self.state.hooks.cancel)
+        ]
         try:
             await asyncio.wait(
                 [getter, *stops], timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
@@ -379,19 +395,21 @@ class ScanStage(TallyStage):
         if getter.done():
             return getter.result()
         getter.cancel()
-        if wait_s is not None and not (self._stop.is_set() or self.hooks.cancel.is_set()):
+        if wait_s is not None and not (
+            self.state.stop_event.is_set() or self.state.hooks.cancel.is_set()
+        ):
             return _NOT_YET
         return None
 
     async def submit(self, chunk: Chunk) -> None:
         """Work on one chunk of the job (a worker session): returns once it is done."""
-        if self.closed:  # the session ended (stopped) just now: nothing more is read
-            chunk.resolve(self.closed_by)
+        if self.state.closed:  # the session ended (stopped) just now: nothing more is read
+            chunk.resolve(self.state.closed_by)
         else:
-            self.chunks.add(chunk)
-            self.chunk_q.put_nowait(chunk)
+            self.state.chunks.add(chunk)
+            self.state.chunk_q.put_nowait(chunk)
         await asyncio.shield(chunk.done)
 
     def close(self) -> None:
         """No more chunks: the session drains and ends."""
-        self.chunk_q.put_nowait(None)
+        self.state.chunk_q.put_nowait(None)

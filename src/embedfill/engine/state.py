@@ -1,6 +1,6 @@
 """What the stages of a run share: the options and hooks a run is given, the chunk a
-worker session feeds it, and ``RunState``, the state every stage reads and writes, with
-the one way a run stops.
+worker session feeds it, and ``RunState``, the state each stage object (scanner,
+embedders, writers, ledger) is given, with the one way a run stops.
 
 Every wait (rate limits, Retry-After, backoff) wakes at once when the run is cancelled;
 the batches not yet sent stay NULL for the next run. A process that shuts down (the
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..concurrency import Concurrency
-from ..config import ProviderConfig, TargetConfig, text_renderer
+from ..config import ProviderConfig, TargetConfig
 from ..db.catalog import TableInfo
 from ..db.connect import Database
 from ..db.lanes import Lane, Lanes
@@ -33,7 +33,7 @@ from ..embedding import Client
 from ..errors import EmbedfillError, ProviderError, RunAborted
 from ..freshness import UNKNOWN, ProvenanceIds, model_identity, provenance_ids
 from ..keys import KeyResolver, ResolvedKey
-from ..models import Failure, Report, Retry, Row, TenantReport
+from ..models import Report, Row, TenantReport
 from ..planning import BoundedCache, TenantBatcher
 from ..providers import Provider, Vector
 from ..ratelimit import Rates, SharedLimits
@@ -158,12 +158,13 @@ class WorkerSeat:
 
 
 class RunState:
-    """One run's state, shared by its stages (each a mixin over this class, wired by
-    run.py): the target, its SQL and the report (every stage); the de-duplication cache
-    and the texts in flight (scan.py and embed.py); keys, shared limits and concurrency
-    (embed.py); rows the application held locked (write.py); failures not yet recorded
-    and the chunks of a worker session (tally.py). And the one way a run stops:
-    ``stopping``, ``_sleep`` (every wait), ``_halt`` (a reason that fails every batch)."""
+    """What a run's stage objects share (run.py gives it to each): the target, its SQL
+    and the report (every stage); the de-duplication cache and the texts in flight
+    (scanner and embedders); keys, shared limits, concurrency and the embedding client
+    (embedders); the chunks of a worker session (scanner and ledger). What one stage
+    alone keeps is its own (the writers' locked rows, the ledger's failures not yet
+    recorded, the scanner's renderer). And the one way a run stops: ``stopping``,
+    ``sleep`` (every wait), ``halt`` (a reason that fails every batch)."""
 
     def __init__(
         self,
@@ -200,7 +201,6 @@ class RunState:
         self.keys = KeyResolver(self.store, conn, target, pconf, provider.needs_key, env)
         self.batch_size = opts.batch_size or pconf.batch_size
         self.batcher: TenantBatcher | None = None  # the scan's, while it runs (embed.py)
-        self._rejected_inputs = 0  # single rows the provider rejected (400)
         self.tenants = list(opts.tenants) or None
         self.report = Report(
             run_id=seat.run_id if seat else None,
@@ -226,20 +226,13 @@ class RunState:
         if provider.needs_key or pconf.rpm or pconf.tpm:
             scope = f"{pconf.kind}|{pconf.base_url or ''}|{pconf.model}"
             self.limits = SharedLimits(self.store, Rates(pconf.rpm, pconf.tpm), scope)
-        self.pending_failures: list[tuple[Failure, Retry]] = []
-        self.locked: list[tuple[float, PendingWrite]] = []  # (retry at, rows) the app held locked
-        self._locked_since: dict[Any, float] = {}  # when each such row was first found locked
-        self._last_progress = 0.0
         self._tenants: dict[str | None, TenantReport] = {}
-        self.render = text_renderer(target.text, target.text_columns)
-        self._counter: TokenCounter = provider.counter()  # loaded by _prepare
-        self._max_tokens = provider.max_input_tokens
+        self.counter: TokenCounter = provider.counter()  # loaded by _prepare
         self.dims = info.dimensions  # learnt from the first answer when neither side says
-        self._stop = asyncio.Event()  # set on cancel, halt or abandon: every wait wakes up
+        self.stop_event = asyncio.Event()  # set on cancel, halt or abandon: every wait wakes up
         self._abandon = abandon_requests.get()  # set: the process abandons its requests
         self._abandoning = False
         self.halted: EmbedfillError | None = None  # why the run stops early, if it does
-        self._flushing = asyncio.Lock()
         self._fell_back: set[str | None] = set()  # tenants billed to the platform key
         self.closed = False  # a session that ended takes no chunk
         self.closed_by: Exception | None = None
@@ -253,13 +246,13 @@ class RunState:
             concurrency=self.concurrency,
             tally=_RunTally(self),
             db_turn=self.lane.hold,
-            sleep=self._sleep,
+            sleep=self.sleep,
             abandon=self._abandon,
-            on_abandon=self._abandon_now,
-            count_tokens=lambda text: self._counter.count(text),
+            on_abandon=self.abandon_now,
+            count_tokens=lambda text: self.counter.count(text),
         )
 
-    def _note_key_source(self, tenant: str | None, resolved: ResolvedKey) -> None:
+    def note_key_source(self, tenant: str | None, resolved: ResolvedKey) -> None:
         """A tenant billed to the platform key by fallback (its own key was looked for and
         not found) is named in the warnings, once; past ``NAMED_FALLBACKS`` tenants, one
         sentence more says there are others (each tenant's ``key_source`` names them)."""
@@ -281,14 +274,14 @@ class RunState:
         if warning not in self.report.warnings:
             self.report.warnings.append(warning)
 
-    def _tenant(self, tenant: str | None) -> TenantReport:
+    def tenant(self, tenant: str | None) -> TenantReport:
         """The tenant's report, from an index (Report.tenant scans a list)."""
         found = self._tenants.get(tenant)
         if found is None:
             found = self._tenants[tenant] = self.report.tenant(tenant)
         return found
 
-    async def _resolve_provenance(self, *, create: bool) -> None:
+    async def resolve_provenance(self, *, create: bool) -> None:
         """The target column's and the model's provenance numbers: a writer records them
         when new, a dry run only reads them."""
         async with self.lane.hold() as conn:
@@ -302,23 +295,23 @@ class RunState:
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set() or self.hooks.cancel.is_set()
+        return self.stop_event.is_set() or self.hooks.cancel.is_set()
 
-    async def _watch_cancel(self) -> None:
+    async def watch_cancel(self) -> None:
         await self.hooks.cancel.wait()
-        self._stop.set()
+        self.stop_event.set()
 
     @property
     def abandoned(self) -> bool:
         """The process abandons its provider requests in flight (``abandon_requests``)."""
         return self._abandon is not None and self._abandon.is_set()
 
-    async def _watch_abandon(self) -> None:
+    async def watch_abandon(self) -> None:
         if self._abandon is not None:
             await self._abandon.wait()
-            self._abandon_now()
+            self.abandon_now()
 
-    def _abandon_now(self) -> None:
+    def abandon_now(self) -> None:
         """Stop for a shutdown (``abandon_requests``): nothing more is sent, the requests
         in flight are abandoned (embed.py), what was answered is still written. Unless
         the job was cancelled, the session's chunks go back to the queue (``given_up``)
@@ -338,26 +331,26 @@ class RunState:
                 if back
                 else "",
             )
-        self._stop.set()
+        self.stop_event.set()
 
-    async def _sleep(self, seconds: float) -> bool:
+    async def sleep(self, seconds: float) -> bool:
         """Wait, waking at once when the run is cancelled, halted or abandoned; True when
         it was."""
         if seconds > 0 and not self.stopping:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(seconds):
-                    await self._stop.wait()
+                    await self.stop_event.wait()
         return self.stopping
 
-    def _halt(self, reason: EmbedfillError) -> None:
+    def halt(self, reason: EmbedfillError) -> None:
         """Stop for a reason that would fail every batch: nothing more is sent, what was
         answered is still written, and the pipeline then raises the reason."""
         if self.halted is None:
             self.halted = reason
             log.info("run %s: stopping: %s", self.report.run_id, reason)
-        self._stop.set()
+        self.stop_event.set()
 
-    def _halt_error(self) -> EmbedfillError:
+    def halt_error(self) -> EmbedfillError:
         """The halt's reason as is (a config error, exit 2) when nothing was written;
         else RunAborted (exit 3): some rows were filled, so "nothing written" is false."""
         assert self.halted is not None
@@ -379,7 +372,7 @@ class _RunTally:
 
     def sent(self, tenant: str | None) -> None:
         self.run.report.requests += 1
-        self.run._tenant(tenant).requests += 1
+        self.run.tenant(tenant).requests += 1
 
     def probed(self) -> None:
         self.run.report.requests += 1
@@ -395,7 +388,7 @@ class _RunTally:
     def answered(self, tenant: str | None, tokens: int) -> None:
         self.run.report.tokens += tokens
         self.run.hooks.observer.tokens(self.run.target.name, tokens)
-        self.run._tenant(tenant).tokens += tokens
+        self.run.tenant(tenant).tokens += tokens
 
     def probe_answered(self, tokens: int) -> None:
         self.run.report.tokens += tokens

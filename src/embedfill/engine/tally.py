@@ -8,7 +8,8 @@ are all settled, and whose scan is over, is done. The counts go to the run's Rep
 its row of ``embedfill.workers``, on the worker's control connection), which is also
 where a cancel asked for from elsewhere is picked up.
 
-Shares (RunState): the report, the failures not yet recorded, the session's chunks.
+The ``Ledger`` is given the run's state (its report, the session's chunks) and keeps the
+failures not yet recorded; the scanner, embedders and writers report to it.
 """
 
 from __future__ import annotations
@@ -33,10 +34,17 @@ MAX_REPORTED_FAILURES = 1000
 PROGRESS_EVERY_S = 1.0
 
 
-class TallyStage(RunState):
-    """Counting, chunk settlement, progress and the audit trail (see the module doc)."""
+class Ledger:
+    """Counting, chunk settlement, progress and the audit trail (see the module doc), for
+    the session whose state it is given; the other stages report to it."""
 
-    def _settle(self, rows: Sequence[Row]) -> None:
+    def __init__(self, state: RunState) -> None:
+        self.state = state
+        self.pending_failures: list[tuple[Failure, Retry]] = []  # not yet recorded
+        self._last_progress = 0.0
+        self._flushing = asyncio.Lock()
+
+    def settle(self, rows: Sequence[Row]) -> None:
         """These rows are done with (written, skipped, failed or dropped): a chunk whose
         every row is settled is done."""
         for row in rows:
@@ -44,15 +52,15 @@ class TallyStage(RunState):
             if chunk is not None:
                 chunk.pending -= 1
                 if chunk.pending <= 0:
-                    self._check_chunk(chunk)
+                    self.check_chunk(chunk)
 
-    def _check_chunk(self, chunk: Chunk) -> None:
+    def check_chunk(self, chunk: Chunk) -> None:
         if chunk.scanned and chunk.pending <= 0:
-            self.chunks.discard(chunk)
+            self.state.chunks.discard(chunk)
             # halted: the chunk ends with the reason (every chunk would meet it)
-            chunk.resolve(self._halt_error() if self.halted is not None else None)
+            chunk.resolve(self.state.halt_error() if self.state.halted is not None else None)
 
-    def _fail_rows(self, rows: Sequence[Row], exc: EmbedfillError, attempts: int) -> None:
+    def fail_rows(self, rows: Sequence[Row], exc: EmbedfillError, attempts: int) -> None:
         # the provider rejected these texts themselves: they wait for their text to
         # change; any other cause passes, and a watch sends them again (watch.py)
         rejected = isinstance(exc, BadInput | NonFiniteVector)
@@ -64,91 +72,93 @@ class TallyStage(RunState):
                 error_class=type(exc).__name__,
                 attempts=attempts,
             )
-            resolved = self.keys.last(row.tenant)
+            resolved = self.state.keys.last(row.tenant)
             retry = Retry(
                 text_md5=row.text_md5,
                 rejected_input=rejected,
                 key_digest=resolved.digest if resolved is not None else None,
             )
             self.pending_failures.append((failure, retry))
-            if len(self.report.failures) < MAX_REPORTED_FAILURES:
-                self.report.failures.append(failure)
-            self._tenant(row.tenant).failed += 1
-        self.report.failed += len(rows)
-        self.hooks.observer.rows(self.target.name, "failed", len(rows))
-        self._settle(rows)
-        self._progress()
+            if len(self.state.report.failures) < MAX_REPORTED_FAILURES:
+                self.state.report.failures.append(failure)
+            self.state.tenant(row.tenant).failed += 1
+        self.state.report.failed += len(rows)
+        self.state.hooks.observer.rows(self.state.target.name, "failed", len(rows))
+        self.settle(rows)
+        self.progress()
 
-    def _progress(self) -> None:
-        if self.hooks.on_progress is None:
+    def progress(self) -> None:
+        if self.state.hooks.on_progress is None:
             return
         now = time.monotonic()
         if now - self._last_progress >= 0.1:
             self._last_progress = now
-            self.hooks.on_progress(self.report)
+            self.state.hooks.on_progress(self.state.report)
 
-    async def _seat_heartbeat(self) -> None:
+    async def heartbeat(self) -> None:
         """A worker session's heartbeat, on the worker's control connection."""
-        assert self.seat is not None and self.seat.control is not None
+        assert self.state.seat is not None and self.state.seat.control is not None
         while True:
             await asyncio.sleep(PROGRESS_EVERY_S)
             try:
-                async with self.seat.control() as store:
-                    await self._flush_audit(final=False, store=store)
+                async with self.state.seat.control() as store:
+                    await self.flush_audit(final=False, store=store)
             except (psycopg.Error, DatabaseError) as exc:
-                log.warning("job %s: heartbeat failed: %s", self.report.run_id, exc)
+                log.warning("job %s: heartbeat failed: %s", self.state.report.run_id, exc)
 
-    async def _flush_audit(
+    async def flush_audit(
         self, *, final: bool, error: str | None = None, store: Store | None = None
     ) -> None:
-        if self.report.run_id is None:
+        if self.state.report.run_id is None:
             return
-        store = store or self.store
+        store = store or self.state.store
         failures, self.pending_failures = self.pending_failures, []
         try:
             await store.record_failures(
-                self.report.run_id,
+                self.state.report.run_id,
                 failures,
-                retry_s=self.engine.retry_failed_s,
-                retry_max_s=self.engine.retry_failed_max_s,
+                retry_s=self.state.engine.retry_failed_s,
+                retry_max_s=self.state.engine.retry_failed_max_s,
             )
         except BaseException:
             self.pending_failures[:0] = failures  # not lost: the next flush writes them
             raise
-        if self.seat is not None:  # a worker's session: its own row, the job's totals
-            seat = self.seat
-            self.report.estimated_cost_usd = estimate_cost(self.report.tokens, self.pconf.price)
-            mine = self.report.to_dict() | {"failures": []}  # they are in failures
+        if self.state.seat is not None:  # a worker's session: its own row, the job's totals
+            seat = self.state.seat
+            self.state.report.estimated_cost_usd = estimate_cost(
+                self.state.report.tokens, self.state.pconf.price
+            )
+            mine = self.state.report.to_dict() | {"failures": []}  # they are in failures
             async with self._flushing:  # one at a time: never an older report last
                 state = await store.save_worker(
                     seat.run_id, seat.name, seat.host, seat.pid, seat.chunks_done(), mine
                 )
-            if state != "running" and not self.hooks.cancel.is_set():
+            if state != "running" and not self.state.hooks.cancel.is_set():
                 if state == "cancelling":
                     log.warning(
                         "job %s: cancel requested; stopping after the batches in flight",
                         seat.run_id,
                     )
-                self.hooks.cancel.set()
+                self.state.hooks.cancel.set()
             return
         if final:
-            await store.finish_run(self.report, error)
-            if self.hooks.on_progress:
-                self.hooks.on_progress(self.report)
-        elif await store.save_progress(self.report):
-            if not self.hooks.cancel.is_set():
+            await store.finish_run(self.state.report, error)
+            if self.state.hooks.on_progress:
+                self.state.hooks.on_progress(self.state.report)
+        elif await store.save_progress(self.state.report):
+            if not self.state.hooks.cancel.is_set():
                 log.warning(
                     "run %s: cancel requested; stopping after the batches in flight",
-                    self.report.run_id,
+                    self.state.report.run_id,
                 )
-            self.hooks.cancel.set()
+            self.state.hooks.cancel.set()
 
     async def flush(self, store: Store) -> None:
         """Record this session's failures and report now (before a chunk is marked done,
         so a job's totals always include its done chunks)."""
-        await self._flush_audit(final=False, store=store)
+        await self.flush_audit(final=False, store=store)
 
-    async def _final_seat_flush(self) -> None:
-        assert self.seat is not None and self.seat.control is not None
-        async with self.seat.control() as store:
-            await self._flush_audit(final=True, store=store)
+    async def final_flush(self) -> None:
+        assert self.state.seat is not None and self.state.seat.control is not None
+        async with self.state.seat.control() as store:
+            await self.flush_audit(final=True, store=store)

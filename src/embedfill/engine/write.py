@@ -29,8 +29,8 @@ from ..db import wire
 from ..errors import DatabaseError, WriteRefused
 from ..errors import first_line as _first_line
 from ..models import Row
-from .state import PendingWrite
-from .tally import TallyStage
+from .state import PendingWrite, RunState
+from .tally import Ledger
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +69,22 @@ _REFUSED_TABLE = (
 _REFUSED_WRITES = _REFUSED_ROWS + _REFUSED_TABLE
 
 
-class WriteStage(TallyStage):
+class Writer:
     """Writer connections, guarded bulk writes, locked rows (see the module doc)."""
 
-    async def _writer(self, write_q: asyncio.Queue[PendingWrite | None]) -> None:
+    def __init__(self, state: RunState, ledger: Ledger) -> None:
+        self.state, self.ledger = state, ledger
+        self.locked: list[tuple[float, PendingWrite]] = []  # (retry at, rows) the app held locked
+        self._locked_since: dict[Any, float] = {}  # when each such row was first found locked
+
+    async def work(self, write_q: asyncio.Queue[PendingWrite | None]) -> None:
         done = False
         while not done:
             item = await write_q.get()
             if item is None:
                 return
             # coalesce what is already waiting: fewer, larger statements
-            while len(item.rows) < self.engine.write_batch_rows and not write_q.empty():
+            while len(item.rows) < self.state.engine.write_batch_rows and not write_q.empty():
                 more = write_q.get_nowait()
                 if more is None:
                     done = True
@@ -103,11 +108,11 @@ class WriteStage(TallyStage):
             "md5s": wire.uuid_array([r.text_md5 for r in item.rows]),
             "tenants": wire.text_array([r.tenant for r in item.rows]),
             # the job's tally, committed with the rows (no job: nothing counted there)
-            "run_id": self.seat.run_id if self.seat else None,
-            "worker": self.seat.name if self.seat else "",
-            **self.prov.params(),
+            "run_id": self.state.seat.run_id if self.state.seat else None,
+            "worker": self.state.seat.name if self.state.seat else "",
+            **self.state.prov.params(),
         }
-        if self.sql.integer_ids:
+        if self.state.sql.integer_ids:
             params |= {"lo": min(ids), "hi": max(ids)}
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             # a run stopped by an error elsewhere cancels its writers: the write in flight
@@ -124,11 +129,11 @@ class WriteStage(TallyStage):
                 await self._refused(item, exc)
                 return
             except _TRANSIENT_WRITE_ERRORS as exc:
-                if self.stopping:  # cancelled or halted: left NULL for the next run
-                    self._settle(item.rows)
+                if self.state.stopping:  # cancelled or halted: left NULL for the next run
+                    self.ledger.settle(item.rows)
                     return
                 if attempt == WRITE_ATTEMPTS:
-                    self._fail_rows(
+                    self.ledger.fail_rows(
                         item.rows,
                         DatabaseError(
                             f"The database kept refusing the write ({_first_line(exc)}); "
@@ -140,12 +145,12 @@ class WriteStage(TallyStage):
                 delay = min(8.0, 0.25 * 2**attempt)
                 log.warning(
                     "run %s: write of %d rows failed (%s); retrying in %.1fs",
-                    self.report.run_id,
+                    self.state.report.run_id,
                     len(ids),
                     _first_line(exc),
                     delay,
                 )
-                await self._sleep(delay)
+                await self.state.sleep(delay)
         self._tally_write(item, result)
 
     async def _refused(self, item: PendingWrite, exc: psycopg.Error) -> None:
@@ -162,20 +167,20 @@ class WriteStage(TallyStage):
         reason = _first_line(exc)
         what = "the vectors" if whole else "this row's vector"
         log.warning(
-            "run %s: the database refused to write %s (%s)", self.report.run_id, what, reason
+            "run %s: the database refused to write %s (%s)", self.state.report.run_id, what, reason
         )
         refused = WriteRefused(
             f"The database refused to write {what} ({reason}); fix what it names (a "
             "constraint, a trigger, a privilege) and run again."
         )
-        self._fail_rows(item.rows, refused, 1)
+        self.ledger.fail_rows(item.rows, refused, 1)
         if whole:  # every row would meet it: nothing more is paid for
-            self._halt(refused)
+            self.state.halt(refused)
 
     async def _commit_on_lane(self, params: dict[str, Any], sent: int) -> tuple[set[Any], set[Any]]:
-        assert self.lanes is not None, "a dry run writes no vector"
-        async with self.lanes.writer(self.lane) as lane:
-            vector_oid = await lane.vector_oid(self.info.types.vector_type)
+        assert self.state.lanes is not None, "a dry run writes no vector"
+        async with self.state.lanes.writer(self.state.lane) as lane:
+            vector_oid = await lane.vector_oid(self.state.info.types.vector_type)
             vectors = params["vecs"]
             if not isinstance(vectors, wire.VectorArray):
                 params["vecs"] = wire.vector_array(vectors, vector_oid)
@@ -191,17 +196,17 @@ class WriteStage(TallyStage):
         with contextlib.suppress(psycopg.errors.LockNotAvailable):
             async with conn.transaction():  # the plain UPDATE, if no row is held
                 await conn.execute(FAST_LOCK_TIMEOUT)
-                cur = await conn.execute(self.sql.write_fast(self.refresh), params)
+                cur = await conn.execute(self.state.sql.write_fast(self.state.refresh), params)
                 row = await cur.fetchone()
         if row is None:  # something is locked: skip what the app holds
             async with conn.transaction():
-                cur = await conn.execute(self.sql.write(self.refresh), params)
+                cur = await conn.execute(self.state.sql.write(self.state.refresh), params)
                 row = await cur.fetchone()
         assert row is not None
         locked, written = int(row[0]), set(row[1] or ())
         if locked == sent:
             return written, set()
-        cur = await conn.execute(self.sql.still_owed(self.refresh), params)
+        cur = await conn.execute(self.state.sql.still_owed(self.state.refresh), params)
         return written, {r[0] for r in await cur.fetchall()} - written
 
     def _tally_write(self, item: PendingWrite, result: tuple[set[Any], set[Any]]) -> None:
@@ -218,12 +223,12 @@ class WriteStage(TallyStage):
                 self._locked_since.setdefault(r.id, time.monotonic())
             log.info(
                 "run %s: %d rows are locked by another transaction; trying them again later",
-                self.report.run_id,
+                self.state.report.run_id,
                 len(busy),
             )
         self._count_written([r for r in item.rows if r.id not in busy], written)
 
-    async def _kick_locked(self, write_q: asyncio.Queue[PendingWrite | None]) -> None:
+    async def kick_locked(self, write_q: asyncio.Queue[PendingWrite | None]) -> None:
         """A session never ends between chunks, so rows the app holds locked are retried
         on a timer (an empty write picks up the due ones) and given up after
         ``locked_rows_wait_s``: their chunk cannot finish before."""
@@ -236,7 +241,7 @@ class WriteStage(TallyStage):
                 w
                 for _, w in self.locked
                 if all(
-                    self._locked_since.get(r.id, now) + self.engine.locked_rows_wait_s <= now
+                    self._locked_since.get(r.id, now) + self.state.engine.locked_rows_wait_s <= now
                     for r in w.rows
                 )
             ]
@@ -257,17 +262,17 @@ class WriteStage(TallyStage):
             item.rows.extend(w.rows)
             item.vectors.extend(w.vectors)
 
-    async def _settle_locked(self) -> None:
+    async def settle_locked(self) -> None:
         """At the end of the run, retry rows the app held locked, with growing waits, for
         at most ``locked_rows_wait_s``; rows still locked then are left NULL for the next
         run and counted in ``locked`` (and ``skipped``)."""
-        deadline = time.monotonic() + self.engine.locked_rows_wait_s
+        deadline = time.monotonic() + self.state.engine.locked_rows_wait_s
         wait = LOCKED_RETRY_S
-        while self.locked and not self.stopping:
+        while self.locked and not self.state.stopping:
             now = time.monotonic()
             if now >= deadline:
                 break
-            if await self._sleep(min(wait, max(0.0, deadline - now))):
+            if await self.state.sleep(min(wait, max(0.0, deadline - now))):
                 break
             wait = min(wait * 2, 4.0)
             item = PendingWrite([], [])
@@ -286,29 +291,29 @@ class WriteStage(TallyStage):
         if left:
             log.warning(
                 "run %s: %d rows stayed locked by the application; left NULL for the next run",
-                self.report.run_id,
+                self.state.report.run_id,
                 len(left),
             )
             for tenant, count in Counter(r.tenant for r in left).items():
-                self._tenant(tenant).skipped += count
-            self.report.skipped += len(left)
-            self.report.locked += len(left)
-            self.hooks.observer.rows(self.target.name, "skipped", len(left))
-            self._settle(left)
+                self.state.tenant(tenant).skipped += count
+            self.state.report.skipped += len(left)
+            self.state.report.locked += len(left)
+            self.state.hooks.observer.rows(self.state.target.name, "skipped", len(left))
+            self.ledger.settle(left)
 
     def _count_written(self, rows: list[Row], written: set[Any]) -> None:
-        self.hooks.observer.rows(self.target.name, "embedded", len(written))
-        self.hooks.observer.rows(self.target.name, "skipped", len(rows) - len(written))
+        self.state.hooks.observer.rows(self.state.target.name, "embedded", len(written))
+        self.state.hooks.observer.rows(self.state.target.name, "skipped", len(rows) - len(written))
         embedded = Counter(r.tenant for r in rows if r.id in written)
         for tenant, count in embedded.items():
-            self._tenant(tenant).embedded += count
-        self.report.embedded += len(written)
-        self.report.refreshed += sum(1 for r in rows if r.refresh and r.id in written)
+            self.state.tenant(tenant).embedded += count
+        self.state.report.embedded += len(written)
+        self.state.report.refreshed += sum(1 for r in rows if r.refresh and r.id in written)
         if len(written) < len(rows):  # the app changed, filled or deleted these since
             changed = Counter(r.tenant for r in rows if r.id not in written)
             for tenant, count in changed.items():
-                self._tenant(tenant).skipped += count
-            self.report.skipped += len(rows) - len(written)
-            self.report.changed += len(rows) - len(written)
-        self._settle(rows)
-        self._progress()
+                self.state.tenant(tenant).skipped += count
+            self.state.report.skipped += len(rows) - len(written)
+            self.state.report.changed += len(rows) - len(written)
+        self.ledger.settle(rows)
+        self.ledger.progress()
