@@ -22,7 +22,7 @@ from typing import Any
 
 import psycopg
 
-from . import freshness, jobs
+from . import freshness, jobs, migration
 from . import keys as keymod
 from .config import Config, TargetConfig
 from .db import indexes, triggers
@@ -263,6 +263,20 @@ async def astatus(config: Config, db: Database, target: str | None = None) -> li
             failing = await Store(conn).failing(info.oid, t.embedding_column) if kept else None
             out.append(await target_status(conn, t, info, params, failing))
         return out
+    except psycopg.Error as exc:
+        raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
+    finally:
+        await conn.close()
+
+
+async def aplan_model(
+    config: Config, db: Database, target: str, to: str, strategy: str = "table"
+) -> migration.ModelPlan:
+    """What changing ``target``'s model to provider section ``to`` takes (migration.py).
+    Read-only."""
+    conn = await connect(db)
+    try:
+        return await migration.plan(conn, config, target, to, strategy)
     except psycopg.Error as exc:
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
     finally:

@@ -38,7 +38,7 @@ from .db.connect import Database, resolve_database
 from .engine.state import ABANDON_AFTER_S, abandon_requests
 from .errors import EmbedfillError, UsageError
 from .models import Report
-from .render import report_table, status_tables
+from .render import model_plan_text, report_table, status_tables
 from .watch import WatchOptions
 
 T = TypeVar("T")
@@ -58,6 +58,11 @@ triggers_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(triggers_app, name="triggers")
+model_app = typer.Typer(
+    help="Change a target's embedding model with zero downtime (plan first: it is read-only).",
+    no_args_is_help=True,
+)
+app.add_typer(model_app, name="model")
 
 # Piped output gets a wide fixed width so tables are never cut to 80 columns.
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
@@ -1008,7 +1013,8 @@ def triggers_install(
     print_sql: Annotated[bool, _PRINT_SQL] = False,
 ) -> None:
     """Install the target's change triggers (AFTER INSERT, and UPDATE OF the text's columns):
-    each changed row's id is queued in embedfill.changes and NOTIFYs embedfill_changes.
+    each changed row's id is queued in embedfill.changes, which `watch` looks at several
+    times a second.
     Needs the TRIGGER privilege on the table and CREATE on schema embedfill (exit 5)."""
     _triggers(ctx, target, True, print_sql)
 
@@ -1021,6 +1027,36 @@ def triggers_uninstall(
 ) -> None:
     """Remove the target's change triggers and their function (needs ownership of the table)."""
     _triggers(ctx, target, False, print_sql)
+
+
+@model_app.command("plan")
+def model_plan(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Option(help="The target whose model changes.")],
+    to: Annotated[
+        str, typer.Option("--to", help="The provider section of the config with the new model.")
+    ],
+    strategy: Annotated[
+        str,
+        typer.Option(
+            help="Where the new vectors go: table (a side table; the default) or column "
+            "(a shadow column on the live table)."
+        ),
+    ] = "table",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """What changing the model takes, before anything is done (read-only): rows and
+    tokens to embed, cost, time at the provider's limits, the index to build and the
+    disk it needs, and each step with the locks it takes. Exit 2 when it cannot work."""
+    state = _state(ctx)
+    with _errors(state):
+        plan = asyncio.run(
+            application.aplan_model(state.config(), state.database(), target, to, strategy)
+        )
+    if as_json:
+        print(json.dumps(plan.to_dict()))
+    else:
+        model_plan_text(out, plan)
 
 
 def main() -> None:

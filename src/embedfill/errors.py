@@ -77,6 +77,14 @@ class ModelChanged(ConfigError):
     http_status = 503
 
 
+class PlanRefused(ConfigError):
+    """A change of model that cannot work as asked (`embedfill model plan`); the message
+    says what to change in the config."""
+
+    exit_code = 2
+    http_status = 422
+
+
 class KeyStoreError(ConfigError):
     """The key store cannot be used as configured."""
 

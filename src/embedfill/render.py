@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .migration import ModelPlan
 from .models import SAMPLE_CHARS, Report, TargetStatus
 from .verify import AdoptResult, VerifyResult
 
@@ -223,3 +224,68 @@ def adopt_lines(console: Console, r: AdoptResult) -> None:
         lowest = "n/a" if v.min_cosine is None else f"{v.min_cosine:.6f}"
         console.print(f"verified {v.checked:,} sampled unverified rows: min cosine {lowest}")
     console.print(f"adopted {r.adopted:,} vectors of {r.target} as {r.model}")
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "as fast as the provider answers (no rpm or tpm configured)"
+    if seconds < 1:
+        return "under a second"
+    if seconds < 120:
+        return f"about {seconds:.0f} s"
+    if seconds < 7200:
+        return f"about {seconds / 60:.0f} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+def _bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("bytes", "kB", "MB"):
+        if size < 1024:
+            return f"{size:,.0f} {unit}" if unit == "bytes" else f"{size:,.1f} {unit}"
+        size /= 1024
+    return f"{size:,.1f} GB"
+
+
+def model_plan_text(console: Console, p: ModelPlan) -> None:
+    """``embedfill model plan`` as text: the change, its costs, then each step."""
+    was, to = p.from_model, p.to_model
+    home = (
+        p.home["relation"] if p.strategy == "table" else f"{p.home['relation']}.{p.home['column']}"
+    )
+    lines = [
+        f"Target {p.target}: {was['kind']}:{was['model']} ({was['dimensions']} dimensions) -> "
+        f"{to['kind']}:{to['model']} ({to['dimensions']} dimensions), provider {to['provider']}",
+        f"Strategy: {p.strategy} (the new vectors go to {p.home['schema']}.{home})",
+        f"Rows: {p.rows:,}, of which {p.embeddable_rows:,} have text to embed",
+        "Tokens: "
+        + (
+            f"about {p.tokens:,} (counted on a sample of {p.sample_rows:,} rows)"
+            if p.tokens_estimated
+            else f"{p.tokens:,}"
+        )
+        + f", in {p.requests:,} requests; cost ${p.cost_usd:,.2f}",
+        f"Fill: {_duration(p.fill_seconds)}"
+        + (f" at the provider's {p.fill_bound}" if p.fill_bound != "none" else ""),
+    ]
+    for i in p.indexes:
+        params = ", ".join(f"{k}={v}" for k, v in i.parameters.items())
+        lines.append(
+            f"Index: {i.method} ({i.opclass}{', ' + params if params else ''}), built "
+            f"concurrently in {_duration(i.build_seconds)} (rough), "
+            f"{_bytes(i.bytes)}"
+        )
+    lines.append(
+        f"Disk: {_bytes(p.disk_bytes['total'])} ({_bytes(p.disk_bytes['vectors'])} of vectors, "
+        f"{_bytes(p.disk_bytes['indexes'])} of index)"
+    )
+    lines.append("Steps:")
+    for n, step in enumerate(p.steps, 1):
+        lines += [
+            f"  {n}. {step.step}: {step.does}",
+            f"     locks: {step.locks}",
+            f"     blocks the app: {step.blocks_app}",
+        ]
+    lines += [f"Note: {warning}" for warning in p.warnings]
+    for line in lines:
+        console.print(printable(line), markup=False)

@@ -26,6 +26,7 @@ TABLE: dict[str, tuple[int, int]] = {
     "SchemaMismatch": (2, 503),
     "RowSecurityHides": (2, 503),
     "ModelChanged": (2, 503),
+    "PlanRefused": (2, 422),
     "WriteRefused": (3, 500),
     "ExtensionMissing": (2, 503),
     "KeyStoreError": (2, 503),

@@ -345,6 +345,23 @@ class TargetSQL:
             fp=self._fingerprint("t"),
         )
 
+    def count_embeddable(self) -> sql.Composed:
+        """The table's rows, and those whose text is not blank (as Python sees it:
+        %(blank)s is ``BLANK``): what a change of model embeds."""
+        return sql.SQL(
+            "SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER"
+            " (WHERE btrim({text}, %(blank)s) <> '') FROM {table} AS t"
+        ).format(text=self.rendered("t"), table=self.table)
+
+    def text_sample(self) -> sql.Composed:
+        """A random sample of at most %(limit)s rows, whatever their vector, as
+        ``_checked`` reads them without the vector: ``TABLESAMPLE SYSTEM (%(percent)s)``
+        reads that share of the table's pages (100: all of them)."""
+        return sql.SQL(
+            "SELECT {cols} FROM {table} AS t TABLESAMPLE SYSTEM (%(percent)s)"
+            " ORDER BY random() LIMIT %(limit)s"
+        ).format(cols=self._checked(False), table=self.table)
+
     def count_missing(self, *, tenants: bool) -> sql.Composed:
         return sql.SQL("SELECT count(*) FROM {table} WHERE {emb} IS NULL{tenants}").format(
             table=self.table, emb=self.emb, tenants=self._tenant_filter(tenants)

@@ -1,0 +1,404 @@
+"""Changing the model (``embedfill model …``): the plan, before anything is done.
+
+A change of model writes a second set of vectors beside the live one, with the provider
+section ``--to`` names, in one of two homes (the *strategy*):
+
+- ``table`` (the default): a side table keyed by the row id, in the target table's
+  schema. The live table is only read (ACCESS SHARE): no rewrite, and the fill does not
+  touch the live column's HNSW graph.
+- ``column``: a shadow column on the live table, for apps that need the vector in the
+  row. Adding it takes a brief ACCESS EXCLUSIVE lock, and every fill UPDATE writes a new
+  version of its row, which also inserts into every index of the table, the live
+  column's HNSW graph included (measured about 5x slower than the side table).
+
+``plan`` reads and counts, and changes nothing: the rows and tokens to embed (tokens
+counted on a random sample of rows with the new provider's tokenizer), the cost, the
+fill's time at the provider's configured limits, each vector index to build like the
+live column's (same method, operator class and parameters) with a rough build time and
+size, the disk the new vectors need, and each step with the locks it takes. It refuses,
+in one sentence, what cannot work (vectors too wide for the live column's index method).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import psycopg
+
+from .config import Config, ProviderConfig, TargetConfig, text_renderer
+from .db.catalog import TableInfo, inspect_target
+from .db.indexes import VectorIndex, vector_indexes
+from .db.target_sql import BLANK
+from .errors import ConfigError, PlanRefused, UsageError
+from .freshness import model_identity
+from .planning import estimate_cost, prepare_text
+from .providers import make_provider
+
+STRATEGIES = ("table", "column")
+# pgvector's limits on what hnsw and ivfflat index, by vector type
+INDEX_MAX_DIMENSIONS = {"vector": 2000, "halfvec": 4000}
+SAMPLE_ROWS = 1000  # rows whose tokens are counted (every row of a smaller table)
+EXACT_ROWS = 5000  # up to this many rows, every row is counted
+# HNSW build speed measured here (m=16, ef_construction=64, 2 cores): about 3,000 rows/s
+# at 384 dimensions, falling with the width; ivfflat builds about ten times faster
+HNSW_ROWS_PER_S_AT_384 = 3000.0
+IVFFLAT_SPEEDUP = 10.0
+SIDE_ROW_OVERHEAD = 56  # tuple header, id, text md5 and alignment of a side-table row
+NAME_MAX = 63  # PostgreSQL's identifier length, in bytes
+
+
+@dataclass(frozen=True)
+class Step:
+    step: str
+    does: str
+    locks: str
+    blocks_app: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+@dataclass
+class IndexPlan:
+    """One vector index of the live column, and its twin on the new vectors."""
+
+    method: str
+    opclass: str
+    parameters: dict[str, str]
+    live: str  # the live index's definition (pg_get_indexdef)
+    build_seconds: float  # a rough estimate: see HNSW_ROWS_PER_S_AT_384
+    bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ModelPlan:
+    target: str
+    strategy: str
+    from_model: dict[str, Any]
+    to_model: dict[str, Any]
+    home: dict[str, str]  # where the new vectors go: relation (and column)
+    rows: int
+    embeddable_rows: int
+    tokens: int
+    tokens_estimated: bool
+    sample_rows: int
+    requests: int
+    cost_usd: float  # at the provider's price (0 for a local model)
+    fill_seconds: float | None  # at the provider's rpm/tpm; None: no limit configured
+    fill_bound: str  # what bounds fill_seconds: "tpm", "rpm" or "none"
+    indexes: list[IndexPlan]
+    disk_bytes: dict[str, int]
+    steps: list[Step]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["from"] = out.pop("from_model")
+        out["to"] = out.pop("to_model")
+        out["indexes"] = [i.to_dict() for i in self.indexes]
+        out["steps"] = [s.to_dict() for s in self.steps]
+        return out
+
+
+def base_type(vector_type: str) -> str:
+    """``vector`` or ``halfvec`` from a column type as statements name it
+    (``public.vector``, ``halfvec``)."""
+    return vector_type.rsplit(".", 1)[-1].strip('"')
+
+
+def vector_bytes(kind: str, dimensions: int) -> int:
+    """One stored vector's size: a 8-byte header and 4 (vector) or 2 (halfvec) bytes a
+    dimension."""
+    return 8 + (2 if kind == "halfvec" else 4) * dimensions
+
+
+_INDEX_DEF = re.compile(r" USING (\w+) \((.*?)\)(?: WITH \((.*)\))?(?: WHERE .*)?$")
+
+
+def parse_index(index: VectorIndex) -> tuple[str, str, dict[str, str]]:
+    """(method, operator class, parameters) of a vector index's definition."""
+    match = _INDEX_DEF.search(index.definition)
+    if match is None:
+        return index.method, "", {}
+    method, column, params = match.groups()
+    parts = column.rsplit(" ", 1)
+    opclass = parts[1] if len(parts) == 2 else ""
+    parameters: dict[str, str] = {}
+    for item in (params or "").split(","):
+        if "=" in item:
+            key, value = item.split("=", 1)
+            parameters[key.strip()] = value.strip().strip("'")
+    return method, opclass, parameters
+
+
+def index_plan(index: VectorIndex, rows: int, kind: str, dimensions: int) -> IndexPlan:
+    method, opclass, parameters = parse_index(index)
+    per_s = HNSW_ROWS_PER_S_AT_384 * 384 / max(dimensions, 1)
+    if method == "ivfflat":
+        per_s *= IVFFLAT_SPEEDUP
+        per_row = vector_bytes(kind, dimensions) + 16
+    else:
+        m = int(parameters.get("m", "16") or 16)
+        per_row = vector_bytes(kind, dimensions) + 12 * m + 40  # the layer-0 neighbours
+    return IndexPlan(
+        method=method,
+        opclass=opclass,
+        parameters=parameters,
+        live=index.definition,
+        build_seconds=round(rows / per_s, 1),
+        bytes=int(rows * per_row / 0.9),  # pages are filled to about 90 %
+    )
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "model"
+
+
+def fit_name(*parts: str) -> str:
+    """``parts`` joined by ``_``, cut to PostgreSQL's 63 bytes with a digest of the
+    whole so that two long names never meet."""
+    name = "_".join(parts)
+    if len(name.encode()) <= NAME_MAX:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    head = name.encode()[: NAME_MAX - 9].decode("utf-8", "ignore")
+    return f"{head}_{digest}"
+
+
+def home_of(
+    target: TargetConfig, info: TableInfo, to: ProviderConfig, strategy: str
+) -> dict[str, str]:
+    """Where the new vectors go: a side table in the target table's schema, or a shadow
+    column on the table."""
+    slug = _slug(to.name)
+    if strategy == "table":
+        table = target.table.name
+        return {
+            "schema": info.schema,
+            "relation": fit_name(table, target.embedding_column, slug),
+            "column": "embedding",
+        }
+    return {
+        "schema": info.schema,
+        "relation": target.table.name,
+        "column": fit_name(target.embedding_column, slug),
+    }
+
+
+def steps_of(
+    strategy: str, table: str, home: dict[str, str], indexes: list[VectorIndex]
+) -> list[Step]:
+    side = f"{home['schema']}.{home['relation']}"
+    old = ", ".join(i.name for i in indexes) or "none"
+    if strategy == "table":
+        return [
+            Step(
+                "create",
+                f"CREATE TABLE {side} (row id, vector, the md5 of the text it was made of)",
+                f"none on {table}; ACCESS EXCLUSIVE on the new table",
+                "no",
+            ),
+            Step(
+                "fill",
+                f"a job: INSERT ... ON CONFLICT into {side}, reading {table}",
+                f"ACCESS SHARE on {table} (reads); ROW EXCLUSIVE on {side}",
+                "no",
+            ),
+            Step(
+                "index",
+                f"CREATE INDEX CONCURRENTLY on {side}, like the live column's",
+                f"SHARE UPDATE EXCLUSIVE on {side}; waits for transactions older than it",
+                "no",
+            ),
+            Step("cutover", "records the switch in embedfill.active_models", "none", "no"),
+            Step(
+                "finalize",
+                f"DROP INDEX CONCURRENTLY of the old index ({old}); ALTER TABLE {table} "
+                "DROP COLUMN of the old vectors",
+                "SHARE UPDATE EXCLUSIVE on the old index; ACCESS EXCLUSIVE on "
+                f"{table} for the catalog change only, under a short lock_timeout",
+                "for milliseconds; a prepared SELECT * fails once (its result type changed)",
+            ),
+        ]
+    column = home["column"]
+    return [
+        Step(
+            "create",
+            f"ALTER TABLE {table} ADD COLUMN {column} (nullable, no default: catalog only)",
+            f"ACCESS EXCLUSIVE on {table}, under a short lock_timeout",
+            "for milliseconds; a prepared SELECT * fails once (its result type changed)",
+        ),
+        Step(
+            "fill",
+            f"a job: UPDATE {table} SET {column}; each UPDATE writes a new row version, "
+            f"which also inserts into every index of {table} (the old vectors' {old} too)",
+            f"ROW EXCLUSIVE on {table} and its indexes; the rows written, one batch at a time",
+            "no, but every row of the table is rewritten once",
+        ),
+        Step(
+            "index",
+            f"CREATE INDEX CONCURRENTLY on {table} ({column}), like the live column's",
+            f"SHARE UPDATE EXCLUSIVE on {table}; waits for transactions older than it",
+            "no",
+        ),
+        Step("cutover", "records the switch in embedfill.active_models", "none", "no"),
+        Step(
+            "finalize",
+            f"DROP INDEX CONCURRENTLY of the old index ({old}); ALTER TABLE {table} "
+            "DROP COLUMN of the old vectors",
+            "SHARE UPDATE EXCLUSIVE on the old index; ACCESS EXCLUSIVE on "
+            f"{table} for the catalog change only, under a short lock_timeout",
+            "for milliseconds; a prepared SELECT * fails once (its result type changed)",
+        ),
+    ]
+
+
+def fill_time(tokens: int, requests: int, to: ProviderConfig) -> tuple[float | None, str]:
+    """Seconds the fill takes at the provider's configured limits, and which one binds
+    (None, "none": no limit configured, the provider's own speed decides)."""
+    by_tokens = tokens / to.tpm * 60 if to.tpm else None
+    by_requests = requests / to.rpm * 60 if to.rpm else None
+    if by_tokens is None and by_requests is None:
+        return None, "none"
+    if by_requests is None or (by_tokens is not None and by_tokens >= by_requests):
+        assert by_tokens is not None
+        return round(by_tokens, 1), "tpm"
+    return round(by_requests, 1), "rpm"
+
+
+async def plan(
+    conn: psycopg.AsyncConnection[Any],
+    config: Config,
+    target_name: str,
+    to_name: str,
+    strategy: str = "table",
+) -> ModelPlan:
+    """What changing ``target_name``'s model to provider section ``to_name`` takes
+    (see the module doc). Read-only."""
+    if strategy not in STRATEGIES:
+        raise UsageError(f"--strategy must be table or column, not {strategy!r}.")
+    target = config.target(target_name)
+    current = config.provider_for(target)
+    to = config.providers.get(to_name)
+    if to is None:
+        have = ", ".join(sorted(config.providers)) or "none"
+        raise ConfigError(
+            f"--to {to_name!r} names no provider section of the config (there are: {have}); "
+            f"add [providers.{to_name}] with the new model."
+        )
+    info = await inspect_target(conn, target, current.expected_dimensions, current.label)
+    new_dims = to.expected_dimensions
+    if new_dims is None:
+        raise PlanRefused(
+            f"The size of {to.label}'s vectors is unknown; set dimensions in "
+            f"[providers.{to.name}] so that the plan can size the new vectors and index."
+        )
+    was = model_identity(current, info)
+    if (to.kind, to.model, new_dims) == (was.provider, was.model, was.dimensions):
+        raise PlanRefused(
+            f"Target {target.name!r} already holds {was.provider}:{was.model} vectors of "
+            f"{was.dimensions} dimensions; --to {to.name!r} is the same model, so there is "
+            "nothing to change (use `backfill --refresh` to re-embed in place)."
+        )
+    kind = base_type(info.types.vector_type)
+    live_indexes = await vector_indexes(conn, info.oid, target.embedding_column)
+    limit = INDEX_MAX_DIMENSIONS.get(kind, INDEX_MAX_DIMENSIONS["vector"])
+    if live_indexes and new_dims > limit:
+        method = live_indexes[0].method
+        raise PlanRefused(
+            f"{to.label} gives {new_dims}-dimension vectors, and pgvector's {method} index "
+            f"(the live column's) takes {kind} of at most {limit:,}; set dimensions = "
+            f"{limit} or fewer in [providers.{to.name}] (text-embedding-3 models shorten "
+            "their vectors on request)."
+        )
+    tsql = info.sql(target)
+    cur = await conn.execute(tsql.count_embeddable(), {"blank": BLANK})
+    counted = await cur.fetchone()
+    rows, embeddable = (int(counted[0]), int(counted[1])) if counted else (0, 0)
+
+    # tokens: the new provider's tokenizer over a random sample of the rows' texts
+    exact = rows <= EXACT_ROWS
+    percent = 100.0 if exact else min(100.0, 100.0 * SAMPLE_ROWS * 4 / rows)
+    cur = await conn.execute(
+        tsql.text_sample(), {"percent": percent, "limit": rows if exact else SAMPLE_ROWS}
+    )
+    sample = await cur.fetchall()
+    counter = make_provider(to).counter()
+    render = text_renderer(target.text, target.text_columns)
+    sampled_tokens, sampled_texts = 0, 0
+    for raw in sample:
+        values = raw[2:-1]  # id, tenant, the text's values, the (NULL) vector
+        prepared = prepare_text(
+            render(values),
+            count=counter.count,
+            truncate=counter.truncate,
+            max_tokens=to.input_token_limit,
+        )
+        if prepared is not None:
+            sampled_texts += 1
+            sampled_tokens += prepared[1]
+    if exact or not sampled_texts:
+        tokens = sampled_tokens if exact else 0
+    else:
+        tokens = round(sampled_tokens / sampled_texts * embeddable)
+    requests = math.ceil(embeddable / max(1, to.batch_size))
+    seconds, bound = fill_time(tokens, requests, to)
+
+    home = home_of(target, info, to, strategy)
+    indexes = [index_plan(i, embeddable, kind, new_dims) for i in live_indexes]
+    per_vector = vector_bytes(kind, new_dims)
+    vectors = embeddable * (per_vector + (SIDE_ROW_OVERHEAD if strategy == "table" else 0))
+    index_bytes = sum(i.bytes for i in indexes)
+    warnings: list[str] = []
+    if not live_indexes:
+        warnings.append(
+            f"The live column {target.embedding_column} has no vector index, so none is "
+            "built for the new vectors either; searches on them scan the table."
+        )
+    if strategy == "column":
+        size = await _table_bytes(conn, info.oid)
+        warnings.append(
+            f"The column strategy rewrites every row of {target.table} once (about "
+            f"{size:,} bytes more until VACUUM reclaims the old versions), and each "
+            "UPDATE also inserts into the live column's index; the table strategy does "
+            "neither."
+        )
+    cost = round(estimate_cost(tokens, to.price), 4)
+    return ModelPlan(
+        target=target.name,
+        strategy=strategy,
+        from_model={
+            "provider": current.name,
+            "kind": was.provider,
+            "model": was.model,
+            "dimensions": was.dimensions,
+        },
+        to_model={"provider": to.name, "kind": to.kind, "model": to.model, "dimensions": new_dims},
+        home=home,
+        rows=rows,
+        embeddable_rows=embeddable,
+        tokens=tokens,
+        tokens_estimated=not exact,
+        sample_rows=len(sample),
+        requests=requests,
+        cost_usd=cost,
+        fill_seconds=seconds,
+        fill_bound=bound,
+        indexes=indexes,
+        disk_bytes={"vectors": vectors, "indexes": index_bytes, "total": vectors + index_bytes},
+        steps=steps_of(strategy, f"{info.schema}.{target.table.name}", home, live_indexes),
+        warnings=warnings,
+    )
+
+
+async def _table_bytes(conn: psycopg.AsyncConnection[Any], oid: int) -> int:
+    cur = await conn.execute("SELECT pg_catalog.pg_table_size(%(rel)s)", {"rel": oid})
+    row = await cur.fetchone()
+    return int(row[0]) if row else 0
