@@ -1059,6 +1059,23 @@ def model_plan(
         model_plan_text(out, plan)
 
 
+def _short_helps(group: typer.Typer) -> None:
+    """Each command's line in its group's list: the first sentence of its docstring on
+    one line (Typer keeps the docstring's line breaks there, cutting sentences)."""
+    for info in group.registered_commands:
+        doc = info.callback.__doc__ if info.callback else None
+        if info.short_help is None and doc:
+            text = " ".join(doc.split())
+            end = text.find(". ")
+            info.short_help = text if end < 0 else text[: end + 1]
+    for sub in group.registered_groups:
+        if sub.typer_instance is not None:
+            _short_helps(sub.typer_instance)
+
+
+_short_helps(app)
+
+
 def main() -> None:
     from dotenv import load_dotenv
 
