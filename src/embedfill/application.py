@@ -25,7 +25,7 @@ import psycopg
 from . import freshness, jobs, migration
 from . import keys as keymod
 from .config import Config, TargetConfig
-from .db import indexes, triggers
+from .db import homes, indexes, triggers
 from .db.catalog import (
     TableInfo,
     check_shared_columns,
@@ -47,6 +47,7 @@ from .errors import (
     JobNotFound,
     ModelChanged,
     PrivilegeMissing,
+    TargetBusy,
     UsageError,
 )
 from .errors import first_line as _first_line
@@ -277,6 +278,186 @@ async def aplan_model(
     conn = await connect(db)
     try:
         return await migration.plan(conn, config, target, to, strategy)
+    except psycopg.Error as exc:
+        raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
+    finally:
+        await conn.close()
+
+
+# DDL on the app's table (a shadow column) waits at most this long for its lock, and is
+# tried again after a pause: a queued ALTER would hold up every later reader meanwhile
+DDL_LOCK_TIMEOUT_MS = 200
+DDL_TRIES = 10
+
+
+async def _ddl(conn: psycopg.AsyncConnection[Any], statement: Any, table: str) -> None:
+    """One DDL statement on the app's table, under a short lock_timeout, tried again
+    while the app holds the table."""
+    for attempt in range(1, DDL_TRIES + 1):
+        try:
+            async with conn.transaction():
+                await conn.execute(
+                    "SELECT pg_catalog.set_config('lock_timeout', %s, true)",
+                    (f"{DDL_LOCK_TIMEOUT_MS}ms",),
+                )
+                await conn.execute(statement)
+            return
+        except psycopg.errors.LockNotAvailable:
+            if attempt == DDL_TRIES:
+                raise TargetBusy(
+                    f"{table} stayed locked by other transactions for {DDL_TRIES} tries; "
+                    "run `embedfill model start` again when the app's long transactions "
+                    "or migrations are over."
+                ) from None
+            await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+
+
+async def amodel_start(
+    config: Config,
+    db: Database,
+    target: str,
+    to: str,
+    strategy: str = "table",
+    *,
+    actor: str = "library",
+    provider: Provider | None = None,
+    env: Mapping[str, str] | None = None,
+    on_progress: ProgressCallback | None = None,
+    cancel: asyncio.Event | None = None,
+) -> migration.MigrationStatus:
+    """Start (or go on with) changing ``target``'s model to provider section ``to``:
+    make the new vectors' home, fill it as a job, build the twin of each live vector
+    index concurrently; the status at the end (``phase`` ``ready`` when all went, else
+    where it stopped: run it again to go on). See migration.py."""
+    conn = await connect(db)
+    try:
+        await ensure_schema(conn)
+        live = config.target(target)
+        plan = await migration.plan(conn, config, target, to, strategy)
+        pconf = config.provider_for(live)
+        info = await inspect_target(conn, live, pconf.expected_dimensions, pconf.label)
+        new = config.providers[to]
+        store = Store(conn)
+        row = await store.open_migration(info.oid, live.embedding_column)
+        if row is not None:
+            going = row["to_model"].get("provider")
+            if (going, row["strategy"]) != (to, strategy):
+                raise TargetBusy(
+                    f"A change of {live.name}'s model to {going} ({row['strategy']} "
+                    f"strategy) is at phase {row['phase']}; finish or roll it back "
+                    f"(`embedfill model status --target {live.name}`) before another."
+                )
+            migration_id, home, phase = int(row["id"]), dict(row["home"]), str(row["phase"])
+        else:
+            lacks = await homes.missing_privilege(conn, info.oid, plan.home["schema"], strategy)
+            if lacks is not None:
+                raise PrivilegeMissing(f"Cannot start the change of model: {lacks}.")
+            home = dict(plan.home)
+            home["indexes"] = migration.twins(
+                home, await indexes.vector_indexes(conn, info.oid, live.embedding_column)
+            )
+            if strategy == "table":
+                home["text_sql"] = homes.side_text_sql(info.sql(live), conn)
+            try:
+                migration_id = await store.insert_migration(
+                    target=live.name,
+                    table_oid=info.oid,
+                    column=live.embedding_column,
+                    strategy=strategy,
+                    from_model=plan.from_model,
+                    to_model=plan.to_model,
+                    home=home,
+                    actor=actor,
+                )
+            except psycopg.errors.UniqueViolation:
+                raise TargetBusy(
+                    f"Another `embedfill model start` of {live.name} began just now; "
+                    f"see `embedfill model status --target {live.name}`."
+                ) from None
+            phase = "filling"
+        derived = migration.derived_target(live, new, strategy, home)
+        dconfig = migration.with_target(config, derived)
+        if phase == "filling":
+            if strategy == "table":
+                await conn.execute(
+                    homes.create_side_table(
+                        home["schema"],
+                        home["relation"],
+                        info.types.id_type,
+                        info.types.vector_type,
+                        int(plan.to_model["dimensions"]),
+                    )
+                )
+                await homes.grant_like(conn, info.oid, home["schema"], home["relation"])
+            else:
+                await _ddl(
+                    conn,
+                    homes.add_column(
+                        info.sql(live),
+                        home["column"],
+                        info.types.vector_type,
+                        int(plan.to_model["dimensions"]),
+                    ),
+                    str(live.table),
+                )
+        if phase in ("filling", "ready"):  # ready: a catch-up of what changed since
+            # the fill, then a catch-up of the rows added or edited meanwhile
+            for refresh in (False, True):
+                if strategy == "table":
+                    await conn.execute(
+                        homes.mirror(info.sql(live), home["schema"], home["relation"])
+                    )
+                report = await abackfill(
+                    dconfig,
+                    db,
+                    BackfillOptions(target=derived.name, actor=actor, refresh=refresh),
+                    provider=provider,
+                    env=env,
+                    on_progress=on_progress,
+                    cancel=cancel,
+                )
+                if report.run_id is not None:
+                    await store.set_migration_job(migration_id, report.run_id)
+                if report.status != "succeeded":
+                    return await migration.status_of(conn, config, live)
+            if phase == "filling":
+                phase = "indexing"
+                await store.set_migration_phase(migration_id, phase)
+        if phase == "indexing":
+            for twin in home.get("indexes", []):
+                state = await homes.index_state(conn, home["schema"], twin["name"])
+                if state == "invalid":  # a build that was killed or failed
+                    await conn.execute(homes.drop_index(home["schema"], twin["name"]))
+                if state != "valid":
+                    await conn.execute(
+                        homes.create_index(
+                            twin["name"],
+                            home["schema"],
+                            home["relation"],
+                            home["column"],
+                            twin["method"],
+                            twin["opclass"],
+                            twin["params"],
+                        )
+                    )
+            await store.set_migration_phase(migration_id, "ready")
+        return await migration.status_of(conn, config, live)
+    except psycopg.Error as exc:
+        raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
+    finally:
+        await conn.close()
+
+
+async def amodel_status(
+    config: Config, db: Database, target: str | None = None
+) -> list[migration.MigrationStatus]:
+    """How far each target's change of model is (``phase`` ``none``: no change on record).
+    Read-only."""
+    targets = [config.target(target)] if target else list(config.targets)
+    conn = await connect(db)
+    try:
+        await ensure_schema(conn)
+        return [await migration.status_of(conn, config, t) for t in targets]
     except psycopg.Error as exc:
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
     finally:

@@ -38,7 +38,7 @@ from .db.connect import Database, resolve_database
 from .engine.state import ABANDON_AFTER_S, abandon_requests
 from .errors import EmbedfillError, UsageError
 from .models import Report
-from .render import model_plan_text, report_table, status_tables
+from .render import model_plan_text, model_status_text, report_table, status_tables
 from .watch import WatchOptions
 
 T = TypeVar("T")
@@ -1057,6 +1057,58 @@ def model_plan(
         print(json.dumps(plan.to_dict()))
     else:
         model_plan_text(out, plan)
+
+
+_STRATEGY = typer.Option(
+    help="Where the new vectors go: table (a side table; the default) or column "
+    "(a shadow column on the live table)."
+)
+
+
+@model_app.command("start")
+def model_start(
+    ctx: typer.Context,
+    target: Annotated[str, typer.Option(help="The target whose model changes.")],
+    to: Annotated[
+        str, typer.Option("--to", help="The provider section of the config with the new model.")
+    ],
+    strategy: Annotated[str, _STRATEGY] = "table",
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """Make the new vectors' home, fill it as a job and build the twin of each live
+    vector index concurrently; the app keeps searching the old vectors meanwhile. Run it
+    again to go on after a stop. Exit 0 at phase ready, 3 when the fill left rows
+    behind, 4 when another change of the column's model is under way."""
+    state = _state(ctx)
+    with _errors(state):
+        config, db = state.config(), state.database()
+        status = _run_cancellable(
+            lambda cancel: application.amodel_start(
+                config, db, target, to, strategy, actor=_actor(), cancel=cancel
+            )
+        )
+    if as_json:
+        print(json.dumps(status.to_dict()))
+    else:
+        model_status_text(out, [status])
+    raise typer.Exit(0 if status.phase == "ready" else 3)
+
+
+@model_app.command("status")
+def model_status(
+    ctx: typer.Context,
+    target: Annotated[str | None, typer.Option(help="Only this target.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
+) -> None:
+    """How far each target's change of model is: phase, coverage, rows missing or stale,
+    the new index, the gates and which vectors the app's searches use. Read-only."""
+    state = _state(ctx)
+    with _errors(state):
+        statuses = asyncio.run(application.amodel_status(state.config(), state.database(), target))
+    if as_json:
+        print(json.dumps({"targets": [s.to_dict() for s in statuses]}))
+    else:
+        model_status_text(out, statuses)
 
 
 def _short_helps(group: typer.Typer) -> None:

@@ -11,6 +11,11 @@ section ``--to`` names, in one of two homes (the *strategy*):
   version of its row, which also inserts into every index of the table, the live
   column's HNSW graph included (measured about 5x slower than the side table).
 
+``start`` makes that home, fills it as a job of a *derived target* (the live target's
+text, the new provider, the new home: ``derived_target``), so the scan, the guarded
+write, keys, limits, provenance and verify are those of any target, then builds the
+twin of each live vector index. ``status`` says how far it is.
+
 ``plan`` reads and counts, and changes nothing: the rows and tokens to embed (tokens
 counted on a random sample of rows with the new provider's tokenizer), the cost, the
 fill's time at the provider's configured limits, each vector index to build like the
@@ -21,6 +26,8 @@ in one sentence, what cannot work (vectors too wide for the live column's index 
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import hashlib
 import math
 import re
@@ -29,12 +36,15 @@ from typing import Any
 
 import psycopg
 
-from .config import Config, ProviderConfig, TargetConfig, text_renderer
+from .config import Config, ProviderConfig, TableName, TargetConfig, text_renderer
+from .db import homes
 from .db.catalog import TableInfo, inspect_target
 from .db.indexes import VectorIndex, vector_indexes
+from .db.store import Store
 from .db.target_sql import BLANK
 from .errors import ConfigError, PlanRefused, UsageError
-from .freshness import model_identity
+from .errors import EmbedfillError as EmbedfillErrorBase
+from .freshness import model_identity, provenance_ids
 from .planning import estimate_cost, prepare_text
 from .providers import make_provider
 
@@ -402,3 +412,157 @@ async def _table_bytes(conn: psycopg.AsyncConnection[Any], oid: int) -> int:
     cur = await conn.execute("SELECT pg_catalog.pg_table_size(%(rel)s)", {"rel": oid})
     row = await cur.fetchone()
     return int(row[0]) if row else 0
+
+
+# ---------------------------------------------------------------------- start and status
+
+PHASES = ("planned", "filling", "indexing", "ready", "cut_over", "finalized", "rolled_back")
+
+
+def derived_name(target: str, provider: str) -> str:
+    """The derived target's name: the live target's and the new provider section's."""
+    return f"{target}@{provider}"
+
+
+def derived_target(
+    target: TargetConfig, to: ProviderConfig, strategy: str, home: dict[str, Any]
+) -> TargetConfig:
+    """The new vectors as a target of their own: the live target's text and keys, the
+    new provider, the new home. A side table's ``text_sql`` (``homes.side_text_sql``,
+    kept in ``home``) reads a side row's text from its live row."""
+    name = derived_name(target.name, to.name)
+    if strategy == "column":
+        return dataclasses.replace(
+            target, name=name, embedding_column=home["column"], provider=to.name
+        )
+    return TargetConfig(
+        name=name,
+        table=TableName(home["schema"], home["relation"]),
+        id_column=homes.ROW_ID,
+        text=None,
+        text_sql=home["text_sql"],
+        embedding_column=homes.VECTOR,
+        provider=to.name,
+        tenant_column=homes.TENANT if target.tenant_column else None,
+        tenant_key_sql=target.tenant_key_sql,
+        allow_platform_fallback=target.allow_platform_fallback,
+    )
+
+
+def with_target(config: Config, target: TargetConfig) -> Config:
+    """``config`` with one more target (the derived one)."""
+    others = tuple(t for t in config.targets if t.name != target.name)
+    return dataclasses.replace(config, targets=(*others, target))
+
+
+def twins(home: dict[str, Any], live: list[VectorIndex]) -> list[dict[str, str]]:
+    """Each live vector index's twin on the new vectors: its name, method, operator
+    class and parameters (as the server's definition of the live one writes them)."""
+    out = []
+    for n, index in enumerate(live, 1):
+        match = _INDEX_DEF.search(index.definition)
+        method, opclass, params = index.method, "", ""
+        if match is not None:
+            method, column, params = match.group(1), match.group(2), match.group(3) or ""
+            parts = column.rsplit(" ", 1)
+            opclass = parts[1] if len(parts) == 2 else ""
+        suffix = method if n == 1 else f"{method}{n}"
+        out.append(
+            {
+                "name": fit_name(home["relation"], home["column"], suffix),
+                "method": method,
+                "opclass": opclass,
+                "params": params,
+                "live": index.name,
+            }
+        )
+    return out
+
+
+@dataclass
+class MigrationStatus:
+    """``embedfill model status`` of one target (see the README for each field)."""
+
+    target: str
+    migration_id: int | None
+    phase: str  # PHASES, or "none": no change of model on record
+    strategy: str | None = None
+    from_model: dict[str, Any] = field(default_factory=dict)
+    to_model: dict[str, Any] = field(default_factory=dict)
+    home: dict[str, Any] = field(default_factory=dict)
+    rows: int = 0  # rows with text to embed
+    coverage: float = 0.0  # of those, the share holding a new vector of their current text
+    missing: int = 0  # rows with text and no new vector
+    stale: int = 0  # rows whose new vector is of other text (or has no provenance)
+    index: str = "none"  # none | building | valid | invalid
+    gates: dict[str, Any] = field(default_factory=dict)
+    active: str = "old"  # which vectors the app's searches use: old | new
+    job_id: int | None = None
+    updated_at: dt.datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["from"] = out.pop("from_model")
+        out["to"] = out.pop("to_model")
+        if self.updated_at is not None:
+            out["updated_at"] = self.updated_at.isoformat()
+        return out
+
+
+async def status_of(
+    conn: psycopg.AsyncConnection[Any], config: Config, target: TargetConfig
+) -> MigrationStatus:
+    """How far the change of ``target``'s model is (the one under way, else the last)."""
+    pconf = config.provider_for(target)
+    info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
+    store = Store(conn)
+    row = await store.latest_migration(info.oid, target.embedding_column)
+    if row is None:
+        return MigrationStatus(target=target.name, migration_id=None, phase="none")
+    home, to_model = dict(row["home"]), dict(row["to_model"])
+    out = MigrationStatus(
+        target=target.name,
+        migration_id=int(row["id"]),
+        phase=str(row["phase"]),
+        strategy=str(row["strategy"]),
+        from_model=dict(row["from_model"]),
+        to_model=to_model,
+        home=home,
+        gates=dict(row["gates"] or {}),
+        job_id=row["job_id"],
+        updated_at=row["updated_at"],
+    )
+    active = await store.active_model(target.name)
+    if active is not None and (active["relation"], active["column_name"]) == (
+        home["relation"],
+        home["column"],
+    ):
+        out.active = "new"
+    if out.phase == "finalized" or to_model.get("provider") not in config.providers:
+        return out
+    to = config.providers[to_model["provider"]]
+    derived = derived_target(target, to, out.strategy or "table", home)
+    try:
+        dinfo = await inspect_target(conn, derived, to.expected_dimensions, to.label)
+    except EmbedfillErrorBase:
+        return out  # its home is not there (yet): nothing covered
+    ids = await provenance_ids(
+        conn, dinfo, derived.embedding_column, model_identity(to, dinfo), create=False
+    )
+    cur = await conn.execute(dinfo.sql(derived).coverage(), {"blank": BLANK, **ids.params()})
+    counted = await cur.fetchone()
+    rows, missing, stale = (int(v) for v in counted) if counted else (0, 0, 0)
+    out.rows, out.missing, out.stale = rows, missing, stale
+    out.coverage = 1.0 if rows == 0 else round((rows - missing - stale) / rows, 6)
+    states = [
+        await homes.index_state(conn, home["schema"], twin["name"])
+        for twin in home.get("indexes", [])
+    ]
+    if states:
+        if "invalid" in states:
+            out.index = "building" if out.phase == "indexing" else "invalid"
+        elif "none" in states:
+            out.index = "building" if out.phase == "indexing" else "none"
+        else:
+            out.index = "valid"
+    return out

@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .migration import ModelPlan
+from .migration import MigrationStatus, ModelPlan
 from .models import SAMPLE_CHARS, Report, TargetStatus
 from .verify import AdoptResult, VerifyResult
 
@@ -289,3 +289,26 @@ def model_plan_text(console: Console, p: ModelPlan) -> None:
     lines += [f"Note: {warning}" for warning in p.warnings]
     for line in lines:
         console.print(printable(line), markup=False)
+
+
+def model_status_text(console: Console, statuses: list[MigrationStatus]) -> None:
+    """``embedfill model status`` as text: one paragraph per target."""
+    for st in statuses:
+        if st.migration_id is None:
+            console.print(printable(f"{st.target}: no change of model on record"), markup=False)
+            continue
+        was, to = st.from_model, st.to_model
+        lines = [
+            f"{st.target}: {was.get('kind')}:{was.get('model')} -> {to.get('kind')}:"
+            f"{to.get('model')} ({st.strategy}), phase {st.phase}, searches use the "
+            f"{st.active} vectors",
+            f"  coverage {st.coverage:.2%} of {st.rows:,} rows with text; {st.missing:,} "
+            f"missing, {st.stale:,} stale; index {st.index}",
+        ]
+        for name, gate in st.gates.items():
+            verdict = "pass" if gate.get("pass") else "FAIL"
+            lines.append(
+                f"  gate {name}: {gate.get('value')} (threshold {gate.get('threshold')}) {verdict}"
+            )
+        for line in lines:
+            console.print(printable(line), markup=False)

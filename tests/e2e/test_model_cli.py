@@ -50,3 +50,30 @@ def test_model_plan_prints_the_plan_and_exits_2_with_one_sentence_on_a_refusal(
     code, stdout, stderr = model("plan", "--target", "tickets", "--to", "wide")
     assert code == 2 and stdout == ""
     assert stderr.strip().count("\n") == 0 and "at most 2,000" in stderr
+
+
+def test_model_start_fills_the_new_vectors_and_status_says_so(tickets: str, tmp_path: Path) -> None:
+    path = write_config(tmp_path, NOWHERE, extra=NEXT)
+    env = cli_env(tickets)
+
+    def model(*args: str) -> tuple[int, str, str]:
+        done = embedfill("--config", str(path), "model", *args, env=env)
+        return done.returncode, done.stdout, done.stderr
+
+    code, stdout, stderr = model("status", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["targets"][0]["phase"] == "none"
+    code, stdout, stderr = model("start", "--target", "tickets", "--to", "next", "--json")
+    assert code == 0, stderr
+    out = json.loads(stdout)
+    assert (out["phase"], out["coverage"], out["missing"], out["active"]) == (
+        "ready",
+        1.0,
+        0,
+        "old",
+    )
+    assert out["index"] == "none"  # the live column has no vector index: nor do the new ones
+    code, stdout, _ = model("status", "--target", "tickets")
+    assert code == 0 and "phase ready" in stdout and "coverage 100.00% of 60 rows" in stdout
+    code, _, stderr = model("start", "--target", "tickets", "--to", "wide")
+    assert code == 4 and "phase ready" in stderr and stderr.strip().count("\n") == 0

@@ -561,3 +561,32 @@ PROVENANCE_EXISTS = """
 SELECT EXISTS (
     SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE n.nspname = 'embedfill' AND c.relname = 'provenance')"""
+
+
+# Changing the model (migration.py): embedfill.model_migrations and active_models
+OPEN_MIGRATION = """
+SELECT id, target, strategy, from_model, to_model, home, phase, job_id, gates,
+       created_at, updated_at, cut_over_at, finalized_at
+FROM embedfill.model_migrations
+WHERE table_oid = %(table_oid)s AND column_name = %(column)s AND phase <> 'finalized'"""
+LATEST_MIGRATION = """
+SELECT id, target, strategy, from_model, to_model, home, phase, job_id, gates,
+       created_at, updated_at, cut_over_at, finalized_at
+FROM embedfill.model_migrations
+WHERE table_oid = %(table_oid)s AND column_name = %(column)s
+ORDER BY (phase <> 'finalized') DESC, id DESC LIMIT 1"""
+INSERT_MIGRATION = """
+INSERT INTO embedfill.model_migrations
+    (target, table_oid, column_name, strategy, from_model, to_model, home, phase, actor)
+VALUES (%(target)s, %(table_oid)s, %(column)s, %(strategy)s, %(from_model)s, %(to_model)s,
+        %(home)s, 'filling', %(actor)s)
+RETURNING id"""
+SET_MIGRATION_PHASE = """
+UPDATE embedfill.model_migrations SET phase = %(phase)s, updated_at = pg_catalog.now()
+WHERE id = %(id)s"""
+SET_MIGRATION_JOB = """
+UPDATE embedfill.model_migrations SET job_id = %(job_id)s, updated_at = pg_catalog.now()
+WHERE id = %(id)s"""
+ACTIVE_MODEL = """
+SELECT schema_name, relation, column_name, provider, model, dimensions, since, migration_id
+FROM embedfill.active_models WHERE target = %(target)s"""

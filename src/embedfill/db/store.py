@@ -329,6 +329,35 @@ class Store:
     async def release_watch_lock(self, key: str) -> None:
         await self.conn.execute(q.WATCH_UNLOCK, {"key": key})
 
+    async def open_migration(self, table_oid: int, column: str) -> dict[str, Any] | None:
+        """The change of model under way on this column (not finalized), if any."""
+        cur = await self.conn.execute(q.OPEN_MIGRATION, {"table_oid": table_oid, "column": column})
+        return await _one_dict(cur)
+
+    async def latest_migration(self, table_oid: int, column: str) -> dict[str, Any] | None:
+        """The change under way on this column, else the last one finalized."""
+        cur = await self.conn.execute(
+            q.LATEST_MIGRATION, {"table_oid": table_oid, "column": column}
+        )
+        return await _one_dict(cur)
+
+    async def insert_migration(self, **values: Any) -> int:
+        values = values | {k: Jsonb(values[k]) for k in ("from_model", "to_model", "home")}
+        cur = await self.conn.execute(q.INSERT_MIGRATION, values)
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def set_migration_phase(self, migration_id: int, phase: str) -> None:
+        await self.conn.execute(q.SET_MIGRATION_PHASE, {"id": migration_id, "phase": phase})
+
+    async def set_migration_job(self, migration_id: int, job_id: int) -> None:
+        await self.conn.execute(q.SET_MIGRATION_JOB, {"id": migration_id, "job_id": job_id})
+
+    async def active_model(self, target: str) -> dict[str, Any] | None:
+        cur = await self.conn.execute(q.ACTIVE_MODEL, {"target": target})
+        return await _one_dict(cur)
+
     async def listen_changes(self) -> None:
         await self.conn.execute(q.LISTEN_CHANGES)
 
@@ -546,3 +575,10 @@ class Store:
     async def delete_key(self, tenant: str) -> bool:
         cur = await self.conn.execute(q.DELETE_KEY, {"tenant": tenant})
         return cur.rowcount > 0
+
+
+async def _one_dict(cur: Any) -> dict[str, Any] | None:
+    row = await cur.fetchone()
+    if row is None:
+        return None
+    return {d.name: v for d, v in zip(cur.description, row, strict=True)}

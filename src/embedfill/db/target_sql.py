@@ -69,6 +69,10 @@ class TargetSQL:
         col = sql.Identifier(alias, self.target.tenant_column) if alias else self.tenant
         return sql.SQL("{}::text").format(col)
 
+    def tenant_text(self, alias: str | None = None) -> sql.Composable:
+        """The row's tenant as text (``NULL::text`` without a tenant column)."""
+        return self._tenant_text(alias)
+
     def _text_sql(self) -> sql.Composable:
         """The target's text_sql, verbatim (trusted configuration, like tenant_key_sql),
         parenthesised and on lines of its own so a trailing comment cannot swallow what
@@ -352,6 +356,27 @@ class TargetSQL:
             "SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER"
             " (WHERE btrim({text}, %(blank)s) <> '') FROM {table} AS t"
         ).format(text=self.rendered("t"), table=self.table)
+
+    def coverage(self) -> sql.Composed:
+        """Rows with text to embed (not blank: %(blank)s is ``BLANK``); of those, rows
+        whose vector is NULL; and rows whose vector is not of their current text and the
+        configured model (params ``column_id``, ``model_id``), or has no provenance."""
+        emb = sql.Identifier("t", self.target.embedding_column)
+        return sql.SQL(
+            "SELECT pg_catalog.count(*), pg_catalog.count(*) FILTER (WHERE c.empty),"
+            " pg_catalog.count(*) FILTER (WHERE NOT c.empty AND NOT c.fresh)"
+            " FROM (SELECT {emb} IS NULL AS empty,"
+            " EXISTS (SELECT 1 FROM {prov} AS p WHERE {of} AND p.model_id = %(model_id)s"
+            " AND p.text_md5 = {md5}) AS fresh"
+            " FROM {table} AS t WHERE btrim({text}, %(blank)s) <> '') AS c"
+        ).format(
+            emb=emb,
+            prov=PROVENANCE,
+            of=self._provenance_of("t"),
+            md5=self.text_md5("t"),
+            table=self.table,
+            text=self.rendered("t"),
+        )
 
     def text_sample(self) -> sql.Composed:
         """A random sample of at most %(limit)s rows, whatever their vector, as

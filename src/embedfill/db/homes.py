@@ -1,0 +1,174 @@
+"""Where a change of model puts the new vectors (``embedfill model start``), as SQL.
+
+- a **side table** (strategy ``table``) in the target table's schema, keyed by the row
+  id: ``embedfill_row_id`` (the live id's type, primary key), ``embedfill_tenant`` (the
+  row's tenant as text, copied) and ``embedding``. Its rows are made from the live
+  table's ids (``mirror``); the text is read from the live row at each scan, through a
+  ``text_sql`` (``side_text_sql``) that embedfill's engine evaluates like any other, so
+  the scan, the guarded write, provenance and verify work on it unchanged. Column names
+  start with ``embedfill_`` so that the text_sql's unqualified names cannot mean a live
+  column. Who may read the live table may read it (``grant_like``);
+- a **shadow column** (strategy ``column``) on the live table: ``ALTER TABLE … ADD
+  COLUMN`` (nullable, no default: catalog only), under a short ``lock_timeout``.
+
+Each vector index of the live column gets a twin on the new vectors: the same method,
+operator class and parameters, built ``CONCURRENTLY``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from .target_sql import TargetSQL
+
+ROW_ID = "embedfill_row_id"
+TENANT = "embedfill_tenant"
+VECTOR = "embedding"
+
+
+def side_text_sql(live: TargetSQL, conn: psycopg.AsyncConnection[Any]) -> str:
+    """The live row's text, as the side table's ``text_sql``: rendered by the server
+    exactly as the live target renders it, from the live row with the side row's id."""
+    return (
+        sql.SQL("(SELECT {text} FROM {table} AS embedfill_live WHERE {id} = {row_id})")
+        .format(
+            text=live.rendered("embedfill_live"),
+            table=live.table,
+            id=sql.Identifier("embedfill_live", live.target.id_column),
+            row_id=sql.Identifier(ROW_ID),
+        )
+        .as_string(conn)
+    )
+
+
+def create_side_table(
+    schema: str, relation: str, id_type: str, vector_type: str, dimensions: int
+) -> sql.Composed:
+    return sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {table} ({row_id} {id_type} PRIMARY KEY,"
+        " {tenant} text, {vector} {vector_type}({dims}))"
+    ).format(
+        table=sql.Identifier(schema, relation),
+        row_id=sql.Identifier(ROW_ID),
+        id_type=sql.SQL(id_type),
+        tenant=sql.Identifier(TENANT),
+        vector=sql.Identifier(VECTOR),
+        vector_type=sql.SQL(vector_type),
+        dims=sql.Literal(dimensions),
+    )
+
+
+def mirror(live: TargetSQL, schema: str, relation: str) -> sql.Composed:
+    """A side row for each live row that has none (the live table is only read)."""
+    return sql.SQL(
+        "INSERT INTO {side} ({row_id}, {tenant}) SELECT t.{id}, {tenant_text} FROM {live} AS t"
+        " ON CONFLICT ({row_id}) DO NOTHING"
+    ).format(
+        side=sql.Identifier(schema, relation),
+        row_id=sql.Identifier(ROW_ID),
+        tenant=sql.Identifier(TENANT),
+        id=sql.Identifier(live.target.id_column),
+        tenant_text=live.tenant_text("t"),
+        live=live.table,
+    )
+
+
+# the roles that may read the live table (PUBLIC too), and its owner
+_READERS = """
+SELECT DISTINCT CASE WHEN a.grantee = 0 THEN NULL
+                     ELSE pg_catalog.pg_get_userbyid(a.grantee) END
+FROM pg_catalog.pg_class c, pg_catalog.aclexplode(
+    coalesce(c.relacl, pg_catalog.acldefault('r', c.relowner))) AS a
+WHERE c.oid = %(rel)s AND a.privilege_type = 'SELECT'"""
+
+
+async def grant_like(
+    conn: psycopg.AsyncConnection[Any], live_oid: int, schema: str, relation: str
+) -> None:
+    """Let every role that may read the live table read the side table (the app
+    searches it after the cutover)."""
+    cur = await conn.execute(_READERS, {"rel": live_oid})
+    for (role,) in await cur.fetchall():
+        grantee = sql.SQL("PUBLIC") if role is None else sql.Identifier(role)
+        await conn.execute(
+            sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(schema, relation), grantee)
+        )
+
+
+def add_column(live: TargetSQL, column: str, vector_type: str, dimensions: int) -> sql.Composed:
+    return sql.SQL("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {type}({dims})").format(
+        table=live.table,
+        column=sql.Identifier(column),
+        type=sql.SQL(vector_type),
+        dims=sql.Literal(dimensions),
+    )
+
+
+def create_index(
+    name: str, schema: str, relation: str, column: str, method: str, opclass: str, params: str
+) -> sql.Composed:
+    """``CREATE INDEX CONCURRENTLY``: the twin of a live vector index (``opclass`` and
+    ``params`` as the server's own definition of it writes them)."""
+    with_params = sql.SQL(" WITH ({})").format(sql.SQL(params)) if params else sql.SQL("")
+    return sql.SQL(
+        "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} USING {method}"
+        " ({column} {opclass}){with_params}"
+    ).format(
+        name=sql.Identifier(name),
+        table=sql.Identifier(schema, relation),
+        method=sql.SQL(method),
+        column=sql.Identifier(column),
+        opclass=sql.SQL(opclass),
+        with_params=with_params,
+    )
+
+
+_INDEX_VALID = """
+SELECT i.indisvalid FROM pg_catalog.pg_index i
+JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = %(name)s"""
+
+
+async def index_state(conn: psycopg.AsyncConnection[Any], schema: str, name: str) -> str:
+    """``none``, ``valid`` or ``invalid`` (a concurrent build that failed or is under way)."""
+    cur = await conn.execute(_INDEX_VALID, {"schema": schema, "name": name})
+    row = await cur.fetchone()
+    if row is None:
+        return "none"
+    return "valid" if row[0] else "invalid"
+
+
+def drop_index(schema: str, name: str) -> sql.Composed:
+    return sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(schema, name))
+
+
+_MAY = """
+SELECT pg_catalog.has_schema_privilege(%(schema)s, 'CREATE'),
+       pg_catalog.pg_has_role(c.relowner, 'USAGE'), pg_catalog.pg_get_userbyid(c.relowner),
+       current_user
+FROM pg_catalog.pg_class c WHERE c.oid = %(rel)s"""
+
+
+async def missing_privilege(
+    conn: psycopg.AsyncConnection[Any], live_oid: int, schema: str, strategy: str
+) -> str | None:
+    """What the session's role lacks to make the home, in words; None when it may."""
+    cur = await conn.execute(_MAY, {"schema": schema, "rel": live_oid})
+    row = await cur.fetchone()
+    assert row is not None
+    may_create, owns, owner, me = row
+    if strategy == "table" and not may_create:
+        return (
+            f"role {me} may not create the side table in schema {schema}: grant it "
+            f"CREATE on that schema (GRANT CREATE ON SCHEMA {schema} TO {me})"
+        )
+    if strategy == "column" and not owns:
+        return (
+            f"role {me} may not add a column to the table: only its owner ({owner}) or a "
+            "member of that role may; run it as the owner, or use --strategy table"
+        )
+    return None

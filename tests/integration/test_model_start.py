@@ -1,0 +1,183 @@
+"""`embedfill model start` and `model status`: the new vectors filled beside the live ones,
+indexed like them, and how far it is; the live column is never touched."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from embedfill import Database
+from embedfill.application import amodel_start, amodel_status
+from embedfill.config import Config, parse_config
+from embedfill.errors import TargetBusy
+from embedfill.providers.hashing import hash_vector
+from tests.support.tables import provider_settings, snapshot
+
+NOWHERE = "http://127.0.0.1:9"  # the live provider is never called
+T = 'app."SupportTickets"'
+SIDE = 'app."SupportTickets_emb_next"'
+
+
+def config() -> Config:
+    return parse_config(
+        {
+            "providers": {
+                "openai": provider_settings(NOWHERE, 8),
+                "next": {"kind": "hash", "model": "hash-v2", "dimensions": 16, "batch_size": 7},
+                "other": {"kind": "hash", "model": "hash-v3", "dimensions": 16},
+            },
+            "targets": [
+                {
+                    "name": "tickets",
+                    "table": "app.SupportTickets",
+                    "id_column": "ticket_no",
+                    "text": "{subject}\n\n{body}",
+                    "embedding_column": "emb",
+                    "tenant_column": "org",
+                    "provider": "openai",
+                }
+            ],
+        }
+    )
+
+
+def start(url: str, to: str = "next", strategy: str = "table") -> Any:
+    return asyncio.run(amodel_start(config(), Database(url), "tickets", to, strategy, env={}))
+
+
+def status(url: str) -> Any:
+    [st] = asyncio.run(amodel_status(config(), Database(url), "tickets"))
+    return st
+
+
+def live(url: str) -> dict[int, str | None]:
+    with psycopg.connect(url) as conn:
+        return snapshot(conn)
+
+
+def texts(url: str) -> dict[int, str]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(f"SELECT ticket_no, subject, body FROM {T}").fetchall()
+    return {i: f"{s or ''}\n\n{b or ''}" for i, s, b in rows}
+
+
+def new_vectors(
+    url: str, where: str = SIDE, id_col: str = "embedfill_row_id", col: str = "embedding"
+) -> dict[int, Any]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(f"SELECT {id_col}, {col}::real[] FROM {where}").fetchall()
+    return {i: None if v is None else np.array(v, dtype=np.float32) for i, v in rows}
+
+
+@pytest.fixture
+def indexed(tickets: str) -> str:
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(f"UPDATE {T} SET body = NULL, subject = ' ' WHERE ticket_no IN (5, 6)")
+        conn.execute(
+            f"CREATE INDEX tickets_emb_hnsw ON {T} USING hnsw (emb vector_cosine_ops)"
+            " WITH (m = 8, ef_construction = 32)"
+        )
+    return tickets
+
+
+def test_a_side_table_is_filled_with_the_new_models_vectors_and_indexed_like_the_live_column(
+    indexed: str,
+) -> None:
+    assert status(indexed).phase == "none"
+    live_before = live(indexed)
+    st = start(indexed)
+    assert (st.phase, st.strategy, st.active, st.index) == ("ready", "table", "old", "valid")
+    assert (st.rows, st.missing, st.stale, st.coverage) == (58, 0, 0, 1.0)
+    assert st.to_model == {"provider": "next", "kind": "hash", "model": "hash-v2", "dimensions": 16}
+    assert live(indexed) == live_before  # the live column untouched
+    got, want = new_vectors(indexed), texts(indexed)
+    assert set(got) == set(want)  # a side row per live row
+    for row_id, vector in got.items():
+        if row_id in (5, 6):  # blank text: nothing to embed
+            assert vector is None
+        else:
+            assert np.allclose(vector, hash_vector(want[row_id], 16), atol=1e-6)
+    with psycopg.connect(indexed) as conn:
+        [(definition,)] = conn.execute(
+            "SELECT pg_get_indexdef(indexrelid) FROM pg_index"
+            " WHERE indrelid = 'app.\"SupportTickets_emb_next\"'::regclass AND NOT indisprimary"
+        ).fetchall()
+    assert "USING hnsw (embedding vector_cosine_ops)" in definition
+    assert "m='8'" in definition and "ef_construction='32'" in definition
+
+
+def test_edits_after_the_fill_show_in_status_and_a_second_start_catches_up(indexed: str) -> None:
+    start(indexed)
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f"UPDATE {T} SET body = 'edited' WHERE ticket_no IN (1, 2)")
+        conn.execute(
+            f"INSERT INTO {T} (ticket_no, org, subject, body) VALUES (61, 'org-a', 'new', 'row')"
+        )
+    st = status(indexed)
+    assert (st.rows, st.stale, st.coverage) == (58, 2, round(56 / 58, 6))  # 61: no side row yet
+    st = start(indexed)
+    assert (st.phase, st.rows, st.missing, st.stale, st.coverage) == ("ready", 59, 0, 0, 1.0)
+    got, want = new_vectors(indexed), texts(indexed)
+    for row_id in (1, 2, 61):
+        assert np.allclose(got[row_id], hash_vector(want[row_id], 16), atol=1e-6)
+
+
+def test_a_second_change_while_one_is_under_way_is_refused(indexed: str) -> None:
+    start(indexed)
+    with pytest.raises(TargetBusy, match="change of tickets's model to next"):
+        start(indexed, to="other")
+    with pytest.raises(TargetBusy):
+        start(indexed, strategy="column")
+
+
+def test_who_may_read_the_live_table_may_read_the_side_table(indexed: str, roles: Any) -> None:
+    reader, other = roles.create(), roles.create()
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f'GRANT USAGE ON SCHEMA app TO "{reader}", "{other}"')
+        conn.execute(f'GRANT SELECT ON {T} TO "{reader}"')
+    start(indexed)
+    with psycopg.connect(indexed) as conn:
+        may = [
+            conn.execute("SELECT has_table_privilege(%s, %s, 'SELECT')", (r, SIDE)).fetchone()
+            for r in (reader, other)
+        ]
+    assert may == [(True,), (False,)]
+
+
+def test_the_column_strategy_fills_a_shadow_column(indexed: str) -> None:
+    live_before = live(indexed)
+    st = start(indexed, strategy="column")
+    assert (st.phase, st.strategy, st.index, st.coverage) == ("ready", "column", "valid", 1.0)
+    assert st.home["column"] == "emb_next"
+    assert live(indexed) == live_before  # emb itself untouched
+    got, want = new_vectors(indexed, T, "ticket_no", "emb_next"), texts(indexed)
+    for row_id, vector in got.items():
+        if row_id in (5, 6):
+            assert vector is None
+        else:
+            assert np.allclose(vector, hash_vector(want[row_id], 16), atol=1e-6)
+
+
+def test_a_role_that_may_not_make_the_home_is_told_before_anything_is_written(
+    indexed: str, roles: Any
+) -> None:
+    from embedfill.db.schema import amigrate
+    from embedfill.errors import PrivilegeMissing
+    from tests.support.roles import EMBEDFILL_GRANTS, TICKETS_GRANTS
+
+    asyncio.run(amigrate(Database(indexed)))  # the schema exists: DML is enough to run
+    worker = roles.create()
+    roles.grant(worker, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
+    url = roles.url(worker)
+    with pytest.raises(PrivilegeMissing, match=r"may not create the side table in schema app"):
+        start(url)
+    with pytest.raises(PrivilegeMissing, match=r"only its owner \(postgres\)"):
+        start(url, strategy="column")
+    with psycopg.connect(indexed) as conn:
+        assert conn.execute("SELECT count(*) FROM embedfill.model_migrations").fetchone() == (0,)
+    roles.grant(worker, "GRANT CREATE ON SCHEMA app TO {role}")
+    assert start(url).phase == "ready"  # the side table is its own; the live one only read
