@@ -24,7 +24,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .application import BackfillOptions, ProgressCallback, aadopt, abackfill, astatus, averify
+from .application import (
+    BackfillOptions,
+    ProgressCallback,
+    aactive,
+    aadopt,
+    abackfill,
+    astatus,
+    averify,
+)
 from .config import Config, ProviderConfig, TargetConfig, load_config, parse_config
 from .db.connect import Database, default_data_dir, start_embedded, url_from_env
 from .errors import (
@@ -40,6 +48,7 @@ from .errors import (
     UsageError,
     VerificationFailed,
 )
+from .migration import ActiveModel
 from .models import Report, TargetStatus, TenantReport
 from .verify import AdoptResult, VerifyResult
 
@@ -144,7 +153,23 @@ def status(
     return asyncio.run(astatus(_config(config), _database(database, database_url), target))
 
 
+def active(
+    target: str,
+    config: Config | str | Path | None = None,
+    *,
+    database_url: str | None = None,
+    database: Database | None = None,
+) -> ActiveModel:
+    """Which vectors ``target``'s searches use now: ``schema``, ``relation`` and
+    ``column`` to search, and the ``provider``, ``model`` and ``dimensions`` to embed the
+    query with. The live column until a ``model cutover``; the new vectors from then on
+    (and the live column again after a ``model rollback``). Read it when the app starts
+    and now and then (it changes only at a cutover or a rollback)."""
+    return asyncio.run(aactive(_config(config), _database(database, database_url), target))
+
+
 __all__ = [
+    "ActiveModel",
     "AdoptResult",
     "BackfillOptions",
     "Config",
@@ -166,8 +191,10 @@ __all__ = [
     "UsageError",
     "VerificationFailed",
     "VerifyResult",
+    "aactive",
     "aadopt",
     "abackfill",
+    "active",
     "astatus",
     "averify",
     "backfill",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import logging
 import os
 import time
@@ -41,6 +42,7 @@ from .db.store import KeyInfo, Store
 from .engine import BackfillOptions, Hooks, Observer, ProgressCallback, Run
 from .engine.prepare import prepare
 from .errors import (
+    ConfigError,
     DatabaseError,
     EmbedfillError,
     JobConflict,
@@ -49,6 +51,7 @@ from .errors import (
     PrivilegeMissing,
     TargetBusy,
     UsageError,
+    VerificationFailed,
 )
 from .errors import first_line as _first_line
 from .models import Report, TargetStatus
@@ -312,6 +315,35 @@ async def _ddl(conn: psycopg.AsyncConnection[Any], statement: Any, table: str) -
             await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
 
 
+async def _model_fill(
+    conn: psycopg.AsyncConnection[Any],
+    dconfig: Config,
+    db: Database,
+    live_sql: Any,
+    strategy: str,
+    home: dict[str, Any],
+    derived: str,
+    migration_id: int,
+    **backfill: Any,
+) -> bool:
+    """The new vectors' fill, then a catch-up of the rows added or edited meanwhile
+    (a side table first gets a row for each live row it lacks); False when a run did
+    not succeed (rows failed, or it was stopped)."""
+    store = Store(conn)
+    actor = backfill.pop("actor")
+    for refresh in (False, True):
+        if strategy == "table":
+            await conn.execute(homes.mirror(live_sql, home["schema"], home["relation"]))
+        report = await abackfill(
+            dconfig, db, BackfillOptions(target=derived, actor=actor, refresh=refresh), **backfill
+        )
+        if report.run_id is not None:
+            await store.set_migration_job(migration_id, report.run_id)
+        if report.status != "succeeded":
+            return False
+    return True
+
+
 async def amodel_start(
     config: Config,
     db: Database,
@@ -401,25 +433,23 @@ async def amodel_start(
                     str(live.table),
                 )
         if phase in ("filling", "ready"):  # ready: a catch-up of what changed since
-            # the fill, then a catch-up of the rows added or edited meanwhile
-            for refresh in (False, True):
-                if strategy == "table":
-                    await conn.execute(
-                        homes.mirror(info.sql(live), home["schema"], home["relation"])
-                    )
-                report = await abackfill(
-                    dconfig,
-                    db,
-                    BackfillOptions(target=derived.name, actor=actor, refresh=refresh),
-                    provider=provider,
-                    env=env,
-                    on_progress=on_progress,
-                    cancel=cancel,
-                )
-                if report.run_id is not None:
-                    await store.set_migration_job(migration_id, report.run_id)
-                if report.status != "succeeded":
-                    return await migration.status_of(conn, config, live)
+            filled = await _model_fill(
+                conn,
+                dconfig,
+                db,
+                info.sql(live),
+                strategy,
+                home,
+                derived.name,
+                migration_id,
+                actor=actor,
+                provider=provider,
+                env=env,
+                on_progress=on_progress,
+                cancel=cancel,
+            )
+            if not filled:
+                return await migration.status_of(conn, config, live)
             if phase == "filling":
                 phase = "indexing"
                 await store.set_migration_phase(migration_id, phase)
@@ -442,6 +472,221 @@ async def amodel_start(
                     )
             await store.set_migration_phase(migration_id, "ready")
         return await migration.status_of(conn, config, live)
+    except psycopg.Error as exc:
+        raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
+    finally:
+        await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def _migration(
+    config: Config, db: Database, target: str
+) -> AsyncIterator[tuple[psycopg.AsyncConnection[Any], TargetConfig, Any, dict[str, Any]]]:
+    """The connection, the live target, its table and its change of model under way
+    (UsageError when there is none)."""
+    conn = await connect(db)
+    try:
+        await ensure_schema(conn)
+        live = config.target(target)
+        pconf = config.provider_for(live)
+        info = await inspect_target(conn, live, pconf.expected_dimensions, pconf.label)
+        row = await Store(conn).open_migration(info.oid, live.embedding_column)
+        if row is None:
+            raise UsageError(
+                f"No change of {live.name}'s model is under way; start one with "
+                f"`embedfill model start --target {live.name} --to PROVIDER`."
+            )
+        yield conn, live, info, row
+    except psycopg.Error as exc:
+        raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
+    finally:
+        await conn.close()
+
+
+def _derived(config: Config, live: TargetConfig, row: dict[str, Any]) -> tuple[Any, Config]:
+    to_name = row["to_model"]["provider"]
+    if to_name not in config.providers:
+        raise ConfigError(
+            f"The change of {live.name}'s model goes to provider section {to_name!r}, which "
+            "this config lacks; run with the config that started it."
+        )
+    derived = migration.derived_target(
+        live, config.providers[to_name], row["strategy"], dict(row["home"])
+    )
+    return derived, migration.with_target(config, derived)
+
+
+async def amodel_verify(
+    config: Config,
+    db: Database,
+    target: str,
+    *,
+    sample: int | None = None,
+    provider: Provider | None = None,
+    env: Mapping[str, str] | None = None,
+) -> migration.MigrationStatus:
+    """Fill ``gates`` (each ``{value, threshold, pass}``) after a final catch-up:
+    ``coverage`` (1.0), ``shape`` (the new size), ``sample`` (re-embedded sample rows
+    agree with their stored new vectors, the provider's verify_min_cosine) and
+    ``recall_at_10`` (the new index against exact search). Recorded for the cutover."""
+    async with _migration(config, db, target) as (conn, live, info, row):
+        if row["phase"] not in ("ready", "cut_over", "rolled_back"):
+            raise VerificationFailed(
+                f"The change of {live.name}'s model is at phase {row['phase']}; run "
+                f"`embedfill model start --target {live.name} --to "
+                f"{row['to_model']['provider']}` until it is ready."
+            )
+        derived, dconfig = _derived(config, live, row)
+        home, strategy = dict(row["home"]), str(row["strategy"])
+        gates: dict[str, Any] = {}
+        filled = await _model_fill(
+            conn,
+            dconfig,
+            db,
+            info.sql(live),
+            strategy,
+            home,
+            derived.name,
+            int(row["id"]),
+            actor="model verify",
+            provider=provider,
+            env=env,
+        )
+        checked = await averify(
+            dconfig, db, derived.name, sample=sample, env=env, provider=provider
+        )
+        now = await migration.status_of(conn, config, live)
+        gates["coverage"] = migration.gate(now.coverage, 1.0, filled and now.coverage >= 1.0)
+        gates["shape"] = await migration.shape_gate(conn, home, int(row["to_model"]["dimensions"]))
+        agree = checked.checked - len(checked.mismatched)
+        share = 1.0 if not checked.checked else round(agree / checked.checked, 4)
+        gates["sample"] = migration.gate(
+            share, 1.0, checked.ok, checked=checked.checked, min_cosine=checked.min_cosine
+        )
+        gates["recall_at_10"] = await migration.recall_gate(
+            conn, home, migration.home_id_column(live, strategy), info.types.vector_type
+        )
+        await Store(conn).set_migration_gates(int(row["id"]), gates)
+        return await migration.status_of(conn, config, live)
+
+
+async def amodel_cutover(config: Config, db: Database, target: str) -> migration.MigrationStatus:
+    """Switch the app's searches to the new vectors: refused (VerificationFailed) unless
+    every gate of the last ``verify`` passed and the coverage is still 1.0; then one
+    short transaction records it in embedfill.active_models."""
+    async with _migration(config, db, target) as (conn, live, _info, row):
+        now = await migration.status_of(conn, config, live)
+        if row["phase"] not in ("ready", "rolled_back", "cut_over"):
+            raise VerificationFailed(
+                f"The change of {live.name}'s model is at phase {row['phase']}, not ready; "
+                "run `embedfill model start` until it is, then `embedfill model verify`."
+            )
+        if not now.gates:
+            raise VerificationFailed(
+                f"No gate of {live.name}'s change of model was checked; run "
+                f"`embedfill model verify --target {live.name}` first."
+            )
+        failed = [name for name, g in now.gates.items() if not g.get("pass")]
+        if not failed and now.coverage < 1.0:
+            failed = ["coverage"]
+        if failed:
+            name = failed[0]
+            g = now.gates.get(name, {"value": now.coverage, "threshold": 1.0})
+            raise VerificationFailed(
+                f"Gate {name} fails ({g.get('value')} against {g.get('threshold')}); the "
+                f"app goes on searching the old vectors. Run `embedfill model verify "
+                f"--target {live.name}` again once it is fixed."
+            )
+        home, to = dict(row["home"]), dict(row["to_model"])
+        store = Store(conn)
+        async with conn.transaction():
+            await conn.execute("SELECT pg_catalog.set_config('lock_timeout', '2s', true)")
+            await store.set_active_model(
+                target=live.name,
+                schema=home["schema"],
+                relation=home["relation"],
+                column=home["column"],
+                provider=to["provider"],
+                model=to["model"],
+                dimensions=to["dimensions"],
+                migration_id=row["id"],
+            )
+            await store.cut_over(int(row["id"]))
+        return await migration.status_of(conn, config, live)
+
+
+async def amodel_rollback(config: Config, db: Database, target: str) -> migration.MigrationStatus:
+    """Switch the app's searches back to the live column's vectors (instant: they were
+    kept); before a cutover, give the change up. ``finalize`` then drops the new ones."""
+    async with _migration(config, db, target) as (conn, live, info, row):
+        was = dict(row["from_model"])
+        store = Store(conn)
+        async with conn.transaction():
+            await conn.execute("SELECT pg_catalog.set_config('lock_timeout', '2s', true)")
+            await store.set_active_model(
+                target=live.name,
+                schema=info.schema,
+                relation=live.table.name,
+                column=live.embedding_column,
+                provider=was["provider"],
+                model=was["model"],
+                dimensions=was["dimensions"],
+                migration_id=row["id"],
+            )
+            await store.set_migration_phase(int(row["id"]), "rolled_back")
+        return await migration.status_of(conn, config, live)
+
+
+async def amodel_finalize(
+    config: Config, db: Database, target: str, *, yes: bool = False, force: bool = False
+) -> migration.MigrationStatus:
+    """Drop the vectors the app no longer searches: after a cutover the live column's
+    (its vector indexes, then the column), after a rollback the new ones (the side
+    table, or the shadow column and its indexes). Only with ``yes``; after a cutover,
+    not within ``[engine] rollback_window_days`` of it unless ``force``."""
+    async with _migration(config, db, target) as (conn, live, info, row):
+        phase, home = str(row["phase"]), dict(row["home"])
+        if phase not in ("cut_over", "rolled_back"):
+            raise UsageError(
+                f"The change of {live.name}'s model is at phase {phase}: finalize follows a "
+                "`model cutover` (drops the old vectors) or a `model rollback` (drops the "
+                "new ones)."
+            )
+        dropping = "the old vectors" if phase == "cut_over" else "the new vectors"
+        if not yes:
+            raise UsageError(
+                f"finalize drops {dropping} of {live.name} for good; pass --yes to do it."
+            )
+        window = config.engine.rollback_window_days
+        cut = row["cut_over_at"]
+        if phase == "cut_over" and window and not force and cut is not None:
+            ends = cut + dt.timedelta(days=window)
+            if ends > dt.datetime.now(dt.UTC):
+                raise UsageError(
+                    f"The rollback window of {window} days after the cutover ends at "
+                    f"{ends.isoformat(timespec='minutes')}; finalize then, or pass --force."
+                )
+        live_sql = info.sql(live)
+        if phase == "cut_over":
+            for index in await indexes.vector_indexes(conn, info.oid, live.embedding_column):
+                await conn.execute(homes.drop_index(index.schema, index.name))
+            await _ddl(conn, homes.drop_column(live_sql, live.embedding_column), str(live.table))
+        elif row["strategy"] == "table":
+            await _ddl(conn, homes.drop_table(home["schema"], home["relation"]), home["relation"])
+        else:
+            for twin in home.get("indexes", []):
+                await conn.execute(homes.drop_index(home["schema"], twin["name"]))
+            await _ddl(conn, homes.drop_column(live_sql, home["column"]), str(live.table))
+        await Store(conn).finalized(int(row["id"]))
+        return await migration.status_of(conn, config, live)
+
+
+async def aactive(config: Config, db: Database, target: str) -> migration.ActiveModel:
+    """Which vectors ``target``'s searches use now (migration.ActiveModel). Read-only."""
+    conn = await connect(db)
+    try:
+        await ensure_schema(conn)
+        return await migration.active_of(conn, config, config.target(target))
     except psycopg.Error as exc:
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
     finally:

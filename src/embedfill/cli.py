@@ -1111,6 +1111,88 @@ def model_status(
         model_status_text(out, statuses)
 
 
+def _model_done(status: Any, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(status.to_dict()))
+    else:
+        model_status_text(out, [status])
+
+
+_TARGET = typer.Option(help="The target whose model changes.")
+_JSON = typer.Option("--json", help="One JSON object on stdout.")
+
+
+@model_app.command("verify")
+def model_verify(
+    ctx: typer.Context,
+    target: Annotated[str, _TARGET],
+    sample: Annotated[
+        int | None, typer.Option(metavar="N", help="Rows re-embedded for the sample gate.")
+    ] = None,
+    as_json: Annotated[bool, _JSON] = False,
+) -> None:
+    """Check the new vectors after a final catch-up: the gates coverage, shape, sample
+    and recall_at_10, recorded for the cutover. Exit 0 when every gate passes, 3 when
+    one fails."""
+    state = _state(ctx)
+    with _errors(state):
+        status = asyncio.run(
+            application.amodel_verify(state.config(), state.database(), target, sample=sample)
+        )
+    _model_done(status, as_json)
+    raise typer.Exit(0 if status.gates and all(g["pass"] for g in status.gates.values()) else 3)
+
+
+@model_app.command("cutover")
+def model_cutover(
+    ctx: typer.Context,
+    target: Annotated[str, _TARGET],
+    as_json: Annotated[bool, _JSON] = False,
+) -> None:
+    """Switch the app's searches to the new vectors (embedfill.active_models), in one
+    short transaction. Exit 3, naming the gate, unless every gate passed."""
+    state = _state(ctx)
+    with _errors(state):
+        status = asyncio.run(application.amodel_cutover(state.config(), state.database(), target))
+    _model_done(status, as_json)
+
+
+@model_app.command("rollback")
+def model_rollback(
+    ctx: typer.Context,
+    target: Annotated[str, _TARGET],
+    as_json: Annotated[bool, _JSON] = False,
+) -> None:
+    """Switch the app's searches back to the old vectors (instant: they were kept); before
+    a cutover, give the change up."""
+    state = _state(ctx)
+    with _errors(state):
+        status = asyncio.run(application.amodel_rollback(state.config(), state.database(), target))
+    _model_done(status, as_json)
+
+
+@model_app.command("finalize")
+def model_finalize(
+    ctx: typer.Context,
+    target: Annotated[str, _TARGET],
+    yes: Annotated[bool, typer.Option("--yes", help="Drop them: there is no undo.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Even within the rollback window.")
+    ] = False,
+    as_json: Annotated[bool, _JSON] = False,
+) -> None:
+    """Drop the vectors the app no longer searches: the old ones after a cutover, the new
+    ones after a rollback. Only with --yes."""
+    state = _state(ctx)
+    with _errors(state):
+        status = asyncio.run(
+            application.amodel_finalize(
+                state.config(), state.database(), target, yes=yes, force=force
+            )
+        )
+    _model_done(status, as_json)
+
+
 def _short_helps(group: typer.Typer) -> None:
     """Each command's line in its group's list: the first sentence of its docstring on
     one line (Typer keeps the docstring's line breaks there, cutting sentences)."""

@@ -163,6 +163,9 @@ class EngineConfig:
     # doubling per failure of the row up to retry_failed_max_s (at once after a key change)
     retry_failed_s: int = 60
     retry_failed_max_s: int = 3600
+    # `embedfill model finalize` after a cutover drops the old vectors only once this many
+    # days have passed since it (until then `model rollback` is instant), unless --force
+    rollback_window_days: int = 0
 
 
 MAX_LEASE_S = 60
@@ -340,6 +343,7 @@ _ENGINE_KEYS = {
     "lease_s": int,
     "retry_failed_s": int,
     "retry_failed_max_s": int,
+    "rollback_window_days": int,
 }
 _TOP_KEYS = ("providers", "targets", "engine")
 
@@ -507,7 +511,9 @@ def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:
         raise ConfigError("[engine] must be a table of settings.")
     _check_keys(raw_engine, _ENGINE_KEYS, "[engine]")
     for key, value in raw_engine.items():
-        _positive(value, key, "[engine]", allow_zero=key == "locked_rows_wait_s")
+        _positive(
+            value, key, "[engine]", allow_zero=key in ("locked_rows_wait_s", "rollback_window_days")
+        )
     if raw_engine.get("lease_s", 0) > MAX_LEASE_S:
         raise ConfigError(
             f"[engine] lease_s is {raw_engine['lease_s']}, more than {MAX_LEASE_S}: a killed "

@@ -514,9 +514,15 @@ async def status_of(
 ) -> MigrationStatus:
     """How far the change of ``target``'s model is (the one under way, else the last)."""
     pconf = config.provider_for(target)
-    info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
     store = Store(conn)
-    row = await store.latest_migration(info.oid, target.embedding_column)
+    try:
+        info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
+        row = await store.latest_migration(info.oid, target.embedding_column)
+    except EmbedfillErrorBase:
+        # the live column is gone (a finalized change): its record, by the target's name
+        row = await store.latest_migration_of(target.name)
+        if row is None or row["phase"] != "finalized":
+            raise
     if row is None:
         return MigrationStatus(target=target.name, migration_id=None, phase="none")
     home, to_model = dict(row["home"]), dict(row["to_model"])
@@ -566,3 +572,121 @@ async def status_of(
         else:
             out.index = "valid"
     return out
+
+
+# ---------------------------------------------------------------------- gates
+
+RECALL_MIN = 0.95  # recall@10 of the new index against exact search
+RECALL_QUERIES = 20  # sampled stored vectors used as queries
+
+
+def gate(value: Any, threshold: Any, passed: bool, **more: Any) -> dict[str, Any]:
+    return {"value": value, "threshold": threshold, "pass": passed, **more}
+
+
+def home_id_column(target: TargetConfig, strategy: str) -> str:
+    return homes.ROW_ID if strategy == "table" else target.id_column
+
+
+async def shape_gate(
+    conn: psycopg.AsyncConnection[Any], home: dict[str, Any], dimensions: int
+) -> dict[str, Any]:
+    """Every new vector is of the new size and finite: the home's column type enforces
+    the size (``vector(n)``) and pgvector refuses NaN and infinity, so the gate is the
+    declared size."""
+    declared = await homes.declared_dimensions(
+        conn, home["schema"], home["relation"], home["column"]
+    )
+    return gate(declared, dimensions, declared == dimensions)
+
+
+async def recall_gate(
+    conn: psycopg.AsyncConnection[Any],
+    home: dict[str, Any],
+    id_column: str,
+    vector_type: str,
+) -> dict[str, Any]:
+    """recall@10 of the new index against exact search, for up to RECALL_QUERIES stored
+    vectors as queries, at this database's ``hnsw.ef_search`` (the app's, unless it sets
+    its own per session). No index: searches are exact, nothing to measure."""
+    twins_ = home.get("indexes") or []
+    if not twins_:
+        return gate(None, RECALL_MIN, True, note="no vector index: searches are exact")
+    twin = twins_[0]
+    operator = homes.distance_operator(twin["opclass"])
+    if operator is None:
+        return gate(None, RECALL_MIN, True, note=f"operator class {twin['opclass']} not measured")
+    cur = await conn.execute(
+        homes.sample_vectors(home["schema"], home["relation"], home["column"]),
+        {"percent": 100.0, "limit": RECALL_QUERIES},
+    )
+    queries = [r[0] for r in await cur.fetchall()]
+    nearest = homes.nearest(
+        home["schema"], home["relation"], home["column"], id_column, operator, vector_type
+    )
+    cur = await conn.execute("SELECT pg_catalog.current_setting('hnsw.ef_search', true)")
+    row = await cur.fetchone()
+    ef_search = row[0] if row and row[0] else "40"
+    hits = total = 0
+    for q in queries:
+        cur = await conn.execute(nearest, {"q": q})
+        approx = {r[0] for r in await cur.fetchall()}
+        async with conn.transaction():  # the exact answer: no index
+            await conn.execute("SET LOCAL enable_indexscan = off")
+            await conn.execute("SET LOCAL enable_bitmapscan = off")
+            cur = await conn.execute(nearest, {"q": q})
+            exact = {r[0] for r in await cur.fetchall()}
+        hits += len(approx & exact)
+        total += len(exact)
+    value = 1.0 if total == 0 else round(hits / total, 4)
+    return gate(value, RECALL_MIN, value >= RECALL_MIN, queries=len(queries), ef_search=ef_search)
+
+
+@dataclass(frozen=True)
+class ActiveModel:
+    """Which vectors a target's searches use (``embedfill.active``): where they are and
+    the model that made them, so the app embeds its queries with the same model."""
+
+    target: str
+    schema: str
+    relation: str
+    column: str
+    provider: str  # the provider section of the config
+    model: str
+    dimensions: int
+    since: dt.datetime | None  # the cutover or rollback that chose them; None: never changed
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["since"] = self.since.isoformat() if self.since else None
+        return out
+
+
+async def active_of(
+    conn: psycopg.AsyncConnection[Any], config: Config, target: TargetConfig
+) -> ActiveModel:
+    row = await Store(conn).active_model(target.name)
+    if row is not None:
+        return ActiveModel(
+            target=target.name,
+            schema=row["schema_name"],
+            relation=row["relation"],
+            column=row["column_name"],
+            provider=row["provider"],
+            model=row["model"],
+            dimensions=int(row["dimensions"]),
+            since=row["since"],
+        )
+    pconf = config.provider_for(target)
+    info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
+    ident = model_identity(pconf, info)
+    return ActiveModel(
+        target=target.name,
+        schema=info.schema,
+        relation=target.table.name,
+        column=target.embedding_column,
+        provider=pconf.name,
+        model=ident.model,
+        dimensions=ident.dimensions,
+        since=None,
+    )

@@ -77,3 +77,36 @@ def test_model_start_fills_the_new_vectors_and_status_says_so(tickets: str, tmp_
     assert code == 0 and "phase ready" in stdout and "coverage 100.00% of 60 rows" in stdout
     code, _, stderr = model("start", "--target", "tickets", "--to", "wide")
     assert code == 4 and "phase ready" in stderr and stderr.strip().count("\n") == 0
+
+
+def test_model_verify_cutover_rollback_and_finalize_from_the_cli(
+    tickets: str, tmp_path: Path
+) -> None:
+    path = write_config(tmp_path, NOWHERE, extra=NEXT)
+    env = cli_env(tickets)
+
+    def model(*args: str) -> tuple[int, str, str]:
+        done = embedfill("--config", str(path), "model", *args, "--target", "tickets", env=env)
+        return done.returncode, done.stdout, done.stderr
+
+    code, _, stderr = model("cutover")
+    assert code == 2 and "No change of tickets's model is under way" in stderr
+    assert model("start", "--to", "next")[0] == 0
+    code, _, stderr = model("cutover")
+    assert code == 3 and "run `embedfill model verify" in stderr
+    code, stdout, stderr = model("verify", "--json")
+    assert code == 0, stderr
+    gates = json.loads(stdout)["gates"]
+    assert all(g["pass"] for g in gates.values()) and gates["coverage"]["value"] == 1.0
+    code, stdout, _ = model("cutover", "--json")
+    assert code == 0 and json.loads(stdout)["active"] == "new"
+    code, stdout, _ = model("rollback")
+    assert code == 0 and "searches use the old vectors" in stdout
+    code, _, stderr = model("finalize")
+    assert code == 2 and "pass --yes" in stderr
+    code, stdout, _ = model("finalize", "--yes", "--json")
+    assert code == 0 and json.loads(stdout)["phase"] == "finalized"
+    with psycopg.connect(tickets) as conn:
+        assert conn.execute("SELECT to_regclass('app.\"SupportTickets_emb_next\"')").fetchone() == (
+            None,
+        )

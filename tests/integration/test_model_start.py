@@ -22,27 +22,28 @@ T = 'app."SupportTickets"'
 SIDE = 'app."SupportTickets_emb_next"'
 
 
+def _raw_providers() -> dict[str, Any]:
+    return {
+        "openai": provider_settings(NOWHERE, 8),
+        "next": {"kind": "hash", "model": "hash-v2", "dimensions": 16, "batch_size": 7},
+        "other": {"kind": "hash", "model": "hash-v3", "dimensions": 16},
+    }
+
+
+def _raw_target() -> dict[str, Any]:
+    return {
+        "name": "tickets",
+        "table": "app.SupportTickets",
+        "id_column": "ticket_no",
+        "text": "{subject}\n\n{body}",
+        "embedding_column": "emb",
+        "tenant_column": "org",
+        "provider": "openai",
+    }
+
+
 def config() -> Config:
-    return parse_config(
-        {
-            "providers": {
-                "openai": provider_settings(NOWHERE, 8),
-                "next": {"kind": "hash", "model": "hash-v2", "dimensions": 16, "batch_size": 7},
-                "other": {"kind": "hash", "model": "hash-v3", "dimensions": 16},
-            },
-            "targets": [
-                {
-                    "name": "tickets",
-                    "table": "app.SupportTickets",
-                    "id_column": "ticket_no",
-                    "text": "{subject}\n\n{body}",
-                    "embedding_column": "emb",
-                    "tenant_column": "org",
-                    "provider": "openai",
-                }
-            ],
-        }
-    )
+    return parse_config({"providers": _raw_providers(), "targets": [_raw_target()]})
 
 
 def start(url: str, to: str = "next", strategy: str = "table") -> Any:
@@ -181,3 +182,101 @@ def test_a_role_that_may_not_make_the_home_is_told_before_anything_is_written(
         assert conn.execute("SELECT count(*) FROM embedfill.model_migrations").fetchone() == (0,)
     roles.grant(worker, "GRANT CREATE ON SCHEMA app TO {role}")
     assert start(url).phase == "ready"  # the side table is its own; the live one only read
+
+
+def run(coro_fn: Any, url: str, *args: Any, cfg: Config | None = None, **kw: Any) -> Any:
+    return asyncio.run(coro_fn(cfg or config(), Database(url), "tickets", *args, **kw))
+
+
+def columns(url: str) -> list[str]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'app.\"SupportTickets\"'::regclass"
+            " AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def test_verify_then_cutover_rollback_cutover_again_and_finalize(indexed: str) -> None:
+    import embedfill
+    from embedfill.application import (
+        amodel_cutover,
+        amodel_finalize,
+        amodel_rollback,
+        amodel_verify,
+    )
+    from embedfill.errors import UsageError, VerificationFailed
+
+    def active() -> Any:
+        return embedfill.active("tickets", config(), database_url=indexed)
+
+    start(indexed)
+    before = active()
+    assert (before.relation, before.column, before.model, before.since) == (
+        "SupportTickets",
+        "emb",
+        "test-embed",
+        None,
+    )
+    with pytest.raises(VerificationFailed, match="run `embedfill model verify"):
+        run(amodel_cutover, indexed)
+    st = run(amodel_verify, indexed, env={})
+    assert set(st.gates) == {"coverage", "shape", "sample", "recall_at_10"}
+    assert all(g["pass"] for g in st.gates.values()), st.gates
+    assert st.gates["shape"]["value"] == 16 and st.gates["sample"]["checked"] > 0
+    assert st.gates["recall_at_10"]["value"] >= 0.95
+    st = run(amodel_cutover, indexed)
+    assert (st.phase, st.active) == ("cut_over", "new")
+    now = active()
+    assert (now.relation, now.column, now.provider, now.model, now.dimensions) == (
+        "SupportTickets_emb_next",
+        "embedding",
+        "next",
+        "hash-v2",
+        16,
+    )
+    st = run(amodel_rollback, indexed)
+    assert (st.phase, st.active) == ("rolled_back", "old")
+    assert (active().relation, active().model) == ("SupportTickets", "test-embed")
+    assert run(amodel_cutover, indexed).active == "new"  # the gates still hold
+    with pytest.raises(UsageError, match="pass --yes"):
+        run(amodel_finalize, indexed)
+    windowed = parse_config(
+        {
+            "providers": {p: dict(v) for p, v in _raw_providers().items()},
+            "targets": [_raw_target()],
+            "engine": {"rollback_window_days": 7},
+        }
+    )
+    with pytest.raises(UsageError, match="rollback window of 7 days"):
+        run(amodel_finalize, indexed, cfg=windowed, yes=True)
+    st = run(amodel_finalize, indexed, cfg=windowed, yes=True, force=True)
+    assert st.phase == "finalized" and st.active == "new"
+    assert "emb" not in columns(indexed)  # the old vectors and their index are gone
+    assert active().relation == "SupportTickets_emb_next"
+
+
+def test_an_edit_after_verify_keeps_the_cutover_back(indexed: str) -> None:
+    from embedfill.application import amodel_cutover, amodel_verify
+    from embedfill.errors import VerificationFailed
+
+    start(indexed)
+    run(amodel_verify, indexed, env={})
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f"UPDATE {T} SET body = 'edited' WHERE ticket_no = 3")
+    with pytest.raises(VerificationFailed, match="Gate coverage fails"):
+        run(amodel_cutover, indexed)
+    assert status(indexed).active == "old"
+
+
+def test_a_change_given_up_before_the_cutover_drops_only_the_new_vectors(indexed: str) -> None:
+    from embedfill.application import amodel_finalize, amodel_rollback
+
+    live_before = live(indexed)
+    start(indexed)
+    assert run(amodel_rollback, indexed).phase == "rolled_back"
+    assert run(amodel_finalize, indexed, yes=True).phase == "finalized"
+    with psycopg.connect(indexed) as conn:
+        gone = conn.execute("SELECT to_regclass(%s)", (SIDE,)).fetchone()
+    assert gone == (None,) and live(indexed) == live_before
+    assert start(indexed).phase == "ready"  # and a new change may start

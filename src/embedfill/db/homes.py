@@ -172,3 +172,78 @@ async def missing_privilege(
             "member of that role may; run it as the owner, or use --strategy table"
         )
     return None
+
+
+_DECLARED = """
+SELECT a.atttypmod FROM pg_catalog.pg_attribute a
+JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = %(relation)s AND a.attname = %(column)s
+  AND NOT a.attisdropped"""
+
+
+async def declared_dimensions(
+    conn: psycopg.AsyncConnection[Any], schema: str, relation: str, column: str
+) -> int | None:
+    """The size the home's column type enforces (``vector(16)``: 16); None without one."""
+    cur = await conn.execute(_DECLARED, {"schema": schema, "relation": relation, "column": column})
+    row = await cur.fetchone()
+    return int(row[0]) if row and row[0] is not None and row[0] > 0 else None
+
+
+# each operator class's distance operator (pgvector)
+DISTANCE = {
+    "l2": "<->",
+    "ip": "<#>",
+    "cosine": "<=>",
+    "l1": "<+>",
+    "hamming": "<~>",
+    "jaccard": "<%>",
+}
+
+
+def distance_operator(opclass: str) -> sql.Composable | None:
+    """``OPERATOR(schema.<=>)`` for an operator class as an index definition names it
+    (``public.vector_cosine_ops``); None for one this does not know."""
+    schema, _, name = opclass.rpartition(".")
+    kind = name.removesuffix("_ops").rsplit("_", 1)[-1]
+    op = DISTANCE.get(kind)
+    if op is None:
+        return None
+    return sql.SQL("OPERATOR({}.{})").format(sql.Identifier(schema or "pg_catalog"), sql.SQL(op))
+
+
+def sample_vectors(schema: str, relation: str, column: str) -> sql.Composed:
+    """Up to %(limit)s stored vectors, as text, from a random %(percent)s of the pages."""
+    return sql.SQL(
+        "SELECT {col}::text FROM {table} TABLESAMPLE SYSTEM (%(percent)s)"
+        " WHERE {col} IS NOT NULL ORDER BY random() LIMIT %(limit)s"
+    ).format(col=sql.Identifier(column), table=sql.Identifier(schema, relation))
+
+
+def nearest(
+    schema: str,
+    relation: str,
+    column: str,
+    id_column: str,
+    operator: sql.Composable,
+    vector_type: str,
+) -> sql.Composed:
+    """The ten rows nearest to %(q)s (a vector as text), as the app searches them."""
+    return sql.SQL("SELECT {id} FROM {table} ORDER BY {col} {op} %(q)s::{type} LIMIT 10").format(
+        id=sql.Identifier(id_column),
+        table=sql.Identifier(schema, relation),
+        col=sql.Identifier(column),
+        op=operator,
+        type=sql.SQL(vector_type),
+    )
+
+
+def drop_column(live: TargetSQL, column: str) -> sql.Composed:
+    return sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(
+        live.table, sql.Identifier(column)
+    )
+
+
+def drop_table(schema: str, relation: str) -> sql.Composed:
+    return sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, relation))

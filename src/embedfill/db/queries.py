@@ -590,3 +590,28 @@ WHERE id = %(id)s"""
 ACTIVE_MODEL = """
 SELECT schema_name, relation, column_name, provider, model, dimensions, since, migration_id
 FROM embedfill.active_models WHERE target = %(target)s"""
+SET_MIGRATION_GATES = """
+UPDATE embedfill.model_migrations SET gates = %(gates)s, updated_at = pg_catalog.now()
+WHERE id = %(id)s"""
+CUT_OVER = """
+UPDATE embedfill.model_migrations
+SET phase = 'cut_over', cut_over_at = pg_catalog.now(), updated_at = pg_catalog.now()
+WHERE id = %(id)s"""
+FINALIZED = """
+UPDATE embedfill.model_migrations
+SET phase = 'finalized', finalized_at = pg_catalog.now(), updated_at = pg_catalog.now()
+WHERE id = %(id)s"""
+SET_ACTIVE_MODEL = """
+INSERT INTO embedfill.active_models AS a
+    (target, schema_name, relation, column_name, provider, model, dimensions, since, migration_id)
+VALUES (%(target)s, %(schema)s, %(relation)s, %(column)s, %(provider)s, %(model)s,
+        %(dimensions)s, pg_catalog.now(), %(migration_id)s)
+ON CONFLICT (target) DO UPDATE SET schema_name = excluded.schema_name,
+    relation = excluded.relation, column_name = excluded.column_name,
+    provider = excluded.provider, model = excluded.model, dimensions = excluded.dimensions,
+    since = excluded.since, migration_id = excluded.migration_id"""
+LATEST_MIGRATION_OF = """
+SELECT id, target, strategy, from_model, to_model, home, phase, job_id, gates,
+       created_at, updated_at, cut_over_at, finalized_at
+FROM embedfill.model_migrations WHERE target = %(target)s
+ORDER BY (phase <> 'finalized') DESC, id DESC LIMIT 1"""

@@ -341,6 +341,11 @@ class Store:
         )
         return await _one_dict(cur)
 
+    async def latest_migration_of(self, target: str) -> dict[str, Any] | None:
+        """The change under way of the target so named, else its last one finalized."""
+        cur = await self.conn.execute(q.LATEST_MIGRATION_OF, {"target": target})
+        return await _one_dict(cur)
+
     async def insert_migration(self, **values: Any) -> int:
         values = values | {k: Jsonb(values[k]) for k in ("from_model", "to_model", "home")}
         cur = await self.conn.execute(q.INSERT_MIGRATION, values)
@@ -353,6 +358,18 @@ class Store:
 
     async def set_migration_job(self, migration_id: int, job_id: int) -> None:
         await self.conn.execute(q.SET_MIGRATION_JOB, {"id": migration_id, "job_id": job_id})
+
+    async def set_migration_gates(self, migration_id: int, gates: dict[str, Any]) -> None:
+        await self.conn.execute(q.SET_MIGRATION_GATES, {"id": migration_id, "gates": Jsonb(gates)})
+
+    async def cut_over(self, migration_id: int) -> None:
+        await self.conn.execute(q.CUT_OVER, {"id": migration_id})
+
+    async def finalized(self, migration_id: int) -> None:
+        await self.conn.execute(q.FINALIZED, {"id": migration_id})
+
+    async def set_active_model(self, **values: Any) -> None:
+        await self.conn.execute(q.SET_ACTIVE_MODEL, values)
 
     async def active_model(self, target: str) -> dict[str, Any] | None:
         cur = await self.conn.execute(q.ACTIVE_MODEL, {"target": target})
