@@ -7,6 +7,7 @@ provider's dimension) live in ``db.catalog`` and run before any API call or writ
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import string
 import tomllib
@@ -166,6 +167,10 @@ class EngineConfig:
     # `embedfill model finalize` after a cutover drops the old vectors only once this many
     # days have passed since it (until then `model rollback` is instant), unless --force
     rollback_window_days: int = 0
+    # `embedfill model verify`'s coverage gate: the share of rows with text that must hold
+    # a new vector of their current text after the final catch-up (a busy app's edits
+    # during it keep 1.0 out of reach for a moment)
+    cutover_min_coverage: float = 1.0
 
 
 MAX_LEASE_S = 60
@@ -344,6 +349,7 @@ _ENGINE_KEYS = {
     "retry_failed_s": int,
     "retry_failed_max_s": int,
     "rollback_window_days": int,
+    "cutover_min_coverage": (int, float),
 }
 _TOP_KEYS = ("providers", "targets", "engine")
 
@@ -514,12 +520,21 @@ def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:
         _positive(
             value, key, "[engine]", allow_zero=key in ("locked_rows_wait_s", "rollback_window_days")
         )
+    if not 0 < raw_engine.get("cutover_min_coverage", 1.0) <= 1:
+        raise ConfigError(
+            "[engine] cutover_min_coverage is a share of rows: more than 0, at most 1 "
+            f"(not {raw_engine['cutover_min_coverage']})."
+        )
     if raw_engine.get("lease_s", 0) > MAX_LEASE_S:
         raise ConfigError(
             f"[engine] lease_s is {raw_engine['lease_s']}, more than {MAX_LEASE_S}: a killed "
             f"worker's chunks would wait that long for another worker; use at most {MAX_LEASE_S}."
         )
     engine = EngineConfig(**raw_engine)
+    if "cutover_min_coverage" in raw_engine:  # 1 in TOML is an int
+        engine = dataclasses.replace(
+            engine, cutover_min_coverage=float(raw_engine["cutover_min_coverage"])
+        )
     return Config(providers=providers, targets=targets, engine=engine, source=source)
 
 

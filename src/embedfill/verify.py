@@ -336,11 +336,14 @@ class Verifier:
         *,
         dry_run: bool = False,
         unverified: bool = False,
+        fresh: bool = False,
         prov: ProvenanceIds | None = None,
         mark: bool = True,
     ) -> VerifyResult:
         """Check ``sample`` random rows holding a vector (None: every one), ``unverified``
-        ones only with ``prov``; a dry run reads texts only and sends nothing."""
+        ones only with ``prov``, or (``fresh``, with ``prov``) only those embedfill wrote
+        from the text they hold now: a row edited since is stale, not wrong. A dry run
+        reads texts only and sends nothing."""
         result = self.result(sample, dry_run)
         params = prov.params() if prov else {}
         if sample is None:
@@ -348,7 +351,8 @@ class Verifier:
                 await self._check(page, result)
         else:
             await self._check(
-                await self._sample(sample, unverified, params, vectors=not dry_run), result
+                await self._sample(sample, unverified, params, vectors=not dry_run, fresh=fresh),
+                result,
             )
         result.mismatched.sort(key=lambda m: m.id)
         result.estimated_cost_usd = estimate_cost(result.tokens, self.pconf.price)
@@ -403,10 +407,16 @@ class Verifier:
             after, first = last, False
 
     async def _sample(
-        self, wanted: int, unverified: bool, params: dict[str, Any], *, vectors: bool
+        self,
+        wanted: int,
+        unverified: bool,
+        params: dict[str, Any],
+        *,
+        vectors: bool,
+        fresh: bool = False,
     ) -> list[Any]:
         pages = await table_pages(self.conn, self.info.oid)
-        statement = self.sql.sample(unverified=unverified, vectors=vectors)
+        statement = self.sql.sample(unverified=unverified, vectors=vectors, fresh=fresh)
         rows: list[Any] = []
         for percent in sample_percents(wanted, pages):
             cur = await self.conn.execute(

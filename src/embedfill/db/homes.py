@@ -229,8 +229,12 @@ def nearest(
     operator: sql.Composable,
     vector_type: str,
 ) -> sql.Composed:
-    """The ten rows nearest to %(q)s (a vector as text), as the app searches them."""
-    return sql.SQL("SELECT {id} FROM {table} ORDER BY {col} {op} %(q)s::{type} LIMIT 10").format(
+    """The ten rows nearest to %(q)s (a vector as text), as the app searches them, with
+    their distances."""
+    return sql.SQL(
+        "SELECT {id}, {col} {op} %(q)s::{type} FROM {table}"
+        " ORDER BY {col} {op} %(q)s::{type} LIMIT 10"
+    ).format(
         id=sql.Identifier(id_column),
         table=sql.Identifier(schema, relation),
         col=sql.Identifier(column),
@@ -247,3 +251,17 @@ def drop_column(live: TargetSQL, column: str) -> sql.Composed:
 
 def drop_table(schema: str, relation: str) -> sql.Composed:
     return sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, relation))
+
+
+def unmirrored(live: TargetSQL, schema: str, relation: str) -> sql.Composed:
+    """Live rows with text to embed (not blank: %(blank)s) that have no side row yet."""
+    return sql.SQL(
+        "SELECT pg_catalog.count(*) FROM {live} AS t WHERE btrim({text}, %(blank)s) <> ''"
+        " AND NOT EXISTS (SELECT 1 FROM {side} AS s WHERE s.{row_id} = t.{id})"
+    ).format(
+        live=live.table,
+        text=live.rendered("t"),
+        side=sql.Identifier(schema, relation),
+        row_id=sql.Identifier(ROW_ID),
+        id=sql.Identifier(live.target.id_column),
+    )

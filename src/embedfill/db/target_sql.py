@@ -511,7 +511,9 @@ class TargetSQL:
             vec=sql.SQL("{}::real[]").format(emb) if vectors else sql.SQL("NULL::real[]"),
         )
 
-    def sample(self, *, unverified: bool = False, vectors: bool = True) -> sql.Composed:
+    def sample(
+        self, *, unverified: bool = False, vectors: bool = True, fresh: bool = False
+    ) -> sql.Composed:
         """A random sample of at most %(limit)s rows that hold a vector (``unverified``:
         and have no provenance; params ``column_id``), in id order, as ``_checked`` reads
         them. Cheap on a big table: ``TABLESAMPLE SYSTEM (%(percent)s)`` reads that share
@@ -522,6 +524,11 @@ class TargetSQL:
         where: sql.Composable = sql.SQL("{} IS NOT NULL").format(s_emb)
         if unverified:
             where = sql.SQL("{} AND {}").format(where, self._unverified("s"))
+        if fresh:  # written by embedfill from the text the row holds now (params model_id)
+            where = sql.SQL(
+                "{} AND EXISTS (SELECT 1 FROM {prov} AS p WHERE {of}"
+                " AND p.model_id = %(model_id)s AND p.text_md5 = {md5})"
+            ).format(where, prov=PROVENANCE, of=self._provenance_of("s"), md5=self.text_md5("s"))
         t_id = sql.Identifier("t", self.target.id_column)
         return sql.SQL(
             "SELECT {cols} FROM {table} AS t WHERE {t_id} = ANY(ARRAY("
