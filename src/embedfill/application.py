@@ -48,6 +48,7 @@ from .errors import (
     JobConflict,
     JobNotFound,
     ModelChanged,
+    NotFound,
     PrivilegeMissing,
     TargetBusy,
     UsageError,
@@ -705,6 +706,15 @@ async def aactive(config: Config, db: Database, target: str) -> migration.Active
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
     finally:
         await conn.close()
+
+
+async def amigration_target(db: Database, migration_id: int) -> str:
+    """The target of change of model ``migration_id`` (NotFound when there is none)."""
+    async with open_store(db) as store:
+        target = await store.migration_target(migration_id)
+    if target is None:
+        raise NotFound(f"There is no change of model {migration_id}.")
+    return target
 
 
 async def amodel_status(

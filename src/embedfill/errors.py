@@ -184,6 +184,13 @@ class JobNotFound(EmbedfillError):
     http_status = 404
 
 
+class NotFound(EmbedfillError):
+    """There is no such record (a change of model, by its number)."""
+
+    exit_code = 1
+    http_status = 404
+
+
 class ProviderError(EmbedfillError):
     """The embedding provider failed."""
 

@@ -42,8 +42,8 @@ from .db.catalog import TableInfo, inspect_target
 from .db.indexes import VectorIndex, vector_indexes
 from .db.store import Store
 from .db.target_sql import BLANK
-from .errors import ConfigError, PlanRefused, UsageError
 from .errors import EmbedfillError as EmbedfillErrorBase
+from .errors import PlanRefused, UsageError
 from .freshness import model_identity, provenance_ids
 from .planning import estimate_cost, prepare_text
 from .providers import make_provider
@@ -299,7 +299,7 @@ async def plan(
     to = config.providers.get(to_name)
     if to is None:
         have = ", ".join(sorted(config.providers)) or "none"
-        raise ConfigError(
+        raise PlanRefused(
             f"--to {to_name!r} names no provider section of the config (there are: {have}); "
             f"add [providers.{to_name}] with the new model."
         )

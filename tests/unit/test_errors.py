@@ -27,6 +27,7 @@ TABLE: dict[str, tuple[int, int]] = {
     "RowSecurityHides": (2, 503),
     "ModelChanged": (2, 503),
     "PlanRefused": (2, 422),
+    "NotFound": (1, 404),
     "WriteRefused": (3, 500),
     "ExtensionMissing": (2, 503),
     "KeyStoreError": (2, 503),

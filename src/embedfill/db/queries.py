@@ -615,3 +615,4 @@ SELECT id, target, strategy, from_model, to_model, home, phase, job_id, gates,
        created_at, updated_at, cut_over_at, finalized_at
 FROM embedfill.model_migrations WHERE target = %(target)s
 ORDER BY (phase <> 'finalized') DESC, id DESC LIMIT 1"""
+MIGRATION_TARGET = "SELECT target FROM embedfill.model_migrations WHERE id = %(id)s"

@@ -346,6 +346,12 @@ class Store:
         cur = await self.conn.execute(q.LATEST_MIGRATION_OF, {"target": target})
         return await _one_dict(cur)
 
+    async def migration_target(self, migration_id: int) -> str | None:
+        """The target name a change of model was started for."""
+        cur = await self.conn.execute(q.MIGRATION_TARGET, {"id": migration_id})
+        row = await cur.fetchone()
+        return None if row is None else str(row[0])
+
     async def insert_migration(self, **values: Any) -> int:
         values = values | {k: Jsonb(values[k]) for k in ("from_model", "to_model", "home")}
         cur = await self.conn.execute(q.INSERT_MIGRATION, values)

@@ -167,6 +167,42 @@ class JobList(BaseModel):
     jobs: list[JobBody]
 
 
+class MigrationRequest(BaseModel):
+    target: str = Field(max_length=200, description="The target whose model changes.")
+    to: str = Field(max_length=200, description="The provider section with the new model.")
+    strategy: str = Field(
+        default="table", pattern="^(table|column)$", description="table (default) or column"
+    )
+
+
+class MigrationAccepted(BaseModel):
+    migration_id: int
+    job_id: int | None = Field(description="the fill's job, once it started")
+    phase: str
+    status_url: str
+
+
+class MigrationBody(BaseModel):
+    target: str
+    migration_id: int | None
+    phase: str = Field(
+        description="none, planned, filling, indexing, ready, cut_over, finalized, rolled_back"
+    )
+    strategy: str | None
+    from_: dict[str, Any] = Field(alias="from")
+    to: dict[str, Any]
+    home: dict[str, Any]
+    rows: int
+    coverage: float
+    missing: int
+    stale: int
+    index: str = Field(description="none, building, valid or invalid")
+    gates: dict[str, Any]
+    active: str = Field(description="old or new: which vectors the app's searches use")
+    job_id: int | None
+    updated_at: Any
+
+
 class StatusBody(BaseModel):
     targets: list[dict[str, Any]]
 
@@ -397,6 +433,65 @@ def admin_router(service: AdminService) -> APIRouter:
     )
     async def cancel(job_id: Annotated[int, Path(ge=1, le=2**63 - 1)]) -> Any:
         return jsonable_encoder(await service.cancel(job_id))
+
+    @router.post(
+        "/model-migrations",
+        status_code=202,
+        response_model=MigrationAccepted,
+        summary="Change a target's model: `embedfill model start` in the background",
+        responses={
+            400: {"model": ErrorBody, "description": "the body is not JSON"},
+            403: {"model": ErrorBody, "description": "the role lacks a privilege it needs"},
+            404: {"model": ErrorBody, "description": "unknown target"},
+            409: {"model": ErrorBody, "description": "another change of the column is under way"},
+            422: {"model": ErrorBody, "description": "the change cannot work as asked"},
+        },
+    )
+    async def start_model(request: Request, response: Response, body: MigrationRequest) -> Any:
+        migration_id = await service.start_model(body.target, body.to, body.strategy)
+        url = str(request.url_for("model_migration", migration_id=migration_id).path)
+        response.headers["Location"] = url
+        status = await service.model(migration_id, "status")
+        return MigrationAccepted(
+            migration_id=migration_id, job_id=status.job_id, phase=status.phase, status_url=url
+        )
+
+    @router.get(
+        "/model-migrations/{migration_id}",
+        name="model_migration",
+        response_model=MigrationBody,
+        summary="A change of model's phase, coverage, index, gates and active vectors",
+        responses={404: {"model": ErrorBody, "description": "no such change"}},
+    )
+    async def model_migration(migration_id: Annotated[int, Path(ge=1, le=2**63 - 1)]) -> Any:
+        return jsonable_encoder((await service.model(migration_id, "status")).to_dict())
+
+    def _model_action(action: str, summary: str, **extra: Any) -> None:
+        @router.post(
+            f"/model-migrations/{{migration_id}}/{action}",
+            response_model=MigrationBody,
+            summary=summary,
+            responses={
+                404: {"model": ErrorBody, "description": "no such change"},
+                409: {"model": ErrorBody, "description": "a gate fails"},
+                422: {"model": ErrorBody, "description": "not at a phase that allows it"},
+            },
+            name=f"model_{action}",
+        )
+        async def act(
+            migration_id: Annotated[int, Path(ge=1, le=2**63 - 1)],
+            yes: Annotated[bool, Query(description="finalize: drop them (no undo).")] = False,
+            force: Annotated[
+                bool, Query(description="finalize: even within the rollback window.")
+            ] = False,
+        ) -> Any:
+            kw = {"yes": yes, "force": force} if action == "finalize" else {}
+            return jsonable_encoder((await service.model(migration_id, action, **kw)).to_dict())
+
+    _model_action("verify", "Check the new vectors: the gates (as `model verify`)")
+    _model_action("cutover", "Switch the app's searches to the new vectors")
+    _model_action("rollback", "Switch the app's searches back to the old vectors")
+    _model_action("finalize", "Drop the vectors the app no longer searches (yes=true)")
 
     @router.get(
         "/embeddings/status",

@@ -26,6 +26,7 @@ from ..db.schema import EXPECTED_VERSION, current_version, ensure_schema
 from ..engine.state import ABANDON_AFTER_S, abandon_requests
 from ..errors import ConfigError, EmbedfillError, ExtensionMissing, JobConflict, TargetBusy
 from ..errors import first_line as _first_line
+from ..migration import MigrationStatus
 from ..models import Report, TargetStatus
 from ..providers import Provider, check_available, make_provider
 from ..runtime import Runtime
@@ -89,6 +90,8 @@ class AdminService:
         self._pass: asyncio.Task[None] | None = None
         self._pass_ended = 0.0
         self._unready: str | None = None  # the last reason logged, to log each change once
+        self._model_tasks: set[asyncio.Task[Any]] = set()  # `model start`s running here
+        self._answered: set[asyncio.Task[Any]] = set()  # those whose refusal was the answer
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -121,6 +124,9 @@ class AdminService:
         asyncio.get_running_loop().call_later(ABANDON_AFTER_S, self._abandon.set)
         if self._pass is not None:
             self._pass.cancel()
+        for task in self._model_tasks:  # its job goes on with the next `model start`
+            task.cancel()
+        await asyncio.gather(*self._model_tasks, return_exceptions=True)
         await self.runtime.stop(worker_timeout=60)
         for provider in self._providers.values():
             await provider.aclose()
@@ -180,6 +186,59 @@ class AdminService:
         return await application.cancel_job(self.db, job_id)
 
     # ------------------------------------------------------------------ status & health
+
+    # ------------------------------------------------------------------ model changes
+
+    async def start_model(self, target: str, to: str, strategy: str) -> int:
+        """``model start`` in the background; the change's number once it is recorded
+        (a refusal answers now: the plan's, a change already under way, a privilege)."""
+        config = self.config
+        live = config.target(target)  # an unknown one: 404 now
+        task = asyncio.create_task(
+            application.amodel_start(
+                config, self.db, target, to, strategy, actor="http", env=self.env
+            )
+        )
+        self._model_tasks.add(task)
+        task.add_done_callback(self._model_ended)
+        while True:
+            if task.done():
+                self._answered.add(task)
+                done: MigrationStatus = task.result()  # a refusal is the answer
+                assert done.migration_id is not None
+                return done.migration_id
+            async with application.open_store(self.db) as store:
+                row = await store.latest_migration_of(live.name)
+            if row is not None and row["phase"] != "finalized" and not task.done():
+                if (row["to_model"].get("provider"), row["strategy"]) == (to, strategy):
+                    return int(row["id"])
+            await asyncio.sleep(0.05)
+
+    def _model_ended(self, task: asyncio.Task[Any]) -> None:
+        """A `model start` that failed after its request was answered is logged."""
+        self._model_tasks.discard(task)
+        error = None if task.cancelled() else task.exception()
+        if error is not None and task not in self._answered:
+            log.warning("model start: %s", _first_line(error))
+        self._answered.discard(task)
+
+    async def model(self, migration_id: int, action: str, **kw: Any) -> MigrationStatus:
+        """``status``, ``verify``, ``cutover``, ``rollback`` or ``finalize`` of change
+        ``migration_id``."""
+        target = await application.amigration_target(self.db, migration_id)
+        if action == "status":
+            [out] = await application.amodel_status(self.config, self.db, target)
+            return out
+        call = {
+            "verify": application.amodel_verify,
+            "cutover": application.amodel_cutover,
+            "rollback": application.amodel_rollback,
+            "finalize": application.amodel_finalize,
+        }[action]
+        if action == "verify":
+            kw["env"] = self.env
+        result: MigrationStatus = await call(self.config, self.db, target, **kw)
+        return result
 
     async def status(self, target: str | None) -> list[TargetStatus]:
         return await astatus(self.config, self.db, target)
