@@ -209,9 +209,14 @@ class AdminService:
                 return done.migration_id
             async with application.open_store(self.db) as store:
                 row = await store.latest_migration_of(live.name)
-            if row is not None and row["phase"] != "finalized" and not task.done():
-                if (row["to_model"].get("provider"), row["strategy"]) == (to, strategy):
-                    return int(row["id"])
+            wanted = (to, strategy)
+            if (
+                row is not None
+                and row["phase"] != "finalized"
+                and (row["to_model"].get("provider"), row["strategy"]) == wanted
+                and not task.done()
+            ):
+                return int(row["id"])
             await asyncio.sleep(0.05)
 
     def _model_ended(self, task: asyncio.Task[Any]) -> None:
