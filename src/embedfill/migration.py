@@ -707,3 +707,38 @@ async def active_of(
         dimensions=ident.dimensions,
         since=None,
     )
+
+
+async def changes_under_way(
+    conn: psycopg.AsyncConnection[Any], config: Config, names: list[str]
+) -> tuple[Config, list[str], dict[str, Any], dict[str, Any]]:
+    """For ``watch``: ``config`` with the derived target of each change of model under way
+    on ``names`` (not finalized, its provider section in this config), their names, and
+    per side table the statements that give it the live table's new rows (every poll)
+    and every live row it lacks (every sweep)."""
+    derived_names: list[str] = []
+    before_poll: dict[str, Any] = {}
+    before_sweep: dict[str, Any] = {}
+    for name in names:
+        live = config.target(name)
+        pconf = config.provider_for(live)
+        try:
+            info = await inspect_target(conn, live, pconf.expected_dimensions, pconf.label)
+        except EmbedfillErrorBase:
+            continue  # its own watcher reports it
+        row = await Store(conn).open_migration(info.oid, live.embedding_column)
+        if row is None or row["to_model"].get("provider") not in config.providers:
+            continue
+        home = dict(row["home"])
+        derived = derived_target(
+            live, config.providers[row["to_model"]["provider"]], row["strategy"], home
+        )
+        config = with_target(config, derived)
+        derived_names.append(derived.name)
+        if row["strategy"] == "table":
+            live_sql = info.sql(live)
+            before_poll[derived.name] = homes.mirror(
+                live_sql, home["schema"], home["relation"], newer=True
+            )
+            before_sweep[derived.name] = homes.mirror(live_sql, home["schema"], home["relation"])
+    return config, derived_names, before_poll, before_sweep

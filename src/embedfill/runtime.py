@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from . import migration
 from .config import Config
 from .db.catalog import check_shared_columns, inspect_target
 from .db.connect import Database, connect
@@ -195,10 +197,22 @@ async def awatch(
     worker (unless ``worker=False``: workers elsewhere do the chunks)."""
     opts = opts or WatchOptions()
     await startup_checks(config, db, targets, allow_model_change=opts.allow_model_change)
+    names = list(targets or [t.name for t in config.targets])
+    # a change of model under way: its new vectors are kept fresh too (migration.py)
+    conn = await connect(db)
+    try:
+        config, derived, before_poll, before_sweep = await migration.changes_under_way(
+            conn, config, names
+        )
+    finally:
+        await conn.close()
+    if derived:
+        log.info("watch: keeping the new vectors of %s fresh too", ", ".join(derived))
+        opts = dataclasses.replace(opts, before_poll=before_poll, before_sweep=before_sweep)
     runtime = Runtime(
         config,
         db,
-        targets=list(targets or [t.name for t in config.targets]),
+        targets=names + derived,
         watch=opts,
         worker=worker,
         concurrency=concurrency,

@@ -79,6 +79,11 @@ class WatchOptions:
     # start even when the column holds vectors of another model than configured (the
     # sweep then re-embeds them in place): runtime.startup_checks
     allow_model_change: bool = False
+    # per target name, statements its watcher runs at the start of each pass over the
+    # NULL rows and of each sweep: keep a side table's rows in step with its live table
+    # (a change of model: migration.changes_under_way)
+    before_poll: Mapping[str, Any] = field(default_factory=dict)
+    before_sweep: Mapping[str, Any] = field(default_factory=dict)
 
 
 # failed rows that came due start the next sweep early, but no sooner than this many
@@ -406,6 +411,9 @@ class TargetWatch:
                 )
         for walk, is_outdated in ((missing, False), (outdated, True)):
             if room > 0 and now >= walk.due:
+                before = self.opts.before_sweep if is_outdated else self.opts.before_poll
+                if walk.first and self.target.name in before:
+                    await conn.execute(before[self.target.name])
                 rows = await self._page(conn, tsql, walk, is_outdated, ids, job, room)
                 walk.page_done(rows, room, now)
                 keys.extend(r[1] for r in rows)

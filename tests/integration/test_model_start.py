@@ -366,3 +366,38 @@ def test_an_app_searching_and_writing_throughout_never_errs_or_waits_on_a_lock(
     assert errors == [] and searches[0] > 50
     # every search compared its query with one model's vectors: the old, then the new
     assert seen == {("SupportTickets", 8), ("SupportTickets_emb_next", 16)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["table", "column"])
+def test_watch_keeps_the_new_vectors_fresh_while_a_change_is_under_way(
+    indexed: str, fake_openai: Any, strategy: str
+) -> None:
+    from embedfill.config import EngineConfig
+    from tests.integration.test_watch import Running, wait_for
+
+    start(indexed, strategy=strategy)
+    cfg = config()
+    live_provider = dict(_raw_providers()["openai"], base_url=fake_openai.base_url)
+    cfg = parse_config(
+        {"providers": {**_raw_providers(), "openai": live_provider}, "targets": [_raw_target()]}
+    )
+    cfg = Config(providers=cfg.providers, targets=cfg.targets, engine=EngineConfig(chunk_rows=50))
+    w = Running(indexed, cfg, interval_s=0.3, sweep_interval_s=1.0)
+    try:
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(f"UPDATE {T} SET body = 'edited while watched' WHERE ticket_no = 7")
+            conn.execute(
+                f"INSERT INTO {T} (ticket_no, org, subject, body) VALUES (77, 'org-a', 'n', 'new')"
+            )
+        wait_for(lambda: (lambda st: (st.rows, st.coverage))(status(indexed)) == (59, 1.0))
+    finally:
+        w.stop()
+    where = (
+        (SIDE, "embedfill_row_id", "embedding")
+        if strategy == "table"
+        else (T, "ticket_no", "emb_next")
+    )
+    got, want = new_vectors(indexed, *where), texts(indexed)
+    for row_id in (7, 77):
+        assert np.allclose(got[row_id], hash_vector(want[row_id], 16), atol=1e-6)

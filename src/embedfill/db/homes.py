@@ -61,13 +61,23 @@ def create_side_table(
     )
 
 
-def mirror(live: TargetSQL, schema: str, relation: str) -> sql.Composed:
-    """A side row for each live row that has none (the live table is only read)."""
+def mirror(live: TargetSQL, schema: str, relation: str, *, newer: bool = False) -> sql.Composed:
+    """A side row for each live row that has none (the live table is only read);
+    ``newer``: only live rows whose integer id is above the side table's highest (a
+    range scan of the key: cheap enough for every poll)."""
+    side = sql.Identifier(schema, relation)
+    where: sql.Composable = sql.SQL("")
+    if newer and live.integer_ids:
+        where = sql.SQL(
+            " WHERE t.{id} > coalesce((SELECT pg_catalog.max(s.{row_id}) FROM {side} AS s),"
+            " t.{id} - 1)"
+        ).format(id=sql.Identifier(live.target.id_column), row_id=sql.Identifier(ROW_ID), side=side)
     return sql.SQL(
         "INSERT INTO {side} ({row_id}, {tenant}) SELECT t.{id}, {tenant_text} FROM {live} AS t"
-        " ON CONFLICT ({row_id}) DO NOTHING"
+        "{where} ON CONFLICT ({row_id}) DO NOTHING"
     ).format(
-        side=sql.Identifier(schema, relation),
+        where=where,
+        side=side,
         row_id=sql.Identifier(ROW_ID),
         tenant=sql.Identifier(TENANT),
         id=sql.Identifier(live.target.id_column),
