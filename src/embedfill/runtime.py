@@ -21,6 +21,7 @@ from . import migration
 from .config import Config
 from .db.catalog import check_shared_columns, inspect_target
 from .db.connect import Database, connect
+from .db.schema import ensure_schema
 from .db.store import Store
 from .engine import Observer
 from .errors import EmbedfillError, ModelChanged, RunAborted
@@ -201,6 +202,7 @@ async def awatch(
     # a change of model under way: its new vectors are kept fresh too (migration.py)
     conn = await connect(db)
     try:
+        await ensure_schema(conn)  # its tables exist before they are read
         config, derived, before_poll, before_sweep = await migration.changes_under_way(
             conn, config, names
         )

@@ -53,6 +53,7 @@ from .db.schema import ensure_schema
 from .db.store import Store
 from .db.target_sql import BLANK, TargetSQL
 from .errors import EmbedfillError, RunAborted
+from .errors import first_line as _first_line
 from .freshness import ProvenanceIds, model_identity, provenance_ids
 from .jobs.spec import JobSpec
 from .keys import KeyResolver
@@ -177,21 +178,34 @@ class WatchHub:
         return self._changed.setdefault(column_id, asyncio.Event())
 
     async def _pump_notifications(self) -> None:
-        looked = 0.0
+        next_look = 0.0
+        failing: str | None = None  # the last failure logged, to log each kind once
         while True:
             conn = self.conn
             if conn is None or conn.closed or conn.broken:
                 await asyncio.sleep(PUMP_SLICE_S)
                 continue
+            woke = False
             try:
                 async with self._lock:
-                    if time.monotonic() - looked >= CHANGES_POLL_S and self._changed:
-                        looked = time.monotonic()
+                    now = time.monotonic()
+                    if now >= next_look and self._changed:
+                        next_look = now + CHANGES_POLL_S
                         for column in await Store(conn).changed_columns(list(self._changed)):
                             self._changed[column].set()
-                    async for note in conn.notifies(timeout=PUMP_SLICE_S):
-                        self._notified(note.payload)
-            except psycopg.Error:  # broken: the watchers open it again
+                            woke = True
+                    if not woke:  # a watcher just woken takes the connection first
+                        wait = PUMP_SLICE_S
+                        if self._changed:  # and the next look comes on time
+                            wait = min(wait, max(0.0, next_look - time.monotonic()))
+                        async for note in conn.notifies(timeout=wait):
+                            self._notified(note.payload)
+                failing = None
+            except psycopg.Error as exc:  # broken: the watchers open it again
+                kind = type(exc).__name__
+                if kind != failing:
+                    failing = kind
+                    log.warning("watch: looking at the change queue failed: %s", _first_line(exc))
                 await asyncio.sleep(PUMP_SLICE_S)
             await asyncio.sleep(0)  # a watcher waiting for its turn goes first
 

@@ -291,10 +291,16 @@ WATCH_LOCK = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtextextended
 WATCH_UNLOCK = "SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtextextended(%(key)s, 0))"
 LISTEN_CHANGES = "LISTEN embedfill_changes"  # what triggers of an earlier install NOTIFY
 # which of a watch process's columns have rows in the change queue (looked at several
-# times a second: the triggers do not NOTIFY)
-CHANGED_COLUMNS = """
-SELECT c FROM pg_catalog.unnest(%(columns)s::int4[]) AS c
-WHERE EXISTS (SELECT FROM embedfill.changes AS q WHERE q.column_id OPERATOR(pg_catalog.=) c)"""
+# times a second: the triggers do not NOTIFY). The queue has no index (the app's INSERT
+# into it stays cheap), so the look reads at most its first CHANGES_POLL_ROWS rows: a
+# backlog (of a column nobody watches, say) costs each look a millisecond, not a scan of
+# all of it; a column whose rows lie beyond is drained at its watcher's own look, every
+# second (watch.DRAIN_EVERY_S)
+CHANGES_POLL_ROWS = 10_000
+CHANGED_COLUMNS = f"""
+SELECT DISTINCT q.column_id FROM (SELECT column_id FROM embedfill.changes
+                                  LIMIT {CHANGES_POLL_ROWS}) AS q
+WHERE q.column_id OPERATOR(pg_catalog.=) ANY(%(columns)s::int4[])"""
 
 # A worker's liveness (worker.py): the session lock its control connection holds while
 # its process lives; a chunk's holder is alive while that lock is held and its heartbeat
