@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from bench.common import cpu, missing, peak_rss_mb, target_config, timed, unit_vectors
+from bench.common import TABLE, cpu, missing, peak_rss_mb, target_config, timed, unit_vectors
 from bench.triggers import app_inserts
 from embedfill import BackfillOptions, Database, abackfill
 from embedfill.config import EngineConfig
@@ -212,12 +212,112 @@ def raw_encode(a: dict[str, Any]) -> dict[str, Any]:
     return {"rows": len(texts), "seconds": t.seconds, "rows_per_s": len(texts) / t.seconds}
 
 
+def model_fill(a: dict[str, Any]) -> dict[str, Any]:
+    """The fill of a change of model (``model start``'s fill step, alone): the live column
+    first filled with the old model's vectors into its HNSW graph (untimed), then, timed,
+    the new vectors' home made and filled by a job of the derived target: a side table
+    (``strategy = "table"``) or a shadow column (``"column"``: every UPDATE also inserts
+    into the live HNSW graph). Then the twin index is built, timed, with
+    ``max_parallel_maintenance_workers`` 0 and 1. The same steps as
+    ``application.amodel_start``, without its plan and catch-up."""
+    from embedfill import migration
+    from embedfill.config import parse_config
+    from embedfill.db import homes
+    from embedfill.db.catalog import inspect_target
+    from embedfill.db.connect import connect
+
+    dims, strategy = a["dims"], a["strategy"]
+    old = {"kind": "hash", "model": "old-model", "dimensions": dims}
+    new = {"kind": "hash", "model": "new-model", "dimensions": dims}
+    config = parse_config(
+        {
+            "providers": {"p": old, "next": new},
+            "targets": [
+                {
+                    "name": "docs",
+                    "table": TABLE,
+                    "id_column": "id",
+                    "text": "{body}",
+                    "embedding_column": "embedding",
+                    "tenant_column": "tenant",
+                    "provider": "p",
+                }
+            ],
+        }
+    )
+    with psycopg.connect(a["url"], autocommit=True) as conn:  # the old vectors, untimed
+        conn.execute(
+            "UPDATE docs SET embedding = (SELECT array_agg(random())"
+            f" FROM generate_series(1, {dims}) WHERE docs.id > 0)::vector"
+        )
+        conn.execute("VACUUM ANALYZE docs")
+
+    async def fill() -> tuple[int, float]:
+        db = Database(a["url"])
+        conn = await connect(db)
+        try:
+            live = config.target("docs")
+            info = await inspect_target(conn, live, dims, "hash:old-model")
+            plan = await migration.plan(conn, config, "docs", "next", strategy)
+            home: dict[str, Any] = dict(plan.home)
+            home["indexes"] = []  # built below, timed apart
+            if strategy == "table":
+                home["text_sql"] = homes.side_text_sql(info.sql(live), conn)
+            derived = migration.derived_target(live, config.providers["next"], strategy, home)
+            dconfig = migration.with_target(config, derived)
+            started = time.perf_counter()
+            if strategy == "table":
+                await conn.execute(
+                    homes.create_side_table(
+                        home["schema"],
+                        home["relation"],
+                        info.types.id_type,
+                        info.types.vector_type,
+                        dims,
+                    )
+                )
+                await conn.execute(homes.mirror(info.sql(live), home["schema"], home["relation"]))
+            else:
+                await conn.execute(
+                    homes.add_column(info.sql(live), home["column"], info.types.vector_type, dims)
+                )
+            report = await abackfill(
+                dconfig, db, BackfillOptions(target=derived.name, actor="bench")
+            )
+            return report.embedded, time.perf_counter() - started
+        finally:
+            await conn.close()
+
+    with cpu(a["url"]) as used:
+        embedded, seconds = asyncio.run(fill())
+    out: dict[str, Any] = {
+        "rows": embedded,
+        "seconds": seconds,
+        "rows_per_s": embedded / seconds,
+        **used.per_1000(embedded),
+    }
+    if a.get("index"):
+        relation = "docs_embedding_next" if strategy == "table" else "docs"
+        column = "embedding" if strategy == "table" else "embedding_next"
+        with psycopg.connect(a["url"], autocommit=True) as conn:
+            for workers in (0, 1):
+                conn.execute(f"SET max_parallel_maintenance_workers = {workers}")
+                t0 = time.perf_counter()
+                conn.execute(
+                    f'CREATE INDEX twin ON "{relation}" USING hnsw ("{column}" vector_cosine_ops)'
+                )
+                out[f"index_rows_per_s_{workers}"] = embedded / (time.perf_counter() - t0)
+                conn.execute("DROP INDEX twin")
+    return out
+
+
 MEASUREMENTS = {
     "app_inserts": app_inserts,
     "embedfill": embedfill_run,
     "raw_sql": raw_sql,
     "naive": naive,
     "raw_encode": raw_encode,
+    "model_fill": model_fill,
 }
 
 if __name__ == "__main__":
