@@ -49,6 +49,7 @@ from .errors import (
     JobNotFound,
     ModelChanged,
     NotFound,
+    PlanRefused,
     PrivilegeMissing,
     TargetBusy,
     UsageError,
@@ -382,6 +383,16 @@ async def amodel_start(
                 )
             migration_id, home, phase = int(row["id"]), dict(row["home"]), str(row["phase"])
         else:
+            if await homes.taken(conn, info.oid, plan.home, strategy):
+                what = (
+                    f"table {plan.home['schema']}.{plan.home['relation']}"
+                    if strategy == "table"
+                    else f"column {plan.home['column']} of {live.table}"
+                )
+                raise PlanRefused(
+                    f"The new vectors would go to {what}, which already exists; name the "
+                    "provider section otherwise (the name is made from it), or drop it."
+                )
             lacks = await homes.missing_privilege(conn, info.oid, plan.home["schema"], strategy)
             if lacks is not None:
                 raise PrivilegeMissing(f"Cannot start the change of model: {lacks}.")
@@ -410,7 +421,7 @@ async def amodel_start(
             phase = "filling"
         derived = migration.derived_target(live, new, strategy, home)
         dconfig = migration.with_target(config, derived)
-        if phase == "filling":
+        if phase == "filling" and not await homes.taken(conn, info.oid, home, strategy):
             if strategy == "table":
                 await conn.execute(
                     homes.create_side_table(
@@ -452,8 +463,9 @@ async def amodel_start(
             if not filled:
                 return await migration.status_of(conn, config, live)
             if phase == "filling":
+                if not await store.set_migration_phase(migration_id, "indexing", was="filling"):
+                    return await migration.status_of(conn, config, live)  # rolled back
                 phase = "indexing"
-                await store.set_migration_phase(migration_id, phase)
         if phase == "indexing":
             for twin in home.get("indexes", []):
                 state = await homes.index_state(conn, home["schema"], twin["name"])
@@ -471,7 +483,7 @@ async def amodel_start(
                             twin["params"],
                         )
                     )
-            await store.set_migration_phase(migration_id, "ready")
+            await store.set_migration_phase(migration_id, "ready", was="indexing")
         return await migration.status_of(conn, config, live)
     except psycopg.Error as exc:
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
@@ -510,6 +522,15 @@ def _derived(config: Config, live: TargetConfig, row: dict[str, Any]) -> tuple[A
         raise ConfigError(
             f"The change of {live.name}'s model goes to provider section {to_name!r}, which "
             "this config lacks; run with the config that started it."
+        )
+    to, was = config.providers[to_name], row["to_model"]
+    now = (to.kind, to.model, to.expected_dimensions)
+    if now != (was["kind"], was["model"], was["dimensions"]):
+        raise ConfigError(
+            f"[providers.{to_name}] is now {to.kind}:{to.model} ({to.expected_dimensions} "
+            f"dimensions), but the change of {live.name}'s model was started with "
+            f"{was['kind']}:{was['model']} ({was['dimensions']}); put it back, or roll "
+            "this change back and start another."
         )
     derived = migration.derived_target(
         live, config.providers[to_name], row["strategy"], dict(row["home"])
@@ -588,7 +609,13 @@ async def amodel_cutover(config: Config, db: Database, target: str) -> migration
     every gate of the last ``verify`` passed and the coverage is still 1.0; then one
     short transaction records it in embedfill.active_models."""
     async with _migration(config, db, target) as (conn, live, _info, row):
+        _derived(config, live, row)  # the config still names the model it was filled with
         now = await migration.status_of(conn, config, live)
+        if row["home"].get("indexes") and now.index != "valid":
+            raise VerificationFailed(
+                f"The new vectors' index is {now.index}; run `embedfill model start "
+                f"--target {live.name} --to {row['to_model']['provider']}` to build it."
+            )
         if row["phase"] not in ("ready", "rolled_back", "cut_over"):
             raise VerificationFailed(
                 f"The change of {live.name}'s model is at phase {row['phase']}, not ready; "
@@ -681,6 +708,13 @@ async def amodel_finalize(
                     f"The rollback window of {window} days after the cutover ends at "
                     f"{ends.isoformat(timespec='minutes')}; finalize then, or pass --force."
                 )
+        if phase == "cut_over" and row["strategy"] == "table" and not force:
+            raise UsageError(
+                f"After this finalize {live.name}'s live column is gone and its vectors are "
+                "in the side table, which a config cannot name as a target yet (backfill, "
+                "watch and model start of it would stop working); keep the old column, or "
+                "pass --force to drop it all the same."
+            )
         live_sql = info.sql(live)
         if phase == "cut_over":
             for index in await indexes.vector_indexes(conn, info.oid, live.embedding_column):
@@ -709,11 +743,19 @@ async def aactive(config: Config, db: Database, target: str) -> migration.Active
 
 
 async def amigration_target(db: Database, migration_id: int) -> str:
-    """The target of change of model ``migration_id`` (NotFound when there is none)."""
+    """The target of change of model ``migration_id``, when it is its target's current
+    change (under way, or the last finalized); NotFound when there is none, or when a
+    later change of the target took its place (the commands act on the current one)."""
     async with open_store(db) as store:
         target = await store.migration_target(migration_id)
-    if target is None:
+        current = await store.latest_migration_of(target) if target is not None else None
+    if target is None or current is None:
         raise NotFound(f"There is no change of model {migration_id}.")
+    if int(current["id"]) != migration_id:
+        raise NotFound(
+            f"Change of model {migration_id} of {target} is over; the target's current "
+            f"change is {current['id']}."
+        )
     return target
 
 

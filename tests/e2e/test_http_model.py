@@ -76,3 +76,18 @@ def test_a_change_of_model_through_the_admin_api(api: httpx.Client) -> None:
     done = api.post(f"{url}/finalize", params={"yes": "true"})
     assert done.status_code == 200 and done.json()["phase"] == "finalized"
     assert api.get(f"{PATH}/999999").status_code == 404
+
+
+def test_an_old_changes_number_never_acts_on_the_current_change(api: httpx.Client) -> None:
+    first = api.post(PATH, json={"target": "tickets", "to": "next"}).json()["status_url"]
+    deadline = time.monotonic() + 60
+    while api.get(first).json()["phase"] != "ready":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert api.post(f"{first}/rollback").status_code == 200
+    assert api.post(f"{first}/finalize", params={"yes": "true"}).status_code == 200
+    second = api.post(PATH, json={"target": "tickets", "to": "next"}).json()["status_url"]
+    assert second != first
+    retried = api.post(f"{first}/finalize", params={"yes": "true"})
+    assert retried.status_code == 404 and "is over" in retried.json()["error"]
+    assert api.get(first).status_code == 404

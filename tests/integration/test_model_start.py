@@ -325,6 +325,13 @@ def test_an_app_searching_and_writing_throughout_never_errs_or_waits_on_a_lock(
                     seen.add((relation, dims))
                     searches[0] += 1
                     n += 1
+                    if n % 5:  # a new row every fifth search, an edit every search
+                        conn.execute(
+                            f"UPDATE {T} SET body = body || '.' WHERE ticket_no = %s",
+                            (n % 50 + 1,),
+                            prepare=True,
+                        )
+                        continue
                     conn.execute(
                         f"INSERT INTO {T} (ticket_no, org, subject, body) VALUES (%s, 'org-a',"
                         " 'app', 'a row the app writes')",
@@ -339,13 +346,14 @@ def test_an_app_searching_and_writing_throughout_never_errs_or_waits_on_a_lock(
                 except psycopg.Error as exc:
                     errors.append(f"{type(exc).__name__}: {exc}")
 
-    # the app edits or adds a row of this 60-row table every few milliseconds: the rows
-    # changed during the final catch-up are behind for a moment
+    # the app edits or adds a row of this small table every few milliseconds: the rows
+    # changed during the final catch-up are behind for a moment (what this test checks is
+    # that the app never errs or waits, and never compares two models' vectors)
     busy = parse_config(
         {
             "providers": _raw_providers(),
             "targets": [_raw_target()],
-            "engine": {"cutover_min_coverage": 0.5},
+            "engine": {"cutover_min_coverage": 0.2},
         }
     )
     from embedfill.db.schema import amigrate
@@ -359,7 +367,7 @@ def test_an_app_searching_and_writing_throughout_never_errs_or_waits_on_a_lock(
         run(amodel_cutover, indexed, cfg=busy)
         run(amodel_rollback, indexed, cfg=busy)
         run(amodel_cutover, indexed, cfg=busy)
-        run(amodel_finalize, indexed, cfg=busy, yes=True)
+        run(amodel_finalize, indexed, cfg=busy, yes=True, force=True)
     finally:
         stop.set()
         thread.join()
@@ -401,3 +409,86 @@ def test_watch_keeps_the_new_vectors_fresh_while_a_change_is_under_way(
     got, want = new_vectors(indexed, *where), texts(indexed)
     for row_id in (7, 77):
         assert np.allclose(got[row_id], hash_vector(want[row_id], 16), atol=1e-6)
+
+
+def test_a_home_whose_name_is_taken_is_refused_and_nothing_of_the_owners_is_dropped(
+    indexed: str,
+) -> None:
+    from embedfill.errors import PlanRefused
+
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {SIDE} (id int, note text)")  # the user's own table
+        conn.execute(f"ALTER TABLE {T} ADD COLUMN emb_next vector(16)")  # another's column
+    with pytest.raises(PlanRefused, match="already exists"):
+        start(indexed)
+    with pytest.raises(PlanRefused, match=r"column emb_next of app\.SupportTickets"):
+        start(indexed, strategy="column")
+    with psycopg.connect(indexed) as conn:
+        assert conn.execute("SELECT count(*) FROM embedfill.model_migrations").fetchone() == (0,)
+        assert conn.execute("SELECT to_regclass(%s)", (SIDE,)).fetchone() != (None,)
+    assert "emb_next" in columns(indexed)
+
+
+def test_odd_live_names_and_a_percent_in_text_sql_embed_the_live_text(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA app")
+        conn.execute(
+            f"CREATE TABLE {T} (ticket_no bigint PRIMARY KEY, embedfill_row_id int, org text,"
+            " subject text, body text, emb vector(8))"
+        )
+        conn.execute(
+            f"INSERT INTO {T} SELECT g, 1, 'org-a', 'subject ' || g, 'body', NULL"
+            " FROM generate_series(1, 20) g"
+        )
+    cfg = parse_config(
+        {
+            "providers": _raw_providers(),
+            "targets": [
+                {k: v for k, v in _raw_target().items() if k != "text"}
+                | {"text_sql": "subject || ' (100% done)'"}
+            ],
+        }
+    )
+    st = asyncio.run(amodel_start(cfg, Database(db_url), "tickets", "next", "table", env={}))
+    assert (st.phase, st.coverage) == ("ready", 1.0)
+    got = new_vectors(db_url)
+    for row_id in (1, 7, 20):  # its own row's text, the % as written
+        assert np.allclose(got[row_id], hash_vector(f"subject {row_id} (100% done)", 16), atol=1e-6)
+
+
+def test_a_row_moved_to_another_tenant_is_embedded_with_its_new_tenants_key(
+    indexed: str,
+) -> None:
+    start(indexed)
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f"UPDATE {T} SET org = 'org-moved', body = 'moved' WHERE ticket_no = 3")
+    start(indexed)  # the catch-up: a full mirror first
+    with psycopg.connect(indexed) as conn:
+        row = conn.execute(
+            f"SELECT embedfill_tenant FROM {SIDE} WHERE embedfill_row_id = 3"
+        ).fetchone()
+    assert row == ("org-moved",)
+
+
+def test_a_changed_provider_section_and_a_missing_index_keep_the_cutover_back(
+    indexed: str,
+) -> None:
+    from embedfill.application import amodel_cutover, amodel_verify
+    from embedfill.errors import ConfigError, VerificationFailed
+
+    start(indexed)
+    run(amodel_verify, indexed, env={})
+    edited = parse_config(
+        {
+            "providers": _raw_providers()
+            | {"next": {"kind": "hash", "model": "hash-v9", "dimensions": 16}},
+            "targets": [_raw_target()],
+        }
+    )
+    with pytest.raises(ConfigError, match=r"\[providers.next\] is now hash:hash-v9"):
+        run(amodel_cutover, indexed, cfg=edited)
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute('DROP INDEX app."SupportTickets_emb_next_embedding_hnsw"')
+    with pytest.raises(VerificationFailed, match="index is none"):
+        run(amodel_cutover, indexed)
+    assert status(indexed).active == "old"

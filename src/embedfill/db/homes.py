@@ -35,10 +35,13 @@ def side_text_sql(live: TargetSQL, conn: psycopg.AsyncConnection[Any]) -> str:
     return (
         sql.SQL("(SELECT {text} FROM {table} AS embedfill_live WHERE {id} = {row_id})")
         .format(
-            text=live.rendered("embedfill_live"),
+            # the live text_sql as written: the derived target escapes its % once, as any
+            text=live.rendered("embedfill_live", escape=False),
             table=live.table,
             id=sql.Identifier("embedfill_live", live.target.id_column),
-            row_id=sql.Identifier(ROW_ID),
+            # the side row as every statement on a target names it (``t``): unqualified,
+            # a live column of that name would be taken instead
+            row_id=sql.Identifier("t", ROW_ID),
         )
         .as_string(conn)
     )
@@ -48,7 +51,7 @@ def create_side_table(
     schema: str, relation: str, id_type: str, vector_type: str, dimensions: int
 ) -> sql.Composed:
     return sql.SQL(
-        "CREATE TABLE IF NOT EXISTS {table} ({row_id} {id_type} PRIMARY KEY,"
+        "CREATE TABLE {table} ({row_id} {id_type} PRIMARY KEY,"
         " {tenant} text, {vector} {vector_type}({dims}))"
     ).format(
         table=sql.Identifier(schema, relation),
@@ -62,7 +65,8 @@ def create_side_table(
 
 
 def mirror(live: TargetSQL, schema: str, relation: str, *, newer: bool = False) -> sql.Composed:
-    """A side row for each live row that has none (the live table is only read);
+    """A side row for each live row that has none, and a moved row's tenant (whose key
+    pays for it) brought up to date (the live table is only read);
     ``newer``: only live rows whose integer id is above the side table's highest (a
     range scan of the key: cheap enough for every poll)."""
     side = sql.Identifier(schema, relation)
@@ -73,8 +77,9 @@ def mirror(live: TargetSQL, schema: str, relation: str, *, newer: bool = False) 
             " t.{id} - 1)"
         ).format(id=sql.Identifier(live.target.id_column), row_id=sql.Identifier(ROW_ID), side=side)
     return sql.SQL(
-        "INSERT INTO {side} ({row_id}, {tenant}) SELECT t.{id}, {tenant_text} FROM {live} AS t"
-        "{where} ON CONFLICT ({row_id}) DO NOTHING"
+        "INSERT INTO {side} AS s ({row_id}, {tenant}) SELECT t.{id}, {tenant_text}"
+        " FROM {live} AS t{where} ON CONFLICT ({row_id}) DO UPDATE"
+        " SET {tenant} = excluded.{tenant} WHERE s.{tenant} IS DISTINCT FROM excluded.{tenant}"
     ).format(
         where=where,
         side=side,
@@ -109,7 +114,7 @@ async def grant_like(
 
 
 def add_column(live: TargetSQL, column: str, vector_type: str, dimensions: int) -> sql.Composed:
-    return sql.SQL("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {type}({dims})").format(
+    return sql.SQL("ALTER TABLE {table} ADD COLUMN {column} {type}({dims})").format(
         table=live.table,
         column=sql.Identifier(column),
         type=sql.SQL(vector_type),
@@ -275,3 +280,30 @@ def unmirrored(live: TargetSQL, schema: str, relation: str) -> sql.Composed:
         row_id=sql.Identifier(ROW_ID),
         id=sql.Identifier(live.target.id_column),
     )
+
+
+_EXISTS = """
+SELECT CASE WHEN %(column)s::text IS NULL
+            THEN pg_catalog.to_regclass(pg_catalog.format('%%I.%%I', %(schema)s::text,
+                                                         %(relation)s::text)) IS NOT NULL
+            ELSE EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                         WHERE a.attrelid = %(rel)s AND a.attname = %(column)s
+                           AND NOT a.attisdropped) END"""
+
+
+async def taken(
+    conn: psycopg.AsyncConnection[Any], live_oid: int, home: dict[str, Any], strategy: str
+) -> bool:
+    """Whether the new vectors' home already names something: a table of that name (a
+    side table), a column of the live table (a shadow column)."""
+    cur = await conn.execute(
+        _EXISTS,
+        {
+            "schema": home["schema"],
+            "relation": home["relation"],
+            "column": home["column"] if strategy == "column" else None,
+            "rel": live_oid,
+        },
+    )
+    row = await cur.fetchone()
+    return bool(row and row[0])

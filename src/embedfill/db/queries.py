@@ -589,7 +589,8 @@ VALUES (%(target)s, %(table_oid)s, %(column)s, %(strategy)s, %(from_model)s, %(t
 RETURNING id"""
 SET_MIGRATION_PHASE = """
 UPDATE embedfill.model_migrations SET phase = %(phase)s, updated_at = pg_catalog.now()
-WHERE id = %(id)s"""
+WHERE id = %(id)s AND (%(was)s::text IS NULL OR phase = %(was)s)
+RETURNING id"""
 SET_MIGRATION_JOB = """
 UPDATE embedfill.model_migrations SET job_id = %(job_id)s, updated_at = pg_catalog.now()
 WHERE id = %(id)s"""

@@ -359,8 +359,15 @@ class Store:
         assert row is not None
         return int(row[0])
 
-    async def set_migration_phase(self, migration_id: int, phase: str) -> None:
-        await self.conn.execute(q.SET_MIGRATION_PHASE, {"id": migration_id, "phase": phase})
+    async def set_migration_phase(
+        self, migration_id: int, phase: str, *, was: str | None = None
+    ) -> bool:
+        """Move the change to ``phase`` (only from ``was``, when given); False when it was
+        at another phase meanwhile (a rollback)."""
+        cur = await self.conn.execute(
+            q.SET_MIGRATION_PHASE, {"id": migration_id, "phase": phase, "was": was}
+        )
+        return await cur.fetchone() is not None
 
     async def set_migration_job(self, migration_id: int, job_id: int) -> None:
         await self.conn.execute(q.SET_MIGRATION_JOB, {"id": migration_id, "job_id": job_id})

@@ -73,12 +73,13 @@ class TargetSQL:
         """The row's tenant as text (``NULL::text`` without a tenant column)."""
         return self._tenant_text(alias)
 
-    def _text_sql(self) -> sql.Composable:
+    def _text_sql(self, escape: bool = True) -> sql.Composable:
         """The target's text_sql, verbatim (trusted configuration, like tenant_key_sql),
         parenthesised and on lines of its own so a trailing comment cannot swallow what
         follows. ``%`` is doubled: every builder query runs with parameters."""
         assert self.target.text_sql is not None
-        return sql.SQL("(\n{}\n)").format(sql.SQL(self.target.text_sql.replace("%", "%%")))
+        text = self.target.text_sql.replace("%", "%%") if escape else self.target.text_sql
+        return sql.SQL("(\n{}\n)").format(sql.SQL(text))
 
     def _values(self, alias: str | None = None) -> list[sql.Composable]:
         """What the text is made of, as the server's text: each template column cast
@@ -107,14 +108,14 @@ class TargetSQL:
             self._tenant_text(alias), sql.SQL(", ").join(sources)
         )
 
-    def rendered(self, alias: str = "t") -> sql.Composable:
+    def rendered(self, alias: str = "t", *, escape: bool = True) -> sql.Composable:
         """The text as embedfill embeds it, rendered by the server exactly as Python
         renders it (config.text_renderer over the ``_values``): the template's literal
         parts and each column's text, NULL as ''; or the text_sql value. Literal parts go
         in as hex (``decode``), so no quote, backslash or ``%`` in a template can change
         the statement."""
         if self.target.text_sql is not None:
-            return sql.SQL("coalesce({}::text, '')").format(self._text_sql())
+            return sql.SQL("coalesce({}::text, '')").format(self._text_sql(escape))
         assert self.target.text is not None
         parts: list[sql.Composable] = []
         for literal, field, _, _ in string.Formatter().parse(self.target.text):
@@ -524,22 +525,25 @@ class TargetSQL:
         where: sql.Composable = sql.SQL("{} IS NOT NULL").format(s_emb)
         if unverified:
             where = sql.SQL("{} AND {}").format(where, self._unverified("s"))
-        if fresh:  # written by embedfill from the text the row holds now (params model_id)
-            where = sql.SQL(
-                "{} AND EXISTS (SELECT 1 FROM {prov} AS p WHERE {of}"
+        outer: sql.Composable = sql.SQL("")
+        if fresh:  # written by embedfill from the text the row holds now (params model_id),
+            # tested on the outer row: aliased t, as a text_sql expects
+            outer = sql.SQL(
+                " AND EXISTS (SELECT 1 FROM {prov} AS p WHERE {of}"
                 " AND p.model_id = %(model_id)s AND p.text_md5 = {md5})"
-            ).format(where, prov=PROVENANCE, of=self._provenance_of("s"), md5=self.text_md5("s"))
+            ).format(prov=PROVENANCE, of=self._provenance_of("t"), md5=self.text_md5("t"))
         t_id = sql.Identifier("t", self.target.id_column)
         return sql.SQL(
             "SELECT {cols} FROM {table} AS t WHERE {t_id} = ANY(ARRAY("
             "SELECT {s_id} FROM {table} AS s TABLESAMPLE SYSTEM (%(percent)s)"
-            " WHERE {where} ORDER BY random() LIMIT %(limit)s)) ORDER BY {t_id}"
+            " WHERE {where} ORDER BY random() LIMIT %(limit)s)){outer} ORDER BY {t_id}"
         ).format(
             cols=self._checked(vectors),
             table=self.table,
             t_id=t_id,
             s_id=sql.Identifier("s", self.target.id_column),
             where=where,
+            outer=outer,
         )
 
     def with_vectors(self, *, first_page: bool, vectors: bool = True) -> sql.Composed:
