@@ -95,12 +95,17 @@ def missing(url: str) -> int:
     return int(row[0])
 
 
-def target_config(provider: dict[str, Any], engine: dict[str, Any] | None = None) -> Any:
+def target_config(
+    provider: dict[str, Any],
+    engine: dict[str, Any] | None = None,
+    others: dict[str, dict[str, Any]] | None = None,
+) -> Any:
+    """The ``docs`` target with ``provider`` (section ``p``), and ``others`` sections."""
     from embedfill.config import parse_config
 
     return parse_config(
         {
-            "providers": {"p": provider},
+            "providers": {"p": provider, **(others or {})},
             "targets": [
                 {
                     "name": "docs",

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from bench.common import TABLE, cpu, missing, peak_rss_mb, target_config, timed, unit_vectors
+from bench.common import cpu, missing, peak_rss_mb, target_config, timed, unit_vectors
 from bench.triggers import app_inserts
 from embedfill import BackfillOptions, Database, abackfill
 from embedfill.config import EngineConfig
@@ -221,7 +221,6 @@ def model_fill(a: dict[str, Any]) -> dict[str, Any]:
     ``max_parallel_maintenance_workers`` 0 and 1. The same steps as
     ``application.amodel_start``, without its plan and catch-up."""
     from embedfill import migration
-    from embedfill.config import parse_config
     from embedfill.db import homes
     from embedfill.db.catalog import inspect_target
     from embedfill.db.connect import connect
@@ -229,22 +228,7 @@ def model_fill(a: dict[str, Any]) -> dict[str, Any]:
     dims, strategy = a["dims"], a["strategy"]
     old = {"kind": "hash", "model": "old-model", "dimensions": dims}
     new = {"kind": "hash", "model": "new-model", "dimensions": dims}
-    config = parse_config(
-        {
-            "providers": {"p": old, "next": new},
-            "targets": [
-                {
-                    "name": "docs",
-                    "table": TABLE,
-                    "id_column": "id",
-                    "text": "{body}",
-                    "embedding_column": "embedding",
-                    "tenant_column": "tenant",
-                    "provider": "p",
-                }
-            ],
-        }
-    )
+    config = target_config(old, others={"next": new})
     with psycopg.connect(a["url"], autocommit=True) as conn:  # the old vectors, untimed
         conn.execute(
             "UPDATE docs SET embedding = (SELECT array_agg(random())"

@@ -97,6 +97,21 @@ def tickets(db_url: str) -> str:
 
 
 @pytest.fixture
+def indexed(tickets: str) -> str:
+    """The tickets table with two blank texts (rows 5 and 6) and an HNSW index on its
+    vectors (m = 8, ef_construction = 32): a change of model's starting point."""
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE app.\"SupportTickets\" SET body = NULL, subject = ' ' WHERE ticket_no IN (5, 6)"
+        )
+        conn.execute(
+            'CREATE INDEX tickets_emb_hnsw ON app."SupportTickets"'
+            " USING hnsw (emb vector_cosine_ops) WITH (m = 8, ef_construction = 32)"
+        )
+    return tickets
+
+
+@pytest.fixture
 def fake_openai() -> Iterator[FakeOpenAI]:
     fake = FakeOpenAI().start()
     yield fake

@@ -132,16 +132,22 @@ def vector_bytes(kind: str, dimensions: int) -> int:
 _INDEX_DEF = re.compile(r" USING (\w+) \((.*?)\)(?: WITH \((.*)\))?(?: WHERE .*)?$")
 
 
-def parse_index(index: VectorIndex) -> tuple[str, str, dict[str, str]]:
-    """(method, operator class, parameters) of a vector index's definition."""
+def index_parts(index: VectorIndex) -> tuple[str, str, str]:
+    """(method, operator class, parameters) of a vector index's definition, as the
+    server writes them (the parameters as its ``WITH`` list: ``m='16', ...``)."""
     match = _INDEX_DEF.search(index.definition)
     if match is None:
-        return index.method, "", {}
+        return index.method, "", ""
     method, column, params = match.groups()
     parts = column.rsplit(" ", 1)
-    opclass = parts[1] if len(parts) == 2 else ""
+    return method, parts[1] if len(parts) == 2 else "", params or ""
+
+
+def parse_index(index: VectorIndex) -> tuple[str, str, dict[str, str]]:
+    """(method, operator class, parameters) of a vector index's definition."""
+    method, opclass, params = index_parts(index)
     parameters: dict[str, str] = {}
-    for item in (params or "").split(","):
+    for item in params.split(","):
         if "=" in item:
             key, value = item.split("=", 1)
             parameters[key.strip()] = value.strip().strip("'")
@@ -460,12 +466,7 @@ def twins(home: dict[str, Any], live: list[VectorIndex]) -> list[dict[str, str]]
     class and parameters (as the server's definition of the live one writes them)."""
     out = []
     for n, index in enumerate(live, 1):
-        match = _INDEX_DEF.search(index.definition)
-        method, opclass, params = index.method, "", ""
-        if match is not None:
-            method, column, params = match.group(1), match.group(2), match.group(3) or ""
-            parts = column.rsplit(" ", 1)
-            opclass = parts[1] if len(parts) == 2 else ""
+        method, opclass, params = index_parts(index)
         suffix = method if n == 1 else f"{method}{n}"
         out.append(
             {

@@ -65,17 +65,6 @@ def relations(url: str) -> list[tuple[str, str]]:
         ).fetchall()
 
 
-@pytest.fixture
-def indexed(tickets: str) -> str:
-    with psycopg.connect(tickets, autocommit=True) as conn:
-        conn.execute(f"UPDATE {T} SET body = NULL, subject = ' ' WHERE ticket_no IN (5, 6)")
-        conn.execute(
-            f"CREATE INDEX tickets_emb_hnsw ON {T} USING hnsw (emb vector_cosine_ops)"
-            " WITH (m = 8, ef_construction = 32)"
-        )
-    return tickets
-
-
 def test_a_plan_counts_rows_tokens_cost_and_time_and_changes_nothing(indexed: str) -> None:
     before = relations(indexed)
     p = plan(indexed)

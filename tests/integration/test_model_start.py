@@ -74,17 +74,6 @@ def new_vectors(
     return {i: None if v is None else np.array(v, dtype=np.float32) for i, v in rows}
 
 
-@pytest.fixture
-def indexed(tickets: str) -> str:
-    with psycopg.connect(tickets, autocommit=True) as conn:
-        conn.execute(f"UPDATE {T} SET body = NULL, subject = ' ' WHERE ticket_no IN (5, 6)")
-        conn.execute(
-            f"CREATE INDEX tickets_emb_hnsw ON {T} USING hnsw (emb vector_cosine_ops)"
-            " WITH (m = 8, ef_construction = 32)"
-        )
-    return tickets
-
-
 def test_a_side_table_is_filled_with_the_new_models_vectors_and_indexed_like_the_live_column(
     indexed: str,
 ) -> None:
