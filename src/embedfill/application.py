@@ -1040,11 +1040,21 @@ async def aadopt(
 
 
 async def atriggers(
-    config: Config, db: Database, target: str | None, install: bool, print_sql: bool
+    config: Config,
+    db: Database,
+    target: str | None,
+    install: bool,
+    print_sql: bool,
+    *,
+    apply: bool = True,
 ) -> tuple[triggers.TriggerPlan, str]:
     """``embedfill triggers install|uninstall``: the target's change triggers (see
     db/triggers.py), installed or removed in one transaction; with ``print_sql`` nothing
-    is changed. Returns the plan and its SQL script (what ran, or would run)."""
+    is changed. Returns the plan and its SQL script (what ran, or would run).
+
+    ``apply=False`` prepares all but the triggers themselves (embedfill's schema and the
+    column's number, committed) and returns the plan, whose statements the caller runs
+    in a transaction of its own: a Django migration runs them in its own (contrib/django)."""
     t = config.target(target)
     pconf = config.provider_for(t)
     conn = await connect(db)
@@ -1068,7 +1078,7 @@ async def atriggers(
             if install:
                 column_id = await store.vector_column_id(info.oid, t.embedding_column, create=True)
             plan = await triggers.plan(conn, tsql, info.oid, column_id, install=install)
-            for statement in plan.statements:
+            for statement in plan.statements if apply else ():
                 await conn.execute(statement)
         return plan, triggers.printed(plan, conn)
     except psycopg.errors.InsufficientPrivilege as exc:

@@ -12,7 +12,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,15 +69,33 @@ out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty()
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+@dataclass(frozen=True)
+class Host:
+    """Where the commands get their config and database, and how ``--processes`` starts
+    more of them. The default reads ``--config`` (or the demo default) and the
+    environment; another edge hands its own to ``run`` (``manage.py embedfill``, in
+    contrib/django, takes both from the Django settings)."""
+
+    #: the config from ``--config PATH`` (None when not given)
+    config: Callable[[Path | None], Config] = load_config
+    #: the database, unless the command forces the embedded one (the demo)
+    database: Callable[[], Database] | None = None
+    #: the command line that runs this CLI again, in a child process
+    argv: tuple[str, ...] = (sys.executable, "-m", "embedfill")
+
+
 @dataclass
 class State:
     config_path: Path | None
     debug: bool
+    host: Host = Host()
 
     def config(self) -> Config:
-        return load_config(self.config_path)
+        return self.host.config(self.config_path)
 
     def database(self, *, force_embedded: bool = False) -> Database:
+        if self.host.database is not None and not force_embedded:
+            return self.host.database()
         return resolve_database(
             notice=lambda m: err.print(m, style="yellow"), force_embedded=force_embedded
         )
@@ -212,7 +230,8 @@ def main_callback(
         level=logging.DEBUG if debug else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    ctx.obj = State(config_path=config, debug=debug)
+    host = ctx.obj if isinstance(ctx.obj, Host) else Host()
+    ctx.obj = State(config_path=config, debug=debug, host=host)
 
 
 @app.command()
@@ -420,7 +439,7 @@ class _Children:
         self.procs = shutdown.children
 
     def start(self, run_id: int) -> None:
-        argv = [sys.executable, "-m", "embedfill"]
+        argv = list(self.state.host.argv)
         if self.state.config_path is not None:
             argv += ["--config", str(self.state.config_path)]
         for _ in range(self.count):
@@ -1226,3 +1245,14 @@ def main() -> None:
         )
         raise SystemExit(UsageError.exit_code) from None
     app()
+
+
+def run(args: Sequence[str], host: Host, prog_name: str = "embedfill") -> int:
+    """Run one command line (``args`` without the program's name) with ``host``'s config
+    and database; returns its exit code, what ``embedfill`` itself would exit with."""
+    try:
+        app(args=list(args), obj=host, prog_name=prog_name)
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0

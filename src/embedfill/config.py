@@ -453,6 +453,11 @@ def _parse_provider(name: str, data: Mapping[str, Any]) -> ProviderConfig:
     )
 
 
+def parse_provider(name: str, data: Mapping[str, Any]) -> ProviderConfig:
+    """One ``[providers.NAME]`` table (a dict) -> ProviderConfig; ConfigError if wrong."""
+    return _parse_provider(name, data)
+
+
 def _parse_target(
     index: int, data: Mapping[str, Any], providers: Mapping[str, Any]
 ) -> TargetConfig:

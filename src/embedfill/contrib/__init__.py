@@ -1,0 +1,1 @@
+"""Integrations with the frameworks embedfill's users build on (``contrib.django``)."""

@@ -1,0 +1,57 @@
+"""A Django 5 project as a user of embedfill has it: pgvector's VectorField, per-
+organisation tenants, embedfill configured in settings. The tests pick the database with
+EMBEDFILL_TEST_DJANGO_DB (a libpq URL) and a settings variant with
+EMBEDFILL_TEST_DJANGO_VARIANT."""
+
+import os
+
+from psycopg import conninfo
+
+SECRET_KEY = "test-only"
+DEBUG = False
+USE_TZ = True
+INSTALLED_APPS = ["django.contrib.contenttypes", "docs", "embedfill.contrib.django"]
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+_db = conninfo.conninfo_to_dict(os.environ.get("EMBEDFILL_TEST_DJANGO_DB", "dbname=none"))
+DATABASES = {
+    "default": {
+        "ENGINE": "django.db.backends.postgresql",
+        "NAME": _db.get("dbname"),
+        "USER": _db.get("user", ""),
+        "PASSWORD": _db.get("password", ""),
+        "HOST": _db.get("host", ""),
+        "PORT": _db.get("port", ""),
+    }
+}
+
+EMBEDFILL = {
+    "providers": {"hash": {"kind": "hash", "model": "hash-8", "dimensions": 8}},
+    "targets": [
+        {
+            "name": "documents",
+            "model": "docs.Document",
+            "field": "embedding",
+            "tenant_field": "organisation",
+            "text": "{title}\n\n{body}",
+            "provider": "hash",
+        }
+    ],
+}
+
+_variant = os.environ.get("EMBEDFILL_TEST_DJANGO_VARIANT", "")
+if _variant == "missing_field":
+    EMBEDFILL["targets"][0]["field"] = "vector"
+elif _variant == "wrong_size":
+    EMBEDFILL["providers"]["hash"]["dimensions"] = 16
+elif _variant == "template_field":
+    EMBEDFILL["targets"][0]["text"] = "{title}\n\n{summary}"
+elif _variant == "toml":
+    del EMBEDFILL
+    EMBEDFILL_CONFIG = os.environ["EMBEDFILL_TEST_DJANGO_TOML"]
+elif _variant == "alias":
+    # embedfill's own alias (its least-privilege role, in production); the app's
+    # default stays as it is
+    DATABASES["embedfill"] = dict(DATABASES["default"])
+    DATABASES["default"]["NAME"] = "no_such_database_for_the_app"
+    EMBEDFILL_DATABASE = "embedfill"

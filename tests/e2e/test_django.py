@@ -1,0 +1,222 @@
+"""embedfill.contrib.django in a real Django project (tests/django_project) against the
+real PostgreSQL: ``manage.py embedfill``, the migration operations, the system check,
+``manage.py test`` and a data migration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from embedfill.providers.hashing import hash_vector
+from tests.support.cli import cli_env, embedfill
+
+PROJECT = Path(__file__).parent.parent / "django_project"
+# the app's environment points elsewhere: embedfill must take Django's settings
+ELSEWHERE = "postgresql://nobody@127.0.0.1:1/not_this_one"
+
+
+def manage(
+    *args: str, db_url: str, variant: str = "", timeout: float = 120, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    env = cli_env(
+        ELSEWHERE,
+        EMBEDFILL_TEST_DJANGO_DB=db_url,
+        EMBEDFILL_TEST_DJANGO_VARIANT=variant,
+        DJANGO_SETTINGS_MODULE="site_settings.settings",
+        **extra,
+    )
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=PROJECT,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=timeout,
+    )
+
+
+def triggers_on(db_url: str) -> list[str]:
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            "SELECT tgname FROM pg_catalog.pg_trigger WHERE tgrelid = 'docs_document'::regclass"
+            " AND NOT tgisinternal ORDER BY 1"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+@pytest.fixture
+def migrated(db_url: str) -> str:
+    done = manage("migrate", "--no-input", db_url=db_url)
+    assert done.returncode == 0, done.stderr
+    return db_url
+
+
+def test_migrate_installs_the_triggers_and_the_data_migration_fills(migrated: str) -> None:
+    assert triggers_on(migrated) == ["embedfill_changed_1_ins", "embedfill_changed_1_upd"]
+    with psycopg.connect(migrated) as conn:
+        row = conn.execute("SELECT title, embedding IS NOT NULL FROM docs_document").fetchone()
+    assert row == ("Welcome", True)  # 0003, a non-atomic data migration, ran a backfill
+
+
+def test_manage_py_embedfill_runs_the_cli_with_djangos_settings(migrated: str) -> None:
+    with psycopg.connect(migrated, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO docs_document (organisation_id, title, body)"
+            " SELECT id, 'doc ' || g, 'body' FROM docs_organisation, generate_series(1, 30) g"
+        )
+    done = manage("embedfill", "status", "--json", db_url=migrated)
+    assert done.returncode == 0, done.stderr
+    (status,) = json.loads(done.stdout)["targets"]
+    assert status["name"] == "documents"
+    assert (status["rows"], status["missing"]) == (31, 30)
+
+    # --processes starts workers as `manage.py embedfill worker`: they take Django's too
+    done = manage("embedfill", "backfill", "--processes", "2", db_url=migrated)
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(migrated) as conn:
+        left = conn.execute("SELECT count(*) FROM docs_document WHERE embedding IS NULL")
+        assert left.fetchone() == (0,)
+        # the template's field names became columns: each vector is its row's text's
+        stored = conn.execute(
+            "SELECT embedding::text FROM docs_document WHERE title = 'doc 7'"
+        ).fetchone()
+    assert stored is not None
+    got = [float(x) for x in stored[0].strip("[]").split(",")]
+    assert got == pytest.approx(list(hash_vector("doc 7\n\nbody", 8)), abs=1e-6)
+
+
+def test_manage_py_embedfill_has_the_clis_exit_codes_and_errors(
+    migrated: str, tmp_path: Path
+) -> None:
+    toml = tmp_path / "same.toml"
+    toml.write_text(
+        '[providers.hash]\nkind = "hash"\nmodel = "hash-8"\ndimensions = 8\n\n'
+        '[[targets]]\nname = "documents"\ntable = "docs_document"\nid_column = "id"\n'
+        'text = "{title}\\n\\n{body}"\nembedding_column = "embedding"\n'
+        'tenant_column = "organisation_id"\nprovider = "hash"\n'
+    )
+    plain = embedfill(
+        "--config", str(toml), "status", "--target", "nope", env=cli_env(migrated)
+    )
+    django = manage("embedfill", "status", "--target", "nope", db_url=migrated)
+    assert plain.returncode == django.returncode == 2
+    assert plain.stderr == django.stderr
+    assert "nope" in django.stderr
+
+    same = embedfill("--config", str(toml), "status", "--json", env=cli_env(migrated))
+    assert json.loads(same.stdout) == json.loads(
+        manage("embedfill", "status", "--json", db_url=migrated).stdout
+    )
+
+    helped = manage("embedfill", "--help", db_url=migrated)
+    assert helped.returncode == 0
+    assert "manage.py embedfill" in helped.stdout and "backfill" in helped.stdout
+    # manage.py's own --settings is manage.py's, not a flag the CLI refuses
+    settled = manage(
+        "embedfill", "status", "--settings", "site_settings.settings", db_url=migrated
+    )
+    assert settled.returncode == 0, settled.stderr
+
+
+def test_call_command_raises_with_the_exit_code(migrated: str) -> None:
+    code = (
+        "from django.core.management import call_command, CommandError\n"
+        "call_command('embedfill', 'status', '--json')\n"
+        "try:\n"
+        "    call_command('embedfill', 'status', '--target', 'nope')\n"
+        "except CommandError as exc:\n"
+        "    print('returncode', exc.returncode)\n"
+    )
+    done = manage("shell", "-c", code, db_url=migrated)
+    assert done.returncode == 0, done.stderr
+    assert "returncode 2" in done.stdout
+    assert '"name": "documents"' in done.stdout
+
+
+def test_the_migration_operations_reverse_each_other(migrated: str) -> None:
+    back = manage("migrate", "docs", "0001", db_url=migrated)
+    assert back.returncode == 0, back.stderr
+    assert triggers_on(migrated) == []
+    shown = manage("sqlmigrate", "docs", "0002", db_url=migrated)
+    assert shown.returncode == 0, shown.stderr
+    assert "embedfill_changed_1_ins" in shown.stdout and "EXECUTE FUNCTION" in shown.stdout
+    assert triggers_on(migrated) == []  # sqlmigrate changed nothing
+    again = manage("migrate", "docs", "0002", db_url=migrated)
+    assert again.returncode == 0, again.stderr
+    assert triggers_on(migrated) == ["embedfill_changed_1_ins", "embedfill_changed_1_upd"]
+    # with the triggers on, the app's own schema changes go through
+    with psycopg.connect(migrated, autocommit=True) as conn:
+        conn.execute("ALTER TABLE docs_document ALTER COLUMN title TYPE varchar(300)")
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected"),
+    [
+        ("missing_field", ["embedfill.E004", "'vector'", "docs.Document"]),
+        ("wrong_size", ["embedfill.E006", "docs.Document.embedding", "vector(8)", "16"]),
+        ("template_field", ["embedfill.E004", "{summary}"]),
+    ],
+)
+def test_the_system_check_names_what_does_not_fit(
+    db_url: str, variant: str, expected: list[str]
+) -> None:
+    done = manage("check", db_url=db_url, variant=variant)
+    assert done.returncode == 1
+    for text in expected:
+        assert text in done.stderr, done.stderr
+    # and a command says the first of them in one sentence, exit 2, nothing written
+    refused = manage("embedfill", "status", db_url=db_url, variant=variant)
+    assert refused.returncode == 2
+    assert expected[1] in refused.stderr
+
+
+def test_the_system_check_passes_a_fitting_config(db_url: str) -> None:
+    done = manage("check", db_url=db_url)
+    assert done.returncode == 0, done.stderr
+    assert "no issues" in done.stdout
+
+
+def test_embedfill_database_names_the_alias(migrated: str) -> None:
+    done = manage("embedfill", "status", "--json", db_url=migrated, variant="alias")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["targets"][0]["rows"] == 1
+
+
+def test_a_toml_file_may_name_the_model(migrated: str, tmp_path: Path) -> None:
+    toml = tmp_path / "embedfill.toml"
+    toml.write_text(
+        '[providers.hash]\nkind = "hash"\nmodel = "hash-8"\ndimensions = 8\n\n'
+        '[[targets]]\nmodel = "docs.Document"\nfield = "embedding"\n'
+        'tenant_field = "organisation"\ntext = "{title}"\nprovider = "hash"\n'
+    )
+    done = manage(
+        "embedfill",
+        "status",
+        "--json",
+        db_url=migrated,
+        variant="toml",
+        EMBEDFILL_TEST_DJANGO_TOML=str(toml),
+    )
+    assert done.returncode == 0, done.stderr
+    (status,) = json.loads(done.stdout)["targets"]
+    assert status["name"] == "docs_document"  # a model target's name defaults to its table
+
+
+def test_manage_py_test_uses_the_test_database(db_url: str, server_url: str) -> None:
+    name = psycopg.conninfo.conninfo_to_dict(db_url)["dbname"]
+    done = manage("test", "docs", "--no-input", db_url=db_url, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert "Ran 2 tests" in done.stderr and "OK" in done.stderr
+    with psycopg.connect(server_url) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM pg_catalog.pg_database WHERE datname = %s", [f"test_{name}"]
+        ).fetchone()
+    assert left == (0,)  # created, migrated, dropped
+    with psycopg.connect(db_url) as conn:  # and the app's own database untouched
+        untouched = conn.execute("SELECT to_regclass('docs_document') IS NULL").fetchone()
+    assert untouched == (True,)
