@@ -100,9 +100,7 @@ def test_manage_py_embedfill_has_the_clis_exit_codes_and_errors(
         'text = "{title}\\n\\n{body}"\nembedding_column = "embedding"\n'
         'tenant_column = "organisation_id"\nprovider = "hash"\n'
     )
-    plain = embedfill(
-        "--config", str(toml), "status", "--target", "nope", env=cli_env(migrated)
-    )
+    plain = embedfill("--config", str(toml), "status", "--target", "nope", env=cli_env(migrated))
     django = manage("embedfill", "status", "--target", "nope", db_url=migrated)
     assert plain.returncode == django.returncode == 2
     assert plain.stderr == django.stderr
@@ -117,9 +115,7 @@ def test_manage_py_embedfill_has_the_clis_exit_codes_and_errors(
     assert helped.returncode == 0
     assert "manage.py embedfill" in helped.stdout and "backfill" in helped.stdout
     # manage.py's own --settings is manage.py's, not a flag the CLI refuses
-    settled = manage(
-        "embedfill", "status", "--settings", "site_settings.settings", db_url=migrated
-    )
+    settled = manage("embedfill", "status", "--settings", "site_settings.settings", db_url=migrated)
     assert settled.returncode == 0, settled.stderr
 
 
