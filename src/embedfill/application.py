@@ -51,6 +51,7 @@ from .errors import (
     NotFound,
     PlanRefused,
     PrivilegeMissing,
+    RunAborted,
     TargetBusy,
     UsageError,
     VerificationFailed,
@@ -421,29 +422,35 @@ async def amodel_start(
             phase = "filling"
         derived = migration.derived_target(live, new, strategy, home)
         dconfig = migration.with_target(config, derived)
-        if phase == "filling" and not await homes.taken(conn, info.oid, home, strategy):
-            if strategy == "table":
-                await conn.execute(
-                    homes.create_side_table(
-                        home["schema"],
-                        home["relation"],
-                        info.types.id_type,
-                        info.types.vector_type,
-                        int(plan.to_model["dimensions"]),
+        ddl_key = f"embedfill:model:{info.oid}:{live.embedding_column}"
+        async with _one_at_a_time(store, ddl_key, cancel):
+            if phase == "filling" and not await homes.taken(conn, info.oid, home, strategy):
+                if strategy == "table":
+                    async with conn.transaction():  # all of it, or no side table
+                        await conn.execute(
+                            homes.create_side_table(
+                                home["schema"],
+                                home["relation"],
+                                info.types.id_type,
+                                info.types.vector_type,
+                                int(plan.to_model["dimensions"]),
+                            )
+                        )
+                        await homes.grant_like(conn, info.oid, home["schema"], home["relation"])
+                        await homes.secure_like(
+                            conn, info.sql(live), info.oid, home["schema"], home["relation"]
+                        )
+                else:
+                    await _ddl(
+                        conn,
+                        homes.add_column(
+                            info.sql(live),
+                            home["column"],
+                            info.types.vector_type,
+                            int(plan.to_model["dimensions"]),
+                        ),
+                        str(live.table),
                     )
-                )
-                await homes.grant_like(conn, info.oid, home["schema"], home["relation"])
-            else:
-                await _ddl(
-                    conn,
-                    homes.add_column(
-                        info.sql(live),
-                        home["column"],
-                        info.types.vector_type,
-                        int(plan.to_model["dimensions"]),
-                    ),
-                    str(live.table),
-                )
         if phase in ("filling", "ready"):  # ready: a catch-up of what changed since
             filled = await _model_fill(
                 conn,
@@ -467,28 +474,59 @@ async def amodel_start(
                     return await migration.status_of(conn, config, live)  # rolled back
                 phase = "indexing"
         if phase == "indexing":
-            for twin in home.get("indexes", []):
-                state = await homes.index_state(conn, home["schema"], twin["name"])
-                if state == "invalid":  # a build that was killed or failed
-                    await conn.execute(homes.drop_index(home["schema"], twin["name"]))
-                if state != "valid":
-                    await conn.execute(
-                        homes.create_index(
-                            twin["name"],
-                            home["schema"],
-                            home["relation"],
-                            home["column"],
-                            twin["method"],
-                            twin["opclass"],
-                            twin["params"],
-                        )
-                    )
+            # another start of this change may be building (or the server may still be
+            # running the build of one that was killed: its session holds the lock
+            # until the build ends): wait for it, then look again
+            async with _one_at_a_time(store, ddl_key, cancel):
+                await _build_twins(conn, home)
             await store.set_migration_phase(migration_id, "ready", was="indexing")
         return await migration.status_of(conn, config, live)
     except psycopg.Error as exc:
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
     finally:
         await conn.close()
+
+
+async def _build_twins(conn: psycopg.AsyncConnection[Any], home: Mapping[str, Any]) -> None:
+    """The twin of each live vector index, built concurrently; an INVALID one (a build
+    that failed) is dropped and built again."""
+    for twin in home.get("indexes", []):
+        state = await homes.index_state(conn, home["schema"], twin["name"])
+        if state == "invalid":  # a build that was killed or failed
+            await conn.execute(homes.drop_index(home["schema"], twin["name"]))
+        if state != "valid":
+            await conn.execute(
+                homes.create_index(
+                    twin["name"],
+                    home["schema"],
+                    home["relation"],
+                    home["column"],
+                    twin["method"],
+                    twin["opclass"],
+                    twin["params"],
+                )
+            )
+
+
+#: how often a second `model start` looks whether the first one's DDL is over
+DDL_WAIT_POLL_S = 0.5
+
+
+@contextlib.asynccontextmanager
+async def _one_at_a_time(
+    store: Store, key: str, cancel: asyncio.Event | None
+) -> AsyncIterator[None]:
+    """One `model start` at a time makes the new vectors' home and builds their
+    indexes. A session advisory lock, tried rather than waited on: a waiting statement
+    would hold a snapshot that the other's CREATE INDEX CONCURRENTLY waits for."""
+    while not await store.try_lock(key):
+        if cancel is not None and cancel.is_set():
+            raise RunAborted("Stopped while another `embedfill model start` built the index.")
+        await asyncio.sleep(DDL_WAIT_POLL_S)
+    try:
+        yield
+    finally:
+        await store.unlock(key)
 
 
 @contextlib.asynccontextmanager

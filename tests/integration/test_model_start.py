@@ -481,3 +481,74 @@ def test_a_changed_provider_section_and_a_missing_index_keep_the_cutover_back(
     with pytest.raises(VerificationFailed, match="index is none"):
         run(amodel_cutover, indexed)
     assert status(indexed).active == "old"
+
+
+def test_two_starts_at_once_build_the_index_once_and_both_end_ready(indexed: str) -> None:
+    """The second start waits for the first's CREATE INDEX CONCURRENTLY (held up here by
+    an old snapshot) instead of building the same index beside it."""
+    import concurrent.futures
+    import time
+
+    with psycopg.connect(indexed) as blocker:
+        blocker.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        blocker.execute("SELECT count(*) FROM pg_catalog.pg_class").fetchone()  # a snapshot
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = pool.submit(start, indexed)
+            with psycopg.connect(indexed, autocommit=True) as look:
+                for _ in range(200):
+                    building = look.execute(
+                        "SELECT count(*) FROM pg_catalog.pg_stat_progress_create_index"
+                    ).fetchone()
+                    if building and building[0]:
+                        break
+                    time.sleep(0.05)
+                assert building == (1,)
+                second = pool.submit(start, indexed)
+                time.sleep(1.5)
+                assert not first.done() and not second.done()  # both wait for the snapshot
+                builds = look.execute(
+                    "SELECT count(*) FROM pg_catalog.pg_stat_progress_create_index"
+                ).fetchone()
+                assert builds == (1,)  # the second start builds nothing beside it
+            blocker.rollback()
+            a, b = first.result(timeout=60), second.result(timeout=60)
+    assert (a.phase, a.index) == (b.phase, b.index) == ("ready", "valid")
+    with psycopg.connect(indexed) as conn:
+        [(count,)] = conn.execute(
+            "SELECT count(*) FROM pg_index WHERE indrelid = %s::regclass AND NOT indisprimary",
+            [SIDE],
+        ).fetchall()
+    assert count == 1
+
+
+def test_with_row_level_security_a_reader_sees_only_the_side_rows_of_its_live_rows(
+    indexed: str, roles: Any
+) -> None:
+    reader = roles.create()
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f'GRANT USAGE ON SCHEMA app TO "{reader}"')
+        conn.execute(f'GRANT SELECT ON {T} TO "{reader}"')
+        conn.execute(f"ALTER TABLE {T} ENABLE ROW LEVEL SECURITY")
+        conn.execute(f"CREATE POLICY by_org ON {T} USING (org = current_setting('app.org', true))")
+    start(indexed)
+    with psycopg.connect(roles.url(reader)) as conn:
+        conn.execute("SET app.org = 'org-a'")
+        mine = conn.execute(f"SELECT count(*) FROM {T}").fetchone()
+        side = conn.execute(f"SELECT count(*), count(embedding) FROM {SIDE}").fetchone()
+        other = conn.execute(
+            f"SELECT count(*) FROM {SIDE} WHERE embedfill_tenant IS DISTINCT FROM 'org-a'"
+        ).fetchone()
+    assert mine is not None and side is not None and 0 < mine[0] < 60
+    assert side[0] == mine[0] and other == (0,)
+    with psycopg.connect(indexed) as conn:  # the owner still sees (and fills) every row
+        assert conn.execute(f"SELECT count(*) FROM {SIDE}").fetchone() == (60,)
+
+
+def test_a_deleted_live_row_loses_its_side_row_at_the_next_catch_up(indexed: str) -> None:
+    start(indexed)
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f"DELETE FROM {T} WHERE ticket_no IN (1, 2, 3)")
+    st = start(indexed)
+    assert (st.phase, st.rows, st.coverage) == ("ready", 55, 1.0)
+    assert set(new_vectors(indexed)) == set(texts(indexed))  # a side row per live row
+    assert not {1, 2, 3} & set(new_vectors(indexed))

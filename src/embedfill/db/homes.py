@@ -7,7 +7,9 @@
   ``text_sql`` (``side_text_sql``) that embedfill's engine evaluates like any other, so
   the scan, the guarded write, provenance and verify work on it unchanged. Column names
   start with ``embedfill_`` so that the text_sql's unqualified names cannot mean a live
-  column. Who may read the live table may read it (``grant_like``);
+  column. Who may read the live table may read it (``grant_like``), and with row-level
+  security on the live table, only the rows whose live row they may see
+  (``secure_like``); a deleted live row's side row goes at the next full ``mirror``;
 - a **shadow column** (strategy ``column``) on the live table: ``ALTER TABLE … ADD
   COLUMN`` (nullable, no default: catalog only), under a short ``lock_timeout``.
 
@@ -65,11 +67,23 @@ def create_side_table(
 
 
 def mirror(live: TargetSQL, schema: str, relation: str, *, newer: bool = False) -> sql.Composed:
-    """A side row for each live row that has none, and a moved row's tenant (whose key
-    pays for it) brought up to date (the live table is only read);
+    """A side row for each live row that has none, a moved row's tenant (whose key
+    pays for it) brought up to date, and the side rows of deleted live rows deleted (the
+    live table is only read);
     ``newer``: only live rows whose integer id is above the side table's highest (a
-    range scan of the key: cheap enough for every poll)."""
+    range scan of the key: cheap enough for every poll), and no deletion."""
     side = sql.Identifier(schema, relation)
+    prune: sql.Composable = sql.SQL("")
+    if not newer:  # every embedfill session runs with row_security off: no row is hidden
+        prune = sql.SQL(
+            "WITH embedfill_gone AS (DELETE FROM {side} AS g WHERE NOT EXISTS"
+            " (SELECT FROM {live} AS l WHERE l.{id} = g.{row_id})) "
+        ).format(
+            side=side,
+            live=live.table,
+            id=sql.Identifier(live.target.id_column),
+            row_id=sql.Identifier(ROW_ID),
+        )
     where: sql.Composable = sql.SQL("")
     if newer and live.integer_ids:
         where = sql.SQL(
@@ -77,10 +91,11 @@ def mirror(live: TargetSQL, schema: str, relation: str, *, newer: bool = False) 
             " t.{id} - 1)"
         ).format(id=sql.Identifier(live.target.id_column), row_id=sql.Identifier(ROW_ID), side=side)
     return sql.SQL(
-        "INSERT INTO {side} AS s ({row_id}, {tenant}) SELECT t.{id}, {tenant_text}"
+        "{prune}INSERT INTO {side} AS s ({row_id}, {tenant}) SELECT t.{id}, {tenant_text}"
         " FROM {live} AS t{where} ON CONFLICT ({row_id}) DO UPDATE"
         " SET {tenant} = excluded.{tenant} WHERE s.{tenant} IS DISTINCT FROM excluded.{tenant}"
     ).format(
+        prune=prune,
         where=where,
         side=side,
         row_id=sql.Identifier(ROW_ID),
@@ -111,6 +126,40 @@ async def grant_like(
         await conn.execute(
             sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(schema, relation), grantee)
         )
+
+
+_ROW_SECURITY = """
+SELECT c.relrowsecurity, c.relforcerowsecurity FROM pg_catalog.pg_class c
+WHERE c.oid = %(rel)s"""
+
+
+async def secure_like(
+    conn: psycopg.AsyncConnection[Any], live: TargetSQL, live_oid: int, schema: str, relation: str
+) -> bool:
+    """With row-level security on the live table, the side table gets it too: one
+    policy that shows a side row to a role only where that role may see its live row
+    (the policy's subquery runs under the live table's policies, as the reader). False
+    when the live table has none."""
+    cur = await conn.execute(_ROW_SECURITY, {"rel": live_oid})
+    row = await cur.fetchone()
+    if row is None or not row[0]:
+        return False
+    side = sql.Identifier(schema, relation)
+    await conn.execute(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(side))
+    if row[1]:
+        await conn.execute(sql.SQL("ALTER TABLE {} FORCE ROW LEVEL SECURITY").format(side))
+    await conn.execute(
+        sql.SQL(
+            "CREATE POLICY embedfill_live_rows ON {side} USING"
+            " (EXISTS (SELECT FROM {live} AS l WHERE l.{id} = {side}.{row_id}))"
+        ).format(
+            side=side,
+            live=live.table,
+            id=sql.Identifier(live.target.id_column),
+            row_id=sql.Identifier(ROW_ID),
+        )
+    )
+    return True
 
 
 def add_column(live: TargetSQL, column: str, vector_type: str, dimensions: int) -> sql.Composed:
