@@ -110,3 +110,71 @@ def test_model_verify_cutover_rollback_and_finalize_from_the_cli(
         assert conn.execute("SELECT to_regclass('app.\"SupportTickets_emb_next\"')").fetchone() == (
             None,
         )
+
+
+def test_a_start_killed_during_its_index_build_leaves_the_build_and_a_rerun_waits_for_it(
+    indexed: str, tmp_path: Path
+) -> None:
+    """kill -9 of `model start` while the server builds the index: the server's build
+    goes on (its session holds the DDL lock until it ends); a rerun waits for it, drops
+    nothing, and ends ready with one valid index."""
+    import signal
+    import time
+
+    from tests.support.cli import popen
+
+    path = write_config(tmp_path, NOWHERE, extra=NEXT)
+    env = cli_env(indexed)
+    side = 'app."SupportTickets_emb_next"'
+
+    def builds(conn: psycopg.Connection[tuple[int]]) -> int:
+        """Index builds under way that wait for the blocker's snapshot."""
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_progress_create_index"
+            " WHERE phase = 'waiting for old snapshots'"
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    with (
+        psycopg.connect(indexed) as blocker,
+        psycopg.connect(indexed, autocommit=True) as look,
+    ):
+        blocker.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        blocker.execute("SELECT count(*) FROM pg_class").fetchone()  # an old snapshot
+        first = popen(
+            "--config", str(path), "model", "start", "--target", "tickets", "--to", "next", env=env
+        )
+        for _ in range(400):
+            if builds(look):
+                break
+            time.sleep(0.05)
+        assert builds(look) == 1
+        first.send_signal(signal.SIGKILL)
+        first.communicate(timeout=10)  # closes its pipes too
+        rerun = popen(
+            "--config",
+            str(path),
+            "model",
+            "start",
+            "--target",
+            "tickets",
+            "--to",
+            "next",
+            "--json",
+            env=env,
+        )
+        time.sleep(2)
+        assert rerun.poll() is None  # waiting for the server's build
+        assert builds(look) == 1  # which goes on: not dropped, not doubled
+        blocker.rollback()
+        out, err = rerun.communicate(timeout=60)
+    assert rerun.returncode == 0, err
+    status = json.loads(out)
+    assert (status["phase"], status["index"]) == ("ready", "valid")
+    with psycopg.connect(indexed) as conn:
+        [(count,)] = conn.execute(
+            "SELECT count(*) FROM pg_index WHERE indrelid = %s::regclass AND NOT indisprimary"
+            " AND indisvalid",
+            [side],
+        ).fetchall()
+    assert count == 1

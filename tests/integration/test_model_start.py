@@ -498,6 +498,7 @@ def test_two_starts_at_once_build_the_index_once_and_both_end_ready(indexed: str
                 for _ in range(200):
                     building = look.execute(
                         "SELECT count(*) FROM pg_catalog.pg_stat_progress_create_index"
+                        " WHERE phase = 'waiting for old snapshots'"
                     ).fetchone()
                     if building and building[0]:
                         break
