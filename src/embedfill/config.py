@@ -229,6 +229,28 @@ class Config:
 # --------------------------------------------------------------------------- parsing
 
 
+def env_secret(env: Mapping[str, str], name: str) -> str:
+    """The secret in environment variable ``name``, else the contents of the file that
+    ``name_FILE`` names (the convention of official container images: a secret mounted
+    as a file), stripped; "" when neither is set. ConfigError when both are set, or
+    when the file cannot be read; the message names the variable, never the value."""
+    value = (env.get(name) or "").strip()
+    path = (env.get(f"{name}_FILE") or "").strip()
+    if not path:
+        return value
+    if value:
+        raise ConfigError(f"Both {name} and {name}_FILE are set; unset one of them.")
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"{name}_FILE names {path}, which cannot be read ({exc.strerror or exc}); "
+            "mount the secret there or fix the variable."
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}_FILE names {path}, which is not UTF-8 text.") from None
+
+
 def parse_table_name(value: str) -> TableName:
     """Split ``schema.table`` (either part may be double-quoted, case is kept)."""
     parts: list[str] = []

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from cryptography.fernet import Fernet, InvalidToken
 
-from .config import ProviderConfig, TargetConfig
+from .config import ProviderConfig, TargetConfig, env_secret
 from .db.connect import user_context
 from .db.store import Store
 from .errors import KeyStoreError, UsageError
@@ -33,7 +33,7 @@ def new_master_key() -> str:
 
 
 def _fernet(env: Mapping[str, str]) -> Fernet:
-    raw = env.get(MASTER_KEY_ENV, "").strip()
+    raw = env_secret(env, MASTER_KEY_ENV)  # or EMBEDFILL_MASTER_KEY_FILE
     if not raw:
         raise KeyStoreError(
             f"{MASTER_KEY_ENV} is not set; create one with `embedfill keys new-master-key` "
@@ -131,7 +131,7 @@ class KeyResolver:
         self._cache: dict[str | None, tuple[float, ResolvedKey]] = {}
 
     def platform_key(self) -> Secret | None:
-        value = self.env.get(self.provider.api_key_env, "").strip()
+        value = env_secret(self.env, self.provider.api_key_env)  # or its _FILE
         return Secret(value) if value else None
 
     def cached(self, tenant: str | None) -> ResolvedKey | None:

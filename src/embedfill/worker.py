@@ -55,7 +55,7 @@ import procrastinate
 import psycopg
 
 from . import jobs
-from .config import Config
+from .config import Config, env_secret
 from .context import job_id_var
 from .db.connect import Database, connect
 from .db.lanes import Lane, Lanes
@@ -218,7 +218,7 @@ class Worker:
         (jobs/spec.py) and whether it has the provider's platform key."""
         target = self.config.target(name)
         pconf = self.config.provider_for(target)
-        has_key = needs_key(pconf) and bool(self.env.get(pconf.api_key_env, "").strip())
+        has_key = needs_key(pconf) and bool(env_secret(self.env, pconf.api_key_env))
         return vector_settings(target, pconf), has_key
 
     def queues(self) -> list[str]:

@@ -317,3 +317,44 @@ def test_an_openai_only_install_needs_no_torch(
     done = without_local_extra("--config", str(cfg), "backfill", "--json", env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["embedded"] == 45
+
+
+def test_secrets_mounted_as_files_stand_for_their_variables(
+    tickets: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """DATABASE_URL_FILE, EMBEDFILL_MASTER_KEY_FILE, the provider's key's NAME_FILE: the
+    convention of official container images, where a Secret is mounted as a file."""
+    path = write_config(tmp_path, fake_openai.base_url)
+    url_file, key_file = tmp_path / "database-url", tmp_path / "master-key"
+    url_file.write_text(tickets + "\n")
+    master = embedfill("keys", "new-master-key", env=cli_env(None)).stdout.strip()
+    key_file.write_text(master)
+    env = cli_env(None, DATABASE_URL_FILE=str(url_file), EMBEDFILL_MASTER_KEY_FILE=str(key_file))
+    done = embedfill("--config", str(path), "status", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["targets"][0]["rows"] == 60
+    done = embedfill("keys", "set", "--tenant", "org-a", stdin="sk-org-a-secret\n", env=env)
+    assert done.returncode == 0, done.stderr
+    listed = embedfill("keys", "list", env=env)
+    assert "org-a" in listed.stdout and "sk-org-a-secret" not in listed.stdout
+    platform = tmp_path / "platform-key"
+    platform.write_text(PLATFORM)
+    done = embedfill(
+        "--config",
+        str(path),
+        "backfill",
+        "--json",
+        env={**env, "TEST_PLATFORM_KEY_FILE": str(platform)},
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["failed"] == 0
+    assert {r.key for r in fake_openai.requests} >= {PLATFORM, "sk-org-a-secret"}
+
+    both = embedfill("status", env={**env, "DATABASE_URL": tickets})
+    assert both.returncode == 2
+    assert both.stderr.strip() == (
+        "embedfill: Both DATABASE_URL and DATABASE_URL_FILE are set; unset one of them."
+    )
+    gone = embedfill("status", env={**env, "DATABASE_URL_FILE": str(tmp_path / "absent")})
+    assert gone.returncode == 2 and "DATABASE_URL_FILE names" in gone.stderr
+    assert tickets not in gone.stderr + both.stderr

@@ -24,6 +24,7 @@ from urllib.parse import quote
 import psycopg
 from psycopg import conninfo as pg_conninfo
 
+from ..config import env_secret
 from ..errors import ConfigError, DatabaseError, NoFreeConnection
 from . import queries as q
 from .url import normalize_url
@@ -95,7 +96,7 @@ def url_from_env(env: Mapping[str, str]) -> str:
     """``EMBEDFILL_DATABASE_URL``, else ``DATABASE_URL`` ("" when neither is set): an app
     whose ``DATABASE_URL`` is its own role's gives embedfill its own without changing it."""
     for name in ("EMBEDFILL_DATABASE_URL", "DATABASE_URL"):
-        url = (env.get(name) or "").strip()
+        url = env_secret(env, name)  # or NAME_FILE
         if url:
             return url
     return ""

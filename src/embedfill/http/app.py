@@ -25,7 +25,7 @@ from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..application import BackfillOptions
-from ..config import Config, load_config
+from ..config import Config, env_secret, load_config
 from ..db.connect import Database, url_from_env
 from ..errors import ConfigError, EmbedfillError
 from ..models import Failure, Report, Sample, TenantReport
@@ -219,7 +219,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def admin_secret(env: Mapping[str, str]) -> Secret | None:
     """ADMIN_SECRET, else AUTH_SECRET, else None (the admin API then answers 503)."""
     for name in ("ADMIN_SECRET", "AUTH_SECRET"):
-        value = env.get(name, "").strip()
+        value = env_secret(env, name)  # or ADMIN_SECRET_FILE, AUTH_SECRET_FILE
         if value:
             return Secret(value)
     return None

@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 
 from .. import errors
-from ..config import ProviderConfig, TargetConfig
+from ..config import ProviderConfig, TargetConfig, env_secret
 from ..db import indexes
 from ..db.catalog import TableInfo, count_missing_by_tenant, count_outdated_by_tenant
 from ..db.store import Store
@@ -85,7 +85,7 @@ def spec_of(
         table_oid=info.oid,
         column=target.embedding_column,
         settings=settings,
-        platform_key=needs_key(pconf) and bool(env.get(pconf.api_key_env, "").strip()),
+        platform_key=needs_key(pconf) and bool(env_secret(env, pconf.api_key_env)),
     )
 
 
