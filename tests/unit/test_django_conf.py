@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from psycopg import conninfo
 
-from embedfill.contrib.django.conf import url_of
+from embedfill.contrib.django.conf import prepares, url_of
 from embedfill.db.connect import Database
 from embedfill.errors import ConfigError
 
@@ -53,3 +53,10 @@ def test_an_entry_embedfill_cannot_use_is_one_sentence(entry: dict[str, str], wo
     with pytest.raises(ConfigError, match=words) as caught:
         url_of(entry, "default")
     assert "DATABASES['default']" in str(caught.value)
+
+
+def test_behind_a_transaction_pooler_no_statement_is_prepared() -> None:
+    assert prepares({"ENGINE": PG, "NAME": "app"})
+    assert not prepares({"ENGINE": PG, "NAME": "app", "DISABLE_SERVER_SIDE_CURSORS": True})
+    assert not prepares({"ENGINE": PG, "NAME": "app", "OPTIONS": {"prepare_threshold": None}})
+    assert prepares({"ENGINE": PG, "NAME": "app", "OPTIONS": {"prepare_threshold": 5}})

@@ -305,7 +305,17 @@ def database(using: str | None = None) -> Database:
             f"settings.EMBEDFILL_DATABASE names {name!r}, which is not in DATABASES; "
             "name one of its aliases."
         ) from exc
-    return Database(url=url_of(settings, name))
+    return Database(url=url_of(settings, name), prepare=prepares(settings))
+
+
+def prepares(settings: Mapping[str, Any]) -> bool:
+    """Whether the server may keep prepared statements: not behind a pooler in
+    transaction mode, which Django is told of by DISABLE_SERVER_SIDE_CURSORS, or by
+    OPTIONS' prepare_threshold = None (psycopg 3)."""
+    options = settings.get("OPTIONS") or {}
+    if settings.get("DISABLE_SERVER_SIDE_CURSORS"):
+        return False
+    return not ("prepare_threshold" in options and options["prepare_threshold"] is None)
 
 
 def url_of(settings: Mapping[str, Any], name: str) -> str:
