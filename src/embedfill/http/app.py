@@ -31,6 +31,7 @@ from ..errors import ConfigError, EmbedfillError
 from ..models import Failure, Report, Sample, TenantReport
 from ..secrets import Secret
 from ..watch import WatchOptions
+from .console import console_router
 from .service import AdminService
 
 PREFIX = "/api/v1/admin"
@@ -550,6 +551,7 @@ def create_app(
     )
     app.state.service = service
     app.include_router(admin_router(service))
+    app.include_router(console_router(service, admin_secret(env)))
 
     @app.get("/healthz", tags=["health"], summary="The process is alive (no database check)")
     async def healthz() -> dict[str, str]:

@@ -67,7 +67,7 @@ class AdminService:
         self.config = config
         self.db = db
         self.env = env
-        self.metrics = Metrics()
+        self.metrics = Metrics(tenant_labels=_tenant_labels(env))
         self._providers: dict[str, Provider] = {}
         # the in-process worker (``serve`` without --no-worker), which works on every
         # job's chunks beside any `embedfill worker` elsewhere, and with ``serve --watch``
@@ -248,6 +248,10 @@ class AdminService:
     async def status(self, target: str | None) -> list[TargetStatus]:
         return await astatus(self.config, self.db, target)
 
+    async def models(self) -> list[MigrationStatus]:
+        """``model status`` of every target (phase ``none``: no change on record)."""
+        return await application.amodel_status(self.config, self.db, None)
+
     async def readiness(self) -> tuple[bool, str]:
         """(ready, reason) for /readyz. Reads only: never migrates, never runs DDL. The
         reason is one of a few generic phrases; the details (scrubbed) go to the log."""
@@ -323,6 +327,15 @@ class AdminService:
             log.exception("metrics: status pass failed")
         finally:
             self._pass_ended = time.monotonic()
+
+
+def _tenant_labels(env: Mapping[str, str]) -> bool:
+    raw = env.get("EMBEDFILL_METRICS_TENANT_LABELS", "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"EMBEDFILL_METRICS_TENANT_LABELS must be 1 or 0, not {raw!r}.")
 
 
 def _metrics_interval(env: Mapping[str, str]) -> float:
