@@ -271,13 +271,23 @@ def check(
             "describe their row; unverified ones are shown, never counted).",
         ),
     ] = 0,
+    tenant_max_missing: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            help="Missing rows tolerated per tenant (default: no per-tenant bound): one "
+            "tenant left NULL fails the check even when the total is within --max-missing.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Exit 0 when every target is within the bounds, 3 when one is not (one line per
     target): for cron, CI and Kubernetes jobs. Read-only; errors keep their own codes."""
     state = _state(ctx)
     with _errors(state):
-        bounds = health.Bounds(max_missing=max_missing, max_stale=max_stale)
+        bounds = health.Bounds(
+            max_missing=max_missing, max_stale=max_stale, tenant_max_missing=tenant_max_missing
+        )
         config = state.config()
         results = asyncio.run(health.acheck(config, state.database(), target or [], bounds))
     ok = all(r.ok for r in results)
@@ -642,7 +652,7 @@ def seed(
 
 @app.command()
 def demo(ctx: typer.Context) -> None:
-    """Seed 10,000 rows (382 missing), show status, a dry run, backfill offline, status."""
+    """Seed 10,000 rows (382 missing), adopt the rest, status, a dry run, backfill offline."""
     from .seed import seed as do_seed
 
     state = _state(ctx)
@@ -656,19 +666,27 @@ def demo(ctx: typer.Context) -> None:
             f"seeded {r.rows:,} workflow insights over {r.tenants} tenants; "
             f"{r.missing} have a NULL embedding"
         )
-        out.rule("2. status")
+        out.rule("2. adopt: the vectors that were there before embedfill")
+        adopted = asyncio.run(application.aadopt(config, db))
+        out.print(
+            f"recorded {adopted.adopted:,} pre-filled vectors as written by {adopted.model}, "
+            "so that status can tell when their text or the model changes. (The seed wrote "
+            "placeholders; on your database, `embedfill adopt --verify-sample 200` first "
+            "re-embeds a sample and refuses if any vector disagrees.)"
+        )
+        out.rule("3. status")
         status_tables(out, asyncio.run(astatus(config, db)))
-        out.rule("3. backfill --dry-run")
+        out.rule("4. backfill --dry-run")
         plan = _backfill_with_progress(
             config, db, BackfillOptions(dry_run=True, actor=_actor()), show=err.is_terminal
         )
         report_table(out, plan)
-        out.rule("4. backfill (all-MiniLM-L6-v2 on this CPU, offline)")
+        out.rule("5. backfill (all-MiniLM-L6-v2 on this CPU, offline)")
         done = _backfill_with_progress(
             config, db, BackfillOptions(actor=_actor()), show=err.is_terminal
         )
         report_table(out, done)
-        out.rule("5. status")
+        out.rule("6. status")
         status_tables(out, asyncio.run(astatus(config, db)))
     if done.failed:
         raise typer.Exit(3)

@@ -45,10 +45,17 @@ class Bounds:
 
     max_missing: int = 0
     max_stale: int = 0  # stale + outdated_model
+    #: missing rows tolerated per tenant (None: no per-tenant bound): one tenant whose
+    #: rows are all NULL (its key revoked) fails the check even when the total is small
+    tenant_max_missing: int | None = None
 
     def __post_init__(self) -> None:
-        for flag, value in (("--max-missing", self.max_missing), ("--max-stale", self.max_stale)):
-            if value < 0:
+        for flag, value in (
+            ("--max-missing", self.max_missing),
+            ("--max-stale", self.max_stale),
+            ("--tenant-max-missing", self.tenant_max_missing),
+        ):
+            if value is not None and value < 0:
                 raise UsageError(f"{flag} must be 0 or more, not {value}.")
 
 
@@ -64,15 +71,21 @@ class CheckResult:
     unverified: int
     max_missing: int
     max_stale: int
+    tenant_max_missing: int | None = None
+    #: the tenants over ``tenant_max_missing``: (tenant, missing), most missing first
+    tenants_over: tuple[tuple[str | None, int], ...] = ()
 
     @property
     def over(self) -> list[str]:
-        """The bounds this target is over: "missing", "stale" (in that order)."""
+        """The bounds this target is over: "missing", "stale", "tenant_missing" (in that
+        order)."""
         out = []
         if self.missing > self.max_missing:
             out.append("missing")
         if self.stale + self.outdated_model > self.max_stale:
             out.append("stale")
+        if self.tenants_over:
+            out.append("tenant_missing")
         return out
 
     @property
@@ -82,15 +95,27 @@ class CheckResult:
     def line(self) -> str:
         """``ok tickets: 0 missing (max 0), 3 stale + 0 outdated model (max 10), 15
         unverified`` (``FAIL`` when over a bound)."""
-        return (
+        line = (
             f"{'ok' if self.ok else 'FAIL'} {self.target}: "
             f"{self.missing} missing (max {self.max_missing}), "
             f"{self.stale} stale + {self.outdated_model} outdated model (max {self.max_stale}), "
             f"{self.unverified} unverified"
         )
+        if self.tenant_max_missing is not None:
+            shown = ", ".join(
+                f"{'(no tenant)' if t is None else t} {n}" for t, n in self.tenants_over[:5]
+            )
+            more = len(self.tenants_over) - 5
+            line += (
+                f"; {len(self.tenants_over)} tenants over {self.tenant_max_missing} missing"
+                + (f": {shown}" if shown else "")
+                + (f" and {more} more" if more > 0 else "")
+            )
+        return line
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The JSON of ``check --json``; the per-tenant keys only with that bound."""
+        out = {
             "target": self.target,
             "ok": self.ok,
             "over": self.over,
@@ -102,6 +127,10 @@ class CheckResult:
             "max_stale": self.max_stale,
             "unverified": self.unverified,
         }
+        if self.tenant_max_missing is not None:
+            out["tenant_max_missing"] = self.tenant_max_missing
+            out["tenants_over"] = [{"tenant": t, "missing": n} for t, n in self.tenants_over]
+        return out
 
 
 def evaluate(status: TargetStatus, bounds: Bounds) -> CheckResult:
@@ -115,6 +144,18 @@ def evaluate(status: TargetStatus, bounds: Bounds) -> CheckResult:
         unverified=status.unverified,
         max_missing=bounds.max_missing,
         max_stale=bounds.max_stale,
+        tenant_max_missing=bounds.tenant_max_missing,
+        tenants_over=tuple(
+            sorted(
+                (
+                    (t.tenant, t.missing)
+                    for t in status.tenants
+                    if bounds.tenant_max_missing is not None
+                    and t.missing > bounds.tenant_max_missing
+                ),
+                key=lambda pair: (-pair[1], str(pair[0])),
+            )
+        ),
     )
 
 

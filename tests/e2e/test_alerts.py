@@ -423,3 +423,67 @@ provider = "openai"
     down = cli_env("postgresql://nobody@127.0.0.1:1/none", TEST_PLATFORM_KEY=PLATFORM)
     code, out, err = check(cfg, down)
     assert code == 1 and out == "" and err.startswith("embedfill: ")
+
+
+def test_check_bounds_each_tenant_with_tenant_max_missing(
+    tickets: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """A tenant whose rows are all NULL (its key revoked) fails the check even when the
+    target's total is within --max-missing."""
+    cfg = write_config(tmp_path, fake_openai.base_url)
+    env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM)
+    with psycopg.connect(tickets) as conn:
+        per_tenant = dict(
+            conn.execute(
+                'SELECT org, count(*) FROM app."SupportTickets" WHERE emb IS NULL GROUP BY org'
+            ).fetchall()
+        )
+    worst = max(per_tenant.values())
+    code, out, _ = check(cfg, env, "--max-missing", "45", "--tenant-max-missing", str(worst - 1))
+    assert code == 3
+    over = sorted((n, t) for t, n in per_tenant.items() if n > worst - 1)
+    assert out.startswith("FAIL tickets: 45 missing (max 45), ")
+    assert f"; {len(over)} tenants over {worst - 1} missing: " in out
+    code, out, _ = check(
+        cfg, env, "--max-missing", "45", "--tenant-max-missing", str(worst - 1), "--json"
+    )
+    [result] = json.loads(out)["targets"]
+    assert result["over"] == ["tenant_missing"] and result["tenant_max_missing"] == worst - 1
+    assert {(t["tenant"], t["missing"]) for t in result["tenants_over"]} == {
+        (t, n) for n, t in over
+    }
+    code, out, _ = check(cfg, env, "--max-missing", "45", "--tenant-max-missing", str(worst))
+    assert code == 0 and out.startswith("ok tickets: ") and "0 tenants over" in out
+    assert check(cfg, env, "--tenant-max-missing", "-1")[0] == 2
+
+
+def test_row_gauges_by_tenant_only_when_asked(tickets: str, fake_openai: FakeOpenAI) -> None:
+    config = tickets_config(fake_openai.base_url)
+    with psycopg.connect(tickets) as conn:
+        missing = dict(
+            conn.execute(
+                'SELECT org, count(*) FROM app."SupportTickets" WHERE emb IS NULL GROUP BY org'
+            ).fetchall()
+        )
+    base_env = {"ADMIN_SECRET": ADMIN, "EMBEDFILL_METRICS_INTERVAL": "0"}
+    for asked in ("1", ""):
+        env = {**base_env, "EMBEDFILL_METRICS_TENANT_LABELS": asked}
+        app = create_app(config, database=Database(tickets), env=env, worker=False)
+        with ServerThread(app) as base, httpx.Client(base_url=base, timeout=60) as client:
+            samples = scrape(client)
+        tenants = {
+            key: value for key, value in samples.items() if key.startswith("embedfill_tenant_")
+        }
+        if not asked:
+            assert tenants == {}  # off by default: one series per tenant is a cost
+            continue
+        for org, count in missing.items():
+            key = f'embedfill_tenant_missing_rows{{target="tickets",tenant="{org}"}}'
+            assert tenants[key] == count
+        assert samples['embedfill_missing_rows{target="tickets"}'] == sum(missing.values())
+        assert {k.split("{")[0] for k in tenants} == {
+            f"embedfill_tenant_{f}_rows"
+            for f in ("missing", "stale", "outdated_model", "unverified", "failing")
+        }
+    with pytest.raises(ConfigError, match="EMBEDFILL_METRICS_TENANT_LABELS must be 1 or 0"):
+        create_app(config, database=Database(tickets), env={"EMBEDFILL_METRICS_TENANT_LABELS": "x"})

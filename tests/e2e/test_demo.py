@@ -20,6 +20,11 @@ def test_demo_runs_offline_on_the_embedded_database(tmp_path: Path) -> None:
     assert "10,000 rows, 382 missing" in out
     assert "missing before: 382  embedded: 382" in out
     assert "10,000 rows, 0 missing" in out
+    # the pre-filled vectors were adopted as a shown step: the end reads clean
+    assert "recorded 9,618 pre-filled vectors as written by local:all-MiniLM-L6-v2" in out
+    final = out.split("6. status")[1]
+    assert "unverified" not in final or "0 unverified" in final
+    assert "9,618" not in final
 
 
 def test_seed_refuses_to_replace_a_table_it_did_not_create(db_url: str, tmp_path: Path) -> None:

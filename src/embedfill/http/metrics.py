@@ -12,13 +12,16 @@ from ..models import TargetStatus
 
 
 class Metrics(Observer):
-    def __init__(self, *, service: bool = True) -> None:
+    def __init__(self, *, service: bool = True, tenant_labels: bool = False) -> None:
         """``service``: the admin service's, with the gauges read from the database; a
         worker's or watch's own (``--metrics-port``) has only what its process counts
         (they were exported there too, never set: `embedfill_workers_alive 0` beside a
-        live worker)."""
+        live worker). ``tenant_labels`` (``EMBEDFILL_METRICS_TENANT_LABELS=1``): the row
+        gauges per tenant too, as ``embedfill_tenant_*_rows{target, tenant}`` (one series
+        per tenant: off by default, for the cardinality)."""
         self.registry = CollectorRegistry()
         r = self.registry
+        self._tenants: dict[str, set[str]] = {}  # per target, the tenants shown now
         # per labelled gauge and target, the error classes it shows now (see _by_class)
         self._classes: dict[tuple[Gauge, str], set[str]] = {}
         g = r if service else None  # the database's gauges: the service's only
@@ -90,6 +93,23 @@ class Metrics(Observer):
             ["target"],
             registry=g,
         )
+        # per tenant, when asked: what the per-target gauges above count, by tenant ("" for
+        # rows with no tenant)
+        self.tenant_rows: dict[str, Gauge] = {}
+        if tenant_labels and g is not None:
+            for field, what in (
+                ("missing", "Rows whose embedding is NULL"),
+                ("stale", "Vectors whose row's text changed since they were embedded"),
+                ("outdated_model", "Vectors embedded with another model than configured now"),
+                ("unverified", "Vectors embedfill has no provenance for"),
+                ("failing", "Rows whose last try failed and that no try wrote since"),
+            ):
+                self.tenant_rows[field] = Gauge(
+                    f"embedfill_tenant_{field}_rows",
+                    f"{what}, per tenant (EMBEDFILL_METRICS_TENANT_LABELS=1).",
+                    ["target", "tenant"],
+                    registry=g,
+                )
         self.status_at = Gauge(
             "embedfill_status_timestamp_seconds",
             "When the status gauges of the target were last refreshed (Unix time).",
@@ -149,12 +169,27 @@ class Metrics(Observer):
 
     def set_status(self, status: TargetStatus, at: float) -> None:
         name = status.name
+        if self.tenant_rows:
+            self._set_tenants(status)
         self.missing.labels(name).set(status.missing)
         self._by_class(self.failing, name, status.failing_errors)
         self.stale.labels(name).set(status.stale)
         self.outdated_model.labels(name).set(status.outdated_model)
         self.unverified.labels(name).set(status.unverified)
         self.status_at.labels(name).set(at)
+
+    def _set_tenants(self, status: TargetStatus) -> None:
+        """Each tenant's row gauges; a tenant gone since the last pass is removed."""
+        name = status.name
+        now = {"" if t.tenant is None else t.tenant for t in status.tenants}
+        for tenant in self._tenants.get(name, set()) - now:
+            for gauge in self.tenant_rows.values():
+                gauge.remove(name, tenant)
+        for t in status.tenants:
+            tenant = "" if t.tenant is None else t.tenant
+            for field, gauge in self.tenant_rows.items():
+                gauge.labels(name, tenant).set(getattr(t, field))
+        self._tenants[name] = now
 
     def set_target_error(self, target: str, error_class: str | None) -> None:
         """The target read fine (None), or failed with this class of error."""
