@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c requirements.lock
 
-.PHONY: demo test test-fast lint fmt bench lock clean
+.PHONY: demo test test-fast lint fmt bench docs lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ fmt: $(VENV)/.installed-dev
 # QUICK=1 runs smaller sizes.
 bench: $(VENV)/.installed-dev
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick)
+
+# The docs site: the reference pages from the code, then mkdocs with --strict (a broken
+# link or anchor fails), into site/.
+docs: $(VENV)/.installed-dev
+	$(BIN)/python docs/gen_reference.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 # Re-pin after changing dependencies in pyproject.toml (review the diff before committing).
 lock: $(VENV)/.installed-dev

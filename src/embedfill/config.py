@@ -43,26 +43,44 @@ class TableName:
 
 @dataclass(frozen=True)
 class ProviderConfig:
+    # Each field's comment is its meaning in the configuration reference (docs/).
+    #: the section's name, ``[providers.NAME]``
     name: str
+    #: "openai" (any OpenAI-compatible /v1/embeddings endpoint), "local"
+    #: (sentence-transformers on this machine, offline) or "hash" (tests only)
     kind: str
+    #: the model's name, as the provider knows it ("text-embedding-3-small")
     model: str
+    #: the vector size to ask for; sent to the API only when given
     dimensions: int | None = None
+    #: the endpoint ("http://127.0.0.1:8765/v1"); else OPENAI_BASE_URL, else OpenAI's
     base_url: str | None = None
+    #: the environment variable (or its _FILE) that holds the platform key
     api_key_env: str = "OPENAI_API_KEY"
+    #: inputs per embedding request (at most 2048)
     batch_size: int = 50
-    max_concurrency: int = 4  # requests in flight; with auto_concurrency, the most
+    #: requests in flight per worker (1 for local), or "auto": found by AIMD, this the most
+    max_concurrency: int = 4
     auto_concurrency: bool = False  # max_concurrency = "auto": found by AIMD
+    #: requests per minute per key and model, all workers together; 0: no limit
     rpm: int = 0
+    #: tokens per minute per key and model, all workers together; 0: no limit
     tpm: int = 0
+    #: deadline of one whole request, its body included (seconds)
     timeout_s: float = 60.0
+    #: tries per batch on 429, 5xx, timeouts and malformed answers
     max_attempts: int = 6
+    #: the longest single wait before a retry, whatever Retry-After says (seconds)
     max_retry_wait_s: float = 120.0
+    #: tokens an input may have; a longer text is truncated (default: the model's limit)
     max_input_tokens: int | None = None
+    #: tokens one request may carry in all
     max_request_tokens: int = 300_000
+    #: USD per 1M input tokens, for the cost in plans (default: known models' list price)
     price_per_1m_tokens: float | None = None
-    # `embedfill verify`: a stored vector whose cosine similarity with the provider's
-    # fresh vector for the row's text is below this is wrong (0 < x <= 1; remote models
-    # are not bit-exact, so 1.0 would flag vectors that are right)
+    #: `embedfill verify`: a stored vector whose cosine similarity with the provider's
+    #: fresh vector for the row's text is below this is wrong (0 < x <= 1; remote models
+    #: are not bit-exact, so 1.0 would flag vectors that are right)
     verify_min_cosine: float = 0.99
 
     @property
@@ -115,15 +133,26 @@ class TargetConfig:
       ``tenant_key_sql``; it must give the same text each time it reads the same row.
     """
 
+    # Each field's comment is its meaning in the configuration reference (docs/).
+    #: the target's name, for --target and in every report
     name: str
+    #: the table, schema-qualified ("app.SupportTickets"; case kept, quote parts with dots)
     table: TableName
+    #: a unique, non-NULL column that names each row
     id_column: str
+    #: a template over columns ("{subject}\n\n{body}"; NULL renders as ""); this or text_sql
     text: str | None
+    #: the vector (or halfvec) column to fill
     embedding_column: str
+    #: the [providers.NAME] section that embeds it
     provider: str
+    #: the column whose value is the row's tenant (grouping, per-tenant keys and counts)
     tenant_column: str | None = None
+    #: SQL that returns a tenant's own API key, with the placeholder %(tenant)s
     tenant_key_sql: str | None = None
+    #: whether a tenant without its own key is embedded with the platform key
     allow_platform_fallback: bool = True
+    #: an SQL expression over the row that gives its text; this or text
     text_sql: str | None = None
     #: the columns ``text`` reads, in order of first use (computed; empty with text_sql)
     text_columns: tuple[str, ...] = field(init=False, default=())
@@ -139,7 +168,7 @@ class TargetConfig:
         if not has_text and not has_sql:
             raise ConfigError(
                 f'The {where} needs text = "{{column}} ..." (a template over columns) or '
-                'text_sql = "..." (an SQL expression over the row); see the README.'
+                'text_sql = "..." (an SQL expression over the row); see docs/configuration.md.'
             )
         columns = template_columns(self.text, where) if self.text else ()
         object.__setattr__(self, "text_columns", columns)
@@ -147,29 +176,39 @@ class TargetConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    # Each field's comment is its meaning in the configuration reference (docs/).
+    #: connections writing batches in parallel, per process
     write_concurrency: int = 2
+    #: embedded batches waiting are merged into writes of this many rows
     write_batch_rows: int = 1000
+    #: rows read per keyset page of a scan
     scan_page_size: int = 1000
+    #: memory for re-using the vectors of identical texts (MiB)
     dedup_cache_mb: int = 64
-    lock_timeout_ms: int = 2000  # a write waits at most this long for a table lock
-    statement_timeout_s: int = 120  # and runs at most this long
-    locked_rows_wait_s: int = 30  # rows the app holds locked are retried this long at the end
-    # jobs (see jobs.py): a job's rows are cut into chunks of about chunk_rows rows; a
-    # worker works on worker_chunks of them at once; a chunk whose worker has been silent
-    # for lease_s seconds (killed, or cut off) goes back to the queue for another worker
+    #: a write waits at most this long for a table lock (ms), then is retried
+    lock_timeout_ms: int = 2000
+    #: a statement runs at most this long (s), then is retried
+    statement_timeout_s: int = 120
+    #: rows the app holds locked are retried this long at the end of a run (s)
+    locked_rows_wait_s: int = 30
+    #: a job's rows are cut into chunks of about this many consecutive ids (jobs.py)
     chunk_rows: int = 2000
+    #: chunks a worker works on at once (`worker --concurrency`)
     worker_chunks: int = 2
+    #: a chunk whose worker has been silent this long (killed, cut off) goes to another
+    #: worker (s, at most 60)
     lease_s: int = 30
-    # a watch sends a row that failed for a passing cause again after retry_failed_s,
-    # doubling per failure of the row up to retry_failed_max_s (at once after a key change)
+    #: a watch sends a row that failed for a passing cause again after this long (s),
+    #: doubling per failure of the row up to retry_failed_max_s; at once after a key change
     retry_failed_s: int = 60
+    #: the longest wait before a failed row is tried again (s)
     retry_failed_max_s: int = 3600
-    # `embedfill model finalize` after a cutover drops the old vectors only once this many
-    # days have passed since it (until then `model rollback` is instant), unless --force
+    #: `embedfill model finalize` after a cutover drops the old vectors only once this many
+    #: days have passed since it (until then `model rollback` is instant), unless --force
     rollback_window_days: int = 0
-    # `embedfill model verify`'s coverage gate: the share of rows with text that must hold
-    # a new vector of their current text after the final catch-up (a busy app's edits
-    # during it keep 1.0 out of reach for a moment)
+    #: `embedfill model verify`'s coverage gate: the share of rows with text that must
+    #: hold a new vector of their current text after the final catch-up (a busy app's
+    #: edits during it keep 1.0 out of reach for a moment)
     cutover_min_coverage: float = 1.0
 
 
@@ -491,7 +530,7 @@ def _parse_target(
     _check_keys(data, _TARGET_KEYS, where)
     for key in ("name", "table", "id_column", "embedding_column", "provider"):
         if not data.get(key):
-            raise ConfigError(f"The {where} needs {key} = ...; see the README's example config.")
+            raise ConfigError(f"The {where} needs {key} = ...; see docs/configuration.md.")
     if data["provider"] not in providers:
         known = ", ".join(sorted(providers)) or "none"
         raise ConfigError(

@@ -482,7 +482,7 @@ def twins(home: dict[str, Any], live: list[VectorIndex]) -> list[dict[str, str]]
 
 @dataclass
 class MigrationStatus:
-    """``embedfill model status`` of one target (see the README for each field)."""
+    """``embedfill model status`` of one target (each field: docs/changing-models.md)."""
 
     target: str
     migration_id: int | None

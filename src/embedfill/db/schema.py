@@ -127,7 +127,7 @@ async def _readable_version(conn: psycopg.AsyncConnection[Any]) -> int | None:
         raise SchemaNotReady(
             f"Role {role} may not read embedfill's schema (it needs USAGE on schema "
             f"{SCHEMA} and SELECT, INSERT, UPDATE on its tables); grant them as the schema "
-            "owner (see the README's least-privilege GRANTs)."
+            "owner (the least-privilege GRANTs of docs/configuration.md)."
         ) from None
 
 
@@ -170,5 +170,5 @@ async def _denied(conn: psycopg.AsyncConnection[Any], found: int | None) -> str:
     return (
         f"{state} and role {role} may not {verb} (that needs {needs}); run `embedfill "
         "migrate` once as a role that may (e.g. the database owner), then grant "
-        f"{role} the README's least-privilege GRANTs."
+        f"{role} the least-privilege GRANTs of docs/configuration.md."
     )
