@@ -36,12 +36,15 @@ def dockerfile_lines() -> list[str]:
 def test_compose_fits_an_existing_app() -> None:
     data = compose()
     services = data["services"]
-    assert set(services) == {"db", "embedfill", "worker"}
+    assert set(services) == {"db", "embedfill", "worker", "watch", "check"}
     app = services["embedfill"]
     for name, service in services.items():
         assert "container_name" not in service, name
-        # a worker serves no HTTP: the image's /healthz check is switched off for it
-        assert service["healthcheck"].get("test") or name == "worker", name
+        # only the API serves HTTP: the image's /readyz check is switched off for the rest
+        if name in ("worker", "watch", "check"):
+            assert service["healthcheck"] == {"disable": True}, name
+        else:
+            assert service["healthcheck"].get("test"), name
     # the bundled database is opt-in; the app's own DATABASE_URL (environment or .env)
     assert services["db"]["profiles"] == ["db"]
     assert services["db"]["image"].startswith("pgvector/pgvector:")
@@ -65,7 +68,7 @@ def test_compose_runs_the_api_without_a_worker_and_two_worker_replicas() -> None
     assert api[:2] == ["embedfill", "serve"] and "--no-worker" in api
     assert worker["command"] == ["embedfill", "worker"]
     assert worker["deploy"]["replicas"] == 2
-    assert worker["healthcheck"] == {"disable": True}  # the image's checks /healthz
+    assert worker["healthcheck"] == {"disable": True}  # the image's checks /readyz
     assert "ports" not in worker  # replicas publish nothing, so they never collide
     # the same image, config, database and keys; the admin secret only where it is used
     for key in ("build", "volumes", "depends_on", "restart", "extra_hosts"):
@@ -77,6 +80,22 @@ def test_compose_runs_the_api_without_a_worker_and_two_worker_replicas() -> None
     for name, service in services.items():
         argv = " ".join(service.get("command") or [])
         assert "$" not in argv and "SECRET" not in argv and "KEY" not in argv, name
+
+
+def test_compose_keeps_the_table_filled_with_two_watchers_and_checks_as_a_one_off() -> None:
+    services = compose()["services"]
+    app, watch, check = services["embedfill"], services["watch"], services["check"]
+    assert watch["command"] == ["embedfill", "watch"]
+    assert watch["deploy"]["replicas"] == 2  # one leads, one stands by
+    assert check["command"][:2] == ["embedfill", "check"] and check["profiles"] == ["check"]
+    assert check["restart"] == "no"
+    for service in (watch, check):
+        assert "ports" not in service
+        assert "ADMIN_SECRET" not in service["environment"]
+        for key in ("build", "volumes", "environment"):
+            assert service[key] == services["worker"][key], key
+    assert "profiles" not in watch  # watch runs by default; check only when asked
+    assert app["environment"]["EMBEDFILL_CONFIG"] == watch["environment"]["EMBEDFILL_CONFIG"]
 
 
 def test_compose_mounts_the_config_read_only_and_names_its_volumes() -> None:
@@ -93,16 +112,23 @@ def test_compose_mounts_the_config_read_only_and_names_its_volumes() -> None:
     assert defaults(app["build"]["args"]["EXTRAS"]) == ""
 
 
-def test_dockerfile_is_slim_pinned_non_root_and_checks_health_with_python() -> None:
+def test_dockerfile_is_multi_stage_slim_pinned_non_root_and_checks_readiness() -> None:
     lines = dockerfile_lines()
-    assert lines[0].startswith("FROM python:") and lines[0].endswith("-slim")
+    stages = [ln for ln in lines if ln.startswith("FROM ")]
+    assert len(stages) == 2 and all(ln.split()[1].endswith("-slim") for ln in stages)
+    assert stages[0].endswith(" AS build")
+    final = lines[lines.index(stages[1]) :]
+    # the final stage takes the built environment only: no pip install, no sources
+    assert not any("pip install" in ln or ln.startswith("COPY src") for ln in final)
+    assert "COPY --from=build /opt/embedfill /opt/embedfill" in final
     text = "\n".join(lines)
     assert "-c requirements.lock" in text
-    user = [ln for ln in lines if ln.startswith("USER ")]
-    assert user and user[-1] != "USER root"
-    health = next(ln for ln in lines if ln.startswith("HEALTHCHECK"))
+    user = [ln for ln in final if ln.startswith("USER ")]
+    assert user and user[-1].split()[1].split(":")[0].isdigit()  # numeric: runAsNonRoot
+    assert user[-1] != "USER 0"
+    health = next(ln for ln in final if ln.startswith("HEALTHCHECK"))
     assert "curl" not in text and "wget" not in text
-    assert "python" in text[text.index(health) :] and "/healthz" in text
+    assert "python" in health and "/readyz" in health
     assert lines[-1].startswith("CMD") and "serve" in lines[-1]
 
 
