@@ -17,6 +17,8 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import psycopg
+
 from . import migration
 from .config import Config
 from .db.catalog import check_shared_columns, inspect_target
@@ -51,6 +53,7 @@ class Runtime:
         providers: dict[str, Provider] | None = None,
     ) -> None:
         names = list(targets or [t.name for t in config.targets])
+        self.config, self.db, self.env, self._watch_opts = config, db, env, watch
         # opened by the first watcher that needs it
         self.hub = WatchHub(db, config.engine.lock_timeout_ms)
         self.watches = (
@@ -76,6 +79,31 @@ class Runtime:
         self._worker_stop = asyncio.Event()
         self._watch_tasks: list[asyncio.Task[None]] = []
         self._worker_task: asyncio.Task[None] | None = None
+
+    async def include_changes_of_model(self, conn: psycopg.AsyncConnection[Any]) -> list[str]:
+        """A watcher more for the new vectors of each change of model under way on the
+        watched targets (migration.changes_under_way: its derived target, the side
+        table's mirror before each poll and sweep), added before ``start``; their names.
+        The worker takes the derived targets' chunks by itself (Worker.run)."""
+        if self._watch_opts is None:
+            return []
+        names = [w.target.name for w in self.watches]
+        config, derived, before_poll, before_sweep = await migration.changes_under_way(
+            conn, self.config, names
+        )
+        known = set(names)
+        derived = [n for n in derived if n not in known]
+        if derived:
+            opts = dataclasses.replace(
+                self._watch_opts, before_poll=before_poll, before_sweep=before_sweep
+            )
+            self.config = config
+            self.watches += [
+                TargetWatch(config, self.db, config.target(n), opts, self.hub, self.env)
+                for n in derived
+            ]
+            log.info("watch: keeping the new vectors of %s fresh too", ", ".join(derived))
+        return derived
 
     async def open(self) -> None:
         """Connect the watchers now: a database that cannot be reached (or an
@@ -199,28 +227,23 @@ async def awatch(
     opts = opts or WatchOptions()
     await startup_checks(config, db, targets, allow_model_change=opts.allow_model_change)
     names = list(targets or [t.name for t in config.targets])
-    # a change of model under way: its new vectors are kept fresh too (migration.py)
-    conn = await connect(db)
-    try:
-        await ensure_schema(conn)  # its tables exist before they are read
-        config, derived, before_poll, before_sweep = await migration.changes_under_way(
-            conn, config, names
-        )
-    finally:
-        await conn.close()
-    if derived:
-        log.info("watch: keeping the new vectors of %s fresh too", ", ".join(derived))
-        opts = dataclasses.replace(opts, before_poll=before_poll, before_sweep=before_sweep)
     runtime = Runtime(
         config,
         db,
-        targets=names + derived,
+        targets=names,
         watch=opts,
         worker=worker,
         concurrency=concurrency,
         env=env,
         observer=observer,
     )
+    # a change of model under way: its new vectors are kept fresh too (migration.py)
+    conn = await connect(db)
+    try:
+        await ensure_schema(conn)  # its tables exist before they are read
+        await runtime.include_changes_of_model(conn)
+    finally:
+        await conn.close()
     await runtime.open()  # the queue's tables exist before the worker polls them
     if on_watch is not None:
         on_watch(runtime.watches)

@@ -54,7 +54,7 @@ from typing import Any, TypeVar, cast
 import procrastinate
 import psycopg
 
-from . import jobs
+from . import jobs, migration
 from .config import Config, env_secret
 from .context import job_id_var
 from .db.connect import Database, connect
@@ -189,6 +189,10 @@ class Worker:
         self.cut_off_until = 0.0  # monotonic: it hands chunks back unclaimed until then
         self.cut_off_times = 0  # chunks handed back in a row for an unreachable provider
         self._pause = asyncio.Event()  # set: stop fetching until cut_off_until
+        # set: the queues to listen to changed (a change of model began): restart the
+        # queue's worker with them
+        self._relisten = asyncio.Event()
+        self._migrations_mark: tuple[int, int] = (0, 0)
         self._stopping = asyncio.Event()  # run()'s stop: no chunk more is claimed
         self._lock = asyncio.Lock()  # the sessions dict
         self._opening: dict[int, asyncio.Lock] = {}  # a job's session being opened
@@ -221,6 +225,37 @@ class Worker:
         has_key = needs_key(pconf) and bool(env_secret(self.env, pconf.api_key_env))
         return vector_settings(target, pconf), has_key
 
+    async def _include_changes_of_model(self, conn: psycopg.AsyncConnection[Any]) -> bool:
+        """The derived target of each change of model under way on this worker's targets
+        (migration.py), so that it takes that fill's chunks too, as it takes a backfill's:
+        with its own resolution of the new provider section, which must be in its config
+        and match the job's fingerprint. Looked at when the worker starts, and again when
+        the changes under way change (``_notice_changes_of_model``). True when it found
+        a derived target it did not take before."""
+        try:
+            self._migrations_mark = await Store(conn).open_migrations_mark()
+        except psycopg.errors.UndefinedTable:  # a schema from before changes of model
+            return False
+        names = list(self.targets or [t.name for t in self.config.targets])
+        known = {t.name for t in self.config.targets}
+        config, derived, _, _ = await migration.changes_under_way(conn, self.config, names)
+        new = [n for n in derived if n not in known]
+        if new:
+            self.config = config
+            if self.targets is not None:
+                self.targets = list(dict.fromkeys([*self.targets, *new]))
+            log.info("worker: taking the new vectors' chunks of %s too", ", ".join(new))
+        return bool(new)
+
+    async def _notice_changes_of_model(self) -> None:
+        """A change of model started since this worker looked: its derived target is
+        taken too, and the queue's worker restarted to listen to its queue."""
+        async with self.control() as store:
+            if await store.open_migrations_mark() == self._migrations_mark:
+                return
+            if await self._include_changes_of_model(store.conn):
+                self._relisten.set()
+
     def queues(self) -> list[str]:
         """The queues of the jobs this worker can do: its targets' at its fingerprints."""
         out: list[str] = []
@@ -245,6 +280,7 @@ class Worker:
         first = await connect(self.db)
         try:
             await Store(first).hold_worker_lock(self.name)
+            await self._include_changes_of_model(first)
         except BaseException:
             await first.close()
             raise
@@ -299,7 +335,14 @@ class Worker:
                     delete_jobs="successful",
                 )
             )
-            await _first(run, stop.wait(), self._pause.wait())
+            await _first(run, stop.wait(), self._pause.wait(), self._relisten.wait())
+            if not run.done() and self._relisten.is_set() and not stop.is_set():
+                # more queues to listen to (a change of model began): the chunks in
+                # flight are finished, then the queue's worker starts again at once
+                self._relisten.clear()
+                run.cancel()
+                await asyncio.wait([run], timeout=self.lease_s + 60)
+                continue
             if not run.done():  # asked to stop (or pause): finish the chunks in flight
                 run.cancel()
                 # procrastinate waits for the chunks in flight; seen stuck "cancelling"
@@ -382,6 +425,7 @@ class Worker:
             # cannot read) does not keep the others from their round
             await self._step("ringing", self._ring_chunks())
             await self._step("noticing jobs it refuses", self._notice_refusals())
+            await self._step("noticing changes of model", self._notice_changes_of_model())
             if time.monotonic() >= next_sweep:
                 next_sweep = time.monotonic() + stale_s
                 await self._step("ringing lost chunks", self._ring_lost(manager, stale_s))

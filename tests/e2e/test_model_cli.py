@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
@@ -178,3 +179,54 @@ def test_a_start_killed_during_its_index_build_leaves_the_build_and_a_rerun_wait
             [side],
         ).fetchall()
     assert count == 1
+
+
+def test_a_worker_elsewhere_takes_chunks_of_the_new_vectors_fill(
+    tickets: str, fake_openai: Any, tmp_path: Path
+) -> None:
+    """`model start` fills the new vectors as a job; an `embedfill worker` with the same
+    config, started before it, works on that job's chunks beside it."""
+    import time
+
+    from tests.support.cli import popen
+
+    fake_openai.latency = 0.05
+    slow_next = (
+        '\n[providers.next]\nkind = "openai"\nmodel = "next-embed"\ndimensions = 16\n'
+        f'base_url = "{fake_openai.base_url}"\napi_key_env = "TEST_PLATFORM_KEY"\n'
+        "batch_size = 2\nmax_concurrency = 1\n\n[engine]\nchunk_rows = 5\nworker_chunks = 1\n"
+    )
+    path = write_config(tmp_path, NOWHERE, extra=slow_next)
+    env = cli_env(tickets, TEST_PLATFORM_KEY="sk-platform-test-0000000000")
+    assert embedfill("migrate", env=env).returncode == 0  # the schema, before the worker
+    worker = popen("--config", str(path), "worker", env=env)
+    try:
+        time.sleep(2)  # alive and polling (it looks for changes of model when it starts)
+        started = embedfill(
+            "--config",
+            str(path),
+            "model",
+            "start",
+            "--target",
+            "tickets",
+            "--to",
+            "next",
+            "--json",
+            env=env,
+            timeout=180,
+        )
+        assert started.returncode == 0, started.stderr
+        status = json.loads(started.stdout)
+        assert (status["phase"], status["coverage"]) == ("ready", 1.0)
+        with psycopg.connect(tickets) as conn:
+            workers = conn.execute(
+                "SELECT c.worker, count(*) FROM embedfill.chunks c"
+                " JOIN embedfill.runs r ON r.id = c.run_id"
+                " WHERE r.target = 'tickets@next' AND c.state = 'done' GROUP BY c.worker"
+            ).fetchall()
+    finally:
+        worker.terminate()
+        worker.communicate(timeout=60)
+    # the worker elsewhere (its name is host:pid:…) did some of the chunks
+    elsewhere = [n for name, n in workers if name.split(":")[1] == str(worker.pid)]
+    assert elsewhere and elsewhere[0] > 0, workers

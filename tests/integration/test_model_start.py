@@ -553,3 +553,40 @@ def test_a_deleted_live_row_loses_its_side_row_at_the_next_catch_up(indexed: str
     assert (st.phase, st.rows, st.coverage) == ("ready", 55, 1.0)
     assert set(new_vectors(indexed)) == set(texts(indexed))  # a side row per live row
     assert not {1, 2, 3} & set(new_vectors(indexed))
+
+
+def test_serve_watch_keeps_the_new_vectors_fresh_too(indexed: str, fake_openai: Any) -> None:
+    """`serve --watch` looks for changes of model under way when it starts, as `watch`
+    does: the new vectors of rows added and edited meanwhile are filled."""
+    import time
+
+    from embedfill.config import EngineConfig
+    from embedfill.http import create_app
+    from embedfill.watch import WatchOptions
+    from tests.support.http import ServerThread
+
+    start(indexed)
+    live_provider = dict(_raw_providers()["openai"], base_url=fake_openai.base_url)
+    cfg = parse_config(
+        {"providers": {**_raw_providers(), "openai": live_provider}, "targets": [_raw_target()]}
+    )
+    cfg = Config(providers=cfg.providers, targets=cfg.targets, engine=EngineConfig(chunk_rows=50))
+    app = create_app(
+        cfg,
+        database=Database(indexed),
+        env={"TEST_PLATFORM_KEY": "sk-platform-test-0000000000"},
+        watch=WatchOptions(interval_s=0.3, sweep_interval_s=1.0),
+    )
+    with ServerThread(app):
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(f"UPDATE {T} SET body = 'edited while served' WHERE ticket_no = 8")
+            conn.execute(
+                f"INSERT INTO {T} (ticket_no, org, subject, body) VALUES (78, 'org-b', 'n', 'new')"
+            )
+        deadline = time.monotonic() + 60
+        while (status(indexed).rows, status(indexed).coverage) != (59, 1.0):
+            assert time.monotonic() < deadline, status(indexed)
+            time.sleep(0.3)
+    got, want = new_vectors(indexed), texts(indexed)
+    for row_id in (8, 78):
+        assert np.allclose(got[row_id], hash_vector(want[row_id], 16), atol=1e-6)

@@ -570,6 +570,11 @@ SELECT EXISTS (
 
 
 # Changing the model (migration.py): embedfill.model_migrations and active_models
+# what changes of model are under way, in two numbers: a worker that sees them change
+# looks again at which derived targets it takes (worker.py)
+OPEN_MIGRATIONS_MARK = """
+SELECT pg_catalog.count(*), coalesce(pg_catalog.max(id), 0)
+FROM embedfill.model_migrations WHERE phase <> 'finalized'"""
 OPEN_MIGRATION = """
 SELECT id, target, strategy, from_model, to_model, home, phase, job_id, gates,
        created_at, updated_at, cut_over_at, finalized_at

@@ -329,6 +329,12 @@ class Store:
     async def release_watch_lock(self, key: str) -> None:
         await self.conn.execute(q.WATCH_UNLOCK, {"key": key})
 
+    async def open_migrations_mark(self) -> tuple[int, int]:
+        """(how many, the newest id) of the changes of model not finalized."""
+        cur = await self.conn.execute(q.OPEN_MIGRATIONS_MARK)
+        row = await cur.fetchone()
+        return (int(row[0]), int(row[1])) if row else (0, 0)
+
     async def open_migration(self, table_oid: int, column: str) -> dict[str, Any] | None:
         """The change of model under way on this column (not finalized), if any."""
         cur = await self.conn.execute(q.OPEN_MIGRATION, {"table_oid": table_oid, "column": column})

@@ -110,12 +110,15 @@ class AdminService:
             return
         try:
             await ensure_schema(conn)
+            # `serve --watch`: the new vectors of a change of model under way too
+            await self.runtime.include_changes_of_model(conn)
         except EmbedfillError as exc:
             log.warning("%s", exc)
         except psycopg.Error as exc:
             log.warning("could not migrate the embedfill schema: %s", _first_line(exc))
         finally:
             await conn.close()
+        self.watches = self.runtime.watches
         self.runtime.start(_log_worker_end)
 
     async def shutdown(self) -> None:
