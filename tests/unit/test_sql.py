@@ -66,11 +66,14 @@ def test_text_sql_is_composed_verbatim_with_percent_escaped(conn: psycopg.Connec
     expr = "(\ntitle || ' 100%%' -- note\n)"
     scan = q.scan(first_page=True, tenants=False).as_string(conn)
     write = q.write().as_string(conn)
-    fp = f'md5(ROW("Org""Id"::text, {expr}::text)::text)'
-    # the provenance fingerprint renders the same expression (a NULL value is empty text),
-    # read with the row and bound with the write
-    md5 = f"md5(coalesce({expr}::text, ''))::uuid"
-    assert f'{fp}, "Emb" IS NOT NULL, {md5}, {expr}::text FROM' in scan
+    # the scan evaluates the expression once a row (a lateral subquery) and makes the
+    # fingerprint and the provenance md5 (a NULL value is empty text) from that value
+    text = "embedfill_lateral.embedfill_scan_text"
+    fp = f'md5(ROW("Org""Id"::text, {text})::text)'
+    md5 = f"md5(coalesce({text}, ''))::uuid"
+    assert f'{fp}, "Emb" IS NOT NULL, {md5}, {text} FROM' in scan
+    assert scan.count("100%%") == 1
+    assert f"CROSS JOIN LATERAL (SELECT {expr}::text AS embedfill_scan_text)" in scan
     assert "b.embedfill_md5 AS text_md5" in write
     assert f'md5(ROW("t"."Org""Id"::text, {expr}::text)::text) = b.embedfill_fp' in write
     check = q.check_text_sql().as_string(conn)

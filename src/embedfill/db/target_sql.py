@@ -187,16 +187,30 @@ class TargetSQL:
         after = sql.SQL("") if first_page else sql.SQL(" AND {} > %(after)s").format(self.id)
         if upto:
             after += sql.SQL(" AND {} <= %(hi)s").format(self.id)
+        source: sql.Composable = sql.SQL("{} AS t").format(self.table)
+        fp, md5 = self._fingerprint(), self.text_md5("t")
+        values: sql.Composable = sql.SQL(", ").join(self._values())
+        if self.target.text_sql is not None:
+            # the expression once a row, not three times (its value, its fingerprint, its
+            # md5): a side table's text is a subquery on the live table (migration.py)
+            text = sql.SQL("embedfill_lateral.embedfill_scan_text")
+            source = sql.SQL(
+                "{} AS t CROSS JOIN LATERAL (SELECT {}::text AS embedfill_scan_text)"
+                " AS embedfill_lateral"
+            ).format(self.table, self._text_sql())
+            fp = sql.SQL("md5(ROW({}, {})::text)").format(self._tenant_text(), text)
+            md5 = sql.SQL("md5(coalesce({}, ''))::uuid").format(text)
+            values = text
         return sql.SQL(
-            "SELECT {id}, {tenant}, {fp}, {emb} IS NOT NULL, {md5}, {values} FROM {table} AS t"
+            "SELECT {id}, {tenant}, {fp}, {emb} IS NOT NULL, {md5}, {values} FROM {source}"
             " WHERE {needs}{after}{tenants} ORDER BY {id} LIMIT %(limit)s"
         ).format(
             id=self.id,
             tenant=self._tenant_text(),
-            fp=self._fingerprint(),
-            md5=self.text_md5("t"),
-            values=sql.SQL(", ").join(self._values()),
-            table=self.table,
+            fp=fp,
+            md5=md5,
+            values=values,
+            source=source,
             emb=self.emb,
             needs=self._needs(refresh, keys),
             after=after,
