@@ -60,10 +60,8 @@ def cli_page() -> str:
         GENERATED,
         "# CLI reference\n\n",
         "Every command takes the global options `--config PATH` (or `EMBEDFILL_CONFIG`: a "
-        "TOML file; without one, the built-in demo target) and `--debug`. Exit codes: "
-        "0 done, 1 a database or unexpected error, 2 a usage or configuration error, 3 a "
-        "check or run that did not pass, 4 a target busy with another job (see "
-        "[Errors](errors.md)).\n\n",
+        "TOML file; without one, the built-in demo target) and `--debug`. Exit codes: 0 "
+        "done, " + _exit_codes() + " (see [Errors](errors.md)).\n\n",
     ]
     for path, command in _commands(root, "embedfill"):
         anchor = path.replace(" ", "-")
@@ -83,6 +81,14 @@ def cli_page() -> str:
     return "".join(out)
 
 
+def _exit_codes() -> str:
+    """``1 DatabaseError, …; 2 ConfigError, …`` from the error classes."""
+    by_code: dict[int, list[str]] = {}
+    for name, code, _, _ in error_rows():
+        by_code.setdefault(code, []).append(f"`{name}`")
+    return "; ".join(f"{code} {', '.join(names)}" for code, names in sorted(by_code.items()))
+
+
 # ---------------------------------------------------------------------- configuration
 
 
@@ -99,8 +105,10 @@ def field_comments(source: str, cls: str) -> dict[str, str]:
         stripped = line.strip()
         if line and not line.startswith(" "):
             break
+        if stripped.startswith("#:"):  # a field's doc comment (plain # ones are notes)
+            pending.append(stripped[2:].strip())
+            continue
         if stripped.startswith("#"):
-            pending.append(stripped.lstrip("#:").strip())
             continue
         if not stripped or stripped.startswith(('"""', "def ", "@")) or ":" not in stripped:
             pending = [] if stripped.startswith(("def ", "@")) else pending
@@ -173,6 +181,17 @@ def configuration_page() -> str:
         for key, kind, default, meaning in config_rows(section):
             out.append(f"| `{key}` | {kind} | {default} | {_cell(meaning)} |\n")
         out.append("\n")
+    from embedfill.contrib.django.conf import MODEL_KEY_DOCS
+
+    out.append(
+        "## Django model targets\n\nUnder `embedfill.contrib.django` a target may name a "
+        "model instead of `table`, `id_column`, `embedding_column` and `tenant_column`; "
+        "`text` is then a template over its field names ([Django](../integrations/django.md)).\n\n"
+        "| key | type | default | meaning |\n| --- | --- | --- | --- |\n"
+    )
+    for key, meaning in MODEL_KEY_DOCS.items():
+        default = "" if key == "tenant_field" else "required"
+        out.append(f"| `{key}` | string | {default} | {_cell(meaning)} |\n")
     return "".join(out)
 
 

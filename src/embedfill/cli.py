@@ -12,7 +12,7 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +82,8 @@ class Host:
     database: Callable[[], Database] | None = None
     #: the command line that runs this CLI again, in a child process
     argv: tuple[str, ...] = (sys.executable, "-m", "embedfill")
+    #: what a child process's environment adds to this one's (None: nothing)
+    env: Mapping[str, str] | None = None
 
 
 @dataclass
@@ -458,8 +460,15 @@ class _Children:
                     [*argv, "worker", "--job", str(run_id)],
                     stdout=subprocess.DEVNULL,
                     process_group=0,
+                    env=None
+                    if self.state.host.env is None
+                    else {**os.environ, **self.state.host.env},
                 )
             )
+
+    def _env(self) -> dict[str, str] | None:
+        extra = self.state.host.env
+        return None if extra is None else {**os.environ, **extra}
 
     def wait(self) -> None:
         if not self.procs:
@@ -1249,12 +1258,14 @@ def _short_helps(group: typer.Typer) -> None:
 _short_helps(app)
 
 
-def main() -> None:
-    from dotenv import load_dotenv
+def load_dotenv() -> None:
+    """``./.env`` into the environment (never over a variable already set); a file that is
+    not UTF-8 is exit 2."""
+    from dotenv import load_dotenv as load
 
     dotenv = Path.cwd() / ".env"
     try:
-        load_dotenv(dotenv, override=False)
+        load(dotenv, override=False)
     except OSError:
         pass
     except UnicodeDecodeError:  # an editor saved it as Latin-1 or UTF-16
@@ -1264,6 +1275,10 @@ def main() -> None:
             markup=False,
         )
         raise SystemExit(UsageError.exit_code) from None
+
+
+def main() -> None:
+    load_dotenv()
     app()
 
 

@@ -216,3 +216,81 @@ def test_manage_py_test_uses_the_test_database(db_url: str, server_url: str) -> 
     with psycopg.connect(db_url) as conn:  # and the app's own database untouched
         untouched = conn.execute("SELECT to_regclass('docs_document') IS NULL").fetchone()
     assert untouched == (True,)
+
+
+def test_processes_from_any_script_run_workers_through_django(
+    migrated: str, tmp_path: Path
+) -> None:
+    """`backfill --processes 2` through call_command in a script of the user's: the
+    children are `python -m django embedfill worker`, never that script again."""
+    with psycopg.connect(migrated, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO docs_document (organisation_id, title, body)"
+            " SELECT id, 'doc ' || g, 'body' FROM docs_organisation, generate_series(1, 40) g"
+        )
+    script = tmp_path / "fill.py"
+    script.write_text(
+        "import sys, django\n"
+        f"sys.path.insert(0, {str(PROJECT)!r})\n"
+        "django.setup()\n"
+        "from django.core.management import call_command\n"
+        "print('script started', flush=True)\n"
+        "call_command('embedfill', '--debug', 'backfill', '--processes', '2')\n"
+    )
+    env = cli_env(
+        ELSEWHERE,
+        EMBEDFILL_TEST_DJANGO_DB=migrated,
+        DJANGO_SETTINGS_MODULE="site_settings.settings",
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("script started") == 1
+    with psycopg.connect(migrated) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM docs_document WHERE embedding IS NULL"
+        ).fetchone() == (0,)
+        jobs = conn.execute(
+            "SELECT count(*) FROM embedfill.runs WHERE NOT dry_run AND target = 'documents'"
+        ).fetchone()
+    assert jobs == (2,)  # the data migration's, and this one: no script ran again
+
+
+def test_manage_py_help_embedfill_is_the_clis_help(db_url: str) -> None:
+    helped = manage("help", "embedfill", db_url=db_url)
+    assert helped.returncode == 0
+    assert "backfill" in helped.stdout and "--verbosity" not in helped.stdout
+
+
+def test_a_relation_named_as_a_field_is_a_check_error_not_a_traceback(db_url: str) -> None:
+    done = manage("check", db_url=db_url, variant="reverse_relation")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "embedfill.E004" in done.stderr and "a relation of docs.Organisation" in done.stderr
+
+
+def test_the_trigger_operations_follow_the_routers(db_url: str, bare_db_url: str) -> None:
+    """`migrate --database other`, where DATABASE_ROUTERS keep docs off it: the trigger
+    operation is skipped there as CreateModel is (that database has no pgvector)."""
+    done = manage(
+        "migrate",
+        "--database",
+        "other",
+        db_url=db_url,
+        variant="routers",
+        EMBEDFILL_TEST_DJANGO_DB2=bare_db_url,
+    )
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(bare_db_url) as conn:
+        assert conn.execute("SELECT to_regclass('docs_document')").fetchone() == (None,)
+
+
+def test_sqlmigrate_before_the_table_exists_says_so(db_url: str) -> None:
+    shown = manage("sqlmigrate", "docs", "0002", db_url=db_url)
+    assert shown.returncode == 0, shown.stderr
+    assert "-- embedfill:" in shown.stdout and "does not exist" in shown.stdout

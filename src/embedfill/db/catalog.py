@@ -188,7 +188,8 @@ async def resolve_table(
     if not row or row[0] is None:
         raise SchemaMismatch(
             f"Table {target.table} of target {target.name!r} does not exist in this database; "
-            "check `table` in the config (schema.table, case-sensitive) and DATABASE_URL."
+            "check `table` in the config (schema.table, case-sensitive) and the database "
+            "embedfill connects to."
         )
     oid = int(row[0])
     cur = await conn.execute(_SCHEMA_OF, {"rel": oid})

@@ -51,6 +51,7 @@ class Database:
     data_dir: Path | None = None
     prepare: bool = True  # False behind pgbouncer: no server-side prepared statements
     connection_limit: int | None = None  # connection_limit=N in the URL: N per run
+    source: str = "DATABASE_URL"  # where the URL came from, for messages
 
     def __post_init__(self) -> None:
         found = normalize_url(self.url)
@@ -200,7 +201,7 @@ async def connect(
             if not no_free_slot(exc):
                 raise DatabaseError(
                     f"Cannot connect to the database at {db.describe()} ({reason}); "
-                    "check DATABASE_URL."
+                    f"check {db.source}."
                 ) from None
             if wait is None:
                 reason = reason.rpartition("FATAL:")[2].strip()  # the server's own words

@@ -434,7 +434,7 @@ async def refusal(
 
 # ---------------------------------------------------------------------------- install
 
-_UNNUMBERED = 2_147_483_647  # stands for the number install records, in a printed plan
+UNNUMBERED = 2_147_483_647  # stands for the number install records, in a printed plan
 
 
 async def plan(
@@ -499,7 +499,7 @@ async def plan(
         )
     out.statements = install_statements(
         tsql,
-        _UNNUMBERED if column_id is None else column_id,
+        UNNUMBERED if column_id is None else column_id,
         watched,
         conn,
         per_statement=per_statement,
@@ -511,4 +511,4 @@ def printed(plan: TriggerPlan, conn: psycopg.AsyncConnection[Any]) -> str:
     """``--print-sql``: the plan as the script install would run (``N`` for a number not
     recorded yet)."""
     script = plan.script(conn)
-    return script if plan.column_id is not None else script.replace(str(_UNNUMBERED), "N")
+    return script if plan.column_id is not None else script.replace(str(UNNUMBERED), "N")

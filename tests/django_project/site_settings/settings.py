@@ -49,6 +49,14 @@ elif _variant == "template_field":
 elif _variant == "toml":
     del EMBEDFILL
     EMBEDFILL_CONFIG = os.environ["EMBEDFILL_TEST_DJANGO_TOML"]
+elif _variant == "reverse_relation":
+    EMBEDFILL["targets"][0].update(model="docs.Organisation", field="document")
+    del EMBEDFILL["targets"][0]["tenant_field"]
+elif _variant == "routers":
+    # a second database that the app's models stay off (DATABASE_ROUTERS)
+    _other = conninfo.conninfo_to_dict(os.environ["EMBEDFILL_TEST_DJANGO_DB2"])
+    DATABASES["other"] = {**DATABASES["default"], "NAME": _other.get("dbname")}
+    DATABASE_ROUTERS = ["site_settings.routers.DocsOnDefault"]
 elif _variant == "alias":
     # embedfill's own alias (its least-privilege role, in production); the app's
     # default stays as it is

@@ -8,7 +8,7 @@ from django.core import checks
 
 from ...config import parse_config
 from ...errors import ConfigError
-from .conf import raw_settings, resolve_models
+from .conf import database, raw_settings, resolve_models
 
 
 def check_targets(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
@@ -41,5 +41,23 @@ def check_targets(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMe
         try:
             parse_config(resolved, source=source)
         except ConfigError as exc:
-            errors.append(checks.Error(str(exc), id="embedfill.E001"))
+            errors.append(
+                checks.Error(
+                    f"{source}: {exc}",
+                    hint="See the configuration reference (docs/reference/configuration.md) "
+                    "and, for model targets, docs/integrations/django.md.",
+                    id="embedfill.E001",
+                )
+            )
+    try:
+        database()  # the alias exists and is PostgreSQL; nothing is connected
+    except ConfigError as exc:
+        errors.append(
+            checks.Error(
+                str(exc),
+                hint="Set EMBEDFILL_DATABASE to an alias of DATABASES that uses "
+                "django.db.backends.postgresql.",
+                id="embedfill.E007",
+            )
+        )
     return errors

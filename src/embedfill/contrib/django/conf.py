@@ -28,6 +28,26 @@ from ...errors import ConfigError
 
 #: the keys a model target has instead of table, id_column, embedding_column, tenant_column
 MODEL_KEYS = ("model", "field", "tenant_field")
+#: their meaning, for the configuration reference (docs/gen_reference.py)
+MODEL_KEY_DOCS = {
+    "model": '"app_label.ModelName": the table and its primary key come from the model',
+    "field": "the model's vector field (VectorField, HalfVectorField): its column is filled",
+    "tenant_field": "optional: the field whose value is the row's tenant (a foreign key: its id)",
+}
+_MODEL_TARGET_KEYS = {
+    *MODEL_KEYS,
+    "name",
+    "text",
+    "text_sql",
+    "provider",
+    "tenant_key_sql",
+    "allow_platform_fallback",
+    # the table keys are reported as clashes (E002), not as unknown
+    "table",
+    "id_column",
+    "embedding_column",
+    "tenant_column",
+}
 _FIELD = re.compile(r"\{([^{}!:]*)([^{}]*)\}")
 
 # DATABASES' OPTIONS that are not libpq's: Django's own, or the driver's
@@ -73,7 +93,19 @@ def raw_settings() -> tuple[dict[str, Any], str]:
             "embedfill has no configuration: set settings.EMBEDFILL (a dict with the TOML "
             "file's structure) or settings.EMBEDFILL_CONFIG (a TOML file's path)."
         )
-    return read_toml(Path(path)), str(path)
+    return read_toml(config_path(Path(path))), str(path)
+
+
+def config_path(path: Path) -> Path:
+    """A relative ``EMBEDFILL_CONFIG`` is relative to ``settings.BASE_DIR`` when the
+    project has one (as Django's own settings template does), so that manage.py run from
+    another directory (cron, systemd) finds the same file; else to the current one."""
+    from django.conf import settings
+
+    base = getattr(settings, "BASE_DIR", None)
+    if path.is_absolute() or base is None:
+        return path
+    return Path(base) / path
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -89,18 +121,24 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from exc
 
 
-def resolve_models(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[Problem]]:
+def resolve_models(
+    data: Mapping[str, Any], registry: Any = None
+) -> tuple[dict[str, Any], list[Problem]]:
     """``data`` with each model target turned into a table target, and what did not fit.
-    A target that does not fit is left out of the result."""
+    A target that does not fit is left out of the result. ``registry``: the apps to find
+    the models in (a migration's historical state; default: the installed apps)."""
     out = dict(data)
     targets = data.get("targets")
+    if isinstance(targets, tuple):  # a Python setting: a tuple is as good as a list
+        targets = list(targets)
+        out["targets"] = targets
     if not isinstance(targets, list):
         return out, []
     problems: list[Problem] = []
     resolved: list[Any] = []
     for index, target in enumerate(targets):
         if isinstance(target, Mapping) and any(k in target for k in MODEL_KEYS):
-            table, found = _model_target(index, target, data.get("providers"))
+            table, found = _model_target(index, target, data.get("providers"), registry)
             problems += found
             if table is not None:
                 resolved.append(table)
@@ -111,11 +149,12 @@ def resolve_models(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[Proble
 
 
 def _model_target(
-    index: int, target: Mapping[str, Any], providers: object
+    index: int, target: Mapping[str, Any], providers: object, registry: Any = None
 ) -> tuple[dict[str, Any] | None, list[Problem]]:
-    from django.apps import apps
+    from django.apps import apps as installed
     from django.core.exceptions import FieldDoesNotExist
 
+    apps = registry or installed
     where = (
         f"target {target['name']!r}"
         if isinstance(target.get("name"), str)
@@ -154,27 +193,67 @@ def _model_target(
         ]
     opts = model._meta
     problems: list[Problem] = []
+    unknown = sorted(set(target) - _MODEL_TARGET_KEYS)
+    if unknown:
+        problems.append(
+            Problem(
+                f"The {where} has unknown key {unknown[0]!r}.",
+                "A model target takes: " + ", ".join(sorted(_MODEL_TARGET_KEYS)) + ".",
+                "embedfill.E002",
+            )
+        )
+    own = opts.local_concrete_fields  # the columns of this model's own table
+    names = ", ".join(f.name for f in own)
+    if opts.pk is None or getattr(opts.pk, "column", None) is None:
+        return None, [
+            Problem(
+                f"The {where} names {label}, whose primary key spans several columns.",
+                "embedfill names each row by one column: give the model a single-column "
+                "primary key, or a unique column and a table target with id_column.",
+                "embedfill.E003",
+            )
+        ]
 
     def field(name: str, role: str) -> Any:
         try:
-            return opts.get_field(name)
+            found = opts.get_field(name)
         except FieldDoesNotExist:
             problems.append(
                 Problem(
                     f"The {where} names {role} {name!r}, which {label} does not have.",
-                    f"Use one of {label}'s fields: "
-                    + ", ".join(f.name for f in opts.concrete_fields)
-                    + ".",
+                    f"Use one of {label}'s fields: {names}.",
                     "embedfill.E004",
                 )
             )
             return None
+        if not getattr(found, "concrete", False) or getattr(found, "many_to_many", False):
+            problems.append(
+                Problem(
+                    f"The {where} names {role} {name!r}, a relation of {label} with no "
+                    "column in its table.",
+                    f"Use one of {label}'s own fields: {names}.",
+                    "embedfill.E004",
+                )
+            )
+            return None
+        if found not in own:
+            problems.append(
+                Problem(
+                    f"The {where} names {role} {name!r}, which lives in the table of "
+                    f"{found.model._meta.label}, a parent of {label}.",
+                    f"embedfill fills one table: use {label}'s own fields ({names}), or make "
+                    f"the target {found.model._meta.label}.",
+                    "embedfill.E004",
+                )
+            )
+            return None
+        return found
 
     vector = field(field_name, "field")
     tenant_name = target.get("tenant_field")
     tenant = field(tenant_name, "tenant_field") if tenant_name else None
-    columns = {f.name: f.column for f in opts.concrete_fields}
-    columns.update({f.attname: f.column for f in opts.concrete_fields})
+    columns = {f.name: f.column for f in own}
+    columns.update({f.attname: f.column for f in own})
     text = target.get("text")
     if isinstance(text, str):
         for name in _template_fields(text):
@@ -182,9 +261,7 @@ def _model_target(
                 problems.append(
                     Problem(
                         f"The text of {where} names {{{name}}}, which {label} does not have.",
-                        f"Use {label}'s field names in the template: "
-                        + ", ".join(f.name for f in opts.concrete_fields)
-                        + ".",
+                        f"Use {label}'s field names in the template: {names}.",
                         "embedfill.E004",
                     )
                 )
@@ -261,11 +338,12 @@ def _provider_dimensions(provider: Mapping[str, Any]) -> int | None:
         return None
 
 
-def settings_config() -> Config:
+def settings_config(registry: Any = None) -> Config:
     """The Config of ``settings.EMBEDFILL`` or ``settings.EMBEDFILL_CONFIG``; a model
-    target that does not fit its model is a ConfigError naming the field."""
+    target that does not fit its model is a ConfigError naming the field. ``registry``:
+    the apps to resolve model targets in (a migration's historical state)."""
     data, source = raw_settings()
-    return _config(data, source)
+    return _config(data, source, registry)
 
 
 def path_config(path: Path) -> Config:
@@ -273,8 +351,8 @@ def path_config(path: Path) -> Config:
     return _config(read_toml(path), str(path))
 
 
-def _config(data: Mapping[str, Any], source: str) -> Config:
-    resolved, problems = resolve_models(data)
+def _config(data: Mapping[str, Any], source: str, registry: Any = None) -> Config:
+    resolved, problems = resolve_models(data, registry)
     if problems:
         first = problems[0]
         raise ConfigError(f"{first.message} {first.hint}")
@@ -284,9 +362,13 @@ def _config(data: Mapping[str, Any], source: str) -> Config:
 def alias() -> str:
     from django.conf import settings
 
-    name = getattr(settings, "EMBEDFILL_DATABASE", None) or "default"
-    if not isinstance(name, str):
-        raise ConfigError("settings.EMBEDFILL_DATABASE must be the name of a DATABASES alias.")
+    name = getattr(settings, "EMBEDFILL_DATABASE", None)
+    if name is None:
+        return "default"
+    if not isinstance(name, str) or not name:
+        raise ConfigError(
+            f"settings.EMBEDFILL_DATABASE is {name!r}; it must be the name of a DATABASES alias."
+        )
     return name
 
 
@@ -305,7 +387,11 @@ def database(using: str | None = None) -> Database:
             f"settings.EMBEDFILL_DATABASE names {name!r}, which is not in DATABASES; "
             "name one of its aliases."
         ) from exc
-    return Database(url=url_of(settings, name), prepare=prepares(settings))
+    return Database(
+        url=url_of(settings, name),
+        prepare=prepares(settings),
+        source=f"DATABASES[{name!r}] in the Django settings",
+    )
 
 
 def prepares(settings: Mapping[str, Any]) -> bool:

@@ -9,7 +9,9 @@
 Each is the other's reverse. The triggers are created in the migration's transaction
 (``sqlmigrate`` shows them); embedfill's schema and the column's number are made first,
 on a connection of embedfill's, so the table must exist before this migration: put the
-operation in a migration after the one that creates the model.
+operation in a migration after the one that creates the model. A model target is read
+as the migration's state has the model (a later migration may rename its table), and
+DATABASE_ROUTERS decide, as for any operation, which databases it runs on.
 """
 
 from __future__ import annotations
@@ -20,27 +22,75 @@ from typing import Any
 from django.db.migrations.operations.base import Operation
 
 from ... import application
+from ...db import triggers
 from ...db.connect import Database
-from ...errors import TargetNotFound
-from .conf import settings_config, url_of
+from ...errors import ConfigError, ExtensionMissing, SchemaMismatch
+from .conf import prepares, raw_settings, settings_config, url_of
 
 
-def _run(schema_editor: Any, target: str, *, install: bool) -> None:
+def _run(target: str, app_label: str, schema_editor: Any, state: Any, *, install: bool) -> None:
+    from django.db import router
+
     connection = schema_editor.connection
-    db = Database(url=url_of(connection.settings_dict, connection.alias))
-    config = settings_config()
+    model_name = _model_name(target)
+    hints = {"model_name": model_name} if model_name else {}
+    if not router.allow_migrate(connection.alias, app_label, **hints):
+        return  # DATABASE_ROUTERS keep this app off this database
+    settings = connection.settings_dict
+    db = Database(
+        url=url_of(settings, connection.alias),
+        prepare=prepares(settings),
+        source=f"DATABASES[{connection.alias!r}] in the Django settings",
+    )
+    # the models as this migration sees them (a later migration may rename the table)
+    config = settings_config(getattr(state, "apps", None))
     dry = bool(getattr(schema_editor, "collect_sql", False))  # sqlmigrate: change nothing
+    verb = "Install" if install else "Remove"
     try:
         plan, _ = asyncio.run(
             application.atriggers(config, db, target, install, print_sql=dry, apply=False)
         )
-    except TargetNotFound as exc:
-        raise TargetNotFound(
-            f"{exc} If a migration not yet committed creates it, put "
-            f"{'Install' if install else 'Remove'}EmbedfillTriggers in a migration after it."
+    except (SchemaMismatch, ExtensionMissing) as exc:
+        if dry:
+            schema_editor.execute(
+                f"-- embedfill: {exc} The triggers' SQL shows once the table exists "
+                "(migrate up to the migration that creates it first)",
+                params=None,
+            )
+            return
+        raise type(exc)(
+            f"{exc} If this migration (or one squashed with it) creates the table or the "
+            f"vector extension, move {verb}EmbedfillTriggers to a migration of its own after "
+            "it: embedfill reads the catalog on a connection of its own, which sees only "
+            "what is committed."
         ) from exc
+    if dry:
+        for note in plan.notes:
+            schema_editor.execute(f"-- {note}", params=None)
+        schema_editor.execute(
+            "-- embedfill's own schema (the queue table) is made by `manage.py migrate` "
+            "itself, or `manage.py embedfill migrate`",
+            params=None,
+        )
     for statement in plan.statements:
-        schema_editor.execute(statement.as_string(None), params=None)
+        text = statement.as_string(None)
+        if plan.column_id is None:
+            text = text.replace(str(triggers.UNNUMBERED), "N")
+        schema_editor.execute(text, params=None)
+
+
+def _model_name(target: str) -> str | None:
+    """The model a model target names (for the routers), else None."""
+    try:
+        data, _ = raw_settings()
+    except ConfigError:
+        return None
+    for raw in data.get("targets") or ():
+        if isinstance(raw, dict) and raw.get("name", None) in (target, None):
+            label = raw.get("model")
+            if isinstance(label, str) and "." in label:
+                return label.rsplit(".", 1)[1].lower()
+    return None
 
 
 class InstallEmbedfillTriggers(Operation):
@@ -62,12 +112,12 @@ class InstallEmbedfillTriggers(Operation):
     def database_forwards(
         self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
     ) -> None:
-        _run(schema_editor, self.target, install=self.install)
+        _run(self.target, app_label, schema_editor, to_state, install=self.install)
 
     def database_backwards(
         self, app_label: str, schema_editor: Any, from_state: Any, to_state: Any
     ) -> None:
-        _run(schema_editor, self.target, install=not self.install)
+        _run(self.target, app_label, schema_editor, to_state, install=not self.install)
 
     def describe(self) -> str:
         verb = "Install" if self.install else "Remove"
