@@ -451,6 +451,12 @@ async def amodel_start(
                         ),
                         str(live.table),
                     )
+            elif strategy == "table" and phase != "finalized":
+                # row-level security turned on since the side table was made reaches it
+                async with conn.transaction():
+                    await homes.secure_like(
+                        conn, info.sql(live), info.oid, home["schema"], home["relation"]
+                    )
         if phase in ("filling", "ready"):  # ready: a catch-up of what changed since
             filled = await _model_fill(
                 conn,
@@ -681,6 +687,10 @@ async def amodel_cutover(config: Config, db: Database, target: str) -> migration
         store = Store(conn)
         async with conn.transaction():
             await conn.execute("SELECT pg_catalog.set_config('lock_timeout', '2s', true)")
+            if row["strategy"] == "table":  # the app reads it from now: its RLS as the live
+                await homes.secure_like(
+                    conn, _info.sql(live), _info.oid, home["schema"], home["relation"]
+                )
             await store.set_active_model(
                 target=live.name,
                 schema=home["schema"],

@@ -280,7 +280,8 @@ def env_secret(env: Mapping[str, str], name: str) -> str:
     if value:
         raise ConfigError(f"Both {name} and {name}_FILE are set; unset one of them.")
     try:
-        return Path(path).read_text(encoding="utf-8").strip()
+        # utf-8-sig: a byte-order mark (Windows editors) is not part of the secret
+        found = Path(path).read_text(encoding="utf-8-sig").strip()
     except OSError as exc:
         raise ConfigError(
             f"{name}_FILE names {path}, which cannot be read ({exc.strerror or exc}); "
@@ -288,6 +289,9 @@ def env_secret(env: Mapping[str, str], name: str) -> str:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(f"{name}_FILE names {path}, which is not UTF-8 text.") from None
+    if not found:
+        raise ConfigError(f"{name}_FILE names {path}, which is empty; put the secret in it.")
+    return found
 
 
 def parse_table_name(value: str) -> TableName:

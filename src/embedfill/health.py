@@ -102,9 +102,7 @@ class CheckResult:
             f"{self.unverified} unverified"
         )
         if self.tenant_max_missing is not None:
-            shown = ", ".join(
-                f"{'(no tenant)' if t is None else t} {n}" for t, n in self.tenants_over[:5]
-            )
+            shown = ", ".join(f"{_shown(t)} {n}" for t, n in self.tenants_over[:5])
             more = len(self.tenants_over) - 5
             line += (
                 f"; {len(self.tenants_over)} tenants over {self.tenant_max_missing} missing"
@@ -131,6 +129,15 @@ class CheckResult:
             out["tenant_max_missing"] = self.tenant_max_missing
             out["tenants_over"] = [{"tenant": t, "missing": n} for t, n in self.tenants_over]
         return out
+
+
+def _shown(tenant: str | None) -> str:
+    """A tenant's name on the line's one line: control characters escaped."""
+    if tenant is None:
+        return "(no tenant)"
+    if tenant.isprintable():
+        return tenant
+    return tenant.encode("unicode_escape").decode("ascii")
 
 
 def evaluate(status: TargetStatus, bounds: Bounds) -> CheckResult:
@@ -168,7 +175,12 @@ async def acheck(
     match its target raises as ``status`` does (not a failed check)."""
     names = list(dict.fromkeys(targets)) or [t.name for t in config.targets]
     for name in names:
-        config.target(name)
+        target = config.target(name)
+        if bounds.tenant_max_missing is not None and target.tenant_column is None:
+            raise UsageError(
+                f"--tenant-max-missing bounds each tenant's rows, but target {name!r} has no "
+                "tenant_column; leave the flag out, or check the targets that have one."
+            )
     statuses: list[TargetStatus] = []
     for name in names:
         statuses.extend(await astatus(config, db, name))

@@ -487,3 +487,52 @@ def test_row_gauges_by_tenant_only_when_asked(tickets: str, fake_openai: FakeOpe
         }
     with pytest.raises(ConfigError, match="EMBEDFILL_METRICS_TENANT_LABELS must be 1 or 0"):
         create_app(config, database=Database(tickets), env={"EMBEDFILL_METRICS_TENANT_LABELS": "x"})
+
+
+def test_tenant_bounds_need_a_tenant_column_and_names_stay_on_one_line(
+    tickets: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    cfg = write_config(tmp_path, fake_openai.base_url)
+    flat = tmp_path / "flat.toml"
+    flat.write_text(
+        "\n".join(
+            line
+            for line in cfg.read_text().splitlines()
+            if not line.startswith(("tenant_column", "tenant_key_sql"))
+        )
+    )
+    env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM)
+    code, _, err = check(flat, env, "--tenant-max-missing", "0")
+    assert code == 2 and "has no tenant_column" in err
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(
+            'UPDATE app."SupportTickets" SET org = %s WHERE org = %s',
+            ["evil\nok tickets: fake line", "org-a"],
+        )
+    code, out, _ = check(cfg, env, "--max-missing", "100", "--tenant-max-missing", "0")
+    assert code == 3 and out.count("\n") == 1  # one line per target, whatever the names
+    assert "evil\\nok tickets: fake line" in out
+
+
+def test_a_null_tenant_and_an_empty_one_are_two_series(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute('ALTER TABLE app."SupportTickets" ALTER COLUMN org DROP NOT NULL')
+        conn.execute(
+            'UPDATE app."SupportTickets" SET org = NULL WHERE org = %s AND emb IS NULL', ["org-a"]
+        )
+        conn.execute(
+            'UPDATE app."SupportTickets" SET org = %s WHERE org = %s AND emb IS NULL', ["", "org-b"]
+        )
+    env = {"ADMIN_SECRET": ADMIN, "EMBEDFILL_METRICS_INTERVAL": "0"}
+    env["EMBEDFILL_METRICS_TENANT_LABELS"] = "1"
+    app = create_app(
+        tickets_config(fake_openai.base_url), database=Database(tickets), env=env, worker=False
+    )
+    with ServerThread(app) as base, httpx.Client(base_url=base, timeout=60) as client:
+        samples = scrape(client)
+    series = {k: v for k, v in samples.items() if k.startswith("embedfill_tenant_missing_rows")}
+    assert series['embedfill_tenant_missing_rows{target="tickets",tenant="(no tenant)"}'] == 15
+    assert series['embedfill_tenant_missing_rows{target="tickets",tenant=""}'] == 15
+    assert sum(series.values()) == samples['embedfill_missing_rows{target="tickets"}']

@@ -210,3 +210,107 @@ def test_a_real_browser_signs_in_and_sees_the_page(base: str) -> None:
         assert shot.stat().st_size > 10_000
     finally:
         driver.quit()
+
+
+def test_odd_cookies_sign_out_and_guessing(base: str) -> None:
+    with httpx.Client(base_url=base, follow_redirects=False, timeout=60) as client:
+        for forged in ("\u00b2.abc", "9" * 5000 + ".abc", "1" * 13 + ".x"):
+            header = f"embedfill_console={forged}".encode("latin-1")  # as a browser may send
+            page = client.get("/console", headers={"cookie": header})
+            assert page.status_code == 200 and "Sign in" in page.text  # never a 500
+        assert client.head("/console").status_code == 200
+        assert client.get("/console/sign-in").status_code == 303  # back to the form
+
+        answer, csrf = sign_in(client)
+        session = value(cookies_of(answer)["embedfill_console"])
+        cookie = {"cookie": f"embedfill_console={session}; embedfill_csrf={csrf}"}
+        assert "org-a" in client.get("/console", headers=cookie).text
+        client.post("/console/sign-out", data={"csrf": csrf}, headers=cookie)
+        replayed = client.get("/console", headers=cookie)  # a copy of the cookie, after
+        assert "Sign in" in replayed.text and "org-a" not in replayed.text
+
+    # wrong secrets are checked one at a time, each holding the next half a second
+    import concurrent.futures
+
+    def guess(n: int) -> int:
+        with httpx.Client(base_url=base, follow_redirects=False, timeout=60) as c:
+            return sign_in(c, f"guess-{n}")[0].status_code
+
+    started = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        codes = list(pool.map(guess, range(6)))
+    assert codes == [401] * 6
+    assert time.monotonic() - started >= 2.5
+
+
+def test_the_console_reads_only_and_shows_what_it_can(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """A schema that is behind is reported, never migrated; a target that cannot be read
+    is named while the others show."""
+    import asyncio
+
+    from embedfill.config import parse_config
+
+    raw = tickets_config(fake_openai.base_url)
+    broken = parse_config(
+        {
+            "providers": {"p": {"kind": "hash", "dimensions": 8}},
+            "targets": [
+                {
+                    "name": t.name,
+                    "table": str(t.table),
+                    "id_column": t.id_column,
+                    "text": t.text,
+                    "embedding_column": t.embedding_column,
+                    "tenant_column": t.tenant_column,
+                    "provider": "p",
+                }
+                for t in raw.targets
+            ]
+            + [
+                {
+                    "name": "gone",
+                    "table": "app.NoSuchTable",
+                    "id_column": "id",
+                    "text": "{x}",
+                    "embedding_column": "emb",
+                    "provider": "p",
+                }
+            ],
+        }
+    )
+    app = create_app(broken, database=Database(tickets), env={"ADMIN_SECRET": ADMIN}, worker=False)
+
+    async def visit() -> list[httpx.Response]:
+        # no lifespan: the service's own start-up (which migrates) never runs
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+            page = await c.get("/console")
+            csrf = value(cookies_of(page)["embedfill_csrf"])
+            answer = await c.post(
+                "/console/sign-in",
+                data={"admin_secret": ADMIN, "csrf": csrf_in(page.text)},
+                headers={"cookie": f"embedfill_csrf={csrf}"},
+            )
+            session = value(cookies_of(answer)["embedfill_console"])
+            cookie = {"cookie": f"embedfill_console={session}; embedfill_csrf={csrf}"}
+            return [await c.get("/console", headers=cookie)]
+
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS embedfill CASCADE")
+    [page] = asyncio.run(visit())
+    assert page.status_code == 200
+    assert "Nothing could be read" in page.text and "embedfill migrate" in page.text
+    assert "Unknown: the targets could not be read" in page.text
+    with psycopg.connect(tickets) as conn:  # the page ran no DDL
+        assert conn.execute("SELECT to_regnamespace('embedfill')").fetchone() == (None,)
+        conn.rollback()
+    # once the schema is there: the target that cannot be read is named, the others show
+    from embedfill import application as appl
+
+    asyncio.run(appl.aensure_schema(Database(tickets)))
+    app = create_app(broken, database=Database(tickets), env={"ADMIN_SECRET": ADMIN}, worker=False)
+    [page] = asyncio.run(visit())
+    assert "Target gone could not be read" in page.text
+    assert "org-a" in page.text  # tickets still shows

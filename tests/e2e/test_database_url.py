@@ -358,3 +358,17 @@ def test_secrets_mounted_as_files_stand_for_their_variables(
     gone = embedfill("status", env={**env, "DATABASE_URL_FILE": str(tmp_path / "absent")})
     assert gone.returncode == 2 and "DATABASE_URL_FILE names" in gone.stderr
     assert tickets not in gone.stderr + both.stderr
+
+
+def test_a_key_no_http_header_can_carry_fails_its_rows_and_says_why(
+    tickets: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    path = write_config(tmp_path, fake_openai.base_url)
+    key = tmp_path / "platform-key"
+    key.write_text("sk-\u201cquoted\u201d-0000000000")  # typographic quotes, pasted from a doc
+    env = cli_env(tickets, TEST_PLATFORM_KEY_FILE=str(key))
+    done = embedfill("--config", str(path), "backfill", "--json", env=env, timeout=120)
+    assert done.returncode != 0
+    report = json.loads(done.stdout)
+    assert report["failed"] > 0 and "HTTP header" in json.dumps(report)
+    assert fake_openai.requests == []  # nothing was sent

@@ -590,3 +590,22 @@ def test_serve_watch_keeps_the_new_vectors_fresh_too(indexed: str, fake_openai: 
     got, want = new_vectors(indexed), texts(indexed)
     for row_id in (8, 78):
         assert np.allclose(got[row_id], hash_vector(want[row_id], 16), atol=1e-6)
+
+
+def test_row_level_security_turned_on_after_the_side_table_reaches_it(
+    indexed: str, roles: Any
+) -> None:
+    reader = roles.create()
+    start(indexed)
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f'GRANT USAGE ON SCHEMA app TO "{reader}"')
+        conn.execute(f'GRANT SELECT ON {T} TO "{reader}"')
+        conn.execute(f'GRANT SELECT ON {SIDE} TO "{reader}"')
+        conn.execute(f"ALTER TABLE {T} ENABLE ROW LEVEL SECURITY")
+        conn.execute(f"CREATE POLICY by_org ON {T} USING (org = current_setting('app.org', true))")
+    assert start(indexed).phase == "ready"  # the next start brings the side table in line
+    with psycopg.connect(roles.url(reader)) as conn:
+        conn.execute("SET app.org = 'org-a'")
+        mine = conn.execute(f"SELECT count(*) FROM {T}").fetchone()
+        side = conn.execute(f"SELECT count(*) FROM {SIDE}").fetchone()
+    assert mine == side and mine is not None and 0 < mine[0] < 60

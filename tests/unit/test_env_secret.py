@@ -37,3 +37,15 @@ def test_both_or_an_unreadable_file_is_one_sentence_without_the_secret(tmp_path:
     assert "sk-" not in str(both.value)
     with pytest.raises(ConfigError, match=r"EMBEDFILL_MASTER_KEY_FILE names .* cannot be read"):
         env_secret({"EMBEDFILL_MASTER_KEY_FILE": str(tmp_path / "absent")}, "EMBEDFILL_MASTER_KEY")
+
+
+def test_a_byte_order_mark_is_not_part_of_the_secret_and_an_empty_file_is_an_error(
+    tmp_path: Path,
+) -> None:
+    bom = tmp_path / "admin"
+    bom.write_bytes(b"\xef\xbb\xbfmy-admin-secret\r\n")  # as Notepad saves it
+    assert env_secret({"ADMIN_SECRET_FILE": str(bom)}, "ADMIN_SECRET") == "my-admin-secret"
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ConfigError, match=r"DATABASE_URL_FILE names .* which is empty"):
+        url_from_env({"DATABASE_URL_FILE": str(empty)})  # never a silent fallback

@@ -125,6 +125,13 @@ def test_every_env_variable_is_one_the_code_reads_and_secrets_come_from_files() 
                 assert "SECRET" not in variable and "KEY" not in variable, (name, variable)
         assert any(e["name"] == "DATABASE_URL_FILE" for e in container["env"]), name
         secret = next(v for v in spec["volumes"] if v["name"] == "secrets")["secret"]
+        # each pod mounts the keys it reads, and no other (the owner's URL: the Job only)
+        read = {
+            e["value"].rsplit("/", 1)[1] for e in container["env"] if e["name"].endswith("_FILE")
+        }
+        mounted = {item["key"] for item in secret["items"]}
+        assert mounted == read, (name, mounted, read)
+        assert ("owner-database-url" in mounted) == (name == "embedfill-migrate"), name
         # the pod's user (not root) can read the files: the group's read bit, fsGroup
         assert secret["defaultMode"] & 0o040 and spec["securityContext"]["fsGroup"]
         assert spec["securityContext"]["runAsNonRoot"] is True

@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 #: connection (its liveness lock, the job queue, claims, the audit trail) and its table
 #: lane (reads, and writes when free)
 COORDINATION_CONNECTIONS = 2
+#: how long a connection may take to open, unless the URL says (connect_timeout=N)
+CONNECT_TIMEOUT_S = 10
 #: waits before a connection the server refused for want of a free slot is tried again
 NO_FREE_SLOT_RETRIES_S = (0.1, 0.3)
 
@@ -103,6 +105,13 @@ def url_from_env(env: Mapping[str, str]) -> str:
         if url:
             return url
     return ""
+
+
+def _url_params(url: str) -> dict[str, Any]:
+    try:
+        return dict(pg_conninfo.conninfo_to_dict(url))
+    except psycopg.ProgrammingError:
+        return {}
 
 
 def describe_url(url: str) -> str:
@@ -192,6 +201,10 @@ async def connect(
     without a free connection gets a message that names the setting to lower.
     """
     options: dict[str, Any] = {} if db.prepare else {"prepare_threshold": None}
+    if "connect_timeout" not in _url_params(db.url):
+        # a server that takes the connection and never answers (a partition, a hung
+        # pooler) is an error after this long, not a wait for ever
+        options["connect_timeout"] = CONNECT_TIMEOUT_S
     for wait in (*NO_FREE_SLOT_RETRIES_S, None):
         try:
             conn = await psycopg.AsyncConnection.connect(db.url, autocommit=True, **options)

@@ -131,6 +131,12 @@ async def grant_like(
 _ROW_SECURITY = """
 SELECT c.relrowsecurity, c.relforcerowsecurity FROM pg_catalog.pg_class c
 WHERE c.oid = %(rel)s"""
+_SIDE_SECURITY = """
+SELECT c.relrowsecurity, c.relforcerowsecurity,
+       EXISTS (SELECT 1 FROM pg_catalog.pg_policy p
+               WHERE p.polrelid = c.oid AND p.polname = 'embedfill_live_rows')
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = %(relation)s"""
 
 
 async def secure_like(
@@ -138,16 +144,25 @@ async def secure_like(
 ) -> bool:
     """With row-level security on the live table, the side table gets it too: one
     policy that shows a side row to a role only where that role may see its live row
-    (the policy's subquery runs under the live table's policies, as the reader). False
-    when the live table has none."""
+    (the policy's subquery runs under the live table's policies, as the reader). Run at
+    each `model start` and at the cutover, so RLS turned on after the side table was
+    made reaches it too; what is there already is left as it is. False when the live
+    table has none."""
     cur = await conn.execute(_ROW_SECURITY, {"rel": live_oid})
     row = await cur.fetchone()
     if row is None or not row[0]:
         return False
+    cur = await conn.execute(_SIDE_SECURITY, {"schema": schema, "relation": relation})
+    has = await cur.fetchone()
+    if has is None:
+        return False  # no side table (yet)
     side = sql.Identifier(schema, relation)
-    await conn.execute(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(side))
-    if row[1]:
+    if not has[0]:
+        await conn.execute(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(side))
+    if row[1] and not has[1]:
         await conn.execute(sql.SQL("ALTER TABLE {} FORCE ROW LEVEL SECURITY").format(side))
+    if has[2]:
+        return True
     await conn.execute(
         sql.SQL(
             "CREATE POLICY embedfill_live_rows ON {side} USING"

@@ -93,8 +93,8 @@ class Metrics(Observer):
             ["target"],
             registry=g,
         )
-        # per tenant, when asked: what the per-target gauges above count, by tenant ("" for
-        # rows with no tenant)
+        # per tenant, when asked: what the per-target gauges above count, by tenant
+        # (NO_TENANT for rows whose tenant is NULL; "" is a tenant of its own)
         self.tenant_rows: dict[str, Gauge] = {}
         if tenant_labels and g is not None:
             for field, what in (
@@ -181,12 +181,12 @@ class Metrics(Observer):
     def _set_tenants(self, status: TargetStatus) -> None:
         """Each tenant's row gauges; a tenant gone since the last pass is removed."""
         name = status.name
-        now = {"" if t.tenant is None else t.tenant for t in status.tenants}
+        now = {_tenant_label(t.tenant) for t in status.tenants}
         for tenant in self._tenants.get(name, set()) - now:
             for gauge in self.tenant_rows.values():
                 gauge.remove(name, tenant)
         for t in status.tenants:
-            tenant = "" if t.tenant is None else t.tenant
+            tenant = _tenant_label(t.tenant)
             for field, gauge in self.tenant_rows.items():
                 gauge.labels(name, tenant).set(getattr(t, field))
         self._tenants[name] = now
@@ -217,3 +217,11 @@ class Metrics(Observer):
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+#: the tenant label of rows whose tenant is NULL (as `check` and `status` show them)
+NO_TENANT = "(no tenant)"
+
+
+def _tenant_label(tenant: str | None) -> str:
+    return NO_TENANT if tenant is None else tenant

@@ -130,6 +130,12 @@ class OpenAIProvider(ConfiguredProvider):
     async def embed(self, texts: Sequence[str], *, api_key: Secret | None) -> list[Vector]:
         if not api_key:
             raise NoApiKey()
+        if not api_key.reveal().isascii():  # no HTTP header carries it: say so, never hang
+            raise AuthFailed(
+                "The API key holds a character an HTTP header cannot carry (a byte-order "
+                "mark, a typographic quote): store it again as plain ASCII.",
+                status=401,
+            )
         body: dict[str, Any] = {
             "input": list(texts),
             "model": self.config.model,
