@@ -40,11 +40,12 @@ def manage(
     )
 
 
-def triggers_on(db_url: str) -> list[str]:
+def triggers_on(db_url: str, table: str = "docs_documents") -> list[str]:
     with psycopg.connect(db_url) as conn:
         rows = conn.execute(
-            "SELECT tgname FROM pg_catalog.pg_trigger WHERE tgrelid = 'docs_document'::regclass"
-            " AND NOT tgisinternal ORDER BY 1"
+            "SELECT tgname FROM pg_catalog.pg_trigger WHERE tgrelid = %s::regclass"
+            " AND NOT tgisinternal ORDER BY 1",
+            [table],
         ).fetchall()
     return [r[0] for r in rows]
 
@@ -59,14 +60,14 @@ def migrated(db_url: str) -> str:
 def test_migrate_installs_the_triggers_and_the_data_migration_fills(migrated: str) -> None:
     assert triggers_on(migrated) == ["embedfill_changed_1_ins", "embedfill_changed_1_upd"]
     with psycopg.connect(migrated) as conn:
-        row = conn.execute("SELECT title, embedding IS NOT NULL FROM docs_document").fetchone()
+        row = conn.execute("SELECT title, embedding IS NOT NULL FROM docs_documents").fetchone()
     assert row == ("Welcome", True)  # 0003, a non-atomic data migration, ran a backfill
 
 
 def test_manage_py_embedfill_runs_the_cli_with_djangos_settings(migrated: str) -> None:
     with psycopg.connect(migrated, autocommit=True) as conn:
         conn.execute(
-            "INSERT INTO docs_document (organisation_id, title, body)"
+            "INSERT INTO docs_documents (organisation_id, title, body)"
             " SELECT id, 'doc ' || g, 'body' FROM docs_organisation, generate_series(1, 30) g"
         )
     done = manage("embedfill", "status", "--json", db_url=migrated)
@@ -79,11 +80,11 @@ def test_manage_py_embedfill_runs_the_cli_with_djangos_settings(migrated: str) -
     done = manage("embedfill", "backfill", "--processes", "2", db_url=migrated)
     assert done.returncode == 0, done.stderr
     with psycopg.connect(migrated) as conn:
-        left = conn.execute("SELECT count(*) FROM docs_document WHERE embedding IS NULL")
+        left = conn.execute("SELECT count(*) FROM docs_documents WHERE embedding IS NULL")
         assert left.fetchone() == (0,)
         # the template's field names became columns: each vector is its row's text's
         stored = conn.execute(
-            "SELECT embedding::text FROM docs_document WHERE title = 'doc 7'"
+            "SELECT embedding::text FROM docs_documents WHERE title = 'doc 7'"
         ).fetchone()
     assert stored is not None
     got = [float(x) for x in stored[0].strip("[]").split(",")]
@@ -96,7 +97,7 @@ def test_manage_py_embedfill_has_the_clis_exit_codes_and_errors(
     toml = tmp_path / "same.toml"
     toml.write_text(
         '[providers.hash]\nkind = "hash"\nmodel = "hash-8"\ndimensions = 8\n\n'
-        '[[targets]]\nname = "documents"\ntable = "docs_document"\nid_column = "id"\n'
+        '[[targets]]\nname = "documents"\ntable = "docs_documents"\nid_column = "id"\n'
         'text = "{title}\\n\\n{body}"\nembedding_column = "embedding"\n'
         'tenant_column = "organisation_id"\nprovider = "hash"\n'
     )
@@ -135,19 +136,25 @@ def test_call_command_raises_with_the_exit_code(migrated: str) -> None:
 
 
 def test_the_migration_operations_reverse_each_other(migrated: str) -> None:
+    """Back to 0001 (0004 renames the table back, 0002 removes the triggers) and forward
+    again: each step sees the table by the name it had then."""
     back = manage("migrate", "docs", "0001", db_url=migrated)
     assert back.returncode == 0, back.stderr
-    assert triggers_on(migrated) == []
+    assert triggers_on(migrated, "docs_document") == []
     shown = manage("sqlmigrate", "docs", "0002", db_url=migrated)
     assert shown.returncode == 0, shown.stderr
     assert "embedfill_changed_1_ins" in shown.stdout and "EXECUTE FUNCTION" in shown.stdout
-    assert triggers_on(migrated) == []  # sqlmigrate changed nothing
+    assert triggers_on(migrated, "docs_document") == []  # sqlmigrate changed nothing
     again = manage("migrate", "docs", "0002", db_url=migrated)
     assert again.returncode == 0, again.stderr
-    assert triggers_on(migrated) == ["embedfill_changed_1_ins", "embedfill_changed_1_upd"]
+    both = ["embedfill_changed_1_ins", "embedfill_changed_1_upd"]
+    assert triggers_on(migrated, "docs_document") == both
+    forward = manage("migrate", "docs", db_url=migrated)
+    assert forward.returncode == 0, forward.stderr
+    assert triggers_on(migrated) == both  # the triggers went with the renamed table
     # with the triggers on, the app's own schema changes go through
     with psycopg.connect(migrated, autocommit=True) as conn:
-        conn.execute("ALTER TABLE docs_document ALTER COLUMN title TYPE varchar(300)")
+        conn.execute("ALTER TABLE docs_documents ALTER COLUMN title TYPE varchar(300)")
 
 
 @pytest.mark.parametrize(
@@ -200,7 +207,7 @@ def test_a_toml_file_may_name_the_model(migrated: str, tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     (status,) = json.loads(done.stdout)["targets"]
-    assert status["name"] == "docs_document"  # a model target's name defaults to its table
+    assert status["name"] == "docs_documents"  # a model target's name defaults to its table
 
 
 def test_manage_py_test_uses_the_test_database(db_url: str, server_url: str) -> None:
@@ -214,7 +221,7 @@ def test_manage_py_test_uses_the_test_database(db_url: str, server_url: str) -> 
         ).fetchone()
     assert left == (0,)  # created, migrated, dropped
     with psycopg.connect(db_url) as conn:  # and the app's own database untouched
-        untouched = conn.execute("SELECT to_regclass('docs_document') IS NULL").fetchone()
+        untouched = conn.execute("SELECT to_regclass('docs_documents') IS NULL").fetchone()
     assert untouched == (True,)
 
 
@@ -225,7 +232,7 @@ def test_processes_from_any_script_run_workers_through_django(
     children are `python -m django embedfill worker`, never that script again."""
     with psycopg.connect(migrated, autocommit=True) as conn:
         conn.execute(
-            "INSERT INTO docs_document (organisation_id, title, body)"
+            "INSERT INTO docs_documents (organisation_id, title, body)"
             " SELECT id, 'doc ' || g, 'body' FROM docs_organisation, generate_series(1, 40) g"
         )
     script = tmp_path / "fill.py"
@@ -254,7 +261,7 @@ def test_processes_from_any_script_run_workers_through_django(
     assert done.stdout.count("script started") == 1
     with psycopg.connect(migrated) as conn:
         assert conn.execute(
-            "SELECT count(*) FROM docs_document WHERE embedding IS NULL"
+            "SELECT count(*) FROM docs_documents WHERE embedding IS NULL"
         ).fetchone() == (0,)
         jobs = conn.execute(
             "SELECT count(*) FROM embedfill.runs WHERE NOT dry_run AND target = 'documents'"
@@ -287,7 +294,7 @@ def test_the_trigger_operations_follow_the_routers(db_url: str, bare_db_url: str
     )
     assert done.returncode == 0, done.stderr
     with psycopg.connect(bare_db_url) as conn:
-        assert conn.execute("SELECT to_regclass('docs_document')").fetchone() == (None,)
+        assert conn.execute("SELECT to_regclass('docs_documents')").fetchone() == (None,)
 
 
 def test_sqlmigrate_before_the_table_exists_says_so(db_url: str) -> None:

@@ -11,3 +11,6 @@ class Document(models.Model):
     title = models.CharField(max_length=200)
     body = models.TextField(blank=True, default="")
     embedding = VectorField(dimensions=8, null=True, blank=True)
+
+    class Meta:
+        db_table = "docs_documents"  # renamed by 0004: the migrations before see the old

@@ -14,14 +14,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from ...config import Config
 from ...db.connect import Database
 from .conf import database, settings_config
 
 
-def config() -> Config:
-    """The embedfill Config of the Django settings (model targets resolved)."""
-    return settings_config()
+def config(apps: Any = None) -> Config:
+    """The embedfill Config of the Django settings, model targets resolved in ``apps``:
+    in a data migration, pass the ``apps`` RunPython gives (the models as that migration
+    sees them: a later migration may rename the table); else the installed apps."""
+    return settings_config(apps)
 
 
 __all__ = ["Config", "Database", "config", "database"]

@@ -13,7 +13,7 @@ def fill(apps, schema_editor):
     org = Organisation.objects.create(name="seeded")
     Document.objects.create(organisation=org, title="Welcome", body="seeded by a migration")
     embedfill.backfill(
-        embedfill_django.config(),
+        embedfill_django.config(apps),  # the models as this migration sees them
         target="documents",
         database=embedfill_django.database(schema_editor.connection.alias),
     )
