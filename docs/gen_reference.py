@@ -5,6 +5,7 @@
   key tables and the dataclasses of config.py, with the comment beside each field);
 - ``reference/http-api.md``: every route of the admin service (its OpenAPI schema);
 - ``reference/errors.md``: every error class, its exit code, HTTP status and meaning;
+- ``reference/messages.md``: every error's sentence as the code writes it;
 - ``reference/alerts.md``: every alert rule, with its runbook (deploy/prometheus).
 
 and ``index.md``, the README with its links made relative. ``make docs`` runs it before
@@ -14,6 +15,7 @@ fails when one differs from what the code gives now. Run: ``python docs/gen_refe
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import inspect
 import io
@@ -265,6 +267,66 @@ def errors_page() -> str:
     return "".join(out)
 
 
+def _literal(node: ast.expr) -> str | None:
+    """The text of a message argument: string literals joined, each {…} of an f-string
+    shown as ``…``; None when it is not text."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(
+            v.value if isinstance(v, ast.Constant) else "…" for v in node.values
+        )
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        left, right = _literal(node.left), _literal(node.right)
+        return None if left is None or right is None else left + right
+    return None
+
+
+def error_sentences() -> list[tuple[str, str, str]]:
+    """(error class, the sentence with ``…`` for what varies, where) of every
+    ``raise SomeError("…")`` in src/embedfill whose message is written out."""
+    names = {name for name, *_ in error_rows()}
+    out = []
+    for path in sorted((ROOT / "src/embedfill").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call)):
+                continue
+            func = node.exc.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            if name not in names or not node.exc.args:
+                continue
+            text = _literal(node.exc.args[0])
+            if text:
+                where = f"{path.relative_to(ROOT / 'src').as_posix()}:{node.lineno}"
+                out.append((name, " ".join(text.split()), where))
+    return out
+
+
+def messages_page() -> str:
+    from embedfill import errors
+
+    out = [
+        GENERATED,
+        "# Every error's sentence\n\n",
+        "What embedfill says when it stops, as written in its code (`…` stands for what "
+        "varies: a table, a number, a setting), grouped by error class with its exit code. "
+        "Each sentence says what is wrong and what to do; the common ones are explained in "
+        "[Troubleshooting](../troubleshooting.md).\n\n",
+    ]
+    by_class: dict[str, list[tuple[str, str]]] = {}
+    for name, text, where in error_sentences():
+        by_class.setdefault(name, []).append((text, where))
+    for name in sorted(by_class):
+        cls = getattr(errors, name)
+        out.append(f"## `{name}` (exit {cls.exit_code}, HTTP {cls.http_status})\n\n")
+        for text, where in sorted(set(by_class[name])):
+            shown, source = _cell(text), where.split(":")[0]
+            out.append(f"- {shown} <small>({source})</small>\n")
+        out.append("\n")
+    return "".join(out)
+
+
 # ----------------------------------------------------------------------------- alerts
 
 
@@ -303,6 +365,7 @@ PAGES = {
     "configuration.md": configuration_page,
     "http-api.md": http_page,
     "errors.md": errors_page,
+    "messages.md": messages_page,
     "alerts.md": alerts_page,
 }
 

@@ -612,20 +612,22 @@ def load_config(path: str | Path | None) -> Config:
     """Read a TOML config file, or return the built-in demo default when ``path`` is None."""
     if path is None:
         return default_config()
-    p = Path(path)
+    return parse_config(read_toml(Path(path)), source=str(path))
+
+
+def read_toml(p: Path, fix: str = "pass an existing --config PATH") -> dict[str, Any]:
+    """A TOML config file's data; ConfigError naming the file (and ``fix`` when it does
+    not exist)."""
     try:
         raw = p.read_bytes()
     except FileNotFoundError as exc:
-        raise ConfigError(
-            f"Config file {p} does not exist; pass an existing --config PATH."
-        ) from exc
+        raise ConfigError(f"Config file {p} does not exist; {fix}.") from exc
     except OSError as exc:
         raise ConfigError(f"Config file {p} cannot be read ({exc.strerror}).") from exc
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        return tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"Config file {p} is not valid TOML: {exc}.") from exc
-    return parse_config(data, source=str(p))
 
 
 DEMO_DIMENSIONS = 384

@@ -40,6 +40,10 @@ def test_every_command_key_route_error_and_alert_is_on_its_page() -> None:
     http = gen.http_page()
     assert "POST /api/v1/admin/backfill-embeddings" in http and "/readyz" in http
     assert "`TargetBusy` | 4 | 409" in gen.errors_page()
+    sentences = gen.error_sentences()
+    assert len(sentences) >= 100
+    texts = {text for _, text, _ in sentences}
+    assert "Both … and …_FILE are set; unset one of them." in texts
     for rule in gen.alert_rules():
         notes = rule.get("annotations", {})
         assert notes.get("description") and notes.get("runbook"), rule["alert"]

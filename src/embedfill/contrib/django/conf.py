@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 from psycopg import conninfo
 
 from ...config import Config, parse_config, parse_provider
+from ...config import read_toml as config_file
 from ...db.connect import Database
 from ...errors import ConfigError
 
@@ -109,16 +109,7 @@ def config_path(path: Path) -> Path:
 
 
 def read_toml(path: Path) -> dict[str, Any]:
-    try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(
-            f"Config file {path} does not exist; fix settings.EMBEDFILL_CONFIG."
-        ) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"Config file {path} cannot be read as UTF-8 text ({exc}).") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from exc
+    return config_file(path, "fix settings.EMBEDFILL_CONFIG (or --config)")
 
 
 def resolve_models(
