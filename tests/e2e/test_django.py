@@ -301,3 +301,19 @@ def test_sqlmigrate_before_the_table_exists_says_so(db_url: str) -> None:
     shown = manage("sqlmigrate", "docs", "0002", db_url=db_url)
     assert shown.returncode == 0, shown.stderr
     assert "-- embedfill:" in shown.stdout and "does not exist" in shown.stdout
+
+
+@pytest.mark.parametrize(
+    ("variant", "expected"),
+    [
+        ("parent_field", ["embedfill.E004", "lives in the table of docs.Document"]),
+        ("composite_pk", ["embedfill.E003", "primary key spans several columns"]),
+    ],
+)
+def test_shapes_a_target_cannot_fill_are_named(
+    db_url: str, variant: str, expected: list[str]
+) -> None:
+    done = manage("check", db_url=db_url, variant=variant)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    for text in expected:
+        assert text in done.stderr, done.stderr

@@ -10,7 +10,7 @@ from psycopg import conninfo
 SECRET_KEY = "test-only"
 DEBUG = False
 USE_TZ = True
-INSTALLED_APPS = ["django.contrib.contenttypes", "docs", "embedfill.contrib.django"]
+INSTALLED_APPS = ["django.contrib.contenttypes", "docs", "shapes", "embedfill.contrib.django"]
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 _db = conninfo.conninfo_to_dict(os.environ.get("EMBEDFILL_TEST_DJANGO_DB", "dbname=none"))
@@ -49,6 +49,11 @@ elif _variant == "template_field":
 elif _variant == "toml":
     del EMBEDFILL
     EMBEDFILL_CONFIG = os.environ["EMBEDFILL_TEST_DJANGO_TOML"]
+elif _variant == "parent_field":
+    EMBEDFILL["targets"][0].update(model="shapes.Article", field="embedding")
+elif _variant == "composite_pk":
+    EMBEDFILL["targets"][0].update(model="shapes.Chunk", text="{content}")
+    del EMBEDFILL["targets"][0]["tenant_field"]
 elif _variant == "reverse_relation":
     EMBEDFILL["targets"][0].update(model="docs.Organisation", field="document")
     del EMBEDFILL["targets"][0]["tenant_field"]
