@@ -720,7 +720,12 @@ async def changes_under_way(
     derived_names: list[str] = []
     before_poll: dict[str, Any] = {}
     before_sweep: dict[str, Any] = {}
+    # only the targets with a change on record are inspected: reading a table's catalog
+    # can wait behind an app's lock (a migration), and most targets have none
+    under_way = await Store(conn).open_migration_targets()
     for name in names:
+        if name not in under_way:
+            continue
         live = config.target(name)
         pconf = config.provider_for(live)
         try:

@@ -233,12 +233,23 @@ class Worker:
         the changes under way change (``_notice_changes_of_model``). True when it found
         a derived target it did not take before."""
         try:
-            self._migrations_mark = await Store(conn).open_migrations_mark()
+            mark = await Store(conn).open_migrations_mark()
         except psycopg.errors.UndefinedTable:  # a schema from before changes of model
+            return False
+        if mark[0] == 0:  # none under way: nothing to look at
+            self._migrations_mark = mark
             return False
         names = list(self.targets or [t.name for t in self.config.targets])
         known = {t.name for t in self.config.targets}
-        config, derived, _, _ = await migration.changes_under_way(conn, self.config, names)
+        try:
+            async with conn.transaction():
+                # a table the app holds locked makes this wait a second at most, and the
+                # next ring looks again (the mark is kept only once this went through)
+                await conn.execute("SELECT pg_catalog.set_config('lock_timeout', '1s', true)")
+                config, derived, _, _ = await migration.changes_under_way(conn, self.config, names)
+        except psycopg.errors.LockNotAvailable:
+            return False
+        self._migrations_mark = mark
         new = [n for n in derived if n not in known]
         if new:
             self.config = config

@@ -575,6 +575,8 @@ SELECT EXISTS (
 OPEN_MIGRATIONS_MARK = """
 SELECT pg_catalog.count(*), coalesce(pg_catalog.max(id), 0)
 FROM embedfill.model_migrations WHERE phase <> 'finalized'"""
+OPEN_MIGRATION_TARGETS = """
+SELECT DISTINCT target FROM embedfill.model_migrations WHERE phase <> 'finalized'"""
 OPEN_MIGRATION = """
 SELECT id, target, strategy, from_model, to_model, home, phase, job_id, gates,
        created_at, updated_at, cut_over_at, finalized_at

@@ -335,6 +335,11 @@ class Store:
         row = await cur.fetchone()
         return (int(row[0]), int(row[1])) if row else (0, 0)
 
+    async def open_migration_targets(self) -> set[str]:
+        """The targets (by name) with a change of model not finalized."""
+        cur = await self.conn.execute(q.OPEN_MIGRATION_TARGETS)
+        return {str(r[0]) for r in await cur.fetchall()}
+
     async def open_migration(self, table_oid: int, column: str) -> dict[str, Any] | None:
         """The change of model under way on this column (not finalized), if any."""
         cur = await self.conn.execute(q.OPEN_MIGRATION, {"table_oid": table_oid, "column": column})
