@@ -127,8 +127,8 @@ def test_a_wrong_secret_a_forged_session_or_a_missing_token_gets_nothing(base: s
         )
         assert other.status_code == 403
 
-        now = int(time.time())
-        for forged in (f"{now}.{'0' * 64}", f"{now - 13 * 3600}.abc", "garbage", ""):
+        now = time.time_ns() // 1_000_000  # the cookie's issue time is in milliseconds
+        for forged in (f"{now}.{'0' * 64}", f"{now - 13 * 3600_000}.abc", "garbage", ""):
             shown = client.get("/console", headers={"cookie": f"embedfill_console={forged}"})
             assert shown.status_code == 200 and "Sign in" in shown.text
             assert "org-a" not in shown.text
@@ -228,6 +228,10 @@ def test_odd_cookies_sign_out_and_guessing(base: str) -> None:
         client.post("/console/sign-out", data={"csrf": csrf}, headers=cookie)
         replayed = client.get("/console", headers=cookie)  # a copy of the cookie, after
         assert "Sign in" in replayed.text and "org-a" not in replayed.text
+        again, csrf = sign_in(client)  # signing in right after is a session again
+        session = value(cookies_of(again)["embedfill_console"])
+        cookie = {"cookie": f"embedfill_console={session}; embedfill_csrf={csrf}"}
+        assert "org-a" in client.get("/console", headers=cookie).text
 
     # wrong secrets are checked one at a time, each holding the next half a second
     import concurrent.futures

@@ -67,17 +67,23 @@ def _sign(secret: Secret, issued: int) -> str:
     return f"{issued}.{mac.hexdigest()}"
 
 
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
 def _signed_in(
-    secret: Secret | None, cookie: str | None, now: float, signed_out: float = 0.0
+    secret: Secret | None, cookie: str | None, now_ms: int, signed_out_ms: int = 0
 ) -> bool:
-    """A cookie this process signed, less than SESSION_S old, issued after the last
-    sign-out (``signed_out``)."""
+    """A cookie signed with this secret, less than SESSION_S old, issued after the last
+    sign-out of this process (``signed_out_ms``). Its issue time is in milliseconds, so a
+    sign-in right after a sign-out is a new session."""
     if secret is None or not cookie or len(cookie) > 200:
         return False
     issued, _, _ = cookie.partition(".")
-    if not (issued.isascii() and issued.isdigit() and len(issued) <= 12):
+    if not (issued.isascii() and issued.isdigit() and len(issued) <= 15):
         return False
-    if not 0 <= now - int(issued) <= SESSION_S or int(issued) < signed_out:
+    age = now_ms - int(issued)
+    if not 0 <= age <= SESSION_S * 1000 or int(issued) <= signed_out_ms:
         return False
     return hmac.compare_digest(cookie.encode(), _sign(secret, int(issued)).encode())
 
@@ -130,7 +136,6 @@ def _share(part: int, whole: int) -> float:
 
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "[::1]")
-GUESSES_PER_S = 1 / WRONG_SECRET_PAUSE_S  # sign-ins are checked one at a time
 
 
 def _no_cookie_reason(request: Request) -> str:
@@ -202,7 +207,7 @@ def console_router(service: AdminService, secret: Secret | None) -> APIRouter:
     snapshot = Snapshot(service)
     # a sign-out ends every session this process signed before it; and sign-ins are
     # checked one at a time, a wrong secret holding the next WRONG_SECRET_PAUSE_S
-    state = {"signed_out": 0.0}
+    state = {"signed_out_ms": 0}
     one_at_a_time = asyncio.Lock()
 
     def sign_in_page(request: Request, status: int = 200, error: str | None = None) -> Response:
@@ -219,7 +224,7 @@ def console_router(service: AdminService, secret: Secret | None) -> APIRouter:
 
     def signed_in(request: Request) -> bool:
         cookie = request.cookies.get(SESSION)
-        return _signed_in(secret, cookie, time.time(), state["signed_out"])
+        return _signed_in(secret, cookie, _now_ms(), state["signed_out_ms"])
 
     @router.api_route("", methods=["GET", "HEAD"])
     async def console(request: Request) -> Response:
@@ -252,7 +257,7 @@ def console_router(service: AdminService, secret: Secret | None) -> APIRouter:
         if not right:
             return sign_in_page(request, 401, "That is not the admin secret.")
         response = RedirectResponse(PATH, status_code=303, headers=HEADERS)
-        issued = max(int(time.time()), int(state["signed_out"]))
+        issued = max(_now_ms(), state["signed_out_ms"] + 1)
         _cookie(response, SESSION, _sign(secret, issued), SESSION_S)
         return response
 
@@ -262,7 +267,7 @@ def console_router(service: AdminService, secret: Secret | None) -> APIRouter:
         expected = request.cookies.get(CSRF) or ""
         if expected and hmac.compare_digest(csrf.encode(), expected.encode()):
             if signed_in(request):
-                state["signed_out"] = time.time() + 1  # this second's sessions too
+                state["signed_out_ms"] = _now_ms()
             response = RedirectResponse(PATH, status_code=303, headers=HEADERS)
             response.delete_cookie(SESSION, path=PATH, secure=True, httponly=True)
             return response
