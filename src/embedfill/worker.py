@@ -291,7 +291,15 @@ class Worker:
         first = await connect(self.db)
         try:
             await Store(first).hold_worker_lock(self.name)
-            await self._include_changes_of_model(first)
+            try:
+                await self._include_changes_of_model(first)
+            except psycopg.Error as exc:  # e.g. a role without SELECT on the changes
+                log.warning(
+                    "worker %s: cannot look for changes of model (%s); it takes the "
+                    "configured targets' jobs only",
+                    self.name,
+                    str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__,
+                )
         except BaseException:
             await first.close()
             raise

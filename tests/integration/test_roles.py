@@ -47,6 +47,7 @@ def set_back_to_version_1(db_url: str) -> None:
     """As if this database had been migrated by the previous release."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("DELETE FROM embedfill.schema_version WHERE version >= 2")
+        conn.execute("DROP TABLE embedfill.model_migrations, embedfill.active_models")  # 9
         conn.execute("DROP TABLE IF EXISTS embedfill.rate_budgets")
         undo_0007(conn)  # job specs, leases, rings, tallies (version 7)
         conn.execute(  # provenance (version 6)
@@ -131,6 +132,11 @@ def test_a_dml_only_role_on_an_old_schema_is_told_to_migrate(
     # the owner migrates once; then the same role runs
     assert asyncio.run(amigrate(Database(tickets))) == (1, EXPECTED_VERSION)
     assert run(roles.url(app_rw), tickets_config(fake_openai.base_url)).embedded == 45
+    # and reads the changes of model (workers and watch look for them; the app reads
+    # which vectors are active): their grants were copied to the tables added since
+    with psycopg.connect(roles.url(app_rw)) as conn:
+        conn.execute("SELECT count(*) FROM embedfill.model_migrations").fetchone()
+        conn.execute("SELECT count(*) FROM embedfill.active_models").fetchone()
 
 
 def test_a_role_that_may_create_the_schema_still_gets_it_on_first_use(
