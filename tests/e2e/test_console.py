@@ -318,3 +318,38 @@ def test_the_console_reads_only_and_shows_what_it_can(
     [page] = asyncio.run(visit())
     assert "Target gone could not be read" in page.text
     assert "org-a" in page.text  # tickets still shows
+
+
+def test_a_form_posted_without_its_cookie_over_plain_http_says_why(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    import asyncio
+
+    app = create_app(
+        tickets_config(fake_openai.base_url),
+        database=Database(tickets),
+        env={"ADMIN_SECRET": ADMIN},
+        worker=False,
+    )
+
+    async def post(base: str, content_type: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=base) as c:
+            return await c.post(
+                "/console/sign-in",
+                content=f"admin_secret={ADMIN}&csrf=x".encode(),
+                headers={"content-type": content_type, "cookie": "embedfill_csrf=x"},
+            )
+
+    # the browser dropped the Secure cookie (plain HTTP, not localhost): said as it is
+    async def dropped() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://192.0.2.2") as c:
+            return await c.post("/console/sign-in", data={"admin_secret": ADMIN, "csrf": "x"})
+
+    answer = asyncio.run(dropped())
+    assert answer.status_code == 403
+    assert "keeps no Secure cookie over plain HTTP from 192.0.2.2" in answer.text
+    # a form's content type in capitals is a form all the same
+    ok = asyncio.run(post("http://localhost", "APPLICATION/X-WWW-FORM-URLENCODED"))
+    assert ok.status_code == 303

@@ -317,3 +317,54 @@ def test_shapes_a_target_cannot_fill_are_named(
     assert done.returncode == 1 and "Traceback" not in done.stderr
     for text in expected:
         assert text in done.stderr, done.stderr
+
+
+def test_settings_a_command_cannot_use_are_named(db_url: str, tmp_path: Path) -> None:
+    """EMBEDFILL_DATABASE naming no alias is a check error; a connection that fails names
+    the DATABASES entry, not DATABASE_URL."""
+    done = manage("check", db_url=db_url, variant="bad_alias")
+    assert done.returncode == 1 and "embedfill.E007" in done.stderr and "'nope'" in done.stderr
+    down = manage("embedfill", "status", db_url=f"host={tmp_path} dbname=none")
+    assert down.returncode == 1
+    assert "check DATABASES['default'] in the Django settings" in down.stderr
+
+
+def test_a_relative_config_is_read_from_base_dir_and_dotenv_as_the_cli_does(
+    migrated: str, tmp_path: Path
+) -> None:
+    base, elsewhere = tmp_path / "project", tmp_path / "cron"
+    base.mkdir()
+    elsewhere.mkdir()
+    (base / "embedfill.toml").write_text(
+        '[providers.hash]\nkind = "hash"\nmodel = "hash-8"\ndimensions = 8\n\n'
+        '[[targets]]\nname = "from_base_dir"\nmodel = "docs.Document"\nfield = "embedding"\n'
+        'text = "{title}"\nprovider = "hash"\n'
+    )
+    env = cli_env(
+        ELSEWHERE,
+        EMBEDFILL_TEST_DJANGO_DB=migrated,
+        EMBEDFILL_TEST_DJANGO_VARIANT="relative_toml",
+        EMBEDFILL_TEST_DJANGO_BASE_DIR=str(base),
+        DJANGO_SETTINGS_MODULE="site_settings.settings",
+    )
+
+    def status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(PROJECT / "manage.py"), "embedfill", "status", "--json"],
+            cwd=elsewhere,
+            env=env,
+            text=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    done = status()  # run from another directory, as cron does
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["targets"][0]["name"] == "from_base_dir"
+    # ./.env is read as `embedfill` reads it: here it names another config
+    other = elsewhere / "other.toml"
+    other.write_text((base / "embedfill.toml").read_text().replace("from_base_dir", "from_env"))
+    (elsewhere / ".env").write_text(f"EMBEDFILL_CONFIG={other}\n")
+    done = status()
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["targets"][0]["name"] == "from_env"

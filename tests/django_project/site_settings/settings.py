@@ -54,6 +54,12 @@ elif _variant == "parent_field":
 elif _variant == "composite_pk":
     EMBEDFILL["targets"][0].update(model="shapes.Chunk", text="{content}")
     del EMBEDFILL["targets"][0]["tenant_field"]
+elif _variant == "bad_alias":
+    EMBEDFILL_DATABASE = "nope"
+elif _variant == "relative_toml":
+    del EMBEDFILL
+    BASE_DIR = os.environ["EMBEDFILL_TEST_DJANGO_BASE_DIR"]
+    EMBEDFILL_CONFIG = "embedfill.toml"  # relative: read from BASE_DIR
 elif _variant == "reverse_relation":
     EMBEDFILL["targets"][0].update(model="docs.Organisation", field="document")
     del EMBEDFILL["targets"][0]["tenant_field"]
