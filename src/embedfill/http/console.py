@@ -32,6 +32,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from .. import application, health
 from ..errors import first_line as _first_line
+from ..models import NO_TENANT
 from ..secrets import Secret
 from .service import AdminService
 
@@ -89,7 +90,7 @@ def _signed_in(
 
 
 def _page(template: str, status: int = 200, **values: Any) -> HTMLResponse:
-    html = _env.get_template(template).render(path=PATH, **values)
+    html = _env.get_template(template).render(path=PATH, no_tenant=NO_TENANT, **values)
     return HTMLResponse(html, status_code=status, headers=HEADERS)
 
 

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from ..application import Observer
 from ..health import RunningJobs
-from ..models import TargetStatus
+from ..models import NO_TENANT, TargetStatus
 
 
 class Metrics(Observer):
@@ -217,10 +217,6 @@ class Metrics(Observer):
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-#: the tenant label of rows whose tenant is NULL (as `check` and `status` show them)
-NO_TENANT = "(no tenant)"
 
 
 def _tenant_label(tenant: str | None) -> str:

@@ -251,10 +251,6 @@ class AdminService:
     async def status(self, target: str | None) -> list[TargetStatus]:
         return await astatus(self.config, self.db, target)
 
-    async def models(self) -> list[MigrationStatus]:
-        """``model status`` of every target (phase ``none``: no change on record)."""
-        return await application.amodel_status(self.config, self.db, None)
-
     async def readiness(self) -> tuple[bool, str]:
         """(ready, reason) for /readyz. Reads only: never migrates, never runs DDL. The
         reason is one of a few generic phrases; the details (scrubbed) go to the log."""
