@@ -127,6 +127,20 @@ def _check_replaceable(conn: psycopg.Connection[Any], table: str) -> None:
         )
 
 
+def _forget_provenance(conn: psycopg.Connection[Any]) -> None:
+    """What embedfill recorded about the replaced table's vectors: they are gone. Kept,
+    a second seed's placeholders would pass for the vectors the last run wrote (adopt
+    recorded none of them, and any text the seed changed read as stale)."""
+    row = conn.execute("SELECT to_regclass('embedfill.vector_columns') IS NOT NULL").fetchone()
+    if row is None or not row[0]:
+        return  # embedfill's schema is not there yet: nothing recorded
+    conn.execute(
+        "DELETE FROM embedfill.provenance AS p USING embedfill.vector_columns AS c"
+        " WHERE p.column_id = c.id AND c.schema_name = 'public'"
+        " AND c.table_name = 'workflow_insights'"
+    )
+
+
 def seed(
     conn: psycopg.Connection[Any],
     *,
@@ -151,6 +165,7 @@ def seed(
         for table in ("workflow_insights", "tenants"):
             _check_replaceable(conn, table)
         conn.execute("DROP TABLE IF EXISTS public.workflow_insights, public.tenants")
+        _forget_provenance(conn)
         conn.execute("CREATE TABLE public.tenants (id text PRIMARY KEY, name text NOT NULL)")
         conn.execute(
             sql.SQL(

@@ -75,3 +75,19 @@ def test_dotenv_in_the_working_directory_is_read(db_url: str, tmp_path: Path) ->
     assert "embedded" not in result.stderr
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM workflow_insights").fetchone() == (20,)
+
+
+def test_a_second_seed_forgets_what_was_recorded_about_the_replaced_table(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Reseeding replaces the table's vectors: provenance of the old ones must not
+    survive (adopt then recorded none of the new placeholders)."""
+    env = cli_env(db_url)
+    for _ in range(2):
+        seeded = embedfill("seed", "--rows", "40", "--missing", "6", env=env)
+        assert seeded.returncode == 0, seeded.stderr
+        adopted = embedfill("adopt", env=env)
+        assert adopted.returncode == 0, adopted.stderr
+        assert "adopted 34 vectors" in adopted.stdout, adopted.stdout
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM embedfill.provenance").fetchone() == (34,)
