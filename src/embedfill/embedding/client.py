@@ -36,7 +36,7 @@ from ..errors import (
 )
 from ..keys import KeyResolver, ResolvedKey
 from ..models import Batch
-from ..providers import Provider, Vector
+from ..providers import Matrix, Provider
 from ..providers.answers import check_vectors
 from ..providers.base import Embeddings
 from ..providers.limits import RateSignals, pause_for
@@ -139,7 +139,7 @@ class Client:
         *,
         give_back: Callable[[ProviderError], bool] | None = None,
         skip: Callable[[], bool] | None = None,
-    ) -> tuple[list[Vector], int]:
+    ) -> tuple[Matrix, int]:
         """The batch's vectors, checked, and the attempts it took; the provider's error
         when retrying gives up (or ``give_back`` says to hand the batch to someone
         else, mid-retries), ``Stopped`` when the caller stops first or ``skip`` says the

@@ -33,7 +33,7 @@ from ..errors import (
 )
 from ..models import Batch, Row
 from ..planning import split_batch
-from ..providers import Vector
+from ..providers import Matrix
 from ..providers.answers import non_finite
 from ..secrets import Secret
 from .state import Chunk, PendingWrite, RunState
@@ -233,7 +233,7 @@ class Embedder:
             self.state.halt(wrong)
         return wrong is not None
 
-    async def _call(self, batch: Batch, key: Secret | None) -> tuple[list[Vector], int]:
+    async def _call(self, batch: Batch, key: Secret | None) -> tuple[Matrix, int]:
         """The batch's vectors, checked, and the attempts it took; raises the provider's
         error when retrying gives up, ``Stopped`` when the run stops first."""
 
@@ -282,7 +282,7 @@ class Embedder:
             chunk.given_up = True
         return len(may) == len(live)
 
-    def _check_dimensions(self, vectors: list[Vector]) -> None:
+    def _check_dimensions(self, vectors: Matrix) -> None:
         """The one check that vectors fit the column (the column's declared size, else the
         provider's, else the first answer's). Vectors of one answer are all of one size
         (check_vectors); another size than the column's would fail every batch, so it

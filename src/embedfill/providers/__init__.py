@@ -7,7 +7,7 @@ ratelimit.py and engine/embed.py.
 from __future__ import annotations
 
 from ..config import ProviderConfig
-from .base import Provider, Vector
+from .base import Matrix, Provider, Vector
 
 
 def check_available(config: ProviderConfig) -> None:
@@ -38,4 +38,4 @@ def make_provider(config: ProviderConfig) -> Provider:
     return HashProvider(config)
 
 
-__all__ = ["Provider", "Vector", "check_available", "make_provider", "needs_key"]
+__all__ = ["Matrix", "Provider", "Vector", "check_available", "make_provider", "needs_key"]

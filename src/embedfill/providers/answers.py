@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..errors import BadAnswer
-from .base import Vector
+from .base import Matrix, Vector
 
 _FLOAT_BYTES = 4
 
@@ -85,7 +85,7 @@ def decode_embeddings(content: bytes, count: int) -> list[Vector]:
             raise malformed(f"embedding {index} is missing")
         out[index] = _vector(item["embedding"], index)
     # n items, each index in range and none twice: every position is filled
-    return check_vectors(out, count)
+    return list(check_vectors(out, count))
 
 
 def _vector(embedding: Any, index: int) -> Vector:
@@ -119,14 +119,23 @@ def _clamp(value: float) -> float:
         return float("inf") if value > 0 else float("-inf")
 
 
-def check_vectors(vectors: Sequence[Any], count: int) -> list[Vector]:
+def check_vectors(vectors: Any, count: int) -> Matrix:
     """Any provider's output: one flat, non-empty numeric vector per input, all of one
-    size; returned as float32."""
+    size; returned as one float32 matrix, a row per input."""
+    if isinstance(vectors, np.ndarray) and vectors.ndim == 2:  # a local or hash model's
+        if vectors.shape[0] != count:
+            raise malformed(f"it holds {vectors.shape[0]} embeddings for {count} inputs")
+        if vectors.shape[1] == 0:
+            raise malformed("embedding 0 is empty")
+        if vectors.dtype.kind not in "fiu":
+            raise malformed(f"embedding 0 holds {kind(vectors.flat[0])}, not only numbers")
+        with np.errstate(over="ignore"):  # beyond float32's range: infinite, failed later
+            return vectors.astype(np.float32, copy=False)
     if len(vectors) != count:
         raise malformed(f"it holds {len(vectors)} embeddings for {count} inputs")
     whole = _as_matrix(vectors)
     if whole is not None:  # the usual answer: one pass over the batch, not one per vector
-        return list(whole)
+        return whole
     out: list[Vector] = []
     for index, raw in enumerate(vectors):
         array = np.asarray(raw)
@@ -146,15 +155,17 @@ def check_vectors(vectors: Sequence[Any], count: int) -> list[Vector]:
             with np.errstate(over="ignore"):
                 array = array.astype(np.float32)
         out.append(array)
-    return out
+    if not out:
+        return np.empty((0, 0), dtype=np.float32)
+    return np.stack(out)
 
 
-def _as_matrix(vectors: Sequence[Any]) -> npt.NDArray[np.float32] | None:
+def _as_matrix(vectors: Sequence[Any]) -> Matrix | None:
     """The answer as one float32 matrix when it is a list of flat numeric numpy vectors
-    of one non-zero size (the usual answer: the decoders and local models give these);
-    None otherwise, and check_vectors looks at each vector, finds and names the fault.
-    Only numpy vectors: converted whole, a list mixing a row of bools with rows of
-    floats would pass as floats."""
+    of one non-zero size (the usual answer: the decoders give these); None otherwise,
+    and check_vectors looks at each vector, finds and names the fault. Only numpy
+    vectors: converted whole, a list mixing a row of bools with rows of floats would
+    pass as floats."""
     first = vectors[0] if len(vectors) else None
     if not isinstance(first, np.ndarray) or first.ndim != 1 or first.size == 0:
         return None
@@ -169,12 +180,12 @@ def _as_matrix(vectors: Sequence[Any]) -> npt.NDArray[np.float32] | None:
     return matrix
 
 
-def non_finite(vectors: Sequence[Vector]) -> list[int]:
-    """Positions of the vectors holding a NaN or an infinite value (vectors of one size,
-    as check_vectors leaves them: one numpy pass over the batch, not one per vector)."""
-    if not vectors:
+def non_finite(vectors: Matrix | Sequence[Vector]) -> list[int]:
+    """Positions of the vectors holding a NaN or an infinite value (the rows of
+    check_vectors' matrix: one numpy pass over the batch, not one per vector)."""
+    if not len(vectors):
         return []
-    finite = np.isfinite(np.stack(vectors)).all(axis=1)
+    finite = np.isfinite(np.asarray(vectors)).all(axis=1)
     if finite.all():
         return []
     return [int(i) for i in np.flatnonzero(~finite)]

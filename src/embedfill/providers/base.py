@@ -12,6 +12,11 @@ from ..tokens import TokenCounter
 from .limits import RateSignals
 
 Vector = npt.NDArray[np.float32]
+#: A provider's answer: a list of vectors, or one 2-D array with a row per input (the
+#: local and hash providers compute one: it is checked and written whole, never cut
+#: into a list of rows and stacked again).
+Vectors = Sequence[Vector] | npt.NDArray[np.float32]
+Matrix = npt.NDArray[np.float32]  # vectors of one size, one per row
 
 
 class Embeddings(list[Vector]):
@@ -50,7 +55,7 @@ class Provider(Protocol):
         """The vector size, when known without an embedding call."""
         ...
 
-    async def embed(self, texts: Sequence[str], *, api_key: Secret | None) -> list[Vector]: ...
+    async def embed(self, texts: Sequence[str], *, api_key: Secret | None) -> Vectors: ...
 
     async def aclose(self) -> None: ...
 
@@ -74,9 +79,3 @@ class ConfiguredProvider:
     @property
     def max_input_tokens(self) -> int:
         return self.config.input_token_limit
-
-
-def as_vectors(rows: Any) -> list[Vector]:
-    """Turn a provider's output into float32 vectors (the engine checks their size
-    against the column)."""
-    return [np.asarray(r, dtype=np.float32) for r in rows]

@@ -13,7 +13,7 @@ import numpy.typing as npt
 from ..config import ProviderConfig
 from ..secrets import Secret
 from ..tokens import ApproxCounter, TokenCounter
-from .base import ConfiguredProvider, Vector
+from .base import ConfiguredProvider, Vector, Vectors
 
 
 @lru_cache(maxsize=8)
@@ -59,8 +59,8 @@ class HashProvider(ConfiguredProvider):
     async def dimensions(self) -> int | None:
         return self._dims
 
-    async def embed(self, texts: Sequence[str], *, api_key: Secret | None) -> list[Vector]:
-        return list(hash_vectors(texts, self._dims))
+    async def embed(self, texts: Sequence[str], *, api_key: Secret | None) -> Vectors:
+        return hash_vectors(texts, self._dims)
 
     async def aclose(self) -> None:
         return None

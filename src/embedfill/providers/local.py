@@ -18,11 +18,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
+
 from ..config import DEFAULT_LOCAL_MODEL, ProviderConfig
 from ..errors import ConfigError
 from ..secrets import Secret
 from ..tokens import HFTokenizerCounter, TokenCounter
-from .base import ConfiguredProvider, Vector, as_vectors
+from .base import ConfiguredProvider, Vectors
 
 LOCAL_EXTRA = "kind = 'local' needs the local extra: pip install 'embedfill[local]'"
 
@@ -112,11 +114,11 @@ class LocalProvider(ConfiguredProvider):
             show_progress_bar=False,
         )
 
-    async def embed(self, texts: Sequence[str], *, api_key: Secret | None) -> list[Vector]:
+    async def embed(self, texts: Sequence[str], *, api_key: Secret | None) -> Vectors:
         matrix = await asyncio.get_running_loop().run_in_executor(
             self._thread, self._encode, list(texts)
         )
-        return as_vectors(list(matrix))
+        return np.asarray(matrix, dtype=np.float32)
 
     async def aclose(self) -> None:
         self._thread.shutdown(wait=False)
