@@ -768,12 +768,16 @@ async def amodel_finalize(
             for index in await indexes.vector_indexes(conn, info.oid, live.embedding_column):
                 await conn.execute(homes.drop_index(index.schema, index.name))
             await _ddl(conn, homes.drop_column(live_sql, live.embedding_column), str(live.table))
+            dropped = (info.schema, live.table.name, live.embedding_column)
         elif row["strategy"] == "table":
             await _ddl(conn, homes.drop_table(home["schema"], home["relation"]), home["relation"])
+            dropped = (home["schema"], home["relation"], homes.VECTOR)
         else:
             for twin in home.get("indexes", []):
                 await conn.execute(homes.drop_index(home["schema"], twin["name"]))
             await _ddl(conn, homes.drop_column(live_sql, home["column"]), str(live.table))
+            dropped = (info.schema, live.table.name, home["column"])
+        await Store(conn).forget_changes(*dropped)
         await Store(conn).finalized(int(row["id"]))
         return await migration.status_of(conn, config, live)
 

@@ -254,6 +254,7 @@ class TargetWatch:
         self._env: Mapping[str, str] = os.environ if self.env is None else self.env
         self._hub = self.hub or WatchHub(self.db, self.config.engine.lock_timeout_ms)
         self._due_since: Any = None  # the server's time of the last look at due failures
+        self._oid: int | None = None  # the watched table's, once it is watched
 
     @property
     def chunk_rows(self) -> int:
@@ -342,6 +343,7 @@ class TargetWatch:
         shape: str | None,
     ) -> None:
         tsql = info.sql(self.target)
+        self._oid = info.oid
         missing = _Walk(self.opts.interval_s)
         outdated = _Walk(self.opts.sweep_interval_s)  # due now: changes made while away
         changed = self._hub.changes(ids.column_id)
@@ -434,7 +436,12 @@ class TargetWatch:
         # what the triggers queued leaves their queue in the transaction that puts it in
         # chunks: a watcher killed in between loses nothing
         async with conn.transaction():
-            keys += await store.drain_changes(ids.column_id, inflight, self.chunk_rows)
+            drained = await store.drain_changes(ids.column_id, inflight, self.chunk_rows)
+            if drained and self._oid is not None:
+                # a change of model under way on this column gets them too (both models'
+                # vectors follow an edit); a no-op for a column with none
+                await store.fan_out_changes(self._oid, self.target.embedding_column, drained)
+            keys += drained
             fresh = list(dict.fromkeys(k for k in keys if k not in inflight))
             chunks = await jobs.add_key_chunks(conn, job, queue, fresh, self.chunk_rows)
         if fresh:

@@ -400,6 +400,53 @@ def test_watch_keeps_the_new_vectors_fresh_while_a_change_is_under_way(
         assert np.allclose(got[row_id], hash_vector(want[row_id], 16), atol=1e-6)
 
 
+@pytest.mark.parametrize("strategy", ["table", "column"])
+def test_with_triggers_an_edit_reaches_the_new_vectors_without_waiting_for_a_sweep(
+    indexed: str, fake_openai: Any, strategy: str
+) -> None:
+    """The triggers queue an edit for the live column; a change of model under way on it
+    gets it too (a sweep of the new vectors, minutes apart, is not what finds it)."""
+    import time
+
+    from embedfill.application import atriggers
+    from embedfill.config import EngineConfig
+    from tests.integration.test_watch import Running, wait_for
+
+    start(indexed, strategy=strategy)
+    live_provider = dict(_raw_providers()["openai"], base_url=fake_openai.base_url)
+    cfg = parse_config(
+        {"providers": {**_raw_providers(), "openai": live_provider}, "targets": [_raw_target()]}
+    )
+    cfg = Config(providers=cfg.providers, targets=cfg.targets, engine=EngineConfig(chunk_rows=50))
+    asyncio.run(atriggers(cfg, Database(indexed), "tickets", True, False))
+    where = (
+        (SIDE, "embedfill_row_id", "embedding")
+        if strategy == "table"
+        else (T, "ticket_no", "emb_next")
+    )
+
+    def fresh(row_id: int) -> bool:
+        got = new_vectors(indexed, *where).get(row_id)
+        want = hash_vector(texts(indexed)[row_id], 16)
+        return got is not None and bool(np.allclose(got, want, atol=1e-6))
+
+    # polls and sweeps an hour apart: only the queue can be this quick
+    w = Running(indexed, cfg, interval_s=3600, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(w.watches) == 2 and all(x.job_id for x in w.watches))
+        time.sleep(3.0)  # both watchers' first poll and sweep are over
+        assert status(indexed).coverage == 1.0
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(f"UPDATE {T} SET body = 'edited under triggers' WHERE ticket_no = 7")
+        committed = time.monotonic()
+        wait_for(lambda: fresh(7), timeout=15)
+        assert time.monotonic() - committed < 10  # generous: "did not wait for a sweep"
+    finally:
+        w.stop()
+    with psycopg.connect(indexed) as conn:
+        assert conn.execute("SELECT count(*) FROM embedfill.changes").fetchone() == (0,)
+
+
 def test_a_home_whose_name_is_taken_is_refused_and_nothing_of_the_owners_is_dropped(
     indexed: str,
 ) -> None:

@@ -155,3 +155,25 @@ def test_numpy_rows_of_one_size_come_back_as_float32_rows() -> None:
     out = check_vectors([np.arange(4, dtype=np.int64), np.ones(4, dtype=np.float64)], 2)
     assert [v.dtype for v in out] == [np.float32, np.float32]
     assert [v.tolist() for v in out] == [[0, 1, 2, 3], [1, 1, 1, 1]]
+
+
+def test_a_models_matrix_is_checked_whole_and_kept_as_float32() -> None:
+    """The local and hash models answer one 2-D array: it is checked and written whole."""
+    out = check_vectors(np.arange(6, dtype=np.float64).reshape(2, 3), 2)
+    assert out.dtype == np.float32 and out.shape == (2, 3)
+    assert out.tolist() == [[0, 1, 2], [3, 4, 5]]
+    assert non_finite(np.array([[1.0, np.nan], [1.0, 2.0]], dtype=np.float32)) == [0]
+
+
+@pytest.mark.parametrize(
+    ("matrix", "count", "reason"),
+    [
+        (np.ones((1, 4)), 2, "it holds 1 embeddings for 2 inputs"),
+        (np.ones((2, 0)), 2, "embedding 0 is empty"),
+        (np.array([[True, False]]), 1, "embedding 0 holds a bool, not only numbers"),
+        (np.array([["a", "b"]]), 1, "embedding 0 holds a string, not only numbers"),
+    ],
+)
+def test_a_models_matrix_gets_the_same_shape_checks(matrix: Any, count: int, reason: str) -> None:
+    with pytest.raises(BadAnswer, match=f"malformed: {reason}"):
+        check_vectors(matrix, count)

@@ -287,6 +287,30 @@ WHERE ctid = ANY(ARRAY(
     WHERE column_id = %(column_id)s AND NOT (row_key = ANY(%(inflight)s::text[]))
     LIMIT %(limit)s FOR UPDATE SKIP LOCKED))
 RETURNING row_key"""
+# The rows the triggers queued for a live column, queued again for the new vectors of a
+# change of model under way on it (migration.py: a shadow column of the same table, or a
+# side table's vector, keyed by the same id), until it is finalized (a rollback may be
+# followed by another cutover), so that an edit reaches both models within a second, not
+# at the new vectors' next stale sweep. A change of model has one home: at
+# most one row is inserted per key. %(side_vector)s is homes.VECTOR.
+FAN_OUT_CHANGES = """
+INSERT INTO embedfill.changes (column_id, row_key)
+SELECT c.id, k.row_key
+FROM embedfill.model_migrations AS m
+JOIN pg_catalog.pg_class AS r ON r.oid OPERATOR(pg_catalog.=) m.table_oid
+JOIN pg_catalog.pg_namespace AS n ON n.oid OPERATOR(pg_catalog.=) r.relnamespace
+JOIN embedfill.vector_columns AS c
+  ON (m.strategy = 'column' AND c.schema_name = n.nspname::text
+      AND c.table_name = r.relname::text AND c.column_name = m.home ->> 'column')
+  OR (m.strategy = 'table' AND c.schema_name = m.home ->> 'schema'
+      AND c.table_name = m.home ->> 'relation' AND c.column_name = %(side_vector)s)
+CROSS JOIN unnest(%(keys)s::text[]) AS k(row_key)
+WHERE m.table_oid = %(table_oid)s AND m.column_name = %(column)s AND m.phase <> 'finalized'"""
+# what is queued for a column that a finalize dropped: nobody drains it any more
+FORGET_CHANGES = """
+DELETE FROM embedfill.changes AS q USING embedfill.vector_columns AS c
+WHERE q.column_id = c.id AND c.schema_name = %(schema)s AND c.table_name = %(table)s
+  AND c.column_name = %(column)s"""
 WATCH_LOCK = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtextextended(%(key)s, 0))"
 WATCH_UNLOCK = "SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtextextended(%(key)s, 0))"
 LISTEN_CHANGES = "LISTEN embedfill_changes"  # what triggers of an earlier install NOTIFY

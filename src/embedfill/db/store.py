@@ -12,6 +12,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from ..models import Failure, Report, Retry
+from . import homes
 from . import queries as q
 
 
@@ -320,6 +321,25 @@ class Store:
             {"column_id": column_id, "inflight": sorted(inflight), "limit": limit},
         )
         return [r[0] for r in await cur.fetchall()]
+
+    async def fan_out_changes(self, table_oid: int, column: str, keys: list[str]) -> None:
+        """Queue ``keys``, drained for the live column, for the new vectors of a change
+        of model under way on it too (q.FAN_OUT_CHANGES)."""
+        await self.conn.execute(
+            q.FAN_OUT_CHANGES,
+            {
+                "table_oid": table_oid,
+                "column": column,
+                "keys": keys,
+                "side_vector": homes.VECTOR,
+            },
+        )
+
+    async def forget_changes(self, schema: str, table: str, column: str) -> None:
+        """Drop what is queued for a vector column that no longer exists (finalize)."""
+        await self.conn.execute(
+            q.FORGET_CHANGES, {"schema": schema, "table": table, "column": column}
+        )
 
     async def try_watch_lock(self, key: str) -> bool:
         cur = await self.conn.execute(q.WATCH_LOCK, {"key": key})
