@@ -22,7 +22,7 @@ class Row:
     tokens: int = 0
     truncated: bool = False
     refresh: bool = False  # it held a vector (stale or outdated): a refresh
-    text_md5: Any = None  # md5 of the rendered text as read (its provenance), a uuid
+    text_md5: Any = None  # md5 of the rendered text as read (its provenance): 16 bytes
     chunk: Any = field(default=None, compare=False, repr=False)  # the job chunk it came from
 
 

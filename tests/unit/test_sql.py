@@ -70,7 +70,7 @@ def test_text_sql_is_composed_verbatim_with_percent_escaped(conn: psycopg.Connec
     # fingerprint and the provenance md5 (a NULL value is empty text) from that value
     text = "embedfill_lateral.embedfill_scan_text"
     fp = f'md5(ROW("Org""Id"::text, {text})::text)'
-    md5 = f"md5(coalesce({text}, ''))::uuid"
+    md5 = f"decode(md5(coalesce({text}, '')), 'hex')"
     assert f'{fp}, "Emb" IS NOT NULL, {md5}, {text} FROM' in scan
     assert scan.count("100%%") == 1
     assert f"CROSS JOIN LATERAL (SELECT {expr}::text AS embedfill_scan_text)" in scan

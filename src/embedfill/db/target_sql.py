@@ -183,12 +183,14 @@ class TargetSQL:
         ``t`` here, in the write and in ``check_text_sql``, so a text_sql expression sees
         the same names in all three. The row's columns: id, tenant, source fingerprint,
         whether it held a vector (a refresh), the md5 of the text as read (its
-        provenance, bound with the write), then the text's values."""
+        provenance, bound with the write: 16 bytes, which cost the client nothing to
+        load, where a uuid costs a Python object a row), then the text's values."""
         after = sql.SQL("") if first_page else sql.SQL(" AND {} > %(after)s").format(self.id)
         if upto:
             after += sql.SQL(" AND {} <= %(hi)s").format(self.id)
         source: sql.Composable = sql.SQL("{} AS t").format(self.table)
-        fp, md5 = self._fingerprint(), self.text_md5("t")
+        fp = self._fingerprint()
+        md5: sql.Composable = sql.SQL("decode(md5({}), 'hex')").format(self.rendered("t"))
         values: sql.Composable = sql.SQL(", ").join(self._values())
         if self.target.text_sql is not None:
             # the expression once a row, not three times (its value, its fingerprint, its
@@ -199,7 +201,7 @@ class TargetSQL:
                 " AS embedfill_lateral"
             ).format(self.table, self._text_sql())
             fp = sql.SQL("md5(ROW({}, {})::text)").format(self._tenant_text(), text)
-            md5 = sql.SQL("md5(coalesce({}, ''))::uuid").format(text)
+            md5 = sql.SQL("decode(md5(coalesce({}, '')), 'hex')").format(text)
             values = text
         return sql.SQL(
             "SELECT {id}, {tenant}, {fp}, {emb} IS NOT NULL, {md5}, {values} FROM {source}"

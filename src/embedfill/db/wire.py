@@ -68,9 +68,11 @@ def fixed_text_array(values: Sequence[str], width: int) -> TextArray:
 
 
 def uuid_array(values: Sequence[Any]) -> UuidArray:
-    """uuid.UUID values (None: NULL) as uuid[]."""
+    """uuid.UUID values or their 16 bytes (None: NULL) as uuid[]."""
     item = (16).to_bytes(4, "big")
-    body = b"".join(_NULL if v is None else item + v.bytes for v in values)
+    body = b"".join(
+        _NULL if v is None else item + (v if type(v) is bytes else v.bytes) for v in values
+    )
     return UuidArray(_header(UUID_OID, len(values)) + body)
 
 
@@ -107,8 +109,8 @@ def _passthrough(array_oid: int) -> type[Dumper]:
         format = Format.BINARY
         oid = array_oid
 
-        def dump(self, obj: Any) -> bytes:
-            return bytes(obj)
+        def dump(self, obj: bytes) -> bytes:
+            return obj  # already bytes (a subclass): not copied again
 
     return PassThrough
 

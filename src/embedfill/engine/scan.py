@@ -52,6 +52,9 @@ class Scanner:
         self.state, self.ledger = state, ledger
         self.render = text_renderer(state.target.text, state.target.text_columns)
         self.max_tokens = state.provider.max_input_tokens
+        # what _row calls for every row, looked up once
+        self._count, self._truncate = state.counter.count, state.counter.truncate
+        self._dry_run = state.opts.dry_run
 
     async def _pages(self, chunk: Chunk | None = None) -> Any:
         """Keyset pages of the rows to embed: the whole target (a dry run) or a chunk.
@@ -172,38 +175,29 @@ class Scanner:
         row_id, tenant, fingerprint, held, text_md5, *values = raw
         tenant_report = self.state.tenant(tenant)
         tenant_report.missing += 1
-        counter = self.state.counter
         prepared = prepare_text(
             self.render(values),
-            count=counter.count,
-            truncate=counter.truncate,
+            count=self._count,
+            truncate=self._truncate,
             max_tokens=self.max_tokens,
         )
-        report = self.state.report
         if prepared is None:
             tenant_report.skipped += 1
-            report.skipped += 1
-            if not self.state.opts.dry_run:
+            self.state.report.skipped += 1
+            if not self._dry_run:
                 self.state.hooks.observer.rows(self.state.target.name, "skipped", 1)
             return None
         sent, tokens, truncated = prepared
         if truncated:
             tenant_report.truncated += 1
-            report.truncated += 1
-        if self.state.opts.dry_run:
-            report.add_sample(row_id, tenant, sent)
+            self.state.report.truncated += 1
+        if self._dry_run:
+            self.state.report.add_sample(row_id, tenant, sent)
         if chunk is not None:
             chunk.pending += 1
+        # positional: the scan makes one a row (Row's field order)
         return Row(
-            id=row_id,
-            tenant=tenant,
-            text=sent,
-            fingerprint=fingerprint,
-            tokens=tokens,
-            truncated=truncated,
-            refresh=bool(held),
-            text_md5=text_md5,
-            chunk=chunk,
+            row_id, tenant, sent, fingerprint, tokens, truncated, bool(held), text_md5, chunk
         )
 
     def _batcher(self) -> TenantBatcher:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 
 import psycopg
@@ -73,8 +74,9 @@ class Ledger:
                 attempts=attempts,
             )
             resolved = self.state.keys.last(row.tenant)
+            md5 = row.text_md5
             retry = Retry(
-                text_md5=row.text_md5,
+                text_md5=uuid.UUID(bytes=md5) if isinstance(md5, bytes) else md5,
                 rejected_input=rejected,
                 key_digest=resolved.digest if resolved is not None else None,
             )
