@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -91,3 +92,20 @@ def test_a_second_seed_forgets_what_was_recorded_about_the_replaced_table(
         assert "adopted 34 vectors" in adopted.stdout, adopted.stdout
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM embedfill.provenance").fetchone() == (34,)
+
+
+def test_seed_by_a_role_that_may_not_touch_embedfills_schema_still_seeds(
+    db_url: str, roles: Any
+) -> None:
+    """Forgetting the replaced table's provenance is done only where the role may: a role
+    without USAGE on schema embedfill (or DELETE on its provenance) seeds as before."""
+    assert embedfill("migrate", env=cli_env(db_url)).returncode == 0
+    role = roles.create()
+    roles.grant(role, "GRANT CREATE ON SCHEMA public TO {role}")
+    for _ in range(2):  # the second replaces the table the first made
+        result = embedfill("seed", "--rows", "20", "--missing", "3", env=cli_env(roles.url(role)))
+        assert result.returncode == 0, result.stderr
+    roles.grant(role, "GRANT USAGE ON SCHEMA embedfill TO {role}")
+    roles.grant(role, "GRANT SELECT ON ALL TABLES IN SCHEMA embedfill TO {role}")
+    result = embedfill("seed", "--rows", "20", "--missing", "3", env=cli_env(roles.url(role)))
+    assert result.returncode == 0, result.stderr
