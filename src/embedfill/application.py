@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from . import freshness, jobs, migration
 from . import keys as keymod
@@ -768,6 +769,7 @@ async def amodel_finalize(
             for index in await indexes.vector_indexes(conn, info.oid, live.embedding_column):
                 await conn.execute(homes.drop_index(index.schema, index.name))
             await _ddl(conn, homes.drop_column(live_sql, live.embedding_column), str(live.table))
+            await _move_triggers(conn, config, live, info, row)
             dropped = (info.schema, live.table.name, live.embedding_column)
         elif row["strategy"] == "table":
             await _ddl(conn, homes.drop_table(home["schema"], home["relation"]), home["relation"])
@@ -777,9 +779,38 @@ async def amodel_finalize(
                 await conn.execute(homes.drop_index(home["schema"], twin["name"]))
             await _ddl(conn, homes.drop_column(live_sql, home["column"]), str(live.table))
             dropped = (info.schema, live.table.name, home["column"])
-        await Store(conn).forget_changes(*dropped)
-        await Store(conn).finalized(int(row["id"]))
+        async with conn.transaction():  # a drain's fan-out sees it finalized, or is forgotten
+            await Store(conn).finalized(int(row["id"]))
+            await Store(conn).forget_changes(*dropped)
         return await migration.status_of(conn, config, live)
+
+
+async def _move_triggers(
+    conn: psycopg.AsyncConnection[Any],
+    config: Config,
+    live: TargetConfig,
+    info: TableInfo,
+    row: dict[str, Any],
+) -> None:
+    """After a cutover's finalize dropped the live column: its change triggers (if
+    installed) would queue edits for a column that is gone, which nobody drains. They
+    are removed; with the column strategy the new vectors' column gets them instead (the
+    target, pointed at it as the docs say, finds them installed)."""
+    store = Store(conn)
+    old = await store.vector_column_id(info.oid, live.embedding_column, create=False)
+    if old is None or not await triggers.installed(conn, info.oid, old):
+        return
+    statements = triggers.uninstall_statements(info.sql(live), old)
+    to = row["to_model"].get("provider")
+    if row["strategy"] == "column" and to in config.providers:
+        home = dict(row["home"])
+        new = migration.derived_target(live, config.providers[to], "column", home)
+        new_id = await store.vector_column_id(info.oid, home["column"], create=True)
+        assert new_id is not None
+        statements += (
+            await triggers.plan(conn, info.sql(new), info.oid, new_id, install=True)
+        ).statements
+    await _ddl(conn, sql.SQL("; ").join(statements), str(live.table))
 
 
 async def aactive(config: Config, db: Database, target: str) -> migration.ActiveModel:

@@ -34,6 +34,10 @@ from .worker import Worker
 
 log = logging.getLogger(__name__)
 
+# a running watch looks this often for a change of model started since (model start, by
+# CLI, HTTP or library): its new vectors are watched from then on, without a restart
+MODEL_CHANGES_EVERY_S = 5.0
+
 
 class Runtime:
     """A worker (unless ``worker=False``: workers elsewhere do the chunks) and, with
@@ -79,6 +83,10 @@ class Runtime:
         self._worker_stop = asyncio.Event()
         self._watch_tasks: list[asyncio.Task[None]] = []
         self._worker_task: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
+        self._migrations_mark: tuple[int, int] | None = None
+        # told of the watchers added while running (a change of model started since)
+        self.on_new_watches: Callable[[list[TargetWatch]], None] | None = None
 
     async def include_changes_of_model(self, conn: psycopg.AsyncConnection[Any]) -> list[str]:
         """A watcher more for the new vectors of each change of model under way on the
@@ -88,9 +96,11 @@ class Runtime:
         if self._watch_opts is None:
             return []
         names = [w.target.name for w in self.watches]
+        mark = await Store(conn).open_migrations_mark()
         config, derived, before_poll, before_sweep = await migration.changes_under_way(
             conn, self.config, names
         )
+        self._migrations_mark = mark
         known = set(names)
         derived = [n for n in derived if n not in known]
         if derived:
@@ -99,11 +109,47 @@ class Runtime:
             )
             self.config = config
             self.watches += [
-                TargetWatch(config, self.db, config.target(n), opts, self.hub, self.env)
+                TargetWatch(
+                    config,
+                    self.db,
+                    config.target(n),
+                    opts,
+                    self.hub,
+                    self.env,
+                    derived_from=next((live for live in names if n.startswith(f"{live}@")), None),
+                )
                 for n in derived
             ]
             log.info("watch: keeping the new vectors of %s fresh too", ", ".join(derived))
         return derived
+
+    async def _follow_changes_of_model(self) -> None:
+        """A change of model started while this process watches (``model start`` by the
+        CLI, the HTTP API or the library, anywhere): its new vectors' watcher starts here
+        too, within ``MODEL_CHANGES_EVERY_S``, not at the next restart. (The worker takes
+        their chunks by itself: Worker._notice_changes_of_model.) Looked at on the
+        watchers' connection, a table the app holds locked given up on after a second."""
+        while not await _stopped(self._watch_stop, MODEL_CHANGES_EVERY_S):
+            try:
+                gen = await self.hub.open()
+                async with self.hub.use(gen) as conn:
+                    if await Store(conn).open_migrations_mark() == self._migrations_mark:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(
+                            "SELECT pg_catalog.set_config('lock_timeout', '1s', true)"
+                        )
+                        before = len(self.watches)
+                        await self.include_changes_of_model(conn)
+            except (psycopg.Error, OSError, EmbedfillError) as exc:
+                log.info("watch: looking for changes of model: %s; looking again later", exc)
+                continue
+            added = self.watches[before:]
+            if not added:
+                continue
+            self._watch_tasks += [asyncio.create_task(w.run(self._watch_stop)) for w in added]
+            if self.on_new_watches is not None:
+                self.on_new_watches(added)
 
     async def open(self) -> None:
         """Connect the watchers now: a database that cannot be reached (or an
@@ -122,6 +168,8 @@ class Runtime:
         reached) the worker, in the caller's context: the tasks inherit its context
         variables, such as the abandon event of a shutdown."""
         self._watch_tasks = [asyncio.create_task(w.run(self._watch_stop)) for w in self.watches]
+        if self._watch_opts is not None:
+            self._follower = asyncio.create_task(self._follow_changes_of_model())
         if self.worker is not None and worker:
             self._worker_task = asyncio.create_task(self.worker.run(self._worker_stop))
             if on_worker_end is not None:
@@ -132,12 +180,18 @@ class Runtime:
         a watcher's error (a config error: no retry fixes it) or a worker that stopped on
         its own is raised."""
         stopping = asyncio.ensure_future(stop.wait())
-        pending: set[asyncio.Future[Any]] = {stopping, *self._watch_tasks}
-        if self._worker_task is not None:
-            pending.add(self._worker_task)
         try:
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                # the watchers as they are now: one may have been added meanwhile
+                pending: set[asyncio.Future[Any]] = {
+                    stopping,
+                    *(t for t in self._watch_tasks if not t.done()),
+                }
+                if self._worker_task is not None:
+                    pending.add(self._worker_task)
+                done, _ = await asyncio.wait(
+                    pending, timeout=MODEL_CHANGES_EVERY_S, return_when=asyncio.FIRST_COMPLETED
+                )
                 if stopping in done:
                     return
                 for task in done:
@@ -166,6 +220,9 @@ class Runtime:
         """The watchers stop queuing, the worker finishes its chunks in flight (waited
         for at most ``worker_timeout``), then the watch jobs end."""
         self._watch_stop.set()
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
         for task in self._watch_tasks:
             task.cancel()
         await asyncio.gather(*self._watch_tasks, return_exceptions=True)
@@ -247,6 +304,7 @@ async def awatch(
     await runtime.open()  # the queue's tables exist before the worker polls them
     if on_watch is not None:
         on_watch(runtime.watches)
+        runtime.on_new_watches = on_watch
     runtime.start()
     try:
         await runtime.wait(stop)
@@ -254,3 +312,10 @@ async def awatch(
         stop.set()
         await runtime.stop()
     runtime.raise_failures()
+
+
+async def _stopped(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds``; True as soon as ``stop`` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()

@@ -50,7 +50,7 @@ from .config import Config, TargetConfig
 from .db.catalog import TableInfo, inspect_target, poll_index_hint, table_shape
 from .db.connect import Database, connect
 from .db.schema import ensure_schema
-from .db.store import Store
+from .db.store import Store, watch_key
 from .db.target_sql import BLANK, TargetSQL
 from .errors import EmbedfillError, RunAborted
 from .errors import first_line as _first_line
@@ -246,6 +246,9 @@ class TargetWatch:
     # why this target is no longer watched while the others go on (its table no longer
     # fits, or its watch job failed); the watch exits 3 at its end
     failed: EmbedfillError | None = None
+    # the live target whose change of model this watcher's target is the new vectors of
+    # (runtime.py); it ends quietly when that change is finalized and its home dropped
+    derived_from: str | None = None
     _leads: tuple[int, str] | None = field(default=None, repr=False)  # (generation, lock)
     _led: bool = field(default=False, repr=False)  # it has watched: start-up is over
 
@@ -255,6 +258,7 @@ class TargetWatch:
         self._hub = self.hub or WatchHub(self.db, self.config.engine.lock_timeout_ms)
         self._due_since: Any = None  # the server's time of the last look at due failures
         self._oid: int | None = None  # the watched table's, once it is watched
+        self._fan_out_failed = False  # logged once
 
     @property
     def chunk_rows(self) -> int:
@@ -276,6 +280,10 @@ class TargetWatch:
                 if exc.exit_code == 2:  # a config error: no retry fixes it
                     if not self._led:
                         raise  # at start-up, what can never work is refused
+                    if self.derived_from is not None and not await self._change_open():
+                        # a rollback's finalize dropped these new vectors: nothing is wrong
+                        await self._retire(f"the change of model of {self.derived_from} ended")
+                        return
                     # the table changed shape under the watch and no longer fits: this
                     # target says why and stops, the others go on
                     await self._give_up(exc)
@@ -301,7 +309,7 @@ class TargetWatch:
             hint = await poll_index_hint(conn, self.target, info)
             if hint is not None:
                 log.warning("watch of %s: %s", self.target.name, hint)
-            key = f"embedfill:watch:{info.oid}:{self.target.embedding_column}"
+            key = watch_key(info.oid, self.target.embedding_column)
             if self._leads != (gen, key):  # taken once per connection (locks nest)
                 if not await Store(conn).try_watch_lock(key):
                     return False  # another process watches it: stand by
@@ -438,9 +446,7 @@ class TargetWatch:
         async with conn.transaction():
             drained = await store.drain_changes(ids.column_id, inflight, self.chunk_rows)
             if drained and self._oid is not None:
-                # a change of model under way on this column gets them too (both models'
-                # vectors follow an edit); a no-op for a column with none
-                await store.fan_out_changes(self._oid, self.target.embedding_column, drained)
+                await self._fan_out(conn, store, drained)
             keys += drained
             fresh = list(dict.fromkeys(k for k in keys if k not in inflight))
             chunks = await jobs.add_key_chunks(conn, job, queue, fresh, self.chunk_rows)
@@ -456,6 +462,27 @@ class TargetWatch:
         next_due = min(missing.due, outdated.due) - time.monotonic()
         # the queue is read at least every DRAIN_EVERY_S, whatever the hub saw
         return 0.2 if more else min(DRAIN_EVERY_S, max(0.0, next_due))
+
+    async def _fan_out(
+        self, conn: psycopg.AsyncConnection[Any], store: Store, keys: list[str]
+    ) -> None:
+        """A change of model under way on this column gets the drained keys too (both
+        models' vectors follow an edit; a no-op for a column with none). In a savepoint:
+        a failure here (a role without SELECT on the changes of model) costs the new
+        vectors their quick refresh (their sweep still finds the rows), never the drain."""
+        assert self._oid is not None
+        try:
+            async with conn.transaction():
+                await store.fan_out_changes(self._oid, self.target.embedding_column, keys)
+        except psycopg.Error as exc:
+            if not self._fan_out_failed:
+                log.warning(
+                    "watch of %s: the changes of model under way on it get its edits at "
+                    "their sweep only: %s",
+                    self.target.name,
+                    _first_line(exc),
+                )
+            self._fan_out_failed = True
 
     async def _retry_new_keys(
         self, conn: psycopg.AsyncConnection[Any], store: Store, job: int
@@ -516,6 +543,22 @@ class TargetWatch:
                     await Store(conn).cancel_chunks(job)
                     await jobs.finish(conn, job, error=exc, force=True, end_watch=True)
         await self._step_down()
+
+    async def _change_open(self) -> bool:
+        """Whether the change of model whose new vectors this watcher keeps is under way
+        (not finalized); on doubt (the database does not answer), True."""
+        try:
+            gen = await self._hub.open()
+            async with self._hub.use(gen) as conn:
+                return self.derived_from in await Store(conn).open_migration_targets()
+        except (psycopg.Error, EmbedfillError):
+            return True
+
+    async def _retire(self, why: str) -> None:
+        """Stop watching this target without a fault: its job ends as a watch's does."""
+        log.info("watch of %s: %s; not watching it any more", self.target.name, why)
+        await self.close()
+        self.job_id = None
 
     async def close(self) -> None:
         """After the workers finished their chunks in flight: end the watch job (chunks

@@ -246,6 +246,47 @@ def test_verify_then_cutover_rollback_cutover_again_and_finalize(indexed: str) -
     assert active().relation == "SupportTickets_emb_next"
 
 
+@pytest.mark.parametrize("strategy", ["column", "table"])
+def test_a_cutovers_finalize_moves_the_change_triggers_off_the_dropped_column(
+    indexed: str, strategy: str
+) -> None:
+    """The live column is dropped: its triggers would queue edits nobody drains. With
+    the column strategy they move to the new vectors' column (the target, pointed at it,
+    finds them installed); with the table strategy they go."""
+    from embedfill.application import amodel_cutover, amodel_finalize, amodel_verify, atriggers
+
+    start(indexed, strategy=strategy)
+    asyncio.run(atriggers(config(), Database(indexed), "tickets", True, False))
+    run(amodel_verify, indexed, env={})
+    run(amodel_cutover, indexed)
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f"UPDATE {T} SET body = 'queued before' WHERE ticket_no = 3")
+    st = run(amodel_finalize, indexed, yes=True, force=True)
+    assert st.phase == "finalized"
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f"UPDATE {T} SET body = 'edited after' WHERE ticket_no = 4")
+        triggers = conn.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal",
+            (T,),
+        ).fetchall()
+        queued = conn.execute(
+            "SELECT c.column_name, q.row_key FROM embedfill.changes AS q"
+            " JOIN embedfill.vector_columns AS c ON c.id = q.column_id ORDER BY 1, 2"
+        ).fetchall()
+        new_id = conn.execute(
+            "SELECT id FROM embedfill.vector_columns WHERE column_name = 'emb_next'"
+        ).fetchone()
+    if strategy == "column":
+        assert new_id is not None
+        assert sorted(t for (t,) in triggers) == [
+            f"embedfill_changed_{new_id[0]}_ins",
+            f"embedfill_changed_{new_id[0]}_upd",
+        ]
+        assert queued == [("emb_next", "4")]
+    else:
+        assert triggers == [] and queued == []
+
+
 def test_an_edit_after_verify_keeps_the_cutover_back(indexed: str) -> None:
     from embedfill.application import amodel_cutover, amodel_verify
     from embedfill.errors import VerificationFailed
@@ -441,6 +482,116 @@ def test_with_triggers_an_edit_reaches_the_new_vectors_without_waiting_for_a_swe
         committed = time.monotonic()
         wait_for(lambda: fresh(7), timeout=15)
         assert time.monotonic() - committed < 10  # generous: "did not wait for a sweep"
+    finally:
+        w.stop()
+    with psycopg.connect(indexed) as conn:
+        assert conn.execute("SELECT count(*) FROM embedfill.changes").fetchone() == (0,)
+
+
+def _watched_config(fake_openai: Any, *, with_next: bool = True) -> Config:
+    """The live provider at the test server; ``with_next``: the new model's section too
+    (without it, a watch cannot keep the new vectors fresh)."""
+    from embedfill.config import EngineConfig
+
+    providers = {**_raw_providers(), "openai": dict(_raw_providers()["openai"])}
+    providers["openai"]["base_url"] = fake_openai.base_url
+    if not with_next:
+        del providers["next"]
+    cfg = parse_config({"providers": providers, "targets": [_raw_target()]})
+    return Config(providers=cfg.providers, targets=cfg.targets, engine=EngineConfig(chunk_rows=50))
+
+
+def _fresh_new_vector(url: str, strategy: str, row_id: int) -> bool:
+    where = (
+        (SIDE, "embedfill_row_id", "embedding")
+        if strategy == "table"
+        else (T, "ticket_no", "emb_next")
+    )
+    got = new_vectors(url, *where).get(row_id)
+    return got is not None and bool(
+        np.allclose(got, hash_vector(texts(url)[row_id], 16), atol=1e-6)
+    )
+
+
+def test_a_watch_running_before_model_start_keeps_the_new_vectors_fresh_without_a_restart(
+    indexed: str, fake_openai: Any
+) -> None:
+    """`model start` while `watch` runs (the usual case): the watch takes the new vectors
+    on within seconds, and with the triggers an edit reaches them at once."""
+    import time
+
+    from embedfill.application import atriggers
+    from tests.integration.test_watch import Running, wait_for
+
+    cfg = _watched_config(fake_openai)
+    asyncio.run(atriggers(cfg, Database(indexed), "tickets", True, False))
+    w = Running(indexed, cfg, interval_s=3600, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(w.watches) == 1 and bool(w.watches[0].job_id))
+        start(indexed, strategy="column")
+        wait_for(lambda: len(w.watches) == 2 and all(x.job_id for x in w.watches), timeout=20)
+        assert w.watches[1].target.name == "tickets@next"
+        time.sleep(2.0)  # its first poll and sweep are over
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(f"UPDATE {T} SET body = 'edited after start' WHERE ticket_no = 9")
+        committed = time.monotonic()
+        wait_for(lambda: _fresh_new_vector(indexed, "column", 9), timeout=15)
+        assert time.monotonic() - committed < 10
+    finally:
+        w.stop()
+    assert w.error is None
+
+
+@pytest.mark.parametrize("strategy", ["column", "table"])
+def test_the_new_vectors_watcher_ends_quietly_when_a_rollbacks_finalize_drops_them(
+    indexed: str, fake_openai: Any, strategy: str
+) -> None:
+    """Giving a change up (rollback, finalize) is no fault of the watch: the new vectors'
+    watcher ends, the live one goes on, and the watch exits clean."""
+    from embedfill.application import amodel_finalize, amodel_rollback
+    from tests.integration.test_watch import Running, wait_for
+
+    start(indexed, strategy=strategy)
+    cfg = _watched_config(fake_openai)
+    w = Running(indexed, cfg, interval_s=0.5, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(w.watches) == 2 and all(x.job_id for x in w.watches))
+        derived = w.watches[1]
+        run(amodel_rollback, indexed)
+        run(amodel_finalize, indexed, yes=True)
+        wait_for(lambda: derived.job_id is None, timeout=20)
+        assert derived.failed is None
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(f"UPDATE {T} SET body = 'still watched' WHERE ticket_no = 8")
+        wait_for(lambda: w.watches[0].queued > 0)
+    finally:
+        w.stop()
+    assert w.error is None
+
+
+def test_with_nobody_watching_the_new_vectors_the_triggers_edits_are_not_queued_for_them(
+    indexed: str, fake_openai: Any
+) -> None:
+    """A watch whose config lacks the new model's section watches the live column only:
+    nothing is queued for the new vectors, where nobody would ever drain it (their
+    watcher's first sweep finds the edits when one starts)."""
+    import time
+
+    from embedfill.application import atriggers
+    from tests.integration.test_watch import Running, wait_for
+
+    start(indexed, strategy="column")
+    cfg = _watched_config(fake_openai, with_next=False)
+    asyncio.run(atriggers(cfg, Database(indexed), "tickets", True, False))
+    w = Running(indexed, cfg, interval_s=3600, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(w.watches) == 1 and bool(w.watches[0].job_id))
+        before = w.watches[0].queued
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            for n in (7, 8, 9):
+                conn.execute(f"UPDATE {T} SET body = 'edited {n}' WHERE ticket_no = %s", (n,))
+        wait_for(lambda: w.watches[0].queued >= before + 3)
+        time.sleep(1.0)
     finally:
         w.stop()
     with psycopg.connect(indexed) as conn:

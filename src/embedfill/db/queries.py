@@ -287,25 +287,53 @@ WHERE ctid = ANY(ARRAY(
     WHERE column_id = %(column_id)s AND NOT (row_key = ANY(%(inflight)s::text[]))
     LIMIT %(limit)s FOR UPDATE SKIP LOCKED))
 RETURNING row_key"""
+# A watcher leads its column while it holds this session advisory lock (watch.py).
+WATCH_KEY = "embedfill:watch:{oid}:{column}"
 # The rows the triggers queued for a live column, queued again for the new vectors of a
 # change of model under way on it (migration.py: a shadow column of the same table, or a
 # side table's vector, keyed by the same id), until it is finalized (a rollback may be
 # followed by another cutover), so that an edit reaches both models within a second, not
-# at the new vectors' next stale sweep. A change of model has one home: at
-# most one row is inserted per key. %(side_vector)s is homes.VECTOR.
+# at the new vectors' next stale sweep. Only while a watcher leads the new vectors (its
+# WATCH_KEY lock is held, by any process): with none, nothing would drain them (its
+# watcher's first sweep finds the rows when it starts). A change of model has one home:
+# at most one row is inserted per key. %(side_vector)s is homes.VECTOR.
 FAN_OUT_CHANGES = """
+WITH home AS MATERIALIZED (
+    SELECT c.id AS column_id,
+           pg_catalog.hashtextextended(
+               'embedfill:watch:' OPERATOR(pg_catalog.||) h.oid::pg_catalog.text
+               OPERATOR(pg_catalog.||) ':' OPERATOR(pg_catalog.||) c.column_name, 0) AS lock_key
+    FROM embedfill.model_migrations AS m
+    JOIN pg_catalog.pg_class AS r ON r.oid OPERATOR(pg_catalog.=) m.table_oid
+    JOIN pg_catalog.pg_namespace AS n ON n.oid OPERATOR(pg_catalog.=) r.relnamespace
+    LEFT JOIN pg_catalog.pg_namespace AS sn
+      ON sn.nspname OPERATOR(pg_catalog.=) (m.home ->> 'schema')::pg_catalog.name
+    LEFT JOIN pg_catalog.pg_class AS s
+      ON s.relnamespace OPERATOR(pg_catalog.=) sn.oid
+     AND s.relname OPERATOR(pg_catalog.=) (m.home ->> 'relation')::pg_catalog.name
+    CROSS JOIN LATERAL (
+        SELECT CASE WHEN m.strategy = 'column' THEN m.table_oid ELSE s.oid END AS oid,
+               CASE WHEN m.strategy = 'column' THEN n.nspname::pg_catalog.text
+                    ELSE m.home ->> 'schema' END AS schema_name,
+               CASE WHEN m.strategy = 'column' THEN r.relname::pg_catalog.text
+                    ELSE m.home ->> 'relation' END AS table_name,
+               CASE WHEN m.strategy = 'column' THEN m.home ->> 'column'
+                    ELSE %(side_vector)s END AS column_name) AS h
+    JOIN embedfill.vector_columns AS c
+      ON c.schema_name = h.schema_name AND c.table_name = h.table_name
+     AND c.column_name = h.column_name
+    WHERE m.table_oid = %(table_oid)s AND m.column_name = %(column)s
+      AND m.phase <> 'finalized' AND h.oid IS NOT NULL)
 INSERT INTO embedfill.changes (column_id, row_key)
-SELECT c.id, k.row_key
-FROM embedfill.model_migrations AS m
-JOIN pg_catalog.pg_class AS r ON r.oid OPERATOR(pg_catalog.=) m.table_oid
-JOIN pg_catalog.pg_namespace AS n ON n.oid OPERATOR(pg_catalog.=) r.relnamespace
-JOIN embedfill.vector_columns AS c
-  ON (m.strategy = 'column' AND c.schema_name = n.nspname::text
-      AND c.table_name = r.relname::text AND c.column_name = m.home ->> 'column')
-  OR (m.strategy = 'table' AND c.schema_name = m.home ->> 'schema'
-      AND c.table_name = m.home ->> 'relation' AND c.column_name = %(side_vector)s)
-CROSS JOIN unnest(%(keys)s::text[]) AS k(row_key)
-WHERE m.table_oid = %(table_oid)s AND m.column_name = %(column)s AND m.phase <> 'finalized'"""
+SELECT home.column_id, k.row_key
+FROM home CROSS JOIN pg_catalog.unnest(%(keys)s::pg_catalog.text[]) AS k(row_key)
+WHERE EXISTS (
+    SELECT 1 FROM pg_catalog.pg_locks AS l
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+      AND l.database = (SELECT d.oid FROM pg_catalog.pg_database AS d
+                        WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
+      AND l.classid = ((home.lock_key >> 32) & 4294967295)::pg_catalog.oid
+      AND l.objid = (home.lock_key & 4294967295)::pg_catalog.oid)"""
 # what is queued for a column that a finalize dropped: nobody drains it any more
 FORGET_CHANGES = """
 DELETE FROM embedfill.changes AS q USING embedfill.vector_columns AS c

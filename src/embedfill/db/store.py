@@ -16,6 +16,11 @@ from . import homes
 from . import queries as q
 
 
+def watch_key(oid: int, column: str) -> str:
+    """The session advisory lock's key that its leading watcher holds on a column."""
+    return q.WATCH_KEY.format(oid=oid, column=column)
+
+
 @dataclass(frozen=True)
 class KeyInfo:
     tenant: str
