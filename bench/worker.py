@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 import time
 from typing import Any
@@ -295,6 +296,137 @@ def model_fill(a: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def app_search(a: dict[str, Any]) -> dict[str, Any]:
+    """The app's searches, in a process of their own (so that no other work in the
+    measuring process holds them up): the 10 nearest rows of a random query vector,
+    ``SELECT id FROM docs ORDER BY embedding <=> $1 LIMIT 10``, prepared, at a steady
+    ``rate`` a second (each query starts on its schedule, not after the last ends: a slow
+    one does not hide the next), until the file ``stop`` exists. Each query's start (on
+    the monotonic clock, which every process shares) and latency go to ``out``."""
+    from pathlib import Path
+
+    rng = np.random.default_rng(7)
+    stop, out, rate = Path(a["stop"]), Path(a["out"]), float(a["rate"])
+    rows: list[tuple[float, float]] = []
+    with psycopg.connect(a["url"], autocommit=True, prepare_threshold=0) as conn:
+        from pgvector.psycopg import register_vector
+
+        register_vector(conn)
+        query = "SELECT id FROM docs ORDER BY embedding <=> %s LIMIT 10"
+        due = time.monotonic()
+        while not stop.exists():
+            now = time.monotonic()
+            if now < due:
+                time.sleep(due - now)
+            vector = rng.standard_normal(a["dims"]).astype(np.float32)
+            began = time.monotonic()
+            conn.execute(query, (vector,)).fetchall()
+            rows.append((began, time.monotonic() - began))
+            due += 1.0 / rate
+    out.write_text(json.dumps(rows))
+    return {"queries": len(rows)}
+
+
+def model_search(a: dict[str, Any]) -> dict[str, Any]:
+    """The app's search latency before and during a change of model (issue: p99 during
+    the fill and the cutover at most 1.5 x before). The live column is filled first
+    (untimed) into its HNSW graph; the app process (``app_search``) searches it at a
+    steady rate for ``before_s``, then on while ``model start`` (side table: create,
+    fill from the provider at ``base_url``, the twin HNSW index built concurrently),
+    ``model verify`` and ``model cutover`` run here. The latencies of the two windows
+    are compared."""
+    import tempfile
+    from pathlib import Path
+
+    from embedfill import application
+    from embedfill.application import amodel_cutover, amodel_start, amodel_verify
+
+    dims = a["dims"]
+    old = {"kind": "hash", "model": "old-model", "dimensions": dims}
+    config = target_config(old, others={"next": a["new_provider"]})
+    env = {"BENCH_KEY": "sk-bench-0000000000"}
+    with psycopg.connect(a["url"], autocommit=True) as conn:  # the old vectors, untimed
+        conn.execute(
+            "UPDATE docs SET embedding = (SELECT array_agg(random())"
+            f" FROM generate_series(1, {dims}) WHERE docs.id > 0)::vector"
+        )
+        conn.execute("VACUUM ANALYZE docs")
+    tmp = Path(tempfile.mkdtemp(prefix="bench-search-"))
+    stop, out = tmp / "stop", tmp / "latencies.json"
+    app = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.worker",
+            "app_search",
+            json.dumps(
+                {
+                    "url": a["url"],
+                    "dims": dims,
+                    "rate": a["rate"],
+                    "stop": str(stop),
+                    "out": str(out),
+                }
+            ),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(a["before_s"] + 1.0)  # the app's first second (connecting) is left out
+        began = time.monotonic()
+
+        marks: dict[str, float] = {}
+        build = application._build_twins
+
+        async def timed_build(*args: Any) -> None:  # the steps of `model start`, apart
+            marks["fill"] = time.monotonic()
+            await build(*args)
+            marks["index"] = time.monotonic()
+
+        application._build_twins = timed_build  # type: ignore[assignment]
+
+        async def change() -> Any:
+            db = Database(a["url"])
+            await amodel_start(config, db, "docs", "next", "table", actor="bench", env=env)
+            marks["start"] = time.monotonic()
+            verified = await amodel_verify(config, db, "docs", env=env)
+            marks["verify"] = time.monotonic()
+            await amodel_cutover(config, db, "docs")
+            marks["cutover"] = time.monotonic()
+            return verified
+
+        verified = asyncio.run(change())
+        ended = time.monotonic()
+    finally:
+        stop.touch()
+        app.wait(timeout=60)
+    latencies = json.loads(out.read_text())
+    before = [ms for t, ms in latencies if began - a["before_s"] <= t < began]
+    during = [ms for t, ms in latencies if began <= t < ended]
+
+    def pct(values: list[float], q: float) -> float:
+        return float(np.percentile(np.array(values) * 1000, q)) if values else float("nan")
+
+    windows, since = {}, began
+    for step, until in marks.items():
+        part = [ms for t, ms in latencies if since <= t < until]
+        windows[step] = {"s": until - since, "queries": len(part), "p99_ms": pct(part, 99)}
+        since = until
+    return {
+        "rows": verified.rows,
+        "change_s": ended - began,
+        "steps": windows,
+        "queries_before": len(before),
+        "queries_during": len(during),
+        "p50_before_ms": pct(before, 50),
+        "p99_before_ms": pct(before, 99),
+        "p50_during_ms": pct(during, 50),
+        "p99_during_ms": pct(during, 99),
+        "max_during_ms": pct(during, 100),
+        "gates_pass": all(g["pass"] for g in (verified.gates or {}).values()),
+    }
+
+
 MEASUREMENTS = {
     "app_inserts": app_inserts,
     "embedfill": embedfill_run,
@@ -302,6 +434,8 @@ MEASUREMENTS = {
     "naive": naive,
     "raw_encode": raw_encode,
     "model_fill": model_fill,
+    "model_search": model_search,
+    "app_search": app_search,
 }
 
 if __name__ == "__main__":
