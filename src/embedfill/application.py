@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import freshness, jobs, migration
+from . import freshness, jobs, migration, watch
 from . import keys as keymod
 from .config import Config, TargetConfig
 from .db import homes, indexes, triggers
@@ -58,6 +58,7 @@ from .errors import (
     VerificationFailed,
 )
 from .errors import first_line as _first_line
+from .jobs.spec import JobSpec
 from .models import Report, TargetStatus
 from .providers import Provider, make_provider
 from .verify import AdoptResult, Verifier, VerifyResult, sample_size
@@ -336,16 +337,87 @@ async def _model_fill(
     store = Store(conn)
     actor = backfill.pop("actor")
     for refresh in (False, True):
-        if strategy == "table":
-            await conn.execute(homes.mirror(live_sql, home["schema"], home["relation"]))
-        report = await abackfill(
-            dconfig, db, BackfillOptions(target=derived, actor=actor, refresh=refresh), **backfill
-        )
+        report: Report | None = None
+        while report is None:
+            if strategy == "table":
+                await conn.execute(homes.mirror(live_sql, home["schema"], home["relation"]))
+            try:
+                report = await abackfill(
+                    dconfig,
+                    db,
+                    BackfillOptions(target=derived, actor=actor, refresh=refresh),
+                    **backfill,
+                )
+            except TargetBusy:
+                # a running watch keeps these new vectors (its job holds the column):
+                # the catch-up is handed to its job
+                handed = await _catch_up_in_watch(conn, dconfig, derived, backfill.get("cancel"))
+                if handed is None:
+                    continue  # the watch ended meanwhile: nothing is in the way now
+                if not handed:
+                    return False
+                break
+        if report is None:
+            continue
         if report.run_id is not None:
             await store.set_migration_job(migration_id, report.run_id)
         if report.status != "succeeded":
             return False
     return True
+
+
+#: a catch-up handed to a watch's job gives up when none of its rows was done for this long
+WATCH_CATCH_UP_STALL_S = 300.0
+
+
+async def _catch_up_in_watch(
+    conn: psycopg.AsyncConnection[Any],
+    dconfig: Config,
+    derived: str,
+    cancel: asyncio.Event | None,
+) -> bool | None:
+    """The catch-up of the new vectors when a watch keeps them (``model verify`` while
+    ``watch`` runs): what they owe is queued in the watch's job, page by page, and waited
+    for (done by any worker, failed rows recorded there). True once nothing is owed or in
+    flight; False when it stalls (no row done for ``WATCH_CATCH_UP_STALL_S``: no worker
+    takes the watch's chunks) or is cancelled; None when no job is in the way any more
+    (the watch ended: the caller runs its backfill). TargetBusy again when the job in the
+    way is not a watch's (a backfill of the new vectors runs)."""
+    target = dconfig.target(derived)
+    store = Store(conn)
+    info = await inspect_target(conn, target, None, dconfig.provider_for(target).label)
+    limit = dconfig.engine.chunk_rows * 8
+    progress = time.monotonic()
+    waiting: set[str] = set()
+    while True:
+        active = await store.active_job(info.oid, target.embedding_column)
+        if active is None:  # the watch ended meanwhile: nothing is in the way
+            return None
+        spec = JobSpec.from_record(active)
+        if not spec.behaviour.open_ended:
+            raise TargetBusy(
+                f"A job of {derived} (run {active['id']}) is running; run this again when it ends."
+            )
+        job = int(active["id"])
+        left = waiting & await store.open_chunk_keys(job)
+        if len(left) < len(waiting):
+            progress = time.monotonic()
+        waiting = left
+        if not waiting:
+            waiting = await watch.queue_owed(conn, dconfig, target, job, spec.queue, limit)
+            if not waiting and not await store.open_chunk_keys(job):
+                return True
+            progress = time.monotonic()
+        if time.monotonic() - progress > WATCH_CATCH_UP_STALL_S:
+            log.warning(
+                "the catch-up of %s waited %.0f s for the watch's workers; giving up",
+                derived,
+                WATCH_CATCH_UP_STALL_S,
+            )
+            return False
+        if cancel is not None and cancel.is_set():
+            return False
+        await asyncio.sleep(0.5)
 
 
 async def amodel_start(
@@ -766,10 +838,12 @@ async def amodel_finalize(
             )
         live_sql = info.sql(live)
         if phase == "cut_over":
+            # checked before anything is dropped, run with the column's drop (all or none)
+            moves = await _trigger_moves(conn, config, live, info, row)
             for index in await indexes.vector_indexes(conn, info.oid, live.embedding_column):
                 await conn.execute(homes.drop_index(index.schema, index.name))
-            await _ddl(conn, homes.drop_column(live_sql, live.embedding_column), str(live.table))
-            await _move_triggers(conn, config, live, info, row)
+            drop = homes.drop_column(live_sql, live.embedding_column)
+            await _ddl(conn, sql.SQL("; ").join([*moves, drop]), str(live.table))
             dropped = (info.schema, live.table.name, live.embedding_column)
         elif row["strategy"] == "table":
             await _ddl(conn, homes.drop_table(home["schema"], home["relation"]), home["relation"])
@@ -785,21 +859,28 @@ async def amodel_finalize(
         return await migration.status_of(conn, config, live)
 
 
-async def _move_triggers(
+async def _trigger_moves(
     conn: psycopg.AsyncConnection[Any],
     config: Config,
     live: TargetConfig,
     info: TableInfo,
     row: dict[str, Any],
-) -> None:
-    """After a cutover's finalize dropped the live column: its change triggers (if
-    installed) would queue edits for a column that is gone, which nobody drains. They
-    are removed; with the column strategy the new vectors' column gets them instead (the
-    target, pointed at it as the docs say, finds them installed)."""
+) -> list[sql.Composed]:
+    """What a cutover's finalize runs with the live column's drop: that column's change
+    triggers (if installed) would queue edits for a column that is gone, which nobody
+    drains. They are removed; with the column strategy the new vectors' column gets them
+    instead (the target, pointed at it as the docs say, finds them installed). Refused
+    (PrivilegeMissing) before anything is dropped when this role may not drop them."""
     store = Store(conn)
     old = await store.vector_column_id(info.oid, live.embedding_column, create=False)
     if old is None or not await triggers.installed(conn, info.oid, old):
-        return
+        return []
+    if not await triggers.functions_ours(conn, old):
+        raise PrivilegeMissing(
+            f"The change triggers of {live.table} were installed by another role, and "
+            "finalize drops them with the column; run finalize as that role (or a member "
+            "of it), or run `embedfill triggers uninstall` as it first."
+        )
     statements = triggers.uninstall_statements(info.sql(live), old)
     to = row["to_model"].get("provider")
     if row["strategy"] == "column" and to in config.providers:
@@ -807,10 +888,9 @@ async def _move_triggers(
         new = migration.derived_target(live, config.providers[to], "column", home)
         new_id = await store.vector_column_id(info.oid, home["column"], create=True)
         assert new_id is not None
-        statements += (
-            await triggers.plan(conn, info.sql(new), info.oid, new_id, install=True)
-        ).statements
-    await _ddl(conn, sql.SQL("; ").join(statements), str(live.table))
+        plan = await triggers.plan(conn, info.sql(new), info.oid, new_id, install=True)
+        statements += plan.statements
+    return statements
 
 
 async def aactive(config: Config, db: Database, target: str) -> migration.ActiveModel:

@@ -95,7 +95,7 @@ class Runtime:
         The worker takes the derived targets' chunks by itself (Worker.run)."""
         if self._watch_opts is None:
             return []
-        names = [w.target.name for w in self.watches]
+        names = [w.target.name for w in self.watches if not w.retired]
         mark = await Store(conn).open_migrations_mark()
         config, derived, before_poll, before_sweep = await migration.changes_under_way(
             conn, self.config, names
@@ -180,26 +180,29 @@ class Runtime:
         a watcher's error (a config error: no retry fixes it) or a worker that stopped on
         its own is raised."""
         stopping = asyncio.ensure_future(stop.wait())
+        looked: set[asyncio.Task[None]] = set()  # ended tasks already looked at
         try:
             while True:
-                # the watchers as they are now: one may have been added meanwhile
-                pending: set[asyncio.Future[Any]] = {
-                    stopping,
-                    *(t for t in self._watch_tasks if not t.done()),
-                }
+                # every task as it is now: a watcher may have been added (and may have
+                # ended) since the last look
+                tasks = [*self._watch_tasks]
                 if self._worker_task is not None:
-                    pending.add(self._worker_task)
-                done, _ = await asyncio.wait(
-                    pending, timeout=MODEL_CHANGES_EVERY_S, return_when=asyncio.FIRST_COMPLETED
-                )
-                if stopping in done:
-                    return
-                for task in done:
-                    if task.exception() is not None:
+                    tasks.append(self._worker_task)
+                for task in tasks:
+                    if not task.done() or task in looked:
+                        continue
+                    looked.add(task)
+                    if not task.cancelled() and task.exception() is not None:
                         raise task.exception()  # type: ignore[misc]
                     if task is self._worker_task:
                         raise RuntimeError("the worker stopped")
                 if self._watch_tasks and all(t.done() for t in self._watch_tasks):
+                    return
+                pending = {stopping, *(t for t in tasks if not t.done())}
+                done, _ = await asyncio.wait(
+                    pending, timeout=MODEL_CHANGES_EVERY_S, return_when=asyncio.FIRST_COMPLETED
+                )
+                if stopping in done:
                     return
         finally:
             stopping.cancel()

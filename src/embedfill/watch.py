@@ -45,7 +45,7 @@ from typing import Any
 
 import psycopg
 
-from . import jobs
+from . import jobs, migration
 from .config import Config, TargetConfig
 from .db.catalog import TableInfo, inspect_target, poll_index_hint, table_shape
 from .db.connect import Database, connect
@@ -249,6 +249,7 @@ class TargetWatch:
     # the live target whose change of model this watcher's target is the new vectors of
     # (runtime.py); it ends quietly when that change is finalized and its home dropped
     derived_from: str | None = None
+    retired: bool = False  # ended without a fault (that change of model is over)
     _leads: tuple[int, str] | None = field(default=None, repr=False)  # (generation, lock)
     _led: bool = field(default=False, repr=False)  # it has watched: start-up is over
 
@@ -278,15 +279,30 @@ class TargetWatch:
                 continue
             except EmbedfillError as exc:
                 if exc.exit_code == 2:  # a config error: no retry fixes it
+                    if self.derived_from is not None:  # the new vectors of a change of model
+                        if not await self._change_open():
+                            # its finalize dropped them (a rollback's), or it ended: this
+                            # watcher ends, and nothing is wrong
+                            await self._end(
+                                None, f"the change of model of {self.derived_from} ended"
+                            )
+                            return
+                        if not self._led:  # `model start` is still making their home
+                            log.info(
+                                "watch of %s: %s; looking again in %.0fs",
+                                self.target.name,
+                                exc,
+                                wait,
+                            )
+                            await self._step_down()
+                            await _sleep(stop, wait)
+                            wait = min(wait * 2, RETRY_MAX_S)
+                            continue
                     if not self._led:
                         raise  # at start-up, what can never work is refused
-                    if self.derived_from is not None and not await self._change_open():
-                        # a rollback's finalize dropped these new vectors: nothing is wrong
-                        await self._retire(f"the change of model of {self.derived_from} ended")
-                        return
                     # the table changed shape under the watch and no longer fits: this
                     # target says why and stops, the others go on
-                    await self._give_up(exc)
+                    await self._end(exc)
                     return
                 log.warning("watch of %s: %s; trying again in %.0fs", self.target.name, exc, wait)
                 await self._step_down()
@@ -523,15 +539,22 @@ class TargetWatch:
         )
         return await cur.fetchall()
 
-    async def _give_up(self, exc: EmbedfillError) -> None:
-        """This target no longer fits (its table changed shape): say so, end its job with
-        the reason and give up its lock; the process's other targets go on."""
-        self.failed = exc
-        log.error(
-            "watch of %s: %s; not watching it any more (the other targets go on)",
-            self.target.name,
-            exc,
-        )
+    async def _end(self, exc: EmbedfillError | None, why: str = "") -> None:
+        """Stop watching this target while the process's other targets go on: with
+        ``exc``, a fault (its table no longer fits: the watch exits 3 at its end), its job
+        ending with the reason; without, an end (``why``: the change of model whose new
+        vectors it kept is over), its job ending as a stopped watch's does. Either way
+        its lock is given up."""
+        if exc is not None:
+            self.failed = exc
+            log.error(
+                "watch of %s: %s; not watching it any more (the other targets go on)",
+                self.target.name,
+                exc,
+            )
+        else:
+            self.retired = True
+            log.info("watch of %s: %s; not watching it any more", self.target.name, why)
         job, self.job_id = self.job_id, None
         if job is not None:
             # on its own connection when the watch had stepped down meanwhile (a database
@@ -541,24 +564,22 @@ class TargetWatch:
                 gen = self._leads[0] if self._leads is not None else await self._hub.open()
                 async with self._hub.use(gen) as conn:
                     await Store(conn).cancel_chunks(job)
+                    # forced: its chunks may be in a worker's hands, but nobody takes the
+                    # target over (its home is gone, or no longer fits)
                     await jobs.finish(conn, job, error=exc, force=True, end_watch=True)
         await self._step_down()
 
     async def _change_open(self) -> bool:
-        """Whether the change of model whose new vectors this watcher keeps is under way
-        (not finalized); on doubt (the database does not answer), True."""
+        """Whether the change of model whose new vectors this watcher's target is (the
+        live target's, to the same provider section) is under way, not finalized; on
+        doubt (the database does not answer), True."""
         try:
             gen = await self._hub.open()
             async with self._hub.use(gen) as conn:
-                return self.derived_from in await Store(conn).open_migration_targets()
+                changes = await Store(conn).open_changes_of_model()
         except (psycopg.Error, EmbedfillError):
             return True
-
-    async def _retire(self, why: str) -> None:
-        """Stop watching this target without a fault: its job ends as a watch's does."""
-        log.info("watch of %s: %s; not watching it any more", self.target.name, why)
-        await self.close()
-        self.job_id = None
+        return any(migration.derived_name(t, p) == self.target.name for t, p in changes)
 
     async def close(self) -> None:
         """After the workers finished their chunks in flight: end the watch job (chunks
@@ -612,3 +633,42 @@ async def _sleep(stop: asyncio.Event, seconds: float) -> bool:
         async with asyncio.timeout(seconds):
             await stop.wait()
     return stop.is_set()
+
+
+async def queue_owed(
+    conn: psycopg.AsyncConnection[Any],
+    config: Config,
+    target: TargetConfig,
+    job: int,
+    queue: str,
+    limit: int,
+) -> set[str]:
+    """Queue in watch job ``job`` (a watcher's, on ``queue``) up to ``limit`` rows of
+    ``target`` it owes now, as its poll and sweep would find them (NULL, stale or of
+    another model, with text, not held back by a failure), except those in its open
+    chunks; the keys queued. For a catch-up that a running watch is in the way of
+    (``model verify``): the watch job does it."""
+    pconf = config.provider_for(target)
+    info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
+    ids = await provenance_ids(
+        conn, info, target.embedding_column, model_identity(pconf, info), create=True
+    )
+    tsql = info.sql(target)
+    store = Store(conn)
+    inflight = await store.open_chunk_keys(job)
+    keys: list[str] = []
+    for outdated in (False, True):
+        after: Any = None
+        while len(keys) < limit:
+            cur = await conn.execute(
+                tsql.watch_keys(outdated=outdated, first=after is None),
+                {"after": after, "limit": limit, "run_id": job, "blank": BLANK, **ids.params()},
+            )
+            rows = await cur.fetchall()
+            keys += [k for _, k in rows if k not in inflight]
+            if len(rows) < limit:
+                break
+            after = rows[-1][0]
+    fresh = list(dict.fromkeys(keys))[:limit]
+    await jobs.add_key_chunks(conn, job, queue, fresh, config.engine.chunk_rows)
+    return set(fresh)

@@ -598,6 +598,146 @@ def test_with_nobody_watching_the_new_vectors_the_triggers_edits_are_not_queued_
         assert conn.execute("SELECT count(*) FROM embedfill.changes").fetchone() == (0,)
 
 
+@pytest.mark.parametrize("strategy", ["column", "table"])
+def test_verify_while_a_watch_keeps_the_new_vectors_hands_its_catch_up_to_the_watch(
+    indexed: str, fake_openai: Any, strategy: str
+) -> None:
+    """`model verify` catches up first; with a watch running, the new vectors' column is
+    its job's (a backfill there is refused): the catch-up goes through that job."""
+    from embedfill.application import amodel_verify
+    from tests.integration.test_watch import Running, wait_for
+
+    start(indexed, strategy=strategy)
+    cfg = _watched_config(fake_openai)
+    w = Running(indexed, cfg, interval_s=3600, sweep_interval_s=3600)  # no sweep meanwhile
+    try:
+        wait_for(lambda: len(w.watches) == 2 and all(x.job_id for x in w.watches))
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(f"UPDATE {T} SET body = 'edited before verify' WHERE ticket_no = 11")
+        st = run(amodel_verify, indexed, cfg=cfg, env={})
+        assert st.coverage == 1.0 and all(g["pass"] for g in st.gates.values()), st.gates
+        assert _fresh_new_vector(indexed, strategy, 11)
+    finally:
+        w.stop()
+    assert w.error is None
+
+
+def test_a_change_slowed_by_the_apps_lock_is_still_watched_once_its_home_is_made(
+    indexed: str, fake_openai: Any
+) -> None:
+    """The change is on record before its home exists (`model start` waits behind the
+    app's transaction): the running watch's new watcher waits for the home, then leads."""
+    import threading
+    import time
+
+    from tests.integration.test_watch import Running, wait_for
+
+    cfg = _watched_config(fake_openai)
+    w = Running(indexed, cfg, interval_s=0.5, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(w.watches) == 1 and bool(w.watches[0].job_id))
+        app = psycopg.connect(indexed)
+        app.execute(f"SELECT 1 FROM {T} LIMIT 1")  # ACCESS SHARE, held
+        starting = threading.Thread(target=start, args=(indexed,), kwargs={"strategy": "column"})
+        starting.start()
+        time.sleep(8.0)  # the follower has seen the change, its watcher found no home
+        app.rollback()
+        app.close()
+        starting.join(60)
+        wait_for(lambda: len(w.watches) == 2 and bool(w.watches[1].job_id), timeout=30)
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(f"UPDATE {T} SET body = 'edited at last' WHERE ticket_no = 12")
+        # no triggers: found by the new vectors' poll (NULL) or verify; here a sweep of
+        # an hour would not come, so the edit shows as stale, and the watcher is alive
+        assert w.watches[1].failed is None
+    finally:
+        w.stop()
+    assert w.error is None
+
+
+def test_a_standby_replica_and_a_second_change_after_a_rollbacks_finalize(
+    indexed: str, fake_openai: Any
+) -> None:
+    """Two watch replicas (one leads, one stands by) through rollback and finalize, then
+    another change of the same target to the same section: neither replica fails, and
+    the second change's new vectors are watched again."""
+    import time
+
+    from embedfill.application import amodel_finalize, amodel_rollback
+    from tests.integration.test_watch import Running, wait_for
+
+    start(indexed, strategy="column")
+    cfg = _watched_config(fake_openai)
+    a = Running(indexed, cfg, interval_s=0.5, sweep_interval_s=3600)
+    b = Running(indexed, cfg, interval_s=0.5, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(a.watches) == 2 and len(b.watches) == 2)
+        wait_for(lambda: sum(bool(x.job_id) for x in (*a.watches, *b.watches)) == 2)
+        run(amodel_rollback, indexed)
+        run(amodel_finalize, indexed, yes=True)
+        time.sleep(2.0)
+        start(indexed, strategy="column")  # again, the same provider section
+        wait_for(
+            lambda: any(
+                x.target.name == "tickets@next" and x.job_id and not x.retired
+                for x in (*a.watches, *b.watches)
+            ),
+            timeout=30,
+        )
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(
+                f"UPDATE {T} SET body = NULL, subject = 'new row text' WHERE ticket_no = 13"
+            )
+            conn.execute(f"UPDATE {T} SET emb_next = NULL WHERE ticket_no = 13")
+        wait_for(lambda: _fresh_new_vector(indexed, "column", 13), timeout=20)
+    finally:
+        a.stop()
+        b.stop()
+    assert a.error is None and b.error is None
+    assert not [x for x in (*a.watches, *b.watches) if x.failed is not None]
+
+
+def test_finalize_refuses_before_dropping_anything_when_another_role_owns_the_triggers(
+    indexed: str, roles: Any
+) -> None:
+    from embedfill.application import amodel_cutover, amodel_finalize, amodel_verify, atriggers
+    from embedfill.errors import PrivilegeMissing
+
+    start(indexed, strategy="column")
+    run(amodel_verify, indexed, env={})
+    run(amodel_cutover, indexed)
+    owner = roles.create()
+    # the table and embedfill's schema belong to the test's superuser; the owner of the
+    # triggers' functions becomes another role
+    asyncio.run(atriggers(config(), Database(indexed), "tickets", True, False))
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT id FROM embedfill.vector_columns WHERE column_name = 'emb'"
+        ).fetchone()
+        assert row is not None
+        conn.execute(f'ALTER FUNCTION embedfill.changed_{row[0]}() OWNER TO "{owner}"')
+        conn.execute(f'ALTER FUNCTION embedfill.changed_{row[0]}_rows() OWNER TO "{owner}"')
+        conn.execute("CREATE ROLE ef_finalizer_tmp LOGIN PASSWORD 'pw' NOSUPERUSER")
+    try:
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute('ALTER TABLE app."SupportTickets" OWNER TO ef_finalizer_tmp')
+            conn.execute("GRANT ALL ON SCHEMA app, embedfill TO ef_finalizer_tmp")
+            conn.execute("GRANT ALL ON ALL TABLES IN SCHEMA embedfill TO ef_finalizer_tmp")
+            conn.execute("GRANT ALL ON ALL SEQUENCES IN SCHEMA embedfill TO ef_finalizer_tmp")
+        url = roles.url("ef_finalizer_tmp")
+        with pytest.raises(PrivilegeMissing, match="installed by another role"):
+            run(amodel_finalize, url, yes=True, force=True)
+    finally:
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute('ALTER TABLE app."SupportTickets" OWNER TO CURRENT_USER')
+            conn.execute(f"ALTER FUNCTION embedfill.changed_{row[0]}() OWNER TO CURRENT_USER")
+            conn.execute(f"ALTER FUNCTION embedfill.changed_{row[0]}_rows() OWNER TO CURRENT_USER")
+            conn.execute("DROP OWNED BY ef_finalizer_tmp")
+            conn.execute("DROP ROLE ef_finalizer_tmp")
+    assert "emb" in columns(indexed)  # nothing was dropped
+    assert status(indexed).phase == "cut_over"
+
+
 def test_a_home_whose_name_is_taken_is_refused_and_nothing_of_the_owners_is_dropped(
     indexed: str,
 ) -> None:

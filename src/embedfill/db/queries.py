@@ -332,8 +332,10 @@ WHERE EXISTS (
     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
       AND l.database = (SELECT d.oid FROM pg_catalog.pg_database AS d
                         WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
-      AND l.classid = ((home.lock_key >> 32) & 4294967295)::pg_catalog.oid
-      AND l.objid = (home.lock_key & 4294967295)::pg_catalog.oid)"""
+      AND l.classid OPERATOR(pg_catalog.=) ((home.lock_key OPERATOR(pg_catalog.>>) 32)
+          OPERATOR(pg_catalog.&) 4294967295)::pg_catalog.oid
+      AND l.objid OPERATOR(pg_catalog.=)
+          (home.lock_key OPERATOR(pg_catalog.&) 4294967295)::pg_catalog.oid)"""
 # what is queued for a column that a finalize dropped: nobody drains it any more
 FORGET_CHANGES = """
 DELETE FROM embedfill.changes AS q USING embedfill.vector_columns AS c
@@ -627,6 +629,9 @@ SELECT EXISTS (
 OPEN_MIGRATIONS_MARK = """
 SELECT pg_catalog.count(*), coalesce(pg_catalog.max(id), 0)
 FROM embedfill.model_migrations WHERE phase <> 'finalized'"""
+# each change of model under way: its target and the new provider section
+OPEN_CHANGES_OF_MODEL = """
+SELECT target, to_model ->> 'provider' FROM embedfill.model_migrations WHERE phase <> 'finalized'"""
 OPEN_MIGRATION_TARGETS = """
 SELECT DISTINCT target FROM embedfill.model_migrations WHERE phase <> 'finalized'"""
 OPEN_MIGRATION = """

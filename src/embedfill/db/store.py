@@ -365,6 +365,11 @@ class Store:
         cur = await self.conn.execute(q.OPEN_MIGRATION_TARGETS)
         return {str(r[0]) for r in await cur.fetchall()}
 
+    async def open_changes_of_model(self) -> list[tuple[str, str]]:
+        """(target, new provider section) of each change of model not finalized."""
+        cur = await self.conn.execute(q.OPEN_CHANGES_OF_MODEL)
+        return [(str(r[0]), str(r[1])) for r in await cur.fetchall()]
+
     async def open_migration(self, table_oid: int, column: str) -> dict[str, Any] | None:
         """The change of model under way on this column (not finalized), if any."""
         cur = await self.conn.execute(q.OPEN_MIGRATION, {"table_oid": table_oid, "column": column})

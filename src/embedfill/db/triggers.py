@@ -347,6 +347,15 @@ _INSTALLED = """
 SELECT t.tgname FROM pg_trigger t
 WHERE t.tgrelid = %(rel)s AND t.tgname = ANY(%(names)s) ORDER BY t.tgname"""
 
+# whether the session's role may drop the column's trigger functions (owns them, or is a
+# member of their owner's role); NULL when there are none
+_FUNCTIONS_OURS = """
+SELECT pg_catalog.bool_and(pg_catalog.pg_has_role(p.proowner, 'MEMBER'))
+FROM pg_catalog.pg_proc AS p
+JOIN pg_catalog.pg_namespace AS n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace
+WHERE n.nspname OPERATOR(pg_catalog.=) 'embedfill'
+  AND p.proname OPERATOR(pg_catalog.=) ANY(%(names)s::pg_catalog.name[])"""
+
 # what the session's role may do, for a one-sentence refusal before anything runs
 _MAY = """
 SELECT current_user,
@@ -382,6 +391,14 @@ async def installed(conn: psycopg.AsyncConnection[Any], oid: int, column_id: int
     names = list(TriggerNames(column_id).triggers)
     cur = await conn.execute(_INSTALLED, {"rel": oid, "names": names})
     return [str(r[0]) for r in await cur.fetchall()]
+
+
+async def functions_ours(conn: psycopg.AsyncConnection[Any], column_id: int) -> bool:
+    """Whether this role may drop the column's trigger functions (``uninstall``)."""
+    names = [f"changed_{column_id}", f"changed_{column_id}_rows"]
+    cur = await conn.execute(_FUNCTIONS_OURS, {"names": names})
+    row = await cur.fetchone()
+    return row is None or row[0] is None or bool(row[0])
 
 
 async def refusal(
