@@ -871,42 +871,54 @@ class Bench:
         log("10b. Changing the model: the app's search latency during start and cutover")
         rows = self.n(20_000, 4_000)
         tpl = self.template(rows, 384, hnsw=True)
-        fake = FakeOpenAI(dims=384, latency=0.1).start()
-        try:
-            m = self.measure(
-                "model_search",
-                {
-                    "url": self.fresh(tpl),
-                    "dims": 384,
-                    "rate": 50,
-                    "before_s": self.n(10, 4),
-                    "new_provider": openai_provider(fake, dimensions=384),
-                },
+        # as fast as the provider answers (the worst case for the app), then under a
+        # provider's limit of 6M tokens a minute (about 600 rows/s of these texts)
+        for cap in (None, 6_000_000):
+            fake = FakeOpenAI(dims=384, latency=0.1).start()
+            try:
+                settings: dict[str, Any] = {"dimensions": 384}
+                if cap is not None:
+                    settings["tpm"] = cap
+                m = self.measure(
+                    "model_search",
+                    {
+                        "url": self.fresh(tpl),
+                        "dims": 384,
+                        "rate": 50,
+                        "before_s": self.n(10, 4),
+                        "new_provider": openai_provider(fake, **settings),
+                    },
+                )
+            finally:
+                fake.stop()
+            self.raw[f"model_search_{cap or 'uncapped'}"] = m
+            log(f"  by step: {m['steps']}")
+            ratio = m["p99_during_ms"] / m["p99_before_ms"]
+            pace = "as fast as it answers" if cap is None else f"tpm cap {cap:,}"
+            self.add(
+                Row(
+                    "10 model change",
+                    f"the app's search p99 during model start, verify and cutover ({rows:,}"
+                    f" rows, 384-d, HNSW; 50 searches/s; the new model at the test server,"
+                    f" 100 ms, {pace})",
+                    m["p99_during_ms"],
+                    "ms",
+                    "its p99 before the change started",
+                    m["p99_before_ms"],
+                    ratio,
+                    "<= 1.5" if cap is None else "info",
+                    (ratio <= 1.5 and m["gates_pass"]) if cap is None else None,
+                    note=(
+                        f"p50 {m['p50_before_ms']:.1f} ms before, {m['p50_during_ms']:.1f}"
+                        f" ms during; {m['queries_during']:,} searches over the change's"
+                        f" {m['change_s']:.0f} s; by step: "
+                        + ", ".join(
+                            f"{step} {w['s']:.0f} s p99 {w['p99_ms']:.1f} ms"
+                            for step, w in m["steps"].items()
+                        )
+                    ),
+                )
             )
-        finally:
-            fake.stop()
-        self.raw["model_search"] = m
-        log(f"  by step: {m['steps']}")
-        ratio = m["p99_during_ms"] / m["p99_before_ms"]
-        self.add(
-            Row(
-                "10 model change",
-                f"the app's search p99 during model start, verify and cutover ({rows:,} rows,"
-                f" 384-d, HNSW; 50 searches/s; the new model at the test server, 100 ms)",
-                m["p99_during_ms"],
-                "ms",
-                "its p99 before the change started",
-                m["p99_before_ms"],
-                ratio,
-                "<= 1.5",
-                ratio <= 1.5 and m["gates_pass"],
-                note=(
-                    f"p50 {m['p50_before_ms']:.1f} ms before, {m['p50_during_ms']:.1f} ms "
-                    f"during; {m['queries_during']:,} searches over the change's "
-                    f"{m['change_s']:.0f} s; slowest {m['max_during_ms']:.0f} ms"
-                ),
-            )
-        )
 
     def many_tenants(self) -> None:
         log("9. Many tenants: a dry run's time per tenant at 10x the tenants")

@@ -557,7 +557,7 @@ async def amodel_start(
             # running the build of one that was killed: its session holds the lock
             # until the build ends): wait for it, then look again
             async with _one_at_a_time(store, ddl_key, cancel):
-                await _build_twins(conn, home)
+                await _build_twins(conn, home, config.engine.model_index_workers)
             await store.set_migration_phase(migration_id, "ready", was="indexing")
         return await migration.status_of(conn, config, live)
     except psycopg.Error as exc:
@@ -566,9 +566,17 @@ async def amodel_start(
         await conn.close()
 
 
-async def _build_twins(conn: psycopg.AsyncConnection[Any], home: Mapping[str, Any]) -> None:
-    """The twin of each live vector index, built concurrently; an INVALID one (a build
-    that failed) is dropped and built again."""
+async def _build_twins(
+    conn: psycopg.AsyncConnection[Any], home: Mapping[str, Any], workers: int
+) -> None:
+    """The twin of each live vector index, built concurrently, with ``workers`` parallel
+    maintenance workers at most ([engine] model_index_workers: 0 leaves the app's
+    searches the database's other cores); an INVALID one (a build that failed) is
+    dropped and built again."""
+    await conn.execute(
+        "SELECT pg_catalog.set_config('max_parallel_maintenance_workers', %s, false)",
+        (str(workers),),
+    )
     for twin in home.get("indexes", []):
         state = await homes.index_state(conn, home["schema"], twin["name"])
         if state == "invalid":  # a build that was killed or failed

@@ -197,3 +197,17 @@ def test_job_settings_have_defaults_and_can_be_set() -> None:
     data["engine"] = {"lease_s": 5, "chunk_rows": 100, "worker_chunks": 3}
     engine = parse_config(data).engine
     assert (engine.lease_s, engine.chunk_rows, engine.worker_chunks) == (5, 100, 3)
+
+
+def test_the_new_vectors_index_build_runs_in_one_process_unless_told_otherwise() -> None:
+    """[engine] model_index_workers: 0 by default (the app's searches keep the other
+    cores), any count allowed, never negative."""
+    import tomllib
+
+    data = tomllib.loads(EXAMPLE)
+    assert parse_config(data).engine.model_index_workers == 0
+    data["engine"] = {"model_index_workers": 4}
+    assert parse_config(data).engine.model_index_workers == 4
+    data["engine"] = {"model_index_workers": -1}
+    with pytest.raises(ConfigError, match="model_index_workers"):
+        parse_config(data)
