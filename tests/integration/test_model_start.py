@@ -126,17 +126,28 @@ def test_a_second_change_while_one_is_under_way_is_refused(indexed: str) -> None
 
 
 def test_who_may_read_the_live_table_may_read_the_side_table(indexed: str, roles: Any) -> None:
-    reader, other = roles.create(), roles.create()
+    """Readers of the live table read the side table; a role that may also UPDATE it
+    (embedfill's least-privileged role writes the live vectors) keeps the side table:
+    a watch inserts the live table's new rows there, deletes those of deleted ones."""
+    reader, writer, other = roles.create(), roles.create(), roles.create()
     with psycopg.connect(indexed, autocommit=True) as conn:
-        conn.execute(f'GRANT USAGE ON SCHEMA app TO "{reader}", "{other}"')
+        conn.execute(f'GRANT USAGE ON SCHEMA app TO "{reader}", "{writer}", "{other}"')
         conn.execute(f'GRANT SELECT ON {T} TO "{reader}"')
+        conn.execute(f'GRANT SELECT, UPDATE ON {T} TO "{writer}"')
     start(indexed)
     with psycopg.connect(indexed) as conn:
         may = [
-            conn.execute("SELECT has_table_privilege(%s, %s, 'SELECT')", (r, SIDE)).fetchone()
-            for r in (reader, other)
+            tuple(
+                conn.execute("SELECT has_table_privilege(%s, %s, %s)", (r, SIDE, p)).fetchone()[0]
+                for p in ("SELECT", "INSERT", "UPDATE", "DELETE")
+            )
+            for r in (reader, writer, other)
         ]
-    assert may == [(True,), (False,)]
+    assert may == [
+        (True, False, False, False),
+        (True, True, True, True),
+        (False, False, False, False),
+    ]
 
 
 def test_the_column_strategy_fills_a_shadow_column(indexed: str) -> None:

@@ -108,26 +108,35 @@ def mirror(live: TargetSQL, schema: str, relation: str, *, newer: bool = False) 
     )
 
 
-# the roles that may read the live table (PUBLIC too), and its owner
+# the roles that may read the live table (PUBLIC too), and its owner; and whether each
+# may UPDATE it
 _READERS = """
-SELECT DISTINCT CASE WHEN a.grantee = 0 THEN NULL
-                     ELSE pg_catalog.pg_get_userbyid(a.grantee) END
+SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_catalog.pg_get_userbyid(a.grantee) END,
+       pg_catalog.bool_or(a.privilege_type = 'UPDATE')
 FROM pg_catalog.pg_class c, pg_catalog.aclexplode(
     coalesce(c.relacl, pg_catalog.acldefault('r', c.relowner))) AS a
-WHERE c.oid = %(rel)s AND a.privilege_type = 'SELECT'"""
+WHERE c.oid = %(rel)s AND a.privilege_type IN ('SELECT', 'UPDATE')
+GROUP BY 1
+HAVING pg_catalog.bool_or(a.privilege_type = 'SELECT')"""
 
 
 async def grant_like(
     conn: psycopg.AsyncConnection[Any], live_oid: int, schema: str, relation: str
 ) -> None:
     """Let every role that may read the live table read the side table (the app
-    searches it after the cutover)."""
+    searches it after the cutover), and every one that may also update it (embedfill's
+    own role, least-privileged: it writes the live vectors) keep the side table too: a
+    watch gives it the live table's new rows, drops those of deleted ones and fills
+    their vectors."""
+    side = sql.Identifier(schema, relation)
     cur = await conn.execute(_READERS, {"rel": live_oid})
-    for (role,) in await cur.fetchall():
+    for role, writes in await cur.fetchall():
         grantee = sql.SQL("PUBLIC") if role is None else sql.Identifier(role)
-        await conn.execute(
-            sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(schema, relation), grantee)
-        )
+        await conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(side, grantee))
+        if writes:
+            await conn.execute(
+                sql.SQL("GRANT INSERT, UPDATE, DELETE ON {} TO {}").format(side, grantee)
+            )
 
 
 _ROW_SECURITY = """
