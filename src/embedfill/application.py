@@ -388,7 +388,8 @@ async def _catch_up_in_watch(
     info = await inspect_target(conn, target, None, dconfig.provider_for(target).label)
     limit = dconfig.engine.chunk_rows * 8
     progress = time.monotonic()
-    waiting: set[str] = set()
+    waiting: set[str] = set()  # the keys this catch-up queued and waits for
+    seen: set[str] | None = None  # the job's open keys at the last look
     while True:
         active = await store.active_job(info.oid, target.embedding_column)
         if active is None:  # the watch ended meanwhile: nothing is in the way
@@ -399,15 +400,13 @@ async def _catch_up_in_watch(
                 f"A job of {derived} (run {active['id']}) is running; run this again when it ends."
             )
         job = int(active["id"])
-        left = waiting & await store.open_chunk_keys(job)
-        if len(left) < len(waiting):
-            progress = time.monotonic()
-        waiting = left
-        if not waiting:
+        open_keys = await store.open_chunk_keys(job)
+        if open_keys != seen:  # a chunk was done (or queued): the workers are at it
+            progress, seen = time.monotonic(), open_keys
+        if not waiting & open_keys:  # what it queued is done: anything owed still?
             waiting = await watch.queue_owed(conn, dconfig, target, job, spec.queue, limit)
-            if not waiting and not await store.open_chunk_keys(job):
+            if not waiting and not open_keys:
                 return True
-            progress = time.monotonic()
         if time.monotonic() - progress > WATCH_CATCH_UP_STALL_S:
             log.warning(
                 "the catch-up of %s waited %.0f s for the watch's workers; giving up",
