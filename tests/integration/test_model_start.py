@@ -633,6 +633,34 @@ def test_verify_while_a_watch_keeps_the_new_vectors_hands_its_catch_up_to_the_wa
     assert w.error is None
 
 
+def test_verifys_catch_up_through_a_watch_gives_up_when_no_worker_takes_its_chunks(
+    indexed: str, fake_openai: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A watch without a worker (workers elsewhere, none running): the chunks the
+    catch-up queues in its job are never done. verify says so (the coverage gate fails)
+    once nothing moved for the stall time, instead of waiting for ever."""
+    import time
+
+    from embedfill import application
+    from embedfill.application import amodel_verify
+    from tests.integration.test_watch import Running, wait_for
+
+    monkeypatch.setattr(application, "WATCH_CATCH_UP_STALL_S", 2.0)
+    start(indexed, strategy="column")
+    cfg = _watched_config(fake_openai)
+    w = Running(indexed, cfg, worker=False, interval_s=3600, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(w.watches) == 2 and all(x.job_id for x in w.watches))
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(f"UPDATE {T} SET body = 'nobody embeds this' WHERE ticket_no = 14")
+        began = time.monotonic()
+        st = run(amodel_verify, indexed, cfg=cfg, env={})
+        assert time.monotonic() - began < 30
+        assert not st.gates["coverage"]["pass"] and st.gates["coverage"]["stale"] >= 1
+    finally:
+        w.stop()
+
+
 def test_a_change_slowed_by_the_apps_lock_is_still_watched_once_its_home_is_made(
     indexed: str, fake_openai: Any
 ) -> None:

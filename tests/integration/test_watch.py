@@ -30,7 +30,13 @@ class Running:
     """``awatch`` on its own event loop in a thread, stopped by ``stop()``."""
 
     def __init__(
-        self, db_url: str, config: Any, env: dict[str, str] | None = None, **opts: Any
+        self,
+        db_url: str,
+        config: Any,
+        env: dict[str, str] | None = None,
+        *,
+        worker: bool = True,
+        **opts: Any,
     ) -> None:
         import threading
 
@@ -51,6 +57,7 @@ class Running:
                     self.stop_event,
                     opts=WatchOptions(**opts),
                     env=ENV if env is None else env,
+                    worker=worker,
                     on_watch=self.watches.extend,
                 )
 
