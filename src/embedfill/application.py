@@ -338,7 +338,7 @@ async def _model_fill(
     actor = backfill.pop("actor")
     for refresh in (False, True):
         report: Report | None = None
-        while report is None:
+        for attempt in range(1, 4):
             if strategy == "table":
                 await conn.execute(homes.mirror(live_sql, home["schema"], home["relation"]))
             try:
@@ -348,12 +348,15 @@ async def _model_fill(
                     BackfillOptions(target=derived, actor=actor, refresh=refresh),
                     **backfill,
                 )
+                break
             except TargetBusy:
                 # a running watch keeps these new vectors (its job holds the column):
                 # the catch-up is handed to its job
                 handed = await _catch_up_in_watch(conn, dconfig, derived, backfill.get("cancel"))
-                if handed is None:
+                if handed is None and attempt < 3:
                     continue  # the watch ended meanwhile: nothing is in the way now
+                if handed is None:
+                    raise
                 if not handed:
                     return False
                 break
