@@ -129,6 +129,7 @@ class Runtime:
         too, within ``MODEL_CHANGES_EVERY_S``, not at the next restart. (The worker takes
         their chunks by itself: Worker._notice_changes_of_model.) Looked at on the
         watchers' connection, a table the app holds locked given up on after a second."""
+        failing = ""  # the last failure logged: each is logged once, not every 5 s
         while not await _stopped(self._watch_stop, MODEL_CHANGES_EVERY_S):
             try:
                 gen = await self.hub.open()
@@ -142,8 +143,11 @@ class Runtime:
                         before = len(self.watches)
                         await self.include_changes_of_model(conn)
             except (psycopg.Error, OSError, EmbedfillError) as exc:
-                log.info("watch: looking for changes of model: %s; looking again later", exc)
+                if str(exc) != failing:
+                    failing = str(exc)
+                    log.info("watch: looking for changes of model: %s; looking again later", exc)
                 continue
+            failing = ""
             added = self.watches[before:]
             if not added:
                 continue
