@@ -389,6 +389,7 @@ async def _catch_up_in_watch(
     target = dconfig.target(derived)
     store = Store(conn)
     info = await inspect_target(conn, target, None, dconfig.provider_for(target).label)
+    owed = await watch.owed_of(conn, dconfig, target)
     limit = dconfig.engine.chunk_rows * 8
     progress = time.monotonic()
     waiting: set[str] = set()  # the keys this catch-up queued and waits for
@@ -407,7 +408,9 @@ async def _catch_up_in_watch(
         if open_keys != seen:  # a chunk was done (or queued): the workers are at it
             progress, seen = time.monotonic(), open_keys
         if not waiting & open_keys:  # what it queued is done: anything owed still?
-            waiting = await watch.queue_owed(conn, dconfig, target, job, spec.queue, limit)
+            waiting = await watch.queue_owed(
+                conn, owed, job, spec.queue, limit, dconfig.engine.chunk_rows
+            )
             if not waiting and not open_keys:
                 return True
         if time.monotonic() - progress > WATCH_CATCH_UP_STALL_S:

@@ -454,7 +454,16 @@ class TargetWatch:
                 before = self.opts.before_sweep if is_outdated else self.opts.before_poll
                 if walk.first and self.target.name in before:
                     await conn.execute(before[self.target.name])
-                rows = await self._page(conn, tsql, walk, is_outdated, ids, job, room)
+                rows = await _keys_page(
+                    conn,
+                    tsql,
+                    ids,
+                    job,
+                    room,
+                    outdated=is_outdated,
+                    after=walk.after,
+                    first=walk.first,
+                )
                 walk.page_done(rows, room, now)
                 keys.extend(r[1] for r in rows)
         # what the triggers queued leaves their queue in the transaction that puts it in
@@ -522,22 +531,6 @@ class TargetWatch:
                     tenant,
                     len(rows),
                 )
-
-    async def _page(
-        self,
-        conn: psycopg.AsyncConnection[Any],
-        tsql: TargetSQL,
-        walk: _Walk,
-        outdated: bool,
-        ids: ProvenanceIds,
-        job: int,
-        limit: int,
-    ) -> list[Any]:
-        cur = await conn.execute(
-            tsql.watch_keys(outdated=outdated, first=walk.first),
-            {"after": walk.after, "limit": limit, "run_id": job, "blank": BLANK, **ids.params()},
-        )
-        return await cur.fetchall()
 
     async def _end(self, exc: EmbedfillError | None, why: str = "") -> None:
         """Stop watching this target while the process's other targets go on: with
@@ -635,40 +628,76 @@ async def _sleep(stop: asyncio.Event, seconds: float) -> bool:
     return stop.is_set()
 
 
-async def queue_owed(
+async def _keys_page(
     conn: psycopg.AsyncConnection[Any],
-    config: Config,
-    target: TargetConfig,
+    tsql: TargetSQL,
+    ids: ProvenanceIds,
     job: int,
-    queue: str,
     limit: int,
-) -> set[str]:
-    """Queue in watch job ``job`` (a watcher's, on ``queue``) up to ``limit`` rows of
-    ``target`` it owes now, as its poll and sweep would find them (NULL, stale or of
-    another model, with text, not held back by a failure), except those in its open
-    chunks; the keys queued. For a catch-up that a running watch is in the way of
-    (``model verify``): the watch job does it."""
+    *,
+    outdated: bool,
+    after: Any,
+    first: bool,
+) -> list[Any]:
+    """One page of ``(sort key, watch key)`` that a watcher of job ``job`` owes: NULL (or,
+    ``outdated``, stale or of another model) with text, not held back by a failure; keys
+    after ``after`` unless ``first``."""
+    cur = await conn.execute(
+        tsql.watch_keys(outdated=outdated, first=first),
+        {"after": after, "limit": limit, "run_id": job, "blank": BLANK, **ids.params()},
+    )
+    return await cur.fetchall()
+
+
+@dataclass(frozen=True)
+class Owed:
+    """How to find what a target owes as its watcher would: its SQL and its provenance ids,
+    read once (:func:`owed_of`) for a catch-up that queues page after page."""
+
+    tsql: TargetSQL
+    ids: ProvenanceIds
+
+
+async def owed_of(conn: psycopg.AsyncConnection[Any], config: Config, target: TargetConfig) -> Owed:
     pconf = config.provider_for(target)
     info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
     ids = await provenance_ids(
         conn, info, target.embedding_column, model_identity(pconf, info), create=True
     )
-    tsql = info.sql(target)
-    store = Store(conn)
-    inflight = await store.open_chunk_keys(job)
+    return Owed(info.sql(target), ids)
+
+
+async def queue_owed(
+    conn: psycopg.AsyncConnection[Any],
+    owed: Owed,
+    job: int,
+    queue: str,
+    limit: int,
+    chunk_rows: int,
+) -> set[str]:
+    """Queue in watch job ``job`` (a watcher's, on ``queue``) up to ``limit`` rows of the
+    target that ``owed`` reads, as its poll and sweep would find them, except those in its
+    open chunks; the keys queued. For a catch-up that a running watch is in the way of
+    (``model verify``): the watch job does it."""
+    inflight = await Store(conn).open_chunk_keys(job)
     keys: list[str] = []
     for outdated in (False, True):
         after: Any = None
         while len(keys) < limit:
-            cur = await conn.execute(
-                tsql.watch_keys(outdated=outdated, first=after is None),
-                {"after": after, "limit": limit, "run_id": job, "blank": BLANK, **ids.params()},
+            rows = await _keys_page(
+                conn,
+                owed.tsql,
+                owed.ids,
+                job,
+                limit,
+                outdated=outdated,
+                after=after,
+                first=after is None,
             )
-            rows = await cur.fetchall()
             keys += [k for _, k in rows if k not in inflight]
             if len(rows) < limit:
                 break
             after = rows[-1][0]
     fresh = list(dict.fromkeys(keys))[:limit]
-    await jobs.add_key_chunks(conn, job, queue, fresh, config.engine.chunk_rows)
+    await jobs.add_key_chunks(conn, job, queue, fresh, chunk_rows)
     return set(fresh)
