@@ -193,15 +193,15 @@ def _postgres_cpu_s(postmaster: int) -> float | None:
 def cpu(url: str) -> Iterator[CpuUsed]:
     """Measure the CPU this process and a local PostgreSQL (found from a backend's
     parent) use inside the block."""
-    with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT pg_backend_pid()").fetchone()
     postmaster: int | None = None
-    if row is not None:
-        try:
-            stat = Path(f"/proc/{row[0]}/stat").read_text()
-            postmaster = int(stat[stat.rindex(")") + 2 :].split()[1])
-        except (OSError, ValueError):
-            postmaster = None
+    with psycopg.connect(url) as conn:  # read the backend's parent while it still runs
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        if row is not None:
+            try:
+                stat = Path(f"/proc/{row[0]}/stat").read_text()
+                postmaster = int(stat[stat.rindex(")") + 2 :].split()[1])
+            except (OSError, ValueError):
+                postmaster = None
     used = CpuUsed()
     mine = resource.getrusage(resource.RUSAGE_SELF)
     server = _postgres_cpu_s(postmaster) if postmaster else None
