@@ -194,10 +194,12 @@ class Writer:
         could not lock every row: the common case is one statement."""
         row: Any = None
         with contextlib.suppress(psycopg.errors.LockNotAvailable):
-            async with conn.transaction():  # the plain UPDATE, if no row is held
+            # the plain UPDATE, if no row is held: BEGIN, the timeout, the UPDATE and the
+            # COMMIT go out together, one round trip (a pipeline), not four
+            async with conn.pipeline(), conn.transaction():
                 await conn.execute(FAST_LOCK_TIMEOUT)
                 cur = await conn.execute(self.state.sql.write_fast(self.state.refresh), params)
-                row = await cur.fetchone()
+            row = await cur.fetchone()
         if row is None:  # something is locked: skip what the app holds
             async with conn.transaction():
                 cur = await conn.execute(self.state.sql.write(self.state.refresh), params)
