@@ -646,6 +646,9 @@ async def recall_gate(
             approx = [r[1] for r in await cur.fetchall() if r[1] is not None]
             await conn.execute("SET LOCAL enable_indexscan = off")
             await conn.execute("SET LOCAL enable_bitmapscan = off")
+            # the exact search on one core: parallel workers would take the cores the
+            # app's own searches need, for a check that is in no hurry
+            await conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
             cur = await conn.execute(nearest, {"q": q})
             exact = [r[1] for r in await cur.fetchall() if r[1] is not None]
         if exact:
