@@ -39,7 +39,6 @@ WRITE_ATTEMPTS = 6
 # the plain bulk UPDATE gives up this soon on a lock (the app's row, or a table lock),
 # before a deadlock could be detected; the SKIP LOCKED write then takes over
 FAST_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '100ms'"
-_PIPELINE = psycopg.AsyncPipeline.is_supported()
 LOCKED_RETRY_S = 0.5  # a row found locked by the app is tried again after this, then later
 _TRANSIENT_WRITE_ERRORS = (
     psycopg.errors.LockNotAvailable,
@@ -195,14 +194,10 @@ class Writer:
         could not lock every row: the common case is one statement."""
         row: Any = None
         with contextlib.suppress(psycopg.errors.LockNotAvailable):
-            # the plain UPDATE, if no row is held: BEGIN, the timeout, the UPDATE and the
-            # COMMIT go out together, one round trip (a pipeline), not four (a libpq
-            # older than 14 has no pipeline: four round trips)
-            together = conn.pipeline() if _PIPELINE else contextlib.nullcontext()
-            async with together, conn.transaction():
+            async with conn.transaction():  # the plain UPDATE, if no row is held
                 await conn.execute(FAST_LOCK_TIMEOUT)
                 cur = await conn.execute(self.state.sql.write_fast(self.state.refresh), params)
-            row = await cur.fetchone()
+                row = await cur.fetchone()
         if row is None:  # something is locked: skip what the app holds
             async with conn.transaction():
                 cur = await conn.execute(self.state.sql.write(self.state.refresh), params)
