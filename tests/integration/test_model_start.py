@@ -580,6 +580,66 @@ def test_the_new_vectors_watcher_ends_quietly_when_a_rollbacks_finalize_drops_th
     assert w.error is None
 
 
+@pytest.mark.parametrize("strategy", ["column", "table"])
+def test_a_drains_fan_out_racing_a_finalize_leaves_nothing_queued_for_the_dropped_vectors(
+    indexed: str, strategy: str
+) -> None:
+    """A live watcher's drain queues its keys for the new vectors (the fan-out) in its own
+    transaction; a finalize that drops those vectors marks the change finalized and
+    forgets what is queued for them. A fan-out whose transaction is still open when the
+    finalize runs either commits first (and is forgotten with the rest) or sees the
+    change finalized: nothing is left queued for a column that nobody drains any more."""
+    import threading
+
+    from embedfill.application import amodel_finalize, amodel_rollback
+    from embedfill.db import homes
+    from embedfill.db import queries as q
+    from embedfill.db.store import watch_key
+
+    start(indexed, strategy=strategy)
+    run(amodel_rollback, indexed)  # its finalize drops the new vectors
+    with psycopg.connect(indexed) as conn:
+        oid, home = conn.execute(
+            "SELECT table_oid, home FROM embedfill.model_migrations WHERE phase <> 'finalized'"
+        ).fetchone()
+        new_oid = (
+            oid
+            if strategy == "column"
+            else conn.execute(
+                "SELECT %s::regclass::oid", (f'{home["schema"]}."{home["relation"]}"',)
+            ).fetchone()[0]
+        )
+    new_column = home["column"] if strategy == "column" else homes.VECTOR
+    with (
+        psycopg.connect(indexed, autocommit=True) as watcher,  # leads the new vectors
+        psycopg.connect(indexed) as drain,  # the live watcher's drain, its transaction open
+    ):
+        watcher.execute(
+            "SELECT pg_advisory_lock(hashtextextended(%s, 0))", (watch_key(new_oid, new_column),)
+        )
+        queued = drain.execute(
+            q.FAN_OUT_CHANGES,
+            {
+                "table_oid": oid,
+                "column": "emb",
+                "keys": ["7", "8", "9"],
+                "side_vector": homes.VECTOR,
+            },
+        ).rowcount
+        assert queued == 3
+        finalized: list[Any] = []
+        finalize = threading.Thread(
+            target=lambda: finalized.append(run(amodel_finalize, indexed, yes=True))
+        )
+        finalize.start()
+        finalize.join(timeout=2.0)
+        drain.commit()
+        finalize.join(timeout=30.0)
+    assert finalized and finalized[0].phase == "finalized"
+    with psycopg.connect(indexed) as conn:
+        assert conn.execute("SELECT count(*) FROM embedfill.changes").fetchone() == (0,)
+
+
 def test_with_nobody_watching_the_new_vectors_the_triggers_edits_are_not_queued_for_them(
     indexed: str, fake_openai: Any
 ) -> None:

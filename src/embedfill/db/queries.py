@@ -323,7 +323,10 @@ WITH home AS MATERIALIZED (
       ON c.schema_name = h.schema_name AND c.table_name = h.table_name
      AND c.column_name = h.column_name
     WHERE m.table_oid = %(table_oid)s AND m.column_name = %(column)s
-      AND m.phase <> 'finalized' AND h.oid IS NOT NULL)
+      AND m.phase <> 'finalized' AND h.oid IS NOT NULL
+    -- a finalize's mark waits for this transaction (then forgets what it queued), or
+    -- this waits for the finalize and sees the change finalized: never queued after
+    FOR SHARE OF m)
 INSERT INTO embedfill.changes (column_id, row_key)
 SELECT home.column_id, k.row_key
 FROM home CROSS JOIN pg_catalog.unnest(%(keys)s::pg_catalog.text[]) AS k(row_key)
