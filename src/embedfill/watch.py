@@ -659,6 +659,7 @@ class Owed:
 
 
 async def owed_of(conn: psycopg.AsyncConnection[Any], config: Config, target: TargetConfig) -> Owed:
+    """Inspect ``target`` and find (or make) its provenance ids, as its watcher does."""
     pconf = config.provider_for(target)
     info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
     ids = await provenance_ids(
