@@ -850,6 +850,7 @@ async def amodel_finalize(
                 "pass --force to drop it all the same."
             )
         live_sql = info.sql(live)
+        kept: tuple[str, str, str] | None = None
         if phase == "cut_over":
             # checked before anything is dropped, run with the column's drop (all or none)
             moves = await _trigger_moves(conn, config, live, info, row)
@@ -858,6 +859,10 @@ async def amodel_finalize(
             drop = homes.drop_column(live_sql, live.embedding_column)
             await _ddl(conn, sql.SQL("; ").join([*moves, drop]), str(live.table))
             dropped = (info.schema, live.table.name, live.embedding_column)
+            # the column strategy's new column, where the target is pointed next (a side
+            # table is no target's: nothing would drain what is queued for it)
+            if row["strategy"] == "column":
+                kept = (info.schema, live.table.name, home["column"])
         elif row["strategy"] == "table":
             await _ddl(conn, homes.drop_table(home["schema"], home["relation"]), home["relation"])
             dropped = (home["schema"], home["relation"], homes.VECTOR)
@@ -867,7 +872,10 @@ async def amodel_finalize(
             await _ddl(conn, homes.drop_column(live_sql, home["column"]), str(live.table))
             dropped = (info.schema, live.table.name, home["column"])
         async with conn.transaction():  # a drain's fan-out sees it finalized, or is forgotten
+            # marked first: drains that hold the change (and their queue rows) end before
             await Store(conn).finalized(int(row["id"]))
+            if kept is not None:  # edits queued for the dropped column reach the kept one
+                await Store(conn).move_changes(dropped, kept)
             await Store(conn).forget_changes(*dropped)
         return await migration.status_of(conn, config, live)
 

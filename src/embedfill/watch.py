@@ -300,6 +300,16 @@ class TargetWatch:
                             continue
                     if not self._led:
                         raise  # at start-up, what can never work is refused
+                    moved = await self._moved_by_a_change()
+                    if moved is not None:
+                        # a cutover's finalize dropped the column, as it was asked to
+                        await self._end(
+                            None,
+                            f"the finalize of its change of model dropped "
+                            f"{self.target.embedding_column}; the app searches {moved} now: "
+                            "point the target at it in the config",
+                        )
+                        return
                     # the table changed shape under the watch and no longer fits: this
                     # target says why and stops, the others go on
                     await self._end(exc)
@@ -469,6 +479,8 @@ class TargetWatch:
         # what the triggers queued leaves their queue in the transaction that puts it in
         # chunks: a watcher killed in between loses nothing
         async with conn.transaction():
+            if self.derived_from is None and self._oid is not None:
+                await self._hold_changes_of_model(conn, store)
             drained = await store.drain_changes(ids.column_id, inflight, self.chunk_rows)
             if drained and self._oid is not None:
                 await self._fan_out(conn, store, drained)
@@ -487,6 +499,20 @@ class TargetWatch:
         next_due = min(missing.due, outdated.due) - time.monotonic()
         # the queue is read at least every DRAIN_EVERY_S, whatever the hub saw
         return 0.2 if more else min(DRAIN_EVERY_S, max(0.0, next_due))
+
+    async def _hold_changes_of_model(
+        self, conn: psycopg.AsyncConnection[Any], store: Store
+    ) -> None:
+        """Before the drain takes queue rows: hold the change of model under way on this
+        column (q.HOLD_CHANGES_OF_MODEL), so that a finalize and this drain never wait on
+        each other in a cycle. In a savepoint: a role that may not (its fan-out fails
+        too, and is logged) drains all the same."""
+        assert self._oid is not None
+        try:
+            async with conn.transaction():
+                await store.hold_changes_of_model(self._oid, self.target.embedding_column)
+        except psycopg.Error:
+            pass  # the fan-out that follows fails the same way, and says so once
 
     async def _fan_out(
         self, conn: psycopg.AsyncConnection[Any], store: Store, keys: list[str]
@@ -573,6 +599,29 @@ class TargetWatch:
         except (psycopg.Error, EmbedfillError):
             return True
         return any(migration.derived_name(t, p) == self.target.name for t, p in changes)
+
+    async def _moved_by_a_change(self) -> str | None:
+        """Where the app's searches went (``schema.relation.column``) when this target's
+        column is gone because a change of model was finalized after its cutover; None
+        otherwise (and on doubt: the database does not answer)."""
+        if self._oid is None:
+            return None
+        try:
+            gen = await self._hub.open()
+            async with self._hub.use(gen) as conn:
+                store = Store(conn)
+                change = await store.latest_migration(self._oid, self.target.embedding_column)
+                active = await store.active_model(self.target.name)
+        except (psycopg.Error, EmbedfillError):
+            return None
+        if change is None or change["phase"] != "finalized" or active is None:
+            return None
+        if active["migration_id"] != change["id"] or (
+            active["relation"],
+            active["column_name"],
+        ) == (self.target.table.name, self.target.embedding_column):
+            return None  # the last change was rolled back: the live column was kept
+        return f"{active['schema_name']}.{active['relation']}.{active['column_name']}"
 
     async def close(self) -> None:
         """After the workers finished their chunks in flight: end the watch job (chunks

@@ -263,7 +263,8 @@ def test_a_cutovers_finalize_moves_the_change_triggers_off_the_dropped_column(
 ) -> None:
     """The live column is dropped: its triggers would queue edits nobody drains. With
     the column strategy they move to the new vectors' column (the target, pointed at it,
-    finds them installed); with the table strategy they go."""
+    finds them installed), and so do the edits still queued; with the table strategy
+    they go."""
     from embedfill.application import amodel_cutover, amodel_finalize, amodel_verify, atriggers
 
     start(indexed, strategy=strategy)
@@ -293,9 +294,10 @@ def test_a_cutovers_finalize_moves_the_change_triggers_off_the_dropped_column(
             f"embedfill_changed_{new_id[0]}_ins",
             f"embedfill_changed_{new_id[0]}_upd",
         ]
-        assert queued == [("emb_next", "4")]
+        # row 3's edit, queued for the dropped column, is the kept column's now
+        assert queued == [("emb_next", "3"), ("emb_next", "4")]
     else:
-        assert triggers == [] and queued == []
+        assert triggers == [] and queued == []  # no target drains a side table's queue
 
 
 def test_an_edit_after_verify_keeps_the_cutover_back(indexed: str) -> None:
@@ -638,6 +640,142 @@ def test_a_drains_fan_out_racing_a_finalize_leaves_nothing_queued_for_the_droppe
     assert finalized and finalized[0].phase == "finalized"
     with psycopg.connect(indexed) as conn:
         assert conn.execute("SELECT count(*) FROM embedfill.changes").fetchone() == (0,)
+
+
+def _queued(url: str) -> list[tuple[Any, ...]]:
+    """What the change queue holds, by (table, column): how many keys, which."""
+    with psycopg.connect(url) as conn:
+        return conn.execute(
+            "SELECT c.table_name, c.column_name, array_agg(q.row_key ORDER BY q.row_key)"
+            " FROM embedfill.changes AS q JOIN embedfill.vector_columns AS c"
+            " ON c.id = q.column_id GROUP BY 1, 2 ORDER BY 1, 2"
+        ).fetchall()
+
+
+def _cut_over_with_triggers(url: str, fake_openai: Any) -> tuple[int, int]:
+    """A column-strategy change cut over, the change triggers installed, rows 3 and 4
+    edited (queued for the live column): the live table's oid and the live column's id."""
+    from embedfill.application import amodel_cutover, amodel_verify, atriggers
+
+    start(url, strategy="column")
+    asyncio.run(atriggers(_watched_config(fake_openai), Database(url), "tickets", True, False))
+    run(amodel_verify, url, env={})
+    run(amodel_cutover, url)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            f"UPDATE {T} SET body = 'queued before the finalize' WHERE ticket_no IN (3, 4)"
+        )
+        oid, column_id = conn.execute(
+            "SELECT m.table_oid, c.id FROM embedfill.model_migrations AS m"
+            " JOIN embedfill.vector_columns AS c ON c.column_name = m.column_name"
+            " WHERE m.phase <> 'finalized'"
+        ).fetchone()
+    return oid, column_id
+
+
+def test_a_live_drain_and_a_cutovers_finalize_wait_in_turn_and_the_edits_reach_the_kept_vectors(
+    indexed: str, fake_openai: Any
+) -> None:
+    """The live watcher's drain holds the change first (then takes the queue's rows and
+    fans them out to the new vectors); a cutover's finalize marks the change first (then
+    moves what is queued for the column it dropped). Each waits for the other, never in
+    a cycle: before, the drain took the queue's rows first and the two deadlocked, and
+    the drained edits never reached the new vectors, which are the ones that stay."""
+    import threading
+    import time
+
+    from embedfill.application import amodel_finalize
+    from embedfill.db import homes
+    from embedfill.db import queries as q
+    from embedfill.db.store import watch_key
+
+    oid, column_id = _cut_over_with_triggers(indexed, fake_openai)
+    failed: list[BaseException] = []
+    with (
+        psycopg.connect(indexed, autocommit=True) as watcher,  # leads the new vectors
+        psycopg.connect(indexed) as drain,  # the live watcher's drain, as watch.py runs it
+    ):
+        watcher.execute(
+            "SELECT pg_advisory_lock(hashtextextended(%s, 0))", (watch_key(oid, "emb_next"),)
+        )
+        drain.execute(q.HOLD_CHANGES_OF_MODEL, {"table_oid": oid, "column": "emb"})
+        keys = [
+            r[0]
+            for r in drain.execute(
+                q.DRAIN_CHANGES, {"column_id": column_id, "inflight": [], "limit": 100}
+            ).fetchall()
+        ]
+        assert sorted(keys) == ["3", "4"]
+
+        def finalize() -> None:
+            try:
+                run(amodel_finalize, indexed, yes=True, force=True)
+            except BaseException as exc:
+                failed.append(exc)
+
+        finalizing = threading.Thread(target=finalize)
+        finalizing.start()
+        time.sleep(1.5)  # its DDL is done; its mark waits for this drain
+        drain.execute(
+            q.FAN_OUT_CHANGES,
+            {"table_oid": oid, "column": "emb", "keys": keys, "side_vector": homes.VECTOR},
+        )
+        drain.commit()
+        finalizing.join(timeout=30.0)
+    assert not failed, failed
+    assert status(indexed).phase == "finalized"
+    assert _queued(indexed) == [("SupportTickets", "emb_next", ["3", "4"])]
+
+
+def test_a_cutovers_finalize_queues_what_was_queued_for_the_dropped_column_for_the_kept_one(
+    indexed: str, fake_openai: Any
+) -> None:
+    """Edits the triggers queued for the live column, not yet drained when a cutover's
+    finalize drops it, are queued for the new vectors (which stay) instead of forgotten."""
+    from embedfill.application import amodel_finalize
+
+    _cut_over_with_triggers(indexed, fake_openai)
+    assert _queued(indexed) == [("SupportTickets", "emb", ["3", "4"])]
+    run(amodel_finalize, indexed, yes=True, force=True)
+    assert _queued(indexed) == [("SupportTickets", "emb_next", ["3", "4"])]
+
+
+@pytest.mark.parametrize("strategy", ["column", "table"])
+def test_a_watch_left_running_through_a_cutovers_finalize_ends_the_live_watcher_quietly(
+    indexed: str, fake_openai: Any, strategy: str
+) -> None:
+    """A cutover's finalize drops the live column, as it was asked to: the live
+    watcher ends (its job ends as a stopped watch's, not failed) and says where the
+    searches went; the watch exits clean. Before, the watch exited 3 ("1 of 2 watched
+    targets stopped being watched ... does not exist"). With the column strategy the new
+    vectors' watcher goes on, fed by the triggers the finalize moved."""
+    from embedfill.application import amodel_cutover, amodel_finalize, amodel_verify, atriggers
+    from tests.integration.test_watch import Running, wait_for
+
+    cfg = _watched_config(fake_openai)
+    start(indexed, strategy=strategy)
+    asyncio.run(atriggers(cfg, Database(indexed), "tickets", True, False))
+    run(amodel_verify, indexed, env={})
+    run(amodel_cutover, indexed)
+    w = Running(indexed, cfg, interval_s=0.5, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(w.watches) == 2 and all(x.job_id for x in w.watches))
+        live, new = w.watches
+        live_job = live.job_id
+        run(amodel_finalize, indexed, yes=True, force=True)
+        wait_for(lambda: live.job_id is None, timeout=20)
+        assert live.failed is None and live.retired
+        if strategy == "column":
+            with psycopg.connect(indexed, autocommit=True) as conn:
+                conn.execute(f"UPDATE {T} SET body = 'after the finalize' WHERE ticket_no = 9")
+            wait_for(lambda: _fresh_new_vector(indexed, "column", 9), timeout=15)
+            assert new.job_id is not None
+    finally:
+        w.stop()
+    assert w.error is None
+    with psycopg.connect(indexed) as conn:
+        row = conn.execute("SELECT status FROM embedfill.runs WHERE id = %s", (live_job,))
+        assert row.fetchone()[0] != "failed"
 
 
 def test_with_nobody_watching_the_new_vectors_the_triggers_edits_are_not_queued_for_them(

@@ -326,6 +326,7 @@ WITH home AS MATERIALIZED (
       AND m.phase <> 'finalized' AND h.oid IS NOT NULL
     -- a finalize's mark waits for this transaction (then forgets what it queued), or
     -- this waits for the finalize and sees the change finalized: never queued after
+    -- (the drain holds the row already: HOLD_CHANGES_OF_MODEL)
     FOR SHARE OF m)
 INSERT INTO embedfill.changes (column_id, row_key)
 SELECT home.column_id, k.row_key
@@ -339,6 +340,23 @@ WHERE EXISTS (
           OPERATOR(pg_catalog.&) 4294967295)::pg_catalog.oid
       AND l.objid OPERATOR(pg_catalog.=)
           (home.lock_key OPERATOR(pg_catalog.&) 4294967295)::pg_catalog.oid)"""
+# Taken by a live watcher's drain before it locks queue rows, in the drain's transaction:
+# the change of model under way on its column, held FOR SHARE as the fan-out holds it. A
+# finalize marks the change (waiting for drains that hold it) before it moves or forgets
+# the queue's rows: both take the change's row first, so neither waits on the other in
+# a cycle (with the queue rows taken first, a drain's fan-out and a finalize deadlocked).
+HOLD_CHANGES_OF_MODEL = """
+SELECT m.id FROM embedfill.model_migrations AS m
+WHERE m.table_oid = %(table_oid)s AND m.column_name = %(column)s AND m.phase <> 'finalized'
+FOR SHARE OF m"""
+# what is queued for the live column that a cutover's finalize dropped goes to the new
+# vectors, which stay (and which the change triggers queue for from then on)
+MOVE_CHANGES = """
+UPDATE embedfill.changes AS q SET column_id = k.id
+FROM embedfill.vector_columns AS d, embedfill.vector_columns AS k
+WHERE q.column_id = d.id AND d.schema_name = %(schema)s AND d.table_name = %(table)s
+  AND d.column_name = %(column)s AND k.schema_name = %(to_schema)s
+  AND k.table_name = %(to_table)s AND k.column_name = %(to_column)s"""
 # what is queued for a column that a finalize dropped: nobody drains it any more
 FORGET_CHANGES = """
 DELETE FROM embedfill.changes AS q USING embedfill.vector_columns AS c

@@ -340,6 +340,25 @@ class Store:
             },
         )
 
+    async def hold_changes_of_model(self, table_oid: int, column: str) -> None:
+        """In a drain's transaction, before its queue rows: hold the change of model under
+        way on the column, if any (q.HOLD_CHANGES_OF_MODEL)."""
+        await self.conn.execute(q.HOLD_CHANGES_OF_MODEL, {"table_oid": table_oid, "column": column})
+
+    async def move_changes(self, dropped: tuple[str, str, str], kept: tuple[str, str, str]) -> None:
+        """Queue what is queued for the ``dropped`` (schema, table, column) for ``kept``."""
+        await self.conn.execute(
+            q.MOVE_CHANGES,
+            {
+                "schema": dropped[0],
+                "table": dropped[1],
+                "column": dropped[2],
+                "to_schema": kept[0],
+                "to_table": kept[1],
+                "to_column": kept[2],
+            },
+        )
+
     async def forget_changes(self, schema: str, table: str, column: str) -> None:
         """Drop what is queued for a vector column that no longer exists (finalize)."""
         await self.conn.execute(
