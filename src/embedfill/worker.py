@@ -251,12 +251,19 @@ class Worker:
             return False
         self._migrations_mark = mark
         new = [n for n in derived if n not in known]
-        if new:
+        # a later change to the same provider section has the same derived name and
+        # another home (a side table, then a column): its jobs are judged by the new one
+        changed = [n for n in derived if n in known and config.target(n) != self.config.target(n)]
+        if new or changed:
             self.config = config
             if self.targets is not None:
                 self.targets = list(dict.fromkeys([*self.targets, *new]))
-            log.info("worker: taking the new vectors' chunks of %s too", ", ".join(new))
-        return bool(new)
+            if changed:
+                self.refused.clear()  # judged again, by the settings they have now
+            log.info(
+                "worker: taking the new vectors' chunks of %s too", ", ".join([*new, *changed])
+            )
+        return bool(new or changed)
 
     async def _notice_changes_of_model(self) -> None:
         """A change of model started since this worker looked: its derived target is

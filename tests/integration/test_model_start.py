@@ -778,6 +778,36 @@ def test_a_watch_left_running_through_a_cutovers_finalize_ends_the_live_watcher_
         assert row.fetchone()[0] != "failed"
 
 
+def test_a_second_change_to_the_same_provider_with_another_strategy_is_watched_without_a_restart(
+    indexed: str, fake_openai: Any
+) -> None:
+    """The same provider section for two changes in turn (a side table, given up; then a
+    shadow column): the derived target keeps its name and gets another home. The watch's
+    worker judged the second change's jobs by the first's settings (text template None
+    against the target's) and refused them, so its rows stayed unfilled until a restart."""
+    from embedfill.application import amodel_finalize, amodel_rollback
+    from tests.integration.test_watch import Running, wait_for
+
+    cfg = _watched_config(fake_openai)
+    w = Running(indexed, cfg, interval_s=0.5, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(w.watches) == 1 and bool(w.watches[0].job_id))
+        start(indexed, strategy="table")
+        wait_for(lambda: len(w.watches) == 2 and all(x.job_id for x in w.watches), timeout=20)
+        run(amodel_rollback, indexed)
+        run(amodel_finalize, indexed, yes=True)
+        wait_for(lambda: w.watches[1].job_id is None, timeout=20)
+        start(indexed, strategy="column")
+        wait_for(lambda: len(w.watches) == 3 and bool(w.watches[2].job_id), timeout=20)
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(f"UPDATE {T} SET body = NULL, emb_next = NULL WHERE ticket_no = 9")
+            conn.execute(f"UPDATE {T} SET body = 'the second change' WHERE ticket_no = 9")
+        wait_for(lambda: _fresh_new_vector(indexed, "column", 9), timeout=20)
+    finally:
+        w.stop()
+    assert w.error is None
+
+
 def test_with_nobody_watching_the_new_vectors_the_triggers_edits_are_not_queued_for_them(
     indexed: str, fake_openai: Any
 ) -> None:

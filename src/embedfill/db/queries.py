@@ -517,12 +517,14 @@ SELECT f.tenant, f.error_class, pg_catalog.count(*) FROM f WHERE """
 GROUP BY 1, 2 ORDER BY 1, 2"""
 )
 
-# a worker's own report for a job, then the job's totals as the sum over its workers
+# a worker's own report for a job, then the job's totals as the sum over its workers (a
+# worker that refused the job before works on it now: its config changed meanwhile)
 SAVE_WORKER = """
 INSERT INTO embedfill.workers AS w (run_id, worker, host, pid, chunks, report)
 VALUES (%(run_id)s, %(worker)s, %(host)s, %(pid)s, %(chunks)s, %(report)s)
 ON CONFLICT (run_id, worker) DO UPDATE
-SET chunks = excluded.chunks, report = excluded.report, heartbeat_at = now()"""
+SET chunks = excluded.chunks, report = excluded.report, heartbeat_at = now(),
+    refused = NULL"""
 
 # a worker that refuses a job (jobs/spec.py): listed among its workers, with the setting
 REFUSE_JOB = """
