@@ -26,7 +26,7 @@ from psycopg import sql
 
 from . import freshness, jobs, migration, watch
 from . import keys as keymod
-from .config import Config, TargetConfig
+from .config import Config, TargetConfig, env_secret
 from .db import homes, indexes, triggers
 from .db.catalog import (
     TableInfo,
@@ -60,7 +60,7 @@ from .errors import (
 from .errors import first_line as _first_line
 from .jobs.spec import JobSpec
 from .models import Report, TargetStatus
-from .providers import Provider, make_provider
+from .providers import Provider, make_provider, needs_key
 from .verify import AdoptResult, Verifier, VerifyResult, sample_size
 
 log = logging.getLogger(__name__)
@@ -279,17 +279,39 @@ async def astatus(config: Config, db: Database, target: str | None = None) -> li
 
 
 async def aplan_model(
-    config: Config, db: Database, target: str, to: str, strategy: str = "table"
+    config: Config,
+    db: Database,
+    target: str,
+    to: str,
+    strategy: str = "table",
+    *,
+    env: Mapping[str, str] | None = None,
 ) -> migration.ModelPlan:
     """What changing ``target``'s model to provider section ``to`` takes (migration.py).
-    Read-only."""
+    Read-only. Its warnings also say what ``model start`` would meet in this process's
+    environment (``env``: os.environ by default), and what the strategy means at the end."""
     conn = await connect(db)
     try:
-        return await migration.plan(conn, config, target, to, strategy)
+        plan = await migration.plan(conn, config, target, to, strategy)
     except psycopg.Error as exc:
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
     finally:
         await conn.close()
+    new = config.providers[to]
+    if needs_key(new) and not env_secret(os.environ if env is None else env, new.api_key_env):
+        plan.warnings.append(
+            f"{new.api_key_env}, the API key of provider section {to!r}, is not set here: "
+            "`model start` fails the rows of every tenant without a key of its own until "
+            "it is (set it, or store keys with `embedfill keys set`)."
+        )
+    if strategy == "table":
+        plan.warnings.append(
+            "After a cutover, finalizing the table strategy needs --force: a config cannot "
+            "name a side table as a target's vectors yet, so backfill, watch and model start "
+            "of the target stop at its dropped column; the column strategy ends with the "
+            "target pointed at its new column."
+        )
+    return plan
 
 
 # DDL on the app's table (a shadow column) waits at most this long for its lock, and is

@@ -217,7 +217,8 @@ def steps_of(
         return [
             Step(
                 "create",
-                f"CREATE TABLE {side} (row id, vector, the md5 of the text it was made of)",
+                f"CREATE TABLE {side} (row id, tenant, vector; each vector's provenance is"
+                " kept beside the live column's)",
                 f"none on {table}; ACCESS EXCLUSIVE on the new table",
                 "no",
             ),

@@ -35,6 +35,7 @@ def config(**target: Any) -> Config:
                 },
                 "wide": {"kind": "hash", "model": "hash-wide", "dimensions": 3072},
                 "same": {**provider_settings(NOWHERE, 8), "max_concurrency": 1},
+                "keyed": provider_settings(NOWHERE, 16, model="test-embed-2"),
             },
             "targets": [
                 {
@@ -99,7 +100,7 @@ def test_a_plan_counts_rows_tokens_cost_and_time_and_changes_nothing(indexed: st
     assert [s.step for s in p.steps] == ["create", "fill", "index", "cutover", "finalize"]
     fill = p.steps[1]
     assert "ACCESS SHARE on app.SupportTickets" in fill.locks and fill.blocks_app == "no"
-    assert p.warnings == []
+    assert len(p.warnings) == 1 and "finalizing the table strategy needs --force" in p.warnings[0]
 
 
 def test_the_column_strategy_says_what_it_locks_and_rewrites(indexed: str) -> None:
@@ -110,6 +111,22 @@ def test_the_column_strategy_says_what_it_locks_and_rewrites(indexed: str) -> No
     assert "tickets_emb_hnsw" in fill.does  # every UPDATE inserts into the live graph
     assert p.disk_bytes["vectors"] == 58 * (8 + 4 * 16)
     assert any("rewrites every row" in w for w in p.warnings)
+
+
+def test_a_plan_says_when_the_new_providers_key_is_not_set_here(indexed: str) -> None:
+    """Before, the plan was clean and `model start` then failed every row (the reason
+    only in stderr's warnings)."""
+
+    def warnings(env: dict[str, str]) -> list[str]:
+        got = asyncio.run(
+            aplan_model(config(), Database(indexed), "tickets", "keyed", "column", env=env)
+        )
+        return [w for w in got.warnings if "rewrites every row" not in w]
+
+    [missing] = warnings({})
+    assert missing.startswith("TEST_PLATFORM_KEY, the API key of provider section 'keyed'")
+    assert "sk-" not in missing
+    assert warnings({"TEST_PLATFORM_KEY": "sk-test-0000"}) == []
 
 
 def test_a_big_table_is_counted_on_a_sample(db_url: str) -> None:
@@ -136,7 +153,9 @@ def test_what_cannot_work_is_refused_in_one_sentence(indexed: str) -> None:
         plan(indexed, to="wide")
     with pytest.raises(PlanRefused, match="same model, so there is nothing to change"):
         plan(indexed, to="same")
-    with pytest.raises(ConfigError, match=r"names no provider section .*there are: next, openai"):
+    with pytest.raises(
+        ConfigError, match=r"names no provider section .*there are: keyed, next, openai"
+    ):
         plan(indexed, to="nope")
     with pytest.raises(UsageError, match="--strategy must be table or column"):
         plan(indexed, strategy="shadow")
