@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import logging
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -47,6 +48,8 @@ from .errors import PlanRefused, UsageError
 from .freshness import model_identity, provenance_ids
 from .planning import estimate_cost, prepare_text
 from .providers import make_provider
+
+log = logging.getLogger(__name__)
 
 STRATEGIES = ("table", "column")
 # pgvector's limits on what hnsw and ivfflat index, by vector type
@@ -501,6 +504,9 @@ class MigrationStatus:
     active: str = "old"  # which vectors the app's searches use: old | new
     job_id: int | None = None
     updated_at: dt.datetime | None = None
+    # what to do next, when the config no longer fits what happened (a finalize dropped
+    # the column it names)
+    next_step: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -546,6 +552,8 @@ async def status_of(
         home["column"],
     ):
         out.active = "new"
+    if out.phase == "finalized" and out.active == "new":
+        out.next_step = _after_finalize(target, out)
     if out.phase == "finalized" or to_model.get("provider") not in config.providers:
         return out
     to = config.providers[to_model["provider"]]
@@ -582,6 +590,27 @@ async def status_of(
         else:
             out.index = "valid"
     return out
+
+
+def _after_finalize(target: TargetConfig, st: MigrationStatus) -> str | None:
+    """After a cutover's finalize dropped the live column, what the config needs, while
+    the target still names that column."""
+    home = st.home
+    if st.strategy == "column":
+        if target.embedding_column == home.get("column"):
+            return None  # the config already points at the new vectors
+        return (
+            f"Point target {target.name!r} at its new vectors in the config: "
+            f'embedding_column = "{home.get("column")}" and provider = '
+            f'"{st.to_model.get("provider")}".'
+        )
+    return (
+        f"The vectors of {target.name!r} are in the side table "
+        f"{home.get('schema')}.{home.get('relation')} now; a config cannot name a side "
+        "table as a target's vectors yet: run no backfill, watch or model start of this "
+        "target (they stop at its dropped column); the app finds the side table through "
+        "embedfill.active()."
+    )
 
 
 # ---------------------------------------------------------------------- gates
@@ -737,7 +766,17 @@ async def changes_under_way(
         except EmbedfillErrorBase:
             continue  # its own watcher reports it
         row = await Store(conn).open_migration(info.oid, live.embedding_column)
-        if row is None or row["to_model"].get("provider") not in config.providers:
+        if row is None:
+            continue
+        if row["to_model"].get("provider") not in config.providers:
+            log.warning(
+                "a change of %s's model to provider section %r is under way, and this "
+                "config has no [providers.%s]: its new vectors are not kept fresh by this "
+                "process; add the section (as the config that started it has it) and restart",
+                name,
+                row["to_model"].get("provider"),
+                row["to_model"].get("provider"),
+            )
             continue
         home = dict(row["home"])
         derived = derived_target(

@@ -310,5 +310,7 @@ def model_status_text(console: Console, statuses: list[MigrationStatus]) -> None
             lines.append(
                 f"  gate {name}: {gate.get('value')} (threshold {gate.get('threshold')}) {verdict}"
             )
+        if st.next_step:
+            lines.append(f"  next: {st.next_step}")
         for line in lines:
             console.print(printable(line), markup=False)

@@ -275,6 +275,15 @@ def test_a_cutovers_finalize_moves_the_change_triggers_off_the_dropped_column(
         conn.execute(f"UPDATE {T} SET body = 'queued before' WHERE ticket_no = 3")
     st = run(amodel_finalize, indexed, yes=True, force=True)
     assert st.phase == "finalized"
+    if strategy == "column":  # what the config needs now, said where the operator looks
+        assert st.next_step == (
+            "Point target 'tickets' at its new vectors in the config: "
+            'embedding_column = "emb_next" and provider = "next".'
+        )
+    else:
+        assert st.next_step is not None and "side table app.SupportTickets_emb_next" in (
+            st.next_step
+        )
     with psycopg.connect(indexed, autocommit=True) as conn:
         conn.execute(f"UPDATE {T} SET body = 'edited after' WHERE ticket_no = 4")
         triggers = conn.execute(
@@ -809,11 +818,11 @@ def test_a_second_change_to_the_same_provider_with_another_strategy_is_watched_w
 
 
 def test_with_nobody_watching_the_new_vectors_the_triggers_edits_are_not_queued_for_them(
-    indexed: str, fake_openai: Any
+    indexed: str, fake_openai: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A watch whose config lacks the new model's section watches the live column only:
-    nothing is queued for the new vectors, where nobody would ever drain it (their
-    watcher's first sweep finds the edits when one starts)."""
+    """A watch whose config lacks the new model's section watches the live column only,
+    and says so: nothing is queued for the new vectors, where nobody would ever drain it
+    (their watcher's first sweep finds the edits when one starts)."""
     import time
 
     from embedfill.application import atriggers
@@ -835,6 +844,11 @@ def test_with_nobody_watching_the_new_vectors_the_triggers_edits_are_not_queued_
         w.stop()
     with psycopg.connect(indexed) as conn:
         assert conn.execute("SELECT count(*) FROM embedfill.changes").fetchone() == (0,)
+    assert any(
+        "a change of tickets's model to provider section 'next' is under way, and this "
+        "config has no [providers.next]" in r.getMessage()
+        for r in caplog.records
+    )
 
 
 @pytest.mark.parametrize("strategy", ["column", "table"])

@@ -202,6 +202,11 @@ class MigrationBody(BaseModel):
     active: str = Field(description="old or new: which vectors the app's searches use")
     job_id: int | None
     updated_at: Any
+    next_step: str | None = Field(
+        None,
+        description="what the config needs after a cutover's finalize dropped the column "
+        "it names; null otherwise",
+    )
 
 
 class StatusBody(BaseModel):
