@@ -300,14 +300,13 @@ class TargetWatch:
                             continue
                     if not self._led:
                         raise  # at start-up, what can never work is refused
-                    moved = await self._moved_by_a_change()
-                    if moved is not None:
+                    next_step = await self._dropped_by_a_change()
+                    if next_step is not None:
                         # a cutover's finalize dropped the column, as it was asked to
                         await self._end(
                             None,
                             f"the finalize of its change of model dropped "
-                            f"{self.target.embedding_column}; the app searches {moved} now: "
-                            "point the target at it in the config",
+                            f"{self.target.embedding_column}. {next_step}",
                         )
                         return
                     # the table changed shape under the watch and no longer fits: this
@@ -600,28 +599,17 @@ class TargetWatch:
             return True
         return any(migration.derived_name(t, p) == self.target.name for t, p in changes)
 
-    async def _moved_by_a_change(self) -> str | None:
-        """Where the app's searches went (``schema.relation.column``) when this target's
-        column is gone because a change of model was finalized after its cutover; None
-        otherwise (and on doubt: the database does not answer)."""
-        if self._oid is None:
-            return None
+    async def _dropped_by_a_change(self) -> str | None:
+        """What the config needs (``migration.status_of``'s ``next_step``) when this
+        target's column is gone because a change of model was finalized after its
+        cutover; None otherwise (and on doubt: the database does not answer)."""
         try:
             gen = await self._hub.open()
             async with self._hub.use(gen) as conn:
-                store = Store(conn)
-                change = await store.latest_migration(self._oid, self.target.embedding_column)
-                active = await store.active_model(self.target.name)
+                status = await migration.status_of(conn, self.config, self.target)
         except (psycopg.Error, EmbedfillError):
             return None
-        if change is None or change["phase"] != "finalized" or active is None:
-            return None
-        if active["migration_id"] != change["id"] or (
-            active["relation"],
-            active["column_name"],
-        ) == (self.target.table.name, self.target.embedding_column):
-            return None  # the last change was rolled back: the live column was kept
-        return f"{active['schema_name']}.{active['relation']}.{active['column_name']}"
+        return status.next_step
 
     async def close(self) -> None:
         """After the workers finished their chunks in flight: end the watch job (chunks
