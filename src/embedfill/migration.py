@@ -434,6 +434,18 @@ def derived_name(target: str, provider: str) -> str:
     return f"{target}@{provider}"
 
 
+async def finalized_since(conn: psycopg.AsyncConnection[Any], target: str, since: Any) -> bool:
+    """Whether a change of model whose live or new vectors are ``target``'s was finalized
+    since then: its finalize dropped the old vectors (after a cutover) or the new ones
+    (after a rollback), as it was asked to."""
+    for live, provider, cut_over in await Store(conn).finalized_migrations_since(since):
+        if cut_over and target == live:
+            return True
+        if not cut_over and provider is not None and target == derived_name(live, provider):
+            return True
+    return False
+
+
 def derived_target(
     target: TargetConfig, to: ProviderConfig, strategy: str, home: dict[str, Any]
 ) -> TargetConfig:

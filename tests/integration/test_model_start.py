@@ -335,6 +335,42 @@ def test_a_change_given_up_before_the_cutover_drops_only_the_new_vectors(indexed
     assert start(indexed).phase == "ready"  # and a new change may start
 
 
+@pytest.mark.parametrize("ending", ["cutover", "rollback"])
+def test_a_finalize_says_whose_vectors_it_dropped(indexed: str, ending: str) -> None:
+    """What a worker asks before failing a watch job on a missing column: was it dropped
+    by a finalize since the job started? A cutover's finalize drops the live target's
+    vectors, a rollback's the new ones (target ``tickets@next``); not the other's."""
+    from embedfill import migration
+    from embedfill.application import (
+        amodel_cutover,
+        amodel_finalize,
+        amodel_rollback,
+        amodel_verify,
+    )
+
+    async def dropped(target: str, since: Any) -> bool:
+        async with await psycopg.AsyncConnection.connect(indexed) as conn:
+            return await migration.finalized_since(conn, target, since)
+
+    with psycopg.connect(indexed) as conn:
+        before = conn.execute("SELECT now()").fetchone()[0]
+    start(indexed, strategy="column")
+    if ending == "cutover":
+        run(amodel_verify, indexed, env={})
+        run(amodel_cutover, indexed)
+    else:
+        run(amodel_rollback, indexed)
+    assert not asyncio.run(dropped("tickets", before))  # not yet finalized
+    run(amodel_finalize, indexed, yes=True, force=True)
+    with psycopg.connect(indexed) as conn:
+        after = conn.execute("SELECT now()").fetchone()[0]
+    assert asyncio.run(dropped("tickets", before)) is (ending == "cutover")
+    assert asyncio.run(dropped("tickets@next", before)) is (ending == "rollback")
+    assert not asyncio.run(dropped("tickets@other", before))
+    assert not asyncio.run(dropped("tickets", after))  # a job started since is not concerned
+    assert not asyncio.run(dropped("tickets@next", after))
+
+
 @pytest.mark.slow
 def test_an_app_searching_and_writing_throughout_never_errs_or_waits_on_a_lock(
     indexed: str,
@@ -782,6 +818,54 @@ def test_a_watch_left_running_through_a_cutovers_finalize_ends_the_live_watcher_
     finally:
         w.stop()
     assert w.error is None
+    with psycopg.connect(indexed) as conn:
+        row = conn.execute("SELECT status FROM embedfill.runs WHERE id = %s", (live_job,))
+        assert row.fetchone()[0] != "failed"
+
+
+def test_a_live_chunk_in_flight_across_a_cutovers_finalize_leaves_no_task_behind(
+    indexed: str, fake_openai: Any
+) -> None:
+    """A chunk of the live watch job is at the provider while a cutover's finalize drops
+    the live column; its write then fails on the dropped column. The session's scan,
+    waiting for its next chunk, was cancelled and left its queue reader pending: it
+    would have taken the next chunk handed in, which then never ended (its worker
+    waited for it for ever). Before: ``['Queue.get']`` outlived the watch. The live job
+    ends as a stopped watch's, not failed."""
+    import threading
+
+    from embedfill.application import amodel_cutover, amodel_finalize, amodel_verify, atriggers
+    from tests.integration.test_watch import Running, wait_for
+
+    cfg = _watched_config(fake_openai)
+    start(indexed, strategy="column")
+    asyncio.run(atriggers(cfg, Database(indexed), "tickets", True, False))
+    run(amodel_verify, indexed, env={})
+    run(amodel_cutover, indexed)
+    w = Running(indexed, cfg, interval_s=3.0, sweep_interval_s=3600)
+    answer = threading.Event()
+    asked = threading.Event()
+
+    def held(inputs: list[str]) -> None:  # the answer waits until the column is gone
+        if any("in flight" in text for text in inputs):
+            asked.set()
+            answer.wait(30)
+
+    try:
+        wait_for(lambda: len(w.watches) == 2 and all(x.job_id for x in w.watches))
+        live = w.watches[0]
+        live_job = live.job_id
+        fake_openai.on_inputs = held
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(f"UPDATE {T} SET body = 'in flight' WHERE ticket_no = 5")
+        wait_for(asked.is_set, timeout=20)
+        run(amodel_finalize, indexed, yes=True, force=True)
+        answer.set()
+        wait_for(lambda: live.job_id is None, timeout=20)
+        assert live.failed is None and live.retired
+    finally:
+        answer.set()
+        w.stop()  # asserts that no task outlived the watch
     with psycopg.connect(indexed) as conn:
         row = conn.execute("SELECT status FROM embedfill.runs WHERE id = %s", (live_job,))
         assert row.fetchone()[0] != "failed"

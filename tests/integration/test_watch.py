@@ -44,6 +44,8 @@ class Running:
         self.stop_event: asyncio.Event | None = None
         self.watches: list[TargetWatch] = []
         self.error: BaseException | None = None
+        # tasks still pending when the watch returned: nothing may outlive it
+        self.left_behind: list[str] = []
         ready = threading.Event()
 
         def main() -> None:
@@ -66,6 +68,11 @@ class Running:
             except BaseException as exc:
                 self.error = exc
             finally:
+                self.left_behind = [
+                    t.get_coro().__qualname__  # type: ignore[union-attr]
+                    for t in asyncio.all_tasks(self.loop)
+                    if not t.done()
+                ]
                 self.loop.run_until_complete(self.loop.shutdown_asyncgens())
                 self.loop.close()
 
@@ -80,6 +87,7 @@ class Running:
         assert not self.thread.is_alive(), "watch did not stop"
         if self.error is not None:
             raise self.error
+        assert self.left_behind == [], f"tasks outlived the watch: {self.left_behind}"
 
 
 @pytest.fixture

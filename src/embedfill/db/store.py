@@ -406,6 +406,12 @@ class Store:
         cur = await self.conn.execute(q.LATEST_MIGRATION_OF, {"target": target})
         return await _one_dict(cur)
 
+    async def finalized_migrations_since(self, since: Any) -> list[tuple[str, str | None, bool]]:
+        """(target, new provider section, cut over) of each change of model finalized
+        since then."""
+        cur = await self.conn.execute(q.FINALIZED_MIGRATIONS_SINCE, {"since": since})
+        return [(str(t), p, bool(c)) for t, p, c in await cur.fetchall()]
+
     async def migration_target(self, migration_id: int) -> str | None:
         """The target name a change of model was started for."""
         cur = await self.conn.execute(q.MIGRATION_TARGET, {"id": migration_id})

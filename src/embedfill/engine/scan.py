@@ -383,6 +383,17 @@ class Scanner:
             await asyncio.wait(
                 [getter, *stops], timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
             )
+        except BaseException:
+            # cancelled (the session's pipeline failed elsewhere: a write on a column a
+            # finalize dropped): the getter must not outlive the scan. Left pending, it
+            # would take the next chunk handed in, which then never ended and its
+            # worker waited for it for ever; one it took just now goes back, so the
+            # session's end resolves it with the others
+            if getter.done() and not getter.cancelled():
+                self.state.chunk_q.put_nowait(getter.result())
+            else:
+                getter.cancel()
+            raise
         finally:
             for waiter in stops:
                 waiter.cancel()
