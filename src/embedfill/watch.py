@@ -250,6 +250,7 @@ class TargetWatch:
     # (runtime.py); it ends quietly when that change is finalized and its home dropped
     derived_from: str | None = None
     retired: bool = False  # ended without a fault (that change of model is over)
+    _over: str | None = None  # why it ends without a fault, found by _step
     _leads: tuple[int, str] | None = field(default=None, repr=False)  # (generation, lock)
     _led: bool = field(default=False, repr=False)  # it has watched: start-up is over
 
@@ -402,6 +403,8 @@ class TargetWatch:
                 continue
             blocked = 0.0
             if wait is None:
+                if self._over is not None:  # see _side_table_left
+                    await self._end(None, self._over)
                 return
             await _wait_for(changed, stop, wait)
 
@@ -435,6 +438,10 @@ class TargetWatch:
             )
             self.job_id = None
             return None
+        if self.derived_from is not None:
+            self._over = await self._side_table_left(store)
+            if self._over is not None:
+                return None
         todo, _ = await store.open_chunks(job)
         if todo:
             # every worker is busy: what changes meanwhile gathers in the queue and goes
@@ -586,6 +593,41 @@ class TargetWatch:
                     # target over (its home is gone, or no longer fits)
                     await jobs.finish(conn, job, error=exc, force=True, end_watch=True)
         await self._step_down()
+
+    async def _side_table_left(self, store: Store) -> str | None:
+        """Why this watcher of a side table ends, when its change of model was finalized:
+        after a rollback the side table is dropped; after a cutover the live column is,
+        and then nothing queues the live table's edits for the side table (the live
+        watcher, whose drain did, ended), and a config cannot name a side table as a
+        target's vectors: a watch started later would not keep it either. Watching it on
+        until a restart, it went stale between sweeps while the status looked fine; the
+        watch says so and ends instead. (A shadow column is kept by its watcher: the
+        finalize moved the change triggers to it.)"""
+        assert self.derived_from is not None
+        row = await store.latest_migration_of(self.derived_from)
+        if row is None or row["phase"] != "finalized" or row["strategy"] != "table":
+            return None
+        if migration.derived_name(self.derived_from, row["to_model"].get("provider")) != (
+            self.target.name
+        ):
+            return None  # a later change's, by another provider section
+        home = dict(row["home"])
+        side = f"{home.get('schema')}.{home.get('relation')}"
+        active = await store.active_model(self.derived_from)
+        if active is None or (active["relation"], active["column_name"]) != (
+            home.get("relation"),
+            home.get("column"),
+        ):
+            return f"the change of model of {self.derived_from} was given up and {side} dropped"
+        log.warning(
+            "watch of %s: the change of model of %s was finalized: the app searches the side "
+            "table %s, which no watch keeps fresh from now on (a config cannot name a side "
+            "table as a target's vectors yet); rows the app edits keep their old vectors there",
+            self.target.name,
+            self.derived_from,
+            side,
+        )
+        return f"the change of model of {self.derived_from} was finalized with a side table"
 
     async def _change_open(self) -> bool:
         """Whether the change of model whose new vectors this watcher's target is (the

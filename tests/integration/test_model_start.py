@@ -787,13 +787,16 @@ def test_a_cutovers_finalize_queues_what_was_queued_for_the_dropped_column_for_t
 
 @pytest.mark.parametrize("strategy", ["column", "table"])
 def test_a_watch_left_running_through_a_cutovers_finalize_ends_the_live_watcher_quietly(
-    indexed: str, fake_openai: Any, strategy: str
+    indexed: str, fake_openai: Any, strategy: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A cutover's finalize drops the live column, as it was asked to: the live
     watcher ends (its job ends as a stopped watch's, not failed) and says where the
     searches went; the watch exits clean. Before, the watch exited 3 ("1 of 2 watched
     targets stopped being watched ... does not exist"). With the column strategy the new
-    vectors' watcher goes on, fed by the triggers the finalize moved."""
+    vectors' watcher goes on, fed by the triggers the finalize moved. With the table
+    strategy the side table's watcher ends too, and says that nothing keeps the side
+    table fresh from now on: it went on until a restart, fed by sweeps alone (56 of 56
+    edited rows stale), and a watch started later does not watch it at all."""
     from embedfill.application import amodel_cutover, amodel_finalize, amodel_verify, atriggers
     from tests.integration.test_watch import Running, wait_for
 
@@ -815,6 +818,12 @@ def test_a_watch_left_running_through_a_cutovers_finalize_ends_the_live_watcher_
                 conn.execute(f"UPDATE {T} SET body = 'after the finalize' WHERE ticket_no = 9")
             wait_for(lambda: _fresh_new_vector(indexed, "column", 9), timeout=15)
             assert new.job_id is not None
+        else:
+            wait_for(lambda: new.job_id is None, timeout=20)
+            assert new.failed is None and new.retired
+            assert any(
+                "which no watch keeps fresh from now on" in r.getMessage() for r in caplog.records
+            )
     finally:
         w.stop()
     assert w.error is None
