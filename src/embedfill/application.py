@@ -552,8 +552,11 @@ async def amodel_start(
                         str(live.table),
                     )
             elif strategy == "table" and phase != "finalized":
-                # row-level security turned on since the side table was made reaches it
+                # row-level security turned on since the side table was made reaches it,
+                # and so do grants of the live table given since (or that a side table
+                # made by an older embedfill lacks)
                 async with conn.transaction():
+                    await homes.grant_like(conn, info.oid, home["schema"], home["relation"])
                     await homes.secure_like(
                         conn, info.sql(live), info.oid, home["schema"], home["relation"]
                     )
@@ -795,7 +798,9 @@ async def amodel_cutover(config: Config, db: Database, target: str) -> migration
         store = Store(conn)
         async with conn.transaction():
             await conn.execute("SELECT pg_catalog.set_config('lock_timeout', '2s', true)")
-            if row["strategy"] == "table":  # the app reads it from now: its RLS as the live
+            if row["strategy"] == "table":  # the app reads it from now: who may read the
+                # live table may read it (a role granted since the start too), its RLS too
+                await homes.grant_like(conn, _info.oid, home["schema"], home["relation"])
                 await homes.secure_like(
                     conn, _info.sql(live), _info.oid, home["schema"], home["relation"]
                 )

@@ -150,6 +150,43 @@ def test_who_may_read_the_live_table_may_read_the_side_table(indexed: str, roles
     ]
 
 
+def test_a_reader_granted_after_the_start_may_read_the_side_table_at_the_cutover(
+    indexed: str, roles: Any
+) -> None:
+    """The side table is granted like the live table when it is made; an app role
+    granted SELECT on the live table after that could not read it once the cutover sent
+    its searches there (permission denied). The cutover grants it again, and so does a
+    `model start` run again (which also mends a side table an older embedfill made
+    without the writers' grants)."""
+    from embedfill.application import amodel_cutover, amodel_verify
+
+    late, writer = roles.create(), roles.create()
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f'GRANT USAGE ON SCHEMA app TO "{late}", "{writer}"')
+        conn.execute(f'GRANT SELECT, UPDATE ON {T} TO "{writer}"')
+    start(indexed)
+
+    def may(role: str, privilege: str) -> bool:
+        with psycopg.connect(indexed) as conn:
+            got = conn.execute("SELECT has_table_privilege(%s, %s, %s)", (role, SIDE, privilege))
+            return bool(got.fetchone()[0])
+
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f'REVOKE INSERT, UPDATE, DELETE ON {SIDE} FROM "{writer}"')  # an old build's
+        conn.execute(f'GRANT SELECT ON {T} TO "{late}"')
+    assert not may(late, "SELECT") and not may(writer, "INSERT")
+    start(indexed)  # run again: resumes, and grants what the live table's grants say
+    assert may(writer, "INSERT") and may(writer, "DELETE")
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f'REVOKE SELECT ON {SIDE} FROM "{late}"')
+    run(amodel_verify, indexed, env={})
+    run(amodel_cutover, indexed)
+    assert may(late, "SELECT")
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f'SET ROLE "{late}"')
+        assert conn.execute(f"SELECT count(*) FROM {SIDE}").fetchone()[0] > 0
+
+
 def test_the_column_strategy_fills_a_shadow_column(indexed: str) -> None:
     live_before = live(indexed)
     st = start(indexed, strategy="column")
