@@ -61,3 +61,18 @@ def test_mkdocs_builds_strictly(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "index.html").exists() and (tmp_path / "reference/cli/index.html").exists()
+
+
+def test_the_readmes_demo_toml_is_the_demos_config() -> None:
+    """The README's "After the demo" shows the demo's target as the TOML to start from: it is the
+    config the demo runs with (config.default_config), not a copy that drifted."""
+    import re
+    import tomllib
+
+    from embedfill.config import default_config, parse_config
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", text[text.index("### After the demo") :], re.S)
+    assert block is not None
+    shown, demo = parse_config(tomllib.loads(block.group(1))), default_config()
+    assert (shown.targets, shown.providers) == (demo.targets, demo.providers)
