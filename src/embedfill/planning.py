@@ -6,7 +6,7 @@ Nothing here does I/O. The engine feeds rows in scan order and sends out what co
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
 from .models import Batch, Row
@@ -73,20 +73,41 @@ class TenantBatcher:
     def buffered(self) -> int:
         return self._buffered
 
-    def add(self, row: Row) -> list[Batch]:
-        out: list[Batch] = []
-        buf = self._buffers.setdefault(row.tenant, [])
-        if buf and self._tokens[row.tenant] + row.tokens > self.max_tokens:
-            out.append(self._take(row.tenant))
-            buf = self._buffers.setdefault(row.tenant, [])
-        self._resize(row.tenant, len(buf), len(buf) + 1)
+    def add(self, row: Row) -> Sequence[Batch]:
+        """The batches this row completes (most often none). Called once a row, so the
+        bookkeeping of ``_resize`` is inline."""
+        tenant, tokens = row.tenant, row.tokens
+        buf = self._buffers.get(tenant)
+        out: Sequence[Batch] = ()
+        if buf is None:
+            buf = self._buffers[tenant] = []
+            self._tokens[tenant] = 0
+        elif self._tokens[tenant] + tokens > self.max_tokens:
+            out = [self._take(tenant)]
+            buf = self._buffers[tenant] = []
+            self._tokens[tenant] = 0
+        by_size = self._by_size
+        size = len(buf)
+        if size:  # the tenant moves from the set of its size to the next
+            bucket = by_size[size]
+            del bucket[tenant]
+            if not bucket:
+                del by_size[size]
+        size += 1
+        grown = by_size.get(size)
+        if grown is None:
+            by_size[size] = {tenant: None}
+        else:
+            grown[tenant] = None
+        if size > self._largest:
+            self._largest = size
         buf.append(row)
-        self._tokens[row.tenant] = self._tokens.get(row.tenant, 0) + row.tokens
+        held = self._tokens[tenant] = self._tokens[tenant] + tokens
         self._buffered += 1
-        if len(buf) >= self.batch_size or self._tokens[row.tenant] >= self.max_tokens:
-            out.append(self._take(row.tenant))
+        if size >= self.batch_size or held >= self.max_tokens:
+            out = [*out, self._take(tenant)]
         while self._buffered > self.max_buffered:
-            out.append(self._take(self._largest_tenant()))
+            out = [*out, self._take(self._largest_tenant())]
         return out
 
     def _resize(self, tenant: str | None, was: int, now: int) -> None:

@@ -188,14 +188,18 @@ class Embedder:
             return
         write = PendingWrite([], [])
         unusable = set(non_finite(vectors))
+        remember, waiting = self.state.cache.put, self.state.inflight.pop
+        rows, vecs = write.rows, write.vectors
         for i, (row, vector) in enumerate(zip(batch.rows, vectors, strict=True)):
-            if i in unusable:  # pgvector refuses NaN and infinity: this row alone fails
+            if unusable and i in unusable:  # pgvector refuses NaN and infinity: this row fails
                 self._fail(Batch(batch.tenant, (row,)), _non_finite(), attempts)
                 continue
-            self.state.cache.put(row.fingerprint, vector)
-            for r in [row, *self.state.inflight.pop(row.fingerprint, [])]:
-                write.rows.append(r)
-                write.vectors.append(vector)
+            remember(row.fingerprint, vector)
+            rows.append(row)
+            vecs.append(vector)
+            for follower in waiting(row.fingerprint, ()):  # rows of the same text
+                rows.append(follower)
+                vecs.append(vector)
         if write.rows:
             await write_q.put(write)
 

@@ -26,7 +26,7 @@ from psycopg import sql
 from ..config import text_renderer
 from ..errors import first_line as _first_line
 from ..models import Batch, Row
-from ..planning import BoundedCache, TenantBatcher, prepare_text
+from ..planning import CHARS_PER_TOKEN, BoundedCache, TenantBatcher, prepare_text
 from .state import Chunk, PendingWrite, RunState
 from .tally import Ledger
 
@@ -52,7 +52,7 @@ class Scanner:
         self.state, self.ledger = state, ledger
         self.render = text_renderer(state.target.text, state.target.text_columns)
         self.max_tokens = state.provider.max_input_tokens
-        # what _row calls for every row, looked up once
+        # what _rows calls for every row, looked up once
         self._count, self._truncate = state.counter.count, state.counter.truncate
         self._dry_run = state.opts.dry_run
 
@@ -170,35 +170,60 @@ class Scanner:
             log.info("run %s: %s", self.state.report.run_id, warning)  # the CLI prints warnings
             self.state.report.warnings.append(warning)
 
-    def _row(self, raw: Sequence[Any], chunk: Chunk | None = None) -> Row | None:
-        """A row ready to embed, or None when its text is blank (counted as skipped)."""
-        row_id, tenant, fingerprint, held, text_md5, *values = raw
-        tenant_report = self.state.tenant(tenant)
-        tenant_report.missing += 1
-        prepared = prepare_text(
-            self.render(values),
-            count=self._count,
-            truncate=self._truncate,
-            max_tokens=self.max_tokens,
-        )
-        if prepared is None:
-            tenant_report.skipped += 1
-            self.state.report.skipped += 1
-            if not self._dry_run:
-                self.state.hooks.observer.rows(self.state.target.name, "skipped", 1)
-            return None
-        sent, tokens, truncated = prepared
-        if truncated:
-            tenant_report.truncated += 1
-            self.state.report.truncated += 1
-        if self._dry_run:
-            self.state.report.add_sample(row_id, tenant, sent)
+    def _rows(self, raws: Sequence[Sequence[Any]], chunk: Chunk | None = None) -> list[Row]:
+        """The rows ready to embed of these rows read; a blank text is counted as skipped.
+        Many at once: a call, a report lookup and a counter update a row cost as much as
+        the rest of the scan's work on it."""
+        state, report = self.state, self.state.report
+        render, count, max_tokens = self.render, self._count, self.max_tokens
+        cap = max_tokens * CHARS_PER_TOKEN
+        rows: list[Row] = []
+        missing: dict[str | None, int] = {}
+        for raw in raws:
+            row_id, tenant, fingerprint, held, text_md5, *values = raw
+            missing[tenant] = missing.get(tenant, 0) + 1
+            text = render(values)
+            # the common case of prepare_text, inline: a text to send whole
+            if len(text) <= cap and (tokens := count(text)) <= max_tokens and text.strip():
+                truncated = False
+            else:
+                prepared = prepare_text(
+                    text, count=count, truncate=self._truncate, max_tokens=max_tokens
+                )
+                if prepared is None:
+                    self._skip_blank(tenant)
+                    continue
+                text, tokens, truncated = prepared
+                if truncated:
+                    state.tenant(tenant).truncated += 1
+                    report.truncated += 1
+            if self._dry_run:
+                report.add_sample(row_id, tenant, text)
+            # positional: Row's field order
+            rows.append(
+                Row(
+                    row_id,
+                    tenant,
+                    text,
+                    fingerprint,
+                    tokens,
+                    truncated,
+                    bool(held),
+                    text_md5,
+                    chunk,
+                )
+            )
+        for tenant, n in missing.items():
+            state.tenant(tenant).missing += n
         if chunk is not None:
-            chunk.pending += 1
-        # positional: the scan makes one a row (Row's field order)
-        return Row(
-            row_id, tenant, sent, fingerprint, tokens, truncated, bool(held), text_md5, chunk
-        )
+            chunk.pending += len(rows)
+        return rows
+
+    def _skip_blank(self, tenant: str | None) -> None:
+        self.state.tenant(tenant).skipped += 1
+        self.state.report.skipped += 1
+        if not self._dry_run:
+            self.state.hooks.observer.rows(self.state.target.name, "skipped", 1)
 
     def _batcher(self) -> TenantBatcher:
         self.state.batcher = TenantBatcher(
@@ -218,10 +243,7 @@ class Scanner:
         seen: BoundedCache[bool] = BoundedCache(self.state.cache.capacity)
         batcher = self._batcher()
         async for page in self._pages():
-            for raw in page:
-                row = self._row(raw)
-                if row is None:
-                    continue
+            for row in self._rows(page):
                 key = row.fingerprint
                 if seen.get(key):
                     self.state.report.deduplicated += 1
@@ -334,31 +356,29 @@ class Scanner:
     ) -> None:
         hits = PendingWrite([], [])
         # names looked up once a page, not once a row
-        make_row, cached_vector, inflight = self._row, self.state.cache.get, self.state.inflight
-        for n, raw in enumerate(page, 1):
-            if n % YIELD_EVERY_ROWS == 0:
+        cached_vector, inflight, add = self.state.cache.get, self.state.inflight, batcher.add
+        for start in range(0, len(page), YIELD_EVERY_ROWS):
+            if start:
                 # rendering and counting tokens is CPU work: let responses that have
                 # arrived be handled (and the next requests sent) in between
                 await asyncio.sleep(0)
-            row = make_row(raw, chunk)
-            if row is None:
-                continue
-            key = row.fingerprint
-            cached = cached_vector(key)
-            if cached is not None:
-                self.state.report.deduplicated += 1
-                hits.rows.append(row)
-                hits.vectors.append(cached)
-                continue
-            followers = inflight.get(key)
-            if followers is not None:
-                self.state.report.deduplicated += 1
-                followers.append(row)
-                continue
-            inflight[key] = []
-            for batch in batcher.add(row):
-                self._count_batch(batch)
-                await embed_q.put(batch)
+            for row in self._rows(page[start : start + YIELD_EVERY_ROWS], chunk):
+                key = row.fingerprint
+                cached = cached_vector(key)
+                if cached is not None:
+                    self.state.report.deduplicated += 1
+                    hits.rows.append(row)
+                    hits.vectors.append(cached)
+                    continue
+                followers = inflight.get(key)
+                if followers is not None:
+                    self.state.report.deduplicated += 1
+                    followers.append(row)
+                    continue
+                inflight[key] = []
+                for batch in add(row):
+                    self._count_batch(batch)
+                    await embed_q.put(batch)
         if hits.rows:
             await write_q.put(hits)
         self.ledger.progress()

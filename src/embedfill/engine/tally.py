@@ -48,12 +48,15 @@ class Ledger:
     def settle(self, rows: Sequence[Row]) -> None:
         """These rows are done with (written, skipped, failed or dropped): a chunk whose
         every row is settled is done."""
+        settled: dict[Chunk, int] = {}  # most often one chunk: counted, then settled once
         for row in rows:
             chunk = row.chunk
             if chunk is not None:
-                chunk.pending -= 1
-                if chunk.pending <= 0:
-                    self.check_chunk(chunk)
+                settled[chunk] = settled.get(chunk, 0) + 1
+        for chunk, n in settled.items():
+            chunk.pending -= n
+            if chunk.pending <= 0:
+                self.check_chunk(chunk)
 
     def check_chunk(self, chunk: Chunk) -> None:
         if chunk.scanned and chunk.pending <= 0:
