@@ -134,7 +134,8 @@ class TargetConfig:
     """
 
     # Each field's comment is its meaning in the configuration reference (docs/).
-    #: the target's name, for --target and in every report
+    #: the target's name, for --target and in every report (no "@": it names the new
+    #: vectors of a change of model)
     name: str
     #: the table, schema-qualified ("app.SupportTickets"; case kept, quote parts with dots)
     table: TableName
@@ -542,6 +543,11 @@ def _parse_target(
     for key in ("name", "table", "id_column", "embedding_column", "provider"):
         if not data.get(key):
             raise ConfigError(f"The {where} needs {key} = ...; see docs/configuration.md.")
+    if "@" in str(data["name"]):
+        raise ConfigError(
+            f"The {where} has '@' in its name, which embedfill keeps for the new vectors of "
+            "a change of model (target@provider); rename the target."
+        )
     if data["provider"] not in providers:
         known = ", ".join(sorted(providers)) or "none"
         raise ConfigError(

@@ -437,7 +437,8 @@ def derived_name(target: str, provider: str) -> str:
 async def finalized_since(conn: psycopg.AsyncConnection[Any], target: str, since: Any) -> bool:
     """Whether a change of model whose live or new vectors are ``target``'s was finalized
     since then: its finalize dropped the old vectors (after a cutover) or the new ones
-    (after a rollback), as it was asked to."""
+    (after a rollback), as it was asked to. (Target names hold no '@' but a derived
+    target's: config.py refuses it.)"""
     for live, provider, cut_over in await Store(conn).finalized_migrations_since(since):
         if cut_over and target == live:
             return True

@@ -430,6 +430,14 @@ class TargetWatch:
             log.error("watch of %s: %s; the other targets go on", self.target.name, self.failed)
             self.job_id = None
             return None
+        if (
+            state is not None
+            and state["status"] != "running"
+            and not state["error"]
+            and await self._ended_by_a_finalize(conn, state)
+        ):
+            self.job_id = None
+            return None
         if state is None or state["status"] != "running" or state["cancel_requested"]:
             log.warning(
                 "watch of %s: job %s was ended or cancelled; not watching it any more",
@@ -593,6 +601,21 @@ class TargetWatch:
                     # target over (its home is gone, or no longer fits)
                     await jobs.finish(conn, job, error=exc, force=True, end_watch=True)
         await self._step_down()
+
+    async def _ended_by_a_finalize(
+        self, conn: psycopg.AsyncConnection[Any], state: dict[str, Any]
+    ) -> bool:
+        """Whether a worker ended this watch's job because a finalize since it started
+        dropped its vectors (worker._retire); if so, ``_over`` says why."""
+        if await Store(conn).column_exists(self._oid or 0, self.target.embedding_column):
+            return False
+        if not await migration.finalized_since(conn, self.target.name, state["started_at"]):
+            return False
+        self._over = f"the finalize of its change of model dropped {self.target.embedding_column}"
+        if self.derived_from is None:
+            status = await migration.status_of(conn, self.config, self.target)
+            self._over += f". {status.next_step}" if status.next_step else ""
+        return True
 
     async def _side_table_left(self, store: Store) -> str | None:
         """Why this watcher of a side table ends, when its change of model was finalized:

@@ -550,7 +550,7 @@ class Worker:
                 self._note_starved(exc)
                 raise GiveBack(str(exc)) from exc  # the database, say: another try later
             if await self._home_dropped(run_id):
-                await self._retire(run_id, seq, exc)
+                await self._retire(run_id, exc)
                 return
             # this worker's checks refuse the job (its config or role differs from the
             # creator's): every chunk it took would fail, so the job ends, loudly
@@ -651,8 +651,8 @@ class Worker:
                         # not left `doing` for ever in the job's view
                         await store.finish_chunk(run_id, seq, self.name, attempt, "cancelled")
                 if await self._home_dropped(run_id):
-                    log.info("job %s: chunk %d not written: %s", run_id, seq, exc)
-                    return  # its watcher ends the job (see _retire)
+                    await self._retire(run_id, exc)
+                    return
                 await self._fail(run_id, exc)  # every chunk would fail the same way
                 return
             self._note_starved(exc)
@@ -706,31 +706,39 @@ class Worker:
     async def _home_dropped(self, run_id: int) -> bool:
         """Whether a watch job's vectors are gone because a change of model was finalized
         since it started (a cutover's finalize drops the live column, a rollback's the
-        new vectors): not a fault of the job, which its watcher ends quietly. A chunk in
-        flight then met the dropped column (its write failed, and the chunk came round
-        again), and this worker failed the job first."""
+        new vectors): not a fault of the job. A chunk in flight then met the dropped
+        column (its write failed, and the chunk came round again), and this worker
+        failed the job before its watcher ended it quietly."""
         try:
             async with self.control() as store:
                 state = await store.run_state(run_id)
                 if state is None or not _spec(state).behaviour.open_ended:
                     return False
+                if await store.column_exists(int(state["table_oid"]), str(state["column_name"])):
+                    return False  # there: whatever failed, it was not the finalize
                 return await migration.finalized_since(
                     store.conn, str(state["target"]), state["started_at"]
                 )
         except (psycopg.Error, DatabaseError, Refused):
             return False
 
-    async def _retire(self, run_id: int, seq: int, exc: EmbedfillError) -> None:
-        """A chunk of a watch job whose vectors a finalize dropped (``_home_dropped``):
-        cancelled, not failed; the job is left to its watcher, which ends it quietly."""
-        log.info("job %s: chunk %d not worked on: %s", run_id, seq, exc)
+    async def _retire(self, run_id: int, exc: EmbedfillError) -> None:
+        """End a watch job whose vectors a finalize dropped (``_home_dropped``) as a
+        stopped watch's ends, not failed: its chunks are cancelled. Its watcher, if one
+        runs, ends too (it finds the job ended by the finalize); when none runs (the
+        watch stopped while a worker held a chunk) nobody else would ever end it."""
+        log.info("job %s: its vectors were dropped by a finalize (%s); ending it", run_id, exc)
+
+        async def end(conn: psycopg.AsyncConnection[Any]) -> str | None:
+            await Store(conn).cancel_chunks(run_id)
+            return await jobs.finish(
+                conn, run_id, force=True, end_watch=True, on_end=self._ender(run_id)
+            )
+
         try:
-            async with self.control() as store:
-                claim = await store.claim_chunk(run_id, seq, self.name, self.lease_s)
-                if claim is not None:
-                    await store.finish_chunk(run_id, seq, self.name, claim[2], "cancelled")
+            await self._end(run_id, end)
         except (psycopg.Error, DatabaseError) as why:
-            raise GiveBack(str(why)) from why
+            log.warning("job %s: could not end it: %s", run_id, why)
 
     async def _fail(self, run_id: int, exc: EmbedfillError) -> None:
         """End the job with ``exc`` (see ``_end``)."""

@@ -4,6 +4,7 @@ indexed like them, and how far it is; the live column is never touched."""
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import numpy as np
@@ -370,6 +371,63 @@ def test_a_change_given_up_before_the_cutover_drops_only_the_new_vectors(indexed
         gone = conn.execute("SELECT to_regclass(%s)", (SIDE,)).fetchone()
     assert gone == (None,) and live(indexed) == live_before
     assert start(indexed).phase == "ready"  # and a new change may start
+
+
+def test_a_watch_job_left_without_its_watcher_ends_when_a_worker_meets_its_dropped_column(
+    indexed: str, fake_openai: Any
+) -> None:
+    """A watch that stopped while a worker held one of its chunks leaves its job running
+    for the watcher that takes over; after a cutover's finalize none can (the column is
+    gone). A worker that then meets the dropped column ends the job as a stopped watch's
+    ends. Before: it stayed `running` for ever once the worker only cancelled the chunk
+    (and earlier still, the job failed)."""
+    from embedfill import jobs
+    from embedfill.application import amodel_cutover, amodel_finalize, amodel_verify
+    from embedfill.db.catalog import inspect_target
+    from embedfill.db.store import Store
+    from embedfill.jobs.spec import JobSpec
+    from embedfill.worker import Worker
+    from tests.integration.test_watch import ENV
+
+    cfg = _watched_config(fake_openai)
+    start(indexed, strategy="column")
+    run(amodel_verify, indexed, env={})
+    run(amodel_cutover, indexed)
+
+    async def left_behind() -> int:  # what a watch leaves when it stops with a chunk out
+        async with await psycopg.AsyncConnection.connect(indexed, autocommit=True) as conn:
+            live = cfg.target("tickets")
+            pconf = cfg.provider_for(live)
+            info = await inspect_target(conn, live, pconf.expected_dimensions, pconf.label)
+            spec = jobs.spec_of("watch", live, pconf, info, env=ENV)
+            job = await jobs.open_watch_job(conn, spec=spec, target=live, info=info, actor="t")
+            assert job is not None
+            state = await Store(conn).run_state(job)
+            assert state is not None
+            await jobs.add_key_chunks(conn, job, JobSpec.from_record(state).queue, ["5"], 50)
+            return job
+
+    job = asyncio.run(left_behind())
+    run(amodel_finalize, indexed, yes=True, force=True)
+
+    def state() -> tuple[str, str | None]:
+        with psycopg.connect(indexed) as conn:
+            got = conn.execute("SELECT status, error FROM embedfill.runs WHERE id = %s", (job,))
+            return got.fetchone()
+
+    async def work() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(Worker(cfg, Database(indexed), env=ENV).run(stop))
+        for _ in range(100):
+            if state()[0] != "running":
+                break
+            await asyncio.sleep(0.2)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+    asyncio.run(work())
+    status, error = state()
+    assert status not in ("running", "failed") and error is None
 
 
 @pytest.mark.parametrize("ending", ["cutover", "rollback"])

@@ -211,3 +211,27 @@ def test_the_new_vectors_index_build_runs_in_one_process_unless_told_otherwise()
     data["engine"] = {"model_index_workers": -1}
     with pytest.raises(ConfigError, match="model_index_workers"):
         parse_config(data)
+
+
+def test_a_target_name_with_an_at_sign_is_refused() -> None:
+    """'@' names the new vectors of a change of model (target@provider): a target of the
+    user's so named would pass for them (a worker would take its real failures for
+    vectors a finalize dropped)."""
+    from embedfill.config import parse_config
+    from embedfill.errors import ConfigError
+
+    raw = {
+        "providers": {"p": {"kind": "hash", "dimensions": 8}},
+        "targets": [
+            {
+                "name": "tickets@next",
+                "table": "t",
+                "id_column": "id",
+                "text": "{body}",
+                "embedding_column": "emb",
+                "provider": "p",
+            }
+        ],
+    }
+    with pytest.raises(ConfigError, match="'@' in its name"):
+        parse_config(raw)

@@ -714,6 +714,10 @@ MIGRATION_TARGET = "SELECT target FROM embedfill.model_migrations WHERE id = %(i
 # provider section of their new vectors (whose target is derived from the two), and
 # whether the app's searches use the new vectors (a cutover's finalize, which dropped the
 # old ones; else a rollback's, which dropped the new ones).
+COLUMN_EXISTS = """
+SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+               WHERE attrelid = %(oid)s AND attname = %(column)s AND attnum > 0
+                 AND NOT attisdropped)"""
 FINALIZED_MIGRATIONS_SINCE = """
 SELECT m.target, m.to_model ->> 'provider', EXISTS (
     SELECT 1 FROM embedfill.active_models AS a

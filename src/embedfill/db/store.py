@@ -406,6 +406,12 @@ class Store:
         cur = await self.conn.execute(q.LATEST_MIGRATION_OF, {"target": target})
         return await _one_dict(cur)
 
+    async def column_exists(self, table_oid: int, column: str) -> bool:
+        """Whether the table (by oid) still has the column (False when the table is gone)."""
+        cur = await self.conn.execute(q.COLUMN_EXISTS, {"oid": table_oid, "column": column})
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
     async def finalized_migrations_since(self, since: Any) -> list[tuple[str, str | None, bool]]:
         """(target, new provider section, cut over) of each change of model finalized
         since then."""
