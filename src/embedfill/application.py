@@ -556,7 +556,18 @@ async def amodel_start(
                 # and so do grants of the live table given since (or that a side table
                 # made by an older embedfill lacks)
                 async with conn.transaction():
-                    await homes.grant_like(conn, info.oid, home["schema"], home["relation"])
+                    unreadable = await homes.grant_like(
+                        conn, info.oid, home["schema"], home["relation"]
+                    )
+                    if unreadable:
+                        log.warning(
+                            "%s may read %s but not the side table %s.%s, and this role may "
+                            "not grant it; the cutover will refuse until its owner does",
+                            ", ".join(unreadable),
+                            live.table,
+                            home["schema"],
+                            home["relation"],
+                        )
                     await homes.secure_like(
                         conn, info.sql(live), info.oid, home["schema"], home["relation"]
                     )
@@ -796,11 +807,24 @@ async def amodel_cutover(config: Config, db: Database, target: str) -> migration
             )
         home, to = dict(row["home"]), dict(row["to_model"])
         store = Store(conn)
+        if row["strategy"] == "table":  # the app reads it from now: who may read the live
+            # table may read it (a role granted since the start too); before the switch's
+            # short transaction, so a grant waiting on a lock does not fail the cutover
+            unreadable = await homes.grant_like(conn, _info.oid, home["schema"], home["relation"])
+            if unreadable:
+                side = sql.Identifier(home["schema"], home["relation"]).as_string(conn)
+                grantees = ", ".join(
+                    r if r == "PUBLIC" else sql.Identifier(r).as_string(conn) for r in unreadable
+                )
+                raise PrivilegeMissing(
+                    f"{', '.join(unreadable)} may read {live.table} but not the side table "
+                    f"{side}, and this role may not grant it: the app's searches would fail "
+                    "after the cutover. Run the cutover as the side table's owner, or grant "
+                    f"it first: GRANT SELECT ON {side} TO {grantees}."
+                )
         async with conn.transaction():
             await conn.execute("SELECT pg_catalog.set_config('lock_timeout', '2s', true)")
-            if row["strategy"] == "table":  # the app reads it from now: who may read the
-                # live table may read it (a role granted since the start too), its RLS too
-                await homes.grant_like(conn, _info.oid, home["schema"], home["relation"])
+            if row["strategy"] == "table":  # its row-level security as the live table's
                 await homes.secure_like(
                     conn, _info.sql(live), _info.oid, home["schema"], home["relation"]
                 )

@@ -188,6 +188,35 @@ def test_a_reader_granted_after_the_start_may_read_the_side_table_at_the_cutover
         assert conn.execute(f"SELECT count(*) FROM {SIDE}").fetchone()[0] > 0
 
 
+def test_a_cutover_that_cannot_grant_a_reader_the_side_table_is_refused(
+    indexed: str, roles: Any
+) -> None:
+    """A cutover run by a role that does not own the side table grants nothing
+    (PostgreSQL only warns): a role granted SELECT on the live table after the start
+    would then fail every search once the cutover sent its searches there. It is refused
+    instead, naming the role and the GRANT; run by the side table's owner, it goes on."""
+    from embedfill.application import amodel_cutover, amodel_verify
+    from embedfill.errors import PrivilegeMissing
+    from tests.support.roles import EMBEDFILL_GRANTS, TICKETS_GRANTS
+
+    ops, late = roles.create(), roles.create()
+    start(indexed)  # the side table is the superuser's
+    roles.grant(ops, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
+    start(indexed)  # run again: ops, who may update the live table, is granted the side one
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f'GRANT USAGE ON SCHEMA app TO "{late}"')
+        conn.execute(f'GRANT SELECT ON {T} TO "{late}"')
+    run(amodel_verify, indexed, env={})
+    with pytest.raises(
+        PrivilegeMissing,
+        match=rf"{late} may read .* GRANT SELECT ON "
+        + re.escape(f'"app"."SupportTickets_emb_next" TO "{late}".'),
+    ):
+        run(amodel_cutover, roles.url(ops))
+    assert status(indexed).active == "old"
+    assert run(amodel_cutover, indexed).active == "new"
+
+
 def test_the_column_strategy_fills_a_shadow_column(indexed: str) -> None:
     live_before = live(indexed)
     st = start(indexed, strategy="column")

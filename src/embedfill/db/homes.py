@@ -122,14 +122,17 @@ HAVING pg_catalog.bool_or(a.privilege_type = 'SELECT')"""
 
 async def grant_like(
     conn: psycopg.AsyncConnection[Any], live_oid: int, schema: str, relation: str
-) -> None:
+) -> list[str]:
     """Let every role that may read the live table read the side table (the app
     searches it after the cutover), and every one that may also update it (embedfill's
     own role, least-privileged: it writes the live vectors) keep the side table too: a
     watch gives it the live table's new rows, drops those of deleted ones and fills
-    their vectors."""
+    their vectors. Grants are added, never revoked. Returns the readers that still may
+    not read the side table: a role that does not own it grants nothing (PostgreSQL only
+    warns)."""
     side = sql.Identifier(schema, relation)
     cur = await conn.execute(_READERS, {"rel": live_oid})
+    unreadable: list[str] = []
     for role, writes in await cur.fetchall():
         grantee = sql.SQL("PUBLIC") if role is None else sql.Identifier(role)
         await conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(side, grantee))
@@ -137,6 +140,14 @@ async def grant_like(
             await conn.execute(
                 sql.SQL("GRANT INSERT, UPDATE, DELETE ON {} TO {}").format(side, grantee)
             )
+        may = await conn.execute(
+            "SELECT pg_catalog.has_table_privilege(%s, %s::pg_catalog.regclass, 'SELECT')",
+            ("public" if role is None else role, side.as_string(conn)),
+        )
+        got = await may.fetchone()
+        if not (got and got[0]):
+            unreadable.append("PUBLIC" if role is None else str(role))
+    return unreadable
 
 
 _ROW_SECURITY = """
