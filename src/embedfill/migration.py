@@ -783,9 +783,10 @@ async def changes_under_way(
             continue
         if row["to_model"].get("provider") not in config.providers:
             log.warning(
-                "a change of %s's model to provider section %r is under way, and this "
-                "config has no [providers.%s]: its new vectors are not kept fresh by this "
-                "process; add the section (as the config that started it has it) and restart",
+                "a change of %s's model to provider section %r is under way, and the config "
+                "this process started with has no [providers.%s]: its new vectors are not "
+                "kept fresh by this process; restart it with a --config that has the section "
+                "(as the config that started the change has it)",
                 name,
                 row["to_model"].get("provider"),
                 row["to_model"].get("provider"),

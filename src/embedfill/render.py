@@ -291,6 +291,23 @@ def model_plan_text(console: Console, p: ModelPlan) -> None:
         console.print(printable(line), markup=False)
 
 
+def _model_next(st: MigrationStatus) -> str | None:
+    """The command that comes next, where the phase says it."""
+    command = f"embedfill model {{}} --target {st.target}"
+    if st.phase == "ready":
+        if st.gates and all(g.get("pass") for g in st.gates.values()):
+            return command.format("cutover")
+        return command.format("verify") + " (every gate must pass before a cutover)"
+    if st.phase == "cut_over":
+        return (
+            f"{command.format('finalize')} --yes once your apps read embedfill.active() "
+            f"again (or {command.format('rollback')})"
+        )
+    if st.phase == "rolled_back":
+        return f"{command.format('finalize')} --yes drops the new vectors"
+    return None
+
+
 def model_status_text(console: Console, statuses: list[MigrationStatus]) -> None:
     """``embedfill model status`` as text: one paragraph per target."""
     for st in statuses:
@@ -302,15 +319,38 @@ def model_status_text(console: Console, statuses: list[MigrationStatus]) -> None
             f"{st.target}: {was.get('kind')}:{was.get('model')} -> {to.get('kind')}:"
             f"{to.get('model')} ({st.strategy}), phase {st.phase}, searches use the "
             f"{st.active} vectors",
-            f"  coverage {st.coverage:.2%} of {st.rows:,} rows with text; {st.missing:,} "
-            f"missing, {st.stale:,} stale; index {st.index}",
         ]
-        for name, gate in st.gates.items():
-            verdict = "pass" if gate.get("pass") else "FAIL"
-            lines.append(
-                f"  gate {name}: {gate.get('value')} (threshold {gate.get('threshold')}) {verdict}"
+        if st.phase == "finalized":  # its rows are the target's now: no coverage to show
+            home = st.home
+            new = (
+                f"the side table {home.get('schema')}.{home.get('relation')}"
+                if st.strategy == "table"
+                else f"column {home.get('column')}"
             )
-        if st.next_step:
-            lines.append(f"  next: {st.next_step}")
+            lines.append(
+                f"  finalized: dropped the old vectors; the new ones are in {new}"
+                if st.active == "new"
+                else f"  finalized: dropped the new vectors ({new}); the live column stays"
+            )
+        else:
+            lines.append(
+                f"  coverage {st.coverage:.2%} of {st.rows:,} rows with text; {st.missing:,} "
+                f"missing, {st.stale:,} stale; index {st.index}"
+            )
+            for name, gate in st.gates.items():
+                verdict = "pass" if gate.get("pass") else "FAIL"
+                value = gate.get("value")
+                more = "".join(
+                    f"; {k.replace('_', ' ')}: {v}"
+                    for k, v in gate.items()
+                    if k not in ("value", "threshold", "pass")
+                )
+                lines.append(
+                    f"  gate {name}: {'n/a' if value is None else value} "
+                    f"(threshold {gate.get('threshold')}) {verdict}{more}"
+                )
+        hint = st.next_step or _model_next(st)
+        if hint:
+            lines.append(f"  next: {hint}")
         for line in lines:
             console.print(printable(line), markup=False)

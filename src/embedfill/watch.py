@@ -587,7 +587,7 @@ class TargetWatch:
             )
         else:
             self.retired = True
-            log.info("watch of %s: %s; not watching it any more", self.target.name, why)
+            log.info("watch of %s: %s; not watching it any more", self.target.name, why.rstrip("."))
         job, self.job_id = self.job_id, None
         if job is not None:
             # on its own connection when the watch had stepped down meanwhile (a database

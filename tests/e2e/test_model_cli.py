@@ -92,21 +92,31 @@ def test_model_verify_cutover_rollback_and_finalize_from_the_cli(
 
     code, _, stderr = model("cutover")
     assert code == 2 and "No change of tickets's model is under way" in stderr
-    assert model("start", "--to", "next")[0] == 0
+    code, stdout, _ = model("start", "--to", "next")
+    assert code == 0 and "next: embedfill model verify --target tickets" in stdout
     code, _, stderr = model("cutover")
     assert code == 3 and "run `embedfill model verify" in stderr
     code, stdout, stderr = model("verify", "--json")
     assert code == 0, stderr
     gates = json.loads(stdout)["gates"]
     assert all(g["pass"] for g in gates.values()) and gates["coverage"]["value"] == 1.0
+    code, stdout, _ = model("status")  # the text says what each gate measured, and what next
+    assert "gate recall_at_10: n/a (threshold 0.95) pass; note: no vector index" in stdout
+    assert "None" not in stdout and "next: embedfill model cutover --target tickets" in stdout
     code, stdout, _ = model("cutover", "--json")
     assert code == 0 and json.loads(stdout)["active"] == "new"
     code, stdout, _ = model("rollback")
     assert code == 0 and "searches use the old vectors" in stdout
+    assert "next: embedfill model finalize --target tickets --yes drops the new vectors" in stdout
     code, _, stderr = model("finalize")
     assert code == 2 and "pass --yes" in stderr
     code, stdout, _ = model("finalize", "--yes", "--json")
     assert code == 0 and json.loads(stdout)["phase"] == "finalized"
+    code, stdout, _ = model("status")  # what it dropped, not a coverage of 0 rows
+    assert "finalized: dropped the new vectors (the side table app.SupportTickets_emb_next)" in (
+        stdout
+    )
+    assert "coverage" not in stdout and "gate" not in stdout
     with psycopg.connect(tickets) as conn:
         assert conn.execute("SELECT to_regclass('app.\"SupportTickets_emb_next\"')").fetchone() == (
             None,

@@ -1062,8 +1062,10 @@ def test_with_nobody_watching_the_new_vectors_the_triggers_edits_are_not_queued_
     with psycopg.connect(indexed) as conn:
         assert conn.execute("SELECT count(*) FROM embedfill.changes").fetchone() == (0,)
     assert any(
-        "a change of tickets's model to provider section 'next' is under way, and this "
-        "config has no [providers.next]" in r.getMessage()
+        "a change of tickets's model to provider section 'next' is under way, and the "
+        "config this process started with has no [providers.next]"
+        in r.getMessage()
+        and "restart it with a --config that has the section" in r.getMessage()
         for r in caplog.records
     )
 
