@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from psycopg import conninfo
 
@@ -237,3 +239,24 @@ def test_embedfill_database_url_wins_over_database_url() -> None:
     assert url_from_env({}) == ""
     db = resolve_database({"DATABASE_URL": app, "EMBEDFILL_DATABASE_URL": mine})
     assert "embedfill_rw" in db.url
+
+
+def test_a_url_to_a_stopped_embedded_server_says_how_to_reach_it(tmp_path: Path) -> None:
+    """The embedded server listens on a socket in its data directory only while an
+    embedfill command runs it: a DATABASE_URL naming that directory, with none running,
+    said only "No such file or directory; check DATABASE_URL"."""
+    import asyncio
+
+    from embedfill.db.connect import connect
+    from embedfill.errors import DatabaseError
+
+    (tmp_path / "PG_VERSION").write_text("18\n")
+    db = Database(url=f"postgresql://postgres:@/postgres?host={tmp_path}")
+    with pytest.raises(DatabaseError) as caught:
+        asyncio.run(connect(db))
+    assert f"{tmp_path} holds embedfill's embedded database" in str(caught.value)
+    assert "unset it to let this command start it" in str(caught.value)
+    elsewhere = Database(url=f"postgresql://postgres:@/postgres?host={tmp_path / 'nothing'}")
+    with pytest.raises(DatabaseError) as caught:
+        asyncio.run(connect(elsewhere))
+    assert "embedded" not in str(caught.value)

@@ -188,6 +188,19 @@ def resolve_database(
     return start_embedded(data_dir, notice)
 
 
+def _embedded_hint(db: Database) -> str:
+    """A URL naming an embedded server's data directory as its socket directory: that
+    server runs only while an embedfill command started it (the demo's, say)."""
+    host = str(_url_params(db.url).get("host") or "")
+    if not host.startswith("/") or not (Path(host) / "PG_VERSION").exists():
+        return ""
+    return (
+        f" ({host} holds embedfill's embedded database, whose server runs only while an "
+        "embedfill command started it does: unset it to let this command start it, or keep "
+        "`embedfill watch` running meanwhile)"
+    )
+
+
 async def connect(
     db: Database, *, writer: tuple[int, int] | None = None
 ) -> psycopg.AsyncConnection[Any]:
@@ -213,7 +226,7 @@ async def connect(
             if not no_free_slot(exc):
                 raise DatabaseError(
                     f"Cannot connect to the database at {db.describe()} ({reason}); "
-                    f"check {db.source}."
+                    f"check {db.source}{_embedded_hint(db)}."
                 ) from None
             if wait is None:
                 reason = reason.rpartition("FATAL:")[2].strip()  # the server's own words
