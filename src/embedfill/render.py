@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 
 from rich.console import Console
 from rich.markup import escape
@@ -293,18 +294,21 @@ def model_plan_text(console: Console, p: ModelPlan) -> None:
 
 def _model_next(st: MigrationStatus) -> str | None:
     """The command that comes next, where the phase says it."""
-    command = f"embedfill model {{}} --target {st.target}"
+
+    def command(step: str) -> str:
+        return f"embedfill model {step} --target {shlex.quote(st.target)}"
+
     if st.phase == "ready":
         if st.gates and all(g.get("pass") for g in st.gates.values()):
-            return command.format("cutover")
-        return command.format("verify") + " (every gate must pass before a cutover)"
+            return command("cutover")
+        return command("verify") + " (every gate must pass before a cutover)"
     if st.phase == "cut_over":
         return (
-            f"{command.format('finalize')} --yes once your apps read embedfill.active() "
-            f"again (or {command.format('rollback')})"
+            f"{command('finalize')} --yes once your apps read embedfill.active() "
+            f"again (or {command('rollback')})"
         )
     if st.phase == "rolled_back":
-        return f"{command.format('finalize')} --yes drops the new vectors"
+        return f"{command('finalize')} --yes drops the new vectors"
     return None
 
 

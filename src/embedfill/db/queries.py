@@ -710,14 +710,15 @@ SELECT id, target, strategy, from_model, to_model, home, phase, job_id, gates,
 FROM embedfill.model_migrations WHERE target = %(target)s
 ORDER BY (phase <> 'finalized') DESC, id DESC LIMIT 1"""
 MIGRATION_TARGET = "SELECT target FROM embedfill.model_migrations WHERE id = %(id)s"
-# The changes of model finalized since a moment (a job's start): their target, the
-# provider section of their new vectors (whose target is derived from the two), and
-# whether the app's searches use the new vectors (a cutover's finalize, which dropped the
-# old ones; else a rollback's, which dropped the new ones).
+# Whether a table (by oid) has the column; false when the table is gone.
 COLUMN_EXISTS = """
 SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
                WHERE attrelid = %(oid)s AND attname = %(column)s AND attnum > 0
                  AND NOT attisdropped)"""
+# The changes of model finalized since a moment (a job's start): their target, the
+# provider section of their new vectors (whose target is derived from the two), and
+# whether the app's searches use the new vectors (a cutover's finalize, which dropped the
+# old ones; else a rollback's, which dropped the new ones).
 FINALIZED_MIGRATIONS_SINCE = """
 SELECT m.target, m.to_model ->> 'provider', EXISTS (
     SELECT 1 FROM embedfill.active_models AS a
