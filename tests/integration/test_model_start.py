@@ -14,7 +14,7 @@ import pytest
 from embedfill import Database
 from embedfill.application import amodel_start, amodel_status
 from embedfill.config import Config, parse_config
-from embedfill.errors import TargetBusy
+from embedfill.errors import SchemaMismatch, TargetBusy
 from embedfill.providers.hashing import hash_vector
 from tests.support.tables import provider_settings, snapshot
 
@@ -457,6 +457,32 @@ def test_a_watch_job_left_without_its_watcher_ends_when_a_worker_meets_its_dropp
     asyncio.run(work())
     status, error = state()
     assert status not in ("running", "failed") and error is None
+
+
+@pytest.mark.parametrize("strategy", ["column", "table"])
+def test_a_config_still_naming_the_column_a_finalize_dropped_is_told_where_the_vectors_are(
+    indexed: str, strategy: str
+) -> None:
+    """After a cutover's finalize, every command of a config that still names the live
+    column stopped at "Column 'emb' ... does not exist" and nothing more (a new user ran
+    `embedfill status` on the demo's built-in config after a change of its model)."""
+    from embedfill.application import amodel_cutover, amodel_finalize, amodel_verify, astatus
+
+    start(indexed, strategy=strategy)
+    run(amodel_verify, indexed, env={})
+    run(amodel_cutover, indexed)
+    run(amodel_finalize, indexed, yes=True, force=True)
+    with pytest.raises(SchemaMismatch) as caught:
+        asyncio.run(astatus(config(), Database(indexed)))
+    said = str(caught.value)
+    assert said.startswith("Column 'emb' (embedding_column of target 'tickets') does not exist")
+    if strategy == "column":
+        assert said.endswith(
+            "A change of model's finalize dropped it: point the target at its new vectors "
+            '(embedding_column = "emb_next", provider = "next").'
+        )
+    else:
+        assert "its vectors are in the side table app.SupportTickets_emb_next" in said
 
 
 @pytest.mark.parametrize("ending", ["cutover", "rollback"])

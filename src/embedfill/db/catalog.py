@@ -237,6 +237,39 @@ async def check_shared_columns(
             )
 
 
+# The last change of model finalized on this live column (after a cutover: a rollback's
+# finalize drops the new vectors, not the live column).
+_FINALIZED_CHANGE = """
+SELECT m.strategy, m.to_model ->> 'provider', m.home ->> 'column',
+       m.home ->> 'schema', m.home ->> 'relation'
+FROM embedfill.model_migrations AS m
+WHERE m.table_oid = %(rel)s AND m.column_name = %(column)s AND m.phase = 'finalized'
+ORDER BY m.id DESC LIMIT 1"""
+
+
+async def _dropped_by_a_finalize(conn: psycopg.AsyncConnection[Any], oid: int, column: str) -> str:
+    """When a change of model's finalize dropped this embedding column: where the
+    vectors are now (a sentence to add to the error), else ''."""
+    try:
+        async with conn.transaction():  # a failure here leaves the caller's state alone
+            cur = await conn.execute(_FINALIZED_CHANGE, {"rel": oid, "column": column})
+            row = await cur.fetchone()
+    except psycopg.Error:  # no embedfill schema here, or no right to read it
+        return ""
+    if row is None:
+        return ""
+    strategy, provider, new_column, schema, relation = row
+    if strategy == "column":
+        return (
+            " A change of model's finalize dropped it: point the target at its new vectors "
+            f'(embedding_column = "{new_column}", provider = "{provider}").'
+        )
+    return (
+        f" A change of model's finalize dropped it: its vectors are in the side table "
+        f"{schema}.{relation}, which a config cannot name as a target's vectors yet."
+    )
+
+
 async def inspect_target(
     conn: psycopg.AsyncConnection[Any],
     target: TargetConfig,
@@ -265,9 +298,12 @@ async def inspect_target(
     for role, col in wanted:
         if col not in columns:
             known = ", ".join(sorted(columns))
+            dropped = (
+                await _dropped_by_a_finalize(conn, oid, col) if role == "embedding_column" else ""
+            )
             raise SchemaMismatch(
                 f"Column {col!r} ({role} of target {target.name!r}) does not exist in "
-                f"{target.table}; its columns are: {known}."
+                f"{target.table}; its columns are: {known}.{dropped}"
             )
     await _check_privileges(conn, target, tsql, oid, [c for _, c in wanted], write=write)
     await _check_row_security(conn, target, oid)
