@@ -434,6 +434,17 @@ def derived_name(target: str, provider: str) -> str:
     return f"{target}@{provider}"
 
 
+async def dropped_by_a_finalize(
+    conn: psycopg.AsyncConnection[Any], target: str, table_oid: int, column: str, since: Any
+) -> bool:
+    """Whether ``target``'s vectors (``column`` of the table ``table_oid``) are gone
+    because a change of model was finalized since then (a watch job's start): not a
+    fault of the job (worker.py and watch.py end it quietly)."""
+    if await Store(conn).column_exists(table_oid, column):
+        return False  # there: whatever failed, it was not a finalize
+    return await finalized_since(conn, target, since)
+
+
 async def finalized_since(conn: psycopg.AsyncConnection[Any], target: str, since: Any) -> bool:
     """Whether a change of model whose live or new vectors are ``target``'s was finalized
     since then: its finalize dropped the old vectors (after a cutover) or the new ones

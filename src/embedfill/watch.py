@@ -607,9 +607,13 @@ class TargetWatch:
     ) -> bool:
         """Whether a worker ended this watch's job because a finalize since it started
         dropped its vectors (worker._retire); if so, ``_over`` says why."""
-        if await Store(conn).column_exists(self._oid or 0, self.target.embedding_column):
-            return False
-        if not await migration.finalized_since(conn, self.target.name, state["started_at"]):
+        if not await migration.dropped_by_a_finalize(
+            conn,
+            self.target.name,
+            self._oid or 0,
+            self.target.embedding_column,
+            state["started_at"],
+        ):
             return False
         self._over = f"the finalize of its change of model dropped {self.target.embedding_column}"
         if self.derived_from is None:

@@ -714,10 +714,12 @@ class Worker:
                 state = await store.run_state(run_id)
                 if state is None or not _spec(state).behaviour.open_ended:
                     return False
-                if await store.column_exists(int(state["table_oid"]), str(state["column_name"])):
-                    return False  # there: whatever failed, it was not the finalize
-                return await migration.finalized_since(
-                    store.conn, str(state["target"]), state["started_at"]
+                return await migration.dropped_by_a_finalize(
+                    store.conn,
+                    str(state["target"]),
+                    int(state["table_oid"]),
+                    str(state["column_name"]),
+                    state["started_at"],
                 )
         except (psycopg.Error, DatabaseError, Refused):
             return False
