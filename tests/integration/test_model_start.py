@@ -256,6 +256,25 @@ def run(coro_fn: Any, url: str, *args: Any, cfg: Config | None = None, **kw: Any
     return asyncio.run(coro_fn(cfg or config(), Database(url), "tickets", *args, **kw))
 
 
+def cut_over(url: str, strategy: str = "table", triggers: Config | None = None) -> None:
+    """A change to ``next`` started, verified and cut over; with ``triggers``, the change
+    triggers installed by that config after the start."""
+    from embedfill.application import amodel_cutover, amodel_verify, atriggers
+
+    start(url, strategy=strategy)
+    if triggers is not None:
+        asyncio.run(atriggers(triggers, Database(url), "tickets", True, False))
+    run(amodel_verify, url, env={})
+    run(amodel_cutover, url)
+
+
+def job_status(url: str, job: int | None) -> tuple[str, str | None]:
+    """A job's status and error, as embedfill.runs holds them."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT status, error FROM embedfill.runs WHERE id = %s", (job,))
+        return row.fetchone()
+
+
 def columns(url: str) -> list[str]:
     with psycopg.connect(url) as conn:
         rows = conn.execute(
@@ -332,12 +351,9 @@ def test_a_cutovers_finalize_moves_the_change_triggers_off_the_dropped_column(
     the column strategy they move to the new vectors' column (the target, pointed at it,
     finds them installed), and so do the edits still queued; with the table strategy
     they go."""
-    from embedfill.application import amodel_cutover, amodel_finalize, amodel_verify, atriggers
+    from embedfill.application import amodel_finalize
 
-    start(indexed, strategy=strategy)
-    asyncio.run(atriggers(config(), Database(indexed), "tickets", True, False))
-    run(amodel_verify, indexed, env={})
-    run(amodel_cutover, indexed)
+    cut_over(indexed, strategy, triggers=config())
     with psycopg.connect(indexed, autocommit=True) as conn:
         conn.execute(f"UPDATE {T} SET body = 'queued before' WHERE ticket_no = 3")
     st = run(amodel_finalize, indexed, yes=True, force=True)
@@ -411,7 +427,7 @@ def test_a_watch_job_left_without_its_watcher_ends_when_a_worker_meets_its_dropp
     ends. Before: it stayed `running` for ever once the worker only cancelled the chunk
     (and earlier still, the job failed)."""
     from embedfill import jobs
-    from embedfill.application import amodel_cutover, amodel_finalize, amodel_verify
+    from embedfill.application import amodel_finalize
     from embedfill.db.catalog import inspect_target
     from embedfill.db.store import Store
     from embedfill.jobs.spec import JobSpec
@@ -419,9 +435,7 @@ def test_a_watch_job_left_without_its_watcher_ends_when_a_worker_meets_its_dropp
     from tests.integration.test_watch import ENV
 
     cfg = _watched_config(fake_openai)
-    start(indexed, strategy="column")
-    run(amodel_verify, indexed, env={})
-    run(amodel_cutover, indexed)
+    cut_over(indexed, "column")
 
     async def left_behind() -> int:  # what a watch leaves when it stops with a chunk out
         async with await psycopg.AsyncConnection.connect(indexed, autocommit=True) as conn:
@@ -439,23 +453,18 @@ def test_a_watch_job_left_without_its_watcher_ends_when_a_worker_meets_its_dropp
     job = asyncio.run(left_behind())
     run(amodel_finalize, indexed, yes=True, force=True)
 
-    def state() -> tuple[str, str | None]:
-        with psycopg.connect(indexed) as conn:
-            got = conn.execute("SELECT status, error FROM embedfill.runs WHERE id = %s", (job,))
-            return got.fetchone()
-
     async def work() -> None:
         stop = asyncio.Event()
         task = asyncio.create_task(Worker(cfg, Database(indexed), env=ENV).run(stop))
         for _ in range(100):
-            if state()[0] != "running":
+            if job_status(indexed, job)[0] != "running":
                 break
             await asyncio.sleep(0.2)
         stop.set()
         await asyncio.wait_for(task, 30)
 
     asyncio.run(work())
-    status, error = state()
+    status, error = job_status(indexed, job)
     assert status not in ("running", "failed") and error is None
 
 
@@ -466,11 +475,9 @@ def test_a_config_still_naming_the_column_a_finalize_dropped_is_told_where_the_v
     """After a cutover's finalize, every command of a config that still names the live
     column stopped at "Column 'emb' ... does not exist" and nothing more (a new user ran
     `embedfill status` on the demo's built-in config after a change of its model)."""
-    from embedfill.application import amodel_cutover, amodel_finalize, amodel_verify, astatus
+    from embedfill.application import amodel_finalize, astatus
 
-    start(indexed, strategy=strategy)
-    run(amodel_verify, indexed, env={})
-    run(amodel_cutover, indexed)
+    cut_over(indexed, strategy)
     run(amodel_finalize, indexed, yes=True, force=True)
     with pytest.raises(SchemaMismatch) as caught:
         asyncio.run(astatus(config(), Database(indexed)))
@@ -850,12 +857,8 @@ def _queued(url: str) -> list[tuple[Any, ...]]:
 def _cut_over_with_triggers(url: str, fake_openai: Any) -> tuple[int, int]:
     """A column-strategy change cut over, the change triggers installed, rows 3 and 4
     edited (queued for the live column): the live table's oid and the live column's id."""
-    from embedfill.application import amodel_cutover, amodel_verify, atriggers
 
-    start(url, strategy="column")
-    asyncio.run(atriggers(_watched_config(fake_openai), Database(url), "tickets", True, False))
-    run(amodel_verify, url, env={})
-    run(amodel_cutover, url)
+    cut_over(url, "column", triggers=_watched_config(fake_openai))
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
             f"UPDATE {T} SET body = 'queued before the finalize' WHERE ticket_no IN (3, 4)"
@@ -947,14 +950,11 @@ def test_a_watch_left_running_through_a_cutovers_finalize_ends_the_live_watcher_
     strategy the side table's watcher ends too, and says that nothing keeps the side
     table fresh from now on: it went on until a restart, fed by sweeps alone (56 of 56
     edited rows stale), and a watch started later does not watch it at all."""
-    from embedfill.application import amodel_cutover, amodel_finalize, amodel_verify, atriggers
+    from embedfill.application import amodel_finalize
     from tests.integration.test_watch import Running, wait_for
 
     cfg = _watched_config(fake_openai)
-    start(indexed, strategy=strategy)
-    asyncio.run(atriggers(cfg, Database(indexed), "tickets", True, False))
-    run(amodel_verify, indexed, env={})
-    run(amodel_cutover, indexed)
+    cut_over(indexed, strategy, triggers=cfg)
     w = Running(indexed, cfg, interval_s=0.5, sweep_interval_s=3600)
     try:
         wait_for(lambda: len(w.watches) == 2 and all(x.job_id for x in w.watches))
@@ -977,9 +977,7 @@ def test_a_watch_left_running_through_a_cutovers_finalize_ends_the_live_watcher_
     finally:
         w.stop()
     assert w.error is None
-    with psycopg.connect(indexed) as conn:
-        row = conn.execute("SELECT status FROM embedfill.runs WHERE id = %s", (live_job,))
-        assert row.fetchone()[0] != "failed"
+    assert job_status(indexed, live_job)[0] != "failed"
 
 
 def test_a_live_chunk_in_flight_across_a_cutovers_finalize_leaves_no_task_behind(
@@ -993,14 +991,11 @@ def test_a_live_chunk_in_flight_across_a_cutovers_finalize_leaves_no_task_behind
     ends as a stopped watch's, not failed."""
     import threading
 
-    from embedfill.application import amodel_cutover, amodel_finalize, amodel_verify, atriggers
+    from embedfill.application import amodel_finalize
     from tests.integration.test_watch import Running, wait_for
 
     cfg = _watched_config(fake_openai)
-    start(indexed, strategy="column")
-    asyncio.run(atriggers(cfg, Database(indexed), "tickets", True, False))
-    run(amodel_verify, indexed, env={})
-    run(amodel_cutover, indexed)
+    cut_over(indexed, "column", triggers=cfg)
     w = Running(indexed, cfg, interval_s=3.0, sweep_interval_s=3600)
     answer = threading.Event()
     asked = threading.Event()
@@ -1025,9 +1020,7 @@ def test_a_live_chunk_in_flight_across_a_cutovers_finalize_leaves_no_task_behind
     finally:
         answer.set()
         w.stop()  # asserts that no task outlived the watch
-    with psycopg.connect(indexed) as conn:
-        row = conn.execute("SELECT status FROM embedfill.runs WHERE id = %s", (live_job,))
-        assert row.fetchone()[0] != "failed"
+    assert job_status(indexed, live_job)[0] != "failed"
 
 
 def test_a_second_change_to_the_same_provider_with_another_strategy_is_watched_without_a_restart(
@@ -1226,12 +1219,10 @@ def test_a_standby_replica_and_a_second_change_after_a_rollbacks_finalize(
 def test_finalize_refuses_before_dropping_anything_when_another_role_owns_the_triggers(
     indexed: str, roles: Any
 ) -> None:
-    from embedfill.application import amodel_cutover, amodel_finalize, amodel_verify, atriggers
+    from embedfill.application import amodel_finalize, atriggers
     from embedfill.errors import PrivilegeMissing
 
-    start(indexed, strategy="column")
-    run(amodel_verify, indexed, env={})
-    run(amodel_cutover, indexed)
+    cut_over(indexed, "column")
     owner = roles.create()
     # the table and embedfill's schema belong to the test's superuser; the owner of the
     # triggers' functions becomes another role
