@@ -152,6 +152,10 @@ def config_rows(section: str) -> list[tuple[str, str, str, str]]:
         default = defaults.get(key, dataclasses.MISSING)
         if key in ("text", "text_sql"):
             shown = "one of text, text_sql"
+        elif key == "max_concurrency":  # per kind (config.KIND_CONCURRENCY)
+            shown = '`"auto"`; ' + ", ".join(
+                f"{kind}: `{n}`" for kind, n in config.KIND_CONCURRENCY.items()
+            )
         elif default is dataclasses.MISSING:
             shown = "required"
         elif default is None:

@@ -30,6 +30,9 @@ KNOWN_MODELS: dict[str, tuple[int, int, float]] = {
 }
 
 DEFAULT_LOCAL_MODEL = "all-MiniLM-L6-v2"
+# max_concurrency when a provider section sets none: "auto" but for these kinds (a local
+# model already uses every core)
+KIND_CONCURRENCY = {"local": 1, "hash": 4}
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ class ProviderConfig:
     api_key_env: str = "OPENAI_API_KEY"
     #: inputs per embedding request (at most 2048)
     batch_size: int = 50
-    #: requests in flight per worker (1 for local), or "auto": found by AIMD, this the most
+    #: requests in flight per worker, or "auto": found by slow start and AIMD, at most 32
     max_concurrency: int = 4
     auto_concurrency: bool = False  # max_concurrency = "auto": found by AIMD
     #: requests per minute per key and model, all workers together; 0: no limit
@@ -468,9 +471,9 @@ def _parse_provider(name: str, data: Mapping[str, Any]) -> ProviderConfig:
     batch_size = _positive(data.get("batch_size", 50), "batch_size", where)
     if batch_size > 2048:
         raise ConfigError(f"Key 'batch_size' in {where} must be at most 2048, not {batch_size}.")
-    # "auto" (AIMD, concurrency.py) unless set: an API's right level depends on its
+    # "auto" (concurrency.py) unless set: an API's right level depends on its
     # latency and limits, which the run measures; a local model already uses every core
-    concurrency = data.get("max_concurrency", {"local": 1, "hash": 4}.get(kind, "auto"))
+    concurrency = data.get("max_concurrency", KIND_CONCURRENCY.get(kind, "auto"))
     auto = concurrency == "auto"
     if isinstance(concurrency, str) and not auto:
         raise ConfigError(

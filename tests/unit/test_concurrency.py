@@ -11,15 +11,35 @@ def test_fixed_never_moves() -> None:
     assert c.allowed == 7
 
 
-def test_auto_adds_about_one_per_round_trip_while_answers_stay_fast() -> None:
+def test_auto_doubles_each_round_trip_until_the_first_sign_of_load() -> None:
     c = Concurrency.auto(ceiling=32)
     assert c.allowed == AUTO_START
-    for _ in range(4):  # one round trip's answers at 4 in flight
+    for _ in range(4):  # one round trip's answers at 4 in flight: slow start doubles it
         c.succeeded(0.1)
-    assert 4.8 < c.limit < 5.0  # about one more per round trip
+    assert c.allowed == 8
+    for _ in range(8):
+        c.succeeded(0.1)
+    assert c.allowed == 16
+    c.succeeded(0.3)  # 3x the fastest: queueing; slow start ends, nothing added
+    assert c.allowed == 16 and not c.slow_start
+    for _ in range(16):  # a round trip's answers at 16: about one more
+        c.succeeded(0.1)
+    assert 16.9 < c.limit < 17.0
     for _ in range(1000):
         c.succeeded(0.1)
     assert c.allowed == 32  # never past the ceiling
+
+
+def test_auto_leaves_slow_start_at_the_first_overload() -> None:
+    c = Concurrency.auto(ceiling=32)
+    for _ in range(8):
+        c.succeeded(0.1)
+    assert c.allowed == 12
+    c.overloaded(now=5.0)
+    assert c.allowed == 6 and not c.slow_start
+    for _ in range(6):  # then one a round trip, not one an answer
+        c.succeeded(0.1)
+    assert 6.9 < c.limit < 7.0
 
 
 def test_auto_stops_growing_when_answers_slow_down() -> None:
