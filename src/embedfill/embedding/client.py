@@ -115,7 +115,8 @@ class Client:
         self._db_turn, self._sleep = db_turn, sleep
         self._abandon, self._on_abandon = abandon, on_abandon
         self._count = count_tokens or (lambda text: 1)
-        self.in_flight = 0
+        self.in_flight = 0  # requests holding a slot (some wait for the rate budget)
+        self.at_provider = 0  # of them, those sent and not yet answered
         self._slots = asyncio.Condition()
         self.proven = False  # a request succeeded: model and dimensions work
         self.last_ok = float("-inf")  # monotonic: when a request last succeeded
@@ -148,6 +149,7 @@ class Client:
         while True:
             if self.misconfigured is not None:  # the probe said every request is wrong
                 raise self.misconfigured
+            started, busy = time.monotonic(), None  # busy: requests at the provider
             try:
                 # the budget is taken once a slot is ours: taken before, with "auto"
                 # holding requests back, it would be spent on a request sent much later
@@ -160,15 +162,21 @@ class Client:
                     attempts += 1
                     self.tally.sent(batch.tenant)
                     started = time.monotonic()
-                    answer = await self._unless_abandoned(
-                        self.provider.embed(batch.texts, api_key=key)
-                    )
+                    self.at_provider += 1
+                    self.concurrency.sending(self.at_provider, started)
+                    try:
+                        answer = await self._unless_abandoned(
+                            self.provider.embed(batch.texts, api_key=key)
+                        )
+                    finally:
+                        busy, self.at_provider = self.at_provider, self.at_provider - 1
                     vectors = check_vectors(answer, len(batch.rows))
-                    self.concurrency.succeeded(time.monotonic() - started)
+                    now = time.monotonic()
+                    self.concurrency.succeeded(now - started, now)
             except ProviderError as exc:
                 self.tally.observed(str(exc.status or "error"), time.monotonic() - started)
                 if isinstance(exc, (RateLimited, ProviderUnavailable)):
-                    self.concurrency.overloaded(time.monotonic())
+                    self.concurrency.overloaded(time.monotonic(), busy, started)
                 await self._heed(key, exc.signals, batch.tokens, exc.retry_after)
                 delay = decide(exc, attempts, self.policy)
                 if delay is None or (give_back is not None and give_back(exc)):
