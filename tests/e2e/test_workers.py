@@ -385,3 +385,78 @@ def test_serve_no_worker_queues_and_a_worker_elsewhere_does_it(
         stop_all([p for p in (worker,) if p is not None])
         api.send_signal(signal.SIGTERM)
         api.communicate(timeout=60)
+
+
+def test_a_jobs_counts_are_the_rows_committed_after_sigstop_past_the_lease_and_kill_9(
+    db_url: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Three workers on one job: one is stopped (SIGSTOP) past its lease, so the others
+    take its chunks over while it still holds answers; another is killed (kill -9) with
+    chunks in flight; then the stopped one goes on (SIGCONT) and writes what it held.
+    The job's totals are exactly the rows committed, per tenant too, and no tenant shows
+    more missing than it has rows."""
+    from embedfill.application import job_record
+
+    big, total = db_url, 1600  # 1200 NULL
+    with psycopg.connect(big, autocommit=True) as conn:
+        make_tickets(conn, rows=total)
+    fake_openai.latency = 0.2
+    cfg = write_config(
+        tmp_path, fake_openai.base_url, batch_size=5, concurrency=2, extra=jobs_toml()
+    )
+    env = cli_env(big, TEST_PLATFORM_KEY=PLATFORM)
+    assert embedfill("--config", str(cfg), "migrate", env=env).returncode == 0
+    workers = [popen("--config", str(cfg), "worker", env=env) for _ in range(3)]
+    stopped: subprocess.Popen[str] | None = None
+    try:
+        wait_until(lambda: _registered(big) == 3)
+        job_id = enqueue(cfg, env)
+        wait_until(lambda: missing(big) < 1100)
+
+        def busy() -> list[subprocess.Popen[str]]:
+            with psycopg.connect(big) as conn:
+                doing = conn.execute(
+                    "SELECT worker FROM embedfill.chunks WHERE state = 'doing'"
+                ).fetchall()
+            pids = {int(w.split(":")[1]) for (w,) in doing}
+            return [p for p in workers if p.pid in pids]
+
+        stopped = busy()[0]
+        os.kill(stopped.pid, signal.SIGSTOP)
+        time.sleep(5)  # past its 2 s lease: its chunks go to the others
+        wait_until(lambda: any(p is not stopped for p in busy()))
+        victim = next(p for p in busy() if p is not stopped)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.communicate(timeout=30)
+        time.sleep(1)
+        os.kill(stopped.pid, signal.SIGCONT)
+        stopped = None
+        wait_until(lambda: job_status(big, job_id) != "running", timeout=120)
+    finally:
+        if stopped is not None:
+            os.kill(stopped.pid, signal.SIGCONT)
+        stop_all(workers)
+    assert job_status(big, job_id) == "succeeded"
+    assert missing(big) == 0
+    assert_all_true(big, rows=total)
+    report = asyncio.run(job_record(Database(big), job_id))["report"]
+    assert report["embedded"] == total - total // 4 and report["failed"] == 0, report
+    with psycopg.connect(big) as conn:
+        rows = dict(
+            conn.execute('SELECT org, count(*) FROM app."SupportTickets" GROUP BY 1').fetchall()
+        )
+        filled_before = dict(
+            conn.execute(
+                'SELECT org, count(*) FROM app."SupportTickets" WHERE ticket_no % 4 = 0 GROUP BY 1'
+            ).fetchall()
+        )
+    with psycopg.connect(big) as conn:
+        retaken = conn.execute(
+            "SELECT count(*) FROM embedfill.chunks WHERE run_id = %s AND attempts > 1", (job_id,)
+        ).fetchone()
+    assert retaken is not None and retaken[0] >= 1  # the stopped and the killed one's chunks
+    tenants = {t["tenant"]: t for t in report["tenants"]}
+    assert sum(t["embedded"] for t in tenants.values()) == report["embedded"]
+    for tenant, t in tenants.items():
+        assert t["missing"] <= rows[tenant], (tenant, t)
+        assert t["embedded"] == rows[tenant] - filled_before.get(tenant, 0), (tenant, t)
