@@ -152,9 +152,11 @@ def config_rows(section: str) -> list[tuple[str, str, str, str]]:
         default = defaults.get(key, dataclasses.MISSING)
         if key in ("text", "text_sql"):
             shown = "one of text, text_sql"
-        elif key == "max_concurrency":  # per kind (config.KIND_CONCURRENCY)
+        elif key == "max_concurrency":  # per kind (kinds.KINDS)
+            from embedfill.kinds import KINDS
+
             shown = '`"auto"`; ' + ", ".join(
-                f"{kind}: `{n}`" for kind, n in config.KIND_CONCURRENCY.items()
+                f"{k.name}: `{k.concurrency}`" for k in KINDS.values() if k.concurrency != "auto"
             )
         elif default is dataclasses.MISSING:
             shown = "required"
@@ -220,7 +222,7 @@ def http_page() -> str:
         "# HTTP API reference\n\n",
         f"{spec['info'].get('description', '')}\n\n",
         "The service also serves this schema at `/openapi.json` and an explorer at "
-        "`/docs`. Every answer that is not 2xx is `{\"error\": \"one sentence\"}`.\n\n",
+        '`/docs`. Every answer that is not 2xx is `{"error": "one sentence"}`.\n\n',
     ]
     for path, methods in spec["paths"].items():
         for method, op in methods.items():
@@ -277,9 +279,7 @@ def _literal(node: ast.expr) -> str | None:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
     if isinstance(node, ast.JoinedStr):
-        return "".join(
-            v.value if isinstance(v, ast.Constant) else "…" for v in node.values
-        )
+        return "".join(v.value if isinstance(v, ast.Constant) else "…" for v in node.values)
     if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
         left, right = _literal(node.left), _literal(node.right)
         return None if left is None or right is None else left + right
@@ -351,7 +351,9 @@ def alerts_page() -> str:
         notes = rule.get("annotations", {})
         labels = rule.get("labels", {})
         out.append(f"## {rule['alert']}\n\n")
-        out.append(f"**Severity:** {labels.get('severity', 'unset')}; fires after `{rule.get('for', '0m')}`.\n\n")
+        out.append(
+            f"**Severity:** {labels.get('severity', 'unset')}; fires after `{rule.get('for', '0m')}`.\n\n"
+        )
         out.append(f"**What it means.** {notes.get('description', '').strip()}\n\n")
         out.append(f"**What to check and run.** {notes.get('runbook', '').strip()}\n\n")
         out.append(f"```promql\n{rule['expr'].strip()}\n```\n\n")

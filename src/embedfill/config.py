@@ -18,21 +18,7 @@ from typing import Any
 
 from .concurrency import AUTO_CEILING
 from .errors import ConfigError, TargetNotFound
-
-PROVIDER_KINDS = ("openai", "local", "hash")
-
-# Known models: (dimensions, max input tokens, USD per 1M input tokens).
-KNOWN_MODELS: dict[str, tuple[int, int, float]] = {
-    "text-embedding-3-small": (1536, 8191, 0.02),
-    "text-embedding-3-large": (3072, 8191, 0.13),
-    "text-embedding-ada-002": (1536, 8191, 0.10),
-    "all-MiniLM-L6-v2": (384, 256, 0.0),
-}
-
-DEFAULT_LOCAL_MODEL = "all-MiniLM-L6-v2"
-# max_concurrency when a provider section sets none: "auto" but for these kinds (a local
-# model already uses every core)
-KIND_CONCURRENCY = {"local": 1, "hash": 4}
+from .kinds import DEFAULT_LOCAL_MODEL, KINDS, MODELS
 
 
 @dataclass(frozen=True)
@@ -95,30 +81,23 @@ class ProviderConfig:
         """The vector size this provider will return, when it can be known without a call."""
         if self.dimensions is not None:
             return self.dimensions
-        if self.kind == "local" and self.model == DEFAULT_LOCAL_MODEL:
-            return KNOWN_MODELS[self.model][0]
-        if self.kind == "openai" and self.model in KNOWN_MODELS:
-            return KNOWN_MODELS[self.model][0]
-        return None
+        known = MODELS.get(self.model) if KINDS[self.kind].knows_models else None
+        return known.dimensions if known else None
 
     @property
     def input_token_limit(self) -> int:
         if self.max_input_tokens is not None:
             return self.max_input_tokens
-        known = KNOWN_MODELS.get(self.model)
-        if known:
-            return known[1]
-        return 512 if self.kind == "local" else 8191
+        known = MODELS.get(self.model)
+        return known.max_input_tokens if known else KINDS[self.kind].max_input_tokens
 
     @property
     def price(self) -> float:
         """USD per 1M input tokens (0 for local models and unknown models)."""
         if self.price_per_1m_tokens is not None:
             return self.price_per_1m_tokens
-        if self.kind != "openai":
-            return 0.0
-        known = KNOWN_MODELS.get(self.model)
-        return known[2] if known else 0.0
+        known = MODELS.get(self.model) if KINDS[self.kind].priced else None
+        return known.usd_per_1m_tokens if known else 0.0
 
 
 @dataclass(frozen=True)
@@ -457,23 +436,23 @@ def _parse_provider(name: str, data: Mapping[str, Any]) -> ProviderConfig:
         raise ConfigError(f"{where} must be a table of settings.")
     _check_keys(data, _PROVIDER_KEYS, where)
     kind = data.get("kind")
-    if kind not in PROVIDER_KINDS:
+    spec = KINDS.get(kind) if isinstance(kind, str) else None  # kinds.py: each kind
+    if spec is None:
         raise ConfigError(
-            f"{where} needs kind = one of {', '.join(map(repr, PROVIDER_KINDS))}, not {kind!r}."
+            f"{where} needs kind = one of {', '.join(map(repr, KINDS))}, not {kind!r}."
         )
-    model = data.get("model", DEFAULT_LOCAL_MODEL if kind == "local" else None)
-    if kind == "hash":
-        model = data.get("model", "sha256")
+    kind = spec.name
+    model = data.get("model", spec.default_model)
     if not model:
         raise ConfigError(f'{where} needs a model, e.g. model = "text-embedding-3-small".')
-    if kind == "hash" and "dimensions" not in data:
-        raise ConfigError(f"{where} of kind 'hash' needs dimensions = N.")
+    if spec.needs_dimensions and "dimensions" not in data:
+        raise ConfigError(f"{where} of kind {kind!r} needs dimensions = N.")
     batch_size = _positive(data.get("batch_size", 50), "batch_size", where)
     if batch_size > 2048:
         raise ConfigError(f"Key 'batch_size' in {where} must be at most 2048, not {batch_size}.")
     # "auto" (concurrency.py) unless set: an API's right level depends on its
     # latency and limits, which the run measures; a local model already uses every core
-    concurrency = data.get("max_concurrency", KIND_CONCURRENCY.get(kind, "auto"))
+    concurrency = data.get("max_concurrency", spec.concurrency)
     auto = concurrency == "auto"
     if isinstance(concurrency, str) and not auto:
         raise ConfigError(

@@ -1,41 +1,42 @@
 """Embedding providers: each declares its limits and embeds one batch, nothing else.
 
 Batching, retries, rate limits and concurrency live in planning.py, retry.py,
-ratelimit.py and engine/embed.py.
+ratelimit.py and engine/embed.py. Which class serves a ``kind``, and what the config
+knows of it, is one line of ``kinds.KINDS``.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+from typing import cast
+
 from ..config import ProviderConfig
+from ..errors import ConfigError
+from ..kinds import KINDS
 from .base import Matrix, Provider, Vector
 
 
 def check_available(config: ProviderConfig) -> None:
-    """Raise a one-sentence ConfigError when this provider's packages are not installed."""
-    if config.kind == "local":
-        from .local import require_local_extra
-
-        require_local_extra()
+    """Raise a one-sentence ConfigError when this provider's packages are not installed
+    (cheap: finds, does not import)."""
+    kind = KINDS[config.kind]
+    if kind.requires is not None and importlib.util.find_spec(kind.requires) is None:
+        raise ConfigError(kind.missing_extra)
 
 
 def needs_key(config: ProviderConfig) -> bool:
     """Whether this kind of provider is paid with an API key (local and hash are not)."""
-    return config.kind == "openai"
+    return KINDS[config.kind].needs_key
 
 
 def make_provider(config: ProviderConfig) -> Provider:
     """Create the provider for a config. Clients and models load lazily, once."""
-    if config.kind == "openai":
-        from .openai import OpenAIProvider
-
-        return OpenAIProvider(config)
-    if config.kind == "local":
-        from .local import LocalProvider
-
-        return LocalProvider(config)
-    from .hashing import HashProvider
-
-    return HashProvider(config)
+    check_available(config)
+    module, name = KINDS[config.kind].provider.split(":")
+    path = module if "." in module else f"{__name__}.{module}"
+    cls = getattr(importlib.import_module(path), name)
+    return cast(Provider, cls(config))
 
 
 __all__ = ["Matrix", "Provider", "Vector", "check_available", "make_provider", "needs_key"]

@@ -7,6 +7,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ..config import ProviderConfig
+from ..kinds import KINDS
 from ..secrets import Secret
 from ..tokens import TokenCounter
 from .limits import RateSignals
@@ -63,10 +64,11 @@ class Provider(Protocol):
 class ConfiguredProvider:
     """What every provider reads straight from its config."""
 
-    needs_key = False
+    needs_key: bool
 
     def __init__(self, config: ProviderConfig) -> None:
         self.config = config
+        self.needs_key = KINDS[config.kind].needs_key
 
     @property
     def name(self) -> str:
@@ -79,3 +81,6 @@ class ConfiguredProvider:
     @property
     def max_input_tokens(self) -> int:
         return self.config.input_token_limit
+
+    async def aclose(self) -> None:
+        """Release clients or models (nothing, unless the provider holds some)."""

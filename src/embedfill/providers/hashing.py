@@ -61,6 +61,3 @@ class HashProvider(ConfiguredProvider):
 
     async def embed(self, texts: Sequence[str], *, api_key: Secret | None) -> Vectors:
         return hash_vectors(texts, self._dims)
-
-    async def aclose(self) -> None:
-        return None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import importlib.util
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,20 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from ..config import DEFAULT_LOCAL_MODEL, ProviderConfig
+from ..config import ProviderConfig
 from ..errors import ConfigError
+from ..kinds import DEFAULT_LOCAL_MODEL
 from ..secrets import Secret
 from ..tokens import HFTokenizerCounter, TokenCounter
 from .base import ConfiguredProvider, Vectors
-
-LOCAL_EXTRA = "kind = 'local' needs the local extra: pip install 'embedfill[local]'"
-
-
-def require_local_extra() -> None:
-    """sentence-transformers (and torch) come with ``embedfill[local]``, not the base
-    install, so an OpenAI-only install pulls no torch. Cheap: finds, does not import."""
-    if importlib.util.find_spec("sentence_transformers") is None:
-        raise ConfigError(LOCAL_EXTRA)
 
 
 def model_location(model: str) -> str:
@@ -45,8 +36,10 @@ def model_location(model: str) -> str:
 
 
 class LocalProvider(ConfiguredProvider):
+    # sentence-transformers (and torch) come with ``embedfill[local]``, not the base
+    # install, so an OpenAI-only install pulls no torch: make_provider checks first
+
     def __init__(self, config: ProviderConfig) -> None:
-        require_local_extra()
         super().__init__(config)
         self._model: Any = None
         self._lock = threading.Lock()

@@ -103,8 +103,6 @@ def translate(exc: Exception) -> ProviderError:
 
 
 class OpenAIProvider(ConfiguredProvider):
-    needs_key = True
-
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config)
         self._clients: dict[str, openai.AsyncOpenAI] = {}

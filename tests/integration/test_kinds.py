@@ -1,0 +1,82 @@
+"""A new kind of provider is its own module and one line of ``kinds.KINDS``: a kind that
+is not embedfill's (tests/support/echo_provider.py) is configured, checked and run
+through a real backfill with nothing else changed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import psycopg
+import pytest
+
+from embedfill import BackfillOptions, Database, abackfill
+from embedfill.config import parse_config
+from embedfill.errors import ConfigError
+from embedfill.kinds import KINDS, Kind
+from embedfill.providers import make_provider, needs_key
+from tests.support.echo_provider import EchoProvider
+from tests.support.tables import make_tickets
+
+ECHO = Kind(
+    "echo",
+    "tests.support.echo_provider:EchoProvider",
+    default_model="echo-1",
+    needs_dimensions=True,
+    concurrency=2,
+)
+
+
+@pytest.fixture
+def echo(monkeypatch: pytest.MonkeyPatch) -> Kind:
+    monkeypatch.setitem(KINDS, "echo", ECHO)  # type: ignore[index]
+    return ECHO
+
+
+def config(**provider: object) -> object:
+    return parse_config(
+        {
+            "providers": {"e": {"kind": "echo", **provider}},
+            "targets": [
+                {
+                    "name": "tickets",
+                    "table": "app.SupportTickets",
+                    "id_column": "ticket_no",
+                    "text": "{subject}\n\n{body}",
+                    "embedding_column": "emb",
+                    "tenant_column": "org",
+                    "provider": "e",
+                }
+            ],
+        }
+    )
+
+
+def test_a_kind_registered_in_one_line_is_configured_from_its_line(echo: Kind) -> None:
+    pconf = config(dimensions=8).providers["e"]  # type: ignore[attr-defined]
+    assert pconf.model == "echo-1" and pconf.max_concurrency == 2
+    assert not pconf.auto_concurrency and not needs_key(pconf)
+    assert isinstance(make_provider(pconf), EchoProvider)
+    with pytest.raises(ConfigError, match="of kind 'echo' needs dimensions = N"):
+        config()
+
+
+def test_an_unregistered_kind_is_refused_naming_the_registered_ones() -> None:
+    named = "needs kind = one of 'openai', 'local', 'hash', not 'echo'"
+    with pytest.raises(ConfigError, match=named):
+        config(dimensions=8)
+
+
+def test_a_backfill_runs_on_a_kind_registered_in_one_line(db_url: str, echo: Kind) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        make_tickets(conn, rows=40)
+    cfg = config(dimensions=8)
+    report = asyncio.run(abackfill(cfg, Database(db_url), BackfillOptions()))  # type: ignore[arg-type]
+    assert report.embedded == 30 and report.failed == 0 and report.provider == "echo:echo-1"
+    with psycopg.connect(db_url) as conn:
+        rows = conn.execute(
+            'SELECT subject, body, emb::text FROM app."SupportTickets" WHERE ticket_no % 4 <> 0'
+        ).fetchall()
+    assert rows and all(
+        emb.startswith("[" + str(len(subject + "\n\n" + body)) + ",0,")
+        for subject, body, emb in rows
+    )
