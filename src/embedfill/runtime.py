@@ -60,8 +60,12 @@ class Runtime:
         self.config, self.db, self.env, self._watch_opts = config, db, env, watch
         # opened by the first watcher that needs it
         self.hub = WatchHub(db, config.engine.lock_timeout_ms)
+        self._observer = observer
         self.watches = (
-            [TargetWatch(config, db, config.target(n), watch, self.hub, env) for n in names]
+            [
+                TargetWatch(config, db, config.target(n), watch, self.hub, env, observer)
+                for n in names
+            ]
             if watch is not None
             else []
         )
@@ -116,6 +120,7 @@ class Runtime:
                     opts,
                     self.hub,
                     self.env,
+                    self._observer,
                     derived_from=next((live for live in names if n.startswith(f"{live}@")), None),
                 )
                 for n in derived

@@ -52,6 +52,7 @@ from .db.connect import Database, connect
 from .db.schema import ensure_schema
 from .db.store import Store, watch_key
 from .db.target_sql import BLANK, TargetSQL
+from .engine import Observer
 from .errors import EmbedfillError, RunAborted
 from .errors import first_line as _first_line
 from .freshness import ProvenanceIds, model_identity, provenance_ids
@@ -241,6 +242,7 @@ class TargetWatch:
     opts: WatchOptions
     hub: WatchHub | None = None  # shared by the process's watchers; None: its own
     env: Mapping[str, str] | None = None  # where the platform key is (None: os.environ)
+    observer: Observer | None = None  # told when the target stops being watched, and why
     job_id: int | None = None
     queued: int = 0  # ids this watcher queued (tests and logs)
     # why this target is no longer watched while the others go on (its table no longer
@@ -580,6 +582,8 @@ class TargetWatch:
         its lock is given up."""
         if exc is not None:
             self.failed = exc
+            if self.observer is not None:  # embedfill_target_error{target, error_class}
+                self.observer.target_error(self.target.name, type(exc).__name__)
             log.error(
                 "watch of %s: %s; not watching it any more (the other targets go on)",
                 self.target.name,

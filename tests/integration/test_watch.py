@@ -12,10 +12,12 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+from prometheus_client import generate_latest
 
 from embedfill import Database, astatus
 from embedfill.config import EngineConfig, TableName, render_text
 from embedfill.errors import RunAborted
+from embedfill.http.metrics import Metrics
 from embedfill.providers.hashing import hash_vector
 from embedfill.runtime import awatch
 from embedfill.watch import TargetWatch, WatchOptions
@@ -36,6 +38,7 @@ class Running:
         env: dict[str, str] | None = None,
         *,
         worker: bool = True,
+        observer: Any = None,
         **opts: Any,
     ) -> None:
         import threading
@@ -61,6 +64,7 @@ class Running:
                     env=ENV if env is None else env,
                     worker=worker,
                     on_watch=self.watches.extend,
+                    observer=observer,
                 )
 
             try:
@@ -322,7 +326,8 @@ def test_a_target_whose_table_no_longer_fits_stops_alone_and_the_watch_exits_3(
     with psycopg.connect(tickets, autocommit=True) as conn:
         conn.execute('CREATE TABLE app.notes (LIKE app."SupportTickets" INCLUDING ALL)')
         conn.execute('INSERT INTO app.notes SELECT * FROM app."SupportTickets"')
-    running = Running(tickets, two_targets(fake_openai.base_url), interval_s=0.3)
+    metrics = Metrics(service=False)  # what `watch --metrics-port` exports
+    running = Running(tickets, two_targets(fake_openai.base_url), interval_s=0.3, observer=metrics)
     wait_for(lambda: nulls(tickets, "app.notes") == 0 and nulls(tickets, T) == 0)
     with psycopg.connect(tickets, autocommit=True) as conn:
         conn.execute(f"ALTER TABLE {T} ALTER COLUMN emb TYPE vector(16) USING NULL")
@@ -330,6 +335,11 @@ def test_a_target_whose_table_no_longer_fits_stops_alone_and_the_watch_exits_3(
     failed = next(w for w in running.watches if w.failed is not None)
     assert failed.target.name == "tickets"
     assert "16-dimensional" in str(failed.failed)
+    # a watch on its own says so in its metrics too (only serve's status pass did)
+    exported = metrics.registry.get_sample_value(
+        "embedfill_target_error", {"target": "tickets", "error_class": "SchemaMismatch"}
+    )
+    assert exported == 1, generate_latest(metrics.registry).decode()
     # the other target goes on
     with psycopg.connect(tickets, autocommit=True) as conn:
         conn.execute("UPDATE app.notes SET emb = NULL WHERE ticket_no <= 10")

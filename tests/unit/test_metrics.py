@@ -9,7 +9,7 @@ from embedfill.http.metrics import Metrics
 def samples(metrics: Metrics) -> dict[tuple[str, str], float]:
     return {
         (s.labels["target"], s.labels["error_class"]): s.value
-        for family in metrics.target_error.collect()
+        for family in metrics.target_errors.collect()
         for s in family.samples
     }
 

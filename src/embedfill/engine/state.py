@@ -130,6 +130,10 @@ class Observer:
     def tokens(self, target: str, count: int) -> None:
         """Tokens sent in successful requests."""
 
+    def target_error(self, target: str, error_class: str | None) -> None:
+        """A watched target reads fine (None), or stopped being watched with this class
+        of error (its table changed so that it no longer fits)."""
+
 
 @dataclass
 class Hooks:

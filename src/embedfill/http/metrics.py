@@ -68,12 +68,12 @@ class Metrics(Observer):
             ["target", "error_class"],
             registry=g,
         )
-        self.target_error = Gauge(
+        self.target_errors = Gauge(
             "embedfill_target_error",
             "1 while the target cannot be read, by the error's class (its table gone, or "
             "changed so that it no longer fits: a watch stops watching it); else 0.",
             ["target", "error_class"],
-            registry=g,
+            registry=r,  # a watch's own too: it knows when it stops watching a target
         )
         self.stale = Gauge(
             "embedfill_stale_rows",
@@ -191,9 +191,12 @@ class Metrics(Observer):
                 gauge.labels(name, tenant).set(getattr(t, field))
         self._tenants[name] = now
 
+    def target_error(self, target: str, error_class: str | None) -> None:
+        self.set_target_error(target, error_class)
+
     def set_target_error(self, target: str, error_class: str | None) -> None:
         """The target read fine (None), or failed with this class of error."""
-        self._by_class(self.target_error, target, {} if error_class is None else {error_class: 1})
+        self._by_class(self.target_errors, target, {} if error_class is None else {error_class: 1})
 
     def _by_class(self, gauge: Gauge, target: str, values: Mapping[str, float]) -> None:
         """The target's values by error class; a class it showed before and has no value
