@@ -24,13 +24,15 @@ from tests.support.tables import tickets_config
 T = 'app."SupportTickets"'
 
 
-def config_for(base_url: str, *, retry_s: int, **provider: Any) -> Any:
+def config_for(base_url: str, *, retry_s: int, retry_max_s: int = 3600, **provider: Any) -> Any:
     config = tickets_config(
         base_url, provider_overrides={"max_attempts": 1, "batch_size": 5, **provider}
     )
     return dataclasses.replace(
         config,
-        engine=EngineConfig(chunk_rows=50, lease_s=5, retry_failed_s=retry_s),
+        engine=EngineConfig(
+            chunk_rows=50, lease_s=5, retry_failed_s=retry_s, retry_failed_max_s=retry_max_s
+        ),
     )
 
 
@@ -64,6 +66,47 @@ def test_rows_that_failed_in_a_provider_outage_are_filled_once_it_is_over(
     fake_openai.faults.clear()  # the outage is over
     wait_for(lambda: nulls(tickets, T) == 0, timeout=60)
     running.stop()
+
+
+def test_a_failed_rows_wait_doubles_with_each_try_up_to_the_most(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """A provider that never comes back: each row waits retry_failed_s after its first
+    failure, then twice as long after each next one, never more than retry_failed_max_s
+    (here 1 s doubling to at most 4 s, as 60 s doubles to an hour by default)."""
+    # 429s: failed at once (a 5xx first hands the chunk to another worker, for a lease)
+    fake_openai.faults = [Fault(429) for _ in range(100_000)]
+    running = Running(
+        tickets,
+        config_for(fake_openai.base_url, retry_s=1, retry_max_s=4),
+        interval_s=0.3,
+        sweep_interval_s=1,
+    )
+
+    def waits() -> list[tuple[int, float]]:
+        with psycopg.connect(tickets) as conn:
+            if conn.execute("SELECT to_regclass('embedfill.failures')").fetchone() == (None,):
+                return []
+            rows = conn.execute(
+                "SELECT tries, extract(epoch FROM retry_at - created_at)::float8"
+                " FROM embedfill.failures"
+            ).fetchall()
+        return [(int(r[0]), float(r[1])) for r in rows]
+
+    seen: set[tuple[int, float]] = set()  # (tries, wait) as they went by
+
+    def tried_five_times() -> bool:
+        now = waits()
+        seen.update((tries, round(wait, 2)) for tries, wait in now)
+        return any(tries >= 5 for tries, _ in now)
+
+    try:
+        wait_for(tried_five_times, timeout=90)
+    finally:
+        running.stop()
+    for tries, wait in seen:
+        assert abs(wait - min(4.0, 2.0 ** (tries - 1))) < 0.02, (tries, wait)
+    assert {1, 2, 3, 4, 5} <= {tries for tries, _ in seen}, seen
 
 
 def test_a_tenants_key_fixed_with_keys_set_fills_its_rows_at_once(
