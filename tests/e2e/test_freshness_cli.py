@@ -28,6 +28,13 @@ def test_status_shows_stale_outdated_and_unverified_and_refresh_fixes_them(
     assert shown.returncode == 0
     assert "23 stale" in shown.stdout and "15 unverified" in shown.stdout
     assert "0 outdated model" in shown.stdout
+    # what to run about the unverified ones
+    said = " ".join(shown.stdout.split())
+    assert (
+        "15 vectors have no record of embedfill's: `embedfill verify --target tickets` "
+        "checks a sample against the provider, then `embedfill adopt --target tickets` "
+        "records the ones you keep"
+    ) in said, said
     as_json = json.loads(embedfill("--config", str(cfg), "status", "--json", env=env).stdout)
     (target,) = as_json["targets"]
     assert (target["stale"], target["outdated_model"], target["unverified"]) == (23, 0, 15)
@@ -57,3 +64,36 @@ def test_refresh_after_a_model_change_says_it_mixes_vector_spaces_before_it_star
     assert "45 rows of target 'tickets' hold vectors of another model" in done.stderr
     assert done.stderr.count("mixes two vector spaces") == 1  # before it starts, once
     assert "stale or outdated-model before: 45  refreshed: 45" in done.stdout
+
+
+def test_status_shows_the_rows_failing_by_error_class_per_target_and_tenant(
+    tickets: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """Rows whose text the provider rejects: `status` counts them failing, by error
+    class, for the target and each tenant, in text and JSON."""
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(
+            'UPDATE app."SupportTickets" SET body = body || %s WHERE ticket_no IN (1, 2, 5)',
+            (fake_openai.bad_marker,),
+        )
+        orgs = dict(
+            conn.execute(
+                'SELECT ticket_no, org FROM app."SupportTickets" WHERE ticket_no IN (1, 2, 5)'
+            ).fetchall()
+        )
+    cfg = write_config(tmp_path, fake_openai.base_url)
+    env = cli_env(tickets, TEST_PLATFORM_KEY=PLATFORM)
+    done = embedfill("--config", str(cfg), "backfill", "--json", env=env)
+    assert json.loads(done.stdout)["failed"] == 3, done.stdout + done.stderr
+    (target,) = json.loads(embedfill("--config", str(cfg), "status", "--json", env=env).stdout)[
+        "targets"
+    ]
+    assert target["failing"] == 3 and target["failing_errors"] == {"BadInput": 3}, target
+    by_tenant = {t["tenant"]: t["failing"] for t in target["tenants"]}
+    expected: dict[str, int] = {}
+    for org in orgs.values():
+        expected[org] = expected.get(org, 0) + 1
+    assert {k: v for k, v in by_tenant.items() if v} == expected
+    shown = embedfill("--config", str(cfg), "status", env=env)
+    said = " ".join(shown.stdout.split())
+    assert "3 failing (BadInput 3)" in said, said
