@@ -353,3 +353,65 @@ def test_a_form_posted_without_its_cookie_over_plain_http_says_why(
     # a form's content type in capitals is a form all the same
     ok = asyncio.run(post("http://localhost", "APPLICATION/X-WWW-FORM-URLENCODED"))
     assert ok.status_code == 303
+
+
+def test_the_console_shows_a_jobs_workers_and_a_change_of_models_phase_and_gates(
+    indexed: str, fake_openai: FakeOpenAI
+) -> None:
+    """What an operator looks at the console for: a job with its progress and its
+    worker (alive or not, last heartbeat), and a change of model with its phase,
+    coverage and gates, as the database holds them."""
+    import asyncio
+
+    from embedfill import BackfillOptions, abackfill
+    from embedfill.application import amodel_start, amodel_verify
+    from embedfill.config import parse_config
+    from tests.support.tables import provider_settings
+
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute('UPDATE app."SupportTickets" SET emb = NULL WHERE ticket_no % 4 = 0')
+    config = parse_config(
+        {
+            "providers": {
+                "openai": provider_settings(fake_openai.base_url, 8),
+                "next": {"kind": "hash", "model": "hash-v2", "dimensions": 16},
+            },
+            "targets": [
+                {
+                    "name": "tickets",
+                    "table": "app.SupportTickets",
+                    "id_column": "ticket_no",
+                    "text": "{subject}\n\n{body}",
+                    "embedding_column": "emb",
+                    "tenant_column": "org",
+                    "provider": "openai",
+                }
+            ],
+        }
+    )
+    db = Database(indexed)
+    env = {"TEST_PLATFORM_KEY": "sk-platform-console-test"}
+    report = asyncio.run(abackfill(config, db, BackfillOptions(), env=env))
+    assert report.failed == 0 and report.embedded > 0
+    asyncio.run(amodel_start(config, db, "tickets", "next", "table", env=env))
+    asyncio.run(amodel_verify(config, db, "tickets", env=env))
+
+    app = create_app(config, database=db, env={"ADMIN_SECRET": ADMIN}, worker=False)
+    with ServerThread(app) as url, httpx.Client(base_url=url, follow_redirects=False) as client:
+        answer, csrf = sign_in(client)
+        session = value(cookies_of(answer)["embedfill_console"])
+        html = client.get(
+            "/console", headers={"cookie": f"embedfill_console={session}; embedfill_csrf={csrf}"}
+        ).text
+    text = " ".join(re.sub(r"<[^>]+>", " ", html).split())
+    # the backfill's job, done, and the worker that did it (gone now: it was this process)
+    assert f"{report.run_id} tickets succeeded" in text, text
+    assert "60 of 60" in text, text  # every NULL row settled (the two blank ones skipped)
+    worker = f"not alive {os.uname().nodename}:{os.getpid()}, {report.embedded:,} rows"
+    assert worker in text, text
+    assert "last heartbeat" in text
+    # the change of model: phase, what searches use, coverage and every gate
+    assert "test-embed to hash-v2 (table strategy)" in text, text
+    assert "Phase ready ; searches use the old vectors" in text, text
+    for gate in ("coverage", "shape", "sample", "recall_at_10"):
+        assert f"Gate {gate} pass" in text, text
