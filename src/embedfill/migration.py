@@ -671,7 +671,10 @@ async def recall_gate(
 ) -> dict[str, Any]:
     """recall@10 of the new index against exact search, for up to RECALL_QUERIES stored
     vectors as queries, at this database's ``hnsw.ef_search`` (the app's, unless it sets
-    its own per session). No index: searches are exact, nothing to measure."""
+    its own per session). No index: searches are exact, nothing to measure. The index's
+    answer is asked of the index itself (no sequential scan): on a table small enough
+    for the planner to scan it, the gate measured exact search against itself and read
+    1.0 at any ef_search, and the index is what the app's searches use as it grows."""
     twins_ = home.get("indexes") or []
     if not twins_:
         return gate(None, RECALL_MIN, True, note="no vector index: searches are exact")
@@ -696,8 +699,10 @@ async def recall_gate(
         # answer counts when it is as near as the exact tenth (rows of one text tie)
         async with conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            await conn.execute("SET LOCAL enable_seqscan = off")
             cur = await conn.execute(nearest, {"q": q})
             approx = [r[1] for r in await cur.fetchall() if r[1] is not None]
+            await conn.execute("SET LOCAL enable_seqscan = on")
             await conn.execute("SET LOCAL enable_indexscan = off")
             await conn.execute("SET LOCAL enable_bitmapscan = off")
             # the exact search on one core: parallel workers would take the cores the

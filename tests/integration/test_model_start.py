@@ -405,6 +405,58 @@ def test_an_edit_after_verify_keeps_the_cutover_back(indexed: str) -> None:
     assert status(indexed).active == "old"
 
 
+def test_a_wrong_new_vector_fails_the_sample_gate_and_keeps_the_cutover_back(
+    indexed: str,
+) -> None:
+    """Three new vectors that are not their texts' (a bug in a fill, a hand edit): the
+    sample gate re-embeds them, fails, and records them stale; the cutover is refused
+    naming the gate; a `start` again re-embeds exactly them and the next verify passes."""
+    from embedfill.application import amodel_cutover, amodel_verify
+    from embedfill.errors import VerificationFailed
+
+    start(indexed)
+    wrong = hash_vector("not this row's text", 16).tolist()
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(
+            f"UPDATE {SIDE} SET embedding = %s::vector WHERE embedfill_row_id IN ('1', '2', '3')",
+            (str(wrong),),
+        )
+    verified = run(amodel_verify, indexed, env={})
+    sample = verified.gates["sample"]
+    assert not sample["pass"] and sample["value"] < sample["threshold"], sample
+    # recorded stale, as `embedfill verify` does: the coverage falls with it
+    assert status(indexed).stale == 3
+    assert {name for name, g in verified.gates.items() if not g["pass"]} == {"sample", "coverage"}
+    with pytest.raises(VerificationFailed, match="Gate sample fails"):
+        run(amodel_cutover, indexed)
+    assert status(indexed).active == "old"
+    again = start(indexed)
+    assert (again.stale, again.missing, again.coverage) == (0, 0, 1.0)
+    got, want = new_vectors(indexed), texts(indexed)
+    for row_id in (1, 2, 3):
+        assert np.allclose(got[row_id], hash_vector(want[row_id], 16), atol=1e-6)
+    assert all(g["pass"] for g in run(amodel_verify, indexed, env={}).gates.values())
+
+
+def test_an_index_that_misses_neighbours_fails_the_recall_gate(indexed: str) -> None:
+    """The recall gate measures the new index, whatever the planner would choose for so
+    small a table: at hnsw.ef_search = 1 (a database setting the app's searches get too)
+    the index finds one row where ten are asked for, and the gate fails."""
+    from embedfill.application import amodel_cutover, amodel_verify
+    from embedfill.errors import VerificationFailed
+
+    start(indexed)
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        dbname = conn.execute("SELECT current_database()").fetchone()
+        assert dbname is not None
+        conn.execute(f'ALTER DATABASE "{dbname[0]}" SET hnsw.ef_search = 1')
+    verified = run(amodel_verify, indexed, env={})
+    recall = verified.gates["recall_at_10"]
+    assert not recall["pass"] and recall["value"] < 0.5 and recall["ef_search"] == "1", recall
+    with pytest.raises(VerificationFailed, match="Gate recall_at_10 fails"):
+        run(amodel_cutover, indexed)
+
+
 def test_a_change_given_up_before_the_cutover_drops_only_the_new_vectors(indexed: str) -> None:
     from embedfill.application import amodel_finalize, amodel_rollback
 
