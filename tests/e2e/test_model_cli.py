@@ -240,3 +240,54 @@ def test_a_worker_elsewhere_takes_chunks_of_the_new_vectors_fill(
     # the worker elsewhere (its name is host:pid:…) did some of the chunks
     elsewhere = [n for name, n in workers if name.split(":")[1] == str(worker.pid)]
     assert elsewhere and elsewhere[0] > 0, workers
+
+
+def test_a_start_killed_during_its_fill_goes_on_when_run_again_and_pays_little_twice(
+    tickets: str, fake_openai: Any, tmp_path: Path
+) -> None:
+    """kill -9 of `model start` while it fills the new vectors: the same command again
+    goes on from what was committed and ends ready; a text is sent again only if it was
+    in flight or answered in the killed process's last moments."""
+    import collections
+    import signal
+    import time
+
+    from tests.support.cli import popen
+
+    fake_openai.latency = 0.1
+    slow_next = (
+        '\n[providers.next]\nkind = "openai"\nmodel = "next-embed"\ndimensions = 16\n'
+        f'base_url = "{fake_openai.base_url}"\napi_key_env = "TEST_PLATFORM_KEY"\n'
+        "batch_size = 2\nmax_concurrency = 1\n\n[engine]\nchunk_rows = 5\nworker_chunks = 1\n"
+    )
+    path = write_config(tmp_path, NOWHERE, extra=slow_next)
+    env = cli_env(tickets, TEST_PLATFORM_KEY="sk-platform-test-0000000000")
+    side = 'app."SupportTickets_emb_next"'
+    args = ("--config", str(path), "model", "start", "--target", "tickets", "--to", "next")
+
+    def filled() -> int:
+        with psycopg.connect(tickets) as conn:
+            if conn.execute("SELECT to_regclass(%s)", [side]).fetchone() == (None,):
+                return 0
+            row = conn.execute(f"SELECT count(embedding) FROM {side}").fetchone()
+        return int(row[0]) if row else 0
+
+    first = popen(*args, env=env)
+    deadline = time.monotonic() + 60
+    while filled() < 12 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert filled() >= 12
+    first.send_signal(signal.SIGKILL)
+    first.communicate(timeout=10)
+    before = filled()
+    assert before < 60  # killed mid-fill (60 rows)
+    again = embedfill(*args, "--json", env=env, timeout=180)
+    assert again.returncode == 0, again.stderr
+    status = json.loads(again.stdout)
+    assert (status["phase"], status["coverage"], status["missing"]) == ("ready", 1.0, 0)
+    sent = collections.Counter(t for r in fake_openai.ok_requests() for t in r.inputs)
+    assert max(sent.values()) <= 2
+    twice = sum(1 for n in sent.values() if n == 2)
+    # in flight (2) and answered in its last second (about 20 at 2 a 100 ms) at most
+    assert twice <= 24, twice
+    assert sum(sent.values()) == 60 + twice  # every text once, and those twice
