@@ -291,3 +291,59 @@ def test_a_start_killed_during_its_fill_goes_on_when_run_again_and_pays_little_t
     # in flight (2) and answered in its last second (about 20 at 2 a 100 ms) at most
     assert twice <= 24, twice
     assert sum(sent.values()) == 60 + twice  # every text once, and those twice
+
+
+def test_a_cutover_killed_at_any_point_leaves_the_old_state_or_the_new_never_a_mix(
+    indexed: str, tmp_path: Path
+) -> None:
+    """kill -9 of `model cutover` at points spread over its run: each time, the change's
+    phase and the record the app reads agree (ready, or rolled_back after an earlier
+    try's cutover, and the live column; or cut_over and the side table); the same
+    command again cuts over."""
+    import signal
+    import time
+
+    from tests.support.cli import popen
+
+    path = write_config(tmp_path, NOWHERE, extra=NEXT)
+    env = cli_env(indexed)
+    for step in ("start", "verify"):
+        args = ("--config", str(path), "model", step, "--target", "tickets")
+        done = embedfill(*args, *(("--to", "next") if step == "start" else ()), env=env)
+        assert done.returncode == 0, done.stderr
+
+    def state() -> tuple[str, str]:
+        with psycopg.connect(indexed) as conn:
+            phase = conn.execute(
+                "SELECT phase FROM embedfill.model_migrations WHERE target = 'tickets'"
+            ).fetchone()
+            active = conn.execute(
+                "SELECT relation FROM embedfill.active_models WHERE target = 'tickets'"
+            ).fetchone()
+        assert phase is not None
+        return str(phase[0]), "SupportTickets" if active is None else str(active[0])
+
+    cutover = ("--config", str(path), "model", "cutover", "--target", "tickets")
+    outcomes = set()
+    for delay in (0.3, 0.6, 0.8, 0.9, 1.0, 1.1, 1.2, 1.4, 1.7, 2.2):
+        proc = popen(*cutover, env=env)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+        phase, relation = state()
+        assert (phase, relation) in {
+            ("ready", "SupportTickets"),
+            ("rolled_back", "SupportTickets"),  # a rollback of an earlier try's cutover
+            ("cut_over", "SupportTickets_emb_next"),
+        }, (delay, phase, relation)
+        outcomes.add(phase)
+        if phase == "cut_over":  # back to before, for the next try
+            back = embedfill(
+                "--config", str(path), "model", "rollback", "--target", "tickets", env=env
+            )
+            assert back.returncode == 0, back.stderr
+            assert state() == ("rolled_back", "SupportTickets")
+    assert outcomes & {"ready", "rolled_back"}  # some kills came before the commit
+    done = embedfill(*cutover, env=env)
+    assert done.returncode == 0, done.stderr
+    assert state() == ("cut_over", "SupportTickets_emb_next")
