@@ -62,7 +62,14 @@ from .db.lanes import Lane, Lanes
 from .db.store import Store
 from .engine import BackfillOptions, Chunk, Hooks, Observer, Run, WorkerSeat
 from .engine.prepare import prepare
-from .errors import DatabaseError, EmbedfillError, NoFreeConnection, RunAborted, UsageError
+from .errors import (
+    DatabaseError,
+    EmbedfillError,
+    NoFreeConnection,
+    RunAborted,
+    UsageError,
+    WriteRefused,
+)
 from .jobs import queue
 from .jobs.spec import JobSpec, fingerprint, vector_settings
 from .models import Report
@@ -935,10 +942,13 @@ def _spec(state: Mapping[str, Any]) -> JobSpec:
 
 
 def _ends_the_job(exc: EmbedfillError) -> bool:
-    """A config error (exit 2) or a job stopped after writes: retrying elsewhere would
-    only hide it. (A server without a free connection for this worker is not one: the
-    workers that did connect finish the job.)"""
-    return exc.exit_code == 2 or isinstance(exc, RunAborted)
+    """A config error (exit 2), a job stopped after writes, or a table that refuses every
+    write (a relation that cannot be updated, a privilege revoked: the session halted on
+    it): retrying elsewhere would only hide it. A refused table's chunk used to go back to
+    the queue every few seconds, for ever, the backfill never exiting. (A server without
+    a free connection for this worker is not one: the workers that did connect finish
+    the job.)"""
+    return exc.exit_code == 2 or isinstance(exc, (RunAborted, WriteRefused))
 
 
 async def _end(session: _Session) -> None:
