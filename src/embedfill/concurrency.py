@@ -26,6 +26,7 @@ in ``make bench``, 2b).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 AUTO_START = 4
@@ -33,7 +34,11 @@ AUTO_CEILING = 32
 # slow start: this much more per answer (x1.5 a round trip; x2 overshot a provider's cap
 # on requests at once by up to 2x before its first 429 came back)
 SLOW_START_STEP = 0.5
-SLOW_FACTOR = 2.0  # an answer this many times the fastest seen means queueing: no increase
+SLOW_FACTOR = 2.0
+# "the fastest" is over this many recent answers: a run-long minimum (one 33 ms answer to
+# a one-row batch of a watch's trickle) held every later answer "slow", and a limit cut to
+# 1 stayed there for the rest of the run
+RECENT_ANSWERS = 32  # an answer this many times the fastest seen means queueing: no increase
 
 
 @dataclass
@@ -43,11 +48,12 @@ class Concurrency:
     ceiling: int
     adaptive: bool = False
     limit: float = field(default=0.0)
-    fastest_s: float | None = None
+    fastest_s: float | None = None  # the fastest of the last RECENT_ANSWERS
     typical_s: float | None = None  # answers' smoothed time: the round trip between cuts
     slow_start: bool = True  # (adaptive) one more per answer until the first sign of load
     _last_cut: float = float("-inf")
     _full_at: float = float("-inf")  # when requests at the provider last filled the limit
+    _recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_ANSWERS))
 
     def __post_init__(self) -> None:
         if self.limit <= 0:
@@ -78,8 +84,14 @@ class Concurrency:
         the slow start, taking back its last round trip's growth."""
         if not self.adaptive:
             return
-        if self.fastest_s is None or latency_s < self.fastest_s:
-            self.fastest_s = latency_s
+        recent = self._recent
+        if len(recent) == recent.maxlen and recent[0] == self.fastest_s:
+            recent.append(latency_s)
+            self.fastest_s = min(recent)  # the fastest left the window
+        else:
+            recent.append(latency_s)
+            if self.fastest_s is None or latency_s < self.fastest_s:
+                self.fastest_s = latency_s
         typical = self.typical_s
         self.typical_s = latency_s if typical is None else typical + (latency_s - typical) / 8
         if latency_s > SLOW_FACTOR * self.fastest_s:

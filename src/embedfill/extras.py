@@ -12,7 +12,7 @@ import importlib.util
 from .errors import ConfigError
 
 #: extra -> (a module it installs, what needs it), for the extras a command asks for
-#: here (a ``local`` provider says its own sentence: providers/local.py)
+#: here (a ``local`` provider says its own sentence: kinds.py, providers.check_available)
 EXTRAS = {
     "server": ("fastapi", "the admin HTTP service (embedfill serve, embedfill.http)"),
     "embedded": (

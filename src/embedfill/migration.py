@@ -670,8 +670,9 @@ async def recall_gate(
     vector_type: str,
 ) -> dict[str, Any]:
     """recall@10 of the new index against exact search, for up to RECALL_QUERIES stored
-    vectors as queries, at this database's ``hnsw.ef_search`` (the app's, unless it sets
-    its own per session). No index: searches are exact, nothing to measure. The index's
+    vectors as queries, at this database's ``hnsw.ef_search`` (``ivfflat.probes`` for an
+    IVFFlat index: the app's, unless it sets its own per session). No index: searches
+    are exact, nothing to measure. The index's
     answer is asked of the index itself (no sequential scan): on a table small enough
     for the planner to scan it, the gate measured exact search against itself and read
     1.0 at any ef_search, and the index is what the app's searches use as it grows."""
@@ -690,9 +691,13 @@ async def recall_gate(
     nearest = homes.nearest(
         home["schema"], home["relation"], home["column"], id_column, operator, vector_type
     )
-    cur = await conn.execute("SELECT pg_catalog.current_setting('hnsw.ef_search', true)")
+    # the setting that trades this index's recall for speed, as the app's sessions get it
+    setting, default = (
+        ("ivfflat.probes", "1") if twin.get("method") == "ivfflat" else ("hnsw.ef_search", "40")
+    )
+    cur = await conn.execute("SELECT pg_catalog.current_setting(%s, true)", [setting])
     row = await cur.fetchone()
-    ef_search = row[0] if row and row[0] else "40"
+    level = row[0] if row and row[0] else default
     hits = total = 0
     for q in queries:
         # both answers from one snapshot (the fill may be writing); a row of the index's
@@ -715,7 +720,8 @@ async def recall_gate(
             hits += min(len(exact), sum(1 for d in approx if d <= tenth))
             total += len(exact)
     value = 1.0 if total == 0 else round(hits / total, 4)
-    return gate(value, RECALL_MIN, value >= RECALL_MIN, queries=len(queries), ef_search=ef_search)
+    knob = {"probes": level} if setting == "ivfflat.probes" else {"ef_search": level}
+    return gate(value, RECALL_MIN, value >= RECALL_MIN, queries=len(queries), **knob)
 
 
 @dataclass(frozen=True)

@@ -429,6 +429,8 @@ class TargetWatch:
                 f"The watch job {job} of {self.target.name} failed: "
                 f"{state['error'] or 'see its report'}"
             )
+            if self.observer is not None:  # as when its table no longer fits (_end)
+                self.observer.target_error(self.target.name, type(self.failed).__name__)
             log.error("watch of %s: %s; the other targets go on", self.target.name, self.failed)
             self.job_id = None
             return None

@@ -80,3 +80,37 @@ def test_a_backfill_runs_on_a_kind_registered_in_one_line(db_url: str, echo: Kin
         emb.startswith("[" + str(len(subject + "\n\n" + body)) + ",0,")
         for subject, body, emb in rows
     )
+
+
+@pytest.mark.parametrize("requires", ["no_such_module_xyz", "no_such_package_xyz.sub"])
+def test_a_kind_whose_extra_is_missing_says_which_to_install(
+    monkeypatch: pytest.MonkeyPatch, requires: str
+) -> None:
+    """Through the factory and the class alike (a LocalProvider made directly raised a
+    bare ModuleNotFoundError later, or advice about its model directory)."""
+    import dataclasses
+
+    from embedfill.providers.local import LocalProvider
+
+    missing = dataclasses.replace(KINDS["local"], requires=requires)
+    monkeypatch.setitem(KINDS, "local", missing)  # type: ignore[index]
+    pconf = parse_config(
+        {
+            "providers": {"l": {"kind": "local"}},
+            "targets": [
+                {
+                    "name": "t",
+                    "table": "t",
+                    "id_column": "id",
+                    "text": "{a}",
+                    "embedding_column": "e",
+                    "provider": "l",
+                }
+            ],
+        }
+    ).providers["l"]
+    said = "kind = 'local' needs the local extra: pip install 'embedfill\\[local\\]'"
+    with pytest.raises(ConfigError, match=said):
+        make_provider(pconf)
+    with pytest.raises(ConfigError, match=said):
+        LocalProvider(pconf)

@@ -457,6 +457,29 @@ def test_an_index_that_misses_neighbours_fails_the_recall_gate(indexed: str) -> 
         run(amodel_cutover, indexed)
 
 
+def test_the_recall_gate_of_an_ivfflat_index_names_probes_not_ef_search(indexed: str) -> None:
+    """An IVFFlat live index: its twin's recall depends on ivfflat.probes, which the
+    gate shows (it showed hnsw.ef_search, and an operator raised the wrong setting); at
+    probes = lists the index searches every list and its recall is exact."""
+    from embedfill.application import amodel_verify
+
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute("DROP INDEX app.tickets_emb_hnsw")
+        conn.execute(
+            'CREATE INDEX tickets_emb_ivf ON app."SupportTickets"'
+            " USING ivfflat (emb vector_cosine_ops) WITH (lists = 10)"
+        )
+    start(indexed)
+    recall = run(amodel_verify, indexed, env={}).gates["recall_at_10"]
+    assert recall["probes"] == "1" and "ef_search" not in recall, recall
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        dbname = conn.execute("SELECT current_database()").fetchone()
+        assert dbname is not None
+        conn.execute(f'ALTER DATABASE "{dbname[0]}" SET ivfflat.probes = 10')
+    recall = run(amodel_verify, indexed, env={}).gates["recall_at_10"]
+    assert (recall["probes"], recall["value"], recall["pass"]) == ("10", 1.0, True), recall
+
+
 def test_a_change_given_up_before_the_cutover_drops_only_the_new_vectors(indexed: str) -> None:
     from embedfill.application import amodel_finalize, amodel_rollback
 

@@ -369,6 +369,45 @@ def test_a_watch_of_one_target_that_no_longer_fits_exits_3_by_itself(
     assert "subject" in str(running.error)
 
 
+def test_a_watch_job_failed_by_a_worker_ends_its_target_and_says_so_in_the_metrics(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """A worker fails the watch job (a table that refuses every write, say): that target
+    stops being watched, and the watch's own metrics say so, as when its table no longer
+    fits; the other target goes on."""
+    from embedfill import jobs
+    from embedfill.errors import WriteRefused
+
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute('CREATE TABLE app.notes (LIKE app."SupportTickets" INCLUDING ALL)')
+        conn.execute('INSERT INTO app.notes SELECT * FROM app."SupportTickets"')
+    metrics = Metrics(service=False)
+    running = Running(tickets, two_targets(fake_openai.base_url), interval_s=0.3, observer=metrics)
+    wait_for(lambda: len(running.watches) == 2 and all(w.job_id for w in running.watches))
+    (watcher,) = [w for w in running.watches if w.target.name == "tickets"]
+    job = watcher.job_id
+    assert job is not None
+
+    async def fail() -> None:
+        conn = await psycopg.AsyncConnection.connect(tickets, autocommit=True)
+        try:
+            await jobs.fail(conn, job, WriteRefused("The database refused to write the vectors."))
+        finally:
+            await conn.close()
+
+    asyncio.run(fail())
+    wait_for(lambda: watcher.failed is not None)
+    exported = metrics.registry.get_sample_value(
+        "embedfill_target_error", {"target": "tickets", "error_class": "RunAborted"}
+    )
+    assert exported == 1, generate_latest(metrics.registry).decode()
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute("UPDATE app.notes SET emb = NULL WHERE ticket_no <= 10")
+    wait_for(lambda: nulls(tickets, "app.notes") == 0)  # the other target goes on
+    with pytest.raises(RunAborted, match=r"1 of 2 watched targets stopped being watched"):
+        running.stop()
+
+
 def test_a_table_that_changed_shape_but_still_fits_is_read_again(
     tickets: str, fake_openai: FakeOpenAI
 ) -> None:

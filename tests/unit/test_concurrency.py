@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from embedfill.concurrency import AUTO_START, Concurrency
+from embedfill.concurrency import AUTO_START, RECENT_ANSWERS, Concurrency
 
 
 def test_fixed_never_moves() -> None:
@@ -103,9 +103,23 @@ def test_auto_stops_growing_when_answers_slow_down() -> None:
     c.succeeded(0.1)
     c.succeeded(0.5)  # 5x the fastest: the provider is queueing; slow start ends
     before = c.limit
-    for _ in range(100):
+    for _ in range(RECENT_ANSWERS - 2):
         c.succeeded(0.5)
     assert c.limit == before == AUTO_START
+
+
+def test_auto_forgets_a_fast_answer_of_long_ago() -> None:
+    """One quick answer (a one-row batch of a watch's trickle), three cuts, then answers
+    at 180 ms with the limit filled: a run-long fastest held them all "slow" and the
+    limit stayed at 1 for the rest of the run."""
+    c = Concurrency.auto(ceiling=32)
+    c.succeeded(0.033)
+    for t in (1.0, 2.0, 3.0):
+        c.overloaded(now=t)
+    assert c.allowed == 1
+    for _ in range(200):
+        c.succeeded(0.18)
+    assert c.fastest_s == 0.18 and c.allowed > 4
 
 
 def test_auto_halves_on_overload_once_per_round_trip() -> None:

@@ -21,7 +21,13 @@ def check_available(config: ProviderConfig) -> None:
     """Raise a one-sentence ConfigError when this provider's packages are not installed
     (cheap: finds, does not import)."""
     kind = KINDS[config.kind]
-    if kind.requires is not None and importlib.util.find_spec(kind.requires) is None:
+    if kind.requires is None:
+        return
+    try:
+        found = importlib.util.find_spec(kind.requires) is not None
+    except ModuleNotFoundError:  # a dotted name whose parent package is missing
+        found = False
+    if not found:
         raise ConfigError(kind.missing_extra)
 
 

@@ -36,10 +36,12 @@ def model_location(model: str) -> str:
 
 
 class LocalProvider(ConfiguredProvider):
-    # sentence-transformers (and torch) come with ``embedfill[local]``, not the base
-    # install, so an OpenAI-only install pulls no torch: make_provider checks first
-
     def __init__(self, config: ProviderConfig) -> None:
+        # sentence-transformers (and torch) come with ``embedfill[local]``, not the base
+        # install, so an OpenAI-only install pulls no torch: say so before anything
+        from . import check_available
+
+        check_available(config)
         super().__init__(config)
         self._model: Any = None
         self._lock = threading.Lock()
