@@ -40,7 +40,7 @@ import psycopg
 from .config import Config, ProviderConfig, TableName, TargetConfig, text_renderer
 from .db import homes
 from .db.catalog import TableInfo, inspect_target
-from .db.indexes import VectorIndex, vector_indexes
+from .db.indexes import VectorIndex, expression_indexes, vector_indexes
 from .db.store import Store
 from .db.target_sql import BLANK
 from .errors import EmbedfillError as EmbedfillErrorBase
@@ -381,6 +381,15 @@ async def plan(
         warnings.append(
             f"The live column {target.embedding_column} has no vector index, so none is "
             "built for the new vectors either; searches on them scan the table."
+        )
+    on_expressions = await expression_indexes(conn, info.oid, target.embedding_column)
+    if on_expressions:
+        names = ", ".join(on_expressions)
+        warnings.append(
+            f"The vector index {names} is on an expression of {target.embedding_column} "
+            "(a cast, say): no twin is built for it and the recall gate does not measure "
+            "it. Build its twin on the new vectors yourself (CREATE INDEX CONCURRENTLY, "
+            "with the new model's width in the expression) before the cutover."
         )
     if strategy == "column":
         size = await _table_bytes(conn, info.oid)

@@ -113,6 +113,20 @@ def test_the_column_strategy_says_what_it_locks_and_rewrites(indexed: str) -> No
     assert any("rewrites every row" in w for w in p.warnings)
 
 
+def test_a_plan_names_a_vector_index_on_an_expression_that_gets_no_twin(indexed: str) -> None:
+    """An index on a cast of the column is the app's too: it got no twin, the plan listed
+    none and said nothing, and the recall gate passed as if searches were exact."""
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(
+            'CREATE INDEX tickets_emb_half ON app."SupportTickets"'
+            " USING hnsw ((emb::halfvec(8)) halfvec_cosine_ops)"
+        )
+    p = plan(indexed)
+    assert [("tickets_emb_hnsw" in i.live) for i in p.indexes] == [True]  # its plain one only
+    [said] = [w for w in p.warnings if "tickets_emb_half" in w]
+    assert "no twin is built for it" in said and "before the cutover" in said
+
+
 def test_a_plan_says_when_the_new_providers_key_is_not_set_here(indexed: str) -> None:
     """Before, the plan was clean and `model start` then failed every row (the reason
     only in stderr's warnings)."""
