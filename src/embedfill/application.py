@@ -593,18 +593,28 @@ async def amodel_start(
                 if not await store.set_migration_phase(migration_id, "indexing", was="filling"):
                     return await migration.status_of(conn, config, live)  # rolled back
                 phase = "indexing"
-        if phase == "indexing":
+        # ready: a twin dropped or left INVALID since (by hand, or a failed rebuild) is
+        # built again too, as the docs promise of running the same command again
+        if phase == "indexing" or (phase == "ready" and not await _twins_valid(conn, home)):
             # another start of this change may be building (or the server may still be
             # running the build of one that was killed: its session holds the lock
             # until the build ends): wait for it, then look again
             async with _one_at_a_time(store, ddl_key, cancel):
                 await _build_twins(conn, home, config.engine.model_index_workers)
-            await store.set_migration_phase(migration_id, "ready", was="indexing")
+            if phase == "indexing":
+                await store.set_migration_phase(migration_id, "ready", was="indexing")
         return await migration.status_of(conn, config, live)
     except psycopg.Error as exc:
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
     finally:
         await conn.close()
+
+
+async def _twins_valid(conn: psycopg.AsyncConnection[Any], home: Mapping[str, Any]) -> bool:
+    for twin in home.get("indexes", []):
+        if await homes.index_state(conn, home["schema"], twin["name"]) != "valid":
+            return False
+    return True
 
 
 async def _build_twins(

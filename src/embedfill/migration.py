@@ -689,6 +689,15 @@ async def recall_gate(
     if not twins_:
         return gate(None, RECALL_MIN, True, note="no vector index: searches are exact")
     twin = twins_[0]
+    state = await homes.index_state(conn, home["schema"], twin["name"])
+    if state != "valid":  # a scan would answer instead, and read exact
+        return gate(
+            None,
+            RECALL_MIN,
+            False,
+            note=f"the new index {twin['name']} is {'missing' if state == 'none' else state}: "
+            "run model start again to build it",
+        )
     operator = homes.distance_operator(twin["opclass"])
     if operator is None:
         return gate(None, RECALL_MIN, True, note=f"operator class {twin['opclass']} not measured")

@@ -457,6 +457,25 @@ def test_an_index_that_misses_neighbours_fails_the_recall_gate(indexed: str) -> 
         run(amodel_cutover, indexed)
 
 
+def test_the_recall_gate_fails_while_the_new_index_is_not_there(indexed: str) -> None:
+    """Its twin dropped (or left INVALID), a search scans and reads exact: the gate said
+    1.0 and passed; only the cutover refused. It fails, saying what to run."""
+    from embedfill.application import amodel_verify
+
+    start(indexed)
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        [(name,)] = conn.execute(
+            "SELECT indexrelid::regclass::text FROM pg_index"
+            " WHERE indrelid = 'app.\"SupportTickets_emb_next\"'::regclass AND NOT indisprimary"
+        ).fetchall()
+        conn.execute(f"DROP INDEX {name}")
+    recall = run(amodel_verify, indexed, env={}).gates["recall_at_10"]
+    assert not recall["pass"] and "is missing: run model start again" in recall["note"], recall
+    again = start(indexed)  # builds it again
+    assert again.index == "valid"
+    assert run(amodel_verify, indexed, env={}).gates["recall_at_10"]["pass"]
+
+
 def test_the_recall_gate_of_an_ivfflat_index_names_probes_not_ef_search(indexed: str) -> None:
     """An IVFFlat live index: its twin's recall depends on ivfflat.probes, which the
     gate shows (it showed hnsw.ef_search, and an operator raised the wrong setting); at
