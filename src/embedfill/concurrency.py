@@ -2,14 +2,13 @@
 
 With ``max_concurrency = "auto"`` a run starts with a few requests in flight and, like
 TCP, first grows them by half each round trip (slow start: half a request more per
-answer) while answers
-come back no slower than twice the fastest seen. The first slower answer ends the slow
-start and takes back its last round trip's growth (the load that slowed the answer was
-sent on it); the first 429, timeout or server error ends it too. From then on it adds about one a
-round trip while answers stay fast (additive increase), and a 429, a timeout or a
-server error halves it, once a round trip (multiplicative decrease). The shared rate
-budget (``ratelimit``) still paces whatever this allows. Plain arithmetic on the times
-and counts the caller passes in.
+answer) while answers come back no slower than twice the fastest of the recent ones.
+The first slower answer ends the slow start and takes back its last round trip's growth
+(the load that slowed the answer was sent on it); the first 429, timeout or server error
+ends it too. From then on it adds about one a round trip while answers stay fast
+(additive increase), and a 429, a timeout or a server error halves it, once a round trip
+(multiplicative decrease). The shared rate budget (``ratelimit``) still paces whatever
+this allows. Plain arithmetic on the times and counts the caller passes in.
 
 Two rules keep the number honest (a review measured both going wrong): an answer grows
 it only when the requests at the provider filled it at some moment since that request
@@ -34,11 +33,11 @@ AUTO_CEILING = 32
 # slow start: this much more per answer (x1.5 a round trip; x2 overshot a provider's cap
 # on requests at once by up to 2x before its first 429 came back)
 SLOW_START_STEP = 0.5
-SLOW_FACTOR = 2.0
+SLOW_FACTOR = 2.0  # an answer this many times the fastest means queueing: no increase
 # "the fastest" is over this many recent answers: a run-long minimum (one 33 ms answer to
 # a one-row batch of a watch's trickle) held every later answer "slow", and a limit cut to
 # 1 stayed there for the rest of the run
-RECENT_ANSWERS = 32  # an answer this many times the fastest seen means queueing: no increase
+RECENT_ANSWERS = 32
 
 
 @dataclass
@@ -50,7 +49,7 @@ class Concurrency:
     limit: float = field(default=0.0)
     fastest_s: float | None = None  # the fastest of the last RECENT_ANSWERS
     typical_s: float | None = None  # answers' smoothed time: the round trip between cuts
-    slow_start: bool = True  # (adaptive) one more per answer until the first sign of load
+    slow_start: bool = True  # (adaptive) half a request more per answer until a sign of load
     _last_cut: float = float("-inf")
     _full_at: float = float("-inf")  # when requests at the provider last filled the limit
     _recent: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_ANSWERS))
@@ -76,12 +75,12 @@ class Concurrency:
         if busy >= self.allowed:
             self._full_at = now
 
-    def succeeded(self, latency_s: float, now: float | None = None) -> None:
-        """An answer arrived at ``now`` after ``latency_s`` (``now`` None: the limit is
-        taken as filled meanwhile). While answers are not slower than SLOW_FACTOR times
-        the fastest, and the requests sent filled the limit since this one went out, one
-        more per two answers (slow start) or per round trip; the first slower answer ends
-        the slow start, taking back its last round trip's growth."""
+    def succeeded(self, latency_s: float, sent_at: float | None = None) -> None:
+        """An answer to a request sent at ``sent_at`` came after ``latency_s`` (``sent_at``
+        None: the limit is taken as filled meanwhile). While answers are not slower than
+        SLOW_FACTOR times the fastest, and the requests sent filled the limit since this
+        one went out, one more per two answers (slow start) or per round trip; the first
+        slower answer ends the slow start, taking back its last round trip's growth."""
         if not self.adaptive:
             return
         recent = self._recent
@@ -101,7 +100,7 @@ class Concurrency:
                 taken_back = self.limit / (1.0 + SLOW_START_STEP)
                 self.limit = max(float(min(AUTO_START, self.ceiling)), taken_back)
             return
-        if now is not None and self._full_at < now - latency_s:
+        if sent_at is not None and self._full_at < sent_at:
             return  # never filled since it went out: this says nothing about more
         step = SLOW_START_STEP if self.slow_start else 1.0 / self.limit
         self.limit = min(float(self.ceiling), self.limit + step)

@@ -53,13 +53,12 @@ def test_auto_grows_only_when_the_requests_sent_filled_it() -> None:
     now = 0.0
     for _ in range(500):
         c.sending(1, now)
-        now += 0.05
         c.succeeded(0.05, now)
+        now += 0.05
     assert c.allowed == AUTO_START  # it learned nothing about more, so it did not grow
-    # a burst fills it: 4 go out at once, and the 4 answers that come back double it
+    # a burst fills it: 4 go out at once, and the 4 answers that come back grow it by half
     for busy in range(1, 5):
         c.sending(busy, now)
-    now += 0.05
     for _ in range(4):
         c.succeeded(0.05, now)
     assert c.allowed == 6

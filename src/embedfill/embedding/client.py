@@ -171,8 +171,7 @@ class Client:
                     finally:
                         busy, self.at_provider = self.at_provider, self.at_provider - 1
                     vectors = check_vectors(answer, len(batch.rows))
-                    now = time.monotonic()
-                    self.concurrency.succeeded(now - started, now)
+                    self.concurrency.succeeded(time.monotonic() - started, started)
             except ProviderError as exc:
                 self.tally.observed(str(exc.status or "error"), time.monotonic() - started)
                 if isinstance(exc, (RateLimited, ProviderUnavailable)):
