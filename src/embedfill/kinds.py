@@ -31,7 +31,7 @@ class Kind:
     default_model: str | None = None  # None: the section must name one
     needs_dimensions: bool = False  # the section must say ``dimensions = N``
     concurrency: int | str = "auto"  # ``max_concurrency`` when the section sets none
-    max_input_tokens: int = 8191  # a model of this kind that ``models`` does not list
+    max_input_tokens: int = 8191  # a model of this kind that MODELS does not list
     needs_key: bool = False  # paid with an API key (a platform or a tenant's)
     priced: bool = False  # MODELS' prices apply (a local model costs nothing)
     knows_models: bool = True  # MODELS' sizes apply (a hash of any name is its own size)
