@@ -681,10 +681,10 @@ async def recall_gate(
     """recall@10 of the new index against exact search, for up to RECALL_QUERIES stored
     vectors as queries, at this database's ``hnsw.ef_search`` (``ivfflat.probes`` for an
     IVFFlat index: the app's, unless it sets its own per session). No index: searches
-    are exact, nothing to measure. The index's
-    answer is asked of the index itself (no sequential scan): on a table small enough
-    for the planner to scan it, the gate measured exact search against itself and read
-    1.0 at any ef_search, and the index is what the app's searches use as it grows."""
+    are exact, nothing to measure. The index itself answers (no sequential scan): on a
+    table small enough for the planner to scan, the gate compared exact search with
+    itself and read 1.0 at any ef_search, and the index is what the app's searches use
+    as the table grows. While the index is missing or INVALID, the gate fails."""
     twins_ = home.get("indexes") or []
     if not twins_:
         return gate(None, RECALL_MIN, True, note="no vector index: searches are exact")
