@@ -365,30 +365,11 @@ def test_the_console_shows_a_jobs_workers_and_a_change_of_models_phase_and_gates
 
     from embedfill import BackfillOptions, abackfill
     from embedfill.application import amodel_start, amodel_verify
-    from embedfill.config import parse_config
-    from tests.support.tables import provider_settings
 
     with psycopg.connect(indexed, autocommit=True) as conn:
         conn.execute('UPDATE app."SupportTickets" SET emb = NULL WHERE ticket_no % 4 = 0')
-    config = parse_config(
-        {
-            "providers": {
-                "openai": provider_settings(fake_openai.base_url, 8),
-                "next": {"kind": "hash", "model": "hash-v2", "dimensions": 16},
-            },
-            "targets": [
-                {
-                    "name": "tickets",
-                    "table": "app.SupportTickets",
-                    "id_column": "ticket_no",
-                    "text": "{subject}\n\n{body}",
-                    "embedding_column": "emb",
-                    "tenant_column": "org",
-                    "provider": "openai",
-                }
-            ],
-        }
-    )
+    next_model = {"kind": "hash", "model": "hash-v2", "dimensions": 16}
+    config = tickets_config(fake_openai.base_url, providers={"next": next_model})
     db = Database(indexed)
     env = {"TEST_PLATFORM_KEY": "sk-platform-console-test"}
     report = asyncio.run(abackfill(config, db, BackfillOptions(), env=env))

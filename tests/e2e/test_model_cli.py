@@ -24,6 +24,16 @@ dimensions = 3072
 """
 
 
+def slow_next(base_url: str) -> str:
+    """Provider section "next" at the test server, 2 rows a request, one at a time, in
+    5-row chunks: a fill slow enough to watch, or to kill, part-way."""
+    return (
+        '\n[providers.next]\nkind = "openai"\nmodel = "next-embed"\ndimensions = 16\n'
+        f'base_url = "{base_url}"\napi_key_env = "TEST_PLATFORM_KEY"\n'
+        "batch_size = 2\nmax_concurrency = 1\n\n[engine]\nchunk_rows = 5\nworker_chunks = 1\n"
+    )
+
+
 def test_model_plan_prints_the_plan_and_exits_2_with_one_sentence_on_a_refusal(
     tickets: str, tmp_path: Path
 ) -> None:
@@ -201,12 +211,7 @@ def test_a_worker_elsewhere_takes_chunks_of_the_new_vectors_fill(
     from tests.support.cli import popen
 
     fake_openai.latency = 0.05
-    slow_next = (
-        '\n[providers.next]\nkind = "openai"\nmodel = "next-embed"\ndimensions = 16\n'
-        f'base_url = "{fake_openai.base_url}"\napi_key_env = "TEST_PLATFORM_KEY"\n'
-        "batch_size = 2\nmax_concurrency = 1\n\n[engine]\nchunk_rows = 5\nworker_chunks = 1\n"
-    )
-    path = write_config(tmp_path, NOWHERE, extra=slow_next)
+    path = write_config(tmp_path, NOWHERE, extra=slow_next(fake_openai.base_url))
     env = cli_env(tickets, TEST_PLATFORM_KEY="sk-platform-test-0000000000")
     assert embedfill("migrate", env=env).returncode == 0  # the schema, before the worker
     worker = popen("--config", str(path), "worker", env=env)
@@ -255,12 +260,7 @@ def test_a_start_killed_during_its_fill_goes_on_when_run_again_and_pays_little_t
     from tests.support.cli import popen
 
     fake_openai.latency = 0.1
-    slow_next = (
-        '\n[providers.next]\nkind = "openai"\nmodel = "next-embed"\ndimensions = 16\n'
-        f'base_url = "{fake_openai.base_url}"\napi_key_env = "TEST_PLATFORM_KEY"\n'
-        "batch_size = 2\nmax_concurrency = 1\n\n[engine]\nchunk_rows = 5\nworker_chunks = 1\n"
-    )
-    path = write_config(tmp_path, NOWHERE, extra=slow_next)
+    path = write_config(tmp_path, NOWHERE, extra=slow_next(fake_openai.base_url))
     env = cli_env(tickets, TEST_PLATFORM_KEY="sk-platform-test-0000000000")
     side = 'app."SupportTickets_emb_next"'
     args = ("--config", str(path), "model", "start", "--target", "tickets", "--to", "next")

@@ -5,17 +5,17 @@ through a real backfill with nothing else changed."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import psycopg
 import pytest
 
 from embedfill import BackfillOptions, Database, abackfill
-from embedfill.config import parse_config
 from embedfill.errors import ConfigError
 from embedfill.kinds import KINDS, Kind
 from embedfill.providers import make_provider, needs_key
 from tests.support.echo_provider import EchoProvider
-from tests.support.tables import make_tickets
+from tests.support.tables import make_tickets, tickets_config
 
 ECHO = Kind(
     "echo",
@@ -32,27 +32,15 @@ def echo(monkeypatch: pytest.MonkeyPatch) -> Kind:
     return ECHO
 
 
-def config(**provider: object) -> object:
-    return parse_config(
-        {
-            "providers": {"e": {"kind": "echo", **provider}},
-            "targets": [
-                {
-                    "name": "tickets",
-                    "table": "app.SupportTickets",
-                    "id_column": "ticket_no",
-                    "text": "{subject}\n\n{body}",
-                    "embedding_column": "emb",
-                    "tenant_column": "org",
-                    "provider": "e",
-                }
-            ],
-        }
+def config(**provider: object) -> Any:
+    """The tickets target on an `echo` provider section "e"."""
+    return tickets_config(
+        "http://127.0.0.1:9", providers={"e": {"kind": "echo", **provider}}, provider="e"
     )
 
 
 def test_a_kind_registered_in_one_line_is_configured_from_its_line(echo: Kind) -> None:
-    pconf = config(dimensions=8).providers["e"]  # type: ignore[attr-defined]
+    pconf = config(dimensions=8).providers["e"]
     assert pconf.model == "echo-1" and pconf.max_concurrency == 2
     assert not pconf.auto_concurrency and not needs_key(pconf)
     assert isinstance(make_provider(pconf), EchoProvider)
@@ -70,7 +58,7 @@ def test_a_backfill_runs_on_a_kind_registered_in_one_line(db_url: str, echo: Kin
     with psycopg.connect(db_url, autocommit=True) as conn:
         make_tickets(conn, rows=40)
     cfg = config(dimensions=8)
-    report = asyncio.run(abackfill(cfg, Database(db_url), BackfillOptions()))  # type: ignore[arg-type]
+    report = asyncio.run(abackfill(cfg, Database(db_url), BackfillOptions()))
     assert report.embedded == 30 and report.failed == 0 and report.provider == "echo:echo-1"
     with psycopg.connect(db_url) as conn:
         rows = conn.execute(
@@ -94,20 +82,8 @@ def test_a_kind_whose_extra_is_missing_says_which_to_install(
 
     missing = dataclasses.replace(KINDS["local"], requires=requires)
     monkeypatch.setitem(KINDS, "local", missing)  # type: ignore[index]
-    pconf = parse_config(
-        {
-            "providers": {"l": {"kind": "local"}},
-            "targets": [
-                {
-                    "name": "t",
-                    "table": "t",
-                    "id_column": "id",
-                    "text": "{a}",
-                    "embedding_column": "e",
-                    "provider": "l",
-                }
-            ],
-        }
+    pconf = tickets_config(
+        "http://127.0.0.1:9", providers={"l": {"kind": "local"}}, provider="l"
     ).providers["l"]
     said = "kind = 'local' needs the local extra: pip install 'embedfill\\[local\\]'"
     with pytest.raises(ConfigError, match=said):

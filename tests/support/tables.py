@@ -74,12 +74,16 @@ def provider_settings(base_url: str, dims: int = 8, **overrides: Any) -> dict[st
     } | overrides
 
 
-def tickets_config(base_url: str, dims: int = 8, **target: Any) -> Config:
+def tickets_config(
+    base_url: str, dims: int = 8, providers: dict[str, Any] | None = None, **target: Any
+) -> Config:
+    """The tickets target on provider section "openai" (the test server), and any other
+    ``providers`` sections (a change of model's, say)."""
     provider = provider_settings(base_url, dims)
     provider |= target.pop("provider_overrides", {})
     return parse_config(
         {
-            "providers": {"openai": provider},
+            "providers": {"openai": provider, **(providers or {})},
             "targets": [
                 {
                     "name": "tickets",
