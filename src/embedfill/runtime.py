@@ -1,11 +1,12 @@
 """One process's long-running parts, started and stopped in one order: its worker
 (worker.py: the control connection and the lanes its jobs share) and its watchers
-(watch.py: one ``WatchHub`` connection for all of them). ``embedfill watch`` and
-``embedfill serve`` run one each (``embedfill worker`` is a runtime without watchers).
+(watch.py: one ``WatchHub`` for all of them, on the worker's table lane, so a watch holds
+no connection more than its worker). ``embedfill watch`` and ``embedfill serve`` run one
+each (``embedfill worker`` is a runtime without watchers).
 
 Stopping goes: the watchers stop queuing; the worker finishes the chunks in flight
-(jobs go on elsewhere, or when a worker is back); then the watch jobs end and the
-watchers' locks go with their connection.
+(jobs go on elsewhere, or when a worker is back); then the watch jobs end, and the
+watchers' locks go with the lanes, closed last.
 """
 
 from __future__ import annotations
@@ -58,23 +59,13 @@ class Runtime:
     ) -> None:
         names = list(targets or [t.name for t in config.targets])
         self.config, self.db, self.env, self._watch_opts = config, db, env, watch
-        # opened by the first watcher that needs it
-        self.hub = WatchHub(db, config.engine.lock_timeout_ms)
         self._observer = observer
-        self.watches = (
-            [
-                TargetWatch(config, db, config.target(n), watch, self.hub, env, observer)
-                for n in names
-            ]
-            if watch is not None
-            else []
-        )
         self.worker: Worker | None = None
         if worker:
             kwargs: dict[str, Any] = {
                 "targets": list(targets) if targets else None,
                 "concurrency": concurrency,
-                "reserved": 1 if self.watches else 0,  # the watchers' connection
+                "keep_lanes": watch is not None,  # closed by stop(), after the watchers'
             }
             if env is not None:
                 kwargs["env"] = env
@@ -83,6 +74,21 @@ class Runtime:
             if providers is not None:
                 kwargs["providers"] = providers
             self.worker = Worker(config, db, **kwargs)
+        # the watchers' connection, opened by the first that needs it: the worker's table
+        # lane (no connection more than the worker's), or one of its own without a worker
+        self.hub = WatchHub(
+            db,
+            config.engine.lock_timeout_ms,
+            lanes=self.worker.lanes if self.worker is not None else None,
+        )
+        self.watches = (
+            [
+                TargetWatch(config, db, config.target(n), watch, self.hub, env, observer)
+                for n in names
+            ]
+            if watch is not None
+            else []
+        )
         self._watch_stop = asyncio.Event()
         self._worker_stop = asyncio.Event()
         self._watch_tasks: list[asyncio.Task[None]] = []
@@ -245,6 +251,8 @@ class Runtime:
         for w in self.watches:
             await w.close()
         await self.hub.close()
+        if self.worker is not None and self.worker.keep_lanes:
+            await self.worker.lanes.close()  # the watchers' connection too
 
 
 async def startup_checks(

@@ -49,6 +49,7 @@ from . import jobs, migration
 from .config import Config, TargetConfig
 from .db.catalog import TableInfo, inspect_target, poll_index_hint, table_shape
 from .db.connect import Database, connect
+from .db.lanes import Lane, Lanes
 from .db.schema import ensure_schema
 from .db.store import Store, watch_key
 from .db.target_sql import BLANK, TargetSQL
@@ -64,7 +65,6 @@ log = logging.getLogger(__name__)
 DEBOUNCE_S = 0.05  # after a change is noticed, gather what follows it for this long
 BUSY_WAIT_S = 0.05  # while a chunk waits for a free worker, look again this often
 DRAIN_EVERY_S = 1.0  # a watcher reads its change queue at least this often
-PUMP_SLICE_S = 0.1  # the hub waits for notifications this long between watchers' turns
 # the hub looks this often at which of its columns have queued changes (one query for
 # all): the triggers do not NOTIFY (db/triggers.py), so this is what wakes a watcher
 CHANGES_POLL_S = 0.25
@@ -114,20 +114,27 @@ class WatchHub:
     """The one connection the watchers of a process share, whatever their number: their
     elections (a session advisory lock per column), the look at the change queue (one
     query for every column, each ``CHANGES_POLL_S``) and their reads and queuing
-    transactions, one watcher at a time (``use``). A pump runs between the watchers'
-    turns: it wakes the watchers whose columns have queued changes, and those named by
-    a NOTIFY (``LISTEN``: triggers of an earlier install notify). When the connection
-    breaks, every watcher sees its generation end, and leads again (or stands by) on the
-    next one."""
+    transactions, one user at a time (``use``). With a worker in the process
+    (``lanes``) it is that worker's table lane (db/lanes.py), so a watch holds no
+    connection more than its worker; without, one of its own. The look at the change
+    queue wakes the watchers whose columns have queued changes; a NOTIFY wakes those it
+    names (``LISTEN``: triggers of an earlier install notify; it is read with the next
+    statement). When the connection breaks, every watcher sees its generation end, and
+    leads again (or stands by) on the next one."""
 
-    def __init__(self, db: Database, lock_timeout_ms: int = 2000) -> None:
+    def __init__(
+        self, db: Database, lock_timeout_ms: int = 2000, lanes: Lanes | None = None
+    ) -> None:
         self.db = db
         # a watcher's read queued behind one table's lock gives way (and tries again)
-        # rather than hold the connection every other target's watcher needs
+        # rather than hold the connection every other target's watcher needs (the
+        # lanes' own is [engine] lock_timeout_ms too)
         self.lock_timeout_ms = lock_timeout_ms
+        self.lanes = lanes
         self.conn: psycopg.AsyncConnection[Any] | None = None
         self.generation = 0
-        self._lock = asyncio.Lock()
+        self._lane: Lane | None = None  # the table lane it is, with ``lanes``
+        self._lock = asyncio.Lock()  # without: its own connection's users, one at a time
         self._opening = asyncio.Lock()
         self._changed: dict[int, asyncio.Event] = {}
         self._pump: asyncio.Task[None] | None = None
@@ -140,34 +147,55 @@ class WatchHub:
         """The current generation: the connection opened (again, after it broke)."""
         async with self._opening:
             if not self._usable:
-                if self.conn is not None:
-                    with contextlib.suppress(psycopg.Error):
-                        await self.conn.close()
-                self.conn = None
-                conn = await connect(self.db)
-                try:
-                    await ensure_schema(conn)  # the queue's tables exist before it is used
-                    await conn.execute(
-                        "SELECT pg_catalog.set_config('lock_timeout', %s, false)",
-                        (f"{self.lock_timeout_ms}ms",),
-                    )
-                    await Store(conn).listen_changes()
-                except BaseException:
-                    await conn.close()
-                    raise
-                self.conn = conn
+                if self.lanes is not None:
+                    lane = await self.lanes.table()
+                    async with lane.hold() as conn:
+                        await self._prepare(conn)
+                    self._lane, self.conn = lane, lane.conn
+                else:
+                    if self.conn is not None:
+                        with contextlib.suppress(psycopg.Error):
+                            await self.conn.close()
+                    self.conn = None
+                    conn = await connect(self.db)
+                    try:
+                        await conn.execute(
+                            "SELECT pg_catalog.set_config('lock_timeout', %s, false)",
+                            (f"{self.lock_timeout_ms}ms",),
+                        )
+                        await self._prepare(conn)
+                    except BaseException:
+                        await conn.close()
+                        raise
+                    self.conn = conn
                 self.generation += 1
                 for event in self._changed.values():
                     event.set()  # what was notified meanwhile is looked at now
             if self._pump is None or self._pump.done():
-                self._pump = asyncio.create_task(self._pump_notifications())
+                self._pump = asyncio.create_task(self._look_at_changes())
             return self.generation
+
+    async def _prepare(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await ensure_schema(conn)  # the queue's tables exist before it is used
+        await Store(conn).listen_changes()
+        conn.add_notify_handler(lambda note: self._notified(note.payload))
 
     @contextlib.asynccontextmanager
     async def use(self, generation: int) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        """The connection, to this watcher alone, while it is of ``generation`` (its
-        locks are held on it); a lost one is an OperationalError (the watcher leads
-        again)."""
+        """The connection, to this user alone, while it is of ``generation`` (the
+        watchers' locks are held on it); a lost one is an OperationalError (the watcher
+        leads again)."""
+        if self.lanes is not None:
+            lane = self._lane
+            if lane is None or not self._usable or generation != self.generation:
+                raise psycopg.OperationalError("the watch connection was lost; connecting again")
+            async with lane.hold() as conn:
+                if conn is not self.conn or not self._usable:  # broke while waiting
+                    raise psycopg.OperationalError(
+                        "the watch connection was lost; connecting again"
+                    )
+                yield conn
+            return
         async with self._lock:
             if not self._usable or generation != self.generation:
                 raise psycopg.OperationalError("the watch connection was lost; connecting again")
@@ -178,37 +206,27 @@ class WatchHub:
         """Set when the column's change queue holds rows (or the connection came back)."""
         return self._changed.setdefault(column_id, asyncio.Event())
 
-    async def _pump_notifications(self) -> None:
-        next_look = 0.0
+    async def _look_at_changes(self) -> None:
+        """Every ``CHANGES_POLL_S``, one look at the change queue for every column: the
+        connection is taken for that one statement (a worker's reads and writes share
+        it), not held while waiting for notifications."""
         failing: str | None = None  # the last failure logged, to log each kind once
         while True:
-            conn = self.conn
-            if conn is None or conn.closed or conn.broken:
-                await asyncio.sleep(PUMP_SLICE_S)
+            await asyncio.sleep(CHANGES_POLL_S)
+            if not self._changed or not self._usable:
                 continue
-            woke = False
             try:
-                async with self._lock:
-                    now = time.monotonic()
-                    if now >= next_look and self._changed:
-                        next_look = now + CHANGES_POLL_S
-                        for column in await Store(conn).changed_columns(list(self._changed)):
-                            self._changed[column].set()
-                            woke = True
-                    if not woke:  # a watcher just woken takes the connection first
-                        wait = PUMP_SLICE_S
-                        if self._changed:  # and the next look comes on time
-                            wait = min(wait, max(0.0, next_look - time.monotonic()))
-                        async for note in conn.notifies(timeout=wait):
-                            self._notified(note.payload)
+                async with self.use(self.generation) as conn:
+                    changed = await Store(conn).changed_columns(list(self._changed))
                 failing = None
             except psycopg.Error as exc:  # broken: the watchers open it again
                 kind = type(exc).__name__
                 if kind != failing:
                     failing = kind
                     log.warning("watch: looking at the change queue failed: %s", _first_line(exc))
-                await asyncio.sleep(PUMP_SLICE_S)
-            await asyncio.sleep(0)  # a watcher waiting for its turn goes first
+                continue
+            for column in changed:
+                self._changed[column].set()
 
     def _notified(self, payload: str) -> None:
         try:
@@ -222,14 +240,16 @@ class WatchHub:
                 e.set()
 
     async def close(self) -> None:
+        """Stop looking; close its own connection (a worker's table lane is the
+        worker's to close)."""
         if self._pump is not None:
             self._pump.cancel()
             await asyncio.gather(self._pump, return_exceptions=True)
             self._pump = None
-        if self.conn is not None:
+        if self.conn is not None and self.lanes is None:
             with contextlib.suppress(psycopg.Error):
                 await self.conn.close()
-            self.conn = None
+        self.conn, self._lane = None, None
 
 
 @dataclass

@@ -181,7 +181,9 @@ class Worker:
     concurrency: int | None = None  # chunks at once; None: [engine] worker_chunks
     on_progress: Callable[[int, Report], None] | None = None  # (job, this worker's live report)
     on_job_end: Callable[[int, str], None] | None = None  # (job, final status) it finished
-    reserved: int = 0  # connections its process holds besides (a watch's: 1)
+    # its lanes stay open when it stops: its process closes them (a watch's watchers
+    # share the table lane, runtime.py, and end their jobs on it after the worker)
+    keep_lanes: bool = False
 
     def __post_init__(self) -> None:
         self.host = socket.gethostname()
@@ -211,7 +213,6 @@ class Worker:
         self.lanes = Lanes(
             self.db,
             write_concurrency=engine.write_concurrency,
-            reserved=self.reserved,
             lock_timeout_ms=engine.lock_timeout_ms,
             statement_timeout_s=engine.statement_timeout_s,
         )
@@ -294,7 +295,7 @@ class Worker:
     async def run(self, stop: asyncio.Event) -> None:
         """Work until ``stop`` is set; then finish the chunks in flight and return."""
         self._stopping = stop
-        self.db.check_connection_limit(self.reserved)
+        self.db.check_connection_limit()
         # the provider clients (the openai SDK's import alone takes a second) and their
         # token counters are ready before the first chunk is claimed, not after
         for name in self.targets or [t.name for t in self.config.targets]:
@@ -333,7 +334,8 @@ class Worker:
                     ringer.cancel()
                     await asyncio.gather(ringer, return_exceptions=True)
                     await self._close_sessions()
-                    await self.lanes.close()
+                    if not self.keep_lanes:
+                        await self.lanes.close()
         finally:
             liveness.cancel()
             await asyncio.gather(liveness, return_exceptions=True)

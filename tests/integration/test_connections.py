@@ -1,6 +1,7 @@
 """The connection budget of one process, whatever the number of jobs and targets: a
-worker holds its control connection and its lanes (db/lanes.py), a watch adds one for
-all its watchers (watch.WatchHub). Counted in pg_stat_activity, sampled throughout."""
+worker holds its control connection and its lanes (db/lanes.py); a watch's watchers
+share its worker's table lane (watch.WatchHub). Counted in pg_stat_activity, sampled
+throughout."""
 
 from __future__ import annotations
 
@@ -150,17 +151,24 @@ def test_a_worker_on_four_jobs_at_once_holds_three_connections(
     assert _missing(db_url, range(n)) == 0
 
 
-def test_a_watch_over_twelve_targets_holds_four_connections(
-    db_url: str, roles: Roles, fake_openai: FakeOpenAI
+@pytest.mark.parametrize("limit", [None, 2])
+def test_a_watch_over_twelve_targets_holds_its_workers_connections_and_no_more(
+    db_url: str, roles: Roles, fake_openai: FakeOpenAI, limit: int | None
 ) -> None:
-    """Its worker's three, and one for all twelve watchers (was one per target)."""
+    """Its worker's three at the defaults (was four: one more for all twelve watchers,
+    and one per target before that), two with ``connection_limit=2``: the watchers
+    share the worker's table lane. The role's CONNECTION LIMIT is the same, so a fourth
+    (a third) connection would be refused by the server, not only counted."""
     n = 12
     _tables(db_url, n)
     name = _role(db_url, roles)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f'ALTER ROLE "{name}" CONNECTION LIMIT {limit or 3}')
+    url = roles.url(name, query=f"connection_limit={limit}" if limit else "")
     sampler = Sampler(db_url, name)
-    running = Running(roles.url(name), _config(fake_openai.base_url, n), interval_s=0.5)
+    running = Running(url, _config(fake_openai.base_url, n), interval_s=0.5)
     try:
-        assert _filled(db_url, range(n), 60)
+        assert _filled(db_url, range(n), 60), running.error
         with psycopg.connect(db_url) as conn:  # new rows are still noticed
             conn.execute("INSERT INTO app.notes_7 VALUES (1000, 'a late note', NULL)")
         assert _filled(db_url, range(n), 20)
@@ -168,7 +176,13 @@ def test_a_watch_over_twelve_targets_holds_four_connections(
     finally:
         running.stop()
         most = sampler.stop()
-    assert most <= 4, f"one watch process over {n} targets held {most} connections"
+    assert running.error is None, running.error
+    assert most <= (limit or 3), f"one watch process over {n} targets held {most} connections"
+    with psycopg.connect(db_url) as conn:  # each watch job ended when the watch did
+        left = conn.execute(
+            "SELECT count(*) FROM embedfill.runs WHERE status = 'running'"
+        ).fetchone()
+        assert left == (0,)
 
 
 # ---------------------------------------------- one target locked, the others go on

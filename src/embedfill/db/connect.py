@@ -71,28 +71,27 @@ class Database:
         """host/port/dbname without user or password, for messages."""
         return describe_url(self.url)
 
-    def writer_lanes(self, write_concurrency: int, reserved: int = 0) -> int:
+    def writer_lanes(self, write_concurrency: int) -> int:
         """Writer connections of a worker process (db/lanes.py) besides its table lane,
         which writes too: ``write_concurrency - 1``, within ``connection_limit`` (the
-        control connection, the table lane and ``reserved`` ones, a watch's, count too)."""
+        control connection and the table lane count too; a watch's watchers share the
+        table lane)."""
         wanted = max(0, write_concurrency - 1)
         if self.connection_limit is None:
             return wanted
-        left = self.connection_limit - COORDINATION_CONNECTIONS - reserved
+        left = self.connection_limit - COORDINATION_CONNECTIONS
         return max(0, min(wanted, left))
 
-    def check_connection_limit(self, reserved: int = 0) -> None:
-        """ConfigError when ``connection_limit`` leaves a worker too few connections
-        (``reserved``: what the process holds besides, a watch's one)."""
-        least = COORDINATION_CONNECTIONS + reserved
+    def check_connection_limit(self) -> None:
+        """ConfigError when ``connection_limit`` leaves a worker (or a watch: its
+        watchers share the worker's table lane) too few connections."""
+        least = COORDINATION_CONNECTIONS
         if self.connection_limit is not None and self.connection_limit < least:
-            what = "an embedfill watch" if reserved else "an embedfill worker"
-            also = ", and one for its watchers" if reserved else ""
             raise ConfigError(
-                f"connection_limit={self.connection_limit} in DATABASE_URL is too low for "
-                f"{what}: it needs {least} connections (a control one, which holds its "
+                f"connection_limit={self.connection_limit} in DATABASE_URL is too low: an "
+                f"embedfill process needs {least} connections (a control one, which holds its "
                 "liveness lock and serves the job queue, and one that reads and writes the "
-                f"table{also}); set connection_limit={least} or more."
+                f"table, which a watch's watchers share); set connection_limit={least} or more."
             )
 
 

@@ -87,12 +87,11 @@ class Lanes:
         db: Database,
         *,
         write_concurrency: int,
-        reserved: int = 0,
         lock_timeout_ms: int,
         statement_timeout_s: float,
     ) -> None:
         self.db = db
-        self.n_writers = db.writer_lanes(write_concurrency, reserved)
+        self.n_writers = db.writer_lanes(write_concurrency)
         self._timeouts = {
             "lock": f"{lock_timeout_ms}ms",
             "statement": f"{statement_timeout_s}s",
