@@ -223,17 +223,15 @@ async def status_by_target(
     return out, errors
 
 
-async def job_gauges(
-    db: Database, alive_within_s: float = 60.0
-) -> tuple[list[RunningJobs], int | None]:
-    """Jobs queued or running, per target, and the worker processes alive (heartbeat at
-    most ``alive_within_s`` old), on one connection (reads embedfill.runs, chunks and
-    procrastinate's workers only; cheap). ([], None) before embedfill's schema exists."""
+async def job_gauges(db: Database) -> tuple[list[RunningJobs], int | None]:
+    """Jobs queued or running, per target, and the worker processes alive (holding
+    their control connection's lock), on one connection (reads embedfill.runs, chunks
+    and pg_locks only; cheap). ([], None) before embedfill's schema exists."""
     conn = await connect(db)
     try:
         store = Store(conn)
         rows = await store.running_jobs()
-        alive = await store.workers_alive(alive_within_s)
+        alive = await store.workers_alive()
     except psycopg.Error:
         return [], None
     finally:

@@ -109,6 +109,8 @@ def test_three_workers_one_killed_the_job_completes_and_repeats_little(
         victim = next(p for p in workers if by_pid[p.pid])
         in_flight = by_pid[victim.pid]
         os.kill(victim.pid, signal.SIGKILL)
+        # counted as gone at once, not after a heartbeat has aged a minute
+        wait_until(lambda: _registered(big) == 2, timeout=5)
         wait_until(lambda: job_status(big, job_id) != "running", timeout=120)
     finally:
         results = stop_all(workers)
@@ -166,10 +168,12 @@ def test_a_worker_that_cannot_reach_the_provider_hands_its_chunks_back(
 
 
 def _registered(url: str) -> int:
-    with psycopg.connect(url) as conn:
-        row = conn.execute("SELECT count(*) FROM embedfill.procrastinate_workers").fetchone()
-    assert row is not None
-    return int(row[0])
+    """Worker processes alive, as the service's `embedfill_workers_alive` counts them."""
+    from embedfill import health
+
+    _, alive = asyncio.run(health.job_gauges(Database(url)))
+    assert alive is not None
+    return alive
 
 
 def _claimed(url: str) -> int:

@@ -136,11 +136,18 @@ FROM embedfill.runs r
 WHERE r.status IN ('queued', 'running') AND NOT r.dry_run
 GROUP BY r.target ORDER BY r.target"""
 
-# worker processes alive: procrastinate's worker heartbeat (every lease_s / 3 seconds)
-# within the last %(within_s)s seconds
+# worker processes alive in this database: the sessions holding the workers' shared
+# advisory lock (WORKER_LOCK), which goes with the process (exact, no heartbeat to age)
 WORKERS_ALIVE = """
-SELECT pg_catalog.count(*) FROM embedfill.procrastinate_workers
-WHERE last_heartbeat > pg_catalog.now() - pg_catalog.make_interval(secs => %(within_s)s)"""
+SELECT pg_catalog.count(*) FROM pg_catalog.pg_locks AS l
+CROSS JOIN (SELECT pg_catalog.hashtextextended('embedfill:workers', 0) AS k) AS h
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.mode = 'ShareLock'
+  AND l.database = (SELECT d.oid FROM pg_catalog.pg_database AS d
+                    WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
+  AND l.classid OPERATOR(pg_catalog.=) ((h.k OPERATOR(pg_catalog.>>) 32)
+      OPERATOR(pg_catalog.&) 4294967295)::pg_catalog.oid
+  AND l.objid OPERATOR(pg_catalog.=) (h.k OPERATOR(pg_catalog.&) 4294967295)::pg_catalog.oid"""
 
 # A row's failure in a job, one record per (job, row): a row that failed for a passing
 # cause may go again (watch.py) after a backoff that doubles with each try, from
@@ -615,7 +622,11 @@ RETURNING id"""
 # a worker process holds this session lock while it lives (worker.py): a chunk shown
 # doing for a worker whose lock is free lost its process, and is handed out again now,
 # without waiting for the lease
-WORKER_LOCK = "SELECT pg_advisory_lock(hashtextextended(%(key)s, 0))"
+# a worker's own lock (its chunks' holder is alive: _HOLDER_GONE), and the workers'
+# shared one (WORKERS_ALIVE counts its holders), for the life of its control connection
+WORKER_LOCK = """
+SELECT pg_catalog.pg_advisory_lock(pg_catalog.hashtextextended(%(key)s, 0)),
+       pg_catalog.pg_advisory_lock_shared(pg_catalog.hashtextextended('embedfill:workers', 0))"""
 # the worker's control connection serves procrastinate's queries too (its own schema)
 QUEUE_SEARCH_PATH = "SELECT pg_catalog.set_config('search_path', 'embedfill', false)"
 # ---------------------------------------------------------------- provenance (freshness.py)

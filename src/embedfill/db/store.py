@@ -138,9 +138,10 @@ class Store:
         cur = await self.conn.execute(q.RUNNING_JOBS)
         return [(r[0], r[1], r[2], r[3], r[4]) for r in await cur.fetchall()]
 
-    async def workers_alive(self, within_s: float) -> int:
-        """Worker processes whose heartbeat is at most ``within_s`` seconds old."""
-        cur = await self.conn.execute(q.WORKERS_ALIVE, {"within_s": within_s})
+    async def workers_alive(self) -> int:
+        """Worker processes connected to this database now (their control connection's
+        lock; procrastinate's own tables are not read)."""
+        cur = await self.conn.execute(q.WORKERS_ALIVE)
         row = await cur.fetchone()
         return int(row[0]) if row else 0
 

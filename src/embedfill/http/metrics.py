@@ -143,7 +143,7 @@ class Metrics(Observer):
         )
         self.workers_alive = Gauge(
             "embedfill_workers_alive",
-            "Worker processes whose heartbeat is under a minute old (any target).",
+            "Worker processes connected to the database now (any target).",
             registry=g,
         )
         self.job_done = Gauge(
