@@ -262,15 +262,21 @@ async def astatus(config: Config, db: Database, target: str | None = None) -> li
         for t in targets:
             pconf = config.provider_for(t)
             info = await inspect_target(conn, t, pconf.expected_dimensions, pconf.label)
-            params = None
+            params, searched = None, None
             if kept:
                 model = freshness.model_identity(pconf, info)
+                # cut over to another model: the column's vectors are measured against
+                # the one the app's searches use now (each is outdated_model)
+                searched = await migration.searched_instead(conn, t, info)
                 ids = await freshness.provenance_ids(
-                    conn, info, t.embedding_column, model, create=False
+                    conn, info, t.embedding_column, searched or model, create=False
                 )
                 params = ids.params()
             failing = await Store(conn).failing(info.oid, t.embedding_column) if kept else None
-            out.append(await target_status(conn, t, info, params, failing))
+            status = await target_status(conn, t, info, params, failing)
+            if searched is not None:
+                status = dataclasses.replace(status, cut_over_to=str(searched))
+            out.append(status)
         return out
     except psycopg.Error as exc:
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc

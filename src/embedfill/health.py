@@ -74,6 +74,9 @@ class CheckResult:
     tenant_max_missing: int | None = None
     #: the tenants over ``tenant_max_missing``: (tenant, missing), most missing first
     tenants_over: tuple[tuple[str | None, int], ...] = ()
+    # since a cutover (TargetStatus.cut_over_to): the column's outdated-model vectors
+    # are kept for a rollback on purpose, and count toward no bound
+    cut_over_to: str | None = None
 
     @property
     def over(self) -> list[str]:
@@ -82,7 +85,8 @@ class CheckResult:
         out = []
         if self.missing > self.max_missing:
             out.append("missing")
-        if self.stale + self.outdated_model > self.max_stale:
+        outdated = 0 if self.cut_over_to is not None else self.outdated_model
+        if self.stale + outdated > self.max_stale:
             out.append("stale")
         if self.tenants_over:
             out.append("tenant_missing")
@@ -101,6 +105,8 @@ class CheckResult:
             f"{self.stale} stale + {self.outdated_model} outdated model (max {self.max_stale}), "
             f"{self.unverified} unverified"
         )
+        if self.cut_over_to is not None:
+            line += f" (cut over to {self.cut_over_to}: the outdated model is kept for a rollback)"
         if self.tenant_max_missing is not None:
             shown = ", ".join(f"{_shown(t)} {n}" for t, n in self.tenants_over[:5])
             more = len(self.tenants_over) - 5
@@ -125,6 +131,8 @@ class CheckResult:
             "max_stale": self.max_stale,
             "unverified": self.unverified,
         }
+        if self.cut_over_to is not None:
+            out["cut_over_to"] = self.cut_over_to
         if self.tenant_max_missing is not None:
             out["tenant_max_missing"] = self.tenant_max_missing
             out["tenants_over"] = [{"tenant": t, "missing": n} for t, n in self.tenants_over]
@@ -149,6 +157,7 @@ def evaluate(status: TargetStatus, bounds: Bounds) -> CheckResult:
         stale=status.stale,
         outdated_model=status.outdated_model,
         unverified=status.unverified,
+        cut_over_to=status.cut_over_to,
         max_missing=bounds.max_missing,
         max_stale=bounds.max_stale,
         tenant_max_missing=bounds.tenant_max_missing,

@@ -45,7 +45,7 @@ from .db.store import Store
 from .db.target_sql import BLANK
 from .errors import EmbedfillError as EmbedfillErrorBase
 from .errors import PlanRefused, UsageError
-from .freshness import model_identity, provenance_ids
+from .freshness import ModelIdentity, model_identity, provenance_ids
 from .planning import estimate_cost, prepare_text
 from .providers import make_provider
 
@@ -623,6 +623,31 @@ async def status_of(
         else:
             out.index = "valid"
     return out
+
+
+async def searched_instead(
+    conn: psycopg.AsyncConnection[Any], target: TargetConfig, info: TableInfo
+) -> ModelIdentity | None:
+    """The model of the vectors the app's searches use instead of the target's column,
+    while a change of model is cut over and not finalized (``embedfill.active`` names
+    its new vectors): the column's vectors are then of the model not searched, and
+    ``status`` counts each as outdated_model against this one. None otherwise: before
+    the cutover, after a rollback, and once finalized."""
+    store = Store(conn)
+    try:
+        row = await store.latest_migration(info.oid, target.embedding_column)
+    except psycopg.errors.UndefinedTable:  # a schema from before changes of model
+        return None
+    if row is None or row["phase"] != "cut_over":
+        return None
+    home, to = dict(row["home"]), dict(row["to_model"])
+    active = await store.active_model(target.name)
+    if active is None or (active["relation"], active["column_name"]) != (
+        home.get("relation"),
+        home.get("column"),
+    ):
+        return None
+    return ModelIdentity(str(to["kind"]), str(to["model"]), int(to["dimensions"]))
 
 
 def _after_finalize(target: TargetConfig, st: MigrationStatus) -> str | None:

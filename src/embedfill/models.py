@@ -218,9 +218,17 @@ class TargetStatus:
     unverified: int = 0
     failing: int = 0  # rows whose last try failed, for a passing cause or not
     failing_errors: dict[str, int] = field(default_factory=dict)  # by error class
+    # the model the app's searches use since a cutover (migration.searched_instead):
+    # the column's vectors, kept for a rollback until finalize, are counted as
+    # outdated_model against it, and neither `check` nor the stale alert counts them
+    cut_over_to: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"tenants": [asdict(t) for t in self.tenants]}
+        """The JSON of ``status --json`` (``cut_over_to`` only while cut over)."""
+        out = asdict(self) | {"tenants": [asdict(t) for t in self.tenants]}
+        if out["cut_over_to"] is None:
+            del out["cut_over_to"]
+        return out
 
 
 def _jsonable(value: Any) -> Any:

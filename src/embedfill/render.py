@@ -25,6 +25,13 @@ def status_tables(console: Console, statuses: list[TargetStatus]) -> None:
             f"[{'yellow' if s.outdated_model else 'green'}]{s.outdated_model:,} outdated model[/], "
             f"{s.unverified:,} unverified" + (failing if s.failing else "")
         )
+        if s.cut_over_to is not None:
+            console.print(
+                f"  cut over to {escape(s.cut_over_to)}: the app searches the new vectors, "
+                f"and the {s.outdated_model:,} outdated-model ones here are kept for "
+                f"`embedfill model rollback --target {s.name}` until `model finalize` "
+                "drops them"
+            )
         if s.unverified:
             console.print(
                 f"  {s.unverified:,} vectors have no record of embedfill's: "

@@ -32,3 +32,22 @@ def test_a_targets_error_class_is_the_one_it_has_now() -> None:
     assert b'embedfill_target_error{error_class="SchemaMismatch",target="notes"} 1.0' in (
         metrics.render()
     )
+
+
+def test_a_target_cut_over_to_another_model_says_so_beside_its_outdated_rows() -> None:
+    """The stale alert leaves out the outdated-model rows of a target whose change of
+    model is cut over (deploy/prometheus; tests/e2e/alert_rules.test.yml): 1 while cut
+    over, 0 before and after."""
+    from embedfill.models import TargetStatus
+
+    metrics = Metrics()
+    live = TargetStatus("tickets", "app.t", 8, rows=60, missing=0, vector_index=None)
+    moved = TargetStatus(
+        "tickets", "app.t", 8, 60, 0, None, outdated_model=45, cut_over_to="hash:v2 (8 dimensions)"
+    )
+    metrics.set_status(live, 1.0)
+    assert b'embedfill_model_cut_over{target="tickets"} 0.0' in metrics.render()
+    metrics.set_status(moved, 2.0)
+    text = metrics.render()
+    assert b'embedfill_model_cut_over{target="tickets"} 1.0' in text
+    assert b'embedfill_outdated_model_rows{target="tickets"} 45.0' in text

@@ -87,6 +87,13 @@ class Metrics(Observer):
             ["target"],
             registry=g,
         )
+        self.cut_over = Gauge(
+            "embedfill_model_cut_over",
+            "1 while a change of model of the target is cut over and not finalized: its "
+            "outdated-model vectors are the column's, kept for a rollback.",
+            ["target"],
+            registry=g,
+        )
         self.unverified = Gauge(
             "embedfill_unverified_rows",
             "Vectors embedfill has no provenance for (written by other code).",
@@ -175,6 +182,7 @@ class Metrics(Observer):
         self._by_class(self.failing, name, status.failing_errors)
         self.stale.labels(name).set(status.stale)
         self.outdated_model.labels(name).set(status.outdated_model)
+        self.cut_over.labels(name).set(1 if status.cut_over_to is not None else 0)
         self.unverified.labels(name).set(status.unverified)
         self.status_at.labels(name).set(at)
 
