@@ -4,6 +4,7 @@ same workers as jobs."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
@@ -86,7 +87,9 @@ class Running:
 
     def stop(self, timeout: float = 60) -> None:
         assert self.stop_event is not None
-        self.loop.call_soon_threadsafe(self.stop_event.set)
+        # a watch whose every watcher ended has returned on its own, and its loop closed
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.stop_event.set)
         self.thread.join(timeout)
         assert not self.thread.is_alive(), "watch did not stop"
         if self.error is not None:
