@@ -525,12 +525,14 @@ async def amodel_start(
                     f"Another `embedfill model start` of {live.name} began just now; "
                     f"see `embedfill model status --target {live.name}`."
                 ) from None
-            phase = "filling"
+            phase = "planned"  # recorded; its home is made next
         derived = migration.derived_target(live, new, strategy, home)
         dconfig = migration.with_target(config, derived)
         ddl_key = f"embedfill:model:{info.oid}:{live.embedding_column}"
         async with _one_at_a_time(store, ddl_key, cancel):
-            if phase == "filling" and not await homes.taken(conn, info.oid, home, strategy):
+            if phase in ("planned", "filling") and not await homes.taken(
+                conn, info.oid, home, strategy
+            ):
                 if strategy == "table":
                     async with conn.transaction():  # all of it, or no side table
                         await conn.execute(
@@ -577,6 +579,10 @@ async def amodel_start(
                     await homes.secure_like(
                         conn, info.sql(live), info.oid, home["schema"], home["relation"]
                     )
+        if phase == "planned":  # the home is made: a start killed before here goes on
+            if not await store.set_migration_phase(migration_id, "filling", was="planned"):
+                return await migration.status_of(conn, config, live)  # rolled back
+            phase = "filling"
         if phase in ("filling", "ready"):  # ready: a catch-up of what changed since
             filled = await _model_fill(
                 conn,

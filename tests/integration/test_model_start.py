@@ -231,6 +231,27 @@ def test_the_column_strategy_fills_a_shadow_column(indexed: str) -> None:
             assert np.allclose(vector, hash_vector(want[row_id], 16), atol=1e-6)
 
 
+def test_a_start_that_could_not_make_the_home_is_planned_and_goes_on_when_run_again(
+    indexed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The change is recorded before its home is made: a start stopped there (here the
+    app holds the table through every try of the ALTER TABLE) leaves phase `planned`,
+    not a `filling` with nowhere to fill, and the next start makes the home and goes on."""
+    from embedfill import application
+
+    monkeypatch.setattr(application, "DDL_TRIES", 1)
+    with psycopg.connect(indexed) as app:
+        app.execute(f"LOCK TABLE {T} IN ACCESS SHARE MODE")  # as a long read does
+        with pytest.raises(TargetBusy, match="stayed locked"):
+            start(indexed, strategy="column")
+        st = status(indexed)
+        assert (st.phase, st.strategy, st.index) == ("planned", "column", "none")
+        assert "emb_next" not in columns(indexed)
+    st = start(indexed, strategy="column")
+    assert (st.phase, st.index, st.coverage) == ("ready", "valid", 1.0)
+    assert "emb_next" in columns(indexed)
+
+
 def test_a_role_that_may_not_make_the_home_is_told_before_anything_is_written(
     indexed: str, roles: Any
 ) -> None:

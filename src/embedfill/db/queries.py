@@ -683,7 +683,7 @@ INSERT_MIGRATION = """
 INSERT INTO embedfill.model_migrations
     (target, table_oid, column_name, strategy, from_model, to_model, home, phase, actor)
 VALUES (%(target)s, %(table_oid)s, %(column)s, %(strategy)s, %(from_model)s, %(to_model)s,
-        %(home)s, 'filling', %(actor)s)
+        %(home)s, 'planned', %(actor)s)
 RETURNING id"""
 SET_MIGRATION_PHASE = """
 UPDATE embedfill.model_migrations SET phase = %(phase)s, updated_at = pg_catalog.now()
