@@ -291,6 +291,7 @@ async def aplan_model(
     to: str,
     strategy: str = "table",
     *,
+    vector_type: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> migration.ModelPlan:
     """What changing ``target``'s model to provider section ``to`` takes (migration.py).
@@ -298,7 +299,7 @@ async def aplan_model(
     environment (``env``: os.environ by default), and what the strategy means at the end."""
     conn = await connect(db)
     try:
-        plan = await migration.plan(conn, config, target, to, strategy)
+        plan = await migration.plan(conn, config, target, to, strategy, vector_type)
     except psycopg.Error as exc:
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
     finally:
@@ -460,6 +461,7 @@ async def amodel_start(
     to: str,
     strategy: str = "table",
     *,
+    vector_type: str | None = None,
     actor: str = "library",
     provider: Provider | None = None,
     env: Mapping[str, str] | None = None,
@@ -469,25 +471,32 @@ async def amodel_start(
     """Start (or go on with) changing ``target``'s model to provider section ``to``:
     make the new vectors' home, fill it as a job, build the twin of each live vector
     index concurrently; the status at the end (``phase`` ``ready`` when all went, else
-    where it stopped: run it again to go on). See migration.py."""
+    where it stopped: run it again to go on). ``vector_type``: the new vectors' type
+    (``vector``, ``halfvec``; None: the live column's, or the one a start under way
+    recorded). See migration.py."""
     conn = await connect(db)
     try:
         await ensure_schema(conn)
         live = config.target(target)
-        plan = await migration.plan(conn, config, target, to, strategy)
         pconf = config.provider_for(live)
         info = await inspect_target(conn, live, pconf.expected_dimensions, pconf.label)
-        new = config.providers[to]
         store = Store(conn)
         row = await store.open_migration(info.oid, live.embedding_column)
+        recorded = row["to_model"].get("vector_type") if row is not None else None
         if row is not None:
             going = row["to_model"].get("provider")
-            if (going, row["strategy"]) != (to, strategy):
+            kind = recorded or migration.base_type(info.types.vector_type)
+            if (going, row["strategy"]) != (to, strategy) or (
+                vector_type is not None and vector_type != kind
+            ):
                 raise TargetBusy(
                     f"A change of {live.name}'s model to {going} ({row['strategy']} "
-                    f"strategy) is at phase {row['phase']}; finish or roll it back "
+                    f"strategy, {kind}) is at phase {row['phase']}; finish or roll it back "
                     f"(`embedfill model status --target {live.name}`) before another."
                 )
+        plan = await migration.plan(conn, config, target, to, strategy, vector_type or recorded)
+        new = config.providers[to]
+        if row is not None:
             migration_id, home, phase = int(row["id"]), dict(row["home"]), str(row["phase"])
         else:
             if await homes.taken(conn, info.oid, plan.home, strategy):
@@ -505,7 +514,9 @@ async def amodel_start(
                 raise PrivilegeMissing(f"Cannot start the change of model: {lacks}.")
             home = dict(plan.home)
             home["indexes"] = migration.twins(
-                home, await indexes.vector_indexes(conn, info.oid, live.embedding_column)
+                home,
+                await indexes.vector_indexes(conn, info.oid, live.embedding_column),
+                plan.to_model.get("vector_type"),
             )
             if strategy == "table":
                 home["text_sql"] = homes.side_text_sql(info.sql(live), conn)
@@ -526,6 +537,11 @@ async def amodel_start(
                     f"see `embedfill model status --target {live.name}`."
                 ) from None
             phase = "planned"  # recorded; its home is made next
+        # the new vectors' type, named in the schema the live column's names
+        new_type = migration.stored_type(
+            info.types.vector_type,
+            plan.to_model.get("vector_type") or migration.base_type(info.types.vector_type),
+        )
         derived = migration.derived_target(live, new, strategy, home)
         dconfig = migration.with_target(config, derived)
         ddl_key = f"embedfill:model:{info.oid}:{live.embedding_column}"
@@ -540,7 +556,7 @@ async def amodel_start(
                                 home["schema"],
                                 home["relation"],
                                 info.types.id_type,
-                                info.types.vector_type,
+                                new_type,
                                 int(plan.to_model["dimensions"]),
                             )
                         )
@@ -554,7 +570,7 @@ async def amodel_start(
                         homes.add_column(
                             info.sql(live),
                             home["column"],
-                            info.types.vector_type,
+                            new_type,
                             int(plan.to_model["dimensions"]),
                         ),
                         str(live.table),
@@ -785,8 +801,12 @@ async def amodel_verify(
         gates["sample"] = migration.gate(
             share, 1.0, checked.ok, checked=checked.checked, min_cosine=checked.min_cosine
         )
+        kind = row["to_model"].get("vector_type") or migration.base_type(info.types.vector_type)
         gates["recall_at_10"] = await migration.recall_gate(
-            conn, home, migration.home_id_column(live, strategy), info.types.vector_type
+            conn,
+            home,
+            migration.home_id_column(live, strategy),
+            migration.stored_type(info.types.vector_type, kind),
         )
         await Store(conn).set_migration_gates(int(row["id"]), gates)
         return await migration.status_of(conn, config, live)

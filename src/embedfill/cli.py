@@ -1077,6 +1077,13 @@ def triggers_uninstall(
     _triggers(ctx, target, False, print_sql)
 
 
+_VECTOR_TYPE = typer.Option(
+    "--vector-type",
+    help="The new vectors' type: vector or halfvec (2 bytes a dimension; an index takes "
+    "up to 4,000 dimensions). Default: the live column's.",
+)
+
+
 @model_app.command("plan")
 def model_plan(
     ctx: typer.Context,
@@ -1091,6 +1098,7 @@ def model_plan(
             "(a shadow column on the live table)."
         ),
     ] = "table",
+    vector_type: Annotated[str | None, _VECTOR_TYPE] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """What changing the model takes, before anything is done (read-only): rows and
@@ -1099,7 +1107,14 @@ def model_plan(
     state = _state(ctx)
     with _errors(state):
         plan = asyncio.run(
-            application.aplan_model(state.config(), state.database(), target, to, strategy)
+            application.aplan_model(
+                state.config(),
+                state.database(),
+                target,
+                to,
+                strategy,
+                vector_type=vector_type,
+            )
         )
     if as_json:
         print(json.dumps(plan.to_dict()))
@@ -1121,6 +1136,7 @@ def model_start(
         str, typer.Option("--to", help="The provider section of the config with the new model.")
     ],
     strategy: Annotated[str, _STRATEGY] = "table",
+    vector_type: Annotated[str | None, _VECTOR_TYPE] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object on stdout.")] = False,
 ) -> None:
     """Make the new vectors' home, fill it as a job and build the twin of each live
@@ -1132,7 +1148,14 @@ def model_start(
         config, db = state.config(), state.database()
         status = _run_cancellable(
             lambda cancel: application.amodel_start(
-                config, db, target, to, strategy, actor=_actor(), cancel=cancel
+                config,
+                db,
+                target,
+                to,
+                strategy,
+                vector_type=vector_type,
+                actor=_actor(),
+                cancel=cancel,
             )
         )
     if as_json:

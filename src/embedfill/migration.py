@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("table", "column")
 # pgvector's limits on what hnsw and ivfflat index, by vector type
 INDEX_MAX_DIMENSIONS = {"vector": 2000, "halfvec": 4000}
+VECTOR_KINDS = ("vector", "halfvec")  # what --vector-type may name
 SAMPLE_ROWS = 1000  # rows whose tokens are counted (every row of a smaller table)
 EXACT_ROWS = 5000  # up to this many rows, every row is counted
 # HNSW build speed measured here (m=16, ef_construction=64, 2 cores): about 3,000 rows/s
@@ -124,6 +125,24 @@ def base_type(vector_type: str) -> str:
     """``vector`` or ``halfvec`` from a column type as statements name it
     (``public.vector``, ``halfvec``)."""
     return vector_type.rsplit(".", 1)[-1].strip('"')
+
+
+def stored_type(column_type: str, kind: str) -> str:
+    """Type ``kind`` (``vector``, ``halfvec``) named in the schema ``column_type`` names
+    (``extensions.vector`` and halfvec: ``extensions.halfvec``)."""
+    schema, dot, _ = column_type.rpartition(".")
+    return f"{schema}{dot}{kind}"
+
+
+def retyped_opclass(opclass: str, kind: str) -> str:
+    """A live index's operator class for vectors of ``kind``: ``vector_cosine_ops`` is
+    ``halfvec_cosine_ops`` for halfvec (the same distance); "" (the type's default) and
+    the classes of the same kind stay as they are."""
+    schema, dot, name = opclass.rpartition(".")
+    for was in VECTOR_KINDS:
+        if was != kind and name.startswith(f"{was}_"):
+            return f"{schema}{dot}{kind}_{name[len(was) + 1 :]}"
+    return opclass
 
 
 def vector_bytes(kind: str, dimensions: int) -> int:
@@ -299,11 +318,15 @@ async def plan(
     target_name: str,
     to_name: str,
     strategy: str = "table",
+    vector_type: str | None = None,
 ) -> ModelPlan:
     """What changing ``target_name``'s model to provider section ``to_name`` takes
-    (see the module doc). Read-only."""
+    (see the module doc). Read-only. ``vector_type`` (``vector`` or ``halfvec``): the
+    new vectors' type; None: the live column's."""
     if strategy not in STRATEGIES:
         raise UsageError(f"--strategy must be table or column, not {strategy!r}.")
+    if vector_type is not None and vector_type not in VECTOR_KINDS:
+        raise UsageError(f"--vector-type must be vector or halfvec, not {vector_type!r}.")
     target = config.target(target_name)
     current = config.provider_for(target)
     to = config.providers.get(to_name)
@@ -327,16 +350,32 @@ async def plan(
             f"{was.dimensions} dimensions; --to {to.name!r} is the same model, so there is "
             "nothing to change (use `backfill --refresh` to re-embed in place)."
         )
-    kind = base_type(info.types.vector_type)
+    kind = vector_type or base_type(info.types.vector_type)
+    if kind != base_type(info.types.vector_type):
+        cur = await conn.execute(
+            "SELECT pg_catalog.to_regtype(%s)", (stored_type(info.types.vector_type, kind),)
+        )
+        found = await cur.fetchone()
+        if found is None or found[0] is None:
+            raise PlanRefused(
+                f"This database's pgvector has no {kind} type (it came with pgvector 0.7); "
+                "run ALTER EXTENSION vector UPDATE, or leave --vector-type out."
+            )
     live_indexes = await vector_indexes(conn, info.oid, target.embedding_column)
     limit = INDEX_MAX_DIMENSIONS.get(kind, INDEX_MAX_DIMENSIONS["vector"])
     if live_indexes and new_dims > limit:
         method = live_indexes[0].method
+        halfvec = INDEX_MAX_DIMENSIONS["halfvec"]
+        offer = (
+            f", or pass --vector-type halfvec (2 bytes a dimension, indexed up to {halfvec:,})"
+            if kind == "vector" and new_dims <= halfvec
+            else ""
+        )
         raise PlanRefused(
             f"{to.label} gives {new_dims}-dimension vectors, and pgvector's {method} index "
             f"(the live column's) takes {kind} of at most {limit:,}; set dimensions = "
             f"{limit} or fewer in [providers.{to.name}] (text-embedding-3 models shorten "
-            "their vectors on request)."
+            f"their vectors on request){offer}."
         )
     tsql = info.sql(target)
     cur = await conn.execute(tsql.count_embeddable(), {"blank": BLANK})
@@ -409,7 +448,9 @@ async def plan(
             "model": was.model,
             "dimensions": was.dimensions,
         },
-        to_model={"provider": to.name, "kind": to.kind, "model": to.model, "dimensions": new_dims},
+        to_model={"provider": to.name, "kind": to.kind, "model": to.model, "dimensions": new_dims}
+        # another type than the live column's (--vector-type), recorded with the change
+        | ({"vector_type": kind} if kind != base_type(info.types.vector_type) else {}),
         home=home,
         rows=rows,
         embeddable_rows=embeddable,
@@ -498,12 +539,17 @@ def with_target(config: Config, target: TargetConfig) -> Config:
     return dataclasses.replace(config, targets=(*others, target))
 
 
-def twins(home: dict[str, Any], live: list[VectorIndex]) -> list[dict[str, str]]:
+def twins(
+    home: dict[str, Any], live: list[VectorIndex], kind: str | None = None
+) -> list[dict[str, str]]:
     """Each live vector index's twin on the new vectors: its name, method, operator
-    class and parameters (as the server's definition of the live one writes them)."""
+    class and parameters (as the server's definition of the live one writes them; the
+    class of the same distance for new vectors of another ``kind``)."""
     out = []
     for n, index in enumerate(live, 1):
         method, opclass, params = index_parts(index)
+        if kind is not None:
+            opclass = retyped_opclass(opclass, kind)
         suffix = method if n == 1 else f"{method}{n}"
         out.append(
             {
@@ -781,6 +827,8 @@ class ActiveModel:
     model: str
     dimensions: int
     since: dt.datetime | None  # the cutover or rollback that chose them; None: never changed
+    # what to cast the app's query vector to (``%s::halfvec``): vector or halfvec
+    vector_type: str = "vector"
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -794,6 +842,9 @@ async def active_of(
     row = await Store(conn).active_model(target.name)
     if row is not None:
         live = row["relation"] == target.table.name
+        kind = await homes.vector_kind(
+            conn, row["schema_name"], row["relation"], row["column_name"]
+        )
         return ActiveModel(
             target=target.name,
             schema=row["schema_name"],
@@ -804,6 +855,7 @@ async def active_of(
             model=row["model"],
             dimensions=int(row["dimensions"]),
             since=row["since"],
+            vector_type=kind or "vector",
         )
     pconf = config.provider_for(target)
     info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
@@ -818,6 +870,7 @@ async def active_of(
         model=ident.model,
         dimensions=ident.dimensions,
         since=None,
+        vector_type=base_type(info.types.vector_type),
     )
 
 

@@ -332,3 +332,31 @@ def test_a_model_of_unknown_size_that_answers_the_wrong_size_stops_the_run(
     with psycopg.connect(tickets) as conn:
         assert snapshot(conn) == before
         assert conn.execute("SELECT status FROM embedfill.runs").fetchone() == ("failed",)
+
+
+def test_a_halfvec_column_is_filled_with_the_providers_vectors_at_half_precision(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """pgvector's halfvec (2 bytes a dimension): the binary write sends float16s, the
+    stored vectors are the provider's to half precision, and status and a rerun see
+    them as fresh."""
+    from embedfill.application import astatus
+
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute('ALTER TABLE app."SupportTickets" ALTER COLUMN emb TYPE halfvec(8)')
+    config = tickets_config(fake_openai.base_url)
+    report = run(tickets, config)
+    assert report.status == "succeeded" and report.embedded == 45
+    with psycopg.connect(tickets) as conn:
+        rows = conn.execute(
+            'SELECT ticket_no, emb::text FROM app."SupportTickets" WHERE emb IS NOT NULL'
+        ).fetchall()
+    stored = {i: np.array([float(x) for x in v.strip("[]").split(",")]) for i, v in rows}
+    assert len(stored) == 60
+    for i, vector in stored.items():
+        if i % 4 != 0:  # the 15 rows that held vectors before are left as they were
+            want = hash_vector(expected_text(i), 8).astype(np.float16).astype(np.float64)
+            np.testing.assert_allclose(vector, want, rtol=1e-3, atol=1e-3)
+    (status,) = asyncio.run(astatus(config, Database(tickets)))
+    assert (status.missing, status.stale, status.outdated_model) == (0, 0, 0)
+    assert run(tickets, config).embedded == 0

@@ -10,11 +10,12 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+from psycopg import sql
 
 from embedfill import Database
 from embedfill.application import amodel_start, amodel_status
 from embedfill.config import Config, parse_config
-from embedfill.errors import SchemaMismatch, TargetBusy
+from embedfill.errors import SchemaMismatch, TargetBusy, UsageError
 from embedfill.providers.hashing import hash_vector
 from tests.support.tables import provider_settings, snapshot
 
@@ -1579,3 +1580,63 @@ def test_row_level_security_turned_on_after_the_side_table_reaches_it(
         mine = conn.execute(f"SELECT count(*) FROM {T}").fetchone()
         side = conn.execute(f"SELECT count(*) FROM {SIDE}").fetchone()
     assert mine == side and mine is not None and 0 < mine[0] < 60
+
+
+def test_a_model_wider_than_an_hnsw_vector_index_takes_goes_to_halfvec_when_asked(
+    indexed: str,
+) -> None:
+    """3,072 dimensions (text-embedding-3-large's) on a column with an HNSW index: a
+    `vector` index takes 2,000 at most, so the plan refuses and offers halfvec; with
+    --vector-type halfvec the new vectors are halfvec(3072), their index the live one's
+    twin in halfvec's operator class, every gate passes, and `active()` tells the app to
+    cast its query to halfvec. The app's search then uses the index."""
+    from embedfill.application import aactive, amodel_cutover, amodel_verify, aplan_model
+    from embedfill.errors import PlanRefused
+
+    raw = _raw_providers() | {"wide": {"kind": "hash", "model": "hash-wide", "dimensions": 3072}}
+    cfg = parse_config({"providers": raw, "targets": [_raw_target()]})
+    with pytest.raises(PlanRefused) as refused:
+        run(aplan_model, indexed, "wide", cfg=cfg)
+    said = str(refused.value)
+    assert "takes vector of at most 2,000" in said and "--vector-type halfvec" in said
+    plan = run(aplan_model, indexed, "wide", cfg=cfg, vector_type="halfvec")
+    assert plan.to_model["vector_type"] == "halfvec"
+    assert plan.disk_bytes  # sized at 2 bytes a dimension
+    with pytest.raises(UsageError, match="--vector-type must be vector or halfvec"):
+        run(aplan_model, indexed, "wide", cfg=cfg, vector_type="bit")
+
+    st = run(amodel_start, indexed, "wide", cfg=cfg, vector_type="halfvec", env={})
+    assert (st.phase, st.index, st.coverage) == ("ready", "valid", 1.0)
+    with psycopg.connect(indexed) as conn:
+        kind = conn.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
+            " WHERE attrelid = 'app.\"SupportTickets_emb_wide\"'::regclass"
+            " AND attname = 'embedding'"
+        ).fetchone()
+        (index,) = conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = 'SupportTickets_emb_wide'"
+            " AND indexdef LIKE '%hnsw%'"
+        ).fetchone()
+    assert kind == ("halfvec(3072)",)
+    assert "halfvec_cosine_ops" in index and "m='8'" in index
+    # a start again without the flag goes on with what was recorded; another type is refused
+    assert run(amodel_start, indexed, "wide", cfg=cfg, env={}).phase == "ready"
+    with pytest.raises(TargetBusy, match="halfvec"):
+        run(amodel_start, indexed, "wide", cfg=cfg, vector_type="vector", env={})
+
+    gates = run(amodel_verify, indexed, cfg=cfg, env={}).gates
+    assert all(g["pass"] for g in gates.values()), gates
+    run(amodel_cutover, indexed, cfg=cfg)
+    active = run(aactive, indexed, cfg=cfg)
+    assert (active.vector_type, active.dimensions) == ("halfvec", 3072)
+    query = hash_vector("a question", 3072).tolist()
+    with psycopg.connect(indexed) as app:
+        app.execute("SET enable_seqscan = off")
+        search = sql.SQL("SELECT {id} FROM {rel} ORDER BY {col} <=> %s::{type} LIMIT 10").format(
+            id=sql.Identifier(active.id_column),
+            rel=sql.Identifier(active.schema, active.relation),
+            col=sql.Identifier(active.column),
+            type=sql.SQL(active.vector_type),
+        )
+        found = app.execute(search, (str(query),)).fetchall()
+    assert len(found) == 10

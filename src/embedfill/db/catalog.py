@@ -321,10 +321,10 @@ async def inspect_target(
     if target.text_sql is not None:
         await _check_text_sql(conn, target, tsql)
     emb_type, emb_typname, typmod = columns[target.embedding_column]
-    if emb_typname != "vector":
+    if emb_typname not in ("vector", "halfvec"):
         raise SchemaMismatch(
             f"Column {target.embedding_column!r} of {target.table} is {emb_type}, not a pgvector "
-            "vector; point embedding_column at a vector(N) column."
+            "vector; point embedding_column at a vector(N) or halfvec(N) column."
         )
     dims = typmod if typmod and typmod > 0 else None
     if dims is not None and provider_dims is not None and dims != provider_dims:

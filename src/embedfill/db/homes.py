@@ -286,6 +286,24 @@ async def declared_dimensions(
     return int(row[0]) if row and row[0] is not None and row[0] > 0 else None
 
 
+_TYPE_NAME = """
+SELECT t.typname FROM pg_catalog.pg_attribute a
+JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+WHERE n.nspname = %(schema)s AND c.relname = %(relation)s AND a.attname = %(column)s
+  AND NOT a.attisdropped"""
+
+
+async def vector_kind(
+    conn: psycopg.AsyncConnection[Any], schema: str, relation: str, column: str
+) -> str | None:
+    """The column's type name (``vector``, ``halfvec``); None when it is not there."""
+    cur = await conn.execute(_TYPE_NAME, {"schema": schema, "relation": relation, "column": column})
+    row = await cur.fetchone()
+    return str(row[0]) if row else None
+
+
 # each operator class's distance operator (pgvector)
 DISTANCE = {
     "l2": "<->",

@@ -90,14 +90,19 @@ def text_array(values: Sequence[str | None]) -> TextArray:
     return TextArray(_header(TEXT_OID, len(values)) + b"".join(parts))
 
 
-def vector_array(vectors: Sequence[npt.NDArray[np.float32]], vector_oid: int) -> VectorArray:
-    """Vectors as pgvector vector[]: each element int16 dim, int16 0, float4s, big-endian."""
+def vector_array(
+    vectors: Sequence[npt.NDArray[np.float32]], vector_oid: int, *, half: bool = False
+) -> VectorArray:
+    """Vectors as pgvector vector[] (``half``: halfvec[]): each element int16 dim, int16 0,
+    then float4s (float2s), big-endian."""
     matrix = np.asarray(vectors, dtype=np.float32)
     n, dims = matrix.shape
+    width = 2 if half else 4
     items = np.empty(
-        n, dtype=[("len", ">i4"), ("dim", ">u2"), ("unused", ">u2"), ("v", ">f4", (dims,))]
+        n,
+        dtype=[("len", ">i4"), ("dim", ">u2"), ("unused", ">u2"), ("v", f">f{width}", (dims,))],
     )
-    items["len"] = 4 + 4 * dims
+    items["len"] = 4 + width * dims
     items["dim"] = dims
     items["unused"] = 0
     items["v"] = matrix

@@ -180,10 +180,12 @@ class Writer:
     async def _commit_on_lane(self, params: dict[str, Any], sent: int) -> tuple[set[Any], set[Any]]:
         assert self.state.lanes is not None, "a dry run writes no vector"
         async with self.state.lanes.writer(self.state.lane) as lane:
-            vector_oid = await lane.vector_oid(self.state.info.types.vector_type)
+            vector_type = self.state.info.types.vector_type
+            vector_oid = await lane.vector_oid(vector_type)
             vectors = params["vecs"]
             if not isinstance(vectors, wire.VectorArray):
-                params["vecs"] = wire.vector_array(vectors, vector_oid)
+                half = vector_type.rsplit(".", 1)[-1].strip('"') == "halfvec"
+                params["vecs"] = wire.vector_array(vectors, vector_oid, half=half)
             return await self._commit(lane.conn, params, sent)
 
     async def _commit(

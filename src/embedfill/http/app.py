@@ -174,6 +174,11 @@ class MigrationRequest(BaseModel):
     strategy: str = Field(
         default="table", pattern="^(table|column)$", description="table (default) or column"
     )
+    vector_type: str | None = Field(
+        default=None,
+        pattern="^(vector|halfvec)$",
+        description="the new vectors' type: vector or halfvec (default: the live column's)",
+    )
 
 
 class MigrationAccepted(BaseModel):
@@ -454,7 +459,9 @@ def admin_router(service: AdminService) -> APIRouter:
         },
     )
     async def start_model(request: Request, response: Response, body: MigrationRequest) -> Any:
-        migration_id = await service.start_model(body.target, body.to, body.strategy)
+        migration_id = await service.start_model(
+            body.target, body.to, body.strategy, vector_type=body.vector_type
+        )
         url = str(request.url_for("model_migration", migration_id=migration_id).path)
         response.headers["Location"] = url
         status = await service.model(migration_id, "status")

@@ -192,14 +192,23 @@ class AdminService:
 
     # ------------------------------------------------------------------ model changes
 
-    async def start_model(self, target: str, to: str, strategy: str) -> int:
+    async def start_model(
+        self, target: str, to: str, strategy: str, *, vector_type: str | None = None
+    ) -> int:
         """``model start`` in the background; the change's number once it is recorded
         (a refusal answers now: the plan's, a change already under way, a privilege)."""
         config = self.config
         live = config.target(target)  # an unknown one: 404 now
         task = asyncio.create_task(
             application.amodel_start(
-                config, self.db, target, to, strategy, actor="http", env=self.env
+                config,
+                self.db,
+                target,
+                to,
+                strategy,
+                vector_type=vector_type,
+                actor="http",
+                env=self.env,
             )
         )
         self._model_tasks.add(task)
