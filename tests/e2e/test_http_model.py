@@ -27,6 +27,7 @@ def api(tickets: str) -> Iterator[httpx.Client]:
             "providers": {
                 "openai": provider_settings("http://127.0.0.1:9", 8),
                 "next": {"kind": "hash", "model": "hash-v2", "dimensions": 16},
+                "wide": {"kind": "hash", "model": "hash-wide", "dimensions": 3072},
             },
             "targets": [
                 {
@@ -91,3 +92,20 @@ def test_an_old_changes_number_never_acts_on_the_current_change(api: httpx.Clien
     retried = api.post(f"{first}/finalize", params={"yes": "true"})
     assert retried.status_code == 404 and "is over" in retried.json()["error"]
     assert api.get(first).status_code == 404
+
+
+def test_a_change_to_halfvec_through_the_admin_api(api: httpx.Client) -> None:
+    """`vector_type` is the twin of --vector-type: a model wider than the HNSW index's
+    2,000 is refused (422, the sentence offering halfvec) until the body asks for it."""
+    refused = api.post(PATH, json={"target": "tickets", "to": "wide"})
+    assert refused.status_code == 422 and "--vector-type halfvec" in refused.json()["error"]
+    bad = api.post(PATH, json={"target": "tickets", "to": "wide", "vector_type": "bit"})
+    assert bad.status_code == 422
+    started = api.post(PATH, json={"target": "tickets", "to": "wide", "vector_type": "halfvec"})
+    assert started.status_code == 202, started.text
+    url = started.json()["status_url"]
+    deadline = time.monotonic() + 60
+    while (status := api.get(url).json())["phase"] != "ready":
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)
+    assert status["to"]["vector_type"] == "halfvec" and status["index"] == "valid"
