@@ -1,12 +1,13 @@
 """One process's long-running parts, started and stopped in one order: its worker
 (worker.py: the control connection and the lanes its jobs share) and its watchers
-(watch.py: one ``WatchHub`` for all of them, on the worker's table lane, so a watch holds
-no connection more than its worker). ``embedfill watch`` and ``embedfill serve`` run one
-each (``embedfill worker`` is a runtime without watchers).
+(watch.py: one ``WatchHub`` connection for all of them, in place of one of the worker's
+writer lanes: 3 connections at the defaults; where ``connection_limit=2`` leaves none,
+the worker's table lane). ``embedfill watch`` and ``embedfill serve`` run one each
+(``embedfill worker`` is a runtime without watchers).
 
 Stopping goes: the watchers stop queuing; the worker finishes the chunks in flight
-(jobs go on elsewhere, or when a worker is back); then the watch jobs end, and the
-watchers' locks go with the lanes, closed last.
+(jobs go on elsewhere, or when a worker is back); then the watch jobs end and the
+watchers' locks go with their connection.
 """
 
 from __future__ import annotations
@@ -61,11 +62,15 @@ class Runtime:
         self.config, self.db, self.env, self._watch_opts = config, db, env, watch
         self._observer = observer
         self.worker: Worker | None = None
+        # the watchers' connection: their own, in place of one of the worker's writer
+        # lanes; the worker's table lane where connection_limit=2 leaves none for them
+        share = worker and watch is not None and db.watchers_share_the_table_lane()
         if worker:
             kwargs: dict[str, Any] = {
                 "targets": list(targets) if targets else None,
                 "concurrency": concurrency,
-                "keep_lanes": watch is not None,  # closed by stop(), after the watchers'
+                "reserved": 1 if watch is not None and not share else 0,
+                "keep_lanes": share,  # closed by stop(), after the watchers' jobs end
             }
             if env is not None:
                 kwargs["env"] = env
@@ -74,12 +79,11 @@ class Runtime:
             if providers is not None:
                 kwargs["providers"] = providers
             self.worker = Worker(config, db, **kwargs)
-        # the watchers' connection, opened by the first that needs it: the worker's table
-        # lane (no connection more than the worker's), or one of its own without a worker
+        # opened by the first watcher that needs it
         self.hub = WatchHub(
             db,
             config.engine.lock_timeout_ms,
-            lanes=self.worker.lanes if self.worker is not None else None,
+            lanes=self.worker.lanes if share and self.worker is not None else None,
         )
         self.watches = (
             [

@@ -68,6 +68,7 @@ DRAIN_EVERY_S = 1.0  # a watcher reads its change queue at least this often
 # the hub looks this often at which of its columns have queued changes (one query for
 # all): the triggers do not NOTIFY (db/triggers.py), so this is what wakes a watcher
 CHANGES_POLL_S = 0.25
+_STATEMENT_TIMEOUT = "SELECT pg_catalog.set_config('statement_timeout', %s, false)"
 RETRY_MAX_S = 30.0
 # failures of a tenant's key: its rows go again as soon as the key is another
 KEY_FAILURES = ("AuthFailed", "NoApiKey")
@@ -114,9 +115,10 @@ class WatchHub:
     """The one connection the watchers of a process share, whatever their number: their
     elections (a session advisory lock per column), the look at the change queue (one
     query for every column, each ``CHANGES_POLL_S``) and their reads and queuing
-    transactions, one user at a time (``use``). With a worker in the process
-    (``lanes``) it is that worker's table lane (db/lanes.py), so a watch holds no
-    connection more than its worker; without, one of its own. The look at the change
+    transactions, one user at a time (``use``). It is a connection of its own, except
+    where ``connection_limit=2`` leaves none (``lanes``): then the worker's table lane
+    (db/lanes.py), taken for one watcher's statement or transaction at a time, without
+    the lane's statement timeout (a sweep reads a whole big table). The look at the change
     queue wakes the watchers whose columns have queued changes; a NOTIFY wakes those it
     names (``LISTEN``: triggers of an earlier install notify; it is read with the next
     statement). When the connection breaks, every watcher sees its generation end, and
@@ -194,7 +196,13 @@ class WatchHub:
                     raise psycopg.OperationalError(
                         "the watch connection was lost; connecting again"
                     )
-                yield conn
+                await conn.execute(_STATEMENT_TIMEOUT, ("0",))
+                try:
+                    yield conn
+                finally:  # the worker's reads and writes have theirs again
+                    if self._usable:
+                        with contextlib.suppress(psycopg.Error):
+                            await conn.execute(_STATEMENT_TIMEOUT, (self.lanes.statement_timeout,))
             return
         async with self._lock:
             if not self._usable or generation != self.generation:

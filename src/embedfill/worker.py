@@ -181,8 +181,11 @@ class Worker:
     concurrency: int | None = None  # chunks at once; None: [engine] worker_chunks
     on_progress: Callable[[int, Report], None] | None = None  # (job, this worker's live report)
     on_job_end: Callable[[int, str], None] | None = None  # (job, final status) it finished
+    # connections its process holds besides (a watch's watchers' own: 1), in place of
+    # its writer lanes
+    reserved: int = 0
     # its lanes stay open when it stops: its process closes them (a watch's watchers
-    # share the table lane, runtime.py, and end their jobs on it after the worker)
+    # that share the table lane, runtime.py, end their jobs on it after the worker)
     keep_lanes: bool = False
 
     def __post_init__(self) -> None:
@@ -213,6 +216,7 @@ class Worker:
         self.lanes = Lanes(
             self.db,
             write_concurrency=engine.write_concurrency,
+            reserved=self.reserved,
             lock_timeout_ms=engine.lock_timeout_ms,
             statement_timeout_s=engine.statement_timeout_s,
         )

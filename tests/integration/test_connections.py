@@ -152,13 +152,14 @@ def test_a_worker_on_four_jobs_at_once_holds_three_connections(
 
 
 @pytest.mark.parametrize("limit", [None, 2])
-def test_a_watch_over_twelve_targets_holds_its_workers_connections_and_no_more(
+def test_a_watch_over_twelve_targets_holds_three_connections_or_the_limits_two(
     db_url: str, roles: Roles, fake_openai: FakeOpenAI, limit: int | None
 ) -> None:
-    """Its worker's three at the defaults (was four: one more for all twelve watchers,
-    and one per target before that), two with ``connection_limit=2``: the watchers
-    share the worker's table lane. The role's CONNECTION LIMIT is the same, so a fourth
-    (a third) connection would be refused by the server, not only counted."""
+    """Three at the defaults (was four; one per target before that): the worker's
+    control connection and table lane, and the twelve watchers' one in place of a writer
+    lane. Two with ``connection_limit=2``: the watchers share the table lane. The role's
+    CONNECTION LIMIT is the same, so one connection more would be refused by the server,
+    not only counted."""
     n = 12
     _tables(db_url, n)
     name = _role(db_url, roles)
@@ -287,3 +288,70 @@ def test_a_watch_goes_on_for_the_other_targets_while_one_table_is_locked(
         assert _filled(db_url, range(2), 15)
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("limit", [None, 2])
+def test_a_watchers_sweep_longer_than_the_statement_timeout_goes_through(
+    db_url: str, roles: Roles, fake_openai: FakeOpenAI, limit: int | None
+) -> None:
+    """A stale sweep reads the whole table (here 300 rows at 10 ms each: 3 s) and is not
+    cut off by the lanes' `statement_timeout_s` (1 s here), which bounds the worker's
+    reads and writes: at the defaults the watchers have a connection of their own; with
+    connection_limit=2, where they share the table lane, they lift it for their turn.
+    While they shared the lane with its timeout, the sweep failed every time and each
+    failure threw the step away: a row inserted since stayed NULL."""
+    _tables(db_url, 0)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE app.notes (id bigint PRIMARY KEY, body text, emb vector(8))")
+        conn.execute(
+            "INSERT INTO app.notes SELECT g, 'note ' || g, NULL FROM generate_series(1, 300) g"
+        )
+        conn.execute(
+            "CREATE FUNCTION app.slow(t text) RETURNS text LANGUAGE plpgsql AS"
+            " $$ BEGIN PERFORM pg_sleep(0.01); RETURN t; END $$"
+        )
+    name = _role(db_url, roles)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f'GRANT EXECUTE ON FUNCTION app.slow(text) TO "{name}"')
+        conn.execute(f'ALTER ROLE "{name}" CONNECTION LIMIT {limit or 3}')
+    config = parse_config(
+        {
+            "providers": {"openai": provider_settings(fake_openai.base_url)},
+            "targets": [
+                {
+                    "name": "notes",
+                    "table": "app.notes",
+                    "id_column": "id",
+                    # only the sweep, which reads rows with a vector, is slow
+                    "text_sql": "CASE WHEN emb IS NULL THEN body ELSE app.slow(body) END",
+                    "embedding_column": "emb",
+                    "provider": "openai",
+                }
+            ],
+            "engine": {"statement_timeout_s": 1, "chunk_rows": 100},
+        }
+    )
+    url = roles.url(name, query=f"connection_limit={limit}" if limit else "")
+    # a sweep every 6 s leaves the shared lane to the worker half the time
+    running = Running(url, config, interval_s=0.5, sweep_interval_s=6)
+    try:
+        assert _missing_notes(db_url) == 0 or _wait_notes(db_url, 60), running.error
+        time.sleep(7)  # a slow sweep has run by now
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("INSERT INTO app.notes VALUES (1000, 'a late note', NULL)")
+        assert _wait_notes(db_url, 20), "the row inserted after the sweeps stayed NULL"
+    finally:
+        running.stop()
+
+
+def _missing_notes(db_url: str) -> int:
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT count(*) FROM app.notes WHERE emb IS NULL").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _wait_notes(db_url: str, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while _missing_notes(db_url) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _missing_notes(db_url) == 0

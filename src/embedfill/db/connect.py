@@ -71,16 +71,26 @@ class Database:
         """host/port/dbname without user or password, for messages."""
         return describe_url(self.url)
 
-    def writer_lanes(self, write_concurrency: int) -> int:
+    def writer_lanes(self, write_concurrency: int, reserved: int = 0) -> int:
         """Writer connections of a worker process (db/lanes.py) besides its table lane,
-        which writes too: ``write_concurrency - 1``, within ``connection_limit`` (the
-        control connection and the table lane count too; a watch's watchers share the
-        table lane)."""
-        wanted = max(0, write_concurrency - 1)
+        which writes too: ``write_concurrency - 1``, less ``reserved`` (a watch's
+        watchers' connection takes a writer lane's place), within ``connection_limit``
+        (the control connection and the table lane count too)."""
+        wanted = max(0, write_concurrency - 1 - reserved)
         if self.connection_limit is None:
             return wanted
-        left = self.connection_limit - COORDINATION_CONNECTIONS
+        left = self.connection_limit - COORDINATION_CONNECTIONS - reserved
         return max(0, min(wanted, left))
+
+    def watchers_share_the_table_lane(self) -> bool:
+        """Whether a watch's watchers must share its worker's table lane: only when
+        ``connection_limit`` leaves no connection for them (slower: a watcher's long read
+        holds up the worker's reads and writes). Otherwise they have their own, in place
+        of a writer lane."""
+        return (
+            self.connection_limit is not None
+            and self.connection_limit - COORDINATION_CONNECTIONS < 1
+        )
 
     def check_connection_limit(self) -> None:
         """ConfigError when ``connection_limit`` leaves a worker (or a watch: its

@@ -16,7 +16,8 @@ gives way and is tried again, and never holds up the other targets' work.
 
 At the defaults (``write_concurrency = 2``) a process uses 3 connections; with
 ``connection_limit=2`` in the URL, the table lane is the only one (slower: reads wait
-for writes).
+for writes). A watch's watchers hold a connection in place of a writer lane, or share
+the table lane where ``connection_limit=2`` leaves none (watch.WatchHub).
 """
 
 from __future__ import annotations
@@ -87,11 +88,12 @@ class Lanes:
         db: Database,
         *,
         write_concurrency: int,
+        reserved: int = 0,
         lock_timeout_ms: int,
         statement_timeout_s: float,
     ) -> None:
         self.db = db
-        self.n_writers = db.writer_lanes(write_concurrency)
+        self.n_writers = db.writer_lanes(write_concurrency, reserved)
         self._timeouts = {
             "lock": f"{lock_timeout_ms}ms",
             "statement": f"{statement_timeout_s}s",
@@ -101,6 +103,11 @@ class Lanes:
         self._opening = asyncio.Lock()
         self._freed = asyncio.Condition()
         self._waiting = 0  # writers waiting for a free lane
+
+    @property
+    def statement_timeout(self) -> str:
+        """The lanes' ``statement_timeout`` (``[engine] statement_timeout_s``)."""
+        return self._timeouts["statement"]
 
     @property
     def size(self) -> int:
