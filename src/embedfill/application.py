@@ -265,23 +265,50 @@ async def astatus(config: Config, db: Database, target: str | None = None) -> li
             params, searched = None, None
             if kept:
                 model = freshness.model_identity(pconf, info)
-                # cut over to another model: the column's vectors are measured against
-                # the one the app's searches use now (each is outdated_model)
-                searched = await migration.searched_instead(conn, t, info)
                 ids = await freshness.provenance_ids(
-                    conn, info, t.embedding_column, searched or model, create=False
+                    conn, info, t.embedding_column, model, create=False
                 )
                 params = ids.params()
+                searched = await migration.searched_instead(conn, t, info)
             failing = await Store(conn).failing(info.oid, t.embedding_column) if kept else None
             status = await target_status(conn, t, info, params, failing)
             if searched is not None:
-                status = dataclasses.replace(status, cut_over_to=str(searched))
+                # cut over to another model: the column's vectors are measured against
+                # the one the app's searches use now too
+                moved = await freshness.provenance_ids(
+                    conn, info, t.embedding_column, searched, create=False
+                )
+                against = await target_status(conn, t, info, moved.params(), None)
+                status = _cut_over_status(status, against, str(searched))
             out.append(status)
         return out
     except psycopg.Error as exc:
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
     finally:
         await conn.close()
+
+
+def _cut_over_status(status: TargetStatus, against: TargetStatus, searched: str) -> TargetStatus:
+    """A cut-over target's status: each vector of its column is of the model the app no
+    longer searches (``against`` counts them outdated_model); a row edited since stays
+    ``stale`` (its text changed: the searched vectors are most likely stale too, and
+    that is what check and the alerts must see), the others are outdated_model."""
+    by_tenant = {t.tenant: t for t in against.tenants}
+    tenants = tuple(
+        dataclasses.replace(
+            t,
+            outdated_model=max(0, by_tenant[t.tenant].outdated_model - t.stale)
+            if t.tenant in by_tenant
+            else t.outdated_model,
+        )
+        for t in status.tenants
+    )
+    return dataclasses.replace(
+        status,
+        tenants=tenants,
+        outdated_model=sum(t.outdated_model for t in tenants),
+        cut_over_to=searched,
+    )
 
 
 async def aplan_model(

@@ -391,7 +391,18 @@ def test_the_same_width_trap_status_counts_the_live_vectors_outdated_only_after_
     code, stdout, _ = run("check", "--target", "tickets", "--max-stale", "0", "--max-missing", "0")
     assert code == 0, stdout  # kept for a rollback on purpose: no bound is over
     assert "cut over to hash:hash-same-width" in stdout
+    # rows edited since (no watch running) are stale, not hidden among the outdated:
+    # the searched vectors of their old text are stale too, and check sees them
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE app.\"SupportTickets\" SET body = body || ' edited'"
+            " WHERE ticket_no IN (1, 2, 3)"
+        )
+    edited = status()
+    assert (edited["stale"], edited["outdated_model"], edited["unverified"]) == (3, 42, 15)
+    code, stdout, _ = run("check", "--target", "tickets", "--max-stale", "0", "--max-missing", "0")
+    assert code == 3 and "3 stale" in stdout, stdout
 
     assert run("model", "rollback", "--target", "tickets")[0] == 0
     back = status()
-    assert back["outdated_model"] == 0 and "cut_over_to" not in back
+    assert (back["outdated_model"], back["stale"]) == (0, 3) and "cut_over_to" not in back
