@@ -189,10 +189,19 @@ class Runtime:
         self._watch_tasks = [asyncio.create_task(w.run(self._watch_stop)) for w in self.watches]
         if self._watch_opts is not None:
             self._follower = asyncio.create_task(self._follow_changes_of_model())
-        if self.worker is not None and worker:
-            self._worker_task = asyncio.create_task(self.worker.run(self._worker_stop))
-            if on_worker_end is not None:
-                self._worker_task.add_done_callback(on_worker_end)
+        if worker:
+            self.start_worker(on_worker_end)
+
+    def start_worker(
+        self, on_worker_end: Callable[[asyncio.Task[None]], None] | None = None
+    ) -> None:
+        """Start the worker (once; ``start(worker=False)`` left it for later: the database
+        could not be reached then)."""
+        if self.worker is None or self._worker_task is not None or self._worker_stop.is_set():
+            return
+        self._worker_task = asyncio.create_task(self.worker.run(self._worker_stop))
+        if on_worker_end is not None:
+            self._worker_task.add_done_callback(on_worker_end)
 
     async def wait(self, stop: asyncio.Event) -> None:
         """Until ``stop``, or until every watcher is over (their jobs were cancelled);

@@ -294,7 +294,7 @@ def test_a_watch_goes_on_for_the_other_targets_while_one_table_is_locked(
 def test_a_watchers_sweep_longer_than_the_statement_timeout_goes_through(
     db_url: str, roles: Roles, fake_openai: FakeOpenAI, limit: int | None
 ) -> None:
-    """A stale sweep reads the whole table (here 300 rows at 10 ms each: 3 s) and is not
+    """A stale sweep reads the whole table (here 200 rows at 10 ms each: 2 s) and is not
     cut off by the lanes' `statement_timeout_s` (1 s here), which bounds the worker's
     reads and writes: at the defaults the watchers have a connection of their own; with
     connection_limit=2, where they share the table lane, they lift it for their turn.
@@ -304,7 +304,7 @@ def test_a_watchers_sweep_longer_than_the_statement_timeout_goes_through(
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute("CREATE TABLE app.notes (id bigint PRIMARY KEY, body text, emb vector(8))")
         conn.execute(
-            "INSERT INTO app.notes SELECT g, 'note ' || g, NULL FROM generate_series(1, 300) g"
+            "INSERT INTO app.notes SELECT g, 'note ' || g, NULL FROM generate_series(1, 200) g"
         )
         conn.execute(
             "CREATE FUNCTION app.slow(t text) RETURNS text LANGUAGE plpgsql AS"
@@ -339,7 +339,7 @@ def test_a_watchers_sweep_longer_than_the_statement_timeout_goes_through(
         time.sleep(7)  # a slow sweep has run by now
         with psycopg.connect(db_url, autocommit=True) as conn:
             conn.execute("INSERT INTO app.notes VALUES (1000, 'a late note', NULL)")
-        assert _wait_notes(db_url, 20), "the row inserted after the sweeps stayed NULL"
+        assert _wait_notes(db_url, 40), "the row inserted after the sweeps stayed NULL"
     finally:
         running.stop()
 
@@ -355,3 +355,31 @@ def _wait_notes(db_url: str, within_s: float) -> bool:
     while _missing_notes(db_url) and time.monotonic() < deadline:
         time.sleep(0.2)
     return _missing_notes(db_url) == 0
+
+
+def test_serve_started_while_the_database_refuses_it_starts_its_worker_once_it_answers(
+    db_url: str, roles: Roles, fake_openai: FakeOpenAI
+) -> None:
+    """`serve --watch` started while its role may not log in: the watchers retry, and
+    the in-process worker starts once the database answers. Before, it never started:
+    the watchers queued chunks that no worker took, and the rows stayed NULL."""
+    from embedfill.http import create_app
+    from embedfill.watch import WatchOptions
+    from tests.support.http import ServerThread
+
+    _tables(db_url, 2)
+    name = _role(db_url, roles)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f'ALTER ROLE "{name}" NOLOGIN')
+    app = create_app(
+        _config(fake_openai.base_url, 2),
+        database=Database(roles.url(name)),
+        env=ENV | {"ADMIN_SECRET": "admin-secret-0123456789"},
+        watch=WatchOptions(interval_s=0.5),
+    )
+    with ServerThread(app):
+        time.sleep(2)  # a try or two refused
+        assert _missing(db_url, range(2)) == 2 * ROWS
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(f'ALTER ROLE "{name}" LOGIN')
+        assert _filled(db_url, range(2), 60), "the in-process worker never started"

@@ -90,6 +90,7 @@ class AdminService:
         self._pass: asyncio.Task[None] | None = None
         self._pass_ended = 0.0
         self._unready: str | None = None  # the last reason logged, to log each change once
+        self._later: asyncio.Task[None] | None = None  # the worker's start, deferred
         self._model_tasks: set[asyncio.Task[Any]] = set()  # `model start`s running here
         self._answered: set[asyncio.Task[Any]] = set()  # those whose refusal was the answer
 
@@ -107,6 +108,8 @@ class AdminService:
         except EmbedfillError as exc:
             log.warning("database not reachable at start-up: %s", exc)
             self.runtime.start(worker=False)  # the watchers retry until it answers
+            if self.worker is not None:  # and the worker starts once it does
+                self._later = asyncio.create_task(self._start_worker_when_reachable())
             return
         try:
             await ensure_schema(conn)
@@ -121,9 +124,34 @@ class AdminService:
         self.watches = self.runtime.watches
         self.runtime.start(_log_worker_end)
 
+    async def _start_worker_when_reachable(self) -> None:
+        """The in-process worker of a service started while the database could not be
+        reached: started once it can (looked at with a growing wait, up to a minute).
+        Before, it never started: jobs waited, `embedfill_workers_alive` read 0."""
+        wait = 1.0
+        while True:
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, 60.0)
+            try:
+                conn = await connect(self.db)
+            except EmbedfillError:
+                continue
+            try:
+                await ensure_schema(conn)
+            except (EmbedfillError, psycopg.Error) as exc:
+                log.warning("%s", _first_line(exc))
+            finally:
+                await conn.close()
+            log.info("the database answers: the in-process worker starts")
+            self.runtime.start_worker(_log_worker_end)
+            return
+
     async def shutdown(self) -> None:
         """The watchers stop queuing, the in-process worker finishes its chunks in flight
         (jobs go on elsewhere, or when the service is back), then the watch jobs end."""
+        if self._later is not None:
+            self._later.cancel()
+            await asyncio.gather(self._later, return_exceptions=True)
         asyncio.get_running_loop().call_later(ABANDON_AFTER_S, self._abandon.set)
         if self._pass is not None:
             self._pass.cancel()
