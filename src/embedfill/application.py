@@ -306,7 +306,8 @@ def _cut_over_status(status: TargetStatus, against: TargetStatus, searched: str)
     return dataclasses.replace(
         status,
         tenants=tenants,
-        outdated_model=sum(t.outdated_model for t in tenants),
+        # the totals' own (a target without a tenant column lists no tenants)
+        outdated_model=max(0, against.outdated_model - status.stale),
         cut_over_to=searched,
     )
 
@@ -493,6 +494,7 @@ async def amodel_start(
     provider: Provider | None = None,
     env: Mapping[str, str] | None = None,
     on_progress: ProgressCallback | None = None,
+    on_recorded: Callable[[int], None] | None = None,
     cancel: asyncio.Event | None = None,
 ) -> migration.MigrationStatus:
     """Start (or go on with) changing ``target``'s model to provider section ``to``:
@@ -500,7 +502,8 @@ async def amodel_start(
     index concurrently; the status at the end (``phase`` ``ready`` when all went, else
     where it stopped: run it again to go on). ``vector_type``: the new vectors' type
     (``vector``, ``halfvec``; None: the live column's, or the one a start under way
-    recorded). See migration.py."""
+    recorded). ``on_recorded``: told the change's number once it is recorded (or, for
+    a change under way, once this start may go on with it), before the long steps."""
     conn = await connect(db)
     try:
         await ensure_schema(conn)
@@ -523,6 +526,11 @@ async def amodel_start(
                 )
         plan = await migration.plan(conn, config, target, to, strategy, vector_type or recorded)
         new = config.providers[to]
+        # the new vectors' type, named in the schema the live column's names
+        new_type = migration.stored_type(
+            info.types.vector_type,
+            plan.to_model.get("vector_type") or migration.base_type(info.types.vector_type),
+        )
         if row is not None:
             migration_id, home, phase = int(row["id"]), dict(row["home"]), str(row["phase"])
         else:
@@ -543,7 +551,8 @@ async def amodel_start(
             home["indexes"] = migration.twins(
                 home,
                 await indexes.vector_indexes(conn, info.oid, live.embedding_column),
-                plan.to_model.get("vector_type"),
+                info.types.vector_type,
+                new_type,
             )
             if strategy == "table":
                 home["text_sql"] = homes.side_text_sql(info.sql(live), conn)
@@ -564,11 +573,8 @@ async def amodel_start(
                     f"see `embedfill model status --target {live.name}`."
                 ) from None
             phase = "planned"  # recorded; its home is made next
-        # the new vectors' type, named in the schema the live column's names
-        new_type = migration.stored_type(
-            info.types.vector_type,
-            plan.to_model.get("vector_type") or migration.base_type(info.types.vector_type),
-        )
+        if on_recorded is not None:
+            on_recorded(migration_id)
         derived = migration.derived_target(live, new, strategy, home)
         dconfig = migration.with_target(config, derived)
         ddl_key = f"embedfill:model:{info.oid}:{live.embedding_column}"
@@ -624,8 +630,16 @@ async def amodel_start(
                     )
         if phase == "planned":  # the home is made: a start killed before here goes on
             if not await store.set_migration_phase(migration_id, "filling", was="planned"):
-                return await migration.status_of(conn, config, live)  # rolled back
-            phase = "filling"
+                # another start moved it on meanwhile (this one joins its fill), or a
+                # rollback gave it up
+                now = await store.open_migration(info.oid, live.embedding_column)
+                if now is None or int(now["id"]) != migration_id:
+                    return await migration.status_of(conn, config, live)
+                phase = str(now["phase"])
+                if phase not in ("filling", "indexing", "ready"):
+                    return await migration.status_of(conn, config, live)
+            else:
+                phase = "filling"
         if phase in ("filling", "ready"):  # ready: a catch-up of what changed since
             filled = await _model_fill(
                 conn,

@@ -134,14 +134,21 @@ def stored_type(column_type: str, kind: str) -> str:
     return f"{schema}{dot}{kind}"
 
 
-def retyped_opclass(opclass: str, kind: str) -> str:
-    """A live index's operator class for vectors of ``kind``: ``vector_cosine_ops`` is
-    ``halfvec_cosine_ops`` for halfvec (the same distance); "" (the type's default) and
-    the classes of the same kind stay as they are."""
+def retyped_opclass(opclass: str, live_type: str, new_type: str) -> str:
+    """A live index's operator class for the new vectors' type (both types as statements
+    name them: ``public.vector``, ``halfvec``): ``vector_cosine_ops`` is
+    ``halfvec_cosine_ops`` for halfvec (the same distance). The live type's default
+    class (the definition names none: ``vector_l2_ops`` for HNSW and IVFFlat) is named
+    for the new type, whose L2 classes are no default; of the same type, kept."""
+    kind, was = base_type(new_type), base_type(live_type)
+    if kind == was:
+        return opclass
+    if not opclass:
+        schema, dot, _ = new_type.rpartition(".")
+        return f"{schema}{dot}{kind}_l2_ops"
     schema, dot, name = opclass.rpartition(".")
-    for was in VECTOR_KINDS:
-        if was != kind and name.startswith(f"{was}_"):
-            return f"{schema}{dot}{kind}_{name[len(was) + 1 :]}"
+    if name.startswith(f"{was}_"):
+        return f"{schema}{dot}{kind}_{name[len(was) + 1 :]}"
     return opclass
 
 
@@ -176,8 +183,13 @@ def parse_index(index: VectorIndex) -> tuple[str, str, dict[str, str]]:
     return method, opclass, parameters
 
 
-def index_plan(index: VectorIndex, rows: int, kind: str, dimensions: int) -> IndexPlan:
+def index_plan(
+    index: VectorIndex, rows: int, live_type: str, new_type: str, dimensions: int
+) -> IndexPlan:
+    """The twin of ``index`` to build: its class for the new type, its time and size."""
     method, opclass, parameters = parse_index(index)
+    opclass = retyped_opclass(opclass, live_type, new_type)
+    kind = base_type(new_type)
     per_s = HNSW_ROWS_PER_S_AT_384 * 384 / max(dimensions, 1)
     if method == "ivfflat":
         per_s *= IVFFLAT_SPEEDUP
@@ -345,6 +357,14 @@ async def plan(
         )
     was = model_identity(current, info)
     if (to.kind, to.model, new_dims) == (was.provider, was.model, was.dimensions):
+        if vector_type is not None and vector_type != base_type(info.types.vector_type):
+            raise PlanRefused(
+                f"Target {target.name!r} already holds {was.provider}:{was.model} vectors "
+                f"of {was.dimensions} dimensions; a change of their type alone re-embeds "
+                f"nothing: ALTER TABLE … ALTER COLUMN … TYPE {vector_type}({was.dimensions}) "
+                "converts them in place (under an ACCESS EXCLUSIVE lock; drop and rebuild "
+                "the vector index with the new type's operator class)."
+            )
         raise PlanRefused(
             f"Target {target.name!r} already holds {was.provider}:{was.model} vectors of "
             f"{was.dimensions} dimensions; --to {to.name!r} is the same model, so there is "
@@ -411,7 +431,10 @@ async def plan(
     seconds, bound = fill_time(tokens, requests, to)
 
     home = home_of(target, info, to, strategy)
-    indexes = [index_plan(i, embeddable, kind, new_dims) for i in live_indexes]
+    new_type = stored_type(info.types.vector_type, kind)
+    indexes = [
+        index_plan(i, embeddable, info.types.vector_type, new_type, new_dims) for i in live_indexes
+    ]
     per_vector = vector_bytes(kind, new_dims)
     vectors = embeddable * (per_vector + (SIDE_ROW_OVERHEAD if strategy == "table" else 0))
     index_bytes = sum(i.bytes for i in indexes)
@@ -540,16 +563,15 @@ def with_target(config: Config, target: TargetConfig) -> Config:
 
 
 def twins(
-    home: dict[str, Any], live: list[VectorIndex], kind: str | None = None
+    home: dict[str, Any], live: list[VectorIndex], live_type: str, new_type: str
 ) -> list[dict[str, str]]:
     """Each live vector index's twin on the new vectors: its name, method, operator
     class and parameters (as the server's definition of the live one writes them; the
-    class of the same distance for new vectors of another ``kind``)."""
+    class of the same distance for new vectors of another type: retyped_opclass)."""
     out = []
     for n, index in enumerate(live, 1):
         method, opclass, params = index_parts(index)
-        if kind is not None:
-            opclass = retyped_opclass(opclass, kind)
+        opclass = retyped_opclass(opclass, live_type, new_type)
         suffix = method if n == 1 else f"{method}{n}"
         out.append(
             {

@@ -264,7 +264,9 @@ def model_plan_text(console: Console, p: ModelPlan) -> None:
     lines = [
         f"Target {p.target}: {was['kind']}:{was['model']} ({was['dimensions']} dimensions) -> "
         f"{to['kind']}:{to['model']} ({to['dimensions']} dimensions), provider {to['provider']}",
-        f"Strategy: {p.strategy} (the new vectors go to {p.home['schema']}.{home})",
+        f"Strategy: {p.strategy} (the new vectors go to {p.home['schema']}.{home}"
+        + (f", as {to['vector_type']}({to['dimensions']})" if to.get("vector_type") else "")
+        + ")",
         f"Rows: {p.rows:,}, of which {p.embeddable_rows:,} have text to embed",
         "Tokens: "
         + (
@@ -316,6 +318,11 @@ def _model_next(st: MigrationStatus) -> str | None:
         )
     if st.phase == "rolled_back":
         return f"{command('finalize')} --yes drops the new vectors"
+    if st.phase in ("planned", "filling", "indexing"):
+        return (
+            f"{command('start')} --to {shlex.quote(str(st.to_model.get('provider')))}"
+            f" --strategy {st.strategy} goes on where it stopped (if none runs now)"
+        )
     return None
 
 

@@ -196,19 +196,31 @@ class WatchHub:
                     raise psycopg.OperationalError(
                         "the watch connection was lost; connecting again"
                     )
-                await conn.execute(_STATEMENT_TIMEOUT, ("0",))
                 try:
+                    await conn.execute(_STATEMENT_TIMEOUT, ("0",))
                     yield conn
                 finally:  # the worker's reads and writes have theirs again
-                    if self._usable:
-                        with contextlib.suppress(psycopg.Error):
-                            await conn.execute(_STATEMENT_TIMEOUT, (self.lanes.statement_timeout,))
+                    await self._restore_timeout(conn)
             return
         async with self._lock:
             if not self._usable or generation != self.generation:
                 raise psycopg.OperationalError("the watch connection was lost; connecting again")
             assert self.conn is not None
             yield self.conn
+
+    async def _restore_timeout(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The lane's statement timeout back after a watcher's turn; where that fails
+        (cancelled, a transaction left aborted), the lane is closed, and opened again
+        with its timeouts by the next user, rather than left without one."""
+        assert self.lanes is not None
+        if conn.closed or conn.broken:
+            return
+        try:
+            await conn.execute(_STATEMENT_TIMEOUT, (self.lanes.statement_timeout,))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.close()
+            raise
 
     def changes(self, column_id: int) -> asyncio.Event:
         """Set when the column's change queue holds rows (or the connection came back)."""

@@ -109,3 +109,18 @@ def test_a_change_to_halfvec_through_the_admin_api(api: httpx.Client) -> None:
         assert time.monotonic() < deadline, status
         time.sleep(0.2)
     assert status["to"]["vector_type"] == "halfvec" and status["index"] == "valid"
+
+
+def test_a_start_of_another_vector_type_while_one_is_under_way_is_refused_not_accepted(
+    api: httpx.Client,
+) -> None:
+    """A change to `next` (vector) under way, then a POST to `next` as halfvec: 409, not
+    a 202 carrying the first change's number (matched by its provider section alone,
+    while the start itself was refused in the background: helper-22)."""
+    first = api.post(PATH, json={"target": "tickets", "to": "next"})
+    assert first.status_code == 202, first.text
+    other = api.post(PATH, json={"target": "tickets", "to": "next", "vector_type": "halfvec"})
+    assert other.status_code == 409, other.text
+    assert "to next (table strategy, vector) is at phase" in other.json()["error"]
+    same = api.post(PATH, json={"target": "tickets", "to": "next"})
+    assert same.status_code == 202 and same.json()["migration_id"] == first.json()["migration_id"]

@@ -1640,3 +1640,83 @@ def test_a_model_wider_than_an_hnsw_vector_index_takes_goes_to_halfvec_when_aske
         )
         found = app.execute(search, (str(query),)).fetchall()
     assert len(found) == 10
+
+
+def test_a_cut_over_target_without_a_tenant_column_counts_its_outdated_vectors(
+    indexed: str, fake_openai: Any
+) -> None:
+    """The cut-over count is the target's total, not only a sum over its tenants: a
+    target without a tenant column lists none, and read 0 outdated (helper-22)."""
+    from embedfill import BackfillOptions, abackfill
+    from embedfill.application import amodel_cutover, amodel_verify, astatus
+
+    raw = _raw_providers() | {"openai": provider_settings(fake_openai.base_url, 8)}
+    target = {k: v for k, v in _raw_target().items() if k != "tenant_column"}
+    cfg = parse_config({"providers": raw, "targets": [target]})
+    env = {"TEST_PLATFORM_KEY": "sk-platform-test-0000000000"}
+    asyncio.run(abackfill(cfg, Database(indexed), BackfillOptions(), env=env))
+    (before,) = asyncio.run(astatus(cfg, Database(indexed)))
+    fresh = before.rows - before.missing - before.stale - before.outdated_model - before.unverified
+    assert fresh > 0 and before.outdated_model == 0 and before.tenants == ()
+    run(amodel_start, indexed, "next", cfg=cfg, env={})
+    run(amodel_verify, indexed, cfg=cfg, env={})
+    run(amodel_cutover, indexed, cfg=cfg)
+    (after,) = asyncio.run(astatus(cfg, Database(indexed)))
+    assert (after.outdated_model, after.stale) == (fresh, 0)
+    assert after.cut_over_to == "hash:hash-v2 (16 dimensions)"
+
+
+def test_a_halfvec_twin_of_an_index_with_the_default_operator_class_is_built(
+    tickets: str,
+) -> None:
+    """An IVFFlat index made without naming its class has vector's default (L2), and
+    its definition names none; halfvec's L2 class is no default, so the twin must name
+    it, or its build fails after the whole fill was paid for (helper-22). The plan
+    shows the class the twin gets."""
+    from embedfill.application import aplan_model
+
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE app.\"SupportTickets\" SET body = NULL, subject = ' ' WHERE ticket_no IN (5, 6)"
+        )
+        conn.execute(f"CREATE INDEX tickets_emb_ivf ON {T} USING ivfflat (emb) WITH (lists = 1)")
+    plan = run(aplan_model, tickets, "next", vector_type="halfvec")
+    (index,) = plan.indexes
+    assert index.opclass.endswith("halfvec_l2_ops"), index
+    st = run(amodel_start, tickets, "next", vector_type="halfvec", env={})
+    assert (st.phase, st.index) == ("ready", "valid"), st
+    with psycopg.connect(tickets) as conn:
+        (definition,) = conn.execute(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = 'SupportTickets_emb_next'"
+            " AND indexdef LIKE '%ivfflat%'"
+        ).fetchone()
+    assert "halfvec_l2_ops" in definition and "lists='1'" in definition
+
+
+def test_a_halfvec_column_fails_a_vector_beyond_its_range_with_the_reason(
+    tickets: str, fake_openai: Any
+) -> None:
+    """A value beyond ±65,504 becomes infinity in half precision: that row fails with a
+    sentence naming halfvec's range, its batch's other rows are written (helper-22:
+    the server refused the whole batch, then each row, with advice about constraints)."""
+    from embedfill import BackfillOptions, abackfill
+    from tests.support.fake_openai import HUGE_MARKER
+
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(f"ALTER TABLE {T} ALTER COLUMN emb TYPE halfvec(8)")
+        conn.execute(f"UPDATE {T} SET body = body || %s WHERE ticket_no = 7", (HUGE_MARKER,))
+    cfg = parse_config(
+        {
+            "providers": {"openai": provider_settings(fake_openai.base_url, 8)},
+            "targets": [_raw_target()],
+        }
+    )
+    report = asyncio.run(
+        abackfill(
+            cfg, Database(tickets), BackfillOptions(), env={"TEST_PLATFORM_KEY": "sk-t-000000000"}
+        )
+    )
+    assert (report.embedded, report.failed) == (44, 1), report
+    with psycopg.connect(tickets) as conn:
+        (error,) = conn.execute("SELECT message FROM embedfill.failures").fetchone()
+    assert "beyond halfvec's ±65,504" in error

@@ -47,6 +47,7 @@ from embedfill.providers.hashing import hash_vectors
 
 NAN_MARKER = "\u2622NaN"
 INF_MARKER = "\u2622Inf"
+HUGE_MARKER = "\u2622Huge"  # a value of 100,000: finite, beyond half precision
 Mangle = Callable[[dict[str, Any]], None]
 
 
@@ -215,6 +216,8 @@ class FakeOpenAI:
                         v[0] = np.nan
                     if INF_MARKER in text:
                         v[-1] = -np.inf
+                    if HUGE_MARKER in text:
+                        v[1] = 1e5
                     emb: Any = base64.b64encode(v.tobytes()).decode() if b64 else v.tolist()
                     data.append({"object": "embedding", "index": i, "embedding": emb})
                 payload = {

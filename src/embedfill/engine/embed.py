@@ -41,6 +41,8 @@ from .tally import Ledger
 
 log = logging.getLogger(__name__)
 
+HALFVEC_MAX = 65504.0  # the largest half-precision value: beyond, halfvec stores infinity
+
 T = TypeVar("T")
 
 MAX_CHUNK_ATTEMPTS = 3  # a chunk given back this often fails its rows like a lone run
@@ -187,12 +189,13 @@ class Embedder:
             self._fail(batch, exc, exc.attempts)
             return
         write = PendingWrite([], [])
-        unusable = set(non_finite(vectors))
+        halfvec = self.state.info.types.vector_type.rsplit(".", 1)[-1].strip('"') == "halfvec"
+        unusable = set(non_finite(vectors, HALFVEC_MAX if halfvec else None))
         remember, waiting = self.state.cache.put, self.state.inflight.pop
         rows, vecs = write.rows, write.vectors
         for i, (row, vector) in enumerate(zip(batch.rows, vectors, strict=True)):
             if unusable and i in unusable:  # pgvector refuses NaN and infinity: this row fails
-                self._fail(Batch(batch.tenant, (row,)), _non_finite(), attempts)
+                self._fail(Batch(batch.tenant, (row,)), _non_finite(halfvec), attempts)
                 continue
             remember(row.fingerprint, vector)
             rows.append(row)
@@ -328,7 +331,14 @@ def _given_up(batch: Batch) -> bool:
     return bool(chunks) and all(chunk.given_up for chunk in chunks)
 
 
-def _non_finite() -> NonFiniteVector:
+def _non_finite(half: bool = False) -> NonFiniteVector:
+    if half:
+        return NonFiniteVector(
+            "The provider returned a vector holding NaN, infinite values or values beyond "
+            f"halfvec's ±{HALFVEC_MAX:,.0f} for this row's text; the halfvec column cannot "
+            "store it, so the row was not written (a vector(N) column would take values "
+            "that large)."
+        )
     return NonFiniteVector(
         "The provider returned a vector holding NaN or infinite values for this row's text; "
         "pgvector cannot store it, so the row was not written."

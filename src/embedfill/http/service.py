@@ -110,6 +110,7 @@ class AdminService:
             self.runtime.start(worker=False)  # the watchers retry until it answers
             if self.worker is not None:  # and the worker starts once it does
                 self._later = asyncio.create_task(self._start_worker_when_reachable())
+                self._later.add_done_callback(_log_later_end)
             return
         try:
             await ensure_schema(conn)
@@ -134,8 +135,8 @@ class AdminService:
             wait = min(wait * 2, 60.0)
             try:
                 conn = await connect(self.db)
-            except EmbedfillError:
-                continue
+            except (EmbedfillError, psycopg.Error, OSError):
+                continue  # a server restarting may drop the session while it is set up
             try:
                 await ensure_schema(conn)
             except (EmbedfillError, psycopg.Error) as exc:
@@ -226,7 +227,14 @@ class AdminService:
         """``model start`` in the background; the change's number once it is recorded
         (a refusal answers now: the plan's, a change already under way, a privilege)."""
         config = self.config
-        live = config.target(target)  # an unknown one: 404 now
+        config.target(target)  # an unknown one: 404 now
+        recorded: list[int] = []
+        told = asyncio.Event()
+
+        def on_recorded(migration_id: int) -> None:
+            recorded.append(migration_id)
+            told.set()
+
         task = asyncio.create_task(
             application.amodel_start(
                 config,
@@ -237,27 +245,25 @@ class AdminService:
                 vector_type=vector_type,
                 actor="http",
                 env=self.env,
+                on_recorded=on_recorded,
             )
         )
         self._model_tasks.add(task)
         task.add_done_callback(self._model_ended)
-        while True:
-            if task.done():
-                self._answered.add(task)
-                done: MigrationStatus = task.result()  # a refusal is the answer
-                assert done.migration_id is not None
-                return done.migration_id
-            async with application.open_store(self.db) as store:
-                row = await store.latest_migration_of(live.name)
-            wanted = (to, strategy)
-            if (
-                row is not None
-                and row["phase"] != "finalized"
-                and (row["to_model"].get("provider"), row["strategy"]) == wanted
-                and not task.done()
-            ):
-                return int(row["id"])
-            await asyncio.sleep(0.05)
+        # the start's own word: recorded (202), or refused before it was (the answer);
+        # matching a change on record by its provider section alone answered 202 to a
+        # start that was about to be refused for another vector type
+        waiting = asyncio.ensure_future(told.wait())
+        try:
+            await asyncio.wait({task, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiting.cancel()
+        if recorded:
+            return recorded[0]
+        self._answered.add(task)
+        done: MigrationStatus = task.result()  # a refusal is the answer
+        assert done.migration_id is not None
+        return done.migration_id
 
     def _model_ended(self, task: asyncio.Task[Any]) -> None:
         """A `model start` that failed after its request was answered is logged."""
@@ -387,6 +393,15 @@ def _metrics_interval(env: Mapping[str, str]) -> float:
             f"EMBEDFILL_METRICS_INTERVAL must be a number of seconds, 0 or more, not {raw!r}."
         )
     return value
+
+
+def _log_later_end(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error(
+            "the in-process worker could not be started: %s; jobs wait for `embedfill "
+            "worker` processes",
+            _first_line(task.exception()),  # type: ignore[arg-type]
+        )
 
 
 def _log_worker_end(task: asyncio.Task[None]) -> None:

@@ -179,12 +179,16 @@ def _as_matrix(vectors: Sequence[Any]) -> Matrix | None:
     return matrix
 
 
-def non_finite(vectors: Matrix | Sequence[Vector]) -> list[int]:
-    """Positions of the vectors holding a NaN or an infinite value (the rows of
-    check_vectors' matrix: one numpy pass over the batch, not one per vector)."""
+def non_finite(vectors: Matrix | Sequence[Vector], limit: float | None = None) -> list[int]:
+    """Positions of the vectors holding a NaN or an infinite value, or (``limit``) a
+    value beyond ±limit (the rows of check_vectors' matrix: one numpy pass over the
+    batch, not one per vector)."""
     if not len(vectors):
         return []
-    finite = np.isfinite(np.asarray(vectors)).all(axis=1)
+    matrix = np.asarray(vectors)
+    finite = np.isfinite(matrix).all(axis=1)
+    if limit is not None:
+        finite &= (np.abs(matrix) <= limit).all(axis=1)
     if finite.all():
         return []
     return [int(i) for i in np.flatnonzero(~finite)]
