@@ -269,25 +269,9 @@ async def missing_privilege(
     return None
 
 
-_DECLARED = """
-SELECT a.atttypmod FROM pg_catalog.pg_attribute a
-JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
-JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = %(schema)s AND c.relname = %(relation)s AND a.attname = %(column)s
-  AND NOT a.attisdropped"""
-
-
-async def declared_dimensions(
-    conn: psycopg.AsyncConnection[Any], schema: str, relation: str, column: str
-) -> int | None:
-    """The size the home's column type enforces (``vector(16)``: 16); None without one."""
-    cur = await conn.execute(_DECLARED, {"schema": schema, "relation": relation, "column": column})
-    row = await cur.fetchone()
-    return int(row[0]) if row and row[0] is not None and row[0] > 0 else None
-
-
-_TYPE_NAME = """
-SELECT t.typname FROM pg_catalog.pg_attribute a
+# a home column's type: its name (vector, halfvec) and modifier (the declared size)
+_COLUMN_TYPE = """
+SELECT t.typname, a.atttypmod FROM pg_catalog.pg_attribute a
 JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
 JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
 JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
@@ -295,13 +279,30 @@ WHERE n.nspname = %(schema)s AND c.relname = %(relation)s AND a.attname = %(colu
   AND NOT a.attisdropped"""
 
 
+async def _column_type(
+    conn: psycopg.AsyncConnection[Any], schema: str, relation: str, column: str
+) -> tuple[str, int] | None:
+    cur = await conn.execute(
+        _COLUMN_TYPE, {"schema": schema, "relation": relation, "column": column}
+    )
+    row = await cur.fetchone()
+    return (str(row[0]), int(row[1])) if row else None
+
+
+async def declared_dimensions(
+    conn: psycopg.AsyncConnection[Any], schema: str, relation: str, column: str
+) -> int | None:
+    """The size the home's column type enforces (``vector(16)``: 16); None without one."""
+    found = await _column_type(conn, schema, relation, column)
+    return found[1] if found and found[1] > 0 else None
+
+
 async def vector_kind(
     conn: psycopg.AsyncConnection[Any], schema: str, relation: str, column: str
 ) -> str | None:
     """The column's type name (``vector``, ``halfvec``); None when it is not there."""
-    cur = await conn.execute(_TYPE_NAME, {"schema": schema, "relation": relation, "column": column})
-    row = await cur.fetchone()
-    return str(row[0]) if row else None
+    found = await _column_type(conn, schema, relation, column)
+    return found[0] if found else None
 
 
 # each operator class's distance operator (pgvector)
