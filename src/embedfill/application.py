@@ -355,9 +355,17 @@ DDL_LOCK_TIMEOUT_MS = 200
 DDL_TRIES = 10
 
 
-async def _ddl(conn: psycopg.AsyncConnection[Any], statement: Any, table: str) -> None:
+async def _ddl(
+    conn: psycopg.AsyncConnection[Any],
+    statement: Any,
+    table: str,
+    *,
+    unless_given_up: int | None = None,
+) -> None:
     """One DDL statement on the app's table, under a short lock_timeout, tried again
-    while the app holds the table."""
+    while the app holds the table. ``unless_given_up``: a change of model whose home
+    the statement makes; not run once that change was rolled back (or finalized)
+    meanwhile, which a finalize would have dropped nothing of (_home_wanted)."""
     for attempt in range(1, DDL_TRIES + 1):
         try:
             async with conn.transaction():
@@ -365,6 +373,8 @@ async def _ddl(conn: psycopg.AsyncConnection[Any], statement: Any, table: str) -
                     "SELECT pg_catalog.set_config('lock_timeout', %s, true)",
                     (f"{DDL_LOCK_TIMEOUT_MS}ms",),
                 )
+                if unless_given_up is not None and not await _home_wanted(conn, unless_given_up):
+                    return
                 await conn.execute(statement)
             return
         except psycopg.errors.LockNotAvailable:
@@ -375,6 +385,14 @@ async def _ddl(conn: psycopg.AsyncConnection[Any], statement: Any, table: str) -
                     "or migrations are over."
                 ) from None
             await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
+
+
+async def _home_wanted(conn: psycopg.AsyncConnection[Any], migration_id: int) -> bool:
+    """In the transaction that makes a change's home: whether the change still wants
+    it (planned or filling), its row held until the commit. A `model start` retrying
+    its ALTER TABLE while the operator rolled back and finalized made a home nobody
+    owned, and the next start refused it as existing (helper-22)."""
+    return await Store(conn).lock_migration_phase(migration_id) in ("planned", "filling")
 
 
 async def _model_fill(
@@ -584,6 +602,8 @@ async def amodel_start(
             ):
                 if strategy == "table":
                     async with conn.transaction():  # all of it, or no side table
+                        if not await _home_wanted(conn, migration_id):
+                            return await migration.status_of(conn, config, live)
                         await conn.execute(
                             homes.create_side_table(
                                 home["schema"],
@@ -607,6 +627,7 @@ async def amodel_start(
                             int(plan.to_model["dimensions"]),
                         ),
                         str(live.table),
+                        unless_given_up=migration_id,
                     )
             elif strategy == "table" and phase != "finalized":
                 # row-level security turned on since the side table was made reaches it,

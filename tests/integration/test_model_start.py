@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from typing import Any
 
 import numpy as np
@@ -1720,3 +1721,36 @@ def test_a_halfvec_column_fails_a_vector_beyond_its_range_with_the_reason(
     with psycopg.connect(tickets) as conn:
         (error,) = conn.execute("SELECT message FROM embedfill.failures").fetchone()
     assert "beyond halfvec's ±65,504" in error
+
+
+def test_a_start_given_up_while_it_waits_for_the_table_makes_no_home(
+    indexed: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start retries its ALTER TABLE while the app holds the table; meanwhile the
+    operator rolls the change back. When the table is free the start makes nothing: the
+    home would belong to no change once a finalize had run (helper-22), and the next
+    start refused it as existing."""
+    import threading
+
+    from embedfill import application
+    from embedfill.application import amodel_finalize, amodel_rollback
+
+    monkeypatch.setattr(application, "DDL_TRIES", 30)
+    outcome: list[Any] = []
+    with psycopg.connect(indexed) as app:
+        app.execute(f"LOCK TABLE {T} IN ACCESS SHARE MODE")
+        thread = threading.Thread(
+            target=lambda: outcome.append(start(indexed, strategy="column")), daemon=True
+        )
+        thread.start()
+        deadline = time.monotonic() + 30
+        while status(indexed).phase != "planned":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        run(amodel_rollback, indexed)
+    thread.join(60)
+    assert outcome and outcome[0].phase == "rolled_back", outcome
+    assert "emb_next" not in columns(indexed)
+    assert run(amodel_finalize, indexed, yes=True).phase == "finalized"
+    st = start(indexed, strategy="column")  # a start after that is not refused
+    assert (st.phase, st.index) == ("ready", "valid")

@@ -689,6 +689,10 @@ SET_MIGRATION_PHASE = """
 UPDATE embedfill.model_migrations SET phase = %(phase)s, updated_at = pg_catalog.now()
 WHERE id = %(id)s AND (%(was)s::text IS NULL OR phase = %(was)s)
 RETURNING id"""
+# in the transaction that makes a change's home: its phase, the row held until the
+# commit (a rollback's phase change waits for it, and a finalize after sees the home)
+LOCK_MIGRATION_PHASE = """
+SELECT phase FROM embedfill.model_migrations WHERE id = %(id)s FOR UPDATE"""
 SET_MIGRATION_JOB = """
 UPDATE embedfill.model_migrations SET job_id = %(job_id)s, updated_at = pg_catalog.now()
 WHERE id = %(id)s"""

@@ -442,6 +442,12 @@ class Store:
         )
         return await cur.fetchone() is not None
 
+    async def lock_migration_phase(self, migration_id: int) -> str | None:
+        """The change's phase, its row locked until this transaction ends."""
+        cur = await self.conn.execute(q.LOCK_MIGRATION_PHASE, {"id": migration_id})
+        row = await cur.fetchone()
+        return str(row[0]) if row else None
+
     async def set_migration_job(self, migration_id: int, job_id: int) -> None:
         await self.conn.execute(q.SET_MIGRATION_JOB, {"id": migration_id, "job_id": job_id})
 
