@@ -138,18 +138,25 @@ def retyped_opclass(opclass: str, live_type: str, new_type: str) -> str:
     """A live index's operator class for the new vectors' type (both types as statements
     name them: ``public.vector``, ``halfvec``): ``vector_cosine_ops`` is
     ``halfvec_cosine_ops`` for halfvec (the same distance). The live type's default
-    class (the definition names none: ``vector_l2_ops`` for HNSW and IVFFlat) is named
-    for the new type, whose L2 classes are no default; of the same type, kept."""
+    class (an IVFFlat definition that names none: ``vector_l2_ops``) is named for the new
+    type, whose L2 classes are no default; of the same type, kept."""
     kind, was = base_type(new_type), base_type(live_type)
     if kind == was:
         return opclass
     if not opclass:
-        schema, dot, _ = new_type.rpartition(".")
-        return f"{schema}{dot}{kind}_l2_ops"
+        return default_opclass(new_type)
     schema, dot, name = opclass.rpartition(".")
     if name.startswith(f"{was}_"):
         return f"{schema}{dot}{kind}_{name[len(was) + 1 :]}"
     return opclass
+
+
+def default_opclass(vector_type: str) -> str:
+    """The class an IVFFlat index definition that names none uses for columns of
+    ``vector_type`` (as statements name it: ``public.vector``): its L2 class, in the
+    type's schema (HNSW has no default class: its definitions always name one)."""
+    schema, dot, _ = vector_type.rpartition(".")
+    return f"{schema}{dot}{base_type(vector_type)}_l2_ops"
 
 
 def vector_bytes(kind: str, dimensions: int) -> int:
@@ -791,7 +798,10 @@ async def recall_gate(
             note=f"the new index {twin['name']} is {'missing' if state == 'none' else state}: "
             "run model start again to build it",
         )
-    operator = homes.distance_operator(twin["opclass"])
+    # a twin of the live type's default class names none (USING ivfflat (col)): its L2
+    # class, measured with <-> like any other (it read "not measured" and passed)
+    opclass = twin["opclass"] or default_opclass(vector_type)
+    operator = homes.distance_operator(opclass)
     if operator is None:
         return gate(None, RECALL_MIN, True, note=f"operator class {twin['opclass']} not measured")
     cur = await conn.execute(

@@ -522,6 +522,27 @@ def test_the_recall_gate_of_an_ivfflat_index_names_probes_not_ef_search(indexed:
     assert (recall["probes"], recall["value"], recall["pass"]) == ("10", 1.0, True), recall
 
 
+def test_the_recall_gate_measures_a_twin_of_the_default_operator_class(indexed: str) -> None:
+    """A live IVFFlat index that names no operator class (``USING ivfflat (emb)``: the
+    default, vector_l2_ops) has a twin that names none either. The gate read "not
+    measured" and passed whatever the index found; it measures with <->, as any other
+    class: at probes = 1 of 10 lists the twin misses neighbours, at 10 it finds them."""
+    from embedfill.application import amodel_verify
+
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute("DROP INDEX app.tickets_emb_hnsw")
+        conn.execute('CREATE INDEX tickets_emb_ivf ON app."SupportTickets" USING ivfflat (emb)')
+    start(indexed)
+    recall = run(amodel_verify, indexed, env={}).gates["recall_at_10"]
+    assert "note" not in recall and recall["value"] is not None, recall
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        dbname = conn.execute("SELECT current_database()").fetchone()
+        assert dbname is not None
+        conn.execute(f'ALTER DATABASE "{dbname[0]}" SET ivfflat.probes = 1000')
+    recall = run(amodel_verify, indexed, env={}).gates["recall_at_10"]
+    assert (recall["probes"], recall["value"], recall["pass"]) == ("1000", 1.0, True), recall
+
+
 def test_a_change_given_up_before_the_cutover_drops_only_the_new_vectors(indexed: str) -> None:
     from embedfill.application import amodel_finalize, amodel_rollback
 
