@@ -26,7 +26,7 @@ from psycopg import sql
 
 from . import freshness, jobs, migration, watch
 from . import keys as keymod
-from .config import Config, TargetConfig, env_secret
+from .config import Config, ProviderConfig, TargetConfig, env_secret
 from .db import homes, indexes, triggers
 from .db.catalog import (
     TableInfo,
@@ -38,6 +38,7 @@ from .db.catalog import (
 )
 from .db.connect import Database, connect
 from .db.lanes import Lane
+from .db.queries import SNAPSHOT
 from .db.schema import amigrate, ensure_schema
 from .db.store import KeyInfo, Store
 from .engine import BackfillOptions, Hooks, Observer, ProgressCallback, Run
@@ -262,30 +263,43 @@ async def astatus(config: Config, db: Database, target: str | None = None) -> li
         for t in targets:
             pconf = config.provider_for(t)
             info = await inspect_target(conn, t, pconf.expected_dimensions, pconf.label)
-            params, searched = None, None
-            if kept:
-                model = freshness.model_identity(pconf, info)
-                ids = await freshness.provenance_ids(
-                    conn, info, t.embedding_column, model, create=False
-                )
-                params = ids.params()
-                searched = await migration.searched_instead(conn, t, info)
-            failing = await Store(conn).failing(info.oid, t.embedding_column) if kept else None
-            status = await target_status(conn, t, info, params, failing)
-            if searched is not None:
-                # cut over to another model: the column's vectors are measured against
-                # the one the app's searches use now too
-                moved = await freshness.provenance_ids(
-                    conn, info, t.embedding_column, searched, create=False
-                )
-                against = await target_status(conn, t, info, moved.params(), None)
-                status = _cut_over_status(status, against, str(searched))
-            out.append(status)
+            # one snapshot for the target's counts: a cut-over target is read twice (below),
+            # and rows edited between two reads were counted stale by one and not the other
+            async with conn.transaction():
+                await conn.execute(SNAPSHOT)
+                out.append(await _target_status(conn, t, pconf, info, kept))
         return out
     except psycopg.Error as exc:
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
     finally:
         await conn.close()
+
+
+async def _target_status(
+    conn: psycopg.AsyncConnection[Any],
+    t: TargetConfig,
+    pconf: ProviderConfig,
+    info: TableInfo,
+    kept: bool,
+) -> TargetStatus:
+    """One target's status (astatus), read in the caller's snapshot."""
+    params, searched = None, None
+    if kept:
+        model = freshness.model_identity(pconf, info)
+        ids = await freshness.provenance_ids(conn, info, t.embedding_column, model, create=False)
+        params = ids.params()
+        searched = await migration.searched_instead(conn, t, info)
+    failing = await Store(conn).failing(info.oid, t.embedding_column) if kept else None
+    status = await target_status(conn, t, info, params, failing)
+    if searched is not None:
+        # cut over to another model: the column's vectors are measured against the one
+        # the app's searches use now too
+        moved = await freshness.provenance_ids(
+            conn, info, t.embedding_column, searched, create=False
+        )
+        against = await target_status(conn, t, info, moved.params(), None)
+        status = _cut_over_status(status, against, str(searched))
+    return status
 
 
 def _cut_over_status(status: TargetStatus, against: TargetStatus, searched: str) -> TargetStatus:
@@ -533,7 +547,7 @@ async def amodel_start(
         recorded = row["to_model"].get("vector_type") if row is not None else None
         if row is not None:
             going = row["to_model"].get("provider")
-            kind = recorded or migration.base_type(info.types.vector_type)
+            kind = recorded or info.types.kind
             if (going, row["strategy"]) != (to, strategy) or (
                 vector_type is not None and vector_type != kind
             ):
@@ -547,7 +561,7 @@ async def amodel_start(
         # the new vectors' type, named in the schema the live column's names
         new_type = migration.stored_type(
             info.types.vector_type,
-            plan.to_model.get("vector_type") or migration.base_type(info.types.vector_type),
+            plan.to_model.get("vector_type") or info.types.kind,
         )
         if row is not None:
             migration_id, home, phase = int(row["id"]), dict(row["home"]), str(row["phase"])
@@ -863,7 +877,7 @@ async def amodel_verify(
         gates["sample"] = migration.gate(
             share, 1.0, checked.ok, checked=checked.checked, min_cosine=checked.min_cosine
         )
-        kind = row["to_model"].get("vector_type") or migration.base_type(info.types.vector_type)
+        kind = row["to_model"].get("vector_type") or info.types.kind
         gates["recall_at_10"] = await migration.recall_gate(
             conn,
             home,

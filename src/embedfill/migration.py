@@ -41,8 +41,9 @@ from .config import Config, ProviderConfig, TableName, TargetConfig, text_render
 from .db import homes
 from .db.catalog import TableInfo, inspect_target
 from .db.indexes import VectorIndex, expression_indexes, vector_indexes
+from .db.queries import SNAPSHOT, TYPE_EXISTS
 from .db.store import Store
-from .db.target_sql import BLANK
+from .db.target_sql import BLANK, base_type
 from .errors import EmbedfillError as EmbedfillErrorBase
 from .errors import PlanRefused, UsageError
 from .freshness import ModelIdentity, model_identity, provenance_ids
@@ -119,12 +120,6 @@ class ModelPlan:
         out["indexes"] = [i.to_dict() for i in self.indexes]
         out["steps"] = [s.to_dict() for s in self.steps]
         return out
-
-
-def base_type(vector_type: str) -> str:
-    """``vector`` or ``halfvec`` from a column type as statements name it
-    (``public.vector``, ``halfvec``)."""
-    return vector_type.rsplit(".", 1)[-1].strip('"')
 
 
 def stored_type(column_type: str, kind: str) -> str:
@@ -364,7 +359,7 @@ async def plan(
         )
     was = model_identity(current, info)
     if (to.kind, to.model, new_dims) == (was.provider, was.model, was.dimensions):
-        if vector_type is not None and vector_type != base_type(info.types.vector_type):
+        if vector_type is not None and vector_type != info.types.kind:
             raise PlanRefused(
                 f"Target {target.name!r} already holds {was.provider}:{was.model} vectors "
                 f"of {was.dimensions} dimensions; a change of their type alone re-embeds "
@@ -377,11 +372,9 @@ async def plan(
             f"{was.dimensions} dimensions; --to {to.name!r} is the same model, so there is "
             "nothing to change (use `backfill --refresh` to re-embed in place)."
         )
-    kind = vector_type or base_type(info.types.vector_type)
-    if kind != base_type(info.types.vector_type):
-        cur = await conn.execute(
-            "SELECT pg_catalog.to_regtype(%s)", (stored_type(info.types.vector_type, kind),)
-        )
+    kind = vector_type or info.types.kind
+    if kind != info.types.kind:
+        cur = await conn.execute(TYPE_EXISTS, (stored_type(info.types.vector_type, kind),))
         found = await cur.fetchone()
         if found is None or found[0] is None:
             raise PlanRefused(
@@ -480,7 +473,7 @@ async def plan(
         },
         to_model={"provider": to.name, "kind": to.kind, "model": to.model, "dimensions": new_dims}
         # another type than the live column's (--vector-type), recorded with the change
-        | ({"vector_type": kind} if kind != base_type(info.types.vector_type) else {}),
+        | ({"vector_type": kind} if kind != info.types.kind else {}),
         home=home,
         rows=rows,
         embeddable_rows=embeddable,
@@ -824,7 +817,7 @@ async def recall_gate(
         # both answers from one snapshot (the fill may be writing); a row of the index's
         # answer counts when it is as near as the exact tenth (rows of one text tie)
         async with conn.transaction():
-            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            await conn.execute(SNAPSHOT)
             await conn.execute("SET LOCAL enable_seqscan = off")
             cur = await conn.execute(nearest, {"q": q})
             approx = [r[1] for r in await cur.fetchall() if r[1] is not None]
@@ -902,7 +895,7 @@ async def active_of(
         model=ident.model,
         dimensions=ident.dimensions,
         since=None,
-        vector_type=base_type(info.types.vector_type),
+        vector_type=info.types.kind,
     )
 
 

@@ -741,3 +741,10 @@ SELECT m.target, m.to_model ->> 'provider', EXISTS (
       AND a.relation = m.home ->> 'relation' AND a.column_name = m.home ->> 'column')
 FROM embedfill.model_migrations AS m
 WHERE m.phase = 'finalized' AND m.finalized_at >= %(since)s"""
+
+# the first statement of a transaction whose reads must agree with each other (one
+# snapshot), and that writes nothing
+SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+
+# the type a name (``public.halfvec``) resolves to, NULL when the database has none
+TYPE_EXISTS = "SELECT pg_catalog.to_regtype(%s)"

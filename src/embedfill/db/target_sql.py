@@ -41,6 +41,17 @@ class ColumnTypes:
     id_type: str  # e.g. "bigint", "uuid", "text", "character(6)": with its modifier
     vector_type: str  # e.g. "vector" or "extensions.vector"
 
+    @property
+    def kind(self) -> str:
+        """``vector`` or ``halfvec``: the vector type without its schema."""
+        return base_type(self.vector_type)
+
+
+def base_type(vector_type: str) -> str:
+    """``vector`` or ``halfvec`` from a column type as statements name it
+    (``public.vector``, ``halfvec``)."""
+    return vector_type.rsplit(".", 1)[-1].strip('"')
+
 
 # the md5 recorded for a vector ``verify`` found wrong: no text hashes to it
 WRONG_MD5 = "00000000-0000-0000-0000-000000000000"

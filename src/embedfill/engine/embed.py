@@ -189,7 +189,7 @@ class Embedder:
             self._fail(batch, exc, exc.attempts)
             return
         write = PendingWrite([], [])
-        halfvec = self.state.info.types.vector_type.rsplit(".", 1)[-1].strip('"') == "halfvec"
+        halfvec = self.state.info.types.kind == "halfvec"
         unusable = set(non_finite(vectors, HALFVEC_MAX if halfvec else None))
         remember, waiting = self.state.cache.put, self.state.inflight.pop
         rows, vecs = write.rows, write.vectors

@@ -180,11 +180,11 @@ class Writer:
     async def _commit_on_lane(self, params: dict[str, Any], sent: int) -> tuple[set[Any], set[Any]]:
         assert self.state.lanes is not None, "a dry run writes no vector"
         async with self.state.lanes.writer(self.state.lane) as lane:
-            vector_type = self.state.info.types.vector_type
-            vector_oid = await lane.vector_oid(vector_type)
+            types = self.state.info.types
+            vector_oid = await lane.vector_oid(types.vector_type)
             vectors = params["vecs"]
             if not isinstance(vectors, wire.VectorArray):
-                half = vector_type.rsplit(".", 1)[-1].strip('"') == "halfvec"
+                half = types.kind == "halfvec"
                 params["vecs"] = wire.vector_array(vectors, vector_oid, half=half)
             return await self._commit(lane.conn, params, sent)
 
