@@ -17,8 +17,8 @@ class Row:
     id: Any
     tenant: str | None
     text: str
-    fingerprint: str  # md5 of tenant and source columns as read: guards the write, and
-    # identifies the text for de-duplication (see db.target_sql)
+    key: Any  # the text as read, of one tenant: its md5 (16 bytes), with the
+    # tenant where the target has a tenant column; the de-duplication key
     tokens: int = 0
     truncated: bool = False
     refresh: bool = False  # it held a vector (stale or outdated): a refresh

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from .models import Batch, Row
 
@@ -153,12 +153,12 @@ class BoundedCache(Generic[V]):
     def __init__(self, capacity: int) -> None:
         self.capacity = max(0, capacity)
         # OrderedDict: popping a plain dict's oldest key rescans its deleted slots
-        self._data: OrderedDict[str, V] = OrderedDict()
+        self._data: OrderedDict[Any, V] = OrderedDict()
 
-    def get(self, key: str) -> V | None:
+    def get(self, key: Any) -> V | None:
         return self._data.get(key)
 
-    def put(self, key: str, value: V) -> None:
+    def put(self, key: Any, value: V) -> None:
         if self.capacity == 0:
             return
         self._data[key] = value

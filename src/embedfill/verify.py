@@ -469,7 +469,7 @@ class Verifier:
                     id=row_id,
                     tenant=tenant,
                     text=text,
-                    fingerprint="",
+                    key=b"",
                     tokens=tokens,
                     truncated=truncated,
                 )

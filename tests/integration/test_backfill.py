@@ -286,6 +286,33 @@ def test_an_app_update_during_the_run_is_never_overwritten_with_the_old_text(
     np.testing.assert_array_equal(vectors[10], hash_vector(f"{subject}\n\nedited by the app", 8))
 
 
+def test_a_row_moved_to_another_tenant_during_the_run_is_not_written(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """Its text unchanged, a row the app moved to another tenant while its vector was
+    asked for (on the first tenant's key) is left for the next run, which pays with the
+    new tenant's: the write's guard compares the tenant as well as the text."""
+    target_text = expected_text(10)
+
+    def app_moves_row_10(inputs: list[str]) -> None:
+        if target_text in inputs:
+            with psycopg.connect(tickets, autocommit=True) as conn:
+                conn.execute(
+                    """UPDATE app."SupportTickets" SET org = 'org-moved' WHERE ticket_no = 10"""
+                )
+
+    fake_openai.on_inputs = app_moves_row_10
+    report = run(tickets, tickets_config(fake_openai.base_url))
+    assert report.embedded == 44 and report.changed == 1
+    with psycopg.connect(tickets) as conn:
+        assert conn.execute(
+            'SELECT emb FROM app."SupportTickets" WHERE ticket_no = 10'
+        ).fetchone() == (None,)
+    fake_openai.on_inputs = None
+    again = run(tickets, tickets_config(fake_openai.base_url))
+    assert again.embedded == 1 and [t.tenant for t in again.tenants] == ["org-moved"]
+
+
 def test_tenant_filter_and_limit(tickets: str, fake_openai: FakeOpenAI) -> None:
     report = run(tickets, tickets_config(fake_openai.base_url), tenants=("org-b",), limit=4)
     assert report.embedded == 4 and [t.tenant for t in report.tenants] == ["org-b"]

@@ -28,7 +28,7 @@ def test_the_batcher_releases_a_largest_partial_batch_without_scanning() -> None
             id=i,
             tenant=f"t{rng.randrange(300)}",
             text="x",
-            fingerprint=str(i),
+            key=str(i).encode(),
             tokens=rng.randrange(1, 40),
         )
         released = ours.add(row)

@@ -9,7 +9,7 @@ from embedfill.secrets import Secret
 
 
 def row(i: int, tenant: str | None, tokens: int = 1) -> Row:
-    return Row(id=i, tenant=tenant, text=f"t{i}", fingerprint="", tokens=tokens)
+    return Row(id=i, tenant=tenant, text=f"t{i}", key=b"", tokens=tokens)
 
 
 def test_batches_never_mix_tenants_and_respect_size() -> None:

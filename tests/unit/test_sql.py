@@ -40,12 +40,16 @@ def test_odd_identifiers_are_quoted(conn: psycopg.Connection) -> None:  # type: 
     scan = q.scan(first_page=False, tenants=True).as_string(conn)
     assert 'FROM "we.ird"."Mixed Case"' in scan
     assert '"Emb" IS NULL' in scan and '"Org""Id"::text = ANY(%(tenants)s::text[])' in scan
-    assert 'md5(ROW("Org""Id"::text, "Body Text")::text)' in scan
+    assert """decode(md5(concat(coalesce("t"."Body Text"::text, ''))), 'hex')""" in scan
     for write in (q.write().as_string(conn), q.write_fast().as_string(conn)):
         assert 'UPDATE "we.ird"."Mixed Case" AS t SET "Emb" = b.embedfill_vec' in write
         assert '"t"."id" BETWEEN %(lo)b AND %(hi)b' in write
-        assert 'md5(ROW("t"."Org""Id"::text, "t"."Body Text")::text) = b.embedfill_fp' in write
-        assert "%(ids)b::bigint[], %(fps)b::text[], %(vecs)b::vector[]" in write
+        # still the text that was read, of the same tenant
+        assert (
+            """md5(concat(coalesce("t"."Body Text"::text, '')))::uuid = b.embedfill_md5"""
+            ' AND "t"."Org""Id"::text IS NOT DISTINCT FROM b.embedfill_tenant'
+        ) in write
+        assert "%(ids)b::bigint[], %(vecs)b::vector[], %(md5s)b::uuid[]" in write
     assert 'FROM "we.ird"."Mixed Case" AS t JOIN embedfill_batch' in q.write().as_string(conn)
     assert "FOR UPDATE OF t SKIP LOCKED" in q.write().as_string(conn)
     owed = q.still_owed().as_string(conn)
@@ -67,15 +71,14 @@ def test_text_sql_is_composed_verbatim_with_percent_escaped(conn: psycopg.Connec
     scan = q.scan(first_page=True, tenants=False).as_string(conn)
     write = q.write().as_string(conn)
     # the scan evaluates the expression once a row (a lateral subquery) and makes the
-    # fingerprint and the provenance md5 (a NULL value is empty text) from that value
+    # md5 of the text (a NULL value is empty text) from that value
     text = "embedfill_lateral.embedfill_scan_text"
-    fp = f'md5(ROW("Org""Id"::text, {text})::text)'
     md5 = f"decode(md5(coalesce({text}, '')), 'hex')"
-    assert f'{fp}, "Emb" IS NOT NULL, {md5}, {text} FROM' in scan
+    assert f'"Emb" IS NOT NULL, {md5}, {text} FROM' in scan
     assert scan.count("100%%") == 1
     assert f"CROSS JOIN LATERAL (SELECT {expr}::text AS embedfill_scan_text)" in scan
     assert "b.embedfill_md5 AS text_md5" in write
-    assert f'md5(ROW("t"."Org""Id"::text, {expr}::text)::text) = b.embedfill_fp' in write
+    assert f"md5(coalesce({expr}::text, ''))::uuid = b.embedfill_md5" in write
     check = q.check_text_sql().as_string(conn)
     assert check == f'SELECT {expr} FROM "Mixed Case" AS t LIMIT %(zero)s'
 

@@ -76,7 +76,7 @@ def test_agrees() -> None:
 
 
 def row(i: int, tenant: str = "t1") -> Row:
-    return Row(id=i, tenant=tenant, text=f"text {i}", fingerprint="")
+    return Row(id=i, tenant=tenant, text=f"text {i}", key=b"")
 
 
 def test_result_records_mismatches_and_exit_code() -> None:

@@ -103,20 +103,19 @@ class TargetSQL:
             for c in self.target.text_columns
         ]
 
-    def _fingerprint(self, alias: str | None = None) -> sql.Composable:
-        """md5 of the tenant and the text's sources, computed by the server: the template's
-        columns, or the text_sql expression's value (so the guard covers whatever the
-        expression reads). It guards the write (the row still holds what was read, tenant
-        included) and is the de-duplication key (same tenant, same source: same text)."""
-        if self.target.text_sql is not None:
-            sources: list[sql.Composable] = self._values()
-        else:
-            sources = [
-                sql.Identifier(alias, c) if alias else sql.Identifier(c)
-                for c in self.target.text_columns
-            ]
-        return sql.SQL("md5(ROW({}, {})::text)").format(
-            self._tenant_text(alias), sql.SQL(", ").join(sources)
+    def _as_read(self) -> sql.Composable:
+        """The write's guard that row ``t`` still holds what the scan read: the md5 of its
+        text as rendered now (the template's columns, or the text_sql expression's value,
+        so the guard covers whatever the expression reads) is the batch row's
+        ``embedfill_md5``, and so is its tenant. A row the app changed meanwhile is not
+        overwritten; one whose sources changed into the same text is written, the vector
+        being the text's. (It compared an md5 of the sources' record, which cost the scan
+        and the write each a record's text a row.)"""
+        same = sql.SQL("md5({})::uuid = b.embedfill_md5").format(self.rendered("t"))
+        if self.tenant is None:
+            return same
+        return sql.SQL("{} AND {} IS NOT DISTINCT FROM b.embedfill_tenant").format(
+            same, self._tenant_text("t")
         )
 
     def rendered(self, alias: str = "t", *, escape: bool = True) -> sql.Composable:
@@ -192,35 +191,33 @@ class TargetSQL:
         ``first_page``) and up to %(hi)s (with ``upto``: a job's chunk). Bounds are
         compared by the server, in the column's type and collation. The table is aliased
         ``t`` here, in the write and in ``check_text_sql``, so a text_sql expression sees
-        the same names in all three. The row's columns: id, tenant, source fingerprint,
-        whether it held a vector (a refresh), the md5 of the text as read (its
-        provenance, bound with the write: 16 bytes, which cost the client nothing to
-        load, where a uuid costs a Python object a row), then the text's values."""
+        the same names in all three. The row's columns: id, tenant, whether it held a
+        vector (a refresh), the md5 of the text as read (its provenance, the write's
+        guard and, with the tenant, the de-duplication key: 16 bytes, which cost the
+        client nothing to load, where a uuid costs a Python object a row), then the
+        text's values."""
         after = sql.SQL("") if first_page else sql.SQL(" AND {} > %(after)s").format(self.id)
         if upto:
             after += sql.SQL(" AND {} <= %(hi)s").format(self.id)
         source: sql.Composable = sql.SQL("{} AS t").format(self.table)
-        fp = self._fingerprint()
         md5: sql.Composable = sql.SQL("decode(md5({}), 'hex')").format(self.rendered("t"))
         values: sql.Composable = sql.SQL(", ").join(self._values())
         if self.target.text_sql is not None:
-            # the expression once a row, not three times (its value, its fingerprint, its
-            # md5): a side table's text is a subquery on the live table (migration.py)
+            # the expression once a row, not twice (its value, its md5): a side table's
+            # text is a subquery on the live table (migration.py)
             text = sql.SQL("embedfill_lateral.embedfill_scan_text")
             source = sql.SQL(
                 "{} AS t CROSS JOIN LATERAL (SELECT {}::text AS embedfill_scan_text)"
                 " AS embedfill_lateral"
             ).format(self.table, self._text_sql())
-            fp = sql.SQL("md5(ROW({}, {})::text)").format(self._tenant_text(), text)
             md5 = sql.SQL("decode(md5(coalesce({}, '')), 'hex')").format(text)
             values = text
         return sql.SQL(
-            "SELECT {id}, {tenant}, {fp}, {emb} IS NOT NULL, {md5}, {values} FROM {source}"
+            "SELECT {id}, {tenant}, {emb} IS NOT NULL, {md5}, {values} FROM {source}"
             " WHERE {needs}{after}{tenants} ORDER BY {id} LIMIT %(limit)s"
         ).format(
             id=self.id,
             tenant=self._tenant_text(),
-            fp=fp,
             md5=md5,
             values=values,
             source=source,
@@ -286,9 +283,9 @@ class TargetSQL:
         """
         return sql.SQL(
             "WITH embedfill_batch AS ("
-            "SELECT * FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[],"
-            " %(md5s)b::uuid[], %(tenants)b::text[])"
-            " AS u(embedfill_id, embedfill_fp, embedfill_vec, embedfill_md5, embedfill_tenant)"
+            "SELECT * FROM unnest({ids}, %(vecs)b::{vec_type}[], %(md5s)b::uuid[],"
+            " %(tenants)b::text[])"
+            " AS u(embedfill_id, embedfill_vec, embedfill_md5, embedfill_tenant)"
             "), embedfill_locked AS ("
             "SELECT {t_id} AS id FROM {table} AS t"
             " JOIN embedfill_batch AS b ON {t_id} = b.embedfill_id"
@@ -297,7 +294,7 @@ class TargetSQL:
             "UPDATE {table} AS t SET {emb} = b.embedfill_vec FROM embedfill_batch AS b"
             " WHERE {t_id} = b.embedfill_id AND {keys}"
             " AND {t_id} IN (SELECT id FROM embedfill_locked)"
-            "{guard} AND {fp} = b.embedfill_fp"
+            "{guard} AND {same}"
             " RETURNING {t_id} AS id, b.embedfill_md5 AS text_md5, b.embedfill_tenant AS tenant"
             "){provenance}{tally} SELECT (SELECT count(*) FROM embedfill_locked),"
             " (SELECT array_agg(id) FROM embedfill_written)"
@@ -311,11 +308,10 @@ class TargetSQL:
         return sql.SQL(
             "WITH embedfill_written AS ("
             "UPDATE {table} AS t SET {emb} = b.embedfill_vec"
-            " FROM unnest({ids}, %(fps)b::text[], %(vecs)b::{vec_type}[], %(md5s)b::uuid[],"
-            " %(tenants)b::text[])"
-            " AS b(embedfill_id, embedfill_fp, embedfill_vec, embedfill_md5, embedfill_tenant)"
+            " FROM unnest({ids}, %(vecs)b::{vec_type}[], %(md5s)b::uuid[], %(tenants)b::text[])"
+            " AS b(embedfill_id, embedfill_vec, embedfill_md5, embedfill_tenant)"
             " WHERE {t_id} = b.embedfill_id AND {keys}"
-            "{guard} AND {fp} = b.embedfill_fp"
+            "{guard} AND {same}"
             " RETURNING {t_id} AS id, b.embedfill_md5 AS text_md5, b.embedfill_tenant AS tenant"
             "){provenance}{tally}"
             " SELECT cardinality({ids}), (SELECT array_agg(id) FROM embedfill_written)"
@@ -345,7 +341,7 @@ class TargetSQL:
             "t_id": t_id,
             "keys": keys,
             "guard": sql.SQL("") if refresh else sql.SQL(" AND {} IS NULL").format(t_emb),
-            "fp": self._fingerprint("t"),
+            "same": self._as_read(),
             "provenance": sql.SQL(
                 ", embedfill_provenance AS ("
                 "INSERT INTO {prov} AS p (column_id, model_id, text_md5, embedded_at, row_key)"
@@ -366,15 +362,15 @@ class TargetSQL:
         t_emb = sql.Identifier("t", self.target.embedding_column)
         return sql.SQL(
             "SELECT {t_id} FROM {table} AS t"
-            " JOIN unnest({ids}, %(fps)b::text[]) AS b(embedfill_id, embedfill_fp)"
-            " ON {t_id} = b.embedfill_id"
-            " WHERE {t_id} = ANY({ids}){guard} AND {fp} = b.embedfill_fp"
+            " JOIN unnest({ids}, %(md5s)b::uuid[], %(tenants)b::text[])"
+            " AS b(embedfill_id, embedfill_md5, embedfill_tenant) ON {t_id} = b.embedfill_id"
+            " WHERE {t_id} = ANY({ids}){guard} AND {same}"
         ).format(
             table=self.table,
             ids=ids,
             t_id=t_id,
             guard=sql.SQL("") if refresh else sql.SQL(" AND {} IS NULL").format(t_emb),
-            fp=self._fingerprint("t"),
+            same=self._as_read(),
         )
 
     def count_embeddable(self) -> sql.Composed:

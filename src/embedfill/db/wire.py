@@ -59,14 +59,6 @@ def int8_array(values: Sequence[Any]) -> Int8Array | None:
     return Int8Array(_header(INT8_OID, len(values)) + items.tobytes())
 
 
-def fixed_text_array(values: Sequence[str], width: int) -> TextArray:
-    """ASCII strings of one length (md5 hex digests) as text[]."""
-    items = np.empty(len(values), dtype=[("len", ">i4"), ("s", f"S{width}")])
-    items["len"] = width
-    items["s"] = values
-    return TextArray(_header(TEXT_OID, len(values)) + items.tobytes())
-
-
 def uuid_array(values: Sequence[Any]) -> UuidArray:
     """uuid.UUID values or their 16 bytes (None: NULL) as uuid[]."""
     item = (16).to_bytes(4, "big")

@@ -89,7 +89,7 @@ class Embedder:
         orphans: list[Row] = []
         over = self.state.stopping or self.state.halted is not None
         for row in batch.rows:
-            for waiting in self.state.inflight.pop(row.fingerprint, []):
+            for waiting in self.state.inflight.pop(row.key, []):
                 chunk = waiting.chunk
                 if over or chunk is None or chunk.given_up:
                     dropped.append(waiting)
@@ -105,12 +105,12 @@ class Embedder:
         would leave them unsettled, and their chunk would never end."""
         leaders: dict[str, Row] = {}
         for row in orphans:
-            waiting = self.state.inflight.get(row.fingerprint)
+            waiting = self.state.inflight.get(row.key)
             if waiting is not None:
                 waiting.append(row)
             else:
-                leaders[row.fingerprint] = row
-                self.state.inflight[row.fingerprint] = []
+                leaders[row.key] = row
+                self.state.inflight[row.key] = []
         if leaders:
             rows = tuple(leaders.values())
             await self._embed(Batch(rows[0].tenant, rows), write_q)
@@ -197,10 +197,10 @@ class Embedder:
             if unusable and i in unusable:  # pgvector refuses NaN and infinity: this row fails
                 self._fail(Batch(batch.tenant, (row,)), _non_finite(halfvec), attempts)
                 continue
-            remember(row.fingerprint, vector)
+            remember(row.key, vector)
             rows.append(row)
             vecs.append(vector)
-            for follower in waiting(row.fingerprint, ()):  # rows of the same text
+            for follower in waiting(row.key, ()):  # rows of the same text
                 rows.append(follower)
                 vecs.append(vector)
         if write.rows:
@@ -316,7 +316,7 @@ class Embedder:
         rows = list(orphans)
         for row in kept.rows if kept is not None else ():
             rows.append(row)
-            rows.extend(self.state.inflight.pop(row.fingerprint, []))
+            rows.extend(self.state.inflight.pop(row.key, []))
         if rows:
             self.ledger.fail_rows(rows, exc, attempts)
 

@@ -179,8 +179,9 @@ class Scanner:
         cap = max_tokens * CHARS_PER_TOKEN
         rows: list[Row] = []
         missing: dict[str | None, int] = {}
+        keyed = self.state.target.tenant_column is not None
         for raw in raws:
-            row_id, tenant, fingerprint, held, text_md5, *values = raw
+            row_id, tenant, held, text_md5, *values = raw
             missing[tenant] = missing.get(tenant, 0) + 1
             text = render(values)
             # the common case of prepare_text, inline: a text to send whole
@@ -205,7 +206,8 @@ class Scanner:
                     row_id,
                     tenant,
                     text,
-                    fingerprint,
+                    # the de-duplication key: the text as read, of one tenant
+                    (tenant, text_md5) if keyed else text_md5,
                     tokens,
                     truncated,
                     bool(held),
@@ -244,7 +246,7 @@ class Scanner:
         batcher = self._batcher()
         async for page in self._pages():
             for row in self._rows(page):
-                key = row.fingerprint
+                key = row.key
                 if seen.get(key):
                     self.state.report.deduplicated += 1
                     continue
@@ -363,7 +365,7 @@ class Scanner:
                 # arrived be handled (and the next requests sent) in between
                 await asyncio.sleep(0)
             for row in self._rows(page[start : start + YIELD_EVERY_ROWS], chunk):
-                key = row.fingerprint
+                key = row.key
                 cached = cached_vector(key)
                 if cached is not None:
                     self.state.report.deduplicated += 1

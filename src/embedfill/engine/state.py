@@ -215,7 +215,7 @@ class RunState:
         dims = info.dimensions or 1536
         cache_rows = engine.dedup_cache_mb * 1024 * 1024 // (dims * 4 + 200)
         self.cache: BoundedCache[Vector] = BoundedCache(cache_rows)
-        self.inflight: dict[str, list[Row]] = {}
+        self.inflight: dict[Any, list[Row]] = {}
         # tenants with no usable key: why, and the digest of the key they died with
         # (another key, looked up every keys.KEY_TTL_S, revives the tenant)
         self.dead_tenants: dict[str | None, tuple[str, str]] = {}

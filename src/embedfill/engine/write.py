@@ -103,7 +103,6 @@ class Writer:
         ids = [r.id for r in item.rows]
         params: dict[str, Any] = {
             "ids": wire.int8_array(ids) or ids,
-            "fps": wire.fixed_text_array([r.fingerprint for r in item.rows], 32),
             "vecs": item.vectors,  # encoded on the lane (its vector type's oid)
             "md5s": wire.uuid_array([r.text_md5 for r in item.rows]),
             "tenants": wire.text_array([r.tenant for r in item.rows]),
