@@ -161,6 +161,10 @@ def vector_bytes(kind: str, dimensions: int) -> int:
 
 
 _INDEX_DEF = re.compile(r" USING (\w+) \((.*?)\)(?: WITH \((.*)\))?(?: WHERE .*)?$")
+# an identifier as the server writes it: quoted where it must be (spaces, capitals, dots)
+_IDENT = r'(?:"(?:[^"]|"")*"|[^\s".]+)'
+# the operator class that ends a key column's text (``emb "My Ext".vector_cosine_ops``)
+_OPCLASS = re.compile(rf"\s((?:{_IDENT}\.)?{_IDENT})$")
 
 
 def index_parts(index: VectorIndex) -> tuple[str, str, str]:
@@ -170,8 +174,8 @@ def index_parts(index: VectorIndex) -> tuple[str, str, str]:
     if match is None:
         return index.method, "", ""
     method, column, params = match.groups()
-    parts = column.rsplit(" ", 1)
-    return method, parts[1] if len(parts) == 2 else "", params or ""
+    named = _OPCLASS.search(column)  # the key column's class, when the definition names one
+    return method, named[1] if named else "", params or ""
 
 
 def parse_index(index: VectorIndex) -> tuple[str, str, dict[str, str]]:
@@ -703,7 +707,10 @@ async def searched_instead(
     the cutover, after a rollback, and once finalized."""
     store = Store(conn)
     try:
-        row = await store.latest_migration(info.oid, target.embedding_column)
+        # a savepoint: status reads in one transaction (its snapshot), which a failed
+        # statement would abort for every statement after it
+        async with conn.transaction():
+            row = await store.latest_migration(info.oid, target.embedding_column)
     except psycopg.errors.UndefinedTable:  # a schema from before changes of model
         return None
     if row is None or row["phase"] != "cut_over":

@@ -219,3 +219,20 @@ def test_status_before_embedfills_schema_exists_shows_every_vector_unverified(
     with psycopg.connect(tickets) as conn:
         schema = conn.execute("SELECT to_regnamespace('embedfill')").fetchone()
     assert schema == (None,)  # status wrote nothing
+
+
+def test_status_on_a_schema_from_before_changes_of_model_reads_its_counts(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """A database the previous release migrated (provenance, no model_migrations yet):
+    status, which never migrates, reads it in one snapshot. The missing table of changes
+    of model failed one statement, which aborted the snapshot's transaction and every
+    read after it ("current transaction is aborted")."""
+    config = tickets_config(fake_openai.base_url)
+    run(tickets, config, limit=10)
+    edit(tickets, [1])
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute("DELETE FROM embedfill.schema_version WHERE version >= 9")
+        conn.execute("DROP TABLE embedfill.model_migrations, embedfill.active_models")
+    s = status(tickets, config)
+    assert (s.missing, s.stale, s.outdated_model, s.cut_over_to) == (35, 1, 0, None)

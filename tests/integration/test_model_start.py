@@ -543,6 +543,22 @@ def test_the_recall_gate_measures_a_twin_of_the_default_operator_class(indexed: 
     assert (recall["probes"], recall["value"], recall["pass"]) == ("1000", 1.0, True), recall
 
 
+def test_the_recall_gate_measures_where_pgvector_lives_in_a_schema_that_needs_quotes(
+    indexed: str,
+) -> None:
+    """pgvector in schema "My Ext": the twin's class is "My Ext".vector_cosine_ops as the
+    server writes it, and the gate's operator named the schema quoted twice (a schema
+    that does not exist): verify failed instead of measuring."""
+    from embedfill.application import amodel_verify
+
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA "My Ext"')
+        conn.execute('ALTER EXTENSION vector SET SCHEMA "My Ext"')
+    start(indexed)
+    recall = run(amodel_verify, indexed, env={}).gates["recall_at_10"]
+    assert (recall["value"], recall["pass"]) == (1.0, True), recall
+
+
 def test_a_change_given_up_before_the_cutover_drops_only_the_new_vectors(indexed: str) -> None:
     from embedfill.application import amodel_finalize, amodel_rollback
 

@@ -318,12 +318,15 @@ DISTANCE = {
 
 def distance_operator(opclass: str) -> sql.Composable | None:
     """``OPERATOR(schema.<=>)`` for an operator class as an index definition names it
-    (``public.vector_cosine_ops``); None for one this does not know."""
+    (``public.vector_cosine_ops``, ``"My Ext".vector_l2_ops``: the server quotes a
+    schema name that needs it); None for one this does not know."""
     schema, _, name = opclass.rpartition(".")
     kind = name.removesuffix("_ops").rsplit("_", 1)[-1]
     op = DISTANCE.get(kind)
     if op is None:
         return None
+    if len(schema) > 1 and schema[0] == schema[-1] == '"':  # quoted: the name itself
+        schema = schema[1:-1].replace('""', '"')
     return sql.SQL("OPERATOR({}.{})").format(sql.Identifier(schema or "pg_catalog"), sql.SQL(op))
 
 
