@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c requirements.lock
 
-.PHONY: demo test test-fast lint fmt bench docs lock clean
+.PHONY: demo test test-fast test-oldest lint fmt bench docs lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,25 @@ test: $(VENV)/.installed-dev
 test-fast: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -n 4 -m "not e2e and not slow" $(PYTEST_ARGS)
 
+# The job queue's oldest release that pyproject.toml allows (procrastinate>=3.8: 3.7 and
+# older lack the transactional batch defer embedfill rings chunks with): the tests of
+# jobs, workers and the queue run against it, beside `make test`'s locked, newest one.
+# It goes in .oldest/ (ahead of the venv's copy on PYTHONPATH); nothing else changes.
+PROCRASTINATE_OLDEST := 3.8.1
+OLDEST := $(CURDIR)/.oldest
+test-oldest: $(VENV)/.installed-dev
+	rm -rf $(OLDEST)
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps \
+		--target $(OLDEST) procrastinate==$(PROCRASTINATE_OLDEST)
+	PYTHONPATH=$(OLDEST) EMBEDFILL_EXPECT_PROCRASTINATE=$(PROCRASTINATE_OLDEST) \
+		$(BIN)/python -m pytest -n 2 -p no:cacheprovider \
+		tests/unit/test_dependencies.py tests/integration/test_jobs_attack.py \
+		tests/integration/test_kinds.py tests/integration/test_watch.py \
+		tests/integration/test_roles.py tests/e2e/test_workers.py \
+		tests/e2e/test_workers_attack.py tests/e2e/test_job_spec.py \
+		tests/e2e/test_job_spec_attack.py tests/e2e/test_watch_cli.py \
+		tests/e2e/test_signals.py $(PYTEST_ARGS)
+
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
@@ -63,4 +82,4 @@ lock: $(VENV)/.installed-dev
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^embedfill' > requirements.lock
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .oldest .pytest_cache .mypy_cache .ruff_cache
