@@ -270,7 +270,8 @@ class TargetSQL:
         Rows are locked first with ``SKIP LOCKED``: a row the application holds locked is
         never waited for (so the backfill never queues behind the app, holds its batch's
         rows meanwhile, or joins a deadlock); it is tried again later. The answer is one
-        row: how many rows were locked, and the ids written; when fewer were locked than
+        row: how many rows were locked, and the ids written (NULL when every row of the
+        batch was); when fewer were locked than
         sent, ``still_owed`` tells the app's rows from rows it changed, filled or deleted.
 
         Only the batch's own rows are locked (a join with the batch). Integer ids are
@@ -296,8 +297,7 @@ class TargetSQL:
             " AND {t_id} IN (SELECT id FROM embedfill_locked)"
             "{guard} AND {same}"
             " RETURNING {t_id} AS id, b.embedfill_md5 AS text_md5, b.embedfill_tenant AS tenant"
-            "){provenance}{tally} SELECT (SELECT count(*) FROM embedfill_locked),"
-            " (SELECT array_agg(id) FROM embedfill_written)"
+            "){provenance}{tally} SELECT (SELECT count(*) FROM embedfill_locked), {written}"
         ).format(**self._write_names(refresh))
 
     def write_fast(self, refresh: bool = False) -> sql.Composed:
@@ -313,8 +313,7 @@ class TargetSQL:
             " WHERE {t_id} = b.embedfill_id AND {keys}"
             "{guard} AND {same}"
             " RETURNING {t_id} AS id, b.embedfill_md5 AS text_md5, b.embedfill_tenant AS tenant"
-            "){provenance}{tally}"
-            " SELECT cardinality({ids}), (SELECT array_agg(id) FROM embedfill_written)"
+            "){provenance}{tally} SELECT cardinality({ids}), {written}"
         ).format(**self._write_names(refresh))
 
     def _write_names(self, refresh: bool) -> dict[str, sql.Composable]:
@@ -351,6 +350,12 @@ class TargetSQL:
                 " text_md5 = excluded.text_md5, embedded_at = excluded.embedded_at)"
             ).format(prov=PROVENANCE),
             "tally": sql.SQL(TALLY),
+            # the ids written, only when some of the batch's were not (most often all
+            # were: NULL, and neither side builds a thousand ids to compare)
+            "written": sql.SQL(
+                "CASE WHEN (SELECT count(*) FROM embedfill_written) < cardinality({ids})"
+                " THEN coalesce((SELECT array_agg(id) FROM embedfill_written), '{{}}') END"
+            ).format(ids=ids),
         }
 
     def still_owed(self, refresh: bool = False) -> sql.Composed:

@@ -185,7 +185,13 @@ class Scanner:
             missing[tenant] = missing.get(tenant, 0) + 1
             text = render(values)
             # the common case of prepare_text, inline: a text to send whole
-            if len(text) <= cap and (tokens := count(text)) <= max_tokens and text.strip():
+            # (isspace: strip's whitespace, without copying the text)
+            if (
+                len(text) <= cap
+                and (tokens := count(text)) <= max_tokens
+                and text
+                and not text.isspace()
+            ):
                 truncated = False
             else:
                 prepared = prepare_text(

@@ -176,7 +176,9 @@ class Writer:
         if whole:  # every row would meet it: nothing more is paid for
             self.state.halt(refused)
 
-    async def _commit_on_lane(self, params: dict[str, Any], sent: int) -> tuple[set[Any], set[Any]]:
+    async def _commit_on_lane(
+        self, params: dict[str, Any], sent: int
+    ) -> tuple[set[Any] | None, set[Any]]:
         assert self.state.lanes is not None, "a dry run writes no vector"
         async with self.state.lanes.writer(self.state.lane) as lane:
             types = self.state.info.types
@@ -189,10 +191,11 @@ class Writer:
 
     async def _commit(
         self, conn: psycopg.AsyncConnection[Any], params: dict[str, Any], sent: int
-    ) -> tuple[set[Any], set[Any]]:
-        """Write one batch; the ids written, and the ids the app held locked (still NULL
-        and unchanged, so owed a later try). The second look happens only when the write
-        could not lock every row: the common case is one statement."""
+    ) -> tuple[set[Any] | None, set[Any]]:
+        """Write one batch; the ids written (None: every one sent), and the ids the app
+        held locked (still NULL and unchanged, so owed a later try). The second look
+        happens only when the write could not lock every row: the common case is one
+        statement."""
         row: Any = None
         with contextlib.suppress(psycopg.errors.LockNotAvailable):
             async with conn.transaction():  # the plain UPDATE, if no row is held
@@ -204,14 +207,18 @@ class Writer:
                 cur = await conn.execute(self.state.sql.write(self.state.refresh), params)
                 row = await cur.fetchone()
         assert row is not None
-        locked, written = int(row[0]), set(row[1] or ())
+        locked, written = int(row[0]), None if row[1] is None else set(row[1])
         if locked == sent:
             return written, set()
+        assert written is not None  # not every row was locked, so not every one written
         cur = await conn.execute(self.state.sql.still_owed(self.state.refresh), params)
         return written, {r[0] for r in await cur.fetchall()} - written
 
-    def _tally_write(self, item: PendingWrite, result: tuple[set[Any], set[Any]]) -> None:
+    def _tally_write(self, item: PendingWrite, result: tuple[set[Any] | None, set[Any]]) -> None:
         written, busy = result
+        if written is None:  # every row sent, and none was busy
+            self._count_written(item.rows, None)
+            return
         if busy:
             due = time.monotonic() + LOCKED_RETRY_S
             waiting = PendingWrite([], [])
@@ -302,7 +309,19 @@ class Writer:
             self.state.hooks.observer.rows(self.state.target.name, "skipped", len(left))
             self.ledger.settle(left)
 
-    def _count_written(self, rows: list[Row], written: set[Any]) -> None:
+    def _count_written(self, rows: list[Row], written: set[Any] | None) -> None:
+        """Count ``rows`` settled by a write: those in ``written`` (None: every one)
+        embedded, the others changed by the app meanwhile."""
+        if written is None:
+            self.state.hooks.observer.rows(self.state.target.name, "embedded", len(rows))
+            for tenant, count in Counter(r.tenant for r in rows).items():
+                self.state.tenant(tenant).embedded += count
+            self.state.report.embedded += len(rows)
+            if self.state.refresh:
+                self.state.report.refreshed += sum(1 for r in rows if r.refresh)
+            self.ledger.settle(rows)
+            self.ledger.progress()
+            return
         self.state.hooks.observer.rows(self.state.target.name, "embedded", len(written))
         self.state.hooks.observer.rows(self.state.target.name, "skipped", len(rows) - len(written))
         embedded = Counter(r.tenant for r in rows if r.id in written)
