@@ -585,6 +585,9 @@ async def amodel_start(
                 await indexes.vector_indexes(conn, info.oid, live.embedding_column),
                 info.types.vector_type,
                 new_type,
+                expressions=await indexes.expression_indexes(conn, info.oid, live.embedding_column),
+                column=live.embedding_column,
+                dimensions=int(plan.to_model["dimensions"]),
             )
             if strategy == "table":
                 home["text_sql"] = homes.side_text_sql(info.sql(live), conn)
@@ -746,6 +749,8 @@ async def _build_twins(
                     twin["method"],
                     twin["opclass"],
                     twin["params"],
+                    twin.get("cast", ""),
+                    int(twin.get("dimensions") or 0),
                 )
             )
 

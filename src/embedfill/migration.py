@@ -32,6 +32,7 @@ import hashlib
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -84,6 +85,7 @@ class IndexPlan:
     method: str
     opclass: str
     parameters: dict[str, str]
+    expression: str  # the twin's column cast to this type ("public.halfvec(3072)"), or ""
     live: str  # the live index's definition (pg_get_indexdef)
     build_seconds: float  # a rough estimate: see HNSW_ROWS_PER_S_AT_384
     bytes: int
@@ -178,24 +180,64 @@ def index_parts(index: VectorIndex) -> tuple[str, str, str]:
     return method, named[1] if named else "", params or ""
 
 
+# an index on the column cast to halfvec, as the server writes its definition (pgvector's
+# way to index vectors of more dimensions than HNSW takes: ((emb)::halfvec(3072)))
+_CAST_DEF = re.compile(
+    rf" USING (\w+) \(\(\(({_IDENT})\)::((?:{_IDENT}\.)?halfvec)\(\d+\)\)"
+    rf" ((?:{_IDENT}\.)?{_IDENT})\)(?: WITH \((.*)\))?(?: WHERE .*)?$"
+)
+
+
+def _unquoted(name: str) -> str:
+    if len(name) > 1 and name[0] == name[-1] == '"':
+        return name[1:-1].replace('""', '"')
+    return name
+
+
+def cast_parts(index: VectorIndex, column: str) -> tuple[str, str, str, str] | None:
+    """(method, the cast's type, operator class, parameters) of an index on ``column``
+    cast to halfvec; None for any other expression (no twin is built for it)."""
+    match = _CAST_DEF.search(index.definition)
+    if match is None or _unquoted(match[2]) != column:
+        return None
+    return match[1], match[3], match[4], match[5] or ""
+
+
 def parse_index(index: VectorIndex) -> tuple[str, str, dict[str, str]]:
     """(method, operator class, parameters) of a vector index's definition."""
     method, opclass, params = index_parts(index)
+    return method, opclass, parse_parameters(params)
+
+
+def parse_parameters(params: str) -> dict[str, str]:
+    """An index definition's ``WITH`` list (``m='16', ef_construction='64'``)."""
     parameters: dict[str, str] = {}
     for item in params.split(","):
         if "=" in item:
             key, value = item.split("=", 1)
             parameters[key.strip()] = value.strip().strip("'")
-    return method, opclass, parameters
+    return parameters
 
 
 def index_plan(
-    index: VectorIndex, rows: int, live_type: str, new_type: str, dimensions: int
+    index: VectorIndex,
+    rows: int,
+    live_type: str,
+    new_type: str,
+    dimensions: int,
+    cast: tuple[str, str, str, str] | None = None,
 ) -> IndexPlan:
-    """The twin of ``index`` to build: its class for the new type, its time and size."""
-    method, opclass, parameters = parse_index(index)
-    opclass = retyped_opclass(opclass, live_type, new_type)
-    kind = base_type(new_type)
+    """The twin of ``index`` to build: its class for the new type, its time and size
+    (``cast``: cast_parts of an index on the column cast to halfvec, whose twin is on
+    the new vectors cast the same way)."""
+    if cast is not None:
+        method, cast_type, opclass, params = cast
+        parameters = parse_parameters(params)
+        kind = base_type(cast_type)
+    else:
+        method, opclass, parameters = parse_index(index)
+        opclass = retyped_opclass(opclass, live_type, new_type)
+        kind = base_type(new_type)
     per_s = HNSW_ROWS_PER_S_AT_384 * 384 / max(dimensions, 1)
     if method == "ivfflat":
         per_s *= IVFFLAT_SPEEDUP
@@ -207,6 +249,7 @@ def index_plan(
         method=method,
         opclass=opclass,
         parameters=parameters,
+        expression=f"{cast[1]}({dimensions})" if cast is not None else "",
         live=index.definition,
         build_seconds=round(rows / per_s, 1),
         bytes=int(rows * per_row / 0.9),  # pages are filled to about 90 %
@@ -386,6 +429,17 @@ async def plan(
                 "run ALTER EXTENSION vector UPDATE, or leave --vector-type out."
             )
     live_indexes = await vector_indexes(conn, info.oid, target.embedding_column)
+    on_expressions = await expression_indexes(conn, info.oid, target.embedding_column)
+    casts = [(i, cast_parts(i, target.embedding_column)) for i in on_expressions]
+    halfvec_limit = INDEX_MAX_DIMENSIONS["halfvec"]
+    cast_names = [i.name for i, cast in casts if cast is not None]
+    if cast_names and new_dims > halfvec_limit:
+        raise PlanRefused(
+            f"{to.label} gives {new_dims}-dimension vectors, and the index "
+            f"{cast_names[0]} casts the live column to halfvec, which pgvector indexes up "
+            f"to {halfvec_limit:,} dimensions; set dimensions = {halfvec_limit} or fewer in "
+            f"[providers.{to.name}]."
+        )
     limit = INDEX_MAX_DIMENSIONS.get(kind, INDEX_MAX_DIMENSIONS["vector"])
     if live_indexes and new_dims > limit:
         method = live_indexes[0].method
@@ -438,24 +492,28 @@ async def plan(
     new_type = stored_type(info.types.vector_type, kind)
     indexes = [
         index_plan(i, embeddable, info.types.vector_type, new_type, new_dims) for i in live_indexes
+    ] + [
+        index_plan(i, embeddable, info.types.vector_type, new_type, new_dims, cast)
+        for i, cast in casts
+        if cast is not None
     ]
     per_vector = vector_bytes(kind, new_dims)
     vectors = embeddable * (per_vector + (SIDE_ROW_OVERHEAD if strategy == "table" else 0))
     index_bytes = sum(i.bytes for i in indexes)
     warnings: list[str] = []
-    if not live_indexes:
+    if not indexes:
         warnings.append(
             f"The live column {target.embedding_column} has no vector index, so none is "
             "built for the new vectors either; searches on them scan the table."
         )
-    on_expressions = await expression_indexes(conn, info.oid, target.embedding_column)
-    if on_expressions:
-        names = ", ".join(on_expressions)
+    others = [i.name for i, cast in casts if cast is None]
+    if others:
         warnings.append(
-            f"The vector index {names} is on an expression of {target.embedding_column} "
-            "(a cast, say): no twin is built for it and the recall gate does not measure "
-            "it. Build its twin on the new vectors yourself (CREATE INDEX CONCURRENTLY, "
-            "with the new model's width in the expression) before the cutover."
+            f"The vector index {', '.join(others)} is on an expression of "
+            f"{target.embedding_column} other than a cast to halfvec: no twin is built for "
+            "it and the recall gate does not measure it. Build its twin on the new vectors "
+            "yourself (CREATE INDEX CONCURRENTLY, with the new model's width in the "
+            "expression) before the cutover."
         )
     if strategy == "column":
         size = await _table_bytes(conn, info.oid)
@@ -567,15 +625,33 @@ def with_target(config: Config, target: TargetConfig) -> Config:
 
 
 def twins(
-    home: dict[str, Any], live: list[VectorIndex], live_type: str, new_type: str
+    home: dict[str, Any],
+    live: list[VectorIndex],
+    live_type: str,
+    new_type: str,
+    *,
+    expressions: Sequence[VectorIndex] = (),
+    column: str = "",
+    dimensions: int = 0,
 ) -> list[dict[str, str]]:
     """Each live vector index's twin on the new vectors: its name, method, operator
     class and parameters (as the server's definition of the live one writes them; the
-    class of the same distance for new vectors of another type: retyped_opclass)."""
-    out = []
-    for n, index in enumerate(live, 1):
-        method, opclass, params = index_parts(index)
-        opclass = retyped_opclass(opclass, live_type, new_type)
+    class of the same distance for new vectors of another type: retyped_opclass). An
+    index on the live ``column`` cast to halfvec (``expressions``: cast_parts) has a
+    twin on the new vectors cast to halfvec of their ``dimensions`` (``cast``)."""
+    out: list[dict[str, str]] = []
+    planned: list[tuple[VectorIndex, tuple[str, str, str, str] | None]] = [
+        (index, None) for index in live
+    ]
+    planned += [(i, c) for i in expressions if (c := cast_parts(i, column)) is not None]
+    for n, (index, cast) in enumerate(planned, 1):
+        extra: dict[str, str] = {}
+        if cast is not None:
+            method, cast_type, opclass, params = cast
+            extra = {"cast": cast_type, "dimensions": str(dimensions)}
+        else:
+            method, opclass, params = index_parts(index)
+            opclass = retyped_opclass(opclass, live_type, new_type)
         suffix = method if n == 1 else f"{method}{n}"
         out.append(
             {
@@ -584,6 +660,7 @@ def twins(
                 "opclass": opclass,
                 "params": params,
                 "live": index.name,
+                **extra,
             }
         )
     return out
@@ -800,7 +877,7 @@ async def recall_gate(
         )
     # a twin of the live type's default class names none (USING ivfflat (col)): its L2
     # class, measured with <-> like any other (it read "not measured" and passed)
-    opclass = twin["opclass"] or default_opclass(vector_type)
+    opclass = twin["opclass"] or default_opclass(twin.get("cast") or vector_type)
     operator = homes.distance_operator(opclass)
     if operator is None:
         return gate(None, RECALL_MIN, True, note=f"operator class {twin['opclass']} not measured")
@@ -810,7 +887,14 @@ async def recall_gate(
     )
     queries = [r[0] for r in await cur.fetchall()]
     nearest = homes.nearest(
-        home["schema"], home["relation"], home["column"], id_column, operator, vector_type
+        home["schema"],
+        home["relation"],
+        home["column"],
+        id_column,
+        operator,
+        vector_type,
+        twin.get("cast", ""),
+        int(twin.get("dimensions") or 0),
     )
     # the setting that trades this index's recall for speed, as the app's sessions get it
     setting, default = (

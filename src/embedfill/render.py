@@ -280,8 +280,9 @@ def model_plan_text(console: Console, p: ModelPlan) -> None:
     ]
     for i in p.indexes:
         params = ", ".join(f"{k}={v}" for k, v in i.parameters.items())
+        on = f"on the new vectors cast to {i.expression}, " if i.expression else ""
         lines.append(
-            f"Index: {i.method} ({i.opclass}{', ' + params if params else ''}), built "
+            f"Index: {i.method} ({on}{i.opclass}{', ' + params if params else ''}), built "
             f"concurrently in {_duration(i.build_seconds)} (rough), "
             f"{_bytes(i.bytes)}"
         )

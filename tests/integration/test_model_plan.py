@@ -34,6 +34,7 @@ def config(**target: Any) -> Config:
                     "price_per_1m_tokens": 0.02,
                 },
                 "wide": {"kind": "hash", "model": "hash-wide", "dimensions": 3072},
+                "wider": {"kind": "hash", "model": "hash-wider", "dimensions": 4001},
                 "same": {**provider_settings(NOWHERE, 8), "max_concurrency": 1},
                 "keyed": provider_settings(NOWHERE, 16, model="test-embed-2"),
             },
@@ -113,18 +114,37 @@ def test_the_column_strategy_says_what_it_locks_and_rewrites(indexed: str) -> No
     assert any("rewrites every row" in w for w in p.warnings)
 
 
-def test_a_plan_names_a_vector_index_on_an_expression_that_gets_no_twin(indexed: str) -> None:
-    """An index on a cast of the column is the app's too: it got no twin, the plan listed
-    none and said nothing, and the recall gate passed as if searches were exact."""
+def test_a_plan_twins_an_index_on_a_halfvec_cast_and_names_any_other_expression(
+    indexed: str,
+) -> None:
+    """An index on a cast of the column is the app's too (pgvector's way past HNSW's
+    2,000 dimensions): it got no twin, the plan listed none, and the recall gate passed
+    as if searches were exact. A cast to halfvec gets its twin, on the new vectors cast
+    to halfvec of the new width; another expression is named, with what to do."""
     with psycopg.connect(indexed, autocommit=True) as conn:
         conn.execute(
             'CREATE INDEX tickets_emb_half ON app."SupportTickets"'
-            " USING hnsw ((emb::halfvec(8)) halfvec_cosine_ops)"
+            " USING hnsw ((emb::halfvec(8)) halfvec_cosine_ops) WITH (m = 12)"
+        )
+        conn.execute(
+            'CREATE INDEX tickets_emb_bits ON app."SupportTickets"'
+            " USING hnsw ((binary_quantize(emb)::bit(8)) bit_hamming_ops)"
         )
     p = plan(indexed)
-    assert [("tickets_emb_hnsw" in i.live) for i in p.indexes] == [True]  # its plain one only
-    [said] = [w for w in p.warnings if "tickets_emb_half" in w]
-    assert "no twin is built for it" in said and "before the cutover" in said
+    live = {i.live.split(" ON ")[0].rsplit(" ", 1)[1]: i for i in p.indexes}
+    assert sorted(live) == ["tickets_emb_half", "tickets_emb_hnsw"]
+    half = live["tickets_emb_half"]
+    assert (half.method, half.opclass, half.parameters) == (
+        "hnsw",
+        "public.halfvec_cosine_ops",
+        {"m": "12"},
+    )
+    assert half.expression == "public.halfvec(16)" and live["tickets_emb_hnsw"].expression == ""
+    assert half.bytes > 0 and p.disk_bytes["indexes"] == sum(i.bytes for i in p.indexes)
+    [said] = [w for w in p.warnings if "tickets_emb" in w]
+    assert "tickets_emb_bits" in said and "no twin is built for it" in said
+    with pytest.raises(PlanRefused, match="casts the live column to halfvec"):
+        plan(indexed, to="wider")
 
 
 def test_a_plan_says_when_the_new_providers_key_is_not_set_here(indexed: str) -> None:

@@ -559,6 +559,40 @@ def test_the_recall_gate_measures_where_pgvector_lives_in_a_schema_that_needs_qu
     assert (recall["value"], recall["pass"]) == (1.0, True), recall
 
 
+def test_an_index_on_a_halfvec_cast_gets_its_twin_which_the_recall_gate_measures(
+    indexed: str,
+) -> None:
+    """The live column indexed as halfvec (pgvector's way past HNSW's 2,000 dimensions):
+    its twin is built on the new vectors cast to halfvec of the new width, and the recall
+    gate searches it as the app would, through the cast (before, no twin was built and
+    the gate passed as if searches were exact)."""
+    from embedfill.application import amodel_verify
+
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute("DROP INDEX app.tickets_emb_hnsw")
+        conn.execute(
+            'CREATE INDEX tickets_emb_half ON app."SupportTickets"'
+            " USING hnsw ((emb::halfvec(8)) halfvec_cosine_ops) WITH (m = 8)"
+        )
+    assert start(indexed).index == "valid"
+    with psycopg.connect(indexed) as conn:
+        [(definition,)] = conn.execute(
+            "SELECT pg_get_indexdef(indexrelid) FROM pg_index"
+            " WHERE indrelid = 'app.\"SupportTickets_emb_next\"'::regclass AND NOT indisprimary"
+        ).fetchall()
+    assert "USING hnsw (((embedding)::halfvec(16)) halfvec_cosine_ops) WITH (m='8')" in (
+        definition
+    ), definition
+    recall = run(amodel_verify, indexed, env={}).gates["recall_at_10"]
+    assert (recall["value"], recall["pass"]) == (1.0, True) and "note" not in recall, recall
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        dbname = conn.execute("SELECT current_database()").fetchone()
+        assert dbname is not None
+        conn.execute(f'ALTER DATABASE "{dbname[0]}" SET hnsw.ef_search = 1')
+    recall = run(amodel_verify, indexed, env={}).gates["recall_at_10"]
+    assert not recall["pass"] and recall["value"] < 0.5, recall
+
+
 def test_a_change_given_up_before_the_cutover_drops_only_the_new_vectors(indexed: str) -> None:
     from embedfill.application import amodel_finalize, amodel_rollback
 

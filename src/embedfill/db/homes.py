@@ -203,10 +203,19 @@ def add_column(live: TargetSQL, column: str, vector_type: str, dimensions: int) 
 
 
 def create_index(
-    name: str, schema: str, relation: str, column: str, method: str, opclass: str, params: str
+    name: str,
+    schema: str,
+    relation: str,
+    column: str,
+    method: str,
+    opclass: str,
+    params: str,
+    cast: str = "",
+    dimensions: int = 0,
 ) -> sql.Composed:
-    """``CREATE INDEX CONCURRENTLY``: the twin of a live vector index (``opclass`` and
-    ``params`` as the server's own definition of it writes them)."""
+    """``CREATE INDEX CONCURRENTLY``: the twin of a live vector index (``opclass``,
+    ``params`` and ``cast`` as the server's own definition of it writes them; with
+    ``cast``, the index is on the column cast to that type of ``dimensions``)."""
     with_params = sql.SQL(" WITH ({})").format(sql.SQL(params)) if params else sql.SQL("")
     return sql.SQL(
         "CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {table} USING {method}"
@@ -215,9 +224,19 @@ def create_index(
         name=sql.Identifier(name),
         table=sql.Identifier(schema, relation),
         method=sql.SQL(method),
-        column=sql.Identifier(column),
+        column=indexed(column, cast, dimensions),
         opclass=sql.SQL(opclass),
         with_params=with_params,
+    )
+
+
+def indexed(column: str, cast: str = "", dimensions: int = 0) -> sql.Composable:
+    """What a twin index holds: the column, or (``cast``) the column cast to that type
+    (``public.halfvec``) of ``dimensions``, as an index and a search both write it."""
+    if not cast:
+        return sql.Identifier(column)
+    return sql.SQL("(({})::{}({}))").format(
+        sql.Identifier(column), sql.SQL(cast), sql.Literal(int(dimensions))
     )
 
 
@@ -345,18 +364,24 @@ def nearest(
     id_column: str,
     operator: sql.Composable,
     vector_type: str,
+    cast: str = "",
+    dimensions: int = 0,
 ) -> sql.Composed:
     """The ten rows nearest to %(q)s (a vector as text), as the app searches them, with
-    their distances."""
+    their distances (``cast``: on the column cast as an index on it is, create_index)."""
+    query = (
+        sql.SQL("%(q)s::{}").format(sql.SQL(vector_type))
+        if not cast
+        else sql.SQL("%(q)s::{}({})").format(sql.SQL(cast), sql.Literal(int(dimensions)))
+    )
     return sql.SQL(
-        "SELECT {id}, {col} {op} %(q)s::{type} FROM {table}"
-        " ORDER BY {col} {op} %(q)s::{type} LIMIT 10"
+        "SELECT {id}, {col} {op} {q} FROM {table} ORDER BY {col} {op} {q} LIMIT 10"
     ).format(
         id=sql.Identifier(id_column),
         table=sql.Identifier(schema, relation),
-        col=sql.Identifier(column),
+        col=indexed(column, cast, dimensions),
         op=operator,
-        type=sql.SQL(vector_type),
+        q=query,
     )
 
 

@@ -30,19 +30,20 @@ JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
 WHERE i.indrelid = %(rel)s AND a.attname = %(column)s AND am.amname IN ('hnsw', 'ivfflat')
 ORDER BY ic.relname"""
 
-# vector indexes on an expression of the column (a cast to halfvec, say): pg_depend ties
-# them to the column, not indkey (0 for an expression)
+# vector indexes on an expression of the column (a cast to halfvec, say), as _LIST reads
+# them: pg_depend ties them to the column, not indkey (0 for an expression)
 _ON_EXPRESSIONS = """
-SELECT DISTINCT ic.relname
+SELECT DISTINCT n.nspname, ic.relname, am.amname, pg_get_indexdef(i.indexrelid)
 FROM pg_index i
 JOIN pg_class ic ON ic.oid = i.indexrelid
+JOIN pg_namespace n ON n.oid = ic.relnamespace
 JOIN pg_am am ON am.oid = ic.relam
 JOIN pg_depend d ON d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
     AND d.refclassid = 'pg_class'::regclass AND d.refobjid = i.indrelid
 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = d.refobjsubid
 WHERE i.indrelid = %(rel)s AND a.attname = %(column)s AND am.amname IN ('hnsw', 'ivfflat')
   AND NOT (a.attnum = ANY(i.indkey))
-ORDER BY 1"""
+ORDER BY 2"""
 
 _STATE = """
 SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(%(name)s)"""
@@ -77,11 +78,11 @@ async def vector_indexes(
 
 async def expression_indexes(
     conn: psycopg.AsyncConnection[Any], table_oid: int, column: str
-) -> list[str]:
-    """The names of vector indexes on an expression of ``column`` (not among
-    ``vector_indexes``: no twin is built for them, and no index-aware drop)."""
+) -> list[VectorIndex]:
+    """The vector indexes on an expression of ``column`` (not among ``vector_indexes``:
+    no index-aware drop; a twin only for a cast to halfvec, migration.cast_parts)."""
     cur = await conn.execute(_ON_EXPRESSIONS, {"rel": table_oid, "column": column})
-    return [str(row[0]) for row in await cur.fetchall()]
+    return [VectorIndex(*row) for row in await cur.fetchall()]
 
 
 def plan_message(indexes: list[VectorIndex], table: str, missing: int) -> str:
