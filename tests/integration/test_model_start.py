@@ -593,6 +593,55 @@ def test_an_index_on_a_halfvec_cast_gets_its_twin_which_the_recall_gate_measures
     assert not recall["pass"] and recall["value"] < 0.5, recall
 
 
+def test_the_recall_gate_measures_every_twin_and_reads_the_worst(indexed: str) -> None:
+    """A plain HNSW index and an IVFFlat one on a halfvec cast: both get twins, and the
+    gate measured only the first (1.0, passed) while the second, searched through its
+    cast at probes = 1 of 15 lists, misses neighbours."""
+    from embedfill.application import amodel_verify
+
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(
+            'CREATE INDEX tickets_emb_ivf ON app."SupportTickets"'
+            " USING ivfflat ((emb::halfvec(8)) halfvec_l2_ops) WITH (lists = 15)"
+        )
+    start(indexed)
+    recall = run(amodel_verify, indexed, env={}).gates["recall_at_10"]
+    by_index = {g["index"]: g for g in recall["indexes"]}
+    assert sorted(by_index) == [
+        "SupportTickets_emb_next_embedding_hnsw",
+        "SupportTickets_emb_next_embedding_ivfflat2",
+    ]
+    assert by_index["SupportTickets_emb_next_embedding_hnsw"]["pass"], recall
+    worst = by_index["SupportTickets_emb_next_embedding_ivfflat2"]
+    assert not worst["pass"] and worst["probes"] == "1", recall
+    assert (recall["index"], recall["value"], recall["pass"]) == (
+        "SupportTickets_emb_next_embedding_ivfflat2",
+        worst["value"],
+        False,
+    )
+
+
+def test_a_partial_index_with_parameters_gets_a_full_twin_with_them(indexed: str) -> None:
+    """``WITH (m = 8) WHERE …``: the parameters' pattern ran on into the WHERE, and the
+    plan failed on "8') WHERE (…" as a number; with another parameter the twin was built
+    with the live table's WHERE on the side table, which has none of its columns."""
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute("DROP INDEX app.tickets_emb_hnsw")
+        conn.execute(
+            'CREATE INDEX tickets_emb_part ON app."SupportTickets" USING hnsw'
+            " (emb vector_cosine_ops) WITH (m = 8, ef_construction = 40) WHERE org <> 'x'"
+        )
+    assert start(indexed).index == "valid"
+    with psycopg.connect(indexed) as conn:
+        [(definition,)] = conn.execute(
+            "SELECT pg_get_indexdef(indexrelid) FROM pg_index"
+            " WHERE indrelid = 'app.\"SupportTickets_emb_next\"'::regclass AND NOT indisprimary"
+        ).fetchall()
+    assert definition.endswith(
+        "USING hnsw (embedding vector_cosine_ops) WITH (m='8', ef_construction='40')"
+    ), definition
+
+
 def test_a_change_given_up_before_the_cutover_drops_only_the_new_vectors(indexed: str) -> None:
     from embedfill.application import amodel_finalize, amodel_rollback
 
