@@ -1874,3 +1874,43 @@ def test_a_start_given_up_while_it_waits_for_the_table_makes_no_home(
     assert run(amodel_finalize, indexed, yes=True).phase == "finalized"
     st = start(indexed, strategy="column")  # a start after that is not refused
     assert (st.phase, st.index) == ("ready", "valid")
+
+
+@pytest.mark.parametrize("strategy", ["table", "column"])
+def test_a_row_edited_while_its_new_vector_is_asked_for_never_gets_the_old_texts(
+    indexed: str, fake_openai: Any, strategy: str
+) -> None:
+    """The fill's write guard on the new vectors (the md5 of the row's text as rendered
+    now, through the side table's subquery on the live row, or on the live row itself):
+    the app edits a row while the new model embeds its old text; that vector is never
+    stored (looked at when the catch-up asks for the new text's), and the catch-up
+    stores the new text's."""
+    providers = {
+        **_raw_providers(),
+        "api": provider_settings(fake_openai.base_url, 16, model="test-embed-2"),
+    }
+    cfg = parse_config({"providers": providers, "targets": [_raw_target()]})
+    old = texts(indexed)[10]
+    home = (
+        ('app."SupportTickets_emb_api"', "embedfill_row_id", "embedding")
+        if strategy == "table"
+        else (T, "ticket_no", "emb_api")
+    )
+    seen: list[Any] = []
+
+    def app_edits_row_10(inputs: list[str]) -> None:
+        if old in inputs:
+            with psycopg.connect(indexed, autocommit=True) as conn:
+                conn.execute(f"UPDATE {T} SET body = 'edited mid-fill' WHERE ticket_no = 10")
+        elif any("edited mid-fill" in text for text in inputs):  # the catch-up's request
+            seen.append(new_vectors(indexed, *home).get(10))
+
+    fake_openai.on_inputs = app_edits_row_10
+    env = {"TEST_PLATFORM_KEY": "sk-platform-0123456789abcdef"}
+    asyncio.run(amodel_start(cfg, Database(indexed), "tickets", "api", strategy, env=env))
+    fake_openai.on_inputs = None
+    assert len(seen) == 1 and seen[0] is None, seen  # the old text's was not written
+    got = new_vectors(indexed, *home).get(10)
+    assert got is not None
+    np.testing.assert_allclose(got, hash_vector(texts(indexed)[10], 16), atol=1e-6)
+    assert "edited mid-fill" in texts(indexed)[10]

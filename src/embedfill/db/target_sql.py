@@ -271,8 +271,8 @@ class TargetSQL:
         never waited for (so the backfill never queues behind the app, holds its batch's
         rows meanwhile, or joins a deadlock); it is tried again later. The answer is one
         row: how many rows were locked, and the ids written (NULL when every row of the
-        batch was); when fewer were locked than
-        sent, ``still_owed`` tells the app's rows from rows it changed, filled or deleted.
+        batch was); when fewer were locked than sent, ``still_owed`` tells the app's rows
+        from rows it changed, filled or deleted.
 
         Only the batch's own rows are locked (a join with the batch). Integer ids are
         bounded by ``BETWEEN lo AND hi`` (one range scan of the key index; without it the

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..embedding import Stopped
 from ..errors import (
@@ -103,7 +103,7 @@ class Embedder:
         its vector as before. A text whose row the scan has read again since (a new
         leader, on its way) is waited for instead: replacing its list of waiting rows
         would leave them unsettled, and their chunk would never end."""
-        leaders: dict[str, Row] = {}
+        leaders: dict[Any, Row] = {}
         for row in orphans:
             waiting = self.state.inflight.get(row.key)
             if waiting is not None:
