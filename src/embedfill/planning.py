@@ -35,6 +35,10 @@ def prepare_text(
     if not text.strip():
         return None
     cap = max_tokens * CHARS_PER_TOKEN
+    if len(text) > cap:
+        # leading whitespace would fill the cap (5,000 spaces, then the words: the
+        # provider got 1,600 spaces): the cut keeps the words
+        text = text.lstrip()
     clipped = len(text) > cap
     if clipped:
         text = text[:cap]

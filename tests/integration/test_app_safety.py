@@ -291,6 +291,48 @@ def test_id_types_that_are_supported(
         np.testing.assert_array_equal(vector, hash_vector(body, 8))
 
 
+def test_citext_ids_with_a_row_deleted_mid_batch_are_counted_exactly(
+    db_url: str, fake_openai: FakeOpenAI
+) -> None:
+    """citext ids: the write answered the ids it wrote as a citext[] the client cannot
+    read, which came back as one string; its characters were taken for the ids, and
+    the report counted 23 embedded and 7 changed of 30 rows with one deleted."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS citext")
+    make_docs(db_url, "citext", [f"K{n:03}" for n in range(30)])
+
+    def app_deletes_one(inputs: list[str]) -> None:
+        if "doc K005" in inputs:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                conn.execute("DELETE FROM docs WHERE id = 'k005'")  # case-insensitive
+
+    fake_openai.on_inputs = app_deletes_one
+    report = run_docs(db_url, docs_config(fake_openai.base_url))
+    assert (report.embedded, report.changed, report.skipped) == (29, 1, 1), report
+    vectors = docs_vectors(db_url)
+    assert len(vectors) == 29 and all(v is not None for _, v in vectors.values())
+
+
+def test_a_row_the_app_only_key_share_locks_is_written_beside_one_it_holds(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """The app inserts a row that references ticket 3 (a KEY SHARE lock on it, for as
+    long as its transaction lasts) and holds ticket 6 FOR UPDATE: the write that skips
+    locked rows locked with FOR UPDATE, which conflicts with KEY SHARE, so ticket 3 was
+    left NULL as "locked" with 6, though the UPDATE itself does not wait for it."""
+    config = with_engine(tickets_config(fake_openai.base_url), locked_rows_wait_s=1)
+    with psycopg.connect(tickets) as app:
+        app.execute('SELECT 1 FROM app."SupportTickets" WHERE ticket_no = 3 FOR KEY SHARE')
+        app.execute('SELECT 1 FROM app."SupportTickets" WHERE ticket_no = 6 FOR UPDATE')
+        report = Background(tickets, config).join(timeout=30)  # the app holds both
+        app.rollback()
+    assert (report.locked, report.embedded) == (1, 44), report
+    with psycopg.connect(tickets) as conn:
+        vectors = stored_vectors(conn)
+    assert vectors[6] is None and vectors[3] is not None
+    assert_right_vectors(tickets, {3})
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [

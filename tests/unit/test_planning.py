@@ -63,6 +63,16 @@ def test_prepare_text() -> None:
         3,
         True,
     )
+    # whitespace ahead of the words filled the cap, and only spaces were sent
+    spaced = " " * 5000 + "real words here"
+    assert prepare_text(spaced, count=count, truncate=truncate, max_tokens=50) == (
+        "real words here",
+        3,
+        False,
+    )
+    long_spaced = " " * 5000 + "word " * 1000
+    cut = prepare_text(long_spaced, count=count, truncate=truncate, max_tokens=50)
+    assert cut is not None and cut[0].startswith("word") and cut[1:] == (50, True)
 
 
 def test_bounded_cache_forgets_the_oldest() -> None:

@@ -51,7 +51,7 @@ def test_odd_identifiers_are_quoted(conn: psycopg.Connection) -> None:  # type: 
         ) in write
         assert "%(ids)b::bigint[], %(vecs)b::vector[], %(md5s)b::uuid[]" in write
     assert 'FROM "we.ird"."Mixed Case" AS t JOIN embedfill_batch' in q.write().as_string(conn)
-    assert "FOR UPDATE OF t SKIP LOCKED" in q.write().as_string(conn)
+    assert "FOR NO KEY UPDATE OF t SKIP LOCKED" in q.write().as_string(conn)
     owed = q.still_owed().as_string(conn)
     assert '"t"."Emb" IS NULL' in owed and '"t"."id" = ANY(%(ids)b::bigint[])' in owed
     text_ids = TargetSQL(target('"Mixed Case"'), ColumnTypes("text", "vector"))

@@ -356,7 +356,7 @@ async def _check_privileges(
     write: bool,
 ) -> None:
     """The role must read the columns it uses and, to write, update the embedding column
-    (which also covers FOR UPDATE SKIP LOCKED): checked before anything is sent to the
+    (which also covers FOR NO KEY UPDATE SKIP LOCKED): checked before anything is sent to the
     provider, rather than paid for and then refused at the first write."""
     checks = [(list(dict.fromkeys(columns)), "SELECT")]
     if write:

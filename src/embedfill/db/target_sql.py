@@ -262,17 +262,27 @@ class TargetSQL:
     def integer_ids(self) -> bool:
         return self.types.id_type in INTEGER_TYPES
 
+    @property
+    def _citext_ids(self) -> bool:
+        """citext ids (the extension's type) reach the client as text, whose arrays it
+        cannot read: an array of them came back as one string, whose characters were
+        taken for the ids written (counts went wrong, locked rows were written twice)."""
+        return base_type(self.types.id_type) == "citext"
+
     def write(self, refresh: bool = False) -> sql.Composed:
         """One bulk UPDATE per batch, written only where the embedding is still NULL (or,
         ``refresh``, whatever it holds) and the source text is unchanged since it was
         read; the provenance of every row written is recorded in the same statement.
 
-        Rows are locked first with ``SKIP LOCKED``: a row the application holds locked is
-        never waited for (so the backfill never queues behind the app, holds its batch's
-        rows meanwhile, or joins a deadlock); it is tried again later. The answer is one
-        row: how many rows were locked, and the ids written (NULL when every row of the
-        batch was); when fewer were locked than sent, ``still_owed`` tells the app's rows
-        from rows it changed, filled or deleted.
+        Rows are locked first with ``FOR NO KEY UPDATE … SKIP LOCKED``, the lock the
+        UPDATE itself takes (so a row the app only KEY SHARE-locks, inserting a row that
+        references it, is written, as the plain UPDATE writes it; ``FOR UPDATE`` skipped
+        it for as long as another row of its batch was held): a row the application
+        holds locked is never waited for (so the backfill never queues behind the app,
+        holds its batch's rows meanwhile, or joins a deadlock); it is tried again later.
+        The answer is one row: how many rows were locked, and the ids written (NULL when
+        every row of the batch was); when fewer were locked than sent, ``still_owed``
+        tells the app's rows from rows it changed, filled or deleted.
 
         Only the batch's own rows are locked (a join with the batch). Integer ids are
         bounded by ``BETWEEN lo AND hi`` (one range scan of the key index; without it the
@@ -290,7 +300,7 @@ class TargetSQL:
             "), embedfill_locked AS ("
             "SELECT {t_id} AS id FROM {table} AS t"
             " JOIN embedfill_batch AS b ON {t_id} = b.embedfill_id"
-            " WHERE {keys} FOR UPDATE OF t SKIP LOCKED"
+            " WHERE {keys} FOR NO KEY UPDATE OF t SKIP LOCKED"
             "), embedfill_written AS ("
             "UPDATE {table} AS t SET {emb} = b.embedfill_vec FROM embedfill_batch AS b"
             " WHERE {t_id} = b.embedfill_id AND {keys}"
@@ -354,8 +364,9 @@ class TargetSQL:
             # were: NULL, and neither side builds a thousand ids to compare)
             "written": sql.SQL(
                 "CASE WHEN (SELECT count(*) FROM embedfill_written) < cardinality({ids})"
-                " THEN coalesce((SELECT array_agg(id) FROM embedfill_written), '{{}}') END"
-            ).format(ids=ids),
+                " THEN coalesce((SELECT array_agg(id{as_read}) FROM embedfill_written), '{{}}')"
+                " END"
+            ).format(ids=ids, as_read=sql.SQL("::text" if self._citext_ids else "")),
         }
 
     def still_owed(self, refresh: bool = False) -> sql.Composed:

@@ -312,6 +312,9 @@ class Writer:
     def _count_written(self, rows: list[Row], written: set[Any] | None) -> None:
         """Count ``rows`` settled by a write: those in ``written`` (None: every one)
         embedded, the others changed by the app meanwhile."""
+        if self._locked_since:  # settled: a later lock on them is a new wait, not this one
+            for r in rows:
+                self._locked_since.pop(r.id, None)
         if written is None:
             self.state.hooks.observer.rows(self.state.target.name, "embedded", len(rows))
             for tenant, count in Counter(r.tenant for r in rows).items():
