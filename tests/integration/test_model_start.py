@@ -77,6 +77,16 @@ def new_vectors(
     return {i: None if v is None else np.array(v, dtype=np.float32) for i, v in rows}
 
 
+def twin_definition(url: str) -> str:
+    """The one vector index of the side table (its twin), as the server defines it."""
+    with psycopg.connect(url) as conn:
+        [(definition,)] = conn.execute(
+            "SELECT pg_get_indexdef(indexrelid) FROM pg_index"
+            f" WHERE indrelid = '{SIDE}'::regclass AND NOT indisprimary"
+        ).fetchall()
+    return str(definition)
+
+
 def test_a_side_table_is_filled_with_the_new_models_vectors_and_indexed_like_the_live_column(
     indexed: str,
 ) -> None:
@@ -94,11 +104,7 @@ def test_a_side_table_is_filled_with_the_new_models_vectors_and_indexed_like_the
             assert vector is None
         else:
             assert np.allclose(vector, hash_vector(want[row_id], 16), atol=1e-6)
-    with psycopg.connect(indexed) as conn:
-        [(definition,)] = conn.execute(
-            "SELECT pg_get_indexdef(indexrelid) FROM pg_index"
-            " WHERE indrelid = 'app.\"SupportTickets_emb_next\"'::regclass AND NOT indisprimary"
-        ).fetchall()
+    definition = twin_definition(indexed)
     assert "USING hnsw (embedding vector_cosine_ops)" in definition
     assert "m='8'" in definition and "ef_construction='32'" in definition
 
@@ -575,11 +581,7 @@ def test_an_index_on_a_halfvec_cast_gets_its_twin_which_the_recall_gate_measures
             " USING hnsw ((emb::halfvec(8)) halfvec_cosine_ops) WITH (m = 8)"
         )
     assert start(indexed).index == "valid"
-    with psycopg.connect(indexed) as conn:
-        [(definition,)] = conn.execute(
-            "SELECT pg_get_indexdef(indexrelid) FROM pg_index"
-            " WHERE indrelid = 'app.\"SupportTickets_emb_next\"'::regclass AND NOT indisprimary"
-        ).fetchall()
+    definition = twin_definition(indexed)
     assert "USING hnsw (((embedding)::halfvec(16)) halfvec_cosine_ops) WITH (m='8')" in (
         definition
     ), definition
@@ -632,11 +634,7 @@ def test_a_partial_index_with_parameters_gets_a_full_twin_with_them(indexed: str
             " (emb vector_cosine_ops) WITH (m = 8, ef_construction = 40) WHERE org <> 'x'"
         )
     assert start(indexed).index == "valid"
-    with psycopg.connect(indexed) as conn:
-        [(definition,)] = conn.execute(
-            "SELECT pg_get_indexdef(indexrelid) FROM pg_index"
-            " WHERE indrelid = 'app.\"SupportTickets_emb_next\"'::regclass AND NOT indisprimary"
-        ).fetchall()
+    definition = twin_definition(indexed)
     assert definition.endswith(
         "USING hnsw (embedding vector_cosine_ops) WITH (m='8', ef_construction='40')"
     ), definition
