@@ -44,7 +44,7 @@ from .db.catalog import TableInfo, inspect_target
 from .db.indexes import VectorIndex, expression_indexes, vector_indexes
 from .db.queries import SNAPSHOT, TYPE_EXISTS
 from .db.store import Store
-from .db.target_sql import BLANK, base_type
+from .db.target_sql import BLANK, base_type, unquoted
 from .errors import EmbedfillError as EmbedfillErrorBase
 from .errors import PlanRefused, UsageError
 from .freshness import ModelIdentity, model_identity, provenance_ids
@@ -191,17 +191,11 @@ _CAST_DEF = re.compile(
 )
 
 
-def _unquoted(name: str) -> str:
-    if len(name) > 1 and name[0] == name[-1] == '"':
-        return name[1:-1].replace('""', '"')
-    return name
-
-
 def cast_parts(index: VectorIndex, column: str) -> tuple[str, str, str, str] | None:
     """(method, the cast's type, operator class, parameters) of an index on ``column``
     cast to halfvec; None for any other expression (no twin is built for it)."""
     match = _CAST_DEF.search(index.definition)
-    if match is None or _unquoted(match[2]) != column:
+    if match is None or unquoted(match[2]) != column:
         return None
     return match[1], match[3], match[4], match[5] or ""
 

@@ -24,7 +24,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .target_sql import TargetSQL
+from .target_sql import TargetSQL, unquoted
 
 ROW_ID = "embedfill_row_id"
 TENANT = "embedfill_tenant"
@@ -344,9 +344,9 @@ def distance_operator(opclass: str) -> sql.Composable | None:
     op = DISTANCE.get(kind)
     if op is None:
         return None
-    if len(schema) > 1 and schema[0] == schema[-1] == '"':  # quoted: the name itself
-        schema = schema[1:-1].replace('""', '"')
-    return sql.SQL("OPERATOR({}.{})").format(sql.Identifier(schema or "pg_catalog"), sql.SQL(op))
+    return sql.SQL("OPERATOR({}.{})").format(
+        sql.Identifier(unquoted(schema) or "pg_catalog"), sql.SQL(op)
+    )
 
 
 def sample_vectors(schema: str, relation: str, column: str) -> sql.Composed:

@@ -47,6 +47,13 @@ class ColumnTypes:
         return base_type(self.vector_type)
 
 
+def unquoted(name: str) -> str:
+    """An identifier as the server writes it (``"My Ext"``, ``public``): the name itself."""
+    if len(name) > 1 and name[0] == name[-1] == '"':
+        return name[1:-1].replace('""', '"')
+    return name
+
+
 def base_type(vector_type: str) -> str:
     """``vector`` or ``halfvec`` from a column type as statements name it
     (``public.vector``, ``halfvec``)."""
