@@ -315,28 +315,20 @@ class Writer:
         if self._locked_since:  # settled: a later lock on them is a new wait, not this one
             for r in rows:
                 self._locked_since.pop(r.id, None)
-        if written is None:
-            self.state.hooks.observer.rows(self.state.target.name, "embedded", len(rows))
-            for tenant, count in Counter(r.tenant for r in rows).items():
-                self.state.tenant(tenant).embedded += count
-            self.state.report.embedded += len(rows)
-            if self.state.refresh:
-                self.state.report.refreshed += sum(1 for r in rows if r.refresh)
-            self.ledger.settle(rows)
-            self.ledger.progress()
-            return
-        self.state.hooks.observer.rows(self.state.target.name, "embedded", len(written))
-        self.state.hooks.observer.rows(self.state.target.name, "skipped", len(rows) - len(written))
-        embedded = Counter(r.tenant for r in rows if r.id in written)
-        for tenant, count in embedded.items():
+        done = rows if written is None else [r for r in rows if r.id in written]
+        self.state.hooks.observer.rows(self.state.target.name, "embedded", len(done))
+        self.state.hooks.observer.rows(self.state.target.name, "skipped", len(rows) - len(done))
+        for tenant, count in Counter(r.tenant for r in done).items():
             self.state.tenant(tenant).embedded += count
-        self.state.report.embedded += len(written)
-        self.state.report.refreshed += sum(1 for r in rows if r.refresh and r.id in written)
-        if len(written) < len(rows):  # the app changed, filled or deleted these since
+        self.state.report.embedded += len(done)
+        if self.state.refresh:
+            self.state.report.refreshed += sum(1 for r in done if r.refresh)
+        if written is not None and len(done) < len(rows):
+            # the app changed, filled or deleted these since
             changed = Counter(r.tenant for r in rows if r.id not in written)
             for tenant, count in changed.items():
                 self.state.tenant(tenant).skipped += count
-            self.state.report.skipped += len(rows) - len(written)
-            self.state.report.changed += len(rows) - len(written)
+            self.state.report.skipped += len(rows) - len(done)
+            self.state.report.changed += len(rows) - len(done)
         self.ledger.settle(rows)
         self.ledger.progress()
