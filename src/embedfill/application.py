@@ -98,6 +98,9 @@ async def abackfill(
         await check_shared_columns(conn, config.targets)
         await ensure_schema(conn)
         if not opts.dry_run:
+            side = info.sql(target)
+            if side.live is not None:  # a side table: first a row for each live row
+                await conn.execute(homes.mirror(side))
             return await _job(
                 conn,
                 config,
@@ -353,13 +356,6 @@ async def aplan_model(
             "`model start` fails the rows of every tenant without a key of its own until "
             "it is (set it, or store keys with `embedfill keys set`)."
         )
-    if strategy == "table":
-        plan.warnings.append(
-            "After a cutover, finalizing the table strategy needs --force: a config cannot "
-            "name a side table as a target's vectors yet, so backfill, watch and model start "
-            "of the target stop at its dropped column; the column strategy ends with the "
-            "target pointed at its new column."
-        )
     return plan
 
 
@@ -413,23 +409,18 @@ async def _model_fill(
     conn: psycopg.AsyncConnection[Any],
     dconfig: Config,
     db: Database,
-    live_sql: Any,
-    strategy: str,
-    home: dict[str, Any],
     derived: str,
     migration_id: int,
     **backfill: Any,
 ) -> bool:
     """The new vectors' fill, then a catch-up of the rows added or edited meanwhile
-    (a side table first gets a row for each live row it lacks); False when a run did
-    not succeed (rows failed, or it was stopped)."""
+    (each run first gives a side table a row for each live row it lacks: abackfill);
+    False when a run did not succeed (rows failed, or it was stopped)."""
     store = Store(conn)
     actor = backfill.pop("actor")
     for refresh in (False, True):
         report: Report | None = None
         for attempt in range(1, 4):
-            if strategy == "table":
-                await conn.execute(homes.mirror(live_sql, home["schema"], home["relation"]))
             try:
                 report = await abackfill(
                     dconfig,
@@ -589,8 +580,6 @@ async def amodel_start(
                 column=live.embedding_column,
                 dimensions=int(plan.to_model["dimensions"]),
             )
-            if strategy == "table":
-                home["text_sql"] = homes.side_text_sql(info.sql(live), conn)
             try:
                 migration_id = await store.insert_migration(
                     target=live.name,
@@ -683,9 +672,6 @@ async def amodel_start(
                 conn,
                 dconfig,
                 db,
-                info.sql(live),
-                strategy,
-                home,
                 derived.name,
                 migration_id,
                 actor=actor,
@@ -850,9 +836,6 @@ async def amodel_verify(
             conn,
             dconfig,
             db,
-            info.sql(live),
-            strategy,
-            home,
             derived.name,
             int(row["id"]),
             actor="model verify",
@@ -1016,13 +999,6 @@ async def amodel_finalize(
                     f"The rollback window of {window} days after the cutover ends at "
                     f"{ends.isoformat(timespec='minutes')}; finalize then, or pass --force."
                 )
-        if phase == "cut_over" and row["strategy"] == "table" and not force:
-            raise UsageError(
-                f"After this finalize {live.name}'s live column is gone and its vectors are "
-                "in the side table, which a config cannot name as a target yet (backfill, "
-                "watch and model start of it would stop working); keep the old column, or "
-                "pass --force to drop it all the same."
-            )
         live_sql = info.sql(live)
         kept: tuple[str, str, str] | None = None
         if phase == "cut_over":
@@ -1414,6 +1390,13 @@ async def atriggers(
     column's number, committed) and returns the plan, whose statements the caller runs
     in a transaction of its own: a Django migration runs them in its own (contrib/django)."""
     t = config.target(target)
+    if t.side_of is not None:
+        raise UsageError(
+            f"Target {t.name!r} keeps its vectors in the side table {t.table} "
+            "(embedding_table), for which change triggers are not built yet; run "
+            "`embedfill watch`: it gives the side table the live table's new rows at each "
+            "poll and finds edited rows at each sweep (--sweep-interval)."
+        )
     pconf = config.provider_for(t)
     conn = await connect(db)
     try:

@@ -137,11 +137,19 @@ class TargetConfig:
     allow_platform_fallback: bool = True
     #: an SQL expression over the row that gives its text; this or text
     text_sql: str | None = None
+    #: the side table that holds the vectors, in the table's schema (a change of model's
+    #: finalize leaves them there, strategy table): its rows are the table's, by id
+    embedding_table: str | None = None
     #: the columns ``text`` reads, in order of first use (computed; empty with text_sql)
     text_columns: tuple[str, ...] = field(init=False, default=())
+    # the live target whose rows a side table's rows stand for (``in_side_table``): the
+    # text is read from the live row, the side table gets the live table's new rows
+    side_of: TargetConfig | None = None
 
     def __post_init__(self) -> None:
         where = f"target {self.name!r}"
+        if self.side_of is not None:  # the text is the live row's (db.target_sql)
+            return
         has_text, has_sql = bool(self.text), bool(self.text_sql and self.text_sql.strip())
         if has_text and has_sql:
             raise ConfigError(
@@ -155,6 +163,32 @@ class TargetConfig:
             )
         columns = template_columns(self.text, where) if self.text else ()
         object.__setattr__(self, "text_columns", columns)
+
+
+# A side table's columns (``db.homes``): its rows' ids (the live ids' type, primary key),
+# their tenants (as text) and the vectors.
+SIDE_ROW_ID = "embedfill_row_id"
+SIDE_TENANT = "embedfill_tenant"
+SIDE_VECTOR = "embedding"
+
+
+def in_side_table(live: TargetConfig, relation: str, *, name: str | None = None) -> TargetConfig:
+    """The target whose vectors are in the side table ``relation`` (in the live table's
+    schema) rather than in a column of the live table: the side table's ids, tenants and
+    vectors, the live row's text (``side_of``), the live target's provider and keys."""
+    return TargetConfig(
+        name=name or live.name,
+        table=TableName(live.table.schema, relation),
+        id_column=SIDE_ROW_ID,
+        text=None,
+        embedding_column=SIDE_VECTOR,
+        provider=live.provider,
+        tenant_column=SIDE_TENANT if live.tenant_column else None,
+        tenant_key_sql=live.tenant_key_sql,
+        allow_platform_fallback=live.allow_platform_fallback,
+        embedding_table=relation,
+        side_of=dataclasses.replace(live, embedding_table=None),
+    )
 
 
 @dataclass(frozen=True)
@@ -384,6 +418,7 @@ _TARGET_KEYS = {
     "text": str,
     "text_sql": str,
     "embedding_column": str,
+    "embedding_table": str,
     "tenant_column": str,
     "provider": str,
     "tenant_key_sql": str,
@@ -522,7 +557,10 @@ def _parse_target(
     if isinstance(data.get("name"), str):
         where = f"target {data['name']!r}"
     _check_keys(data, _TARGET_KEYS, where)
+    side = data.get("embedding_table")
     for key in ("name", "table", "id_column", "embedding_column", "provider"):
+        if key == "embedding_column" and side:
+            continue  # the side table's, "embedding"
         if not data.get(key):
             raise ConfigError(f"The {where} needs {key} = ...; see docs/configuration.md.")
     if "@" in str(data["name"]):
@@ -543,18 +581,26 @@ def _parse_target(
         raise ConfigError(
             f"The tenant_key_sql of {where} must use the placeholder %(tenant)s for the tenant id."
         )
-    return TargetConfig(
+    target = TargetConfig(
         name=data["name"],
         table=parse_table_name(data["table"]),
         id_column=data["id_column"],
         text=data.get("text"),
-        embedding_column=data["embedding_column"],
+        embedding_column=data.get("embedding_column") or SIDE_VECTOR,
         provider=data["provider"],
         tenant_column=data.get("tenant_column"),
         tenant_key_sql=tenant_sql,
         allow_platform_fallback=data.get("allow_platform_fallback", True),
         text_sql=data.get("text_sql"),
     )
+    if not side:
+        return target
+    if data.get("embedding_column", SIDE_VECTOR) != SIDE_VECTOR:
+        raise ConfigError(
+            f"The {where} keeps its vectors in embedding_table {side!r}, whose vector column "
+            f'is "{SIDE_VECTOR}"; remove embedding_column (it named the live table\'s).'
+        )
+    return in_side_table(target, side)
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:

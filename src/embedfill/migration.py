@@ -38,7 +38,7 @@ from typing import Any
 
 import psycopg
 
-from .config import Config, ProviderConfig, TableName, TargetConfig, text_renderer
+from .config import Config, ProviderConfig, TableName, TargetConfig, in_side_table, text_renderer
 from .db import homes
 from .db.catalog import TableInfo, inspect_target
 from .db.indexes import VectorIndex, expression_indexes, vector_indexes
@@ -318,7 +318,8 @@ def steps_of(
             Step(
                 "finalize",
                 f"DROP INDEX CONCURRENTLY of the old index ({old}); ALTER TABLE {table} "
-                "DROP COLUMN of the old vectors",
+                "DROP COLUMN of the old vectors; the target then names the side table as "
+                f'its vectors in the config (embedding_table = "{home["relation"]}")',
                 "SHARE UPDATE EXCLUSIVE on the old index; ACCESS EXCLUSIVE on "
                 f"{table} for the catalog change only, under a short lock_timeout",
                 "for milliseconds; a prepared SELECT * fails once (its result type changed)",
@@ -386,6 +387,13 @@ async def plan(
     if vector_type is not None and vector_type not in VECTOR_KINDS:
         raise UsageError(f"--vector-type must be vector or halfvec, not {vector_type!r}.")
     target = config.target(target_name)
+    if target.side_of is not None:
+        raise PlanRefused(
+            f"Target {target.name!r} keeps its vectors in the side table {target.table} "
+            "(embedding_table), and a change of model from a side table is not built yet; "
+            "re-embed it in place instead: point its provider at the new section and run "
+            "`embedfill backfill --refresh`."
+        )
     current = config.provider_for(target)
     to = config.providers.get(to_name)
     if to is None:
@@ -594,25 +602,15 @@ def derived_target(
     target: TargetConfig, to: ProviderConfig, strategy: str, home: dict[str, Any]
 ) -> TargetConfig:
     """The new vectors as a target of their own: the live target's text and keys, the
-    new provider, the new home. A side table's ``text_sql`` (``homes.side_text_sql``,
-    kept in ``home``) reads a side row's text from its live row."""
+    new provider, the new home (a side table's rows read their text from the live
+    rows: ``in_side_table``)."""
     name = derived_name(target.name, to.name)
     if strategy == "column":
         return dataclasses.replace(
             target, name=name, embedding_column=home["column"], provider=to.name
         )
-    return TargetConfig(
-        name=name,
-        table=TableName(home["schema"], home["relation"]),
-        id_column=homes.ROW_ID,
-        text=None,
-        text_sql=home["text_sql"],
-        embedding_column=homes.VECTOR,
-        provider=to.name,
-        tenant_column=homes.TENANT if target.tenant_column else None,
-        tenant_key_sql=target.tenant_key_sql,
-        allow_platform_fallback=target.allow_platform_fallback,
-    )
+    live = dataclasses.replace(target, table=TableName(home["schema"], target.table.name))
+    return dataclasses.replace(in_side_table(live, home["relation"], name=name), provider=to.name)
 
 
 def with_target(config: Config, target: TargetConfig) -> Config:
@@ -704,7 +702,10 @@ async def status_of(
     store = Store(conn)
     try:
         info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
-        row = await store.latest_migration(info.oid, target.embedding_column)
+        if target.side_of is not None:  # the side table a finalized change left
+            row = await store.latest_migration_of(target.name)
+        else:
+            row = await store.latest_migration(info.oid, target.embedding_column)
     except EmbedfillErrorBase:
         # the live column is gone (a finalized change): its record, by the target's name
         row = await store.latest_migration_of(target.name)
@@ -744,14 +745,12 @@ async def status_of(
     ids = await provenance_ids(
         conn, dinfo, derived.embedding_column, model_identity(to, dinfo), create=False
     )
-    cur = await conn.execute(dinfo.sql(derived).coverage(), {"blank": BLANK, **ids.params()})
+    dsql = dinfo.sql(derived)
+    cur = await conn.execute(dsql.coverage(), {"blank": BLANK, **ids.params()})
     counted = await cur.fetchone()
     rows, missing, stale = (int(v) for v in counted) if counted else (0, 0, 0)
-    if out.strategy == "table":  # live rows added since the last mirror: no side row yet
-        cur = await conn.execute(
-            homes.unmirrored(info.sql(target), home["schema"], home["relation"]),
-            {"blank": BLANK},
-        )
+    if dsql.live is not None:  # live rows added since the last mirror: no side row yet
+        cur = await conn.execute(homes.unmirrored(dsql), {"blank": BLANK})
         counted = await cur.fetchone()
         unmirrored = int(counted[0]) if counted else 0
         rows, missing = rows + unmirrored, missing + unmirrored
@@ -811,12 +810,18 @@ def _after_finalize(target: TargetConfig, st: MigrationStatus) -> str | None:
             f'embedding_column = "{home.get("column")}" and provider = '
             f'"{st.to_model.get("provider")}".'
         )
+    if target.embedding_table == home.get("relation"):
+        return None  # the config already points at the side table
+    return side_table_step(target.name, home, st.to_model.get("provider"))
+
+
+def side_table_step(target: str, home: dict[str, Any], provider: Any) -> str:
+    """What to write in the config once a cutover's finalize left a target's vectors in
+    its side table (strategy table)."""
     return (
-        f"The vectors of {target.name!r} are in the side table "
-        f"{home.get('schema')}.{home.get('relation')} now; a config cannot name a side "
-        "table as a target's vectors yet: run no backfill, watch or model start of this "
-        "target (they stop at its dropped column); the app finds the side table through "
-        "embedfill.active()."
+        f"Point target {target!r} at its side table in the config: "
+        f'embedding_table = "{home.get("relation")}" and provider = "{provider}", without '
+        "embedding_column."
     )
 
 
@@ -1013,14 +1018,11 @@ async def active_of(
 
 async def changes_under_way(
     conn: psycopg.AsyncConnection[Any], config: Config, names: list[str]
-) -> tuple[Config, list[str], dict[str, Any], dict[str, Any]]:
+) -> tuple[Config, list[str]]:
     """For ``watch``: ``config`` with the derived target of each change of model under way
-    on ``names`` (not finalized, its provider section in this config), their names, and
-    per side table the statements that give it the live table's new rows (every poll)
-    and every live row it lacks (every sweep)."""
+    on ``names`` (not finalized, its provider section in this config), and their names.
+    (A side table's watcher gives it the live table's rows itself: ``homes.mirror``.)"""
     derived_names: list[str] = []
-    before_poll: dict[str, Any] = {}
-    before_sweep: dict[str, Any] = {}
     # only the targets with a change on record are inspected: reading a table's catalog
     # can wait behind an app's lock (a migration), and most targets have none
     under_way = await Store(conn).open_migration_targets()
@@ -1053,10 +1055,4 @@ async def changes_under_way(
         )
         config = with_target(config, derived)
         derived_names.append(derived.name)
-        if row["strategy"] == "table":
-            live_sql = info.sql(live)
-            before_poll[derived.name] = homes.mirror(
-                live_sql, home["schema"], home["relation"], newer=True
-            )
-            before_sweep[derived.name] = homes.mirror(live_sql, home["schema"], home["relation"])
-    return config, derived_names, before_poll, before_sweep
+    return config, derived_names

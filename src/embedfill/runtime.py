@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -104,30 +103,25 @@ class Runtime:
 
     async def include_changes_of_model(self, conn: psycopg.AsyncConnection[Any]) -> list[str]:
         """A watcher more for the new vectors of each change of model under way on the
-        watched targets (migration.changes_under_way: its derived target, the side
-        table's mirror before each poll and sweep), added before ``start``; their names.
+        watched targets (migration.changes_under_way: its derived target), added before
+        ``start``; their names.
         The worker takes the derived targets' chunks by itself (Worker.run)."""
         if self._watch_opts is None:
             return []
         names = [w.target.name for w in self.watches if not w.retired]
         mark = await Store(conn).open_migrations_mark()
-        config, derived, before_poll, before_sweep = await migration.changes_under_way(
-            conn, self.config, names
-        )
+        config, derived = await migration.changes_under_way(conn, self.config, names)
         self._migrations_mark = mark
         known = set(names)
         derived = [n for n in derived if n not in known]
         if derived:
-            opts = dataclasses.replace(
-                self._watch_opts, before_poll=before_poll, before_sweep=before_sweep
-            )
             self.config = config
             self.watches += [
                 TargetWatch(
                     config,
                     self.db,
                     config.target(n),
-                    opts,
+                    self._watch_opts,
                     self.hub,
                     self.env,
                     self._observer,

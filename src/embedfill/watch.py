@@ -47,6 +47,7 @@ import psycopg
 
 from . import jobs, migration
 from .config import Config, TargetConfig
+from .db import homes
 from .db.catalog import TableInfo, inspect_target, poll_index_hint, table_shape
 from .db.connect import Database, connect
 from .db.lanes import Lane, Lanes
@@ -82,11 +83,6 @@ class WatchOptions:
     # start even when the column holds vectors of another model than configured (the
     # sweep then re-embeds them in place): runtime.startup_checks
     allow_model_change: bool = False
-    # per target name, statements its watcher runs at the start of each pass over the
-    # NULL rows and of each sweep: keep a side table's rows in step with its live table
-    # (a change of model: migration.changes_under_way)
-    before_poll: Mapping[str, Any] = field(default_factory=dict)
-    before_sweep: Mapping[str, Any] = field(default_factory=dict)
 
 
 # failed rows that came due start the next sweep early, but no sooner than this many
@@ -303,6 +299,7 @@ class TargetWatch:
         self._due_since: Any = None  # the server's time of the last look at due failures
         self._oid: int | None = None  # the watched table's, once it is watched
         self._fan_out_failed = False  # logged once
+        self._side_told = False  # that a finalize left its side table to it: logged once
 
     @property
     def chunk_rows(self) -> int:
@@ -519,9 +516,10 @@ class TargetWatch:
                 )
         for walk, is_outdated in ((missing, False), (outdated, True)):
             if room > 0 and now >= walk.due:
-                before = self.opts.before_sweep if is_outdated else self.opts.before_poll
-                if walk.first and self.target.name in before:
-                    await conn.execute(before[self.target.name])
+                if walk.first and tsql.live is not None:
+                    # a side table: the live table's new rows at each poll, every live
+                    # row it lacks (and none it should not have) at each sweep
+                    await conn.execute(homes.mirror(tsql, newer=not is_outdated))
                 rows = await _keys_page(
                     conn,
                     tsql,
@@ -668,21 +666,17 @@ class TargetWatch:
         return True
 
     async def _side_table_left(self, store: Store) -> str | None:
-        """Why this watcher of a side table ends, when its change of model was finalized:
-        after a rollback the side table is dropped; after a cutover the live column is,
-        and then nothing queues the live table's edits for the side table (the live
-        watcher, whose drain did, ended), and a config cannot name a side table as a
-        target's vectors: a watch started later would not keep it either. Watching it on
-        until a restart, it went stale between sweeps while the status looked fine; the
-        watch says so and ends instead. (A shadow column is kept by its watcher: the
-        finalize moved the change triggers to it.)"""
+        """Why this watcher of a side table ends, when its change of model was finalized
+        after a rollback: the side table is dropped. After a cutover's finalize (the
+        live column dropped) it goes on: the side table is what the app searches, fed
+        by this watcher's polls (new live rows) and sweeps (edits); it says once what
+        the config needs so that a watch started later keeps it too."""
         assert self.derived_from is not None
         row = await store.latest_migration_of(self.derived_from)
         if row is None or row["phase"] != "finalized" or row["strategy"] != "table":
             return None
-        if migration.derived_name(self.derived_from, row["to_model"].get("provider")) != (
-            self.target.name
-        ):
+        provider = row["to_model"].get("provider")
+        if migration.derived_name(self.derived_from, provider) != self.target.name:
             return None  # a later change's, by another provider section
         home = dict(row["home"])
         side = f"{home.get('schema')}.{home.get('relation')}"
@@ -692,15 +686,17 @@ class TargetWatch:
             home.get("column"),
         ):
             return f"the change of model of {self.derived_from} was given up and {side} dropped"
-        log.warning(
-            "watch of %s: the change of model of %s was finalized: the app searches the side "
-            "table %s, which no watch keeps fresh from now on (a config cannot name a side "
-            "table as a target's vectors yet); rows the app edits keep their old vectors there",
-            self.target.name,
-            self.derived_from,
-            side,
-        )
-        return f"the change of model of {self.derived_from} was finalized with a side table"
+        if not self._side_told:
+            self._side_told = True
+            log.warning(
+                "watch of %s: the change of model of %s was finalized: the app searches the "
+                "side table %s, which this watch goes on keeping fresh; %s",
+                self.target.name,
+                self.derived_from,
+                side,
+                migration.side_table_step(self.derived_from, home, provider),
+            )
+        return None
 
     async def _change_open(self) -> bool:
         """Whether the change of model whose new vectors this watcher's target is (the

@@ -258,7 +258,7 @@ class Worker:
                 # a table the app holds locked makes this wait a second at most, and the
                 # next ring looks again (the mark is kept only once this went through)
                 await conn.execute("SELECT pg_catalog.set_config('lock_timeout', '1s', true)")
-                config, derived, _, _ = await migration.changes_under_way(conn, self.config, names)
+                config, derived = await migration.changes_under_way(conn, self.config, names)
         except psycopg.errors.LockNotAvailable:
             return False
         self._migrations_mark = mark

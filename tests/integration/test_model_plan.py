@@ -101,7 +101,8 @@ def test_a_plan_counts_rows_tokens_cost_and_time_and_changes_nothing(indexed: st
     assert [s.step for s in p.steps] == ["create", "fill", "index", "cutover", "finalize"]
     fill = p.steps[1]
     assert "ACCESS SHARE on app.SupportTickets" in fill.locks and fill.blocks_app == "no"
-    assert len(p.warnings) == 1 and "finalizing the table strategy needs --force" in p.warnings[0]
+    assert p.warnings == []
+    assert 'embedding_table = "SupportTickets_emb_next"' in p.steps[-1].does
 
 
 def test_the_column_strategy_says_what_it_locks_and_rewrites(indexed: str) -> None:

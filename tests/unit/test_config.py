@@ -107,6 +107,20 @@ def test_default_config_is_the_demo_target() -> None:
         (lambda d: d.update(engine={"chunk_rows": 0}), "chunk_rows"),
         (lambda d: d.update(engine={"worker_chunks": -1}), "worker_chunks"),
         (lambda d: d["targets"].append(dict(d["targets"][0])), "Two targets"),
+        (
+            lambda d: d["targets"][0].update(embedding_table="SupportTickets_emb_next"),
+            "The target 'tickets' keeps its vectors in embedding_table "
+            "'SupportTickets_emb_next', whose vector column is \"embedding\"; remove "
+            "embedding_column (it named the live table's).",
+        ),
+        (
+            lambda d: (
+                d["targets"][0].update(embedding_table="side"),
+                d["targets"][0].pop("embedding_column"),
+                d["targets"][0].pop("text"),
+            ),
+            "The target 'tickets' needs text = ",  # the live rows' text, read for the side
+        ),
     ],
 )
 def test_bad_config_is_one_clear_sentence(mutate: object, message: str) -> None:
@@ -235,3 +249,34 @@ def test_a_target_name_with_an_at_sign_is_refused() -> None:
     }
     with pytest.raises(ConfigError, match="'@' in its name"):
         parse_config(raw)
+
+
+def test_a_target_in_its_side_table_reads_the_live_rows_text_and_keys() -> None:
+    """``embedding_table`` (where a table-strategy change of model leaves the vectors):
+    the target's rows, ids, tenants and vectors are the side table's; its text, tenant
+    keys and the fingerprint a worker checks are the live target's."""
+    import tomllib
+
+    from embedfill.jobs.spec import vector_settings
+
+    data = tomllib.loads(EXAMPLE)
+    target = data["targets"][0]
+    del target["embedding_column"]
+    target["embedding_table"] = "SupportTickets_emb_next"
+    config = parse_config(data)
+    side = config.target("tickets")
+    assert side.table == TableName("app", "SupportTickets_emb_next")
+    assert (side.id_column, side.tenant_column, side.embedding_column) == (
+        "embedfill_row_id",
+        "embedfill_tenant",
+        "embedding",
+    )
+    assert side.text is None and side.text_sql is None
+    assert side.tenant_key_sql == target["tenant_key_sql"]
+    assert side.side_of is not None and side.side_of.table == TableName("app", "SupportTickets")
+    assert side.side_of.text_columns == ("subject", "body")
+    settings = vector_settings(side, config.provider_for(side))
+    assert settings["text"] == "{subject}\n\n{body}"
+    other = dict(target, text="{body}")
+    changed = parse_config({**data, "targets": [other]}).target("tickets")
+    assert vector_settings(changed, config.provider_for(changed)) != settings

@@ -186,6 +186,12 @@ async def resolve_table(
         cur = await conn.execute(_RESOLVE, {"name": name})
         row = await cur.fetchone()
     if not row or row[0] is None:
+        if target.side_of is not None:
+            raise SchemaMismatch(
+                f"The side table {target.table} of target {target.name!r} (embedding_table) "
+                "does not exist in this database; name the side table that `embedfill model "
+                "status` shows, in the schema of the target's table."
+            )
         raise SchemaMismatch(
             f"Table {target.table} of target {target.name!r} does not exist in this database; "
             "check `table` in the config (schema.table, case-sensitive) and the database "
@@ -265,8 +271,9 @@ async def _dropped_by_a_finalize(conn: psycopg.AsyncConnection[Any], oid: int, c
             f'(embedding_column = "{new_column}", provider = "{provider}").'
         )
     return (
-        f" A change of model's finalize dropped it: its vectors are in the side table "
-        f"{schema}.{relation}, which a config cannot name as a target's vectors yet."
+        f" A change of model's finalize dropped it: point the target at its side table "
+        f'{schema}.{relation} (embedding_table = "{relation}", provider = "{provider}", '
+        "without embedding_column)."
     )
 
 
@@ -296,6 +303,12 @@ async def inspect_target(
         wanted.append(("tenant_column", target.tenant_column))
     wanted += [("text template", c) for c in target.text_columns]
     for role, col in wanted:
+        if col not in columns and target.side_of is not None:
+            raise SchemaMismatch(
+                f"Table {target.table} (embedding_table of target {target.name!r}) is not a "
+                f"side table that a change of model made: it has no column {col!r}; name "
+                "the side table that `embedfill model status` shows."
+            )
         if col not in columns:
             known = ", ".join(sorted(columns))
             dropped = (
@@ -318,7 +331,7 @@ async def inspect_target(
                 "embed; use text_sql to say how to turn it into text "
                 f"(e.g. {hint})."
             )
-    if target.text_sql is not None:
+    if tsql.target.text_sql is not None:  # a side table's too: its live rows' text
         await _check_text_sql(conn, target, tsql)
     emb_type, emb_typname, typmod = columns[target.embedding_column]
     if emb_typname not in ("vector", "halfvec"):
@@ -485,6 +498,13 @@ async def _check_text_sql(
     try:
         cur = await conn.execute(tsql.check_text_sql(), {"zero": 0})
     except psycopg.Error as exc:
+        if target.side_of is not None:  # its text is its live rows': they changed shape
+            live = target.side_of
+            raise ConfigError(
+                f"The text of target {target.name!r} (its vectors in {target.table}) cannot "
+                f"be read from {live.table} ({_first_line(exc)}); make its text "
+                f"{'template' if live.text else 'text_sql'} fit {live.table}'s columns."
+            ) from exc
         if isinstance(
             exc,
             psycopg.errors.UndefinedFunction

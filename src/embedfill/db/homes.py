@@ -3,9 +3,9 @@
 - a **side table** (strategy ``table``) in the target table's schema, keyed by the row
   id: ``embedfill_row_id`` (the live id's type, primary key), ``embedfill_tenant`` (the
   row's tenant as text, copied) and ``embedding``. Its rows are made from the live
-  table's ids (``mirror``); the text is read from the live row at each scan, through a
-  ``text_sql`` (``side_text_sql``) that embedfill's engine evaluates like any other, so
-  the scan, the guarded write, provenance and verify work on it unchanged. Column names
+  table's ids (``mirror``); the text is read from the live row at each scan
+  (``TargetSQL`` of a target ``in_side_table``: a text_sql over the side row), so the
+  scan, the guarded write, provenance and verify work on it unchanged. Column names
   start with ``embedfill_`` so that the text_sql's unqualified names cannot mean a live
   column. Who may read the live table may read it (``grant_like``), and with row-level
   security on the live table, only the rows whose live row they may see
@@ -24,29 +24,10 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from ..config import SIDE_ROW_ID, SIDE_TENANT, SIDE_VECTOR
 from .target_sql import TargetSQL, unquoted
 
-ROW_ID = "embedfill_row_id"
-TENANT = "embedfill_tenant"
-VECTOR = "embedding"
-
-
-def side_text_sql(live: TargetSQL, conn: psycopg.AsyncConnection[Any]) -> str:
-    """The live row's text, as the side table's ``text_sql``: rendered by the server
-    exactly as the live target renders it, from the live row with the side row's id."""
-    return (
-        sql.SQL("(SELECT {text} FROM {table} AS embedfill_live WHERE {id} = {row_id})")
-        .format(
-            # the live text_sql as written: the derived target escapes its % once, as any
-            text=live.rendered("embedfill_live", escape=False),
-            table=live.table,
-            id=sql.Identifier("embedfill_live", live.target.id_column),
-            # the side row as every statement on a target names it (``t``): unqualified,
-            # a live column of that name would be taken instead
-            row_id=sql.Identifier("t", ROW_ID),
-        )
-        .as_string(conn)
-    )
+ROW_ID, TENANT, VECTOR = SIDE_ROW_ID, SIDE_TENANT, SIDE_VECTOR
 
 
 def create_side_table(
@@ -74,13 +55,14 @@ def _live_row_exists(live: TargetSQL, row_id: sql.Composable) -> sql.Composed:
     )
 
 
-def mirror(live: TargetSQL, schema: str, relation: str, *, newer: bool = False) -> sql.Composed:
-    """A side row for each live row that has none, a moved row's tenant (whose key
-    pays for it) brought up to date, and the side rows of deleted live rows deleted (the
-    live table is only read);
+def mirror(side_sql: TargetSQL, *, newer: bool = False) -> sql.Composed:
+    """For a target ``in_side_table``: a side row for each live row that has none, a
+    moved row's tenant (whose key pays for it) brought up to date, and the side rows of
+    deleted live rows deleted (the live table is only read);
     ``newer``: only live rows whose integer id is above the side table's highest (a
     range scan of the key: cheap enough for every poll), and no deletion."""
-    side = sql.Identifier(schema, relation)
+    live, side = side_sql.live, side_sql.table
+    assert live is not None, "a target in a side table"
     prune: sql.Composable = sql.SQL("")
     if not newer:  # every embedfill session runs with row_security off: no row is hidden
         prune = sql.SQL(
@@ -395,15 +377,18 @@ def drop_table(schema: str, relation: str) -> sql.Composed:
     return sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(schema, relation))
 
 
-def unmirrored(live: TargetSQL, schema: str, relation: str) -> sql.Composed:
-    """Live rows with text to embed (not blank: %(blank)s) that have no side row yet."""
+def unmirrored(side_sql: TargetSQL) -> sql.Composed:
+    """For a target ``in_side_table``: the live rows with text to embed (not blank:
+    %(blank)s) that have no side row yet (a poll or a backfill gives them one)."""
+    live = side_sql.live
+    assert live is not None, "a target in a side table"
     return sql.SQL(
         "SELECT pg_catalog.count(*) FROM {live} AS t WHERE btrim({text}, %(blank)s) <> ''"
         " AND NOT EXISTS (SELECT 1 FROM {side} AS s WHERE s.{row_id} = t.{id})"
     ).format(
         live=live.table,
         text=live.rendered("t"),
-        side=sql.Identifier(schema, relation),
+        side=side_sql.table,
         row_id=sql.Identifier(ROW_ID),
         id=sql.Identifier(live.target.id_column),
     )

@@ -7,12 +7,13 @@ what needs quoting); every value is a bound parameter.
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from dataclasses import dataclass
 
 from psycopg import sql
 
-from ..config import TargetConfig
+from ..config import SIDE_ROW_ID, TargetConfig
 
 INTEGER_TYPES = ("smallint", "integer", "bigint")
 PROVENANCE = sql.Identifier("embedfill", "provenance")
@@ -60,6 +61,24 @@ def base_type(vector_type: str) -> str:
     return vector_type.rsplit(".", 1)[-1].strip('"')
 
 
+def _side_text(live: TargetSQL) -> str:
+    """A side row's text, as a text_sql over it: rendered by the server exactly as the
+    live target renders it, from the live row of the side row's id. The live text_sql
+    as written (a text_sql's % is escaped once, where it is used)."""
+    return (
+        sql.SQL("(SELECT {text} FROM {table} AS embedfill_live WHERE {id} = {row_id})")
+        .format(
+            text=live.rendered("embedfill_live", escape=False),
+            table=live.table,
+            id=sql.Identifier("embedfill_live", live.target.id_column),
+            # the side row as every statement on a target names it (``t``): unqualified,
+            # a live column of that name would be taken instead
+            row_id=sql.Identifier("t", SIDE_ROW_ID),
+        )
+        .as_string()
+    )
+
+
 # the md5 recorded for a vector ``verify`` found wrong: no text hashes to it
 WRONG_MD5 = "00000000-0000-0000-0000-000000000000"
 
@@ -70,9 +89,14 @@ class TargetSQL:
     ) -> None:
         """``schema``: where the table was found (``catalog.resolve_table``); every
         statement names the table qualified, since connections see only pg_catalog on
-        their search_path (``db.connect``)."""
-        self.target = target
+        their search_path (``db.connect``). A target ``in_side_table`` reads its text
+        from the live row (``_side_text``): to every statement, a text_sql target."""
         self.types = types or ColumnTypes("bigint", "vector")
+        # a side table's live table, in its schema; its ids are the side row ids' type
+        self.live = None if target.side_of is None else TargetSQL(target.side_of, types, schema)
+        if self.live is not None:
+            target = dataclasses.replace(target, text_sql=_side_text(self.live))
+        self.target = target
         t = target.table
         schema = t.schema or schema
         self.table = sql.Identifier(schema, t.name) if schema else sql.Identifier(t.name)
@@ -510,33 +534,71 @@ class TargetSQL:
         provenance for), outdated_model (written with another model than %(model_id)s)
         and stale (written with this model from other text than the row holds now).
         Without ``provenance`` (embedfill's schema not there yet) every vector is
-        unverified. One pass over the table, a hash join with the provenance."""
+        unverified. One pass over the table, a hash join with the provenance. A side
+        table's rows are its live rows': those that have no side row yet are missing too
+        (``_unmirrored``), and those of deleted live rows (until a sweep or a backfill
+        deletes them) are not counted."""
         emb = sql.Identifier("t", self.target.embedding_column)
+        live_rows: sql.Composable = sql.SQL("")
+        if self.live is not None:
+            live_rows = sql.SQL(
+                " WHERE EXISTS (SELECT FROM {live} AS l WHERE l.{id} = t.{row_id})"
+            ).format(
+                live=self.live.table,
+                id=sql.Identifier(self.live.target.id_column),
+                row_id=sql.Identifier(SIDE_ROW_ID),
+            )
         if not provenance:
-            return sql.SQL(
+            counted = sql.SQL(
                 "SELECT {tenant} AS tenant, count(*) AS rows,"
                 " count(*) FILTER (WHERE {emb} IS NULL) AS missing,"
                 " count(*) FILTER (WHERE {emb} IS NOT NULL) AS unverified,"
                 " 0::bigint AS outdated_model, 0::bigint AS stale"
-                " FROM {table} AS t GROUP BY 1 ORDER BY 1"
-            ).format(tenant=self._tenant_text("t"), emb=emb, table=self.table)
+                " FROM {table} AS t{live_rows} GROUP BY 1"
+            ).format(tenant=self._tenant_text("t"), emb=emb, table=self.table, live_rows=live_rows)
+        else:
+            counted = sql.SQL(
+                "SELECT {tenant} AS tenant, count(*) AS rows,"
+                " count(*) FILTER (WHERE {emb} IS NULL) AS missing,"
+                " count(*) FILTER (WHERE {emb} IS NOT NULL AND p.row_key IS NULL) AS unverified,"
+                " count(*) FILTER (WHERE {emb} IS NOT NULL AND p.model_id <> %(model_id)s)"
+                " AS outdated_model,"
+                " count(*) FILTER (WHERE {emb} IS NOT NULL AND p.model_id = %(model_id)s"
+                " AND p.text_md5 <> {md5}) AS stale"
+                " FROM {table} AS t LEFT JOIN {prov} AS p ON {of}{live_rows}"
+                " GROUP BY 1"
+            ).format(
+                live_rows=live_rows,
+                tenant=self._tenant_text("t"),
+                emb=emb,
+                md5=self.text_md5("t"),
+                table=self.table,
+                prov=PROVENANCE,
+                of=self._provenance_of("t"),
+            )
+        if self.live is None:
+            return sql.SQL("{} ORDER BY 1").format(counted)
         return sql.SQL(
-            "SELECT {tenant} AS tenant, count(*) AS rows,"
-            " count(*) FILTER (WHERE {emb} IS NULL) AS missing,"
-            " count(*) FILTER (WHERE {emb} IS NOT NULL AND p.row_key IS NULL) AS unverified,"
-            " count(*) FILTER (WHERE {emb} IS NOT NULL AND p.model_id <> %(model_id)s)"
-            " AS outdated_model,"
-            " count(*) FILTER (WHERE {emb} IS NOT NULL AND p.model_id = %(model_id)s"
-            " AND p.text_md5 <> {md5}) AS stale"
-            " FROM {table} AS t LEFT JOIN {prov} AS p ON {of}"
-            " GROUP BY 1 ORDER BY 1"
+            "SELECT tenant, sum(rows)::bigint, sum(missing)::bigint, sum(unverified)::bigint,"
+            " sum(outdated_model)::bigint, sum(stale)::bigint"
+            " FROM ({counted} UNION ALL {unmirrored}) AS u GROUP BY 1 ORDER BY 1"
+        ).format(counted=counted, unmirrored=self._unmirrored())
+
+    def _unmirrored(self) -> sql.Composed:
+        """A side table's live rows that have no side row yet, per tenant, as status
+        counts: rows, all missing (a poll or a backfill gives them their side row)."""
+        assert self.live is not None
+        return sql.SQL(
+            "SELECT {tenant} AS tenant, count(*) AS rows, count(*) AS missing,"
+            " 0::bigint AS unverified, 0::bigint AS outdated_model, 0::bigint AS stale"
+            " FROM {live} AS t WHERE NOT EXISTS (SELECT FROM {side} AS s WHERE s.{row_id} = t.{id})"
+            " GROUP BY 1"
         ).format(
-            tenant=self._tenant_text("t"),
-            emb=emb,
-            md5=self.text_md5("t"),
-            table=self.table,
-            prov=PROVENANCE,
-            of=self._provenance_of("t"),
+            tenant=self.live.tenant_text("t"),
+            live=self.live.table,
+            side=self.table,
+            row_id=sql.Identifier(SIDE_ROW_ID),
+            id=sql.Identifier(self.live.target.id_column),
         )
 
     # ------------------------------------------------------------- verify and adopt

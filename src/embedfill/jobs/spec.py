@@ -74,13 +74,15 @@ def vector_settings(target: TargetConfig, provider: ProviderConfig) -> dict[str,
     model (kind, model, the dimensions asked for, else the model's known size), the text
     (template or ``text_sql``, truncation) and where tenant keys come from. Names of
     things only, never a key; the SQL settings as a digest (a query may carry a
-    passphrase, and the spec is stored where every reader of the jobs sees it)."""
+    passphrase, and the spec is stored where every reader of the jobs sees it). A side
+    table's text is its live rows' (``in_side_table``)."""
+    source = target.side_of or target
     return {
         "kind": provider.kind,
         "model": provider.model,
         "dimensions": provider.expected_dimensions,
-        "text": target.text,
-        "text_sql": _digest(target.text_sql),
+        "text": source.text,
+        "text_sql": _digest(source.text_sql),
         "max_input_tokens": provider.input_token_limit,
         "id_column": target.id_column,
         "tenant_column": target.tenant_column,

@@ -1,0 +1,190 @@
+"""A target whose vectors are in a side table (``embedding_table``): where a table-strategy
+change of model leaves them after the cutover's finalize. The config points at the side
+table; backfill, status, check and watch keep it filled from the live table's rows."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from embedfill import Database
+from embedfill.application import (
+    abackfill,
+    amodel_finalize,
+    amodel_status,
+    aplan_model,
+    astatus,
+    atriggers,
+)
+from embedfill.config import Config, parse_config
+from embedfill.engine.state import BackfillOptions
+from embedfill.errors import PlanRefused, SchemaMismatch, UsageError
+from embedfill.providers.hashing import hash_vector
+from tests.integration.test_model_start import (
+    T,
+    _raw_providers,
+    _raw_target,
+    _watched_config,
+    config,
+    cut_over,
+    new_vectors,
+    run,
+    texts,
+)
+
+RELATION = "SupportTickets_emb_next"
+
+
+def side_config(base: Config | None = None) -> Config:
+    """The tickets target pointed at its side table, with the new model's section, as
+    the finalize's next step says."""
+    target = {k: v for k, v in _raw_target().items() if k != "embedding_column"}
+    target |= {"embedding_table": RELATION, "provider": "next"}
+    cfg = parse_config({"providers": _raw_providers(), "targets": [target]})
+    if base is None:
+        return cfg
+    return Config(providers=base.providers, targets=cfg.targets, engine=base.engine)
+
+
+def finalized(url: str) -> Any:
+    """A table-strategy change to ``next`` cut over and finalized: no --force needed."""
+    cut_over(url, "table")
+    return run(amodel_finalize, url, yes=True)
+
+
+def fresh(url: str, row_ids: list[int]) -> bool:
+    got, want = new_vectors(url), texts(url)
+    return all(
+        got.get(i) is not None and np.allclose(got[i], hash_vector(want[i], 16), atol=1e-6)
+        for i in row_ids
+    )
+
+
+def test_a_finalized_side_table_becomes_the_targets_vectors_and_backfill_status_keep_it(
+    indexed: str,
+) -> None:
+    st = finalized(indexed)
+    assert st.phase == "finalized" and st.active == "new"
+    assert st.next_step is not None
+    assert f'embedding_table = "{RELATION}"' in st.next_step and 'provider = "next"' in st.next_step
+    # the old config stops at the dropped column and says what to write instead
+    with pytest.raises(SchemaMismatch, match=f'embedding_table = "{RELATION}"'):
+        asyncio.run(abackfill(config(), Database(indexed), BackfillOptions(target="tickets")))
+
+    cfg = side_config()
+    [st] = asyncio.run(amodel_status(cfg, Database(indexed), "tickets"))
+    assert (st.phase, st.active, st.next_step) == ("finalized", "new", None)
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(
+            f"INSERT INTO {T} (ticket_no, org, subject, body)"
+            " VALUES (61, 'org-a', 'new', 'row'), (62, 'org-b', 'another', 'one')"
+        )
+        conn.execute(f"UPDATE {T} SET body = 'edited after the finalize' WHERE ticket_no = 1")
+        conn.execute(f"DELETE FROM {T} WHERE ticket_no = 2")
+    [before] = asyncio.run(astatus(cfg, Database(indexed), "tickets"))
+    # the new live rows have no side row yet: missing all the same, each in its tenant
+    assert (before.missing, before.stale) == (2 + 2, 1)  # 5 and 6: blank, never filled
+    by_tenant = {t.tenant: t.missing for t in before.tenants}
+    assert by_tenant["org-a"] >= 1 and by_tenant["org-b"] >= 1
+
+    report = asyncio.run(
+        abackfill(cfg, Database(indexed), BackfillOptions(target="tickets"), env={})
+    )
+    assert (report.status, report.embedded) == ("succeeded", 2)
+    assert report.provider == "hash:hash-v2"
+    report = asyncio.run(
+        abackfill(cfg, Database(indexed), BackfillOptions(target="tickets", refresh=True), env={})
+    )
+    assert (report.status, report.embedded) == ("succeeded", 1)
+    assert fresh(indexed, [1, 61, 62])
+    assert 2 not in new_vectors(indexed)  # the deleted live row's side row went too
+    [after] = asyncio.run(astatus(cfg, Database(indexed), "tickets"))
+    assert (after.rows, after.missing, after.stale, after.outdated_model) == (61, 2, 0, 0)
+
+
+def test_a_side_table_target_refuses_triggers_and_a_change_of_model_in_one_sentence(
+    indexed: str,
+) -> None:
+    finalized(indexed)
+    cfg = side_config()
+    with pytest.raises(UsageError, match="change triggers are not built yet") as exc:
+        asyncio.run(atriggers(cfg, Database(indexed), "tickets", True, False))
+    assert "embedfill watch" in str(exc.value)
+    with pytest.raises(PlanRefused, match="a change of model from a side table"):
+        asyncio.run(aplan_model(cfg, Database(indexed), "tickets", "other"))
+
+
+def test_a_watch_of_a_side_table_target_gives_it_new_rows_and_finds_edits(
+    indexed: str, fake_openai: Any
+) -> None:
+    from tests.integration.test_watch import Running, wait_for
+
+    finalized(indexed)
+    cfg = side_config(_watched_config(fake_openai))
+    w = Running(indexed, cfg, interval_s=0.5, sweep_interval_s=2)
+    try:
+        wait_for(lambda: len(w.watches) == 1 and bool(w.watches[0].job_id))
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(
+                f"INSERT INTO {T} (ticket_no, org, subject, body) VALUES (61, 'org-a', 'n', 'r')"
+            )
+            conn.execute(f"UPDATE {T} SET body = 'edited while watched' WHERE ticket_no = 3")
+        wait_for(lambda: fresh(indexed, [3, 61]), timeout=30)
+    finally:
+        w.stop()
+    assert w.error is None and fake_openai.requests == []  # the new model's vectors only
+
+
+def test_a_watch_running_through_a_table_strategy_finalize_keeps_the_side_table_fresh(
+    indexed: str, fake_openai: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The live watcher ends with the live column; the side table's goes on (it is what
+    the app searches) and says once what to write in the config. Before, it ended too and
+    nothing kept the side table fresh."""
+    from tests.integration.test_watch import Running, wait_for
+
+    cfg = _watched_config(fake_openai)
+    cut_over(indexed, "table")
+    w = Running(indexed, cfg, interval_s=0.5, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(w.watches) == 2 and all(x.job_id for x in w.watches))
+        live, new = w.watches
+        with caplog.at_level(logging.WARNING, logger="embedfill.watch"):
+            run(amodel_finalize, indexed, yes=True)
+            wait_for(lambda: live.job_id is None, timeout=20)
+            with psycopg.connect(indexed, autocommit=True) as conn:
+                conn.execute(
+                    f"INSERT INTO {T} (ticket_no, org, subject, body)"
+                    " VALUES (61, 'org-a', 'after', 'the finalize')"
+                )
+            wait_for(lambda: fresh(indexed, [61]), timeout=20)
+        assert new.job_id is not None and not new.retired
+        told = [r.getMessage() for r in caplog.records if "goes on keeping" in r.getMessage()]
+        assert len(told) == 1 and f'embedding_table = "{RELATION}"' in told[0]
+    finally:
+        w.stop()
+    assert w.error is None
+
+
+@pytest.mark.parametrize(
+    ("relation", "said"),
+    [
+        ("SupportTickets_emb_nxt", "does not exist in this database; name the side table"),
+        ("SupportTickets", "is not a side table that a change of model made"),
+    ],
+)
+def test_an_embedding_table_that_is_no_side_table_is_one_sentence(
+    indexed: str, relation: str, said: str
+) -> None:
+    finalized(indexed)
+    target = {k: v for k, v in _raw_target().items() if k != "embedding_column"}
+    target |= {"embedding_table": relation, "provider": "next"}
+    cfg = parse_config({"providers": _raw_providers(), "targets": [target]})
+    with pytest.raises(SchemaMismatch, match=said) as caught:
+        asyncio.run(astatus(cfg, Database(indexed), "tickets"))
+    assert "embedfill model status" in str(caught.value)
