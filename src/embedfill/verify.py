@@ -59,7 +59,7 @@ from .errors import (
 from .freshness import ProvenanceIds, model_identity, provenance_ids
 from .keys import KeyResolver
 from .models import Batch, KeySource, Row, tenant_part
-from .planning import TenantBatcher, estimate_cost, prepare_text, split_batch
+from .planning import TenantBatcher, estimate_cost, prepare_text
 from .providers import Provider, Vector
 from .ratelimit import Rates, SharedLimits
 
@@ -518,14 +518,13 @@ class Verifier:
         try:
             vectors, _ = await self.client.vectors(batch, resolved.key)
         except BadInput as exc:  # isolate the row the provider rejects
-            wrong = await self.client.probe(resolved.key)
-            if wrong is not None:  # not the rows: the request (model, dimensions)
-                raise wrong from None
-            if len(batch.rows) > 1:
-                for half in split_batch(batch):
-                    await self._compare(half, stored, result)
-                return
-            result.fail(batch.rows, str(exc))
+            halves = await self.client.rejected(batch, resolved.key)
+            if isinstance(halves, ProviderMisconfigured):  # the request (model, dimensions)
+                raise halves from None
+            for half in halves:
+                await self._compare(half, stored, result)
+            if not halves:
+                result.fail(batch.rows, str(exc))
             return
         except AuthFailed as exc:
             reason = f"{exc} (tenant {batch.tenant!r}, key source {resolved.source})"

@@ -10,10 +10,12 @@ vectors, checked (providers/answers.py), or the provider's error once retrying g
   number, or "auto", which backs off when the provider is overloaded);
 - **retries**: what retry.decide says, each wait cut short when the caller stops;
 - **the probe** (``probe``): after a 400 before any success, one request of one word
-  tells a wrong request (model, dimensions) from wrong inputs; shared by every batch.
+  tells a wrong request (model, dimensions) from wrong inputs; shared by every batch;
+- **bisection** (``rejected``): after a 400, the probe's verdict, else the halves of the
+  batch to send again, until the one input the provider rejects is alone.
 
-Bisection of a rejected batch, and what becomes of failed rows, are the caller's: a run
-fails rows in its audit trail, a verify lists them.
+What becomes of failed rows is the caller's: a run fails rows in its audit trail (and
+learns a smaller batch size), a verify lists them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from ..errors import (
 )
 from ..keys import KeyResolver, ResolvedKey
 from ..models import Batch
+from ..planning import split_batch
 from ..providers import Matrix, Provider
 from ..providers.answers import check_vectors
 from ..providers.base import Embeddings
@@ -231,6 +234,18 @@ class Client:
             f'"{PROBE_TEXT}", so the request itself is wrong, not the rows: "{rejected}" '
             f"Check {check} of provider {self.pconf.name!r}."
         )
+
+    async def rejected(
+        self, batch: Batch, key: Secret | None
+    ) -> ProviderMisconfigured | tuple[Batch, ...]:
+        """After a 400 for ``batch`` (BadInput), the bisection's next step: the error to
+        stop with when the request itself is wrong (``probe``); else the halves to send
+        again, each on its own, to isolate the input the provider rejects; none when
+        ``batch`` is that one input."""
+        wrong = await self.probe(key)
+        if wrong is not None:
+            return wrong
+        return split_batch(batch) if len(batch.rows) > 1 else ()
 
     async def _send_probe(self, key: Secret | None) -> BadInput | None:
         """The 400 the probe got, or None (accepted, or no verdict: a later 400 probes

@@ -2,12 +2,12 @@
 
 ``max_concurrency`` embedders (a fixed number, or "auto": concurrency.py) send batches
 through the run's embedding client (embedding/client.py: each tenant's key, the key's
-limits shared with every run in every process, retries, answer checks, the probe),
-which ``verify`` uses too. Here: splitting a batch the provider rejects to isolate the
-bad row, failing a row whose vector holds NaN or infinity alone, halting the run when
-the probe says the request itself is wrong or vectors come back of another size than
-the column's, and handing a chunk back for another worker when this one cannot reach
-the provider rather than failing its rows.
+limits shared with every run in every process, retries, answer checks, the probe and
+bisection), which ``verify`` uses too. Here: sending again the halves of a batch the
+provider rejects, failing the one row it rejects and a row whose vector holds NaN or
+infinity alone, halting the run when the probe says the request itself is wrong or
+vectors come back of another size than the column's, and handing a chunk back for
+another worker when this one cannot reach the provider rather than failing its rows.
 
 Shares: batches come from the scanner's queue, vectors go to the writers' queue with
 every row that waited for the same text (``inflight``) and into the cache.
@@ -28,11 +28,11 @@ from ..errors import (
     NoApiKey,
     NonFiniteVector,
     ProviderError,
+    ProviderMisconfigured,
     ProviderUnavailable,
     SchemaMismatch,
 )
 from ..models import Batch, Row
-from ..planning import split_batch
 from ..providers import Matrix
 from ..providers.answers import non_finite
 from ..secrets import Secret
@@ -154,13 +154,15 @@ class Embedder:
             await self._adopt(self._forget(batch), write_q)  # left NULL for another run
             return
         except BadInput as exc:
-            if not self.state.client.proven and await self._rejects_everything(resolved.key):
+            halves = await self.state.client.rejected(batch, resolved.key)
+            if isinstance(halves, ProviderMisconfigured):  # the request, not the rows
+                self.state.halt(halves)
                 self._forget(batch)  # halted: nothing is orphaned
                 return
-            if len(batch.rows) > 1:
+            if halves:
                 self.state.report.retries += 1  # its rows are sent again, in halves
                 rejected = self._rejected_inputs
-                for half in split_batch(batch):
+                for half in halves:
                     await self._embed(half, write_q)
                 if self._rejected_inputs == rejected:
                     self._learn_batch_size(len(batch.rows))
@@ -230,15 +232,6 @@ class Embedder:
                 f"{size} from then on. Set batch_size = {size} (or less) for provider "
                 f"{self.state.pconf.name!r} to avoid the refused requests."
             )
-
-    async def _rejects_everything(self, key: Secret | None) -> bool:
-        """Whether a 400 before any success is about the request (model, dimensions)
-        rather than its inputs (the client's probe): if so, the run halts with the
-        provider's words."""
-        wrong = await self.state.client.probe(key)
-        if wrong is not None:
-            self.state.halt(wrong)
-        return wrong is not None
 
     async def _call(self, batch: Batch, key: Secret | None) -> tuple[Matrix, int]:
         """The batch's vectors, checked, and the attempts it took; raises the provider's
