@@ -37,11 +37,10 @@ from .db.catalog import (
     target_status,
 )
 from .db.connect import Database, connect
-from .db.lanes import Lane
 from .db.queries import SNAPSHOT
 from .db.schema import amigrate, ensure_schema
 from .db.store import KeyInfo, Store
-from .engine import BackfillOptions, Hooks, Observer, ProgressCallback, Run
+from .engine import BackfillOptions, Hooks, Observer, Planner, ProgressCallback
 from .engine.prepare import prepare
 from .errors import (
     ConfigError,
@@ -114,9 +113,9 @@ async def abackfill(
                 exclusive=exclusive,
                 enqueue=enqueue,
             )
-        run = Run(  # a dry run: its reads on this connection, no write
+        planner = Planner(  # its reads on this connection, no write
             db=db,
-            lane=Lane(conn),
+            conn=conn,
             target=target,
             pconf=pconf,
             info=info,
@@ -126,7 +125,7 @@ async def abackfill(
             hooks=hooks,
             env=environ,
         )
-        return await run.execute()
+        return await planner.plan()
     except psycopg.Error as exc:
         raise DatabaseError(f"The database refused a statement: {_first_line(exc)}") from exc
     finally:

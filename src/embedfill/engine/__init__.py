@@ -5,7 +5,8 @@
 - ``embed.py``  ``Embedder``: keys, shared limits, concurrency, retries, bisection, checks
 - ``write.py``  ``Writer``: guarded bulk UPDATEs on writer lanes; rows the app holds locked
 - ``tally.py``  ``Ledger``: every row accounted for once: report, chunks, metrics, audit
-- ``run.py``    ``Run``, the stage objects wired by queues: a dry run or a worker session
+- ``run.py``    ``Run``, the stage objects wired by queues: a worker's session of a job
+- ``plan.py``   ``Planner``, a dry run: the scanner and the ledger alone
 
 Each stage is an object given the run's ``RunState`` and the ledger it reports to;
 none inherits another or holds a reference to the ``Run``.
@@ -17,6 +18,7 @@ The CLI, the HTTP service and workers call the application layer
 
 from __future__ import annotations
 
+from .plan import Planner
 from .prepare import prepare
 from .run import Run
 from .state import BackfillOptions, Chunk, Hooks, Observer, ProgressCallback, WorkerSeat
@@ -26,6 +28,7 @@ __all__ = [
     "Chunk",
     "Hooks",
     "Observer",
+    "Planner",
     "ProgressCallback",
     "Run",
     "WorkerSeat",

@@ -1,12 +1,12 @@
-"""scan -> embed -> write -> tally: one run of one target, its stages wired by queues.
+"""scan -> embed -> write -> tally: one worker's session of a job, its stages wired by
+queues.
 
 ``Run`` builds one object per stage over one ``RunState``, and ``_pipeline`` runs them
 as a small set of asyncio tasks: the scanner (scan.py) feeds
 ``max_concurrency`` embedders (embed.py) through a bounded queue, they feed
 ``write_concurrency`` writers (write.py) through another, and every stage counts what
-it did (tally.py). ``execute`` is a dry run (the scan alone: a plan, nothing sent or
-written); ``serve`` is one worker's session of a job (worker.py), fed chunk by chunk,
-whose report goes to its row of ``embedfill.workers`` every second.
+it did (tally.py). ``serve`` is the session (worker.py), fed chunk by chunk, whose report
+goes to its row of ``embedfill.workers`` every second. A dry run is apart: plan.py.
 
 Every row a session writes gets its provenance in the same statement (freshness.py).
 """
@@ -16,22 +16,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Mapping
 
 import psycopg
 
 from ..config import EngineConfig, ProviderConfig, TargetConfig
-from ..db.catalog import TableInfo, count_missing, count_outdated
+from ..db.catalog import TableInfo
 from ..db.connect import Database
 from ..db.lanes import Lane, Lanes
 from ..db.store import Store
 from ..embedding import Client
 from ..errors import DatabaseError, EmbedfillError
-from ..errors import first_line as _first_line
-from ..freshness import mixing_warning
 from ..models import Batch, Report
-from ..planning import estimate_cost
 from ..providers import Provider
 from .embed import Embedder
 from .scan import Scanner
@@ -43,9 +39,9 @@ log = logging.getLogger(__name__)
 
 
 class Run:
-    """One run of one target: a dry run (``execute``) or a worker's session of a job
-    (``serve``), its stage objects (scanner, embedders, writers, ledger) over one
-    RunState (state.py), each given what it shares and nothing of the others."""
+    """One worker's session of a job (``serve``): its stage objects (scanner,
+    embedders, writers, ledger) over one RunState (state.py), each given what it shares
+    and nothing of the others."""
 
     def __init__(
         self,
@@ -60,8 +56,8 @@ class Run:
         engine: EngineConfig,
         hooks: Hooks,
         env: Mapping[str, str],
-        seat: WorkerSeat | None = None,
-        lanes: Lanes | None = None,
+        seat: WorkerSeat,
+        lanes: Lanes,
     ) -> None:
         self.state = state = RunState(
             db=db,
@@ -106,53 +102,6 @@ class Run:
         """No more chunks: the session drains and ends."""
         self.scanner.close()
 
-    async def execute(self) -> Report:
-        """A dry run: the scan and batching of a real run, with nothing sent or written
-        but its row in the audit trail. A real backfill is a job (jobs.py), served by
-        workers (``serve``)."""
-        assert self.state.opts.dry_run, "a real backfill is a job: see application.abackfill"
-        started = time.monotonic()
-        await self.state.resolve_provenance(create=False)
-        missing = await count_missing(self.state.conn, self.state.sql, self.state.tenants)
-        self.state.report.missing_before = min(missing, self.state.opts.limit or missing)
-        if self.state.refresh:
-            stale, outdated = await count_outdated(
-                self.state.conn, self.state.sql, self.state.tenants, self.state.prov.params()
-            )
-            self.state.report.stale_before = stale + outdated
-            if outdated:
-                self.state.report.warnings.append(mixing_warning(self.state.target.name, outdated))
-        run_id = await self.state.store.create_run(
-            target=self.state.target.name,
-            actor=self.state.opts.actor,
-            parameters=self.state.opts.parameters(),
-            dry_run=True,
-            missing_before=self.state.report.missing_before,
-            table_oid=self.state.info.oid,
-            column=self.state.target.embedding_column,
-        )
-        self.state.report.run_id = run_id
-        if self.state.hooks.on_start:
-            self.state.hooks.on_start(run_id)
-        log.info("run %s: planning %s, %d rows missing", run_id, self.state.target.name, missing)
-        error: str | None = None
-        try:
-            await self.scanner.plan()
-        except BaseException as exc:
-            self.state.report.status = "failed"
-            error = _first_line(exc) if isinstance(exc, Exception) else "interrupted"
-            raise
-        finally:
-            self.state.report.duration_s = time.monotonic() - started
-            self.state.report.estimated_cost_usd = estimate_cost(
-                self.state.report.tokens, self.state.pconf.price
-            )
-            if self.state.report.status != "failed":
-                self.state.report.status = self._final_status()
-            with contextlib.suppress(psycopg.Error):
-                await asyncio.shield(self.ledger.flush_audit(final=True, error=error))
-        return self.state.report
-
     async def serve(self) -> Report:
         """A worker's session of a job: embed the chunks ``submit`` hands in until
         ``close``; this worker's report goes to its row of ``embedfill.workers`` every
@@ -192,11 +141,6 @@ class Run:
             if not self.state.hooks.cancel.is_set():
                 chunk.given_up = True
         await self.scanner.submit(chunk)
-
-    def _final_status(self) -> str:
-        if self.state.hooks.cancel.is_set():
-            return "cancelled"
-        return "partial" if self.state.report.failed else "succeeded"
 
     async def _pipeline(self) -> None:
         embed_q: asyncio.Queue[Batch | None] = asyncio.Queue(self.state.concurrency.ceiling * 2)
