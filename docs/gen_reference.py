@@ -152,6 +152,8 @@ def config_rows(section: str) -> list[tuple[str, str, str, str]]:
         default = defaults.get(key, dataclasses.MISSING)
         if key in ("text", "text_sql"):
             shown = "one of text, text_sql"
+        elif key == "embedding_column":  # a side table's is "embedding"
+            shown = "required, unless embedding_table"
         elif key == "max_concurrency":  # per kind (kinds.KINDS)
             from embedfill.kinds import KINDS
 

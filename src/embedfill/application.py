@@ -45,7 +45,6 @@ from .engine.prepare import prepare
 from .errors import (
     ConfigError,
     DatabaseError,
-    EmbedfillError,
     JobConflict,
     JobNotFound,
     ModelChanged,
@@ -99,6 +98,7 @@ async def abackfill(
         if not opts.dry_run:
             side = info.sql(target)
             if side.live is not None:  # a side table: first a row for each live row
+                await homes.secure_side(conn, side)
                 await conn.execute(homes.mirror(side))
             return await _job(
                 conn,
@@ -570,6 +570,8 @@ async def amodel_start(
             if lacks is not None:
                 raise PrivilegeMissing(f"Cannot start the change of model: {lacks}.")
             home = dict(plan.home)
+            if strategy == "table":  # the live id its rows are (catalog._check_side_table)
+                home["id_column"] = live.id_column
             home["indexes"] = migration.twins(
                 home,
                 await indexes.vector_indexes(conn, info.oid, live.embedding_column),
@@ -1108,25 +1110,6 @@ async def amodel_status(
         await conn.close()
 
 
-async def missing_counts(config: Config, db: Database) -> dict[str, int]:
-    """Rows missing an embedding per target name (the service's gauge); a target that
-    cannot be inspected now (its table gone, say) is left out."""
-    conn = await connect(db)
-    try:
-        counts: dict[str, int] = {}
-        for target in config.targets:
-            pconf = config.provider_for(target)
-            try:
-                info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
-                missing = await count_missing(conn, info.sql(target), None)
-            except (EmbedfillError, psycopg.Error):
-                continue
-            counts[target.name] = missing
-        return counts
-    finally:
-        await conn.close()
-
-
 # ---------------------------------------------------------------------------- schema
 
 
@@ -1449,7 +1432,6 @@ __all__ = [
     "job_record",
     "list_jobs",
     "list_keys",
-    "missing_counts",
     "open_store",
     "put_key",
     "wait_job",

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
+import json
 import logging
 import math
 import re
@@ -319,7 +320,8 @@ def steps_of(
                 "finalize",
                 f"DROP INDEX CONCURRENTLY of the old index ({old}); ALTER TABLE {table} "
                 "DROP COLUMN of the old vectors; the target then names the side table as "
-                f'its vectors in the config (embedding_table = "{home["relation"]}")',
+                "its vectors in the config (embedding_table = "
+                f"{json.dumps(home['relation'], ensure_ascii=False)})",
                 "SHARE UPDATE EXCLUSIVE on the old index; ACCESS EXCLUSIVE on "
                 f"{table} for the catalog change only, under a short lock_timeout",
                 "for milliseconds; a prepared SELECT * fails once (its result type changed)",
@@ -391,8 +393,8 @@ async def plan(
         raise PlanRefused(
             f"Target {target.name!r} keeps its vectors in the side table {target.table} "
             "(embedding_table), and a change of model from a side table is not built yet; "
-            "re-embed it in place instead: point its provider at the new section and run "
-            "`embedfill backfill --refresh`."
+            "to a model of the same dimensions, re-embed it in place instead (provider = "
+            "the new section, then `embedfill backfill --refresh`)."
         )
     current = config.provider_for(target)
     to = config.providers.get(to_name)
@@ -820,8 +822,8 @@ def side_table_step(target: str, home: dict[str, Any], provider: Any) -> str:
     its side table (strategy table)."""
     return (
         f"Point target {target!r} at its side table in the config: "
-        f'embedding_table = "{home.get("relation")}" and provider = "{provider}", without '
-        "embedding_column."
+        f"embedding_table = {json.dumps(home.get('relation'), ensure_ascii=False)} and "
+        f"provider = {json.dumps(provider, ensure_ascii=False)}, without embedding_column."
     )
 
 

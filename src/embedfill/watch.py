@@ -519,6 +519,8 @@ class TargetWatch:
                 if walk.first and tsql.live is not None:
                     # a side table: the live table's new rows at each poll, every live
                     # row it lacks (and none it should not have) at each sweep
+                    if is_outdated:
+                        await homes.secure_side(conn, tsql)
                     await conn.execute(homes.mirror(tsql, newer=not is_outdated))
                 rows = await _keys_page(
                     conn,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 import numpy as np
@@ -174,7 +175,7 @@ def test_a_watch_running_through_a_table_strategy_finalize_keeps_the_side_table_
 @pytest.mark.parametrize(
     ("relation", "said"),
     [
-        ("SupportTickets_emb_nxt", "does not exist in this database; name the side table"),
+        ("SupportTickets_emb_nxt", "does not exist in this database: a rollback's finalize"),
         ("SupportTickets", "is not a side table that a change of model made"),
     ],
 )
@@ -188,3 +189,190 @@ def test_an_embedding_table_that_is_no_side_table_is_one_sentence(
     with pytest.raises(SchemaMismatch, match=said) as caught:
         asyncio.run(astatus(cfg, Database(indexed), "tickets"))
     assert "embedfill model status" in str(caught.value)
+
+
+def side_rows(url: str) -> dict[int, bool]:
+    """Each side row's id, and whether it holds a vector."""
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            f"SELECT embedfill_row_id, embedding IS NOT NULL FROM {SIDE_TABLE}"
+        ).fetchall()
+    return dict(rows)
+
+
+SIDE_TABLE = f'app."{RELATION}"'
+
+
+def test_a_side_table_of_other_rows_is_refused_before_its_vectors_are_touched(
+    indexed: str,
+) -> None:
+    """A mirror deletes every side row whose live row it does not find: pointed at the
+    side table of another table, or naming the live rows by another id, the first
+    backfill deleted every vector the app searches (helper-26). Now refused in one
+    sentence, the side table untouched."""
+    finalized(indexed)
+    before = side_rows(indexed)
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE app.other (id bigint PRIMARY KEY, org text, subject text, body text)"
+        )
+        conn.execute(
+            "INSERT INTO app.other SELECT g, 'org-a', 's', 'b' FROM generate_series(1000, 1004) g"
+        )
+        conn.execute(f"ALTER TABLE {T} ADD legacy_id bigint UNIQUE")
+        conn.execute(f"UPDATE {T} SET legacy_id = ticket_no + 1000")
+    other = {k: v for k, v in _raw_target().items() if k != "embedding_column"}
+    other |= {"table": "app.other", "id_column": "id"}
+    by_legacy = dict(other, table="app.SupportTickets", id_column="legacy_id")
+    for target, said in (
+        (other, "holds the vectors of another table's rows"),
+        (by_legacy, "names app.SupportTickets's rows by 'ticket_no', not by 'legacy_id'"),
+    ):
+        target |= {"embedding_table": RELATION, "provider": "next"}
+        cfg = parse_config({"providers": _raw_providers(), "targets": [target]})
+        with pytest.raises(SchemaMismatch, match=re.escape(said)):
+            asyncio.run(abackfill(cfg, Database(indexed), BackfillOptions(target="tickets")))
+        with pytest.raises(SchemaMismatch, match=re.escape(said)):
+            asyncio.run(astatus(cfg, Database(indexed), "tickets"))
+    assert side_rows(indexed) == before
+
+
+def test_a_side_table_target_before_the_finalize_is_told_to_wait_for_it(indexed: str) -> None:
+    """Written into the config before the cutover's finalize, the side table is not the
+    target's vectors yet (the live column is): every command says so, and what to keep."""
+    from embedfill.application import amodel_rollback
+
+    cut_over(indexed, "table")
+    for call in (
+        lambda: asyncio.run(astatus(side_config(), Database(indexed), "tickets")),
+        lambda: run(amodel_rollback, indexed, cfg=side_config()),
+    ):
+        with pytest.raises(SchemaMismatch, match="is at phase cut_over") as caught:
+            call()
+        assert "until then keep embedding_column" in str(caught.value)
+
+
+def test_a_poll_finds_a_live_row_committed_below_the_side_tables_highest_id(
+    indexed: str, fake_openai: Any
+) -> None:
+    """Rows committed out of id order (or an id used again): a poll's mirror took only
+    ids above the side table's highest, so such a row waited for the sweep (minutes)."""
+    from tests.integration.test_watch import Running, wait_for
+
+    finalized(indexed)
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f"DELETE FROM {T} WHERE ticket_no = 30")
+    asyncio.run(abackfill(side_config(), Database(indexed), BackfillOptions(target="tickets")))
+    assert 30 not in side_rows(indexed)  # pruned
+    w = Running(
+        indexed, side_config(_watched_config(fake_openai)), interval_s=0.3, sweep_interval_s=3600
+    )
+    try:
+        wait_for(lambda: len(w.watches) == 1 and bool(w.watches[0].job_id))
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(
+                f"INSERT INTO {T} (ticket_no, org, subject, body)"
+                " VALUES (30, 'org-a', 'back', 'again')"
+            )
+        wait_for(lambda: fresh(indexed, [30]), timeout=20)
+    finally:
+        w.stop()
+    assert w.error is None
+
+
+def test_a_mirror_writes_no_side_row_that_is_already_right(indexed: str) -> None:
+    """Every mirror (each poll, with ids that are not integers) took a lock on every
+    side row (INSERT ... ON CONFLICT DO UPDATE locks the row it meets): 0.65 s and 11 MB
+    of WAL a poll at 200,000 rows (helper-26). A side row already right is not touched."""
+    from embedfill.db import homes
+    from embedfill.db.catalog import inspect_target
+
+    finalized(indexed)
+    cfg = side_config()
+    asyncio.run(abackfill(cfg, Database(indexed), BackfillOptions(target="tickets")))
+
+    async def mirrors() -> None:
+        from embedfill.db.connect import connect
+
+        conn = await connect(Database(indexed))
+        try:
+            target = cfg.target("tickets")
+            info = await inspect_target(conn, target, 16)
+            for newer in (False, True):
+                await conn.execute(homes.mirror(info.sql(target), newer=newer))
+        finally:
+            await conn.close()
+
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute("VACUUM FREEZE " + SIDE_TABLE)
+        asyncio.run(mirrors())
+        locked = conn.execute(f"SELECT count(*) FROM {SIDE_TABLE} WHERE xmax <> '0'").fetchone()
+    assert locked == (0,)
+
+
+def test_a_dry_run_counts_the_live_rows_the_side_table_lacks(indexed: str) -> None:
+    finalized(indexed)
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(
+            f"INSERT INTO {T} (ticket_no, org, subject, body)"
+            " VALUES (61, 'org-a', 'new', 'row'), (62, 'org-b', 'another', 'one')"
+        )
+    plan = asyncio.run(
+        abackfill(side_config(), Database(indexed), BackfillOptions(target="tickets", dry_run=True))
+    )
+    [st] = asyncio.run(astatus(side_config(), Database(indexed), "tickets"))
+    assert plan.missing_before == st.missing == 4
+
+
+def test_row_security_turned_on_after_the_finalize_reaches_the_side_table(
+    indexed: str, roles: Any
+) -> None:
+    """The live table's policies were copied to the side table at the start and the
+    cutover only: turned on later, the app's readers of the side table alone saw every
+    tenant's rows, and a role without BYPASSRLS was told to fix its text template."""
+    from tests.support.roles import EMBEDFILL_GRANTS, TICKETS_GRANTS
+
+    finalized(indexed)
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f"ALTER TABLE {T} ENABLE ROW LEVEL SECURITY")
+        conn.execute(f"CREATE POLICY org_a ON {T} USING (org = 'org-a')")
+    role = roles.create()
+    roles.grant(role, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
+    roles.grant(role, f"GRANT SELECT, INSERT, UPDATE, DELETE ON {SIDE_TABLE} TO {{role}}")
+    from embedfill.errors import RowSecurityHides
+
+    with pytest.raises(RowSecurityHides, match=r"Row-level security on app\.SupportTickets hides"):
+        asyncio.run(
+            abackfill(side_config(), Database(roles.url(role)), BackfillOptions(target="tickets"))
+        )
+    asyncio.run(abackfill(side_config(), Database(indexed), BackfillOptions(target="tickets")))
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        secured = conn.execute(
+            "SELECT relrowsecurity FROM pg_class WHERE oid = %s::regclass", (SIDE_TABLE,)
+        ).fetchone()
+        conn.execute(f'GRANT SELECT ON {SIDE_TABLE} TO "{role}"')
+        conn.execute(f'SET ROLE "{role}"')
+        tenants = conn.execute(f"SELECT DISTINCT embedfill_tenant FROM {SIDE_TABLE}").fetchall()
+    assert secured == (True,) and tenants == [("org-a",)]
+
+
+def test_a_role_that_may_not_insert_side_rows_is_told_the_whole_grant(
+    indexed: str, roles: Any
+) -> None:
+    from tests.support.roles import EMBEDFILL_GRANTS, TICKETS_GRANTS
+
+    finalized(indexed)
+    role = roles.create()
+    roles.grant(role, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
+    roles.grant(role, f"GRANT SELECT, UPDATE ON {SIDE_TABLE} TO {{role}}")
+    with pytest.raises(SchemaMismatch) as caught:
+        asyncio.run(
+            abackfill(side_config(), Database(roles.url(role)), BackfillOptions(target="tickets"))
+        )
+    said = str(caught.value)
+    assert f'GRANT SELECT, INSERT, UPDATE, DELETE ON "app"."{RELATION}" TO "{role}"' in said
+    roles.grant(role, f"GRANT SELECT, INSERT, UPDATE, DELETE ON {SIDE_TABLE} TO {{role}}")
+    report = asyncio.run(
+        abackfill(side_config(), Database(roles.url(role)), BackfillOptions(target="tickets"))
+    )
+    assert report.status == "succeeded"

@@ -280,3 +280,17 @@ def test_a_target_in_its_side_table_reads_the_live_rows_text_and_keys() -> None:
     other = dict(target, text="{body}")
     changed = parse_config({**data, "targets": [other]}).target("tickets")
     assert vector_settings(changed, config.provider_for(changed)) != settings
+
+
+def test_an_embedding_table_may_name_its_schema_as_model_status_shows_it() -> None:
+    import tomllib
+
+    data = tomllib.loads(EXAMPLE)
+    target = data["targets"][0]
+    del target["embedding_column"]
+    target["embedding_table"] = "app.SupportTickets_emb_next"
+    side = parse_config(data).target("tickets")
+    assert side.table == TableName("app", "SupportTickets_emb_next")
+    target["embedding_table"] = "public.SupportTickets_emb_next"
+    with pytest.raises(ConfigError, match="a side table is in its table's schema"):
+        parse_config(data)

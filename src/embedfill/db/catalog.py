@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -10,7 +12,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ..config import TargetConfig
+from ..config import TableName, TargetConfig
 from ..errors import ConfigError, ExtensionMissing, RowSecurityHides, SchemaMismatch
 from ..errors import first_line as _first_line
 from ..models import TargetStatus, TenantStatus
@@ -189,8 +191,9 @@ async def resolve_table(
         if target.side_of is not None:
             raise SchemaMismatch(
                 f"The side table {target.table} of target {target.name!r} (embedding_table) "
-                "does not exist in this database; name the side table that `embedfill model "
-                "status` shows, in the schema of the target's table."
+                "does not exist in this database: a rollback's finalize drops it (the "
+                "vectors are then the live column's again: embedding_column), else name the "
+                "side table that `embedfill model status` shows."
             )
         raise SchemaMismatch(
             f"Table {target.table} of target {target.name!r} does not exist in this database; "
@@ -253,6 +256,98 @@ WHERE m.table_oid = %(rel)s AND m.column_name = %(column)s AND m.phase = 'finali
 ORDER BY m.id DESC LIMIT 1"""
 
 
+# The change of model that made a side table (by its schema and name): its live table,
+# the live id it mirrors, and how far it is.
+_SIDE_TABLE_OF = """
+SELECT m.table_oid, m.home ->> 'id_column', m.target, m.phase
+FROM embedfill.model_migrations AS m
+WHERE m.strategy = 'table' AND m.home ->> 'schema' = %(schema)s
+  AND m.home ->> 'relation' = %(relation)s
+ORDER BY m.id DESC LIMIT 1"""
+
+# table-level privileges a side table's mirror needs beyond SELECT and UPDATE
+_TABLE_DENIED = """
+SELECT current_user, p.priv FROM unnest(%(privs)s::text[]) WITH ORDINALITY AS p(priv, n)
+WHERE NOT has_table_privilege(%(rel)s::oid, p.priv) ORDER BY p.n LIMIT 1"""
+
+
+async def _check_side_table(
+    conn: psycopg.AsyncConnection[Any], target: TargetConfig, oid: int, schema: str, *, write: bool
+) -> None:
+    """A target ``in_side_table`` (``embedding_table``): its side table must be one a
+    change of model made for its live table, by the same id (a mirror's prune deletes
+    every side row whose live row it does not find: pointed at another table's side
+    table, or by another id, it deleted the vectors the app searches); the live table
+    must have the columns the text, the id and the tenant come from, and hide no row;
+    and, to write, this role must also insert and delete side rows (the mirror)."""
+    live = target.side_of
+    assert live is not None
+    live = dataclasses.replace(live, table=TableName(live.table.schema or schema, live.table.name))
+    live_oid, _ = await resolve_table(conn, live)
+    cur = await conn.execute(_COLUMNS, {"rel": live_oid})
+    names = {r[0] for r in await cur.fetchall()}
+    wanted = [("id_column", live.id_column)]
+    if live.tenant_column:
+        wanted.append(("tenant_column", live.tenant_column))
+    wanted += [("text template", c) for c in live.text_columns]
+    for role, col in wanted:
+        if col not in names:
+            raise SchemaMismatch(
+                f"Column {col!r} ({role} of target {target.name!r}) does not exist in "
+                f"{live.table}, whose rows its side table {target.table} holds the vectors "
+                f"of; its columns are: {', '.join(sorted(names))}."
+            )
+    try:
+        async with conn.transaction():  # a failure here leaves the caller's state alone
+            cur = await conn.execute(
+                _SIDE_TABLE_OF, {"schema": schema, "relation": target.table.name}
+            )
+            made = await cur.fetchone()
+    except psycopg.Error:  # no embedfill schema here: no change of model made it
+        made = None
+    if made is None:
+        raise SchemaMismatch(
+            f"Table {target.table} (embedding_table of target {target.name!r}) is not a side "
+            "table that a change of model made; name the side table that `embedfill model "
+            "status` shows."
+        )
+    made_for, made_by_id, made_by_target, phase = made
+    if int(made_for) != live_oid:
+        raise SchemaMismatch(
+            f"The side table {target.table} holds the vectors of another table's rows (a "
+            f"change of model of target {made_by_target!r}), not of {live.table}'s; point "
+            f"embedding_table of target {target.name!r} at {live.table}'s side table."
+        )
+    if made_by_id is not None and made_by_id != live.id_column:
+        raise SchemaMismatch(
+            f"The side table {target.table} names {live.table}'s rows by {made_by_id!r}, "
+            f"not by {live.id_column!r}; set id_column = {json.dumps(made_by_id)} for target "
+            f"{target.name!r}."
+        )
+    if "@" not in target.name and phase != "finalized":
+        # the config's own target, before the finalize: the live column is still there
+        raise SchemaMismatch(
+            f"The change of {made_by_target}'s model that made {target.table} is at phase "
+            f"{phase}: its side table becomes the target's vectors at the cutover's "
+            "`embedfill model finalize`; until then keep embedding_column (the live column) "
+            "and the old provider, without embedding_table."
+        )
+    await _check_row_security(conn, live, live_oid)
+    if write:
+        cur = await conn.execute(_TABLE_DENIED, {"privs": ["INSERT", "DELETE"], "rel": oid})
+        denied = await cur.fetchone()
+        if denied is not None:
+            role, priv = denied
+            grant = sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {}").format(
+                sql.Identifier(schema, target.table.name), sql.Identifier(role)
+            )
+            raise SchemaMismatch(
+                f"Role {role} may not {priv} rows of {target.table}, which the live table's "
+                f"new and deleted rows need; grant it as the table's owner: "
+                f"{grant.as_string(conn)}."
+            )
+
+
 async def _dropped_by_a_finalize(conn: psycopg.AsyncConnection[Any], oid: int, column: str) -> str:
     """When a change of model's finalize dropped this embedding column: where the
     vectors are now (a sentence to add to the error), else ''."""
@@ -272,8 +367,8 @@ async def _dropped_by_a_finalize(conn: psycopg.AsyncConnection[Any], oid: int, c
         )
     return (
         f" A change of model's finalize dropped it: point the target at its side table "
-        f'{schema}.{relation} (embedding_table = "{relation}", provider = "{provider}", '
-        "without embedding_column)."
+        f"{schema}.{relation} (embedding_table = {json.dumps(relation, ensure_ascii=False)}, "
+        f"provider = {json.dumps(provider, ensure_ascii=False)}, without embedding_column)."
     )
 
 
@@ -318,6 +413,8 @@ async def inspect_target(
                 f"Column {col!r} ({role} of target {target.name!r}) does not exist in "
                 f"{target.table}; its columns are: {known}.{dropped}"
             )
+    if target.side_of is not None:  # before its text is read from the live table
+        await _check_side_table(conn, target, oid, schema, write=write)
     await _check_privileges(conn, target, tsql, oid, [c for _, c in wanted], write=write)
     await _check_row_security(conn, target, oid)
     await _check_id(conn, target, tsql, oid, columns[target.id_column])

@@ -19,6 +19,7 @@ operator class and parameters, built ``CONCURRENTLY``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import psycopg
@@ -28,6 +29,8 @@ from ..config import SIDE_ROW_ID, SIDE_TENANT, SIDE_VECTOR
 from .target_sql import TargetSQL, unquoted
 
 ROW_ID, TENANT, VECTOR = SIDE_ROW_ID, SIDE_TENANT, SIDE_VECTOR
+
+log = logging.getLogger(__name__)
 
 
 def create_side_table(
@@ -55,39 +58,49 @@ def _live_row_exists(live: TargetSQL, row_id: sql.Composable) -> sql.Composed:
     )
 
 
+# a poll's mirror looks this far below the side table's highest (integer) id for live
+# rows without a side row: rows committed out of id order are found there, not left
+# to the sweep
+MIRROR_WINDOW = 10_000
+
+
 def mirror(side_sql: TargetSQL, *, newer: bool = False) -> sql.Composed:
     """For a target ``in_side_table``: a side row for each live row that has none, a
     moved row's tenant (whose key pays for it) brought up to date, and the side rows of
-    deleted live rows deleted (the live table is only read);
-    ``newer``: only live rows whose integer id is above the side table's highest (a
-    range scan of the key: cheap enough for every poll), and no deletion."""
+    deleted live rows deleted (the live table is only read; a side row already right is
+    not written);
+    ``newer`` (each poll): only the side rows live rows lack, among the integer ids above
+    the side table's highest less ``MIRROR_WINDOW`` (a range scan of the key); with
+    other ids an anti-join of the keys, writing only the new rows."""
     live, side = side_sql.live, side_sql.table
     assert live is not None, "a target in a side table"
-    prune: sql.Composable = sql.SQL("")
+    names = {
+        "side": side,
+        "live": live.table,
+        "row_id": sql.Identifier(ROW_ID),
+        "tenant": sql.Identifier(TENANT),
+        "id": sql.Identifier(live.target.id_column),
+        "tenant_text": live.tenant_text("t"),
+    }
+    changes: sql.Composable = sql.SQL("")
     if not newer:  # every embedfill session runs with row_security off: no row is hidden
-        prune = sql.SQL(
-            "WITH embedfill_gone AS (DELETE FROM {side} AS g WHERE NOT {live_row}) "
-        ).format(side=side, live_row=_live_row_exists(live, sql.Identifier("g", ROW_ID)))
-    where: sql.Composable = sql.SQL("")
+        changes = sql.SQL(
+            "WITH embedfill_gone AS (DELETE FROM {side} AS g WHERE NOT {live_row}),"
+            " embedfill_moved AS (UPDATE {side} AS m SET {tenant} = {tenant_text}"
+            " FROM {live} AS t WHERE t.{id} = m.{row_id}"
+            " AND m.{tenant} IS DISTINCT FROM {tenant_text}) "
+        ).format(live_row=_live_row_exists(live, sql.Identifier("g", ROW_ID)), **names)
+    window: sql.Composable = sql.SQL("")
     if newer and live.integer_ids:
-        where = sql.SQL(
-            " WHERE t.{id} > coalesce((SELECT pg_catalog.max(s.{row_id}) FROM {side} AS s),"
-            " t.{id} - 1)"
-        ).format(id=sql.Identifier(live.target.id_column), row_id=sql.Identifier(ROW_ID), side=side)
+        window = sql.SQL(
+            " AND t.{id} > coalesce((SELECT pg_catalog.max(s.{row_id}) FROM {side} AS s)"
+            " - {window}, t.{id} - 1)"
+        ).format(window=sql.Literal(MIRROR_WINDOW), **names)
     return sql.SQL(
-        "{prune}INSERT INTO {side} AS s ({row_id}, {tenant}) SELECT t.{id}, {tenant_text}"
-        " FROM {live} AS t{where} ON CONFLICT ({row_id}) DO UPDATE"
-        " SET {tenant} = excluded.{tenant} WHERE s.{tenant} IS DISTINCT FROM excluded.{tenant}"
-    ).format(
-        prune=prune,
-        where=where,
-        side=side,
-        row_id=sql.Identifier(ROW_ID),
-        tenant=sql.Identifier(TENANT),
-        id=sql.Identifier(live.target.id_column),
-        tenant_text=live.tenant_text("t"),
-        live=live.table,
-    )
+        "{changes}INSERT INTO {side} ({row_id}, {tenant}) SELECT t.{id}, {tenant_text}"
+        " FROM {live} AS t WHERE NOT EXISTS (SELECT FROM {side} AS s WHERE s.{row_id} = t.{id})"
+        "{window} ON CONFLICT ({row_id}) DO NOTHING"
+    ).format(changes=changes, window=window, **names)
 
 
 # the roles that may read the live table (PUBLIC too), and its owner; and whether each
@@ -173,6 +186,36 @@ async def secure_like(
         )
     )
     return True
+
+
+_OID = "SELECT pg_catalog.to_regclass(%(name)s)::pg_catalog.oid"
+
+
+async def secure_side(conn: psycopg.AsyncConnection[Any], side_sql: TargetSQL) -> None:
+    """A target ``in_side_table``: row-level security turned on for the live table since
+    its change of model's cutover reaches the side table too (``secure_like``), when this
+    role may alter the side table (its owner); else a warning, once a run or a sweep:
+    the app's readers of the side table alone would see every tenant's rows."""
+    live = side_sql.live
+    assert live is not None and side_sql.schema is not None, "a resolved side table"
+    cur = await conn.execute(_OID, {"name": live.table.as_string(conn)})
+    row = await cur.fetchone()
+    if row is None or row[0] is None:
+        return
+    relation = side_sql.target.table.name
+    try:
+        async with conn.transaction():
+            await secure_like(conn, live, int(row[0]), side_sql.schema, relation)
+    except psycopg.errors.InsufficientPrivilege:
+        log.warning(
+            "row-level security is on for %s but not for its side table %s.%s, whose readers "
+            "see every tenant's rows; run `embedfill backfill --target %s` once as the side "
+            "table's owner (it adds the policy)",
+            live.table.as_string(conn),
+            side_sql.schema,
+            relation,
+            side_sql.target.name,
+        )
 
 
 def add_column(live: TargetSQL, column: str, vector_type: str, dimensions: int) -> sql.Composed:

@@ -99,6 +99,7 @@ class TargetSQL:
         self.target = target
         t = target.table
         schema = t.schema or schema
+        self.schema = schema  # None: not resolved yet (catalog.resolve_table)
         self.table = sql.Identifier(schema, t.name) if schema else sql.Identifier(t.name)
         self.id = sql.Identifier(target.id_column)
         self.emb = sql.Identifier(target.embedding_column)
@@ -459,8 +460,26 @@ class TargetSQL:
         ).format(cols=self._checked(False), table=self.table)
 
     def count_missing(self, *, tenants: bool) -> sql.Composed:
-        return sql.SQL("SELECT count(*) FROM {table} WHERE {emb} IS NULL{tenants}").format(
-            table=self.table, emb=self.emb, tenants=self._tenant_filter(tenants)
+        """Rows whose embedding is NULL (of %(tenants)s); a side table's: with its live
+        rows that have no side row yet, without those of deleted live rows (as
+        ``status_by_tenant`` counts them)."""
+        if self.live is None:
+            return sql.SQL("SELECT count(*) FROM {table} WHERE {emb} IS NULL{tenants}").format(
+                table=self.table, emb=self.emb, tenants=self._tenant_filter(tenants)
+            )
+        return sql.SQL(
+            "SELECT (SELECT count(*) FROM {table} AS t WHERE {emb} IS NULL{tenants}"
+            " AND EXISTS (SELECT FROM {live} AS l WHERE l.{id} = t.{row_id}))"
+            " + (SELECT count(*) FROM {live} AS t WHERE NOT EXISTS"
+            " (SELECT FROM {table} AS s WHERE s.{row_id} = t.{id}){live_tenants})"
+        ).format(
+            table=self.table,
+            emb=self.emb,
+            tenants=self._tenant_filter(tenants),
+            live=self.live.table,
+            id=sql.Identifier(self.live.target.id_column),
+            row_id=sql.Identifier(SIDE_ROW_ID),
+            live_tenants=self.live._tenant_filter(tenants),
         )
 
     def count_missing_by_tenant(self, *, tenants: bool) -> sql.Composed:
