@@ -595,15 +595,9 @@ def _parse_target(
     )
     if not side:
         return target
-    if '"' not in side and side.count(".") == 1:  # schema-qualified, as status shows it
-        schema, side = side.split(".")
-        if target.table.schema not in (None, schema):
-            raise ConfigError(
-                f"The {where} names embedding_table {data['embedding_table']!r}, but a side "
-                f"table is in its table's schema ({target.table.schema!r}); give its name "
-                "alone."
-            )
-        target = dataclasses.replace(target, table=TableName(schema, target.table.name))
+    schema = target.table.schema
+    if schema is not None and side.startswith(f"{schema}."):  # qualified, as status shows it
+        side = side[len(schema) + 1 :]  # (a name with a dot of its own is taken whole)
     if data.get("embedding_column", SIDE_VECTOR) != SIDE_VECTOR:
         raise ConfigError(
             f"The {where} keeps its vectors in embedding_table {side!r}, whose vector column "

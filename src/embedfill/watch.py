@@ -370,7 +370,11 @@ class TargetWatch:
         gen = await self._hub.open()
         pconf = self.config.provider_for(self.target)
         async with self._hub.use(gen) as conn:
-            info = await inspect_target(conn, self.target, pconf.expected_dimensions, pconf.label)
+            # a side table's watcher writes it itself (the mirror): its grants are checked
+            side = self.target.side_of is not None
+            info = await inspect_target(
+                conn, self.target, pconf.expected_dimensions, pconf.label, write=side
+            )
             hint = await poll_index_hint(conn, self.target, info)
             if hint is not None:
                 log.warning("watch of %s: %s", self.target.name, hint)

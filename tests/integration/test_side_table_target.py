@@ -235,6 +235,15 @@ def test_a_side_table_of_other_rows_is_refused_before_its_vectors_are_touched(
         with pytest.raises(SchemaMismatch, match=re.escape(said)):
             asyncio.run(astatus(cfg, Database(indexed), "tickets"))
     assert side_rows(indexed) == before
+    # a change started before its id was recorded: no side row is a live row by this id
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute("UPDATE embedfill.model_migrations SET home = home - 'id_column'")
+    target = dict(by_legacy, embedding_table=RELATION, provider="next")
+    cfg = parse_config({"providers": _raw_providers(), "targets": [target]})
+    with pytest.raises(SchemaMismatch, match="No row of the side table"):
+        asyncio.run(abackfill(cfg, Database(indexed), BackfillOptions(target="tickets")))
+    assert side_rows(indexed) == before
+    asyncio.run(abackfill(side_config(), Database(indexed), BackfillOptions(target="tickets")))
 
 
 def test_a_side_table_target_before_the_finalize_is_told_to_wait_for_it(indexed: str) -> None:
@@ -322,6 +331,8 @@ def test_a_dry_run_counts_the_live_rows_the_side_table_lacks(indexed: str) -> No
     )
     [st] = asyncio.run(astatus(side_config(), Database(indexed), "tickets"))
     assert plan.missing_before == st.missing == 4
+    # the scan walks the side table: the plan says what its cost leaves out
+    assert any(w.startswith('2 rows of "app"."SupportTickets" have no row') for w in plan.warnings)
 
 
 def test_row_security_turned_on_after_the_finalize_reaches_the_side_table(
@@ -372,7 +383,33 @@ def test_a_role_that_may_not_insert_side_rows_is_told_the_whole_grant(
     said = str(caught.value)
     assert f'GRANT SELECT, INSERT, UPDATE, DELETE ON "app"."{RELATION}" TO "{role}"' in said
     roles.grant(role, f"GRANT SELECT, INSERT, UPDATE, DELETE ON {SIDE_TABLE} TO {{role}}")
+    roles.grant(role, f"REVOKE SELECT ON {T} FROM {{role}}")
+    with pytest.raises(SchemaMismatch) as caught:  # the text is read from the live rows
+        asyncio.run(astatus(side_config(), Database(roles.url(role)), "tickets"))
+    assert f'GRANT SELECT ON "app"."SupportTickets" TO "{role}"' in str(caught.value)
+    roles.grant(role, f"GRANT SELECT ON {T} TO {{role}}")
     report = asyncio.run(
         abackfill(side_config(), Database(roles.url(role)), BackfillOptions(target="tickets"))
     )
     assert report.status == "succeeded"
+
+
+def test_a_watch_whose_role_may_not_keep_the_side_table_says_so_at_start(
+    indexed: str, roles: Any
+) -> None:
+    """The watch gives the side table its rows itself: without INSERT it queued nothing,
+    retrying for ever (helper-27); now its start is refused with the grant to run."""
+    from tests.integration.test_watch import Running, wait_for
+    from tests.support.roles import EMBEDFILL_GRANTS, TICKETS_GRANTS
+
+    finalized(indexed)
+    role = roles.create()
+    roles.grant(role, *EMBEDFILL_GRANTS, *TICKETS_GRANTS)
+    roles.grant(role, f"GRANT SELECT, UPDATE ON {SIDE_TABLE} TO {{role}}")
+    w = Running(roles.url(role), side_config(), interval_s=0.3, sweep_interval_s=3600)
+    wait_for(lambda: w.error is not None, timeout=20)
+    with pytest.raises(
+        SchemaMismatch, match=r"may not INSERT rows of app\.SupportTickets_emb_next"
+    ):
+        w.stop()
+    assert 'GRANT SELECT, INSERT, UPDATE, DELETE ON "app"."SupportTickets_emb_next"' in str(w.error)

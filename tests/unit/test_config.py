@@ -291,6 +291,6 @@ def test_an_embedding_table_may_name_its_schema_as_model_status_shows_it() -> No
     target["embedding_table"] = "app.SupportTickets_emb_next"
     side = parse_config(data).target("tickets")
     assert side.table == TableName("app", "SupportTickets_emb_next")
-    target["embedding_table"] = "public.SupportTickets_emb_next"
-    with pytest.raises(ConfigError, match="a side table is in its table's schema"):
-        parse_config(data)
+    target["embedding_table"] = "my.tickets_emb_next"  # a quoted table's name, dot and all
+    side = parse_config(data).target("tickets")
+    assert side.table == TableName("app", "my.tickets_emb_next")

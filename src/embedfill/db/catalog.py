@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ..config import TableName, TargetConfig
+from ..config import SIDE_ROW_ID, TableName, TargetConfig
 from ..errors import ConfigError, ExtensionMissing, RowSecurityHides, SchemaMismatch
 from ..errors import first_line as _first_line
 from ..models import TargetStatus, TenantStatus
@@ -265,6 +265,12 @@ WHERE m.strategy = 'table' AND m.home ->> 'schema' = %(schema)s
   AND m.home ->> 'relation' = %(relation)s
 ORDER BY m.id DESC LIMIT 1"""
 
+# a side table that has rows, none of which is a live row by this id
+_NO_LIVE_ROW_OF_ANY = sql.SQL(
+    "SELECT EXISTS (SELECT FROM {side}) AND NOT EXISTS (SELECT FROM {side} AS s"
+    " WHERE EXISTS (SELECT FROM {live} AS l WHERE l.{id} = s.{row_id}))"
+)
+
 # table-level privileges a side table's mirror needs beyond SELECT and UPDATE
 _TABLE_DENIED = """
 SELECT current_user, p.priv FROM unnest(%(privs)s::text[]) WITH ORDINALITY AS p(priv, n)
@@ -297,14 +303,34 @@ async def _check_side_table(
                 f"{live.table}, whose rows its side table {target.table} holds the vectors "
                 f"of; its columns are: {', '.join(sorted(names))}."
             )
+    cur = await conn.execute(
+        _DENIED, {"columns": [c for _, c in wanted], "priv": "SELECT", "rel": live_oid}
+    )
+    denied = await cur.fetchone()
+    if denied is not None:  # its text, id and tenant are read from the live rows
+        role, column = denied
+        grant = sql.SQL("GRANT SELECT ON {} TO {}").format(
+            TargetSQL(live).table, sql.Identifier(role)
+        )
+        raise SchemaMismatch(
+            f"Role {role} may not SELECT column {column!r} of {live.table}, whose rows its "
+            f"side table {target.table} holds the vectors of; grant it as the table's owner: "
+            f"{grant.as_string(conn)}."
+        )
     try:
         async with conn.transaction():  # a failure here leaves the caller's state alone
             cur = await conn.execute(
                 _SIDE_TABLE_OF, {"schema": schema, "relation": target.table.name}
             )
             made = await cur.fetchone()
-    except psycopg.Error:  # no embedfill schema here: no change of model made it
+    except psycopg.errors.UndefinedTable:  # no embedfill schema here: no change made it
         made = None
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise SchemaMismatch(
+            f"This role may not read embedfill.model_migrations ({_first_line(exc)}), which "
+            f"says whose rows the side table {target.table} holds; grant it SELECT on "
+            "embedfill's tables, as docs/configuration.md shows."
+        ) from exc
     if made is None:
         raise SchemaMismatch(
             f"Table {target.table} (embedding_table of target {target.name!r}) is not a side "
@@ -324,6 +350,25 @@ async def _check_side_table(
             f"not by {live.id_column!r}; set id_column = {json.dumps(made_by_id)} for target "
             f"{target.name!r}."
         )
+    if made_by_id is None:  # a change started before the id was recorded: no side row
+        # whose live row this id finds means another id (its prune would delete them all)
+        lone = _NO_LIVE_ROW_OF_ANY.format(
+            side=sql.Identifier(schema, target.table.name),
+            live=TargetSQL(live).table,
+            id=sql.Identifier(live.id_column),
+            row_id=sql.Identifier(SIDE_ROW_ID),
+        )
+        try:
+            async with conn.transaction():
+                row = await (await conn.execute(lone)).fetchone()
+        except psycopg.errors.UndefinedFunction:  # ids of another type: not its rows' id
+            row = (True,)
+        if row is not None and row[0]:
+            raise SchemaMismatch(
+                f"No row of the side table {target.table} is a row of {live.table} by "
+                f"{live.id_column!r}; set id_column to the id that `embedfill model start` "
+                f"named its rows by (the target's id_column then)."
+            )
     if "@" not in target.name and phase != "finalized":
         # the config's own target, before the finalize: the live column is still there
         raise SchemaMismatch(

@@ -91,10 +91,10 @@ def mirror(side_sql: TargetSQL, *, newer: bool = False) -> sql.Composed:
             " AND m.{tenant} IS DISTINCT FROM {tenant_text}) "
         ).format(live_row=_live_row_exists(live, sql.Identifier("g", ROW_ID)), **names)
     window: sql.Composable = sql.SQL("")
-    if newer and live.integer_ids:
+    if newer and live.integer_ids:  # a bound of its own: an index condition on the key
         window = sql.SQL(
-            " AND t.{id} > coalesce((SELECT pg_catalog.max(s.{row_id}) FROM {side} AS s)"
-            " - {window}, t.{id} - 1)"
+            " AND t.{id} >= coalesce((SELECT pg_catalog.max(s.{row_id}) FROM {side} AS s)"
+            " - {window}, (SELECT pg_catalog.min(l.{id}) FROM {live} AS l))"
         ).format(window=sql.Literal(MIRROR_WINDOW), **names)
     return sql.SQL(
         "{changes}INSERT INTO {side} ({row_id}, {tenant}) SELECT t.{id}, {tenant_text}"
@@ -189,6 +189,7 @@ async def secure_like(
 
 
 _OID = "SELECT pg_catalog.to_regclass(%(name)s)::pg_catalog.oid"
+_SHORT_LOCK_TIMEOUT = "SELECT pg_catalog.set_config('lock_timeout', '200ms', true)"
 
 
 async def secure_side(conn: psycopg.AsyncConnection[Any], side_sql: TargetSQL) -> None:
@@ -205,16 +206,21 @@ async def secure_side(conn: psycopg.AsyncConnection[Any], side_sql: TargetSQL) -
     relation = side_sql.target.table.name
     try:
         async with conn.transaction():
+            # the app's searches of the side table would queue behind a waiting ALTER
+            await conn.execute(_SHORT_LOCK_TIMEOUT)
             await secure_like(conn, live, int(row[0]), side_sql.schema, relation)
-    except psycopg.errors.InsufficientPrivilege:
+    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.LockNotAvailable) as exc:
+        busy = isinstance(exc, psycopg.errors.LockNotAvailable)
         log.warning(
             "row-level security is on for %s but not for its side table %s.%s, whose readers "
-            "see every tenant's rows; run `embedfill backfill --target %s` once as the side "
-            "table's owner (it adds the policy)",
+            "see every tenant's rows; %s",
             live.table.as_string(conn),
             side_sql.schema,
             relation,
-            side_sql.target.name,
+            "the side table was busy: the next backfill or sweep tries again"
+            if busy
+            else f"run `embedfill backfill --target {side_sql.target.name}` once as the side "
+            "table's owner (it adds the policy)",
         )
 
 

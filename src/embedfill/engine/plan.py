@@ -15,9 +15,11 @@ from typing import Any
 import psycopg
 
 from ..config import EngineConfig, ProviderConfig, TargetConfig
+from ..db import homes
 from ..db.catalog import TableInfo, count_missing, count_outdated
 from ..db.connect import Database
 from ..db.lanes import Lane
+from ..db.target_sql import BLANK
 from ..errors import first_line as _first_line
 from ..freshness import mixing_warning
 from ..models import Report
@@ -69,6 +71,7 @@ class Planner:
         await self.state.resolve_provenance(create=False)
         missing = await count_missing(self.state.conn, self.state.sql, self.state.tenants)
         self.state.report.missing_before = min(missing, self.state.opts.limit or missing)
+        await self._unmirrored()
         if self.state.refresh:
             stale, outdated = await count_outdated(
                 self.state.conn, self.state.sql, self.state.tenants, self.state.prov.params()
@@ -106,6 +109,22 @@ class Planner:
             with contextlib.suppress(psycopg.Error):
                 await asyncio.shield(self.ledger.flush_audit(final=True, error=error))
         return self.state.report
+
+    async def _unmirrored(self) -> None:
+        """A side table's live rows that have no side row yet: counted missing, but the
+        scan walks the side table, so they are not in the plan's batches and cost (a
+        plan writes nothing; a backfill gives them their side rows first)."""
+        side = self.state.sql
+        if side.live is None:
+            return
+        cur = await self.state.conn.execute(homes.unmirrored(side), {"blank": BLANK})
+        row = await cur.fetchone()
+        if row is not None and row[0]:
+            self.state.report.warnings.append(
+                f"{row[0]} rows of {side.live.table.as_string(self.state.conn)} have no row "
+                "in the side table yet: the backfill gives them one first, and their tokens "
+                "and cost are not in this plan."
+            )
 
     def _final_status(self) -> str:
         if self.state.hooks.cancel.is_set():
