@@ -225,6 +225,8 @@ def model_fill(a: dict[str, Any]) -> dict[str, Any]:
     from embedfill.db import homes
     from embedfill.db.catalog import inspect_target
     from embedfill.db.connect import connect
+    from embedfill.db.schema import ensure_schema
+    from embedfill.db.store import Store
 
     dims, strategy = a["dims"], a["strategy"]
     old = {"kind": "hash", "model": "old-model", "dimensions": dims}
@@ -247,9 +249,22 @@ def model_fill(a: dict[str, Any]) -> dict[str, Any]:
             home: dict[str, Any] = dict(plan.home)
             home["indexes"] = []  # built below, timed apart
             if strategy == "table":
-                home["text_sql"] = homes.side_text_sql(info.sql(live), conn)
+                home["id_column"] = live.id_column
             derived = migration.derived_target(live, config.providers["next"], strategy, home)
             dconfig = migration.with_target(config, derived)
+            await ensure_schema(conn)
+            # the change's record, as model start makes it (untimed): a side table is a
+            # target's only when a change of its table made it (catalog._check_side_table)
+            await Store(conn).insert_migration(
+                target=live.name,
+                table_oid=info.oid,
+                column=live.embedding_column,
+                strategy=strategy,
+                from_model=plan.from_model,
+                to_model=plan.to_model,
+                home=home,
+                actor="bench",
+            )
             started = time.perf_counter()
             if strategy == "table":
                 await conn.execute(
@@ -261,7 +276,8 @@ def model_fill(a: dict[str, Any]) -> dict[str, Any]:
                         dims,
                     )
                 )
-                await conn.execute(homes.mirror(info.sql(live), home["schema"], home["relation"]))
+                dinfo = await inspect_target(conn, derived, dims, "hash:new-model")
+                await conn.execute(homes.mirror(dinfo.sql(derived)))
             else:
                 await conn.execute(
                     homes.add_column(info.sql(live), home["column"], info.types.vector_type, dims)
