@@ -393,8 +393,8 @@ async def plan(
         raise PlanRefused(
             f"Target {target.name!r} keeps its vectors in the side table {target.table} "
             "(embedding_table), and a change of model from a side table is not built yet; "
-            "to a model of the same dimensions, re-embed it in place instead (provider = "
-            "the new section, then `embedfill backfill --refresh`)."
+            "keep its model until it is (re-embedding it in place would mix two models in "
+            "the app's searches, and embedfill.active() would still name this one)."
         )
     current = config.provider_for(target)
     to = config.providers.get(to_name)

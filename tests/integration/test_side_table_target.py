@@ -413,3 +413,41 @@ def test_a_watch_whose_role_may_not_keep_the_side_table_says_so_at_start(
     ):
         w.stop()
     assert 'GRANT SELECT, INSERT, UPDATE, DELETE ON "app"."SupportTickets_emb_next"' in str(w.error)
+
+
+def test_a_watch_of_the_side_table_target_takes_over_the_change_watch_a_kill_left_running(
+    indexed: str, fake_openai: Any
+) -> None:
+    """The side table is watched as tickets@next until the finalize, as tickets after the
+    config names it. A watch killed in between left its job running: the new watcher
+    waited for it to end for ever (helper-28). It holds the column's watch lock, so the
+    job's watch is gone: it ends that job and opens its own."""
+    from tests.integration.test_watch import Running, wait_for
+
+    cut_over(indexed, "table")
+    w = Running(indexed, _watched_config(fake_openai), interval_s=0.3, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(w.watches) == 2 and all(x.job_id for x in w.watches))
+        left = w.watches[1].job_id
+        run(amodel_finalize, indexed, yes=True)
+    finally:
+        w.stop()
+    with psycopg.connect(indexed, autocommit=True) as conn:  # as a kill -9 leaves it
+        conn.execute(
+            "UPDATE embedfill.runs SET status = 'running', finished_at = NULL WHERE id = %s",
+            (left,),
+        )
+    w = Running(indexed, side_config(_watched_config(fake_openai)), interval_s=0.3)
+    try:
+        wait_for(lambda: len(w.watches) == 1 and bool(w.watches[0].job_id), timeout=20)
+        assert w.watches[0].job_id != left
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(
+                f"INSERT INTO {T} (ticket_no, org, subject, body) VALUES (61, 'org-a', 'n', 'r')"
+            )
+        wait_for(lambda: fresh(indexed, [61]), timeout=20)
+    finally:
+        w.stop()
+    with psycopg.connect(indexed) as conn:
+        status = conn.execute("SELECT status FROM embedfill.runs WHERE id = %s", (left,))
+        assert status.fetchone()[0] != "running"

@@ -298,9 +298,16 @@ async def open_watch_job(
         active = await store.active_job(info.oid, target.embedding_column)
         if active is not None:
             running = JobSpec.from_record(active)
-            if not running.behaviour.open_ended or active["target"] != target.name:
+            if not running.behaviour.open_ended:
                 return None
-            if running.settings:
+            if active["target"] != target.name:
+                if not str(active["target"]).startswith(f"{target.name}@"):
+                    return None  # another target's (of the same column): it ends first
+                # the new vectors of a change of this target's model, which the config
+                # names as the target's own after the finalize; the column's watch lock
+                # is ours, so the watch that opened the job is gone (killed meanwhile)
+                why = f"left by a watch of {active['target']} that no longer runs"
+            elif running.settings:
                 differs = running.differs(spec.settings, platform_key=spec.platform_key)
                 if differs is None:
                     return int(active["id"])
