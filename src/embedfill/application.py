@@ -37,10 +37,11 @@ from .db.catalog import (
     target_status,
 )
 from .db.connect import Database, connect
+from .db.lanes import Lane
 from .db.queries import SNAPSHOT
 from .db.schema import amigrate, ensure_schema
 from .db.store import KeyInfo, Store
-from .engine import BackfillOptions, Hooks, Observer, Planner, ProgressCallback
+from .engine import BackfillOptions, Hooks, Observer, Planner, ProgressCallback, RunState
 from .engine.prepare import prepare
 from .errors import (
     ConfigError,
@@ -114,16 +115,18 @@ async def abackfill(
                 enqueue=enqueue,
             )
         planner = Planner(  # its reads on this connection, no write
-            db=db,
-            conn=conn,
-            target=target,
-            pconf=pconf,
-            info=info,
-            opts=opts,
-            provider=provider,
-            engine=config.engine,
-            hooks=hooks,
-            env=environ,
+            RunState(
+                db=db,
+                lane=Lane(conn),
+                target=target,
+                pconf=pconf,
+                info=info,
+                opts=opts,
+                provider=provider,
+                engine=config.engine,
+                hooks=hooks,
+                env=environ,
+            )
         )
         return await planner.plan()
     except psycopg.Error as exc:

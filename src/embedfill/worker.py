@@ -60,7 +60,7 @@ from .context import job_id_var
 from .db.connect import Database, connect
 from .db.lanes import Lane, Lanes
 from .db.store import Store
-from .engine import BackfillOptions, Chunk, Hooks, Observer, Run, WorkerSeat
+from .engine import BackfillOptions, Chunk, Hooks, Observer, Run, RunState, WorkerSeat
 from .engine.prepare import prepare
 from .errors import (
     DatabaseError,
@@ -890,18 +890,20 @@ class Worker:
             chunks_coming=lambda: self._chunks_coming(run_id),
         )
         run = Run(
-            db=self.db,
-            lane=lane,
-            lanes=self.lanes,
-            target=target,
-            pconf=pconf,
-            info=info,
-            opts=opts,
-            provider=provider,
-            engine=self.config.engine,
-            hooks=Hooks(on_progress=self._progress_hook(run_id), observer=self.observer),
-            env=self.env,
-            seat=seat,
+            RunState(
+                db=self.db,
+                lane=lane,
+                lanes=self.lanes,
+                target=target,
+                pconf=pconf,
+                info=info,
+                opts=opts,
+                provider=provider,
+                engine=self.config.engine,
+                hooks=Hooks(on_progress=self._progress_hook(run_id), observer=self.observer),
+                env=self.env,
+                seat=seat,
+            )
         )
         task = asyncio.create_task(run.serve())
         keep = spec.behaviour.idle_close_s

@@ -21,7 +21,15 @@ from __future__ import annotations
 from .plan import Planner
 from .prepare import prepare
 from .run import Run
-from .state import BackfillOptions, Chunk, Hooks, Observer, ProgressCallback, WorkerSeat
+from .state import (
+    BackfillOptions,
+    Chunk,
+    Hooks,
+    Observer,
+    ProgressCallback,
+    RunState,
+    WorkerSeat,
+)
 
 __all__ = [
     "BackfillOptions",
@@ -31,6 +39,7 @@ __all__ = [
     "Planner",
     "ProgressCallback",
     "Run",
+    "RunState",
     "WorkerSeat",
     "prepare",
 ]

@@ -9,24 +9,18 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any
 
 import psycopg
 
-from ..config import EngineConfig, ProviderConfig, TargetConfig
 from ..db import homes
-from ..db.catalog import TableInfo, count_missing, count_outdated
-from ..db.connect import Database
-from ..db.lanes import Lane
+from ..db.catalog import count_missing, count_outdated
 from ..db.target_sql import BLANK
 from ..errors import first_line as _first_line
 from ..freshness import mixing_warning
 from ..models import Report
 from ..planning import estimate_cost
-from ..providers import Provider
 from .scan import Scanner
-from .state import BackfillOptions, Hooks, RunState
+from .state import RunState
 from .tally import Ledger
 
 log = logging.getLogger(__name__)
@@ -35,33 +29,9 @@ log = logging.getLogger(__name__)
 class Planner:
     """What a backfill of one target would do: rows, batches, requests, tokens, cost."""
 
-    def __init__(
-        self,
-        *,
-        db: Database,
-        conn: psycopg.AsyncConnection[Any],
-        target: TargetConfig,
-        pconf: ProviderConfig,
-        info: TableInfo,
-        opts: BackfillOptions,
-        provider: Provider,
-        engine: EngineConfig,
-        hooks: Hooks,
-        env: Mapping[str, str],
-    ) -> None:
-        assert opts.dry_run, "a real backfill is a job: see application.abackfill"
-        self.state = RunState(
-            db=db,
-            lane=Lane(conn),
-            target=target,
-            pconf=pconf,
-            info=info,
-            opts=opts,
-            provider=provider,
-            engine=engine,
-            hooks=hooks,
-            env=env,
-        )
+    def __init__(self, state: RunState) -> None:
+        assert state.opts.dry_run, "a real backfill is a job: see application.abackfill"
+        self.state = state
         self.ledger = Ledger(self.state)
         self.scanner = Scanner(self.state, self.ledger)
 

@@ -16,22 +16,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
 
 import psycopg
 
-from ..config import EngineConfig, ProviderConfig, TargetConfig
-from ..db.catalog import TableInfo
-from ..db.connect import Database
-from ..db.lanes import Lane, Lanes
 from ..db.store import Store
 from ..embedding import Client
 from ..errors import DatabaseError, EmbedfillError
 from ..models import Batch, Report
-from ..providers import Provider
 from .embed import Embedder
 from .scan import Scanner
-from .state import BackfillOptions, Chunk, Hooks, PendingWrite, RunState, WorkerSeat
+from .state import Chunk, Hooks, PendingWrite, RunState
 from .tally import Ledger
 from .write import Writer
 
@@ -43,36 +37,9 @@ class Run:
     embedders, writers, ledger) over one RunState (state.py), each given what it shares
     and nothing of the others."""
 
-    def __init__(
-        self,
-        *,
-        db: Database,
-        lane: Lane,
-        target: TargetConfig,
-        pconf: ProviderConfig,
-        info: TableInfo,
-        opts: BackfillOptions,
-        provider: Provider,
-        engine: EngineConfig,
-        hooks: Hooks,
-        env: Mapping[str, str],
-        seat: WorkerSeat,
-        lanes: Lanes,
-    ) -> None:
-        self.state = state = RunState(
-            db=db,
-            lane=lane,
-            target=target,
-            pconf=pconf,
-            info=info,
-            opts=opts,
-            provider=provider,
-            engine=engine,
-            hooks=hooks,
-            env=env,
-            seat=seat,
-            lanes=lanes,
-        )
+    def __init__(self, state: RunState) -> None:
+        assert state.seat is not None and state.lanes is not None, "a worker's session"
+        self.state = state
         self.ledger = Ledger(state)
         self.scanner = Scanner(state, self.ledger)
         self.embedder = Embedder(state, self.ledger)
