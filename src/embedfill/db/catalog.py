@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ..config import SIDE_ROW_ID, TableName, TargetConfig
+from ..config import TableName, TargetConfig
 from ..errors import ConfigError, ExtensionMissing, RowSecurityHides, SchemaMismatch
 from ..errors import first_line as _first_line
 from ..models import TargetStatus, TenantStatus
@@ -267,8 +267,7 @@ ORDER BY m.id DESC LIMIT 1"""
 
 # a side table that has rows, none of which is a live row by this id
 _NO_LIVE_ROW_OF_ANY = sql.SQL(
-    "SELECT EXISTS (SELECT FROM {side}) AND NOT EXISTS (SELECT FROM {side} AS s"
-    " WHERE EXISTS (SELECT FROM {live} AS l WHERE l.{id} = s.{row_id}))"
+    "SELECT EXISTS (SELECT FROM {side}) AND NOT EXISTS (SELECT FROM {side} AS t WHERE {live_row})"
 )
 
 # table-level privileges a side table's mirror needs beyond SELECT and UPDATE
@@ -352,12 +351,8 @@ async def _check_side_table(
         )
     if made_by_id is None:  # a change started before the id was recorded: no side row
         # whose live row this id finds means another id (its prune would delete them all)
-        lone = _NO_LIVE_ROW_OF_ANY.format(
-            side=sql.Identifier(schema, target.table.name),
-            live=TargetSQL(live).table,
-            id=sql.Identifier(live.id_column),
-            row_id=sql.Identifier(SIDE_ROW_ID),
-        )
+        side = TargetSQL(target, schema=schema)
+        lone = _NO_LIVE_ROW_OF_ANY.format(side=side.table, live_row=side.has_live_row("t"))
         try:
             async with conn.transaction():
                 row = await (await conn.execute(lone)).fetchone()

@@ -50,14 +50,6 @@ def create_side_table(
     )
 
 
-def _live_row_exists(live: TargetSQL, row_id: sql.Composable) -> sql.Composed:
-    """Whether the live table has the row a side row (its id: ``row_id``) stands for:
-    what the prune of deleted rows and the side table's row-level security both ask."""
-    return sql.SQL("EXISTS (SELECT FROM {live} AS l WHERE l.{id} = {row_id})").format(
-        live=live.table, id=sql.Identifier(live.target.id_column), row_id=row_id
-    )
-
-
 # a poll's mirror looks this far below the side table's highest (integer) id for live
 # rows without a side row: rows committed out of id order are found there, not left
 # to the sweep
@@ -89,7 +81,7 @@ def mirror(side_sql: TargetSQL, *, newer: bool = False) -> sql.Composed:
             " embedfill_moved AS (UPDATE {side} AS m SET {tenant} = {tenant_text}"
             " FROM {live} AS t WHERE t.{id} = m.{row_id}"
             " AND m.{tenant} IS DISTINCT FROM {tenant_text}) "
-        ).format(live_row=_live_row_exists(live, sql.Identifier("g", ROW_ID)), **names)
+        ).format(live_row=side_sql.has_live_row("g"), **names)
     window: sql.Composable = sql.SQL("")
     if newer and live.integer_ids:  # a bound of its own: an index condition on the key
         window = sql.SQL(
@@ -98,9 +90,8 @@ def mirror(side_sql: TargetSQL, *, newer: bool = False) -> sql.Composed:
         ).format(window=sql.Literal(MIRROR_WINDOW), **names)
     return sql.SQL(
         "{changes}INSERT INTO {side} ({row_id}, {tenant}) SELECT t.{id}, {tenant_text}"
-        " FROM {live} AS t WHERE NOT EXISTS (SELECT FROM {side} AS s WHERE s.{row_id} = t.{id})"
-        "{window} ON CONFLICT ({row_id}) DO NOTHING"
-    ).format(changes=changes, window=window, **names)
+        " FROM {live} AS t WHERE NOT {side_row}{window} ON CONFLICT ({row_id}) DO NOTHING"
+    ).format(changes=changes, window=window, side_row=side_sql.has_side_row("t"), **names)
 
 
 # the roles that may read the live table (PUBLIC too), and its owner; and whether each
@@ -182,7 +173,7 @@ async def secure_like(
         return True
     await conn.execute(
         sql.SQL("CREATE POLICY embedfill_live_rows ON {} USING ({})").format(
-            side, _live_row_exists(live, sql.Identifier(schema, relation, ROW_ID))
+            side, live.row_exists(sql.Identifier(schema, relation, ROW_ID))
         )
     )
     return True
@@ -433,14 +424,8 @@ def unmirrored(side_sql: TargetSQL) -> sql.Composed:
     assert live is not None, "a target in a side table"
     return sql.SQL(
         "SELECT pg_catalog.count(*) FROM {live} AS t WHERE btrim({text}, %(blank)s) <> ''"
-        " AND NOT EXISTS (SELECT 1 FROM {side} AS s WHERE s.{row_id} = t.{id})"
-    ).format(
-        live=live.table,
-        text=live.rendered("t"),
-        side=side_sql.table,
-        row_id=sql.Identifier(ROW_ID),
-        id=sql.Identifier(live.target.id_column),
-    )
+        " AND NOT {side_row}"
+    ).format(live=live.table, text=live.rendered("t"), side_row=side_sql.has_side_row("t"))
 
 
 _EXISTS = """

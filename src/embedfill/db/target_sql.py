@@ -116,6 +116,16 @@ class TargetSQL:
         """The row's tenant as text (``NULL::text`` without a tenant column)."""
         return self._tenant_text(alias)
 
+    def row_exists(self, row_id: sql.Composable) -> sql.Composed:
+        """Whether this table has the row whose id is ``row_id`` (the outer statement's
+        column, qualified). A side table's two questions: a side row's live row exists
+        (``live.row_exists``: the prune of deleted rows, the side table's row-level
+        security, the counts); a live row has its side row (a side target's
+        ``row_exists``: the mirror, the counts of rows not mirrored yet)."""
+        return sql.SQL(
+            "EXISTS (SELECT FROM {table} AS embedfill_row WHERE embedfill_row.{id} = {row_id})"
+        ).format(table=self.table, id=self.id, row_id=row_id)
+
     def _text_sql(self, escape: bool = True) -> sql.Composable:
         """The target's text_sql, verbatim (trusted configuration, like tenant_key_sql),
         parenthesised and on lines of its own so a trailing comment cannot swallow what
@@ -469,16 +479,15 @@ class TargetSQL:
             )
         return sql.SQL(
             "SELECT (SELECT count(*) FROM {table} AS t WHERE {emb} IS NULL{tenants}"
-            " AND EXISTS (SELECT FROM {live} AS l WHERE l.{id} = t.{row_id}))"
-            " + (SELECT count(*) FROM {live} AS t WHERE NOT EXISTS"
-            " (SELECT FROM {table} AS s WHERE s.{row_id} = t.{id}){live_tenants})"
+            " AND {live_row}) + (SELECT count(*) FROM {live} AS t WHERE NOT {side_row}"
+            "{live_tenants})"
         ).format(
             table=self.table,
             emb=self.emb,
             tenants=self._tenant_filter(tenants),
+            live_row=self.has_live_row(),
             live=self.live.table,
-            id=sql.Identifier(self.live.target.id_column),
-            row_id=sql.Identifier(SIDE_ROW_ID),
+            side_row=self.has_side_row(),
             live_tenants=self.live._tenant_filter(tenants),
         )
 
@@ -560,13 +569,7 @@ class TargetSQL:
         emb = sql.Identifier("t", self.target.embedding_column)
         live_rows: sql.Composable = sql.SQL("")
         if self.live is not None:
-            live_rows = sql.SQL(
-                " WHERE EXISTS (SELECT FROM {live} AS l WHERE l.{id} = t.{row_id})"
-            ).format(
-                live=self.live.table,
-                id=sql.Identifier(self.live.target.id_column),
-                row_id=sql.Identifier(SIDE_ROW_ID),
-            )
+            live_rows = sql.SQL(" WHERE {}").format(self.has_live_row())
         if not provenance:
             counted = sql.SQL(
                 "SELECT {tenant} AS tenant, count(*) AS rows,"
@@ -610,15 +613,20 @@ class TargetSQL:
         return sql.SQL(
             "SELECT {tenant} AS tenant, count(*) AS rows, count(*) AS missing,"
             " 0::bigint AS unverified, 0::bigint AS outdated_model, 0::bigint AS stale"
-            " FROM {live} AS t WHERE NOT EXISTS (SELECT FROM {side} AS s WHERE s.{row_id} = t.{id})"
-            " GROUP BY 1"
+            " FROM {live} AS t WHERE NOT {side_row} GROUP BY 1"
         ).format(
-            tenant=self.live.tenant_text("t"),
-            live=self.live.table,
-            side=self.table,
-            row_id=sql.Identifier(SIDE_ROW_ID),
-            id=sql.Identifier(self.live.target.id_column),
+            tenant=self.live.tenant_text("t"), live=self.live.table, side_row=self.has_side_row()
         )
+
+    def has_live_row(self, alias: str = "t") -> sql.Composed:
+        """A side target's row ``alias`` stands for a live row that exists."""
+        assert self.live is not None
+        return self.live.row_exists(sql.Identifier(alias, SIDE_ROW_ID))
+
+    def has_side_row(self, alias: str = "t") -> sql.Composed:
+        """A side target's live row ``alias`` has its side row."""
+        assert self.live is not None
+        return self.row_exists(sql.Identifier(alias, self.live.target.id_column))
 
     # ------------------------------------------------------------- verify and adopt
 
