@@ -593,6 +593,7 @@ def _parse_target(
         allow_platform_fallback=data.get("allow_platform_fallback", True),
         text_sql=data.get("text_sql"),
     )
+    _no_percent(target, side, where)
     if not side:
         return target
     schema = target.table.schema
@@ -604,6 +605,28 @@ def _parse_target(
             f'is "{SIDE_VECTOR}"; remove embedding_column (it named the live table\'s).'
         )
     return in_side_table(target, side)
+
+
+def _no_percent(target: TargetConfig, side: str | None, where: str) -> None:
+    """A name with ``%`` cannot go into embedfill's statements: they run with bound
+    parameters, whose placeholders start with ``%`` (psycopg reads ``"te%nant"`` as one,
+    and every statement on the target failed with a message about placeholders)."""
+    names = [
+        ("table", target.table.schema),
+        ("table", target.table.name),
+        ("embedding_table", side),
+        ("id_column", target.id_column),
+        ("embedding_column", None if side else target.embedding_column),
+        ("tenant_column", target.tenant_column),
+        *(("text", column) for column in target.text_columns),
+    ]
+    for key, name in names:
+        if name is not None and "%" in name:
+            raise ConfigError(
+                f"The {where} names {name!r} in {key}, and embedfill cannot use a name "
+                "holding '%' in its statements; rename it in the database (or, for a "
+                "text column, read it with text_sql)."
+            )
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:

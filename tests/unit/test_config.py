@@ -121,6 +121,22 @@ def test_default_config_is_the_demo_target() -> None:
             ),
             "The target 'tickets' needs text = ",  # the live rows' text, read for the side
         ),
+        *(
+            (
+                lambda d, key=key, name=name: d["targets"][0].update({key: name}),
+                f"The target 'tickets' names {shown!r} in {key}, and embedfill "
+                "cannot use a name holding '%' in its statements; rename it in the "
+                "database (or, for a text column, read it with text_sql).",
+            )
+            for key, name, shown in (
+                ("table", 'app."Support%Tickets"', "Support%Tickets"),
+                ("table", '"a%b".tickets', "a%b"),
+                ("id_column", "ticket%no", "ticket%no"),
+                ("embedding_column", "emb%", "emb%"),
+                ("tenant_column", "te%nant", "te%nant"),
+                ("text", "{sub%ject}", "sub%ject"),
+            )
+        ),
     ],
 )
 def test_bad_config_is_one_clear_sentence(mutate: object, message: str) -> None:
