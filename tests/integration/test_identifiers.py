@@ -77,3 +77,49 @@ def test_vector_index_is_reported(db_url: str) -> None:
     )
     (status,) = asyncio.run(astatus(config, Database(db_url)))
     assert status.vector_index == "docs_emb (hnsw)" and status.tenants == ()
+
+
+def test_a_text_column_with_a_percent_sign_is_read_through_text_sql(db_url: str) -> None:
+    """A name holding '%' is refused in the config (the statements' placeholders start
+    with '%'); docs/configuration.md says to read such a column with text_sql, which
+    keeps its '%' through every statement: backfill, the write guard, status, refresh
+    and the change triggers."""
+    from embedfill.application import atriggers
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute('CREATE TABLE notes (id bigint PRIMARY KEY, "Body%Text" text, emb vector(4))')
+        conn.execute(
+            "INSERT INTO notes SELECT g, 'note ' || g || ' at 5%', NULL"
+            " FROM generate_series(1, 8) g"
+        )
+    config = parse_config(
+        {
+            "providers": {"h": {"kind": "hash", "dimensions": 4}},
+            "targets": [
+                {
+                    "name": "notes",
+                    "table": "notes",
+                    "id_column": "id",
+                    "text_sql": '"Body%Text"',
+                    "embedding_column": "emb",
+                    "provider": "h",
+                }
+            ],
+        }
+    )
+    db = Database(db_url)
+    assert asyncio.run(abackfill(config, db, BackfillOptions())).embedded == 8
+    asyncio.run(atriggers(config, db, None, True, False))  # install
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("""UPDATE notes SET "Body%Text" = 'edited at 9%' WHERE id = 3""")
+        conn.execute("""INSERT INTO notes VALUES (9, 'new at 1%', NULL)""")
+        queued = conn.execute("SELECT count(*) FROM embedfill.changes").fetchone()
+    assert queued == (2,)
+    (status,) = asyncio.run(astatus(config, db))
+    assert (status.rows, status.missing, status.stale) == (9, 1, 1)
+    report = asyncio.run(abackfill(config, db, BackfillOptions(refresh=True)))
+    assert report.embedded == 2
+    with psycopg.connect(db_url) as conn:
+        register_vector(conn)
+        for row_id, body, emb in conn.execute('SELECT id, "Body%Text", emb FROM notes'):
+            np.testing.assert_array_equal(emb.to_numpy(), hash_vector(body, 4), row_id)
