@@ -335,6 +335,55 @@ def test_a_dry_run_counts_the_live_rows_the_side_table_lacks(indexed: str) -> No
     assert any(w.startswith('2 rows of "app"."SupportTickets" have no row') for w in plan.warnings)
 
 
+def test_a_jobs_counts_of_a_side_table_are_the_rows_status_counts(indexed: str) -> None:
+    """What a job counts to do per tenant (its report's ``missing`` and ``stale``) is
+    what status counts: a live row without a side row is missing; a side row whose
+    live row was deleted (until a mirror deletes it) is neither missing nor stale."""
+    from embedfill import freshness
+    from embedfill.db.catalog import (
+        count_missing_by_tenant,
+        count_outdated_by_tenant,
+        inspect_target,
+    )
+    from embedfill.db.connect import connect
+
+    finalized(indexed)
+    cfg = side_config()
+    [before] = asyncio.run(astatus(cfg, Database(indexed), "tickets"))
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(
+            f"INSERT INTO {T} (ticket_no, org, subject, body)"
+            " VALUES (61, 'org-a', 'new', 'row'), (62, 'org-b', 'another', 'one')"
+        )
+        conn.execute(f"UPDATE {SIDE_TABLE} SET embedding = NULL WHERE embedfill_row_id = 5")
+        conn.execute(f"DELETE FROM {T} WHERE ticket_no IN (5, 7)")  # 7 keeps its vector
+
+    async def counts() -> tuple[dict[Any, int], dict[Any, tuple[int, int]]]:
+        conn = await connect(Database(indexed))
+        try:
+            target = cfg.target("tickets")
+            info = await inspect_target(conn, target, 16)
+            model = freshness.model_identity(cfg.provider_for(target), info)
+            ids = await freshness.provenance_ids(
+                conn, info, target.embedding_column, model, create=False
+            )
+            q = info.sql(target)
+            return (
+                await count_missing_by_tenant(conn, q, None),
+                await count_outdated_by_tenant(conn, q, None, ids.params()),
+            )
+        finally:
+            await conn.close()
+
+    missing, outdated = asyncio.run(counts())
+    [st] = asyncio.run(astatus(cfg, Database(indexed), "tickets"))
+    assert {t.tenant: t.missing for t in st.tenants if t.missing} == missing
+    base = {t.tenant: t.missing for t in before.tenants}
+    assert missing == {"org-a": base.get("org-a", 0) + 1, "org-b": base.get("org-b", 0) + 1}
+    assert {k: v for k, v in outdated.items() if any(v)} == {}
+    assert st.stale == 0 and st.outdated_model == 0
+
+
 def test_row_security_turned_on_after_the_finalize_reaches_the_side_table(
     indexed: str, roles: Any
 ) -> None:

@@ -479,29 +479,51 @@ class TargetSQL:
             )
         return sql.SQL(
             "SELECT (SELECT count(*) FROM {table} AS t WHERE {emb} IS NULL{tenants}"
-            " AND {live_row}) + (SELECT count(*) FROM {live} AS t WHERE NOT {side_row}"
+            "{live_row}) + (SELECT count(*) FROM {live} AS t WHERE NOT {side_row}"
             "{live_tenants})"
         ).format(
             table=self.table,
             emb=self.emb,
             tenants=self._tenant_filter(tenants),
-            live_row=self.has_live_row(),
+            live_row=self._of_live_rows(" AND "),
             live=self.live.table,
             side_row=self.has_side_row(),
             live_tenants=self.live._tenant_filter(tenants),
         )
 
     def count_missing_by_tenant(self, *, tenants: bool) -> sql.Composed:
-        """Per tenant (NULL: no tenant column): rows whose embedding is NULL."""
-        return sql.SQL(
-            "SELECT {tenant}, pg_catalog.count(*) FROM {table}"
-            " WHERE {emb} IS NULL{tenants} GROUP BY 1"
+        """Per tenant (NULL: no tenant column): rows whose embedding is NULL; a side
+        table's as ``count_missing`` counts them."""
+        counted = sql.SQL(
+            "SELECT {tenant} AS tenant, pg_catalog.count(*) AS n FROM {table} AS t"
+            " WHERE {emb} IS NULL{tenants}{live_row} GROUP BY 1"
         ).format(
             tenant=self._tenant_text(),
             table=self.table,
             emb=self.emb,
             tenants=self._tenant_filter(tenants),
+            live_row=self._of_live_rows(" AND "),
         )
+        if self.live is None:
+            return counted
+        return sql.SQL(
+            "SELECT tenant, pg_catalog.sum(n)::bigint FROM ({counted} UNION ALL"
+            " SELECT {live_tenant}, pg_catalog.count(*) FROM {live} AS t"
+            " WHERE NOT {side_row}{live_tenants} GROUP BY 1) AS u GROUP BY 1"
+        ).format(
+            counted=counted,
+            live_tenant=self.live.tenant_text("t"),
+            live=self.live.table,
+            side_row=self.has_side_row(),
+            live_tenants=self.live._tenant_filter(tenants),
+        )
+
+    def _of_live_rows(self, joiner: str) -> sql.Composable:
+        """A side target's condition that row ``t`` stands for a live row that exists
+        (after ``joiner``); nothing for other targets."""
+        if self.live is None:
+            return sql.SQL("")
+        return sql.SQL(joiner) + self.has_live_row()
 
     def watch_keys(self, *, outdated: bool, first: bool) -> sql.Composed:
         """A keyset page (after %(after)s unless ``first``, %(limit)s ids) of rows a watch
@@ -546,8 +568,10 @@ class TargetSQL:
             " count(*) FILTER (WHERE p.model_id <> %(model_id)s)"
             " FROM {table} AS t JOIN {prov} AS p ON {of}"
             " WHERE {emb} IS NOT NULL"
-            " AND (p.model_id <> %(model_id)s OR p.text_md5 <> {md5}){tenants} GROUP BY 1"
+            " AND (p.model_id <> %(model_id)s OR p.text_md5 <> {md5}){tenants}{live_row}"
+            " GROUP BY 1"
         ).format(
+            live_row=self._of_live_rows(" AND "),
             tenant=self._tenant_text("t"),
             table=self.table,
             prov=PROVENANCE,
@@ -567,9 +591,7 @@ class TargetSQL:
         (``_unmirrored``), and those of deleted live rows (until a sweep or a backfill
         deletes them) are not counted."""
         emb = sql.Identifier("t", self.target.embedding_column)
-        live_rows: sql.Composable = sql.SQL("")
-        if self.live is not None:
-            live_rows = sql.SQL(" WHERE {}").format(self.has_live_row())
+        live_rows = self._of_live_rows(" WHERE ")
         if not provenance:
             counted = sql.SQL(
                 "SELECT {tenant} AS tenant, count(*) AS rows,"
