@@ -148,6 +148,7 @@ class TargetConfig:
 
     def __post_init__(self) -> None:
         where = f"target {self.name!r}"
+        self._no_percent(where)
         if self.side_of is not None:  # the text is the live row's (db.target_sql)
             return
         has_text, has_sql = bool(self.text), bool(self.text_sql and self.text_sql.strip())
@@ -163,6 +164,41 @@ class TargetConfig:
             )
         columns = template_columns(self.text, where) if self.text else ()
         object.__setattr__(self, "text_columns", columns)
+        for column in columns:
+            refuse_percent(
+                column,
+                f"The {where} names",
+                " in text",
+                "rename the column, or read it with text_sql",
+            )
+
+    def _no_percent(self, where: str) -> None:
+        """No name of the target may hold ``%`` (``refuse_percent``); a side target's
+        own names are embedfill's, but for its table (``embedding_table``)."""
+        if self.side_of is not None:
+            refuse_percent(self.table.name, f"The {where} names", " in embedding_table")
+            return
+        for key, name in (
+            ("table", self.table.schema),
+            ("table", self.table.name),
+            ("id_column", self.id_column),
+            ("embedding_column", self.embedding_column),
+            ("tenant_column", self.tenant_column),
+        ):
+            refuse_percent(name, f"The {where} names", f" in {key}")
+
+
+def refuse_percent(name: str | None, before: str, after: str, fix: str = "") -> None:
+    """A name with ``%`` cannot go into embedfill's statements: they run with bound
+    parameters, whose placeholders start with ``%`` (psycopg read ``"te%nant"`` as one,
+    and every statement on the target failed with a message about placeholders).
+    The sentence says where the name is: ``before`` it, ``after`` it."""
+    if name is None or "%" not in name:
+        return
+    raise ConfigError(
+        f"{before} {name!r}{after}, and embedfill cannot use a name holding '%' in its"
+        f" statements; {fix or 'rename it (a Django model: its db_table or db_column)'}."
+    )
 
 
 # A side table's columns (``db.homes``): its rows' ids (the live ids' type, primary key),
@@ -593,7 +629,6 @@ def _parse_target(
         allow_platform_fallback=data.get("allow_platform_fallback", True),
         text_sql=data.get("text_sql"),
     )
-    _no_percent(target, side, where)
     if not side:
         return target
     schema = target.table.schema
@@ -605,28 +640,6 @@ def _parse_target(
             f'is "{SIDE_VECTOR}"; remove embedding_column (it named the live table\'s).'
         )
     return in_side_table(target, side)
-
-
-def _no_percent(target: TargetConfig, side: str | None, where: str) -> None:
-    """A name with ``%`` cannot go into embedfill's statements: they run with bound
-    parameters, whose placeholders start with ``%`` (psycopg reads ``"te%nant"`` as one,
-    and every statement on the target failed with a message about placeholders)."""
-    names = [
-        ("table", target.table.schema),
-        ("table", target.table.name),
-        ("embedding_table", side),
-        ("id_column", target.id_column),
-        ("embedding_column", None if side else target.embedding_column),
-        ("tenant_column", target.tenant_column),
-        *(("text", column) for column in target.text_columns),
-    ]
-    for key, name in names:
-        if name is not None and "%" in name:
-            raise ConfigError(
-                f"The {where} names {name!r} in {key}, and embedfill cannot use a name "
-                "holding '%' in its statements; rename it in the database (or, for a "
-                "text column, read it with text_sql)."
-            )
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<memory>") -> Config:

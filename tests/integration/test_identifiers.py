@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -123,3 +124,37 @@ def test_a_text_column_with_a_percent_sign_is_read_through_text_sql(db_url: str)
         register_vector(conn)
         for row_id, body, emb in conn.execute('SELECT id, "Body%Text", emb FROM notes'):
             np.testing.assert_array_equal(emb.to_numpy(), hash_vector(body, 4), row_id)
+
+
+def test_a_table_found_in_a_schema_with_a_percent_sign_is_one_sentence(
+    db_url: str, tmp_path: Path
+) -> None:
+    """An unqualified table found by the URL's search_path in a schema holding '%': the
+    config's names were fine, the statements' were not (a traceback from backfill, a
+    'relation "a$1.docs" does not exist' from status). One sentence, exit 2, and
+    nothing written."""
+    from psycopg import conninfo
+
+    from tests.support.cli import cli_env, embedfill
+
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA "a%b"')
+        conn.execute('CREATE TABLE "a%b".docs (id bigint PRIMARY KEY, body text, emb vector(4))')
+        conn.execute("""INSERT INTO "a%b".docs VALUES (1, 'one', NULL)""")
+    config = tmp_path / "embedfill.toml"
+    config.write_text(
+        '[providers.h]\nkind = "hash"\ndimensions = 4\n\n[[targets]]\nname = "docs"\n'
+        'table = "docs"\nid_column = "id"\ntext = "{body}"\nembedding_column = "emb"\n'
+        'provider = "h"\n'
+    )
+    url = conninfo.make_conninfo(db_url, options="-csearch_path=a%b")
+    for command in ("backfill", "status", "check"):
+        done = embedfill("--config", str(config), command, env=cli_env(url))
+        assert done.returncode == 2, (command, done.stderr)
+        assert done.stderr.strip().endswith(
+            "Table docs of target 'docs' is in schema 'a%b' (found by the search_path), and "
+            "embedfill cannot use a name holding '%' in its statements; rename the schema, "
+            "or put the table in another one and name it schema.table."
+        ), (command, done.stderr)
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute('SELECT count(*) FROM "a%b".docs WHERE emb IS NULL').fetchone() == (1,)

@@ -63,6 +63,9 @@ def test_default_config_is_the_demo_target() -> None:
     assert config.provider_for(config.target(None)).kind == "local"
 
 
+RENAME = "rename it (a Django model: its db_table or db_column)"
+
+
 @pytest.mark.parametrize(
     ("mutate", "message"),
     [
@@ -125,16 +128,15 @@ def test_default_config_is_the_demo_target() -> None:
             (
                 lambda d, key=key, name=name: d["targets"][0].update({key: name}),
                 f"The target 'tickets' names {shown!r} in {key}, and embedfill "
-                "cannot use a name holding '%' in its statements; rename it in the "
-                "database (or, for a text column, read it with text_sql).",
+                f"cannot use a name holding '%' in its statements; {fix}.",
             )
-            for key, name, shown in (
-                ("table", 'app."Support%Tickets"', "Support%Tickets"),
-                ("table", '"a%b".tickets', "a%b"),
-                ("id_column", "ticket%no", "ticket%no"),
-                ("embedding_column", "emb%", "emb%"),
-                ("tenant_column", "te%nant", "te%nant"),
-                ("text", "{sub%ject}", "sub%ject"),
+            for key, name, shown, fix in (
+                ("table", 'app."Support%Tickets"', "Support%Tickets", RENAME),
+                ("table", '"a%b".tickets', "a%b", RENAME),
+                ("id_column", "ticket%no", "ticket%no", RENAME),
+                ("embedding_column", "emb%", "emb%", RENAME),
+                ("tenant_column", "te%nant", "te%nant", RENAME),
+                ("text", "{sub%ject}", "sub%ject", "rename the column, or read it with text_sql"),
             )
         ),
     ],
@@ -310,3 +312,17 @@ def test_an_embedding_table_may_name_its_schema_as_model_status_shows_it() -> No
     target["embedding_table"] = "my.tickets_emb_next"  # a quoted table's name, dot and all
     side = parse_config(data).target("tickets")
     assert side.table == TableName("app", "my.tickets_emb_next")
+
+
+def test_a_name_with_a_percent_sign_is_refused_however_the_config_is_built() -> None:
+    """Built in code (the dataclasses, as a library user may) or naming a side table,
+    a '%' in a name is the same sentence as in a TOML file."""
+    from embedfill.config import TargetConfig, in_side_table
+
+    fields = dict(name="t", table=TableName("app", "docs"), id_column="id", text="{body}")
+    fields |= dict(embedding_column="emb", provider="p")
+    with pytest.raises(ConfigError, match=r"names 'te%nant' in tenant_column, and embedfill"):
+        TargetConfig(**fields, tenant_column="te%nant")  # type: ignore[arg-type]
+    live = TargetConfig(**fields)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"names 'si%de' in embedding_table, and embedfill"):
+        in_side_table(live, "si%de")
