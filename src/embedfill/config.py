@@ -148,8 +148,8 @@ class TargetConfig:
 
     def __post_init__(self) -> None:
         where = f"target {self.name!r}"
-        self._no_percent(where)
         if self.side_of is not None:  # the text is the live row's (db.target_sql)
+            self._no_percent(where)
             return
         has_text, has_sql = bool(self.text), bool(self.text_sql and self.text_sql.strip())
         if has_text and has_sql:
@@ -164,41 +164,33 @@ class TargetConfig:
             )
         columns = template_columns(self.text, where) if self.text else ()
         object.__setattr__(self, "text_columns", columns)
-        for column in columns:
-            refuse_percent(
-                column,
-                f"The {where} names",
-                " in text",
-                "rename the column, or read it with text_sql",
-            )
+        self._no_percent(where)
 
     def _no_percent(self, where: str) -> None:
-        """No name of the target may hold ``%`` (``refuse_percent``); a side target's
-        own names are embedfill's, but for its table (``embedding_table``)."""
-        if self.side_of is not None:
-            refuse_percent(self.table.name, f"The {where} names", " in embedding_table")
-            return
-        for key, name in (
-            ("table", self.table.schema),
-            ("table", self.table.name),
-            ("id_column", self.id_column),
-            ("embedding_column", self.embedding_column),
-            ("tenant_column", self.tenant_column),
-        ):
-            refuse_percent(name, f"The {where} names", f" in {key}")
-
-
-def refuse_percent(name: str | None, before: str, after: str, fix: str = "") -> None:
-    """A name with ``%`` cannot go into embedfill's statements: they run with bound
-    parameters, whose placeholders start with ``%`` (psycopg read ``"te%nant"`` as one,
-    and every statement on the target failed with a message about placeholders).
-    The sentence says where the name is: ``before`` it, ``after`` it."""
-    if name is None or "%" not in name:
-        return
-    raise ConfigError(
-        f"{before} {name!r}{after}, and embedfill cannot use a name holding '%' in its"
-        f" statements; {fix or 'rename it (a Django model: its db_table or db_column)'}."
-    )
+        """No name may hold ``%``: embedfill's statements run with bound parameters,
+        whose placeholders start with ``%`` (psycopg read ``"te%nant"`` as one, and every
+        statement on the target failed with a message about placeholders). A side
+        target's own names are embedfill's, but for its table (``embedding_table``)."""
+        rename = "rename it (a Django model: its db_table or db_column)"
+        names: list[tuple[str, str | None, str]] = [("embedding_table", self.table.name, rename)]
+        if self.side_of is None:
+            names = [
+                ("table", self.table.schema, rename),
+                ("table", self.table.name, rename),
+                ("id_column", self.id_column, rename),
+                ("embedding_column", self.embedding_column, rename),
+                ("tenant_column", self.tenant_column, rename),
+                *(
+                    ("text", c, "rename the column, or read it with text_sql")
+                    for c in self.text_columns
+                ),
+            ]
+        for key, name, fix in names:
+            if name is not None and "%" in name:
+                raise ConfigError(
+                    f"The {where} names {name!r} in {key}, and embedfill cannot use a name "
+                    f"holding '%' in its statements; {fix}."
+                )
 
 
 # A side table's columns (``db.homes``): its rows' ids (the live ids' type, primary key),

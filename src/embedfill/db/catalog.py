@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ..config import TableName, TargetConfig, refuse_percent
+from ..config import TableName, TargetConfig
 from ..errors import ConfigError, ExtensionMissing, RowSecurityHides, SchemaMismatch
 from ..errors import first_line as _first_line
 from ..models import TargetStatus, TenantStatus
@@ -204,14 +204,15 @@ async def resolve_table(
     cur = await conn.execute(_SCHEMA_OF, {"rel": oid})
     found = await cur.fetchone()
     assert found is not None
-    # found by the search_path: the config's names are checked already (config.py)
-    refuse_percent(
-        str(found[0]),
-        f"Table {target.table} of target {target.name!r} is in schema",
-        " (found by the search_path)",
-        "rename the schema, or put the table in another one and name it schema.table",
-    )
-    return oid, str(found[0])
+    schema = str(found[0])
+    if "%" in schema:  # found by the search_path: the config's names are checked already
+        raise SchemaMismatch(
+            f"Table {target.table} of target {target.name!r} is in schema {schema!r} (found "
+            "by the search_path), and embedfill cannot use a name holding '%' in its "
+            "statements; rename the schema, or put the table in another one and name it "
+            "schema.table."
+        )
+    return oid, schema
 
 
 _SHAPE = """
