@@ -1013,10 +1013,12 @@ async def amodel_finalize(
             drop = homes.drop_column(live_sql, live.embedding_column)
             await _ddl(conn, sql.SQL("; ").join([*moves, drop]), str(live.table))
             dropped = (info.schema, live.table.name, live.embedding_column)
-            # the column strategy's new column, where the target is pointed next (a side
-            # table is no target's: nothing would drain what is queued for it)
+            # where the target is pointed next: the column strategy's new column, the
+            # table strategy's side table (embedding_table), whose watcher drains it
             if row["strategy"] == "column":
                 kept = (info.schema, live.table.name, home["column"])
+            else:
+                kept = (home["schema"], home["relation"], homes.VECTOR)
         elif row["strategy"] == "table":
             await _ddl(conn, homes.drop_table(home["schema"], home["relation"]), home["relation"])
             dropped = (home["schema"], home["relation"], homes.VECTOR)
@@ -1043,9 +1045,11 @@ async def _trigger_moves(
 ) -> list[sql.Composed]:
     """What a cutover's finalize runs with the live column's drop: that column's change
     triggers (if installed) would queue edits for a column that is gone, which nobody
-    drains. They are removed; with the column strategy the new vectors' column gets them
-    instead (the target, pointed at it as the docs say, finds them installed). Refused
-    (PrivilegeMissing) before anything is dropped when this role may not drop them."""
+    drains. They are replaced by the new vectors' (the target, pointed at them as the
+    docs say, finds them installed): on the live table either way, queueing the new
+    column, or the side table's vectors (whose watcher mirrors the live table's new
+    rows). Refused (PrivilegeMissing) before anything is dropped when this role may not
+    drop them."""
     store = Store(conn)
     old = await store.vector_column_id(info.oid, live.embedding_column, create=False)
     if old is None or not await triggers.installed(conn, info.oid, old):
@@ -1058,12 +1062,20 @@ async def _trigger_moves(
         )
     statements = triggers.uninstall_statements(info.sql(live), old)
     to = row["to_model"].get("provider")
+    home = dict(row["home"])
+    new_id = None
     if row["strategy"] == "column" and to in config.providers:
-        home = dict(row["home"])
         new = migration.derived_target(live, config.providers[to], "column", home)
         new_id = await store.vector_column_id(info.oid, home["column"], create=True)
-        assert new_id is not None
-        plan = await triggers.plan(conn, info.sql(new), info.oid, new_id, install=True)
+        on = info.sql(new)
+    elif row["strategy"] == "table":
+        side = sql.Identifier(home["schema"], home["relation"])
+        side_oid = await homes.relation_oid(conn, side)
+        if side_oid is not None:
+            new_id = await store.vector_column_id(side_oid, homes.VECTOR, create=True)
+        on = info.sql(live)  # the live rows' id and text: what the side rows follow
+    if new_id is not None:
+        plan = await triggers.plan(conn, on, info.oid, new_id, install=True)
         statements += plan.statements
     return statements
 
@@ -1375,18 +1387,19 @@ async def atriggers(
     column's number, committed) and returns the plan, whose statements the caller runs
     in a transaction of its own: a Django migration runs them in its own (contrib/django)."""
     t = config.target(target)
-    if t.side_of is not None:
-        raise UsageError(
-            f"Target {t.name!r} keeps its vectors in the side table {t.table} "
-            "(embedding_table), for which change triggers are not built yet; run "
-            "`embedfill watch`: it gives the side table the live table's new rows at each "
-            "poll and finds edited rows at each sweep (--sweep-interval)."
-        )
     pconf = config.provider_for(t)
     conn = await connect(db)
     try:
         info = await inspect_target(conn, t, pconf.expected_dimensions, pconf.label)
-        tsql = info.sql(t)
+        tsql, oid = info.sql(t), info.oid
+        column = sql.Identifier(t.embedding_column).as_string(conn)
+        vectors = f"{tsql.table.as_string(conn)}.{column}"
+        if tsql.live is not None:
+            # a side table's rows change with its live table's: the triggers go there
+            # and queue the side table's vector column (its watcher mirrors new rows)
+            live_oid = await homes.relation_oid(conn, tsql.live.table)
+            assert live_oid is not None, "inspect_target found it"
+            tsql, oid = tsql.live, live_oid
         if install and not print_sql:
             await ensure_schema(conn)  # the queue table is the schema's
         store = Store(conn)
@@ -1394,16 +1407,16 @@ async def atriggers(
         if await store.has_provenance():
             column_id = await store.vector_column_id(info.oid, t.embedding_column, create=False)
         if not print_sql:
-            problem = await triggers.refusal(conn, tsql, info.oid, column_id, install=install)
+            problem = await triggers.refusal(conn, tsql, oid, column_id, install=install)
             if problem is not None:
                 raise PrivilegeMissing(problem)
         if print_sql or not (install or column_id is not None):
-            plan = await triggers.plan(conn, tsql, info.oid, column_id, install=install)
+            plan = await triggers.plan(conn, tsql, oid, column_id, install=install, vectors=vectors)
             return plan, triggers.printed(plan, conn)
         async with conn.transaction():  # all or nothing
             if install:
                 column_id = await store.vector_column_id(info.oid, t.embedding_column, create=True)
-            plan = await triggers.plan(conn, tsql, info.oid, column_id, install=install)
+            plan = await triggers.plan(conn, tsql, oid, column_id, install=install, vectors=vectors)
             for statement in plan.statements if apply else ():
                 await conn.execute(statement)
         return plan, triggers.printed(plan, conn)

@@ -368,3 +368,26 @@ def test_a_relative_config_is_read_from_base_dir_and_dotenv_as_the_cli_does(
     done = status()
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["targets"][0]["name"] == "from_env"
+
+
+def test_a_side_table_targets_trigger_operation_does_nothing_where_no_side_table_is(
+    db_url: str, tmp_path: Path
+) -> None:
+    """After a table-strategy change of model the target names its side table
+    (``embedding_table``); a fresh database (a test run, a new environment) has none. The
+    migration that installed the target's triggers then does nothing, and says so in
+    ``sqlmigrate``, instead of failing the migrate."""
+    toml = tmp_path / "embedfill.toml"
+    toml.write_text(
+        '[providers.hash]\nkind = "hash"\nmodel = "hash-8"\ndimensions = 8\n\n'
+        '[[targets]]\nname = "documents"\ntable = "docs_document"\nid_column = "id"\n'
+        'text = "{title}"\ntenant_column = "organisation_id"\n'
+        'embedding_table = "docs_document_emb_next"\nprovider = "hash"\n'
+    )
+    extra = {"variant": "toml", "EMBEDFILL_TEST_DJANGO_TOML": str(toml)}
+    shown = manage("sqlmigrate", "docs", "0002", db_url=db_url, **extra)
+    assert shown.returncode == 0, shown.stderr
+    assert "InstallEmbedfillTriggers does nothing here" in shown.stdout
+    done = manage("migrate", "docs", "0002", "--no-input", db_url=db_url, **extra)
+    assert done.returncode == 0, done.stderr
+    assert triggers_on(db_url, "docs_document") == []

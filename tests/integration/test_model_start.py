@@ -376,10 +376,11 @@ def test_verify_then_cutover_rollback_cutover_again_and_finalize(indexed: str) -
 def test_a_cutovers_finalize_moves_the_change_triggers_off_the_dropped_column(
     indexed: str, strategy: str
 ) -> None:
-    """The live column is dropped: its triggers would queue edits nobody drains. With
-    the column strategy they move to the new vectors' column (the target, pointed at it,
-    finds them installed), and so do the edits still queued; with the table strategy
-    they go."""
+    """The live column is dropped: its triggers would queue edits nobody drains. They
+    move to the new vectors (the target, pointed at them, finds them installed), and so
+    do the edits still queued: the shadow column's, or the side table's vectors, whose
+    triggers stay on the live table. Before, a table-strategy finalize removed them,
+    and forgot the queued edits."""
     from embedfill.application import amodel_finalize
 
     cut_over(indexed, strategy, triggers=config())
@@ -407,19 +408,17 @@ def test_a_cutovers_finalize_moves_the_change_triggers_off_the_dropped_column(
             "SELECT c.column_name, q.row_key FROM embedfill.changes AS q"
             " JOIN embedfill.vector_columns AS c ON c.id = q.column_id ORDER BY 1, 2"
         ).fetchall()
+        column = "emb_next" if strategy == "column" else "embedding"
         new_id = conn.execute(
-            "SELECT id FROM embedfill.vector_columns WHERE column_name = 'emb_next'"
+            "SELECT id FROM embedfill.vector_columns WHERE column_name = %s", (column,)
         ).fetchone()
-    if strategy == "column":
-        assert new_id is not None
-        assert sorted(t for (t,) in triggers) == [
-            f"embedfill_changed_{new_id[0]}_ins",
-            f"embedfill_changed_{new_id[0]}_upd",
-        ]
-        # row 3's edit, queued for the dropped column, is the kept column's now
-        assert queued == [("emb_next", "3"), ("emb_next", "4")]
-    else:
-        assert triggers == [] and queued == []  # no target drains a side table's queue
+    assert new_id is not None
+    assert sorted(t for (t,) in triggers) == [
+        f"embedfill_changed_{new_id[0]}_ins",
+        f"embedfill_changed_{new_id[0]}_upd",
+    ]
+    # row 3's edit, queued for the dropped column, is the kept vectors' now
+    assert queued == [(column, "3"), (column, "4")]
 
 
 def test_an_edit_after_verify_keeps_the_cutover_back(indexed: str) -> None:
@@ -1186,8 +1185,8 @@ def test_a_watch_left_running_through_a_cutovers_finalize_ends_the_live_watcher_
     watcher ends (its job ends as a stopped watch's, not failed) and says where the
     searches went; the watch exits clean. Before, the watch exited 3 ("1 of 2 watched
     targets stopped being watched ... does not exist"). The new vectors' watcher goes
-    on: with the column strategy fed by the triggers the finalize moved, with the table
-    strategy by its polls and sweeps (test_side_table_target.py)."""
+    on, fed by the triggers the finalize moved (the table strategy's stay on the live
+    table and queue the side table's vectors)."""
     from embedfill.application import amodel_finalize
     from tests.integration.test_watch import Running, wait_for
 
@@ -1201,10 +1200,10 @@ def test_a_watch_left_running_through_a_cutovers_finalize_ends_the_live_watcher_
         run(amodel_finalize, indexed, yes=True, force=True)
         wait_for(lambda: live.job_id is None, timeout=20)
         assert live.failed is None and live.retired
-        if strategy == "column":
-            with psycopg.connect(indexed, autocommit=True) as conn:
-                conn.execute(f"UPDATE {T} SET body = 'after the finalize' WHERE ticket_no = 9")
-            wait_for(lambda: _fresh_new_vector(indexed, "column", 9), timeout=15)
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(f"UPDATE {T} SET body = 'after the finalize' WHERE ticket_no = 9")
+        # the sweep is an hour away: only the triggers can bring the edit this soon
+        wait_for(lambda: _fresh_new_vector(indexed, strategy, 9), timeout=15)
         time.sleep(1.0)  # a few polls of the new vectors' watcher since
         assert new.job_id is not None and not new.retired
     finally:

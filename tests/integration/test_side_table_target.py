@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,7 @@ from embedfill.application import (
 )
 from embedfill.config import Config, parse_config
 from embedfill.engine.state import BackfillOptions
-from embedfill.errors import PlanRefused, SchemaMismatch, UsageError
+from embedfill.errors import PlanRefused, SchemaMismatch
 from embedfill.providers.hashing import hash_vector
 from tests.integration.test_model_start import (
     T,
@@ -108,16 +109,60 @@ def test_a_finalized_side_table_becomes_the_targets_vectors_and_backfill_status_
     assert (after.rows, after.missing, after.stale, after.outdated_model) == (61, 2, 0, 0)
 
 
-def test_a_side_table_target_refuses_triggers_and_a_change_of_model_in_one_sentence(
-    indexed: str,
-) -> None:
+def test_a_side_table_target_refuses_a_change_of_model_in_one_sentence(indexed: str) -> None:
     finalized(indexed)
-    cfg = side_config()
-    with pytest.raises(UsageError, match="change triggers are not built yet") as exc:
-        asyncio.run(atriggers(cfg, Database(indexed), "tickets", True, False))
-    assert "embedfill watch" in str(exc.value)
     with pytest.raises(PlanRefused, match="a change of model from a side table"):
-        asyncio.run(aplan_model(cfg, Database(indexed), "tickets", "other"))
+        asyncio.run(aplan_model(side_config(), Database(indexed), "tickets", "other"))
+
+
+def test_a_side_table_targets_change_triggers_bring_live_edits_within_seconds(
+    indexed: str, fake_openai: Any
+) -> None:
+    """``triggers install`` of a side-table target puts them on the live table, queueing
+    the side table's vectors: an edit of a live row reaches its side row long before the
+    sweep (an hour here), a new live row gets its side row and vector at the next poll,
+    and ``uninstall`` removes them. Before, install was refused, and a deploy script
+    that runs it failed from the finalize on."""
+    from tests.integration.test_watch import Running, wait_for
+
+    finalized(indexed)  # a change made without triggers
+    cfg = side_config(_watched_config(fake_openai))
+    plan, script = asyncio.run(atriggers(cfg, Database(indexed), "tickets", True, False))
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        side_id = conn.execute(
+            "SELECT id FROM embedfill.vector_columns WHERE table_name = %s", (RELATION,)
+        ).fetchone()
+        on_live = conn.execute(
+            "SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal"
+            " ORDER BY 1",
+            (T,),
+        ).fetchall()
+    assert side_id is not None and plan.column_id == side_id[0]
+    assert on_live == [
+        (f"embedfill_changed_{side_id[0]}_ins",),
+        (f"embedfill_changed_{side_id[0]}_upd",),
+    ]
+    assert f'"app"."{RELATION}"."embedding"' in script  # the vectors it feeds
+    w = Running(indexed, cfg, interval_s=0.5, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(w.watches) == 1 and bool(w.watches[0].job_id))
+        time.sleep(1.0)  # past the watcher's first sweep
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(f"UPDATE {T} SET body = 'edited under triggers' WHERE ticket_no = 3")
+            conn.execute(
+                f"INSERT INTO {T} (ticket_no, org, subject, body) VALUES (61, 'org-a', 'n', 'r')"
+            )
+        wait_for(lambda: fresh(indexed, [3, 61]), timeout=20)
+    finally:
+        w.stop()
+    assert w.error is None
+    plan, _ = asyncio.run(atriggers(cfg, Database(indexed), "tickets", False, False))
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        left = conn.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal",
+            (T,),
+        ).fetchone()
+    assert plan.statements and left == (0,)
 
 
 def test_a_watch_of_a_side_table_target_gives_it_new_rows_and_finds_edits(

@@ -183,6 +183,13 @@ _OID = "SELECT pg_catalog.to_regclass(%(name)s)::pg_catalog.oid"
 _SHORT_LOCK_TIMEOUT = "SELECT pg_catalog.set_config('lock_timeout', '200ms', true)"
 
 
+async def relation_oid(conn: psycopg.AsyncConnection[Any], table: sql.Composable) -> int | None:
+    """The oid of the (qualified) table, None when there is none."""
+    cur = await conn.execute(_OID, {"name": table.as_string(conn)})
+    row = await cur.fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
 async def secure_side(conn: psycopg.AsyncConnection[Any], side_sql: TargetSQL) -> None:
     """A target ``in_side_table``: row-level security turned on for the live table since
     its change of model's cutover reaches the side table too (``secure_like``), when this
@@ -190,16 +197,15 @@ async def secure_side(conn: psycopg.AsyncConnection[Any], side_sql: TargetSQL) -
     the app's readers of the side table alone would see every tenant's rows."""
     live = side_sql.live
     assert live is not None and side_sql.schema is not None, "a resolved side table"
-    cur = await conn.execute(_OID, {"name": live.table.as_string(conn)})
-    row = await cur.fetchone()
-    if row is None or row[0] is None:
+    live_oid = await relation_oid(conn, live.table)
+    if live_oid is None:
         return
     relation = side_sql.target.table.name
     try:
         async with conn.transaction():
             # the app's searches of the side table would queue behind a waiting ALTER
             await conn.execute(_SHORT_LOCK_TIMEOUT)
-            await secure_like(conn, live, int(row[0]), side_sql.schema, relation)
+            await secure_like(conn, live, live_oid, side_sql.schema, relation)
     except (psycopg.errors.InsufficientPrivilege, psycopg.errors.LockNotAvailable) as exc:
         busy = isinstance(exc, psycopg.errors.LockNotAvailable)
         log.warning(

@@ -461,14 +461,16 @@ async def plan(
     column_id: int | None,
     *,
     install: bool,
+    vectors: str | None = None,
 ) -> TriggerPlan:
-    """The statements ``install`` (or ``uninstall``) runs for the target's column, with
-    the notes a reviewer needs. ``column_id`` None: the column has no number yet, and
-    ``N`` stands for the one install records."""
+    """The statements ``install`` (or ``uninstall``) runs on ``tsql``'s table for vector
+    column ``column_id``, with the notes a reviewer needs. ``column_id`` None: the column
+    has no number yet, and ``N`` stands for the one install records. ``vectors``: where
+    that column is, when not on the table (a side table's, whose rows follow it)."""
     target = tsql.target
     table = tsql.table.as_string(conn)
     out = TriggerPlan(target.name, table, column_id)
-    place = f"{table}.{sql.Identifier(target.embedding_column).as_string(conn)}"
+    place = vectors or f"{table}.{sql.Identifier(target.embedding_column).as_string(conn)}"
     if not install:
         out.notes.append(
             f"embedfill triggers uninstall --target {target.name}: {place}"
