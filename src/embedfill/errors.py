@@ -54,6 +54,14 @@ class SchemaMismatch(ConfigError):
     http_status = 503
 
 
+class SideTableMissing(SchemaMismatch):
+    """The side table a target names (``embedding_table``) does not exist: only a change
+    of model makes one, so a fresh database has none."""
+
+    exit_code = 2
+    http_status = 503
+
+
 class ExtensionMissing(ConfigError):
     """The pgvector extension is not installed in this database."""
 

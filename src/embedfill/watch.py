@@ -544,6 +544,8 @@ class TargetWatch:
             if self.derived_from is None and self._oid is not None:
                 await self._hold_changes_of_model(conn, store)
             drained = await store.drain_changes(ids.column_id, inflight, self.chunk_rows)
+            if drained and tsql.live is not None:  # a side table: the rows' side rows first
+                await conn.execute(homes.mirror_keys(tsql), {"keys": drained})
             if drained and self._oid is not None:
                 await self._fan_out(conn, store, drained)
             keys += drained

@@ -391,3 +391,10 @@ def test_a_side_table_targets_trigger_operation_does_nothing_where_no_side_table
     done = manage("migrate", "docs", "0002", "--no-input", db_url=db_url, **extra)
     assert done.returncode == 0, done.stderr
     assert triggers_on(db_url, "docs_document") == []
+    # a table that is there but no side table (a typo) fails the migration, as it would
+    # fail the CLI: only a missing side table is passed over (helper-30)
+    manage("migrate", "docs", "zero", "--no-input", db_url=db_url)
+    toml.write_text(toml.read_text().replace("docs_document_emb_next", "docs_organisation"))
+    done = manage("migrate", "docs", "0002", "--no-input", db_url=db_url, **extra)
+    assert done.returncode != 0
+    assert "docs_organisation" in done.stderr and "side table" in done.stderr

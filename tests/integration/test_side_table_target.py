@@ -119,10 +119,12 @@ def test_a_side_table_targets_change_triggers_bring_live_edits_within_seconds(
     indexed: str, fake_openai: Any
 ) -> None:
     """``triggers install`` of a side-table target puts them on the live table, queueing
-    the side table's vectors: an edit of a live row reaches its side row long before the
-    sweep (an hour here), a new live row gets its side row and vector at the next poll,
-    and ``uninstall`` removes them. Before, install was refused, and a deploy script
-    that runs it failed from the finalize on."""
+    the side table's vectors: an edit of a live row, and a new live row (its side row
+    made as the watch takes its key), reach the side table with the poll and the sweep
+    an hour away; ``uninstall`` removes them. Before, install was refused, and a deploy
+    script that runs it failed from the finalize on; then (helper-30) a new row's key
+    was taken and dropped, and the row waited for the poll, or for the sweep when its
+    id was below the poll's window."""
     from tests.integration.test_watch import Running, wait_for
 
     finalized(indexed)  # a change made without triggers
@@ -143,7 +145,8 @@ def test_a_side_table_targets_change_triggers_bring_live_edits_within_seconds(
         (f"embedfill_changed_{side_id[0]}_upd",),
     ]
     assert f'"app"."{RELATION}"."embedding"' in script  # the vectors it feeds
-    w = Running(indexed, cfg, interval_s=0.5, sweep_interval_s=3600)
+    assert 'the triggers are on "app"."SupportTickets"' in script
+    w = Running(indexed, cfg, interval_s=3600, sweep_interval_s=3600)
     try:
         wait_for(lambda: len(w.watches) == 1 and bool(w.watches[0].job_id))
         time.sleep(1.0)  # past the watcher's first sweep
@@ -163,6 +166,70 @@ def test_a_side_table_targets_change_triggers_bring_live_edits_within_seconds(
             (T,),
         ).fetchone()
     assert plan.statements and left == (0,)
+
+
+def test_a_row_moved_to_another_tenant_with_its_edit_is_paid_by_the_new_tenant(
+    indexed: str, fake_openai: Any
+) -> None:
+    """The triggers queue an edit that also moves the row to another tenant: the side
+    row's tenant (whose key pays) is brought up to date before it is embedded. Before
+    (helper-30), the edit went out on the old tenant's key: the side row's tenant was
+    the live row's only after the next sweep's mirror."""
+    from embedfill.application import amodel_cutover, amodel_start, amodel_verify
+    from embedfill.config import EngineConfig
+    from tests.integration.test_watch import Running, wait_for
+    from tests.support.tables import provider_settings
+
+    env = {"TEST_PLATFORM_KEY": "sk-platform-0123456789abcdef"}
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO app.org_settings VALUES ('org-a', 'sk-tenant-a-aaaaaaaa'),"
+            " ('org-b', 'sk-tenant-b-bbbbbbbb')"
+        )
+        assert conn.execute(f"SELECT org FROM {T} WHERE ticket_no = 3").fetchone() == ("org-a",)
+    providers = {
+        "openai": provider_settings(fake_openai.base_url, 8),
+        "next": provider_settings(fake_openai.base_url, 16, model="test-embed-2"),
+    }
+    raw = _raw_target() | {
+        "provider": "openai",
+        "tenant_key_sql": "select api_key from app.org_settings where org = %(tenant)s",
+    }
+    live = parse_config({"providers": providers, "targets": [raw]})
+    side_raw = {k: v for k, v in raw.items() if k != "embedding_column"}
+    side_raw |= {"embedding_table": RELATION, "provider": "next"}
+    side = parse_config({"providers": providers, "targets": [side_raw]})
+    side = Config(providers=side.providers, targets=side.targets, engine=EngineConfig())
+    db = Database(indexed)
+    asyncio.run(amodel_start(live, db, "tickets", "next", "table", env=env))
+    asyncio.run(amodel_verify(live, db, "tickets", env=env))
+    asyncio.run(amodel_cutover(live, db, "tickets"))
+    asyncio.run(amodel_finalize(live, db, "tickets", yes=True, force=True))
+    asyncio.run(atriggers(side, db, "tickets", True, False))
+    w = Running(indexed, side, env=env, interval_s=3600, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(w.watches) == 1 and bool(w.watches[0].job_id))
+        time.sleep(1.0)  # past the watcher's first sweep
+        fake_openai.requests.clear()
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(
+                f"UPDATE {T} SET org = 'org-b', body = 'for org b only' WHERE ticket_no = 3"
+            )
+
+        def sent() -> dict[str, int]:
+            by_key = fake_openai.texts_by_key().items()
+            return {k: sum("for org b only" in t for t in v) for k, v in by_key}
+
+        wait_for(lambda: sum(sent().values()) > 0, timeout=20)
+    finally:
+        w.stop()
+    assert w.error is None
+    assert {k: n for k, n in sent().items() if n} == {"sk-tenant-b-bbbbbbbb": 1}
+    with psycopg.connect(indexed) as conn:
+        tenant = conn.execute(
+            f"SELECT embedfill_tenant FROM {SIDE_TABLE} WHERE embedfill_row_id = 3"
+        ).fetchone()
+    assert tenant == ("org-b",)
 
 
 def test_a_watch_of_a_side_table_target_gives_it_new_rows_and_finds_edits(

@@ -24,6 +24,7 @@ TABLE: dict[str, tuple[int, int]] = {
     "UsageError": (2, 422),
     "TargetNotFound": (2, 404),
     "SchemaMismatch": (2, 503),
+    "SideTableMissing": (2, 503),
     "RowSecurityHides": (2, 503),
     "ModelChanged": (2, 503),
     "PlanRefused": (2, 422),

@@ -13,7 +13,13 @@ import psycopg
 from psycopg import sql
 
 from ..config import TableName, TargetConfig
-from ..errors import ConfigError, ExtensionMissing, RowSecurityHides, SchemaMismatch
+from ..errors import (
+    ConfigError,
+    ExtensionMissing,
+    RowSecurityHides,
+    SchemaMismatch,
+    SideTableMissing,
+)
 from ..errors import first_line as _first_line
 from ..models import TargetStatus, TenantStatus
 from .connect import user_context
@@ -189,7 +195,7 @@ async def resolve_table(
         row = await cur.fetchone()
     if not row or row[0] is None:
         if target.side_of is not None:
-            raise SchemaMismatch(
+            raise SideTableMissing(
                 f"The side table {target.table} of target {target.name!r} (embedding_table) "
                 "does not exist in this database: a rollback's finalize drops it (the "
                 "vectors are then the live column's again: embedding_column), else name the "

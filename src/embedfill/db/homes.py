@@ -94,6 +94,31 @@ def mirror(side_sql: TargetSQL, *, newer: bool = False) -> sql.Composed:
     ).format(changes=changes, window=window, side_row=side_sql.has_side_row("t"), **names)
 
 
+def mirror_keys(side_sql: TargetSQL) -> sql.Composed:
+    """For a target ``in_side_table``: the side rows of the live rows %(keys)s (ids as
+    text: what the change triggers queued), made where missing and their tenant brought
+    up to date, before the watch embeds them. A new row is embedded at once (not at the
+    next poll, or at the sweep when its id is below the poll's window), and a row moved
+    to another tenant along with its edit is paid for by its new tenant's key."""
+    live = side_sql.live
+    assert live is not None, "a target in a side table"
+    side, row_id, tenant = side_sql.table, sql.Identifier(ROW_ID), sql.Identifier(TENANT)
+    return sql.SQL(
+        "INSERT INTO {side} AS s ({row_id}, {tenant}) SELECT t.{id}, {tenant_text}"
+        " FROM {live} AS t WHERE t.{id} = ANY(CAST(CAST(%(keys)s AS text[]) AS {id_type}[]))"
+        " ON CONFLICT ({row_id}) DO UPDATE SET {tenant} = excluded.{tenant}"
+        " WHERE s.{tenant} IS DISTINCT FROM excluded.{tenant}"
+    ).format(
+        side=side,
+        row_id=row_id,
+        tenant=tenant,
+        id=sql.Identifier(live.target.id_column),
+        tenant_text=live.tenant_text("t"),
+        live=live.table,
+        id_type=sql.SQL(live.types.id_type),
+    )
+
+
 # the roles that may read the live table (PUBLIC too), and its owner; and whether each
 # may UPDATE it
 _READERS = """

@@ -471,11 +471,21 @@ async def plan(
     table = tsql.table.as_string(conn)
     out = TriggerPlan(target.name, table, column_id)
     place = vectors or f"{table}.{sql.Identifier(target.embedding_column).as_string(conn)}"
+    side = (
+        []
+        if vectors is None
+        else [
+            f"its vectors are in a side table: the triggers are on {table}, whose rows the "
+            "side table's follow, and a row they queue gets its side row when the watch "
+            "takes it"
+        ]
+    )
     if not install:
         out.notes.append(
             f"embedfill triggers uninstall --target {target.name}: {place}"
             + (f" (column {column_id})" if column_id is not None else "")
         )
+        out.notes += side
         if column_id is None:
             out.notes.append("this column has no number in embedfill.vector_columns")
         elif not await installed(conn, oid, column_id):
@@ -487,6 +497,7 @@ async def plan(
     out.watched = watched
     number = f"column {column_id}" if column_id is not None else "column N"
     out.notes.append(f"embedfill triggers install --target {target.name}: {place} ({number})")
+    out.notes += side
     if column_id is None:
         out.notes.append(
             "this column has no number in embedfill.vector_columns yet: install records one "

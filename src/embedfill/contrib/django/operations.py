@@ -24,7 +24,7 @@ from django.db.migrations.operations.base import Operation
 from ... import application
 from ...db import triggers
 from ...db.connect import Database
-from ...errors import ConfigError, ExtensionMissing, SchemaMismatch
+from ...errors import ConfigError, ExtensionMissing, SchemaMismatch, SideTableMissing
 from .conf import prepares, raw_settings, settings_config, url_of
 
 
@@ -50,17 +50,17 @@ def _run(target: str, app_label: str, schema_editor: Any, state: Any, *, install
         plan, _ = asyncio.run(
             application.atriggers(config, db, target, install, print_sql=dry, apply=False)
         )
+    except SideTableMissing as exc:
+        # its vectors are in a side table (embedding_table), which only a change of model
+        # makes: a fresh database (a test run, a new environment) has none, and nothing
+        # to trigger for; where it has one, the finalize moved them there
+        if dry:
+            schema_editor.execute(
+                f"-- embedfill: {exc} {verb}EmbedfillTriggers does nothing here",
+                params=None,
+            )
+        return
     except (SchemaMismatch, ExtensionMissing) as exc:
-        if config.target(target).side_of is not None:
-            # its vectors are in a side table (embedding_table), which only a change of
-            # model makes: a fresh database (a test run, a new environment) has none,
-            # and nothing to trigger for; where it has one, the finalize moved them there
-            if dry:
-                schema_editor.execute(
-                    f"-- embedfill: {exc} {verb}EmbedfillTriggers does nothing here",
-                    params=None,
-                )
-            return
         if dry:
             schema_editor.execute(
                 f"-- embedfill: {exc} The triggers' SQL shows once the table exists "
