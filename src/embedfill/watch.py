@@ -545,7 +545,7 @@ class TargetWatch:
                 await self._hold_changes_of_model(conn, store)
             drained = await store.drain_changes(ids.column_id, inflight, self.chunk_rows)
             if drained and tsql.live is not None:  # a side table: the rows' side rows first
-                await conn.execute(homes.mirror_keys(tsql), {"keys": drained})
+                await conn.execute(homes.mirror(tsql, keys=True), {"keys": drained})
             if drained and self._oid is not None:
                 await self._fan_out(conn, store, drained)
             keys += drained

@@ -56,14 +56,19 @@ def create_side_table(
 MIRROR_WINDOW = 10_000
 
 
-def mirror(side_sql: TargetSQL, *, newer: bool = False) -> sql.Composed:
+def mirror(side_sql: TargetSQL, *, newer: bool = False, keys: bool = False) -> sql.Composed:
     """For a target ``in_side_table``: a side row for each live row that has none, a
     moved row's tenant (whose key pays for it) brought up to date, and the side rows of
     deleted live rows deleted (the live table is only read; a side row already right is
-    not written);
+    not written, nor locked);
     ``newer`` (each poll): only the side rows live rows lack, among the integer ids above
     the side table's highest less ``MIRROR_WINDOW`` (a range scan of the key); with
-    other ids an anti-join of the keys, writing only the new rows."""
+    other ids an anti-join of the keys, writing only the new rows;
+    ``keys`` (what the change triggers queued, drained by the watch): the side rows of
+    the live rows %(keys)s (ids as text), made where missing and their tenant brought up
+    to date, before they are embedded: a new row at once (not at the next poll, or at
+    the sweep when its id is below the poll's window), a row moved to another tenant
+    along with its edit on its new tenant's key."""
     live, side = side_sql.live, side_sql.table
     assert live is not None, "a target in a side table"
     names = {
@@ -74,14 +79,23 @@ def mirror(side_sql: TargetSQL, *, newer: bool = False) -> sql.Composed:
         "id": sql.Identifier(live.target.id_column),
         "tenant_text": live.tenant_text("t"),
     }
+    only: sql.Composable = sql.SQL("")
+    if keys:
+        only = sql.SQL(" AND t.{id} = ANY(CAST(CAST(%(keys)s AS text[]) AS {id_type}[]))").format(
+            id_type=sql.SQL(live.types.id_type), **names
+        )
+    moved = sql.SQL(
+        "embedfill_moved AS (UPDATE {side} AS m SET {tenant} = {tenant_text}"
+        " FROM {live} AS t WHERE t.{id} = m.{row_id}{only}"
+        " AND m.{tenant} IS DISTINCT FROM {tenant_text}) "
+    ).format(only=only, **names)
     changes: sql.Composable = sql.SQL("")
-    if not newer:  # every embedfill session runs with row_security off: no row is hidden
+    if keys:
+        changes = sql.SQL("WITH {}").format(moved)
+    elif not newer:  # every embedfill session runs with row_security off: no row is hidden
         changes = sql.SQL(
-            "WITH embedfill_gone AS (DELETE FROM {side} AS g WHERE NOT {live_row}),"
-            " embedfill_moved AS (UPDATE {side} AS m SET {tenant} = {tenant_text}"
-            " FROM {live} AS t WHERE t.{id} = m.{row_id}"
-            " AND m.{tenant} IS DISTINCT FROM {tenant_text}) "
-        ).format(live_row=side_sql.has_live_row("g"), **names)
+            "WITH embedfill_gone AS (DELETE FROM {side} AS g WHERE NOT {live_row}), {moved}"
+        ).format(live_row=side_sql.has_live_row("g"), moved=moved, **names)
     window: sql.Composable = sql.SQL("")
     if newer and live.integer_ids:  # a bound of its own: an index condition on the key
         window = sql.SQL(
@@ -90,32 +104,9 @@ def mirror(side_sql: TargetSQL, *, newer: bool = False) -> sql.Composed:
         ).format(window=sql.Literal(MIRROR_WINDOW), **names)
     return sql.SQL(
         "{changes}INSERT INTO {side} ({row_id}, {tenant}) SELECT t.{id}, {tenant_text}"
-        " FROM {live} AS t WHERE NOT {side_row}{window} ON CONFLICT ({row_id}) DO NOTHING"
-    ).format(changes=changes, window=window, side_row=side_sql.has_side_row("t"), **names)
-
-
-def mirror_keys(side_sql: TargetSQL) -> sql.Composed:
-    """For a target ``in_side_table``: the side rows of the live rows %(keys)s (ids as
-    text: what the change triggers queued), made where missing and their tenant brought
-    up to date, before the watch embeds them. A new row is embedded at once (not at the
-    next poll, or at the sweep when its id is below the poll's window), and a row moved
-    to another tenant along with its edit is paid for by its new tenant's key."""
-    live = side_sql.live
-    assert live is not None, "a target in a side table"
-    side, row_id, tenant = side_sql.table, sql.Identifier(ROW_ID), sql.Identifier(TENANT)
-    return sql.SQL(
-        "INSERT INTO {side} AS s ({row_id}, {tenant}) SELECT t.{id}, {tenant_text}"
-        " FROM {live} AS t WHERE t.{id} = ANY(CAST(CAST(%(keys)s AS text[]) AS {id_type}[]))"
-        " ON CONFLICT ({row_id}) DO UPDATE SET {tenant} = excluded.{tenant}"
-        " WHERE s.{tenant} IS DISTINCT FROM excluded.{tenant}"
+        " FROM {live} AS t WHERE NOT {side_row}{only}{window} ON CONFLICT ({row_id}) DO NOTHING"
     ).format(
-        side=side,
-        row_id=row_id,
-        tenant=tenant,
-        id=sql.Identifier(live.target.id_column),
-        tenant_text=live.tenant_text("t"),
-        live=live.table,
-        id_type=sql.SQL(live.types.id_type),
+        changes=changes, only=only, window=window, side_row=side_sql.has_side_row("t"), **names
     )
 
 
