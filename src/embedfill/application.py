@@ -1392,11 +1392,12 @@ async def atriggers(
     try:
         info = await inspect_target(conn, t, pconf.expected_dimensions, pconf.label)
         tsql, oid = info.sql(t), info.oid
-        column = sql.Identifier(t.embedding_column).as_string(conn)
-        vectors = f"{tsql.table.as_string(conn)}.{column}"
+        vectors = None  # on the table the triggers go on
         if tsql.live is not None:
             # a side table's rows change with its live table's: the triggers go there
             # and queue the side table's vector column (its watcher mirrors new rows)
+            column = sql.Identifier(t.embedding_column).as_string(conn)
+            vectors = f"{tsql.table.as_string(conn)}.{column}"
             live_oid = await homes.relation_oid(conn, tsql.live.table)
             assert live_oid is not None, "inspect_target found it"
             tsql, oid = tsql.live, live_oid

@@ -308,6 +308,7 @@ def test_print_sql_changes_nothing_and_is_exactly_what_install_and_uninstall_run
         assert conn.execute("SELECT count(*) FROM embedfill.vector_columns").fetchone() == (0,)
 
     plan, ran = triggers(migrated, config)
+    assert "side table" not in ran  # its vectors are on the table the triggers go on
     again, ran_again = triggers(migrated, config)  # idempotent
     assert ran_again == ran and again.column_id == plan.column_id
     _, printed = triggers(migrated, config, print_sql=True)
