@@ -1063,7 +1063,7 @@ async def _trigger_moves(
     statements = triggers.uninstall_statements(info.sql(live), old)
     to = row["to_model"].get("provider")
     home = dict(row["home"])
-    new_id = None
+    new_id, vectors = None, None
     if row["strategy"] == "column" and to in config.providers:
         new = migration.derived_target(live, config.providers[to], "column", home)
         new_id = await store.vector_column_id(info.oid, home["column"], create=True)
@@ -1074,8 +1074,9 @@ async def _trigger_moves(
         if side_oid is not None:
             new_id = await store.vector_column_id(side_oid, homes.VECTOR, create=True)
         on = info.sql(live)  # the live rows' id and text: what the side rows follow
+        vectors = f"{side.as_string(conn)}.{sql.Identifier(homes.VECTOR).as_string(conn)}"
     if new_id is not None:
-        plan = await triggers.plan(conn, on, info.oid, new_id, install=True)
+        plan = await triggers.plan(conn, on, info.oid, new_id, install=True, vectors=vectors)
         statements += plan.statements
     return statements
 

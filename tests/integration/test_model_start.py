@@ -400,6 +400,8 @@ def test_a_cutovers_finalize_moves_the_change_triggers_off_the_dropped_column(
         )
     with psycopg.connect(indexed, autocommit=True) as conn:
         conn.execute(f"UPDATE {T} SET body = 'edited after' WHERE ticket_no = 4")
+        # moved to another tenant: a side row keeps its tenant, a column has none
+        conn.execute(f"UPDATE {T} SET org = 'org-moved' WHERE ticket_no = 7")
         triggers = conn.execute(
             "SELECT tgname FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal",
             (T,),
@@ -418,7 +420,8 @@ def test_a_cutovers_finalize_moves_the_change_triggers_off_the_dropped_column(
         f"embedfill_changed_{new_id[0]}_upd",
     ]
     # row 3's edit, queued for the dropped column, is the kept vectors' now
-    assert queued == [(column, "3"), (column, "4")]
+    moved = [(column, "7")] if strategy == "table" else []
+    assert queued == [(column, "3"), (column, "4"), *moved]
 
 
 def test_an_edit_after_verify_keeps_the_cutover_back(indexed: str) -> None:

@@ -232,6 +232,48 @@ def test_a_row_moved_to_another_tenant_with_its_edit_is_paid_by_the_new_tenant(
     assert tenant == ("org-b",)
 
 
+def test_a_row_moved_to_another_tenant_without_an_edit_moves_its_side_row_within_seconds(
+    indexed: str, fake_openai: Any
+) -> None:
+    """An UPDATE of the tenant column alone (the text as it was) is queued by a side-table
+    target's triggers: the side row's tenant, by which status counts and a tenant's job
+    finds its rows, is the live row's within seconds, and the vector (of the same text) is
+    not paid for again. Before, the triggers watched the text's columns only, and the side
+    row kept the old tenant until the next sweep's mirror (an hour here)."""
+    from tests.integration.test_watch import Running, wait_for
+
+    finalized(indexed)
+    cfg = side_config(_watched_config(fake_openai))
+    plan, _ = asyncio.run(atriggers(cfg, Database(indexed), "tickets", True, False))
+    assert plan.watched[-1] == "org"  # the tenant column, after the text's
+
+    def side_tenant() -> Any:
+        with psycopg.connect(indexed) as conn:
+            return conn.execute(
+                f"SELECT embedfill_tenant, embedding FROM {SIDE_TABLE} WHERE embedfill_row_id = 3"
+            ).fetchone()
+
+    before = side_tenant()
+    assert before is not None and before[0] == "org-a" and before[1] is not None
+    [counted] = asyncio.run(astatus(cfg, Database(indexed), "tickets"))
+    w = Running(indexed, cfg, interval_s=3600, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(w.watches) == 1 and bool(w.watches[0].job_id))
+        time.sleep(1.0)  # past the watcher's first sweep
+        fake_openai.requests.clear()
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(f"UPDATE {T} SET org = 'org-b' WHERE ticket_no = 3")
+        wait_for(lambda: side_tenant()[0] == "org-b", timeout=20)
+        time.sleep(1.0)  # a re-embedding would have been sent by now
+    finally:
+        w.stop()
+    assert w.error is None
+    assert side_tenant()[1] == before[1]  # the same vector: the text did not change
+    assert fake_openai.requests == []
+    [now] = asyncio.run(astatus(cfg, Database(indexed), "tickets"))
+    assert (now.missing, now.stale) == (counted.missing, counted.stale)
+
+
 def test_a_watch_of_a_side_table_target_gives_it_new_rows_and_finds_edits(
     indexed: str, fake_openai: Any
 ) -> None:

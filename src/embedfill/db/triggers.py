@@ -494,6 +494,11 @@ async def plan(
             out.statements = uninstall_statements(tsql, column_id)
         return out
     watched, everything = await watched_columns(conn, tsql, oid)
+    tenant = target.tenant_column
+    if vectors is not None and tenant is not None and tenant not in watched:
+        # a side row keeps its live row's tenant (its counts, a tenant's job, the key
+        # that pays): a row moved to another tenant, its text as it was, is queued too
+        watched = [*watched, tenant]
     out.watched = watched
     number = f"column {column_id}" if column_id is not None else "column N"
     out.notes.append(f"embedfill triggers install --target {target.name}: {place} ({number})")
