@@ -294,7 +294,11 @@ async def _target_status(
         ids = await freshness.provenance_ids(conn, info, t.embedding_column, model, create=False)
         params = ids.params()
         searched = await migration.searched_instead(conn, t, info)
-    failing = await Store(conn).failing(info.oid, t.embedding_column) if kept else None
+    failing = (
+        await Store(conn).failing(info.oid, t.embedding_column, info.sql(t).failing())
+        if kept
+        else None
+    )
     status = await target_status(conn, t, info, params, failing)
     if searched is not None:
         # cut over to another model: the column's vectors are measured against the one

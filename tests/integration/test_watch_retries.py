@@ -194,6 +194,27 @@ def test_a_row_whose_text_the_provider_rejects_waits_for_its_text_to_change(
     running.stop()
 
 
+def test_a_failed_row_the_app_deleted_fails_no_more(tickets: str, fake_openai: FakeOpenAI) -> None:
+    """``status``'s ``failing`` (and ``embedfill_failing_rows``) counts rows that are
+    there: a row that failed and that the app then deleted is not one. Before
+    (helper-31), it counted for as long as the watch job ran."""
+    from embedfill import BackfillOptions, abackfill
+
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(
+            f"UPDATE {T} SET body = body || %s WHERE ticket_no = 1", (fake_openai.bad_marker,)
+        )
+    config = config_for(fake_openai.base_url, retry_s=1)
+    asyncio.run(abackfill(config, Database(tickets), BackfillOptions(), env=ENV))
+    [before] = asyncio.run(astatus(config, Database(tickets)))
+    assert (before.failing, before.failing_errors) == (1, {"BadInput": 1})
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(f"DELETE FROM {T} WHERE ticket_no = 1")
+    [after] = asyncio.run(astatus(config, Database(tickets)))
+    assert (after.failing, after.failing_errors, after.missing) == (0, {}, 0)
+    assert {t.tenant: t.failing for t in after.tenants if t.failing} == {}
+
+
 def test_failures_record_no_key(tickets: str, fake_openai: FakeOpenAI) -> None:
     """What is recorded to tell keys apart is a digest: no key, nor a part of one."""
     env = ENV | {"EMBEDFILL_MASTER_KEY": new_master_key()}

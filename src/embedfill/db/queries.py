@@ -371,6 +371,17 @@ WHERE q.column_id = c.id AND c.schema_name = %(schema)s AND c.table_name = %(tab
   AND c.column_name = %(column)s"""
 WATCH_LOCK = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtextextended(%(key)s, 0))"
 WATCH_UNLOCK = "SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtextextended(%(key)s, 0))"
+# whether a session (any, this one too) holds WATCH_LOCK's lock: a bigint key is shown
+# in pg_locks as its high (classid) and low (objid) 32 bits, objsubid 1
+WATCH_HELD = """
+SELECT EXISTS (
+    SELECT FROM pg_catalog.pg_locks AS l,
+         (SELECT pg_catalog.hashtextextended(%(key)s, 0) AS k) AS h
+    WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+      AND l.database = (SELECT d.oid FROM pg_catalog.pg_database AS d
+                        WHERE d.datname = pg_catalog.current_database())
+      AND l.classid = ((h.k >> 32) & 4294967295)::oid
+      AND l.objid = (h.k & 4294967295)::oid)"""
 LISTEN_CHANGES = "LISTEN embedfill_changes"  # what triggers of an earlier install NOTIFY
 # which of a watch process's columns have rows in the change queue (looked at several
 # times a second: the triggers do not NOTIFY). The queue has no index (the app's INSERT
@@ -504,7 +515,8 @@ _STANDING_FAILURE = """NOT EXISTS (
     WHERE r.id = f.run_id AND p.embedded_at OPERATOR(pg_catalog.>=) f.created_at)"""
 
 # Rows failing now, per tenant and error class (the latest failure of each row): in the
-# column's running jobs (a watch's) and its latest job, not written since.
+# column's running jobs (a watch's) and its latest job, not written since, and still
+# there ({exists}: TargetSQL.failing; a row the app deleted fails no more).
 FAILING = (
     """
 WITH jobs AS (
@@ -520,7 +532,7 @@ WITH jobs AS (
 )
 SELECT f.tenant, f.error_class, pg_catalog.count(*) FROM f WHERE """
     + _STANDING_FAILURE
-    + """
+    + """ AND {exists}
 GROUP BY 1, 2 ORDER BY 1, 2"""
 )
 

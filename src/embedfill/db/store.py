@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
@@ -210,10 +211,12 @@ class Store:
             async with self.conn.cursor() as cur:
                 await cur.executemany(q.INSERT_FAILURE, params)
 
-    async def failing(self, table_oid: int, column: str) -> list[tuple[str | None, str, int]]:
-        """(tenant, error class, rows) of the column's rows failing now (``q.FAILING``;
-        call it once the schema has provenance)."""
-        cur = await self.conn.execute(q.FAILING, {"rel": table_oid, "column": column})
+    async def failing(
+        self, table_oid: int, column: str, query: sql.Composed
+    ) -> list[tuple[str | None, str, int]]:
+        """(tenant, error class, rows) of the column's rows failing now (``query``: the
+        target's ``TargetSQL.failing``; call it once the schema has provenance)."""
+        cur = await self.conn.execute(query, {"rel": table_oid, "column": column})
         return [(r[0], str(r[1]), int(r[2])) for r in await cur.fetchall()]
 
     async def watch_progress(self, run_id: int) -> dict[str, int]:
@@ -368,6 +371,12 @@ class Store:
 
     async def try_watch_lock(self, key: str) -> bool:
         cur = await self.conn.execute(q.WATCH_LOCK, {"key": key})
+        row = await cur.fetchone()
+        return bool(row and row[0])
+
+    async def watch_held(self, key: str) -> bool:
+        """Whether a watcher (of any process) holds the column's watch lock now."""
+        cur = await self.conn.execute(q.WATCH_HELD, {"key": key})
         row = await cur.fetchone()
         return bool(row and row[0])
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from psycopg import sql
 
 from ..config import SIDE_ROW_ID, TargetConfig
+from .queries import FAILING
 
 INTEGER_TYPES = ("smallint", "integer", "bigint")
 PROVENANCE = sql.Identifier("embedfill", "provenance")
@@ -125,6 +126,13 @@ class TargetSQL:
         return sql.SQL(
             "EXISTS (SELECT FROM {table} AS embedfill_row WHERE embedfill_row.{id} = {row_id})"
         ).format(table=self.table, id=self.id, row_id=row_id)
+
+    def failing(self) -> sql.Composed:
+        """``queries.FAILING`` of this target: the failures of rows still there (a side
+        target's: of live rows that exist), params ``rel`` and ``column``."""
+        rows = self.live or self
+        row_id = sql.SQL("CAST(f.row_id AS {})").format(sql.SQL(self.types.id_type))
+        return sql.SQL(FAILING).format(exists=rows.row_exists(row_id))
 
     def _text_sql(self, escape: bool = True) -> sql.Composable:
         """The target's text_sql, verbatim (trusted configuration, like tenant_key_sql),
