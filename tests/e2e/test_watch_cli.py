@@ -149,6 +149,45 @@ def test_watch_killed_and_started_again_misses_nothing_and_repeats_only_what_was
     assert twice <= int(in_flight[0]) + 2 * 5 * 2, (twice, in_flight)
 
 
+def test_a_backfill_after_the_watch_was_killed_ends_the_watch_job_it_left(
+    table: str, fake_openai: FakeOpenAI, tmp_path: Path
+) -> None:
+    """The watch is killed (-9, OOM) and not started again; the operator runs `backfill`.
+    No watcher holds the column's watch lock, so the backfill ends the watch job the
+    kill left and runs. Before (helper-31), every backfill was refused (exit 4), told to
+    "stop the watch" that no longer ran; a watch started while one runs still is."""
+    fake_openai.latency = 0.05
+    cfg = watch_config(tmp_path, fake_openai.base_url)
+    env = cli_env(table, TEST_PLATFORM_KEY=PLATFORM)
+    assert embedfill("--config", str(cfg), "migrate", env=env).returncode == 0
+    first = start(cfg, env)
+    try:
+        wait_until(lambda: len(wrong_rows(table)) < 100)
+        refused = embedfill("--config", str(cfg), "backfill", env=env)
+        first.kill()
+    finally:
+        if first.proc.poll() is None:
+            first.kill()
+    assert refused.returncode == 4 and "stop the watch" in refused.stderr  # it ran then
+    done = embedfill("--config", str(cfg), "backfill", env=env)
+    assert done.returncode == 0, done.stderr[-600:]
+    assert wrong_rows(table) == []
+    with psycopg.connect(table) as conn:
+        jobs = conn.execute("SELECT kind, status FROM embedfill.runs ORDER BY id").fetchall()
+    assert jobs[0][0] == "watch" and jobs[0][1] != "running"
+    assert jobs[-1] == ("backfill", "succeeded")
+    # a watch started again opens a job of its own and keeps the column filled
+    second = start(cfg, env)
+    try:
+        with psycopg.connect(table, autocommit=True) as conn:
+            conn.execute("""UPDATE app."SupportTickets" SET body = 'again' WHERE ticket_no = 5""")
+        assert wrong_rows(table) == [5]
+        wait_until(lambda: wrong_rows(table) == [], timeout=60)
+    finally:
+        rc = second.stop()
+    assert rc == 0, second.stderr()
+
+
 def test_an_edit_while_its_row_is_being_embedded_ends_with_the_new_texts_vector(
     table: str, fake_openai: FakeOpenAI, tmp_path: Path
 ) -> None:

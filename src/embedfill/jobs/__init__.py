@@ -28,7 +28,7 @@ from .. import errors
 from ..config import ProviderConfig, TargetConfig, env_secret
 from ..db import indexes
 from ..db.catalog import TableInfo, count_missing_by_tenant, count_outdated_by_tenant
-from ..db.store import Store
+from ..db.store import Store, watch_key
 from ..db.target_sql import TargetSQL
 from ..errors import EmbedfillError, RunAborted, TargetBusy
 from ..errors import first_line as _first_line
@@ -157,6 +157,7 @@ async def create_or_join(
     vectors (another model, template, key source) is refused, naming the setting."""
     store = Store(conn)
     tsql = info.sql(target)
+    await _end_orphaned_watch(conn, info, target)
     key = lock_key(info.oid, target.embedding_column)
     async with conn.transaction():
         await store.lock_for_create(key)
@@ -325,6 +326,30 @@ async def open_watch_job(
         if await store.active_job(info.oid, target.embedding_column) is not None:
             return None
         return await _create_watch_job(store, spec, target, info, actor)
+
+
+async def _end_orphaned_watch(
+    conn: psycopg.AsyncConnection[Any], info: TableInfo, target: TargetConfig
+) -> None:
+    """End the column's watch job when no watcher holds its watch lock: the watch that
+    opened it is gone (a kill -9, a lost host), and nobody else would end it. Before
+    (helper-31), every backfill of the column was refused until a watch was started
+    again, told to "stop the watch" that no longer ran. A watch that starts later (or
+    was only reconnecting) opens its job again once the backfill's is over."""
+    store = Store(conn)
+    active = await store.active_job(info.oid, target.embedding_column)
+    if active is None or not JobSpec.from_record(active).behaviour.open_ended:
+        return
+    if await store.watch_held(watch_key(info.oid, target.embedding_column)):
+        return
+    log.warning(
+        "ending watch job %s of %s: no watch runs it any more (its process is gone)",
+        active["id"],
+        active["target"],
+    )
+    await store.request_cancel(int(active["id"]))
+    await store.cancel_chunks(int(active["id"]))
+    await finish(conn, int(active["id"]), force=True)
 
 
 async def _create_watch_job(
