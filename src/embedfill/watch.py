@@ -46,7 +46,7 @@ from typing import Any
 import psycopg
 
 from . import jobs, migration
-from .config import Config, TargetConfig
+from .config import Config, ProviderConfig, TargetConfig
 from .db import homes
 from .db.catalog import TableInfo, inspect_target, poll_index_hint, table_shape
 from .db.connect import Database, connect
@@ -55,9 +55,9 @@ from .db.schema import ensure_schema
 from .db.store import Store, watch_key
 from .db.target_sql import BLANK, TargetSQL
 from .engine import Observer
-from .errors import EmbedfillError, RunAborted
+from .errors import EmbedfillError, ModelChanged, RunAborted
 from .errors import first_line as _first_line
-from .freshness import ProvenanceIds, model_identity, provenance_ids
+from .freshness import ProvenanceIds, model_change, model_identity, provenance_ids
 from .jobs.spec import JobSpec
 from .keys import KeyResolver
 
@@ -383,6 +383,7 @@ class TargetWatch:
                 if not await Store(conn).try_watch_lock(key):
                     return False  # another process watches it: stand by
                 self._leads = (gen, key)
+                await self._refuse_a_model_change(conn, pconf, info)
             ids = await provenance_ids(
                 conn, info, self.target.embedding_column, model_identity(pconf, info), create=True
             )
@@ -408,6 +409,23 @@ class TargetWatch:
         queue = JobSpec.from_record(state).queue  # a job resumed rings where it always did
         await self._watch(gen, info, ids, job, queue, stop, shape)
         return True
+
+    async def _refuse_a_model_change(
+        self, conn: psycopg.AsyncConnection[Any], pconf: ProviderConfig, info: TableInfo
+    ) -> None:
+        """ModelChanged (exit 2), as at start-up (runtime.startup_checks), when the column
+        now holds vectors of another model than this watch's: a standby started while
+        the column had none, taking over from a watch configured with another model,
+        re-embedded the leader's vectors in place (helper-31). The lock is let go first,
+        so that a watch of the right model takes the column."""
+        if self.opts.allow_model_change or self.derived_from is not None:
+            return
+        sentence = await model_change(conn, self.target, pconf, info)
+        if sentence is not None:
+            assert self._leads is not None
+            await Store(conn).release_watch_lock(self._leads[1])
+            self._leads = None
+            raise ModelChanged(sentence)
 
     async def _watch(
         self,

@@ -230,6 +230,41 @@ def test_a_second_watch_stands_by_and_takes_over_when_the_first_stops(
     second.stop()
 
 
+def test_a_standby_of_another_model_refuses_to_take_over_the_column(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """Two watches start on a column without a vector of embedfill's yet (a first deploy,
+    one replica on the new config): A with test-embed, B with other-embed; both pass
+    the start-up check. A leads and fills the column. When A stops, B takes the column's
+    lock and is refused as at start-up (ModelChanged, exit 2) before anything is sent:
+    before (helper-31), it re-embedded every row in place with its model."""
+    from embedfill.errors import ModelChanged
+
+    base = tickets_config(fake_openai.base_url)
+    config_a = dataclasses.replace(base, engine=EngineConfig(chunk_rows=50, lease_s=5))
+    other = dataclasses.replace(base.providers["openai"], model="other-embed")
+    config_b = dataclasses.replace(config_a, providers={"openai": other})
+    a = Running(tickets, config_a, interval_s=0.3, sweep_interval_s=1.0)
+    wait_for(lambda: bool(a.watches and a.watches[0].job_id))
+    b = Running(tickets, config_b, interval_s=0.3, sweep_interval_s=1.0)
+    try:
+        wait_for(lambda: all_correct(tickets))
+        wait_for(lambda: bool(b.watches))
+        time.sleep(1.0)
+        assert b.error is None and b.watches[0].job_id is None  # it stands by
+    finally:
+        a.stop()
+    sent = len(fake_openai.requests)
+    b.thread.join(30)
+    assert not b.thread.is_alive()
+    assert isinstance(b.error, ModelChanged), b.error
+    assert "configured with openai:other-embed" in str(b.error), b.error
+    assert "--allow-model-change" in str(b.error)
+    assert len(fake_openai.requests) == sent and all_correct(tickets)
+    [st] = asyncio.run(astatus(config_a, Database(tickets)))
+    assert st.outdated_model == 0
+
+
 def test_a_backfill_while_a_watch_runs_is_refused_with_a_clear_sentence(
     tickets: str, fake_openai: FakeOpenAI, watching: Callable[..., Running]
 ) -> None:
