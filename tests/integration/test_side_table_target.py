@@ -274,6 +274,35 @@ def test_a_row_moved_to_another_tenant_without_an_edit_moves_its_side_row_within
     assert (now.missing, now.stale) == (counted.missing, counted.stale)
 
 
+def test_ids_the_app_swaps_reach_the_side_table_within_seconds(
+    indexed: str, fake_openai: Any
+) -> None:
+    """The app swaps two rows' ids, their texts as they were: each side row is its live
+    row's by id, so the two vectors must follow. The triggers queue an UPDATE of the id
+    column too, and each row is embedded again. Before (helper-32), they queued nothing
+    and the app's searches found each row under the other's vector until the sweep."""
+    from tests.integration.test_watch import Running, wait_for
+
+    finalized(indexed)
+    cfg = side_config(_watched_config(fake_openai))
+    plan, _ = asyncio.run(atriggers(cfg, Database(indexed), "tickets", True, False))
+    assert "ticket_no" in plan.watched
+    w = Running(indexed, cfg, interval_s=3600, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(w.watches) == 1 and bool(w.watches[0].job_id))
+        time.sleep(1.0)  # past the watcher's first sweep
+        assert fresh(indexed, [2, 3])
+        with psycopg.connect(indexed, autocommit=True) as conn, conn.transaction():
+            conn.execute(f"UPDATE {T} SET ticket_no = -2 WHERE ticket_no = 2")
+            conn.execute(f"UPDATE {T} SET ticket_no = 2 WHERE ticket_no = 3")
+            conn.execute(f"UPDATE {T} SET ticket_no = 3 WHERE ticket_no = -2")
+        assert not fresh(indexed, [2, 3])
+        wait_for(lambda: fresh(indexed, [2, 3]), timeout=20)
+    finally:
+        w.stop()
+    assert w.error is None
+
+
 def test_a_watch_of_a_side_table_target_gives_it_new_rows_and_finds_edits(
     indexed: str, fake_openai: Any
 ) -> None:

@@ -494,11 +494,13 @@ async def plan(
             out.statements = uninstall_statements(tsql, column_id)
         return out
     watched, everything = await watched_columns(conn, tsql, oid)
-    tenant = target.tenant_column
-    if vectors is not None and tenant is not None and tenant not in watched:
-        # a side row keeps its live row's tenant (its counts, a tenant's job, the key
-        # that pays): a row moved to another tenant, its text as it was, is queued too
-        watched = [*watched, tenant]
+    if vectors is not None:
+        # a side row is its live row's by id, and keeps its tenant (its counts, a
+        # tenant's job, the key that pays): a row whose id or tenant changed, its text
+        # as it was, is queued too (its new id's side row made, its tenant brought over)
+        for column in (target.id_column, target.tenant_column):
+            if column is not None and column not in watched:
+                watched = [*watched, column]
     out.watched = watched
     number = f"column {column_id}" if column_id is not None else "column N"
     out.notes.append(f"embedfill triggers install --target {target.name}: {place} ({number})")
