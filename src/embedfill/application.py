@@ -18,7 +18,7 @@ import datetime as dt
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import psycopg
@@ -377,11 +377,13 @@ async def _ddl(
     table: str,
     *,
     unless_given_up: int | None = None,
+    first: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """One DDL statement on the app's table, under a short lock_timeout, tried again
     while the app holds the table. ``unless_given_up``: a change of model whose home
     the statement makes; not run once that change was rolled back (or finalized)
-    meanwhile, which a finalize would have dropped nothing of (_home_wanted)."""
+    meanwhile, which a finalize would have dropped nothing of (_home_wanted). ``first``:
+    what is done before it in its transaction (all or none, tried again with it)."""
     for attempt in range(1, DDL_TRIES + 1):
         try:
             async with conn.transaction():
@@ -391,6 +393,8 @@ async def _ddl(
                 )
                 if unless_given_up is not None and not await _home_wanted(conn, unless_given_up):
                     return
+                if first is not None:
+                    await first()
                 await conn.execute(statement)
             return
         except psycopg.errors.LockNotAvailable:
@@ -1014,8 +1018,10 @@ async def amodel_finalize(
             moves = await _trigger_moves(conn, config, live, info, row)
             for index in await indexes.vector_indexes(conn, info.oid, live.embedding_column):
                 await conn.execute(homes.drop_index(index.schema, index.name))
-            drop = homes.drop_column(live_sql, live.embedding_column)
-            await _ddl(conn, sql.SQL("; ").join([*moves, drop]), str(live.table))
+            drop: sql.Composable = sql.SQL("; ").join(
+                [*moves, homes.drop_column(live_sql, live.embedding_column)]
+            )
+            relation = str(live.table)
             dropped = (info.schema, live.table.name, live.embedding_column)
             # where the target is pointed next: the column strategy's new column, the
             # table strategy's side table (embedding_table), whose watcher drains it
@@ -1024,19 +1030,27 @@ async def amodel_finalize(
             else:
                 kept = (home["schema"], home["relation"], homes.VECTOR)
         elif row["strategy"] == "table":
-            await _ddl(conn, homes.drop_table(home["schema"], home["relation"]), home["relation"])
-            dropped = (home["schema"], home["relation"], homes.VECTOR)
+            drop = homes.drop_table(home["schema"], home["relation"])
+            relation, dropped = home["relation"], (home["schema"], home["relation"], homes.VECTOR)
         else:
             for twin in home.get("indexes", []):
                 await conn.execute(homes.drop_index(home["schema"], twin["name"]))
-            await _ddl(conn, homes.drop_column(live_sql, home["column"]), str(live.table))
+            drop, relation = homes.drop_column(live_sql, home["column"]), str(live.table)
             dropped = (info.schema, live.table.name, home["column"])
-        async with conn.transaction():  # a drain's fan-out sees it finalized, or is forgotten
-            # marked first: drains that hold the change (and their queue rows) end before
-            await Store(conn).finalized(int(row["id"]))
+
+        async def mark() -> None:
+            """In the drop's transaction: a finalize killed between two left the column
+            dropped and the change at its phase before, which every command then refused
+            for the missing column (helper-32). Marked first: drains that hold the change
+            (and their queue rows) end before, and a drain's fan-out then sees the change
+            finalized, or its queue rows are forgotten."""
+            store = Store(conn)
+            await store.finalized(int(row["id"]))
             if kept is not None:  # edits queued for the dropped column reach the kept one
-                await Store(conn).move_changes(dropped, kept)
-            await Store(conn).forget_changes(*dropped)
+                await store.move_changes(dropped, kept)
+            await store.forget_changes(*dropped)
+
+        await _ddl(conn, drop, relation, first=mark)
         return await migration.status_of(conn, config, live)
 
 

@@ -349,6 +349,51 @@ def test_a_cutover_killed_at_any_point_leaves_the_old_state_or_the_new_never_a_m
     assert state() == ("cut_over", "SupportTickets_emb_next")
 
 
+def test_a_finalize_killed_while_it_waits_has_dropped_nothing_and_runs_again(
+    indexed: str, tmp_path: Path
+) -> None:
+    """The finalize drops the live column and records the change finalized in one
+    transaction. Killed (-9) while it waits to record it (a drain, here a session, holds
+    the change's row), it has dropped nothing: the column is there, the change at
+    cut_over, and the same command again finalizes. Before (helper-32), the column was
+    dropped first, the change stayed at cut_over, and every command then refused it for
+    the missing column, with no way forward."""
+    import signal
+    import time
+
+    from tests.support.cli import popen
+
+    path = write_config(tmp_path, NOWHERE, extra=NEXT)
+    env = cli_env(indexed)
+    for step in (("start", "--to", "next"), ("verify",), ("cutover",)):
+        done = embedfill("--config", str(path), "model", step[0], "--target", "tickets",
+                         *step[1:], env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    def state() -> tuple[str, int]:
+        with psycopg.connect(indexed) as conn:
+            phase = conn.execute("SELECT phase FROM embedfill.model_migrations").fetchone()
+            emb = conn.execute(
+                "SELECT count(*) FROM pg_attribute WHERE attrelid = 'app.\"SupportTickets\"'"
+                "::regclass AND attname = 'emb' AND NOT attisdropped"
+            ).fetchone()
+        assert phase is not None and emb is not None
+        return str(phase[0]), int(emb[0])
+
+    finalize = ("--config", str(path), "model", "finalize", "--target", "tickets", "--yes")
+    with psycopg.connect(indexed) as holder:
+        holder.execute("SELECT 1 FROM embedfill.model_migrations FOR SHARE").fetchall()
+        proc = popen(*finalize, env=env)
+        time.sleep(3.0)  # several tries, each refused within its lock_timeout
+        assert state() == ("cut_over", 1)
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=10)
+    assert state() == ("cut_over", 1)
+    done = embedfill(*finalize, env=env)
+    assert done.returncode == 0, done.stderr
+    assert state() == ("finalized", 0)
+
+
 def test_the_same_width_trap_status_counts_the_live_vectors_outdated_only_after_cutover(
     tickets: str, fake_openai: Any, tmp_path: Path
 ) -> None:
