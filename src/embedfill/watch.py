@@ -48,7 +48,7 @@ import psycopg
 from . import jobs, migration
 from .config import Config, ProviderConfig, TargetConfig
 from .db import homes
-from .db.catalog import TableInfo, inspect_target, poll_index_hint, table_shape
+from .db.catalog import TableInfo, inspect_target, poll_index_hint, target_shape
 from .db.connect import Database, connect
 from .db.lanes import Lane, Lanes
 from .db.schema import ensure_schema
@@ -404,7 +404,7 @@ class TargetWatch:
         log.info("watching %s as job %s", self.target.name, job)
         async with self._hub.use(gen) as conn:
             state = await Store(conn).run_state(job)
-            shape = await table_shape(conn, info.oid)
+            shape = await target_shape(conn, self.target, info)
         assert state is not None
         queue = JobSpec.from_record(state).queue  # a job resumed rings where it always did
         await self._watch(gen, info, ids, job, queue, stop, shape)
@@ -447,7 +447,7 @@ class TargetWatch:
             changed.clear()  # what is notified from here on wakes the next wait
             try:
                 async with self._hub.use(gen) as conn:
-                    if await table_shape(conn, info.oid) != shape:
+                    if await target_shape(conn, self.target, info) != shape:
                         # the app's migration: the target is inspected again (and may no
                         # longer fit), its statements built again
                         raise _ShapeChanged(f"{self.target.table} changed shape")

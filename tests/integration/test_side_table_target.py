@@ -25,7 +25,7 @@ from embedfill.application import (
 )
 from embedfill.config import Config, parse_config
 from embedfill.engine.state import BackfillOptions
-from embedfill.errors import PlanRefused, SchemaMismatch
+from embedfill.errors import PlanRefused, RunAborted, SchemaMismatch
 from embedfill.providers.hashing import hash_vector
 from tests.integration.test_model_start import (
     T,
@@ -301,6 +301,55 @@ def test_ids_the_app_swaps_reach_the_side_table_within_seconds(
     finally:
         w.stop()
     assert w.error is None
+
+
+def test_live_ids_widened_by_the_app_are_one_sentence_until_the_side_table_follows(
+    indexed: str, fake_openai: Any
+) -> None:
+    """The app widens its ids (integer to bigint) after the finalize and inserts one
+    beyond integer's range: the side table, made with the ids' type then, cannot hold
+    it. A backfill says so in one sentence with the statement that fixes it, a running
+    watch of the side table stops with it (nothing written); after that statement the
+    backfill fills the new row. Before (helper-32), every run failed with the server's
+    "integer out of range", and the watch retried it for ever."""
+    from tests.integration.test_watch import Running, wait_for
+
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(f"ALTER TABLE {T} ALTER COLUMN ticket_no TYPE integer")
+    finalized(indexed)
+    cfg = side_config(_watched_config(fake_openai))
+    w = Running(indexed, cfg, interval_s=0.3, sweep_interval_s=3600)
+    try:
+        wait_for(lambda: len(w.watches) == 1 and bool(w.watches[0].job_id))
+        with psycopg.connect(indexed, autocommit=True) as conn:
+            conn.execute(f"ALTER TABLE {T} ALTER COLUMN ticket_no TYPE bigint")
+            conn.execute(
+                f"INSERT INTO {T} (ticket_no, org, subject, body)"
+                " VALUES (3000000000, 'org-a', 'big', 'id')"
+            )
+        wait_for(lambda: w.watches[0].failed is not None, timeout=20)
+    finally:
+        with pytest.raises(RunAborted):  # its only target stopped: exit 3
+            w.stop()
+    fix = f'ALTER TABLE "app"."{RELATION}" ALTER COLUMN embedfill_row_id TYPE bigint'
+    sentence = (
+        f"The side table app.{RELATION} keeps its rows' ids as integer, but id column "
+        "'ticket_no' of app.SupportTickets is bigint now (the app's migration changed "
+        f"it); change the side table's to match, as its owner: {fix}."
+    )
+    assert sentence in str(w.watches[0].failed)
+    with pytest.raises(SchemaMismatch) as refused:
+        asyncio.run(abackfill(cfg, Database(indexed), BackfillOptions(), env={}))
+    assert str(refused.value) == sentence
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute(fix)
+    report = asyncio.run(abackfill(cfg, Database(indexed), BackfillOptions(), env={}))
+    assert report.status == "succeeded" and report.embedded >= 1
+    with psycopg.connect(indexed) as conn:
+        row = conn.execute(
+            f"SELECT embedding IS NOT NULL FROM {SIDE_TABLE} WHERE embedfill_row_id = 3000000000"
+        ).fetchone()
+    assert row == (True,)
 
 
 def test_a_watch_of_a_side_table_target_gives_it_new_rows_and_finds_edits(

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ..config import TableName, TargetConfig
+from ..config import SIDE_ROW_ID, TableName, TargetConfig
 from ..errors import (
     ConfigError,
     ExtensionMissing,
@@ -290,6 +290,53 @@ SELECT current_user, p.priv FROM unnest(%(privs)s::text[]) WITH ORDINALITY AS p(
 WHERE NOT has_table_privilege(%(rel)s::oid, p.priv) ORDER BY p.n LIMIT 1"""
 
 
+async def _check_id_type(
+    conn: psycopg.AsyncConnection[Any],
+    target: TargetConfig,
+    oid: int,
+    schema: str,
+    live: TargetConfig,
+    live_columns: Sequence[Any],
+) -> None:
+    """The side table keeps its live rows' ids in the live id's type, as `model start`
+    made it; the app's migration may have widened the live one since (``integer`` to
+    ``bigint``), and an id beyond the side table's then failed every mirror with the
+    server's "integer out of range" (helper-32)."""
+    cur = await conn.execute(_COLUMNS, {"rel": oid})
+    side = {r[0]: r for r in await cur.fetchall()}.get(SIDE_ROW_ID)
+    mine = next((r for r in live_columns if r[0] == live.id_column), None)
+    if side is None or mine is None or side[5] == mine[5]:
+        return
+    table = TargetSQL(target, schema=schema).table.as_string(conn)
+    raise SchemaMismatch(
+        f"The side table {target.table} keeps its rows' ids as {_shown_type(side[4])}, but "
+        f"id column {live.id_column!r} of {live.table} is {_shown_type(mine[4])} now (the "
+        f"app's migration changed it); change the side table's to match, as its owner: "
+        f"ALTER TABLE {table} ALTER COLUMN {SIDE_ROW_ID} TYPE {_shown_type(mine[4])}."
+    )
+
+
+async def target_shape(
+    conn: psycopg.AsyncConnection[Any], target: TargetConfig, info: TableInfo
+) -> str | None:
+    """``table_shape`` of the target's table; a side table's with its live table's, whose
+    columns its text, id and tenant come from (a watcher of the side table inspects it
+    again when the app's migration changes the live table). None: one of them is gone."""
+    shape = await table_shape(conn, info.oid)
+    live = target.side_of
+    if live is None or shape is None:
+        return shape
+    live = dataclasses.replace(
+        live, table=TableName(live.table.schema or info.schema, live.table.name)
+    )
+    try:
+        live_oid, _ = await resolve_table(conn, live)
+    except SchemaMismatch:
+        return None
+    live_shape = await table_shape(conn, live_oid)
+    return None if live_shape is None else f"{shape} {live_shape}"
+
+
 async def _check_side_table(
     conn: psycopg.AsyncConnection[Any], target: TargetConfig, oid: int, schema: str, *, write: bool
 ) -> None:
@@ -304,7 +351,8 @@ async def _check_side_table(
     live = dataclasses.replace(live, table=TableName(live.table.schema or schema, live.table.name))
     live_oid, _ = await resolve_table(conn, live)
     cur = await conn.execute(_COLUMNS, {"rel": live_oid})
-    names = {r[0] for r in await cur.fetchall()}
+    columns = await cur.fetchall()
+    names = {r[0] for r in columns}
     wanted = [("id_column", live.id_column)]
     if live.tenant_column:
         wanted.append(("tenant_column", live.tenant_column))
@@ -386,6 +434,7 @@ async def _check_side_table(
             "`embedfill model finalize`; until then keep embedding_column (the live column) "
             "and the old provider, without embedding_table."
         )
+    await _check_id_type(conn, target, oid, schema, live, columns)
     await _check_row_security(conn, live, live_oid)
     if write:
         cur = await conn.execute(_TABLE_DENIED, {"privs": ["INSERT", "DELETE"], "rel": oid})
