@@ -217,6 +217,7 @@ class ProviderError(EmbedfillError):
         self.status = status
         self.retry_after = retry_after
         self.attempts = 1  # set by the engine when it gives up
+        self.sent_at: float | None = None  # monotonic: when its request was sent
         self.signals: RateSignals | None = None  # what the answer said of the key's limits
 
 
@@ -248,6 +249,26 @@ class BadInput(ProviderError):
 
     exit_code = 1
     http_status = 500
+
+
+class ProviderRejectsAll(ProviderError):
+    """The provider rejects every request for now (a 400 even for a one-word text) in a
+    session whose requests it accepted before, or in a watch: a provider's incident, not
+    these rows' texts. Their rows are sent again after a backoff."""
+
+    exit_code = 1
+    http_status = 500
+    transient = True
+
+
+class VectorsMisfit(ProviderError):
+    """In a watch, the provider answered vectors of another size than the column's (a
+    proxy misrouted, a model swapped): nothing of the batch is written, and its rows are
+    sent again after a backoff."""
+
+    exit_code = 1
+    http_status = 500
+    transient = True
 
 
 class NoApiKey(ProviderError):

@@ -53,6 +53,7 @@ from .errors import (
     BadInput,
     ProviderError,
     ProviderMisconfigured,
+    ProviderRejectsAll,
     UsageError,
     VerificationFailed,
 )
@@ -518,9 +519,12 @@ class Verifier:
         try:
             vectors, _ = await self.client.vectors(batch, resolved.key)
         except BadInput as exc:  # isolate the row the provider rejects
-            halves = await self.client.rejected(batch, resolved.key)
+            halves = await self.client.rejected(batch, resolved.key, exc)
             if isinstance(halves, ProviderMisconfigured):  # the request (model, dimensions)
                 raise halves from None
+            if isinstance(halves, ProviderRejectsAll):  # an incident: not these texts
+                result.fail(batch.rows, str(halves))
+                return
             for half in halves:
                 await self._compare(half, stored, result)
             if not halves:

@@ -888,6 +888,7 @@ class Worker:
             chunks_done=lambda: self.chunks_done[run_id],
             control=self.control,
             chunks_coming=lambda: self._chunks_coming(run_id),
+            outlives_provider_faults=spec.behaviour.outlives_provider_faults,
         )
         run = Run(
             RunState(

@@ -194,6 +194,92 @@ def test_a_row_whose_text_the_provider_rejects_waits_for_its_text_to_change(
     running.stop()
 
 
+def _insert(db_url: str, lo: int, hi: int) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            f"INSERT INTO {T} (ticket_no, org, subject, body) SELECT i, 'org-b', 'new ' || i,"
+            " 'body ' || i FROM generate_series(%s::int, %s::int) i",
+            (lo, hi),
+        )
+
+
+def test_rows_sent_while_the_provider_rejects_every_request_are_filled_after_it(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """The provider answered, then for a while answers 400 to every request (a gateway
+    mid-deploy: "the model does not exist or you do not have access"), then answers
+    again. The rows sent meanwhile were not rejected for their texts: they fail as
+    ProviderRejectsAll (a passing cause) and are filled after their backoff, without a
+    restart. Before (helper-31), the session's first success made every later 400 a
+    bad input: bisected down to single rows, each waited for its text to change."""
+    running = Running(
+        tickets, config_for(fake_openai.base_url, retry_s=1), interval_s=0.3, sweep_interval_s=1
+    )
+    try:
+        wait_for(lambda: nulls(tickets, T) == 0, timeout=60)
+        fake_openai.reject_models = {"test-embed"}  # the incident starts
+        _insert(tickets, 1001, 1010)
+        wait_for(lambda: len(failures(tickets)) >= 1, timeout=30)
+        assert {f[0] for f in failures(tickets)} == {"ProviderRejectsAll"}
+        assert not any(f[2] for f in failures(tickets))  # none waits for its text
+        [st] = asyncio.run(astatus(running_config(running), Database(tickets)))
+        assert st.failing_errors.keys() == {"ProviderRejectsAll"}
+        fake_openai.reject_models = set()  # it is over
+        wait_for(lambda: nulls(tickets, T) == 0, timeout=30)
+    finally:
+        running.stop()
+    assert running.watches[0].failed is None
+
+
+def test_a_watch_outlives_a_provider_that_rejects_every_request_from_its_first(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """Everything is filled before the watch starts, so its worker's session has had no
+    success yet when the provider starts rejecting every request (400, the probe's one
+    word too). In a backfill that is a config error (exit 2); a watch, left running,
+    fails the rows for a later try and goes on watching. Before (helper-31), its job
+    failed and the target was never watched again."""
+    from embedfill import BackfillOptions, abackfill
+
+    config = config_for(fake_openai.base_url, retry_s=1)
+    asyncio.run(abackfill(config, Database(tickets), BackfillOptions(), env=ENV))
+    running = Running(tickets, config, interval_s=0.3, sweep_interval_s=1)
+    try:
+        wait_for(lambda: bool(running.watches) and running.watches[0].job_id is not None)
+        time.sleep(1)
+        fake_openai.reject_models = {"test-embed"}
+        _insert(tickets, 2001, 2001)
+        wait_for(lambda: [f[0] for f in failures(tickets)] == ["ProviderRejectsAll"], 30)
+        fake_openai.reject_models = set()
+        wait_for(lambda: nulls(tickets, T) == 0, timeout=30)
+        assert running.watches[0].failed is None
+    finally:
+        running.stop()
+
+
+def test_a_provider_answering_another_size_for_a_while_fails_rows_not_the_watch(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """A misrouted proxy answers 16-dimensional vectors to an 8-d column for a while:
+    nothing of those batches is written, their rows fail as VectorsMisfit, and once the
+    right size comes back they are filled, without a restart. Before (helper-31), the
+    session halted, the watch job failed and the target stopped being watched."""
+    running = Running(
+        tickets, config_for(fake_openai.base_url, retry_s=1), interval_s=0.3, sweep_interval_s=1
+    )
+    try:
+        wait_for(lambda: nulls(tickets, T) == 0, timeout=60)
+        fake_openai.dims_override = 16
+        _insert(tickets, 4001, 4005)
+        wait_for(lambda: "VectorsMisfit" in [f[0] for f in failures(tickets)], timeout=30)
+        assert nulls(tickets, T) == 5  # nothing of the wrong size was written
+        fake_openai.dims_override = None
+        wait_for(lambda: nulls(tickets, T) == 0, timeout=30)
+        assert running.watches[0].failed is None
+    finally:
+        running.stop()
+
+
 def test_a_failed_row_the_app_deleted_fails_no_more(tickets: str, fake_openai: FakeOpenAI) -> None:
     """``status``'s ``failing`` (and ``embedfill_failing_rows``) counts rows that are
     there: a row that failed and that the app then deleted is not one. Before

@@ -34,6 +34,8 @@ TABLE: dict[str, tuple[int, int]] = {
     "KeyStoreError": (2, 503),
     "SchemaNotReady": (2, 503),
     "ProviderMisconfigured": (2, 503),
+    "ProviderRejectsAll": (1, 500),
+    "VectorsMisfit": (1, 500),
     "PrivilegeMissing": (5, 403),
     "DatabaseError": (1, 503),
     "NoFreeConnection": (1, 503),

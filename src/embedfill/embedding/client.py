@@ -12,7 +12,11 @@ vectors, checked (providers/answers.py), or the provider's error once retrying g
 - **the probe** (``probe``): after a 400 before any success, one request of one word
   tells a wrong request (model, dimensions) from wrong inputs; shared by every batch;
 - **bisection** (``rejected``): after a 400, the probe's verdict, else the halves of the
-  batch to send again, until the one input the provider rejects is alone.
+  batch to send again, until the one input the provider rejects is alone; that input is
+  checked once more against the one-word probe when nothing succeeded since it was sent
+  (a provider that rejects every request for a while is an incident, not a bad input:
+  ``ProviderRejectsAll``, its rows sent again later). ``misconfig_ends`` False (a
+  watch): a probe rejected before any success is such an incident too, not the end.
 
 What becomes of failed rows is the caller's: a run fails rows in its audit trail (and
 learns a smaller batch size), a verify lists them.
@@ -33,6 +37,7 @@ from ..errors import (
     BadInput,
     ProviderError,
     ProviderMisconfigured,
+    ProviderRejectsAll,
     ProviderUnavailable,
     RateLimited,
 )
@@ -50,6 +55,7 @@ from ..secrets import Secret
 T = TypeVar("T")
 
 PROBE_TEXT = "test"  # what any embedding model accepts: see Client.probe
+NO_VERDICT = ProviderError("the probe was not sent")  # the caller stopped first
 
 
 class Stopped(Exception):
@@ -111,6 +117,7 @@ class Client:
         abandon: asyncio.Event | None = None,
         on_abandon: Callable[[], None] | None = None,
         count_tokens: Callable[[str], int] | None = None,
+        misconfig_ends: bool = True,
     ) -> None:
         self.provider, self.pconf, self.keys, self.limits = provider, pconf, keys, limits
         self.concurrency, self.tally = concurrency, tally
@@ -127,6 +134,13 @@ class Client:
         # probe, and stop with the probe's verdict)
         self.misconfigured: BadInput | None = None
         self._probe: asyncio.Task[BadInput | None] | None = None
+        # a probe rejected before any success stops the caller (ProviderMisconfigured),
+        # or (False: a watch, left running) is a passing incident like the one below
+        self.misconfig_ends = misconfig_ends
+        # the 400 the one-word probe got while every request is rejected (an incident),
+        # until a request succeeds again: batches rejected meanwhile are not bisected
+        self.rejects_all: BadInput | None = None
+        self._recheck: asyncio.Task[ProviderError | None] | None = None
 
     async def key(self, tenant: str | None, *, fresh: bool = False) -> ResolvedKey:
         """The tenant's key (looked up once, then cached; ``fresh``: looked up now)."""
@@ -176,6 +190,8 @@ class Client:
                     vectors = check_vectors(answer, len(batch.rows))
                     self.concurrency.succeeded(time.monotonic() - started, started)
             except ProviderError as exc:
+                if isinstance(exc, BadInput):
+                    exc.sent_at = started  # for ``rejected``: did anything succeed since?
                 self.tally.observed(str(exc.status or "error"), time.monotonic() - started)
                 if isinstance(exc, (RateLimited, ProviderUnavailable)):
                     self.concurrency.overloaded(time.monotonic(), busy, started)
@@ -193,6 +209,7 @@ class Client:
             if isinstance(answer, Embeddings):
                 await self._heed(key, answer.signals, batch.tokens)
             self.proven = True
+            self.rejects_all = None
             self.last_ok = time.monotonic()
             self.tally.answered(batch.tenant, batch.tokens)
             return vectors, attempts
@@ -208,7 +225,7 @@ class Client:
         if pending.cancelled() or pending.exception() is not None:
             return
         rejected = pending.result()
-        if rejected is not None and not self.proven:
+        if rejected is not None and not self.proven and self.misconfig_ends:
             self.misconfigured = rejected
 
     async def probe(self, key: Secret | None) -> ProviderMisconfigured | None:
@@ -221,9 +238,13 @@ class Client:
         if self.proven:
             return None
         if self._probe is None:
-            self._probe = asyncio.create_task(self._send_probe(key))
+            self._probe = asyncio.create_task(self._verdict(key))
         rejected = await self._probe
         if rejected is None or self.proven:
+            return None
+        if not self.misconfig_ends:  # a watch: asked again at the next 400
+            self._probe = None
+            self.rejects_all = rejected
             return None
         self.misconfigured = rejected
         check = f"model = {self.pconf.model!r}"
@@ -236,38 +257,66 @@ class Client:
         )
 
     async def rejected(
-        self, batch: Batch, key: Secret | None
-    ) -> ProviderMisconfigured | tuple[Batch, ...]:
-        """After a 400 for ``batch`` (BadInput), the bisection's next step: the error to
-        stop with when the request itself is wrong (``probe``); else the halves to send
-        again, each on its own, to isolate the input the provider rejects; none when
-        ``batch`` is that one input."""
-        wrong = await self.probe(key)
-        if wrong is not None:
-            return wrong
-        return split_batch(batch) if len(batch.rows) > 1 else ()
+        self, batch: Batch, key: Secret | None, error: BadInput | None = None
+    ) -> ProviderMisconfigured | ProviderRejectsAll | tuple[Batch, ...]:
+        """After a 400 for ``batch`` (``error``), the bisection's next step: the error to
+        stop with when the request itself is wrong (``probe``); ``ProviderRejectsAll``
+        when the provider rejects every request for now (its rows are sent again later);
+        else the halves to send again, each on its own, to isolate the input the
+        provider rejects; none when ``batch`` is that one input."""
+        if self.rejects_all is None:
+            wrong = await self.probe(key)
+            if wrong is not None:
+                return wrong
+        if self.rejects_all is None and len(batch.rows) > 1:
+            return split_batch(batch)
+        sent_at = None if error is None else error.sent_at
+        if self.rejects_all is None and sent_at is not None and self.last_ok > sent_at:
+            return ()  # a request succeeded since this one was sent: its input is bad
+        # one input rejected with nothing accepted since (or every request rejected a
+        # moment ago): asked once more, is it this text, or every request?
+        if self._recheck is None or self._recheck.done():
+            self._recheck = asyncio.create_task(self._send_probe(key))
+        verdict = await self._recheck
+        if verdict is None:  # the one word went through: it is this input
+            self.rejects_all = None
+            return ()
+        if isinstance(verdict, BadInput):
+            self.rejects_all = verdict
+        return ProviderRejectsAll(
+            "The provider refuses every request for now, even one whose only input is the "
+            f'word "{PROBE_TEXT}" ({verdict}); its rows are sent again later.'
+        )
 
-    async def _send_probe(self, key: Secret | None) -> BadInput | None:
-        """The 400 the probe got, or None (accepted, or no verdict: a later 400 probes
-        again)."""
+    async def _send_probe(self, key: Secret | None) -> ProviderError | None:
+        """None when the probe was accepted; else its error: a 400 (BadInput) is the
+        verdict, any other (or ``NO_VERDICT``: the caller stopped) is none."""
         tokens = self._count(PROBE_TEXT)
         if await self._reserve(key, tokens):
-            return None
+            return NO_VERDICT
         self.tally.probed()
         started = time.monotonic()
         try:
             await self._unless_abandoned(self.provider.embed([PROBE_TEXT], api_key=key))
         except Stopped:
-            return None  # no verdict, and nothing more is sent
+            return NO_VERDICT  # nothing more is sent
         except ProviderError as exc:
             self.tally.observed(str(exc.status or "error"), time.monotonic() - started)
-            if isinstance(exc, BadInput):
-                return exc
-            self._probe = None
-            return None
+            return exc
         self.tally.observed("200", time.monotonic() - started)
         self.tally.probe_answered(tokens)
         self.proven = True
+        self.last_ok = time.monotonic()
+        return None
+
+    async def _verdict(self, key: Secret | None) -> BadInput | None:
+        """The first probe's 400, or None (accepted, or no verdict: a later 400 probes
+        again)."""
+        answer = await self._send_probe(key)
+        if isinstance(answer, BadInput):
+            return answer
+        if answer is not None:
+            self._probe = None
         return None
 
     async def _unless_abandoned(self, request: Coroutine[Any, Any, T]) -> T:

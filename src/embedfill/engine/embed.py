@@ -29,8 +29,10 @@ from ..errors import (
     NonFiniteVector,
     ProviderError,
     ProviderMisconfigured,
+    ProviderRejectsAll,
     ProviderUnavailable,
     SchemaMismatch,
+    VectorsMisfit,
 )
 from ..models import Batch, Row
 from ..providers import Matrix
@@ -154,10 +156,20 @@ class Embedder:
             await self._adopt(self._forget(batch), write_q)  # left NULL for another run
             return
         except BadInput as exc:
-            halves = await self.state.client.rejected(batch, resolved.key)
+            halves = await self.state.client.rejected(batch, resolved.key, exc)
             if isinstance(halves, ProviderMisconfigured):  # the request, not the rows
                 self.state.halt(halves)
                 self._forget(batch)  # halted: nothing is orphaned
+                return
+            if isinstance(halves, ProviderRejectsAll):  # an incident: sent again later
+                log.warning(
+                    "run %s: tenant %s: batch of %d failed: %s",
+                    self.state.report.run_id,
+                    batch.tenant,
+                    len(batch.rows),
+                    halves,
+                )
+                self._fail(batch, halves, exc.attempts)
                 return
             if halves:
                 self.state.report.retries += 1  # its rows are sent again, in halves
@@ -291,15 +303,18 @@ class Embedder:
             self.state.dims = vectors[0].shape[0]
         got = vectors[0].shape[0]
         if got != self.state.dims:
-            self.state.halt(
-                SchemaMismatch(
-                    f"The provider returned {got}-dimensional vectors but column "
-                    f"{self.state.target.embedding_column!r} of {self.state.target.table} holds "
-                    f"{self.state.dims}; set dimensions = {self.state.dims} for provider "
-                    f"{self.state.target.provider!r} if the model supports it, or use a model of "
-                    "that size."
-                )
+            sentence = (
+                f"The provider returned {got}-dimensional vectors but column "
+                f"{self.state.target.embedding_column!r} of {self.state.target.table} holds "
+                f"{self.state.dims}; set dimensions = {self.state.dims} for provider "
+                f"{self.state.target.provider!r} if the model supports it, or use a model of "
+                "that size."
             )
+            seat = self.state.seat
+            if seat is not None and seat.outlives_provider_faults:
+                # a watch: a proxy misrouted for a while fails these rows, not the watch
+                raise VectorsMisfit(f"{sentence} (its rows are sent again later)")
+            self.state.halt(SchemaMismatch(sentence))
             raise Stopped
 
     def _fail(self, batch: Batch, exc: EmbedfillError, attempts: int) -> None:

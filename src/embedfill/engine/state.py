@@ -159,6 +159,10 @@ class WorkerSeat:
     # whether another chunk of the job is about to be handed in (the session's partial
     # batches may then wait for its rows, see scan.py)
     chunks_coming: Callable[[], bool] = lambda: False
+    # the job's kind outlives a provider's incident (jobs/spec.py JobKind): a provider
+    # that rejects every request, or answers vectors of another size, fails the batch's
+    # rows for a later try instead of stopping the session
+    outlives_provider_faults: bool = False
 
 
 class RunState:
@@ -254,6 +258,7 @@ class RunState:
             abandon=self._abandon,
             on_abandon=self.abandon_now,
             count_tokens=lambda text: self.counter.count(text),
+            misconfig_ends=not (seat is not None and seat.outlives_provider_faults),
         )
 
     def note_key_source(self, tenant: str | None, resolved: ResolvedKey) -> None:

@@ -33,6 +33,10 @@ class JobKind:
     joinable: bool  # a backfill of the column joins it instead of being refused
     ends: str = "wait for it to finish or cancel it"  # what a refused start is told
     idle_close_s: float = 2.0  # a worker keeps its session of the job open this long idle
+    # a provider that rejects every request or answers vectors of another size fails
+    # the batch's rows for a later try (its incident passes), rather than ending the job
+    # (left running, a watch must outlive it; a backfill has someone to tell)
+    outlives_provider_faults: bool = False
 
 
 KINDS: dict[str, JobKind] = {
@@ -48,6 +52,7 @@ KINDS: dict[str, JobKind] = {
             joinable=False,
             ends="it is kept filled by `embedfill watch`; stop the watch",
             idle_close_s=120.0,
+            outlives_provider_faults=True,
         ),
     )
 }
