@@ -16,10 +16,11 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import psycopg
 import typer
+import typer.core
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -42,6 +43,26 @@ from .render import model_plan_text, model_status_text, report_table, status_tab
 from .watch import WatchOptions
 
 T = TypeVar("T")
+
+
+class _Context(typer.Context):
+    """Click's context, whose parse errors never echo an unexpected argument: it may be a
+    secret typed where none belongs (an API key after `keys set`, which reads it from
+    stdin), and the terminal, its scrollback and a CI log would keep it."""
+
+    def fail(self, message: str) -> NoReturn:
+        if message.startswith("Got unexpected extra argument"):
+            message = (
+                "Got unexpected extra arguments (not shown here, in case one is a secret); "
+                "see --help for what this command takes (an API key goes to `keys set` "
+                "on its stdin)."
+            )
+        super().fail(message)
+
+
+# every command and group of the CLI parses with it
+typer.core.TyperCommand.context_class = _Context
+typer.core.TyperGroup.context_class = _Context
 
 app = typer.Typer(
     help="Find and fill missing pgvector embeddings in PostgreSQL.",

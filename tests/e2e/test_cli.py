@@ -127,6 +127,20 @@ def test_keys_need_a_master_key_and_stdin(tickets: str, tmp_path: Path) -> None:
     assert gone.returncode == 2 and "No key is stored" in gone.stderr
 
 
+def test_a_key_typed_on_the_command_line_is_not_echoed_back(tickets: str) -> None:
+    """`keys set` reads the key from stdin; one typed after it on the command line is an
+    unexpected argument, and the parse error does not print it back (the terminal's
+    scrollback and a CI log would keep it). Before (helper-33), the error quoted it."""
+    env = cli_env(tickets)
+    secret = "sk-typed-on-argv-0123456789"
+    done = embedfill("keys", "set", "--tenant", "t1", secret, env=env, stdin="")
+    assert done.returncode == 2
+    assert "unexpected extra arguments" in done.stderr
+    assert secret not in done.stderr + done.stdout
+    other = embedfill("status", secret, env=env)  # any command
+    assert other.returncode == 2 and secret not in other.stderr + other.stdout
+
+
 @pytest.mark.parametrize(
     ("tenant", "message"),
     [
