@@ -301,6 +301,32 @@ def test_a_failed_row_the_app_deleted_fails_no_more(tickets: str, fake_openai: F
     assert {t.tenant: t.failing for t in after.tenants if t.failing} == {}
 
 
+def test_a_later_run_of_another_tenant_leaves_a_tenants_failed_rows_failing(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """Rows failing are those of any job of the column not written since: a later run of
+    one tenant (or with --limit) does not make another tenant's failed rows good. Before
+    (helper-33), status counted the latest job's failures only, and a run of another
+    tenant at 3 a.m. hid the first tenant's broken rows."""
+    from embedfill import BackfillOptions, abackfill
+
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(
+            f"UPDATE {T} SET body = body || %s WHERE ticket_no = 1", (fake_openai.bad_marker,)
+        )
+        (tenant,) = conn.execute(f"SELECT org FROM {T} WHERE ticket_no = 1").fetchone()
+        conn.execute(f"UPDATE {T} SET emb = NULL WHERE org <> %s", (tenant,))
+    config = config_for(fake_openai.base_url, retry_s=1)
+    asyncio.run(abackfill(config, Database(tickets), BackfillOptions(tenants=[tenant]), env=ENV))
+    [before] = asyncio.run(astatus(config, Database(tickets)))
+    assert before.failing == 1
+    other = "org-b" if tenant != "org-b" else "org-c"
+    asyncio.run(abackfill(config, Database(tickets), BackfillOptions(tenants=[other]), env=ENV))
+    [after] = asyncio.run(astatus(config, Database(tickets)))
+    assert (after.failing, after.failing_errors) == (1, {"BadInput": 1})
+    assert {t.tenant: t.failing for t in after.tenants if t.failing} == {tenant: 1}
+
+
 def test_failures_record_no_key(tickets: str, fake_openai: FakeOpenAI) -> None:
     """What is recorded to tell keys apart is a digest: no key, nor a part of one."""
     env = ENV | {"EMBEDFILL_MASTER_KEY": new_master_key()}

@@ -514,17 +514,15 @@ _STANDING_FAILURE = """NOT EXISTS (
     JOIN embedfill.provenance p ON p.column_id = v.id AND p.row_key = f.row_id
     WHERE r.id = f.run_id AND p.embedded_at OPERATOR(pg_catalog.>=) f.created_at)"""
 
-# Rows failing now, per tenant and error class (the latest failure of each row): in the
-# column's running jobs (a watch's) and its latest job, not written since, and still
-# there ({exists}: TargetSQL.failing; a row the app deleted fails no more).
+# Rows failing now, per tenant and error class (the latest failure of each row): in any
+# job of the column, not written since, and still there ({exists}: TargetSQL.failing; a
+# row the app deleted fails no more). Any job: a later run of one tenant (or --limit)
+# does not make another tenant's failed rows good (only its latest job's were counted).
 FAILING = (
     """
 WITH jobs AS (
     SELECT r.id FROM embedfill.runs r
     WHERE r.table_oid = %(rel)s AND r.column_name = %(column)s AND NOT r.dry_run
-      AND (r.status = 'running' OR r.id = (
-          SELECT pg_catalog.max(l.id) FROM embedfill.runs l
-          WHERE l.table_oid = %(rel)s AND l.column_name = %(column)s AND NOT l.dry_run))
 ), f AS (
     SELECT DISTINCT ON (f.row_id) f.run_id, f.row_id, f.tenant, f.error_class, f.created_at
     FROM embedfill.failures f WHERE f.run_id IN (SELECT id FROM jobs)
