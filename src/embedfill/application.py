@@ -157,12 +157,17 @@ async def _job(
         db.check_connection_limit()  # before anything is written
     await jobs.take_over_legacy(conn, info, target)
     provenance = None
+    parameters = opts.parameters()
     if opts.refresh:
         model = freshness.model_identity(config.provider_for(target), info)
         ids = await freshness.provenance_ids(
             conn, info, target.embedding_column, model, create=True
         )
         provenance = ids.params()
+    elif not opts.dry_run and await Store(conn).has_provenance():
+        mixing = await freshness.filling_warning(conn, target, config.provider_for(target), info)
+        if mixing is not None:  # the CLI prints the report's warnings
+            parameters["warnings"] = [mixing]
     spec = jobs.spec_of(
         "refresh" if opts.refresh else "backfill",
         target,
@@ -175,7 +180,7 @@ async def _job(
         spec=spec,
         target=target,
         info=info,
-        parameters=opts.parameters(),
+        parameters=parameters,
         tenants=list(opts.tenants) or None,
         limit=opts.limit,
         actor=opts.actor,

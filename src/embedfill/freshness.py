@@ -90,6 +90,24 @@ async def model_change(
     the app searches them; ``override``: the flag that does it anyway); None when none
     was."""
     model = model_identity(pconf, info)
+    found = await _other_models(conn, target, info, model)
+    if found is None:
+        return None
+    other, rows = found
+    return (
+        f"Target {target.name!r} is configured with {model}, but {rows:,} of its vectors "
+        f"were written with {other}, so {doing} would re-embed them in place while your "
+        "app searches them; re-embed deliberately with `embedfill backfill --refresh "
+        f"--target {target.name}` (it warns first)"
+        + (f", or pass {override}." if override else ".")
+    )
+
+
+async def _other_models(
+    conn: psycopg.AsyncConnection[Any], target: TargetConfig, info: TableInfo, model: Any
+) -> tuple[str, int] | None:
+    """(the other models, named, and their vectors) of the target's column that
+    provenance records besides ``model``; None when there are none."""
     ids = await provenance_ids(conn, info, target.embedding_column, model, create=False)
     if ids.column_id == UNKNOWN:
         return None  # nothing recorded for the column yet
@@ -101,13 +119,27 @@ async def model_change(
     other = str(ModelIdentity(provider, name, dims))
     if len(others) > 1:
         other += f" and {len(others) - 1} other model{'s' if len(others) > 2 else ''}"
-    rows = sum(r[3] for r in others)
+    return other, sum(r[3] for r in others)
+
+
+async def filling_warning(
+    conn: psycopg.AsyncConnection[Any], target: TargetConfig, pconf: ProviderConfig, info: TableInfo
+) -> str | None:
+    """What a backfill of NULL rows with the model configured now does to a column that
+    holds vectors of another (a config changed, and a backfill run with it), in one
+    sentence; None when the column holds none. The watch refuses it (model_change); a
+    backfill, asked for, goes on and says so."""
+    model = model_identity(pconf, info)
+    found = await _other_models(conn, target, info, model)
+    if found is None:
+        return None
+    other, rows = found
     return (
         f"Target {target.name!r} is configured with {model}, but {rows:,} of its vectors "
-        f"were written with {other}, so {doing} would re-embed them in place while your "
-        "app searches them; re-embed deliberately with `embedfill backfill --refresh "
-        f"--target {target.name}` (it warns first)"
-        + (f", or pass {override}." if override else ".")
+        f"were written with {other}: the rows this backfill fills get vectors of another "
+        "model than theirs, and similarity searches across the two are meaningless; "
+        f"re-embed the others too with `embedfill backfill --refresh --target {target.name}`, "
+        "or change the model without downtime with `embedfill model start`."
     )
 
 

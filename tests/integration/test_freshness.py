@@ -106,6 +106,36 @@ def test_a_model_change_shows_every_row_as_outdated_model_not_stale(
     assert status(tickets, config).outdated_model == 45
 
 
+def test_a_backfill_with_another_model_than_the_columns_says_it_mixes_two(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """The config's model changed, and a plain backfill (not --refresh) fills the NULL
+    rows with it: the column then holds two models, searches across them meaningless.
+    It goes on (asked for), and its report says so in one sentence naming both and the
+    two ways out. Before (helper-33), it said nothing, while `watch` refuses it."""
+    config = tickets_config(fake_openai.base_url)
+    run(tickets, config)
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute('UPDATE app."SupportTickets" SET emb = NULL WHERE ticket_no IN (1, 2, 3)')
+    other = tickets_config(fake_openai.base_url, provider_overrides={"model": "test-embed-v2"})
+    report = run(tickets, other)
+    assert report.embedded == 3
+    [warning] = [w for w in report.warnings if "were written with" in w]
+    assert warning.startswith(
+        "Target 'tickets' is configured with openai:test-embed-v2 (8 dimensions), but 42 of "
+        "its vectors were written with openai:test-embed (8 dimensions): the rows this "
+        "backfill fills get vectors of another model than theirs"
+    )
+    assert "`embedfill backfill --refresh --target tickets`" in warning
+    assert "`embedfill model start`" in warning
+    # the column of one model again: nothing to say
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute('UPDATE app."SupportTickets" SET emb = NULL WHERE ticket_no IN (1, 2, 3)')
+    report = run(tickets, config)
+    assert report.embedded == 3
+    assert not [w for w in report.warnings if "were written with" in w]
+
+
 def test_a_template_change_shows_affected_rows_as_stale(
     tickets: str, fake_openai: FakeOpenAI
 ) -> None:
