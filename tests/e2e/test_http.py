@@ -77,6 +77,26 @@ def test_auth_matrix(
         assert ADMIN not in r.text and "other" not in r.text.replace("another", "")
 
 
+def test_a_service_without_an_admin_secret_says_so_at_start(
+    tickets: str, fake_openai: FakeOpenAI, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without ADMIN_SECRET (or AUTH_SECRET) the admin API answers 503; the log says so
+    when the service starts, where an operator looks first. Before (helper-33), nothing
+    was logged, and the first sign was a 503 from curl."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="embedfill.http.app"):
+        with ServerThread(app_for(tickets, fake_openai)) as base:
+            assert httpx.get(f"{base}/healthz").status_code == 200
+        with ServerThread(app_for(tickets, fake_openai, ADMIN_SECRET=ADMIN)) as base:
+            assert httpx.get(f"{base}/healthz").status_code == 200
+    said = [r.getMessage() for r in caplog.records if "admin API is disabled" in r.getMessage()]
+    assert said == [
+        "the admin API is disabled: set ADMIN_SECRET (or AUTH_SECRET, or either's _FILE) to "
+        "use it; /healthz, /readyz and /metrics answer without it"
+    ]
+
+
 def test_dry_run_changes_nothing(api: httpx.Client, tickets: str, fake_openai: FakeOpenAI) -> None:
     with psycopg.connect(tickets) as conn:
         before = snapshot(conn)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import logging
 import os
 import types as types_module
 import typing
@@ -36,6 +37,8 @@ from .service import AdminService
 
 PREFIX = "/api/v1/admin"
 WAIT_LIMIT_S = 30.0
+
+log = logging.getLogger(__name__)
 
 
 class ErrorBody(BaseModel):
@@ -550,6 +553,11 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if admin_secret(env) is None:  # said where the operator looks first, not at a 503
+            log.warning(
+                "the admin API is disabled: set ADMIN_SECRET (or AUTH_SECRET, or either's "
+                "_FILE) to use it; /healthz, /readyz and /metrics answer without it"
+            )
         await service.startup()
         yield
         await service.shutdown()
