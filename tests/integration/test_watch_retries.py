@@ -229,6 +229,37 @@ def test_rows_sent_while_the_provider_rejects_every_request_are_filled_after_it(
     finally:
         running.stop()
     assert running.watches[0].failed is None
+    # no row of a batch in flight when it ended was taken for a bad input (helper-34)
+    assert {f[0] for f in failures(tickets)} == {"ProviderRejectsAll"}
+
+
+def test_a_backfill_meeting_an_incident_fails_its_rows_once_and_keeps_its_batch_size(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """A backfill whose provider starts refusing every request after its first answer:
+    its rows fail as ProviderRejectsAll (exit 3, sent again by the next run), the first
+    batch is bisected once and the others fail at their first 400 with one probe each,
+    and no batch size is learnt from it. Before the review (helper-34), both halves of
+    each pair failing as an incident taught it a batch size of 1."""
+    from embedfill import BackfillOptions, abackfill
+
+    with psycopg.connect(tickets, autocommit=True) as conn:
+        conn.execute(f"UPDATE {T} SET emb = NULL")
+
+    def incident(_: Any) -> None:
+        fake_openai.reject_models.add("test-embed")
+
+    fake_openai.on_inputs = incident  # after the first answer, every request is refused
+    config = config_for(fake_openai.base_url, retry_s=1)
+    report = asyncio.run(abackfill(config, Database(tickets), BackfillOptions(), env=ENV))
+    assert report.embedded >= 5 and report.failed == nulls(tickets, T) > 0
+    assert {f.error_class for f in report.failures} == {"ProviderRejectsAll"}
+    assert not [w for w in report.warnings if "batch_size" in w]
+    # the batches in flight when it began are bisected (a batch of 5: at most 9
+    # requests and a probe each, 4 at once); each later one costs a request and a probe:
+    # nowhere near a bisection of every batch
+    batches = -(-report.failed // 5)
+    assert report.requests <= 4 * 10 + 2 * batches + 2, (report.requests, batches)
 
 
 def test_a_watch_outlives_a_provider_that_rejects_every_request_from_its_first(

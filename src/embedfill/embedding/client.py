@@ -139,8 +139,8 @@ class Client:
         self.misconfig_ends = misconfig_ends
         # the 400 the one-word probe got while every request is rejected (an incident),
         # until a request succeeds again: batches rejected meanwhile are not bisected
-        self.rejects_all: BadInput | None = None
-        self._recheck: asyncio.Task[ProviderError | None] | None = None
+        self.rejects_all: dict[Secret | None, BadInput] = {}  # by key: another may work
+        self._recheck: dict[Secret | None, asyncio.Task[ProviderError | None]] = {}
 
     async def key(self, tenant: str | None, *, fresh: bool = False) -> ResolvedKey:
         """The tenant's key (looked up once, then cached; ``fresh``: looked up now)."""
@@ -209,7 +209,7 @@ class Client:
             if isinstance(answer, Embeddings):
                 await self._heed(key, answer.signals, batch.tokens)
             self.proven = True
-            self.rejects_all = None
+            self.rejects_all.pop(key, None)
             self.last_ok = time.monotonic()
             self.tally.answered(batch.tenant, batch.tokens)
             return vectors, attempts
@@ -239,13 +239,18 @@ class Client:
             return None
         if self._probe is None:
             self._probe = asyncio.create_task(self._verdict(key))
-        rejected = await self._probe
+        # shielded: a caller cancelled does not cancel the verdict the others wait for
+        rejected = await asyncio.shield(self._probe)
         if rejected is None or self.proven:
             return None
-        if not self.misconfig_ends:  # a watch: asked again at the next 400
+        if not self.misconfig_ends:  # a watch: an incident, asked again at the next 400
             self._probe = None
-            self.rejects_all = rejected
+            self.rejects_all[key] = rejected
             return None
+        return self._misconfigured(rejected)
+
+    def _misconfigured(self, rejected: BadInput) -> ProviderMisconfigured:
+        """The error to stop with: every request is wrong, the one-word probe's too."""
         self.misconfigured = rejected
         check = f"model = {self.pconf.model!r}"
         if self.pconf.dimensions is not None:
@@ -261,28 +266,43 @@ class Client:
     ) -> ProviderMisconfigured | ProviderRejectsAll | tuple[Batch, ...]:
         """After a 400 for ``batch`` (``error``), the bisection's next step: the error to
         stop with when the request itself is wrong (``probe``); ``ProviderRejectsAll``
-        when the provider rejects every request for now (its rows are sent again later);
-        else the halves to send again, each on its own, to isolate the input the
-        provider rejects; none when ``batch`` is that one input."""
-        if self.rejects_all is None:
+        when the provider refuses every request of this key for now (its rows are sent
+        again later); else the batches to send again, each on its own: the halves, to
+        isolate the input the provider rejects, or the batch itself when it was sent
+        during an incident that is over; none when ``batch`` is that one input.
+        ``Stopped`` when the caller stops first."""
+        during = key in self.rejects_all  # an incident of this key was known when it came
+        if not during:
             wrong = await self.probe(key)
             if wrong is not None:
                 return wrong
-        if self.rejects_all is None and len(batch.rows) > 1:
-            return split_batch(batch)
+            if key in self.rejects_all:  # the first probe of a watch found the incident
+                return self._incident(self.rejects_all[key])
         sent_at = None if error is None else error.sent_at
-        if self.rejects_all is None and sent_at is not None and self.last_ok > sent_at:
-            return ()  # a request succeeded since this one was sent: its input is bad
-        # one input rejected with nothing accepted since (or every request rejected a
-        # moment ago): asked once more, is it this text, or every request?
-        if self._recheck is None or self._recheck.done():
-            self._recheck = asyncio.create_task(self._send_probe(key))
-        verdict = await self._recheck
-        if verdict is None:  # the one word went through: it is this input
-            self.rejects_all = None
-            return ()
+        if not during and (len(batch.rows) > 1 or (sent_at and self.last_ok > sent_at)):
+            # its halves; or its one input, rejected while the provider took others
+            return split_batch(batch) if len(batch.rows) > 1 else ()
+        # one input rejected with nothing accepted since it was sent, or a batch of a
+        # key whose every request was refused a moment ago: this text, or every request?
+        task = self._recheck.get(key)
+        if task is None or task.done():
+            task = self._recheck[key] = asyncio.create_task(self._send_probe(key))
+        verdict = await asyncio.shield(task)
+        if verdict is NO_VERDICT:
+            raise Stopped
+        if verdict is None:  # the one word went through: the provider takes requests
+            self.rejects_all.pop(key, None)
+            if during:  # sent while every request was refused: sent again as it is
+                return (batch,)
+            return ()  # its one input is what the provider rejects
         if isinstance(verdict, BadInput):
-            self.rejects_all = verdict
+            if not self.proven and self.misconfig_ends:  # never accepted: the config
+                return self._misconfigured(verdict)
+            self.rejects_all[key] = verdict
+        return self._incident(verdict)
+
+    @staticmethod
+    def _incident(verdict: ProviderError) -> ProviderRejectsAll:
         return ProviderRejectsAll(
             "The provider refuses every request for now, even one whose only input is the "
             f'word "{PROBE_TEXT}" ({verdict}); its rows are sent again later.'

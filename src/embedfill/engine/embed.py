@@ -55,7 +55,7 @@ class Embedder:
 
     def __init__(self, state: RunState, ledger: Ledger) -> None:
         self.state, self.ledger = state, ledger
-        self._rejected_inputs = 0  # single rows the provider rejected (400)
+        self._failed_batches = 0  # batches (and single rows) failed, for any cause
 
     async def work(
         self, embed_q: asyncio.Queue[Batch | None], write_q: asyncio.Queue[PendingWrite | None]
@@ -156,7 +156,11 @@ class Embedder:
             await self._adopt(self._forget(batch), write_q)  # left NULL for another run
             return
         except BadInput as exc:
-            halves = await self.state.client.rejected(batch, resolved.key, exc)
+            try:
+                halves = await self.state.client.rejected(batch, resolved.key, exc)
+            except Stopped:  # as above: the run stops before the verdict
+                await self._adopt(self._forget(batch), write_q)
+                return
             if isinstance(halves, ProviderMisconfigured):  # the request, not the rows
                 self.state.halt(halves)
                 self._forget(batch)  # halted: nothing is orphaned
@@ -173,13 +177,14 @@ class Embedder:
                 return
             if halves:
                 self.state.report.retries += 1  # its rows are sent again, in halves
-                rejected = self._rejected_inputs
+                failed = self._failed_batches
                 for half in halves:
                     await self._embed(half, write_q)
-                if self._rejected_inputs == rejected:
+                if len(halves) > 1 and self._failed_batches == failed:
+                    # each half went through (none rejected, none failed otherwise, such
+                    # as in a provider's incident): the batch was too big for it
                     self._learn_batch_size(len(batch.rows))
                 return
-            self._rejected_inputs += 1
             self._fail(batch, exc, exc.attempts)
             return
         except AuthFailed as exc:
@@ -318,6 +323,7 @@ class Embedder:
             raise Stopped
 
     def _fail(self, batch: Batch, exc: EmbedfillError, attempts: int) -> None:
+        self._failed_batches += 1
         # a handed-back chunk's rows are not failed; the rows of chunks that go on and
         # wait for their texts are (the same text fails the same way)
         kept, orphans = self._drop_given_up(batch)
