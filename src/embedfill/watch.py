@@ -379,18 +379,27 @@ class TargetWatch:
             if hint is not None:
                 log.warning("watch of %s: %s", self.target.name, hint)
             key = watch_key(info.oid, self.target.embedding_column)
+            refused: ModelChanged | None = None
             if self._leads != (gen, key):  # taken once per connection (locks nest)
                 if not await Store(conn).try_watch_lock(key):
                     return False  # another process watches it: stand by
                 self._leads = (gen, key)
-                await self._refuse_a_model_change(conn, pconf, info)
-            ids = await provenance_ids(
-                conn, info, self.target.embedding_column, model_identity(pconf, info), create=True
-            )
-            spec = jobs.spec_of("watch", self.target, pconf, info, env=self._env)
-            job = await jobs.open_watch_job(
-                conn, spec=spec, target=self.target, info=info, actor=self.opts.actor
-            )
+                refused = await self._refuse_a_model_change(conn, pconf, info)
+            if refused is None:
+                ids = await provenance_ids(
+                    conn,
+                    info,
+                    self.target.embedding_column,
+                    model_identity(pconf, info),
+                    create=True,
+                )
+                spec = jobs.spec_of("watch", self.target, pconf, info, env=self._env)
+                job = await jobs.open_watch_job(
+                    conn, spec=spec, target=self.target, info=info, actor=self.opts.actor
+                )
+        if refused is not None:  # this target stops; the process's others go on
+            await self._end(refused)
+            return True
         while job is None:  # a backfill runs on the column: its workers fill it first
             log.info("watch of %s: waiting for the running job to end", self.target.name)
             if await _sleep(stop, self.opts.interval_s):
@@ -412,20 +421,23 @@ class TargetWatch:
 
     async def _refuse_a_model_change(
         self, conn: psycopg.AsyncConnection[Any], pconf: ProviderConfig, info: TableInfo
-    ) -> None:
-        """ModelChanged (exit 2), as at start-up (runtime.startup_checks), when the column
-        now holds vectors of another model than this watch's: a standby started while
-        the column had none, taking over from a watch configured with another model,
-        re-embedded the leader's vectors in place (helper-31). The lock is let go first,
-        so that a watch of the right model takes the column."""
-        if self.opts.allow_model_change or self.derived_from is not None:
-            return
+    ) -> ModelChanged | None:
+        """As at start-up (runtime.startup_checks), when this process first leads the
+        column: ModelChanged when it now holds vectors of another model than this
+        watch's. A standby started while the column had none, taking over from a watch
+        configured with another model, re-embedded the leader's vectors in place
+        (helper-31). The lock is let go first, so that a watch of the right model takes
+        the column. (A leader that reconnects is not asked again: what it wrote since,
+        and a backfill it let run, are its own.)"""
+        if self._led or self.opts.allow_model_change or self.derived_from is not None:
+            return None
         sentence = await model_change(conn, self.target, pconf, info)
-        if sentence is not None:
-            assert self._leads is not None
-            await Store(conn).release_watch_lock(self._leads[1])
-            self._leads = None
-            raise ModelChanged(sentence)
+        if sentence is None:
+            return None
+        assert self._leads is not None
+        await Store(conn).release_watch_lock(self._leads[1])
+        self._leads = None
+        return ModelChanged(sentence)
 
     async def _watch(
         self,

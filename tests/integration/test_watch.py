@@ -236,8 +236,9 @@ def test_a_standby_of_another_model_refuses_to_take_over_the_column(
     """Two watches start on a column without a vector of embedfill's yet (a first deploy,
     one replica on the new config): A with test-embed, B with other-embed; both pass
     the start-up check. A leads and fills the column. When A stops, B takes the column's
-    lock and is refused as at start-up (ModelChanged, exit 2) before anything is sent:
-    before (helper-31), it re-embedded every row in place with its model."""
+    lock and is refused as at start-up (ModelChanged) before anything is sent: the
+    target stops, with its reason. Before (helper-31), it re-embedded every row in place
+    with its model."""
     from embedfill.errors import ModelChanged
 
     base = tickets_config(fake_openai.base_url)
@@ -255,14 +256,61 @@ def test_a_standby_of_another_model_refuses_to_take_over_the_column(
     finally:
         a.stop()
     sent = len(fake_openai.requests)
-    b.thread.join(30)
-    assert not b.thread.is_alive()
-    assert isinstance(b.error, ModelChanged), b.error
-    assert "configured with openai:other-embed" in str(b.error), b.error
-    assert "--allow-model-change" in str(b.error)
+    wait_for(lambda: b.watches[0].failed is not None, timeout=30)
+    refused = b.watches[0].failed
+    assert isinstance(refused, ModelChanged), refused
+    assert "configured with openai:other-embed" in str(refused)
+    assert "--allow-model-change" in str(refused)
+    with pytest.raises(RunAborted):  # its one target stopped: exit 3, as any target's
+        b.stop()
     assert len(fake_openai.requests) == sent and all_correct(tickets)
     [st] = asyncio.run(astatus(config_a, Database(tickets)))
     assert st.outdated_model == 0
+
+
+def test_a_watch_job_whose_end_was_asked_for_is_ended_not_resumed(
+    tickets: str, fake_openai: FakeOpenAI
+) -> None:
+    """A backfill that found no watch holding the column asks its watch job to end; a
+    standby that took the lock meanwhile opens a new job instead of resuming that one
+    (its watcher would have stopped at the cancel at once, the target unwatched while
+    the process ran: helper-34)."""
+    from embedfill import jobs
+    from embedfill.db.catalog import inspect_target
+    from embedfill.db.connect import connect
+    from embedfill.db.schema import ensure_schema
+
+    config = tickets_config(fake_openai.base_url)
+    target = config.targets[0]
+    pconf = config.provider_for(target)
+
+    async def go() -> tuple[Any, Any, Any, Any]:
+        conn = await connect(Database(tickets))
+        try:
+            await ensure_schema(conn)
+            info = await inspect_target(conn, target, pconf.expected_dimensions, pconf.label)
+            spec = jobs.spec_of("watch", target, pconf, info, env=ENV)
+
+            async def open_job() -> Any:
+                return await jobs.open_watch_job(
+                    conn, spec=spec, target=target, info=info, actor="test"
+                )
+
+            first = await open_job()
+            again = await open_job()  # resumed: a watch that died left it
+            await conn.execute(
+                "UPDATE embedfill.runs SET cancel_requested = true WHERE id = %s", (first,)
+            )
+            third = await open_job()
+            cur = await conn.execute("SELECT status FROM embedfill.runs WHERE id = %s", (first,))
+            return first, again, third, await cur.fetchone()
+        finally:
+            await conn.close()
+
+    first, again, third, ended = asyncio.run(go())
+    assert again == first
+    assert third is not None and third != first
+    assert ended == ("cancelled",)
 
 
 def test_a_backfill_while_a_watch_runs_is_refused_with_a_clear_sentence(

@@ -235,7 +235,8 @@ ON CONFLICT (key_id) DO UPDATE SET paused_until = greatest(b.paused_until, exclu
 JOB_CREATE_LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%(key)s, 0))"
 
 ACTIVE_JOB = """
-SELECT id, actor, started_at, target, parameters, kind, spec, table_oid, column_name
+SELECT id, actor, started_at, target, parameters, kind, spec, table_oid, column_name,
+       cancel_requested
 FROM embedfill.runs
 WHERE table_oid = %(table_oid)s AND column_name = %(column)s AND status = 'running'
   AND NOT dry_run
@@ -514,15 +515,24 @@ _STANDING_FAILURE = """NOT EXISTS (
     JOIN embedfill.provenance p ON p.column_id = v.id AND p.row_key = f.row_id
     WHERE r.id = f.run_id AND p.embedded_at OPERATOR(pg_catalog.>=) f.created_at)"""
 
-# Rows failing now, per tenant and error class (the latest failure of each row): in any
-# job of the column, not written since, and still there ({exists}: TargetSQL.failing; a
-# row the app deleted fails no more). Any job: a later run of one tenant (or --limit)
-# does not make another tenant's failed rows good (only its latest job's were counted).
+# Rows failing now, per tenant and error class (the latest failure of each row), not
+# written since, and still there ({exists}: TargetSQL.failing; a row the app deleted
+# fails no more): in the column's running jobs, its latest job that tried every row (no
+# tenants, no limit: a failure before it was tried again, or is gone) and every job
+# since. A later run of one tenant (or --limit) does not make another tenant's failed
+# rows good (only the latest job's were counted), and history before a full job is not
+# read again at every status.
 FAILING = (
     """
-WITH jobs AS (
-    SELECT r.id FROM embedfill.runs r
+WITH col AS (
+    SELECT r.id, r.status, r.parameters FROM embedfill.runs r
     WHERE r.table_oid = %(rel)s AND r.column_name = %(column)s AND NOT r.dry_run
+), whole AS (
+    SELECT pg_catalog.max(c.id) AS id FROM col c
+    WHERE coalesce(c.parameters -> 'tenants', '[]'::jsonb) IN ('[]'::jsonb, 'null'::jsonb)
+      AND c.parameters ->> 'limit' IS NULL AND c.status <> 'cancelled'
+), jobs AS (
+    SELECT c.id FROM col c, whole w WHERE c.status = 'running' OR c.id >= coalesce(w.id, 0)
 ), f AS (
     SELECT DISTINCT ON (f.row_id) f.run_id, f.row_id, f.tenant, f.error_class, f.created_at
     FROM embedfill.failures f WHERE f.run_id IN (SELECT id FROM jobs)

@@ -301,7 +301,11 @@ async def open_watch_job(
             running = JobSpec.from_record(active)
             if not running.behaviour.open_ended:
                 return None
-            if active["target"] != target.name:
+            if active["cancel_requested"]:
+                # its end was asked for (a backfill that found no watch holding it, a
+                # cancel): ended, not resumed only for its watcher to stop at once
+                why = "whose end was asked for"
+            elif active["target"] != target.name:
                 if not str(active["target"]).startswith(f"{target.name}@"):
                     return None  # another target's (of the same column): it ends first
                 # the new vectors of a change of this target's model, which the config
@@ -337,18 +341,22 @@ async def _end_orphaned_watch(
     again, told to "stop the watch" that no longer ran. A watch that starts later (or
     was only reconnecting) opens its job again once the backfill's is over."""
     store = Store(conn)
-    active = await store.active_job(info.oid, target.embedding_column)
-    if active is None or not JobSpec.from_record(active).behaviour.open_ended:
-        return
-    if await store.watch_held(watch_key(info.oid, target.embedding_column)):
-        return
-    log.warning(
-        "ending watch job %s of %s: no watch runs it any more (its process is gone)",
-        active["id"],
-        active["target"],
-    )
-    await store.request_cancel(int(active["id"]))
-    await store.cancel_chunks(int(active["id"]))
+    async with conn.transaction():
+        # under the lock a watch job is resumed with (open_watch_job), after which a
+        # watcher that took the watch lock meanwhile sees the job ending, not resumed
+        await store.lock_for_create(lock_key(info.oid, target.embedding_column))
+        active = await store.active_job(info.oid, target.embedding_column)
+        if active is None or not JobSpec.from_record(active).behaviour.open_ended:
+            return
+        if await store.watch_held(watch_key(info.oid, target.embedding_column)):
+            return
+        log.warning(
+            "ending watch job %s of %s: no watch runs it any more (its process is gone)",
+            active["id"],
+            active["target"],
+        )
+        await store.request_cancel(int(active["id"]))
+        await store.cancel_chunks(int(active["id"]))
     await finish(conn, int(active["id"]), force=True)
 
 
