@@ -383,6 +383,7 @@ async def _ddl(
     *,
     unless_given_up: int | None = None,
     first: Callable[[], Awaitable[None]] | None = None,
+    command: str = "start",
 ) -> None:
     """One DDL statement on the app's table, under a short lock_timeout, tried again
     while the app holds the table. ``unless_given_up``: a change of model whose home
@@ -406,8 +407,8 @@ async def _ddl(
             if attempt == DDL_TRIES:
                 raise TargetBusy(
                     f"{table} stayed locked by other transactions for {DDL_TRIES} tries; "
-                    "run `embedfill model start` again when the app's long transactions "
-                    "or migrations are over."
+                    f"run the same `embedfill model {command}` again when the app's long "
+                    "transactions or migrations are over."
                 ) from None
             await asyncio.sleep(min(5.0, 0.2 * 2**attempt))
 
@@ -1021,6 +1022,7 @@ async def amodel_finalize(
         if phase == "cut_over":
             # checked before anything is dropped, run with the column's drop (all or none)
             moves = await _trigger_moves(conn, config, live, info, row)
+            await _still_at(conn, live, int(row["id"]), phase)  # the indexes go first
             for index in await indexes.vector_indexes(conn, info.oid, live.embedding_column):
                 await conn.execute(homes.drop_index(index.schema, index.name))
             drop: sql.Composable = sql.SQL("; ").join(
@@ -1050,13 +1052,30 @@ async def amodel_finalize(
             (and their queue rows) end before, and a drain's fan-out then sees the change
             finalized, or its queue rows are forgotten."""
             store = Store(conn)
+            await _still_at(conn, live, int(row["id"]), phase)
             await store.finalized(int(row["id"]))
             if kept is not None:  # edits queued for the dropped column reach the kept one
                 await store.move_changes(dropped, kept)
             await store.forget_changes(*dropped)
 
-        await _ddl(conn, drop, relation, first=mark)
+        await _ddl(conn, drop, relation, first=mark, command="finalize")
         return await migration.status_of(conn, config, live)
+
+
+async def _still_at(
+    conn: psycopg.AsyncConnection[Any], live: TargetConfig, migration_id: int, phase: str
+) -> None:
+    """UsageError unless the change is still at ``phase``, its row locked till the end of
+    the caller's transaction (or of this one): a rollback while a finalize waited for
+    the table pointed the app back at the column the finalize was about to drop."""
+    async with conn.transaction():
+        now = await Store(conn).lock_migration_phase(migration_id)
+    if now != phase:
+        raise UsageError(
+            f"The change of {live.name}'s model went to phase {now} while this finalize "
+            "waited, so it dropped nothing; run `embedfill model status`, and finalize "
+            "again if that is still what you want."
+        )
 
 
 async def _trigger_moves(

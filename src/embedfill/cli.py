@@ -45,6 +45,10 @@ from .watch import WatchOptions
 T = TypeVar("T")
 
 
+# an API key's shape: a provider's prefix, or a long run of key characters
+_KEY_LIKE = re.compile(r"\b(?:sk|pk|rk|key)[-_][\w-]{6,}|(?<![\w/.-])[\w-]{40,}")
+
+
 class _Context(typer.Context):
     """Click's context, whose parse errors never echo an unexpected argument: it may be a
     secret typed where none belongs (an API key after `keys set`, which reads it from
@@ -57,7 +61,9 @@ class _Context(typer.Context):
                 "see --help for what this command takes (an API key goes to `keys set` "
                 "on its stdin)."
             )
-        super().fail(message)
+        # elsewhere ("No such command 'sk-...'", an option's bad value): what looks like
+        # a key is masked, a typo of a command name is still shown
+        super().fail(_KEY_LIKE.sub("(a value not shown: it may be a secret)", message))
 
 
 # every command and group of the CLI parses with it

@@ -159,7 +159,9 @@ def seed(
     dims: int = 384,
     random_seed: int = 42,
 ) -> SeedResult:
-    if rows < 1 or not 0 <= missing <= rows:
+    if rows < 1:
+        raise UsageError(f"--rows must be 1 or more, not {rows}.")
+    if not 0 <= missing <= rows:
         raise UsageError(f"--missing must be between 0 and --rows ({rows}), not {missing}.")
     if not 1 <= tenants <= len(TENANTS):
         raise UsageError(f"--tenants must be between 1 and {len(TENANTS)}, not {tenants}.")

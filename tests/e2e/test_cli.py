@@ -139,6 +139,11 @@ def test_a_key_typed_on_the_command_line_is_not_echoed_back(tickets: str) -> Non
     assert secret not in done.stderr + done.stdout
     other = embedfill("status", secret, env=env)  # any command
     assert other.returncode == 2 and secret not in other.stderr + other.stdout
+    # typed where a command goes: masked, while a command's typo is still named
+    slot = embedfill("keys", secret, env=env)
+    assert slot.returncode == 2 and secret not in slot.stderr + slot.stdout
+    typo = embedfill("stauts", env=env)
+    assert typo.returncode == 2 and "No such command 'stauts'" in typo.stderr
 
 
 @pytest.mark.parametrize(

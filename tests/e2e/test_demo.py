@@ -58,6 +58,9 @@ def test_seed_refuses_to_replace_a_table_it_did_not_create(db_url: str, tmp_path
         ).fetchone() == (50, 7, 2, 50)
     again = embedfill("seed", "--rows", "20", env=cli_env(db_url))
     assert again.returncode == 2 and "--missing must be between 0 and --rows" in again.stderr
+    # the flag that is wrong is the one named (helper-33: --rows -5 blamed --missing)
+    negative = embedfill("seed", "--rows", "-5", env=cli_env(db_url))
+    assert negative.returncode == 2 and "--rows must be 1 or more, not -5." in negative.stderr
 
 
 def test_embedded_database_is_announced_first(tmp_path: Path) -> None:

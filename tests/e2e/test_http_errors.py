@@ -118,6 +118,27 @@ def test_404_405_and_422_bodies(api: httpx.Client) -> None:
     assert "No target named 'nope'" in error_of(r, 404)
 
 
+def test_a_body_that_is_not_a_json_object_is_a_400_in_one_sentence(api: httpx.Client) -> None:
+    """The routes that read a body (model-migrations) answer a body that is not JSON, or
+    not an object, 400 as the reference says, in one sentence. Before (helper-33): 422,
+    "Parameter 0: JSON decode error." or "Parameter body: Input should be a valid
+    dictionary..."."""
+    sentence = (
+        "The request body is not a JSON object; send one, with the header "
+        "Content-Type: application/json."
+    )
+    route = "/api/v1/admin/model-migrations"
+    for content, headers in (
+        (b"notjson", {"content-type": "application/json"}),
+        (b"notjson", {}),
+        (b"[1, 2]", {"content-type": "application/json"}),
+    ):
+        assert error_of(api.post(route, content=content, headers=headers), 400) == sentence
+    # a JSON object that lacks a field is the field's 422
+    r = api.post(route, json={"target": "tickets"})
+    assert "Parameter to" in error_of(r, 422)
+
+
 def test_404_unknown_target_and_job(api: httpx.Client) -> None:
     assert "No target named 'nope'" in error_of(api.post(PATH, params={"target": "nope"}), 404)
     assert "No target named" in error_of(api.get(STATUS, params={"target": "nope"}), 404)

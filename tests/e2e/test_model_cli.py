@@ -389,6 +389,18 @@ def test_a_finalize_killed_while_it_waits_has_dropped_nothing_and_runs_again(
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=10)
     assert state() == ("cut_over", 1)
+    # a rollback while a finalize waits: the finalize drops nothing, and says why
+    with psycopg.connect(indexed) as holder:
+        holder.execute("SELECT 1 FROM embedfill.model_migrations FOR UPDATE").fetchall()
+        proc = popen(*finalize, env=env)
+        time.sleep(1.5)
+        holder.execute("UPDATE embedfill.model_migrations SET phase = 'rolled_back'")
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2, stderr
+    assert "went to phase rolled_back while this finalize waited" in stderr
+    assert state() == ("rolled_back", 1)
+    with psycopg.connect(indexed, autocommit=True) as conn:
+        conn.execute("UPDATE embedfill.model_migrations SET phase = 'cut_over'")
     done = embedfill(*finalize, env=env)
     assert done.returncode == 0, done.stderr
     assert state() == ("finalized", 0)

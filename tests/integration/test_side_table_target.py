@@ -567,6 +567,21 @@ def test_a_dry_run_counts_the_live_rows_the_side_table_lacks(indexed: str) -> No
     assert any(w.startswith('2 rows of "app"."SupportTickets" have no row') for w in plan.warnings)
 
 
+def test_a_tenant_typo_on_a_side_table_target_names_the_apps_table_and_column(
+    indexed: str,
+) -> None:
+    """The warning for a tenant that matches no row names the app's table and tenant
+    column, not the side table's internal ones. Before (helper-33), it said
+    "(column embedfill_tenant)", a name the user never wrote."""
+    finalized(indexed)
+    opts = BackfillOptions(target="tickets", dry_run=True, tenants=("org-typo",))
+    plan = asyncio.run(abackfill(side_config(), Database(indexed), opts))
+    assert (
+        "Tenant 'org-typo' matches no row of app.SupportTickets (column org); check the "
+        "tenant id." in plan.warnings
+    )
+
+
 def test_a_jobs_counts_of_a_side_table_are_the_rows_status_counts(indexed: str) -> None:
     """What a job counts to do per tenant (its report's ``missing`` and ``stale``) is
     what status counts: a live row without a side row is missing; a side row whose

@@ -162,10 +162,11 @@ class Scanner:
                 self.state.sql.absent_tenants(), {"tenants": self.state.tenants}
             )
             absent = await cur.fetchall()
+        shown = self.state.target.side_of or self.state.target  # a side table's: the app's
         for (tenant,) in absent:
             warning = (
-                f"Tenant {tenant!r} matches no row of {self.state.target.table} "
-                f"(column {self.state.target.tenant_column}); check the tenant id."
+                f"Tenant {tenant!r} matches no row of {shown.table} "
+                f"(column {shown.tenant_column}); check the tenant id."
             )
             log.info("run %s: %s", self.state.report.run_id, warning)  # the CLI prints warnings
             self.state.report.warnings.append(warning)

@@ -274,6 +274,16 @@ def _known_error(exc: Exception) -> JSONResponse | None:
     if isinstance(exc, EmbedfillError):
         return error_response(exc.http_status, str(exc), getattr(exc, "job_id", None))
     if isinstance(exc, RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid" or (
+            tuple(first.get("loc", ())) == ("body",)
+            and first.get("type") in ("model_attributes_type", "dict_type")
+        ):  # the body as a whole: not JSON, or not an object (no content-type said so)
+            return error_response(
+                400,
+                "The request body is not a JSON object; send one, with the header "
+                "Content-Type: application/json.",
+            )
         return error_response(422, _validation_message(exc))
     return None
 
