@@ -89,25 +89,24 @@ async def model_change(
     than the one configured now (``doing`` would re-embed them in place, silently, while
     the app searches them; ``override``: the flag that does it anyway); None when none
     was."""
-    model = model_identity(pconf, info)
-    found = await _other_models(conn, target, info, model)
-    if found is None:
+    written = await _written_otherwise(conn, target, pconf, info)
+    if written is None:
         return None
-    other, rows = found
     return (
-        f"Target {target.name!r} is configured with {model}, but {rows:,} of its vectors "
-        f"were written with {other}, so {doing} would re-embed them in place while your "
-        "app searches them; re-embed deliberately with `embedfill backfill --refresh "
+        f"{written}, so {doing} would re-embed them in place while your app searches "
+        "them; re-embed deliberately with `embedfill backfill --refresh "
         f"--target {target.name}` (it warns first)"
         + (f", or pass {override}." if override else ".")
     )
 
 
-async def _other_models(
-    conn: psycopg.AsyncConnection[Any], target: TargetConfig, info: TableInfo, model: Any
-) -> tuple[str, int] | None:
-    """(the other models, named, and their vectors) of the target's column that
-    provenance records besides ``model``; None when there are none."""
+async def _written_otherwise(
+    conn: psycopg.AsyncConnection[Any], target: TargetConfig, pconf: ProviderConfig, info: TableInfo
+) -> str | None:
+    """The start of a sentence that names the other models provenance records for the
+    target's column ("Target … is configured with …, but N of its vectors were written
+    with …"); None when there are none."""
+    model = model_identity(pconf, info)
     ids = await provenance_ids(conn, info, target.embedding_column, model, create=False)
     if ids.column_id == UNKNOWN:
         return None  # nothing recorded for the column yet
@@ -119,7 +118,11 @@ async def _other_models(
     other = str(ModelIdentity(provider, name, dims))
     if len(others) > 1:
         other += f" and {len(others) - 1} other model{'s' if len(others) > 2 else ''}"
-    return other, sum(r[3] for r in others)
+    rows = sum(r[3] for r in others)
+    return (
+        f"Target {target.name!r} is configured with {model}, but {rows:,} of its vectors "
+        f"were written with {other}"
+    )
 
 
 async def filling_warning(
@@ -129,14 +132,11 @@ async def filling_warning(
     holds vectors of another (a config changed, and a backfill run with it), in one
     sentence; None when the column holds none. The watch refuses it (model_change); a
     backfill, asked for, goes on and says so."""
-    model = model_identity(pconf, info)
-    found = await _other_models(conn, target, info, model)
-    if found is None:
+    written = await _written_otherwise(conn, target, pconf, info)
+    if written is None:
         return None
-    other, rows = found
     return (
-        f"Target {target.name!r} is configured with {model}, but {rows:,} of its vectors "
-        f"were written with {other}: the rows this backfill fills get vectors of another "
+        f"{written}: the rows this backfill fills get vectors of another "
         "model than theirs, and similarity searches across the two are meaningless; "
         f"re-embed the others too with `embedfill backfill --refresh --target {target.name}`, "
         "or change the model without downtime with `embedfill model start`."

@@ -166,14 +166,7 @@ class Embedder:
                 self._forget(batch)  # halted: nothing is orphaned
                 return
             if isinstance(halves, ProviderRejectsAll):  # an incident: sent again later
-                log.warning(
-                    "run %s: tenant %s: batch of %d failed: %s",
-                    self.state.report.run_id,
-                    batch.tenant,
-                    len(batch.rows),
-                    halves,
-                )
-                self._fail(batch, halves, exc.attempts)
+                self._fail_told(batch, halves, exc.attempts, logging.WARNING)
                 return
             if halves:
                 self.state.report.retries += 1  # its rows are sent again, in halves
@@ -198,14 +191,7 @@ class Embedder:
             if self._give_back(batch, exc):
                 await self._adopt(self._forget(batch), write_q)
                 return
-            log.error(
-                "run %s: tenant %s: batch of %d failed: %s",
-                self.state.report.run_id,
-                batch.tenant,
-                len(batch.rows),
-                exc,
-            )
-            self._fail(batch, exc, exc.attempts)
+            self._fail_told(batch, exc, exc.attempts, logging.ERROR)
             return
         write = PendingWrite([], [])
         halfvec = self.state.info.types.kind == "halfvec"
@@ -321,6 +307,18 @@ class Embedder:
                 raise VectorsMisfit(f"{sentence} (its rows are sent again later)")
             self.state.halt(SchemaMismatch(sentence))
             raise Stopped
+
+    def _fail_told(self, batch: Batch, exc: ProviderError, attempts: int, level: int) -> None:
+        """``_fail``, logged: the batch's tenant, size and why."""
+        log.log(
+            level,
+            "run %s: tenant %s: batch of %d failed: %s",
+            self.state.report.run_id,
+            batch.tenant,
+            len(batch.rows),
+            exc,
+        )
+        self._fail(batch, exc, attempts)
 
     def _fail(self, batch: Batch, exc: EmbedfillError, attempts: int) -> None:
         self._failed_batches += 1
